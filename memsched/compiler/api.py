@@ -1,0 +1,114 @@
+"""Public entry points: ``memsched.compile`` and ``memsched.plan``."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..budget import parse_budget
+from ..cost_models.hardware import Hardware, get_hardware
+from ..plan import Plan
+from ..runtime.executor import Executor, RunStats
+from ..runtime.stores import make_offload_dir
+from .capture import input_signature
+from .pipeline import plan_model
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device} is not supported: use 'cuda' or 'cpu'")
+    return device
+
+
+class CompiledModule:
+    """A drop-in callable for the model that runs its plan inside the budget.
+
+    Plans lazily at the first call per input signature (or at construction when example inputs
+    are given). The model's own tensors are only read: host- and disk-homed copies are taken
+    when a signature is first planned.
+    """
+
+    def __init__(self, model, budget, *, example_inputs=None, example_kwargs=None, device=None,
+                 offload_dir=None, hardware=None, train=False, **options):
+        if train:
+            raise NotImplementedError("train=True is not supported yet: memsched plans inference only")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"memsched.compile takes a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.device = _resolve_device(device)
+        self.hardware: Hardware = get_hardware(hardware, self.device)
+        self.budget_bytes = parse_budget(budget, self.hardware.device_bytes)
+        if offload_dir is not None:  # fail now, not at the first call
+            os.rmdir(make_offload_dir(offload_dir))
+        self.offload_dir = offload_dir
+        self.options = options
+        self._compiled: dict = {}
+        self._last = None
+        self._stats = RunStats()
+        if example_inputs is not None or example_kwargs is not None:
+            self._prepare(tuple(example_inputs or ()), dict(example_kwargs or {}))
+
+    def _prepare(self, args, kwargs):
+        key = input_signature(args, kwargs)
+        entry = self._compiled.get(key)
+        if entry is None:
+            plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware, **self.options)
+            executor = Executor(plan.graph, captured, self.model, self.device, self.budget_bytes, self.offload_dir)
+            entry = self._compiled[key] = (plan, captured, executor)
+        self._last = entry
+        return entry
+
+    def __call__(self, *args, **kwargs):
+        plan, captured, executor = self._prepare(args, kwargs)
+        flat = captured.flatten_inputs(args, kwargs)
+        out = executor.run(flat)
+        self._stats = executor.last_stats
+        return captured.unflatten_outputs(out)
+
+    @property
+    def plan(self) -> Plan:
+        if self._last is None:
+            raise RuntimeError("no plan yet: call the module once or pass example_inputs to compile()")
+        return self._last[0]
+
+    @property
+    def stats(self) -> RunStats:
+        return self._stats
+
+    @property
+    def source(self) -> str:
+        """The Python the executor runs for the last signature."""
+        return self._last[2].source if self._last else ""
+
+    def close(self) -> None:
+        """Release transfer threads and delete offload files now (also done at garbage collection)."""
+        for _, _, executor in self._compiled.values():
+            executor.close()
+        self._compiled.clear()
+        self._last = None
+
+
+def compile(model, budget, *, example_inputs=None, example_kwargs=None, device=None, offload_dir=None,
+            hardware=None, train=False, **options) -> CompiledModule:
+    """Compile ``model`` to run within ``budget`` device bytes (see DESIGN.md for the forms)."""
+    return CompiledModule(model, budget, example_inputs=example_inputs, example_kwargs=example_kwargs,
+                          device=device, offload_dir=offload_dir, hardware=hardware, train=train, **options)
+
+
+def plan(model, example_inputs=(), budget=None, *, hardware=None, train=False, example_kwargs=None,
+         **options) -> Plan:
+    """Plan only: no weights are read and no device is needed (the model may live on meta)."""
+    if budget is None:
+        raise ValueError("memsched.plan needs a budget")
+    if train:
+        raise NotImplementedError("train=True is not supported yet: memsched plans inference only")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    hw = get_hardware(hardware, "cpu") if not isinstance(hardware, Hardware) else hardware
+    result, _ = plan_model(model, tuple(example_inputs or ()), dict(example_kwargs or {}), budget, hw, **options)
+    return result

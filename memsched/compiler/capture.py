@@ -1,0 +1,165 @@
+"""Capture: an nn.Module plus example inputs becomes an ATen-level fx graph.
+
+We use torch.export (non-strict) so parameters and buffers arrive lifted to placeholders and
+every node carries a FakeTensor in ``meta["val"]``; a model built on the meta device captures
+the same way, which is what lets ``memsched.plan`` plan models that were never allocated.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from ..errors import CaptureError, UnsupportedModelError
+
+# Kinds a placeholder can have, from the point of view of placement.
+WEIGHT, BUFFER, CONSTANT, INPUT = "weight", "buffer", "constant", "input"
+# Owned by the model and alive across calls: read-only inputs with a home tier.
+PERSISTENT = frozenset({WEIGHT, BUFFER, CONSTANT})
+_KIND = {
+    InputKind.PARAMETER: WEIGHT,
+    InputKind.BUFFER: BUFFER,
+    InputKind.CONSTANT_TENSOR: CONSTANT,
+    InputKind.USER_INPUT: INPUT,
+}
+# Ops that only check metadata at trace time; they produce nothing and are dropped.
+_ASSERT_OPS = {
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten._assert_async.msg,
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+}
+
+
+@dataclass
+class Placeholder:
+    name: str          # fx placeholder name
+    kind: str          # WEIGHT / BUFFER / CONSTANT / INPUT
+    target: str | None # state_dict key for weights, buffers and constants
+
+
+@dataclass
+class Captured:
+    """The exported graph and what is needed to feed it and rebuild its outputs."""
+
+    gm: torch.fx.GraphModule
+    placeholders: list[Placeholder]
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def flatten_inputs(self, args: tuple, kwargs: dict) -> list:
+        from torch.export._tree_utils import reorder_kwargs
+
+        flat, spec = pytree.tree_flatten((tuple(args), reorder_kwargs(dict(kwargs), self.in_spec)))
+        if spec != self.in_spec:
+            raise ValueError(
+                f"inputs do not match the captured signature: expected {self.in_spec}, got {spec}"
+            )
+        return flat
+
+    def unflatten_outputs(self, flat_outputs: list):
+        return pytree.tree_unflatten(list(flat_outputs), self.out_spec)
+
+
+def input_signature(args: tuple, kwargs: dict) -> tuple:
+    """Hashable key of the inputs' shapes/dtypes/devices (non-tensor leaves by value)."""
+    flat, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
+    key = []
+    for leaf in flat:
+        if isinstance(leaf, torch.Tensor):
+            key.append(("T", tuple(leaf.shape), str(leaf.dtype), leaf.device.type))
+        else:
+            key.append(("V", repr(leaf)))
+    return (str(spec), tuple(key))
+
+
+def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> Captured:
+    """Export ``model(*args, **kwargs)`` to an ATen fx graph; CaptureError names what failed."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
+    kwargs = dict(kwargs or {})
+    try:
+        ep = torch.export.export(model, tuple(args), kwargs, strict=False)
+    except Exception as exc:  # export raises many types; we re-raise one, naming the cause
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(
+            f"could not capture {type(model).__name__} with torch.export: "
+            f"{type(exc).__name__}: {first}"
+        ) from exc
+    _reject_mutations(ep, model)
+    gm = ep.graph_module
+    placeholders = [
+        Placeholder(spec.arg.name, _KIND.get(spec.kind, INPUT), spec.target)
+        for spec in ep.graph_signature.input_specs
+    ]
+    _merge_tied(gm, {p.name for p in placeholders if p.kind in PERSISTENT})
+    _normalize(gm)
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind not in _KIND:
+            raise UnsupportedModelError(f"unsupported graph input kind {spec.kind.name} ({spec.arg})")
+    constants = {k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
+    return Captured(gm, placeholders, ep.call_spec.in_spec, ep.call_spec.out_spec, constants)
+
+
+def _reject_mutations(ep: ExportedProgram, model: torch.nn.Module) -> None:
+    sig = ep.graph_signature
+    if sig.buffers_to_mutate:
+        names = ", ".join(sorted(set(sig.buffers_to_mutate.values()))[:4])
+        hint = " (is the model in training mode? call model.eval())" if model.training else ""
+        raise UnsupportedModelError(
+            f"forward mutates buffers ({names}); memsched inference plans need a forward "
+            f"without side effects{hint}"
+        )
+    if getattr(sig, "user_inputs_to_mutate", None):
+        raise UnsupportedModelError("forward mutates its inputs in place; memsched cannot plan that yet")
+
+
+def _merge_tied(gm: torch.fx.GraphModule, persistent: set[str]) -> None:
+    """Tied weights (one tensor under two names) become one placeholder, so one home serves
+    both; the duplicate stays in the signature, unused."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    seen: dict = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or node.name not in persistent:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        key = (StorageWeakRef(val.untyped_storage()), tuple(val.shape), tuple(val.stride()),
+               val.storage_offset(), val.dtype)
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+        else:
+            seen[key] = node
+
+
+def _normalize(gm: torch.fx.GraphModule) -> None:
+    """Drop trace-time asserts and make eval-mode dropout the identity it is."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _ASSERT_OPS and not node.users:
+            graph.erase_node(node)
+        elif node.target is torch.ops.aten.dropout.default and len(node.args) >= 3 and node.args[2] is False:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    graph.eliminate_dead_code(is_impure_node=_is_impure)
+    graph.lint()
+    gm.recompile()
+
+
+def _is_impure(node: torch.fx.Node) -> bool:
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op == "call_function" and node.target is not operator.getitem:
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
+            return True
+    return False

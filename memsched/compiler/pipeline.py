@@ -1,0 +1,72 @@
+"""The planning pipeline in the order it runs: capture, analysis, segments, placement,
+rewriting, simulation. Each stage is timed and recorded on the Plan."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..budget import parse_budget
+from ..cost_models.hardware import Hardware
+from ..cost_models.op_cost import estimate_op_time
+from ..cost_models.simulator import simulate
+from ..passes.analysis import START, analyze
+from ..passes.placement import solve_placement
+from ..passes.schedule import build_schedule
+from ..passes.segments import make_segments
+from ..plan import PassRecord, Plan
+from .capture import PERSISTENT, Captured, capture
+
+DEFAULT_MAX_SEGMENTS = 128
+DEFAULT_TIME_LIMIT_S = 10.0
+
+
+def plan_captured(captured: Captured, budget: int, hw: Hardware, *, model_name: str = "model",
+                  max_segments: int = DEFAULT_MAX_SEGMENTS, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+                  passes: list[PassRecord] | None = None) -> Plan:
+    passes = list(passes or [])
+    t = time.perf_counter()
+    program = analyze(captured)
+    nodes = {n.name: n for n in captured.gm.graph.nodes}
+    step_time = np.array([estimate_op_time(nodes[s], hw) for s in program.steps], dtype=np.float64)
+    passes.append(PassRecord("analysis", time.perf_counter() - t))
+
+    t = time.perf_counter()
+    first_use_bytes = np.zeros(program.n_steps)
+    for b in program.buffers:
+        if b.kind in PERSISTENT and len(b.events) > 1:
+            first_use_bytes[next(e for e in b.events if e != START)] += b.nbytes
+    segments = make_segments(step_time, first_use_bytes, max_segments)
+    passes.append(PassRecord("segments", time.perf_counter() - t, f"{segments.count}"))
+
+    t = time.perf_counter()
+    placement = solve_placement(program, segments, step_time, hw, budget, time_limit_s=time_limit_s)
+    passes.append(PassRecord("placement", time.perf_counter() - t, placement.status))
+
+    t = time.perf_counter()
+    scheduled = build_schedule(captured, program, segments, placement)
+    passes.append(PassRecord("schedule", time.perf_counter() - t))
+
+    t = time.perf_counter()
+    sim = simulate(scheduled, hw)
+    passes.append(PassRecord("simulate", time.perf_counter() - t))
+    unconstrained = _unconstrained(captured, program, segments, step_time, hw)
+    return Plan(model_name, budget, hw, scheduled, program, placement, sim, unconstrained,
+                passes, segments.count)
+
+
+def _unconstrained(captured, program, segments, step_time, hw):
+    """The same program with an unlimited budget: nothing moves."""
+    big = int(program.peak_bytes * 4 + 2**40)
+    placement = solve_placement(program, segments, step_time, hw, big, use_solver=False)
+    return simulate(build_schedule(captured, program, segments, placement), hw)
+
+
+def plan_model(model: torch.nn.Module, args: tuple, kwargs: dict, budget, hw: Hardware, **options) -> Plan:
+    budget_bytes = parse_budget(budget, hw.device_bytes)
+    t = time.perf_counter()
+    captured = capture(model, args, kwargs)
+    record = PassRecord("capture", time.perf_counter() - t)
+    return plan_captured(captured, budget_bytes, hw, model_name=type(model).__name__,
+                         passes=[record], **options), captured

@@ -1,0 +1,399 @@
+"""Hardware profiles: memory tiers, compute peaks and link bandwidths.
+
+The scheduler only needs a handful of numbers per machine: how much memory
+each tier holds, how fast the device computes and streams memory, and how fast
+bytes move between tiers.  Presets come from vendor datasheets (compute, HBM)
+and typical measured values (PCIe, NVMe); ``local_hardware`` measures the
+machine it runs on with a few quick micro-benchmarks and caches the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# One transfer resource per link direction: each can run concurrently with
+# compute and with the other directions (full-duplex PCIe, separate disk queues).
+LINKS = ("h2d", "d2h", "disk_read", "disk_write")
+
+GB = 1e9  # bandwidths and FLOP/s are decimal, as vendors quote them
+GiB = 1 << 30  # GPU "GB" capacities are binary in practice (nvidia-smi MiB)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A device tier (GPU or CPU) plus optional host-RAM and disk tiers.
+
+    ``host_bytes == 0`` means there is no separate host tier: on a CPU device
+    host RAM *is* device memory, so offloads go straight to disk.
+    """
+
+    name: str
+    device_type: str  # "cuda" or "cpu"
+    device_bytes: int
+    host_bytes: int
+    peak_flops: float  # dense fp16/bf16 (tensor cores on GPUs), no sparsity
+    peak_flops_fp32: float
+    mem_bw: float  # device memory bandwidth, B/s
+    h2d_bw: float
+    d2h_bw: float
+    disk_read_bw: float
+    disk_write_bw: float
+    op_overhead_s: float  # fixed dispatch/launch cost per kernel
+    source: str = ""
+
+    def bandwidth(self, link: str) -> float:
+        """Bytes/s of one transfer link (one of ``LINKS``)."""
+        if link not in LINKS:
+            raise ValueError(f"unknown link {link!r}; expected one of {LINKS}")
+        return getattr(self, f"{link}_bw")
+
+    def flops_for(self, dtype: torch.dtype) -> float:
+        """Peak FLOP/s for math in ``dtype``.
+
+        Half types (fp16/bf16/fp8) use the tensor-core peak; everything else
+        (fp32, ints, bools) the fp32 peak.  fp64 is taken as half the fp32
+        rate: right for CPUs and A100/H100, optimistic for consumer GPUs
+        (1/64 rate), which rarely matters because models don't run in fp64.
+        """
+        if dtype in (torch.float16, torch.bfloat16) or "float8" in str(dtype):
+            return self.peak_flops
+        if dtype == torch.float64:
+            return self.peak_flops_fp32 / 2
+        return self.peak_flops_fp32
+
+    def replace(self, **kw) -> Hardware:
+        """A copy with some fields changed, e.g. ``hw.replace(host_bytes=...)``."""
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Hardware:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# --------------------------------------------------------------------------
+# Presets.  Assumptions shared by all of them (override with hw.replace):
+#  * PCIe: measured pinned-copy rates, not the link's theoretical peak
+#    (Gen3 x16 ~12 GB/s, Gen4 x16 ~25 GB/s per direction).
+#  * One NVMe SSD per machine: Gen3 -> Samsung 970 EVO Plus datasheet
+#    (3.5 GB/s read, 3.3 GB/s write); Gen4 desktop -> Samsung 980 PRO
+#    (7.0 / 5.0 GB/s); Gen4/Gen5 servers -> Samsung PM9A3 U.2 3.84 TB
+#    (6.9 / 4.1 GB/s).  Sequential rates; real offload traffic is large
+#    sequential blocks, so this is the right regime.
+#  * host_bytes: 64 GiB for desktop/cloud-VM cards, 256 GiB for datacenter
+#    servers (a per-GPU share of a typical node).
+#  * op_overhead_s: ~5 us kernel launch + PyTorch dispatch on GPUs.
+# --------------------------------------------------------------------------
+
+_NVME_GEN3 = dict(disk_read_bw=3.5 * GB, disk_write_bw=3.3 * GB)  # 970 EVO Plus
+_NVME_DESKTOP = dict(disk_read_bw=7.0 * GB, disk_write_bw=5.0 * GB)  # 980 PRO
+_NVME_SERVER = dict(disk_read_bw=6.9 * GB, disk_write_bw=4.1 * GB)  # PM9A3
+_PCIE3 = dict(h2d_bw=12 * GB, d2h_bw=12 * GB)  # measured Gen3 x16 pinned copies
+_PCIE4 = dict(h2d_bw=25 * GB, d2h_bw=25 * GB)  # measured Gen4 x16 pinned copies
+_PCIE5 = dict(h2d_bw=35 * GB, d2h_bw=53 * GB)  # measured on H100 SXM (Gen5 x16)
+
+PRESETS: dict[str, Hardware] = {
+    hw.name: hw
+    for hw in [
+        Hardware(
+            name="t4", device_type="cuda",
+            device_bytes=16 * GiB,  # T4 datasheet: 16 GB GDDR6
+            host_bytes=64 * GiB,  # assumption: cloud VM (e.g. g4dn.4xlarge)
+            peak_flops=65e12,  # T4 datasheet: 65 TFLOPS mixed-precision FP16
+            peak_flops_fp32=8.1e12,  # T4 datasheet: 8.1 TFLOPS FP32
+            mem_bw=320 * GB,  # T4 datasheet: 320 GB/s
+            **_PCIE3, **_NVME_GEN3, op_overhead_s=5e-6,
+            source="NVIDIA T4 datasheet; PCIe Gen3 measured-typical; 970 EVO Plus",
+        ),
+        Hardware(
+            name="rtx3090", device_type="cuda",
+            device_bytes=24 * GiB,  # GeForce RTX 3090 spec: 24 GB GDDR6X
+            host_bytes=64 * GiB,  # assumption: desktop
+            peak_flops=71e12,  # GA102 whitepaper: FP16/BF16 tensor, FP32 acc, dense
+            peak_flops_fp32=35.6e12,  # GA102 whitepaper: 35.6 TFLOPS FP32
+            mem_bw=936 * GB,  # GA102 whitepaper: 936 GB/s
+            **_PCIE4, **_NVME_DESKTOP, op_overhead_s=5e-6,
+            source="NVIDIA Ampere GA102 whitepaper; PCIe Gen4 measured-typical; 980 PRO",
+        ),
+        Hardware(
+            name="rtx4090", device_type="cuda",
+            device_bytes=24 * GiB,  # GeForce RTX 4090 spec: 24 GB GDDR6X
+            host_bytes=64 * GiB,  # assumption: desktop
+            peak_flops=165.2e12,  # Ada whitepaper: FP16/BF16 tensor, FP32 acc, dense
+            peak_flops_fp32=82.6e12,  # Ada whitepaper: 82.6 TFLOPS FP32
+            mem_bw=1008 * GB,  # Ada whitepaper: 1008 GB/s
+            **_PCIE4, **_NVME_DESKTOP, op_overhead_s=5e-6,
+            source="NVIDIA Ada Lovelace whitepaper; PCIe Gen4 measured-typical; 980 PRO",
+        ),
+        Hardware(
+            name="a100-40gb", device_type="cuda",
+            device_bytes=40 * GiB,  # A100 datasheet: 40 GB HBM2
+            host_bytes=256 * GiB,  # assumption: datacenter server
+            peak_flops=312e12,  # A100 datasheet: BF16/FP16 tensor 312 TFLOPS dense
+            peak_flops_fp32=19.5e12,  # A100 datasheet: FP32 19.5 TFLOPS (no TF32)
+            mem_bw=1555 * GB,  # A100 40GB PCIe datasheet: 1,555 GB/s
+            **_PCIE4, **_NVME_SERVER, op_overhead_s=5e-6,
+            source="NVIDIA A100 datasheet (40GB PCIe); PCIe Gen4 measured-typical; PM9A3",
+        ),
+        Hardware(
+            name="a100-80gb", device_type="cuda",
+            device_bytes=80 * GiB,  # A100 datasheet: 80 GB HBM2e
+            host_bytes=256 * GiB,  # assumption: datacenter server
+            peak_flops=312e12,  # A100 datasheet: BF16/FP16 tensor 312 TFLOPS dense
+            peak_flops_fp32=19.5e12,  # A100 datasheet: FP32 19.5 TFLOPS (no TF32)
+            mem_bw=2039 * GB,  # A100 80GB SXM datasheet: 2,039 GB/s
+            **_PCIE4, **_NVME_SERVER, op_overhead_s=5e-6,
+            source="NVIDIA A100 datasheet (80GB SXM); PCIe Gen4 measured-typical; PM9A3",
+        ),
+        Hardware(
+            name="h100", device_type="cuda",
+            device_bytes=80 * GiB,  # H100 SXM datasheet: 80 GB HBM3
+            host_bytes=256 * GiB,  # assumption: datacenter server
+            peak_flops=989.5e12,  # H100 SXM datasheet: BF16 1,979 TFLOPS sparse -> /2
+            peak_flops_fp32=67e12,  # H100 SXM datasheet: FP32 67 TFLOPS
+            mem_bw=3350 * GB,  # H100 SXM datasheet: 3.35 TB/s
+            **_PCIE5, **_NVME_SERVER, op_overhead_s=5e-6,
+            source="NVIDIA H100 SXM datasheet; PCIe Gen5 measured (35 H2D / 53 D2H GB/s); PM9A3",
+        ),
+        Hardware(
+            name="h200", device_type="cuda",
+            device_bytes=141 * GiB,  # H200 SXM datasheet: 141 GB HBM3e
+            host_bytes=256 * GiB,  # assumption: datacenter server
+            peak_flops=989.5e12,  # H200 SXM datasheet: BF16 1,979 TFLOPS sparse -> /2
+            peak_flops_fp32=67e12,  # H200 SXM datasheet: FP32 67 TFLOPS
+            mem_bw=4800 * GB,  # H200 SXM datasheet: 4.8 TB/s
+            **_PCIE5, **_NVME_SERVER, op_overhead_s=5e-6,
+            source="NVIDIA H200 datasheet (SXM); PCIe Gen5 as H100; PM9A3",
+        ),
+    ]
+}
+
+
+def list_hardware() -> list[Hardware]:
+    """All presets (no calibration)."""
+    return list(PRESETS.values())
+
+
+def get_hardware(spec: str | Hardware | None = None, device: str | torch.device = "cpu") -> Hardware:
+    """Resolve a hardware spec: None/"local" -> this machine, a name -> preset."""
+    if spec is None:
+        return local_hardware(device)
+    if isinstance(spec, Hardware):
+        return spec
+    key = str(spec).strip().lower().replace("_", "-")
+    if key == "local":
+        return local_hardware(device)
+    if key in PRESETS:
+        return PRESETS[key]
+    raise ValueError(f"unknown hardware {spec!r}; known: {', '.join(['local', *PRESETS])}")
+
+
+# --------------------------------------------------------------------------
+# Local calibration
+# --------------------------------------------------------------------------
+
+
+def _cache_path(device_type: str) -> Path:
+    root = os.environ.get("MEMSCHED_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "memsched")
+    return Path(root) / f"hardware-{device_type}.json"
+
+
+def _host_ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * GiB  # unknown platform: a conservative guess
+
+
+def _best_time(fn, reps: int, sync=lambda: None) -> float:
+    """Minimum wall time of ``fn`` over ``reps`` runs after one warm-up.
+
+    The minimum, not the mean: we want the machine's capability, not noise
+    from whatever else is running.
+    """
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return max(best, 1e-9)
+
+
+def _matmul_flops(n: int, dtype: torch.dtype, device: torch.device, reps: int, sync, inner: int = 1) -> float:
+    """FLOP/s of n x n matmuls; ``inner`` back-to-back launches per sample
+    amortize the sync, which matters for fast GPUs."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def run():
+        for _ in range(inner):
+            torch.mm(a, b)
+
+    return inner * 2 * n**3 / _best_time(run, reps, sync)
+
+
+def _copy_bw(src: torch.Tensor, dst: torch.Tensor, reps: int, sync) -> float:
+    """Bytes/s of ``dst.copy_(src)``: counts bytes moved once (read or write)."""
+    return src.numel() * src.element_size() / _best_time(lambda: dst.copy_(src, non_blocking=True), reps, sync)
+
+
+def _op_overhead(device: torch.device, sync) -> float:
+    """Median time of a tiny op: pure dispatch/launch cost."""
+    x = torch.ones(8, device=device)
+    for _ in range(20):
+        torch.add(x, 1)
+    sync()
+    times = []
+    for _ in range(200):
+        t0 = time.perf_counter()
+        torch.add(x, 1)
+        times.append(time.perf_counter() - t0)
+    sync()
+    return statistics.median(times)
+
+
+def _disk_bw(nbytes: int = 32 << 20) -> tuple[float, float, str]:
+    """Sequential write (+fsync) and read bandwidth of a temp file.
+
+    After writing we ask the kernel to drop the file's pages
+    (POSIX_FADV_DONTNEED) so the read hits the device; where that is
+    unavailable the read may be served from the page cache, and the returned
+    note says so.
+    """
+    buf = os.urandom(1 << 20) * (nbytes >> 20)
+    with tempfile.TemporaryDirectory(prefix="memsched-cal-") as d:
+        path = os.path.join(d, "probe.bin")
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, buf)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        write_bw = nbytes / max(time.perf_counter() - t0, 1e-9)
+
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                note = "disk read after fadvise(DONTNEED); may still be partly page-cached"
+            except (AttributeError, OSError):
+                note = "disk read likely served from page cache (overestimate)"
+            t0 = time.perf_counter()
+            while os.read(fd, 8 << 20):
+                pass
+            read_bw = nbytes / max(time.perf_counter() - t0, 1e-9)
+        finally:
+            os.close(fd)
+    return write_bw, read_bw, note
+
+
+def _calibrate(device: torch.device) -> Hardware:
+    """Measure this machine (well under a second on a small CPU box)."""
+    host_ram = _host_ram_bytes()
+    disk_w, disk_r, disk_note = _disk_bw()
+
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        device = torch.device("cuda", idx)
+        sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
+        props = torch.cuda.get_device_properties(device)
+        _, total = torch.cuda.mem_get_info(device)
+        n = 64 << 20  # 64 MiB copies
+        src_h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        dst_h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        dev_a = torch.empty(n, dtype=torch.uint8, device=device)
+        dev_b = torch.empty(n, dtype=torch.uint8, device=device)
+        return Hardware(
+            name=f"local:{props.name}",
+            device_type="cuda",
+            device_bytes=int(total),  # total, not free: free memory is transient and this is cached
+            host_bytes=host_ram // 2,  # leave half of RAM to the OS / dataloaders
+            peak_flops=_matmul_flops(4096, torch.float16, device, 3, sync, inner=10),
+            peak_flops_fp32=_matmul_flops(2048, torch.float32, device, 3, sync, inner=10),
+            # a device-to-device copy reads and writes every byte
+            mem_bw=2 * _copy_bw(dev_a, dev_b, 10, sync),
+            h2d_bw=_copy_bw(src_h, dev_a, 10, sync),
+            d2h_bw=_copy_bw(dev_a, dst_h, 10, sync),
+            disk_read_bw=disk_r,
+            disk_write_bw=disk_w,
+            op_overhead_s=_op_overhead(device, sync),
+            source=f"measured by memsched.local_hardware ({props.name}; pinned copies; {disk_note})",
+        )
+
+    cpu = torch.device("cpu")
+    no_sync = lambda: None  # noqa: E731
+    a = torch.empty(64 << 20, dtype=torch.uint8)
+    b = torch.empty_like(a)
+    a.fill_(1)
+    b.fill_(0)  # touch pages so we time copying, not page faults
+    memcpy = _copy_bw(a, b, 3, no_sync)
+    fp32 = _matmul_flops(512, torch.float32, cpu, 5, no_sync)
+    # bf16 on CPU is fast only with AMX/AVX512-BF16; measure instead of assuming.
+    half = _matmul_flops(256, torch.bfloat16, cpu, 3, no_sync)
+    return Hardware(
+        name="local:cpu",
+        device_type="cpu",
+        device_bytes=host_ram,
+        host_bytes=0,  # host RAM *is* the device tier; offload goes to disk
+        peak_flops=half,
+        peak_flops_fp32=fp32,
+        mem_bw=2 * memcpy,  # memcpy reads and writes every byte
+        h2d_bw=memcpy,  # a "host->device" copy on a CPU device is a memcpy
+        d2h_bw=memcpy,
+        disk_read_bw=disk_r,
+        disk_write_bw=disk_w,
+        op_overhead_s=_op_overhead(cpu, no_sync),
+        source=f"measured by memsched.local_hardware (cpu, {os.cpu_count()} cores; {disk_note})",
+    )
+
+
+def local_hardware(device: str | torch.device = "cpu", *, recalibrate: bool = False) -> Hardware:
+    """A calibrated profile of this machine, measured once and cached as JSON.
+
+    The cache lives in ``$MEMSCHED_CACHE_DIR`` (default ``~/.cache/memsched``);
+    if it cannot be read or written we simply measure again next time.
+    """
+    device = torch.device(device)
+    path = _cache_path(device.type)
+    if not recalibrate:
+        try:
+            hw = Hardware.from_dict(json.loads(path.read_text()))
+            if hw.device_type == device.type and (
+                device.type != "cuda" or hw.name == f"local:{torch.cuda.get_device_name(device)}"
+            ):
+                return hw
+        except (OSError, ValueError, TypeError):
+            pass  # missing, corrupt or stale cache: re-measure
+    hw = _calibrate(device)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(hw.to_dict(), indent=2))
+        os.replace(tmp, path)  # atomic: concurrent processes never see half a file
+    except OSError:
+        pass
+    return hw

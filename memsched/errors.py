@@ -1,0 +1,33 @@
+"""Errors memsched raises before anything runs, so a bad request never half-executes."""
+from __future__ import annotations
+
+
+class InfeasibleBudgetError(ValueError):
+    """The budget cannot hold what some program point needs on the device.
+
+    ``min_budget_bytes`` is the smallest budget this planner can meet for the same model,
+    inputs and hardware, so the caller can retry with it.
+    """
+
+    def __init__(self, budget_bytes: int, min_budget_bytes: int, detail: str = ""):
+        self.budget_bytes = int(budget_bytes)
+        self.min_budget_bytes = int(min_budget_bytes)
+        from .budget import format_bytes
+
+        msg = (
+            f"budget {format_bytes(budget_bytes)} is below the minimum this model needs on the "
+            f"device, {format_bytes(min_budget_bytes)} ({self.min_budget_bytes} bytes)"
+        )
+        super().__init__(msg + (f": {detail}" if detail else ""))
+
+
+class CaptureError(RuntimeError):
+    """The model could not be traced into an ATen graph; the message names the construct."""
+
+
+class UnsupportedModelError(CaptureError):
+    """The model traced, but uses something memsched does not handle yet (named in the message)."""
+
+
+class BudgetExceededError(RuntimeError):
+    """The runtime's device-tier accounting would pass the budget: a planner bug, never silent."""

@@ -1,0 +1,444 @@
+"""Placement: where every buffer lives between its uses, chosen by one MIP (OR-Tools).
+
+Decisions
+  * each of the model's own tensors (weights, buffers, constants): resident on the device for
+    the whole run, or homed on host RAM or disk and fetched before each use;
+  * each idle gap of a buffer spanning >= 2 segments: kept on the device, or (activations)
+    offloaded to host or disk and fetched back, or (model tensors, read-only) dropped and
+    fetched again from their home;
+  * for every fetch, its lead: issued one segment early (overlapped, but holding the bytes a
+    segment longer) or at the start of the segment that uses it (less memory, may stall).
+Constraints
+  * device bytes <= budget in every segment, counting the exact step-level peak of buffers
+    busy inside the segment plus everything held across it (lesson 2);
+  * host bytes <= the hardware's host capacity.
+Objective
+  * sum over segments of max(compute, load on each link direction) (lesson 3), plus a small
+    price per transferred second so nothing moves without need.
+The model is linear in #gaps x #segments, never steps x steps (lesson 1); a greedy solution
+is always computed first, warm-starts the solver and is the answer if the solver finds none.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..compiler.capture import INPUT, PERSISTENT
+from ..cost_models.hardware import LINKS, Hardware
+from ..cost_models.links import DISK, HOST, fetch_links, offload_links
+from ..errors import InfeasibleBudgetError
+from .analysis import START, Program
+from .segments import Segments
+
+DEVICE = "device"
+KEEP, REFETCH = "keep", "refetch"
+_EPS = 1e-3          # price of a transferred second relative to a second of step time
+_LATE_PENALTY = 4.0  # greedy: a late (unoverlapped) fetch costs about this many transfer times
+
+
+@dataclass(frozen=True)
+class Gap:
+    """An idle stretch of one buffer between two events that placement may fill with a move."""
+
+    id: int
+    buffer: int
+    value: str          # the one fx value alive across the gap; it is what gets restored
+    start: int          # event step before the gap
+    end: int            # event step after the gap
+    persistent: bool    # a model tensor: dropping needs no write-back
+
+
+@dataclass
+class Placement:
+    resident: frozenset[int]               # model tensors kept on the device for the whole run
+    home: dict[int, str]                   # other used model tensors -> HOST or DISK
+    gap_choice: dict[int, str]             # gap id -> KEEP / REFETCH / HOST / DISK
+    early: set                             # fetches issued a segment ahead: ("init", b) / ("gap", g)
+    gaps: list[Gap]
+    min_budget_bytes: int
+    segment_bytes: np.ndarray              # planned device bytes per segment
+    status: str                            # solver status, or "greedy"
+    solve_s: float
+    objective: float
+    mip_gap: float | None = None
+    n_variables: int = 0
+    n_constraints: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class PlacementModel:
+    """The placement problem in coefficient form, shared by the greedy and the MIP."""
+
+    def __init__(self, program: Program, segments: Segments, step_time: np.ndarray,
+                 hw: Hardware, budget: int, min_evict_bytes: int = 1):
+        self.p, self.s, self.hw, self.budget = program, segments, hw, budget
+        self.K = segments.count
+        self.dev = hw.device_type
+        self.compute = np.array([float(step_time[segments.bounds[j]:segments.bounds[j + 1]].sum())
+                                 for j in range(self.K)])
+        self.persistent = [b.id for b in program.buffers if b.kind in PERSISTENT and len(b.events) > 1]
+        self.first_seg = {b: segments.seg(next(e for e in program.buffers[b].events if e != START))
+                          for b in self.persistent}
+        self.last_seg = {b: segments.seg(program.buffers[b].last_step) for b in self.persistent}
+        self.const = np.zeros(self.K, dtype=np.float64)
+        self.gaps: list[Gap] = []
+        self.gap_span: dict[int, tuple[int, int]] = {}   # gap -> (first, last) held segment if kept
+        self._build(min_evict_bytes)
+
+    def size(self, b: int) -> int:
+        return self.p.buffers[b].nbytes
+
+    # -- model construction -------------------------------------------------------------
+    def _build(self, min_evict_bytes: int) -> None:
+        p, s, n = self.p, self.s, self.p.n_steps
+        diff = np.zeros(n + 2, dtype=np.float64)
+        for b in p.buffers:
+            if b.kind in PERSISTENT and len(b.events) == 1:
+                continue  # never read: stays with the model, off the device
+            persistent = b.kind in PERSISTENT
+            # model tensors arrive by fetch (or stay resident); user inputs are there at step 0
+            events = ([e for e in b.events if e != START] if persistent
+                      else sorted({max(e, 0) for e in b.events}))
+            by_seg: dict[int, list[int]] = {}
+            for e in events:
+                by_seg.setdefault(s.seg(e), []).append(e)
+            seg_ids = sorted(by_seg)
+            # inside a segment with events: held from its start (or definition) to its end (or
+            # the last read, when nothing later needs it)
+            for i, j in enumerate(seg_ids):
+                lo = s.bounds[j] if (persistent or i > 0) else by_seg[j][0]
+                # a model tensor is counted to the end of its last segment: resident ones stay
+                later = i + 1 < len(seg_ids) or b.is_output or persistent
+                hi = s.bounds[j + 1] - 1 if later else min(by_seg[j][-1], n - 1)
+                diff[lo] += b.nbytes
+                diff[hi + 1] -= b.nbytes
+            for a, c in zip(events, events[1:]):
+                A, C = s.seg(a), s.seg(c)
+                if C - A < 2:
+                    continue
+                value = self._single_value(b, a, c)
+                if value is not None and b.nbytes >= min_evict_bytes and b.kind != INPUT:
+                    g = Gap(len(self.gaps), b.id, value, a, c, persistent)
+                    self.gaps.append(g)
+                    self.gap_span[g.id] = (A + 1, C - 1)
+                else:
+                    self.const[A + 1:C] += b.nbytes
+        prof = np.cumsum(diff[:n])
+        for j in range(self.K):
+            lo, hi = s.bounds[j], s.bounds[j + 1]
+            if hi > lo:
+                self.const[j] += prof[lo:hi].max()
+
+    def _single_value(self, b, a: int, c: int) -> str | None:
+        vals = self.p.values
+        live = [v for v in b.values if vals[v].step <= a and vals[v].last_use >= c]
+        if len(live) == 1 and vals[live[0]].single_tensor:
+            return live[0]
+        return None
+
+    # -- a concrete placement ---------------------------------------------------------------
+    def fetches(self, resident, choice):
+        """(key, buffer, tier-or-None, use segment) of every fetch a placement performs."""
+        out = []
+        for b in self.persistent:
+            if b not in resident:
+                out.append((("init", b), b, None, self.first_seg[b]))
+        for g in self.gaps:
+            c = choice[g.id]
+            if c != KEEP:
+                out.append((("gap", g.id), g.buffer, None if c == REFETCH else c, self.s.seg(g.end)))
+        return out
+
+    def segment_bytes(self, resident, choice, early) -> np.ndarray:
+        mem = self.const.copy()
+        for b in resident:
+            mem[0:self.first_seg[b]] += self.size(b)
+            mem[self.last_seg[b] + 1:] += self.size(b)
+        for g in self.gaps:
+            lo, hi = self.gap_span[g.id]
+            if choice[g.id] == KEEP:
+                mem[lo:hi + 1] += self.size(g.buffer)
+        for key, b, _, c in self.fetches(resident, choice):
+            if key in early and c >= 1:
+                mem[c - 1] += self.size(b)
+        return mem
+
+    def loads(self, resident, home, choice, early) -> np.ndarray:
+        """Seconds of transfer per (link, segment)."""
+        loads = np.zeros((len(LINKS), self.K))
+        li = {name: i for i, name in enumerate(LINKS)}
+        for key, b, tier, c in self.fetches(resident, choice):
+            tier = tier or home[b]
+            j = c - 1 if (key in early and c >= 1) else c
+            for link in fetch_links(tier, self.dev):
+                loads[li[link], j] += self.size(b) / self.hw.bandwidth(link)
+        for g in self.gaps:
+            c = choice[g.id]
+            if c in (HOST, DISK):
+                for link in offload_links(c, self.dev):
+                    loads[li[link], self.s.seg(g.start)] += self.size(g.buffer) / self.hw.bandwidth(link)
+        return loads
+
+    def objective(self, resident, home, choice, early) -> float:
+        loads = self.loads(resident, home, choice, early)
+        return float(np.maximum(self.compute, loads.max(axis=0)).sum() + _EPS * loads.sum())
+
+    def min_budget(self) -> int:
+        return int(np.ceil(self.const.max())) if self.K else 0
+
+    def transfer_s(self, nbytes: int, links) -> float:
+        return sum(nbytes / self.hw.bandwidth(link) for link in links)
+
+
+def solve_placement(program: Program, segments: Segments, step_time: np.ndarray, hw: Hardware,
+                    budget: int, *, time_limit_s: float = 10.0, use_solver: bool = True) -> Placement:
+    """Choose residency, homes, gap moves and leads; InfeasibleBudgetError before anything runs."""
+    t0 = time.perf_counter()
+    m = PlacementModel(program, segments, step_time, hw, budget)
+    min_budget = m.min_budget()
+    if budget < min_budget:
+        raise InfeasibleBudgetError(budget, min_budget)
+    placement = _greedy(m)
+    if use_solver and (m.persistent or m.gaps) and placement.segment_bytes.max() > 0:
+        if _needs_moves(m):
+            solved = _solve_mip(m, placement, time_limit_s)
+            if solved is not None:
+                placement = solved
+            else:
+                placement.notes.append("the solver found nothing better in time; greedy plan kept")
+        else:
+            placement.status = "optimal"  # everything fits: nothing moves, nothing to solve
+    placement.solve_s = time.perf_counter() - t0
+    return placement
+
+
+def _needs_moves(m: PlacementModel) -> bool:
+    everything = {g.id: KEEP for g in m.gaps}
+    return m.segment_bytes(set(m.persistent), everything, set()).max() > m.budget
+
+
+def _placement(m, resident, home, choice, early, status, **kw) -> Placement:
+    return Placement(frozenset(resident), dict(home), dict(choice), set(early), m.gaps, m.min_budget(),
+                     m.segment_bytes(resident, choice, early), status, 0.0,
+                     m.objective(resident, home, choice, early), **kw)
+
+
+def _greedy(m: PlacementModel) -> Placement:
+    """Start with everything on the device; take the move with the best relief per second of
+    transfer until every segment fits. Moves only lower memory, so this ends feasible whenever
+    the budget is at least the all-moved minimum."""
+    host_left = m.hw.host_bytes
+    resident = set(m.persistent)
+    home: dict[int, str] = {}
+    choice = {g.id: KEEP for g in m.gaps}
+    early: set = set()
+    gaps_of: dict[int, list[int]] = {}
+    for g in m.gaps:
+        gaps_of.setdefault(g.buffer, []).append(g.id)
+    mem = m.segment_bytes(resident, choice, early)
+    while mem.max() > m.budget:
+        over = (mem > m.budget).astype(np.float64)
+        best, best_score = None, 0.0
+
+        def consider(move, relief_early, relief_window, secs):
+            """Score a move fetched early (window kept) and late (window freed, may stall)."""
+            nonlocal best, best_score
+            for late, relief, cost in ((False, relief_early, secs),
+                                       (True, relief_early + relief_window, _LATE_PENALTY * secs)):
+                if relief > 0 and relief / (cost + 1e-12) > best_score:
+                    best, best_score = move + (late,), relief / (cost + 1e-12)
+
+        for b in resident:
+            c0, nb = m.first_seg[b], m.size(b)
+            tier = HOST if host_left >= nb else DISK
+            window = over[c0 - 1] * nb if c0 >= 1 else 0.0
+            # dropping residency also unlocks evicting its gaps: count them as relief to come
+            unlocks = sum(over[m.gap_span[g][0]:m.gap_span[g][1]].sum() for g in gaps_of.get(b, ()))
+            consider(("res", b, tier),
+                     (over[:max(c0 - 1, 0)].sum() + over[m.last_seg[b] + 1:].sum() + unlocks) * nb,
+                     window, m.transfer_s(nb, fetch_links(tier, m.dev)))
+        for g in m.gaps:
+            if choice[g.id] != KEEP or (g.persistent and g.buffer in resident):
+                continue
+            lo, hi = m.gap_span[g.id]
+            nb = m.size(g.buffer)
+            if g.persistent:
+                tier = home[g.buffer]
+                secs = m.transfer_s(nb, fetch_links(tier, m.dev))
+            else:
+                tier = HOST if host_left >= nb else DISK
+                secs = m.transfer_s(nb, fetch_links(tier, m.dev)) + m.transfer_s(nb, offload_links(tier, m.dev))
+            consider(("gap", g, tier), over[lo:hi].sum() * nb, over[hi] * nb, secs)
+        for key, b, tier, c in m.fetches(resident, choice):
+            if key in early and c >= 1 and over[c - 1]:
+                tier = tier or home[b]
+                consider(("late", key, None), 0.0, m.size(b), m.transfer_s(m.size(b), fetch_links(tier, m.dev)))
+        if best is None:  # cannot happen when budget >= min_budget; guard against model bugs
+            raise InfeasibleBudgetError(m.budget, int(mem.max()), "greedy placement found no move")
+        kind, item, tier, late = best
+        if kind == "res":
+            resident.discard(item)
+            home[item] = tier
+            if not late:
+                early.add(("init", item))
+            if tier == HOST:
+                host_left -= m.size(item)
+        elif kind == "gap":
+            choice[item.id] = REFETCH if item.persistent else tier
+            if not late:
+                early.add(("gap", item.id))
+            if tier == HOST and not item.persistent:
+                host_left -= m.size(item.buffer)
+        else:
+            early.discard(item)
+        mem = m.segment_bytes(resident, choice, early)
+    return _placement(m, resident, home, choice, early, "greedy")
+
+
+def _solve_mip(m: PlacementModel, warm: Placement, time_limit_s: float) -> Placement | None:
+    from ortools.linear_solver import pywraplp
+
+    solver = pywraplp.Solver.CreateSolver("SCIP") or pywraplp.Solver.CreateSolver("CBC")
+    if solver is None:
+        return None
+    inf = solver.infinity()
+    has_host = m.hw.host_bytes > 0
+    Sum = solver.Sum
+    mem = [[] for _ in range(m.K)]
+    loads = {(link, j): [] for link in LINKS for j in range(m.K)}
+    li_bw = {link: m.hw.bandwidth(link) for link in LINKS}
+
+    def load(amount, tier, j, nbytes, offload=False):
+        for link in (offload_links if offload else fetch_links)(tier, m.dev):
+            loads[(link, j)].append(nbytes / li_bw[link] * amount)
+
+    def fetch_split(key, tiers: dict, c: int, nbytes: float, lead_cap):
+        """A fetch into segment c; ``tiers``: tier -> amount fetched from it. Adds the lead."""
+        if c == 0:
+            for tier, amount in tiers.items():
+                load(amount, tier, 0, nbytes)
+            return None
+        lead = solver.NumVar(0, 1, f"lead{key}")
+        solver.Add(lead <= lead_cap)
+        parts = []
+        for tier, amount in tiers.items():
+            part = solver.NumVar(0, 1, f"lead{key}{tier}")
+            solver.Add(part <= amount)
+            parts.append(part)
+            load(part, tier, c - 1, nbytes)
+            load(amount - part, tier, c, nbytes)
+        solver.Add(Sum(parts) == lead)
+        mem[c - 1].append((nbytes, lead))
+        return lead
+
+    r, d, y, oh, od, leads = {}, {}, {}, {}, {}, {}
+    host_terms = []
+    for b in m.persistent:
+        nb = float(m.size(b))
+        r[b] = solver.BoolVar(f"r{b}")
+        if has_host:
+            d[b] = solver.BoolVar(f"d{b}")
+            solver.Add(r[b] + d[b] <= 1)
+            tiers = {DISK: d[b], HOST: 1 - r[b] - d[b]}
+            host_terms.append(nb * (1 - r[b] - d[b]))
+        else:
+            tiers = {DISK: 1 - r[b]}
+        c0 = m.first_seg[b]
+        for j in list(range(0, c0)) + list(range(m.last_seg[b] + 1, m.K)):
+            mem[j].append((nb, r[b]))
+        # segment c0-1 holds it if resident or fetched early; lead <= 1 - r keeps them exclusive
+        leads[("init", b)] = fetch_split(("i", b), tiers, c0, nb, 1 - r[b])
+    for g in m.gaps:
+        nb = float(m.size(g.buffer))
+        y[g.id] = solver.BoolVar(f"y{g.id}")
+        lo, hi = m.gap_span[g.id]
+        for j in range(lo, hi + 1):
+            mem[j].append((nb, y[g.id]))
+        c = m.s.seg(g.end)
+        if g.persistent:
+            b = g.buffer
+            solver.Add(y[g.id] >= r[b])
+            fd = solver.NumVar(0, 1, f"fd{g.id}")
+            solver.Add(fd >= (1 - y[g.id]) + (d[b] if has_host else 1 - r[b]) - 1)
+            tiers = {DISK: fd}
+            if has_host:
+                fh = solver.NumVar(0, 1, f"fh{g.id}")
+                solver.Add(fh >= (1 - y[g.id]) - d[b])
+                tiers[HOST] = fh
+            cap = 1 - y[g.id]
+        else:
+            od[g.id] = solver.BoolVar(f"od{g.id}")
+            tiers = {DISK: od[g.id]}
+            load(od[g.id], DISK, m.s.seg(g.start), nb, offload=True)
+            if has_host:
+                oh[g.id] = solver.BoolVar(f"oh{g.id}")
+                tiers[HOST] = oh[g.id]
+                load(oh[g.id], HOST, m.s.seg(g.start), nb, offload=True)
+                host_terms.append(nb * oh[g.id])
+            solver.Add(y[g.id] + Sum(list(tiers.values())) == 1)
+            cap = 1 - y[g.id]
+        # the last held segment (c-1) is covered by y; an early fetch holds it too
+        lead = fetch_split(("g", g.id), tiers, c, nb, cap)
+        leads[("gap", g.id)] = lead
+    for j in range(m.K):
+        if mem[j]:
+            solver.Add(Sum([coef * v for coef, v in mem[j]]) <= m.budget - m.const[j])
+    if has_host and host_terms:
+        solver.Add(Sum(host_terms) <= float(m.hw.host_bytes))
+    tau = [solver.NumVar(float(m.compute[j]), inf, f"tau{j}") for j in range(m.K)]
+    moved = []
+    for (link, j), terms in loads.items():
+        if terms:
+            expr = Sum(terms)
+            solver.Add(tau[j] >= expr)
+            moved.append(expr)
+    solver.Minimize(Sum(tau) + _EPS * Sum(moved) if moved else Sum(tau))
+
+    hint_vars, hint_vals = [], []
+    for b in m.persistent:
+        hint_vars.append(r[b]); hint_vals.append(float(b in warm.resident))
+        if has_host:
+            hint_vars.append(d[b]); hint_vals.append(float(warm.home.get(b) == DISK))
+    for g in m.gaps:
+        c = warm.gap_choice[g.id]
+        hint_vars.append(y[g.id]); hint_vals.append(float(c == KEEP))
+        if not g.persistent:
+            hint_vars.append(od[g.id]); hint_vals.append(float(c == DISK))
+            if has_host:
+                hint_vars.append(oh[g.id]); hint_vals.append(float(c == HOST))
+    solver.SetHint(hint_vars, hint_vals)
+    solver.SetTimeLimit(int(max(time_limit_s, 0.1) * 1000))
+    status = solver.Solve()
+    names = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "feasible"}
+    if status not in names:
+        return None
+    resident = {b for b in m.persistent if r[b].solution_value() > 0.5}
+    home = {b: (DISK if not has_host or d[b].solution_value() > 0.5 else HOST)
+            for b in m.persistent if b not in resident}
+    choice = {}
+    for g in m.gaps:
+        if y[g.id].solution_value() > 0.5:
+            choice[g.id] = KEEP
+        elif g.persistent:
+            choice[g.id] = REFETCH
+        else:
+            choice[g.id] = HOST if (has_host and oh[g.id].solution_value() > 0.5) else DISK
+    # a fractional lead (the LP may split a fetch) is rounded down: later, never over budget
+    early = {key for key, v in leads.items() if v is not None and v.solution_value() > 1 - 1e-6}
+    early = {k for k in early if (k[0] == "init" and k[1] not in resident)
+             or (k[0] == "gap" and choice[k[1]] != KEEP)}
+    result = _placement(m, resident, home, choice, early, names[status],
+                        n_variables=solver.NumVariables(), n_constraints=solver.NumConstraints())
+    if result.segment_bytes.max() > m.budget:
+        return None  # numerical slack in the solver: never hand out a plan over budget
+    if result.objective > warm.objective + 1e-12:
+        return None  # a time-limited incumbent worse than the warm start: keep the greedy plan
+    try:
+        bound = solver.Objective().BestBound()
+        value = solver.Objective().Value()
+        result.mip_gap = abs(value - bound) / max(abs(value), 1e-12)
+    except Exception:  # some backends do not expose a bound
+        pass
+    return result

@@ -1,0 +1,125 @@
+"""Plan: the schedule memsched runs, with what it predicts, printable and checkable."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from .budget import format_bytes
+from .cost_models.hardware import Hardware
+from .cost_models.simulator import SimResult
+from .passes.analysis import Program
+from .passes.placement import KEEP, Placement
+from .printer import listing
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    model_name: str
+    budget_bytes: int
+    hardware: Hardware
+    graph: fx.GraphModule                 # the scheduled program
+    program: Program                      # analysis of the captured graph
+    placement: Placement
+    sim: SimResult
+    unconstrained: SimResult              # the same model with nothing moved
+    passes: list[PassRecord] = field(default_factory=list)
+    n_segments: int = 0
+
+    # -- headline numbers -------------------------------------------------------------------
+    @property
+    def peak_device_bytes(self) -> int:
+        return self.sim.peak_device_bytes
+
+    @property
+    def predicted_time_s(self) -> float:
+        return self.sim.time_s
+
+    @property
+    def bytes_moved(self) -> dict:
+        return dict(self.sim.bytes_moved)
+
+    @property
+    def min_budget_bytes(self) -> int:
+        return self.placement.min_budget_bytes
+
+    @property
+    def code(self) -> str:
+        return str(self)
+
+    def tier_bytes(self) -> dict:
+        """Bytes of the model's tensors per home tier, and of activations offloaded per tier."""
+        out = {"device": 0, "host": 0, "disk": 0}
+        for b in self.program.buffers:
+            if b.id in self.placement.resident:
+                out["device"] += b.nbytes
+            elif b.id in self.placement.home:
+                out[self.placement.home[b.id]] += b.nbytes
+        return out
+
+    def offloaded_activation_bytes(self) -> dict:
+        out = {"host": 0, "disk": 0}
+        for g in self.placement.gaps:
+            c = self.placement.gap_choice[g.id]
+            if not g.persistent and c != KEEP:
+                out[c] += self.program.buffers[g.buffer].nbytes
+        return out
+
+    # -- printing ---------------------------------------------------------------------------
+    def header(self) -> list[str]:
+        pl = self.placement
+        solver = pl.status + (f", gap {pl.mip_gap:.1%}" if pl.mip_gap is not None else "")
+        return [
+            f"memsched plan for {self.model_name}: budget {format_bytes(self.budget_bytes)} on "
+            f"{self.hardware.name} ({self.hardware.device_type})",
+            "passes: " + " · ".join(f"{p.name} {p.seconds * 1e3:.0f} ms" + (f" ({p.note})" if p.note else "")
+                                    for p in self.passes),
+            f"placement: {solver}; {self.n_segments} segments, {len(pl.gaps)} movable gaps, "
+            f"min budget {format_bytes(pl.min_budget_bytes)}",
+            f"predicted {self.predicted_time_s * 1e3:.2f} ms (unconstrained "
+            f"{self.unconstrained.time_s * 1e3:.2f} ms), peak device {format_bytes(self.peak_device_bytes)}",
+        ]
+
+    def __str__(self) -> str:
+        return listing(self.graph, self.header())
+
+    def __repr__(self) -> str:
+        return (f"<Plan {self.model_name} budget={format_bytes(self.budget_bytes)} "
+                f"peak={format_bytes(self.peak_device_bytes)} predicted={self.predicted_time_s * 1e3:.2f} ms>")
+
+    def summary(self) -> str:
+        tiers = self.tier_bytes()
+        acts = self.offloaded_activation_bytes()
+        moved = ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.bytes_moved.items())) or "nothing"
+        slow = self.predicted_time_s / self.unconstrained.time_s if self.unconstrained.time_s else 1.0
+        rows = [
+            ("model", self.model_name),
+            ("hardware", f"{self.hardware.name} ({self.hardware.device_type})"),
+            ("budget", format_bytes(self.budget_bytes)),
+            ("peak device (predicted)", format_bytes(self.peak_device_bytes)),
+            ("unconstrained peak", format_bytes(self.unconstrained.peak_device_bytes)),
+            ("minimum budget", format_bytes(self.min_budget_bytes)),
+            ("weights on device / host / disk",
+             " / ".join(format_bytes(tiers[t]) for t in ("device", "host", "disk"))),
+            ("activations offloaded host / disk", " / ".join(format_bytes(acts[t]) for t in ("host", "disk"))),
+            ("bytes moved per call", moved),
+            ("predicted time", f"{self.predicted_time_s * 1e3:.2f} ms ({slow:.2f}x unconstrained "
+                               f"{self.unconstrained.time_s * 1e3:.2f} ms)"),
+            ("predicted stall", f"{self.sim.stall_s * 1e3:.2f} ms"),
+            ("solver", f"{self.placement.status} in {self.placement.solve_s:.2f} s"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+    def verify(self) -> int:
+        """Check the schedule with the independent verifier; returns its peak device bytes."""
+        from .verify import verify_schedule
+
+        return verify_schedule(self.graph, self.budget_bytes)

@@ -1,0 +1,237 @@
+"""Execution: lower a scheduled fx graph to one Python function and run it.
+
+The scheduled graph is turned into straight-line Python (no per-node interpreter loop), in
+which compute nodes call their ATen ops directly and the inserted ops call this runtime:
+``prefetch``/``wait``/``offload``/``free``. Every tensor a step produces is registered with
+the device accountant, so the peak the runtime reports is measured, not predicted.
+"""
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from ..compiler.capture import INPUT, PERSISTENT, Captured
+from . import ops
+from .accounting import DeviceAccountant
+from .stores import DiskStore, HostPool, Layout, make_offload_dir
+from .transfer import DiskCopy, HostCopy, Outgoing, TransferEngine
+
+
+@dataclass
+class RunStats:
+    """What one call measured."""
+
+    peak_device_bytes: int = 0
+    bytes_moved: dict = field(default_factory=dict)   # link -> bytes
+    stall_s: float = 0.0                              # time the program waited on transfers
+    wall_s: float = 0.0
+    cuda_max_memory_allocated: int | None = None      # on CUDA, the allocator's own peak
+
+    def __str__(self) -> str:
+        from ..budget import format_bytes
+
+        moved = ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.bytes_moved.items()) if v) or "nothing"
+        return (f"peak device {format_bytes(self.peak_device_bytes)} · moved {moved} · "
+                f"stalled {self.stall_s * 1e3:.1f} ms · wall {self.wall_s * 1e3:.1f} ms")
+
+
+def generate_source(gm: fx.GraphModule) -> tuple[str, dict]:
+    """Python source of the scheduled program and the globals it needs."""
+    glb: dict = {}
+    fn_ids: dict[int, str] = {}
+
+    def const(v) -> str:
+        name = f"_c{len(glb)}"
+        glb[name] = v
+        return name
+
+    def emit(a) -> str:
+        if isinstance(a, fx.Node):
+            return "_" + a.name
+        if isinstance(a, (list, tuple)):
+            inner = ", ".join(emit(x) for x in a)
+            return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' if len(a) == 1 else ''})"
+        if isinstance(a, dict):
+            return "{" + ", ".join(f"{k!r}: {emit(v)}" for k, v in a.items()) + "}"
+        if a is None or isinstance(a, (bool, int, str)):
+            return repr(a)
+        if isinstance(a, float) and math.isfinite(a):
+            return repr(a)
+        return const(a)
+
+    def fn(target) -> str:
+        key = id(target)
+        if key not in fn_ids:
+            fn_ids[key] = f"_f{len(fn_ids)}"
+            glb[fn_ids[key]] = target
+        return fn_ids[key]
+
+    body = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, n in enumerate(placeholders):
+        body.append(f"_{n.name} = inputs[{i}]")
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            args = ", ".join([emit(a) for a in n.args] + [f"{k}={emit(v)}" for k, v in n.kwargs.items()])
+            if n.target is ops.prefetch:
+                body.append(f"_{n.name} = rt.prefetch({args})")
+            elif n.target is ops.wait:
+                body.append(f"_{n.name} = rt.wait({args})")
+            elif n.target is ops.offload:
+                body.append(f"_{n.name} = rt.offload({args})")
+            elif n.target is ops.free:
+                body.append(f"rt.free({args}); del {args}")
+            else:
+                body.append(f"_{n.name} = {fn(n.target)}({args}); rt.track(_{n.name})")
+        elif n.op == "get_attr":  # submodules of higher-order ops
+            body.append(f"_{n.name} = {const(getattr(gm, n.target))}")
+        elif n.op == "output":
+            body.append(f"return {emit(n.args[0])}")
+    src = "def program(rt, inputs):\n" + "\n".join("    " + line for line in body) + "\n"
+    return src, glb
+
+
+class Executor:
+    """Runs one scheduled program with the model's tensors in their planned tiers."""
+
+    def __init__(self, gm: fx.GraphModule, captured: Captured, model: torch.nn.Module,
+                 device: torch.device, budget: int, offload_dir=None):
+        self.gm, self.captured, self.device, self.budget = gm, captured, device, budget
+        self.cuda = device.type == "cuda"
+        src, glb = generate_source(gm)
+        self.source = src
+        code = compile(src, "<memsched scheduled program>", "exec")
+        exec(code, glb)
+        self._program = glb["program"]
+        tiers = {n.name: n.meta.get("memsched.tier", "device") for n in gm.graph.nodes if n.op == "placeholder"}
+        self.host = HostPool(pinned=self.cuda)
+        needs_disk = any(t == "disk" for t in tiers.values()) or any(
+            n.target is ops.offload and n.args[1] == "disk" for n in gm.graph.nodes if n.op == "call_function")
+        self.disk = DiskStore(make_offload_dir(offload_dir)) if needs_disk else None
+        self.engine = TransferEngine(device, self.disk, self.host)
+        self._finalizer = weakref.finalize(self, _close, self.engine, self.disk)
+        self._slots = self._place_model_tensors(model, tiers)
+        self._outgoing: dict[int, Outgoing] = {}
+        self.last_stats = RunStats()
+
+    def _place_model_tensors(self, model, tiers) -> list:
+        state = dict(model.named_parameters(remove_duplicate=False))
+        state.update(dict(model.named_buffers(remove_duplicate=False)))
+        state.update(self.captured.constants)
+        slots = []
+        for ph in self.captured.placeholders:
+            if ph.kind not in PERSISTENT:
+                slots.append(None)
+                continue
+            t = state[ph.target].detach()
+            if t.device.type == "meta":
+                raise ValueError(f"{ph.target} is on the meta device: compile needs real weights "
+                                 "(memsched.plan plans meta models without them)")
+            tier = tiers[ph.name]
+            if tier == "unused":
+                slots.append(None)
+            elif tier == "device":
+                slots.append(t if t.device == self.device else t.to(self.device))
+            elif tier == "host":
+                if self.cuda:
+                    host = self.host.take(Layout.of(t))
+                    host.copy_(t)
+                    slots.append(HostCopy(host, Layout.of(t)))
+                else:  # on a CPU device the model's own tensor is the host copy; read-only
+                    slots.append(HostCopy(t if t.is_contiguous() else t.contiguous(), Layout.of(t), pooled=False))
+            else:
+                src = t.cpu()
+                src = src if Layout.of(src).stride == tuple(src.stride()) else src.contiguous()
+                offset = self.disk.allocate(Layout.of(src).nbytes)
+                self.disk.write(offset, src)
+                slots.append(DiskCopy(offset, Layout.of(src), owned=False))
+        return slots
+
+    # -- the runtime interface the generated program calls --------------------------------
+    def prefetch(self, src):
+        pending = self.engine.fetch(src)
+        self.acct.track(pending.tensor)
+        return pending
+
+    def wait(self, pending):
+        return self.engine.wait(pending)
+
+    def offload(self, x, tier):
+        out = self.engine.offload(x, tier)
+        self._outgoing[id(x)] = out
+        return out.handle
+
+    def track(self, value):
+        if isinstance(value, torch.Tensor):
+            self.acct.track(value)
+        elif isinstance(value, (list, tuple)):
+            for leaf in pytree.tree_leaves(value):
+                if isinstance(leaf, torch.Tensor):
+                    self.acct.track(leaf)
+
+    def free(self, *values):
+        for v in values:
+            if isinstance(v, (HostCopy, DiskCopy)):
+                self.engine.release(v)
+                continue
+            out = self._outgoing.pop(id(v), None)
+            if out is not None:
+                self.engine.finish(out)
+            if isinstance(v, torch.Tensor):
+                self.acct.release(v)
+            elif isinstance(v, (list, tuple)):
+                for leaf in pytree.tree_leaves(v):
+                    if isinstance(leaf, torch.Tensor):
+                        self.acct.release(leaf)
+
+    # -- a call ---------------------------------------------------------------------------
+    def run(self, flat_inputs: list) -> list:
+        self.acct = DeviceAccountant(self.budget)
+        self.engine.stats.bytes_moved.clear()
+        self.engine.stats.stall_s = 0.0
+        values, user = [], iter(flat_inputs)
+        for ph, slot in zip(self.captured.placeholders, self._slots):
+            if ph.kind == INPUT:
+                x = next(user)
+                if isinstance(x, torch.Tensor):
+                    if x.device != self.device:
+                        self.engine.stats.bytes_moved["h2d"] += x.numel() * x.element_size()
+                        x = x.to(self.device)
+                    self.acct.track(x)
+                values.append(x)
+            else:
+                if isinstance(slot, torch.Tensor):
+                    self.acct.track(slot)
+                values.append(slot)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self._program(self, values)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        wall = time.perf_counter() - t0
+        self._outgoing.clear()
+        self.last_stats = RunStats(
+            peak_device_bytes=self.acct.peak,
+            bytes_moved={k: v for k, v in self.engine.stats.bytes_moved.items() if v},
+            stall_s=self.engine.stats.stall_s,
+            wall_s=wall,
+            cuda_max_memory_allocated=torch.cuda.max_memory_allocated(self.device) if self.cuda else None,
+        )
+        return list(out)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _close(engine: TransferEngine, disk: DiskStore | None) -> None:
+    engine.close()
+    if disk is not None:
+        disk.close()

@@ -1,0 +1,202 @@
+"""Transfer engine: asynchronous copies between the device and the host/disk tiers.
+
+One worker per link direction (h2d, d2h, disk_read, disk_write) so transfers in different
+directions overlap each other and compute (lesson 4). Workers are threads; the copies they
+run (``Tensor.copy_``, ``os.preadv``/``os.pwritev``) release the GIL. On CUDA the h2d and d2h
+copies are issued on one stream per direction and ordered with events, never a global sync;
+disk traffic goes disk -> pinned host buffer -> device (a two-stage pipe).
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .stores import DiskStore, HostPool, Layout, is_dense
+
+LINKS = ("h2d", "d2h", "disk_read", "disk_write")
+
+
+@dataclass
+class HostCopy:
+    tensor: torch.Tensor
+    layout: Layout
+    ready: Future | None = None      # set while an offload is still filling it
+    pooled: bool = True              # False for the model's own tensors (never returned)
+
+
+@dataclass
+class DiskCopy:
+    offset: int
+    layout: Layout
+    ready: Future | None = None
+    owned: bool = True               # activation regions are released after use
+
+
+@dataclass
+class Pending:
+    """A fetch in flight: ``tensor`` becomes valid once ``done`` resolves."""
+
+    tensor: torch.Tensor
+    done: Future
+    event: object = None             # CUDA event recorded after the copy, if any
+
+
+@dataclass
+class Outgoing:
+    """An offload in flight; the device tensor must live until ``done`` resolves."""
+
+    source: torch.Tensor
+    done: Future
+    handle: object = None
+
+
+@dataclass
+class TransferStats:
+    bytes_moved: dict = field(default_factory=lambda: defaultdict(int))
+    stall_s: float = 0.0
+
+
+def _done_future(value=None) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+class TransferEngine:
+    def __init__(self, device: torch.device, disk: DiskStore | None, host: HostPool):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.disk, self.host = disk, host
+        self.workers = {link: ThreadPoolExecutor(1, thread_name_prefix=f"memsched-{link}") for link in LINKS}
+        self.stats = TransferStats()
+        if self.cuda:
+            self.streams = {"h2d": torch.cuda.Stream(device), "d2h": torch.cuda.Stream(device)}
+
+    # -- device <- host/disk -------------------------------------------------------------
+    def fetch(self, src) -> Pending:
+        layout = src.layout
+        out = layout.empty(self.device)
+        nbytes = layout.nbytes
+        if isinstance(src, HostCopy):
+            self.stats.bytes_moved["h2d"] += nbytes
+            if self.cuda:
+                return self._cuda_h2d(src.tensor, out, src.ready)
+            return Pending(out, self.workers["h2d"].submit(self._copy, out, src.tensor, src.ready))
+        self.stats.bytes_moved["disk_read"] += nbytes
+        if not self.cuda:
+            return Pending(out, self.workers["disk_read"].submit(self._read, src, out))
+        self.stats.bytes_moved["h2d"] += nbytes
+        staging = self.host.take(layout)
+        read = self.workers["disk_read"].submit(self._read, src, staging)
+        pending = self._cuda_h2d(staging, out, read)
+        pending.done.add_done_callback(lambda _f: self.host.give_back(staging))
+        return pending
+
+    def wait(self, pending: Pending) -> torch.Tensor:
+        if not pending.done.done():
+            t0 = time.perf_counter()
+            pending.done.result()
+            self.stats.stall_s += time.perf_counter() - t0
+        else:
+            pending.done.result()  # re-raise a failed copy
+        if pending.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(pending.event)
+        return pending.tensor
+
+    # -- device -> host/disk -------------------------------------------------------------
+    def offload(self, x: torch.Tensor, tier: str) -> Outgoing:
+        layout = Layout.of(x)
+        if tier == "host":
+            self.stats.bytes_moved["d2h"] += layout.nbytes
+            dst = self.host.take(layout)
+            if self.cuda:
+                done = self._cuda_d2h(x, dst)
+            else:
+                done = self.workers["d2h"].submit(self._copy, dst, x, None)
+            return Outgoing(x, done, HostCopy(dst, layout, done))
+        offset = self.disk.allocate(layout.nbytes)
+        handle = DiskCopy(offset, layout)
+        self.stats.bytes_moved["disk_write"] += layout.nbytes
+        if self.cuda:
+            self.stats.bytes_moved["d2h"] += layout.nbytes
+            staging = self.host.take(layout)
+            copied = self._cuda_d2h(x, staging)
+            done = self.workers["disk_write"].submit(self._write_after, copied, staging, offset)
+        else:
+            done = self.workers["disk_write"].submit(self._write_after, None, x, offset)
+        handle.ready = done
+        return Outgoing(x, done, handle)
+
+    def finish(self, out: Outgoing) -> None:
+        """Block until an offload has read its source, so the device copy may be freed."""
+        if not out.done.done():
+            t0 = time.perf_counter()
+            out.done.result()
+            self.stats.stall_s += time.perf_counter() - t0
+        else:
+            out.done.result()
+
+    def release(self, handle) -> None:
+        """The host/disk copy of an activation is no longer needed."""
+        if isinstance(handle, HostCopy) and handle.pooled:
+            self.host.give_back(handle.tensor)
+        elif isinstance(handle, DiskCopy) and handle.owned:
+            self.disk.release(handle.offset, handle.layout.nbytes)
+
+    def close(self) -> None:
+        for w in self.workers.values():
+            w.shutdown(wait=True)
+
+    # -- workers -------------------------------------------------------------------------
+    @staticmethod
+    def _copy(dst: torch.Tensor, src: torch.Tensor, ready: Future | None) -> None:
+        if ready is not None:
+            ready.result()
+        dst.copy_(src)
+
+    def _read(self, src: DiskCopy, out: torch.Tensor) -> None:
+        if src.ready is not None:
+            src.ready.result()  # the write of this copy must land before we read it
+        self.disk.read_into(src.offset, out)
+
+    def _write_after(self, copied: Future | None, x: torch.Tensor, offset: int) -> None:
+        if copied is not None:
+            copied.result()
+        src = x if is_dense(x) else x.contiguous()
+        self.disk.write(offset, src)
+        if copied is not None:
+            self.host.give_back(x)
+
+    # -- CUDA streams ----------------------------------------------------------------------
+    def _cuda_h2d(self, host: torch.Tensor, out: torch.Tensor, ready: Future | None) -> Pending:
+        stream = self.streams["h2d"]
+        main = torch.cuda.current_stream(self.device)
+        event = torch.cuda.Event()
+
+        def issue():
+            if ready is not None:
+                ready.result()
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                out.copy_(host, non_blocking=True)
+                event.record(stream)
+
+        if ready is None or ready.done():
+            issue()
+            return Pending(out, _done_future(), event)
+        return Pending(out, self.workers["h2d"].submit(issue), event)
+
+    def _cuda_d2h(self, x: torch.Tensor, dst: torch.Tensor) -> Future:
+        stream = self.streams["d2h"]
+        main = torch.cuda.current_stream(self.device)
+        event = torch.cuda.Event()
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            dst.copy_(x, non_blocking=True)
+            event.record(stream)
+        x.record_stream(stream)
+        return self.workers["d2h"].submit(event.synchronize)

@@ -1,0 +1,102 @@
+"""An independent checker for scheduled programs; it shares no code with the planner.
+
+It walks the scheduled graph as written and checks: every value is defined before it is
+read and not read after it is freed; nothing is freed twice; a wait consumes a prefetch, a
+prefetch reads a home tensor or an offload handle; and the device bytes held -- counted per
+storage, a prefetch being a fresh storage -- stay within the budget at every node.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+
+class PlanError(AssertionError):
+    """A scheduled program breaks a rule; the message names the node (the step)."""
+
+
+_PREFETCH, _WAIT, _OFFLOAD, _FREE = "prefetch", "wait", "offload", "free"
+
+
+def _kind(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", "") if node.op == "call_function" and \
+        getattr(node.target, "__module__", "").endswith("runtime.ops") else "compute"
+
+
+def _storages(val) -> list[tuple[int, int]]:
+    """(storage identity, bytes) of every tensor leaf; views share their base's identity."""
+    out = []
+    for t in pytree.tree_leaves(val):
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            out.append((st._cdata, st.nbytes()))
+    return out
+
+
+def verify_schedule(gm: fx.GraphModule, budget: int) -> int:
+    """Raise PlanError on the first broken rule; return the peak device bytes it counted."""
+    defined, freed, kinds = set(), set(), {}
+    held: dict[object, list[int]] = {}
+    of_value: dict[str, list[object]] = {}
+    cur = peak = 0
+
+    def add(name, entries):
+        nonlocal cur, peak
+        of_value[name] = []
+        for key, nbytes in entries:
+            of_value[name].append(key)
+            if key in held:
+                held[key][1] += 1
+            else:
+                held[key] = [nbytes, 1]
+                cur += nbytes
+        peak = max(peak, cur)
+
+    def remove(name):
+        nonlocal cur
+        for key in of_value.pop(name, []):
+            held[key][1] -= 1
+            if held[key][1] == 0:
+                cur -= held.pop(key)[0]
+
+    for step, n in enumerate(gm.graph.nodes):
+        where = f"step {step} ({n.name})"
+        for inp in n.all_input_nodes:
+            if inp.name not in defined:
+                raise PlanError(f"{where} reads {inp.name} before it is defined")
+            if inp.name in freed:
+                raise PlanError(f"{where} reads {inp.name} after it was freed")
+        kind = _kind(n)
+        kinds[n.name] = kind
+        if n.op == "placeholder":
+            if n.meta.get("memsched.tier", "device") == "device":
+                add(n.name, _storages(n.meta.get("val")))
+        elif kind == _PREFETCH:
+            src = n.args[0]
+            if not (src.op == "placeholder" or kinds.get(src.name) == _OFFLOAD):
+                raise PlanError(f"{where} prefetches {src.name}, which is neither a home tensor nor an offload")
+            if src.op == "placeholder" and src.meta.get("memsched.tier") not in ("host", "disk"):
+                raise PlanError(f"{where} prefetches {src.name}, whose home is not host or disk")
+            add(n.name, [(("fetched", n.name), int(n.meta["memsched.nbytes"]))])
+        elif kind == _WAIT:
+            p = n.args[0]
+            if kinds.get(p.name) != _PREFETCH:
+                raise PlanError(f"{where} waits on {p.name}, which is not a prefetch")
+            of_value[n.name] = of_value.pop(p.name, [])
+            freed.add(p.name)  # consumed
+        elif kind == _OFFLOAD:
+            if n.args[1] not in ("host", "disk"):
+                raise PlanError(f"{where} offloads to unknown tier {n.args[1]!r}")
+        elif kind == _FREE:
+            for x in n.args:
+                if x.name in freed:
+                    raise PlanError(f"{where} frees {x.name} twice")
+                freed.add(x.name)
+                remove(x.name)
+        elif n.op == "call_function":
+            add(n.name, _storages(n.meta.get("val")))
+        if cur > budget:
+            raise PlanError(f"{where}: {cur} device bytes held, over the budget of {budget}")
+        defined.add(n.name)
+    return peak

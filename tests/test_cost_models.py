@@ -1,0 +1,234 @@
+import json
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from memsched.cost_models import (
+    LINKS,
+    PRESETS,
+    Hardware,
+    estimate_op_time,
+    get_hardware,
+    is_metadata_only,
+    list_hardware,
+    local_hardware,
+    op_flops_bytes,
+    transfer_time,
+)
+from memsched.cost_models import hardware as hw_mod
+
+NUMERIC = [
+    "device_bytes", "peak_flops", "peak_flops_fp32", "mem_bw",
+    "h2d_bw", "d2h_bw", "disk_read_bw", "disk_write_bw", "op_overhead_s",
+]
+
+
+def _export(model, *args):
+    return torch.export.export(model, args, strict=False).graph
+
+
+def _nodes(graph, name):
+    return [n for n in graph.nodes if n.op == "call_function" and name in str(n.target)]
+
+
+# ---------------------------------------------------------------- hardware
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_positive(name):
+    hw = PRESETS[name]
+    assert hw.name == name and hw.device_type == "cuda"
+    for f in NUMERIC:
+        assert getattr(hw, f) > 0, f
+    assert hw.host_bytes > 0 and hw.source
+    assert hw.peak_flops > hw.peak_flops_fp32  # tensor cores beat plain fp32
+    for link in LINKS:
+        assert hw.bandwidth(link) > 0
+
+
+def test_required_presets_and_list():
+    for name in ["t4", "rtx3090", "rtx4090", "a100-40gb", "a100-80gb", "h100", "h200"]:
+        assert name in PRESETS
+    assert list_hardware() == list(PRESETS.values())
+
+
+def test_get_hardware_by_name():
+    assert get_hardware("H100") is PRESETS["h100"]
+    assert get_hardware("A100_80GB") is PRESETS["a100-80gb"]
+    assert get_hardware(PRESETS["t4"]) is PRESETS["t4"]
+
+
+def test_get_hardware_unknown_lists_names():
+    with pytest.raises(ValueError) as e:
+        get_hardware("tpu-v9")
+    for name in PRESETS:
+        assert name in str(e.value)
+
+
+def test_bandwidth_unknown_link():
+    with pytest.raises(ValueError, match="h2d"):
+        PRESETS["h100"].bandwidth("nvlink")
+
+
+def test_flops_for_dtypes():
+    hw = PRESETS["h100"]
+    assert hw.flops_for(torch.bfloat16) == hw.flops_for(torch.float16) == hw.peak_flops
+    assert hw.flops_for(torch.float32) == hw.peak_flops_fp32
+    assert hw.flops_for(torch.float64) == hw.peak_flops_fp32 / 2
+
+
+def test_dict_round_trip_and_replace():
+    hw = PRESETS["rtx4090"]
+    d = json.loads(json.dumps(hw.to_dict()))
+    assert Hardware.from_dict(d) == hw
+    bigger = hw.replace(host_bytes=1 << 40)
+    assert bigger.host_bytes == 1 << 40 and hw.host_bytes != 1 << 40
+
+
+def test_local_hardware_measures_once_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(tmp_path))
+    hw = local_hardware("cpu")
+    assert hw.device_type == "cpu" and hw.host_bytes == 0
+    for f in NUMERIC:
+        assert getattr(hw, f) > 0, f
+    assert (tmp_path / "hardware-cpu.json").exists()
+
+    def boom(device):
+        raise AssertionError("re-measured despite cache")
+
+    monkeypatch.setattr(hw_mod, "_calibrate", boom)
+    assert local_hardware("cpu") == hw
+    assert get_hardware(None) == hw and get_hardware("local") == hw
+
+
+def test_local_hardware_unwritable_cache(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(blocker / "sub"))
+    fake = PRESETS["t4"].replace(name="local:cpu", device_type="cpu", host_bytes=0)
+    monkeypatch.setattr(hw_mod, "_calibrate", lambda device: fake)
+    assert local_hardware("cpu") == fake  # no crash, just no cache
+
+
+def test_local_hardware_corrupt_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(tmp_path))
+    (tmp_path / "hardware-cpu.json").write_text("{not json")
+    fake = PRESETS["t4"].replace(name="local:cpu", device_type="cpu", host_bytes=0)
+    monkeypatch.setattr(hw_mod, "_calibrate", lambda device: fake)
+    assert local_hardware("cpu") == fake
+    assert Hardware.from_dict(json.loads((tmp_path / "hardware-cpu.json").read_text())) == fake
+
+
+# ---------------------------------------------------------------- op costs
+
+
+def test_linear_flops_on_exported_graph():
+    B = 4
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    graph = _export(model, torch.randn(B, 32))
+    linears = _nodes(graph, "linear")
+    assert len(linears) == 2
+    flops, nbytes = op_flops_bytes(linears[0])
+    assert flops == 2 * B * 32 * 64
+    # input + weight + bias + output, fp32
+    assert nbytes == 4 * (B * 32 + 64 * 32 + 64 + B * 64)
+    assert op_flops_bytes(linears[1])[0] == 2 * B * 64 * 8
+    relu = _nodes(graph, "relu")[0]
+    assert op_flops_bytes(relu) == (B * 64, 4 * 2 * B * 64)
+    for n in graph.nodes:
+        if n.op != "call_function":
+            assert op_flops_bytes(n) == (0, 0) and estimate_op_time(n, PRESETS["t4"]) == 0
+
+
+def test_sdpa_flops():
+    B, H, L, S, D = 2, 3, 16, 24, 8
+
+    class Attn(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    q = torch.randn(B, H, L, D)
+    k = torch.randn(B, H, S, D)
+    graph = _export(Attn(), q, k, torch.randn(B, H, S, D))
+    (node,) = _nodes(graph, "scaled_dot_product")
+    assert op_flops_bytes(node)[0] == 4 * B * H * L * S * D
+
+
+def test_conv_and_matmul_flops():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 8, 3, groups=2)
+
+        def forward(self, img, a, b):
+            return self.conv(img), torch.bmm(a, b), a @ b
+
+    graph = _export(M(), torch.randn(1, 4, 10, 10), torch.randn(5, 6, 7), torch.randn(5, 7, 9))
+    (conv,) = _nodes(graph, "conv")
+    assert op_flops_bytes(conv)[0] == 2 * (1 * 8 * 8 * 8) * (4 // 2) * 3 * 3
+    for node in _nodes(graph, "bmm") + _nodes(graph, "matmul"):
+        assert op_flops_bytes(node)[0] == 2 * 5 * 6 * 9 * 7
+
+
+def test_views_and_asserts_are_free():
+    class M(nn.Module):
+        def forward(self, x):
+            y = x.view(4, 8).transpose(0, 1).unsqueeze(0)
+            a, b = y.split(4, dim=1)
+            same = x.to(torch.float32)  # no-op .to(): aliases x
+            return a.permute(0, 2, 1), b * 2, same * 3, y.reshape(32), x.to(torch.float64)
+
+    graph = _export(M(), torch.randn(32))
+    hw = PRESETS["h100"]
+    by_name = {n.name: n for n in graph.nodes}
+    views = [n for n in graph.nodes if is_metadata_only(n)]
+    names = {str(n.target) for n in views}
+    assert {"aten.view.default", "aten.transpose.int", "aten.split.Tensor"} <= names
+    assert any(n.target is operator.getitem for n in views)
+    assert is_metadata_only(by_name["to"])  # same dtype: an alias
+    assert not is_metadata_only(by_name["to_1"])  # fp32 -> fp64 copies
+    assert not is_metadata_only(by_name["reshape"])  # of a transposed tensor: copies
+    assert op_flops_bytes(by_name["to_1"])[1] == 32 * 4 + 32 * 8
+    for n in views:
+        assert op_flops_bytes(n) == (0, 0)
+        assert 0 < estimate_op_time(n, hw) < hw.op_overhead_s
+    asserts = _nodes(graph, "_assert_tensor_metadata")
+    assert asserts
+    for n in asserts:
+        assert op_flops_bytes(n) == (0, 0) and estimate_op_time(n, hw) == 0
+
+
+def test_eval_dropout_is_an_alias():
+    for train, alias in ((False, True), (True, False)):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1)).train(train)
+        (node,) = _nodes(_export(model, torch.randn(2, 4)), "dropout")
+        assert is_metadata_only(node) is alias
+        assert (op_flops_bytes(node) == (0, 0)) is alias
+
+
+def test_estimate_op_time_monotone():
+    class MM(nn.Module):
+        def forward(self, a, b):
+            return a @ b
+
+    hw = PRESETS["a100-80gb"]
+    times = []
+    for n in (16, 64, 256):
+        graph = _export(MM(), torch.randn(n, n), torch.randn(n, n))
+        (node,) = [x for x in graph.nodes if x.op == "call_function"]
+        times.append(estimate_op_time(node, hw))
+    assert times[0] > 0
+    assert times[0] < times[1] < times[2]
+    # 256^3 fp32 matmul: compute-bound on the fp32 peak
+    assert times[2] == pytest.approx(2 * 256**3 / hw.peak_flops_fp32 + hw.op_overhead_s)
+
+
+def test_transfer_time():
+    hw = PRESETS["h100"]
+    assert transfer_time(35 * 10**9, "h2d", hw) == pytest.approx(1.0)
+    assert transfer_time(0, "disk_read", hw) == 0
+    with pytest.raises(ValueError):
+        transfer_time(1, "pcie", hw)
