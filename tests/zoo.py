@@ -64,7 +64,7 @@ def _finish(model: nn.Module) -> nn.Module:
 
 
 class MLP(nn.Module):
-    def __init__(self, dims=(128, 256, 256, 256, 256, 64)):
+    def __init__(self, dims=(128, 256, 256, 256, 256, 256, 256, 64)):
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
 
@@ -176,7 +176,7 @@ def _build_gpt2():
         vocab_size=vocab,
         n_positions=64,
         n_embd=128,
-        n_layer=2,
+        n_layer=4,
         n_head=4,
         bos_token_id=vocab - 1,
         eos_token_id=vocab - 1,
@@ -199,7 +199,7 @@ def _build_llama():
         vocab_size=vocab,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
+        num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
@@ -221,7 +221,7 @@ def _build_bert():
     cfg = BertConfig(
         vocab_size=vocab,
         hidden_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=4,
         num_attention_heads=4,
         intermediate_size=256,
         max_position_embeddings=64,
@@ -267,8 +267,8 @@ def _build_t5():
         d_model=64,
         d_kv=16,
         d_ff=256,
-        num_layers=2,
-        num_decoder_layers=2,
+        num_layers=3,
+        num_decoder_layers=3,
         num_heads=4,
         relative_attention_num_buckets=32,
         dropout_rate=0.0,

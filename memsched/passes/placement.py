@@ -35,6 +35,7 @@ from .segments import Segments
 DEVICE = "device"
 KEEP, REFETCH = "keep", "refetch"
 _EPS = 1e-3          # price of a transferred second relative to a second of step time
+_US = 1e6           # the MIP counts time in microseconds, so integral solvers lose nothing
 _LATE_PENALTY = 4.0  # greedy: a late (unoverlapped) fetch costs about this many transfer times
 
 
@@ -294,7 +295,44 @@ def _greedy(m: PlacementModel) -> Placement:
         else:
             early.discard(item)
         mem = m.segment_bytes(resident, choice, early)
+    _undo_needless_moves(m, resident, home, choice, early)
     return _placement(m, resident, home, choice, early, "greedy")
+
+
+def _undo_needless_moves(m: PlacementModel, resident, home, choice, early) -> None:
+    """Greedy evictions made early can become needless once later ones freed more room: take
+    back every move that still fits, costliest transfer first (late fetches, then evictions)."""
+    def fits():
+        return m.segment_bytes(resident, choice, early).max() <= m.budget
+
+    fetches = m.fetches(resident, choice)
+    for key, b, tier, c in sorted(fetches, key=lambda f: -m.size(f[1])):
+        if key not in early and c >= 1:
+            early.add(key)
+            if not fits():
+                early.discard(key)
+    for g in sorted((g for g in m.gaps if choice[g.id] != KEEP), key=lambda g: -m.size(g.buffer)):
+        before = choice[g.id]
+        choice[g.id] = KEEP
+        early.discard(("gap", g.id))
+        if not fits():
+            choice[g.id] = before
+            early.add(("gap", g.id))
+    host_used = sum(m.size(b) for b, t in home.items() if t == HOST)
+    for b in sorted((b for b in m.persistent if b not in resident), key=lambda b: -m.size(b)):
+        if any(choice[g.id] != KEEP for g in m.gaps if g.buffer == b):
+            continue
+        tier = home.pop(b)
+        resident.add(b)
+        was_early = ("init", b) in early
+        early.discard(("init", b))
+        if not fits():
+            resident.discard(b)
+            home[b] = tier
+            if was_early:
+                early.add(("init", b))
+        elif tier == HOST:
+            host_used -= m.size(b)
 
 
 def _solve_mip(m: PlacementModel, warm: Placement, time_limit_s: float) -> Placement | None:
@@ -312,7 +350,7 @@ def _solve_mip(m: PlacementModel, warm: Placement, time_limit_s: float) -> Place
 
     def load(amount, tier, j, nbytes, offload=False):
         for link in (offload_links if offload else fetch_links)(tier, m.dev):
-            loads[(link, j)].append(nbytes / li_bw[link] * amount)
+            loads[(link, j)].append(nbytes / li_bw[link] * _US * amount)
 
     def fetch_split(key, tiers: dict, c: int, nbytes: float, lead_cap):
         """A fetch into segment c; ``tiers``: tier -> amount fetched from it. Adds the lead."""
@@ -387,7 +425,7 @@ def _solve_mip(m: PlacementModel, warm: Placement, time_limit_s: float) -> Place
             solver.Add(Sum([coef * v for coef, v in mem[j]]) <= m.budget - m.const[j])
     if has_host and host_terms:
         solver.Add(Sum(host_terms) <= float(m.hw.host_bytes))
-    tau = [solver.NumVar(float(m.compute[j]), inf, f"tau{j}") for j in range(m.K)]
+    tau = [solver.NumVar(float(m.compute[j]) * _US, inf, f"tau{j}") for j in range(m.K)]
     moved = []
     for (link, j), terms in loads.items():
         if terms:

@@ -1,0 +1,30 @@
+"""Shared test helpers: compare outputs exactly, and compile-run-check a model at a budget."""
+from __future__ import annotations
+
+import torch
+import torch.utils._pytree as pytree
+
+import memsched
+
+
+def assert_outputs_equal(actual, expected) -> None:
+    """Every tensor leaf bit-for-bit equal (plans here only move tensors, never recompute)."""
+    a_leaves, a_spec = pytree.tree_flatten(actual)
+    e_leaves, e_spec = pytree.tree_flatten(expected)
+    assert a_spec == e_spec, f"output structure differs: {a_spec} vs {e_spec}"
+    for i, (a, e) in enumerate(zip(a_leaves, e_leaves)):
+        if isinstance(e, torch.Tensor):
+            assert isinstance(a, torch.Tensor), f"leaf {i}: expected a tensor"
+            assert a.shape == e.shape and a.dtype == e.dtype, f"leaf {i}: {a.shape}/{a.dtype} vs {e.shape}/{e.dtype}"
+            assert torch.equal(a, e), f"leaf {i}: values differ (max {float((a.float() - e.float()).abs().max())})"
+        else:
+            assert a == e, f"leaf {i}: {a!r} != {e!r}"
+
+
+def eager(model, args, kwargs):
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+def unconstrained_plan(model, args, kwargs, **kw):
+    return memsched.plan(model, args, budget=10**13, example_kwargs=kwargs, **kw)

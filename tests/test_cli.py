@@ -1,0 +1,177 @@
+"""The `memsched` command line, run in-process through `memsched.cli.main`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from memsched.cli import main
+
+FACTORY = textwrap.dedent("""
+    import torch
+    import torch.nn as nn
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                              nn.Linear(256, 64)).eval()
+        return model, (torch.randn(2, 64),)
+
+    def build_kwargs(batch=1):
+        model, (x,) = build()
+        return model, (), {"input": torch.randn(batch, 64)}
+
+    def not_a_model():
+        return 42, (torch.zeros(1),)
+""")
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory):
+    path = tmp_path_factory.mktemp("targets") / "tiny_mlp.py"
+    path.write_text(FACTORY)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _calibration_cache(tmp_path_factory, monkeypatch):
+    # `--hardware` left out means the locally calibrated profile: keep its cache out of ~/.
+    monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "memsched-cache"))
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_hardware_lists_presets(capsys):
+    code, out, err = run(capsys, "hardware")
+    assert code == 0, err
+    for name in ("h100", "a100-40gb", "t4"):
+        assert name in out
+    assert "GiB" in out
+
+
+def test_hardware_json(capsys):
+    code, out, _ = run(capsys, "hardware", "--format", "json")
+    assert code == 0
+    names = {hw["name"] for hw in json.loads(out)}
+    assert {"h100", "h200", "t4"} <= names
+
+
+def test_plan_json_within_budget(capsys, factory):
+    budget = 10**6
+    code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", "1MB", "--hardware", "h100",
+                         "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["budget_bytes"] == budget
+    assert 0 < report["peak_device_bytes"] <= budget
+    assert report["min_budget_bytes"] <= budget
+    assert report["hardware"]["name"] == "h100"
+    assert set(report["tier_bytes"]) == {"device", "host", "disk"}
+    assert report["predicted_time_s"] >= report["unconstrained_time_s"] > 0
+    assert [p["name"] for p in report["passes"]][0] == "capture"
+
+
+def test_plan_tight_budget_moves_weights(capsys, factory):
+    # weights are ~393 KB: a budget well under that must stream some of them in
+    code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", "300KB", "--hardware", "t4",
+                         "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["peak_device_bytes"] <= 300_000
+    assert report["bytes_moved"].get("h2d", 0) > 0
+
+
+def test_plan_table_default_hardware(capsys, factory):
+    code, out, err = run(capsys, "plan", f"{factory}:build_kwargs", "--budget", "2MB", "--batch", "3")
+    assert code == 0, err
+    assert "Memory per tier" in out and "Bytes moved per call" in out
+    assert "Planning time per pass" in out and "placement" in out
+    assert "local:" in out  # the calibrated profile of this machine
+    assert "def program(" not in out
+
+
+def test_plan_code(capsys, factory):
+    code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", "1MB", "--hardware", "h100",
+                         "-f", "code")
+    assert code == 0, err
+    assert "def program(" in out
+    assert out.index("def program(") < out.index("Memory per tier")
+
+
+def test_plan_hf_config_path(capsys, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "plan", tmp_path, "--budget", "2MB", "--hardware", "a100-40gb",
+                         "--seq-len", "16", "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["model_class"] == "GPT2LMHeadModel"
+    assert 0 < report["peak_device_bytes"] <= 2 * 10**6
+    # the same config by file path, in a budget below the weights (~0.8 MB) so some stream in
+    code, out, err = run(capsys, "plan", tmp_path / "config.json", "--budget", "600KB",
+                         "--hardware", "a100-40gb", "--seq-len", "16", "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["peak_device_bytes"] <= 600_000
+    assert report["tier_bytes"]["host"] + report["tier_bytes"]["disk"] > 0
+
+
+def test_infeasible_budget_exits_3_with_minimum(capsys, factory):
+    code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", "1KB", "--hardware", "h100")
+    assert code == 3
+    assert out == ""
+    assert "minimum" in err and "--budget" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--budget", "8 bananas"], "budget"),
+    (["--budget", "1MB", "--train"], "not supported"),
+    (["--budget", "1MB", "--hardware", "tpu-v9"], "unknown hardware"),
+])
+def test_bad_requests_exit_2(capsys, factory, argv, needle):
+    code, out, err = run(capsys, "plan", f"{factory}:build", *argv)
+    assert code == 2
+    assert needle in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("target, needle", [
+    ("does/not/exist.py:build", "does not exist"),
+    ("{dir}/tiny_mlp.py:nope", "no factory 'nope'"),
+    ("{dir}/tiny_mlp.py:not_a_model", "nn.Module"),
+    ("{dir}/tiny_mlp.py", "no factory"),
+    ("{dir}/missing/config.json", "does not exist"),
+    ("no_such_module_xyz:build", "no module named"),
+    ("hf:not-a-model-type", "unknown Hugging Face model_type"),
+    ("justaword", "not understood"),
+])
+def test_bad_targets_exit_2(capsys, factory, target, needle):
+    code, out, err = run(capsys, "plan", target.format(dir=factory.parent), "--budget", "1MB",
+                         "--hardware", "h100")
+    assert code == 2
+    assert needle in err
+    assert out == ""
+
+
+def test_usage_errors_return_2(capsys):
+    assert run(capsys, "plan", "x.py:f")[0] == 2            # --budget is required
+    assert run(capsys, "plan", "x.py:f", "-b", "1MB", "--batch", "0")[0] == 2
+    assert run(capsys)[0] == 2                               # no command
+    code, out, _ = run(capsys, "plan", "--help")
+    assert code == 0 and "hf:<model_type>" in out
+
+
+def test_python_dash_m_hardware():
+    proc = subprocess.run([sys.executable, "-m", "memsched", "hardware"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "160"})
+    assert proc.returncode == 0, proc.stderr
+    assert "h100" in proc.stdout
