@@ -25,6 +25,17 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
+def _model_tensors(model: torch.nn.Module):
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def _to_meta(tree):
+    import torch.utils._pytree as pytree
+
+    return pytree.tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, tree)
+
+
 class CompiledModule:
     """A drop-in callable for the model that runs its plan inside the budget.
 
@@ -39,6 +50,10 @@ class CompiledModule:
             raise NotImplementedError("train=True is not supported yet: memsched plans inference only")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"memsched.compile takes a torch.nn.Module, got {type(model).__name__}")
+        meta = [name for name, t in _model_tensors(model) if t.device.type == "meta"]
+        if meta:
+            raise ValueError(f"{meta[0]} (and {len(meta) - 1} more) is on the meta device: compile "
+                             "needs real weights; memsched.plan plans meta models without them")
         self.model = model
         self.device = _resolve_device(device)
         self.hardware: Hardware = get_hardware(hardware, self.device)
@@ -110,5 +125,8 @@ def plan(model, example_inputs=(), budget=None, *, hardware=None, train=False, e
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     hw = get_hardware(hardware, "cpu") if not isinstance(hardware, Hardware) else hardware
-    result, _ = plan_model(model, tuple(example_inputs or ()), dict(example_kwargs or {}), budget, hw, **options)
+    args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
+    if any(t.device.type == "meta" for _, t in _model_tensors(model)):
+        args, kwargs = _to_meta((args, kwargs))  # plan a never-allocated model on meta inputs
+    result, _ = plan_model(model, args, kwargs, budget, hw, **options)
     return result

@@ -97,6 +97,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         Placeholder(spec.arg.name, _KIND.get(spec.kind, INPUT), spec.target)
         for spec in ep.graph_signature.input_specs
     ]
+    _reject_hidden_mutations(gm, model)
     _merge_tied(gm, {p.name for p in placeholders if p.kind in PERSISTENT})
     _normalize(gm)
     for spec in ep.graph_signature.input_specs:
@@ -117,6 +118,36 @@ def _reject_mutations(ep: ExportedProgram, model: torch.nn.Module) -> None:
         )
     if getattr(sig, "user_inputs_to_mutate", None):
         raise UnsupportedModelError("forward mutates its inputs in place; memsched cannot plan that yet")
+
+
+def _reject_hidden_mutations(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
+    """Mutations export leaves inside ops: batch norm in training mode updating running stats,
+    and in-place ops writing into a graph input (or a view of one)."""
+    roots: dict[str, str] = {n.name: n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    hint = " (is the model in training mode? call model.eval())" if model.training else ""
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default):
+            training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training")
+            if training and node.args[3] is not None:
+                raise UnsupportedModelError(
+                    f"{node.name}: batch norm in training mode updates running statistics in "
+                    f"forward; memsched plans forwards without side effects{hint}")
+        schema = getattr(node.target, "_schema", None)
+        if schema is None:
+            continue
+        for i, arg in enumerate(schema.arguments):
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node) \
+                    and value.name in roots:
+                raise UnsupportedModelError(
+                    f"{node.name} ({node.target}) writes in place into graph input {roots[value.name]}; "
+                    f"memsched plans forwards without side effects{hint}")
+        out_schema = schema.returns
+        if out_schema and out_schema[0].alias_info is not None and node.args \
+                and isinstance(node.args[0], torch.fx.Node) and node.args[0].name in roots:
+            roots[node.name] = roots[node.args[0].name]  # a view of an input stays an input
 
 
 def _merge_tied(gm: torch.fx.GraphModule, persistent: set[str]) -> None:

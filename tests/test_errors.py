@@ -1,0 +1,115 @@
+"""Bad input gets a clear error before anything runs, and nothing is left half-written."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import memsched
+from helpers import assert_outputs_equal, eager
+from zoo import build
+
+
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+
+
+@pytest.mark.parametrize("budget", ["lots", "12XB", -1, 0, "0MB", 3.5])
+def test_bad_budget(budget):
+    with pytest.raises(ValueError, match="budget"):
+        memsched.compile(_mlp(), budget, device="cpu")
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="nn.Module"):
+        memsched.compile(lambda x: x, "1GB", device="cpu")
+
+
+def test_training_not_yet():
+    with pytest.raises(NotImplementedError, match="train"):
+        memsched.compile(_mlp(), "1GB", device="cpu", train=True)
+
+
+def test_unknown_hardware_lists_names():
+    with pytest.raises(ValueError, match="h100"):
+        memsched.plan(_mlp(), (torch.randn(2, 16),), budget="1GB", hardware="tpu-v9")
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_unwritable_offload_dir(tmp_path, where):
+    if where == "file":
+        blocker = tmp_path / "not_a_dir"
+        blocker.write_text("x")
+        path = blocker / "offload"
+    else:
+        path = "/proc/memsched-offload"
+    with pytest.raises(ValueError, match="offload_dir"):
+        memsched.compile(_mlp(), "1GB", device="cpu", offload_dir=path)
+
+
+class DataDependent(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a value: cannot be captured as one graph
+            return x * 2
+        return x - 1
+
+
+def test_uncapturable_model_names_the_problem(tmp_path):
+    cm = memsched.compile(DataDependent(), "1GB", device="cpu", offload_dir=tmp_path)
+    with pytest.raises(memsched.CaptureError, match="DataDependent"):
+        cm(torch.randn(4))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_buffer_mutation_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8)).train()
+    with pytest.raises(memsched.UnsupportedModelError, match="eval"):
+        memsched.plan(model, (torch.randn(4, 8),), budget="1GB")
+
+
+def test_meta_model_cannot_run_but_can_plan():
+    with torch.device("meta"):
+        model = _mlp()
+    assert memsched.plan(model, (torch.randn(2, 16),), budget="1MB").peak_device_bytes > 0
+    with pytest.raises(ValueError, match="meta"):
+        memsched.compile(model, "1GB", device="cpu")
+
+
+def test_infeasible_budget_raises_before_running(tmp_path):
+    model, args, kwargs = build("gpt2")
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(memsched.InfeasibleBudgetError) as err:
+            memsched.compile(model, "10KB", device="cpu", offload_dir=tmp_path,
+                             example_inputs=args, example_kwargs=kwargs)
+    finally:
+        handle.remove()
+    assert err.value.min_budget_bytes > 10_000
+    assert isinstance(err.value, ValueError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_untouched_and_files_cleaned(tmp_path):
+    model, args, kwargs = build("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = eager(model, args, kwargs)
+    peak = memsched.plan(model, args, budget=10**12, example_kwargs=kwargs).unconstrained.peak_device_bytes
+    cm = memsched.compile(model, peak // 3, device="cpu", offload_dir=tmp_path)
+    assert_outputs_equal(cm(*args, **kwargs), ref)
+    (sub,) = list(tmp_path.iterdir())
+    assert os.path.getsize(sub / "tensors.bin") > 0  # real files back the disk tier
+    cm.close()
+    assert list(tmp_path.iterdir()) == []
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_new_input_shape_gets_its_own_plan():
+    model = _mlp()
+    cm = memsched.compile(model, "1GB", device="cpu")
+    for batch in (2, 5):
+        x = torch.randn(batch, 16)
+        assert_outputs_equal(cm(x), eager(model, (x,), {}))
+    assert len(cm._compiled) == 2
