@@ -49,7 +49,10 @@ def _target(t) -> str:
 def listing(gm: fx.GraphModule, header: list[str] | None = None) -> str:
     lines = [f"# {h}" for h in (header or [])]
     params = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    lines.append("def program(" + ", ".join(n.name for n in params) + "):")
+    lines.append("def program(")
+    for i in range(0, len(params), 4):  # wrapped: real models have hundreds of weights
+        lines.append("        " + ", ".join(n.name for n in params[i:i + 4]) + ",")
+    lines.append("):")
     for n in params:
         tier = n.meta.get("memsched.tier", "device")
         lines.append(f"    # {n.name}: {tier} {describe(n.meta.get('val'))} {format_bytes(_nbytes(n.meta.get('val')))}")

@@ -106,6 +106,16 @@ def test_plan_code(capsys, factory):
     assert out.index("def program(") < out.index("Memory per tier")
 
 
+def test_plan_module_factory(capsys, factory, monkeypatch):
+    monkeypatch.syspath_prepend(str(factory.parent))
+    code, out, err = run(capsys, "plan", "tiny_mlp:build_kwargs", "--budget", "1MB", "--hardware", "h100",
+                         "--batch", "4", "-f", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["model_class"] == "Sequential" and report["batch"] == 4
+    assert report["peak_device_bytes"] <= 10**6
+
+
 def test_plan_hf_config_path(capsys, tmp_path):
     transformers = pytest.importorskip("transformers")
     transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500).save_pretrained(tmp_path)
