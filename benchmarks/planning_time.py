@@ -53,19 +53,27 @@ def plan_timed(model, args, kwargs, budget, hardware, options):
     return p, time.perf_counter() - t0
 
 
-def rows_for(name, hw, budget_label, plan, wall, repeats_wall):
-    """(timing row, result row) for one plan."""
-    passes = {}
+def pass_seconds(plan) -> dict:
+    out = {}
     for r in plan.passes:
-        passes[r.name] = passes.get(r.name, 0.0) + r.seconds
-    other = wall - sum(passes.values())
+        out[r.name] = out.get(r.name, 0.0) + r.seconds
+    return out
+
+
+def rows_for(name, hw, budget_label, plan, runs):
+    """(timing row, result row) for one plan; ``runs`` is [(wall, plan), ...] of repeats,
+    timings are medians over them."""
+    walls = [w for w, _ in runs]
+    per_pass = [pass_seconds(p) for _, p in runs]
+    names = PASS_NAMES + sorted({n for d in per_pass for n in d} - set(PASS_NAMES))
+    med_pass = {n: median([d.get(n, 0.0) for d in per_pass]) for n in names}
+    other = median([w - sum(d.values()) for w, d in zip(walls, per_pass)])
     unc = plan.unconstrained.time_s
     slow = plan.predicted_time_s / unc if unc else float("nan")
-    wall_txt = f"{wall:.3f}" if len(repeats_wall) <= 1 else f"{median(repeats_wall):.3f}"
     status = plan.placement.status + (f" (gap {plan.placement.mip_gap:.1%})"
                                       if plan.placement.mip_gap is not None else "")
-    timing = [name, hw, budget_label, wall_txt,
-              *[f"{passes.get(n, 0.0):.3f}" for n in PASS_NAMES], f"{other:.3f}"]
+    timing = [name, hw, budget_label, f"{median(walls):.3f}",
+              *[f"{med_pass.get(n, 0.0):.3f}" for n in PASS_NAMES], f"{other:.3f}"]
     result = [name, hw, budget_label, status, str(plan.n_segments),
               f"{plan.placement.solve_s:.2f}",
               f"{plan.predicted_time_s * 1e3:.2f}", f"{unc * 1e3:.2f}", f"{slow:.2f}x",
@@ -94,6 +102,7 @@ def main():
                     help="solver time limit in seconds, passed as time_limit_s= to memsched.plan "
                          "(default: memsched's own, 10 s)")
     ap.add_argument("--skip-7b", action="store_true", help="skip the LLaMA-2-7B-sized meta model")
+    ap.add_argument("--skip-zoo", action="store_true", help="only the LLaMA-2-7B-sized meta model")
     ap.add_argument("--verbose", action="store_true", help="print each plan's summary()")
     a = ap.parse_args()
 
@@ -106,7 +115,7 @@ def main():
     elif a.quick:
         options["time_limit_s"] = 2.0
     repeats = a.repeats if a.repeats is not None else (1 if a.quick else 3)
-    names = a.models.split(",") if a.models else list(ZOO)
+    names = [] if a.skip_zoo else (a.models.split(",") if a.models else list(ZOO))
 
     print(f"memsched {memsched.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
           f"solver time limit: {options.get('time_limit_s', 'memsched default (10 s)')}")
@@ -133,14 +142,14 @@ def main():
                          f" is below the minimum budget; planned at the minimum, {fmt_bytes(budget)} "
                          f"({budget / peak:.0%} of peak)")
             plan, wall = plan_timed(model, args, kwargs, budget, a.hardware, options)
-        walls = [wall]
+        runs = [(wall, plan)]
         for _ in range(repeats - 1):
-            _, w = plan_timed(model, args, kwargs, budget, a.hardware, options)
-            walls.append(w)
-        t_row, r_row = rows_for(name, a.hardware, label, plan, wall, walls)
+            p, w = plan_timed(model, args, kwargs, budget, a.hardware, options)
+            runs.append((w, p))
+        t_row, r_row = rows_for(name, a.hardware, label, plan, runs)
         timing_rows.append(t_row)
         result_rows.append(r_row)
-        print(f"  {name}: {median(walls):.3f} s ({plan.placement.status})", flush=True)
+        print(f"  {name}: {median([w for w, _ in runs]):.3f} s ({plan.placement.status})", flush=True)
         if a.verbose:
             print(plan.summary())
 
@@ -153,7 +162,7 @@ def main():
               f"({fmt_bytes(n_params * 2)} fp16), built in {t['s']:.2f} s")
         for hw, b in cases:
             plan, wall = plan_timed(model, args, kwargs, b, hw, options)
-            t_row, r_row = rows_for("llama2-7b (meta)", hw, b, plan, wall, [wall])
+            t_row, r_row = rows_for("llama2-7b (meta)", hw, b, plan, [(wall, plan)])
             timing_rows.append(t_row)
             result_rows.append(r_row)
             print(f"  llama2-7b {hw} {b}: {wall:.2f} s ({plan.placement.status})", flush=True)
@@ -165,7 +174,7 @@ def main():
     print()
     print(table(TIMING_HEADERS, timing_rows,
                 title="Planning time (seconds; wall = memsched.plan end to end"
-                      + (f", median of {repeats} for zoo models; passes from the first" if repeats > 1 else "")
+                      + (f"; zoo models: median of {repeats} plans" if repeats > 1 else "")
                       + ")"))
     print("other s = wall minus the recorded passes (mostly the unconstrained reference plan).")
     print()

@@ -124,7 +124,7 @@ def plan(model, example_inputs=(), budget=None, *, hardware=None, train=False, e
         raise NotImplementedError("train=True is not supported yet: memsched plans inference only")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    hw = get_hardware(hardware, "cpu") if not isinstance(hardware, Hardware) else hardware
+    hw = get_hardware(hardware, _resolve_device(None))  # None: this machine's calibrated device
     args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
     if any(t.device.type == "meta" for _, t in _model_tensors(model)):
         args, kwargs = _to_meta((args, kwargs))  # plan a never-allocated model on meta inputs

@@ -204,7 +204,7 @@ def solve_placement(program: Program, segments: Segments, step_time: np.ndarray,
     placement = _greedy(m)
     if use_solver and (m.persistent or m.gaps) and placement.segment_bytes.max() > 0:
         if _needs_moves(m):
-            solved = _solve_mip(m, placement, time_limit_s)
+            solved = _solve_mip(m, placement, t0 + time_limit_s)
             if solved is not None:
                 placement = solved
             else:
@@ -335,7 +335,9 @@ def _undo_needless_moves(m: PlacementModel, resident, home, choice, early) -> No
             host_used -= m.size(b)
 
 
-def _solve_mip(m: PlacementModel, warm: Placement, time_limit_s: float) -> Placement | None:
+def _solve_mip(m: PlacementModel, warm: Placement, deadline: float) -> Placement | None:
+    """Solve the MIP until ``deadline`` (a perf_counter time) at the latest; None if no better
+    plan than ``warm`` was found."""
     from ortools.linear_solver import pywraplp
 
     solver = pywraplp.Solver.CreateSolver("SCIP") or pywraplp.Solver.CreateSolver("CBC")
@@ -447,7 +449,7 @@ def _solve_mip(m: PlacementModel, warm: Placement, time_limit_s: float) -> Place
             if has_host:
                 hint_vars.append(oh[g.id]); hint_vals.append(float(c == HOST))
     solver.SetHint(hint_vars, hint_vals)
-    solver.SetTimeLimit(int(max(time_limit_s, 0.1) * 1000))
+    solver.SetTimeLimit(int(max(deadline - time.perf_counter(), 0.1) * 1000))
     status = solver.Solve()
     names = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "feasible"}
     if status not in names:

@@ -171,9 +171,8 @@ class Executor:
         if isinstance(value, torch.Tensor):
             self.acct.track(value)
         elif isinstance(value, (list, tuple)):
-            for leaf in pytree.tree_leaves(value):
-                if isinstance(leaf, torch.Tensor):
-                    self.acct.track(leaf)
+            for leaf in _tensor_leaves(value):
+                self.acct.track(leaf)
 
     def free(self, *values):
         for v in values:
@@ -183,12 +182,8 @@ class Executor:
             out = self._outgoing.pop(id(v), None)
             if out is not None:
                 self.engine.finish(out)
-            if isinstance(v, torch.Tensor):
-                self.acct.release(v)
-            elif isinstance(v, (list, tuple)):
-                for leaf in pytree.tree_leaves(v):
-                    if isinstance(leaf, torch.Tensor):
-                        self.acct.release(leaf)
+            for leaf in (v,) if isinstance(v, torch.Tensor) else _tensor_leaves(v):
+                self.acct.release(leaf)
 
     # -- a call ---------------------------------------------------------------------------
     def run(self, flat_inputs: list) -> list:
@@ -229,6 +224,12 @@ class Executor:
 
     def close(self) -> None:
         self._finalizer()
+
+
+def _tensor_leaves(value) -> list[torch.Tensor]:
+    if not isinstance(value, (list, tuple)):
+        return []
+    return [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
 
 
 def _close(engine: TransferEngine, disk: DiskStore | None) -> None:
