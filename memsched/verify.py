@@ -41,10 +41,15 @@ def verify_schedule(gm: fx.GraphModule, budget: int) -> int:
     of_value: dict[str, list[object]] = {}
     cur = peak = 0
 
+    # a restored value takes over the storage identity of the one it restores, so views made
+    # of it later (which share that identity in the traced metadata) cost nothing new
+    restored_as: dict[object, object] = {}
+
     def add(name, entries):
         nonlocal cur, peak
         of_value[name] = []
         for key, nbytes in entries:
+            key = restored_as.get(key, key)
             of_value[name].append(key)
             if key in held:
                 held[key][1] += 1
@@ -85,6 +90,8 @@ def verify_schedule(gm: fx.GraphModule, budget: int) -> int:
                 raise PlanError(f"{where} waits on {p.name}, which is not a prefetch")
             of_value[n.name] = of_value.pop(p.name, [])
             freed.add(p.name)  # consumed
+            for key, _ in _storages(n.meta.get("val")):
+                restored_as[key] = ("fetched", p.name)
         elif kind == _OFFLOAD:
             if n.args[1] not in ("host", "disk"):
                 raise PlanError(f"{where} offloads to unknown tier {n.args[1]!r}")

@@ -49,8 +49,11 @@ def simulate(gm: fx.GraphModule, hw: Hardware) -> SimResult:
     keys_of: dict[str, list[object]] = {}
     cur = peak = 0
 
+    restored_as: dict[object, object] = {}  # views of a restored value share its fetch
+
     def hold(name, keys_sizes):
         nonlocal cur, peak
+        keys_sizes = [(restored_as.get(k, k), nb) for k, nb in keys_sizes]
         keys_of[name] = [k for k, _ in keys_sizes]
         for key, nbytes in keys_sizes:
             e = held.get(key)
@@ -108,6 +111,8 @@ def simulate(gm: fx.GraphModule, hw: Hardware) -> SimResult:
                     stall += done[p.name] - now
                     now = done[p.name]
                 keys_of[n.name] = keys_of.pop(p.name)
+                for t in _leaves(n.meta.get("val")):
+                    restored_as[storage(t)[0]] = ("fetch", p.name)
             elif n.target is ops.offload:
                 x, tier = n.args
                 links = offload_links(tier, dev)

@@ -63,6 +63,7 @@ class Program:
     buffers: tuple[Buffer, ...]
     values: dict[str, Value]
     live_bytes: np.ndarray        # device bytes live at each step if nothing ever moves
+    start_bytes: int = 0          # bytes held before the first step (model tensors and inputs)
 
     @property
     def n_steps(self) -> int:
@@ -70,7 +71,7 @@ class Program:
 
     @property
     def peak_bytes(self) -> int:
-        return int(self.live_bytes.max()) if len(self.live_bytes) else 0
+        return max(int(self.live_bytes.max()) if len(self.live_bytes) else 0, self.start_bytes)
 
     def bytes_of(self, kind: str) -> int:
         return sum(b.nbytes for b in self.buffers if b.kind == kind)
@@ -161,11 +162,15 @@ def analyze(captured: Captured) -> Program:
     # own tensors (weights, buffers, constants) for the whole program
     diff = np.zeros(end + 2, dtype=np.int64)
     for b in buffers:
+        if b.kind in PERSISTENT and len(b.events) == 1:
+            continue  # never read: stays with the model, off the device
         lo = 0 if b.kind in PERSISTENT or b.def_step == START else b.def_step
         hi = end - 1 if b.kind in PERSISTENT else min(b.last_step, end - 1)
         if end and hi >= lo:
             diff[lo] += b.nbytes
             diff[hi + 1] -= b.nbytes
     live = np.cumsum(diff[:end]) if end else np.zeros(0, dtype=np.int64)
+    # before the first step every input is held, read or not, beside the model's tensors
+    start = sum(b.nbytes for b in buffers if b.def_step == START and (b.kind not in PERSISTENT or len(b.events) > 1))
     vals = {k: Value(k, v["step"], v["last_use"], v["buffers"], v["single_tensor"]) for k, v in values.items()}
-    return Program(tuple(steps), buffers, vals, live)
+    return Program(tuple(steps), buffers, vals, live, int(start))

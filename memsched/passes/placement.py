@@ -120,6 +120,8 @@ class PlacementModel:
                 if C - A < 2:
                     continue
                 value = self._single_value(b, a, c)
+                if persistent and value != b.values[0]:
+                    value = None  # a refetch restores the model tensor itself, not a view of it
                 if value is not None and b.nbytes >= min_evict_bytes and b.kind != INPUT:
                     g = Gap(len(self.gaps), b.id, value, a, c, persistent)
                     self.gaps.append(g)
@@ -198,26 +200,25 @@ def solve_placement(program: Program, segments: Segments, step_time: np.ndarray,
     """Choose residency, homes, gap moves and leads; InfeasibleBudgetError before anything runs."""
     t0 = time.perf_counter()
     m = PlacementModel(program, segments, step_time, hw, budget)
-    min_budget = m.min_budget()
+    # the segment model is conservative; with nothing moved the exact peak is the analysis's
+    min_budget = min(m.min_budget(), program.peak_bytes)
     if budget < min_budget:
         raise InfeasibleBudgetError(budget, min_budget)
+    if budget >= program.peak_bytes:
+        placement = _placement(m, set(m.persistent), {}, {g.id: KEEP for g in m.gaps}, set(), "fits")
+        placement.min_budget_bytes = min_budget
+        placement.solve_s = time.perf_counter() - t0
+        return placement
     placement = _greedy(m)
-    if use_solver and (m.persistent or m.gaps) and placement.segment_bytes.max() > 0:
-        if _needs_moves(m):
-            solved = _solve_mip(m, placement, t0 + time_limit_s)
-            if solved is not None:
-                placement = solved
-            else:
-                placement.notes.append("the solver found nothing better in time; greedy plan kept")
+    if use_solver and (m.persistent or m.gaps):
+        solved = _solve_mip(m, placement, t0 + time_limit_s)
+        if solved is not None:
+            placement = solved
         else:
-            placement.status = "optimal"  # everything fits: nothing moves, nothing to solve
+            placement.notes.append("the solver found nothing better in time; greedy plan kept")
+    placement.min_budget_bytes = min_budget
     placement.solve_s = time.perf_counter() - t0
     return placement
-
-
-def _needs_moves(m: PlacementModel) -> bool:
-    everything = {g.id: KEEP for g in m.gaps}
-    return m.segment_bytes(set(m.persistent), everything, set()).max() > m.budget
 
 
 def _placement(m, resident, home, choice, early, status, **kw) -> Placement:
@@ -256,7 +257,7 @@ def _greedy(m: PlacementModel) -> Placement:
             tier = HOST if host_left >= nb else DISK
             window = over[c0 - 1] * nb if c0 >= 1 else 0.0
             # dropping residency also unlocks evicting its gaps: count them as relief to come
-            unlocks = sum(over[m.gap_span[g][0]:m.gap_span[g][1]].sum() for g in gaps_of.get(b, ()))
+            unlocks = sum(over[m.gap_span[g][0]:m.gap_span[g][1] + 1].sum() for g in gaps_of.get(b, ()))
             consider(("res", b, tier),
                      (over[:max(c0 - 1, 0)].sum() + over[m.last_seg[b] + 1:].sum() + unlocks) * nb,
                      window, m.transfer_s(nb, fetch_links(tier, m.dev)))
@@ -296,7 +297,9 @@ def _greedy(m: PlacementModel) -> Placement:
             early.discard(item)
         mem = m.segment_bytes(resident, choice, early)
     _undo_needless_moves(m, resident, home, choice, early)
-    return _placement(m, resident, home, choice, early, "greedy")
+    result = _placement(m, resident, home, choice, early, "greedy")
+    assert result.segment_bytes.max() <= m.budget, "greedy placement over budget"
+    return result
 
 
 def _undo_needless_moves(m: PlacementModel, resident, home, choice, early) -> None:
@@ -312,12 +315,13 @@ def _undo_needless_moves(m: PlacementModel, resident, home, choice, early) -> No
             if not fits():
                 early.discard(key)
     for g in sorted((g for g in m.gaps if choice[g.id] != KEEP), key=lambda g: -m.size(g.buffer)):
-        before = choice[g.id]
+        before, was_early = choice[g.id], ("gap", g.id) in early
         choice[g.id] = KEEP
         early.discard(("gap", g.id))
         if not fits():
             choice[g.id] = before
-            early.add(("gap", g.id))
+            if was_early:
+                early.add(("gap", g.id))
     host_used = sum(m.size(b) for b, t in home.items() if t == HOST)
     for b in sorted((b for b in m.persistent if b not in resident), key=lambda b: -m.size(b)):
         if any(choice[g.id] != KEEP for g in m.gaps if g.buffer == b):
