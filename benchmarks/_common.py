@@ -32,14 +32,9 @@ def quiet() -> None:
 
 
 def fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    from memsched import format_bytes
+
+    return "-" if n is None else format_bytes(n)
 
 
 def fmt_s(s, unit: str = "ms") -> str:

@@ -235,6 +235,9 @@ def main():
               "the files' pages first; 'physical read/call' (/proc/self/io read_bytes) shows how much "
               "really came from storage. accelerate's 'disk read/call' is the size of all its offloaded "
               "files (each weight is loaded on every call; a tied weight is stored twice).")
+        print(f"Threads: torch uses {torch.get_num_threads()} intra-op threads; memsched's transfer workers are "
+              "extra threads on the same cores (accelerate loads weights on the calling thread), so on a "
+              "small CPU compare with --threads 1 (or cores-1).")
         print(f"{_common.loadavg()} at end.")
         cm.close()
     finally:
