@@ -369,6 +369,7 @@ def _solve_mip(m: PlacementModel, warm: Placement, deadline: float) -> Placement
         parts = []
         for tier, amount in tiers.items():
             part = solver.NumVar(0, 1, f"lead{key}{tier}")
+            lead_parts[(key, tier)] = part
             solver.Add(part <= amount)
             parts.append(part)
             load(part, tier, c - 1, nbytes)
@@ -377,7 +378,7 @@ def _solve_mip(m: PlacementModel, warm: Placement, deadline: float) -> Placement
         mem[c - 1].append((nbytes, lead))
         return lead
 
-    r, d, y, oh, od, leads = {}, {}, {}, {}, {}, {}
+    r, d, y, oh, od, leads, lead_parts, fetched = {}, {}, {}, {}, {}, {}, {}, {}
     host_terms = []
     for b in m.persistent:
         nb = float(m.size(b))
@@ -407,10 +408,12 @@ def _solve_mip(m: PlacementModel, warm: Placement, deadline: float) -> Placement
             fd = solver.NumVar(0, 1, f"fd{g.id}")
             solver.Add(fd >= (1 - y[g.id]) + (d[b] if has_host else 1 - r[b]) - 1)
             tiers = {DISK: fd}
+            fetched[(g.id, DISK)] = fd
             if has_host:
                 fh = solver.NumVar(0, 1, f"fh{g.id}")
                 solver.Add(fh >= (1 - y[g.id]) - d[b])
                 tiers[HOST] = fh
+                fetched[(g.id, HOST)] = fh
             cap = 1 - y[g.id]
         else:
             od[g.id] = solver.BoolVar(f"od{g.id}")
@@ -452,6 +455,30 @@ def _solve_mip(m: PlacementModel, warm: Placement, deadline: float) -> Placement
             hint_vars.append(od[g.id]); hint_vals.append(float(c == DISK))
             if has_host:
                 hint_vars.append(oh[g.id]); hint_vals.append(float(c == HOST))
+    # a complete hint (continuous parts and step times too), so the solver starts from it
+    def tier_of(b, g=None):
+        if g is not None and not g.persistent:
+            return warm.gap_choice[g.id]
+        return warm.home.get(b)
+
+    for key, lead in leads.items():
+        if lead is None:
+            continue
+        on = float(key in warm.early)
+        hint_vars.append(lead); hint_vals.append(on)
+        g = m.gaps[key[1]] if key[0] == "gap" else None
+        b = g.buffer if g is not None else key[1]
+        short = ("g", key[1]) if g is not None else ("i", key[1])
+        for tier in (DISK, HOST):
+            if (short, tier) in lead_parts:
+                hint_vars.append(lead_parts[(short, tier)]); hint_vals.append(on * float(tier_of(b, g) == tier))
+    for (gid, tier), var in fetched.items():
+        g = m.gaps[gid]
+        moved_out = warm.gap_choice[gid] != KEEP
+        hint_vars.append(var); hint_vals.append(float(moved_out and warm.home.get(g.buffer) == tier))
+    warm_loads = m.loads(warm.resident, warm.home, warm.gap_choice, warm.early).max(axis=0)
+    for j in range(m.K):
+        hint_vars.append(tau[j]); hint_vals.append(float(max(m.compute[j], warm_loads[j])) * _US)
     solver.SetHint(hint_vars, hint_vals)
     solver.SetTimeLimit(int(max(deadline - time.perf_counter(), 0.1) * 1000))
     status = solver.Solve()
