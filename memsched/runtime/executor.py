@@ -41,8 +41,9 @@ class RunStats:
                 f"stalled {self.stall_s * 1e3:.1f} ms · wall {self.wall_s * 1e3:.1f} ms")
 
 
-def generate_source(gm: fx.GraphModule) -> tuple[str, dict]:
-    """Python source of the scheduled program and the globals it needs."""
+def generate_source(gm: fx.GraphModule, device: torch.device | None = None) -> tuple[str, dict]:
+    """Python source of the scheduled program and the globals it needs. Devices baked into
+    the trace (``arange(..., device=cpu)``) are retargeted to ``device``."""
     glb: dict = {}
     fn_ids: dict[int, str] = {}
 
@@ -63,6 +64,8 @@ def generate_source(gm: fx.GraphModule) -> tuple[str, dict]:
             return repr(a)
         if isinstance(a, float) and math.isfinite(a):
             return repr(a)
+        if isinstance(a, torch.device) and device is not None and a.type in ("cpu", "meta"):
+            return const(device)
         return const(a)
 
     def fn(target) -> str:
@@ -104,7 +107,7 @@ class Executor:
                  device: torch.device, budget: int, offload_dir=None):
         self.gm, self.captured, self.device, self.budget = gm, captured, device, budget
         self.cuda = device.type == "cuda"
-        src, glb = generate_source(gm)
+        src, glb = generate_source(gm, device)
         self.source = src
         code = compile(src, "<memsched scheduled program>", "exec")
         exec(code, glb)

@@ -92,7 +92,8 @@ class TransferEngine:
         self.stats.bytes_moved["h2d"] += nbytes
         staging = self.host.take(layout)
         read = self.workers["disk_read"].submit(self._read, src, staging)
-        pending = self._cuda_h2d(staging, out, read)
+        # the staging buffer goes back to the pool only once the copy out of it has finished
+        pending = self._cuda_h2d(staging, out, read, finished=True)
         pending.done.add_done_callback(lambda _f: self.host.give_back(staging))
         return pending
 
@@ -172,7 +173,10 @@ class TransferEngine:
             self.host.give_back(x)
 
     # -- CUDA streams ----------------------------------------------------------------------
-    def _cuda_h2d(self, host: torch.Tensor, out: torch.Tensor, ready: Future | None) -> Pending:
+    def _cuda_h2d(self, host: torch.Tensor, out: torch.Tensor, ready: Future | None,
+                  finished: bool = False) -> Pending:
+        """Copy on the h2d stream once ``ready`` resolved; with ``finished`` the returned future
+        resolves only when the copy itself is done (so its host buffer may be reused)."""
         stream = self.streams["h2d"]
         main = torch.cuda.current_stream(self.device)
         event = torch.cuda.Event()
@@ -180,12 +184,15 @@ class TransferEngine:
         def issue():
             if ready is not None:
                 ready.result()
+            torch.cuda.set_device(self.device)
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
                 out.copy_(host, non_blocking=True)
                 event.record(stream)
+            if finished:
+                event.synchronize()
 
-        if ready is None or ready.done():
+        if not finished and (ready is None or ready.done()):
             issue()
             return Pending(out, _done_future(), event)
         return Pending(out, self.workers["h2d"].submit(issue), event)
