@@ -21,12 +21,12 @@ class DeviceAccountant:
 
     def track(self, t: torch.Tensor) -> None:
         st = t.untyped_storage()
-        nbytes = st.nbytes()
-        if nbytes == 0:
-            return
         key = st.data_ptr()
         entry = self._held.get(key)
         if entry is None:
+            nbytes = st.nbytes()
+            if nbytes == 0:
+                return
             self._held[key] = [nbytes, 1]
             self.current += nbytes
             if self.current > self.peak:
@@ -40,13 +40,11 @@ class DeviceAccountant:
             entry[1] += 1
 
     def release(self, t: torch.Tensor) -> None:
-        st = t.untyped_storage()
-        if st.nbytes() == 0:
-            return
-        entry = self._held.get(st.data_ptr())
-        if entry is None:
+        key = t.untyped_storage().data_ptr()
+        entry = self._held.get(key)
+        if entry is None:  # empty storages are never held
             return
         entry[1] -= 1
         if entry[1] == 0:
-            del self._held[st.data_ptr()]
+            del self._held[key]
             self.current -= entry[0]

@@ -41,6 +41,13 @@ class RunStats:
                 f"stalled {self.stall_s * 1e3:.1f} ms · wall {self.wall_s * 1e3:.1f} ms")
 
 
+def _plain_tensor(node: fx.Node) -> bool:
+    """A compute value holding one tensor that no offload reads."""
+    return (node.op == "call_function" and node.target not in ops.INSERTED_OPS
+            and isinstance(node.meta.get("val"), torch.Tensor)
+            and not any(u.target is ops.offload for u in node.users))
+
+
 def generate_source(gm: fx.GraphModule, device: torch.device | None = None) -> tuple[str, dict]:
     """Python source of the scheduled program and the globals it needs. Devices baked into
     the trace (``arange(..., device=cpu)``) are retargeted to ``device``."""
@@ -72,7 +79,8 @@ def generate_source(gm: fx.GraphModule, device: torch.device | None = None) -> t
         key = id(target)
         if key not in fn_ids:
             fn_ids[key] = f"_f{len(fn_ids)}"
-            glb[fn_ids[key]] = target
+            # an OpOverload's own __call__ only forwards to its C++ op: call that directly
+            glb[fn_ids[key]] = target._op if isinstance(target, torch._ops.OpOverload) else target
         return fn_ids[key]
 
     body = []
@@ -89,14 +97,22 @@ def generate_source(gm: fx.GraphModule, device: torch.device | None = None) -> t
             elif n.target is ops.offload:
                 body.append(f"_{n.name} = rt.offload({args})")
             elif n.target is ops.free:
-                body.append(f"rt.free({args}); del {args}")
+                # plain tensors go straight to the accountant; handles, tuples and tensors an
+                # offload is still reading go through the runtime
+                fast = [a for a in n.args if _plain_tensor(a)]
+                slow = [a for a in n.args if not _plain_tensor(a)]
+                calls = [f"_release({emit(a)})" for a in fast]
+                if slow:
+                    calls.append(f"rt.free({', '.join(emit(a) for a in slow)})")
+                body.append("; ".join(calls) + f"; del {args}")
             else:
-                body.append(f"_{n.name} = {fn(n.target)}({args}); rt.track(_{n.name})")
+                track = "_track" if isinstance(n.meta.get("val"), torch.Tensor) else "rt.track"
+                body.append(f"_{n.name} = {fn(n.target)}({args}); {track}(_{n.name})")
         elif n.op == "get_attr":  # submodules of higher-order ops
             body.append(f"_{n.name} = {const(getattr(gm, n.target))}")
         elif n.op == "output":
             body.append(f"return {emit(n.args[0])}")
-    src = "def program(rt, inputs):\n" + "\n".join("    " + line for line in body) + "\n"
+    src = "def program(rt, inputs, _track, _release):\n" + "\n".join("    " + line for line in body) + "\n"
     return src, glb
 
 
@@ -211,7 +227,7 @@ class Executor:
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = self._program(self, values)
+            out = self._program(self, values, self.acct.track, self.acct.release)
         if self.cuda:
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - t0
