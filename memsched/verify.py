@@ -74,6 +74,16 @@ def verify_schedule(gm: fx.GraphModule, budget: int) -> int:
                 raise PlanError(f"{where} reads {inp.name} after it was freed")
         kind = _kind(n)
         kinds[n.name] = kind
+        if kind not in (_PREFETCH, _WAIT, _FREE):
+            # compute, offload and the output read device values only: not a home copy on
+            # host/disk, not a fetch still in flight, not an offload handle
+            for inp in n.all_input_nodes:
+                if inp.op == "placeholder" and inp.meta.get("memsched.tier", "device") != "device":
+                    raise PlanError(f"{where} reads {inp.name}, which lives on "
+                                    f"{inp.meta.get('memsched.tier')} and was never loaded")
+                if kinds.get(inp.name) in (_PREFETCH, _OFFLOAD):
+                    raise PlanError(f"{where} reads {inp.name}, a {kinds[inp.name]} handle, not a "
+                                    f"device tensor (missing wait?)")
         if n.op == "placeholder":
             if n.meta.get("memsched.tier", "device") == "device":
                 add(n.name, _storages(n.meta.get("val")))

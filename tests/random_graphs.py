@@ -18,9 +18,11 @@ can mix:
 * ``relu``/``tanh``/``gelu``/``sigmoid``, ``softmax``, ``layer_norm`` without params,
   ``center`` (``x - x.mean(-1, keepdim=True)``), scalar ``scale``,
 * ``cat_slice``: ``cat`` of two values then a column slice (a view of a fresh storage),
-* ``rows``: a row slice (a view with a storage offset), ``t``: a transpose view.
+* ``rows``: a row slice (a view with a storage offset), ``t``: a transpose view,
+* ``wval``: a weight (or its transpose view) used as a plain value.
 
-The forward returns a tuple of 1-3 drawn values (the last one always among them).
+The forward returns a tuple of 1-3 drawn values (the last one always among them; rarely an
+input or a weight itself -- ``bare_weight_outputs=False`` leaves out the latter).
 """
 from __future__ import annotations
 
@@ -120,6 +122,8 @@ class RandomDag(nn.Module):
                 vals.append(vals[a][lo:lo + n])
             elif kind == "t":
                 vals.append(vals[op[1]].t())
+            elif kind == "wval":
+                vals.append(w[op[1]].t() if op[2] else w[op[1]])
             else:  # pragma: no cover - a strategy bug
                 raise AssertionError(f"unknown op {kind}")
         return tuple(vals[i] for i in self.spec.outputs)
@@ -143,7 +147,9 @@ def make_case(spec: DagSpec) -> DagCase:
 
 
 @st.composite
-def dag_specs(draw, min_ops: int = 3, max_ops: int = 24) -> DagSpec:
+def dag_specs(draw, min_ops: int = 3, max_ops: int = 24, bare_weight_outputs: bool = True) -> DagSpec:
+    """``bare_weight_outputs=False`` never returns a weight itself (a ``wval`` without
+    transpose) as an output."""
     seed = draw(st.integers(0, 2**31 - 1), label="seed")
     widths = draw(st.lists(st.sampled_from(WIDTHS), min_size=1, max_size=3, unique=True), label="widths")
     rows = draw(st.sampled_from(WIDTHS), label="rows")
@@ -175,7 +181,7 @@ def dag_specs(draw, min_ops: int = 3, max_ops: int = 24) -> DagSpec:
     for _ in range(n_ops):
         kind = draw(st.sampled_from(
             ("matmul", "matmul", "matmul", "unary", "unary", "binary", "binary", "bias", "mm",
-             "cat_slice", "rows", "t")), label="kind")
+             "cat_slice", "rows", "t", "wval")), label="kind")
         last = len(shapes) - 1
         if kind == "matmul":
             a = pick_value()
@@ -227,6 +233,15 @@ def dag_specs(draw, min_ops: int = 3, max_ops: int = 24) -> DagSpec:
             lo = draw(st.integers(0, r - n))
             ops.append(("rows", a, lo, n))
             shapes.append((n, shapes[a][1]))
+        elif kind == "wval":
+            mats = [i for i, s in enumerate(weights) if len(s) == 2]
+            if not mats:
+                weights.append((draw(st.sampled_from(dims)), draw(st.sampled_from(dims))))
+                mats = [len(weights) - 1]
+            wi = draw(st.sampled_from(mats))
+            transpose = draw(st.booleans())
+            ops.append(("wval", wi, transpose))
+            shapes.append(tuple(reversed(weights[wi])) if transpose else weights[wi])
         else:  # "t"
             a = pick_value()
             ops.append(("t", a))
@@ -234,11 +249,17 @@ def dag_specs(draw, min_ops: int = 3, max_ops: int = 24) -> DagSpec:
 
     k = len(inputs)
     n_values = len(shapes)
-    extra = draw(st.lists(st.integers(k, n_values - 1), max_size=2, unique=True), label="outputs")
-    outputs = [n_values - 1] + [i for i in extra if i != n_values - 1]
+
+    def allowed(i):
+        return bare_weight_outputs or i < k or ops[i - k][0] != "wval" or ops[i - k][2]
+
+    last = max(i for i in range(n_values) if allowed(i))
+    lo = 0 if draw(st.integers(0, 9)) == 0 else k  # rarely, an input may be returned as is
+    extra = draw(st.lists(st.integers(lo, n_values - 1), max_size=2, unique=True), label="outputs")
+    outputs = [last] + [i for i in extra if i != last and allowed(i)]
     return DagSpec(seed, inputs, weights, ops, outputs, shapes)
 
 
-def random_dags(min_ops: int = 3, max_ops: int = 24):
+def random_dags(min_ops: int = 3, max_ops: int = 24, bare_weight_outputs: bool = True):
     """Strategy of ``DagCase`` (model, example args, spec)."""
-    return dag_specs(min_ops, max_ops).map(make_case)
+    return dag_specs(min_ops, max_ops, bare_weight_outputs).map(make_case)

@@ -36,7 +36,9 @@ def plan_captured(captured: Captured, budget: int, hw: Hardware, *, model_name: 
     first_use_bytes = np.zeros(program.n_steps)
     for b in program.buffers:
         if b.kind in PERSISTENT and len(b.events) > 1:
-            first_use_bytes[next(e for e in b.events if e != START)] += b.nbytes
+            first = next(e for e in b.events if e != START)
+            if first < program.n_steps:  # a model tensor only returned, never read, has no step
+                first_use_bytes[first] += b.nbytes
     segments = make_segments(step_time, first_use_bytes, max_segments)
     passes.append(PassRecord("segments", time.perf_counter() - t, f"{segments.count}"))
 

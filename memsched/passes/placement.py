@@ -112,7 +112,9 @@ class PlacementModel:
                 lo = s.bounds[j] if (persistent or i > 0) else by_seg[j][0]
                 # a model tensor is counted to the end of its last segment: resident ones stay
                 later = i + 1 < len(seg_ids) or b.is_output or persistent
-                hi = s.bounds[j + 1] - 1 if later else min(by_seg[j][-1], n - 1)
+                # point n is the program end, where outputs are handed back
+                seg_end = n if j == self.K - 1 else s.bounds[j + 1] - 1
+                hi = seg_end if later else min(by_seg[j][-1], n)
                 diff[lo] += b.nbytes
                 diff[hi + 1] -= b.nbytes
             for a, c in zip(events, events[1:]):
@@ -128,9 +130,10 @@ class PlacementModel:
                     self.gap_span[g.id] = (A + 1, C - 1)
                 else:
                     self.const[A + 1:C] += b.nbytes
-        prof = np.cumsum(diff[:n])
+        prof = np.cumsum(diff[:n + 1])
         for j in range(self.K):
-            lo, hi = s.bounds[j], s.bounds[j + 1]
+            lo = s.bounds[j]
+            hi = n + 1 if j == self.K - 1 else s.bounds[j + 1]
             if hi > lo:
                 self.const[j] += prof[lo:hi].max()
 

@@ -32,6 +32,13 @@ class _Fetch:
     nbytes: int
 
 
+def _moved_bytes(node: fx.Node) -> int:
+    """Bytes a move of this value copies and re-allocates: the value itself (a view moves
+    without the rest of its base), as the runtime's transfer engine does."""
+    val = node.meta["val"]
+    return val.numel() * val.element_size()
+
+
 def build_schedule(captured: Captured, program: Program, segments: Segments,
                    placement: Placement) -> fx.GraphModule:
     src_graph = captured.gm.graph
@@ -57,14 +64,15 @@ def build_schedule(captured: Captured, program: Program, segments: Segments,
         if b.kind in PERSISTENT and len(b.events) > 1 and b.id not in placement.resident:
             first = next(e for e in b.events if e != START)
             fetches.append(_Fetch(("init", b.id), b.values[0], b.values[0], None, placement.home[b.id],
-                                  first, b.nbytes))
+                                  first, _moved_bytes(nodes[b.values[0]])))
     evicted = [gap for gap in placement.gaps if placement.gap_choice[gap.id] != KEEP]
     for gap in evicted:
         choice = placement.gap_choice[gap.id]
         b = buffers[gap.buffer]
         tier = placement.home[b.id] if choice == REFETCH else choice
         source = b.values[0] if choice == REFETCH else None
-        fetches.append(_Fetch(("gap", gap.id), gap.value, source, gap.id, tier, gap.end, b.nbytes))
+        fetches.append(_Fetch(("gap", gap.id), gap.value, source, gap.id, tier, gap.end,
+                              _moved_bytes(nodes[gap.value])))
     issue_at: dict[int, list[_Fetch]] = {}
     wait_at: dict[int, list[_Fetch]] = {}
     for f in fetches:
@@ -142,7 +150,7 @@ def build_schedule(captured: Captured, program: Program, segments: Segments,
                 else:
                     h = g.call_function(ops.offload, (env[gap.value], placement.gap_choice[gap.id]))
                     mark(h, PASS, tier=placement.gap_choice[gap.id],
-                         nbytes=buffers[gap.buffer].nbytes, saves=gap.value)
+                         nbytes=_moved_bytes(nodes[gap.value]), saves=gap.value)
                     handles[gap.id] = h
                     seg_end_free.append(gap.value)
             free(dying)
