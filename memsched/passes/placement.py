@@ -67,6 +67,7 @@ class Placement:
     n_variables: int = 0
     n_constraints: int = 0
     notes: list[str] = field(default_factory=list)
+    alternative: "Placement | None" = None  # the greedy plan the solver improved on, if any
 
 
 class PlacementModel:
@@ -171,25 +172,29 @@ class PlacementModel:
                 mem[c - 1] += self.size(b)
         return mem
 
-    def loads(self, resident, home, choice, early) -> np.ndarray:
-        """Seconds of transfer per (link, segment)."""
+    def loads(self, resident, home, choice, early) -> tuple[np.ndarray, float]:
+        """Seconds of transfer per (link, segment) that overlap compute, and the seconds of late
+        fetches (issued in the segment that uses them), which compute waits for."""
         loads = np.zeros((len(LINKS), self.K))
         li = {name: i for i, name in enumerate(LINKS)}
+        late = 0.0
         for key, b, tier, c in self.fetches(resident, choice):
             tier = tier or home[b]
-            j = c - 1 if (key in early and c >= 1) else c
-            for link in fetch_links(tier, self.dev):
-                loads[li[link], j] += self.size(b) / self.hw.bandwidth(link)
+            if key in early and c >= 1:
+                for link in fetch_links(tier, self.dev):
+                    loads[li[link], c - 1] += self.size(b) / self.hw.bandwidth(link)
+            else:
+                late += self.transfer_s(self.size(b), fetch_links(tier, self.dev))
         for g in self.gaps:
             c = choice[g.id]
             if c in (HOST, DISK):
                 for link in offload_links(c, self.dev):
                     loads[li[link], self.s.seg(g.start)] += self.size(g.buffer) / self.hw.bandwidth(link)
-        return loads
+        return loads, late
 
     def objective(self, resident, home, choice, early) -> float:
-        loads = self.loads(resident, home, choice, early)
-        return float(np.maximum(self.compute, loads.max(axis=0)).sum() + _EPS * loads.sum())
+        loads, late = self.loads(resident, home, choice, early)
+        return float(np.maximum(self.compute, loads.max(axis=0)).sum() + late + _EPS * (loads.sum() + late))
 
     def min_budget(self) -> int:
         return int(np.ceil(self.const.max())) if self.K else 0
@@ -216,12 +221,41 @@ def solve_placement(program: Program, segments: Segments, step_time: np.ndarray,
     if use_solver and (m.persistent or m.gaps):
         solved = _solve_mip(m, placement, t0 + time_limit_s)
         if solved is not None:
+            solved.alternative = placement  # the simulator arbitrates (compiler/pipeline.py)
             placement = solved
         else:
             placement.notes.append("the solver found nothing better in time; greedy plan kept")
+    for candidate in (placement, placement.alternative):
+        if candidate is not None:
+            _prefer_host(m, candidate)
     placement.min_budget_bytes = min_budget
     placement.solve_s = time.perf_counter() - t0
     return placement
+
+
+def _prefer_host(m: PlacementModel, p: Placement) -> None:
+    """Disk homes and disk offloads move to host RAM while it has room: the same device bytes,
+    and a host fetch is never slower than one from disk. (The MIP is indifferent when the
+    transfer hides under compute; this settles it.) Most bytes moved first."""
+    room = m.hw.host_bytes - sum(m.size(b) for b, t in p.home.items() if t == HOST)
+    room -= sum(m.size(g.buffer) for g in m.gaps if p.gap_choice[g.id] == HOST)
+    if room <= 0:
+        return
+    fetches_of: dict[int, int] = {}
+    for g in m.gaps:
+        if p.gap_choice[g.id] == REFETCH:
+            fetches_of[g.buffer] = fetches_of.get(g.buffer, 0) + 1
+    candidates = [(m.size(b) * (1 + fetches_of.get(b, 0)), "home", b) for b, t in p.home.items() if t == DISK]
+    candidates += [(2 * m.size(g.buffer), "gap", g.id) for g in m.gaps if p.gap_choice[g.id] == DISK]
+    for _, kind, item in sorted(candidates, key=lambda c: -c[0]):
+        size = m.size(item) if kind == "home" else m.size(m.gaps[item].buffer)
+        if size <= room:
+            room -= size
+            if kind == "home":
+                p.home[item] = HOST
+            else:
+                p.gap_choice[item] = HOST
+    p.objective = m.objective(p.resident, p.home, p.gap_choice, p.early)
 
 
 def _placement(m, resident, home, choice, early, status, **kw) -> Placement:
@@ -361,11 +395,17 @@ def _solve_mip(m: PlacementModel, warm: Placement, deadline: float) -> Placement
         for link in (offload_links if offload else fetch_links)(tier, m.dev):
             loads[(link, j)].append(nbytes / li_bw[link] * _US * amount)
 
+    late_terms = []
+
+    def stall(amount, tier, nbytes):
+        """A late fetch: compute waits for all of it (a conservative price)."""
+        late_terms.append(m.transfer_s(nbytes, fetch_links(tier, m.dev)) * _US * amount)
+
     def fetch_split(key, tiers: dict, c: int, nbytes: float, lead_cap):
         """A fetch into segment c; ``tiers``: tier -> amount fetched from it. Adds the lead."""
         if c == 0:
             for tier, amount in tiers.items():
-                load(amount, tier, 0, nbytes)
+                stall(amount, tier, nbytes)
             return None
         lead = solver.NumVar(0, 1, f"lead{key}")
         solver.Add(lead <= lead_cap)
@@ -376,7 +416,7 @@ def _solve_mip(m: PlacementModel, warm: Placement, deadline: float) -> Placement
             solver.Add(part <= amount)
             parts.append(part)
             load(part, tier, c - 1, nbytes)
-            load(amount - part, tier, c, nbytes)
+            stall(amount - part, tier, nbytes)
         solver.Add(Sum(parts) == lead)
         mem[c - 1].append((nbytes, lead))
         return lead
@@ -444,7 +484,8 @@ def _solve_mip(m: PlacementModel, warm: Placement, deadline: float) -> Placement
             expr = Sum(terms)
             solver.Add(tau[j] >= expr)
             moved.append(expr)
-    solver.Minimize(Sum(tau) + _EPS * Sum(moved) if moved else Sum(tau))
+    late = Sum(late_terms) if late_terms else 0
+    solver.Minimize(Sum(tau) + (1 + _EPS) * late + (_EPS * Sum(moved) if moved else 0))
 
     hint_vars, hint_vals = [], []
     for b in m.persistent:
@@ -479,7 +520,7 @@ def _solve_mip(m: PlacementModel, warm: Placement, deadline: float) -> Placement
         g = m.gaps[gid]
         moved_out = warm.gap_choice[gid] != KEEP
         hint_vars.append(var); hint_vals.append(float(moved_out and warm.home.get(g.buffer) == tier))
-    warm_loads = m.loads(warm.resident, warm.home, warm.gap_choice, warm.early).max(axis=0)
+    warm_loads = m.loads(warm.resident, warm.home, warm.gap_choice, warm.early)[0].max(axis=0)
     for j in range(m.K):
         hint_vars.append(tau[j]); hint_vals.append(float(max(m.compute[j], warm_loads[j])) * _US)
     solver.SetHint(hint_vars, hint_vals)
