@@ -12,12 +12,45 @@ from ..budget import format_bytes
 from ..errors import BudgetExceededError
 
 
+class RecyclePool:
+    """Fetch buffers kept for the next fetch of the same size, as a caching allocator would:
+    a CPU device otherwise pays fresh pages (faults, zeroing) for every fetch. Idle bytes here
+    count against the budget beside the held ones, and are dropped first when room is needed."""
+
+    def __init__(self):
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self.idle = 0
+
+    def take(self, layout) -> torch.Tensor | None:
+        nbytes = layout.nbytes
+        spare = self._free.get(nbytes)
+        if not spare:
+            return None
+        raw = spare.pop()
+        self.idle -= nbytes
+        itemsize = torch.empty((), dtype=layout.dtype).element_size()
+        return raw.view(layout.dtype)[: nbytes // itemsize].as_strided(layout.size, layout.stride)
+
+    def give(self, t: torch.Tensor) -> None:
+        raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+        self._free.setdefault(raw.numel(), []).append(raw)
+        self.idle += raw.numel()
+
+    def trim(self, max_idle: int) -> None:
+        for size in sorted(self._free, reverse=True):
+            while self.idle > max_idle and self._free[size]:
+                self._free[size].pop()
+                self.idle -= size
+
+
 class DeviceAccountant:
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, pool: RecyclePool | None = None):
         self.budget = budget
         self._held: dict[int, list[int]] = {}  # storage address -> [nbytes, references]
         self.current = 0
         self.peak = 0
+        self.pool = pool
+        self.recycle: dict[int, torch.Tensor] = {}  # fetch buffers to pool on their last release
 
     def track(self, t: torch.Tensor) -> None:
         st = t.untyped_storage()
@@ -29,6 +62,8 @@ class DeviceAccountant:
                 return
             self._held[key] = [nbytes, 1]
             self.current += nbytes
+            if self.pool is not None and self.current + self.pool.idle > self.budget:
+                self.pool.trim(max(self.budget - self.current, 0))
             if self.current > self.peak:
                 self.peak = self.current
                 if self.peak > self.budget:
@@ -48,3 +83,6 @@ class DeviceAccountant:
         if entry[1] == 0:
             del self._held[key]
             self.current -= entry[0]
+            buf = self.recycle.pop(key, None) if self.recycle else None
+            if buf is not None and self.current + self.pool.idle + entry[0] <= self.budget:
+                self.pool.give(buf)

@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 
 from ..compiler.capture import INPUT, PERSISTENT, Captured
 from . import ops
-from .accounting import DeviceAccountant
+from .accounting import DeviceAccountant, RecyclePool
 from .stores import DiskStore, HostPool, Layout, make_offload_dir
 from .transfer import DiskCopy, HostCopy, Outgoing, TransferEngine
 
@@ -137,6 +137,8 @@ class Executor:
         self._finalizer = weakref.finalize(self, _close, self.engine, self.disk)
         self._slots = self._place_model_tensors(model, tiers)
         self._outgoing: dict[int, Outgoing] = {}
+        # on CUDA the caching allocator already reuses fetch buffers; on a CPU device we do
+        self._pool = RecyclePool() if not self.cuda else None
         self.last_stats = RunStats()
 
     def _place_model_tensors(self, model, tiers) -> list:
@@ -174,8 +176,13 @@ class Executor:
 
     # -- the runtime interface the generated program calls --------------------------------
     def prefetch(self, src):
-        pending = self.engine.fetch(src)
+        if self._pool is None:
+            pending = self.engine.fetch(src)
+            self.acct.track(pending.tensor)
+            return pending
+        pending = self.engine.fetch(src, self._pool.take(src.layout))
         self.acct.track(pending.tensor)
+        self.acct.recycle[pending.tensor.untyped_storage().data_ptr()] = pending.tensor
         return pending
 
     def wait(self, pending):
@@ -206,7 +213,7 @@ class Executor:
 
     # -- a call ---------------------------------------------------------------------------
     def run(self, flat_inputs: list) -> list:
-        self.acct = DeviceAccountant(self.budget)
+        self.acct = DeviceAccountant(self.budget, self._pool)
         self.engine.stats.bytes_moved.clear()
         self.engine.stats.stall_s = 0.0
         values, user = [], iter(flat_inputs)

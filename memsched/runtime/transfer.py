@@ -77,9 +77,10 @@ class TransferEngine:
             self.streams = {"h2d": torch.cuda.Stream(device), "d2h": torch.cuda.Stream(device)}
 
     # -- device <- host/disk -------------------------------------------------------------
-    def fetch(self, src) -> Pending:
+    def fetch(self, src, out: torch.Tensor | None = None) -> Pending:
+        """Start a fetch of ``src`` into ``out`` (a fresh device tensor when None)."""
         layout = src.layout
-        out = layout.empty(self.device)
+        out = layout.empty(self.device) if out is None else out
         nbytes = layout.nbytes
         if isinstance(src, HostCopy):
             self.stats.bytes_moved["h2d"] += nbytes
