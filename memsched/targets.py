@@ -182,7 +182,7 @@ def _transformers():
 
 
 @contextlib.contextmanager
-def _quiet_hf():
+def quiet_transformers():
     """Silence transformers' advice-level warnings while building a model from a config."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -215,7 +215,7 @@ def _hf_from_model_type(model_type: str, batch: int, seq_len: int):
         raise ValueError(f"unknown Hugging Face model_type {model_type!r}: {hint}known types include "
                          f"{', '.join(t for t in _EXAMPLE_TYPES if t in known)} "
                          f"({len(known)} in all, as in transformers.AutoConfig.for_model)")
-    with _quiet_hf():
+    with quiet_transformers():
         config = transformers.AutoConfig.for_model(model_type)
     return _hf_build(config, f"hf:{model_type}", batch, seq_len)
 
@@ -238,7 +238,7 @@ def _hf_from_config_path(path: Path, batch: int, seq_len: int):
         raise ValueError(f"config file {str(file)!r}: model_type {raw['model_type']!r} is unknown "
                          f"to transformers {transformers.__version__}")
     try:
-        with _quiet_hf():
+        with quiet_transformers():
             # local_files_only: a path never turns into a Hub download
             config = transformers.AutoConfig.from_pretrained(str(file), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
@@ -258,7 +258,7 @@ def _hf_build(config, label: str, batch: int, seq_len: int):
     if getattr(config, "is_encoder_decoder", False):
         classes = [transformers.AutoModelForSeq2SeqLM, transformers.AutoModel]
     model, errors = None, []
-    with _quiet_hf(), torch.device("meta"):
+    with quiet_transformers(), torch.device("meta"):
         for cls in classes:
             try:
                 model = cls.from_config(config)

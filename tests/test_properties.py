@@ -24,7 +24,6 @@ import os
 import sys
 import warnings
 
-import pytest
 import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, Phase, given, settings

@@ -14,13 +14,13 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from memsched.targets import quiet_transformers
 
 __all__ = ["ZooCase", "ZOO", "build", "build_meta", "names", "param_bytes"]
 
@@ -143,22 +143,7 @@ def _build_cnn():
 _ATTN = "sdpa"
 
 
-@contextlib.contextmanager
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            from transformers.utils import logging as hf_logging
-
-            prev = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()
-        except Exception:  # pragma: no cover
-            hf_logging = None
-        try:
-            yield
-        finally:
-            if hf_logging is not None:
-                hf_logging.set_verbosity(prev)
+_quiet = quiet_transformers  # transformers' advice-level warnings off while building
 
 
 def _hf(model_cls, config):
