@@ -97,6 +97,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         Placeholder(spec.arg.name, _KIND.get(spec.kind, INPUT), spec.target)
         for spec in ep.graph_signature.input_specs
     ]
+    _inline_no_grad_regions(gm)
     _reject_hidden_mutations(gm, model)
     _merge_tied(gm, {p.name for p in placeholders if p.kind in PERSISTENT})
     _normalize(gm)
@@ -118,6 +119,37 @@ def _reject_mutations(ep: ExportedProgram, model: torch.nn.Module) -> None:
         )
     if getattr(sig, "user_inputs_to_mutate", None):
         raise UnsupportedModelError("forward mutates its inputs in place; memsched cannot plan that yet")
+
+
+def _inline_no_grad_regions(gm: torch.fx.GraphModule) -> None:
+    """Inline ``torch.no_grad()`` regions (a higher-order op around a subgraph, e.g. rotary
+    embeddings): memsched runs inference under no_grad anyway, so the wrapper only costs a
+    call per region, and hides the region's tensors from the planner."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and type(node.target).__name__ == "WrapWithSetGradEnabled"
+                and node.args[0] is False and isinstance(node.args[1], torch.fx.Node)):
+            continue
+        sub = getattr(gm, node.args[1].target)
+        if any(n.op == "get_attr" for n in sub.graph.nodes):
+            continue  # nested regions: leave the wrapper in place
+        env = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], node.args[2:]))
+        with graph.inserting_before(node):
+            for sn in sub.graph.nodes:
+                if sn.op not in ("placeholder", "output"):
+                    env[sn] = graph.node_copy(sn, lambda x: env[x])
+        results = sub.graph.output_node().args[0]
+        outs = [env[o] if isinstance(o, torch.fx.Node) else o for o in results]
+        for user in list(node.users):
+            if user.target is operator.getitem:
+                user.replace_all_uses_with(outs[user.args[1]])
+                graph.erase_node(user)
+        if not node.users:
+            getter = node.args[1]
+            graph.erase_node(node)
+            if not getter.users:
+                graph.erase_node(getter)
+    gm.delete_all_unused_submodules()
 
 
 def _reject_hidden_mutations(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
