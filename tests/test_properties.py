@@ -176,14 +176,19 @@ def test_measured_peak_equals_predicted(case, frac, host_bytes):
 # -- regression tests for memsched bugs found by the properties above ------------------------
 
 
-class _ThreeMatmuls(nn.Module):
-    """x @ w0 @ w1 @ w0: w0 is read again after a one-segment gap."""
+class _TwoWeights(nn.Module):
+    """A regression model with two seeded frozen weights ``w0``, ``w1`` of the given shapes."""
+
+    shapes = ((8, 8), (8, 8))
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.w0 = nn.Parameter(torch.randn(8, 8), requires_grad=False)
-        self.w1 = nn.Parameter(torch.randn(8, 8), requires_grad=False)
+        self.w0, self.w1 = (nn.Parameter(torch.randn(*shape), requires_grad=False) for shape in self.shapes)
+
+
+class _ThreeMatmuls(_TwoWeights):
+    """x @ w0 @ w1 @ w0: w0 is read again after a one-segment gap."""
 
     def forward(self, x):
         return ((x @ self.w0) @ self.w1) @ self.w0
@@ -279,14 +284,10 @@ def test_regression_min_budget_at_most_unconstrained_peak():
         cm.close()
 
 
-class _OffloadedSlice(nn.Module):
+class _OffloadedSlice(_TwoWeights):
     """A column slice of a cat (a view: half of the cat's storage) lives across the program."""
 
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.w0 = nn.Parameter(torch.randn(16, 16), requires_grad=False)
-        self.w1 = nn.Parameter(torch.randn(16, 24), requires_grad=False)
+    shapes = ((16, 16), (16, 24))
 
     def forward(self, x):
         t = x.t()
@@ -313,14 +314,8 @@ def test_regression_offloaded_view_peak_predicted_exactly():
         cm.close()
 
 
-class _ReturnsWeight(nn.Module):
+class _ReturnsWeight(_TwoWeights):
     """Returns a weight itself next to a computed value; no step reads w1."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.w0 = nn.Parameter(torch.randn(8, 8), requires_grad=False)
-        self.w1 = nn.Parameter(torch.randn(8, 8), requires_grad=False)
 
     def forward(self, x):
         return x @ self.w0, self.w1
