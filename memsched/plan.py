@@ -21,6 +21,17 @@ class PassRecord:
 
 
 @dataclass
+class PassSnapshot:
+    """The program as one pass left it (``Plan.history``), for step-by-step inspection."""
+
+    name: str
+    graph: fx.GraphModule
+
+    def __str__(self) -> str:
+        return listing(self.graph, [f"after pass {self.name}"])
+
+
+@dataclass
 class Plan:
     model_name: str
     budget_bytes: int
@@ -32,6 +43,8 @@ class Plan:
     unconstrained: SimResult              # the same model with nothing moved
     passes: list[PassRecord] = field(default_factory=list)
     n_segments: int = 0
+    history: list[PassSnapshot] = field(default_factory=list)
+    measured: object | None = None        # RunStats of the last run, set by CompiledModule
 
     # -- headline numbers -------------------------------------------------------------------
     @property
@@ -117,6 +130,42 @@ class Plan:
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+    # -- inspection (memsched/inspect/) -------------------------------------------------------
+    def steps(self) -> list[dict]:
+        """One plain dict per scheduled node: op, tier moves, live bytes, predicted start/end."""
+        from .inspect.steps import plan_steps
+
+        return plan_steps(self)
+
+    def plot_memory(self, path=None, *, ax=None):
+        """Device bytes over the program, stacked by kind, with the budget line."""
+        from .inspect.plots import plot_memory
+
+        return plot_memory(self, path, ax=ax)
+
+    def plot_timeline(self, path=None, *, ax=None):
+        """Gantt chart of compute and each transfer stream."""
+        from .inspect.plots import plot_timeline
+
+        return plot_timeline(self, path, ax=ax)
+
+    def _repr_html_(self) -> str:
+        from .inspect.html import plan_html
+
+        return plan_html(self)
+
+    def save(self, path) -> None:
+        """Write the plan as versioned JSON (``Plan.load`` reads it back)."""
+        from .inspect.serialize import save_plan
+
+        save_plan(self, path)
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        from .inspect.serialize import load_plan
+
+        return load_plan(path)
 
     def verify(self) -> int:
         """Check the schedule with the independent verifier; returns its peak device bytes."""

@@ -82,7 +82,7 @@ class CompiledModule:
         plan, captured, executor = self._prepare(args, kwargs)
         flat = captured.flatten_inputs(args, kwargs)
         out = executor.run(flat)
-        self._stats = executor.last_stats
+        self._stats = plan.measured = executor.last_stats
         return captured.unflatten_outputs(out)
 
     @property

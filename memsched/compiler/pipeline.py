@@ -15,7 +15,7 @@ from ..passes.analysis import START, analyze
 from ..passes.placement import solve_placement
 from ..passes.schedule import build_schedule
 from ..passes.segments import make_segments
-from ..plan import PassRecord, Plan
+from ..plan import PassRecord, PassSnapshot, Plan
 from .capture import PERSISTENT, Captured, capture
 
 DEFAULT_MAX_SEGMENTS = 128
@@ -26,8 +26,10 @@ def plan_captured(captured: Captured, budget: int, hw: Hardware, *, model_name: 
                   max_segments: int = DEFAULT_MAX_SEGMENTS, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
                   passes: list[PassRecord] | None = None) -> Plan:
     passes = list(passes or [])
+    history = [snapshot("capture", captured.gm)]
     t = time.perf_counter()
     program = analyze(captured)
+    history.append(snapshot("analysis", captured.gm))
     nodes = {n.name: n for n in captured.gm.graph.nodes}
     step_time = np.array([estimate_op_time(nodes[s], hw) for s in program.steps], dtype=np.float64)
     passes.append(PassRecord("analysis", time.perf_counter() - t))
@@ -67,8 +69,18 @@ def plan_captured(captured: Captured, budget: int, hw: Hardware, *, model_name: 
             placement, scheduled, sim = placement.alternative, other, other_sim
     passes.append(PassRecord("simulate", time.perf_counter() - t))
     unconstrained = _unconstrained(captured, program, segments, step_time, hw)
+    history.append(snapshot("schedule", scheduled))
     return Plan(model_name, budget, hw, scheduled, program, placement, sim, unconstrained,
-                passes, segments.count)
+                passes, segments.count, history)
+
+
+def snapshot(name: str, gm: torch.fx.GraphModule) -> PassSnapshot:
+    """A copy of the graph as it is now (node metadata copied shallowly: cheap, and later
+    passes annotating the live graph do not change the snapshot)."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return PassSnapshot(name, torch.fx.GraphModule(gm, graph, class_name=f"After_{name}"))
 
 
 def _unconstrained(captured, program, segments, step_time, hw):

@@ -84,11 +84,12 @@ def build_schedule(captured: Captured, program: Program, segments: Segments,
     for gap in evicted:
         evict_after[gap.start].append(gap)
 
-    def mark(node, kind, **meta):
-        node.meta["memsched.pass"] = kind
+    def mark(node, pass_name, **meta):
+        node.meta["memsched.pass"] = pass_name
         node.meta.update({f"memsched.{k}": v for k, v in meta.items()})
         return node
 
+    kinds = {p.name: p.kind for p in captured.placeholders}
     for n in src_graph.nodes:
         if n.op == "get_attr":
             env[n.name] = g.get_attr(n.target)
@@ -97,7 +98,7 @@ def build_schedule(captured: Captured, program: Program, segments: Segments,
             new = g.placeholder(n.name)
             new.meta.update(n.meta)
             new.meta["memsched.tier"] = placeholder_tier.get(n.name, DEVICE)
-            mark(new, "capture", tier=new.meta["memsched.tier"])
+            mark(new, "capture", tier=new.meta["memsched.tier"], kind=kinds.get(n.name, "input"))
             env[n.name] = new
     homes = dict(env)  # placeholders of home-tier tensors: the source of every fetch of them
     pending: dict[tuple[str, int], fx.Node] = {}

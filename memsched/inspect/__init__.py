@@ -1,0 +1,1 @@
+"""Inspection of plans: rows, plots, notebook display, and saving/loading as JSON."""
