@@ -81,7 +81,7 @@ class Plan:
         out = {"host": 0, "disk": 0}
         for g in self.placement.gaps:
             c = self.placement.gap_choice[g.id]
-            if not g.persistent and c != KEEP:
+            if not g.persistent and c in out:
                 out[c] += self.program.buffers[g.buffer].nbytes
         return out
 

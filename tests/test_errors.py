@@ -26,11 +26,6 @@ def test_not_a_module():
         memsched.compile(lambda x: x, "1GB", device="cpu")
 
 
-def test_training_not_yet():
-    with pytest.raises(NotImplementedError, match="train"):
-        memsched.compile(_mlp(), "1GB", device="cpu", train=True)
-
-
 def test_unknown_hardware_lists_names():
     with pytest.raises(ValueError, match="h100"):
         memsched.plan(_mlp(), (torch.randn(2, 16),), budget="1GB", hardware="tpu-v9")

@@ -8,6 +8,7 @@ import torch
 from ..budget import parse_budget
 from ..cost_models.hardware import Hardware, get_hardware
 from ..plan import Plan
+from ..runtime.autograd import TrainStep, run_step
 from ..runtime.executor import Executor, RunStats
 from ..runtime.stores import make_offload_dir
 from .capture import input_signature
@@ -45,9 +46,9 @@ class CompiledModule:
     """
 
     def __init__(self, model, budget, *, example_inputs=None, example_kwargs=None, device=None,
-                 offload_dir=None, hardware=None, train=False, **options):
-        if train:
-            raise NotImplementedError("train=True is not supported yet: memsched plans inference only")
+                 offload_dir=None, hardware=None, train=False, grad_outputs="auto", **options):
+        if grad_outputs not in ("auto", "all"):
+            raise ValueError(f"grad_outputs must be 'auto' or 'all', got {grad_outputs!r}")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"memsched.compile takes a torch.nn.Module, got {type(model).__name__}")
         meta = [name for name, t in _model_tensors(model) if t.device.type == "meta"]
@@ -62,27 +63,38 @@ class CompiledModule:
             os.rmdir(make_offload_dir(offload_dir))
         self.offload_dir = offload_dir
         self.options = options
+        self.train, self.grad_outputs = bool(train), grad_outputs
         self._compiled: dict = {}
         self._last = None
-        self._stats = RunStats()
         if example_inputs is not None or example_kwargs is not None:
             self._prepare(tuple(example_inputs or ()), dict(example_kwargs or {}))
 
     def _prepare(self, args, kwargs):
-        key = input_signature(args, kwargs)
+        # train=True plans a training step when autograd is on, and inference under no_grad
+        train = self.train and torch.is_grad_enabled()
+        key = (train, self.model.training, input_signature(args, kwargs))
         entry = self._compiled.get(key)
         if entry is None:
-            plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware, **self.options)
+            plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware,
+                                        train=train, grad_outputs=self.grad_outputs, **self.options)
             executor = Executor(plan.graph, captured, self.model, self.device, self.budget_bytes, self.offload_dir)
-            entry = self._compiled[key] = (plan, captured, executor)
+            step = None
+            if train:
+                params = dict(self.model.named_parameters(remove_duplicate=False))
+                step = TrainStep(captured, executor, [params[t] for t in captured.grad_targets])
+            entry = self._compiled[key] = (plan, captured, executor, step)
         self._last = entry
         return entry
 
     def __call__(self, *args, **kwargs):
-        plan, captured, executor = self._prepare(args, kwargs)
+        plan, captured, executor, step = self._prepare(args, kwargs)
         flat = captured.flatten_inputs(args, kwargs)
-        out = executor.run(flat)
-        self._stats = plan.measured = executor.last_stats
+        if step is not None:
+            # the step's stats are complete once its backward ran (see ``stats``)
+            out = captured.forward_outputs(run_step(step, flat))
+        else:
+            out = executor.run(flat)
+            plan.measured = executor.last_stats
         return captured.unflatten_outputs(out)
 
     @property
@@ -93,7 +105,11 @@ class CompiledModule:
 
     @property
     def stats(self) -> RunStats:
-        return self._stats
+        """What the last call measured (for a training step: forward and backward)."""
+        if self._last is None:
+            return RunStats()
+        self._last[0].measured = self._last[2].last_stats
+        return self._last[2].last_stats
 
     @property
     def source(self) -> str:
@@ -102,17 +118,23 @@ class CompiledModule:
 
     def close(self) -> None:
         """Release transfer threads and delete offload files now (also done at garbage collection)."""
-        for _, _, executor in self._compiled.values():
+        for _, _, executor, _ in self._compiled.values():
             executor.close()
         self._compiled.clear()
         self._last = None
 
 
 def compile(model, budget, *, example_inputs=None, example_kwargs=None, device=None, offload_dir=None,
-            hardware=None, train=False, **options) -> CompiledModule:
-    """Compile ``model`` to run within ``budget`` device bytes (see DESIGN.md for the forms)."""
+            hardware=None, train=False, grad_outputs="auto", **options) -> CompiledModule:
+    """Compile ``model`` to run within ``budget`` device bytes (see DESIGN.md for the forms).
+
+    ``train=True``: calls made with autograd enabled run a planned training step (forward and
+    backward in one plan, see runtime/autograd.py); ``grad_outputs`` says which outputs the
+    backward starts from: "auto" (the scalar outputs, i.e. the loss, when there are any) or "all".
+    """
     return CompiledModule(model, budget, example_inputs=example_inputs, example_kwargs=example_kwargs,
-                          device=device, offload_dir=offload_dir, hardware=hardware, train=train, **options)
+                          device=device, offload_dir=offload_dir, hardware=hardware, train=train,
+                          grad_outputs=grad_outputs, **options)
 
 
 def plan(model, example_inputs=(), budget=None, *, hardware=None, train=False, example_kwargs=None,
@@ -120,13 +142,11 @@ def plan(model, example_inputs=(), budget=None, *, hardware=None, train=False, e
     """Plan only: no weights are read and no device is needed (the model may live on meta)."""
     if budget is None:
         raise ValueError("memsched.plan needs a budget")
-    if train:
-        raise NotImplementedError("train=True is not supported yet: memsched plans inference only")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     hw = get_hardware(hardware, _resolve_device(None))  # None: this machine's calibrated device
     args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
     if any(t.device.type == "meta" for _, t in _model_tensors(model)):
         args, kwargs = _to_meta((args, kwargs))  # plan a never-allocated model on meta inputs
-    result, _ = plan_model(model, args, kwargs, budget, hw, **options)
+    result, _ = plan_model(model, args, kwargs, budget, hw, train=train, **options)
     return result

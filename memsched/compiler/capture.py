@@ -82,15 +82,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     """Export ``model(*args, **kwargs)`` to an ATen fx graph; CaptureError names what failed."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
-    kwargs = dict(kwargs or {})
-    try:
-        ep = torch.export.export(model, tuple(args), kwargs, strict=False)
-    except Exception as exc:  # export raises many types; we re-raise one, naming the cause
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(
-            f"could not capture {type(model).__name__} with torch.export: "
-            f"{type(exc).__name__}: {first}"
-        ) from exc
+    ep = export_model(model, args, kwargs)
     _reject_mutations(ep, model)
     gm = ep.graph_module
     placeholders = [
@@ -106,6 +98,20 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
             raise UnsupportedModelError(f"unsupported graph input kind {spec.kind.name} ({spec.arg})")
     constants = {k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
     return Captured(gm, placeholders, ep.call_spec.in_spec, ep.call_spec.out_spec, constants)
+
+
+def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> ExportedProgram:
+    """torch.export (non-strict); CaptureError names the model and the cause."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
+    try:
+        return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
+    except Exception as exc:  # export raises many types; we re-raise one, naming the cause
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(
+            f"could not capture {type(model).__name__} with torch.export: "
+            f"{type(exc).__name__}: {first}"
+        ) from exc
 
 
 def _reject_mutations(ep: ExportedProgram, model: torch.nn.Module) -> None:
@@ -216,6 +222,33 @@ def _normalize(gm: torch.fx.GraphModule) -> None:
     graph.eliminate_dead_code(is_impure_node=_is_impure)
     graph.lint()
     gm.recompile()
+
+
+# Ops that update running statistics (args 3 and 4) in training mode without saying so in
+# their schema
+_HIDDEN_WRITERS = {
+    torch.ops.aten.native_batch_norm.default,
+    torch.ops.aten.cudnn_batch_norm.default,
+    torch.ops.aten.miopen_batch_norm.default,
+}
+
+
+def written_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The graph values an op writes in place."""
+    if node.op != "call_function":
+        return []
+    if node.target in _HIDDEN_WRITERS:
+        training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
+        return [a for a in node.args[3:5] if isinstance(a, torch.fx.Node)] if training else []
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return []
+    out = []
+    for i, arg in enumerate(schema.arguments):
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
+            out.append(value)
+    return out
 
 
 def _is_impure(node: torch.fx.Node) -> bool:

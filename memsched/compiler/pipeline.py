@@ -17,6 +17,7 @@ from ..passes.schedule import build_schedule
 from ..passes.segments import make_segments
 from ..plan import PassRecord, PassSnapshot, Plan
 from .capture import PERSISTENT, Captured, capture
+from .joint import capture_joint
 
 DEFAULT_MAX_SEGMENTS = 128
 DEFAULT_TIME_LIMIT_S = 10.0
@@ -90,10 +91,15 @@ def _unconstrained(captured, program, segments, step_time, hw):
     return simulate(build_schedule(captured, program, segments, placement), hw)
 
 
-def plan_model(model: torch.nn.Module, args: tuple, kwargs: dict, budget, hw: Hardware, **options) -> Plan:
+def plan_model(model: torch.nn.Module, args: tuple, kwargs: dict, budget, hw: Hardware, *,
+               train: bool = False, grad_outputs: str = "auto", **options) -> Plan:
     budget_bytes = parse_budget(budget, hw.device_bytes)
     t = time.perf_counter()
-    captured = capture(model, args, kwargs)
-    record = PassRecord("capture", time.perf_counter() - t)
+    if train:
+        captured = capture_joint(model, args, kwargs, grad_outputs=grad_outputs)
+        record = PassRecord("capture", time.perf_counter() - t, "forward + backward")
+    else:
+        captured = capture(model, args, kwargs)
+        record = PassRecord("capture", time.perf_counter() - t)
     return plan_captured(captured, budget_bytes, hw, model_name=type(model).__name__,
                          passes=[record], **options), captured

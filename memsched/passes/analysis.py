@@ -9,14 +9,15 @@ with an offload. Results are stored on the graph (``node.meta["memsched.step"]``
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.utils._pytree as pytree
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ..compiler.capture import INPUT, PERSISTENT, Captured
+from ..compiler.capture import INPUT, PERSISTENT, Captured, written_args
+from ..runtime import ops
 
 ACTIVATION, OUTPUT = "activation", "output"
 START = -1  # virtual step before the program: weights and inputs are defined here
@@ -64,6 +65,13 @@ class Program:
     values: dict[str, Value]
     live_bytes: np.ndarray        # device bytes live at each step if nothing ever moves
     start_bytes: int = 0          # bytes held before the first step (model tensors and inputs)
+    # training steps: the forward ends at ``boundary``; the caller holds the forward outputs
+    # (``user_held``) from there on; ``pinned`` model tensors are updated in place (batch norm
+    # statistics) and stay resident; ``recipes`` say how a value can be recomputed
+    boundary: int | None = None
+    user_held: frozenset = frozenset()
+    pinned: frozenset = frozenset()
+    recipes: dict = field(default_factory=dict)
 
     @property
     def n_steps(self) -> int:
@@ -173,4 +181,72 @@ def analyze(captured: Captured) -> Program:
     # before the first step every input is held, read or not, beside the model's tensors
     start = sum(b.nbytes for b in buffers if b.def_step == START and (b.kind not in PERSISTENT or len(b.events) > 1))
     vals = {k: Value(k, v["step"], v["last_use"], v["buffers"], v["single_tensor"]) for k, v in values.items()}
-    return Program(tuple(steps), buffers, vals, live, int(start))
+    written = _written_buffers(graph, values)
+    boundary = user_held = None
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is ops.boundary:
+            boundary = node.meta["memsched.step"]
+            user_held = frozenset(b for a in node.all_input_nodes for b in values[a.name]["buffers"])
+    pinned = frozenset(b.id for b in buffers if b.kind in PERSISTENT and b.id in written)
+    recipes = find_recipes(graph, vals, written) if boundary is not None else {}
+    return Program(tuple(steps), buffers, vals, live, int(start), boundary, user_held or frozenset(),
+                   pinned, recipes)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to recompute a value: re-run ``op`` (then take item ``index`` of its tuple)."""
+
+    value: str
+    op: str                   # the node to re-run
+    index: int | None         # getitem index when ``value`` is one output of a tuple op
+    inputs: tuple[str, ...]   # values the op reads
+    step: int                 # the op's step (its cost is that step's time)
+    extra_bytes: int          # other outputs of a tuple op, held for a moment
+
+
+def _written_buffers(graph: torch.fx.Graph, values: dict) -> set[int]:
+    """Buffers some op writes in place."""
+    out: set[int] = set()
+    for node in graph.nodes:
+        if node.op == "call_function":
+            for target in written_args(node):
+                out.update(values[target.name]["buffers"])
+    return out
+
+
+def _recomputable(node: torch.fx.Node, written: set[int], values) -> bool:
+    """Deterministic, out of place, returns fresh storage, and reads nothing written in place
+    (re-running it later must give the same bits)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    schema = node.target._schema
+    if any(a.alias_info is not None for a in schema.arguments) or any(r.alias_info is not None for r in schema.returns):
+        return False
+    if written_args(node):
+        return False
+    if torch.Tag.nondeterministic_seeded in node.target.tags or torch.Tag.inplace_view in node.target.tags:
+        return False
+    return not any(b in written for a in node.all_input_nodes for b in values[a.name].buffers)
+
+
+def find_recipes(graph: torch.fx.Graph, values: dict, written: set[int]) -> dict[str, Recipe]:
+    out: dict[str, Recipe] = {}
+    for node in graph.nodes:
+        val = values.get(node.name)
+        if val is None or not val.single_tensor or node.op != "call_function":
+            continue
+        if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+            op, index = node.args[0], node.args[1]
+            outs = op.meta.get("val")
+            if not isinstance(outs, (tuple, list)):
+                continue
+            others = [t for i, t in enumerate(outs) if i != index and isinstance(t, torch.Tensor)]
+            extra = sum(_storage_nbytes(t) for t in others)
+        else:
+            op, index, extra = node, None, 0
+        if not _recomputable(op, written, values):
+            continue
+        out[node.name] = Recipe(node.name, op.name, index, tuple(a.name for a in op.all_input_nodes),
+                                values[op.name].step, extra)
+    return out

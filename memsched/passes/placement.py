@@ -7,7 +7,10 @@ Decisions
     offloaded to host or disk and fetched back, or (model tensors, read-only) dropped and
     fetched again from their home;
   * for every fetch, its lead: issued one segment early (overlapped, but holding the bytes a
-    segment longer) or at the start of the segment that uses it (less memory, may stall).
+    segment longer) or at the start of the segment that uses it (less memory, may stall);
+  * (training) an activation's gap may instead be dropped and the value recomputed from its
+    op's inputs where it is next read, if those inputs are on the device then (their own gaps
+    kept, weights resident): the op's time is added to that segment's compute.
 Constraints
   * device bytes <= budget in every segment, counting the exact step-level peak of buffers
     busy inside the segment plus everything held across it (lesson 2);
@@ -33,7 +36,7 @@ from .analysis import START, Program
 from .segments import Segments
 
 DEVICE = "device"
-KEEP, REFETCH = "keep", "refetch"
+KEEP, REFETCH, RECOMPUTE = "keep", "refetch", "recompute"
 _EPS = 1e-3          # price of a transferred second relative to a second of step time
 _US = 1e6           # the MIP counts time in microseconds, so integral solvers lose nothing
 _LATE_PENALTY = 4.0  # greedy: a late (unoverlapped) fetch costs about this many transfer times
@@ -55,7 +58,7 @@ class Gap:
 class Placement:
     resident: frozenset[int]               # model tensors kept on the device for the whole run
     home: dict[int, str]                   # other used model tensors -> HOST or DISK
-    gap_choice: dict[int, str]             # gap id -> KEEP / REFETCH / HOST / DISK
+    gap_choice: dict[int, str]             # gap id -> KEEP / REFETCH / HOST / DISK / RECOMPUTE
     early: set                             # fetches issued a segment ahead: ("init", b) / ("gap", g)
     gaps: list[Gap]
     min_budget_bytes: int
@@ -80,7 +83,9 @@ class PlacementModel:
         self.dev = hw.device_type
         self.compute = np.array([float(step_time[segments.bounds[j]:segments.bounds[j + 1]].sum())
                                  for j in range(self.K)])
-        self.persistent = [b.id for b in program.buffers if b.kind in PERSISTENT and len(b.events) > 1]
+        self.pinned = program.pinned     # updated in place: resident, never moved
+        self.persistent = [b.id for b in program.buffers
+                           if b.kind in PERSISTENT and len(b.events) > 1 and b.id not in self.pinned]
         self.first_seg = {b: segments.seg(next(e for e in program.buffers[b].events if e != START))
                           for b in self.persistent}
         self.last_seg = {b: segments.seg(program.buffers[b].last_step) for b in self.persistent}
@@ -88,6 +93,37 @@ class PlacementModel:
         self.gaps: list[Gap] = []
         self.gap_span: dict[int, tuple[int, int]] = {}   # gap -> (first, last) held segment if kept
         self._build(min_evict_bytes)
+        # recompute options: gap -> (seconds, transient bytes, gaps that must be kept, weights
+        # that must be resident)
+        self.recompute: dict[int, tuple[float, int, tuple[int, ...], tuple[int, ...]]] = {}
+        self._recompute_options(step_time)
+
+    def _recompute_options(self, step_time) -> None:
+        p = self.p
+        gaps_of: dict[int, list[Gap]] = {}
+        for g in self.gaps:
+            gaps_of.setdefault(g.buffer, []).append(g)
+        for g in self.gaps:
+            recipe = p.recipes.get(g.value)
+            if g.persistent or recipe is None:
+                continue
+            t, keep, weights, ok = g.end, [], [], True
+            for name in recipe.inputs:
+                val = p.values[name]
+                for b in val.buffers:
+                    buf = p.buffers[b]
+                    if buf.kind in PERSISTENT:
+                        if name != buf.values[0]:
+                            ok = False  # a view of a weight: a refetch restores the weight only
+                        elif b not in self.pinned:
+                            weights.append(b)
+                    elif val.last_use < t:
+                        ok = False  # dead by then: recomputing would need it kept longer
+                    else:
+                        keep += [h.id for h in gaps_of.get(b, ()) if h.start < t <= h.end]
+            if ok and g.id not in keep:
+                self.recompute[g.id] = (float(step_time[recipe.step]), recipe.extra_bytes,
+                                        tuple(sorted(set(keep))), tuple(sorted(set(weights))))
 
     def size(self, b: int) -> int:
         return self.p.buffers[b].nbytes
@@ -118,9 +154,15 @@ class PlacementModel:
                 hi = seg_end if later else min(by_seg[j][-1], n)
                 diff[lo] += b.nbytes
                 diff[hi + 1] -= b.nbytes
+            if b.id in self.pinned:  # resident before its first and after its last segment too
+                self.const[:seg_ids[0]] += b.nbytes
+                self.const[seg_ids[-1] + 1:] += b.nbytes
             for a, c in zip(events, events[1:]):
                 A, C = s.seg(a), s.seg(c)
                 if C - A < 2:
+                    continue
+                if b.id in self.pinned or (b.id in p.user_held and p.boundary is not None and a >= p.boundary):
+                    self.const[A + 1:C] += b.nbytes  # the caller holds it: moving it frees nothing
                     continue
                 value = self._single_value(b, a, c)
                 if persistent and value != b.values[0]:
@@ -154,8 +196,16 @@ class PlacementModel:
                 out.append((("init", b), b, None, self.first_seg[b]))
         for g in self.gaps:
             c = choice[g.id]
-            if c != KEEP:
+            if c not in (KEEP, RECOMPUTE):
                 out.append((("gap", g.id), g.buffer, None if c == REFETCH else c, self.s.seg(g.end)))
+        return out
+
+    def recompute_s(self, choice) -> np.ndarray:
+        """Seconds of recomputation per segment."""
+        out = np.zeros(self.K)
+        for gid, (secs, _, _, _) in self.recompute.items():
+            if choice[gid] == RECOMPUTE:
+                out[self.s.seg(self.gaps[gid].end)] += secs
         return out
 
     def segment_bytes(self, resident, choice, early) -> np.ndarray:
@@ -170,6 +220,9 @@ class PlacementModel:
         for key, b, _, c in self.fetches(resident, choice):
             if key in early and c >= 1:
                 mem[c - 1] += self.size(b)
+        for gid, (_, extra, _, _) in self.recompute.items():
+            if choice[gid] == RECOMPUTE:
+                mem[self.s.seg(self.gaps[gid].end)] += extra
         return mem
 
     def loads(self, resident, home, choice, early) -> tuple[np.ndarray, float]:
@@ -194,7 +247,8 @@ class PlacementModel:
 
     def objective(self, resident, home, choice, early) -> float:
         loads, late = self.loads(resident, home, choice, early)
-        return float(np.maximum(self.compute, loads.max(axis=0)).sum() + late + _EPS * (loads.sum() + late))
+        compute = self.compute + self.recompute_s(choice)
+        return float(np.maximum(compute, loads.max(axis=0)).sum() + late + _EPS * (loads.sum() + late))
 
     def min_budget(self) -> int:
         return int(np.ceil(self.const.max())) if self.K else 0
@@ -259,7 +313,7 @@ def _prefer_host(m: PlacementModel, p: Placement) -> None:
 
 
 def _placement(m, resident, home, choice, early, status, **kw) -> Placement:
-    return Placement(frozenset(resident), dict(home), dict(choice), set(early), m.gaps, m.min_budget(),
+    return Placement(frozenset(resident) | m.pinned, dict(home), dict(choice), set(early), m.gaps, m.min_budget(),
                      m.segment_bytes(resident, choice, early), status, 0.0,
                      m.objective(resident, home, choice, early), **kw)
 
@@ -276,6 +330,9 @@ def _greedy(m: PlacementModel) -> Placement:
     gaps_of: dict[int, list[int]] = {}
     for g in m.gaps:
         gaps_of.setdefault(g.buffer, []).append(g.id)
+    locked_gaps: set[int] = set()      # read by a recomputation: must stay kept
+    locked_weights: set[int] = set()   # read by a recomputation: must stay resident
+    allow_recompute = True
     mem = m.segment_bytes(resident, choice, early)
     while mem.max() > m.budget:
         over = (mem > m.budget).astype(np.float64)
@@ -289,7 +346,7 @@ def _greedy(m: PlacementModel) -> Placement:
                 if relief > 0 and relief / (cost + 1e-12) > best_score:
                     best, best_score = move + (late,), relief / (cost + 1e-12)
 
-        for b in resident:
+        for b in resident - locked_weights:
             c0, nb = m.first_seg[b], m.size(b)
             tier = HOST if host_left >= nb else DISK
             window = over[c0 - 1] * nb if c0 >= 1 else 0.0
@@ -299,10 +356,17 @@ def _greedy(m: PlacementModel) -> Placement:
                      (over[:max(c0 - 1, 0)].sum() + over[m.last_seg[b] + 1:].sum() + unlocks) * nb,
                      window, m.transfer_s(nb, fetch_links(tier, m.dev)))
         for g in m.gaps:
-            if choice[g.id] != KEEP or (g.persistent and g.buffer in resident):
+            if choice[g.id] != KEEP or (g.persistent and g.buffer in resident) or g.id in locked_gaps:
                 continue
             lo, hi = m.gap_span[g.id]
             nb = m.size(g.buffer)
+            option = m.recompute.get(g.id) if allow_recompute else None
+            if option is not None and all(choice[h] == KEEP for h in option[2]) \
+                    and all(w in resident for w in option[3]):
+                # no lead: the whole window is freed, for the op's time
+                relief = over[lo:hi + 1].sum() * nb - over[m.s.seg(g.end)] * option[1]
+                if relief > 0 and relief / (option[0] + 1e-12) > best_score:
+                    best, best_score = ("rc", g, None, True), relief / (option[0] + 1e-12)
             if g.persistent:
                 tier = home[g.buffer]
                 secs = m.transfer_s(nb, fetch_links(tier, m.dev))
@@ -314,6 +378,17 @@ def _greedy(m: PlacementModel) -> Placement:
             if key in early and c >= 1 and over[c - 1]:
                 tier = tier or home[b]
                 consider(("late", key, None), 0.0, m.size(b), m.transfer_s(m.size(b), fetch_links(tier, m.dev)))
+        if best is None and allow_recompute and RECOMPUTE in choice.values():
+            # recomputations keep their inputs on the device; near the minimum budget those
+            # inputs must move too: give them up and go on with moves only
+            for gid, c in choice.items():
+                if c == RECOMPUTE:
+                    choice[gid] = KEEP
+            locked_gaps.clear()
+            locked_weights.clear()
+            allow_recompute = False
+            mem = m.segment_bytes(resident, choice, early)
+            continue
         if best is None:  # cannot happen when budget >= min_budget; guard against model bugs
             raise InfeasibleBudgetError(m.budget, int(mem.max()), "greedy placement found no move")
         kind, item, tier, late = best
@@ -324,6 +399,10 @@ def _greedy(m: PlacementModel) -> Placement:
                 early.add(("init", item))
             if tier == HOST:
                 host_left -= m.size(item)
+        elif kind == "rc":
+            choice[item.id] = RECOMPUTE
+            locked_gaps.update(m.recompute[item.id][2])
+            locked_weights.update(m.recompute[item.id][3])
         elif kind == "gap":
             choice[item.id] = REFETCH if item.persistent else tier
             if not late:
@@ -422,6 +501,7 @@ def _solve_mip(m: PlacementModel, warm: Placement, deadline: float) -> Placement
         return lead
 
     r, d, y, oh, od, leads, lead_parts, fetched = {}, {}, {}, {}, {}, {}, {}, {}
+    rc, rc_deps, rc_time = {}, [], [[] for _ in range(m.K)]
     host_terms = []
     for b in m.persistent:
         nb = float(m.size(b))
@@ -467,17 +547,31 @@ def _solve_mip(m: PlacementModel, warm: Placement, deadline: float) -> Placement
                 tiers[HOST] = oh[g.id]
                 load(oh[g.id], HOST, m.s.seg(g.start), nb, offload=True)
                 host_terms.append(nb * oh[g.id])
-            solver.Add(y[g.id] + Sum(list(tiers.values())) == 1)
+            choices = [y[g.id]] + list(tiers.values())
+            if g.id in m.recompute:
+                secs, extra, keep, weights = m.recompute[g.id]
+                rc[g.id] = solver.BoolVar(f"rc{g.id}")
+                choices.append(rc[g.id])
+                rc_time[m.s.seg(g.end)].append(secs * _US * rc[g.id])
+                if extra:
+                    mem[m.s.seg(g.end)].append((float(extra), rc[g.id]))
+                rc_deps += [(g.id, "gap", h) for h in keep] + [(g.id, "weight", w) for w in weights]
+            solver.Add(Sum(choices) == 1)
             cap = 1 - y[g.id]
         # the last held segment (c-1) is covered by y; an early fetch holds it too
         lead = fetch_split(("g", g.id), tiers, c, nb, cap)
         leads[("gap", g.id)] = lead
+    for gid, kind, dep in rc_deps:  # a recomputation reads its inputs on the device
+        solver.Add(rc[gid] <= (y[dep] if kind == "gap" else r[dep]))
     for j in range(m.K):
         if mem[j]:
             solver.Add(Sum([coef * v for coef, v in mem[j]]) <= m.budget - m.const[j])
     if has_host and host_terms:
         solver.Add(Sum(host_terms) <= float(m.hw.host_bytes))
     tau = [solver.NumVar(float(m.compute[j]) * _US, inf, f"tau{j}") for j in range(m.K)]
+    for j in range(m.K):
+        if rc_time[j]:
+            solver.Add(tau[j] >= float(m.compute[j]) * _US + Sum(rc_time[j]))
     moved = []
     for (link, j), terms in loads.items():
         if terms:
@@ -495,6 +589,8 @@ def _solve_mip(m: PlacementModel, warm: Placement, deadline: float) -> Placement
     for g in m.gaps:
         c = warm.gap_choice[g.id]
         hint_vars.append(y[g.id]); hint_vals.append(float(c == KEEP))
+        if g.id in rc:
+            hint_vars.append(rc[g.id]); hint_vals.append(float(c == RECOMPUTE))
         if not g.persistent:
             hint_vars.append(od[g.id]); hint_vals.append(float(c == DISK))
             if has_host:
@@ -521,8 +617,9 @@ def _solve_mip(m: PlacementModel, warm: Placement, deadline: float) -> Placement
         moved_out = warm.gap_choice[gid] != KEEP
         hint_vars.append(var); hint_vals.append(float(moved_out and warm.home.get(g.buffer) == tier))
     warm_loads = m.loads(warm.resident, warm.home, warm.gap_choice, warm.early)[0].max(axis=0)
+    warm_compute = m.compute + m.recompute_s(warm.gap_choice)
     for j in range(m.K):
-        hint_vars.append(tau[j]); hint_vals.append(float(max(m.compute[j], warm_loads[j])) * _US)
+        hint_vars.append(tau[j]); hint_vals.append(float(max(warm_compute[j], warm_loads[j])) * _US)
     solver.SetHint(hint_vars, hint_vals)
     solver.SetTimeLimit(int(max(deadline - time.perf_counter(), 0.1) * 1000))
     status = solver.Solve()
@@ -536,6 +633,8 @@ def _solve_mip(m: PlacementModel, warm: Placement, deadline: float) -> Placement
     for g in m.gaps:
         if y[g.id].solution_value() > 0.5:
             choice[g.id] = KEEP
+        elif g.id in rc and rc[g.id].solution_value() > 0.5:
+            choice[g.id] = RECOMPUTE
         elif g.persistent:
             choice[g.id] = REFETCH
         else:

@@ -8,6 +8,7 @@ Every inserted node records the pass that made it in ``meta["memsched.pass"]``.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -15,7 +16,7 @@ import torch.fx as fx
 from ..compiler.capture import PERSISTENT, Captured
 from ..runtime import ops
 from .analysis import START, Program
-from .placement import DEVICE, KEEP, REFETCH, Placement
+from .placement import DEVICE, KEEP, RECOMPUTE, REFETCH, Placement
 from .segments import Segments
 
 PASS = "placement"
@@ -65,7 +66,11 @@ def build_schedule(captured: Captured, program: Program, segments: Segments,
             first = next(e for e in b.events if e != START)
             fetches.append(_Fetch(("init", b.id), b.values[0], b.values[0], None, placement.home[b.id],
                                   first, _moved_bytes(nodes[b.values[0]])))
-    evicted = [gap for gap in placement.gaps if placement.gap_choice[gap.id] != KEEP]
+    evicted = [gap for gap in placement.gaps if placement.gap_choice[gap.id] not in (KEEP, RECOMPUTE)]
+    recomputed = [gap for gap in placement.gaps if placement.gap_choice[gap.id] == RECOMPUTE]
+    recompute_at: dict[int, list] = {}
+    for gap in recomputed:
+        recompute_at.setdefault(gap.end, []).append(gap)
     for gap in evicted:
         choice = placement.gap_choice[gap.id]
         b = buffers[gap.buffer]
@@ -80,8 +85,8 @@ def build_schedule(captured: Captured, program: Program, segments: Segments,
         issue_seg = use_seg - 1 if (f.key in placement.early and use_seg >= 1) else use_seg
         issue_at.setdefault(issue_seg, []).append(f)
         wait_at.setdefault(f.target_step, []).append(f)
-    evict_after = {gap.start: [] for gap in evicted}
-    for gap in evicted:
+    evict_after = {gap.start: [] for gap in evicted + recomputed}
+    for gap in evicted + recomputed:
         evict_after[gap.start].append(gap)
 
     def mark(node, pass_name, **meta):
@@ -129,6 +134,19 @@ def build_schedule(captured: Captured, program: Program, segments: Segments,
         if dead:
             mark(g.call_function(ops.free, tuple(dead)), PASS)
 
+    def recompute(recipe):
+        """Re-run the op that made a dropped value, reading its inputs where they are now."""
+        op = g.node_copy(nodes[recipe.op], lambda a: env[a.name])
+        mark(op, "recompute", restores=recipe.value)
+        if recipe.index is None:
+            env[recipe.value] = op
+            return
+        item = g.call_function(operator.getitem, (op, recipe.index))
+        item.meta.update(nodes[recipe.value].meta)
+        mark(item, "recompute", restores=recipe.value)
+        env[recipe.value] = item
+        mark(g.call_function(ops.free, (op,)), "recompute")  # the op's other outputs
+
     last_use_at: dict[int, list[str]] = {}
     for v in program.values.values():
         if v.last_use < end:
@@ -140,13 +158,15 @@ def build_schedule(captured: Captured, program: Program, segments: Segments,
             free([v for v in last_use_at.get(START, [])])  # unused inputs
         for step in segments.steps(j):
             await_fetches(step)
+            for gap in recompute_at.get(step, []):
+                recompute(program.recipes[gap.value])
             n = nodes[program.steps[step]]
             new = g.node_copy(n, lambda a: env[a.name])
             new.meta["memsched.pass"] = "capture"
             env[n.name] = new
             dying = list(last_use_at.get(step, []))
             for gap in evict_after.get(step, []):
-                if gap.persistent:
+                if gap.persistent or placement.gap_choice[gap.id] == RECOMPUTE:
                     dying.append(gap.value)  # the home copy stays; just drop the device one
                 else:
                     h = g.call_function(ops.offload, (env[gap.value], placement.gap_choice[gap.id]))

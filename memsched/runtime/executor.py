@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from ..compiler.capture import INPUT, PERSISTENT, Captured
+from ..compiler.capture import INPUT, PERSISTENT, Captured, written_args
 from . import ops
 from .accounting import DeviceAccountant, RecyclePool
 from .stores import DiskStore, HostPool, Layout, make_offload_dir
@@ -96,6 +96,9 @@ def generate_source(gm: fx.GraphModule, device: torch.device | None = None) -> t
                 body.append(f"_{n.name} = rt.wait({args})")
             elif n.target is ops.offload:
                 body.append(f"_{n.name} = rt.offload({args})")
+            elif n.target is ops.boundary:
+                # a training step: hand the forward outputs over, resume with their gradients
+                body.append(f"_{n.name} = yield ({args}{',' if len(n.args) == 1 else ''}); rt.track(_{n.name})")
             elif n.target is ops.free:
                 # plain tensors go straight to the accountant; handles, tuples and tensors an
                 # offload is still reading go through the runtime
@@ -122,6 +125,7 @@ class Executor:
     def __init__(self, gm: fx.GraphModule, captured: Captured, model: torch.nn.Module,
                  device: torch.device, budget: int, offload_dir=None):
         self.gm, self.captured, self.device, self.budget = gm, captured, device, budget
+        self.model = model
         self.cuda = device.type == "cuda"
         src, glb = generate_source(gm, device)
         self.source = src
@@ -135,6 +139,9 @@ class Executor:
         self.disk = DiskStore(make_offload_dir(offload_dir)) if needs_disk else None
         self.engine = TransferEngine(device, self.disk, self.host)
         self._finalizer = weakref.finalize(self, _close, self.engine, self.disk)
+        self._copies: list[tuple[int, torch.Tensor, int]] = []  # (slot, model tensor, its version)
+        self._written = _written_placeholders(gm)
+        self._step = None
         self._slots = self._place_model_tensors(model, tiers)
         self._outgoing: dict[int, Outgoing] = {}
         # on CUDA the caching allocator already reuses fetch buffers; on a CPU device we do
@@ -154,25 +161,46 @@ class Executor:
             if t.device.type == "meta":
                 raise ValueError(f"{ph.target} is on the meta device: compile needs real weights "
                                  "(memsched.plan plans meta models without them)")
-            tier = tiers[ph.name]
-            if tier == "unused":
-                slots.append(None)
-            elif tier == "device":
-                slots.append(t if t.device == self.device else t.to(self.device))
-            elif tier == "host":
-                if self.cuda:
-                    host = self.host.take(Layout.of(t))
-                    host.copy_(t)
-                    slots.append(HostCopy(host, Layout.of(t)))
-                else:  # on a CPU device the model's own tensor is the host copy; read-only
-                    slots.append(HostCopy(t if t.is_contiguous() else t.contiguous(), Layout.of(t), pooled=False))
+            slots.append(self._slot_for(t, tiers[ph.name]))
+            if not (isinstance(slots[-1], torch.Tensor) and slots[-1] is t) and slots[-1] is not None \
+                    and not (isinstance(slots[-1], HostCopy) and slots[-1].tensor is t):
+                self._copies.append((len(slots) - 1, t, t._version))
+        return slots
+
+    def _slot_for(self, t: torch.Tensor, tier: str):
+        """The model tensor as the program reads it: itself, or a copy in its home tier."""
+        if tier == "unused":
+            return None
+        if tier == "device":
+            return t if t.device == self.device else t.to(self.device)
+        if tier == "host":
+            if self.cuda:
+                host = self.host.take(Layout.of(t))
+                host.copy_(t)
+                return HostCopy(host, Layout.of(t))
+            # on a CPU device the model's own tensor is the host copy; read-only
+            return HostCopy(t if t.is_contiguous() else t.contiguous(), Layout.of(t), pooled=False)
+        src = t.cpu()
+        src = src if Layout.of(src).stride == tuple(src.stride()) else src.contiguous()
+        offset = self.disk.allocate(Layout.of(src).nbytes)
+        self.disk.write(offset, src)
+        return DiskCopy(offset, Layout.of(src), owned=False)
+
+    def _refresh(self) -> None:
+        """Copies of model tensors the user changed since (an optimizer step) are renewed."""
+        for k, (i, t, version) in enumerate(self._copies):
+            if t._version == version:
+                continue
+            old = self._slots[i]
+            if isinstance(old, torch.Tensor):
+                old.copy_(t)
+            elif isinstance(old, HostCopy):
+                old.tensor.copy_(t)
             else:
                 src = t.cpu()
                 src = src if Layout.of(src).stride == tuple(src.stride()) else src.contiguous()
-                offset = self.disk.allocate(Layout.of(src).nbytes)
-                self.disk.write(offset, src)
-                slots.append(DiskCopy(offset, Layout.of(src), owned=False))
-        return slots
+                self.disk.write(old.offset, src)
+            self._copies[k] = (i, t, t._version)
 
     # -- the runtime interface the generated program calls --------------------------------
     def prefetch(self, src):
@@ -212,7 +240,8 @@ class Executor:
                 self.acct.release(leaf)
 
     # -- a call ---------------------------------------------------------------------------
-    def run(self, flat_inputs: list) -> list:
+    def _begin(self, flat_inputs: list) -> list:
+        self._refresh()
         self.acct = DeviceAccountant(self.budget, self._pool)
         self.engine.stats.bytes_moved.clear()
         self.engine.stats.stall_s = 0.0
@@ -232,12 +261,64 @@ class Executor:
                 values.append(slot)
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+        return values
+
+    def run(self, flat_inputs: list) -> list:
+        values = self._begin(flat_inputs)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = self._program(self, values, self.acct.track, self.acct.release)
+        self._end(time.perf_counter() - t0)
+        return list(out)
+
+    # -- a training step: the program is a generator paused at the boundary ---------------
+    def start(self, flat_inputs: list) -> list:
+        """Run the forward; returns the forward outputs. ``resume`` runs the backward."""
+        values = self._begin(flat_inputs)
+        t0 = time.perf_counter()
+        self._step = self._program(self, values, self.acct.track, self.acct.release)
+        with torch.no_grad():
+            outputs = next(self._step)
+        self._write_back()
+        self._forward_s = time.perf_counter() - t0
+        return list(outputs)
+
+    def resume(self, tangents: list) -> list:
+        """Run the backward with the gradients of the forward outputs; returns all outputs."""
+        step, self._step = self._step, None
+        if step is None:
+            raise RuntimeError("memsched: backward of a training step whose saved state was released "
+                               "(another forward ran before it); memsched runs one step at a time")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            try:
+                step.send(tuple(tangents))
+            except StopIteration as stop:
+                out = stop.value
+            else:
+                raise RuntimeError("the scheduled program has more than one boundary")
+        self._end(self._forward_s + time.perf_counter() - t0)
+        return list(out)
+
+    def abandon(self) -> None:
+        """Drop a started step's saved state (its backward will not run)."""
+        if getattr(self, "_step", None) is not None:
+            self._step.close()
+            self._step = None
+            self._outgoing.clear()
+
+    def _write_back(self) -> None:
+        """Model buffers the forward updated in place (batch-norm statistics) are copied back
+        when the program worked on a device copy of them."""
+        for k, (i, t, _) in enumerate(self._copies):
+            slot = self._slots[i]
+            if self.captured.placeholders[i].name in self._written and isinstance(slot, torch.Tensor):
+                t.copy_(slot)
+                self._copies[k] = (i, t, t._version)
+
+    def _end(self, wall: float) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        wall = time.perf_counter() - t0
         self._outgoing.clear()
         self.last_stats = RunStats(
             peak_device_bytes=self.acct.peak,
@@ -246,10 +327,13 @@ class Executor:
             wall_s=wall,
             cuda_max_memory_allocated=torch.cuda.max_memory_allocated(self.device) if self.cuda else None,
         )
-        return list(out)
 
     def close(self) -> None:
         self._finalizer()
+
+
+def _written_placeholders(gm: fx.GraphModule) -> set[str]:
+    return {a.name for n in gm.graph.nodes for a in written_args(n) if a.op == "placeholder"}
 
 
 def _tensor_leaves(value) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The four ops the rewriting pass inserts into a scheduled graph.
+"""The ops the rewriting passes insert into a scheduled graph.
 
 They are fx call targets, so a scheduled program prints as Python that names them; the
 executor gives them their meaning (``runtime/executor.py``). Calling one directly is a bug.
@@ -23,4 +23,8 @@ offload = _not_callable("offload")
 # free(*xs): drop device references (after any offload reading them has finished) or handles
 free = _not_callable("free")
 
-INSERTED_OPS = (prefetch, wait, offload, free)
+# boundary(*outputs) -> tangents: a training step's forward ends here; the program hands the
+# forward outputs to autograd and resumes with the gradients of those outputs (backward)
+boundary = _not_callable("boundary")
+
+INSERTED_OPS = (prefetch, wait, offload, free, boundary)

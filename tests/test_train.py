@@ -1,0 +1,185 @@
+"""Training inside a budget: loss, gradients, batch-norm statistics and optimizer steps equal
+eager PyTorch at 100%, 60%, 40% of the unconstrained training peak and at the minimum."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import memsched
+from memsched.passes.placement import RECOMPUTE
+from train_zoo import TRAIN_ZOO, build_train
+
+FRACTIONS = (1.0, 0.6, 0.4, "min")
+HW = "local"  # this machine's calibrated profile (on CPU: no host tier, moves go to disk)
+
+
+def _eager_step(model, args, kwargs, loss_fn, seed=0):
+    torch.manual_seed(seed)
+    loss = loss_fn(model(*args, **kwargs))
+    loss.backward()
+    return loss.detach()
+
+
+def _compile(model, budget, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return memsched.compile(model, budget, train=True, device="cpu", time_limit_s=3.0, **kw)
+
+
+def _training_peak(model, args, kwargs) -> memsched.Plan:
+    return memsched.plan(model, args, budget=10**13, example_kwargs=kwargs, train=True)
+
+
+def _assert_same_grads(ref, model):
+    for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+        if p.grad is None:
+            assert q.grad is None, f"{name}: memsched produced a gradient eager did not"
+            continue
+        assert q.grad is not None, f"{name}: no gradient"
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def _budget_or_min(model, args, kwargs, frac, p0):
+    peak = p0.program.peak_bytes
+    if frac == "min":
+        return p0.min_budget_bytes
+    budget = int(peak * frac)
+    if budget < p0.min_budget_bytes:
+        with pytest.raises(memsched.InfeasibleBudgetError) as err:
+            memsched.plan(model, args, budget=budget, example_kwargs=kwargs, train=True)
+        assert err.value.min_budget_bytes == p0.min_budget_bytes
+        return None
+    return budget
+
+
+@pytest.mark.parametrize("frac", FRACTIONS, ids=str)
+@pytest.mark.parametrize("name", list(TRAIN_ZOO))
+def test_training_step_matches_eager(name, frac):
+    model, args, kwargs, loss_fn = build_train(name)
+    ref = copy.deepcopy(model)
+    p0 = _training_peak(model, args, kwargs)
+    budget = _budget_or_min(model, args, kwargs, frac, p0)
+    if budget is None:
+        return  # below the minimum: the error above was the check
+    want = _eager_step(ref, args, kwargs, loss_fn)
+    cm = _compile(model, budget)
+    try:
+        torch.manual_seed(0)
+        loss = loss_fn(cm(*args, **kwargs))
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), want, rtol=0, atol=0)
+        _assert_same_grads(ref, model)
+        for (bname, b), (_, c) in zip(ref.named_buffers(), model.named_buffers()):
+            torch.testing.assert_close(c, b, rtol=0, atol=0, msg=lambda m: f"buffer {bname}: {m}")
+        plan = cm.plan
+        assert plan.verify() <= budget
+        assert plan.peak_device_bytes <= budget
+        assert cm.stats.peak_device_bytes <= budget, cm.stats
+        if frac == 1.0:
+            assert not plan.bytes_moved
+        if frac != 1.0 and budget < p0.program.peak_bytes:
+            assert plan.bytes_moved or RECOMPUTE in plan.placement.gap_choice.values()
+    finally:
+        cm.close()
+
+
+@pytest.mark.parametrize("name,frac", [("gpt2_dropout", 0.6), ("cnn_bn", 0.6), ("mlp", "min")])
+def test_adamw_steps_match_eager(name, frac):
+    """A few AdamW steps: the optimizer updates the model's own parameters, memsched's copies
+    (disk homes here) are renewed before the next step, and every parameter stays equal."""
+    model, args, kwargs, loss_fn = build_train(name)
+    ref = copy.deepcopy(model)
+    p0 = _training_peak(model, args, kwargs)
+    budget = _budget_or_min(model, args, kwargs, frac, p0) or p0.min_budget_bytes
+    cm = _compile(model, budget)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    try:
+        for step in range(3):
+            for m, o in ((ref, opt_ref), (cm, opt)):
+                o.zero_grad()
+                torch.manual_seed(step)
+                loss_fn(m(*args, **kwargs)).backward()
+                o.step()
+            for (pname, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+                torch.testing.assert_close(q, p, rtol=0, atol=0, msg=lambda m: f"step {step} {pname}: {m}")
+        assert cm.stats.peak_device_bytes <= budget
+    finally:
+        cm.close()
+
+
+def test_recompute_is_chosen_and_exact():
+    """At a budget between the minimum and the peak, some activations are recomputed (cheap
+    elementwise ops) instead of moved, and gradients stay bit-identical."""
+    model, args, kwargs, loss_fn = build_train("mlp")
+    ref = copy.deepcopy(model)
+    p0 = _training_peak(model, args, kwargs)
+    budget = (p0.min_budget_bytes + p0.program.peak_bytes) // 2
+    cm = _compile(model, budget)
+    loss_fn(cm(*args, **kwargs)).backward()
+    _eager_step(ref, args, kwargs, loss_fn)
+    _assert_same_grads(ref, model)
+    listing = str(cm.plan)
+    if RECOMPUTE in cm.plan.placement.gap_choice.values():
+        assert "[recompute]" in listing
+    assert cm.stats.peak_device_bytes <= budget
+    cm.close()
+
+
+def test_no_grad_calls_use_an_inference_plan():
+    model, args, kwargs, loss_fn = build_train("mlp")
+    cm = _compile(model, "1GB")
+    with torch.no_grad():
+        out = cm(*args, **kwargs)
+    assert not out.requires_grad
+    assert "boundary" not in str(cm.plan)
+    out = cm(*args, **kwargs)
+    assert out.requires_grad and "boundary" in str(cm.plan)
+    cm.close()
+
+
+def test_gradient_for_an_unplanned_output_is_an_error():
+    """With a loss output, the backward is planned from the loss; a loss built on the logits
+    must not silently give wrong gradients."""
+    model, args, kwargs, _ = build_train("gpt2_dropout")
+    cm = _compile(model, "1GB")
+    out = cm(*args, **kwargs)
+    with pytest.raises(RuntimeError, match="grad_outputs='all'"):
+        out.logits.sum().backward()
+    cm.close()
+
+
+def test_grad_outputs_all_trains_through_every_output():
+    model, args, kwargs, _ = build_train("gpt2_dropout")
+    ref = copy.deepcopy(model)
+    cm = _compile(model, "1GB", grad_outputs="all")
+    torch.manual_seed(0)
+    out = cm(*args, **kwargs)
+    (out.loss + out.logits.square().mean()).backward()
+    torch.manual_seed(0)
+    r = ref(*args, **kwargs)
+    (r.loss + r.logits.square().mean()).backward()
+    _assert_same_grads(ref, model)
+    cm.close()
+
+
+def test_model_without_trainable_parameters_is_rejected():
+    model, args, kwargs, _ = build_train("mlp")
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires grad"):
+        memsched.plan(model, args, budget="1GB", example_kwargs=kwargs, train=True)
+
+
+def test_meta_model_training_plan():
+    """Planning a training step needs no memory: the model may live on the meta device."""
+    from zoo import build_meta
+
+    model, args, kwargs = build_meta("gpt2")
+    model.train().requires_grad_(True)
+    plan = memsched.plan(model, args, budget=10**13, example_kwargs=kwargs, train=True)
+    tight = memsched.plan(model, args, budget=plan.min_budget_bytes, example_kwargs=kwargs, train=True)
+    assert tight.peak_device_bytes <= plan.min_budget_bytes
+    assert tight.verify() <= plan.min_budget_bytes
