@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", metavar="NAME", default=None,
                    help="hardware profile: a preset (see `memsched hardware`) or 'local' "
                         "(default: this machine, calibrated once and cached)")
-    p.add_argument("--train", action="store_true", help="plan a training step (not supported yet)")
+    p.add_argument("--train", action="store_true",
+                   help="plan a training step: forward and backward, saved activations kept, "
+                        "offloaded or recomputed")
     p.add_argument("--format", "-f", choices=FORMATS, default="table",
                    help="table: summary tables (default); code: the schedule listing, then the "
                         "summary; json: the summary numbers as JSON")
@@ -156,9 +158,6 @@ def _cmd_plan(args) -> int:
     from .errors import CaptureError, InfeasibleBudgetError
     from .targets import load_target
 
-    if args.train:
-        _error("--train is not supported yet: memsched plans inference only")
-        return EXIT_USAGE
     try:
         with _status("memsched: resolving hardware") as update:
             hw = _resolve_hardware(args.hardware, update)
@@ -167,9 +166,13 @@ def _cmd_plan(args) -> int:
             t0 = time.perf_counter()
             model, inputs, kwargs, name = load_target(args.target, batch=args.batch, seq_len=args.seq_len)
             load_s = time.perf_counter() - t0
-            update(f"memsched: planning {type(model).__name__} in {memsched.format_bytes(budget_bytes)}")
+            if args.train:
+                kwargs = _training_target(model, kwargs)
+            what = "a training step of " if args.train else ""
+            update(f"memsched: planning {what}{type(model).__name__} in {memsched.format_bytes(budget_bytes)}")
             options = {} if args.time_limit is None else {"time_limit_s": args.time_limit}
-            plan = memsched.plan(model, inputs, budget_bytes, hardware=hw, example_kwargs=kwargs, **options)
+            plan = memsched.plan(model, inputs, budget_bytes, hardware=hw, example_kwargs=kwargs,
+                                 train=args.train, **options)
     except InfeasibleBudgetError as e:
         if args.debug:
             raise
@@ -197,6 +200,19 @@ def _cmd_plan(args) -> int:
         sys.stdout.flush()
     render_plan(console, plan, name=name, load_s=load_s)
     return EXIT_OK
+
+
+def _training_target(model, kwargs: dict) -> dict:
+    """Training mode with every parameter trained; language models get labels, so the step
+    starts from their loss."""
+    import inspect
+
+    model.train()
+    model.requires_grad_(True)
+    if "input_ids" in kwargs and "labels" not in kwargs and \
+            "labels" in inspect.signature(model.forward).parameters:
+        kwargs = dict(kwargs, labels=kwargs["input_ids"])
+    return kwargs
 
 
 def _resolve_hardware(spec, update):
@@ -313,9 +329,13 @@ def render_plan(console, plan, *, name: str = "", load_s: float | None = None) -
         links.add_row(link, fb(n) if n else "-", f"{bw / 1e9:.1f} GB/s" if bw else "-", busy)
     console.print(links)
 
+    if plan.is_training:
+        render_saved_activations(console, plan)
+
     t_pred, t_free = plan.predicted_time_s, plan.unconstrained.time_s
     slow = t_pred / t_free if t_free else 1.0
-    timing = Table(title="Predicted time per call", box=box.SIMPLE_HEAD, title_justify="left")
+    per = "training step" if plan.is_training else "call"
+    timing = Table(title=f"Predicted time per {per}", box=box.SIMPLE_HEAD, title_justify="left")
     timing.add_column("")
     timing.add_column("")
     timing.show_header = False
@@ -324,6 +344,8 @@ def render_plan(console, plan, *, name: str = "", load_s: float | None = None) -
     timing.add_row("slowdown", f"{slow:.2f}x")
     timing.add_row("compute", f"{plan.sim.compute_s * 1e3:.3f} ms")
     timing.add_row("stall on transfers", f"{plan.sim.stall_s * 1e3:.3f} ms")
+    if plan.is_training:
+        timing.add_row("recompute overhead", f"{plan.recompute_overhead_s() * 1e3:.3f} ms")
     solver = pl.status + (f", gap {pl.mip_gap:.1%}" if pl.mip_gap is not None else "")
     timing.add_row("solver", f"{escape(solver)} in {pl.solve_s:.2f} s ({plan.n_segments} segments, "
                              f"{len(pl.gaps)} movable gaps)")
@@ -340,6 +362,35 @@ def render_plan(console, plan, *, name: str = "", load_s: float | None = None) -
     total = sum(p.seconds for p in plan.passes) + (load_s or 0.0)
     passes.add_row("[bold]total[/bold]", f"[bold]{total * 1e3:.0f} ms[/bold]", "")
     console.print(passes)
+
+
+def render_saved_activations(console, plan, limit: int = 40) -> None:
+    """What the training plan does with each activation the forward saves for the backward."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .budget import format_bytes as fb
+
+    rows = plan.saved_activations()
+    totals: dict[str, int] = {}
+    for r in rows:
+        totals[r["decision"]] = totals.get(r["decision"], 0) + r["bytes"]
+    table = Table(title=f"Saved activations ({len(rows)})", box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("value")
+    table.add_column("bytes", justify="right")
+    table.add_column("forward step", justify="right")
+    table.add_column("backward use", justify="right")
+    table.add_column("decision")
+    colour = {"keep": "", "host": "[cyan]", "disk": "[magenta]", "recompute": "[yellow]"}
+    for r in sorted(rows, key=lambda r: -r["bytes"])[:limit]:
+        c = colour.get(r["decision"], "")
+        table.add_row(escape(r["value"]), fb(r["bytes"]), str(r["defined"]), str(r["last_use"]),
+                      f"{c}{r['decision']}[/]" if c else r["decision"])
+    table.caption = "totals: " + " · ".join(f"{k} {fb(v)}" for k, v in sorted(totals.items())) + (
+        f" (largest {limit} shown)" if len(rows) > limit else "")
+    table.caption_justify = "left"
+    console.print(table)
 
 
 # ----------------------------------------------------------------------------- hardware

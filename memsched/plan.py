@@ -9,6 +9,7 @@ from .budget import format_bytes
 from .cost_models.hardware import Hardware
 from .cost_models.simulator import SimResult
 from .passes.analysis import Program
+from .compiler.capture import PERSISTENT
 from .passes.placement import KEEP, Placement
 from .printer import listing
 
@@ -130,6 +131,39 @@ class Plan:
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+    # -- training steps ---------------------------------------------------------------------
+    @property
+    def is_training(self) -> bool:
+        return self.program is not None and self.program.boundary is not None
+
+    def saved_activations(self) -> list[dict]:
+        """Each activation the forward saves for the backward, with what the plan does with it
+        across the boundary: keep, host, disk (offloaded and prefetched) or recompute."""
+        if not self.is_training:
+            return []
+        p, pl = self.program, self.placement
+        crossing = {}
+        for g in pl.gaps:
+            if not g.persistent and g.start < p.boundary < g.end:
+                crossing[g.value] = pl.gap_choice[g.id]
+        rows = []
+        for v in p.values.values():
+            if 0 <= v.step < p.boundary < v.last_use and v.buffers:
+                b = p.buffers[v.buffers[0]]
+                if b.kind in PERSISTENT or b.values[0] != v.name or b.id in p.user_held:
+                    continue
+                rows.append({"value": v.name, "bytes": b.nbytes, "defined": v.step, "last_use": v.last_use,
+                             "decision": crossing.get(v.name, KEEP)})
+        return rows
+
+    def recompute_overhead_s(self) -> float:
+        """Predicted seconds of recomputation per step."""
+        return sum(s.end - s.start for s in self.sim.spans
+                   if s.stream == "compute" and s.name in self._recomputed_nodes())
+
+    def _recomputed_nodes(self) -> set[str]:
+        return {n.name for n in self.graph.graph.nodes if n.meta.get("memsched.pass") == "recompute"}
 
     # -- inspection (memsched/inspect/) -------------------------------------------------------
     def steps(self) -> list[dict]:

@@ -134,6 +134,21 @@ def test_plan_hf_config_path(capsys, tmp_path):
     assert report["tier_bytes"]["host"] + report["tier_bytes"]["disk"] > 0
 
 
+def test_plan_training_step(capsys, tmp_path):
+    """--train plans forward and backward: the saved activations and what happens to each."""
+    transformers = pytest.importorskip("transformers")
+    transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "plan", tmp_path, "--train", "--budget", "3MB", "--hardware", "t4",
+                         "--seq-len", "32", "--time-limit", "2")
+    assert code == 0, err
+    assert "Saved activations" in out and "recompute overhead" in out
+    assert "Predicted time per training step" in out
+    code, out, err = run(capsys, "plan", tmp_path, "--train", "--budget", "3MB", "--hardware", "t4",
+                         "--seq-len", "32", "--time-limit", "2", "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["peak_device_bytes"] <= 3 * 10**6
+
+
 def test_infeasible_budget_exits_3_with_minimum(capsys, factory):
     code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", "1KB", "--hardware", "h100")
     assert code == 3
@@ -144,7 +159,6 @@ def test_infeasible_budget_exits_3_with_minimum(capsys, factory):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--budget", "8 bananas"], "budget"),
-    (["--budget", "1MB", "--train"], "not supported"),
     (["--budget", "1MB", "--hardware", "tpu-v9"], "unknown hardware"),
 ])
 def test_bad_requests_exit_2(capsys, factory, argv, needle):
