@@ -81,6 +81,8 @@ def verify_schedule(gm: fx.GraphModule, budget: int) -> int:
                 if inp.op == "placeholder" and inp.meta.get("memsched.tier", "device") != "device":
                     raise PlanError(f"{where} reads {inp.name}, which lives on "
                                     f"{inp.meta.get('memsched.tier')} and was never loaded")
+                if n.op == "output" and inp.meta.get("memsched.delivers"):
+                    continue  # a gradient handed back as its host/disk copy
                 if kinds.get(inp.name) in (_PREFETCH, _OFFLOAD):
                     raise PlanError(f"{where} reads {inp.name}, a {kinds[inp.name]} handle, not a "
                                     f"device tensor (missing wait?)")

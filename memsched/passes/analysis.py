@@ -72,6 +72,7 @@ class Program:
     user_held: frozenset = frozenset()
     pinned: frozenset = frozenset()
     recipes: dict = field(default_factory=dict)
+    grads: frozenset = frozenset()   # buffers of parameter gradients (outputs of the step)
 
     @property
     def n_steps(self) -> int:
@@ -189,8 +190,10 @@ def analyze(captured: Captured) -> Program:
             user_held = frozenset(b for a in node.all_input_nodes for b in values[a.name]["buffers"])
     pinned = frozenset(b.id for b in buffers if b.kind in PERSISTENT and b.id in written)
     recipes = find_recipes(graph, vals, written) if boundary is not None else {}
+    grads = frozenset(b for n in output_node.all_input_nodes if n.meta.get("memsched.kind") == "grad"
+                      for b in values[n.name]["buffers"])
     return Program(tuple(steps), buffers, vals, live, int(start), boundary, user_held or frozenset(),
-                   pinned, recipes)
+                   pinned, recipes, grads - (user_held or frozenset()))
 
 
 @dataclass(frozen=True)

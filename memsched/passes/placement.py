@@ -52,6 +52,7 @@ class Gap:
     start: int          # event step before the gap
     end: int            # event step after the gap
     persistent: bool    # a model tensor: dropping needs no write-back
+    deliver: bool = False  # a gradient's last stretch: offloaded to its home, never fetched back
 
 
 @dataclass
@@ -105,7 +106,7 @@ class PlacementModel:
             gaps_of.setdefault(g.buffer, []).append(g)
         for g in self.gaps:
             recipe = p.recipes.get(g.value)
-            if g.persistent or recipe is None:
+            if g.persistent or g.deliver or recipe is None:
                 continue
             t, keep, weights, ok = g.end, [], [], True
             for name in recipe.inputs:
@@ -139,6 +140,9 @@ class PlacementModel:
             # model tensors arrive by fetch (or stay resident); user inputs are there at step 0
             events = ([e for e in b.events if e != START] if persistent
                       else sorted({max(e, 0) for e in b.events}))
+            deliver = b.id in p.grads and len(events) > 1 and events[-1] == n
+            if deliver:  # the step's end is not a read: the gradient may leave before it
+                events = events[:-1]
             by_seg: dict[int, list[int]] = {}
             for e in events:
                 by_seg.setdefault(s.seg(e), []).append(e)
@@ -148,7 +152,8 @@ class PlacementModel:
             for i, j in enumerate(seg_ids):
                 lo = s.bounds[j] if (persistent or i > 0) else by_seg[j][0]
                 # a model tensor is counted to the end of its last segment: resident ones stay
-                later = i + 1 < len(seg_ids) or b.is_output or persistent
+                later = i + 1 < len(seg_ids) or b.is_output or persistent  # (a delivered
+                # gradient too: held to its segment's end, when its offload has left)
                 # point n is the program end, where outputs are handed back
                 seg_end = n if j == self.K - 1 else s.bounds[j + 1] - 1
                 hi = seg_end if later else min(by_seg[j][-1], n)
@@ -173,6 +178,14 @@ class PlacementModel:
                     self.gap_span[g.id] = (A + 1, C - 1)
                 else:
                     self.const[A + 1:C] += b.nbytes
+            if deliver and s.seg(events[-1]) < self.K - 1:
+                g = Gap(len(self.gaps), b.id, self._single_value(b, events[-1], n) or "", events[-1], n,
+                        False, deliver=True)
+                if g.value and self.p.values[g.value].single_tensor:
+                    self.gaps.append(g)
+                    self.gap_span[g.id] = (s.seg(events[-1]) + 1, self.K - 1)
+                else:
+                    self.const[s.seg(events[-1]) + 1:] += b.nbytes
         prof = np.cumsum(diff[:n + 1])
         for j in range(self.K):
             lo = s.bounds[j]
@@ -196,7 +209,7 @@ class PlacementModel:
                 out.append((("init", b), b, None, self.first_seg[b]))
         for g in self.gaps:
             c = choice[g.id]
-            if c not in (KEEP, RECOMPUTE):
+            if c not in (KEEP, RECOMPUTE) and not g.deliver:
                 out.append((("gap", g.id), g.buffer, None if c == REFETCH else c, self.s.seg(g.end)))
         return out
 
@@ -370,6 +383,11 @@ def _greedy(m: PlacementModel) -> Placement:
             if g.persistent:
                 tier = home[g.buffer]
                 secs = m.transfer_s(nb, fetch_links(tier, m.dev))
+            elif g.deliver:  # offloaded for good: the whole window frees, no fetch to lead
+                tier = HOST if host_left >= nb else DISK
+                consider(("gap", g, tier), over[lo:hi + 1].sum() * nb, 0.0,
+                         m.transfer_s(nb, offload_links(tier, m.dev)))
+                continue
             else:
                 tier = HOST if host_left >= nb else DISK
                 secs = m.transfer_s(nb, fetch_links(tier, m.dev)) + m.transfer_s(nb, offload_links(tier, m.dev))
@@ -558,6 +576,8 @@ def _solve_mip(m: PlacementModel, warm: Placement, deadline: float) -> Placement
                 rc_deps += [(g.id, "gap", h) for h in keep] + [(g.id, "weight", w) for w in weights]
             solver.Add(Sum(choices) == 1)
             cap = 1 - y[g.id]
+        if g.deliver:
+            continue  # never fetched back: no lead
         # the last held segment (c-1) is covered by y; an early fetch holds it too
         lead = fetch_split(("g", g.id), tiers, c, nb, cap)
         leads[("gap", g.id)] = lead

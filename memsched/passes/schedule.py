@@ -72,6 +72,8 @@ def build_schedule(captured: Captured, program: Program, segments: Segments,
     for gap in recomputed:
         recompute_at.setdefault(gap.end, []).append(gap)
     for gap in evicted:
+        if gap.deliver:
+            continue  # a gradient offloaded to its home stays there: the step returns the copy
         choice = placement.gap_choice[gap.id]
         b = buffers[gap.buffer]
         tier = placement.home[b.id] if choice == REFETCH else choice
@@ -106,6 +108,7 @@ def build_schedule(captured: Captured, program: Program, segments: Segments,
             mark(new, "capture", tier=new.meta["memsched.tier"], kind=kinds.get(n.name, "input"))
             env[n.name] = new
     homes = dict(env)  # placeholders of home-tier tensors: the source of every fetch of them
+    delivered: dict[str, fx.Node] = {}  # gradients the step returns as their offloaded copy
     pending: dict[tuple[str, int], fx.Node] = {}
     handles: dict[int, fx.Node] = {}
     # never freed by the program: resident model tensors, and unused ones it never touched
@@ -173,12 +176,15 @@ def build_schedule(captured: Captured, program: Program, segments: Segments,
                     mark(h, PASS, tier=placement.gap_choice[gap.id],
                          nbytes=_moved_bytes(nodes[gap.value]), saves=gap.value)
                     handles[gap.id] = h
+                    if gap.deliver:
+                        h.meta["memsched.delivers"] = gap.value
+                        delivered[gap.value] = h
                     seg_end_free.append(gap.value)
             free(dying)
         free(seg_end_free)
         seg_end_free = []
     await_fetches(end)
     out = src_graph.output_node()
-    g.output(fx.node.map_arg(out.args[0], lambda a: env[a.name]))
+    g.output(fx.node.map_arg(out.args[0], lambda a: env[a.name] if a.name in env else delivered[a.name]))
     g.lint()
     return fx.GraphModule(captured.gm, g, class_name="ScheduledProgram")

@@ -42,7 +42,9 @@ class TrainStep:
                     f"there is one), but output {i} received a gradient too; compile with "
                     f"grad_outputs='all' to train through every output")
         result = self.executor.resume(tangents)
-        grads = result[c.n_outputs:]
+        # gradients the plan delivered to host or disk arrive as those copies
+        grads = [g if g is None or isinstance(g, torch.Tensor) else self.executor.engine.materialize(g)
+                 for g in result[c.n_outputs:]]
         return [None if g is None else g.to(p.device, p.dtype) for g, p in zip(grads, self.params)]
 
 

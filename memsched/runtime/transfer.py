@@ -149,6 +149,18 @@ class TransferEngine:
         elif isinstance(handle, DiskCopy) and handle.owned:
             self.disk.release(handle.offset, handle.layout.nbytes)
 
+    def materialize(self, handle) -> torch.Tensor:
+        """A host tensor the caller owns with the contents of an offloaded value (a gradient
+        delivered to its parameter's home)."""
+        if handle.ready is not None:
+            handle.ready.result()
+        if isinstance(handle, HostCopy):
+            return handle.tensor  # taken from the pool and never given back: the caller's now
+        out = handle.layout.empty(torch.device("cpu"))
+        self.disk.read_into(handle.offset, out)
+        self.release(handle)
+        return out
+
     def close(self) -> None:
         for w in self.workers.values():
             w.shutdown(wait=True)
