@@ -38,6 +38,7 @@ class JointCaptured(Captured):
     mutation_targets: list[str] = field(default_factory=list)  # state keys of updated buffers
     grad_targets: list[str] = field(default_factory=list)      # state keys of trained parameters
     diff_outputs: list[int] = field(default_factory=list)      # user outputs that take a gradient
+    grad_capable: list[int] = field(default_factory=list)      # user outputs that depend on a parameter
     boundary: str = ""                                         # name of the boundary node
 
     def forward_outputs(self, flat_outputs: list) -> list:
@@ -107,6 +108,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     n_primals = len(primals)
     fwd_last: list = [None]
     diff: list[int] = []
+    capable: list[int] = []
 
     def step(flat_primals, tangents):
         with torch.enable_grad():
@@ -114,6 +116,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
             outs = gm(*[leaves[s] for s in slot_of])
             fwd_last[0] = list(get_innermost_proxy_mode().tracer.graph.nodes)[-1]
             user_outs = outs[n_mut:]
+            capable[:] = [i for i, o in enumerate(user_outs) if isinstance(o, torch.Tensor) and o.requires_grad]
             diff[:] = [i for i in floating if user_outs[i].requires_grad]
             if not diff:
                 raise UnsupportedModelError("no output depends on a trained parameter: nothing to differentiate")
@@ -161,6 +164,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
         joint, placeholders, ep.call_spec.in_spec, ep.call_spec.out_spec, constants,
         n_outputs=len(out_vals), n_mutations=n_mut, mutation_targets=mutated,
         grad_targets=[placeholders[i].target for i in trained], diff_outputs=list(diff),
+        grad_capable=list(capable),
         boundary=boundary.name)
 
 

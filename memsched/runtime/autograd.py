@@ -56,8 +56,10 @@ class _StepFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         # outputs without a planned gradient stay differentiable, so that a loss built on
         # them reaches TrainStep.backward and gets a clear error instead of silence
+        c = step.captured
+        capable = {c.n_mutations + i for i in c.grad_capable}
         ctx.mark_non_differentiable(*[o for i, o in enumerate(outs) if isinstance(o, torch.Tensor)
-                                      and (i < step.captured.n_mutations or not o.is_floating_point())])
+                                      and i not in capable])
         return tuple(outs)
 
     @staticmethod
