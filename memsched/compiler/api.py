@@ -41,11 +41,13 @@ class CompiledModule:
 
     Plans lazily at the first call per input signature (or at construction when example inputs
     are given). The model's own tensors are only read: host- and disk-homed copies are taken
-    when a signature is first planned.
+    when a signature is first planned. With ``plan=`` (a Plan or a saved plan's path) nothing
+    is solved: the model is re-captured and the saved schedule applied (budget and hardware
+    default to the plan's).
     """
 
-    def __init__(self, model, budget, *, example_inputs=None, example_kwargs=None, device=None,
-                 offload_dir=None, hardware=None, train=False, **options):
+    def __init__(self, model, budget=None, *, example_inputs=None, example_kwargs=None, device=None,
+                 offload_dir=None, hardware=None, train=False, plan=None, **options):
         if train:
             raise NotImplementedError("train=True is not supported yet: memsched plans inference only")
         if not isinstance(model, torch.nn.Module):
@@ -54,6 +56,15 @@ class CompiledModule:
         if meta:
             raise ValueError(f"{meta[0]} (and {len(meta) - 1} more) is on the meta device: compile "
                              "needs real weights; memsched.plan plans meta models without them")
+        self._saved = None
+        if plan is not None:
+            from ..inspect.serialize import as_plan
+
+            self._saved = as_plan(plan)
+            budget = self._saved.budget_bytes if budget is None else budget
+            hardware = self._saved.hardware if hardware is None else hardware
+        if budget is None:
+            raise ValueError("memsched.compile needs a budget (or a saved plan: plan=...)")
         self.model = model
         self.device = _resolve_device(device)
         self.hardware: Hardware = get_hardware(hardware, self.device)
@@ -72,7 +83,12 @@ class CompiledModule:
         key = input_signature(args, kwargs)
         entry = self._compiled.get(key)
         if entry is None:
-            plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware, **self.options)
+            if self._saved is not None:
+                from ..inspect.serialize import reapply
+
+                plan, captured = reapply(self._saved, self.model, args, kwargs, self.budget_bytes)
+            else:
+                plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware, **self.options)
             executor = Executor(plan.graph, captured, self.model, self.device, self.budget_bytes, self.offload_dir)
             entry = self._compiled[key] = (plan, captured, executor)
         self._last = entry
@@ -108,11 +124,13 @@ class CompiledModule:
         self._last = None
 
 
-def compile(model, budget, *, example_inputs=None, example_kwargs=None, device=None, offload_dir=None,
-            hardware=None, train=False, **options) -> CompiledModule:
-    """Compile ``model`` to run within ``budget`` device bytes (see DESIGN.md for the forms)."""
+def compile(model, budget=None, *, example_inputs=None, example_kwargs=None, device=None, offload_dir=None,
+            hardware=None, train=False, plan=None, **options) -> CompiledModule:
+    """Compile ``model`` to run within ``budget`` device bytes (see DESIGN.md for the forms);
+    ``plan=`` a Plan or saved plan file runs that schedule instead of planning."""
     return CompiledModule(model, budget, example_inputs=example_inputs, example_kwargs=example_kwargs,
-                          device=device, offload_dir=offload_dir, hardware=hardware, train=train, **options)
+                          device=device, offload_dir=offload_dir, hardware=hardware, train=train, plan=plan,
+                          **options)
 
 
 def plan(model, example_inputs=(), budget=None, *, hardware=None, train=False, example_kwargs=None,
