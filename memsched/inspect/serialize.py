@@ -253,7 +253,7 @@ def graph_from_dict(d: dict, root: torch.nn.Module | None = None) -> fx.GraphMod
     for rec in records:
         op, name = rec["op"], rec["name"]
         if op == "placeholder":
-            n = g.placeholder(name)
+            n = g.create_node("placeholder", rec["target"], name=name)
         elif op == "output":
             n = g.output(None)
         elif op == "get_attr":
@@ -327,6 +327,25 @@ def _sim_from_dict(d: dict) -> SimResult:
                      [Span(stream, name, f(s), f(e)) for stream, name, s, e in d["spans"]])
 
 
+def _signature_to_dict(sig: tuple) -> dict:
+    """``input_signature``'s key: the inputs' tree structure and per leaf a tensor's shape,
+    dtype and device type, or a non-tensor's repr."""
+    spec, leaves = sig
+    out = []
+    for leaf in leaves:
+        if leaf[0] == "T":
+            out.append({"shape": list(leaf[1]), "dtype": leaf[2], "device": leaf[3]})
+        else:
+            out.append({"value": leaf[1]})
+    return {"spec": spec, "leaves": out}
+
+
+def _signature_from_dict(d: dict) -> tuple:
+    leaves = tuple(("T", tuple(x["shape"]), x["dtype"], x["device"]) if "shape" in x else ("V", x["value"])
+                   for x in d["leaves"])
+    return (d["spec"], leaves)
+
+
 def plan_to_dict(plan: Plan) -> dict:
     """The plan as the JSON document ``save_plan`` writes (format ``memsched-plan``)."""
     from .. import __version__
@@ -341,7 +360,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "model": plan.model_name,
         "budget_bytes": int(plan.budget_bytes),
         "hardware": plan.hardware.to_dict(),
-        "input_signature": None if plan.signature is None else _encode(plan.signature, "input signature"),
+        "input_signature": None if plan.signature is None else _signature_to_dict(plan.signature),
         "placement": {
             "status": facts.status, "mip_gap": num(facts.mip_gap), "solve_s": num(facts.solve_s),
             "min_budget_bytes": int(facts.min_budget_bytes), "segments": int(plan.n_segments),
@@ -358,8 +377,24 @@ def plan_to_dict(plan: Plan) -> dict:
 
 
 def dumps(plan: Plan) -> str:
-    """The saved-plan JSON text (strict JSON: non-finite floats are tagged, never NaN)."""
-    return json.dumps(plan_to_dict(plan), indent=1, allow_nan=False) + "\n"
+    """The saved-plan JSON text: strict JSON (non-finite floats are tagged, never NaN), the
+    top level and its sections one key per line, long lists (nodes, timeline, spans) one
+    element per line, each element on one line."""
+    return _layout(plan_to_dict(plan), 0) + "\n"
+
+
+def _layout(v, depth: int) -> str:
+    pad, inner = " " * depth, " " * (depth + 1)
+    if isinstance(v, dict) and depth <= 1 and v:
+        items = [f"{inner}{json.dumps(k)}: {_layout(x, depth + 1)}" for k, x in v.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(v, list) and depth >= 1 and len(v) > 4 and all(isinstance(x, (list, dict)) for x in v):
+        return "[\n" + ",\n".join(inner + _compact(x) for x in v) + "\n" + pad + "]"
+    return _compact(v)
+
+
+def _compact(v) -> str:
+    return json.dumps(v, separators=(", ", ": "), allow_nan=False)
 
 
 def save_plan(plan: Plan, path) -> None:
@@ -401,7 +436,7 @@ def plan_from_dict(d: dict, source: str = "the plan") -> Plan:
             graph=graph_from_dict(d["program"]), program=None, placement=None,
             sim=_sim_from_dict(d["predicted"]), unconstrained=_sim_from_dict(d["unconstrained"]),
             passes=passes, n_segments=int(pl["segments"]), facts=facts,
-            signature=None if signature is None else _decode(signature))
+            signature=None if signature is None else _signature_from_dict(signature))
     except KeyError as e:
         raise PlanFileError(f"{source} is damaged: {e.args[0]!r} is missing") from None
     except (TypeError, ValueError, AttributeError) as e:
@@ -432,16 +467,6 @@ def as_plan(plan_or_path) -> Plan:
 # ----------------------------------------------------------------------------- re-applying
 
 
-def _stands_for(n: fx.Node) -> str:
-    """The captured value a scheduled node holds: a wait holds the value it restores."""
-    if n.op == "call_function" and n.target is ops.wait:
-        restores = n.meta.get("memsched.restores")
-        if not restores:
-            raise PlanMismatchError(f"{n.name}: a wait that does not say which value it restores")
-        return restores
-    return n.name
-
-
 def _call(n: fx.Node, name=lambda x: x.name) -> str:
     """A node's arguments as comparable text, nodes named by ``name``."""
     return json.dumps(_encode([list(n.args), n.kwargs], n.name, name=name), sort_keys=True)
@@ -453,64 +478,68 @@ def apply_plan(saved: fx.GraphModule, captured: Captured) -> fx.GraphModule:
     Placeholders and compute nodes take the captured nodes' metadata (their traced values),
     prefetches and waits the value of what they restore; the inserted ops and every
     ``memsched.*`` annotation come from the saved program. PlanMismatchError names the first
-    node where the capture and the plan disagree (names, targets, arguments, outputs).
+    node where the capture and the plan disagree (inputs, names, targets, arguments, outputs).
     """
     cap_nodes = list(captured.gm.graph.nodes)
     cap = {n.name: n for n in cap_nodes}
     saved_nodes = list(saved.graph.nodes)
-    by_name = {n.name: n for n in saved_nodes}
 
-    ph_saved = [n.name for n in saved_nodes if n.op == "placeholder"]
-    ph_cap = [n.name for n in cap_nodes if n.op == "placeholder"]
+    # graph inputs pair by position (a scheduled graph may rename one the capture named after
+    # a Python builtin, e.g. input -> input_1; the target keeps the original)
+    ph_saved = [n for n in saved_nodes if n.op == "placeholder"]
+    ph_cap = [n for n in cap_nodes if n.op == "placeholder"]
     for i in range(max(len(ph_saved), len(ph_cap))):
-        a = ph_saved[i] if i < len(ph_saved) else None
-        b = ph_cap[i] if i < len(ph_cap) else None
+        a = ph_saved[i].target if i < len(ph_saved) else "nothing"
+        b = ph_cap[i].target if i < len(ph_cap) else "nothing"
         if a != b:
-            raise PlanMismatchError(f"graph input {i}: the plan has {a or 'nothing'}, the model captures "
-                                    f"{b or 'nothing'}")
-    for c in cap_nodes:
-        if c.op != "call_function":
-            continue
-        s = by_name.get(c.name)
-        if s is None or s.op != "call_function" or _is_inserted(s):
-            raise PlanMismatchError(f"{c.name} = {target_name(c)}(...): the model computes it, the plan does not")
-        if target_name(s) != target_name(c):
-            raise PlanMismatchError(f"{c.name}: the plan calls {target_name(s)}, the model captures "
-                                    f"{target_name(c)}")
-        if _call(s, _stands_for) != _call(c):
-            raise PlanMismatchError(f"{c.name} = {target_name(c)}: the plan passes {_call(s, _stands_for)}, "
-                                    f"the model {_call(c)}")
+            raise PlanMismatchError(f"graph input {i}: the plan has {a}, the model captures {b}")
+    origin = {s.name: c for s, c in zip(ph_saved, ph_cap)}  # saved node -> captured node it holds
+
+    # compute nodes pair in program order (the schedule keeps the captured order): the first
+    # pair that differs in name or target is the mismatch reported
+    comp_saved = [n for n in saved_nodes if n.op in ("call_function", "get_attr") and not _is_inserted(n)]
+    comp_cap = [n for n in cap_nodes if n.op in ("call_function", "get_attr")]
+    for i in range(max(len(comp_saved), len(comp_cap))):
+        s = comp_saved[i] if i < len(comp_saved) else None
+        c = comp_cap[i] if i < len(comp_cap) else None
+        if s is None or c is None or s.name != c.name or target_name(s) != target_name(c):
+            plan_has = f"{s.name} = {target_name(s)}" if s is not None else "nothing more"
+            model_has = f"{c.name} = {target_name(c)}" if c is not None else "nothing more"
+            raise PlanMismatchError(f"compute node {i}: the plan has {plan_has}, the model captures {model_has}")
+        origin[s.name] = c
     for s in saved_nodes:
-        if s.op == "call_function" and not _is_inserted(s) and s.name not in cap:
-            raise PlanMismatchError(f"{s.name} = {target_name(s)}(...): the plan computes it, the model does not")
+        if s.op == "call_function" and (s.target is ops.prefetch or s.target is ops.wait):
+            restores = s.meta.get("memsched.restores")
+            if restores not in cap:
+                raise PlanMismatchError(f"{s.name}: restores {restores!r}, which the model does not have")
+            origin[s.name] = cap[restores]
+
+    def held(x: fx.Node) -> str:
+        return origin[x.name].name if x.name in origin else x.name
+
+    for s, c in zip(comp_saved, comp_cap):
+        if _call(s, held) != _call(c):
+            raise PlanMismatchError(f"{c.name} = {target_name(c)}: the plan passes {_call(s, held)}, "
+                                    f"the model {_call(c)}")
     out_s, out_c = saved.graph.output_node(), captured.gm.graph.output_node()
-    if _call(out_s, _stands_for) != _call(out_c):
-        raise PlanMismatchError(f"the plan returns {_call(out_s, _stands_for)}, the model {_call(out_c)}")
+    if _call(out_s, held) != _call(out_c):
+        raise PlanMismatchError(f"the plan returns {_call(out_s, held)}, the model {_call(out_c)}")
 
     g = fx.Graph()
     env: dict[str, fx.Node] = {}
     for s in saved_nodes:
         args = fx.node.map_arg(s.args, lambda x: env[x.name])
         kwargs = fx.node.map_arg(s.kwargs, lambda x: env[x.name])
-        if s.op == "placeholder":
-            new = g.placeholder(s.name)
-            new.meta.update(cap[s.name].meta)
-        elif s.op == "get_attr":
-            new = g.create_node("get_attr", s.target, name=s.name)
-            if s.name in cap:
-                new.meta.update(cap[s.name].meta)
-        elif s.op == "output":
+        if s.op == "output":
             g.output(args[0])
             continue
-        else:
-            new = g.create_node("call_function", s.target, args, kwargs, name=s.name)
-            if s.target is ops.prefetch or s.target is ops.wait:
-                restores = s.meta.get("memsched.restores")
-                if restores not in cap:
-                    raise PlanMismatchError(f"{s.name}: restores {restores!r}, which the model does not have")
-                new.meta["val"] = cap[restores].meta.get("val")
-            elif not _is_inserted(s):
-                new.meta.update(cap[s.name].meta)
+        new = g.create_node(s.op, s.target, args, kwargs, name=s.name)
+        if s.name in origin:
+            source = origin[s.name]
+            if source.op == s.op:  # placeholders and compute nodes: all the captured metadata
+                new.meta.update(source.meta)
+            else:  # prefetch / wait: the value it restores
+                new.meta["val"] = source.meta.get("val")
         new.meta.update({k: v for k, v in s.meta.items() if k.startswith("memsched.")})
         if new.name != s.name:
             raise PlanMismatchError(f"node {s.name!r} could not keep its name (got {new.name!r})")
