@@ -73,61 +73,64 @@ def verify_schedule(gm: fx.GraphModule, budget: int) -> int:
 
     for step, n in enumerate(gm.graph.nodes):
         where = f"step {step} ({n.name})"
-        for inp in n.all_input_nodes:
-            if inp.name not in defined:
-                raise PlanError(f"{where} reads {inp.name} before it is defined")
-            if inp.name in freed:
-                raise PlanError(f"{where} reads {inp.name} after it was freed")
-        kind = _kind(n)
-        kinds[n.name] = kind
-        if kind not in (_PREFETCH, _WAIT, _FREE):
-            # compute, offload and the output read device values only: not a home copy on
-            # host/disk, not a fetch still in flight, not an offload handle
+        try:
             for inp in n.all_input_nodes:
-                if inp.op == "placeholder" and inp.meta.get("memsched.tier", "device") != "device":
-                    raise PlanError(f"{where} reads {inp.name}, which lives on "
-                                    f"{inp.meta.get('memsched.tier')} and was never loaded")
-                if kinds.get(inp.name) in (_PREFETCH, _OFFLOAD):
-                    raise PlanError(f"{where} reads {inp.name}, a {kinds[inp.name]} handle, not a "
-                                    f"device tensor (missing wait?)")
-        if n.op == "placeholder":
-            if n.meta.get("memsched.tier", "device") == "device":
+                if inp.name not in defined:
+                    raise PlanError(f"{where} reads {inp.name} before it is defined")
+                if inp.name in freed:
+                    raise PlanError(f"{where} reads {inp.name} after it was freed")
+            kind = _kind(n)
+            kinds[n.name] = kind
+            if kind not in (_PREFETCH, _WAIT, _FREE):
+                # compute, offload and the output read device values only: not a home copy on
+                # host/disk, not a fetch still in flight, not an offload handle
+                for inp in n.all_input_nodes:
+                    if inp.op == "placeholder" and inp.meta.get("memsched.tier", "device") != "device":
+                        raise PlanError(f"{where} reads {inp.name}, which lives on "
+                                        f"{inp.meta.get('memsched.tier')} and was never loaded")
+                    if kinds.get(inp.name) in (_PREFETCH, _OFFLOAD):
+                        raise PlanError(f"{where} reads {inp.name}, a {kinds[inp.name]} handle, not a "
+                                        f"device tensor (missing wait?)")
+            if n.op == "placeholder":
+                if n.meta.get("memsched.tier", "device") == "device":
+                    add(n.name, _storages(n.meta.get("val")))
+            elif kind == _PREFETCH:
+                src = n.args[0]
+                if not (src.op == "placeholder" or kinds.get(src.name) == _OFFLOAD):
+                    raise PlanError(f"{where} prefetches {src.name}, which is neither a home tensor nor an offload")
+                if src.op == "placeholder" and src.meta.get("memsched.tier") not in ("host", "disk"):
+                    raise PlanError(f"{where} prefetches {src.name}, whose home is not host or disk")
+                if "memsched.nbytes" not in n.meta:
+                    raise PlanError(f"{where} prefetches {src.name} but does not say how many bytes it moves")
+                add(n.name, [(("fetched", n.name), int(n.meta["memsched.nbytes"]))])
+            elif kind == _WAIT:
+                p = n.args[0]
+                if kinds.get(p.name) != _PREFETCH:
+                    raise PlanError(f"{where} waits on {p.name}, which is not a prefetch")
+                of_value[n.name] = of_value.pop(p.name, [])
+                freed.add(p.name)  # consumed
+                for key, _ in _storages(n.meta.get("val")):
+                    restored_as[key] = ("fetched", p.name)
+            elif kind == _OFFLOAD:
+                if n.args[1] not in ("host", "disk"):
+                    raise PlanError(f"{where} offloads to unknown tier {n.args[1]!r}")
+                handles[n.name] = step
+            elif kind == _FREE:
+                for x in n.args:
+                    if x.name in freed:
+                        raise PlanError(f"{where} frees {x.name} twice")
+                    freed.add(x.name)
+                    handles.pop(x.name, None)
+                    remove(x.name)
+            elif n.op == "call_function":
                 add(n.name, _storages(n.meta.get("val")))
-        elif kind == _PREFETCH:
-            src = n.args[0]
-            if not (src.op == "placeholder" or kinds.get(src.name) == _OFFLOAD):
-                raise PlanError(f"{where} prefetches {src.name}, which is neither a home tensor nor an offload")
-            if src.op == "placeholder" and src.meta.get("memsched.tier") not in ("host", "disk"):
-                raise PlanError(f"{where} prefetches {src.name}, whose home is not host or disk")
-            if "memsched.nbytes" not in n.meta:
-                raise PlanError(f"{where} prefetches {src.name} but does not say how many bytes it moves")
-            add(n.name, [(("fetched", n.name), int(n.meta["memsched.nbytes"]))])
-        elif kind == _WAIT:
-            p = n.args[0]
-            if kinds.get(p.name) != _PREFETCH:
-                raise PlanError(f"{where} waits on {p.name}, which is not a prefetch")
-            of_value[n.name] = of_value.pop(p.name, [])
-            freed.add(p.name)  # consumed
-            for key, _ in _storages(n.meta.get("val")):
-                restored_as[key] = ("fetched", p.name)
-        elif kind == _OFFLOAD:
-            if n.args[1] not in ("host", "disk"):
-                raise PlanError(f"{where} offloads to unknown tier {n.args[1]!r}")
-            handles[n.name] = step
-        elif kind == _FREE:
-            for x in n.args:
-                if x.name in freed:
-                    raise PlanError(f"{where} frees {x.name} twice")
-                freed.add(x.name)
-                handles.pop(x.name, None)
-                remove(x.name)
-        elif n.op == "call_function":
-            add(n.name, _storages(n.meta.get("val")))
-        elif n.op == "output":
-            _check_accounted(where, n, gm, of_value, handles)
-        if cur > budget:
-            raise PlanError(f"{where}: {cur} device bytes held, over the budget of {budget}")
-        defined.add(n.name)
+            elif n.op == "output":
+                _check_accounted(where, n, gm, of_value, handles)
+            if cur > budget:
+                raise PlanError(f"{where}: {cur} device bytes held, over the budget of {budget}")
+            defined.add(n.name)
+        except (IndexError, AttributeError, KeyError, TypeError) as e:  # a hand-edited program
+            raise PlanError(f"{where}: malformed {_kind(n)} node ({type(e).__name__}: {e})") from None
     return peak
 
 

@@ -507,6 +507,16 @@ def test_verify_cli_rejects_a_leak_at_the_return(capsys, tmp_path, saved):
     assert f"step {step} (output)" in err and leaked in err and "still held" in err, err
 
 
+def test_verify_cli_rejects_a_malformed_node_by_step(capsys, tmp_path, saved):
+    doc = json.loads(saved("skipnet").read_text())
+    nodes = doc["program"]["nodes"]
+    step = next(i for i, n in enumerate(nodes) if n["target"] == "memsched.offload")
+    nodes[step]["args"] = nodes[step]["args"][:1]  # the tier is gone
+    code, _, err = _cli(capsys, "verify", _write(tmp_path, doc))
+    assert code == 1 and f"step {step} ({nodes[step]['name']}): malformed offload node" in err, err
+    assert "Traceback" not in err
+
+
 def test_verify_cli_with_a_smaller_budget(capsys, saved):
     plan = _case("skipnet")[3]
     code, _, err = _cli(capsys, "verify", saved("skipnet"), "--budget", str(plan.peak_device_bytes - 1))
