@@ -40,8 +40,8 @@ targets:
 budgets: bytes (1000000), 8GB (10^9), 8GiB (2^30), 512MB, 512MiB, or 50% of the device.
 
 saving: --format json prints the plan as the JSON that `memsched verify` and `memsched show`
-read (and memsched.compile(model, plan="plan.json") runs without solving); -o PATH writes it
-to PATH instead, whatever --format prints.
+read (and memsched.compile(model, plan="plan.json") runs without solving); -o PATH saves the
+same JSON to PATH (with --format json nothing is printed then; table and code still print).
 
 exit codes: 0 ok, 2 usage / budget / target / capture error, 3 budget below the minimum.
 """
@@ -173,20 +173,19 @@ def _stdout_console():
 
 @contextlib.contextmanager
 def _status(message: str):
-    """A spinner on stderr while something slow runs, showing the current stage and the time
-    since it started; nothing at all when stderr is not a terminal. Yields ``update(msg)``."""
+    """A spinner on stderr while something slow runs, with the current stage and the time
+    elapsed; nothing at all when stderr is not a terminal. Yields ``update(msg)``."""
     if not sys.stderr.isatty():
         yield lambda _msg: None
         return
     from rich.console import Console
     from rich.markup import escape
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    t0 = time.perf_counter()
-    with Console(stderr=True).status(escape(message)) as status:
-        def update(msg: str) -> None:
-            status.update(f"{escape(msg)} [dim]({time.perf_counter() - t0:.1f} s)[/dim]")
-
-        yield update
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(escape(message), total=None)
+        yield lambda msg: progress.update(task, description=escape(msg))
 
 
 # ----------------------------------------------------------------------------- plan

@@ -159,7 +159,7 @@ def test_loaded_values_are_meta_tensors_with_the_traced_layout_and_storage_shari
     views = 0
     for n in loaded.graph.graph.nodes:
         o = orig[n.name]
-        assert (n.op, n.target if n.op != "call_function" else n.target) == (o.op, o.target)
+        assert (n.op, n.target) == (o.op, o.target)
         assert {k: v for k, v in n.meta.items() if k.startswith("memsched.")} == \
             {k: v for k, v in o.meta.items() if k.startswith("memsched.")}
         a, b = n.meta.get("val"), o.meta.get("val")
