@@ -1,12 +1,16 @@
-"""The ``memsched`` command line: plan a model inside a budget, list hardware profiles.
+"""The ``memsched`` command line: plan a model inside a budget, check and show saved plans,
+list hardware profiles.
 
     memsched plan hf:gpt2 --budget 200MB --hardware t4
     memsched plan path/to/model.py:build --budget 8GB --format code
-    memsched plan ./llama-config/ --budget 8GiB --hardware a100-40gb --format json
+    memsched plan ./llama-config/ --budget 8GiB --hardware a100-40gb -o plan.json
+    memsched verify plan.json
+    memsched show plan.json --format code
     memsched hardware
 
-Exit codes: 0 ok; 2 bad usage, bad budget or target, a model that does not capture;
-3 a budget below the minimum the model needs (the message names that minimum).
+Exit codes: 0 ok; 1 a saved plan fails verification (the message names the step);
+2 bad usage, bad budget or target, a model that does not capture, a file that is not a
+memsched plan; 3 a budget below the minimum the model needs (the message names that minimum).
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
-EXIT_OK, EXIT_USAGE, EXIT_INFEASIBLE = 0, 2, 3
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INFEASIBLE = 0, 1, 2, 3
 FORMATS = ("table", "json", "code")
 
 _EPILOG = """\
@@ -33,6 +38,10 @@ targets:
   Nothing is downloaded and no weights are allocated for hf: and config targets.
 
 budgets: bytes (1000000), 8GB (10^9), 8GiB (2^30), 512MB, 512MiB, or 50% of the device.
+
+saving: --format json prints the plan as the JSON that `memsched verify` and `memsched show`
+read (and memsched.compile(model, plan="plan.json") runs without solving); -o PATH saves the
+same JSON to PATH (with --format json nothing is printed then; table and code still print).
 
 exit codes: 0 ok, 2 usage / budget / target / capture error, 3 budget below the minimum.
 """
@@ -69,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "offloaded or recomputed")
     p.add_argument("--format", "-f", choices=FORMATS, default="table",
                    help="table: summary tables (default); code: the schedule listing, then the "
-                        "summary; json: the summary numbers as JSON")
+                        "summary; json: the saved-plan JSON (what -o writes)")
+    p.add_argument("--output", "-o", metavar="PATH", default=None,
+                   help="save the plan as JSON to PATH (with --format json, instead of printing it)")
     p.add_argument("--batch", type=_positive_int, default=1, metavar="N",
                    help="batch size of the synthesized inputs (hf:/config targets; default 1)")
     p.add_argument("--seq-len", type=_positive_int, default=128, metavar="N",
@@ -77,6 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=_positive_float, default=None, metavar="S",
                    help="solver time limit in seconds (default: the planner's, 10 s)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+
+    v = sub.add_parser(
+        "verify", help="check a saved plan with the independent verifier",
+        description="Load a saved plan (memsched plan -o / Plan.save) and check it with the "
+                    "independent verifier: every read after its load and before its free, nothing "
+                    "freed twice, every tensor accounted for at the end, device bytes within the "
+                    "budget at every step.",
+        epilog="exit codes: 0 the plan verifies, 1 it does not (the message names the step), "
+               "2 the file is not a readable memsched plan or the budget is not valid.")
+    v.add_argument("plan", metavar="PLAN", help="a saved plan (.json)")
+    v.add_argument("--budget", "-b", metavar="BUDGET", default=None,
+                   help="check against this budget instead of the plan's own (e.g. 512MB, 50%%)")
+    v.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+
+    sh = sub.add_parser("show", help="print a saved plan",
+                        description="Print a saved plan as `memsched plan` does: summary tables, or the "
+                                    "schedule listing and then the tables.")
+    sh.add_argument("plan", metavar="PLAN", help="a saved plan (.json)")
+    sh.add_argument("--format", "-f", choices=("table", "code"), default="table",
+                    help="table: summary tables (default); code: the schedule listing, then the summary")
+    sh.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
 
     h = sub.add_parser("hardware", help="list the hardware profiles",
                        description="List the hardware presets usable with `memsched plan --hardware`.")
@@ -119,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "hardware":
             return _cmd_hardware(args)
+        if args.command == "verify":
+            return _cmd_verify(args)
+        if args.command == "show":
+            return _cmd_show(args)
         return _cmd_plan(args)
     except KeyboardInterrupt:
         print("memsched: interrupted", file=sys.stderr)
@@ -139,15 +175,19 @@ def _stdout_console():
 
 @contextlib.contextmanager
 def _status(message: str):
-    """A spinner on stderr while something slow runs; nothing when stderr is not a terminal."""
+    """A spinner on stderr while something slow runs, with the current stage and the time
+    elapsed; nothing at all when stderr is not a terminal. Yields ``update(msg)``."""
     if not sys.stderr.isatty():
         yield lambda _msg: None
         return
     from rich.console import Console
     from rich.markup import escape
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Console(stderr=True).status(escape(message)) as status:
-        yield lambda msg: status.update(escape(msg))
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(escape(message), total=None)
+        yield lambda msg: progress.update(task, description=escape(msg))
 
 
 # ----------------------------------------------------------------------------- plan
@@ -169,10 +209,11 @@ def _cmd_plan(args) -> int:
             if args.train:
                 kwargs = _training_target(model, kwargs)
             what = "a training step of " if args.train else ""
-            update(f"memsched: planning {what}{type(model).__name__} in {memsched.format_bytes(budget_bytes)}")
+            what = f"memsched: planning {what}{type(model).__name__} in {memsched.format_bytes(budget_bytes)}"
+            update(what)
             options = {} if args.time_limit is None else {"time_limit_s": args.time_limit}
-            plan = memsched.plan(model, inputs, budget_bytes, hardware=hw, example_kwargs=kwargs,
-                                 train=args.train, **options)
+            plan = memsched.plan(model, inputs, budget_bytes, hardware=hw, example_kwargs=kwargs, train=args.train,
+                                 progress=lambda stage: update(f"{what}: {stage}"), **options)
     except InfeasibleBudgetError as e:
         if args.debug:
             raise
@@ -188,10 +229,18 @@ def _cmd_plan(args) -> int:
         _error(f"{kind}: {e}" if kind else str(e))
         return EXIT_USAGE
 
+    from .inspect.serialize import dumps
+
+    plan.model_name = name  # the target as the user named it, kept in the saved plan
+    if args.output is not None:
+        try:
+            Path(args.output).write_text(dumps(plan))
+        except OSError as e:
+            _error(f"cannot write {args.output}: {e.strerror or e}")
+            return EXIT_USAGE
     if args.format == "json":
-        report = plan_report(plan, name=name, target=args.target, batch=args.batch, seq_len=args.seq_len,
-                             load_s=load_s)
-        print(json.dumps(report, indent=2, default=_json_default))
+        if args.output is None:
+            sys.stdout.write(dumps(plan))
         return EXIT_OK
     console = _stdout_console()
     if args.format == "code":
@@ -252,36 +301,6 @@ def _json_default(obj):
     return str(obj)
 
 
-def plan_report(plan, *, name: str = "", target: str = "", batch: int | None = None,
-                seq_len: int | None = None, load_s: float | None = None) -> dict:
-    """The plan's summary numbers as a JSON-ready dict (what ``--format json`` prints)."""
-    pl = plan.placement
-    return {
-        "model": name or plan.model_name,
-        "model_class": plan.model_name,
-        "target": target,
-        "batch": batch,
-        "seq_len": seq_len,
-        "budget_bytes": int(plan.budget_bytes),
-        "peak_device_bytes": int(plan.peak_device_bytes),
-        "min_budget_bytes": int(plan.min_budget_bytes),
-        "unconstrained_peak_device_bytes": int(plan.unconstrained.peak_device_bytes),
-        "predicted_time_s": _finite(float(plan.predicted_time_s)),
-        "unconstrained_time_s": _finite(float(plan.unconstrained.time_s)),
-        "compute_s": _finite(float(plan.sim.compute_s)),
-        "stall_s": _finite(float(plan.sim.stall_s)),
-        "bytes_moved": {k: int(v) for k, v in sorted(plan.bytes_moved.items())},
-        "tier_bytes": {k: int(v) for k, v in plan.tier_bytes().items()},
-        "offloaded_activation_bytes": {k: int(v) for k, v in plan.offloaded_activation_bytes().items()},
-        "solver": {"status": pl.status, "solve_s": _finite(float(pl.solve_s)),
-                   "mip_gap": None if pl.mip_gap is None else _finite(float(pl.mip_gap)),
-                   "segments": int(plan.n_segments), "movable_gaps": len(pl.gaps)},
-        "hardware": plan.hardware.to_dict(),
-        "passes": [{"name": p.name, "seconds": _finite(float(p.seconds)), "note": p.note} for p in plan.passes],
-        "load_target_s": None if load_s is None else _finite(float(load_s)),
-    }
-
-
 def render_plan(console, plan, *, name: str = "", load_s: float | None = None) -> None:
     """The plan's summary as rich tables: memory per tier, transfers, time, planning passes."""
     from rich import box
@@ -291,8 +310,8 @@ def render_plan(console, plan, *, name: str = "", load_s: float | None = None) -
     from .budget import format_bytes as fb
     from .cost_models.hardware import LINKS
 
-    hw, pl = plan.hardware, plan.placement
-    tiers, acts = plan.tier_bytes(), plan.offloaded_activation_bytes()
+    hw, pl = plan.hardware, plan.placement_facts()
+    tiers, acts = pl.tier_bytes, pl.offloaded_activation_bytes
     console.print(f"[bold]memsched plan[/bold] for {escape(name or plan.model_name)}")
     console.print(f"budget {fb(plan.budget_bytes)} on {hw.name} ({hw.device_type}, "
                   f"{fb(hw.device_bytes)} device memory)", markup=False)
@@ -348,7 +367,7 @@ def render_plan(console, plan, *, name: str = "", load_s: float | None = None) -
         timing.add_row("recompute overhead", f"{plan.recompute_overhead_s() * 1e3:.3f} ms")
     solver = pl.status + (f", gap {pl.mip_gap:.1%}" if pl.mip_gap is not None else "")
     timing.add_row("solver", f"{escape(solver)} in {pl.solve_s:.2f} s ({plan.n_segments} segments, "
-                             f"{len(pl.gaps)} movable gaps)")
+                             f"{pl.movable_gaps} movable gaps)")
     console.print(timing)
 
     passes = Table(title="Planning time per pass", box=box.SIMPLE_HEAD, title_justify="left")
@@ -391,6 +410,63 @@ def render_saved_activations(console, plan, limit: int = 40) -> None:
         f" (largest {limit} shown)" if len(rows) > limit else "")
     table.caption_justify = "left"
     console.print(table)
+
+
+# ----------------------------------------------------------------------------- saved plans
+
+
+def _load(args):
+    """The saved plan args.plan names, or None after printing why not."""
+    from .inspect.serialize import load_plan
+
+    try:
+        return load_plan(args.plan)
+    except ValueError as e:  # PlanFileError: not a plan, newer format, damaged, unreadable
+        if args.debug:
+            raise
+        _error(str(e))
+        return None
+
+
+def _cmd_verify(args) -> int:
+    from .budget import format_bytes as fb
+    from .budget import parse_budget
+    from .verify import PlanError, verify_schedule
+
+    plan = _load(args)
+    if plan is None:
+        return EXIT_USAGE
+    budget = plan.budget_bytes
+    if args.budget is not None:
+        try:
+            budget = parse_budget(args.budget, plan.hardware.device_bytes)
+        except ValueError as e:
+            _error(str(e))
+            return EXIT_USAGE
+    try:
+        peak = verify_schedule(plan.graph, budget)
+    except PlanError as e:
+        if args.debug:
+            raise
+        _error(f"{args.plan} does not verify: {e}")
+        return EXIT_INVALID
+    steps = len(plan.graph.graph.nodes)
+    note = "" if peak == plan.peak_device_bytes else f"; the plan predicted {fb(plan.peak_device_bytes)}"
+    print(f"OK {args.plan}: {steps} steps verified, peak device {fb(peak)} ({peak} bytes) within the "
+          f"budget of {fb(budget)}{note}")
+    return EXIT_OK
+
+
+def _cmd_show(args) -> int:
+    plan = _load(args)
+    if plan is None:
+        return EXIT_USAGE
+    if args.format == "code":
+        print(str(plan))
+        print()
+        sys.stdout.flush()
+    render_plan(_stdout_console(), plan)
+    return EXIT_OK
 
 
 # ----------------------------------------------------------------------------- hardware

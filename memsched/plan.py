@@ -32,20 +32,37 @@ class PassSnapshot:
         return listing(self.graph, [f"after pass {self.name}"])
 
 
+@dataclass(frozen=True)
+class PlacementFacts:
+    """What the header and the summary read from the placement and the analysis. A plan
+    loaded from JSON has neither (it is not re-solved); it keeps these facts instead."""
+
+    status: str
+    mip_gap: float | None
+    solve_s: float
+    min_budget_bytes: int
+    movable_gaps: int
+    tier_bytes: dict
+    offloaded_activation_bytes: dict
+    notes: tuple = ()
+
+
 @dataclass
 class Plan:
     model_name: str
     budget_bytes: int
     hardware: Hardware
     graph: fx.GraphModule                 # the scheduled program
-    program: Program                      # analysis of the captured graph
-    placement: Placement
+    program: Program | None               # analysis of the captured graph (None: loaded plan)
+    placement: Placement | None           # (None: loaded plan, see ``facts``)
     sim: SimResult
     unconstrained: SimResult              # the same model with nothing moved
     passes: list[PassRecord] = field(default_factory=list)
     n_segments: int = 0
     history: list[PassSnapshot] = field(default_factory=list)
     measured: object | None = None        # RunStats of the last run, set by CompiledModule
+    facts: PlacementFacts | None = None   # stored placement facts of a loaded plan
+    signature: tuple | None = None        # input_signature of the example inputs it was planned for
 
     # -- headline numbers -------------------------------------------------------------------
     @property
@@ -62,14 +79,26 @@ class Plan:
 
     @property
     def min_budget_bytes(self) -> int:
-        return self.placement.min_budget_bytes
+        return self.placement_facts().min_budget_bytes
 
     @property
     def code(self) -> str:
         return str(self)
 
+    def placement_facts(self) -> PlacementFacts:
+        """Solver status, minimum budget and bytes per tier: from the placement, or as saved."""
+        if self.placement is None or self.program is None:
+            if self.facts is None:
+                raise ValueError("this plan has neither a placement nor saved placement facts")
+            return self.facts
+        pl = self.placement
+        return PlacementFacts(pl.status, pl.mip_gap, pl.solve_s, pl.min_budget_bytes, len(pl.gaps),
+                              self.tier_bytes(), self.offloaded_activation_bytes(), tuple(pl.notes))
+
     def tier_bytes(self) -> dict:
         """Bytes of the model's tensors per home tier, and of activations offloaded per tier."""
+        if self.placement is None or self.program is None:
+            return dict(self.placement_facts().tier_bytes)
         out = {"device": 0, "host": 0, "disk": 0}
         for b in self.program.buffers:
             if b.id in self.placement.resident:
@@ -79,6 +108,8 @@ class Plan:
         return out
 
     def offloaded_activation_bytes(self) -> dict:
+        if self.placement is None or self.program is None:
+            return dict(self.placement_facts().offloaded_activation_bytes)
         out = {"host": 0, "disk": 0}
         for g in self.placement.gaps:
             c = self.placement.gap_choice[g.id]
@@ -88,14 +119,14 @@ class Plan:
 
     # -- printing ---------------------------------------------------------------------------
     def header(self) -> list[str]:
-        pl = self.placement
+        pl = self.placement_facts()
         solver = pl.status + (f", gap {pl.mip_gap:.1%}" if pl.mip_gap is not None else "")
         return [
             f"memsched plan for {self.model_name}: budget {format_bytes(self.budget_bytes)} on "
             f"{self.hardware.name} ({self.hardware.device_type})",
             "passes: " + " · ".join(f"{p.name} {p.seconds * 1e3:.0f} ms" + (f" ({p.note})" if p.note else "")
                                     for p in self.passes),
-            f"placement: {solver}; {self.n_segments} segments, {len(pl.gaps)} movable gaps, "
+            f"placement: {solver}; {self.n_segments} segments, {pl.movable_gaps} movable gaps, "
             f"min budget {format_bytes(pl.min_budget_bytes)}",
             f"predicted {self.predicted_time_s * 1e3:.2f} ms (unconstrained "
             f"{self.unconstrained.time_s * 1e3:.2f} ms), peak device {format_bytes(self.peak_device_bytes)}",
@@ -109,8 +140,8 @@ class Plan:
                 f"peak={format_bytes(self.peak_device_bytes)} predicted={self.predicted_time_s * 1e3:.2f} ms>")
 
     def summary(self) -> str:
-        tiers = self.tier_bytes()
-        acts = self.offloaded_activation_bytes()
+        facts = self.placement_facts()
+        tiers, acts = facts.tier_bytes, facts.offloaded_activation_bytes
         moved = ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.bytes_moved.items())) or "nothing"
         slow = self.predicted_time_s / self.unconstrained.time_s if self.unconstrained.time_s else 1.0
         rows = [
@@ -127,7 +158,7 @@ class Plan:
             ("predicted time", f"{self.predicted_time_s * 1e3:.2f} ms ({slow:.2f}x unconstrained "
                                f"{self.unconstrained.time_s * 1e3:.2f} ms)"),
             ("predicted stall", f"{self.sim.stall_s * 1e3:.2f} ms"),
-            ("solver", f"{self.placement.status} in {self.placement.solve_s:.2f} s"),
+            ("solver", f"{facts.status} in {facts.solve_s:.2f} s"),
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

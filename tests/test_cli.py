@@ -11,6 +11,8 @@ import pytest
 
 from memsched.cli import main
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 FACTORY = textwrap.dedent("""
     import torch
     import torch.nn as nn
@@ -70,13 +72,15 @@ def test_plan_json_within_budget(capsys, factory):
                          "--format", "json")
     assert code == 0, err
     report = json.loads(out)
+    assert (report["format"], report["version"]) == ("memsched-plan", 1)
     assert report["budget_bytes"] == budget
-    assert 0 < report["peak_device_bytes"] <= budget
-    assert report["min_budget_bytes"] <= budget
+    assert 0 < report["predicted"]["peak_device_bytes"] <= budget
+    assert report["placement"]["min_budget_bytes"] <= budget
     assert report["hardware"]["name"] == "h100"
-    assert set(report["tier_bytes"]) == {"device", "host", "disk"}
-    assert report["predicted_time_s"] >= report["unconstrained_time_s"] > 0
+    assert set(report["placement"]["tier_bytes"]) == {"device", "host", "disk"}
+    assert report["predicted"]["time_s"] >= report["unconstrained"]["time_s"] > 0
     assert [p["name"] for p in report["passes"]][0] == "capture"
+    assert report["input_signature"]["leaves"] == [{"shape": [2, 64], "dtype": "torch.float32", "device": "cpu"}]
 
 
 def test_plan_tight_budget_moves_weights(capsys, factory):
@@ -85,8 +89,8 @@ def test_plan_tight_budget_moves_weights(capsys, factory):
                          "--format", "json")
     assert code == 0, err
     report = json.loads(out)
-    assert report["peak_device_bytes"] <= 300_000
-    assert report["bytes_moved"].get("h2d", 0) > 0
+    assert report["predicted"]["peak_device_bytes"] <= 300_000
+    assert report["predicted"]["bytes_moved"].get("h2d", 0) > 0
 
 
 def test_plan_table_default_hardware(capsys, factory):
@@ -112,8 +116,9 @@ def test_plan_module_factory(capsys, factory, monkeypatch):
                          "--batch", "4", "-f", "json")
     assert code == 0, err
     report = json.loads(out)
-    assert report["model_class"] == "Sequential" and report["batch"] == 4
-    assert report["peak_device_bytes"] <= 10**6
+    assert report["model"] == "Sequential (tiny_mlp:build_kwargs)"
+    assert report["input_signature"]["leaves"][0]["shape"] == [4, 64]
+    assert report["predicted"]["peak_device_bytes"] <= 10**6
 
 
 def test_plan_hf_config_path(capsys, tmp_path):
@@ -123,15 +128,15 @@ def test_plan_hf_config_path(capsys, tmp_path):
                          "--seq-len", "16", "--format", "json")
     assert code == 0, err
     report = json.loads(out)
-    assert report["model_class"] == "GPT2LMHeadModel"
-    assert 0 < report["peak_device_bytes"] <= 2 * 10**6
+    assert report["model"].startswith("GPT2LMHeadModel")
+    assert 0 < report["predicted"]["peak_device_bytes"] <= 2 * 10**6
     # the same config by file path, in a budget below the weights (~0.8 MB) so some stream in
     code, out, err = run(capsys, "plan", tmp_path / "config.json", "--budget", "600KB",
                          "--hardware", "a100-40gb", "--seq-len", "16", "--format", "json")
     assert code == 0, err
     report = json.loads(out)
-    assert report["peak_device_bytes"] <= 600_000
-    assert report["tier_bytes"]["host"] + report["tier_bytes"]["disk"] > 0
+    assert report["predicted"]["peak_device_bytes"] <= 600_000
+    assert report["placement"]["tier_bytes"]["host"] + report["placement"]["tier_bytes"]["disk"] > 0
 
 
 def test_plan_training_step(capsys, tmp_path):
@@ -146,7 +151,11 @@ def test_plan_training_step(capsys, tmp_path):
     code, out, err = run(capsys, "plan", tmp_path, "--train", "--budget", "3MB", "--hardware", "t4",
                          "--seq-len", "32", "--time-limit", "2", "--format", "json")
     assert code == 0, err
-    assert json.loads(out)["peak_device_bytes"] <= 3 * 10**6
+    assert json.loads(out)["predicted"]["peak_device_bytes"] <= 3 * 10**6
+    # a saved training plan loads and verifies like any other
+    (tmp_path / "step.json").write_text(out)
+    code, out, err = run(capsys, "verify", tmp_path / "step.json")
+    assert code == 0, err
 
 
 def test_infeasible_budget_exits_3_with_minimum(capsys, factory):
@@ -199,3 +208,49 @@ def test_python_dash_m_hardware():
                           timeout=120, env={**os.environ, "COLUMNS": "160"})
     assert proc.returncode == 0, proc.stderr
     assert "h100" in proc.stdout
+
+
+# -- progress ------------------------------------------------------------------------------
+
+
+def test_plan_reports_each_stage_to_the_status_line(capsys, factory, monkeypatch):
+    import contextlib
+
+    import memsched.cli as cli
+
+    shown = []
+
+    @contextlib.contextmanager
+    def recording(message):
+        shown.append(message)
+        yield shown.append
+
+    monkeypatch.setattr(cli, "_status", recording)
+    code, _, err = run(capsys, "plan", f"{factory}:build", "--budget", "1MB", "--hardware", "h100")
+    assert code == 0, err
+    stages = [m.split(": ")[-1] for m in shown if "planning Sequential" in m]
+    for stage in ("capture", "analysis", "segments", "schedule", "simulate"):
+        assert stage in stages, (stage, shown)
+    assert any(s.startswith("placement (solver") for s in stages), shown
+
+
+def test_status_spinner_on_a_terminal_only(capsys, monkeypatch):
+    import memsched.cli as cli
+
+    with cli._status("memsched: working") as update:
+        update("memsched: working: capture")
+    assert capsys.readouterr().err == ""          # not a terminal: nothing at all
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with cli._status("memsched: working") as update:
+        update("memsched: working: placement")
+    assert "placement" in capsys.readouterr().err
+
+
+def test_plan_subprocess_stderr_clean_when_not_a_terminal(tmp_path, factory):
+    out = tmp_path / "plan.json"
+    proc = subprocess.run([sys.executable, "-m", "memsched", "plan", f"{factory}:build", "--budget", "1MB",
+                           "--hardware", "h100", "-f", "json", "-o", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""
+    assert json.loads(out.read_text())["format"] == "memsched-plan"

@@ -35,3 +35,29 @@ def test_cuda_within_budget(name, fraction, host, tmp_path):
         if not host:
             assert moved.get("disk_read", 0) > 0
     cm.close()
+
+
+def test_cuda_runs_a_saved_plan_without_solving(tmp_path, monkeypatch):
+    """A plan made without a GPU (memsched.plan on the T4 preset), saved, then run on CUDA."""
+    model, args, kwargs = build("gpt2")
+    with torch.no_grad():
+        ref = model.cuda()(*[a.cuda() for a in args], **{k: v.cuda() for k, v in kwargs.items()})
+    model.cpu()
+    base = unconstrained_plan(model, args, kwargs, hardware="t4")
+    plan = memsched.plan(model, args, budget=base.min_budget_bytes, example_kwargs=kwargs, hardware="t4")
+    plan.save(tmp_path / "plan.json")
+
+    def refuse(*a, **k):
+        raise AssertionError("the solver was called for a saved plan")
+
+    from memsched.compiler import pipeline
+    from memsched.passes import placement
+
+    monkeypatch.setattr(placement, "solve_placement", refuse)
+    monkeypatch.setattr(pipeline, "solve_placement", refuse)
+    cm = memsched.compile(model, plan=tmp_path / "plan.json", device="cuda", offload_dir=tmp_path)
+    out = cm(*args, **kwargs)
+    torch.testing.assert_close(out.logits, ref.logits)
+    assert cm.stats.peak_device_bytes <= plan.budget_bytes
+    assert cm.stats.bytes_moved.get("h2d", 0) > 0
+    cm.close()

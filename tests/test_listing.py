@@ -1,38 +1,81 @@
-"""Golden listing: the printed schedule of a small MLP at its minimum budget on a preset GPU.
+"""Golden listings: the printed schedule of a small MLP at its minimum budget, and of the zoo's
+GPT-2 (transformers) in a budget below its weights, so they stream from host, on a preset GPU.
 
-The "passes:" header line holds wall times and is left out. Regenerate after an intended
-change with MEMSCHED_UPDATE_GOLDEN=1, and read the diff.
+The "passes:" header line holds wall times and is left out; everything else (the solver's
+status, the roofline predictions of a preset profile, every node) is deterministic. Regenerate
+after an intended change with MEMSCHED_UPDATE_GOLDEN=1, and read the diff.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 import memsched
 
-GOLDEN = Path(__file__).parent / "golden" / "mlp_t4_min_budget.txt"
+GOLDEN_DIR = Path(__file__).parent / "golden"
 
 
-def _listing() -> str:
+def _mlp_plan() -> memsched.Plan:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 128),
                                 torch.nn.GELU(), torch.nn.Linear(128, 16)).eval()
     x = torch.randn(4, 64)
     minimum = memsched.plan(model, (x,), budget=10**9, hardware="t4").min_budget_bytes
-    plan = memsched.plan(model, (x,), budget=minimum, hardware="t4")
-    return "\n".join(line for line in str(plan).splitlines() if not line.startswith("# passes:")) + "\n"
+    return memsched.plan(model, (x,), budget=minimum, hardware="t4")
 
 
-def test_listing_matches_golden():
-    text = _listing()
+def _gpt2_plan() -> memsched.Plan:
+    pytest.importorskip("transformers")
+    from zoo import build
+
+    model, args, kwargs = build("gpt2")  # 4 layers, ~3.7 MB of weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return memsched.plan(model, args, budget="1MB", example_kwargs=kwargs, hardware="t4")
+
+
+PLANS = {"mlp_t4_min_budget": _mlp_plan, "gpt2_t4_1MB": _gpt2_plan}
+_cache: dict = {}
+
+
+def _plan(name) -> memsched.Plan:
+    if name not in _cache:
+        _cache[name] = PLANS[name]()
+    return _cache[name]
+
+
+def _masked(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not line.startswith("# passes:")) + "\n"
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_listing_matches_golden(name):
+    text = _masked(str(_plan(name)))
+    golden = GOLDEN_DIR / f"{name}.txt"
     if os.environ.get("MEMSCHED_UPDATE_GOLDEN"):
-        GOLDEN.write_text(text)
-    assert text == GOLDEN.read_text()
+        golden.write_text(text)
+    assert text == golden.read_text()
 
 
-def test_listing_names_the_pass_of_every_inserted_node():
-    for line in _listing().splitlines():
+def test_gpt2_golden_streams_weights():
+    plan = _plan("gpt2_t4_1MB")
+    assert plan.tier_bytes()["host"] > plan.tier_bytes()["device"] > 0
+    assert plan.bytes_moved.get("h2d", 0) > 0 and plan.peak_device_bytes <= 10**6
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_saved_and_loaded_listing_matches_golden(name, tmp_path):
+    _plan(name).save(tmp_path / "plan.json")
+    loaded = memsched.Plan.load(tmp_path / "plan.json")
+    assert _masked(str(loaded)) == (GOLDEN_DIR / f"{name}.txt").read_text()
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_listing_names_the_pass_of_every_inserted_node(name):
+    for line in _masked(str(_plan(name))).splitlines():
         if any(f"= {op}(" in line or line.strip().startswith(f"{op}(") for op in ("prefetch", "wait", "free", "offload")):
             assert "[placement]" in line, line

@@ -368,3 +368,108 @@ def test_rejects_offload_to_an_unknown_tier():
 def test_intact_copy_is_accepted(base):
     plan, gm = base
     assert memsched.verify_schedule(gm, plan.budget_bytes) == plan.verify()
+
+
+# (f) every tensor accounted for at the return
+
+
+def test_rejects_a_value_never_freed(base):
+    plan, gm = base
+    free = next(f for f in _nodes(gm, "free") if any(_kind(a) is None and a.op != "placeholder" for a in f.args))
+    x = next(a for a in free.args if _kind(a) is None and a.op != "placeholder")
+    rest = tuple(a for a in free.args if a is not x)
+    if rest:
+        free.args = rest
+    else:
+        gm.graph.erase_node(free)
+    out = gm.graph.output_node()
+    msg = assert_rejected_at(gm, UNLIMITED, out, x.name, "still held on the device")
+    assert "missing free" in msg
+
+
+def test_rejects_an_input_never_freed(base):
+    plan, gm = base
+    inp = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("memsched.kind") == "input")
+    free = next(f for f in _nodes(gm, "free") if inp in f.args)
+    rest = tuple(a for a in free.args if a is not inp)
+    if rest:
+        free.args = rest
+    else:
+        gm.graph.erase_node(free)
+    assert_rejected_at(gm, UNLIMITED, gm.graph.output_node(), inp.name, "still held")
+
+
+def test_resident_weights_and_outputs_may_stay(base):
+    plan, gm = base
+    held = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("memsched.tier") == "device"
+            and n.meta.get("memsched.kind") == "weight"]
+    assert memsched.verify_schedule(gm, UNLIMITED) == plan.peak_device_bytes
+    assert held or plan.tier_bytes()["device"] == 0
+
+
+def test_rejects_a_prefetch_never_waited_on(base):
+    plan, gm = base
+    prefetch = _nodes(gm, "prefetch")[0]
+    extra = _insert_after(prefetch, ops.prefetch, (prefetch.args[0],))
+    extra.meta.update({k: v for k, v in prefetch.meta.items() if k.startswith("memsched.")})
+    assert_rejected_at(gm, UNLIMITED, gm.graph.output_node(), extra.name, "never waited on")
+
+
+def test_rejects_an_offload_handle_never_freed():
+    plan = _base_plan("skipnet")
+    gm = copy.deepcopy(plan.graph)
+    offload = _nodes(gm, "offload")[0]
+    free = next(u for u in offload.users if _kind(u) == "free")
+    gm.graph.erase_node(free)
+    assert_rejected_at(gm, UNLIMITED, gm.graph.output_node(), offload.name, "never freed")
+
+
+def test_every_message_names_a_step():
+    """Each rule's message, as raised on a real plan, carries ``step N (node)``."""
+    plan = _base_plan("skipnet")
+    gm = copy.deepcopy(plan.graph)
+    prefetch = _nodes(gm, "prefetch")[0]
+    del prefetch.meta["memsched.nbytes"]
+    assert_rejected_at(gm, UNLIMITED, prefetch, "how many bytes")
+
+
+# MEMSCHED_VERIFY=1: the verifier runs on every plan made
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8)).eval(), (torch.randn(4, 32),)
+
+
+def test_env_var_runs_the_verifier_after_planning(monkeypatch):
+    model, args = _model()
+    plan = memsched.plan(model, args, budget=10**6, hardware="t4")
+    assert "verify" not in [p.name for p in plan.passes]
+    monkeypatch.setenv("MEMSCHED_VERIFY", "1")
+    plan = memsched.plan(model, args, budget=10**6, hardware="t4")
+    assert "verify" in [p.name for p in plan.passes]
+    monkeypatch.setenv("MEMSCHED_VERIFY", "0")
+    assert "verify" not in [p.name for p in memsched.plan(model, args, budget=10**6, hardware="t4").passes]
+    assert "verify" in [p.name for p in memsched.plan(model, args, budget=10**6, hardware="t4", verify=True).passes]
+
+
+def test_env_var_catches_a_planner_bug(monkeypatch):
+    """A rewriting pass that forgets a free is caught at planning time, not at run time."""
+    import memsched.compiler.pipeline as pipeline
+
+    real = pipeline.build_schedule
+
+    def forgetful(*a, **k):
+        gm = real(*a, **k)
+        free = next(n for n in gm.graph.nodes if _kind(n) == "free")
+        gm.graph.erase_node(free)
+        return gm
+
+    monkeypatch.setattr(pipeline, "build_schedule", forgetful)
+    model, args = _model()
+    memsched.plan(model, args, budget=10**9, hardware="t4")  # unchecked: the bug goes through
+    monkeypatch.setenv("MEMSCHED_VERIFY", "1")
+    with pytest.raises(memsched.PlanError, match=r"step \d+ \(output\).*still held"):
+        memsched.plan(model, args, budget=10**9, hardware="t4")
+    with pytest.raises(memsched.PlanError, match="still held"):
+        memsched.compile(model, 10**9, example_inputs=args, hardware="t4", device="cpu")

@@ -42,19 +42,33 @@ class CompiledModule:
 
     Plans lazily at the first call per input signature (or at construction when example inputs
     are given). The model's own tensors are only read: host- and disk-homed copies are taken
-    when a signature is first planned.
+    when a signature is first planned. With ``plan=`` (a Plan or a saved plan's path) nothing
+    is solved: the model is re-captured and the saved schedule applied (budget and hardware
+    default to the plan's).
     """
 
-    def __init__(self, model, budget, *, example_inputs=None, example_kwargs=None, device=None,
-                 offload_dir=None, hardware=None, train=False, grad_outputs="auto", **options):
+    def __init__(self, model, budget=None, *, example_inputs=None, example_kwargs=None, device=None,
+                 offload_dir=None, hardware=None, train=False, grad_outputs="auto", plan=None, **options):
         if grad_outputs not in ("auto", "all"):
             raise ValueError(f"grad_outputs must be 'auto' or 'all', got {grad_outputs!r}")
+        if train and plan is not None:
+            raise NotImplementedError("re-applying a saved plan supports inference plans only; "
+                                      "a training step is planned again")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"memsched.compile takes a torch.nn.Module, got {type(model).__name__}")
         meta = [name for name, t in _model_tensors(model) if t.device.type == "meta"]
         if meta:
             raise ValueError(f"{meta[0]} (and {len(meta) - 1} more) is on the meta device: compile "
                              "needs real weights; memsched.plan plans meta models without them")
+        self._saved = None
+        if plan is not None:
+            from ..inspect.serialize import as_plan
+
+            self._saved = as_plan(plan)
+            budget = self._saved.budget_bytes if budget is None else budget
+            hardware = self._saved.hardware if hardware is None else hardware
+        if budget is None:
+            raise ValueError("memsched.compile needs a budget (or a saved plan: plan=...)")
         self.model = model
         self.device = _resolve_device(device)
         self.hardware: Hardware = get_hardware(hardware, self.device)
@@ -75,8 +89,13 @@ class CompiledModule:
         key = (train, self.model.training, input_signature(args, kwargs))
         entry = self._compiled.get(key)
         if entry is None:
-            plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware,
-                                        train=train, grad_outputs=self.grad_outputs, **self.options)
+            if self._saved is not None:
+                from ..inspect.serialize import reapply
+
+                plan, captured = reapply(self._saved, self.model, args, kwargs, self.budget_bytes)
+            else:
+                plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware,
+                                            train=train, grad_outputs=self.grad_outputs, **self.options)
             executor = Executor(plan.graph, captured, self.model, self.device, self.budget_bytes, self.offload_dir)
             step = None
             if train:
@@ -124,17 +143,18 @@ class CompiledModule:
         self._last = None
 
 
-def compile(model, budget, *, example_inputs=None, example_kwargs=None, device=None, offload_dir=None,
-            hardware=None, train=False, grad_outputs="auto", **options) -> CompiledModule:
+def compile(model, budget=None, *, example_inputs=None, example_kwargs=None, device=None, offload_dir=None,
+            hardware=None, train=False, grad_outputs="auto", plan=None, **options) -> CompiledModule:
     """Compile ``model`` to run within ``budget`` device bytes (see DESIGN.md for the forms).
 
     ``train=True``: calls made with autograd enabled run a planned training step (forward and
     backward in one plan, see runtime/autograd.py); ``grad_outputs`` says which outputs the
     backward starts from: "auto" (the scalar outputs, i.e. the loss, when there are any) or "all".
+    ``plan=``: a Plan or saved plan file runs that schedule instead of planning.
     """
     return CompiledModule(model, budget, example_inputs=example_inputs, example_kwargs=example_kwargs,
                           device=device, offload_dir=offload_dir, hardware=hardware, train=train,
-                          grad_outputs=grad_outputs, **options)
+                          grad_outputs=grad_outputs, plan=plan, **options)
 
 
 def plan(model, example_inputs=(), budget=None, *, hardware=None, train=False, example_kwargs=None,

@@ -1,7 +1,11 @@
 """The planning pipeline in the order it runs: capture, analysis, segments, placement,
-rewriting, simulation. Each stage is timed and recorded on the Plan."""
+rewriting, simulation. Each stage is timed and recorded on the Plan.
+
+``MEMSCHED_VERIFY=1`` in the environment (or ``verify=True``) runs the independent verifier
+(``memsched/verify.py``) on every plan made, so a planner bug fails at planning time."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -16,7 +20,7 @@ from ..passes.placement import solve_placement
 from ..passes.schedule import build_schedule
 from ..passes.segments import make_segments
 from ..plan import PassRecord, PassSnapshot, Plan
-from .capture import PERSISTENT, Captured, capture
+from .capture import PERSISTENT, Captured, capture, input_signature
 from .joint import capture_joint
 
 DEFAULT_MAX_SEGMENTS = 128
@@ -25,9 +29,13 @@ DEFAULT_TIME_LIMIT_S = 10.0
 
 def plan_captured(captured: Captured, budget: int, hw: Hardware, *, model_name: str = "model",
                   max_segments: int = DEFAULT_MAX_SEGMENTS, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
-                  passes: list[PassRecord] | None = None) -> Plan:
+                  passes: list[PassRecord] | None = None, verify: bool | None = None,
+                  progress=None) -> Plan:
+    """``progress``, if given, is called with the name of each stage as it starts."""
+    progress = progress or (lambda stage: None)
     passes = list(passes or [])
     history = [snapshot("capture", captured.gm)]
+    progress("analysis")
     t = time.perf_counter()
     program = analyze(captured)
     history.append(snapshot("analysis", captured.gm))
@@ -35,6 +43,7 @@ def plan_captured(captured: Captured, budget: int, hw: Hardware, *, model_name: 
     step_time = np.array([estimate_op_time(nodes[s], hw) for s in program.steps], dtype=np.float64)
     passes.append(PassRecord("analysis", time.perf_counter() - t))
 
+    progress("segments")
     t = time.perf_counter()
     first_use_bytes = np.zeros(program.n_steps)
     for b in program.buffers:
@@ -45,14 +54,17 @@ def plan_captured(captured: Captured, budget: int, hw: Hardware, *, model_name: 
     segments = make_segments(step_time, first_use_bytes, max_segments)
     passes.append(PassRecord("segments", time.perf_counter() - t, f"{segments.count}"))
 
+    progress(f"placement (solver, at most {time_limit_s:g} s)")
     t = time.perf_counter()
     placement = solve_placement(program, segments, step_time, hw, budget, time_limit_s=time_limit_s)
     passes.append(PassRecord("placement", time.perf_counter() - t, placement.status))
 
+    progress("schedule")
     t = time.perf_counter()
     scheduled = build_schedule(captured, program, segments, placement)
     passes.append(PassRecord("schedule", time.perf_counter() - t))
 
+    progress("simulate")
     t = time.perf_counter()
     sim = simulate(scheduled, hw)
     # the MIP prices time per segment; the simulator replays real queues. When the greedy plan
@@ -71,6 +83,13 @@ def plan_captured(captured: Captured, budget: int, hw: Hardware, *, model_name: 
     passes.append(PassRecord("simulate", time.perf_counter() - t))
     unconstrained = _unconstrained(captured, program, segments, step_time, hw)
     history.append(snapshot("schedule", scheduled))
+    if verify or (verify is None and os.environ.get("MEMSCHED_VERIFY", "") not in ("", "0")):
+        from ..verify import verify_schedule
+
+        progress("verify")
+        t = time.perf_counter()
+        verify_schedule(scheduled, budget)
+        passes.append(PassRecord("verify", time.perf_counter() - t))
     return Plan(model_name, budget, hw, scheduled, program, placement, sim, unconstrained,
                 passes, segments.count, history)
 
@@ -92,8 +111,10 @@ def _unconstrained(captured, program, segments, step_time, hw):
 
 
 def plan_model(model: torch.nn.Module, args: tuple, kwargs: dict, budget, hw: Hardware, *,
-               train: bool = False, grad_outputs: str = "auto", **options) -> Plan:
+               train: bool = False, grad_outputs: str = "auto", **options) -> tuple[Plan, Captured]:
     budget_bytes = parse_budget(budget, hw.device_bytes)
+    if options.get("progress"):
+        options["progress"]("capture")
     t = time.perf_counter()
     if train:
         captured = capture_joint(model, args, kwargs, grad_outputs=grad_outputs)
@@ -101,5 +122,6 @@ def plan_model(model: torch.nn.Module, args: tuple, kwargs: dict, budget, hw: Ha
     else:
         captured = capture(model, args, kwargs)
         record = PassRecord("capture", time.perf_counter() - t)
-    return plan_captured(captured, budget_bytes, hw, model_name=type(model).__name__,
-                         passes=[record], **options), captured
+    plan = plan_captured(captured, budget_bytes, hw, model_name=type(model).__name__, passes=[record], **options)
+    plan.signature = input_signature(args, kwargs)
+    return plan, captured
