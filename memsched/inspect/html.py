@@ -50,7 +50,7 @@ def recompute_seconds(plan) -> tuple[float, int]:
 
 
 def _summary_rows(plan) -> list[tuple[str, str]]:
-    pl = plan.placement
+    pl = plan.placement_facts()  # a loaded plan keeps these without a placement
     tiers = plan.tier_bytes()
     acts = plan.offloaded_activation_bytes()
     peak = plan.peak_device_bytes
@@ -80,7 +80,7 @@ def _summary_rows(plan) -> list[tuple[str, str]]:
     rows.append(("recompute overhead", f"{_ms(rc_s)} ({rc_n} recomputed nodes)"))
     gap = f", gap {pl.mip_gap:.1%}" if pl.mip_gap is not None else ""
     rows.append(("solver", f"{pl.status}{gap} in {pl.solve_s:.2f} s; {plan.n_segments} segments, "
-                           f"{len(pl.gaps)} movable gaps"))
+                           f"{pl.movable_gaps} movable gaps"))
     return rows
 
 
