@@ -442,6 +442,7 @@ def _model():
 
 
 def test_env_var_runs_the_verifier_after_planning(monkeypatch):
+    monkeypatch.delenv("MEMSCHED_VERIFY", raising=False)  # the suite's conftest turns it on
     model, args = _model()
     plan = memsched.plan(model, args, budget=10**6, hardware="t4")
     assert "verify" not in [p.name for p in plan.passes]
@@ -466,6 +467,7 @@ def test_env_var_catches_a_planner_bug(monkeypatch):
         return gm
 
     monkeypatch.setattr(pipeline, "build_schedule", forgetful)
+    monkeypatch.delenv("MEMSCHED_VERIFY", raising=False)  # the suite's conftest turns it on
     model, args = _model()
     memsched.plan(model, args, budget=10**9, hardware="t4")  # unchecked: the bug goes through
     monkeypatch.setenv("MEMSCHED_VERIFY", "1")
