@@ -71,12 +71,19 @@ def listing(gm: fx.GraphModule, header: list[str] | None = None) -> str:
                     note = f"{tier} -> device {what} {nb}"
                 elif n.target is ops.offload:
                     note = f"device -> {tier} {what} {nb}"
+                    if n.meta.get("memsched.delivers"):
+                        note += " (delivered: the step returns this copy)"
+                elif n.target is ops.boundary:
+                    note = "forward ends: outputs handed to autograd, their gradients come back"
                 else:
                     note = f"{what} ready on device"
                 lines.append(f"    {n.name} = {_target(n.target)}({', '.join(args)})  # [{made_by}] {note}")
                 continue
             val = n.meta.get("val")
-            lines.append(f"    {n.name} = {_target(n.target)}({', '.join(args)})  # {describe(val)} {format_bytes(_nbytes(val))}")
+            tag = f"[{made_by}] " if made_by not in ("capture", "partition") else ""
+            again = f" (again: {n.meta['memsched.restores']})" if n.meta.get("memsched.restores") else ""
+            lines.append(f"    {n.name} = {_target(n.target)}({', '.join(args)})  # {tag}{describe(val)} "
+                         f"{format_bytes(_nbytes(val))}{again}")
         elif n.op == "get_attr":
             lines.append(f"    {n.name} = self.{n.target}  # subgraph")
         elif n.op == "output":

@@ -38,7 +38,19 @@ def _gpt2_plan() -> memsched.Plan:
         return memsched.plan(model, args, budget="1MB", example_kwargs=kwargs, hardware="t4")
 
 
-PLANS = {"mlp_t4_min_budget": _mlp_plan, "gpt2_t4_1MB": _gpt2_plan}
+def _mlp_train_plan() -> memsched.Plan:
+    """A training step between its minimum budget and its peak: saved activations kept,
+    offloaded to host or recomputed, gradients delivered."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 128),
+                                torch.nn.GELU(), torch.nn.Linear(128, 16)).train()
+    x = torch.randn(32, 64)
+    free = memsched.plan(model, (x,), budget=10**9, hardware="t4", train=True)
+    budget = (free.min_budget_bytes + free.program.peak_bytes) // 2
+    return memsched.plan(model, (x,), budget=budget, hardware="t4", train=True)
+
+
+PLANS = {"mlp_t4_min_budget": _mlp_plan, "gpt2_t4_1MB": _gpt2_plan, "mlp_train_t4": _mlp_train_plan}
 _cache: dict = {}
 
 

@@ -165,7 +165,7 @@ def build_schedule(captured: Captured, program: Program, segments: Segments,
                 recompute(program.recipes[gap.value])
             n = nodes[program.steps[step]]
             new = g.node_copy(n, lambda a: env[a.name])
-            new.meta["memsched.pass"] = "capture"
+            new.meta["memsched.pass"] = n.meta.get("memsched.pass", "capture")  # boundary: "partition"
             env[n.name] = new
             dying = list(last_use_at.get(step, []))
             for gap in evict_after.get(step, []):
