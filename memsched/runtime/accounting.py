@@ -44,8 +44,11 @@ class RecyclePool:
 
 
 class DeviceAccountant:
-    def __init__(self, budget: int, pool: RecyclePool | None = None):
+    def __init__(self, budget: int, pool: RecyclePool | None = None, reserve: int = 0):
         self.budget = budget
+        # idle pooled bytes stay within budget - reserve - held: a new allocation (at most
+        # ``reserve`` bytes, made before it is tracked) then never takes real memory past the budget
+        self.pool_cap = max(budget - reserve, 0)
         self._held: dict[int, list[int]] = {}  # storage address -> [nbytes, references]
         self.current = 0
         self.peak = 0
@@ -62,8 +65,8 @@ class DeviceAccountant:
                 return
             self._held[key] = [nbytes, 1]
             self.current += nbytes
-            if self.pool is not None and self.current + self.pool.idle > self.budget:
-                self.pool.trim(max(self.budget - self.current, 0))
+            if self.pool is not None and self.current + self.pool.idle > self.pool_cap:
+                self.pool.trim(max(self.pool_cap - self.current, 0))
             if self.current > self.peak:
                 self.peak = self.current
                 if self.peak > self.budget:
@@ -84,5 +87,5 @@ class DeviceAccountant:
             del self._held[key]
             self.current -= entry[0]
             buf = self.recycle.pop(key, None) if self.recycle else None
-            if buf is not None and self.current + self.pool.idle + entry[0] <= self.budget:
+            if buf is not None and self.current + self.pool.idle + entry[0] <= self.pool_cap:
                 self.pool.give(buf)

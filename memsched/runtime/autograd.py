@@ -41,6 +41,7 @@ class TrainStep:
                     f"memsched planned the backward from outputs {c.diff_outputs} (the scalar loss when "
                     f"there is one), but output {i} received a gradient too; compile with "
                     f"grad_outputs='all' to train through every output")
+        self.outputs = []  # the caller's now: memsched keeps no reference past the step
         result = self.executor.resume(tangents)
         # gradients the plan delivered to host or disk arrive as those copies
         grads = [g if g is None or isinstance(g, torch.Tensor) else self.executor.engine.materialize(g)

@@ -93,7 +93,9 @@ def generate_source(gm: fx.GraphModule, device: torch.device | None = None) -> t
             if n.target is ops.prefetch:
                 body.append(f"_{n.name} = rt.prefetch({args})")
             elif n.target is ops.wait:
-                body.append(f"_{n.name} = rt.wait({args})")
+                # the pending handle holds the fetched tensor too: drop it, so the tensor dies
+                # when the program frees the waited value (as the accountant counts)
+                body.append(f"_{n.name} = rt.wait({args}); del {args}")
             elif n.target is ops.offload:
                 body.append(f"_{n.name} = rt.offload({args})")
             elif n.target is ops.boundary:
@@ -146,6 +148,7 @@ class Executor:
         self._outgoing: dict[int, Outgoing] = {}
         # on CUDA the caching allocator already reuses fetch buffers; on a CPU device we do
         self._pool = RecyclePool() if not self.cuda else None
+        self._reserve = _largest_allocation(gm)
         self.last_stats = RunStats()
 
     def _place_model_tensors(self, model, tiers) -> list:
@@ -208,7 +211,10 @@ class Executor:
             pending = self.engine.fetch(src)
             self.acct.track(pending.tensor)
             return pending
-        pending = self.engine.fetch(src, self._pool.take(src.layout))
+        buf = self._pool.take(src.layout)
+        if buf is None:  # a fresh buffer: make room for it among the idle ones first
+            self._pool.trim(max(self.acct.pool_cap - self.acct.current - src.layout.nbytes, 0))
+        pending = self.engine.fetch(src, buf)
         self.acct.track(pending.tensor)
         self.acct.recycle[pending.tensor.untyped_storage().data_ptr()] = pending.tensor
         return pending
@@ -242,7 +248,7 @@ class Executor:
     # -- a call ---------------------------------------------------------------------------
     def _begin(self, flat_inputs: list) -> list:
         self._refresh()
-        self.acct = DeviceAccountant(self.budget, self._pool)
+        self.acct = DeviceAccountant(self.budget, self._pool, self._reserve)
         self.engine.stats.bytes_moved.clear()
         self.engine.stats.stall_s = 0.0
         values, user = [], iter(flat_inputs)
@@ -330,6 +336,26 @@ class Executor:
 
     def close(self) -> None:
         self._finalizer()
+
+
+def _largest_allocation(gm: fx.GraphModule) -> int:
+    """The most bytes one node of the program allocates at once (its outputs, or a fetch)."""
+    most = 0
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is ops.prefetch:
+            most = max(most, int(n.meta.get("memsched.nbytes", 0)))
+        elif n.target not in ops.INSERTED_OPS:
+            sizes = {}
+            for t in _tensor_leaves([n.meta.get("val")]):
+                try:
+                    st = t.untyped_storage()
+                    sizes[id(st)] = st.nbytes()
+                except (NotImplementedError, RuntimeError):
+                    sizes[id(t)] = t.numel() * t.element_size()
+            most = max(most, sum(sizes.values()))
+    return most
 
 
 def _written_placeholders(gm: fx.GraphModule) -> set[str]:
