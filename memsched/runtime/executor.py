@@ -48,9 +48,11 @@ def _plain_tensor(node: fx.Node) -> bool:
             and not any(u.target is ops.offload for u in node.users))
 
 
-def generate_source(gm: fx.GraphModule, device: torch.device | None = None) -> tuple[str, dict]:
+def generate_source(gm: fx.GraphModule, device: torch.device | None = None,
+                    room_for: int | None = None) -> tuple[str, dict]:
     """Python source of the scheduled program and the globals it needs. Devices baked into
-    the trace (``arange(..., device=cpu)``) are retargeted to ``device``."""
+    the trace (``arange(..., device=cpu)``) are retargeted to ``device``. Ops allocating more
+    than ``room_for`` bytes are preceded by ``rt.make_room(n)`` (recycled buffers let go)."""
     glb: dict = {}
     fn_ids: dict[int, str] = {}
 
@@ -112,7 +114,9 @@ def generate_source(gm: fx.GraphModule, device: torch.device | None = None) -> t
                 body.append("; ".join(calls) + f"; del {args}")
             else:
                 track = "_track" if isinstance(n.meta.get("val"), torch.Tensor) else "rt.track"
-                body.append(f"_{n.name} = {fn(n.target)}({args}); {track}(_{n.name})")
+                size = _allocates(n)
+                room = f"rt.make_room({size}); " if room_for is not None and size > room_for else ""
+                body.append(f"{room}_{n.name} = {fn(n.target)}({args}); {track}(_{n.name})")
         elif n.op == "get_attr":  # submodules of higher-order ops
             body.append(f"_{n.name} = {const(getattr(gm, n.target))}")
         elif n.op == "output":
@@ -129,7 +133,12 @@ class Executor:
         self.gm, self.captured, self.device, self.budget = gm, captured, device, budget
         self.model = model
         self.cuda = device.type == "cuda"
-        src, glb = generate_source(gm, device)
+        # on a CPU device, idle recycled buffers leave room for any op's outputs: small ones by
+        # a standing reserve, large ones (over an eighth of the budget) by a trim right before
+        self._pool = RecyclePool() if not self.cuda else None
+        big = max(budget // 8, 1)
+        self._reserve = max([s for s in map(_allocates, gm.graph.nodes) if s <= big], default=0)
+        src, glb = generate_source(gm, device, room_for=big if self._pool is not None else None)
         self.source = src
         code = compile(src, "<memsched scheduled program>", "exec")
         exec(code, glb)
@@ -147,8 +156,7 @@ class Executor:
         self._slots = self._place_model_tensors(model, tiers)
         self._outgoing: dict[int, Outgoing] = {}
         # on CUDA the caching allocator already reuses fetch buffers; on a CPU device we do
-        self._pool = RecyclePool() if not self.cuda else None
-        self._reserve = _largest_allocation(gm)
+
         self.last_stats = RunStats()
 
     def _place_model_tensors(self, model, tiers) -> list:
@@ -218,6 +226,12 @@ class Executor:
         self.acct.track(pending.tensor)
         self.acct.recycle[pending.tensor.untyped_storage().data_ptr()] = pending.tensor
         return pending
+
+    def make_room(self, nbytes: int) -> None:
+        """Before an op allocating ``nbytes``: idle recycled buffers shrink so that held + idle +
+        the new outputs stay within the budget."""
+        if self._pool.idle:
+            self._pool.trim(max(self.budget - self.acct.current - nbytes, 0))
 
     def wait(self, pending):
         return self.engine.wait(pending)
@@ -338,24 +352,18 @@ class Executor:
         self._finalizer()
 
 
-def _largest_allocation(gm: fx.GraphModule) -> int:
-    """The most bytes one node of the program allocates at once (its outputs, or a fetch)."""
-    most = 0
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        if n.target is ops.prefetch:
-            most = max(most, int(n.meta.get("memsched.nbytes", 0)))
-        elif n.target not in ops.INSERTED_OPS:
-            sizes = {}
-            for t in _tensor_leaves([n.meta.get("val")]):
-                try:
-                    st = t.untyped_storage()
-                    sizes[id(st)] = st.nbytes()
-                except (NotImplementedError, RuntimeError):
-                    sizes[id(t)] = t.numel() * t.element_size()
-            most = max(most, sum(sizes.values()))
-    return most
+def _allocates(n: fx.Node) -> int:
+    """Bytes a compute node's outputs take (fetches make room for themselves)."""
+    if n.op != "call_function" or n.target in ops.INSERTED_OPS:
+        return 0
+    sizes = {}
+    for t in _tensor_leaves([n.meta.get("val")]):
+        try:
+            st = t.untyped_storage()
+            sizes[id(st)] = st.nbytes()
+        except (NotImplementedError, RuntimeError):
+            sizes[id(t)] = t.numel() * t.element_size()
+    return sum(sizes.values())
 
 
 def _written_placeholders(gm: fx.GraphModule) -> set[str]:
