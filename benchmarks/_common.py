@@ -129,3 +129,18 @@ def set_threads(n: int | None) -> None:
         import torch
 
         torch.set_num_threads(n)
+
+
+def build_gpt2(n_layer, n_embd, n_head, vocab, seq, *, train: bool = False):
+    """A GPT-2 from its config (random, seeded weights; dropout off): eval and frozen for
+    inference benchmarks, train mode with every parameter trained for training ones."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab,
+                     n_positions=max(seq, 128), bos_token_id=0, eos_token_id=0, use_cache=False,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg)
+    return model.train().requires_grad_(True) if train else model.eval().requires_grad_(False)

@@ -39,7 +39,7 @@ import tempfile
 import time
 
 import _common
-from _common import fmt_bytes, median, proc_io, table
+from _common import build_gpt2, fmt_bytes, median, proc_io, table
 
 import torch
 
@@ -47,14 +47,7 @@ import memsched
 
 
 def build_model(n_layer, n_embd, n_head, vocab, seq):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab,
-                     n_positions=max(seq, 128), bos_token_id=0, eos_token_id=0, use_cache=False,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(cfg).eval().requires_grad_(False)
+    return build_gpt2(n_layer, n_embd, n_head, vocab, seq, train=False)
 
 
 def weight_bytes(model) -> int:

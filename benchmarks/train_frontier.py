@@ -59,7 +59,7 @@ import tempfile
 import time
 
 import _common
-from _common import fmt_bytes, median, table
+from _common import build_gpt2, fmt_bytes, median, table
 
 import torch
 import torch.utils._pytree as pytree
@@ -72,14 +72,7 @@ import memsched
 # -- the model ------------------------------------------------------------------------------
 
 def build_model(n_layer, n_embd, n_head, vocab, seq):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab,
-                     n_positions=max(seq, 128), bos_token_id=0, eos_token_id=0, use_cache=False,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(cfg).train().requires_grad_(True)
+    return build_gpt2(n_layer, n_embd, n_head, vocab, seq, train=True)
 
 
 def tensor_bytes(tensors) -> int:
@@ -530,8 +523,7 @@ def main():
               "scratch inside ops. memsched is measured on the first call of a freshly compiled module (planned "
               "at construction), so nothing it holds was allocated before the step; 'memsched stats peak' is "
               "that module's own number. A tracked or allocator peak above it means storages memsched has "
-              "released from its accounting are still allocated. Not in any number: memsched keeps the last "
-              "step's forward outputs (logits) alive until the next step's forward has run.")
+              "released from its accounting are still allocated.")
 
         # frontier: memsched at <= each baseline's peak, by each measure
         ms_rows = [m for m in ok if m.kind == "memsched"]
