@@ -12,6 +12,7 @@ from .passes.analysis import Program
 from .compiler.capture import PERSISTENT
 from .passes.placement import KEEP, Placement
 from .printer import listing
+from .runtime.ops import INSERTED_OPS
 
 
 @dataclass
@@ -188,13 +189,15 @@ class Plan:
                              "decision": crossing.get(v.name, KEEP)})
         return rows
 
+    def recomputed_nodes(self) -> set[str]:
+        """Compute nodes the plan runs a second time (not the frees that follow them)."""
+        return {n.name for n in self.graph.graph.nodes if n.meta.get("memsched.pass") == "recompute"
+                and n.op == "call_function" and n.target not in INSERTED_OPS}
+
     def recompute_overhead_s(self) -> float:
         """Predicted seconds of recomputation per step."""
-        return sum(s.end - s.start for s in self.sim.spans
-                   if s.stream == "compute" and s.name in self._recomputed_nodes())
-
-    def _recomputed_nodes(self) -> set[str]:
-        return {n.name for n in self.graph.graph.nodes if n.meta.get("memsched.pass") == "recompute"}
+        names = self.recomputed_nodes()
+        return sum(s.end - s.start for s in self.sim.spans if s.stream == "compute" and s.name in names)
 
     # -- inspection (memsched/inspect/) -------------------------------------------------------
     def steps(self) -> list[dict]:

@@ -29,7 +29,7 @@ def _kind(node: fx.Node) -> str:
         getattr(node.target, "__module__", "").endswith("runtime.ops") else "compute"
 
 
-def _storages(val) -> list[tuple[int, int]]:
+def storages(val) -> list[tuple[int, int]]:
     """(storage identity, bytes) of every tensor leaf; views share their base's identity."""
     out = []
     for t in pytree.tree_leaves(val):
@@ -95,7 +95,7 @@ def verify_schedule(gm: fx.GraphModule, budget: int) -> int:
                                         f"device tensor (missing wait?)")
             if n.op == "placeholder":
                 if n.meta.get("memsched.tier", "device") == "device":
-                    add(n.name, _storages(n.meta.get("val")))
+                    add(n.name, storages(n.meta.get("val")))
             elif kind == _PREFETCH:
                 src = n.args[0]
                 if not (src.op == "placeholder" or kinds.get(src.name) == _OFFLOAD):
@@ -111,7 +111,7 @@ def verify_schedule(gm: fx.GraphModule, budget: int) -> int:
                     raise PlanError(f"{where} waits on {p.name}, which is not a prefetch")
                 of_value[n.name] = of_value.pop(p.name, [])
                 freed.add(p.name)  # consumed
-                for key, _ in _storages(n.meta.get("val")):
+                for key, _ in storages(n.meta.get("val")):
                     restored_as[key] = ("fetched", p.name)
             elif kind == _OFFLOAD:
                 if n.args[1] not in ("host", "disk"):
@@ -125,7 +125,7 @@ def verify_schedule(gm: fx.GraphModule, budget: int) -> int:
                     handles.pop(x.name, None)
                     remove(x.name)
             elif n.op == "call_function":
-                add(n.name, _storages(n.meta.get("val")))
+                add(n.name, storages(n.meta.get("val")))
             elif n.op == "output":
                 _check_accounted(where, n, gm, of_value, handles)
             if cur > budget:

@@ -16,7 +16,7 @@ import torch
 import memsched
 from memsched.cost_models.simulator import simulate
 from memsched.inspect import plots
-from memsched.inspect.html import plan_html, recompute_seconds
+from memsched.inspect.html import plan_html
 from memsched.inspect.memory import CATEGORIES, memory_by_kind
 from memsched.inspect.steps import COLUMNS
 from memsched.runtime import ops
@@ -268,7 +268,7 @@ def test_views_handle_recompute_and_unknown_ops(plan):
     assert dead["op"] == "free" and dead["live_bytes"] == rows[i - 1]["live_bytes"]
     assert all(r.residual == 0 for r in memory_by_kind(changed))
     span = next(s for s in changed.sim.spans if s.name == again.name)
-    assert recompute_seconds(changed) == (span.end - span.start, 1)
+    assert (changed.recompute_overhead_s(), len(changed.recomputed_nodes())) == (span.end - span.start, 1)
     assert "(1 recomputed nodes)" in changed._repr_html_()
     fig = changed.plot_timeline()
     assert "recompute" in fig.axes[0].get_legend_handles_labels()[1]

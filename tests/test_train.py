@@ -134,6 +134,36 @@ def test_recompute_is_chosen_and_exact():
     cm.close()
 
 
+class _Counting(torch.nn.Module):
+    """A forward that updates a buffer of its own: the update must reach the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("running", torch.zeros(16))
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.lin(x)
+        self.running.mul_(0.9).add_(y.detach().mean(0), alpha=0.1)
+        return y.square().mean()
+
+
+def test_forward_buffer_updates_reach_the_model():
+    torch.manual_seed(0)
+    model, x = _Counting(), torch.randn(4, 16)
+    ref = copy.deepcopy(model)
+    cm = _compile(model, "1GB")
+    for _ in range(2):
+        cm(x).backward()
+        ref(x).backward()
+    for (name, b), (_, c) in zip(ref.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(c, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    _assert_same_grads(ref, model)
+    cm.close()
+
+
 def test_no_grad_calls_use_an_inference_plan():
     model, args, kwargs, loss_fn = build_train("mlp")
     cm = _compile(model, "1GB")

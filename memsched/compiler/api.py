@@ -100,7 +100,9 @@ class CompiledModule:
             step = None
             if train:
                 params = dict(self.model.named_parameters(remove_duplicate=False))
-                step = TrainStep(captured, executor, [params[t] for t in captured.grad_targets])
+                buffers = dict(self.model.named_buffers(remove_duplicate=False))
+                step = TrainStep(captured, executor, [params[t] for t in captured.grad_targets],
+                                 [buffers[t] for t in captured.mutation_targets])
             entry = self._compiled[key] = (plan, captured, executor, step)
         self._last = entry
         return entry

@@ -7,7 +7,6 @@ import html
 import io
 
 from ..budget import format_bytes
-from .memory import inserted_op
 
 _HISTORY_LINES = 300  # per snapshot; print(plan.history[i]) shows all of it
 
@@ -42,13 +41,6 @@ def _ms(seconds) -> str:
     return f"{seconds * 1e3:.2f} ms"
 
 
-def recompute_seconds(plan) -> tuple[float, int]:
-    """Predicted compute time of the nodes the recompute pass added, and how many there are."""
-    names = {n.name for n in plan.graph.graph.nodes
-             if n.meta.get("memsched.pass") == "recompute" and n.op == "call_function" and inserted_op(n) is None}
-    return sum(s.end - s.start for s in plan.sim.spans if s.stream == "compute" and s.name in names), len(names)
-
-
 def _summary_rows(plan) -> list[tuple[str, str]]:
     pl = plan.placement_facts()  # a loaded plan keeps these without a placement
     tiers = plan.tier_bytes()
@@ -76,8 +68,8 @@ def _summary_rows(plan) -> list[tuple[str, str]]:
     rows.append(("predicted time", f"{_ms(plan.predicted_time_s)} ({slow:.2f}x unconstrained "
                                    f"{_ms(plan.unconstrained.time_s)})"))
     rows.append(("predicted stall", _ms(plan.sim.stall_s)))
-    rc_s, rc_n = recompute_seconds(plan)
-    rows.append(("recompute overhead", f"{_ms(rc_s)} ({rc_n} recomputed nodes)"))
+    rows.append(("recompute overhead", f"{_ms(plan.recompute_overhead_s())} "
+                                       f"({len(plan.recomputed_nodes())} recomputed nodes)"))
     gap = f", gap {pl.mip_gap:.1%}" if pl.mip_gap is not None else ""
     rows.append(("solver", f"{pl.status}{gap} in {pl.solve_s:.2f} s; {plan.n_segments} segments, "
                            f"{pl.movable_gaps} movable gaps"))

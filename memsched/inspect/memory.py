@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from ..runtime import ops
+from ..verify import storages  # the verifier's per-storage reading of a value
 
 CATEGORIES = ("weights", "activations", "grads", "other")
 # fine kinds (node.meta["memsched.kind"] and this walk's own) -> plotted category
@@ -34,15 +33,6 @@ def inserted_op(node: fx.Node) -> str | None:
     if node.op == "call_function" and node.target in ops.INSERTED_OPS:
         return node.target.__name__
     return None
-
-
-def _storages(val) -> list[tuple[int, int]]:
-    out = []
-    for t in pytree.tree_leaves(val):
-        if isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            out.append((st._cdata, st.nbytes()))
-    return out
 
 
 @dataclass
@@ -96,7 +86,7 @@ def _walk(gm: fx.GraphModule) -> list[tuple[str, str | None, dict]]:
         if n.op == "placeholder":
             kind = declared or "input"
             if n.meta.get("memsched.tier", "device") == "device":
-                add(n.name, _storages(n.meta.get("val")), kind)
+                add(n.name, storages(n.meta.get("val")), kind)
         elif op == "prefetch":
             src = n.args[0]
             kind = declared or kind_of.get(src.name, "other")
@@ -105,7 +95,7 @@ def _walk(gm: fx.GraphModule) -> list[tuple[str, str | None, dict]]:
             p = n.args[0]
             kind = declared or kind_of.get(p.name, "other")
             of_value[n.name] = of_value.pop(p.name, [])
-            for key, _ in _storages(n.meta.get("val")):
+            for key, _ in storages(n.meta.get("val")):
                 restored_as[key] = ("fetched", p.name)
         elif op == "offload":
             kind = declared or kind_of.get(n.args[0].name, "other")
@@ -114,7 +104,7 @@ def _walk(gm: fx.GraphModule) -> list[tuple[str, str | None, dict]]:
                 if isinstance(x, fx.Node):
                     remove(x.name)
         elif n.op == "call_function":  # compute of any kind, including ops this file never heard of
-            entries = _storages(n.meta.get("val"))
+            entries = storages(n.meta.get("val"))
             kind = declared or existing_kind(entries) or "activation"
             add(n.name, entries, kind)
         if kind is not None:

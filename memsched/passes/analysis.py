@@ -86,7 +86,7 @@ class Program:
         return sum(b.nbytes for b in self.buffers if b.kind == kind)
 
 
-def _storage_nbytes(t: torch.Tensor) -> int:
+def storage_nbytes(t: torch.Tensor) -> int:
     try:
         return int(t.untyped_storage().nbytes())
     except (NotImplementedError, RuntimeError):  # sparse / opaque tensors: count the view
@@ -111,7 +111,7 @@ def analyze(captured: Captured) -> Program:
                 bid = len(buf_name)
                 storage_to_buffer[key] = bid
                 buf_name.append(node.name)
-                buf_bytes.append(_storage_nbytes(t))
+                buf_bytes.append(storage_nbytes(t))
                 buf_kind.append(kind)
                 buf_events.append({step})
                 buf_values.append([])
@@ -245,7 +245,7 @@ def find_recipes(graph: torch.fx.Graph, values: dict, written: set[int]) -> dict
             if not isinstance(outs, (tuple, list)):
                 continue
             others = [t for i, t in enumerate(outs) if i != index and isinstance(t, torch.Tensor)]
-            extra = sum(_storage_nbytes(t) for t in others)
+            extra = sum(storage_nbytes(t) for t in others)
         else:
             op, index, extra = node, None, 0
         if not _recomputable(op, written, values):

@@ -18,13 +18,18 @@ from .executor import Executor
 class TrainStep:
     """The state one compiled training step needs between its forward and its backward."""
 
-    def __init__(self, captured: JointCaptured, executor: Executor, params: list[torch.Tensor]):
+    def __init__(self, captured: JointCaptured, executor: Executor, params: list[torch.Tensor],
+                 mutated_buffers: list[torch.Tensor]):
         self.captured, self.executor, self.params = captured, executor, params
+        self.mutated_buffers = mutated_buffers  # model buffers the forward returns new values of
         self.outputs: list = []
 
     def forward(self, flat_inputs: list) -> list:
         self.executor.abandon()  # a forward whose backward never ran: release its state
         out = self.executor.start(flat_inputs)
+        with torch.no_grad():
+            for buf, new in zip(self.mutated_buffers, out[:self.captured.n_mutations]):
+                buf.copy_(new)
         self.outputs = out
         return out
 

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..compiler.capture import INPUT, PERSISTENT, Captured, written_args
+from ..passes.analysis import storage_nbytes, tensor_leaves
 from . import ops
 from .accounting import DeviceAccountant, RecyclePool
 from .stores import DiskStore, HostPool, Layout, make_offload_dir
@@ -131,10 +133,10 @@ class Executor:
     def __init__(self, gm: fx.GraphModule, captured: Captured, model: torch.nn.Module,
                  device: torch.device, budget: int, offload_dir=None):
         self.gm, self.captured, self.device, self.budget = gm, captured, device, budget
-        self.model = model
         self.cuda = device.type == "cuda"
-        # on a CPU device, idle recycled buffers leave room for any op's outputs: small ones by
-        # a standing reserve, large ones (over an eighth of the budget) by a trim right before
+        # on CUDA the caching allocator already reuses fetch buffers; on a CPU device we do. Idle
+        # recycled buffers leave room for any op's outputs: small ones by a standing reserve,
+        # large ones (over an eighth of the budget) by a trim right before the op runs
         self._pool = RecyclePool() if not self.cuda else None
         big = max(budget // 8, 1)
         self._reserve = max([s for s in map(_allocates, gm.graph.nodes) if s <= big], default=0)
@@ -155,8 +157,6 @@ class Executor:
         self._step = None
         self._slots = self._place_model_tensors(model, tiers)
         self._outgoing: dict[int, Outgoing] = {}
-        # on CUDA the caching allocator already reuses fetch buffers; on a CPU device we do
-
         self.last_stats = RunStats()
 
     def _place_model_tensors(self, model, tiers) -> list:
@@ -172,10 +172,10 @@ class Executor:
             if t.device.type == "meta":
                 raise ValueError(f"{ph.target} is on the meta device: compile needs real weights "
                                  "(memsched.plan plans meta models without them)")
-            slots.append(self._slot_for(t, tiers[ph.name]))
-            if not (isinstance(slots[-1], torch.Tensor) and slots[-1] is t) and slots[-1] is not None \
-                    and not (isinstance(slots[-1], HostCopy) and slots[-1].tensor is t):
-                self._copies.append((len(slots) - 1, t, t._version))
+            slot = self._slot_for(t, tiers[ph.name])
+            if slot is not None and (slot.tensor if isinstance(slot, HostCopy) else slot) is not t:
+                self._copies.append((len(slots), t, t._version))  # a copy: renewed when t changes
+            slots.append(slot)
         return slots
 
     def _slot_for(self, t: torch.Tensor, tier: str):
@@ -191,8 +191,7 @@ class Executor:
                 return HostCopy(host, Layout.of(t))
             # on a CPU device the model's own tensor is the host copy; read-only
             return HostCopy(t if t.is_contiguous() else t.contiguous(), Layout.of(t), pooled=False)
-        src = t.cpu()
-        src = src if Layout.of(src).stride == tuple(src.stride()) else src.contiguous()
+        src = _disk_source(t)
         offset = self.disk.allocate(Layout.of(src).nbytes)
         self.disk.write(offset, src)
         return DiskCopy(offset, Layout.of(src), owned=False)
@@ -208,9 +207,7 @@ class Executor:
             elif isinstance(old, HostCopy):
                 old.tensor.copy_(t)
             else:
-                src = t.cpu()
-                src = src if Layout.of(src).stride == tuple(src.stride()) else src.contiguous()
-                self.disk.write(old.offset, src)
+                self.disk.write(old.offset, _disk_source(t))
             self._copies[k] = (i, t, t._version)
 
     # -- the runtime interface the generated program calls --------------------------------
@@ -322,7 +319,7 @@ class Executor:
 
     def abandon(self) -> None:
         """Drop a started step's saved state (its backward will not run)."""
-        if getattr(self, "_step", None) is not None:
+        if self._step is not None:
             self._step.close()
             self._step = None
             self._outgoing.clear()
@@ -352,18 +349,18 @@ class Executor:
         self._finalizer()
 
 
+def _disk_source(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor whose bytes are the layout the disk store writes."""
+    src = t.cpu()
+    return src if Layout.of(src).stride == tuple(src.stride()) else src.contiguous()
+
+
 def _allocates(n: fx.Node) -> int:
-    """Bytes a compute node's outputs take (fetches make room for themselves)."""
+    """Bytes a compute node's outputs take, each storage once (fetches make their own room)."""
     if n.op != "call_function" or n.target in ops.INSERTED_OPS:
         return 0
-    sizes = {}
-    for t in _tensor_leaves([n.meta.get("val")]):
-        try:
-            st = t.untyped_storage()
-            sizes[id(st)] = st.nbytes()
-        except (NotImplementedError, RuntimeError):
-            sizes[id(t)] = t.numel() * t.element_size()
-    return sum(sizes.values())
+    return sum({StorageWeakRef(t.untyped_storage()): storage_nbytes(t)
+                for t in tensor_leaves(n.meta.get("val"))}.values())
 
 
 def _written_placeholders(gm: fx.GraphModule) -> set[str]:
