@@ -84,7 +84,7 @@ def first_tensor(out):
 
 
 def n_graph_ops(cm) -> int:
-    from memsched.runtime import ops
+    from memsched.ir import ops
 
     skip = {ops.prefetch, ops.wait, ops.offload, ops.free}
     return sum(1 for n in cm.plan.graph.graph.nodes if n.op == "call_function" and n.target not in skip)

@@ -5,10 +5,10 @@
     print(cm.plan)           # the schedule it runs
 """
 from .budget import format_bytes, parse_budget
-from .compiler.api import CompiledModule, compile, plan
+from .api import CompiledModule, compile, plan
 from .cost_models.hardware import PRESETS, Hardware, get_hardware, list_hardware, local_hardware
 from .errors import BudgetExceededError, CaptureError, InfeasibleBudgetError, UnsupportedModelError
-from .plan import Plan
+from .plans import Plan
 from .runtime.executor import RunStats
 from .verify import PlanError, verify_schedule
 

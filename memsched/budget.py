@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+from .ir.units import format_bytes  # noqa: F401  (re-exported: memsched.format_bytes)
+
 _UNITS = {
     "": 1, "B": 1,
     "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -41,13 +43,3 @@ def parse_budget(budget, device_capacity: int | None = None) -> int:
     if value <= 0:
         raise ValueError(f"budget must be positive, got {budget!r}")
     return value
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable binary size: 1536 -> '1.5 KiB'."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

@@ -12,7 +12,7 @@ class InfeasibleBudgetError(ValueError):
     def __init__(self, budget_bytes: int, min_budget_bytes: int, detail: str = ""):
         self.budget_bytes = int(budget_bytes)
         self.min_budget_bytes = int(min_budget_bytes)
-        from .budget import format_bytes
+        from .ir.units import format_bytes
 
         msg = (
             f"budget {format_bytes(budget_bytes)} is below the minimum this model needs on the "

@@ -2,141 +2,198 @@
 
 It walks the scheduled graph as written and checks: every value is defined before it is
 read and not read after it is freed; nothing is freed twice; a wait consumes a prefetch, a
-prefetch reads a home tensor or an offload handle; the device bytes held -- counted per
+prefetch reads a home tensor or an offload handle; every move moves what it says it moves
+(a prefetch restores the value its source holds, with the bytes that value's shape and dtype
+take, recounted here rather than read from the plan); the device bytes held -- counted per
 storage, a prefetch being a fresh storage -- stay within the budget at every node; and every
 tensor is accounted for: when the program returns, the device holds only its outputs and the
 resident model tensors, every fetch was waited on and every offload handle released.
 Every message names the step (the node's index in the graph) and the node: ``step 12 (mm_3)``.
+It reads the IR's vocabulary (ops, kinds, node facts) and nothing of the planner.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
+
+from .ir.kinds import OFF_DEVICE, PERSISTENT, Tier
+from .ir.meta import info, tier_of
+from .ir.ops import Op, op_of, register
+from .ir.tensors import tensor_leaves
 
 
 class PlanError(AssertionError):
     """A scheduled program breaks a rule; the message names the node (the step)."""
 
 
-_PREFETCH, _WAIT, _OFFLOAD, _FREE = "prefetch", "wait", "offload", "free"
-# placeholder kinds (meta "memsched.kind") owned by the model: they stay on the device across calls
-_MODEL_KINDS = ("weight", "buffer", "constant")
-
-
-def _kind(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", "") if node.op == "call_function" and \
-        getattr(node.target, "__module__", "").endswith("runtime.ops") else "compute"
-
-
-def storages(val) -> list[tuple[int, int]]:
+def _storages(val) -> list[tuple[int, int]]:
     """(storage identity, bytes) of every tensor leaf; views share their base's identity."""
-    out = []
-    for t in pytree.tree_leaves(val):
-        if isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            out.append((st._cdata, st.nbytes()))
-    return out
+    return [(t.untyped_storage()._cdata, t.untyped_storage().nbytes()) for t in tensor_leaves(val)]
+
+
+def _shape(val) -> tuple | None:
+    return (tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else None
+
+
+def _elements_bytes(val) -> int:
+    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+
+
+class _Checker:
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.defined: set[str] = set()
+        self.freed: set[str] = set()
+        self.ops: dict[str, Op | None] = {}
+        self.handles: dict[str, int] = {}          # offload handles not yet released -> step
+        self.held: dict[object, list[int]] = {}
+        self.of_value: dict[str, list[object]] = {}
+        self.holds: dict[str, str] = {}            # node -> the captured value it holds
+        self._offloaded: dict[str, object] = {}    # offload handle -> the value it copied
+        self.cur = self.peak = 0
+        # a restored value takes over the storage identity of the one it restores, so views
+        # made of it later (which share that identity in the traced metadata) cost nothing new
+        self.restored_as: dict[object, object] = {}
+
+    # -- device bytes -----------------------------------------------------------------------
+    def add(self, name, entries):
+        self.of_value[name] = []
+        for key, nbytes in entries:
+            key = self.restored_as.get(key, key)
+            self.of_value[name].append(key)
+            if key in self.held:
+                self.held[key][1] += 1
+            else:
+                self.held[key] = [nbytes, 1]
+                self.cur += nbytes
+        self.peak = max(self.peak, self.cur)
+
+    def remove(self, name):
+        for key in self.of_value.pop(name, []):
+            self.held[key][1] -= 1
+            if self.held[key][1] == 0:
+                self.cur -= self.held.pop(key)[0]
+
+    # -- reads ------------------------------------------------------------------------------
+    def check_reads(self, where, n, op):
+        for inp in n.all_input_nodes:
+            if inp.name not in self.defined:
+                raise PlanError(f"{where} reads {inp.name} before it is defined")
+            if inp.name in self.freed:
+                raise PlanError(f"{where} reads {inp.name} after it was freed")
+        if op in (Op.PREFETCH, Op.WAIT, Op.FREE):
+            return
+        # compute, offload and the output read device values only: not a home copy on
+        # host/disk, not a fetch still in flight, not an offload handle
+        for inp in n.all_input_nodes:
+            if inp.op == "placeholder" and tier_of(inp) != Tier.DEVICE:
+                raise PlanError(f"{where} reads {inp.name}, which lives on {tier_of(inp)} and was never loaded")
+            if n.op == "output" and info(inp).delivers:
+                continue  # a gradient handed back as its host/disk copy
+            if self.ops.get(inp.name) in (Op.PREFETCH, Op.OFFLOAD):
+                raise PlanError(f"{where} reads {inp.name}, a {self.ops[inp.name].value} handle, not a "
+                                f"device tensor (missing wait?)")
+
+    # -- one handler per node kind ------------------------------------------------------------
+    def placeholder(self, where, step, n):
+        self.holds[n.name] = n.name
+        if tier_of(n) == Tier.DEVICE:
+            self.add(n.name, _storages(n.meta.get("val")))
+
+    def compute(self, where, step, n):
+        self.holds[n.name] = info(n).restores or n.name  # a recomputation holds what it restores
+        self.add(n.name, _storages(n.meta.get("val")))
+
+    def prefetch(self, where, step, n):
+        src = n.args[0]
+        if not (src.op == "placeholder" or self.ops.get(src.name) is Op.OFFLOAD):
+            raise PlanError(f"{where} prefetches {src.name}, which is neither a home tensor nor an offload")
+        if src.op == "placeholder" and tier_of(src) not in OFF_DEVICE:
+            raise PlanError(f"{where} prefetches {src.name}, whose home is not host or disk")
+        source_value = self.holds.get(src.name)
+        if info(n).restores != source_value:
+            raise PlanError(f"{where} says it restores {info(n).restores}, but its source {src.name} "
+                            f"holds {source_value}")
+        moved = src.meta.get("val") if src.op == "placeholder" else self._offloaded[src.name]
+        if _shape(n.meta.get("val")) != _shape(moved):
+            raise PlanError(f"{where} restores a value of another shape or dtype than its source {src.name}")
+        nbytes = _elements_bytes(moved)
+        if info(n).nbytes is not None and int(info(n).nbytes) != nbytes:
+            raise PlanError(f"{where} says it moves {info(n).nbytes} bytes; {source_value} takes {nbytes}")
+        self.holds[n.name] = source_value
+        self.add(n.name, [(("fetched", n.name), nbytes)])
+
+    def wait(self, where, step, n):
+        p = n.args[0]
+        if self.ops.get(p.name) is not Op.PREFETCH:
+            raise PlanError(f"{where} waits on {p.name}, which is not a prefetch")
+        if info(n).restores is not None and info(n).restores != self.holds[p.name]:
+            raise PlanError(f"{where} says it restores {info(n).restores}, but {p.name} fetches "
+                            f"{self.holds[p.name]}")
+        self.holds[n.name] = self.holds[p.name]
+        self.of_value[n.name] = self.of_value.pop(p.name, [])
+        self.freed.add(p.name)  # consumed
+        for key, _ in _storages(n.meta.get("val")):
+            self.restored_as[key] = ("fetched", p.name)
+
+    def offload(self, where, step, n):
+        x, tier = n.args
+        if tier not in OFF_DEVICE:
+            raise PlanError(f"{where} offloads to unknown tier {tier!r}")
+        if info(n).saves is not None and info(n).saves != self.holds.get(x.name):
+            raise PlanError(f"{where} says it saves {info(n).saves}, but {x.name} holds {self.holds.get(x.name)}")
+        self.holds[n.name] = self.holds.get(x.name)
+        self._offloaded[n.name] = x.meta.get("val")
+        self.handles[n.name] = step
+
+    def free(self, where, step, n):
+        for x in n.args:
+            if not isinstance(x, fx.Node):
+                raise PlanError(f"{where} frees {x!r}, which is not a value")
+            if x.name in self.freed:
+                raise PlanError(f"{where} frees {x.name} twice")
+            self.freed.add(x.name)
+            self.handles.pop(x.name, None)
+            self.remove(x.name)
+
+
+_CHECKS = register("verifier", {
+    Op.PREFETCH: _Checker.prefetch,
+    Op.WAIT: _Checker.wait,
+    Op.OFFLOAD: _Checker.offload,
+    Op.FREE: _Checker.free,
+    Op.BOUNDARY: _Checker.compute,   # yields the tangents: fresh device values
+})
 
 
 def verify_schedule(gm: fx.GraphModule, budget: int) -> int:
     """Raise PlanError on the first broken rule; return the peak device bytes it counted."""
-    defined, freed, kinds = set(), set(), {}
-    handles: dict[str, int] = {}  # offload handles not yet released -> their step
-    held: dict[object, list[int]] = {}
-    of_value: dict[str, list[object]] = {}
-    cur = peak = 0
-
-    # a restored value takes over the storage identity of the one it restores, so views made
-    # of it later (which share that identity in the traced metadata) cost nothing new
-    restored_as: dict[object, object] = {}
-
-    def add(name, entries):
-        nonlocal cur, peak
-        of_value[name] = []
-        for key, nbytes in entries:
-            key = restored_as.get(key, key)
-            of_value[name].append(key)
-            if key in held:
-                held[key][1] += 1
-            else:
-                held[key] = [nbytes, 1]
-                cur += nbytes
-        peak = max(peak, cur)
-
-    def remove(name):
-        nonlocal cur
-        for key in of_value.pop(name, []):
-            held[key][1] -= 1
-            if held[key][1] == 0:
-                cur -= held.pop(key)[0]
-
+    c = _Checker(budget)
     for step, n in enumerate(gm.graph.nodes):
         where = f"step {step} ({n.name})"
+        op = op_of(n)
         try:
-            for inp in n.all_input_nodes:
-                if inp.name not in defined:
-                    raise PlanError(f"{where} reads {inp.name} before it is defined")
-                if inp.name in freed:
-                    raise PlanError(f"{where} reads {inp.name} after it was freed")
-            kind = _kind(n)
-            kinds[n.name] = kind
-            if kind not in (_PREFETCH, _WAIT, _FREE):
-                # compute, offload and the output read device values only: not a home copy on
-                # host/disk, not a fetch still in flight, not an offload handle
-                for inp in n.all_input_nodes:
-                    if inp.op == "placeholder" and inp.meta.get("memsched.tier", "device") != "device":
-                        raise PlanError(f"{where} reads {inp.name}, which lives on "
-                                        f"{inp.meta.get('memsched.tier')} and was never loaded")
-                    if n.op == "output" and inp.meta.get("memsched.delivers"):
-                        continue  # a gradient handed back as its host/disk copy
-                    if kinds.get(inp.name) in (_PREFETCH, _OFFLOAD):
-                        raise PlanError(f"{where} reads {inp.name}, a {kinds[inp.name]} handle, not a "
-                                        f"device tensor (missing wait?)")
-            if n.op == "placeholder":
-                if n.meta.get("memsched.tier", "device") == "device":
-                    add(n.name, storages(n.meta.get("val")))
-            elif kind == _PREFETCH:
-                src = n.args[0]
-                if not (src.op == "placeholder" or kinds.get(src.name) == _OFFLOAD):
-                    raise PlanError(f"{where} prefetches {src.name}, which is neither a home tensor nor an offload")
-                if src.op == "placeholder" and src.meta.get("memsched.tier") not in ("host", "disk"):
-                    raise PlanError(f"{where} prefetches {src.name}, whose home is not host or disk")
-                if "memsched.nbytes" not in n.meta:
-                    raise PlanError(f"{where} prefetches {src.name} but does not say how many bytes it moves")
-                add(n.name, [(("fetched", n.name), int(n.meta["memsched.nbytes"]))])
-            elif kind == _WAIT:
-                p = n.args[0]
-                if kinds.get(p.name) != _PREFETCH:
-                    raise PlanError(f"{where} waits on {p.name}, which is not a prefetch")
-                of_value[n.name] = of_value.pop(p.name, [])
-                freed.add(p.name)  # consumed
-                for key, _ in storages(n.meta.get("val")):
-                    restored_as[key] = ("fetched", p.name)
-            elif kind == _OFFLOAD:
-                if n.args[1] not in ("host", "disk"):
-                    raise PlanError(f"{where} offloads to unknown tier {n.args[1]!r}")
-                handles[n.name] = step
-            elif kind == _FREE:
-                for x in n.args:
-                    if x.name in freed:
-                        raise PlanError(f"{where} frees {x.name} twice")
-                    freed.add(x.name)
-                    handles.pop(x.name, None)
-                    remove(x.name)
+            c.check_reads(where, n, op)
+            c.ops[n.name] = op
+            if op is not None:
+                _CHECKS[op](c, where, step, n)
+            elif n.op == "placeholder":
+                c.placeholder(where, step, n)
             elif n.op == "call_function":
-                add(n.name, storages(n.meta.get("val")))
+                c.compute(where, step, n)
             elif n.op == "output":
-                _check_accounted(where, n, gm, of_value, handles)
-            if cur > budget:
-                raise PlanError(f"{where}: {cur} device bytes held, over the budget of {budget}")
-            defined.add(n.name)
-        except (IndexError, AttributeError, KeyError, TypeError) as e:  # a hand-edited program
-            raise PlanError(f"{where}: malformed {_kind(n)} node ({type(e).__name__}: {e})") from None
-    return peak
+                _check_accounted(where, n, gm, c.of_value, c.handles, c.ops)
+            if c.cur > budget:
+                raise PlanError(f"{where}: {c.cur} device bytes held, over the budget of {budget}")
+            c.defined.add(n.name)
+        except (IndexError, AttributeError, KeyError, TypeError, ValueError) as e:  # a hand-edited program
+            if isinstance(e, PlanError):
+                raise
+            raise PlanError(f"{where}: malformed {op.value if op else n.op} node ({type(e).__name__}: {e})") from None
+    return c.peak
 
 
-def _check_accounted(where: str, out: fx.Node, gm: fx.GraphModule, of_value: dict, handles: dict) -> None:
+def _check_accounted(where: str, out: fx.Node, gm: fx.GraphModule, of_value: dict, handles: dict, ops) -> None:
     """At the return: the device holds only outputs and resident model tensors; no fetch is
     still pending and no offload handle unreleased."""
     returned = {x.name for x in out.all_input_nodes}
@@ -144,9 +201,9 @@ def _check_accounted(where: str, out: fx.Node, gm: fx.GraphModule, of_value: dic
 
     def resident(name):
         n = nodes[name]
-        return n.op == "placeholder" and n.meta.get("memsched.kind") in _MODEL_KINDS
+        return n.op == "placeholder" and info(n).kind in PERSISTENT
 
-    pending = [name for name, keys in of_value.items() if keys and _kind(nodes[name]) == _PREFETCH]
+    pending = [name for name, keys in of_value.items() if keys and ops.get(name) is Op.PREFETCH]
     if pending:
         raise PlanError(f"{where}: the program returns with {_names(pending)} never waited on")
     leaked = [name for name, keys in of_value.items() if keys and name not in returned and not resident(name)]

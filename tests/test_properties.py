@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from random_graphs import random_dags  # noqa: E402
 
 import memsched  # noqa: E402
+from memsched.ir.meta import annotate, info  # noqa: E402
 
 # the MIP's time limit per plan: keeps the file fast; a time-limited solve falls back to the
 # greedy plan, which must meet the same properties
@@ -314,7 +315,7 @@ def test_regression_offloaded_view_peak_predicted_exactly():
             assert torch.equal(got, want)
         assert cm.stats.peak_device_bytes <= p0.min_budget_bytes
         assert any(n.target.__name__ == "offload" for n in cm.plan.graph.graph.nodes
-                   if n.op == "call_function" and n.meta.get("memsched.pass") == "placement")
+                   if n.op == "call_function" and info(n).made_by == "placement")
         assert cm.stats.peak_device_bytes == cm.plan.peak_device_bytes
         assert cm.stats.bytes_moved == cm.plan.bytes_moved
     finally:

@@ -1,4 +1,4 @@
-"""Saved plans (``memsched/inspect/serialize.py``): save -> load gives a plan that prints,
+"""Saved plans (``memsched/io/serialize.py``): save -> load gives a plan that prints,
 summarises and verifies like the original without re-solving; a loaded plan re-applied with
 ``memsched.compile(model, plan=...)`` runs the same model bit for bit without calling the
 solver; wrong files, newer formats and hand-broken programs fail clearly; and the CLI's
@@ -24,9 +24,11 @@ from helpers import assert_outputs_equal, eager  # noqa: E402
 
 import memsched  # noqa: E402
 from memsched.cli import main  # noqa: E402
-from memsched.inspect.serialize import (  # noqa: E402
-    FORMAT, VERSION, PlanFileError, PlanMismatchError, _decode, _encode, dumps, load_plan, save_plan)
-from memsched.runtime import ops  # noqa: E402
+from memsched.io.serialize import (  # noqa: E402
+    FORMAT, VERSION, PlanFileError, PlanMismatchError, _decode, _encode, dumps, save_plan)
+from memsched.ir import ops  # noqa: E402
+
+load_plan = memsched.Plan.load  # memsched.io.serialize reads fields; the Plan is made by plans.py
 
 HW = "t4"
 
@@ -120,7 +122,7 @@ def saved(tmp_path_factory):
 
 
 def _kinds(gm):
-    return {n.target.__name__ for n in gm.graph.nodes if n.op == "call_function" and n.target in ops.INSERTED_OPS}
+    return {n.target.__name__ for n in gm.graph.nodes if ops.is_inserted(n)}
 
 
 # -- round trip ------------------------------------------------------------------------------
@@ -144,6 +146,28 @@ def test_round_trip_prints_summarises_and_verifies_like_the_original(name, saved
     assert loaded.hardware == plan.hardware and loaded.signature == plan.signature
     assert [(p.name, p.seconds, p.note) for p in loaded.passes] == [(p.name, p.seconds, p.note) for p in plan.passes]
     assert dumps(loaded) == saved(name).read_text()  # saving a loaded plan writes the same file
+
+
+def test_loaded_training_plan_is_the_live_one(tmp_path):
+    """A saved training step loads as a training step: the same saved activations (stored in
+    the file) and the same summary, saved-activations section included."""
+    from train_zoo import build_train
+
+    model, args, kwargs, _ = build_train("mlp")
+    lo = _plan(model, args, kwargs, 10**12, train=True).min_budget_bytes
+    plan = _plan(model, args, kwargs, lo, train=True)
+    plan.save(tmp_path / "step.json")
+    loaded = memsched.Plan.load(tmp_path / "step.json")
+    assert plan.is_training and loaded.is_training and loaded.program is None
+    assert plan.saved_activations() and loaded.saved_activations() == plan.saved_activations()
+    assert loaded.recompute_overhead_s() == plan.recompute_overhead_s()
+    assert loaded.summary() == plan.summary() and "Saved activations" in plan.summary()
+    assert dumps(loaded) == (tmp_path / "step.json").read_text()
+    # a file written before the rows were saved still loads, with none
+    doc = json.loads(dumps(plan))
+    del doc["placement"]["saved_activations"]
+    old = memsched.Plan.from_dict(doc)
+    assert old.is_training and old.saved_activations() == []
 
 
 def test_plans_move_something_so_the_round_trip_means_something():
@@ -215,7 +239,7 @@ def test_nan_round_trips():
 def test_unsavable_argument_is_named():
     plan = _case("skipnet")[3]
     gm = copy.deepcopy(plan.graph)
-    node = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target not in ops.INSERTED_OPS)
+    node = next(n for n in gm.graph.nodes if ops.is_compute(n))
     node.args = (*node.args[:-1], object())
     broken = copy.copy(plan)
     broken.graph = gm
@@ -286,7 +310,7 @@ def _forbid_solver(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the solver was called for a saved plan")
 
-    import memsched.compiler.pipeline as pipeline
+    import memsched.pipeline as pipeline
     import memsched.passes.placement as placement
 
     monkeypatch.setattr(placement, "solve_placement", refuse)
@@ -336,9 +360,7 @@ def test_reapply_from_a_plan_in_memory_and_a_larger_budget(monkeypatch):
 
 def load_plan_from(plan):
     """A loaded copy of an in-memory plan (through the JSON text, no file)."""
-    from memsched.inspect.serialize import plan_from_dict
-
-    return plan_from_dict(json.loads(dumps(plan)))
+    return memsched.Plan.from_dict(json.loads(dumps(plan)))
 
 
 def test_reapply_with_a_budget_below_the_plan_peak_is_infeasible(saved, monkeypatch):

@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from zoo import ZOO, build  # noqa: E402
 
 import memsched  # noqa: E402
-from memsched.runtime import ops  # noqa: E402
+from memsched.ir.meta import annotate, info  # noqa: E402
+from memsched.ir import ops  # noqa: E402
 
 TIME_LIMIT_S = 2.0
 UNLIMITED = 10**15
@@ -48,7 +49,7 @@ def _min_budget(model, args, kwargs) -> tuple[int, int]:
 
 
 def _kind(node: fx.Node) -> str | None:
-    if node.op == "call_function" and node.target in ops.INSERTED_OPS:
+    if ops.is_inserted(node):
         return node.target.__name__
     return None
 
@@ -213,7 +214,7 @@ def _drop_wait(gm):
 def test_rejects_compute_reading_a_home_tensor(base):
     plan, gm = base
     user, home = _drop_fetch(gm)
-    assert home.meta["memsched.tier"] in ("host", "disk")
+    assert info(home).tier in ("host", "disk")
     assert_rejected_at(gm, plan.budget_bytes, user, home.name)
 
 
@@ -240,7 +241,7 @@ def test_rejects_budget_below_peak(base):
 def test_rejects_tiny_budget_at_first_device_tensor(base):
     plan, gm = base
     first = next(n for n in gm.graph.nodes
-                 if n.op == "placeholder" and n.meta.get("memsched.tier", "device") == "device")
+                 if n.op == "placeholder" and (info(n).tier or "device") == "device")
     assert_rejected_at(gm, 1, first, "over the budget of 1")
 
 
@@ -343,9 +344,9 @@ def test_rejects_wait_on_a_home_placeholder(base):
 def test_rejects_prefetch_of_a_device_tensor(base):
     plan, gm = base
     ph = next(n for n in gm.graph.nodes
-              if n.op == "placeholder" and n.meta.get("memsched.tier", "device") == "device")
+              if n.op == "placeholder" and (info(n).tier or "device") == "device")
     p = _insert_after(ph, ops.prefetch, (ph,))
-    p.meta["memsched.nbytes"] = 4
+    annotate(p, nbytes=4)
     assert_rejected_at(gm, UNLIMITED, p, ph.name, "not host or disk")
 
 
@@ -353,7 +354,7 @@ def test_rejects_prefetch_of_a_compute_value(base):
     plan, gm = base
     c = _computes(gm)[0]
     p = _insert_after(c, ops.prefetch, (c,))
-    p.meta["memsched.nbytes"] = 4
+    annotate(p, nbytes=4)
     assert_rejected_at(gm, UNLIMITED, p, c.name, "neither a home tensor nor an offload")
 
 
@@ -389,7 +390,7 @@ def test_rejects_a_value_never_freed(base):
 
 def test_rejects_an_input_never_freed(base):
     plan, gm = base
-    inp = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("memsched.kind") == "input")
+    inp = next(n for n in gm.graph.nodes if n.op == "placeholder" and info(n).kind == "input")
     free = next(f for f in _nodes(gm, "free") if inp in f.args)
     rest = tuple(a for a in free.args if a is not inp)
     if rest:
@@ -401,8 +402,8 @@ def test_rejects_an_input_never_freed(base):
 
 def test_resident_weights_and_outputs_may_stay(base):
     plan, gm = base
-    held = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("memsched.tier") == "device"
-            and n.meta.get("memsched.kind") == "weight"]
+    held = [n for n in gm.graph.nodes if n.op == "placeholder" and info(n).tier == "device"
+            and info(n).kind == "weight"]
     assert memsched.verify_schedule(gm, UNLIMITED) == plan.peak_device_bytes
     assert held or plan.tier_bytes()["device"] == 0
 
@@ -411,7 +412,7 @@ def test_rejects_a_prefetch_never_waited_on(base):
     plan, gm = base
     prefetch = _nodes(gm, "prefetch")[0]
     extra = _insert_after(prefetch, ops.prefetch, (prefetch.args[0],))
-    extra.meta.update({k: v for k, v in prefetch.meta.items() if k.startswith("memsched.")})
+    extra.meta.update(prefetch.meta)
     assert_rejected_at(gm, UNLIMITED, gm.graph.output_node(), extra.name, "never waited on")
 
 
@@ -429,8 +430,8 @@ def test_every_message_names_a_step():
     plan = _base_plan("skipnet")
     gm = copy.deepcopy(plan.graph)
     prefetch = _nodes(gm, "prefetch")[0]
-    del prefetch.meta["memsched.nbytes"]
-    assert_rejected_at(gm, UNLIMITED, prefetch, "how many bytes")
+    annotate(prefetch, nbytes=info(prefetch).nbytes + 4)
+    assert_rejected_at(gm, UNLIMITED, prefetch, "says it moves")
 
 
 # MEMSCHED_VERIFY=1: the verifier runs on every plan made
@@ -456,7 +457,7 @@ def test_env_var_runs_the_verifier_after_planning(monkeypatch):
 
 def test_env_var_catches_a_planner_bug(monkeypatch):
     """A rewriting pass that forgets a free is caught at planning time, not at run time."""
-    import memsched.compiler.pipeline as pipeline
+    import memsched.pipeline as pipeline
 
     real = pipeline.build_schedule
 

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from memsched.targets import quiet_transformers
+from memsched.cli.targets import quiet_transformers
 
 __all__ = ["ZooCase", "ZOO", "build", "build_meta", "names", "param_bytes"]
 

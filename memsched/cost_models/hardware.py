@@ -22,7 +22,7 @@ import torch
 
 # One transfer resource per link direction: each can run concurrently with
 # compute and with the other directions (full-duplex PCIe, separate disk queues).
-LINKS = ("h2d", "d2h", "disk_read", "disk_write")
+from ..ir.kinds import LINKS
 
 GB = 1e9  # bandwidths and FLOP/s are decimal, as vendors quote them
 GiB = 1 << 30  # GPU "GB" capacities are binary in practice (nvidia-smi MiB)

@@ -2,21 +2,20 @@
 
 One queue for compute and one per link direction; a transfer starts when its link is free and
 its source is ready, a wait stalls compute until its fetch landed, and a free of an offloaded
-tensor stalls until the copy has read it. Device bytes are tracked per storage at every node,
-so the result is the predicted time and the predicted memory timeline of the schedule.
+tensor stalls until the copy has read it. Device bytes come from the IR's one memory walk
+(``ir/memory.py``), so the result is the predicted time and the predicted memory timeline.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
-from torch.multiprocessing.reductions import StorageWeakRef
 
-from ..runtime import ops
+from ..ir.kinds import fetch_links, offload_links
+from ..ir.memory import DeviceMemory
+from ..ir.meta import info
+from ..ir.ops import Op, op_of, register
 from .hardware import Hardware
-from .links import fetch_links, offload_links
 from .op_cost import estimate_op_time
 
 
@@ -39,100 +38,78 @@ class SimResult:
     spans: list[Span] = field(default_factory=list)
 
 
-def _leaves(val):
-    return [t for t in pytree.tree_leaves(val) if isinstance(t, torch.Tensor)]
+class _Clock:
+    """Where compute stands, when each link is next free, and when each move is done."""
+
+    def __init__(self, hw: Hardware):
+        self.hw, self.dev = hw, hw.device_type
+        self.now = self.compute = self.stall = 0.0
+        self.link_free: dict[str, float] = {}
+        self.done: dict[str, float] = {}
+        self.release_at: dict[str, float] = {}   # offloaded value -> when its copy has read it
+        self.moved: dict[str, int] = {}
+        self.spans: list[Span] = []
+
+    def run_links(self, links, t, nbytes, name):
+        for link in links:
+            start = max(t, self.link_free.get(link, 0.0))
+            t = start + nbytes / self.hw.bandwidth(link)
+            self.link_free[link] = t
+            self.moved[link] = self.moved.get(link, 0) + nbytes
+            self.spans.append(Span(link, name, start, t))
+        return t
+
+    def wait_until(self, t):
+        if t > self.now:
+            self.stall += t - self.now
+            self.now = t
+
+    def compute_node(self, n):
+        dt = estimate_op_time(n, self.hw)
+        self.spans.append(Span("compute", n.name, self.now, self.now + dt))
+        self.now += dt
+        self.compute += dt
+
+    def prefetch(self, n):
+        ready = self.done.get(n.args[0].name, 0.0)
+        links = fetch_links(info(n).tier, self.dev)
+        self.done[n.name] = self.run_links(links, max(self.now, ready), info(n).nbytes, n.name)
+
+    def wait(self, n):
+        self.wait_until(self.done[n.args[0].name])
+
+    def offload(self, n):
+        x, tier = n.args
+        links = offload_links(tier, self.dev)
+        first = self.run_links(links[:1], self.now, info(n).nbytes, n.name)
+        self.done[n.name] = self.run_links(links[1:], first, info(n).nbytes, n.name)
+        # a CPU device writes disk straight from the device tensor; a GPU frees after d2h
+        self.release_at[x.name] = first if self.dev == "cuda" else self.done[n.name]
+
+    def free(self, n):
+        for x in n.args:
+            if x.name in self.release_at:
+                self.wait_until(self.release_at.pop(x.name))
+
+
+_TIME = register("simulator", {
+    Op.PREFETCH: _Clock.prefetch,
+    Op.WAIT: _Clock.wait,
+    Op.OFFLOAD: _Clock.offload,
+    Op.FREE: _Clock.free,
+    Op.BOUNDARY: _Clock.compute_node,
+})
 
 
 def simulate(gm: fx.GraphModule, hw: Hardware) -> SimResult:
-    dev = hw.device_type
-    held: dict[object, list[int]] = {}   # storage key -> [bytes, refs]
-    keys_of: dict[str, list[object]] = {}
-    cur = peak = 0
-
-    restored_as: dict[object, object] = {}  # views of a restored value share its fetch
-
-    def hold(name, keys_sizes):
-        nonlocal cur, peak
-        keys_sizes = [(restored_as.get(k, k), nb) for k, nb in keys_sizes]
-        keys_of[name] = [k for k, _ in keys_sizes]
-        for key, nbytes in keys_sizes:
-            e = held.get(key)
-            if e is None:
-                held[key] = [nbytes, 1]
-                cur += nbytes
-            else:
-                e[1] += 1
-        peak = max(peak, cur)
-
-    def drop(name):
-        nonlocal cur
-        for key in keys_of.pop(name, []):
-            e = held[key]
-            e[1] -= 1
-            if e[1] == 0:
-                del held[key]
-                cur -= e[0]
-
-    def storage(t):
-        return StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes()
-
-    now = compute = stall = 0.0
-    link_free = {}
-    done: dict[str, float] = {}
-    release_at: dict[str, float] = {}
-    moved: dict[str, int] = {}
-    spans: list[Span] = []
+    clock, memory = _Clock(hw), DeviceMemory()
     timeline = []
-
-    def run_links(links, t, nbytes, name):
-        for link in links:
-            start = max(t, link_free.get(link, 0.0))
-            t = start + nbytes / hw.bandwidth(link)
-            link_free[link] = t
-            moved[link] = moved.get(link, 0) + nbytes
-            spans.append(Span(link, name, start, t))
-        return t
-
     for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            tier = n.meta.get("memsched.tier", "device")
-            if tier == "device":
-                hold(n.name, [storage(t) for t in _leaves(n.meta.get("val"))])
+        op = op_of(n)
+        if op is not None:
+            _TIME[op](clock, n)
         elif n.op == "call_function":
-            if n.target is ops.prefetch:
-                nbytes = n.meta["memsched.nbytes"]
-                src = n.args[0]
-                ready = done.get(src.name, 0.0)
-                done[n.name] = run_links(fetch_links(n.meta["memsched.tier"], dev), max(now, ready), nbytes, n.name)
-                hold(n.name, [(("fetch", n.name), nbytes)])
-            elif n.target is ops.wait:
-                p = n.args[0]
-                if done[p.name] > now:
-                    stall += done[p.name] - now
-                    now = done[p.name]
-                keys_of[n.name] = keys_of.pop(p.name)
-                for t in _leaves(n.meta.get("val")):
-                    restored_as[storage(t)[0]] = ("fetch", p.name)
-            elif n.target is ops.offload:
-                x, tier = n.args
-                links = offload_links(tier, dev)
-                first = run_links(links[:1], now, n.meta["memsched.nbytes"], n.name)
-                done[n.name] = run_links(links[1:], first, n.meta["memsched.nbytes"], n.name)
-                # a CPU device writes disk straight from the device tensor; a GPU frees after d2h
-                release_at[x.name] = first if dev == "cuda" else done[n.name]
-            elif n.target is ops.free:
-                for x in n.args:
-                    if x.name in release_at:
-                        t = release_at.pop(x.name)
-                        if t > now:
-                            stall += t - now
-                            now = t
-                    drop(x.name)
-            else:
-                dt = estimate_op_time(n, hw)
-                spans.append(Span("compute", n.name, now, now + dt))
-                now += dt
-                compute += dt
-                hold(n.name, [storage(t) for t in _leaves(n.meta.get("val"))])
-        timeline.append((n.name, cur))
-    return SimResult(now, compute, stall, peak, timeline, moved, spans)
+            clock.compute_node(n)
+        memory.visit(n)
+        timeline.append((n.name, memory.current))
+    return SimResult(clock.now, clock.compute, clock.stall, memory.peak, timeline, clock.moved, clock.spans)

@@ -1,12 +1,14 @@
-"""A plan as HTML for notebooks (``Plan._repr_html_``): what it predicts, the two plots, the
-passes that made it, and -- after a run -- predicted against measured side by side."""
+"""A plan as HTML for notebooks (``Plan._repr_html_``): its summary (the sections of
+memsched/inspect/summary.py as tables), the two plots, and -- after a run -- predicted against
+measured side by side."""
 from __future__ import annotations
 
 import base64
 import html
 import io
 
-from ..budget import format_bytes
+from ..ir.units import format_bytes
+from .summary import Section, summarize
 
 _HISTORY_LINES = 300  # per snapshot; print(plan.history[i]) shows all of it
 
@@ -16,6 +18,7 @@ _STYLE = """<style>
 .memsched-plan td.num {text-align: right; font-variant-numeric: tabular-nums}
 .memsched-plan img {max-width: 100%}
 .memsched-plan pre {font-size: 0.8em; max-height: 30em; overflow: auto}
+.memsched-plan p.caption {margin: -0.6em 0 0.8em 0; font-size: 0.85em; color: #555}
 </style>"""
 
 
@@ -41,39 +44,12 @@ def _ms(seconds) -> str:
     return f"{seconds * 1e3:.2f} ms"
 
 
-def _summary_rows(plan) -> list[tuple[str, str]]:
-    pl = plan.placement_facts()  # a loaded plan keeps these without a placement
-    tiers = plan.tier_bytes()
-    acts = plan.offloaded_activation_bytes()
-    peak = plan.peak_device_bytes
-    share = f" ({peak / plan.budget_bytes:.0%} of budget)" if plan.budget_bytes else ""
-    rows = [
-        ("model", plan.model_name),
-        ("hardware", f"{plan.hardware.name} ({plan.hardware.device_type})"),
-        ("budget", format_bytes(plan.budget_bytes)),
-        ("peak device (predicted)", format_bytes(peak) + share),
-        ("unconstrained peak", format_bytes(plan.unconstrained.peak_device_bytes)),
-        ("minimum budget", format_bytes(plan.min_budget_bytes)),
-        ("weights homed on device", format_bytes(tiers["device"])),
-    ]
-    for tier in ("host", "disk"):
-        rows.append((f"on {tier}: weights homed + activations offloaded",
-                     f"{format_bytes(tiers[tier])} + {format_bytes(acts[tier])}"))
-    moved = plan.bytes_moved
-    if moved:
-        rows += [(f"bytes moved on {link} per call", format_bytes(nb)) for link, nb in sorted(moved.items())]
-    else:
-        rows.append(("bytes moved per call", "nothing moves"))
-    slow = plan.predicted_time_s / plan.unconstrained.time_s if plan.unconstrained.time_s else 1.0
-    rows.append(("predicted time", f"{_ms(plan.predicted_time_s)} ({slow:.2f}x unconstrained "
-                                   f"{_ms(plan.unconstrained.time_s)})"))
-    rows.append(("predicted stall", _ms(plan.sim.stall_s)))
-    rows.append(("recompute overhead", f"{_ms(plan.recompute_overhead_s())} "
-                                       f"({len(plan.recomputed_nodes())} recomputed nodes)"))
-    gap = f", gap {pl.mip_gap:.1%}" if pl.mip_gap is not None else ""
-    rows.append(("solver", f"{pl.status}{gap} in {pl.solve_s:.2f} s; {plan.n_segments} segments, "
-                           f"{pl.movable_gaps} movable gaps"))
-    return rows
+def _section(section: Section, heading: str = "h4") -> str:
+    """One summary section as a heading and a table (label/value rows have no header)."""
+    rows = [(r.label, *r.cells) for r in section.rows]
+    caption = f'<p class="caption">{_e(section.caption)}</p>' if section.caption else ""
+    return (f"<{heading}>{_e(section.title)}</{heading}>"
+            + _table(rows, section.columns or None, numeric=section.numeric) + caption)
 
 
 def _png(fig) -> str:
@@ -129,15 +105,13 @@ def _history(plan) -> str:
 
 
 def plan_html(plan) -> str:
-    """The whole view as one HTML fragment (all text escaped; plots as inline PNG)."""
-    passes = [(p.name, f"{p.seconds * 1e3:.1f} ms", p.note) for p in plan.passes]
+    """The whole view as one HTML fragment (all text escaped; plots as inline PNG): the summary
+    (memsched/inspect/summary.py), the plots, predicted against measured, the history."""
+    sections = summarize(plan)
     parts = [
         '<div class="memsched-plan">',
         _STYLE,
-        f"<h3>memsched plan: {_e(plan.model_name)}</h3>",
-        _table(_summary_rows(plan)),
-        "<h4>passes</h4>",
-        _table(passes, ("pass", "time", "note"), numeric=(1,)),
+        *(_section(s, "h3" if s.key == "plan" else "h4") for s in sections),
         _figures(plan),
         _measured(plan) if plan.measured is not None else
         "<p><em>not run yet: a plan from memsched.compile shows what its last run measured</em></p>",

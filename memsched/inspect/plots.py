@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 
-from ..budget import format_bytes
+from ..ir.meta import info
+from ..ir.units import format_bytes
 from .memory import CATEGORIES, inserted_op, memory_by_kind
 from .steps import plan_steps
 
@@ -133,7 +134,7 @@ def plot_timeline(plan, path=None, *, ax=None):
     spans = plan.sim.spans
     streams = _streams(spans)
     fig, ax = _axes(ax, (10, 1.0 + 0.55 * max(len(streams), 1)))
-    recompute = {n.name for n in plan.graph.graph.nodes if n.meta.get("memsched.pass") == "recompute"}
+    recompute = {n.name for n in plan.graph.graph.nodes if info(n).made_by == "recompute"}
     ms = 1e3
     height = 0.7
     for row, stream in enumerate(streams):

@@ -7,30 +7,15 @@ is how the simulator stalls. The stalls of the rows add up to ``plan.sim.stall_s
 """
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
+from ..ir.listing import op_label
+from ..ir.meta import info
+from ..ir.tensors import value_nbytes
 from .memory import inserted_op, memory_by_kind
 
 COLUMNS = ("index", "name", "op", "pass", "kind", "tier", "move", "stream", "value", "nbytes",
            "out_bytes", "live_bytes", "start_s", "end_s", "stall_s")
-
-
-def op_name(node: fx.Node) -> str:
-    """"aten.mm", "aten.add.Tensor", "prefetch", "getitem", or the node's fx op for non-calls."""
-    if node.op != "call_function":
-        return node.op
-    t = node.target
-    if hasattr(t, "_schema") and hasattr(t, "_overloadpacket"):
-        name = str(t._overloadpacket).replace("aten::", "aten.")
-        return name if t._overloadname == "default" else f"{name}.{t._overloadname}"
-    return getattr(t, "__name__", str(t))
-
-
-def _out_bytes(node: fx.Node) -> int:
-    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(node.meta.get("val"))
-               if isinstance(t, torch.Tensor))
 
 
 def plan_steps(plan) -> list[dict]:
@@ -49,14 +34,14 @@ def plan_steps(plan) -> list[dict]:
     offload_of: dict[str, fx.Node] = {}         # value name -> the latest offload reading it
     for n, mem in zip(plan.graph.graph.nodes, memory):
         op = inserted_op(n)
-        tier = n.meta.get("memsched.tier")
+        tier = info(n).tier
         own = spans.get(n.name, [])
         move = stream = None
         nbytes = 0
         start = end = now
         if op in ("prefetch", "offload"):
             move = f"{tier}->device" if op == "prefetch" else f"device->{tier}"
-            nbytes = int(n.meta.get("memsched.nbytes", 0))
+            nbytes = int(info(n).nbytes or 0)
             stream = "+".join(s.stream for s in own) or None
             if own:
                 start, end = own[0].start, own[-1].end
@@ -81,15 +66,15 @@ def plan_steps(plan) -> list[dict]:
         rows.append({
             "index": mem.index,
             "name": n.name,
-            "op": op or op_name(n),
-            "pass": n.meta.get("memsched.pass"),
+            "op": op or op_label(n),
+            "pass": info(n).made_by,
             "kind": mem.kind,
-            "tier": tier,
+            "tier": None if tier is None else str(tier),
             "move": move,
             "stream": stream,
-            "value": n.meta.get("memsched.restores") or n.meta.get("memsched.saves"),
+            "value": info(n).restores or info(n).saves,
             "nbytes": nbytes,
-            "out_bytes": _out_bytes(n) if op is None and n.op in ("call_function", "placeholder") else 0,
+            "out_bytes": value_nbytes(n.meta.get("val")) if op is None and n.op in ("call_function", "placeholder") else 0,
             "live_bytes": mem.total,
             "start_s": float(start),
             "end_s": float(end),

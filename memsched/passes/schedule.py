@@ -4,7 +4,7 @@ The scheduled graph keeps the captured compute nodes in order and inserts, per s
 prefetches for the next segment's fetches at its start, a wait right before the first use of
 each fetched value, an offload right after the last use before an evicted gap, and frees
 right after last uses (for offloaded values at the segment end, once the copy has left).
-Every inserted node records the pass that made it in ``meta["memsched.pass"]``.
+Every inserted node records the pass that made it (``info(node).made_by``).
 """
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ..compiler.capture import PERSISTENT, Captured
-from ..runtime import ops
+from ..frontend.capture import Captured
+from ..ir import ops
+from ..ir.kinds import PERSISTENT, Kind, Tier
+from ..ir.meta import annotate, info
+from ..ir.tensors import value_nbytes
 from .analysis import START, Program
-from .placement import DEVICE, KEEP, RECOMPUTE, REFETCH, Placement
+from .placement import KEEP, RECOMPUTE, REFETCH, Placement
 from .segments import Segments
 
 PASS = "placement"
@@ -36,155 +39,185 @@ class _Fetch:
 def _moved_bytes(node: fx.Node) -> int:
     """Bytes a move of this value copies and re-allocates: the value itself (a view moves
     without the rest of its base), as the runtime's transfer engine does."""
-    val = node.meta["val"]
-    return val.numel() * val.element_size()
+    return value_nbytes(node.meta["val"])
+
+
+def _placeholder_tiers(program: Program, placement: Placement, nodes: dict) -> dict[str, Tier]:
+    """Where each model tensor's placeholder lives: resident, homed, or unused."""
+    tiers: dict[str, Tier] = {}
+    for b in program.storages:
+        if b.kind not in PERSISTENT:
+            continue
+        if len(b.events) == 1:
+            tiers[b.values[0]] = Tier.UNUSED
+        else:
+            tiers[b.values[0]] = Tier.DEVICE if b.id in placement.resident else Tier(placement.home[b.id])
+        for alias in b.values[1:]:  # a tied duplicate: merged at capture, never read
+            if nodes[alias].op == "placeholder":
+                tiers[alias] = Tier.UNUSED
+    return tiers
+
+
+def _fetches(program: Program, placement: Placement, nodes: dict) -> list[_Fetch]:
+    """The first fetch of every non-resident model tensor, and the fetch ending every evicted
+    gap (a delivered gradient is never fetched back: the step returns its copy)."""
+    out: list[_Fetch] = []
+    for b in program.storages:
+        if b.kind in PERSISTENT and len(b.events) > 1 and b.id not in placement.resident:
+            first = next(e for e in b.events if e != START)
+            out.append(_Fetch(("init", b.id), b.values[0], b.values[0], None, placement.home[b.id],
+                              first, _moved_bytes(nodes[b.values[0]])))
+    for gap in placement.gaps:
+        choice = placement.gap_choice[gap.id]
+        if choice in (KEEP, RECOMPUTE) or gap.deliver:
+            continue
+        b = program.storages[gap.buffer]
+        tier = placement.home[b.id] if choice == REFETCH else choice
+        source = b.values[0] if choice == REFETCH else None
+        out.append(_Fetch(("gap", gap.id), gap.value, source, gap.id, tier, gap.end, _moved_bytes(nodes[gap.value])))
+    return out
+
+
+def _mark(node: fx.Node, made_by: str, **facts) -> fx.Node:
+    annotate(node, made_by=made_by, **facts)
+    return node
+
+
+class _Rewriter:
+    """Builds the scheduled graph segment by segment (``build_schedule``)."""
+
+    def __init__(self, captured: Captured, program: Program, segments: Segments, placement: Placement):
+        self.captured, self.program, self.segments, self.placement = captured, program, segments, placement
+        self.nodes = {n.name: n for n in captured.gm.graph.nodes}
+        self.g = fx.Graph()
+        self.env: dict[str, fx.Node] = {}
+        self.tiers = _placeholder_tiers(program, placement, self.nodes)
+        # never freed by the program: resident model tensors, and unused ones it never touched
+        self.kept = {n for n, t in self.tiers.items() if t in (Tier.DEVICE, Tier.UNUSED)}
+        self.issue_at: dict[int, list[_Fetch]] = {}
+        self.wait_at: dict[int, list[_Fetch]] = {}
+        for f in _fetches(program, placement, self.nodes):
+            use_seg = segments.seg(f.target_step)
+            issue_seg = use_seg - 1 if (f.key in placement.early and use_seg >= 1) else use_seg
+            self.issue_at.setdefault(issue_seg, []).append(f)
+            self.wait_at.setdefault(f.target_step, []).append(f)
+        # offloaded (or dropped) gaps first, then recomputed ones, per step
+        evicted = [gap for gap in placement.gaps if placement.gap_choice[gap.id] not in (KEEP, RECOMPUTE)]
+        recomputed = [gap for gap in placement.gaps if placement.gap_choice[gap.id] == RECOMPUTE]
+        self.evict_after: dict[int, list] = {}
+        self.recompute_at: dict[int, list] = {}
+        for gap in evicted + recomputed:
+            self.evict_after.setdefault(gap.start, []).append(gap)
+        for gap in recomputed:
+            self.recompute_at.setdefault(gap.end, []).append(gap)
+        self.last_use_at: dict[int, list[str]] = {}
+        for v in program.values.values():
+            if v.last_use < program.n_steps:
+                self.last_use_at.setdefault(v.last_use, []).append(v.name)
+        self.homes: dict[str, fx.Node] = {}      # placeholders: the source of every fetch of them
+        self.pending: dict[tuple[str, int], fx.Node] = {}
+        self.handles: dict[int, fx.Node] = {}
+        self.delivered: dict[str, fx.Node] = {}  # gradients the step returns as their offloaded copy
+        self.seg_end_free: list[str] = []
+
+    def inputs(self) -> None:
+        kinds = {p.name: p.kind for p in self.captured.placeholders}
+        for n in self.captured.gm.graph.nodes:
+            if n.op == "get_attr":
+                self.env[n.name] = self.g.get_attr(n.target)
+                self.env[n.name].meta.update(n.meta)
+            elif n.op == "placeholder":
+                new = self.g.placeholder(n.name)
+                new.meta.update(n.meta)
+                _mark(new, "capture", tier=self.tiers.get(n.name, Tier.DEVICE), kind=kinds.get(n.name, Kind.INPUT))
+                self.env[n.name] = new
+        self.homes = dict(self.env)
+
+    def issue(self, j: int) -> None:
+        for f in self.issue_at.get(j, []):
+            src = self.homes[f.source] if f.source is not None else self.handles[f.gap]
+            p = _mark(self.g.call_function(ops.prefetch, (src,)), PASS, tier=Tier(f.tier), nbytes=f.nbytes,
+                      restores=f.value)
+            p.meta["val"] = self.nodes[f.value].meta.get("val")
+            self.pending[(f.value, f.target_step)] = p
+
+    def await_fetches(self, step: int) -> None:
+        for f in self.wait_at.get(step, []):
+            w = self.g.call_function(ops.wait, (self.pending.pop((f.value, step)),))
+            _mark(w, PASS, tier=Tier.DEVICE, nbytes=f.nbytes, restores=f.value)
+            w.meta["val"] = self.nodes[f.value].meta.get("val")
+            self.env[f.value] = w
+            if f.gap is not None and f.gap in self.handles:
+                _mark(self.g.call_function(ops.free, (self.handles.pop(f.gap),)), PASS)
+
+    def free(self, names) -> None:
+        dead = [self.env.pop(v) for v in names if v in self.env and v not in self.kept]
+        if dead:
+            _mark(self.g.call_function(ops.free, tuple(dead)), PASS)
+
+    def recompute(self, recipe) -> None:
+        """Re-run the op that made a dropped value, reading its inputs where they are now. The
+        nodes are named after what they rebuild ("mm_3_again"), never a fresh "getitem_N" that
+        would take the name of a captured node later in the program."""
+        source, env = self.nodes[recipe.op], self.env
+        op = self.g.create_node("call_function", source.target, fx.node.map_arg(source.args, lambda a: env[a.name]),
+                                fx.node.map_arg(source.kwargs, lambda a: env[a.name]), name=f"{source.name}_again")
+        op.meta.update(source.meta)
+        _mark(op, "recompute", restores=recipe.value)
+        if recipe.index is None:
+            env[recipe.value] = op
+            return
+        item = self.g.create_node("call_function", operator.getitem, (op, recipe.index), name=f"{recipe.value}_again")
+        item.meta.update(self.nodes[recipe.value].meta)
+        env[recipe.value] = _mark(item, "recompute", restores=recipe.value)
+        _mark(self.g.call_function(ops.free, (op,)), "recompute")  # the op's other outputs
+
+    def evict(self, gap) -> str:
+        """After the last use before ``gap``: offload the value (its device copy is freed at
+        the segment end) or just drop it (a home copy exists, or it will be recomputed)."""
+        choice = self.placement.gap_choice[gap.id]
+        if gap.persistent or choice == RECOMPUTE:
+            return gap.value
+        h = self.g.call_function(ops.offload, (self.env[gap.value], Tier(choice)))
+        _mark(h, PASS, tier=Tier(choice), nbytes=_moved_bytes(self.nodes[gap.value]), saves=gap.value,
+              delivers=gap.value if gap.deliver else None)
+        self.handles[gap.id] = h
+        if gap.deliver:
+            self.delivered[gap.value] = h
+        self.seg_end_free.append(gap.value)
+        return ""
+
+    def step(self, step: int) -> None:
+        self.await_fetches(step)
+        for gap in self.recompute_at.get(step, []):
+            self.recompute(self.program.recipes[gap.value])
+        n = self.nodes[self.program.steps[step]]
+        new = self.g.node_copy(n, lambda a: self.env[a.name])
+        annotate(new, made_by=info(n).made_by)  # the boundary keeps "partition"
+        self.env[n.name] = new
+        dying = list(self.last_use_at.get(step, []))
+        dying += [v for v in map(self.evict, self.evict_after.get(step, [])) if v]
+        self.free(dying)
+
+    def build(self) -> fx.GraphModule:
+        self.inputs()
+        for j in range(self.segments.count):
+            self.issue(j)
+            if j == 0:
+                self.free(self.last_use_at.get(START, []))  # unused inputs
+            for step in self.segments.steps(j):
+                self.step(step)
+            self.free(self.seg_end_free)
+            self.seg_end_free = []
+        self.await_fetches(self.program.n_steps)
+        out = self.captured.gm.graph.output_node()
+        env, delivered = self.env, self.delivered
+        self.g.output(fx.node.map_arg(out.args[0], lambda a: env[a.name] if a.name in env else delivered[a.name]))
+        self.g.lint()
+        return fx.GraphModule(self.captured.gm, self.g, class_name="ScheduledProgram")
 
 
 def build_schedule(captured: Captured, program: Program, segments: Segments,
                    placement: Placement) -> fx.GraphModule:
-    src_graph = captured.gm.graph
-    nodes = {n.name: n for n in src_graph.nodes}
-    g = fx.Graph()
-    env: dict[str, fx.Node] = {}
-    buffers = program.buffers
-    placeholder_tier: dict[str, str] = {}
-    for b in buffers:
-        if b.kind in PERSISTENT:
-            if len(b.events) == 1:
-                tier = "unused"
-            else:
-                tier = DEVICE if b.id in placement.resident else placement.home[b.id]
-            placeholder_tier[b.values[0]] = tier
-            for alias in b.values[1:]:  # a tied duplicate: merged at capture, never read
-                if nodes[alias].op == "placeholder":
-                    placeholder_tier[alias] = "unused"
-
-    # fetches: first fetch of every non-resident model tensor, and every evicted gap
-    fetches: list[_Fetch] = []
-    for b in buffers:
-        if b.kind in PERSISTENT and len(b.events) > 1 and b.id not in placement.resident:
-            first = next(e for e in b.events if e != START)
-            fetches.append(_Fetch(("init", b.id), b.values[0], b.values[0], None, placement.home[b.id],
-                                  first, _moved_bytes(nodes[b.values[0]])))
-    evicted = [gap for gap in placement.gaps if placement.gap_choice[gap.id] not in (KEEP, RECOMPUTE)]
-    recomputed = [gap for gap in placement.gaps if placement.gap_choice[gap.id] == RECOMPUTE]
-    recompute_at: dict[int, list] = {}
-    for gap in recomputed:
-        recompute_at.setdefault(gap.end, []).append(gap)
-    for gap in evicted:
-        if gap.deliver:
-            continue  # a gradient offloaded to its home stays there: the step returns the copy
-        choice = placement.gap_choice[gap.id]
-        b = buffers[gap.buffer]
-        tier = placement.home[b.id] if choice == REFETCH else choice
-        source = b.values[0] if choice == REFETCH else None
-        fetches.append(_Fetch(("gap", gap.id), gap.value, source, gap.id, tier, gap.end,
-                              _moved_bytes(nodes[gap.value])))
-    issue_at: dict[int, list[_Fetch]] = {}
-    wait_at: dict[int, list[_Fetch]] = {}
-    for f in fetches:
-        use_seg = segments.seg(f.target_step)
-        issue_seg = use_seg - 1 if (f.key in placement.early and use_seg >= 1) else use_seg
-        issue_at.setdefault(issue_seg, []).append(f)
-        wait_at.setdefault(f.target_step, []).append(f)
-    evict_after = {gap.start: [] for gap in evicted + recomputed}
-    for gap in evicted + recomputed:
-        evict_after[gap.start].append(gap)
-
-    def mark(node, pass_name, **meta):
-        node.meta["memsched.pass"] = pass_name
-        node.meta.update({f"memsched.{k}": v for k, v in meta.items()})
-        return node
-
-    kinds = {p.name: p.kind for p in captured.placeholders}
-    for n in src_graph.nodes:
-        if n.op == "get_attr":
-            env[n.name] = g.get_attr(n.target)
-            env[n.name].meta.update(n.meta)
-        if n.op == "placeholder":
-            new = g.placeholder(n.name)
-            new.meta.update(n.meta)
-            new.meta["memsched.tier"] = placeholder_tier.get(n.name, DEVICE)
-            mark(new, "capture", tier=new.meta["memsched.tier"], kind=kinds.get(n.name, "input"))
-            env[n.name] = new
-    homes = dict(env)  # placeholders of home-tier tensors: the source of every fetch of them
-    delivered: dict[str, fx.Node] = {}  # gradients the step returns as their offloaded copy
-    pending: dict[tuple[str, int], fx.Node] = {}
-    handles: dict[int, fx.Node] = {}
-    # never freed by the program: resident model tensors, and unused ones it never touched
-    resident_placeholders = {n for n, t in placeholder_tier.items() if t in (DEVICE, "unused")}
-    end = program.n_steps
-
-    def issue(j):
-        for f in issue_at.get(j, []):
-            src = homes[f.source] if f.source is not None else handles[f.gap]
-            p = g.call_function(ops.prefetch, (src,))
-            mark(p, PASS, tier=f.tier, nbytes=f.nbytes, restores=f.value)
-            p.meta["val"] = nodes[f.value].meta.get("val")
-            pending[(f.value, f.target_step)] = p
-
-    def await_fetches(step):
-        for f in wait_at.get(step, []):
-            w = g.call_function(ops.wait, (pending.pop((f.value, step)),))
-            mark(w, PASS, tier="device", nbytes=f.nbytes, restores=f.value)
-            w.meta["val"] = nodes[f.value].meta.get("val")
-            env[f.value] = w
-            if f.gap is not None and f.gap in handles:
-                mark(g.call_function(ops.free, (handles.pop(f.gap),)), PASS)
-
-    def free(names):
-        dead = [env.pop(v) for v in names if v in env and v not in resident_placeholders]
-        if dead:
-            mark(g.call_function(ops.free, tuple(dead)), PASS)
-
-    def recompute(recipe):
-        """Re-run the op that made a dropped value, reading its inputs where they are now."""
-        op = g.node_copy(nodes[recipe.op], lambda a: env[a.name])
-        mark(op, "recompute", restores=recipe.value)
-        if recipe.index is None:
-            env[recipe.value] = op
-            return
-        item = g.call_function(operator.getitem, (op, recipe.index))
-        item.meta.update(nodes[recipe.value].meta)
-        mark(item, "recompute", restores=recipe.value)
-        env[recipe.value] = item
-        mark(g.call_function(ops.free, (op,)), "recompute")  # the op's other outputs
-
-    last_use_at: dict[int, list[str]] = {}
-    for v in program.values.values():
-        if v.last_use < end:
-            last_use_at.setdefault(v.last_use, []).append(v.name)
-    seg_end_free: list[str] = []
-    for j in range(segments.count):
-        issue(j)
-        if j == 0:
-            free([v for v in last_use_at.get(START, [])])  # unused inputs
-        for step in segments.steps(j):
-            await_fetches(step)
-            for gap in recompute_at.get(step, []):
-                recompute(program.recipes[gap.value])
-            n = nodes[program.steps[step]]
-            new = g.node_copy(n, lambda a: env[a.name])
-            new.meta["memsched.pass"] = n.meta.get("memsched.pass", "capture")  # boundary: "partition"
-            env[n.name] = new
-            dying = list(last_use_at.get(step, []))
-            for gap in evict_after.get(step, []):
-                if gap.persistent or placement.gap_choice[gap.id] == RECOMPUTE:
-                    dying.append(gap.value)  # the home copy stays; just drop the device one
-                else:
-                    h = g.call_function(ops.offload, (env[gap.value], placement.gap_choice[gap.id]))
-                    mark(h, PASS, tier=placement.gap_choice[gap.id],
-                         nbytes=_moved_bytes(nodes[gap.value]), saves=gap.value)
-                    handles[gap.id] = h
-                    if gap.deliver:
-                        h.meta["memsched.delivers"] = gap.value
-                        delivered[gap.value] = h
-                    seg_end_free.append(gap.value)
-            free(dying)
-        free(seg_end_free)
-        seg_end_free = []
-    await_fetches(end)
-    out = src_graph.output_node()
-    g.output(fx.node.map_arg(out.args[0], lambda a: env[a.name] if a.name in env else delivered[a.name]))
-    g.lint()
-    return fx.GraphModule(captured.gm, g, class_name="ScheduledProgram")
+    """The scheduled program of ``placement``: the captured compute in order, with the moves."""
+    return _Rewriter(captured, program, segments, placement).build()

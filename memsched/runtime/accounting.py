@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..budget import format_bytes
+from ..ir.units import format_bytes
 from ..errors import BudgetExceededError
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compiler.joint import JointCaptured
+from ..frontend.joint import JointCaptured
 from .executor import Executor
 
 

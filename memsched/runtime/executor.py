@@ -1,26 +1,28 @@
-"""Execution: lower a scheduled fx graph to one Python function and run it.
+"""Execution: run a scheduled program (lowered by ``codegen.py``) with the model's tensors in
+their planned tiers.
 
-The scheduled graph is turned into straight-line Python (no per-node interpreter loop), in
-which compute nodes call their ATen ops directly and the inserted ops call this runtime:
-``prefetch``/``wait``/``offload``/``free``. Every tensor a step produces is registered with
-the device accountant, so the peak the runtime reports is measured, not predicted.
+The generated function calls this runtime for the inserted ops: ``prefetch``/``wait``/
+``offload``/``free``. Every tensor a step produces is registered with the device accountant,
+so the peak the runtime reports is measured, not predicted.
 """
 from __future__ import annotations
 
-import math
 import time
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
-from torch.multiprocessing.reductions import StorageWeakRef
 
-from ..compiler.capture import INPUT, PERSISTENT, Captured, written_args
-from ..passes.analysis import storage_nbytes, tensor_leaves
-from . import ops
+from ..frontend.capture import Captured
+from ..ir.effects import written_args
+from ..ir.kinds import PERSISTENT, Kind, Tier
+from ..ir.meta import tier_of
+from ..ir.ops import Op, op_of
+from ..ir.tensors import tensor_leaves
+from ..ir.units import format_bytes
 from .accounting import DeviceAccountant, RecyclePool
+from .codegen import allocates, generate_source
 from .stores import DiskStore, HostPool, Layout, make_offload_dir
 from .transfer import DiskCopy, HostCopy, Outgoing, TransferEngine
 
@@ -36,95 +38,9 @@ class RunStats:
     cuda_max_memory_allocated: int | None = None      # on CUDA, the allocator's own peak
 
     def __str__(self) -> str:
-        from ..budget import format_bytes
-
         moved = ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.bytes_moved.items()) if v) or "nothing"
         return (f"peak device {format_bytes(self.peak_device_bytes)} · moved {moved} · "
                 f"stalled {self.stall_s * 1e3:.1f} ms · wall {self.wall_s * 1e3:.1f} ms")
-
-
-def _plain_tensor(node: fx.Node) -> bool:
-    """A compute value holding one tensor that no offload reads."""
-    return (node.op == "call_function" and node.target not in ops.INSERTED_OPS
-            and isinstance(node.meta.get("val"), torch.Tensor)
-            and not any(u.target is ops.offload for u in node.users))
-
-
-def generate_source(gm: fx.GraphModule, device: torch.device | None = None,
-                    room_for: int | None = None) -> tuple[str, dict]:
-    """Python source of the scheduled program and the globals it needs. Devices baked into
-    the trace (``arange(..., device=cpu)``) are retargeted to ``device``. Ops allocating more
-    than ``room_for`` bytes are preceded by ``rt.make_room(n)`` (recycled buffers let go)."""
-    glb: dict = {}
-    fn_ids: dict[int, str] = {}
-
-    def const(v) -> str:
-        name = f"_c{len(glb)}"
-        glb[name] = v
-        return name
-
-    def emit(a) -> str:
-        if isinstance(a, fx.Node):
-            return "_" + a.name
-        if isinstance(a, (list, tuple)):
-            inner = ", ".join(emit(x) for x in a)
-            return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' if len(a) == 1 else ''})"
-        if isinstance(a, dict):
-            return "{" + ", ".join(f"{k!r}: {emit(v)}" for k, v in a.items()) + "}"
-        if a is None or isinstance(a, (bool, int, str)):
-            return repr(a)
-        if isinstance(a, float) and math.isfinite(a):
-            return repr(a)
-        if isinstance(a, torch.device) and device is not None and a.type in ("cpu", "meta"):
-            return const(device)
-        return const(a)
-
-    def fn(target) -> str:
-        key = id(target)
-        if key not in fn_ids:
-            fn_ids[key] = f"_f{len(fn_ids)}"
-            # an OpOverload's own __call__ only forwards to its C++ op: call that directly
-            glb[fn_ids[key]] = target._op if isinstance(target, torch._ops.OpOverload) else target
-        return fn_ids[key]
-
-    body = []
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for i, n in enumerate(placeholders):
-        body.append(f"_{n.name} = inputs[{i}]")
-    for n in gm.graph.nodes:
-        if n.op == "call_function":
-            args = ", ".join([emit(a) for a in n.args] + [f"{k}={emit(v)}" for k, v in n.kwargs.items()])
-            if n.target is ops.prefetch:
-                body.append(f"_{n.name} = rt.prefetch({args})")
-            elif n.target is ops.wait:
-                # the pending handle holds the fetched tensor too: drop it, so the tensor dies
-                # when the program frees the waited value (as the accountant counts)
-                body.append(f"_{n.name} = rt.wait({args}); del {args}")
-            elif n.target is ops.offload:
-                body.append(f"_{n.name} = rt.offload({args})")
-            elif n.target is ops.boundary:
-                # a training step: hand the forward outputs over, resume with their gradients
-                body.append(f"_{n.name} = yield ({args}{',' if len(n.args) == 1 else ''}); rt.track(_{n.name})")
-            elif n.target is ops.free:
-                # plain tensors go straight to the accountant; handles, tuples and tensors an
-                # offload is still reading go through the runtime
-                fast = [a for a in n.args if _plain_tensor(a)]
-                slow = [a for a in n.args if not _plain_tensor(a)]
-                calls = [f"_release({emit(a)})" for a in fast]
-                if slow:
-                    calls.append(f"rt.free({', '.join(emit(a) for a in slow)})")
-                body.append("; ".join(calls) + f"; del {args}")
-            else:
-                track = "_track" if isinstance(n.meta.get("val"), torch.Tensor) else "rt.track"
-                size = _allocates(n)
-                room = f"rt.make_room({size}); " if room_for is not None and size > room_for else ""
-                body.append(f"{room}_{n.name} = {fn(n.target)}({args}); {track}(_{n.name})")
-        elif n.op == "get_attr":  # submodules of higher-order ops
-            body.append(f"_{n.name} = {const(getattr(gm, n.target))}")
-        elif n.op == "output":
-            body.append(f"return {emit(n.args[0])}")
-    src = "def program(rt, inputs, _track, _release):\n" + "\n".join("    " + line for line in body) + "\n"
-    return src, glb
 
 
 class Executor:
@@ -139,16 +55,16 @@ class Executor:
         # large ones (over an eighth of the budget) by a trim right before the op runs
         self._pool = RecyclePool() if not self.cuda else None
         big = max(budget // 8, 1)
-        self._reserve = max([s for s in map(_allocates, gm.graph.nodes) if s <= big], default=0)
+        self._reserve = max([s for s in map(allocates, gm.graph.nodes) if s <= big], default=0)
         src, glb = generate_source(gm, device, room_for=big if self._pool is not None else None)
         self.source = src
         code = compile(src, "<memsched scheduled program>", "exec")
         exec(code, glb)
         self._program = glb["program"]
-        tiers = {n.name: n.meta.get("memsched.tier", "device") for n in gm.graph.nodes if n.op == "placeholder"}
+        tiers = {n.name: tier_of(n) for n in gm.graph.nodes if n.op == "placeholder"}
         self.host = HostPool(pinned=self.cuda)
-        needs_disk = any(t == "disk" for t in tiers.values()) or any(
-            n.target is ops.offload and n.args[1] == "disk" for n in gm.graph.nodes if n.op == "call_function")
+        needs_disk = any(t == Tier.DISK for t in tiers.values()) or any(
+            op_of(n) is Op.OFFLOAD and n.args[1] == Tier.DISK for n in gm.graph.nodes)
         self.disk = DiskStore(make_offload_dir(offload_dir)) if needs_disk else None
         self.engine = TransferEngine(device, self.disk, self.host)
         self._finalizer = weakref.finalize(self, _close, self.engine, self.disk)
@@ -180,11 +96,11 @@ class Executor:
 
     def _slot_for(self, t: torch.Tensor, tier: str):
         """The model tensor as the program reads it: itself, or a copy in its home tier."""
-        if tier == "unused":
+        if tier == Tier.UNUSED:
             return None
-        if tier == "device":
+        if tier == Tier.DEVICE:
             return t if t.device == self.device else t.to(self.device)
-        if tier == "host":
+        if tier == Tier.HOST:
             if self.cuda:
                 host = self.host.take(Layout.of(t))
                 host.copy_(t)
@@ -242,7 +158,7 @@ class Executor:
         if isinstance(value, torch.Tensor):
             self.acct.track(value)
         elif isinstance(value, (list, tuple)):
-            for leaf in _tensor_leaves(value):
+            for leaf in tensor_leaves(value):
                 self.acct.track(leaf)
 
     def free(self, *values):
@@ -253,7 +169,7 @@ class Executor:
             out = self._outgoing.pop(id(v), None)
             if out is not None:
                 self.engine.finish(out)
-            for leaf in (v,) if isinstance(v, torch.Tensor) else _tensor_leaves(v):
+            for leaf in (v,) if isinstance(v, torch.Tensor) else tensor_leaves(v):
                 self.acct.release(leaf)
 
     # -- a call ---------------------------------------------------------------------------
@@ -264,7 +180,7 @@ class Executor:
         self.engine.stats.stall_s = 0.0
         values, user = [], iter(flat_inputs)
         for ph, slot in zip(self.captured.placeholders, self._slots):
-            if ph.kind == INPUT:
+            if ph.kind == Kind.INPUT:
                 x = next(user)
                 if isinstance(x, torch.Tensor):
                     if x.device != self.device:
@@ -355,22 +271,8 @@ def _disk_source(t: torch.Tensor) -> torch.Tensor:
     return src if Layout.of(src).stride == tuple(src.stride()) else src.contiguous()
 
 
-def _allocates(n: fx.Node) -> int:
-    """Bytes a compute node's outputs take, each storage once (fetches make their own room)."""
-    if n.op != "call_function" or n.target in ops.INSERTED_OPS:
-        return 0
-    return sum({StorageWeakRef(t.untyped_storage()): storage_nbytes(t)
-                for t in tensor_leaves(n.meta.get("val"))}.values())
-
-
 def _written_placeholders(gm: fx.GraphModule) -> set[str]:
     return {a.name for n in gm.graph.nodes for a in written_args(n) if a.op == "placeholder"}
-
-
-def _tensor_leaves(value) -> list[torch.Tensor]:
-    if not isinstance(value, (list, tuple)):
-        return []
-    return [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
 
 
 def _close(engine: TransferEngine, disk: DiskStore | None) -> None:

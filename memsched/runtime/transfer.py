@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ir.kinds import LINKS
 from .stores import DiskStore, HostPool, Layout, is_dense
-
-LINKS = ("h2d", "d2h", "disk_read", "disk_write")
 
 
 @dataclass

@@ -17,11 +17,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import importlib.metadata
 import math
 import os
 import sys
 import time
 from pathlib import Path
+
+import torch
+
+from ..api import plan as make_plan
+from ..budget import parse_budget
+from ..cost_models.hardware import get_hardware, list_hardware
+from ..errors import CaptureError, InfeasibleBudgetError
+from ..io.serialize import dumps
+from ..ir.units import format_bytes
+from ..plans import Plan
+from ..verify import PlanError, verify_schedule
+from .render import render_hardware, render_plan
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INFEASIBLE = 0, 1, 2, 3
 FORMATS = ("table", "json", "code")
@@ -51,15 +64,27 @@ exit codes: 0 ok, 2 usage / budget / target / capture error, 3 budget below the 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="memsched",
         description="Plan PyTorch models to run inside a memory budget (GPU, host RAM, disk).",
     )
-    parser.add_argument("--version", action="version", version=f"memsched {__version__}")
+    parser.add_argument("--version", action="version", version=f"memsched {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_plan_parser(sub)
+    _add_verify_parser(sub)
+    _add_show_parser(sub)
+    _add_hardware_parser(sub)
+    return parser
 
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("memsched")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "(not installed)"
+
+
+def _add_plan_parser(sub) -> None:
     p = sub.add_parser(
         "plan", help="plan a model inside a budget and print the schedule",
         description="Plan TARGET to run inside --budget device bytes and print the plan.\n"
@@ -89,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="solver time limit in seconds (default: the planner's, 10 s)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
 
+
+def _add_verify_parser(sub) -> None:
     v = sub.add_parser(
         "verify", help="check a saved plan with the independent verifier",
         description="Load a saved plan (memsched plan -o / Plan.save) and check it with the "
@@ -102,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check against this budget instead of the plan's own (e.g. 512MB, 50%%)")
     v.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
 
+
+def _add_show_parser(sub) -> None:
     sh = sub.add_parser("show", help="print a saved plan",
                         description="Print a saved plan as `memsched plan` does: summary tables, or the "
                                     "schedule listing and then the tables.")
@@ -110,12 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="table: summary tables (default); code: the schedule listing, then the summary")
     sh.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
 
+
+def _add_hardware_parser(sub) -> None:
     h = sub.add_parser("hardware", help="list the hardware profiles",
                        description="List the hardware presets usable with `memsched plan --hardware`.")
     h.add_argument("--local", action="store_true",
                    help="also show this machine's calibrated profile (measures it on first use)")
     h.add_argument("--format", "-f", choices=("table", "json"), default="table")
-    return parser
 
 
 def _positive(kind, what: str):
@@ -194,31 +224,13 @@ def _status(message: str):
 
 
 def _cmd_plan(args) -> int:
-    import memsched
-    from .errors import CaptureError, InfeasibleBudgetError
-    from .targets import load_target
-
     try:
-        with _status("memsched: resolving hardware") as update:
-            hw = _resolve_hardware(args.hardware, update)
-            budget_bytes = memsched.parse_budget(args.budget, hw.device_bytes)
-            update(f"memsched: building {args.target}")
-            t0 = time.perf_counter()
-            model, inputs, kwargs, name = load_target(args.target, batch=args.batch, seq_len=args.seq_len)
-            load_s = time.perf_counter() - t0
-            if args.train:
-                kwargs = _training_target(model, kwargs)
-            what = "a training step of " if args.train else ""
-            what = f"memsched: planning {what}{type(model).__name__} in {memsched.format_bytes(budget_bytes)}"
-            update(what)
-            options = {} if args.time_limit is None else {"time_limit_s": args.time_limit}
-            plan = memsched.plan(model, inputs, budget_bytes, hardware=hw, example_kwargs=kwargs, train=args.train,
-                                 progress=lambda stage: update(f"{what}: {stage}"), **options)
+        plan, load_s = _make_plan(args)
     except InfeasibleBudgetError as e:
         if args.debug:
             raise
         _error(str(e))
-        print(f"memsched: the smallest budget that works is {memsched.format_bytes(e.min_budget_bytes)} "
+        print(f"memsched: the smallest budget that works is {format_bytes(e.min_budget_bytes)} "
               f"({e.min_budget_bytes} bytes): retry with --budget {_budget_hint(e.min_budget_bytes)}",
               file=sys.stderr)
         return EXIT_INFEASIBLE
@@ -229,9 +241,6 @@ def _cmd_plan(args) -> int:
         _error(f"{kind}: {e}" if kind else str(e))
         return EXIT_USAGE
 
-    from .inspect.serialize import dumps
-
-    plan.model_name = name  # the target as the user named it, kept in the saved plan
     if args.output is not None:
         try:
             Path(args.output).write_text(dumps(plan))
@@ -242,13 +251,41 @@ def _cmd_plan(args) -> int:
         if args.output is None:
             sys.stdout.write(dumps(plan))
         return EXIT_OK
-    console = _stdout_console()
-    if args.format == "code":
+    _print_plan(plan, args.format, load_s=load_s)
+    return EXIT_OK
+
+
+def _make_plan(args):
+    """The plan for ``args.target`` (named as the user named it, which the saved plan keeps),
+    and the seconds spent building the model."""
+    from .targets import load_target
+
+    with _status("memsched: resolving hardware") as update:
+        hw = _resolve_hardware(args.hardware, update)
+        budget_bytes = parse_budget(args.budget, hw.device_bytes)
+        update(f"memsched: building {args.target}")
+        t0 = time.perf_counter()
+        model, inputs, kwargs, name = load_target(args.target, batch=args.batch, seq_len=args.seq_len)
+        load_s = time.perf_counter() - t0
+        if args.train:
+            kwargs = _training_target(model, kwargs)
+        what = "a training step of " if args.train else ""
+        what = f"memsched: planning {what}{type(model).__name__} in {format_bytes(budget_bytes)}"
+        update(what)
+        options = {} if args.time_limit is None else {"time_limit_s": args.time_limit}
+        plan = make_plan(model, inputs, budget_bytes, hardware=hw, example_kwargs=kwargs, train=args.train,
+                         progress=lambda stage: update(f"{what}: {stage}"), **options)
+    plan.model_name = name
+    return plan, load_s
+
+
+def _print_plan(plan, fmt: str, *, load_s: float | None = None) -> None:
+    """The summary tables; with ``fmt`` "code" the schedule listing first."""
+    if fmt == "code":
         print(str(plan))
         print()
         sys.stdout.flush()
-    render_plan(console, plan, name=name, load_s=load_s)
-    return EXIT_OK
+    render_plan(_stdout_console(), plan, load_s=load_s)
 
 
 def _training_target(model, kwargs: dict) -> dict:
@@ -265,10 +302,6 @@ def _training_target(model, kwargs: dict) -> dict:
 
 
 def _resolve_hardware(spec, update):
-    import torch
-
-    from .cost_models.hardware import get_hardware
-
     if spec is None or str(spec).strip().lower() == "local":
         # The locally calibrated profile: of the GPU when there is one, else of the CPU.
         update("memsched: calibrating this machine (cached after the first run)")
@@ -301,126 +334,13 @@ def _json_default(obj):
     return str(obj)
 
 
-def render_plan(console, plan, *, name: str = "", load_s: float | None = None) -> None:
-    """The plan's summary as rich tables: memory per tier, transfers, time, planning passes."""
-    from rich import box
-    from rich.markup import escape
-    from rich.table import Table
-
-    from .budget import format_bytes as fb
-    from .cost_models.hardware import LINKS
-
-    hw, pl = plan.hardware, plan.placement_facts()
-    tiers, acts = pl.tier_bytes, pl.offloaded_activation_bytes
-    console.print(f"[bold]memsched plan[/bold] for {escape(name or plan.model_name)}")
-    console.print(f"budget {fb(plan.budget_bytes)} on {hw.name} ({hw.device_type}, "
-                  f"{fb(hw.device_bytes)} device memory)", markup=False)
-
-    mem = Table(title="Memory per tier", box=box.SIMPLE_HEAD, title_justify="left")
-    mem.add_column("tier")
-    mem.add_column("capacity", justify="right")
-    mem.add_column("peak held", justify="right")
-    mem.add_column("weights homed", justify="right")
-    mem.add_column("activations offloaded", justify="right")
-    fits = "[green]" if plan.peak_device_bytes <= plan.budget_bytes else "[red]"
-    mem.add_row("device", f"{fb(plan.budget_bytes)} budget", f"{fits}{fb(plan.peak_device_bytes)}[/]",
-                fb(tiers["device"]), "-")
-    host_cap = fb(hw.host_bytes) if hw.host_bytes else "(is device)"
-    mem.add_row("host", host_cap, "≤ " + fb(tiers["host"] + acts["host"]), fb(tiers["host"]), fb(acts["host"]))
-    mem.add_row("disk", "-", "≤ " + fb(tiers["disk"] + acts["disk"]), fb(tiers["disk"]), fb(acts["disk"]))
-    mem.caption = (f"unconstrained peak {fb(plan.unconstrained.peak_device_bytes)} · minimum budget "
-                   f"{fb(plan.min_budget_bytes)}")
-    mem.caption_justify = "left"
-    console.print(mem)
-
-    moved = plan.bytes_moved
-    links = Table(title="Bytes moved per call", box=box.SIMPLE_HEAD, title_justify="left")
-    links.add_column("link")
-    links.add_column("bytes", justify="right")
-    links.add_column("bandwidth", justify="right")
-    links.add_column("link busy", justify="right")
-    for link in [*LINKS, *sorted(set(moved) - set(LINKS))]:
-        n = int(moved.get(link, 0))
-        if not n and link not in LINKS:
-            continue
-        bw = hw.bandwidth(link) if link in LINKS else 0.0
-        busy = f"{n / bw * 1e3:.2f} ms" if bw and n else "-"
-        links.add_row(link, fb(n) if n else "-", f"{bw / 1e9:.1f} GB/s" if bw else "-", busy)
-    console.print(links)
-
-    if plan.is_training:
-        render_saved_activations(console, plan)
-
-    t_pred, t_free = plan.predicted_time_s, plan.unconstrained.time_s
-    slow = t_pred / t_free if t_free else 1.0
-    per = "training step" if plan.is_training else "call"
-    timing = Table(title=f"Predicted time per {per}", box=box.SIMPLE_HEAD, title_justify="left")
-    timing.add_column("")
-    timing.add_column("")
-    timing.show_header = False
-    timing.add_row("predicted", f"{t_pred * 1e3:.3f} ms")
-    timing.add_row("unconstrained", f"{t_free * 1e3:.3f} ms")
-    timing.add_row("slowdown", f"{slow:.2f}x")
-    timing.add_row("compute", f"{plan.sim.compute_s * 1e3:.3f} ms")
-    timing.add_row("stall on transfers", f"{plan.sim.stall_s * 1e3:.3f} ms")
-    if plan.is_training:
-        timing.add_row("recompute overhead", f"{plan.recompute_overhead_s() * 1e3:.3f} ms")
-    solver = pl.status + (f", gap {pl.mip_gap:.1%}" if pl.mip_gap is not None else "")
-    timing.add_row("solver", f"{escape(solver)} in {pl.solve_s:.2f} s ({plan.n_segments} segments, "
-                             f"{pl.movable_gaps} movable gaps)")
-    console.print(timing)
-
-    passes = Table(title="Planning time per pass", box=box.SIMPLE_HEAD, title_justify="left")
-    passes.add_column("pass")
-    passes.add_column("time", justify="right")
-    passes.add_column("note")
-    if load_s is not None:
-        passes.add_row("load target", f"{load_s * 1e3:.0f} ms", "")
-    for p in plan.passes:
-        passes.add_row(escape(p.name), f"{p.seconds * 1e3:.0f} ms", escape(p.note or ""))
-    total = sum(p.seconds for p in plan.passes) + (load_s or 0.0)
-    passes.add_row("[bold]total[/bold]", f"[bold]{total * 1e3:.0f} ms[/bold]", "")
-    console.print(passes)
-
-
-def render_saved_activations(console, plan, limit: int = 40) -> None:
-    """What the training plan does with each activation the forward saves for the backward."""
-    from rich import box
-    from rich.markup import escape
-    from rich.table import Table
-
-    from .budget import format_bytes as fb
-
-    rows = plan.saved_activations()
-    totals: dict[str, int] = {}
-    for r in rows:
-        totals[r["decision"]] = totals.get(r["decision"], 0) + r["bytes"]
-    table = Table(title=f"Saved activations ({len(rows)})", box=box.SIMPLE_HEAD, title_justify="left")
-    table.add_column("value")
-    table.add_column("bytes", justify="right")
-    table.add_column("forward step", justify="right")
-    table.add_column("backward use", justify="right")
-    table.add_column("decision")
-    colour = {"keep": "", "host": "[cyan]", "disk": "[magenta]", "recompute": "[yellow]"}
-    for r in sorted(rows, key=lambda r: -r["bytes"])[:limit]:
-        c = colour.get(r["decision"], "")
-        table.add_row(escape(r["value"]), fb(r["bytes"]), str(r["defined"]), str(r["last_use"]),
-                      f"{c}{r['decision']}[/]" if c else r["decision"])
-    table.caption = "totals: " + " · ".join(f"{k} {fb(v)}" for k, v in sorted(totals.items())) + (
-        f" (largest {limit} shown)" if len(rows) > limit else "")
-    table.caption_justify = "left"
-    console.print(table)
-
-
 # ----------------------------------------------------------------------------- saved plans
 
 
 def _load(args):
     """The saved plan args.plan names, or None after printing why not."""
-    from .inspect.serialize import load_plan
-
     try:
-        return load_plan(args.plan)
+        return Plan.load(args.plan)
     except ValueError as e:  # PlanFileError: not a plan, newer format, damaged, unreadable
         if args.debug:
             raise
@@ -429,10 +349,6 @@ def _load(args):
 
 
 def _cmd_verify(args) -> int:
-    from .budget import format_bytes as fb
-    from .budget import parse_budget
-    from .verify import PlanError, verify_schedule
-
     plan = _load(args)
     if plan is None:
         return EXIT_USAGE
@@ -451,9 +367,9 @@ def _cmd_verify(args) -> int:
         _error(f"{args.plan} does not verify: {e}")
         return EXIT_INVALID
     steps = len(plan.graph.graph.nodes)
-    note = "" if peak == plan.peak_device_bytes else f"; the plan predicted {fb(plan.peak_device_bytes)}"
-    print(f"OK {args.plan}: {steps} steps verified, peak device {fb(peak)} ({peak} bytes) within the "
-          f"budget of {fb(budget)}{note}")
+    note = "" if peak == plan.peak_device_bytes else f"; the plan predicted {format_bytes(plan.peak_device_bytes)}"
+    print(f"OK {args.plan}: {steps} steps verified, peak device {format_bytes(peak)} ({peak} bytes) within "
+          f"the budget of {format_bytes(budget)}{note}")
     return EXIT_OK
 
 
@@ -461,11 +377,7 @@ def _cmd_show(args) -> int:
     plan = _load(args)
     if plan is None:
         return EXIT_USAGE
-    if args.format == "code":
-        print(str(plan))
-        print()
-        sys.stdout.flush()
-    render_plan(_stdout_console(), plan)
+    _print_plan(plan, args.format)
     return EXIT_OK
 
 
@@ -473,10 +385,6 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_hardware(args) -> int:
-    import torch
-
-    from .cost_models.hardware import get_hardware, list_hardware
-
     profiles = list_hardware()
     if args.local:
         with _status("memsched: calibrating this machine (cached after the first run)"):
@@ -486,41 +394,6 @@ def _cmd_hardware(args) -> int:
         return EXIT_OK
     render_hardware(_stdout_console(), profiles)
     return EXIT_OK
-
-
-def render_hardware(console, profiles) -> None:
-    from rich import box
-    from rich.table import Table
-
-    from .budget import format_bytes as fb
-
-    from rich.markup import escape
-
-    def gbs(x):
-        return f"{x / 1e9:.1f}"
-
-    def flops(x):
-        return f"{x / 1e12:.1f}"
-
-    t = Table(title="Hardware profiles", box=box.SIMPLE_HEAD, title_justify="left")
-    t.add_column("name", no_wrap=True)
-    t.add_column("type")
-    t.add_column("memory", justify="right")
-    t.add_column("TFLOP/s\nbf16 / fp32", justify="right")
-    t.add_column("HBM\nGB/s", justify="right")
-    t.add_column("H2D / D2H\nGB/s", justify="right")
-    t.add_column("disk r / w\nGB/s", justify="right")
-    t.add_column("host RAM", justify="right")
-    for hw in profiles:
-        t.add_row(escape(hw.name), hw.device_type, fb(hw.device_bytes),
-                  f"{flops(hw.peak_flops)} / {flops(hw.peak_flops_fp32)}", gbs(hw.mem_bw),
-                  f"{gbs(hw.h2d_bw)} / {gbs(hw.d2h_bw)}",
-                  f"{gbs(hw.disk_read_bw)} / {gbs(hw.disk_write_bw)}",
-                  fb(hw.host_bytes) if hw.host_bytes else "(is device)")
-    t.caption = ("use with `memsched plan ... --hardware NAME`; the default, 'local', is this machine "
-                 "calibrated once and cached")
-    t.caption_justify = "left"
-    console.print(t)
 
 
 if __name__ == "__main__":  # pragma: no cover

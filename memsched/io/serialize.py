@@ -1,10 +1,12 @@
-"""Plans as versioned JSON: save, load, and re-apply to a fresh capture without solving.
+"""Plans as versioned JSON: write a plan, read one back into a Plan's fields.
 
 A saved plan is what the planner decided, not how it decided it: the model name, the budget,
 the hardware profile, the inputs' signature, the scheduled program node by node, the
 predicted numbers (simulated time, stall, peak, timeline, spans, bytes moved, and the same
-for the unconstrained program) and the placement facts the summary prints. The program is
-stored so that it prints, verifies and runs again without the model's analysis:
+for the unconstrained program) and the placement facts the summary prints (for a training
+step also the saved activations, under ``placement.saved_activations``: files written before
+that key existed still load, with none). The program is stored so that it prints, verifies
+and runs again without the model's analysis:
 
 * targets by qualified name: ATen ops as ``"aten::addmm.default"`` (resolved through
   ``torch.ops``), memsched's inserted ops as ``"memsched.prefetch"``, Python functions as
@@ -16,29 +18,29 @@ stored so that it prints, verifies and runs again without the model's analysis:
   dtype, storage offset, storage id) with a table of storage sizes, so that a loaded program's
   values are meta-device tensors whose views share their base's storage, as traced.
 
-``load_plan`` gives a ``Plan`` without ``program``/``placement`` (its ``facts`` hold what the
-summary needs). ``reapply`` re-captures the model (torch.export, no solver), checks that the
-capture is the program the plan was made for, and rebuilds the schedule on it (``apply_plan``).
+This module does not know ``Plan`` (memsched/plans.py sits above it): ``plan_to_dict`` and
+``save_plan`` read any object with a plan's attributes, and ``load_fields``/``plan_fields``
+return the keyword arguments ``Plan(**fields)`` takes (``Plan.load`` and ``Plan.from_dict``).
+Re-applying a saved plan to a fresh capture is memsched/io/reapply.py.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ..compiler.capture import Captured, capture, input_signature
 from ..cost_models.hardware import Hardware
 from ..cost_models.simulator import SimResult, Span
-from ..errors import InfeasibleBudgetError
-from ..plan import PassRecord, PlacementFacts, Plan
-from ..runtime import ops
-from ..verify import verify_schedule
+from ..ir import ops
+from ..ir.meta import KEY, from_saved, info, to_saved
+from ..plan_records import SAVED_ACTIVATION_KEYS, PassRecord, PlacementFacts
+from .reapply import PlanMismatchError  # noqa: F401  (re-exported)
 
 FORMAT = "memsched-plan"
 VERSION = 1
@@ -46,11 +48,6 @@ VERSION = 1
 
 class PlanFileError(ValueError):
     """Not a memsched plan, written by a newer memsched, or damaged; the message says which."""
-
-
-class PlanMismatchError(ValueError):
-    """A saved plan does not fit the model or inputs it is applied to; the message names the
-    first difference."""
 
 
 # ----------------------------------------------------------------------------- constants
@@ -133,7 +130,9 @@ def _decode(a, node=None, tensor=None):
 
 # ----------------------------------------------------------------------------- targets
 
-_MEMSCHED_OPS = {f"memsched.{op.__name__}": op for op in ops.INSERTED_OPS}
+# each inserted op is saved under its name (the serializer's entry in the op registry)
+_SAVED_OP_NAMES = ops.register("serializer", {op: f"memsched.{op.value}" for op in ops.Op})
+_MEMSCHED_OPS = {name: ops.TARGETS[op] for op, name in _SAVED_OP_NAMES.items()}
 _PY_MODULES = ("operator", "math", "builtins")
 
 
@@ -197,10 +196,6 @@ def resolve_target(name: str):
 # ----------------------------------------------------------------------------- graphs
 
 
-def _is_inserted(n: fx.Node) -> bool:
-    return n.op == "call_function" and any(n.target is op for op in ops.INSERTED_OPS)
-
-
 def graph_to_dict(gm: fx.GraphModule) -> dict:
     """The scheduled program: a table of storage sizes and one record per node."""
     storages: list[int] = []
@@ -224,7 +219,7 @@ def graph_to_dict(gm: fx.GraphModule) -> dict:
             rec["args"] = _encode(list(n.args), where)
         if n.kwargs:
             rec["kwargs"] = {k: _encode(v, where) for k, v in n.kwargs.items()}
-        meta = {k: _encode(v, f"{where} meta {k}") for k, v in n.meta.items() if k.startswith("memsched.")}
+        meta = {k: _encode(v, f"{where} meta {k}") for k, v in to_saved(info(n)).items()} if KEY in n.meta else {}
         if meta:
             rec["meta"] = meta
         if "val" in n.meta and n.op != "output":
@@ -265,8 +260,11 @@ def graph_from_dict(d: dict, root: torch.nn.Module | None = None) -> fx.GraphMod
         if op != "output" and n.name != name:
             raise PlanFileError(f"node name {name!r} is repeated or not a Python identifier")
         made[name] = n
-        for k, v in rec.get("meta", {}).items():
-            n.meta[k] = _decode(v)
+        if rec.get("meta"):
+            try:
+                n.meta[KEY] = from_saved({k: _decode(v) for k, v in rec["meta"].items()})
+            except (TypeError, ValueError) as e:
+                raise PlanFileError(f"{name}: {e}") from None
         if "val" in rec:
             n.meta["val"] = _decode(rec["val"], tensor=tensor)
 
@@ -346,29 +344,58 @@ def _signature_from_dict(d: dict) -> tuple:
     return (d["spec"], leaves)
 
 
-def plan_to_dict(plan: Plan) -> dict:
-    """The plan as the JSON document ``save_plan`` writes (format ``memsched-plan``)."""
-    from .. import __version__
+def _memsched_version() -> str:
+    try:
+        return importlib.metadata.version("memsched")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
 
-    facts = plan.placement_facts()
+
+def _facts_to_dict(facts: PlacementFacts, n_segments: int) -> dict:
     num = lambda x: None if x is None else _encode(float(x), "placement")  # noqa: E731
+    out = {
+        "status": facts.status, "mip_gap": num(facts.mip_gap), "solve_s": num(facts.solve_s),
+        "min_budget_bytes": int(facts.min_budget_bytes), "segments": int(n_segments),
+        "movable_gaps": int(facts.movable_gaps),
+        "tier_bytes": {k: int(v) for k, v in facts.tier_bytes.items()},
+        "offloaded_activation_bytes": {k: int(v) for k, v in facts.offloaded_activation_bytes.items()},
+        "notes": list(facts.notes),
+    }
+    if facts.saved_activations:  # training steps only: inference files stay as they were
+        out["saved_activations"] = [_saved_activation(r) for r in facts.saved_activations]
+    return out
+
+
+def _saved_activation(r: dict) -> dict:
+    """One saved-activation row with the types it has (names and decisions text, the rest ints)."""
+    return {k: str(r[k]) if k in ("value", "decision") else int(r[k]) for k in SAVED_ACTIVATION_KEYS}
+
+
+def _facts_from_dict(pl: dict) -> PlacementFacts:
+    saved = tuple(_saved_activation(r) for r in pl.get("saved_activations", ()))
+    return PlacementFacts(
+        status=pl["status"], mip_gap=None if pl["mip_gap"] is None else float(_decode(pl["mip_gap"])),
+        solve_s=float(_decode(pl["solve_s"])), min_budget_bytes=int(pl["min_budget_bytes"]),
+        movable_gaps=int(pl["movable_gaps"]),
+        tier_bytes={k: int(v) for k, v in pl["tier_bytes"].items()},
+        offloaded_activation_bytes={k: int(v) for k, v in pl["offloaded_activation_bytes"].items()},
+        notes=tuple(pl.get("notes", ())), saved_activations=saved)
+
+
+def plan_to_dict(plan) -> dict:
+    """The plan (a ``Plan``, or anything with its attributes) as the JSON document
+    ``save_plan`` writes (format ``memsched-plan``)."""
+    num = lambda x: None if x is None else _encode(float(x), "passes")  # noqa: E731
     return {
         "format": FORMAT,
         "version": VERSION,
-        "memsched_version": __version__,
+        "memsched_version": _memsched_version(),
         "torch_version": torch.__version__,
         "model": plan.model_name,
         "budget_bytes": int(plan.budget_bytes),
         "hardware": plan.hardware.to_dict(),
         "input_signature": None if plan.signature is None else _signature_to_dict(plan.signature),
-        "placement": {
-            "status": facts.status, "mip_gap": num(facts.mip_gap), "solve_s": num(facts.solve_s),
-            "min_budget_bytes": int(facts.min_budget_bytes), "segments": int(plan.n_segments),
-            "movable_gaps": int(facts.movable_gaps),
-            "tier_bytes": {k: int(v) for k, v in facts.tier_bytes.items()},
-            "offloaded_activation_bytes": {k: int(v) for k, v in facts.offloaded_activation_bytes.items()},
-            "notes": list(facts.notes),
-        },
+        "placement": _facts_to_dict(plan.facts, plan.n_segments),
         "passes": [{"name": p.name, "seconds": num(p.seconds), "note": p.note} for p in plan.passes],
         "predicted": _sim_to_dict(plan.sim),
         "unconstrained": _sim_to_dict(plan.unconstrained),
@@ -376,7 +403,7 @@ def plan_to_dict(plan: Plan) -> dict:
     }
 
 
-def dumps(plan: Plan) -> str:
+def dumps(plan) -> str:
     """The saved-plan JSON text: strict JSON (non-finite floats are tagged, never NaN), the
     top level and its sections one key per line, long lists (nodes, timeline, spans) one
     element per line, each element on one line."""
@@ -397,8 +424,8 @@ def _compact(v) -> str:
     return json.dumps(v, separators=(", ", ": "), allow_nan=False)
 
 
-def save_plan(plan: Plan, path) -> None:
-    """Write ``plan`` to ``path`` as versioned JSON; ``load_plan`` reads it back."""
+def save_plan(plan, path) -> None:
+    """Write ``plan`` to ``path`` as versioned JSON (``Plan.load`` reads it back)."""
     text = dumps(plan)  # encode fully before touching the file
     Path(path).write_text(text)
 
@@ -416,26 +443,19 @@ def check_header(d, source: str = "the plan") -> None:
             f"version {version}); this memsched reads up to version {VERSION}: upgrade memsched")
 
 
-def plan_from_dict(d: dict, source: str = "the plan") -> Plan:
-    """A Plan from the JSON document: prints, summarises and verifies without re-solving."""
+def plan_fields(d: dict, source: str = "the plan") -> dict:
+    """The keyword arguments of ``Plan`` for the JSON document (no ``program``/``placement``:
+    a loaded plan prints, summarises and verifies without re-solving)."""
     check_header(d, source)
     try:
         pl = d["placement"]
-        facts = PlacementFacts(
-            status=pl["status"], mip_gap=None if pl["mip_gap"] is None else float(_decode(pl["mip_gap"])),
-            solve_s=float(_decode(pl["solve_s"])), min_budget_bytes=int(pl["min_budget_bytes"]),
-            movable_gaps=int(pl["movable_gaps"]),
-            tier_bytes={k: int(v) for k, v in pl["tier_bytes"].items()},
-            offloaded_activation_bytes={k: int(v) for k, v in pl["offloaded_activation_bytes"].items()},
-            notes=tuple(pl.get("notes", ())))
-        hw = Hardware.from_dict(d["hardware"])
-        passes = [PassRecord(p["name"], float(_decode(p["seconds"])), p.get("note", "")) for p in d["passes"]]
         signature = d.get("input_signature")
-        return Plan(
-            model_name=d["model"], budget_bytes=int(d["budget_bytes"]), hardware=hw,
+        return dict(
+            model_name=d["model"], budget_bytes=int(d["budget_bytes"]), hardware=Hardware.from_dict(d["hardware"]),
             graph=graph_from_dict(d["program"]), program=None, placement=None,
             sim=_sim_from_dict(d["predicted"]), unconstrained=_sim_from_dict(d["unconstrained"]),
-            passes=passes, n_segments=int(pl["segments"]), facts=facts,
+            passes=[PassRecord(p["name"], float(_decode(p["seconds"])), p.get("note", "")) for p in d["passes"]],
+            n_segments=int(pl["segments"]), facts=_facts_from_dict(pl),
             signature=None if signature is None else _signature_from_dict(signature))
     except KeyError as e:
         raise PlanFileError(f"{source} is damaged: {e.args[0]!r} is missing") from None
@@ -445,148 +465,20 @@ def plan_from_dict(d: dict, source: str = "the plan") -> Plan:
         raise PlanFileError(f"{source} is damaged: {type(e).__name__}: {e}") from None
 
 
-def load_plan(path) -> Plan:
-    """Read a plan written by ``save_plan`` (PlanFileError for another file or a newer format)."""
+def read_document(path) -> dict:
+    """The JSON document in ``path`` (PlanFileError when unreadable or not JSON)."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
         raise PlanFileError(f"cannot read {path}: {e.strerror or e}") from None
     try:
-        d = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise PlanFileError(f"{path} is not a memsched plan (not JSON: {e})") from None
-    return plan_from_dict(d, str(path))
 
 
-def as_plan(plan_or_path) -> Plan:
-    """A Plan as given, or loaded from a path."""
-    return plan_or_path if isinstance(plan_or_path, Plan) else load_plan(plan_or_path)
-
-
-# ----------------------------------------------------------------------------- re-applying
-
-
-def _call(n: fx.Node, name=lambda x: x.name) -> str:
-    """A node's arguments as comparable text, nodes named by ``name``."""
-    return json.dumps(_encode([list(n.args), n.kwargs], n.name, name=name), sort_keys=True)
-
-
-def apply_plan(saved: fx.GraphModule, captured: Captured) -> fx.GraphModule:
-    """The saved schedule rebuilt on a fresh capture of the same model.
-
-    Placeholders and compute nodes take the captured nodes' metadata (their traced values),
-    prefetches and waits the value of what they restore; the inserted ops and every
-    ``memsched.*`` annotation come from the saved program. PlanMismatchError names the first
-    node where the capture and the plan disagree (inputs, names, targets, arguments, outputs).
-    """
-    cap_nodes = list(captured.gm.graph.nodes)
-    cap = {n.name: n for n in cap_nodes}
-    saved_nodes = list(saved.graph.nodes)
-
-    # graph inputs pair by position (a scheduled graph may rename one the capture named after
-    # a Python builtin, e.g. input -> input_1; the target keeps the original)
-    ph_saved = [n for n in saved_nodes if n.op == "placeholder"]
-    ph_cap = [n for n in cap_nodes if n.op == "placeholder"]
-    for i in range(max(len(ph_saved), len(ph_cap))):
-        a = ph_saved[i].target if i < len(ph_saved) else "nothing"
-        b = ph_cap[i].target if i < len(ph_cap) else "nothing"
-        if a != b:
-            raise PlanMismatchError(f"graph input {i}: the plan has {a}, the model captures {b}")
-    origin = {s.name: c for s, c in zip(ph_saved, ph_cap)}  # saved node -> captured node it holds
-
-    # compute nodes pair in program order (the schedule keeps the captured order): the first
-    # pair that differs in name or target is the mismatch reported
-    comp_saved = [n for n in saved_nodes if n.op in ("call_function", "get_attr") and not _is_inserted(n)]
-    comp_cap = [n for n in cap_nodes if n.op in ("call_function", "get_attr")]
-    for i in range(max(len(comp_saved), len(comp_cap))):
-        s = comp_saved[i] if i < len(comp_saved) else None
-        c = comp_cap[i] if i < len(comp_cap) else None
-        if s is None or c is None or s.name != c.name or target_name(s) != target_name(c):
-            plan_has = f"{s.name} = {target_name(s)}" if s is not None else "nothing more"
-            model_has = f"{c.name} = {target_name(c)}" if c is not None else "nothing more"
-            raise PlanMismatchError(f"compute node {i}: the plan has {plan_has}, the model captures {model_has}")
-        origin[s.name] = c
-    for s in saved_nodes:
-        if s.op == "call_function" and (s.target is ops.prefetch or s.target is ops.wait):
-            restores = s.meta.get("memsched.restores")
-            if restores not in cap:
-                raise PlanMismatchError(f"{s.name}: restores {restores!r}, which the model does not have")
-            origin[s.name] = cap[restores]
-
-    def held(x: fx.Node) -> str:
-        return origin[x.name].name if x.name in origin else x.name
-
-    for s, c in zip(comp_saved, comp_cap):
-        if _call(s, held) != _call(c):
-            raise PlanMismatchError(f"{c.name} = {target_name(c)}: the plan passes {_call(s, held)}, "
-                                    f"the model {_call(c)}")
-    out_s, out_c = saved.graph.output_node(), captured.gm.graph.output_node()
-    if _call(out_s, held) != _call(out_c):
-        raise PlanMismatchError(f"the plan returns {_call(out_s, held)}, the model {_call(out_c)}")
-
-    g = fx.Graph()
-    env: dict[str, fx.Node] = {}
-    for s in saved_nodes:
-        args = fx.node.map_arg(s.args, lambda x: env[x.name])
-        kwargs = fx.node.map_arg(s.kwargs, lambda x: env[x.name])
-        if s.op == "output":
-            g.output(args[0])
-            continue
-        new = g.create_node(s.op, s.target, args, kwargs, name=s.name)
-        if s.name in origin:
-            source = origin[s.name]
-            if source.op == s.op:  # placeholders and compute nodes: all the captured metadata
-                new.meta.update(source.meta)
-            else:  # prefetch / wait: the value it restores
-                new.meta["val"] = source.meta.get("val")
-        new.meta.update({k: v for k, v in s.meta.items() if k.startswith("memsched.")})
-        if new.name != s.name:
-            raise PlanMismatchError(f"node {s.name!r} could not keep its name (got {new.name!r})")
-        env[s.name] = new
-    g.lint()
-    return fx.GraphModule(captured.gm, g, class_name="ScheduledProgram")
-
-
-def _describe_leaf(leaf) -> str:
-    if leaf[0] == "T":
-        return f"{leaf[2].removeprefix('torch.')}[{','.join(map(str, leaf[1]))}]"
-    return leaf[1]
-
-
-def check_signature(saved: tuple, now: tuple) -> None:
-    """PlanMismatchError unless the inputs have the structure, shapes, dtypes and non-tensor
-    values the plan was made for (devices may differ: a plan made on meta inputs runs on real ones)."""
-    if saved[0] != now[0]:
-        raise PlanMismatchError(f"the inputs are structured differently from those the plan was made for: "
-                                f"{now[0]} vs {saved[0]}")
-    for i, (a, b) in enumerate(zip(saved[1], now[1])):
-        if a[0] != b[0] or (a[:3] != b[:3] if a[0] == "T" else a != b):
-            raise PlanMismatchError(f"input leaf {i} is {_describe_leaf(b)}, the plan was made for "
-                                    f"{_describe_leaf(a)}: plan again for these inputs")
-
-
-def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budget: int) -> tuple[Plan, Captured]:
-    """Capture ``model`` (no solver), check it against ``saved`` and rebuild the schedule on it.
-
-    The rebuilt program is checked by the independent verifier; a budget below what the saved
-    plan holds raises InfeasibleBudgetError (a saved plan is applied as it is)."""
-    key = input_signature(args, kwargs)
-    if saved.signature is not None:
-        check_signature(saved.signature, key)
-    verify_schedule(saved.graph, saved.budget_bytes)  # a hand-edited file fails here, by step
-    t = time.perf_counter()
-    captured = capture(model, args, kwargs)
-    capture_s = time.perf_counter() - t
-    t = time.perf_counter()
-    gm = apply_plan(saved.graph, captured)
-    peak = verify_schedule(gm, max(budget, saved.budget_bytes))
-    if peak > budget:
-        raise InfeasibleBudgetError(budget, peak, "the saved plan holds that much on the device and is "
-                                    "applied as it is; plan again for a smaller budget")
-    apply_s = time.perf_counter() - t
-    passes = [*saved.passes, PassRecord("capture", capture_s, "re-captured"),
-              PassRecord("apply", apply_s, "saved plan, not solved")]
-    plan = Plan(saved.model_name, budget, saved.hardware, gm, None, None, saved.sim, saved.unconstrained,
-                passes, saved.n_segments, facts=saved.placement_facts(), signature=key)
-    return plan, captured
+def load_fields(path) -> dict:
+    """The keyword arguments of ``Plan`` for the plan ``save_plan`` wrote to ``path``
+    (PlanFileError for another file or a newer format)."""
+    return plan_fields(read_document(path), str(Path(path)))

@@ -15,16 +15,15 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from ..errors import CaptureError, UnsupportedModelError
+from ..ir.effects import is_impure
+from ..ir.kinds import PERSISTENT, Kind
 
-# Kinds a placeholder can have, from the point of view of placement.
-WEIGHT, BUFFER, CONSTANT, INPUT = "weight", "buffer", "constant", "input"
-# Owned by the model and alive across calls: read-only inputs with a home tier.
-PERSISTENT = frozenset({WEIGHT, BUFFER, CONSTANT})
+# the kind of each graph input, from the point of view of placement
 _KIND = {
-    InputKind.PARAMETER: WEIGHT,
-    InputKind.BUFFER: BUFFER,
-    InputKind.CONSTANT_TENSOR: CONSTANT,
-    InputKind.USER_INPUT: INPUT,
+    InputKind.PARAMETER: Kind.WEIGHT,
+    InputKind.BUFFER: Kind.BUFFER,
+    InputKind.CONSTANT_TENSOR: Kind.CONSTANT,
+    InputKind.USER_INPUT: Kind.INPUT,
 }
 # Ops that only check metadata at trace time; they produce nothing and are dropped.
 _ASSERT_OPS = {
@@ -38,7 +37,7 @@ _ASSERT_OPS = {
 @dataclass
 class Placeholder:
     name: str          # fx placeholder name
-    kind: str          # WEIGHT / BUFFER / CONSTANT / INPUT
+    kind: Kind         # WEIGHT / BUFFER / CONSTANT / INPUT
     target: str | None # state_dict key for weights, buffers and constants
 
 
@@ -86,7 +85,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     _reject_mutations(ep, model)
     gm = ep.graph_module
     placeholders = [
-        Placeholder(spec.arg.name, _KIND.get(spec.kind, INPUT), spec.target)
+        Placeholder(spec.arg.name, _KIND.get(spec.kind, Kind.INPUT), spec.target)
         for spec in ep.graph_signature.input_specs
     ]
     _inline_no_grad_regions(gm)
@@ -219,43 +218,6 @@ def _normalize(gm: torch.fx.GraphModule) -> None:
         elif node.target is torch.ops.aten.dropout.default and len(node.args) >= 3 and node.args[2] is False:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
-    graph.eliminate_dead_code(is_impure_node=_is_impure)
+    graph.eliminate_dead_code(is_impure_node=is_impure)
     graph.lint()
     gm.recompile()
-
-
-# Ops that update running statistics (args 3 and 4) in training mode without saying so in
-# their schema
-_HIDDEN_WRITERS = {
-    torch.ops.aten.native_batch_norm.default,
-    torch.ops.aten.cudnn_batch_norm.default,
-    torch.ops.aten.miopen_batch_norm.default,
-}
-
-
-def written_args(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The graph values an op writes in place."""
-    if node.op != "call_function":
-        return []
-    if node.target in _HIDDEN_WRITERS:
-        training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
-        return [a for a in node.args[3:5] if isinstance(a, torch.fx.Node)] if training else []
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return []
-    out = []
-    for i, arg in enumerate(schema.arguments):
-        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-        if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
-            out.append(value)
-    return out
-
-
-def _is_impure(node: torch.fx.Node) -> bool:
-    if node.op in ("placeholder", "output"):
-        return True
-    if node.op == "call_function" and node.target is not operator.getitem:
-        schema = getattr(node.target, "_schema", None)
-        if schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
-            return True
-    return False

@@ -5,14 +5,15 @@ import os
 
 import torch
 
-from ..budget import parse_budget
-from ..cost_models.hardware import Hardware, get_hardware
-from ..plan import Plan
-from ..runtime.autograd import TrainStep, run_step
-from ..runtime.executor import Executor, RunStats
-from ..runtime.stores import make_offload_dir
-from .capture import input_signature
+from .budget import parse_budget
+from .cost_models.hardware import Hardware, get_hardware
+from .frontend.capture import input_signature
 from .pipeline import plan_model
+from .plans import Plan, as_plan
+from .reapply import reapply
+from .runtime.autograd import TrainStep, run_step
+from .runtime.executor import Executor, RunStats
+from .runtime.stores import make_offload_dir
 
 
 def _resolve_device(device) -> torch.device:
@@ -62,8 +63,6 @@ class CompiledModule:
                              "needs real weights; memsched.plan plans meta models without them")
         self._saved = None
         if plan is not None:
-            from ..inspect.serialize import as_plan
-
             self._saved = as_plan(plan)
             budget = self._saved.budget_bytes if budget is None else budget
             hardware = self._saved.hardware if hardware is None else hardware
@@ -90,8 +89,6 @@ class CompiledModule:
         entry = self._compiled.get(key)
         if entry is None:
             if self._saved is not None:
-                from ..inspect.serialize import reapply
-
                 plan, captured = reapply(self._saved, self.model, args, kwargs, self.budget_bytes)
             else:
                 plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware,

@@ -1,0 +1,225 @@
+"""Joint capture: forward and backward of one training step as a single fx graph.
+
+The forward is exported with torch.export (as for inference), then the exported ATen graph is
+run under ``make_fx`` with the parameters requiring grad and ``torch.autograd.grad`` called on
+its differentiable outputs. Autograd's backward ops are traced into the same graph, right
+after the forward, so saved activations are ordinary values read by backward nodes and their
+lifetimes are explicit. Tracing runs on FakeTensors: no memory is used, and meta models work.
+
+Where the forward ends, a ``boundary`` node is inserted: it reads the forward outputs and
+yields the gradients of the outputs (the tangents), which backward nodes read through
+getitems. The program's outputs are the forward outputs (held by the caller until the step
+ends) followed by one gradient per trained parameter.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.experimental.proxy_tensor import get_innermost_proxy_mode, make_fx
+
+from ..errors import CaptureError, UnsupportedModelError
+from ..ir import ops
+from ..ir.effects import is_impure
+from ..ir.kinds import Kind
+from ..ir.meta import annotate
+from .capture import _ASSERT_OPS, _KIND, Captured, Placeholder, export_model
+
+
+@dataclass
+class JointCaptured(Captured):
+    """A captured training step. Outputs: ``n_outputs`` forward outputs (``n_mutations``
+    buffer updates first, then the user's), then one gradient per ``grad_targets`` entry."""
+
+    n_outputs: int = 0
+    n_mutations: int = 0
+    mutation_targets: list[str] = field(default_factory=list)  # state keys of updated buffers
+    grad_targets: list[str] = field(default_factory=list)      # state keys of trained parameters
+    diff_outputs: list[int] = field(default_factory=list)      # user outputs that take a gradient
+    grad_capable: list[int] = field(default_factory=list)      # user outputs that depend on a parameter
+    boundary: str = ""                                         # name of the boundary node
+
+    def forward_outputs(self, flat_outputs: list) -> list:
+        return flat_outputs[self.n_mutations:self.n_outputs]
+
+
+def _state(model: torch.nn.Module, ep) -> dict[str, torch.Tensor]:
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    state.update({k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)})
+    return state
+
+
+def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None,
+                  grad_outputs: str = "auto") -> JointCaptured:
+    """Trace one training step of ``model(*args, **kwargs)``.
+
+    ``grad_outputs``: "auto" expects gradients only for scalar outputs when there are any (a
+    loss), else for every differentiable output; "all" for every differentiable output.
+    """
+    if grad_outputs not in ("auto", "all"):
+        raise ValueError(f"grad_outputs must be 'auto' or 'all', got {grad_outputs!r}")
+    kwargs = dict(kwargs or {})
+    ep = export_model(model, args, kwargs)
+    if getattr(ep.graph_signature, "user_inputs_to_mutate", None):
+        raise UnsupportedModelError("forward mutates its inputs in place; memsched cannot plan that yet")
+    primals, placeholders, slot_of = _primals(model, ep, args, kwargs)
+    trained = [i for i, (ph, v) in enumerate(zip(placeholders, primals))
+               if ph.kind == Kind.WEIGHT and isinstance(v, torch.Tensor) and v.requires_grad]
+    if not trained:
+        raise ValueError(f"{type(model).__name__} has no parameter that requires grad: nothing to train")
+    if any(ph.kind == Kind.INPUT and isinstance(v, torch.Tensor) and v.requires_grad
+           for ph, v in zip(placeholders, primals)):
+        raise UnsupportedModelError("inputs that require grad are not supported: memsched trains "
+                                    "parameters; detach the inputs")
+    out_specs = ep.graph_signature.output_specs
+    n_mut = sum(1 for s in out_specs if s.kind == OutputKind.BUFFER_MUTATION)
+    if any(s.kind not in (OutputKind.BUFFER_MUTATION, OutputKind.USER_OUTPUT) for s in out_specs):
+        raise UnsupportedModelError("forward has outputs other than its results and buffer updates")
+    out_vals = [n.meta.get("val") for n in ep.graph_module.graph.output_node().args[0]]
+    user_vals = out_vals[n_mut:]
+    floating = [i for i, v in enumerate(user_vals) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if grad_outputs == "auto" and any(user_vals[i].dim() == 0 for i in floating):
+        floating = [i for i in floating if user_vals[i].dim() == 0]
+    trace = _Trace(ep.graph_module, slot_of, trained, n_mut, floating)
+    joint = trace.run(model, primals, user_vals)
+    boundary = _partition(joint, placeholders, len(primals), len(out_vals), trace, floating)
+    for node, i in zip(list(joint.graph.output_node().args[0])[len(out_vals):], trained):
+        if isinstance(node, torch.fx.Node):
+            annotate(node, kind=Kind.GRAD, grad_of=placeholders[i].target)
+    constants = {k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
+    return JointCaptured(
+        joint, placeholders, ep.call_spec.in_spec, ep.call_spec.out_spec, constants,
+        n_outputs=len(out_vals), n_mutations=n_mut,
+        mutation_targets=[s.target for s in out_specs if s.kind == OutputKind.BUFFER_MUTATION],
+        grad_targets=[placeholders[i].target for i in trained], diff_outputs=list(trace.diff),
+        grad_capable=list(trace.capable), boundary=boundary.name)
+
+
+def _primals(model, ep, args, kwargs) -> tuple[list, list[Placeholder], list[int]]:
+    """One primal per distinct tensor (tied weights are one parameter with one gradient), its
+    placeholder, and for each graph input the primal it reads."""
+    state = _state(model, ep)
+    user_inputs = iter(pytree.tree_leaves((tuple(args), _reorder(kwargs, ep))))
+    primals, placeholders, slot_of, seen = [], [], [], {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind not in _KIND:
+            raise UnsupportedModelError(f"unsupported graph input kind {spec.kind.name} ({spec.arg})")
+        if spec.kind == InputKind.USER_INPUT:
+            value, key = next(user_inputs), None
+        else:
+            value, key = state[spec.target], id(state[spec.target])
+        if key is not None and key in seen:
+            slot_of.append(seen[key])
+            continue
+        if key is not None:
+            seen[key] = len(primals)
+        slot_of.append(len(primals))
+        primals.append(value)
+        placeholders.append(Placeholder(spec.arg.name, _KIND[spec.kind], spec.target))
+    return primals, placeholders, slot_of
+
+
+class _Trace:
+    """The step traced under ``make_fx`` on FakeTensors: forward, then ``autograd.grad``."""
+
+    def __init__(self, gm, slot_of, trained, n_mut, floating):
+        self.gm, self.slot_of, self.trained, self.n_mut, self.floating = gm, slot_of, trained, n_mut, floating
+        self.fwd_last = None
+        self.diff: list[int] = []      # user outputs the backward starts from
+        self.capable: list[int] = []   # user outputs that depend on a parameter
+
+    def step(self, flat_primals, tangents):
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(True) if i in self.trained else p
+                      for i, p in enumerate(flat_primals)]
+            outs = self.gm(*[leaves[s] for s in self.slot_of])
+            self.fwd_last = list(get_innermost_proxy_mode().tracer.graph.nodes)[-1]
+            user_outs = outs[self.n_mut:]
+            self.capable = [i for i, o in enumerate(user_outs) if isinstance(o, torch.Tensor) and o.requires_grad]
+            self.diff = [i for i in self.floating if user_outs[i].requires_grad]
+            if not self.diff:
+                raise UnsupportedModelError("no output depends on a trained parameter: nothing to differentiate")
+            grads = torch.autograd.grad([user_outs[i] for i in self.diff], [leaves[i] for i in self.trained],
+                                        [tangents[self.floating.index(i)] for i in self.diff], allow_unused=True)
+        return list(outs), list(grads)
+
+    def run(self, model, primals, user_vals) -> torch.fx.GraphModule:
+        fake_mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)  # constants baked in
+        with fake_mode:
+            fake_primals = [fake_mode.from_tensor(p, static_shapes=True) if isinstance(p, torch.Tensor) else p
+                            for p in primals]
+            fake_tangents = [torch.empty_strided(user_vals[i].shape, user_vals[i].stride(), dtype=user_vals[i].dtype,
+                                                 device=_device_of(fake_primals)) for i in self.floating]
+        try:
+            step = lambda flat_primals, tangents: self.step(flat_primals, tangents)  # noqa: E731  (make_fx counts a bound method's self)
+            return make_fx(step, tracing_mode="real", record_module_stack=False)(fake_primals, fake_tangents)
+        except UnsupportedModelError:
+            raise
+        except Exception as exc:  # autograd tracing raises many types; name the cause
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CaptureError(f"could not trace the backward of {type(model).__name__}: "
+                               f"{type(exc).__name__}: {first}") from exc
+
+
+def _partition(joint, placeholders, n_primals, n_outputs, trace: _Trace, floating) -> torch.fx.Node:
+    """Name the placeholders, put the boundary where the forward ends (its tangents replace
+    the tangent inputs), and clean the graph up."""
+    graph = joint.graph
+    phs = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, ph in zip(phs, placeholders):
+        node._rename(ph.name)
+    tangent_nodes = phs[n_primals:]
+    fwd_outputs = list(graph.output_node().args[0])[:n_outputs]
+    boundary = _insert_boundary(graph, trace.fwd_last, fwd_outputs,
+                                [tangent_nodes[floating.index(i)] for i in trace.diff])
+    for t in tangent_nodes:
+        graph.erase_node(t)
+    graph.eliminate_dead_code(is_impure_node=is_impure)
+    _drop_asserts(graph)
+    graph._codegen = torch.fx.graph.CodeGen()  # flat placeholders, as the executor feeds them
+    graph.lint()
+    joint.recompile()
+    return boundary
+
+
+def _reorder(kwargs: dict, ep) -> dict:
+    from torch.export._tree_utils import reorder_kwargs
+
+    return reorder_kwargs(kwargs, ep.call_spec.in_spec)
+
+
+def _device_of(values) -> torch.device:
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v.device
+    return torch.device("cpu")
+
+
+def _insert_boundary(graph: torch.fx.Graph, fwd_last, fwd_outputs, tangents) -> torch.fx.Node:
+    """A boundary node after the last forward node; backward reads the tangents from it."""
+    with graph.inserting_after(fwd_last):
+        args = tuple(fwd_outputs)
+        boundary = graph.call_function(ops.boundary, args)
+    boundary._rename("boundary")
+    boundary.meta["val"] = tuple(t.meta["val"] for t in tangents)
+    annotate(boundary, made_by="partition")
+    last = boundary
+    for i, t in enumerate(tangents):
+        with graph.inserting_after(last):
+            get = graph.call_function(operator.getitem, (boundary, i))
+        get._rename(f"tangent_{i}")
+        get.meta["val"] = t.meta["val"]
+        annotate(get, kind=Kind.TANGENT)
+        t.replace_all_uses_with(get)
+        last = get
+    return boundary
+
+
+def _drop_asserts(graph: torch.fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _ASSERT_OPS and not node.users:
+            graph.erase_node(node)

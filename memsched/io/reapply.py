@@ -1,0 +1,153 @@
+"""Re-applying a saved schedule to a fresh capture of the same model, without solving.
+
+``check_signature`` compares the inputs with those the plan was made for; ``apply_plan``
+pairs the saved program's nodes with the captured ones and rebuilds the schedule on the
+capture. Either raises PlanMismatchError naming the first difference. The orchestration
+(capture, verify, wrap in a Plan) is ``memsched.reapply.reapply``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..frontend.capture import Captured
+from ..ir import ops
+from ..ir.meta import KEY, info
+
+
+class PlanMismatchError(ValueError):
+    """A saved plan does not fit the model or inputs it is applied to; the message names the
+    first difference."""
+
+
+class _Ref(str):
+    """A node in ``_call``'s text: printed as its bare name."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _call(n: fx.Node, name=lambda x: x.name) -> str:
+    """A node's arguments as comparable text, nodes named by ``name``: ``(mm_1, 0, dim=-1)``."""
+    ref = lambda x: _Ref(name(x))  # noqa: E731
+    args = fx.node.map_arg(n.args, ref)
+    kwargs = fx.node.map_arg(dict(sorted(n.kwargs.items())), ref)
+    return "(" + ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]) + ")"
+
+
+def _target_text(n: fx.Node) -> str:
+    """A node's target as the saved plan names it (``aten::gelu.default``, ``operator.getitem``)."""
+    t = n.target
+    if isinstance(t, torch._ops.OpOverload):
+        return f"{t._schema.name}.{t._overloadname}"
+    if isinstance(t, torch._ops.HigherOrderOperator):
+        return f"higher_order::{t.name()}"
+    module, qualname = getattr(t, "__module__", None), getattr(t, "__qualname__", None)
+    module = {"_operator": "operator"}.get(module, module)
+    return f"{module}.{qualname}" if module and qualname else str(t)
+
+
+def _pair_inputs(ph_saved: list[fx.Node], ph_cap: list[fx.Node]) -> None:
+    """Graph inputs pair by position (a scheduled graph may rename one the capture named after
+    a Python builtin, e.g. input -> input_1; the target keeps the original)."""
+    for i in range(max(len(ph_saved), len(ph_cap))):
+        a = ph_saved[i].target if i < len(ph_saved) else "nothing"
+        b = ph_cap[i].target if i < len(ph_cap) else "nothing"
+        if a != b:
+            raise PlanMismatchError(f"graph input {i}: the plan has {a}, the model captures {b}")
+
+
+def _pair_compute(comp_saved: list[fx.Node], comp_cap: list[fx.Node]) -> None:
+    """Compute nodes pair in program order (the schedule keeps the captured order): the first
+    pair that differs in name or target is the mismatch reported."""
+    for i in range(max(len(comp_saved), len(comp_cap))):
+        s = comp_saved[i] if i < len(comp_saved) else None
+        c = comp_cap[i] if i < len(comp_cap) else None
+        if s is None or c is None or s.name != c.name or s.target != c.target:
+            plan_has = f"{s.name} = {_target_text(s)}" if s is not None else "nothing more"
+            model_has = f"{c.name} = {_target_text(c)}" if c is not None else "nothing more"
+            raise PlanMismatchError(f"compute node {i}: the plan has {plan_has}, the model captures {model_has}")
+
+
+def _origins(saved: fx.GraphModule, captured: Captured) -> dict[str, fx.Node]:
+    """Saved node name -> the captured node it holds (inputs, compute nodes, and for prefetches
+    and waits the value they restore); PlanMismatchError at the first node that differs."""
+    cap_nodes = list(captured.gm.graph.nodes)
+    cap = {n.name: n for n in cap_nodes}
+    saved_nodes = list(saved.graph.nodes)
+    ph_saved = [n for n in saved_nodes if n.op == "placeholder"]
+    ph_cap = [n for n in cap_nodes if n.op == "placeholder"]
+    _pair_inputs(ph_saved, ph_cap)
+    comp_saved = [n for n in saved_nodes if n.op in ("call_function", "get_attr") and not ops.is_inserted(n)]
+    comp_cap = [n for n in cap_nodes if n.op in ("call_function", "get_attr")]
+    _pair_compute(comp_saved, comp_cap)
+    origin = {s.name: c for s, c in zip(ph_saved, ph_cap)}
+    origin.update((s.name, c) for s, c in zip(comp_saved, comp_cap))
+    for s in saved_nodes:
+        if ops.op_of(s) in (ops.Op.PREFETCH, ops.Op.WAIT):
+            restores = info(s).restores
+            if restores not in cap:
+                raise PlanMismatchError(f"{s.name}: restores {restores!r}, which the model does not have")
+            origin[s.name] = cap[restores]
+
+    def held(x: fx.Node) -> str:
+        return origin[x.name].name if x.name in origin else x.name
+
+    for s, c in zip(comp_saved, comp_cap):
+        if _call(s, held) != _call(c):
+            raise PlanMismatchError(f"{c.name} = {_target_text(c)}: the plan passes {_call(s, held)}, "
+                                    f"the model {_call(c)}")
+    out_s, out_c = saved.graph.output_node(), captured.gm.graph.output_node()
+    if _call(out_s, held) != _call(out_c):
+        raise PlanMismatchError(f"the plan returns {_call(out_s, held)}, the model {_call(out_c)}")
+    return origin
+
+
+def apply_plan(saved: fx.GraphModule, captured: Captured) -> fx.GraphModule:
+    """The saved schedule rebuilt on a fresh capture of the same model.
+
+    Placeholders and compute nodes take the captured nodes' metadata (their traced values),
+    prefetches and waits the value of what they restore; the inserted ops and every
+    ``memsched.*`` annotation come from the saved program. PlanMismatchError names the first
+    node where the capture and the plan disagree (inputs, names, targets, arguments, outputs).
+    """
+    origin = _origins(saved, captured)
+    g = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for s in saved.graph.nodes:
+        args = fx.node.map_arg(s.args, lambda x: env[x.name])
+        kwargs = fx.node.map_arg(s.kwargs, lambda x: env[x.name])
+        if s.op == "output":
+            g.output(args[0])
+            continue
+        new = g.create_node(s.op, s.target, args, kwargs, name=s.name)
+        if s.name in origin:
+            source = origin[s.name]
+            if source.op == s.op:  # placeholders and compute nodes: all the captured metadata
+                new.meta.update(source.meta)
+            else:  # prefetch / wait: the value it restores
+                new.meta["val"] = source.meta.get("val")
+        new.meta[KEY] = info(s)
+        if new.name != s.name:
+            raise PlanMismatchError(f"node {s.name!r} could not keep its name (got {new.name!r})")
+        env[s.name] = new
+    g.lint()
+    return fx.GraphModule(captured.gm, g, class_name="ScheduledProgram")
+
+
+def _describe_leaf(leaf) -> str:
+    if leaf[0] == "T":
+        return f"{leaf[2].removeprefix('torch.')}[{','.join(map(str, leaf[1]))}]"
+    return leaf[1]
+
+
+def check_signature(saved: tuple, now: tuple) -> None:
+    """PlanMismatchError unless the inputs have the structure, shapes, dtypes and non-tensor
+    values the plan was made for (devices may differ: a plan made on meta inputs runs on real ones)."""
+    if saved[0] != now[0]:
+        raise PlanMismatchError(f"the inputs are structured differently from those the plan was made for: "
+                                f"{now[0]} vs {saved[0]}")
+    for i, (a, b) in enumerate(zip(saved[1], now[1])):
+        if a[0] != b[0] or (a[:3] != b[:3] if a[0] == "T" else a != b):
+            raise PlanMismatchError(f"input leaf {i} is {_describe_leaf(b)}, the plan was made for "
+                                    f"{_describe_leaf(a)}: plan again for these inputs")

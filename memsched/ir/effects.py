@@ -1,0 +1,44 @@
+"""What an ATen op does besides computing its outputs: the graph values it writes in place,
+and whether dead-code elimination must keep it."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+# Ops that update running statistics (args 3 and 4) in training mode without saying so in
+# their schema
+_HIDDEN_WRITERS = {
+    torch.ops.aten.native_batch_norm.default,
+    torch.ops.aten.cudnn_batch_norm.default,
+    torch.ops.aten.miopen_batch_norm.default,
+}
+
+
+def written_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The graph values an op writes in place."""
+    if node.op != "call_function":
+        return []
+    if node.target in _HIDDEN_WRITERS:
+        training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
+        return [a for a in node.args[3:5] if isinstance(a, torch.fx.Node)] if training else []
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return []
+    out = []
+    for i, arg in enumerate(schema.arguments):
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
+            out.append(value)
+    return out
+
+
+def is_impure(node: torch.fx.Node) -> bool:
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op == "call_function" and node.target is not operator.getitem:
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
+            return True
+    return False

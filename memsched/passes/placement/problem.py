@@ -1,0 +1,341 @@
+"""The placement problem: its words (gaps, move choices, fetch keys), its answer (Placement)
+and the coefficient form the greedy and the MIP both read (PlacementModel).
+
+Decisions
+  * each of the model's own tensors (weights, buffers, constants): resident on the device for
+    the whole run, or homed on host RAM or disk and fetched before each use;
+  * each idle gap of a storage spanning >= 2 segments: kept on the device, or (activations)
+    offloaded to host or disk and fetched back, or (model tensors, read-only) dropped and
+    fetched again from their home;
+  * for every fetch, its lead: issued one segment early (overlapped, but holding the bytes a
+    segment longer) or at the start of the segment that uses it (less memory, may stall);
+  * (training) an activation's gap may instead be dropped and the value recomputed from its
+    op's inputs where it is next read, if those inputs are on the device then (their own gaps
+    kept, weights resident): the op's time is added to that segment's compute.
+Constraints
+  * device bytes <= budget in every segment, counting the exact step-level peak of storages
+    busy inside the segment plus everything held across it (lesson 2);
+  * host bytes <= the hardware's host capacity.
+Objective
+  * sum over segments of max(compute, load on each link direction) (lesson 3), plus a small
+    price per transferred second so nothing moves without need.
+The model is linear in #gaps x #segments, never steps x steps (lesson 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from ...cost_models.hardware import Hardware
+from ...ir.kinds import LINKS, PERSISTENT, Kind, Tier, Word, fetch_links, offload_links
+from ..analysis import START, Program
+from ..segments import Segments
+
+EPS = 1e-3  # price of a transferred second relative to a second of step time
+
+
+class Choice(Word):
+    """What happens to a gap that is not offloaded to a tier (HOST / DISK are Tier members)."""
+
+    KEEP = "keep"            # stays on the device
+    REFETCH = "refetch"      # a model tensor: dropped, fetched again from its home
+    RECOMPUTE = "recompute"  # an activation: dropped, its op re-run where it is next read
+
+
+KEEP, REFETCH, RECOMPUTE = Choice.KEEP, Choice.REFETCH, Choice.RECOMPUTE
+DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
+
+
+class FetchKey(NamedTuple):
+    """One fetch: a model tensor's first ("init", storage id) or a gap's ("gap", gap id). A
+    tuple underneath, so it equals the plain ("init", 3) that schedule.py spells."""
+
+    kind: str
+    item: int
+
+    @classmethod
+    def init(cls, storage: int) -> FetchKey:
+        return cls("init", storage)
+
+    @classmethod
+    def gap(cls, gap: int) -> FetchKey:
+        return cls("gap", gap)
+
+
+class Fetch(NamedTuple):
+    key: FetchKey
+    storage: int
+    tier: Tier | None   # None: from the model tensor's home
+    seg: int            # the segment that uses it
+
+
+@dataclass(frozen=True)
+class Gap:
+    """An idle stretch of one storage between two events that placement may fill with a move."""
+
+    id: int
+    buffer: int
+    value: str          # the one fx value alive across the gap; it is what gets restored
+    start: int          # event step before the gap
+    end: int            # event step after the gap
+    persistent: bool    # a model tensor: dropping needs no write-back
+    deliver: bool = False  # a gradient's last stretch: offloaded to its home, never fetched back
+
+
+@dataclass
+class Placement:
+    resident: frozenset[int]               # model tensors kept on the device for the whole run
+    home: dict[int, str]                   # other used model tensors -> HOST or DISK
+    gap_choice: dict[int, str]             # gap id -> KEEP / REFETCH / HOST / DISK / RECOMPUTE
+    early: set                             # FetchKeys of fetches issued a segment ahead
+    gaps: list[Gap]
+    min_budget_bytes: int
+    segment_bytes: np.ndarray              # planned device bytes per segment
+    status: str                            # solver status, or "greedy"
+    solve_s: float
+    objective: float
+    mip_gap: float | None = None
+    n_variables: int = 0
+    n_constraints: int = 0
+    notes: list[str] = field(default_factory=list)
+    alternative: "Placement | None" = None  # the greedy plan the solver improved on, if any
+
+
+class PlacementModel:
+    """The placement problem in coefficient form, shared by the greedy and the MIP: the gaps,
+    the options of each, per-segment constant bytes and compute, the objective of a concrete
+    placement and the minimum budget."""
+
+    def __init__(self, program: Program, segments: Segments, step_time: np.ndarray,
+                 hw: Hardware, budget: int, min_evict_bytes: int = 1):
+        self.p, self.s, self.hw, self.budget = program, segments, hw, budget
+        self.K = segments.count
+        self.dev = hw.device_type
+        self.compute = np.array([float(step_time[segments.bounds[j]:segments.bounds[j + 1]].sum())
+                                 for j in range(self.K)])
+        self.pinned = program.pinned     # updated in place: resident, never moved
+        self.persistent = [b.id for b in program.storages
+                           if b.kind in PERSISTENT and len(b.events) > 1 and b.id not in self.pinned]
+        self.first_seg = {b: segments.seg(next(e for e in program.storages[b].events if e != START))
+                          for b in self.persistent}
+        self.last_seg = {b: segments.seg(program.storages[b].last_step) for b in self.persistent}
+        self.const = np.zeros(self.K, dtype=np.float64)
+        self.gaps: list[Gap] = []
+        self.gap_span: dict[int, tuple[int, int]] = {}   # gap -> (first, last) held segment if kept
+        self._build(min_evict_bytes)
+        # recompute options: gap -> (seconds, transient bytes, gaps that must be kept, weights
+        # that must be resident)
+        self.recompute: dict[int, tuple[float, int, tuple[int, ...], tuple[int, ...]]] = {}
+        self._recompute_options(step_time)
+
+    def size(self, b: int) -> int:
+        return self.p.storages[b].nbytes
+
+    def min_budget(self) -> int:
+        return int(np.ceil(self.const.max())) if self.K else 0
+
+    def transfer_s(self, nbytes: int, links) -> float:
+        return sum(nbytes / self.hw.bandwidth(link) for link in links)
+
+    # -- model construction -------------------------------------------------------------
+    def _build(self, min_evict_bytes: int) -> None:
+        p, n = self.p, self.p.n_steps
+        diff = np.zeros(n + 2, dtype=np.float64)
+        for b in p.storages:
+            if b.kind in PERSISTENT and len(b.events) == 1:
+                continue  # never read: stays with the model, off the device
+            events, deliver = self._events(b)
+            seg_ids = self._held_in_segments(b, events, diff)
+            if b.id in self.pinned:  # resident before its first and after its last segment too
+                self.const[:seg_ids[0]] += b.nbytes
+                self.const[seg_ids[-1] + 1:] += b.nbytes
+            self._idle_gaps(b, events, min_evict_bytes)
+            if deliver:
+                self._delivery_gap(b, events)
+        self._add_step_peaks(diff)
+
+    def _events(self, b) -> tuple[list[int], bool]:
+        """The steps where storage ``b`` must be on the device, and whether it is a gradient
+        delivered at the step's end (that end is then not one of them)."""
+        n = self.p.n_steps
+        # model tensors arrive by fetch (or stay resident); user inputs are there at step 0
+        events = ([e for e in b.events if e != START] if b.kind in PERSISTENT
+                  else sorted({max(e, 0) for e in b.events}))
+        deliver = b.id in self.p.grads and len(events) > 1 and events[-1] == n
+        if deliver:  # the step's end is not a read: the gradient may leave before it
+            events = events[:-1]
+        return events, deliver
+
+    def _held_in_segments(self, b, events: list[int], diff: np.ndarray) -> list[int]:
+        """Add ``b``'s bytes to the step profile ``diff`` inside the segments where it has
+        events; return those segments."""
+        s, n = self.s, self.p.n_steps
+        persistent = b.kind in PERSISTENT
+        by_seg: dict[int, list[int]] = {}
+        for e in events:
+            by_seg.setdefault(s.seg(e), []).append(e)
+        seg_ids = sorted(by_seg)
+        # inside a segment with events: held from its start (or definition) to its end (or
+        # the last read, when nothing later needs it)
+        for i, j in enumerate(seg_ids):
+            lo = s.bounds[j] if (persistent or i > 0) else by_seg[j][0]
+            # a model tensor is counted to the end of its last segment: resident ones stay
+            # (a delivered gradient too: held to its segment's end, when its offload has left)
+            later = i + 1 < len(seg_ids) or b.is_output or persistent
+            # point n is the program end, where outputs are handed back
+            seg_end = n if j == self.K - 1 else s.bounds[j + 1] - 1
+            hi = seg_end if later else min(by_seg[j][-1], n)
+            diff[lo] += b.nbytes
+            diff[hi + 1] -= b.nbytes
+        return seg_ids
+
+    def _idle_gaps(self, b, events: list[int], min_evict_bytes: int) -> None:
+        """A gap for every idle stretch of ``b`` over >= 2 segments that may move; the bytes of
+        the others count as constant."""
+        p, s = self.p, self.s
+        persistent = b.kind in PERSISTENT
+        for a, c in zip(events, events[1:]):
+            A, C = s.seg(a), s.seg(c)
+            if C - A < 2:
+                continue
+            if b.id in self.pinned or (b.id in p.user_held and p.boundary is not None and a >= p.boundary):
+                self.const[A + 1:C] += b.nbytes  # the caller holds it: moving it frees nothing
+                continue
+            value = self._single_value(b, a, c)
+            if persistent and value != b.values[0]:
+                value = None  # a refetch restores the model tensor itself, not a view of it
+            if value is not None and b.nbytes >= min_evict_bytes and b.kind != Kind.INPUT:
+                g = Gap(len(self.gaps), b.id, value, a, c, persistent)
+                self.gaps.append(g)
+                self.gap_span[g.id] = (A + 1, C - 1)
+            else:
+                self.const[A + 1:C] += b.nbytes
+
+    def _delivery_gap(self, b, events: list[int]) -> None:
+        """A gradient's stretch from its last read to the step's end: offloaded for good or
+        held."""
+        s, n = self.s, self.p.n_steps
+        if s.seg(events[-1]) >= self.K - 1:
+            return
+        g = Gap(len(self.gaps), b.id, self._single_value(b, events[-1], n) or "", events[-1], n,
+                False, deliver=True)
+        if g.value and self.p.values[g.value].single_tensor:
+            self.gaps.append(g)
+            self.gap_span[g.id] = (s.seg(events[-1]) + 1, self.K - 1)
+        else:
+            self.const[s.seg(events[-1]) + 1:] += b.nbytes
+
+    def _add_step_peaks(self, diff: np.ndarray) -> None:
+        """Each segment's constant part: the step-level peak of what is busy inside it."""
+        s, n = self.s, self.p.n_steps
+        prof = np.cumsum(diff[:n + 1])
+        for j in range(self.K):
+            lo = s.bounds[j]
+            hi = n + 1 if j == self.K - 1 else s.bounds[j + 1]
+            if hi > lo:
+                self.const[j] += prof[lo:hi].max()
+
+    def _single_value(self, b, a: int, c: int) -> str | None:
+        vals = self.p.values
+        live = [v for v in b.values if vals[v].step <= a and vals[v].last_use >= c]
+        if len(live) == 1 and vals[live[0]].single_tensor:
+            return live[0]
+        return None
+
+    def _recompute_options(self, step_time) -> None:
+        p = self.p
+        gaps_of: dict[int, list[Gap]] = {}
+        for g in self.gaps:
+            gaps_of.setdefault(g.buffer, []).append(g)
+        for g in self.gaps:
+            recipe = p.recipes.get(g.value)
+            if g.persistent or g.deliver or recipe is None:
+                continue
+            t, keep, weights, ok = g.end, [], [], True
+            for name in recipe.inputs:
+                val = p.values[name]
+                for b in val.storages:
+                    buf = p.storages[b]
+                    if buf.kind in PERSISTENT:
+                        if name != buf.values[0]:
+                            ok = False  # a view of a weight: a refetch restores the weight only
+                        elif b not in self.pinned:
+                            weights.append(b)
+                    elif val.last_use < t:
+                        ok = False  # dead by then: recomputing would need it kept longer
+                    else:
+                        keep += [h.id for h in gaps_of.get(b, ()) if h.start < t <= h.end]
+            if ok and g.id not in keep:
+                self.recompute[g.id] = (float(step_time[recipe.step]), recipe.extra_bytes,
+                                        tuple(sorted(set(keep))), tuple(sorted(set(weights))))
+
+    # -- a concrete placement ---------------------------------------------------------------
+    def fetches(self, resident, choice) -> list[Fetch]:
+        """Every fetch a placement performs."""
+        out = []
+        for b in self.persistent:
+            if b not in resident:
+                out.append(Fetch(FetchKey.init(b), b, None, self.first_seg[b]))
+        for g in self.gaps:
+            c = choice[g.id]
+            if c not in (KEEP, RECOMPUTE) and not g.deliver:
+                out.append(Fetch(FetchKey.gap(g.id), g.buffer, None if c == REFETCH else c, self.s.seg(g.end)))
+        return out
+
+    def recompute_s(self, choice) -> np.ndarray:
+        """Seconds of recomputation per segment."""
+        out = np.zeros(self.K)
+        for gid, (secs, _, _, _) in self.recompute.items():
+            if choice[gid] == RECOMPUTE:
+                out[self.s.seg(self.gaps[gid].end)] += secs
+        return out
+
+    def segment_bytes(self, resident, choice, early) -> np.ndarray:
+        mem = self.const.copy()
+        for b in resident:
+            mem[0:self.first_seg[b]] += self.size(b)
+            mem[self.last_seg[b] + 1:] += self.size(b)
+        for g in self.gaps:
+            lo, hi = self.gap_span[g.id]
+            if choice[g.id] == KEEP:
+                mem[lo:hi + 1] += self.size(g.buffer)
+        for key, b, _, c in self.fetches(resident, choice):
+            if key in early and c >= 1:
+                mem[c - 1] += self.size(b)
+        for gid, (_, extra, _, _) in self.recompute.items():
+            if choice[gid] == RECOMPUTE:
+                mem[self.s.seg(self.gaps[gid].end)] += extra
+        return mem
+
+    def loads(self, resident, home, choice, early) -> tuple[np.ndarray, float]:
+        """Seconds of transfer per (link, segment) that overlap compute, and the seconds of late
+        fetches (issued in the segment that uses them), which compute waits for."""
+        loads = np.zeros((len(LINKS), self.K))
+        li = {name: i for i, name in enumerate(LINKS)}
+        late = 0.0
+        for key, b, tier, c in self.fetches(resident, choice):
+            tier = tier or home[b]
+            if key in early and c >= 1:
+                for link in fetch_links(tier, self.dev):
+                    loads[li[link], c - 1] += self.size(b) / self.hw.bandwidth(link)
+            else:
+                late += self.transfer_s(self.size(b), fetch_links(tier, self.dev))
+        for g in self.gaps:
+            c = choice[g.id]
+            if c in (HOST, DISK):
+                for link in offload_links(c, self.dev):
+                    loads[li[link], self.s.seg(g.start)] += self.size(g.buffer) / self.hw.bandwidth(link)
+        return loads, late
+
+    def objective(self, resident, home, choice, early) -> float:
+        loads, late = self.loads(resident, home, choice, early)
+        compute = self.compute + self.recompute_s(choice)
+        return float(np.maximum(compute, loads.max(axis=0)).sum() + late + EPS * (loads.sum() + late))
+
+    def placement(self, resident, home, choice, early, status: str, **kw) -> Placement:
+        """The Placement of these decisions, with its segment bytes and objective."""
+        return Placement(frozenset(resident) | self.pinned, dict(home), dict(choice), set(early), self.gaps,
+                         self.min_budget(), self.segment_bytes(resident, choice, early), status, 0.0,
+                         self.objective(resident, home, choice, early), **kw)

@@ -1,0 +1,241 @@
+"""The planning pipeline: a declared list of passes, run in order by one wrapper.
+
+    capture → analysis → segments → placement → schedule → simulate
+
+Each pass is a function of the planning state that fills in its part (the captured graph, the
+program's analysis, the segments, the placement, the scheduled candidates, the chosen plan)
+and returns a note for the record. ``run_pass`` times it, records it (``PassRecord``),
+snapshots the program it leaves for ``plan.history`` and, with ``MEMSCHED_VERIFY=1`` in the
+environment (or ``verify=True``), runs the independent verifier on the scheduled program after
+it, naming the pass that broke it. Adding a pass is one line in ``PASSES``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .budget import parse_budget
+from .cost_models.hardware import Hardware
+from .cost_models.op_cost import estimate_op_time
+from .cost_models.simulator import SimResult, simulate
+from .frontend.capture import Captured, capture, input_signature
+from .frontend.joint import capture_joint
+from .ir.kinds import PERSISTENT
+from .passes.analysis import START, Program, analyze
+from .passes.placement import Placement, solve_placement
+from .passes.schedule import build_schedule
+from .passes.segments import Segments, make_segments
+from .plan_records import PassRecord, PassSnapshot
+from .plans import Plan
+from .verify import PlanError, verify_schedule
+
+DEFAULT_MAX_SEGMENTS = 128
+DEFAULT_TIME_LIMIT_S = 10.0
+
+
+@dataclass
+class Candidate:
+    """One placement, its scheduled program and (after the simulate pass) its simulation."""
+
+    placement: Placement
+    scheduled: torch.fx.GraphModule
+    sim: SimResult | None = None
+
+
+@dataclass
+class PlanningState:
+    """What the passes read and fill in, in the order they run."""
+
+    budget: int
+    hw: Hardware
+    max_segments: int = DEFAULT_MAX_SEGMENTS
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S
+    model: torch.nn.Module | None = None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    train: bool = False
+    grad_outputs: str = "auto"
+    captured: Captured | None = None
+    program: Program | None = None
+    step_time: np.ndarray | None = None
+    segments: Segments | None = None
+    placement: Placement | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    chosen: Candidate | None = None
+    unconstrained: SimResult | None = None
+    passes: list[PassRecord] = field(default_factory=list)
+    history: list[PassSnapshot] = field(default_factory=list)
+    last_snapshot_of: object = None     # the program the last snapshot copied
+    verified: set = field(default_factory=set)   # ids of the scheduled programs verified
+    verify_s: float = 0.0
+
+
+# -- the passes -------------------------------------------------------------------------------
+def capture_pass(s: PlanningState) -> str:
+    if s.train:
+        s.captured = capture_joint(s.model, s.args, s.kwargs, grad_outputs=s.grad_outputs)
+        return "forward + backward"
+    s.captured = capture(s.model, s.args, s.kwargs)
+    return ""
+
+
+def analysis_pass(s: PlanningState) -> str:
+    s.program = analyze(s.captured)
+    nodes = {n.name: n for n in s.captured.gm.graph.nodes}
+    s.step_time = np.array([estimate_op_time(nodes[name], s.hw) for name in s.program.steps], dtype=np.float64)
+    return ""
+
+
+def segments_pass(s: PlanningState) -> str:
+    p = s.program
+    first_use_bytes = np.zeros(p.n_steps)
+    for b in p.storages:
+        if b.kind in PERSISTENT and len(b.events) > 1:
+            first = next(e for e in b.events if e != START)
+            if first < p.n_steps:  # a model tensor only returned, never read, has no step
+                first_use_bytes[first] += b.nbytes
+    s.segments = make_segments(s.step_time, first_use_bytes, s.max_segments)
+    return f"{s.segments.count}"
+
+
+def placement_pass(s: PlanningState) -> str:
+    s.placement = solve_placement(s.program, s.segments, s.step_time, s.hw, s.budget, time_limit_s=s.time_limit_s)
+    return s.placement.status
+
+
+def schedule_pass(s: PlanningState) -> str:
+    """The scheduled program of the placement and, when the solver improved on the greedy
+    plan it started from, of that greedy plan too: the simulate pass arbitrates."""
+    placements = [s.placement] + ([s.placement.alternative] if s.placement.alternative is not None else [])
+    s.candidates = [Candidate(pl, build_schedule(s.captured, s.program, s.segments, pl)) for pl in placements]
+    return f"{len(s.candidates)} candidate(s)" if len(s.candidates) > 1 else ""
+
+
+def simulate_pass(s: PlanningState) -> str:
+    """The MIP prices time per segment; the simulator replays real queues. The candidate
+    that simulates fastest is kept."""
+    for c in s.candidates:
+        c.sim = simulate(c.scheduled, s.hw)
+    s.chosen = min(s.candidates, key=lambda c: c.sim.time_s)
+    if s.chosen is not s.candidates[0]:
+        _keep_greedy(s.candidates[0], s.chosen)
+    s.unconstrained = s.chosen.sim if s.chosen.placement.status == "fits" else _unconstrained(s)
+    return ""
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable[[PlanningState], str]
+    snapshot: bool = False   # record the program after it even when it is the same object
+
+
+PASSES: tuple[Pass, ...] = (
+    Pass("capture", capture_pass, snapshot=True),
+    Pass("analysis", analysis_pass, snapshot=True),   # annotates the captured graph
+    Pass("segments", segments_pass),
+    Pass("placement", placement_pass),
+    Pass("schedule", schedule_pass),
+    Pass("simulate", simulate_pass),
+)
+
+
+# -- the wrapper --------------------------------------------------------------------------------
+def _current_program(s: PlanningState):
+    if s.chosen is not None:
+        return s.chosen.scheduled
+    if s.candidates:
+        return s.candidates[0].scheduled
+    return s.captured.gm if s.captured is not None else None
+
+
+def run_pass(p: Pass, s: PlanningState, *, verify: bool = False) -> None:
+    """Run one pass: time it, record it, snapshot a changed program, verify scheduled ones."""
+    t = time.perf_counter()
+    note = p.run(s)
+    s.passes.append(PassRecord(p.name, time.perf_counter() - t, note or ""))
+    program = _current_program(s)
+    if program is not None and (p.snapshot or program is not s.last_snapshot_of):
+        s.history.append(snapshot(p.name, program))
+        s.last_snapshot_of = program
+    t = time.perf_counter()
+    for c in s.candidates if verify else ():
+        if id(c.scheduled) not in s.verified:
+            try:
+                verify_schedule(c.scheduled, s.budget)
+            except PlanError as e:
+                raise PlanError(f"after pass {p.name}: {e}") from None
+            s.verified.add(id(c.scheduled))
+    s.verify_s += time.perf_counter() - t
+
+
+def plan_state(s: PlanningState, *, passes=PASSES, verify: bool | None = None, progress=None) -> PlanningState:
+    """Run ``passes`` in order on ``s``; ``progress``, if given, gets each pass's name as it starts."""
+    progress = progress or (lambda stage: None)
+    verify = verify or (verify is None and os.environ.get("MEMSCHED_VERIFY", "") not in ("", "0"))
+    for p in passes:
+        progress(f"placement (solver, at most {s.time_limit_s:g} s)" if p.name == "placement" else p.name)
+        run_pass(p, s, verify=verify)
+    if verify:
+        s.passes.append(PassRecord("verify", s.verify_s, f"{len(s.verified)} program(s), after each pass"))
+    return s
+
+
+def snapshot(name: str, gm: torch.fx.GraphModule) -> PassSnapshot:
+    """A copy of the graph as it is now (node metadata copied shallowly: cheap, and later
+    passes annotating the live graph do not change the snapshot)."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return PassSnapshot(name, torch.fx.GraphModule(gm, graph, class_name=f"After_{name}"))
+
+
+def _keep_greedy(solved: Candidate, greedy: Candidate) -> None:
+    note = (f"solver plan simulated {solved.sim.time_s * 1e3:.2f} ms, greedy "
+            f"{greedy.sim.time_s * 1e3:.2f} ms: greedy kept")
+    pl, alt = solved.placement, greedy.placement
+    alt.min_budget_bytes, alt.solve_s = pl.min_budget_bytes, pl.solve_s
+    alt.notes.append(note)
+    alt.status = f"greedy (solver {pl.status})"
+
+
+def _unconstrained(s: PlanningState) -> SimResult:
+    """The same program with an unlimited budget: nothing moves."""
+    big = int(s.program.peak_bytes * 4 + 2**40)
+    placement = solve_placement(s.program, s.segments, s.step_time, s.hw, big, use_solver=False)
+    return simulate(build_schedule(s.captured, s.program, s.segments, placement), s.hw)
+
+
+def to_plan(s: PlanningState, model_name: str) -> Plan:
+    c = s.chosen
+    return Plan(model_name, s.budget, s.hw, c.scheduled, s.program, c.placement, c.sim, s.unconstrained,
+                s.passes, s.segments.count, s.history)
+
+
+def plan_captured(captured: Captured, budget: int, hw: Hardware, *, model_name: str = "model",
+                  max_segments: int = DEFAULT_MAX_SEGMENTS, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+                  verify: bool | None = None, progress=None) -> Plan:
+    """Plan an already captured program (every pass after capture)."""
+    s = PlanningState(budget, hw, max_segments, time_limit_s, captured=captured)
+    s.history.append(snapshot("capture", captured.gm))
+    s.last_snapshot_of = captured.gm
+    plan_state(s, passes=PASSES[1:], verify=verify, progress=progress)
+    return to_plan(s, model_name)
+
+
+def plan_model(model: torch.nn.Module, args: tuple, kwargs: dict, budget, hw: Hardware, *,
+               train: bool = False, grad_outputs: str = "auto", verify: bool | None = None, progress=None,
+               max_segments: int = DEFAULT_MAX_SEGMENTS,
+               time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> tuple[Plan, Captured]:
+    """Every pass, from capturing ``model(*args, **kwargs)`` to the chosen schedule."""
+    s = PlanningState(parse_budget(budget, hw.device_bytes), hw, max_segments, time_limit_s, model=model,
+                      args=args, kwargs=kwargs, train=train, grad_outputs=grad_outputs)
+    plan_state(s, verify=verify, progress=progress)
+    plan = to_plan(s, type(model).__name__)
+    plan.signature = input_signature(args, kwargs)
+    return plan, s.captured

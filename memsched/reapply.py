@@ -1,0 +1,43 @@
+"""Running a saved plan on a model without solving: capture, check, rebuild, verify.
+
+``memsched.compile(model, plan=...)`` calls ``reapply`` once per input signature; the pairing
+of saved and captured nodes is memsched/io/reapply.py.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .errors import InfeasibleBudgetError
+from .frontend.capture import Captured, capture, input_signature
+from .io.reapply import apply_plan, check_signature
+from .plan_records import PassRecord
+from .plans import Plan
+from .verify import verify_schedule
+
+
+def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budget: int) -> tuple[Plan, Captured]:
+    """Capture ``model`` (no solver), check it against ``saved`` and rebuild the schedule on it.
+
+    The rebuilt program is checked by the independent verifier; a budget below what the saved
+    plan holds raises InfeasibleBudgetError (a saved plan is applied as it is)."""
+    key = input_signature(args, kwargs)
+    if saved.signature is not None:
+        check_signature(saved.signature, key)
+    verify_schedule(saved.graph, saved.budget_bytes)  # a hand-edited file fails here, by step
+    t = time.perf_counter()
+    captured = capture(model, args, kwargs)
+    capture_s = time.perf_counter() - t
+    t = time.perf_counter()
+    gm = apply_plan(saved.graph, captured)
+    peak = verify_schedule(gm, max(budget, saved.budget_bytes))
+    if peak > budget:
+        raise InfeasibleBudgetError(budget, peak, "the saved plan holds that much on the device and is "
+                                    "applied as it is; plan again for a smaller budget")
+    apply_s = time.perf_counter() - t
+    passes = [*saved.passes, PassRecord("capture", capture_s, "re-captured"),
+              PassRecord("apply", apply_s, "saved plan, not solved")]
+    plan = Plan(saved.model_name, budget, saved.hardware, gm, None, None, saved.sim, saved.unconstrained,
+                passes, saved.n_segments, facts=saved.facts, signature=key)
+    return plan, captured
