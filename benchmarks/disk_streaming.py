@@ -135,7 +135,9 @@ def main():
               f"{fmt_bytes(tiers['disk'])}; solver {plan.placement.status}; predicted "
               f"{plan.predicted_time_s * 1e3:.0f} ms vs unconstrained {plan.unconstrained.time_s * 1e3:.0f} ms",
               flush=True)
-        ms_files = glob.glob(os.path.join(ms_dir, "memsched-*", "tensors.bin"))
+        # memsched's offload file is unnamed (reclaimed by the kernel on any exit): reach it
+        # through this process's descriptor to drop it from the page cache
+        ms_files = [cm._stores.disk.proc_path] if cm._stores.has_disk else []
 
         # (c) accelerate
         import accelerate

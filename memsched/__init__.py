@@ -10,12 +10,13 @@ from .cost_models.hardware import PRESETS, Hardware, get_hardware, list_hardware
 from .errors import BudgetExceededError, CaptureError, InfeasibleBudgetError, UnsupportedModelError
 from .plans import Plan
 from .runtime.executor import RunStats
+from .runtime.stores import DiskIntegrityError
 from .verify import PlanError, verify_schedule
 
 __all__ = [
     "compile", "plan", "CompiledModule", "Plan", "RunStats", "Hardware", "PRESETS",
     "get_hardware", "list_hardware", "local_hardware", "parse_budget", "format_bytes",
     "InfeasibleBudgetError", "CaptureError", "UnsupportedModelError", "BudgetExceededError",
-    "PlanError", "verify_schedule",
+    "PlanError", "verify_schedule", "DiskIntegrityError",
 ]
 __version__ = "0.1.0"

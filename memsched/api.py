@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import threading
+import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -13,7 +16,26 @@ from .plans import Plan, as_plan
 from .reapply import reapply
 from .runtime.autograd import TrainStep, run_step
 from .runtime.executor import Executor, RunStats
-from .runtime.stores import make_offload_dir
+from .runtime.stores import Stores, make_offload_dir
+
+
+# torch.export (inside plan_model and reapply) is not thread-safe: one capture at a time
+_CAPTURE_LOCK = threading.Lock()
+
+
+def _refuse_grad_inputs(args, kwargs) -> None:
+    """An inference module called with grad mode on and an input requiring grad would return
+    outputs without a gradient path: say so instead of dropping gradients silently."""
+    import torch.utils._pytree as pytree
+
+    for path, leaf in pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+            where = ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:])
+            raise RuntimeError(
+                f"memsched: input {where} requires grad and grad mode is on, but this module was "
+                "compiled for inference (train=False): its outputs would carry no gradient. Compile "
+                "with memsched.compile(..., train=True) to train through it, or call it under "
+                "torch.no_grad() / with the input detached (x.detach()) for inference")
 
 
 def _resolve_device(device) -> torch.device:
@@ -49,7 +71,8 @@ class CompiledModule:
     """
 
     def __init__(self, model, budget=None, *, example_inputs=None, example_kwargs=None, device=None,
-                 offload_dir=None, hardware=None, train=False, grad_outputs="auto", plan=None, **options):
+                 offload_dir=None, hardware=None, train=False, grad_outputs="auto", plan=None, max_plans=8,
+                 **options):
         if grad_outputs not in ("auto", "all"):
             raise ValueError(f"grad_outputs must be 'auto' or 'all', got {grad_outputs!r}")
         if train and plan is not None:
@@ -71,16 +94,32 @@ class CompiledModule:
         self.model = model
         self.device = _resolve_device(device)
         self.hardware: Hardware = get_hardware(hardware, self.device)
-        self.budget_bytes = parse_budget(budget, self.hardware.device_bytes)
+        # a budget larger than the device is refused unless the user plans for a larger machine
+        self.budget_bytes = parse_budget(budget, self.hardware.device_bytes,
+                                         over_capacity=options.pop("allow_over_capacity", False))
         if offload_dir is not None:  # fail now, not at the first call
             os.rmdir(make_offload_dir(offload_dir))
         self.offload_dir = offload_dir
         self.options = options
         self.train, self.grad_outputs = bool(train), grad_outputs
-        self._compiled: dict = {}
+        if isinstance(max_plans, bool) or not isinstance(max_plans, int) or max_plans < 1:
+            raise ValueError(f"max_plans must be a positive int, got {max_plans!r}")
+        self.max_plans = max_plans
+        # one call at a time: planning and running share the executors' state (a second thread waits)
+        self._lock = threading.RLock()
+        # plans of the most recently used input signatures (least recent first), at most max_plans
+        self._compiled: OrderedDict = OrderedDict()
         self._last = None
+        self._new_stores()
         if example_inputs is not None or example_kwargs is not None:
-            self._prepare(tuple(example_inputs or ()), dict(example_kwargs or {}))
+            with self._lock:
+                self._prepare(tuple(example_inputs or ()), dict(example_kwargs or {}))
+
+    def _new_stores(self) -> None:
+        # the host pool, offload file and weight homes every signature's executor shares: each
+        # weight homed on disk is written once, not once per signature
+        self._stores = Stores(self.device, self.offload_dir)
+        self._stores_finalizer = weakref.finalize(self, self._stores.close)
 
     def _prepare(self, args, kwargs):
         # train=True plans a training step when autograd is on, and inference under no_grad
@@ -88,32 +127,43 @@ class CompiledModule:
         key = (train, self.model.training, input_signature(args, kwargs))
         entry = self._compiled.get(key)
         if entry is None:
-            if self._saved is not None:
-                plan, captured = reapply(self._saved, self.model, args, kwargs, self.budget_bytes)
-            else:
-                plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware,
-                                            train=train, grad_outputs=self.grad_outputs, **self.options)
-            executor = Executor(plan.graph, captured, self.model, self.device, self.budget_bytes, self.offload_dir)
+            with _CAPTURE_LOCK:  # torch.export is not thread-safe
+                if self._saved is not None:
+                    plan, captured = reapply(self._saved, self.model, args, kwargs, self.budget_bytes)
+                else:
+                    plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware,
+                                                train=train, grad_outputs=self.grad_outputs, **self.options)
+            executor = Executor(plan.graph, captured, self.model, self.device, self.budget_bytes,
+                                self.offload_dir, stores=self._stores)
             step = None
             if train:
-                params = dict(self.model.named_parameters(remove_duplicate=False))
-                buffers = dict(self.model.named_buffers(remove_duplicate=False))
-                step = TrainStep(captured, executor, [params[t] for t in captured.grad_targets],
-                                 [buffers[t] for t in captured.mutation_targets])
+                try:
+                    step = TrainStep(captured, executor, self.model, self._lock)
+                except BaseException:
+                    executor.close()
+                    raise
             entry = self._compiled[key] = (plan, captured, executor, step)
+            while len(self._compiled) > self.max_plans:  # the least recently used plan goes
+                _, old = self._compiled.popitem(last=False)
+                old[2].close()
+        else:
+            self._compiled.move_to_end(key)
         self._last = entry
         return entry
 
     def __call__(self, *args, **kwargs):
-        plan, captured, executor, step = self._prepare(args, kwargs)
-        flat = captured.flatten_inputs(args, kwargs)
-        if step is not None:
-            # the step's stats are complete once its backward ran (see ``stats``)
-            out = captured.forward_outputs(run_step(step, flat))
-        else:
-            out = executor.run(flat)
-            plan.measured = executor.last_stats
-        return captured.unflatten_outputs(out)
+        if not self.train and torch.is_grad_enabled():
+            _refuse_grad_inputs(args, kwargs)
+        with self._lock:
+            plan, captured, executor, step = self._prepare(args, kwargs)
+            flat = captured.flatten_inputs(args, kwargs)
+            if step is not None:
+                # the step's stats are complete once its backward ran (see ``stats``)
+                out = captured.forward_outputs(run_step(step, flat))
+            else:
+                out = executor.run(flat)
+                plan.measured = executor.last_stats
+            return captured.unflatten_outputs(out)
 
     @property
     def plan(self) -> Plan:
@@ -135,25 +185,33 @@ class CompiledModule:
         return self._last[2].source if self._last else ""
 
     def close(self) -> None:
-        """Release transfer threads and delete offload files now (also done at garbage collection)."""
-        for _, _, executor, _ in self._compiled.values():
-            executor.close()
-        self._compiled.clear()
-        self._last = None
+        """Release transfer threads and delete offload files now (also done at garbage collection).
+        A later call plans again."""
+        with self._lock:
+            for _, _, executor, _ in self._compiled.values():
+                executor.close()
+            self._compiled.clear()
+            self._last = None
+            self._stores_finalizer()
+            self._new_stores()
 
 
 def compile(model, budget=None, *, example_inputs=None, example_kwargs=None, device=None, offload_dir=None,
-            hardware=None, train=False, grad_outputs="auto", plan=None, **options) -> CompiledModule:
+            hardware=None, train=False, grad_outputs="auto", plan=None, max_plans=8, **options) -> CompiledModule:
     """Compile ``model`` to run within ``budget`` device bytes (see DESIGN.md for the forms).
 
     ``train=True``: calls made with autograd enabled run a planned training step (forward and
     backward in one plan, see runtime/autograd.py); ``grad_outputs`` says which outputs the
     backward starts from: "auto" (the scalar outputs, i.e. the loss, when there are any) or "all".
     ``plan=``: a Plan or saved plan file runs that schedule instead of planning.
+    ``max_plans``: plans (one per input signature) kept at once; the least recently used one is
+    dropped, its threads stopped and its buffers freed, when a new signature needs room.
+    ``allow_over_capacity=True``: accept a budget larger than the device's memory (refused by
+    default: the device could not honour it).
     """
     return CompiledModule(model, budget, example_inputs=example_inputs, example_kwargs=example_kwargs,
                           device=device, offload_dir=offload_dir, hardware=hardware, train=train,
-                          grad_outputs=grad_outputs, plan=plan, **options)
+                          grad_outputs=grad_outputs, plan=plan, max_plans=max_plans, **options)
 
 
 def plan(model, example_inputs=(), budget=None, *, hardware=None, train=False, example_kwargs=None,
@@ -167,5 +225,6 @@ def plan(model, example_inputs=(), budget=None, *, hardware=None, train=False, e
     args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
     if any(t.device.type == "meta" for _, t in _model_tensors(model)):
         args, kwargs = _to_meta((args, kwargs))  # plan a never-allocated model on meta inputs
-    result, _ = plan_model(model, args, kwargs, budget, hw, train=train, **options)
+    with _CAPTURE_LOCK:  # torch.export is not thread-safe
+        result, _ = plan_model(model, args, kwargs, budget, hw, train=train, **options)
     return result

@@ -29,3 +29,41 @@ def test_format_bytes():
     assert format_bytes(512) == "512 B"
     assert format_bytes(1536) == "1.5 KiB"
     assert format_bytes(3 * 2**30) == "3.0 GiB"
+
+
+@pytest.mark.parametrize("bits", ["8Gb", "512Mb", "1Tb", "64Kb", "8Gib"])
+def test_bits_are_refused_with_a_hint(bits):
+    with pytest.raises(ValueError, match="bits") as err:
+        parse_budget(bits)
+    assert bits[:-1] + "B" in str(err.value)
+
+
+def test_numpy_integers_are_bytes():
+    np = pytest.importorskip("numpy")
+    assert parse_budget(np.int64(4096)) == 4096 and parse_budget(np.uint32(10)) == 10
+
+
+@pytest.mark.parametrize("huge", [10**40, 1e100, "1TB"])
+def test_budget_above_the_device_is_refused_when_asked(huge):
+    with pytest.raises(ValueError, match="more than the device has"):
+        parse_budget(huge, device_capacity=24 * 2**30, over_capacity=False)
+    assert parse_budget(huge, device_capacity=24 * 2**30) > 24 * 2**30  # planning for another machine
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e9 + 0.5])
+def test_non_finite_or_fractional_numbers_are_refused(bad):
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget(bad)
+
+
+def test_compile_refuses_a_budget_above_the_device():
+    import torch
+
+    import memsched
+
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="more than the device has"):
+        memsched.compile(model, 10**40, device="cpu")
+    cm = memsched.compile(model, 10**40, device="cpu", allow_over_capacity=True)
+    x = torch.randn(2, 4)
+    assert torch.equal(cm(x), model(x))

@@ -9,6 +9,8 @@ so a standard ``torch.optim`` optimizer built on ``model.parameters()`` steps th
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from ..frontend.joint import JointCaptured
@@ -16,13 +18,32 @@ from .executor import Executor
 
 
 class TrainStep:
-    """The state one compiled training step needs between its forward and its backward."""
+    """The state one compiled training step needs between its forward and its backward.
 
-    def __init__(self, captured: JointCaptured, executor: Executor, params: list[torch.Tensor],
-                 mutated_buffers: list[torch.Tensor]):
-        self.captured, self.executor, self.params = captured, executor, params
-        self.mutated_buffers = mutated_buffers  # model buffers the forward returns new values of
+    The trained parameters and the updated buffers are looked up in the model by name at every
+    forward, so parameters replaced after compile (``load_state_dict(..., assign=True)``) get
+    their gradients. ``lock`` (the compiled module's) is held by the backward too, so a step
+    never runs beside another call of the same module."""
+
+    def __init__(self, captured: JointCaptured, executor: Executor, model: torch.nn.Module,
+                 lock=None):
+        self.captured, self.executor, self.model = captured, executor, model
+        self.lock = lock if lock is not None else threading.RLock()
         self.outputs: list = []
+        self.params: list[torch.Tensor] = []
+        self.mutated_buffers: list[torch.Tensor] = []  # model buffers the forward returns new values of
+        self.lookup()
+
+    def lookup(self) -> None:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        buffers = dict(self.model.named_buffers(remove_duplicate=False))
+        missing = [t for t in self.captured.grad_targets if t not in params]
+        missing += [t for t in self.captured.mutation_targets if t not in buffers]
+        if missing:
+            raise RuntimeError(f"memsched: the model has no tensor {missing[0]!r} any more (it had one when "
+                               "this training step was planned): compile the model again")
+        self.params = [params[t] for t in self.captured.grad_targets]
+        self.mutated_buffers = [buffers[t] for t in self.captured.mutation_targets]
 
     def forward(self, flat_inputs: list) -> list:
         self.executor.abandon()  # a forward whose backward never ran: release its state
@@ -33,7 +54,12 @@ class TrainStep:
         self.outputs = out
         return out
 
-    def backward(self, grad_outputs: tuple) -> list:
+    def backward(self, grad_outputs: tuple, params: list[torch.Tensor]) -> list:
+        """One gradient per parameter in ``params`` (those of the forward that ran)."""
+        with self.lock:
+            return self._backward(grad_outputs, params)
+
+    def _backward(self, grad_outputs: tuple, params: list[torch.Tensor]) -> list:
         c = self.captured
         user = grad_outputs[c.n_mutations:]
         tangents = []
@@ -42,6 +68,7 @@ class TrainStep:
                 out = self.outputs[c.n_mutations + i]
                 tangents.append(torch.zeros_like(out) if g is None else g.to(out.device, out.dtype))
             elif g is not None and bool(torch.any(g != 0)):
+                self.executor.abandon()
                 raise RuntimeError(
                     f"memsched planned the backward from outputs {c.diff_outputs} (the scalar loss when "
                     f"there is one), but output {i} received a gradient too; compile with "
@@ -49,16 +76,26 @@ class TrainStep:
         self.outputs = []  # the caller's now: memsched keeps no reference past the step
         result = self.executor.resume(tangents)
         # gradients the plan delivered to host or disk arrive as those copies
-        grads = [g if g is None or isinstance(g, torch.Tensor) else self.executor.engine.materialize(g)
-                 for g in result[c.n_outputs:]]
-        return [None if g is None else g.to(p.device, p.dtype) for g, p in zip(grads, self.params)]
+        pending = list(result[c.n_outputs:])
+        grads = []
+        try:
+            for k, g in enumerate(pending):
+                if g is not None and not isinstance(g, torch.Tensor):
+                    g = self.executor.engine.materialize(g)
+                    pending[k] = None
+                grads.append(g)
+        finally:  # an interrupted delivery: the copies not yet delivered go back
+            for g in pending:
+                if g is not None and not isinstance(g, torch.Tensor):
+                    self.executor.engine.release(g)
+        return [None if g is None else g.to(p.device, p.dtype) for g, p in zip(grads, params)]
 
 
 class _StepFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, step: TrainStep, flat_inputs: list, *params):
         outs = step.forward(flat_inputs)
-        ctx.step = step
+        ctx.step, ctx.params = step, params
         ctx.set_materialize_grads(False)
         # outputs without a planned gradient stay differentiable, so that a loss built on
         # them reaches TrainStep.backward and gets a clear error instead of silence
@@ -70,10 +107,12 @@ class _StepFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        grads = ctx.step.backward(grad_outputs)
+        grads = ctx.step.backward(grad_outputs, ctx.params)
         return (None, None, *grads)
 
 
 def run_step(step: TrainStep, flat_inputs: list) -> list:
     """The forward outputs, connected to the parameters through one autograd node."""
-    return list(_StepFunction.apply(step, flat_inputs, *step.params))
+    with step.lock:
+        step.lookup()
+        return list(_StepFunction.apply(step, flat_inputs, *step.params))

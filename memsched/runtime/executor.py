@@ -23,8 +23,8 @@ from ..ir.tensors import tensor_leaves
 from ..ir.units import format_bytes
 from .accounting import DeviceAccountant, RecyclePool
 from .codegen import allocates, generate_source
-from .stores import DiskStore, HostPool, Layout, make_offload_dir
-from .transfer import DiskCopy, HostCopy, Outgoing, TransferEngine
+from .stores import DiskCopy, DiskIntegrityError, Home, HostCopy, Layout, Stores, fingerprint
+from .transfer import Outgoing, TransferEngine
 
 
 @dataclass
@@ -43,12 +43,45 @@ class RunStats:
                 f"stalled {self.stall_s * 1e3:.1f} ms · wall {self.wall_s * 1e3:.1f} ms")
 
 
+@dataclass(eq=False)
+class _ModelSlot:
+    """A model tensor the program reads, as memsched last saw it in the model."""
+
+    index: int                         # its placeholder's position
+    name: str                          # its state key (looked up in the model at every call)
+    tier: str
+    ref: torch.Tensor                  # the model's tensor object (a Parameter, a buffer)
+    ptr: int
+    version: int
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+    device: torch.device
+    home: Home | None = None           # its copy in the host or disk tier (shared, see Stores)
+    copy: torch.Tensor | None = None   # its private device copy
+    crc: int | None = None             # the device copy's fingerprint of the model bytes
+
+    def see(self, t: torch.Tensor) -> None:
+        self.ref, self.ptr, self.version = t, t.data_ptr(), t._version
+        self.shape, self.stride, self.dtype, self.device = tuple(t.shape), tuple(t.stride()), t.dtype, t.device
+
+
 class Executor:
-    """Runs one scheduled program with the model's tensors in their planned tiers."""
+    """Runs one scheduled program with the model's tensors in their planned tiers.
+
+    ``stores``: the host pool, offload file and model-tensor homes shared by every executor of
+    one compiled module (a private set when None). Every call looks the model's tensors up again
+    by name: a tensor replaced (``p.data = ...``, ``load_state_dict(assign=True)``), changed in
+    place (an optimizer step) or changed through ``.data`` (no version bump; caught by a CRC-32
+    of its bytes) has its copies renewed before the program runs; one whose shape or dtype
+    changed is an error asking to compile again. A call interrupted at any point (an exception,
+    KeyboardInterrupt) or a training forward abandoned gives back every host buffer and disk
+    region it took."""
 
     def __init__(self, gm: fx.GraphModule, captured: Captured, model: torch.nn.Module,
-                 device: torch.device, budget: int, offload_dir=None):
+                 device: torch.device, budget: int, offload_dir=None, stores: Stores | None = None):
         self.gm, self.captured, self.device, self.budget = gm, captured, device, budget
+        self.model = model
         self.cuda = device.type == "cuda"
         # on CUDA the caching allocator already reuses fetch buffers; on a CPU device we do. Idle
         # recycled buffers leave room for any op's outputs: small ones by a standing reserve,
@@ -62,69 +95,94 @@ class Executor:
         exec(code, glb)
         self._program = glb["program"]
         tiers = {n.name: tier_of(n) for n in gm.graph.nodes if n.op == "placeholder"}
-        self.host = HostPool(pinned=self.cuda)
+        own = stores is None
+        self.stores = Stores(device, offload_dir) if own else stores
+        self.host = self.stores.host
         needs_disk = any(t == Tier.DISK for t in tiers.values()) or any(
             op_of(n) is Op.OFFLOAD and n.args[1] == Tier.DISK for n in gm.graph.nodes)
-        self.disk = DiskStore(make_offload_dir(offload_dir)) if needs_disk else None
-        self.engine = TransferEngine(device, self.disk, self.host)
-        self._finalizer = weakref.finalize(self, _close, self.engine, self.disk)
-        self._copies: list[tuple[int, torch.Tensor, int]] = []  # (slot, model tensor, its version)
+        self._token = object()  # this executor, as the users of shared homes know it
+        self.engine = TransferEngine(device, None, self.host)
+        self._finalizer = weakref.finalize(self, _close, self.engine, self.stores, self._token, own)
         self._written = _written_placeholders(gm)
         self._step = None
-        self._slots = self._place_model_tensors(model, tiers)
         self._outgoing: dict[int, Outgoing] = {}
+        self._model_slots: list[_ModelSlot] = []
         self.last_stats = RunStats()
+        try:
+            self.disk = self.stores.disk if needs_disk else None
+            self.engine.disk = self.disk
+            self._slots = self._place_model_tensors(tiers)
+        except BaseException:
+            self._finalizer()
+            raise
 
-    def _place_model_tensors(self, model, tiers) -> list:
-        state = dict(model.named_parameters(remove_duplicate=False))
-        state.update(dict(model.named_buffers(remove_duplicate=False)))
+    def _state(self) -> dict:
+        state = dict(self.model.named_parameters(remove_duplicate=False))
+        state.update(dict(self.model.named_buffers(remove_duplicate=False)))
         state.update(self.captured.constants)
+        return state
+
+    def _place_model_tensors(self, tiers) -> list:
+        state = self._state()
         slots = []
-        for ph in self.captured.placeholders:
-            if ph.kind not in PERSISTENT:
+        for i, ph in enumerate(self.captured.placeholders):
+            if ph.kind not in PERSISTENT or tiers[ph.name] == Tier.UNUSED:
                 slots.append(None)
                 continue
-            t = state[ph.target].detach()
-            if t.device.type == "meta":
+            ref = state[ph.target]
+            if ref.device.type == "meta":
                 raise ValueError(f"{ph.target} is on the meta device: compile needs real weights "
                                  "(memsched.plan plans meta models without them)")
-            slot = self._slot_for(t, tiers[ph.name])
-            if slot is not None and (slot.tensor if isinstance(slot, HostCopy) else slot) is not t:
-                self._copies.append((len(slots), t, t._version))  # a copy: renewed when t changes
-            slots.append(slot)
+            rec = _ModelSlot(i, ph.target, tiers[ph.name], ref, 0, 0, (), (), ref.dtype, ref.device)
+            rec.see(ref)
+            slots.append(self._slot_for(rec, ref.detach()))
+            self._model_slots.append(rec)
         return slots
 
-    def _slot_for(self, t: torch.Tensor, tier: str):
+    def _slot_for(self, rec: _ModelSlot, t: torch.Tensor):
         """The model tensor as the program reads it: itself, or a copy in its home tier."""
-        if tier == Tier.UNUSED:
-            return None
-        if tier == Tier.DEVICE:
-            return t if t.device == self.device else t.to(self.device)
-        if tier == Tier.HOST:
-            if self.cuda:
-                host = self.host.take(Layout.of(t))
-                host.copy_(t)
-                return HostCopy(host, Layout.of(t))
+        rec.home = rec.copy = rec.crc = None
+        if rec.tier == Tier.DEVICE:
+            if t.device == self.device:
+                return t
+            rec.copy = t.to(self.device)
+            rec.crc = fingerprint(t)
+            return rec.copy
+        if rec.tier == Tier.HOST and not self.cuda and t.device == self.device and t.is_contiguous():
             # on a CPU device the model's own tensor is the host copy; read-only
-            return HostCopy(t if t.is_contiguous() else t.contiguous(), Layout.of(t), pooled=False)
-        src = _disk_source(t)
-        offset = self.disk.allocate(Layout.of(src).nbytes)
-        self.disk.write(offset, src)
-        return DiskCopy(offset, Layout.of(src), owned=False)
+            return HostCopy(t, Layout.of(t), pooled=False)
+        rec.home = self.stores.home(rec.name, t, rec.tier, self._token)
+        return rec.home.handle
 
     def _refresh(self) -> None:
-        """Copies of model tensors the user changed since (an optimizer step) are renewed."""
-        for k, (i, t, version) in enumerate(self._copies):
-            if t._version == version:
-                continue
-            old = self._slots[i]
-            if isinstance(old, torch.Tensor):
-                old.copy_(t)
-            elif isinstance(old, HostCopy):
-                old.tensor.copy_(t)
-            else:
-                self.disk.write(old.offset, _disk_source(t))
-            self._copies[k] = (i, t, t._version)
+        """The model's tensors as they are now: copies of those the user replaced or changed
+        (an optimizer step, ``p.data = ...``, ``p.data.mul_(...)``) are renewed."""
+        state = self._state()
+        for rec in self._model_slots:
+            cur = state.get(rec.name)
+            if cur is None:
+                raise RuntimeError(f"memsched: the model has no tensor {rec.name!r} any more (it had one when "
+                                   "this input signature was planned): compile the model again")
+            same = (cur is rec.ref and cur.data_ptr() == rec.ptr and tuple(cur.shape) == rec.shape
+                    and tuple(cur.stride()) == rec.stride and cur.dtype == rec.dtype and cur.device == rec.device)
+            if not same and (tuple(cur.shape) != rec.shape or cur.dtype != rec.dtype or cur.device.type == "meta"):
+                raise RuntimeError(
+                    f"memsched: model tensor {rec.name!r} changed from {list(rec.shape)} {rec.dtype} on "
+                    f"{rec.device} to {list(cur.shape)} {cur.dtype} on {cur.device} since this input "
+                    "signature was planned; the plan does not fit it any more: compile the model again "
+                    "(memsched.compile)")
+            changed = not same or cur._version != rec.version
+            t = cur.detach()
+            if rec.home is not None:
+                self.stores.check(rec.home, t, changed)
+            elif rec.copy is not None:
+                crc = fingerprint(t)
+                if changed or crc != rec.crc:
+                    rec.copy.copy_(t)
+                    rec.crc = crc
+            elif not same:  # the program reads the model's tensor itself: read the new one
+                self._slots[rec.index] = self._slot_for(rec, t)
+            rec.see(cur)
 
     # -- the runtime interface the generated program calls --------------------------------
     def prefetch(self, src):
@@ -174,6 +232,7 @@ class Executor:
 
     # -- a call ---------------------------------------------------------------------------
     def _begin(self, flat_inputs: list) -> list:
+        self._settle()  # whatever an earlier step left (its outputs never collected) goes back
         self._refresh()
         self.acct = DeviceAccountant(self.budget, self._pool, self._reserve)
         self.engine.stats.bytes_moved.clear()
@@ -197,62 +256,98 @@ class Executor:
         return values
 
     def run(self, flat_inputs: list) -> list:
-        values = self._begin(flat_inputs)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = self._program(self, values, self.acct.track, self.acct.release)
-        self._end(time.perf_counter() - t0)
-        return list(out)
+        try:
+            values = self._begin(flat_inputs)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = list(self._program(self, values, self.acct.track, self.acct.release))
+            del values
+            self._end(time.perf_counter() - t0, out)
+            return out
+        except BaseException as exc:
+            self._unwind(exc)
+            raise
 
     # -- a training step: the program is a generator paused at the boundary ---------------
     def start(self, flat_inputs: list) -> list:
         """Run the forward; returns the forward outputs. ``resume`` runs the backward."""
-        values = self._begin(flat_inputs)
-        t0 = time.perf_counter()
-        self._step = self._program(self, values, self.acct.track, self.acct.release)
-        with torch.no_grad():
-            outputs = next(self._step)
-        self._write_back()
-        self._forward_s = time.perf_counter() - t0
-        return list(outputs)
+        self.abandon()
+        try:
+            values = self._begin(flat_inputs)
+            t0 = time.perf_counter()
+            self._step = self._program(self, values, self.acct.track, self.acct.release)
+            del values
+            with torch.no_grad():
+                outputs = next(self._step)
+            self._write_back()
+            self._forward_s = time.perf_counter() - t0
+            return list(outputs)
+        except BaseException as exc:
+            self._unwind(exc)
+            raise
 
     def resume(self, tangents: list) -> list:
         """Run the backward with the gradients of the forward outputs; returns all outputs."""
         step, self._step = self._step, None
         if step is None:
             raise RuntimeError("memsched: backward of a training step whose saved state was released "
-                               "(another forward ran before it); memsched runs one step at a time")
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            try:
-                step.send(tuple(tangents))
-            except StopIteration as stop:
-                out = stop.value
-            else:
-                raise RuntimeError("the scheduled program has more than one boundary")
-        self._end(self._forward_s + time.perf_counter() - t0)
-        return list(out)
+                               "(another forward of this signature ran before it, or its plan was closed "
+                               "or evicted by max_plans); memsched runs one step at a time")
+        try:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                try:
+                    step.send(tuple(tangents))
+                except StopIteration as stop:
+                    out = list(stop.value)
+                else:
+                    raise RuntimeError("the scheduled program has more than one boundary")
+            self._end(self._forward_s + time.perf_counter() - t0, out)
+            return out
+        except BaseException as exc:
+            self._step = step
+            self._unwind(exc)
+            raise
 
     def abandon(self) -> None:
-        """Drop a started step's saved state (its backward will not run)."""
+        """Drop a started step's saved state (its backward will not run): its host buffers and
+        disk regions go back."""
         if self._step is not None:
-            self._step.close()
-            self._step = None
-            self._outgoing.clear()
+            self._unwind()
+
+    def _unwind(self, exc: BaseException | None = None) -> None:
+        """After an interrupted call: stop the program, let the copies in flight land, and give
+        back everything the step took. After a failed integrity check the disk homes are
+        rewritten from the model at the next call."""
+        if isinstance(exc, DiskIntegrityError):
+            self.stores.distrust_disk()
+        step, self._step = self._step, None
+        try:
+            if step is not None:
+                step.close()
+        finally:
+            self._settle()
+
+    def _settle(self, keep=()) -> None:
+        self.engine.drain()
+        self.engine.release_step(keep)
+        self._outgoing.clear()
 
     def _write_back(self) -> None:
         """Model buffers the forward updated in place (batch-norm statistics) are copied back
         when the program worked on a device copy of them."""
-        for k, (i, t, _) in enumerate(self._copies):
-            slot = self._slots[i]
-            if self.captured.placeholders[i].name in self._written and isinstance(slot, torch.Tensor):
-                t.copy_(slot)
-                self._copies[k] = (i, t, t._version)
+        for rec in self._model_slots:
+            if rec.copy is not None and self.captured.placeholders[rec.index].name in self._written:
+                t = rec.ref.detach()
+                t.copy_(rec.copy)
+                rec.crc = fingerprint(t)
+                rec.see(rec.ref)
 
-    def _end(self, wall: float) -> None:
+    def _end(self, wall: float, out: list) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        self._outgoing.clear()
+        # handles among the outputs (gradients delivered to host or disk) are the caller's
+        self._settle(keep=[o for o in out if isinstance(o, (HostCopy, DiskCopy))])
         self.last_stats = RunStats(
             peak_device_bytes=self.acct.peak,
             bytes_moved={k: v for k, v in self.engine.stats.bytes_moved.items() if v},
@@ -262,20 +357,19 @@ class Executor:
         )
 
     def close(self) -> None:
+        """Drop any started step, stop the transfer threads and give back every buffer, region
+        and home this executor held (the shared stores stay with their compiled module)."""
+        self._step = None
         self._finalizer()
-
-
-def _disk_source(t: torch.Tensor) -> torch.Tensor:
-    """A CPU tensor whose bytes are the layout the disk store writes."""
-    src = t.cpu()
-    return src if Layout.of(src).stride == tuple(src.stride()) else src.contiguous()
 
 
 def _written_placeholders(gm: fx.GraphModule) -> set[str]:
     return {a.name for n in gm.graph.nodes for a in written_args(n) if a.op == "placeholder"}
 
 
-def _close(engine: TransferEngine, disk: DiskStore | None) -> None:
+def _close(engine: TransferEngine, stores: Stores, token, own: bool) -> None:
     engine.close()
-    if disk is not None:
-        disk.close()
+    stores.leave(token)
+    stores.host.trim(0)  # idle host buffers sized for this plan go too
+    if own:
+        stores.close()

@@ -1,22 +1,41 @@
 """Tier stores: where bytes live off the device.
 
-* ``DiskStore``: one real file per compiled program in the offload directory, carved into
-  4 KiB-aligned regions (large aligned reads; no file per tensor). Freed regions are reused by
-  size. The directory is removed when the store closes.
+* ``DiskStore``: one real file per compiled module in the offload directory, carved into
+  4 KiB-aligned regions (large aligned reads; no file per tensor). The file has no name: it
+  is opened with ``O_TMPFILE`` (or unlinked right after it is opened) and its private
+  directory is removed at once, so the kernel reclaims it on any exit, a SIGKILL included.
+  Freed regions are merged with their free neighbours and reused; a free tail is cut off the
+  file. Every region carries a CRC-32 of the bytes written to it, checked on every read
+  (lesson 10: what is read back is checked): a mismatch raises ``DiskIntegrityError`` naming
+  the tensor (or the region's offset and size). OS errors (ENOSPC, EIO) and reads or writes
+  that make no progress raise errors naming the offload directory; they never loop.
 * ``HostPool``: host buffers for the host tier; pinned and reused by size when the device is
   CUDA (pin once, never per transfer), plain tensors on a CPU device.
+* ``Stores``: the pool, the file and the homes of the model's tensors (their copies in the
+  host and disk tiers) of one compiled module, shared by the executors of all its input
+  signatures, so that each weight is written once, not once per signature. Each home keeps
+  a fingerprint (CRC-32) of the model bytes it holds, re-checked on every call: weights changed
+  in place through ``.data`` (which does not bump the version counter) are never served stale.
 """
 from __future__ import annotations
 
+import bisect
+import errno
 import os
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+import zlib
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import torch
 
 ALIGN = 4096
+
+
+class DiskIntegrityError(IOError):
+    """Bytes read back from the offload file are not the bytes memsched wrote there."""
 
 
 def is_dense(t: torch.Tensor) -> bool:
@@ -35,6 +54,10 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a dense CPU tensor's span, in memory order."""
     flat = t.detach().as_strided((t.numel(),), (1,), t.storage_offset())
     return flat.view(torch.uint8)
+
+
+def _buffer(t: torch.Tensor) -> memoryview:
+    return memoryview(byte_view(t).numpy())
 
 
 @dataclass
@@ -67,6 +90,46 @@ class Layout:
                                    pin_memory=pin_memory)
 
 
+def in_layout(t: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """A CPU tensor with t's values whose memory holds them in ``layout`` (t itself when it
+    already does): the bytes a disk or host copy in that layout holds."""
+    src = t.detach()
+    if src.device.type != "cpu":
+        src = src.cpu()
+    if tuple(src.stride()) == layout.stride or src.numel() <= 1:
+        return src
+    out = layout.empty("cpu")
+    out.copy_(src)
+    return out
+
+
+def fingerprint(t: torch.Tensor, layout: Layout | None = None) -> int:
+    """CRC-32 of t's bytes in ``layout`` (its own dense layout by default); the GIL is
+    released while it runs over large buffers."""
+    return zlib.crc32(_buffer(in_layout(t, layout or Layout.of(t))))
+
+
+# -- handles: where a value's copy lives off the device ----------------------------------------
+@dataclass(eq=False)
+class HostCopy:
+    tensor: torch.Tensor
+    layout: Layout
+    ready: Future | None = None      # set while an offload is still filling it
+    pooled: bool = True              # False for the model's own tensors (never returned)
+
+
+@dataclass(eq=False)
+class DiskCopy:
+    region: "Region"
+    layout: Layout
+    ready: Future | None = None
+    owned: bool = True               # activation regions are released after use
+
+    @property
+    def offset(self) -> int:
+        return self.region.offset
+
+
 def make_offload_dir(base: str | os.PathLike | None) -> str:
     """A fresh private directory under ``base`` (a temp dir by default); clear error if unwritable."""
     if base is not None:
@@ -85,53 +148,190 @@ def make_offload_dir(base: str | os.PathLike | None) -> str:
         raise ValueError(f"offload_dir {base!r} is not writable: {exc.strerror}") from exc
 
 
+def _open_anonymous(directory: str) -> int:
+    """A read-write file in ``directory`` that has no name: O_TMPFILE where the filesystem has
+    it, else a file unlinked right after it is opened."""
+    if hasattr(os, "O_TMPFILE"):
+        try:
+            return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                raise
+    path = os.path.join(directory, "tensors.bin")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.unlink(path)
+    return fd
+
+
+@dataclass(eq=False)
+class Region:
+    """A 4 KiB-aligned extent of the offload file."""
+
+    offset: int
+    size: int                        # aligned extent
+    nbytes: int                      # bytes a tensor there takes
+    name: str | None = None          # the tensor it holds, for error messages
+    crc: int | None = None           # CRC-32 of the bytes written; None: never fully written
+    owner: set | None = None         # the ledger of the call that allocated it, if any
+
+    def describe(self) -> str:
+        what = f"tensor {self.name!r}" if self.name else "an activation"
+        return f"{what} (region at offset {self.offset}, {self.nbytes} bytes)"
+
+
 class DiskStore:
-    """Regions of one file; reads and writes release the GIL (os.preadv / os.pwritev)."""
+    """Regions of one unnamed file; reads and writes release the GIL (os.preadv / os.pwritev)."""
 
     def __init__(self, directory: str):
         self.directory = directory
-        self.path = os.path.join(directory, "tensors.bin")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        self._end = 0
-        self._free: dict[int, list[int]] = {}
+        try:
+            self.fd = _open_anonymous(directory)
+        except OSError as exc:
+            raise OSError(exc.errno, f"memsched cannot create its offload file in {directory}: "
+                                     f"{exc.strerror}") from exc
+        try:  # nothing is left behind in the offload directory, whatever way the process ends
+            os.rmdir(directory)
+        except OSError:
+            pass  # removed at close
+        self.path = f"{directory}/<unlinked offload file>"
+        self._end = 0                                   # high-water mark of allocated extents
+        self._free: list[tuple[int, int]] = []          # (offset, size), sorted by offset
+        self._regions: dict[int, Region] = {}           # offset -> live region
         self._lock = threading.Lock()
+        self._file_end = 0                              # bytes the file may hold
         self.bytes_in_use = 0
 
-    def allocate(self, nbytes: int) -> int:
+    @property
+    def proc_path(self) -> str:
+        """A path that opens the unnamed file while this process holds it (Linux)."""
+        return f"/proc/self/fd/{self.fd}"
+
+    @property
+    def file_bytes(self) -> int:
+        """The file's current size on disk (its apparent size)."""
+        return os.fstat(self.fd).st_size if self.fd is not None else 0
+
+    # -- allocation --------------------------------------------------------------------------
+    def allocate(self, nbytes: int, name: str | None = None, owner: set | None = None) -> Region:
         size = -(-max(nbytes, 1) // ALIGN) * ALIGN
         with self._lock:
+            offset = self._take(size)
+            region = Region(offset, size, nbytes, name, None, owner)
+            self._regions[offset] = region
             self.bytes_in_use += size
-            spare = self._free.get(size)
-            if spare:
-                return spare.pop()
-            offset, self._end = self._end, self._end + size
-            return offset
+            if owner is not None:
+                owner.add(region)
+            return region
 
-    def release(self, offset: int, nbytes: int) -> None:
-        size = -(-max(nbytes, 1) // ALIGN) * ALIGN
+    def _take(self, size: int) -> int:
+        best = None
+        for i, (off, sz) in enumerate(self._free):
+            if sz >= size and (best is None or sz < self._free[best][1]):
+                best = i
+                if sz == size:
+                    break
+        if best is not None:
+            off, sz = self._free[best]
+            if sz == size:
+                del self._free[best]
+            else:
+                self._free[best] = (off + size, sz - size)
+            return off
+        if self._free and sum(self._free[-1]) == self._end:  # grow the free tail
+            off, _ = self._free.pop()
+        else:
+            off = self._end
+        self._end = off + size
+        return off
+
+    def release(self, region: Region) -> None:
+        """Return a region (a no-op for one already released)."""
         with self._lock:
-            self.bytes_in_use -= size
-            self._free.setdefault(size, []).append(offset)
+            if self._regions.get(region.offset) is not region:
+                return
+            del self._regions[region.offset]
+            self.bytes_in_use -= region.size
+            if region.owner is not None:
+                region.owner.discard(region)
+                region.owner = None
+            region.crc = None
+            off, size = region.offset, region.size
+            i = bisect.bisect_left(self._free, (off, 0))
+            if i < len(self._free) and self._free[i][0] == off + size:   # merge the next one
+                size += self._free.pop(i)[1]
+            if i > 0 and sum(self._free[i - 1]) == off:                  # merge the previous one
+                off, prev = self._free.pop(i - 1)
+                size += prev
+                i -= 1
+            if off + size == self._end:  # a free tail: cut it off the file
+                self._end = off
+                if self._file_end > off and self.fd is not None:
+                    try:
+                        os.ftruncate(self.fd, off)
+                        self._file_end = off
+                    except OSError:
+                        pass
+            else:
+                self._free.insert(i, (off, size))
 
-    def write(self, offset: int, t: torch.Tensor) -> None:
-        data = byte_view(t).numpy()
-        done = 0
-        while done < len(data):
-            done += os.pwritev(self.fd, [memoryview(data[done:])], offset + done)
+    # -- I/O ---------------------------------------------------------------------------------
+    def _os_error(self, exc: OSError, doing: str, region: Region) -> OSError:
+        hint = " (the disk is full: free space or choose another offload_dir)" if exc.errno == errno.ENOSPC else ""
+        return OSError(exc.errno, f"memsched: {doing} {region.describe()} in the offload directory "
+                                  f"{self.directory} failed: {exc.strerror}{hint}")
 
-    def read_into(self, offset: int, t: torch.Tensor) -> None:
-        data = byte_view(t).numpy()
+    def write(self, region: Region, t: torch.Tensor) -> None:
+        data = _buffer(t)
+        if len(data) != region.nbytes:
+            raise ValueError(f"{len(data)} bytes do not fit {region.describe()}")
+        region.crc = None  # until every byte landed: a failed write leaves it unreadable
+        crc = zlib.crc32(data)
         done = 0
-        while done < len(data):
-            n = os.preadv(self.fd, [memoryview(data[done:])], offset + done)
-            if n == 0:
-                raise IOError(f"short read from {self.path} at offset {offset + done}")
-            done += n
+        try:
+            while done < len(data):
+                n = os.pwritev(self.fd, [data[done:]], region.offset + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"the write returned {n} after {done} of {len(data)} bytes")
+                done += n
+        except OSError as exc:
+            raise self._os_error(exc, "writing", region) from exc
+        with self._lock:
+            self._file_end = max(self._file_end, region.offset + len(data))
+        region.crc = crc
+
+    def read_into(self, region: Region, t: torch.Tensor) -> None:
+        if region.crc is None:
+            raise DiskIntegrityError(f"memsched: {region.describe()} in the offload directory "
+                                     f"{self.directory} was never completely written (or was released)")
+        data = _buffer(t)
+        done = 0
+        try:
+            while done < len(data):
+                n = os.preadv(self.fd, [data[done:]], region.offset + done)
+                if n <= 0:
+                    raise DiskIntegrityError(
+                        f"memsched: reading {region.describe()} from the offload file in "
+                        f"{self.directory} got {n} bytes after {done} of {len(data)}: the file was "
+                        "truncated or the read made no progress")
+                done += n
+        except DiskIntegrityError:
+            raise
+        except OSError as exc:
+            raise self._os_error(exc, "reading", region) from exc
+        if zlib.crc32(data) != region.crc:
+            raise DiskIntegrityError(
+                f"memsched: checksum mismatch reading {region.describe()} from the offload file in "
+                f"{self.directory}: the bytes on disk are not the ones written (file corrupted or "
+                "changed by another process)")
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        with self._lock:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+            self._regions.clear()
+            self._free.clear()
+            self._end = self._file_end = self.bytes_in_use = 0
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -141,22 +341,179 @@ class HostPool:
     def __init__(self, pinned: bool):
         self.pinned = pinned
         self._free: dict[int, list[torch.Tensor]] = {}
+        self._out: dict[int, tuple[torch.Tensor, dict | None]] = {}  # address -> (raw, owner)
         self._lock = threading.Lock()
         self.bytes_in_use = 0
+        self.idle_bytes = 0
 
-    def take(self, layout: Layout) -> torch.Tensor:
+    def take(self, layout: Layout, owner: dict | None = None) -> torch.Tensor:
         nbytes = layout.nbytes
+        cap = max(nbytes, 16)  # every buffer has its own address, empty ones too
         with self._lock:
-            self.bytes_in_use += nbytes
-            spare = self._free.get(nbytes)
+            spare = self._free.get(cap)
             raw = spare.pop() if spare else None
+            if raw is not None:
+                self.idle_bytes -= cap
         if raw is None:
-            raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+            raw = torch.empty(cap, dtype=torch.uint8, pin_memory=self.pinned)
+        key = raw.data_ptr()
+        with self._lock:
+            self._out[key] = (raw, owner)
+            self.bytes_in_use += raw.numel()
+            if owner is not None:
+                owner[key] = raw
         n_el = max(nbytes // max(torch.empty((), dtype=layout.dtype).element_size(), 1), 0)
         return raw.view(layout.dtype)[:n_el].as_strided(layout.size, layout.stride)
 
-    def give_back(self, t: torch.Tensor) -> None:
-        raw = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+    def _untrack(self, t: torch.Tensor):
+        key = t.untyped_storage().data_ptr()
         with self._lock:
+            entry = self._out.pop(key, None)
+            if entry is None:
+                return None
+            raw, owner = entry
             self.bytes_in_use -= raw.numel()
-            self._free.setdefault(raw.numel(), []).append(raw)
+            if owner is not None:
+                owner.pop(key, None)
+            return raw
+
+    def give_back(self, t: torch.Tensor) -> None:
+        """Return a buffer to the pool (a no-op for one already returned)."""
+        raw = self._untrack(t)
+        if raw is not None:
+            with self._lock:
+                self._free.setdefault(raw.numel(), []).append(raw)
+                self.idle_bytes += raw.numel()
+
+    def disown(self, t: torch.Tensor) -> None:
+        """The buffer is the caller's now: it leaves the pool's accounting for good."""
+        self._untrack(t)
+
+    def trim(self, max_idle: int = 0) -> None:
+        """Drop idle buffers until at most ``max_idle`` bytes stay pooled."""
+        with self._lock:
+            for size in sorted(self._free, reverse=True):
+                while self.idle_bytes > max_idle and self._free[size]:
+                    self._free[size].pop()
+                    self.idle_bytes -= size
+
+
+# -- the homes of the model's tensors, shared by every signature of one compiled module ---------
+@dataclass(eq=False)
+class Home:
+    """A model tensor's copy in the host or disk tier."""
+
+    name: str
+    tier: str
+    handle: HostCopy | DiskCopy
+    crc: int | None = None           # fingerprint of the model bytes the copy holds
+    users: set = field(default_factory=set)   # ids of executors reading it
+
+
+class Stores:
+    """The host pool, the offload file and the model tensors' homes of one compiled module."""
+
+    def __init__(self, device: torch.device, offload_dir=None):
+        self.cuda = device.type == "cuda"
+        self.offload_dir = offload_dir
+        self.host = HostPool(pinned=self.cuda)
+        self._disk: DiskStore | None = None
+        self._homes: dict[tuple[str, str], Home] = {}
+        self._lock = threading.RLock()
+        self.closed = False
+
+    @property
+    def disk(self) -> DiskStore:
+        """The offload file, created at its first use."""
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("memsched: the compiled module was closed")
+            if self._disk is None:
+                self._disk = DiskStore(make_offload_dir(self.offload_dir))
+            return self._disk
+
+    @property
+    def has_disk(self) -> bool:
+        return self._disk is not None
+
+    def home(self, name: str, t: torch.Tensor, tier: str, user) -> Home:
+        """The home of model tensor ``name`` in ``tier`` holding t's bytes (made at first use)."""
+        layout = Layout.of(t)
+        with self._lock:
+            key = (name, tier)
+            home = self._homes.get(key)
+            if home is not None and (home.handle.layout.size, home.handle.layout.dtype) != (layout.size, layout.dtype):
+                self._drop(key)  # the tensor changed shape: a new plan made a new home
+                home = None
+            if home is None:
+                if tier == "disk":
+                    region = self.disk.allocate(layout.nbytes, name=name)
+                    handle = DiskCopy(region, layout, owned=False)
+                else:
+                    handle = HostCopy(self.host.take(layout), layout)
+                home = Home(name, tier, handle)
+                try:
+                    self.renew(home, t)
+                except BaseException:
+                    self._release(home)
+                    raise
+                self._homes[key] = home
+            home.users.add(id(user))
+            return home
+
+    def renew(self, home: Home, t: torch.Tensor) -> None:
+        """Write t's current bytes into the home."""
+        h = home.handle
+        home.crc = None
+        if isinstance(h, DiskCopy):
+            self.disk.write(h.region, in_layout(t, h.layout))
+            home.crc = h.region.crc
+        else:
+            src = in_layout(t, h.layout)
+            h.tensor.copy_(src)
+            home.crc = zlib.crc32(_buffer(src))
+
+    def check(self, home: Home, t: torch.Tensor, changed: bool) -> bool:
+        """Renew the home when t is another tensor (``changed``) or its bytes differ from the
+        ones the home holds; True when it was renewed."""
+        h = home.handle
+        intact = home.crc is not None and not (isinstance(h, DiskCopy) and h.region.crc is None)
+        if not changed and intact and fingerprint(t, h.layout) == home.crc:
+            return False
+        self.renew(home, t)
+        return True
+
+    def distrust_disk(self) -> None:
+        """The offload file failed a check: every disk home is rewritten from the model at its
+        next use."""
+        with self._lock:
+            for home in self._homes.values():
+                if isinstance(home.handle, DiskCopy):
+                    home.crc = None
+
+    def leave(self, user) -> None:
+        """An executor stopped reading its homes; homes nobody reads are released."""
+        with self._lock:
+            for key, home in list(self._homes.items()):
+                home.users.discard(id(user))
+                if not home.users:
+                    self._drop(key)
+
+    def _drop(self, key) -> None:
+        self._release(self._homes.pop(key))
+
+    def _release(self, home: Home) -> None:
+        h = home.handle
+        if isinstance(h, DiskCopy):
+            if self._disk is not None:
+                self._disk.release(h.region)
+        else:
+            self.host.give_back(h.tensor)
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            self._homes.clear()
+            if self._disk is not None:
+                self._disk.close()
+            self.host.trim(0)

@@ -8,31 +8,19 @@ disk traffic goes disk -> pinned host buffer -> device (a two-stage pipe).
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 
 import torch
 
 from ..ir.kinds import LINKS
-from .stores import DiskStore, HostPool, Layout, is_dense
+from .stores import DiskCopy, DiskStore, HostCopy, HostPool, Layout, is_dense
 
-
-@dataclass
-class HostCopy:
-    tensor: torch.Tensor
-    layout: Layout
-    ready: Future | None = None      # set while an offload is still filling it
-    pooled: bool = True              # False for the model's own tensors (never returned)
-
-
-@dataclass
-class DiskCopy:
-    offset: int
-    layout: Layout
-    ready: Future | None = None
-    owned: bool = True               # activation regions are released after use
+__all__ = ["DiskCopy", "HostCopy", "Pending", "Outgoing", "TransferEngine", "TransferStats"]
 
 
 @dataclass
@@ -66,14 +54,34 @@ def _done_future(value=None) -> Future:
 
 
 class TransferEngine:
+    """The copies of one executor. It keeps a ledger of the host buffers and disk regions its
+    current step took and still holds (``buffers``, ``regions``) and of the copies still in
+    flight, so a step that is interrupted or abandoned gives every one of them back
+    (``drain`` then ``release_step``)."""
+
     def __init__(self, device: torch.device, disk: DiskStore | None, host: HostPool):
         self.device = device
         self.cuda = device.type == "cuda"
         self.disk, self.host = disk, host
         self.workers = {link: ThreadPoolExecutor(1, thread_name_prefix=f"memsched-{link}") for link in LINKS}
         self.stats = TransferStats()
+        self.regions: set = set()                  # disk regions of the current step
+        self.buffers: dict = {}                    # host buffers of the current step
+        self._inflight: set[Future] = set()
+        self._inflight_lock = threading.Lock()
         if self.cuda:
             self.streams = {"h2d": torch.cuda.Stream(device), "d2h": torch.cuda.Stream(device)}
+
+    def _submit(self, link: str, fn, *args) -> Future:
+        f = self.workers[link].submit(fn, *args)
+        with self._inflight_lock:
+            self._inflight.add(f)
+        f.add_done_callback(self._forget)
+        return f
+
+    def _forget(self, f: Future) -> None:
+        with self._inflight_lock:
+            self._inflight.discard(f)
 
     # -- device <- host/disk -------------------------------------------------------------
     def fetch(self, src, out: torch.Tensor | None = None) -> Pending:
@@ -85,17 +93,15 @@ class TransferEngine:
             self.stats.bytes_moved["h2d"] += nbytes
             if self.cuda:
                 return self._cuda_h2d(src.tensor, out, src.ready)
-            return Pending(out, self.workers["h2d"].submit(self._copy, out, src.tensor, src.ready))
+            return Pending(out, self._submit("h2d", self._copy, out, src.tensor, src.ready))
         self.stats.bytes_moved["disk_read"] += nbytes
         if not self.cuda:
-            return Pending(out, self.workers["disk_read"].submit(self._read, src, out))
+            return Pending(out, self._submit("disk_read", self._read, src, out))
         self.stats.bytes_moved["h2d"] += nbytes
-        staging = self.host.take(layout)
-        read = self.workers["disk_read"].submit(self._read, src, staging)
-        # the staging buffer goes back to the pool only once the copy out of it has finished
-        pending = self._cuda_h2d(staging, out, read, finished=True)
-        pending.done.add_done_callback(lambda _f: self.host.give_back(staging))
-        return pending
+        staging = self.host.take(layout, owner=self.buffers)
+        read = self._submit("disk_read", self._read, src, staging)
+        # the staging buffer goes back to the pool once the copy out of it has finished
+        return self._cuda_h2d(staging, out, read, finished=True, staging=staging)
 
     def wait(self, pending: Pending) -> torch.Tensor:
         if not pending.done.done():
@@ -113,22 +119,22 @@ class TransferEngine:
         layout = Layout.of(x)
         if tier == "host":
             self.stats.bytes_moved["d2h"] += layout.nbytes
-            dst = self.host.take(layout)
+            dst = self.host.take(layout, owner=self.buffers)
             if self.cuda:
                 done = self._cuda_d2h(x, dst)
             else:
-                done = self.workers["d2h"].submit(self._copy, dst, x, None)
+                done = self._submit("d2h", self._copy, dst, x, None)
             return Outgoing(x, done, HostCopy(dst, layout, done))
-        offset = self.disk.allocate(layout.nbytes)
-        handle = DiskCopy(offset, layout)
+        region = self.disk.allocate(layout.nbytes, owner=self.regions)
+        handle = DiskCopy(region, layout)
         self.stats.bytes_moved["disk_write"] += layout.nbytes
         if self.cuda:
             self.stats.bytes_moved["d2h"] += layout.nbytes
-            staging = self.host.take(layout)
+            staging = self.host.take(layout, owner=self.buffers)
             copied = self._cuda_d2h(x, staging)
-            done = self.workers["disk_write"].submit(self._write_after, copied, staging, offset)
+            done = self._submit("disk_write", self._write_after, copied, staging, region)
         else:
-            done = self.workers["disk_write"].submit(self._write_after, None, x, offset)
+            done = self._submit("disk_write", self._write_after, None, x, region)
         handle.ready = done
         return Outgoing(x, done, handle)
 
@@ -142,27 +148,66 @@ class TransferEngine:
             out.done.result()
 
     def release(self, handle) -> None:
-        """The host/disk copy of an activation is no longer needed."""
+        """The host/disk copy of an activation is no longer needed. A copy still being filled
+        is waited for first, so that its buffer or region is never reused under it."""
+        if handle.ready is not None and not handle.ready.done():
+            _settled(handle.ready)
         if isinstance(handle, HostCopy) and handle.pooled:
             self.host.give_back(handle.tensor)
         elif isinstance(handle, DiskCopy) and handle.owned:
-            self.disk.release(handle.offset, handle.layout.nbytes)
+            self.disk.release(handle.region)
 
     def materialize(self, handle) -> torch.Tensor:
         """A host tensor the caller owns with the contents of an offloaded value (a gradient
         delivered to its parameter's home)."""
-        if handle.ready is not None:
-            handle.ready.result()
-        if isinstance(handle, HostCopy):
-            return handle.tensor  # taken from the pool and never given back: the caller's now
-        out = handle.layout.empty(torch.device("cpu"))
-        self.disk.read_into(handle.offset, out)
-        self.release(handle)
-        return out
+        try:
+            if handle.ready is not None:
+                handle.ready.result()
+            if isinstance(handle, HostCopy):
+                if handle.pooled:
+                    self.host.disown(handle.tensor)  # taken from the pool, never given back: the caller's now
+                return handle.tensor
+            out = handle.layout.empty(torch.device("cpu"))
+            self.disk.read_into(handle.region, out)
+            self.release(handle)
+            return out
+        except BaseException:
+            self.release(handle)
+            raise
+
+    # -- the ledger of a step ------------------------------------------------------------
+    def drain(self) -> None:
+        """Wait until no copy of this engine is in flight (their errors are not raised here)."""
+        while True:
+            with self._inflight_lock:
+                pending = list(self._inflight)
+            if not pending:
+                break
+            for f in pending:
+                _settled(f)
+            with self._inflight_lock:
+                self._inflight.difference_update(pending)
+        if self.cuda:
+            for stream in self.streams.values():
+                stream.synchronize()
+
+    def release_step(self, keep=()) -> None:
+        """Give back every buffer and region the step still holds except those of the handles
+        in ``keep`` (outputs handed to the caller). Call after ``drain``."""
+        kept_regions = {id(h.region) for h in keep if isinstance(h, DiskCopy)}
+        kept_buffers = {h.tensor.untyped_storage().data_ptr() for h in keep if isinstance(h, HostCopy)}
+        for region in list(self.regions):
+            if id(region) not in kept_regions:
+                self.disk.release(region)
+        for key, raw in list(self.buffers.items()):
+            if key not in kept_buffers:
+                self.host.give_back(raw)
 
     def close(self) -> None:
         for w in self.workers.values():
             w.shutdown(wait=True)
+        self.drain()
+        self.release_step()
 
     # -- workers -------------------------------------------------------------------------
     @staticmethod
@@ -174,40 +219,46 @@ class TransferEngine:
     def _read(self, src: DiskCopy, out: torch.Tensor) -> None:
         if src.ready is not None:
             src.ready.result()  # the write of this copy must land before we read it
-        self.disk.read_into(src.offset, out)
+        self.disk.read_into(src.region, out)
 
-    def _write_after(self, copied: Future | None, x: torch.Tensor, offset: int) -> None:
-        if copied is not None:
-            copied.result()
-        src = x if is_dense(x) else x.contiguous()
-        self.disk.write(offset, src)
-        if copied is not None:
-            self.host.give_back(x)
+    def _write_after(self, copied: Future | None, x: torch.Tensor, region) -> None:
+        try:
+            if copied is not None:
+                copied.result()
+            src = x if is_dense(x) else x.contiguous()
+            self.disk.write(region, src)
+        finally:
+            if copied is not None:
+                self.host.give_back(x)
 
     # -- CUDA streams ----------------------------------------------------------------------
     def _cuda_h2d(self, host: torch.Tensor, out: torch.Tensor, ready: Future | None,
-                  finished: bool = False) -> Pending:
+                  finished: bool = False, staging: torch.Tensor | None = None) -> Pending:
         """Copy on the h2d stream once ``ready`` resolved; with ``finished`` the returned future
-        resolves only when the copy itself is done (so its host buffer may be reused)."""
+        resolves only when the copy itself is done (and ``staging`` is back in its pool)."""
         stream = self.streams["h2d"]
         main = torch.cuda.current_stream(self.device)
         event = torch.cuda.Event()
 
         def issue():
-            if ready is not None:
-                ready.result()
-            torch.cuda.set_device(self.device)
-            stream.wait_stream(main)
-            with torch.cuda.stream(stream):
-                out.copy_(host, non_blocking=True)
-                event.record(stream)
-            if finished:
-                event.synchronize()
+            try:
+                if ready is not None:
+                    ready.result()
+                torch.cuda.set_device(self.device)
+                stream.wait_stream(main)
+                with torch.cuda.stream(stream):
+                    out.copy_(host, non_blocking=True)
+                    event.record(stream)
+                if finished:
+                    event.synchronize()
+            finally:
+                if staging is not None:
+                    self.host.give_back(staging)
 
         if not finished and (ready is None or ready.done()):
             issue()
             return Pending(out, _done_future(), event)
-        return Pending(out, self.workers["h2d"].submit(issue), event)
+        return Pending(out, self._submit("h2d", issue), event)
 
     def _cuda_d2h(self, x: torch.Tensor, dst: torch.Tensor) -> Future:
         stream = self.streams["d2h"]
@@ -218,4 +269,9 @@ class TransferEngine:
             dst.copy_(x, non_blocking=True)
             event.record(stream)
         x.record_stream(stream)
-        return self.workers["d2h"].submit(event.synchronize)
+        return self._submit("d2h", event.synchronize)
+
+
+def _settled(f: Future) -> None:
+    """Wait for f, whatever its outcome (its error is not raised here)."""
+    futures_wait([f])

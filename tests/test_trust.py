@@ -1,0 +1,267 @@
+"""Trust: a compiled module never serves stale weights, never drops gradients silently, and
+stays right when called or planned from several threads at once.
+
+Weights are changed after compile in every way PyTorch allows: in place through ``.data``
+(no version bump: caught by the CRC-32 fingerprints of memsched's copies), replaced
+(``p.data = ...``, ``load_state_dict(..., assign=True)``), copied in (``load_state_dict``) and
+stepped by an optimizer; after each change the compiled outputs equal eager bit for bit, with
+the weights homed on disk, on host, or read in place on the device.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+
+import pytest
+import torch
+
+import memsched
+from helpers import assert_outputs_equal, eager
+from train_zoo import build_train
+
+CPU = memsched.get_hardware(None, "cpu")
+HOMES = {
+    "disk": CPU.replace(host_bytes=0),         # at the minimum budget every weight lives on disk
+    "host": CPU.replace(host_bytes=10**9),     # ... or in the host tier
+    "device": CPU.replace(host_bytes=0),       # a roomy budget: the model's own tensors are read
+}
+
+
+def _tiny(seed=0, width=64):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                               torch.nn.ReLU(), torch.nn.Linear(width, 8)).eval()
+
+
+def _min_budget(model, x, hw):
+    try:
+        memsched.plan(model, (x,), budget=1, hardware=hw)
+    except memsched.InfeasibleBudgetError as exc:
+        return exc.min_budget_bytes
+    raise AssertionError("a 1-byte budget was accepted")
+
+
+def _compiled(home, model, x):
+    hw = HOMES[home]
+    budget = 10**9 if home == "device" else _min_budget(model, x, hw)
+    cm = memsched.compile(model, budget, device="cpu", hardware=hw)
+    with torch.no_grad():
+        cm(x)
+    tiers = cm.plan.tier_bytes()
+    assert tiers[home] > 0 and sum(v for k, v in tiers.items() if k != home) == 0, tiers
+    return cm
+
+
+def _check(cm, model, x, what):
+    with torch.no_grad():
+        assert_outputs_equal(cm(x), eager(model, (x,), {})), what
+
+
+def _changes(model):
+    """Each change to the model's weights after compile, as (name, function)."""
+    lin = model[0]
+
+    def data_inplace():
+        for p in model.parameters():
+            p.data.mul_(0.5)                         # no version bump
+
+    def data_copy_one_element():
+        lin.weight.data[3, 5] = 7.0                  # one element, no version bump
+
+    def data_assign():
+        lin.weight.data = torch.randn_like(lin.weight)   # new storage, same Parameter
+
+    def data_assign_strided():
+        w = torch.randn(lin.weight.shape[::-1]).t()      # same shape, other strides
+        lin.weight.data = w
+
+    def assign_state_dict():
+        new = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+        model.load_state_dict(new, assign=True)      # new Parameter objects
+
+    def copy_state_dict():
+        model.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()})
+
+    def optimizer_steps():
+        model.requires_grad_(True)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(3, lin.in_features)).square().mean().backward()
+            opt.step()
+        model.requires_grad_(False)
+
+    def no_grad_inplace():
+        with torch.no_grad():
+            model[2].bias.add_(1.0)                  # a version bump
+
+    return [data_inplace, data_copy_one_element, data_assign, data_assign_strided, assign_state_dict,
+            copy_state_dict, optimizer_steps, no_grad_inplace]
+
+
+@pytest.mark.parametrize("home", list(HOMES))
+def test_changed_weights_are_never_stale(home):
+    model = _tiny()
+    x = torch.randn(4, 64)
+    cm = _compiled(home, model, x)
+    try:
+        for change in _changes(model):
+            change()
+            _check(cm, model, x, change.__name__)
+            _check(cm, model, x, change.__name__ + " (again)")
+    finally:
+        cm.close()
+
+
+def test_every_signature_sees_the_change():
+    """Two signatures share one disk home per weight: a change reaches both."""
+    model = _tiny()
+    xs = [torch.randn(4, 64), torch.randn(7, 64)]
+    hw = HOMES["disk"]
+    cm = memsched.compile(model, _min_budget(model, xs[1], hw), device="cpu", hardware=hw)
+    try:
+        for x in xs:
+            _check(cm, model, x, "first")
+        disk = cm._stores._disk
+        weight_bytes = sum(-(-p.numel() * 4 // 4096) * 4096 for p in model.parameters())
+        assert disk.bytes_in_use == weight_bytes  # each weight written once, not once per signature
+        for change in _changes(model)[:3]:
+            change()
+            for x in xs:
+                _check(cm, model, x, change.__name__)
+    finally:
+        cm.close()
+
+
+@pytest.mark.parametrize("home", ["disk", "device"])
+def test_shape_change_asks_to_compile_again(home):
+    model = _tiny()
+    x = torch.randn(4, 64)
+    cm = _compiled(home, model, x)
+    model[2].weight.data = torch.randn(64, 32)
+    with pytest.raises(RuntimeError, match=r"2\.weight.*compile the model again"):
+        with torch.no_grad():
+            cm(x)
+    model[2].weight.data = torch.randn(64, 64)  # back to the planned shape: fine again
+    _check(cm, model, x, "restored")
+    model[2].weight.data = model[2].weight.data.double()
+    with pytest.raises(RuntimeError, match="float64"):
+        with torch.no_grad():
+            cm(x)
+    cm.close()
+
+
+def test_training_after_assigned_state_dict():
+    """Gradients reach the Parameter objects the model has now, and the new values are used."""
+    model, args, kwargs, loss_fn = build_train("mlp")
+    ref = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p0 = memsched.plan(model, args, budget=10**13, example_kwargs=kwargs, train=True, hardware=HOMES["disk"])
+        cm = memsched.compile(model, p0.min_budget_bytes, train=True, device="cpu", hardware=HOMES["disk"],
+                              time_limit_s=3.0)
+    try:
+        for step in range(3):
+            new = {k: torch.randn_like(v) for k, v in ref.state_dict().items()}
+            ref.load_state_dict(new)
+            model.load_state_dict({k: v.clone() for k, v in new.items()}, assign=True)
+            for m in (ref, cm):
+                for p in (ref if m is ref else model).parameters():
+                    p.grad = None
+                loss = loss_fn(m(*args, **kwargs))
+                loss.backward()
+            for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+                assert q.grad is not None, f"step {step}: {name} got no gradient"
+                assert torch.equal(q.grad, p.grad), f"step {step}: {name}"
+    finally:
+        cm.close()
+
+
+# -- gradients never dropped silently -----------------------------------------------------------
+def test_inference_module_refuses_inputs_requiring_grad():
+    model = _tiny()
+    cm = memsched.compile(model, "1GB", device="cpu")
+    x = torch.randn(4, 64, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"args\[0\].*train=True.*no_grad"):
+        cm(x)
+    with torch.no_grad():
+        assert_outputs_equal(cm(x), eager(model, (x,), {}))
+    assert_outputs_equal(cm(x.detach()), eager(model, (x,), {}))
+    with pytest.raises(RuntimeError, match=r"kwargs\['input'\]"):
+        memsched.compile(_Kw(), "1GB", device="cpu")(input=x)
+    cm.close()
+
+
+class _Kw(torch.nn.Module):
+    def forward(self, input):
+        return input * 2
+
+
+# -- threads ------------------------------------------------------------------------------------
+def _run_threads(*targets):
+    errors = []
+
+    def guard(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+        return run
+
+    threads = [threading.Thread(target=guard(t)) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+def test_two_threads_call_one_module():
+    model = _tiny()
+    hw = HOMES["disk"]
+    inputs = {4: [torch.randn(4, 64) for _ in range(10)], 6: [torch.randn(6, 64) for _ in range(10)]}
+    refs = {b: [eager(model, (x,), {}) for x in xs] for b, xs in inputs.items()}
+    cm = memsched.compile(model, _min_budget(model, inputs[6][0], hw), device="cpu", hardware=hw)
+    results = {b: [] for b in inputs}
+    barrier = threading.Barrier(2)
+
+    def caller(batch):
+        def run():
+            barrier.wait()
+            with torch.no_grad():
+                for x in inputs[batch]:
+                    results[batch].append(cm(x))
+        return run
+
+    _run_threads(caller(4), caller(6))
+    for b in inputs:
+        assert len(results[b]) == 10
+        for out, ref in zip(results[b], refs[b]):
+            assert_outputs_equal(out, ref)
+    assert cm.stats.peak_device_bytes <= cm.budget_bytes
+    cm.close()
+
+
+def test_two_threads_plan_two_modules():
+    models = [_tiny(seed=1), _tiny(seed=2, width=48)]
+    xs = [torch.randn(5, 64), torch.randn(3, 48)]
+    cms = [memsched.compile(m, "1GB", device="cpu") for m in models]
+    outs = [None, None]
+    barrier = threading.Barrier(2)
+
+    def planner(i):
+        def run():
+            barrier.wait()
+            with torch.no_grad():
+                outs[i] = cms[i](xs[i])
+            memsched.plan(models[i], (xs[i],), budget="1GB")
+        return run
+
+    _run_threads(planner(0), planner(1))
+    for m, x, out, cm in zip(models, xs, outs, cms):
+        assert_outputs_equal(out, eager(m, (x,), {}))
+        cm.close()
