@@ -104,7 +104,8 @@ def segments_pass(s: PlanningState) -> str:
 
 
 def placement_pass(s: PlanningState) -> str:
-    s.placement = solve_placement(s.program, s.segments, s.step_time, s.hw, s.budget, time_limit_s=s.time_limit_s)
+    s.placement = solve_placement(s.program, s.segments, s.step_time, s.hw, s.budget, time_limit_s=s.time_limit_s,
+                                  graph=s.captured.gm.graph)
     return s.placement.status
 
 

@@ -59,3 +59,26 @@ def test_training_outputs_are_not_kept():
     gc.collect()
     assert ref() is None
     cm.close()
+
+
+def test_accounting_counts_a_new_storage_at_a_dead_ones_address():
+    """A tracked storage that died without a release, its address reused by the allocator (CUDA
+    reuses addresses at once): the new storage is new bytes, not one more reference."""
+    from memsched.runtime.accounting import DeviceAccountant
+
+    acct = DeviceAccountant(budget=10**6)
+    a = torch.empty(1000, dtype=torch.uint8)
+    acct.track(a)
+    key = a.untyped_storage().data_ptr()
+    nbytes, refs, _ = acct._held[key]
+    # stand in for the allocator reusing the address: the entry's storage is gone
+    dead = torch.empty(8, dtype=torch.uint8).untyped_storage()
+    from torch.multiprocessing.reductions import StorageWeakRef
+    ref = StorageWeakRef(dead)
+    del dead
+    assert ref.expired()
+    acct._held[key] = [nbytes, refs, ref]
+    acct.track(a)                      # a storage at that address again: counted afresh
+    assert acct._held[key][1] == 1 and acct.current == 1000
+    acct.release(a)
+    assert acct.current == 0 and not acct._held

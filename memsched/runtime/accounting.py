@@ -7,6 +7,7 @@ storage (views share it), and released when the program drops its last reference
 from __future__ import annotations
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..ir.units import format_bytes
 from ..errors import BudgetExceededError
@@ -49,7 +50,8 @@ class DeviceAccountant:
         # idle pooled bytes stay within budget - reserve - held: a new allocation (at most
         # ``reserve`` bytes, made before it is tracked) then never takes real memory past the budget
         self.pool_cap = max(budget - reserve, 0)
-        self._held: dict[int, list[int]] = {}  # storage address -> [nbytes, references]
+        # storage address -> [nbytes, references, weak reference to the storage (its identity)]
+        self._held: dict[int, list] = {}
         self.current = 0
         self.peak = 0
         self.pool = pool
@@ -59,11 +61,17 @@ class DeviceAccountant:
         st = t.untyped_storage()
         key = st.data_ptr()
         entry = self._held.get(key)
+        if entry is not None and entry[2].expired():
+            # the storage held at this address died without a release and the allocator gave
+            # the address to a new one (CUDA does at once): the old bytes are gone, these are new
+            del self._held[key]
+            self.current -= entry[0]
+            entry = None
         if entry is None:
             nbytes = st.nbytes()
             if nbytes == 0:
                 return
-            self._held[key] = [nbytes, 1]
+            self._held[key] = [nbytes, 1, StorageWeakRef(st)]
             self.current += nbytes
             if self.pool is not None and self.current + self.pool.idle > self.pool_cap:
                 self.pool.trim(max(self.pool_cap - self.current, 0))

@@ -10,6 +10,7 @@ import numpy as np
 from ...cost_models.hardware import Hardware
 from ...errors import InfeasibleBudgetError
 from ..analysis import Program
+from ..floor import binding_point, op_floor
 from ..segments import Segments
 from .greedy import solve_greedy
 from .mip import solve_mip
@@ -19,14 +20,16 @@ __all__ = ["solve_placement", "solve_greedy", "solve_mip"]
 
 
 def solve_placement(program: Program, segments: Segments, step_time: np.ndarray, hw: Hardware,
-                    budget: int, *, time_limit_s: float = 10.0, use_solver: bool = True) -> Placement:
-    """Choose residency, homes, gap moves and leads; InfeasibleBudgetError before anything runs."""
+                    budget: int, *, time_limit_s: float = 10.0, use_solver: bool = True,
+                    graph=None) -> Placement:
+    """Choose residency, homes, gap moves and leads; InfeasibleBudgetError before anything runs
+    (naming where the minimum binds and the floor when ``graph``, the captured graph, is given)."""
     t0 = time.perf_counter()
     m = PlacementModel(program, segments, step_time, hw, budget)
     # the segment model is conservative; with nothing moved the exact peak is the analysis's
     min_budget = min(m.min_budget(), program.peak_bytes)
     if budget < min_budget:
-        raise InfeasibleBudgetError(budget, min_budget)
+        raise InfeasibleBudgetError(budget, min_budget, _why(m, program, graph))
     if budget >= program.peak_bytes:
         placement = m.placement(set(m.persistent), {}, {g.id: KEEP for g in m.gaps}, set(), "fits")
         placement.min_budget_bytes = min_budget
@@ -71,3 +74,17 @@ def prefer_host(m: PlacementModel, p: Placement) -> None:
             else:
                 p.gap_choice[item] = HOST
     p.objective = m.objective(p.resident, p.home, p.gap_choice, p.early)
+
+
+def _why(m: PlacementModel, program: Program, graph) -> str:
+    """Where the minimum binds and the floor below which no plan exists without splitting ops."""
+    if graph is None:
+        return ""
+    bind = binding_point(program, graph, m.const, m.s.bounds)
+    floor = op_floor(program, graph)
+    parts = []
+    if bind is not None:
+        parts.append(f"the minimum binds at {bind.describe()}")
+    if floor is not None:
+        parts.append(f"the floor (the largest single op's working set) is {floor.describe(2)}")
+    return "; ".join(parts)
