@@ -154,12 +154,26 @@ class Executor:
         rec.home = self.stores.home(rec.name, t, rec.tier, self._token)
         return rec.home.handle
 
+    def _lookup(self, name: str):
+        """The model's tensor called ``name`` now (a parameter, buffer or constant), looked up by
+        its path, so a replaced submodule or Parameter is seen; None when it is gone."""
+        if name in self.captured.constants:
+            return self.captured.constants[name]
+        path, _, leaf = name.rpartition(".")
+        try:
+            mod = self.model.get_submodule(path) if path else self.model
+        except AttributeError:
+            return None
+        t = mod._parameters.get(leaf) if leaf in mod._parameters else mod._buffers.get(leaf)
+        return t if t is not None else getattr(mod, leaf, None)
+
     def _refresh(self) -> None:
         """The model's tensors as they are now: copies of those the user replaced or changed
         (an optimizer step, ``p.data = ...``, ``p.data.mul_(...)``) are renewed."""
-        state = self._state()
         for rec in self._model_slots:
-            cur = state.get(rec.name)
+            cur = self._lookup(rec.name)
+            if not isinstance(cur, torch.Tensor):
+                cur = None
             if cur is None:
                 raise RuntimeError(f"memsched: the model has no tensor {rec.name!r} any more (it had one when "
                                    "this input signature was planned): compile the model again")
