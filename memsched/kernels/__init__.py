@@ -1,0 +1,67 @@
+"""memsched's own fused kernels: Triton, each with a PyTorch fallback.
+
+Every public function picks its implementation by ``backend(*tensors)``: Triton when it imports
+and the tensors are on CUDA, or when ``TRITON_INTERPRET=1`` (Triton's interpreter, on CPU);
+otherwise the PyTorch fallback. ``impl="torch"`` / ``impl="triton"`` forces one.
+
+``PATTERNS`` says, for each kernel, the ATen ops it replaces, for a fusion pass matching the
+captured graph. ``export`` lists the pre-dispatch ops ``torch.export`` gives (the inference
+capture); ``joint`` the decomposed ops of the joint forward+backward trace (make_fx). The
+patterns are data only: nothing here rewrites graphs.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from ._select import Backend, backend
+from .cross_entropy import fused_linear_cross_entropy
+from .norms import layer_norm, rms_norm
+from .rotary import rotary_embedding
+
+__all__ = ["Backend", "KernelPattern", "PATTERNS", "backend", "fused_linear_cross_entropy",
+           "layer_norm", "rms_norm", "rotary_embedding"]
+
+
+class KernelPattern(NamedTuple):
+    kernel: Callable
+    export: tuple[str, ...]  # the chain of ops in torch.export's graph, in order
+    joint: tuple[str, ...]  # the same in a decomposed (make_fx) trace
+    notes: str
+
+
+PATTERNS: dict[str, KernelPattern] = {
+    "rms_norm": KernelPattern(
+        rms_norm,
+        ("aten.to.dtype(float32)", "aten.pow.Tensor_Scalar(2)", "aten.mean.dim(-1, keepdim)",
+         "aten.add.Tensor(eps)", "aten.rsqrt", "aten.mul.Tensor(x)", "aten.to.dtype(x.dtype)",
+         "aten.mul.Tensor(weight)"),
+        ("aten._to_copy?", "aten.pow.Tensor_Scalar", "aten.mean.dim", "aten.add.Tensor",
+         "aten.rsqrt", "aten.mul.Tensor", "aten._to_copy?", "aten.mul.Tensor"),
+        "x -> rms_norm(x, weight, eps); the casts (?) are absent when x is float32; eps is the "
+        "add's scalar; the reduction must be over the last dim only"),
+    "layer_norm": KernelPattern(
+        layer_norm,
+        ("aten.layer_norm(x, [N], weight, bias, eps)",),
+        ("aten.native_layer_norm(x, [N], weight, bias, eps) -> getitem 0",),
+        "normalized_shape must be the last dim only (one dim); weight/bias may be None"),
+    "rotary_embedding": KernelPattern(
+        rotary_embedding,
+        ("aten.unsqueeze(cos, 1)", "aten.unsqueeze(sin, 1)", "aten.mul.Tensor(q, cos)",
+         "aten.slice(q, -1, D/2, end)", "aten.neg", "aten.slice(q, -1, 0, D/2)",
+         "aten.cat([-x2, x1], -1)", "aten.mul.Tensor(_, sin)", "aten.add.Tensor",
+         "(the same five ops from mul for k)"),
+        ("aten.unsqueeze", "aten.mul.Tensor", "aten.slice.Tensor", "aten.neg", "aten.slice.Tensor",
+         "aten.cat", "aten.mul.Tensor", "aten.add.Tensor"),
+        "q and k share cos/sin; one of them alone is rotary_embedding with the other output "
+        "unused; cos/sin must not require grad for the Triton path"),
+    "fused_linear_cross_entropy": KernelPattern(
+        fused_linear_cross_entropy,
+        ("aten.linear(hidden, weight, bias)", "aten.view(-1, V)", "aten.view(target, -1)",
+         "aten.cross_entropy_loss(logits, target, weight=None, reduction, ignore_index, "
+         "label_smoothing=0)"),
+        ("aten.t(weight)", "aten.view(hidden, [-1, H])", "aten.mm | aten.addmm",
+         "aten._unsafe_view", "aten.view(-1, V)", "aten._log_softmax",
+         "aten.nll_loss_forward(logp, target, None, reduction, ignore_index) -> getitem 0"),
+        "the logits must have no other user (else they are materialised anyway); no class "
+        "weights, no label smoothing; reduction codes 0/1/2 = none/mean/sum"),
+}

@@ -1,0 +1,142 @@
+"""The LM head and its cross-entropy in chunks of rows: the [N, vocab] logits never exist.
+
+Forward: per chunk of ``chunk_size`` rows, logits = hidden @ weight.T (+ bias) with
+torch.matmul, then per row the logsumexp (online, over vocabulary blocks in Triton) and the
+loss. Only the per-row loss and logsumexp (float32, [N]) are kept. Backward recomputes each
+chunk's logits, turns them in place into d loss / d logits = (softmax - onehot) * scale, and
+multiplies back: grad_hidden[chunk] = dlogits @ weight, grad_weight += dlogits.T @ hidden[chunk].
+Recomputing (one more matmul per chunk) rather than computing gradients in the forward keeps
+the forward free of a [vocab, hidden] gradient buffer, which matters under a memory budget.
+grad_weight and grad_bias accumulate in float32 across chunks, then take the weight's dtype.
+Peak extra memory: a few [chunk_size, vocab] tensors (the chunk's logits and, in the fallback,
+their float32 copy), plus the float32 [vocab, hidden] accumulator in backward.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._select import triton_kernels, use_triton
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = torch.matmul(h, weight.t())
+    return out.add_(bias) if bias is not None else out
+
+
+def _chunk_loss_torch(logits, target, ignore_index):
+    """PyTorch fallback of the per-chunk kernel: (loss, lse), float32 per row."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=1)
+    valid = target != ignore_index
+    x_t = x.gather(1, torch.where(valid, target, 0)[:, None])[:, 0]
+    return torch.where(valid, lse - x_t, 0.0), lse
+
+
+def _chunk_grad_torch(logits, target, lse, scale):
+    """PyTorch fallback: (softmax - onehot(target)) * scale, in the logits' dtype. Ignored rows
+    have scale 0, so their (clamped) onehot does not matter."""
+    p = torch.exp(logits.float() - lse[:, None])
+    p.scatter_add_(1, target.clamp(min=0)[:, None], -(target >= 0).to(p.dtype)[:, None])
+    return p.mul_(scale[:, None]).to(logits.dtype)
+
+
+def _forward(hidden, weight, bias, target, chunk, ignore_index, triton):
+    """Per-row loss and logsumexp, float32 [N], one chunk of logits at a time."""
+    loss = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(loss)
+    kernels = triton_kernels() if triton else None
+    for start in range(0, hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        logits = _logits(hidden[rows], weight, bias)
+        if triton:
+            loss[rows], lse[rows] = kernels.ce_forward(logits, target[rows], ignore_index)
+        else:
+            loss[rows], lse[rows] = _chunk_loss_torch(logits, target[rows], ignore_index)
+        del logits
+    return loss, lse
+
+
+def _backward(hidden, weight, bias, target, lse, scale, chunk, triton, needs):
+    """(grad_hidden, grad_weight, grad_bias), recomputing each chunk's logits."""
+    want_h, want_w, want_b = needs
+    grad_h = torch.empty_like(hidden) if want_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
+    kernels = triton_kernels() if triton else None
+    for start in range(0, hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        h = hidden[rows]
+        logits = _logits(h, weight, bias)
+        if triton:
+            d = kernels.ce_backward_(logits, target[rows], lse[rows], scale[rows])
+        else:
+            d = _chunk_grad_torch(logits, target[rows], lse[rows], scale[rows])
+        del logits
+        if want_h:
+            grad_h[rows] = torch.matmul(d, weight)
+        if want_w:
+            _accumulate_weight_grad(grad_w, d, h)
+        if want_b:
+            grad_b += d.sum(0, dtype=torch.float32)
+    cast = lambda g, like: g.to(like.dtype) if g is not None else None  # noqa: E731
+    return grad_h, cast(grad_w, weight), cast(grad_b, bias)
+
+
+def _accumulate_weight_grad(acc: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> None:
+    if d.dtype == acc.dtype:
+        acc.addmm_(d.t(), h)
+    else:  # low precision: one product per chunk, summed in float32
+        acc += torch.matmul(d.t(), h).float()
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, chunk, ignore_index, reduction, triton):
+        loss, lse = _forward(hidden, weight, bias, target, chunk, ignore_index, triton)
+        valid = target != ignore_index
+        ctx.save_for_backward(hidden, weight, bias, target, lse, valid)
+        ctx.options = (chunk, reduction, triton)
+        if reduction == "none":
+            return loss.to(hidden.dtype)
+        total = loss.sum()
+        return (total / valid.sum() if reduction == "mean" else total).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, target, lse, valid = ctx.saved_tensors
+        chunk, reduction, triton = ctx.options
+        scale = grad_out.float().expand(hidden.shape[0])
+        if reduction == "mean":
+            scale = scale / valid.sum()
+        scale = torch.where(valid, scale, 0.0).contiguous()
+        grads = _backward(hidden, weight, bias, target, lse, scale, chunk, triton,
+                          ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None)
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                               bias: torch.Tensor | None = None, *, chunk_size: int = 1024,
+                               ignore_index: int = -100, reduction: str = "mean",
+                               impl: str | None = None) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias).flatten(0, -2), target.flatten(), ...)``
+    without the full logits: ``chunk_size`` rows of logits at a time, forward and backward.
+
+    hidden [..., H], weight [V, H], bias [V] or None, target [...] (class indices). The loss
+    has hidden's dtype; with reduction="none" target's shape. ``impl`` forces "torch" or
+    "triton"; None picks by ``memsched.kernels.backend``.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    shape = target.shape
+    h2d = hidden.reshape(-1, hidden.shape[-1])
+    t1d = target.reshape(-1).contiguous()
+    if h2d.shape[0] != t1d.shape[0]:
+        raise ValueError(f"hidden has {h2d.shape[0]} rows but target {t1d.shape[0]} entries")
+    triton = use_triton(impl, hidden, weight, target, bias)
+    loss = _FusedLinearCrossEntropy.apply(h2d, weight, bias, t1d, chunk_size, ignore_index,
+                                          reduction, triton)
+    return loss.reshape(shape) if reduction == "none" else loss
