@@ -31,3 +31,14 @@ class UnsupportedModelError(CaptureError):
 
 class BudgetExceededError(RuntimeError):
     """The runtime's device-tier accounting would pass the budget: a planner bug, never silent."""
+
+
+class PlanFileError(ValueError):
+    """A file (or document) that is not a memsched plan this memsched reads: not JSON, another
+    format, a newer version, or damaged; the message names what is wrong and where. Nothing in
+    a plan file is ever executed or imported: every field is checked against the format."""
+
+
+class TargetError(ValueError):
+    """A CLI target could not be built: its file or module failed to import, or its factory
+    raised; the message names the target and the error (the original is the ``__cause__``)."""

@@ -161,13 +161,15 @@ class Plan:
 
     @classmethod
     def load(cls, path) -> "Plan":
-        """A plan written by ``save``: prints, summarises and verifies without re-solving
-        (PlanFileError for another file or a newer format)."""
+        """A plan written by ``save``: prints, summarises and verifies without re-solving.
+        The file is data: every field is checked before use and nothing in it runs
+        (PlanFileError, a ValueError, for another file, a newer format or a damaged one)."""
         return cls(**load_fields(path))
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "the plan") -> "Plan":
-        """A plan from the saved JSON document (``memsched.io.serialize.plan_to_dict``)."""
+        """A plan from the saved JSON document (``memsched.io.serialize.plan_to_dict``),
+        checked as ``load`` checks a file (PlanFileError)."""
         return cls(**plan_fields(d, source))
 
     def verify(self) -> int:

@@ -8,9 +8,13 @@ list hardware profiles.
     memsched show plan.json --format code
     memsched hardware
 
-Exit codes: 0 ok; 1 a saved plan fails verification (the message names the step);
-2 bad usage, bad budget or target, a model that does not capture, a file that is not a
-memsched plan; 3 a budget below the minimum the model needs (the message names that minimum).
+Exit codes (``EXIT_CODES``; also in every command's help): 0 ok; 1 a plan fails verification
+(the message names the step); 2 the user's error: bad usage, budget, hardware name or target (a
+file or module that does not import, a factory that raises), a model that does not capture, a
+file that is not a readable memsched plan, a plan that does not fit the model, a file that cannot
+be read or written; 3 a budget below the minimum (the message names it); 4 an internal error
+(a bug in memsched); 130 interrupted. Errors are one line on stderr, no traceback: ``--debug``
+lets the exception propagate with its traceback instead.
 """
 from __future__ import annotations
 
@@ -29,15 +33,31 @@ import torch
 from ..api import plan as make_plan
 from ..budget import parse_budget
 from ..cost_models.hardware import get_hardware, list_hardware
-from ..errors import CaptureError, InfeasibleBudgetError
+from ..errors import CaptureError, InfeasibleBudgetError, PlanFileError, TargetError
+from ..io.reapply import PlanMismatchError
 from ..io.serialize import dumps
 from ..ir.units import format_bytes
 from ..plans import Plan
 from ..verify import PlanError, verify_schedule
 from .render import render_hardware, render_plan
 
-EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INFEASIBLE = 0, 1, 2, 3
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INFEASIBLE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 FORMATS = ("table", "json", "code")
+
+EXIT_CODES = """\
+exit codes:
+  0    ok
+  1    a plan fails verification (the message names the step)
+  2    the user's error: bad usage, budget, hardware name or target (a file or module that
+       does not import, a factory that raises), a model that does not capture, a file that
+       is not a readable memsched plan (damaged, from a newer memsched, too large or too
+       deep), a file that cannot be read or written
+  3    a budget below the minimum the model needs (the message names it)
+  4    an internal error: a bug in memsched (the message says so)
+  130  interrupted
+  Errors are one line on stderr, without a traceback; --debug lets the exception propagate
+  with its traceback instead. Output cut short by its reader (| head) is not an error: 0.
+"""
 
 _EPILOG = """\
 targets:
@@ -56,8 +76,7 @@ saving: --format json prints the plan as the JSON that `memsched verify` and `me
 read (and memsched.compile(model, plan="plan.json") runs without solving); -o PATH saves the
 same JSON to PATH (with --format json nothing is printed then; table and code still print).
 
-exit codes: 0 ok, 2 usage / budget / target / capture error, 3 budget below the minimum.
-"""
+""" + EXIT_CODES
 
 
 # ----------------------------------------------------------------------------- parser
@@ -67,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memsched",
         description="Plan PyTorch models to run inside a memory budget (GPU, host RAM, disk).",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"memsched {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -122,8 +142,8 @@ def _add_verify_parser(sub) -> None:
                     "independent verifier: every read after its load and before its free, nothing "
                     "freed twice, every tensor accounted for at the end, device bytes within the "
                     "budget at every step.",
-        epilog="exit codes: 0 the plan verifies, 1 it does not (the message names the step), "
-               "2 the file is not a readable memsched plan or the budget is not valid.")
+        epilog="A plan file is data: it is checked field by field and nothing in it is executed.\n\n"
+               + EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("plan", metavar="PLAN", help="a saved plan (.json)")
     v.add_argument("--budget", "-b", metavar="BUDGET", default=None,
                    help="check against this budget instead of the plan's own (e.g. 512MB, 50%%)")
@@ -133,7 +153,8 @@ def _add_verify_parser(sub) -> None:
 def _add_show_parser(sub) -> None:
     sh = sub.add_parser("show", help="print a saved plan",
                         description="Print a saved plan as `memsched plan` does: summary tables, or the "
-                                    "schedule listing and then the tables.")
+                                    "schedule listing and then the tables.",
+                        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sh.add_argument("plan", metavar="PLAN", help="a saved plan (.json)")
     sh.add_argument("--format", "-f", choices=("table", "code"), default="table",
                     help="table: summary tables (default); code: the schedule listing, then the summary")
@@ -142,10 +163,12 @@ def _add_show_parser(sub) -> None:
 
 def _add_hardware_parser(sub) -> None:
     h = sub.add_parser("hardware", help="list the hardware profiles",
-                       description="List the hardware presets usable with `memsched plan --hardware`.")
+                       description="List the hardware presets usable with `memsched plan --hardware`.",
+                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     h.add_argument("--local", action="store_true",
                    help="also show this machine's calibrated profile (measures it on first use)")
     h.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    h.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
 
 
 def _positive(kind, what: str):
@@ -170,6 +193,8 @@ _positive_float = _positive(float, "a positive number of seconds")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (``EXIT_CODES``). Errors print one line on stderr;
+    with ``--debug`` they propagate with their traceback."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -178,17 +203,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    command = {"hardware": _cmd_hardware, "verify": _cmd_verify, "show": _cmd_show, "plan": _cmd_plan}
     try:
-        if args.command == "hardware":
-            return _cmd_hardware(args)
-        if args.command == "verify":
-            return _cmd_verify(args)
-        if args.command == "show":
-            return _cmd_show(args)
-        return _cmd_plan(args)
+        return command[args.command](args)
     except KeyboardInterrupt:
         print("memsched: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `memsched show plan.json | head`: the reader left, nothing is wrong
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except Exception as e:
+        if getattr(args, "debug", False):
+            raise
+        code, message = _describe_error(e)
+        _error(message)
+        return code
+
+
+def _describe_error(e: Exception) -> tuple[int, str]:
+    """The exit code of an error that reached ``main`` and the line that says what happened."""
+    if isinstance(e, InfeasibleBudgetError):
+        return EXIT_INFEASIBLE, str(e)
+    if isinstance(e, PlanError):
+        return EXIT_INVALID, f"the plan does not verify: {e}"
+    if isinstance(e, CaptureError):
+        return EXIT_USAGE, f"cannot capture the model: {e}"
+    if isinstance(e, (PlanFileError, PlanMismatchError, TargetError, ValueError, NotImplementedError)):
+        return EXIT_USAGE, str(e)
+    if isinstance(e, OSError):
+        where = f" {e.filename}" if e.filename else ""
+        return EXIT_USAGE, f"cannot use{where}: {e.strerror or e}"
+    return EXIT_INTERNAL, (f"internal error (a bug in memsched, please report it): {type(e).__name__}: {e}; "
+                           f"run the command again with --debug for the traceback")
 
 
 def _error(message: str) -> None:
@@ -200,7 +247,13 @@ def _stdout_console():
 
     # Piped output gets a fixed width (rich would use 80) so tables do not wrap.
     width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
-    return Console(file=sys.stdout, width=width, highlight=False, soft_wrap=False)
+    console = Console(file=sys.stdout, width=width, highlight=False, soft_wrap=False)
+    console.on_broken_pipe = _broken_pipe  # not rich's SystemExit(1): main() says what it means
+    return console
+
+
+def _broken_pipe():
+    raise BrokenPipeError("stdout was closed")
 
 
 @contextlib.contextmanager
@@ -234,22 +287,25 @@ def _cmd_plan(args) -> int:
               f"({e.min_budget_bytes} bytes): retry with --budget {_budget_hint(e.min_budget_bytes)}",
               file=sys.stderr)
         return EXIT_INFEASIBLE
-    except (ValueError, CaptureError, NotImplementedError) as e:
-        if args.debug:
-            raise
-        kind = "cannot capture the model" if isinstance(e, CaptureError) else None
-        _error(f"{kind}: {e}" if kind else str(e))
-        return EXIT_USAGE
-
+    if args.output is not None or args.format == "json":
+        try:
+            text = dumps(plan)
+        except PlanFileError as e:  # the program calls something a plan file cannot name
+            if args.debug:
+                raise
+            _error(f"cannot save the plan: {e}")
+            return EXIT_USAGE
     if args.output is not None:
         try:
-            Path(args.output).write_text(dumps(plan))
-        except OSError as e:
-            _error(f"cannot write {args.output}: {e.strerror or e}")
+            Path(args.output).write_text(text)
+        except (OSError, ValueError) as e:
+            if args.debug:
+                raise
+            _error(f"cannot write {args.output}: {getattr(e, 'strerror', None) or e}")
             return EXIT_USAGE
     if args.format == "json":
         if args.output is None:
-            sys.stdout.write(dumps(plan))
+            sys.stdout.write(text)
         return EXIT_OK
     _print_plan(plan, args.format, load_s=load_s)
     return EXIT_OK
@@ -337,28 +393,17 @@ def _json_default(obj):
 # ----------------------------------------------------------------------------- saved plans
 
 
-def _load(args):
-    """The saved plan args.plan names, or None after printing why not."""
-    try:
-        return Plan.load(args.plan)
-    except ValueError as e:  # PlanFileError: not a plan, newer format, damaged, unreadable
-        if args.debug:
-            raise
-        _error(str(e))
-        return None
+def _load(args) -> Plan:
+    """The saved plan args.plan names (PlanFileError: not a plan, newer format, damaged,
+    unreadable; ``main`` prints it and exits 2)."""
+    return Plan.load(args.plan)
 
 
 def _cmd_verify(args) -> int:
     plan = _load(args)
-    if plan is None:
-        return EXIT_USAGE
     budget = plan.budget_bytes
     if args.budget is not None:
-        try:
-            budget = parse_budget(args.budget, plan.hardware.device_bytes)
-        except ValueError as e:
-            _error(str(e))
-            return EXIT_USAGE
+        budget = parse_budget(args.budget, plan.hardware.device_bytes)
     try:
         peak = verify_schedule(plan.graph, budget)
     except PlanError as e:
@@ -374,10 +419,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_show(args) -> int:
-    plan = _load(args)
-    if plan is None:
-        return EXIT_USAGE
-    _print_plan(plan, args.format)
+    _print_plan(_load(args), args.format)
     return EXIT_OK
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..errors import TargetError
+
 __all__ = ["load_target", "TARGET_FORMS"]
 
 TARGET_FORMS = ("path/to/file.py:factory, package.module:factory, hf:<model_type> (e.g. hf:gpt2), "
@@ -41,7 +43,8 @@ _EXAMPLE_TYPES = ("gpt2", "llama", "mistral", "qwen2", "opt", "bert", "t5", "bar
 
 
 def load_target(spec: str, *, batch: int = 1, seq_len: int = 128) -> tuple[nn.Module, tuple, dict, str]:
-    """Build the model a CLI target names, with example inputs; ValueError for a bad spec."""
+    """Build the model a CLI target names, with example inputs; ValueError for a bad spec,
+    TargetError (a ValueError) when the target's own code fails to import or its factory raises."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"empty target: use {TARGET_FORMS}")
     if batch < 1 or seq_len < 1:
@@ -72,7 +75,9 @@ def load_target(spec: str, *, batch: int = 1, seq_len: int = 128) -> tuple[nn.Mo
         raise ValueError(f"target {spec!r}: factory name {factory!r} is not a Python identifier")
 
     if source.endswith(".py") or os.sep in source or "/" in source:
-        module = _import_file(Path(source).expanduser())
+        path = Path(source).expanduser()
+        _check_file(path)
+        module = _user_code(spec, f"importing {source}", _import_file, path)
         where = source
     else:
         if not all(part.isidentifier() for part in source.split(".")):
@@ -80,9 +85,11 @@ def load_target(spec: str, *, batch: int = 1, seq_len: int = 128) -> tuple[nn.Mo
         try:
             module = importlib.import_module(source)
         except ModuleNotFoundError as e:
-            if e.name and source.startswith(e.name):
+            if e.name and (source == e.name or source.startswith(e.name + ".")):
                 raise ValueError(f"target {spec!r}: no module named {e.name!r}") from None
-            raise  # the module exists but one of its own imports failed: let that surface
+            raise TargetError(f"target {spec!r}: importing {source} failed: {_one_line(e)}") from e
+        except Exception as e:  # the module exists but its own code (or one of its imports) failed
+            raise TargetError(f"target {spec!r}: importing {source} failed: {_one_line(e)}") from e
         where = source
 
     fn = getattr(module, factory, None)
@@ -94,18 +101,57 @@ def load_target(spec: str, *, batch: int = 1, seq_len: int = 128) -> tuple[nn.Mo
         raise ValueError(f"target {spec!r}: {where} has no factory {factory!r}{hint}")
     if not callable(fn):
         raise ValueError(f"target {spec!r}: {factory!r} in {where} is not callable")
-    model, args, kwargs = _normalize(_call_factory(fn, batch, seq_len), spec)
+    result = _user_code(spec, f"the factory {factory}()", _call_factory, fn, batch, seq_len)
+    model, args, kwargs = _normalize(result, spec)
     return model, args, kwargs, f"{type(model).__name__} ({spec})"
 
 
 # ----------------------------------------------------------------------------- factories
 
 
-def _import_file(path: Path):
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _user_code(spec: str, what: str, fn, *args):
+    """``fn(*args)``, running the user's code: any exception it raises becomes a TargetError
+    naming the target and what failed (the original is its ``__cause__``, shown by --debug)."""
+    try:
+        return fn(*args)
+    except TargetError:
+        raise
+    except Exception as e:
+        raise TargetError(f"target {spec!r}: {what} failed{_user_frame(e)}: {_one_line(e)}") from e
+
+
+def _user_frame(e: BaseException) -> str:
+    """`` (file.py, line 12)``: the innermost place in the user's own code (not in Python's
+    library, installed packages or memsched) the exception came through, or ""."""
+    if isinstance(e, SyntaxError) and e.filename:
+        return f" ({Path(e.filename).name}, line {e.lineno})"
+    import sysconfig
+
+    skip = tuple(str(Path(p).resolve()) for p in {sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib")})
+    skip += (str(Path(__file__).resolve().parents[1]), "<frozen")
+    where, tb = "", e.__traceback__
+    while tb is not None:
+        file = tb.tb_frame.f_code.co_filename
+        if not file.startswith(skip) and not str(Path(file).resolve()).startswith(skip):
+            where = f" ({Path(file).name}, line {tb.tb_lineno})"
+        tb = tb.tb_next
+    return where
+
+
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise ValueError(f"target file {str(path)!r} does not exist")
     if not path.is_file():
         raise ValueError(f"target {str(path)!r} is not a file")
+
+
+def _import_file(path: Path):
+    _check_file(path)
     path = path.resolve()
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
     name = f"_memsched_target_{path.stem}_{digest}"

@@ -1,2 +1,3 @@
-"""Plans in files: ``serialize`` writes and reads the versioned JSON, ``reapply`` rebuilds a
-saved schedule on a fresh capture of the model."""
+"""Plans in files: ``serialize`` writes and reads the versioned JSON (a file is data, checked
+field by field against the format; nothing in it is executed or imported), ``reapply``
+rebuilds a saved schedule on a fresh capture of the model."""

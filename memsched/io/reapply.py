@@ -7,6 +7,8 @@ capture. Either raises PlanMismatchError naming the first difference. The orches
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.fx as fx
 
@@ -18,6 +20,23 @@ from ..ir.meta import KEY, info
 class PlanMismatchError(ValueError):
     """A saved plan does not fit the model or inputs it is applied to; the message names the
     first difference."""
+
+
+# A loaded program's placeholders are named and targeted by their (checked) node name, so that
+# the code fx generates for the program never holds text from the file; the state key the file
+# gives (the target the capture had) is kept here in the node's meta.
+SAVED_TARGET = "memsched_saved_target"
+
+# Names the runtime's generated code (runtime/codegen.py: values are ``_<node>``, next to its
+# parameters ``_track``/``_release`` and globals ``_c<i>``/``_f<i>``) cannot give a value without
+# shadowing its own. The capture never names an inserted node so; a file that does is refused.
+_RUNTIME_NAMES = re.compile(r"track|release|[cf][0-9]+")
+
+
+def saved_target(n: fx.Node) -> str:
+    """A placeholder's target as captured: the state key a loaded plan keeps beside its graph,
+    or the node's own target in a live plan."""
+    return n.meta.get(SAVED_TARGET, n.target)
 
 
 class _Ref(str):
@@ -47,14 +66,23 @@ def _target_text(n: fx.Node) -> str:
     return f"{module}.{qualname}" if module and qualname else str(t)
 
 
+def _fx_name(name: str) -> str:
+    """The name fx gives a node first called ``name`` in a new graph (``input`` -> ``input_1``)."""
+    return fx.Graph()._graph_namespace.create_name(name, None)
+
+
 def _pair_inputs(ph_saved: list[fx.Node], ph_cap: list[fx.Node]) -> None:
-    """Graph inputs pair by position (a scheduled graph may rename one the capture named after
-    a Python builtin, e.g. input -> input_1; the target keeps the original)."""
+    """Graph inputs pair by position, with the captured target and name (a scheduled graph may
+    rename one the capture named after a Python builtin, e.g. input -> input_1; the target
+    keeps the original). The runtime knows the model's tensors by these names."""
     for i in range(max(len(ph_saved), len(ph_cap))):
-        a = ph_saved[i].target if i < len(ph_saved) else "nothing"
+        a = saved_target(ph_saved[i]) if i < len(ph_saved) else "nothing"
         b = ph_cap[i].target if i < len(ph_cap) else "nothing"
         if a != b:
             raise PlanMismatchError(f"graph input {i}: the plan has {a}, the model captures {b}")
+        s, c = ph_saved[i].name, ph_cap[i].name
+        if s not in (c, _fx_name(c)):
+            raise PlanMismatchError(f"graph input {i} ({b}): the plan names it {s}, the model {c}")
 
 
 def _pair_compute(comp_saved: list[fx.Node], comp_cap: list[fx.Node]) -> None:
@@ -84,6 +112,8 @@ def _origins(saved: fx.GraphModule, captured: Captured) -> dict[str, fx.Node]:
     origin = {s.name: c for s, c in zip(ph_saved, ph_cap)}
     origin.update((s.name, c) for s, c in zip(comp_saved, comp_cap))
     for s in saved_nodes:
+        if ops.is_inserted(s) and _RUNTIME_NAMES.fullmatch(s.name):  # other names are the capture's
+            raise PlanMismatchError(f"{s.name}: the runtime reserves this name; an inserted node cannot have it")
         if ops.op_of(s) in (ops.Op.PREFETCH, ops.Op.WAIT):
             restores = info(s).restores
             if restores not in cap:
@@ -106,8 +136,8 @@ def _origins(saved: fx.GraphModule, captured: Captured) -> dict[str, fx.Node]:
 def apply_plan(saved: fx.GraphModule, captured: Captured) -> fx.GraphModule:
     """The saved schedule rebuilt on a fresh capture of the same model.
 
-    Placeholders and compute nodes take the captured nodes' metadata (their traced values),
-    prefetches and waits the value of what they restore; the inserted ops and every
+    Placeholders and compute nodes take the captured nodes' targets and metadata (their traced
+    values), prefetches and waits the value of what they restore; the inserted ops and every
     ``memsched.*`` annotation come from the saved program. PlanMismatchError names the first
     node where the capture and the plan disagree (inputs, names, targets, arguments, outputs).
     """
@@ -120,13 +150,14 @@ def apply_plan(saved: fx.GraphModule, captured: Captured) -> fx.GraphModule:
         if s.op == "output":
             g.output(args[0])
             continue
-        new = g.create_node(s.op, s.target, args, kwargs, name=s.name)
-        if s.name in origin:
-            source = origin[s.name]
-            if source.op == s.op:  # placeholders and compute nodes: all the captured metadata
-                new.meta.update(source.meta)
-            else:  # prefetch / wait: the value it restores
-                new.meta["val"] = source.meta.get("val")
+        source = origin.get(s.name)
+        # placeholders and compute nodes are the captured ones: their targets, their metadata
+        captured_node = source is not None and source.op == s.op and not ops.is_inserted(s)
+        new = g.create_node(s.op, source.target if captured_node else s.target, args, kwargs, name=s.name)
+        if source is not None and source.op == s.op:  # all the captured metadata
+            new.meta.update(source.meta)
+        elif source is not None:  # prefetch / wait: the value it restores
+            new.meta["val"] = source.meta.get("val")
         new.meta[KEY] = info(s)
         if new.name != s.name:
             raise PlanMismatchError(f"node {s.name!r} could not keep its name (got {new.name!r})")
