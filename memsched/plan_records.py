@@ -54,3 +54,6 @@ class PlacementFacts:
     offloaded_activation_bytes: dict
     notes: tuple = ()
     saved_activations: tuple = ()
+    floor_bytes: int = 0       # the largest single op's working set (0: not known)
+    floor_at: str = ""         # that op and its largest tensors
+    binds_at: str = ""         # where the minimum budget binds and what is held there

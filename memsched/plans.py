@@ -193,7 +193,7 @@ def placement_facts(program: Program, placement: Placement) -> PlacementFacts:
     pl = placement
     return PlacementFacts(pl.status, pl.mip_gap, pl.solve_s, pl.min_budget_bytes, len(pl.gaps),
                           _tier_bytes(program, pl), _offloaded_activation_bytes(program, pl), tuple(pl.notes),
-                          tuple(_saved_activations(program, pl)))
+                          tuple(_saved_activations(program, pl)), pl.floor_bytes, pl.floor_at, pl.binds_at)
 
 
 def _tier_bytes(program: Program, placement: Placement) -> dict:

@@ -40,7 +40,9 @@ from memsched.io.reapply import PlanMismatchError  # noqa: E402
 from memsched.verify import PlanError  # noqa: E402
 
 HW = "t4"
-CANARY = Path(tempfile.gettempdir()) / f"memsched-canary-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+# one name per test run, the same in every pytest-xdist worker (test ids must agree between them)
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", f"{os.getpid()}-{uuid.uuid4().hex}")[:16]
+CANARY = Path(tempfile.gettempdir()) / f"memsched-canary-{_RUN}"
 CODE = f"__import__('os').system('touch {CANARY}')"
 # payloads in every syntactic position a name or target could be pasted into
 PAYLOADS = [

@@ -68,8 +68,18 @@ def plan_section(plan, training: bool) -> Section:
         Row("unconstrained peak", (fb(plan.unconstrained.peak_device_bytes),),
             (plan.unconstrained.peak_device_bytes,)),
         Row("minimum budget", (fb(plan.min_budget_bytes),), (plan.min_budget_bytes,)),
+        *_limit_rows(plan.facts),
     )
     return Section("plan", f"memsched plan for {plan.model_name}", rows)
+
+
+def _limit_rows(facts) -> tuple:
+    """The floor (no plan needs less without splitting an op) and where the minimum binds."""
+    if not facts.floor_bytes:
+        return ()
+    return (Row("floor (largest single op)", (f"{fb(facts.floor_bytes)}: {facts.floor_at}",),
+                (facts.floor_bytes,)),
+            Row("minimum binds at", (facts.binds_at,)))
 
 
 def memory_section(plan) -> Section:

@@ -678,6 +678,8 @@ def _facts_to_dict(facts: PlacementFacts, n_segments: int) -> dict:
     }
     if facts.saved_activations:  # training steps only: inference files stay as they were
         out["saved_activations"] = [_saved_activation(r) for r in facts.saved_activations]
+    if facts.floor_bytes:  # optional: files written before memsched knew the floor lack it
+        out["floor"] = {"bytes": int(facts.floor_bytes), "at": facts.floor_at, "binds_at": facts.binds_at}
     return out
 
 
@@ -800,11 +802,21 @@ def _hardware_from_dict(d, where: str = "hardware") -> Hardware:
     return Hardware(**values)
 
 
+def _floor_from_dict(d, where: str) -> dict:
+    """The optional floor record: its bytes, the op, and where the minimum binds."""
+    if d is None:
+        return {}
+    _fields(d, where, ("bytes", "at", "binds_at"))
+    return {"floor_bytes": _int(d["bytes"], f"{where}.bytes", 0, MAX_BYTES),
+            "floor_at": _text(d["at"], f"{where}.at", MAX_TEXT),
+            "binds_at": _text(d["binds_at"], f"{where}.binds_at", MAX_TEXT)}
+
+
 def _facts_from_dict(pl, where: str = "placement") -> tuple[PlacementFacts, int]:
     """The placement facts and the number of segments."""
     keys = ("status", "mip_gap", "solve_s", "min_budget_bytes", "segments", "movable_gaps", "tier_bytes",
             "offloaded_activation_bytes")
-    _fields(pl, where, keys, (*keys, "notes", "saved_activations"))
+    _fields(pl, where, keys, (*keys, "notes", "saved_activations", "floor"))
     tiers = _fields(pl["tier_bytes"], f"{where}.tier_bytes", ("device", "host", "disk"))
     offloaded = _fields(pl["offloaded_activation_bytes"], f"{where}.offloaded_activation_bytes", ("host", "disk"))
     notes = _list(pl.get("notes", []), f"{where}.notes")
@@ -824,7 +836,8 @@ def _facts_from_dict(pl, where: str = "placement") -> tuple[PlacementFacts, int]
         tier_bytes={k: _int(v, f"{where}.tier_bytes.{k}") for k, v in tiers.items()},
         offloaded_activation_bytes={k: _int(v, f"{where}.offloaded_activation_bytes.{k}")
                                     for k, v in offloaded.items()},
-        notes=tuple(_text(x, f"{where}.notes[{i}]") for i, x in enumerate(notes)), saved_activations=tuple(saved))
+        notes=tuple(_text(x, f"{where}.notes[{i}]") for i, x in enumerate(notes)), saved_activations=tuple(saved),
+        **_floor_from_dict(pl.get("floor"), f"{where}.floor"))
     return facts, _int(pl["segments"], f"{where}.segments", 0, MAX_ITEMS)
 
 

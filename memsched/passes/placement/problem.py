@@ -100,6 +100,9 @@ class Placement:
     n_variables: int = 0
     n_constraints: int = 0
     notes: list[str] = field(default_factory=list)
+    floor_bytes: int = 0        # the largest single op's working set: no plan needs less
+    floor_at: str = ""          # that op, and the largest tensors it touches
+    binds_at: str = ""          # where the minimum budget binds, and what is held there
     alternative: "Placement | None" = None  # the greedy plan the solver improved on, if any
 
 

@@ -28,12 +28,14 @@ def solve_placement(program: Program, segments: Segments, step_time: np.ndarray,
     m = PlacementModel(program, segments, step_time, hw, budget)
     # the segment model is conservative; with nothing moved the exact peak is the analysis's
     min_budget = min(m.min_budget(), program.peak_bytes)
+    bind, floor = _limits(m, program, graph)
     if budget < min_budget:
-        raise InfeasibleBudgetError(budget, min_budget, _why(m, program, graph))
+        raise InfeasibleBudgetError(budget, min_budget, _why(bind, floor))
     if budget >= program.peak_bytes:
         placement = m.placement(set(m.persistent), {}, {g.id: KEEP for g in m.gaps}, set(), "fits")
         placement.min_budget_bytes = min_budget
         placement.solve_s = time.perf_counter() - t0
+        _record_limits(placement, bind, floor)
         return placement
     placement = solve_greedy(m)
     if use_solver and (m.persistent or m.gaps):
@@ -48,6 +50,9 @@ def solve_placement(program: Program, segments: Segments, step_time: np.ndarray,
             prefer_host(m, candidate)
     placement.min_budget_bytes = min_budget
     placement.solve_s = time.perf_counter() - t0
+    for candidate in (placement, placement.alternative):
+        if candidate is not None:
+            _record_limits(candidate, bind, floor)
     return placement
 
 
@@ -76,12 +81,22 @@ def prefer_host(m: PlacementModel, p: Placement) -> None:
     p.objective = m.objective(p.resident, p.home, p.gap_choice, p.early)
 
 
-def _why(m: PlacementModel, program: Program, graph) -> str:
-    """Where the minimum binds and the floor below which no plan exists without splitting ops."""
+def _limits(m: PlacementModel, program: Program, graph):
+    """Where the minimum binds, and the floor (None, None without the captured graph)."""
     if graph is None:
-        return ""
-    bind = binding_point(program, graph, m.const, m.s.bounds)
-    floor = op_floor(program, graph)
+        return None, None
+    return binding_point(program, graph, m.const, m.s.bounds), op_floor(program, graph)
+
+
+def _record_limits(p: Placement, bind, floor) -> None:
+    if floor is not None:
+        p.floor_bytes, p.floor_at = floor.bytes, floor.describe(2)
+    if bind is not None:
+        p.binds_at = bind.describe(3)
+
+
+def _why(bind, floor) -> str:
+    """Where the minimum binds and the floor below which no plan exists without splitting ops."""
     parts = []
     if bind is not None:
         parts.append(f"the minimum binds at {bind.describe()}")
