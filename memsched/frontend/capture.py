@@ -7,6 +7,8 @@ the same way, which is what lets ``memsched.plan`` plan models that were never a
 from __future__ import annotations
 
 import operator
+import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +19,7 @@ from torch.export.graph_signature import InputKind
 from ..errors import CaptureError, UnsupportedModelError
 from ..ir.effects import is_impure
 from ..ir.kinds import PERSISTENT, Kind
+from .fake import eager_meta, share_storages_as_eager
 
 # the kind of each graph input, from the point of view of placement
 _KIND = {
@@ -81,6 +84,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     """Export ``model(*args, **kwargs)`` to an ATen fx graph; CaptureError names what failed."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
+    warn_fast_paths(model)
     ep = export_model(model, args, kwargs)
     _reject_mutations(ep, model)
     gm = ep.graph_module
@@ -92,6 +96,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     _reject_hidden_mutations(gm, model)
     _merge_tied(gm, {p.name for p in placeholders if p.kind in PERSISTENT})
     _normalize(gm)
+    share_storages_as_eager(gm.graph)
     for spec in ep.graph_signature.input_specs:
         if spec.kind not in _KIND:
             raise UnsupportedModelError(f"unsupported graph input kind {spec.kind.name} ({spec.arg})")
@@ -103,14 +108,94 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
     """torch.export (non-strict); CaptureError names the model and the cause."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
+    register_output_types(model)
     try:
-        return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
+        with eager_meta():
+            return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
     except Exception as exc:  # export raises many types; we re-raise one, naming the cause
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(
             f"could not capture {type(model).__name__} with torch.export: "
             f"{type(exc).__name__}: {first}"
         ) from exc
+
+
+class FastPathWarning(UserWarning):
+    """Eager PyTorch runs part of this model on a fused fast path the captured program cannot
+    take: outputs differ from eager's."""
+
+
+def warn_fast_paths(model: torch.nn.Module) -> None:
+    """Warn, naming the modules, when eager PyTorch would run ``nn.TransformerEncoderLayer`` /
+    ``nn.MultiheadAttention`` on their fast path (eval mode, no gradient needed): fused kernels,
+    and under ``nn.TransformerEncoder`` with a ``src_key_padding_mask`` a nested tensor whose
+    padded positions come back as 0. Tracing (FakeTensors) always takes the standard path, so
+    the compiled program's outputs differ from eager's: in the last bits everywhere, and at
+    padded positions entirely. Turning the fast path off makes eager take the standard path too."""
+    if not torch.backends.mha.get_fastpath_enabled():
+        return
+    nn = torch.nn
+    grad = torch.is_grad_enabled()
+    fast, nested = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and _layer_fast_path(m, grad):
+            fast.append(name or "the model itself")
+        elif isinstance(m, nn.MultiheadAttention) and _attention_fast_path(m, grad) and not any(
+                isinstance(p, nn.TransformerEncoderLayer) and p.self_attn is m for p in model.modules()):
+            fast.append(name or "the model itself")
+        elif isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) and not m.training:
+            nested.append(name or "the model itself")
+    if not fast and not nested:
+        return
+    shown = ", ".join((nested + fast)[:4]) + (f" and {len(nested + fast) - 4} more" if len(nested + fast) > 4 else "")
+    padded = (f" {', '.join(nested)} also turns its input into a nested tensor when given a "
+              "src_key_padding_mask, so eager returns 0 at padded positions where the compiled "
+              "program returns other values." if nested else "")
+    warnings.warn(
+        f"memsched: {type(model).__name__} ({shown}) runs on PyTorch's transformer fast path in eager "
+        f"mode here (eval mode, no gradient: fused kernels), which a captured program cannot take; "
+        f"the compiled module takes the standard path, so its outputs differ from eager's in the last "
+        f"bits.{padded} For identical outputs, turn the fast path off before calling either: "
+        f"torch.backends.mha.set_fastpath_enabled(False).", FastPathWarning, stacklevel=4)
+
+
+def _no_grad_needed(m: torch.nn.Module, grad: bool) -> bool:
+    return not (grad and any(p.requires_grad for p in m.parameters()))
+
+
+def _layer_fast_path(m, grad: bool) -> bool:
+    """The static part of ``TransformerEncoderLayer.forward``'s fast-path test."""
+    attn = m.self_attn
+    return (not m.training and attn.batch_first and attn.in_proj_bias is not None and attn._qkv_same_embed_dim
+            and getattr(m, "activation_relu_or_gelu", False) and m.norm1.eps == m.norm2.eps
+            and attn.num_heads % 2 == 0 and _no_grad_needed(m, grad))
+
+
+def _attention_fast_path(m, grad: bool) -> bool:
+    """The static part of ``MultiheadAttention.forward``'s fast-path test (it also needs
+    batched self-attention inputs, which eager checks per call)."""
+    return (not m.training and m.batch_first and m._qkv_same_embed_dim and m.in_proj_bias is not None
+            and m.bias_k is None and not m.add_zero_attn and _no_grad_needed(m, grad))
+
+
+def register_output_types(model: torch.nn.Module) -> None:
+    """Containers a model returns that torch.export must see into: transformers' caches (a
+    ``DynamicCache`` in ``past_key_values`` whenever ``use_cache`` is on, the default). They are
+    registered as pytree nodes, as transformers' own exporter does, so the program returns their
+    tensors and the compiled module hands back the same cache object the model returns. Only
+    when the process has imported transformers: memsched does not depend on it."""
+    if "transformers" not in sys.modules:
+        return
+    try:
+        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+    except ImportError:  # an older transformers: its executorch helper knows DynamicCache
+        try:
+            from transformers.integrations.executorch import register_dynamic_cache_export_support
+        except ImportError:
+            return
+        register_dynamic_cache_export_support()
+        return
+    register_cache_pytrees_for_model(model)
 
 
 def _reject_mutations(ep: ExportedProgram, model: torch.nn.Module) -> None:

@@ -27,6 +27,7 @@ from ..ir.effects import is_impure
 from ..ir.kinds import Kind
 from ..ir.meta import annotate
 from .capture import _ASSERT_OPS, _KIND, Captured, Placeholder, export_model
+from .fake import RNN_LAYER, eager_meta, share_storages_as_eager
 
 
 @dataclass
@@ -87,6 +88,8 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     trace = _Trace(ep.graph_module, slot_of, trained, n_mut, floating)
     joint = trace.run(model, primals, user_vals)
     boundary = _partition(joint, placeholders, len(primals), len(out_vals), trace, floating)
+    share_storages_as_eager(joint.graph)
+    _keep_grad_mode(joint)
     for node, i in zip(list(joint.graph.output_node().args[0])[len(out_vals):], trained):
         if isinstance(node, torch.fx.Node):
             annotate(node, kind=Kind.GRAD, grad_of=placeholders[i].target)
@@ -156,7 +159,8 @@ class _Trace:
                                                  device=_device_of(fake_primals)) for i in self.floating]
         try:
             step = lambda flat_primals, tangents: self.step(flat_primals, tangents)  # noqa: E731  (make_fx counts a bound method's self)
-            return make_fx(step, tracing_mode="real", record_module_stack=False)(fake_primals, fake_tangents)
+            with eager_meta():
+                return make_fx(step, tracing_mode="real", record_module_stack=False)(fake_primals, fake_tangents)
         except UnsupportedModelError:
             raise
         except Exception as exc:  # autograd tracing raises many types; name the cause
@@ -217,6 +221,42 @@ def _insert_boundary(graph: torch.fx.Graph, fwd_last, fwd_outputs, tangents) -> 
         t.replace_all_uses_with(get)
         last = get
     return boundary
+
+
+def _keep_grad_mode(gm: torch.fx.GraphModule) -> None:
+    """Kernels that read grad mode run under the grad mode they were traced in. The step runs
+    with grad mode off (nothing it computes is differentiated by autograd), but
+    ``mkldnn_rnn_layer`` makes the workspace its backward reads only with grad mode on: each
+    such call is wrapped, as export wraps a ``no_grad`` region, in
+    ``wrap_with_set_grad_enabled(True, ...)`` (a higher-order op saved plans know). Never
+    recomputed: the backward's re-run would have grad mode off again."""
+    graph = gm.graph
+    hop = torch.ops.higher_order.wrap_with_set_grad_enabled
+    layers = [n for n in graph.nodes if n.target is RNN_LAYER and _traced_with_workspace(n)]
+    for i, node in enumerate(layers):
+        sub = torch.fx.Graph()
+        inputs = node.all_input_nodes
+        env = {a: sub.placeholder(f"arg{j}") for j, a in enumerate(inputs)}
+        sub.output(sub.call_function(RNN_LAYER, torch.fx.map_arg(node.args, env.get),
+                                     torch.fx.map_arg(node.kwargs, env.get)))
+        name = f"grad_mode_region_{i}"
+        gm.add_submodule(name, torch.fx.GraphModule(torch.nn.Module(), sub, class_name="GradModeRegion"))
+        with graph.inserting_before(node):
+            region = graph.get_attr(name)
+            call = graph.call_function(hop, (True, region, *inputs))
+        call.meta.update(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        call._rename(node.name)
+    if layers:
+        graph.lint()
+        gm.recompile()
+
+
+def _traced_with_workspace(node: torch.fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, (tuple, list)) and len(val) == 4 and isinstance(val[3], torch.Tensor) \
+        and val[3].numel() > 0
 
 
 def _drop_asserts(graph: torch.fx.Graph) -> None:

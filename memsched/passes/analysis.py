@@ -51,7 +51,8 @@ class Value:
     step: int                 # defining step (START for placeholders)
     last_use: int             # last step reading it (its own step if unused; n_steps if an output)
     storages: tuple[int, ...]  # storages of its tensor leaves
-    single_tensor: bool       # a plain tensor (not a tuple/list): can be moved between tiers
+    single_tensor: bool       # a plain tensor (not a tuple/list) a move restores in its own
+                              # memory format (``movable``): can be moved between tiers
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,27 @@ class Program:
 
     def bytes_of(self, kind: str) -> int:
         return sum(b.nbytes for b in self.storages if b.kind == kind)
+
+
+def movable(val) -> bool:
+    """A plain tensor a move can restore in its own memory format, never taking more bytes than
+    its storage: a dense one (its elements fill their span, any dimension order: it comes back
+    with its strides) or a row-major view that skips elements (a slice: it comes back compacted,
+    in the same dimension order). A view that repeats elements (an ``expand``: stride 0) stays
+    on the device: its copy would take more bytes than the storage placement counts (many times
+    more), and come back with other strides than its readers were traced with; so does a view
+    that skips elements in another dimension order (it would come back row-major)."""
+    if not isinstance(val, torch.Tensor):
+        return False
+    dims = [(st, sz) for st, sz in zip(val.stride(), val.shape) if sz != 1]
+    need, dense = 1, True
+    for stride, size in sorted(dims):
+        if stride < need:
+            return False  # overlapping: some element is reached twice
+        dense = dense and stride == need
+        need = stride * size
+    strides = [st for st, _ in dims]
+    return dense or strides == sorted(strides, reverse=True)
 
 
 class _Walk:
@@ -143,7 +165,7 @@ class _Walk:
             raise NotImplementedError(f"unexpected fx node {node.op} {node.target}")
         annotate(node, storages=ids)
         self.values[node.name] = {"step": step, "last_use": step, "storages": ids,
-                                  "single_tensor": isinstance(node.meta.get("val"), torch.Tensor)}
+                                  "single_tensor": movable(node.meta.get("val"))}
 
     def finish(self, output_node: torch.fx.Node) -> tuple[Storage, ...]:
         """The program end reads the outputs; returns the storages."""

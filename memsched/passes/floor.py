@@ -64,8 +64,8 @@ def op_floor(program: Program, graph: fx.Graph) -> Binding | None:
 def binding_point(program: Program, graph: fx.Graph, segment_bytes: np.ndarray, bounds) -> Binding | None:
     """Where a per-segment minimum binds: the segment holding the most constant bytes, at the
     step inside it where the most storages are live, with the largest of them."""
-    if not len(segment_bytes):
-        return None
+    if not len(segment_bytes) or program.n_steps == 0:
+        return None  # nothing runs: there is no step to name
     nodes = {n.name: n for n in graph.nodes}
     j = int(np.argmax(segment_bytes))
     lo, hi = bounds[j], max(bounds[j + 1] - 1, bounds[j])

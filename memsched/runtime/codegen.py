@@ -15,10 +15,16 @@ from ..ir.ops import Op, is_inserted, op_of, register
 from ..ir.tensors import distinct_storage_bytes
 
 
+def _surely_tensor(node: fx.Node) -> bool:
+    """The value is a tensor at run time too: an empty one may come back as None (an undefined
+    optional output, e.g. the workspace of ``mkldnn_rnn_layer``), which ``rt`` handles."""
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.numel() != 0
+
+
 def _plain_tensor(node: fx.Node) -> bool:
     """A compute value holding one tensor that no offload reads."""
-    return (node.op == "call_function" and not is_inserted(node)
-            and isinstance(node.meta.get("val"), torch.Tensor)
+    return (node.op == "call_function" and not is_inserted(node) and _surely_tensor(node)
             and not any(op_of(u) is Op.OFFLOAD for u in node.users))
 
 
@@ -42,20 +48,22 @@ def _free(n, args, r):
 
 
 _EMIT = register("executor", {
-    Op.PREFETCH: lambda n, args, r: f"_{n.name} = rt.prefetch({args})",
+    Op.PREFETCH: lambda n, args, r: f"v_{n.name} = rt.prefetch({args})",
     # the pending handle holds the fetched tensor too: drop it, so the tensor dies when the
     # program frees the waited value (as the accountant counts)
-    Op.WAIT: lambda n, args, r: f"_{n.name} = rt.wait({args}); del {args}",
-    Op.OFFLOAD: lambda n, args, r: f"_{n.name} = rt.offload({args})",
+    Op.WAIT: lambda n, args, r: f"v_{n.name} = rt.wait({args}); del {args}",
+    Op.OFFLOAD: lambda n, args, r: f"v_{n.name} = rt.offload({args})",
     Op.FREE: _free,
     # a training step: hand the forward outputs over, resume with their gradients
-    Op.BOUNDARY: lambda n, args, r: (f"_{n.name} = yield ({args}{',' if len(n.args) == 1 else ''}); "
-                                     f"rt.track(_{n.name})"),
+    Op.BOUNDARY: lambda n, args, r: (f"v_{n.name} = yield ({args}{',' if len(n.args) == 1 else ''}); "
+                                     f"rt.track(v_{n.name})"),
 })
 
 
 class _Renderer:
-    """Names values ``_<node>`` and keeps constants Python has no literal for as globals."""
+    """Names values ``v_<node>`` (never a name of the runtime's own: ``rt``, ``inputs``,
+    ``_track``, ``_release``, constants ``_c<i>``, functions ``_f<i>``) and keeps constants
+    Python has no literal for as globals."""
 
     def __init__(self, device: torch.device | None):
         self.device = device
@@ -78,10 +86,10 @@ class _Renderer:
         return self.const(a)
 
     def arg(self, a) -> str:
-        return format_arg(a, lambda n: "_" + n.name, self.constant)
+        return format_arg(a, lambda n: "v_" + n.name, self.constant)
 
     def args(self, n: fx.Node) -> str:
-        return format_args(n, lambda x: "_" + x.name, self.constant)
+        return format_args(n, lambda x: "v_" + x.name, self.constant)
 
     def fn(self, target) -> str:
         key = id(target)
@@ -100,18 +108,18 @@ def generate_source(gm: fx.GraphModule, device: torch.device | None = None,
     body = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, n in enumerate(placeholders):
-        body.append(f"_{n.name} = inputs[{i}]")
+        body.append(f"v_{n.name} = inputs[{i}]")
     for n in gm.graph.nodes:
         op = op_of(n)
         if op is not None:
             body.append(_EMIT[op](n, r.args(n), r))
         elif n.op == "call_function":
-            track = "_track" if isinstance(n.meta.get("val"), torch.Tensor) else "rt.track"
+            track = "_track" if _surely_tensor(n) else "rt.track"
             size = allocates(n)
             room = f"rt.make_room({size}); " if room_for is not None and size > room_for else ""
-            body.append(f"{room}_{n.name} = {r.fn(n.target)}({r.args(n)}); {track}(_{n.name})")
+            body.append(f"{room}v_{n.name} = {r.fn(n.target)}({r.args(n)}); {track}(v_{n.name})")
         elif n.op == "get_attr":  # submodules of higher-order ops
-            body.append(f"_{n.name} = {r.const(getattr(gm, n.target))}")
+            body.append(f"v_{n.name} = {r.const(getattr(gm, n.target))}")
         elif n.op == "output":
             body.append(f"return {r.arg(n.args[0])}")
     src = "def program(rt, inputs, _track, _release):\n" + "\n".join("    " + line for line in body) + "\n"

@@ -85,7 +85,9 @@ def _fetch_split(f: Formulation, key: FetchKey, tiers: dict, c: int, nbytes: flo
         f.leads[key] = None
         return
     name = f"lead_{key.kind}{key.item}"
-    lead = solver.NumVar(0, 1, name)
+    # binary: a fetch is issued early or not (a fractional lead would price a fetch as hidden
+    # that the decoded plan issues late, and stalls on)
+    lead = solver.BoolVar(name)
     solver.Add(lead <= lead_cap)
     parts = []
     for tier, amount in tiers.items():
@@ -279,8 +281,7 @@ def _decode(f: Formulation) -> tuple[set, dict, dict, set]:
             choice[g.id] = REFETCH
         else:
             choice[g.id] = HOST if (f.has_host and f.oh[g.id].solution_value() > 0.5) else DISK
-    # a fractional lead (the LP may split a fetch) is rounded down: later, never over budget
-    early = {key for key, v in f.leads.items() if v is not None and v.solution_value() > 1 - 1e-6}
+    early = {key for key, v in f.leads.items() if v is not None and v.solution_value() > 0.5}
     early = {k for k in early if (k.kind == "init" and k.item not in resident)
              or (k.kind == "gap" and choice[k.item] != KEEP)}
     return resident, home, choice, early
@@ -297,7 +298,11 @@ def solve_mip(m: PlacementModel, warm: Placement | None, deadline: float) -> Pla
     if warm is not None:
         _set_hints(f, warm)
     f.solver.SetTimeLimit(int(max(deadline - time.perf_counter(), 0.1) * 1000))
-    status = f.solver.Solve()
+    params = pywraplp.MPSolverParameters()
+    # SCIP's default relative gap (1e-4) stops at plans a transfer-price tie-break away from
+    # the optimum; the time limit bounds the search either way
+    params.SetDoubleParam(pywraplp.MPSolverParameters.RELATIVE_MIP_GAP, 1e-7)
+    status = f.solver.Solve(params)
     names = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "feasible"}
     if status not in names:
         return None

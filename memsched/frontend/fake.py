@@ -1,0 +1,262 @@
+"""Traced metadata that matches eager on a CPU device.
+
+Capture runs the model on FakeTensors, whose sizes and strides come from meta kernels and
+Python reimplementations. Where those differ from what the CPU kernels give (PyTorch 2.13),
+the plan would count other bytes than the run holds, or hand an op a layout it did not trace:
+
+* ``view``/``_unsafe_view`` rebuild the stride of a size-1 dimension differently from
+  eager's ``computeStride`` (pytorch/pytorch#124181);
+* an elementwise op given a Python number (``x / 8``, ``x + 1``) leaves the number out of
+  the meta TensorIterator, so a channels-last-looking input takes its channels-last fast
+  path, while on a CPU the number is a 0-dim operand and the output keeps the input's strides;
+* ``mkldnn_rnn_layer`` (``nn.LSTM`` on a CPU) traces an empty workspace, while in a training
+  forward (grad mode on, ``train=True``) the kernel returns one its backward reads.
+
+The stride of a size-1 dimension never moves an element, but it decides
+``suggest_memory_format``: a ``group_norm`` decomposed while tracing a training step skipped
+the ``contiguous()`` eager makes, and the real tensor then failed ``native_group_norm``'s
+layout check (and a layout-dependent kernel would not give eager's bits). Inside
+``eager_meta()`` all three give what eager gives. Only strides of size-1 dimensions are ever
+changed, so a traced value still addresses the same elements; anything this does not
+recognise is traced as PyTorch traces it.
+"""
+from __future__ import annotations
+
+import contextlib
+from numbers import Number
+
+import torch
+import torch.utils._pytree as pytree
+
+RNN_LAYER = torch.ops.aten.mkldnn_rnn_layer.default
+_PROBE = ((1, 2, 2, 2), (2, 1, 4, 2))  # a layout whose fast path and general path differ
+_wraps_numbers: dict = {}               # (op, where its numbers are) -> does a CPU run wrap them
+_workspaces: dict = {}                  # mkldnn_rnn_layer arguments -> (workspace elements, dtype)
+_UNANNOTATED_VIEWS = {torch.ops.aten._unsafe_view.default}  # no alias annotation, yet a view
+
+
+@contextlib.contextmanager
+def eager_meta():
+    """Within the block, FakeTensors get eager's CPU strides for views and for elementwise ops
+    with number operands, and RNN layers their workspace (see the module docstring)."""
+    try:
+        from torch._subclasses import fake_impls
+        from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+        table, checks = fake_impls.op_implementations_dict, fake_impls.op_implementations_checks
+        compute_stride = fake_impls._compute_stride
+    except (ImportError, AttributeError):  # another torch: trace as it does
+        yield
+        return
+    views = {op: table[op] for op in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+             if op in table}
+
+    def view(fake_mode, func, a, *shape, **kwargs):
+        out = views[func](fake_mode, func, a, *shape, **kwargs)
+        return _restride_view(out, a, compute_stride)
+
+    def fix(fake_mode, func, *args, **kwargs):
+        if func is RNN_LAYER:
+            return _rnn_layer(fake_mode, args, kwargs, FakeTensor)
+        return _pointwise(fake_mode, func, args, kwargs, FakeTensor)
+
+    entry = (_handled, fix)
+    FakeTensorMode.cache_clear()  # results traced before are cached with PyTorch's strides
+    table.update(dict.fromkeys(views, view))
+    checks.insert(0, entry)
+    try:
+        yield
+    finally:
+        table.update(views)
+        if entry in checks:
+            checks.remove(entry)
+        FakeTensorMode.cache_clear()
+
+
+def _ints(*seqs) -> bool:
+    return all(type(d) is int for s in seqs for d in s)
+
+
+def _size1_only(new, old, shape) -> bool:
+    """``new`` differs from ``old`` only in strides of size-1 dimensions."""
+    return all(s == t or n == 1 for s, t, n in zip(new, old, shape))
+
+
+def _restride_view(out, a, compute_stride):
+    if not isinstance(out, torch.Tensor) or not _ints(a.shape, a.stride(), out.shape, out.stride()):
+        return out  # symbolic sizes: as traced
+    try:
+        stride = compute_stride(list(a.shape), list(a.stride()), list(out.shape))
+    except Exception:  # noqa: BLE001  (a private helper of torch: any failure keeps the traced view)
+        return out
+    if stride is None or tuple(stride) == tuple(out.stride()) or not _size1_only(stride, out.stride(), out.shape):
+        return out
+    return out.as_strided(out.shape, stride, out.storage_offset())
+
+
+def _handled(func) -> bool:
+    return func is RNN_LAYER or (isinstance(func, torch._ops.OpOverload) and torch.Tag.pointwise in func.tags)
+
+
+def _general_strides(shape, stride) -> tuple:
+    """The strides the CPU TensorIterator gives an elementwise op of one tensor and a 0-dim
+    operand (no fast path): the meta kernel with a 0-dim meta tensor computes them."""
+    x = torch.empty_strided(shape, stride, device="meta")
+    return tuple(torch.ops.aten.add.Tensor(x, torch.empty((), device="meta")).stride())
+
+
+def _on(device, args, kwargs, layout=None):
+    """args/kwargs with every tensor made on ``device`` (real ones filled with ones), in its own
+    layout or, for tensors with dimensions, in ``layout``."""
+    def make(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        shape, stride = (a.shape, a.stride()) if layout is None or a.dim() == 0 else layout
+        t = torch.empty_strided(shape, stride, dtype=a.dtype, device=device)
+        return t.fill_(1) if device == "cpu" else t
+    return pytree.tree_map(make, (args, kwargs))
+
+
+def _wraps(func, args, kwargs, key) -> bool:
+    """Does this op on a CPU make its numbers 0-dim operands? Asked once per op, of a 16-byte
+    probe: its real strides against the fast path's and the general path's."""
+    if key not in _wraps_numbers:
+        try:
+            pa, pk = _on("cpu", args, kwargs, _PROBE)
+            real = func(*pa, **pk)
+            ma, mk = _on("meta", args, kwargs, _PROBE)
+            fast = func(*ma, **mk)
+            _wraps_numbers[key] = (tuple(real.stride()) == _general_strides(*_PROBE) != tuple(fast.stride()))
+        except Exception:  # noqa: BLE001  (any op that cannot run on the probe is left as traced)
+            _wraps_numbers[key] = False
+    return _wraps_numbers[key]
+
+
+def _pointwise(mode, func, args, kwargs, fake_cls):
+    """An elementwise op with number operands on CPU FakeTensors: the strides a CPU run gives,
+    when they differ from the meta kernel's in size-1 dimensions only; else NotImplemented
+    (PyTorch's own fake kernel runs)."""
+    from torch.utils._mode_utils import no_dispatch
+
+    flat = pytree.tree_leaves((args, kwargs))
+    numbers = tuple(i for i, a in enumerate(flat) if isinstance(a, Number) and not isinstance(a, bool))
+    tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+    full = [t for t in tensors if t.dim() > 0]
+    if not numbers or not full or not all(isinstance(t, fake_cls) and t.device.type == "cpu" for t in tensors):
+        return NotImplemented
+    shape, stride = tuple(full[0].shape), tuple(full[0].stride())
+    if len(shape) < 2 or 1 not in shape or not _ints(shape, stride) or any(
+            tuple(t.shape) != shape or tuple(t.stride()) != stride for t in full):
+        return NotImplemented
+    with no_dispatch():
+        if not _wraps(func, args, kwargs, (func, numbers)):
+            return NotImplemented
+        ma, mk = _on("meta", args, kwargs)
+        out = func(*ma, **mk)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
+            return NotImplemented
+        want = _general_strides(shape, stride)
+        if want == tuple(out.stride()) or not _size1_only(want, out.stride(), shape):
+            return NotImplemented
+        meta = torch.empty_strided(shape, want, dtype=out.dtype, device="meta")
+    return fake_cls(mode, meta, device=full[0].device)
+
+
+def _rnn_layer(mode, args, kwargs, fake_cls):
+    """``mkldnn_rnn_layer`` in a training forward: its outputs as the meta kernel says, with the
+    workspace the CPU kernel makes. Its size is oneDNN's: asked once per shape, of a run on
+    zeros (host memory for one layer's inputs and outputs, for a moment). In inference, or off
+    a CPU, NotImplemented (PyTorch's own fake kernel runs)."""
+    from torch.utils._mode_utils import no_dispatch
+
+    values = dict(zip([a.name for a in RNN_LAYER._schema.arguments], args), **kwargs)
+    tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    if not (values.get("train") and torch.is_grad_enabled() and tensors
+            and all(isinstance(t, fake_cls) and t.device.type == "cpu" for t in tensors)):
+        return NotImplemented
+    key = str(pytree.tree_map(lambda a: (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a,
+                              (tuple(args), sorted(kwargs.items()))))
+    with no_dispatch():
+        if key not in _workspaces:
+            try:
+                ra, rk = pytree.tree_map(lambda a: torch.zeros(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor)
+                                         else a, (args, kwargs))
+                with torch.enable_grad():
+                    ws = RNN_LAYER(*ra, **rk)[3]
+                _workspaces[key] = None if ws is None else (ws.numel(), ws.dtype)
+            except Exception:  # noqa: BLE001  (no oneDNN here: traced as PyTorch traces it)
+                _workspaces[key] = None
+        if _workspaces[key] is None:
+            return NotImplemented
+        ma, mk = _on("meta", args, kwargs)
+        outs = RNN_LAYER(*ma, **mk)
+        numel, dtype = _workspaces[key]
+        outs = (*outs[:3], torch.empty(numel, dtype=dtype, device="meta"))
+    return tuple(fake_cls(mode, o, device=tensors[0].device) for o in outs)
+
+
+def share_storages_as_eager(graph: torch.fx.Graph) -> None:
+    """Which outputs own fresh storage and which share an input's, as the real kernels do: the
+    plan counts bytes per storage, so a traced value must share storage exactly when the run's
+    does. A view op whose traced output has a storage of its own (``select`` of the hidden
+    state in a traced ``nn.LSTM``) is traced again on its input; outputs the schema says are
+    fresh, whose meta kernel returns one tensor twice or an input
+    (``mkldnn_rnn_layer_backward``'s two bias gradients), get a fresh tensor each."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def key(t):
+        return StorageWeakRef(t.untyped_storage())
+
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        val = node.meta.get("val")
+        leaves = list(val) if isinstance(val, (tuple, list)) else [val]
+        inputs = {key(t) for a in node.all_input_nodes
+                  for t in pytree.tree_leaves(a.meta.get("val")) if isinstance(t, torch.Tensor)}
+        returns = node.target._schema.returns
+        if all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+            if any(isinstance(t, torch.Tensor) and key(t) not in inputs for t in leaves):
+                _set_val(node, _retrace(node), leaves)
+        elif not any(r.alias_info is not None for r in returns) and node.target not in _UNANNOTATED_VIEWS:
+            seen, fresh = set(inputs), list(leaves)
+            for i, t in enumerate(leaves):
+                if isinstance(t, torch.Tensor):
+                    if key(t) in seen:
+                        fresh[i] = _fresh_like(t)
+                    seen.add(key(t))
+            _set_val(node, fresh, leaves)
+
+
+def _retrace(node: torch.fx.Node) -> list | None:
+    """The node's op run again on its inputs' traced values (None if that fails)."""
+    vals = [a.meta.get("val") for a in node.all_input_nodes]
+    mode = next((t.fake_mode for t in pytree.tree_leaves(vals) if hasattr(t, "fake_mode")), None)
+    if mode is None:
+        return None
+    try:
+        with mode:
+            out = node.target(*torch.fx.map_arg(node.args, lambda a: a.meta["val"]),
+                              **torch.fx.map_arg(node.kwargs, lambda a: a.meta["val"]))
+    except Exception:  # noqa: BLE001  (left as traced)
+        return None
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _set_val(node: torch.fx.Node, new: list | None, old: list) -> None:
+    """Replace the node's traced value (leaf by leaf) and its getitems' values."""
+    import operator
+
+    if new is None or len(new) != len(old) or all(a is b for a, b in zip(new, old)):
+        return
+    val = node.meta["val"]
+    node.meta["val"] = type(val)(new) if isinstance(val, (tuple, list)) else new[0]
+    for user in node.users:
+        if user.target is operator.getitem and isinstance(user.args[1], int) and new[user.args[1]] is not old[user.args[1]]:
+            user.meta["val"] = new[user.args[1]]
+
+
+def _fresh_like(t: torch.Tensor) -> torch.Tensor:
+    mode = getattr(t, "fake_mode", None)
+    with mode if mode is not None else contextlib.nullcontext():
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                   device=t.device if mode is not None else "meta")

@@ -1,0 +1,369 @@
+"""Regressions found by running memsched over a zoo of 33 models, each reproduced on a small
+model this suite owns (plain torch modules written here, or transformers tiny configs).
+
+* a training step handed ``native_group_norm`` a tensor with other strides than eager's (the
+  traced FakeTensor strides of size-1 dimensions differed from eager's; diffusers'
+  ``AutoencoderKL`` at batch 1);
+* an op with an output that is None at run time (``nn.LSTM``'s ``mkldnn_rnn_layer``
+  workspace, made only in a training forward);
+* the plan under-counted a moved expanded view (DeBERTa-v2's relative positions);
+* ``nn.TransformerEncoder``'s fast path in eager, which a captured program cannot take;
+* transformers models returning a ``DynamicCache`` (``use_cache=True``, their default).
+
+Every training step is compared with eager PyTorch bit for bit (loss and every gradient) at
+100 % of its unconstrained training peak, at about half of it and at its minimum budget, and
+the measured device peak stays within the budget.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import memsched
+from helpers import assert_outputs_equal
+
+FRACTIONS = (1.0, 0.5, "min")
+
+
+# -- the models --------------------------------------------------------------------------------
+class AttnGroupNorm(nn.Module):
+    """diffusers' VAE attention block at batch 1: tokens back to (1, C, H, W) through a
+    transpose and a view, a residual add, a rescale by a Python number, then a GroupNorm."""
+
+    def __init__(self, c: int = 32, groups: int = 8):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, c, 3, padding=1)
+        self.norm1 = nn.GroupNorm(groups, c)
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(c, c) for _ in range(4))
+        self.norm2 = nn.GroupNorm(groups, c)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        b, c, hh, ww = h.shape
+        t = self.norm1(h).view(b, c, hh * ww).transpose(1, 2)
+        a = F.scaled_dot_product_attention(self.to_q(t), self.to_k(t), self.to_v(t))
+        a = self.to_out(a).transpose(-1, -2).reshape(b, c, hh, ww)
+        h = (a + h) / 1.0
+        return self.conv_out(F.silu(self.norm2(h)))
+
+
+class LstmLM(nn.Module):
+    """A two-layer LSTM language model (``mkldnn_rnn_layer`` on a CPU)."""
+
+    def __init__(self, vocab: int = 50, d: int = 16, hidden: int = 32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.lstm = nn.LSTM(d, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, ids):
+        h, _ = self.lstm(self.emb(ids))
+        return F.cross_entropy(self.head(h).flatten(0, 1), ids.flatten())
+
+
+class ExpandedSaved(nn.Module):
+    """An expanded view (stride 0) of a small tensor, saved for the backward across every
+    layer while nothing else holds its storage: DeBERTa's relative-position pattern."""
+
+    def __init__(self, d: int = 64, n: int = 6):
+        super().__init__()
+        self.rel = nn.Parameter(torch.randn(d, d) / d)
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+
+    def forward(self, x):
+        rel = (self.rel * 2).unsqueeze(0).expand(x.shape[0], -1, -1)
+        h = torch.bmm(self.layers[0](x), rel)
+        for layer in self.layers[1:]:
+            h = F.gelu(layer(h))
+        return h.square().mean()
+
+
+def _seeded(module_fn):
+    torch.manual_seed(0)
+    return module_fn().train().requires_grad_(True)
+
+
+def _attn_groupnorm():
+    model, x = _seeded(AttnGroupNorm), torch.randn(1, 3, 16, 16)
+    return model, (x,), {}, lambda out: (out - x).square().mean()
+
+
+def _lstm_lm():
+    model = _seeded(LstmLM)
+    return model, (torch.randint(0, 50, (2, 8)),), {}, lambda loss: loss
+
+
+def _expanded_saved():
+    model = _seeded(ExpandedSaved)
+    return model, (torch.randn(32, 16, 64),), {}, lambda loss: loss
+
+
+def _deberta_v2():
+    from transformers import DebertaV2Config, DebertaV2ForMaskedLM
+
+    cfg = DebertaV2Config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0, pooler_hidden_size=32, relative_attention=True,
+                          position_buckets=16, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+                          share_att_key=True, max_relative_positions=-1)
+    model = _seeded(lambda: _quiet(DebertaV2ForMaskedLM, cfg))
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(1))
+    return model, (), {"input_ids": ids, "labels": ids}, lambda out: out.loss
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=99, eos_token_id=99)
+    return _quiet(GPT2LMHeadModel, cfg)
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      bos_token_id=1, eos_token_id=2)
+    return _quiet(LlamaForCausalLM, cfg)
+
+
+def _quiet(cls, cfg):
+    from memsched.cli.targets import quiet_transformers
+
+    with quiet_transformers():
+        return cls(cfg)
+
+
+def _hf_train(build):
+    def make():
+        model = _seeded(build)
+        assert model.config.use_cache  # the default: a DynamicCache comes back
+        ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+        return model, (), {"input_ids": ids, "labels": ids}, lambda out: out.loss
+    return make
+
+
+TRAIN = {
+    "attn_groupnorm_batch1": _attn_groupnorm,
+    "lstm_lm": _lstm_lm,
+    "expanded_saved": _expanded_saved,
+    "deberta_v2_relative": _deberta_v2,
+    "gpt2_use_cache": _hf_train(_gpt2),
+    "llama_use_cache": _hf_train(_llama),
+}
+
+
+# -- training steps equal eager inside the budget ------------------------------------------------
+@functools.cache
+def _training_peak(name) -> tuple[int, int]:
+    model, args, kwargs, _ = TRAIN[name]()
+    plan = memsched.plan(model, args, budget=10**13, example_kwargs=kwargs, train=True)
+    return plan.program.peak_bytes, plan.min_budget_bytes
+
+
+def _compile(model, budget, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return memsched.compile(model, budget, device="cpu", time_limit_s=3.0, **kw)
+
+
+def _assert_same_grads(ref, model):
+    for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+        if p.grad is None:
+            assert q.grad is None, f"{name}: memsched produced a gradient eager did not"
+            continue
+        assert q.grad is not None, f"{name}: no gradient"
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("frac", FRACTIONS, ids=str)
+@pytest.mark.parametrize("name", list(TRAIN))
+def test_training_step_matches_eager(name, frac):
+    model, args, kwargs, loss_fn = TRAIN[name]()
+    peak, minimum = _training_peak(name)
+    budget = minimum if frac == "min" else int(peak * frac)
+    if budget < minimum:  # below the minimum: refused before anything runs
+        with pytest.raises(memsched.InfeasibleBudgetError) as err:
+            memsched.plan(model, args, budget=budget, example_kwargs=kwargs, train=True)
+        assert err.value.min_budget_bytes == minimum
+        return
+    ref = copy.deepcopy(model)
+    torch.manual_seed(0)
+    want = loss_fn(ref(*args, **kwargs))
+    want.backward()
+    cm = _compile(model, budget, train=True)
+    try:
+        torch.manual_seed(0)
+        out = cm(*args, **kwargs)
+        loss = loss_fn(out)
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), want.detach(), rtol=0, atol=0)
+        _assert_same_grads(ref, model)
+        assert cm.plan.verify() <= budget
+        assert cm.stats.peak_device_bytes <= budget, cm.stats
+        if name.endswith("use_cache"):
+            assert type(out.past_key_values).__name__ == "DynamicCache"
+    finally:
+        cm.close()
+
+
+@pytest.mark.parametrize("frac", (1.0, 0.5), ids=str)
+def test_diffusers_autoencoder_kl_training_step(frac):
+    """The model the first regression was found on, when diffusers is installed."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+        latent_channels=4, norm_num_groups=32, sample_size=32).train()
+    x = torch.randn(1, 3, 32, 32)
+    ref = copy.deepcopy(vae)
+    want = (ref(x).sample - x).square().mean()
+    want.backward()
+    peak = memsched.plan(vae, (x,), budget=10**13, train=True).program.peak_bytes
+    cm = _compile(vae, int(peak * frac), train=True)
+    try:
+        loss = (cm(x).sample - x).square().mean()
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), want.detach(), rtol=0, atol=0)
+        _assert_same_grads(ref, vae)
+        assert cm.stats.peak_device_bytes <= int(peak * frac)
+    finally:
+        cm.close()
+
+
+# -- what the traced metadata must agree on with eager -------------------------------------------
+def test_traced_strides_of_size1_dimensions_are_eager_strides():
+    """A view and an op with a number operand: inside ``eager_meta`` the FakeTensor strides are
+    the CPU's, size-1 dimensions included (they decide ``suggest_memory_format``)."""
+    from torch._subclasses import FakeTensorMode
+
+    from memsched.frontend.fake import eager_meta
+
+    real = torch.randn(1, 256, 64).transpose(1, 2)
+    cases = [lambda t: t.view(1, 64, 16, 16), lambda t: t.view(1, 64, 16, 16) / 1.0,
+             lambda t: t.view(1, 64, 16, 16) * 2 + 1, lambda t: (t.view(1, 64, 16, 16) > 0) * 1]
+    want = [f(real).stride() for f in cases]
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(real)
+        with eager_meta():
+            got = [f(fake).stride() for f in cases]
+    assert got == want
+
+
+def test_lstm_training_trace_counts_the_workspace_and_both_bias_grads():
+    """In a training forward ``mkldnn_rnn_layer`` returns a workspace (traced empty by
+    PyTorch) that its backward reads; ``mkldnn_rnn_layer_backward`` returns two bias gradients
+    (traced as one tensor): the plan counts them all, and the step runs them with grad mode on."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from memsched.frontend.joint import capture_joint
+
+    model, args, _, _ = _lstm_lm()
+    captured = capture_joint(model, args)
+    nodes = list(captured.gm.graph.nodes)
+    layers = [n for n in nodes if n.target is torch.ops.higher_order.wrap_with_set_grad_enabled]
+    assert len(layers) == 2 and all(n.args[0] is True and n.meta["val"][3].numel() > 0 for n in layers)
+    backward = [n for n in nodes if n.target is torch.ops.aten.mkldnn_rnn_layer_backward.default]
+    for n in backward:
+        keys = [StorageWeakRef(t.untyped_storage()) for t in n.meta["val"]]
+        assert len(set(keys)) == len(keys), f"{n.name}: outputs share a traced storage"
+
+
+# -- inference ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("frac", (1.0, "min"), ids=str)
+def test_lstm_in_training_mode_under_no_grad(frac):
+    """Under no_grad the same kernel returns no workspace (None where a tensor was traced): the
+    program tracks and frees it like any other value."""
+    model, args, _, _ = _lstm_lm()
+    with torch.no_grad():
+        want = model(*args)
+        base = memsched.plan(model, args, budget=10**13)
+        budget = base.min_budget_bytes if frac == "min" else base.unconstrained.peak_device_bytes
+        cm = _compile(model, budget, train=True)
+        try:
+            assert torch.equal(cm(*args), want)
+            assert "boundary" not in str(cm.plan) and cm.stats.peak_device_bytes <= budget
+        finally:
+            cm.close()
+
+
+@pytest.mark.parametrize("frac", (1.0, 0.5), ids=str)
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_cache_output_comes_back_as_the_model_returns_it(build, frac):
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    model = build().eval()
+    assert model.config.use_cache
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids)
+    peak = memsched.plan(model, (), budget=10**13, example_kwargs={"input_ids": ids}).unconstrained.peak_device_bytes
+    budget = int(peak * frac)
+    cm = _compile(model, budget)
+    try:
+        with torch.no_grad():
+            out = cm(input_ids=ids)
+        assert torch.equal(out.logits, want.logits)
+        cache, ref = out.past_key_values, want.past_key_values
+        assert type(cache) is DynamicCache and len(cache.layers) == len(ref.layers)
+        for a, b in zip(cache.layers, ref.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert cache.get_seq_length() == ref.get_seq_length()
+        assert cm.stats.peak_device_bytes <= budget
+    finally:
+        cm.close()
+
+
+def _encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval().requires_grad_(False)
+    x = torch.randn(4, 32, 32)
+    mask = torch.zeros(4, 32, dtype=torch.bool)
+    mask[:, 20:] = True
+    return enc, x, mask
+
+
+def test_transformer_encoder_fast_path_is_named_at_capture():
+    """Eager takes the fast path (fused kernels, a nested tensor for the padding mask: zeros at
+    padded positions); the captured program cannot: compiling says so, naming the modules."""
+    from memsched.frontend.capture import FastPathWarning
+
+    enc, x, mask = _encoder()
+    with pytest.warns(FastPathWarning, match=r"layers\.0.*padded positions.*set_fastpath_enabled\(False\)"):
+        memsched.plan(enc, (x,), budget=10**13, example_kwargs={"src_key_padding_mask": mask})
+
+
+@pytest.mark.parametrize("frac", (1.0, 0.5), ids=str)
+def test_transformer_encoder_without_fast_path_matches_eager(frac):
+    from memsched.frontend.capture import FastPathWarning
+
+    enc, x, mask = _encoder()
+    kwargs = {"src_key_padding_mask": mask}
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            want = enc(x, **kwargs)
+        base = memsched.plan(enc, (x,), budget=10**13, example_kwargs=kwargs)
+        budget = max(int(base.unconstrained.peak_device_bytes * frac), base.min_budget_bytes)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cm = memsched.compile(enc, budget, device="cpu", example_inputs=(x,), example_kwargs=kwargs)
+        assert not [w for w in caught if w.category is FastPathWarning]
+        with torch.no_grad():
+            assert_outputs_equal(cm(x, **kwargs), want)
+        assert cm.stats.peak_device_bytes <= budget
+        cm.close()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
