@@ -437,7 +437,13 @@ def test_abandoned_training_forwards_stay_bounded(mlp_training):
     model, cm, args, kwargs, loss_fn, start = mlp_training
     loss_fn(cm(*args, **kwargs))  # a forward whose backward never runs: its state is held...
     held = _resources(cm)
-    assert held["disk_in_use"] > start["disk_in_use"]
+    # ...on disk when the plan sends saved activations there (the solver's choice at the minimum
+    # depends on the calibrated profile: recomputing them holds nothing across the boundary)
+    on_disk = sum(r["bytes"] for r in cm.plan.saved_activations() if r["decision"] == "disk")
+    if on_disk:
+        assert held["disk_in_use"] > start["disk_in_use"]
+    else:
+        assert held["disk_in_use"] == start["disk_in_use"]
     for _ in range(20):           # ... but only one such state at a time
         loss_fn(cm(*args, **kwargs))
         assert _resources(cm) == held
