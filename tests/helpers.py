@@ -28,3 +28,13 @@ def eager(model, args, kwargs):
 
 def unconstrained_plan(model, args, kwargs, **kw):
     return memsched.plan(model, args, budget=10**13, example_kwargs=kwargs, **kw)
+
+
+def assert_same_grads(ref, model) -> None:
+    """Every parameter's .grad bit-for-bit equal to the reference model's (None where it is None)."""
+    for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+        if p.grad is None:
+            assert q.grad is None, f"{name}: memsched produced a gradient eager did not"
+            continue
+        assert q.grad is not None, f"{name}: no gradient"
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")

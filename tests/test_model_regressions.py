@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import memsched
-from helpers import assert_outputs_equal
+from helpers import assert_outputs_equal, assert_same_grads
 
 FRACTIONS = (1.0, 0.5, "min")
 
@@ -175,15 +175,6 @@ def _compile(model, budget, **kw):
         return memsched.compile(model, budget, device="cpu", time_limit_s=3.0, **kw)
 
 
-def _assert_same_grads(ref, model):
-    for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
-        if p.grad is None:
-            assert q.grad is None, f"{name}: memsched produced a gradient eager did not"
-            continue
-        assert q.grad is not None, f"{name}: no gradient"
-        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
-
-
 @pytest.mark.parametrize("frac", FRACTIONS, ids=str)
 @pytest.mark.parametrize("name", list(TRAIN))
 def test_training_step_matches_eager(name, frac):
@@ -206,7 +197,7 @@ def test_training_step_matches_eager(name, frac):
         loss = loss_fn(out)
         loss.backward()
         torch.testing.assert_close(loss.detach(), want.detach(), rtol=0, atol=0)
-        _assert_same_grads(ref, model)
+        assert_same_grads(ref, model)
         assert cm.plan.verify() <= budget
         assert cm.stats.peak_device_bytes <= budget, cm.stats
         if name.endswith("use_cache"):
@@ -234,7 +225,7 @@ def test_diffusers_autoencoder_kl_training_step(frac):
         loss = (cm(x).sample - x).square().mean()
         loss.backward()
         torch.testing.assert_close(loss.detach(), want.detach(), rtol=0, atol=0)
-        _assert_same_grads(ref, vae)
+        assert_same_grads(ref, vae)
         assert cm.stats.peak_device_bytes <= int(peak * frac)
     finally:
         cm.close()

@@ -10,6 +10,7 @@ import torch
 
 import memsched
 from memsched.passes.placement import RECOMPUTE
+from helpers import assert_same_grads
 from train_zoo import TRAIN_ZOO, build_train
 
 FRACTIONS = (1.0, 0.6, 0.4, "min")
@@ -31,15 +32,6 @@ def _compile(model, budget, **kw):
 
 def _training_peak(model, args, kwargs) -> memsched.Plan:
     return memsched.plan(model, args, budget=10**13, example_kwargs=kwargs, train=True)
-
-
-def _assert_same_grads(ref, model):
-    for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
-        if p.grad is None:
-            assert q.grad is None, f"{name}: memsched produced a gradient eager did not"
-            continue
-        assert q.grad is not None, f"{name}: no gradient"
-        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 def _budget_or_min(model, args, kwargs, frac, p0):
@@ -71,7 +63,7 @@ def test_training_step_matches_eager(name, frac):
         loss = loss_fn(cm(*args, **kwargs))
         loss.backward()
         torch.testing.assert_close(loss.detach(), want, rtol=0, atol=0)
-        _assert_same_grads(ref, model)
+        assert_same_grads(ref, model)
         for (bname, b), (_, c) in zip(ref.named_buffers(), model.named_buffers()):
             torch.testing.assert_close(c, b, rtol=0, atol=0, msg=lambda m: f"buffer {bname}: {m}")
         plan = cm.plan
@@ -124,7 +116,7 @@ def test_recompute_is_chosen_and_exact():
     torch.manual_seed(0)
     loss_fn(cm(*args, **kwargs)).backward()
     _eager_step(ref, args, kwargs, loss_fn)
-    _assert_same_grads(ref, model)
+    assert_same_grads(ref, model)
     plan = cm.plan
     assert RECOMPUTE in plan.placement.gap_choice.values()
     assert "[recompute]" in str(plan)
@@ -160,7 +152,7 @@ def test_forward_buffer_updates_reach_the_model():
         ref(x).backward()
     for (name, b), (_, c) in zip(ref.named_buffers(), model.named_buffers()):
         torch.testing.assert_close(c, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
-    _assert_same_grads(ref, model)
+    assert_same_grads(ref, model)
     cm.close()
 
 
@@ -197,7 +189,7 @@ def test_grad_outputs_all_trains_through_every_output():
     torch.manual_seed(0)
     r = ref(*args, **kwargs)
     (r.loss + r.logits.square().mean()).backward()
-    _assert_same_grads(ref, model)
+    assert_same_grads(ref, model)
     cm.close()
 
 
