@@ -5,6 +5,15 @@ import torch
 import torch.utils._pytree as pytree
 
 import memsched
+from memsched.cost_models.hardware import Hardware
+
+# A 2-core CPU as memsched.local_hardware measured one (rounded). Tests that assert what a plan
+# does (offload to disk rather than recompute, say) use it rather than this machine's calibrated
+# profile: plans are priced from the profile, so a busier or faster machine would plan otherwise.
+FIXED_CPU = Hardware(name="fixed:cpu", device_type="cpu", device_bytes=24 << 30, host_bytes=0,
+                     peak_flops=3.3e11, peak_flops_fp32=1.5e11, mem_bw=1.0e10, h2d_bw=5.0e9,
+                     d2h_bw=5.0e9, disk_read_bw=1.1e9, disk_write_bw=8.9e8, op_overhead_s=6e-6,
+                     source="fixed test profile (a measured 2-core CPU, rounded)")
 
 
 def assert_outputs_equal(actual, expected) -> None:

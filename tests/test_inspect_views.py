@@ -18,6 +18,7 @@ from memsched.ir.meta import annotate, info  # noqa: E402
 from memsched.cost_models.simulator import simulate
 from memsched.inspect import plots
 from memsched.inspect.html import plan_html
+from helpers import FIXED_CPU
 from memsched.inspect.memory import CATEGORIES, memory_by_kind
 from memsched.inspect.steps import COLUMNS
 from memsched.ir import ops
@@ -32,8 +33,8 @@ def compiled():
     model, args, kwargs = build("gpt2")
     base = memsched.plan(model, args, budget=10**13, example_kwargs=kwargs)
     budget = max(int(base.unconstrained.peak_device_bytes * 0.4), base.min_budget_bytes)
-    # the calibrated CPU with a slow disk pinned: weights stream from disk and compute stalls
-    hw = memsched.get_hardware(None, "cpu").replace(disk_read_bw=2e8, disk_write_bw=2e8)
+    # the fixed CPU profile with a slow disk: weights stream from disk and compute stalls
+    hw = FIXED_CPU.replace(disk_read_bw=2e8, disk_write_bw=2e8)
     cm = memsched.compile(model, budget, device="cpu", hardware=hw, example_inputs=args, example_kwargs=kwargs)
     cm(*args, **kwargs)
     yield cm

@@ -10,7 +10,7 @@ import torch
 
 import memsched
 from memsched.passes.placement import RECOMPUTE
-from helpers import assert_same_grads
+from helpers import FIXED_CPU, assert_same_grads
 from train_zoo import TRAIN_ZOO, build_train
 
 FRACTIONS = (1.0, 0.6, 0.4, "min")
@@ -104,10 +104,10 @@ def test_adamw_steps_match_eager(name, frac):
 
 
 def test_recompute_is_chosen_and_exact():
-    """With a slow disk (this machine's profile, disk at 10 MB/s, no host tier) moving saved
+    """With a slow disk (the fixed CPU profile, disk at 10 MB/s, no host tier) moving saved
     activations is dear: between the minimum and the peak some are recomputed (cheap
     elementwise ops), the listing names the pass, and gradients stay bit-identical."""
-    hw = memsched.get_hardware(None, "cpu").replace(host_bytes=0, disk_read_bw=1e7, disk_write_bw=1e7)
+    hw = FIXED_CPU.replace(disk_read_bw=1e7, disk_write_bw=1e7)
     model, args, kwargs, loss_fn = build_train("gpt2_dropout")
     ref = copy.deepcopy(model)
     p0 = memsched.plan(model, args, budget=10**13, example_kwargs=kwargs, train=True, hardware=hw)

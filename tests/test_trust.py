@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import memsched
-from helpers import assert_outputs_equal, eager
+from helpers import FIXED_CPU, assert_outputs_equal, eager
 from train_zoo import build_train
 
-CPU = memsched.get_hardware(None, "cpu")
+CPU = FIXED_CPU
 HOMES = {
     "disk": CPU.replace(host_bytes=0),         # at the minimum budget every weight lives on disk
     "host": CPU.replace(host_bytes=10**9),     # ... or in the host tier
