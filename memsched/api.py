@@ -1,6 +1,7 @@
 """Public entry points: ``memsched.compile`` and ``memsched.plan``."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
@@ -110,6 +111,7 @@ class CompiledModule:
         # plans of the most recently used input signatures (least recent first), at most max_plans
         self._compiled: OrderedDict = OrderedDict()
         self._last = None
+        self.plans_made = 0  # signatures planned (or re-applied) so far, evicted ones included
         self._new_stores()
         if example_inputs is not None or example_kwargs is not None:
             with self._lock:
@@ -133,6 +135,7 @@ class CompiledModule:
                 else:
                     plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware,
                                                 train=train, grad_outputs=self.grad_outputs, **self.options)
+            self.plans_made += 1
             executor = Executor(plan.graph, captured, self.model, self.device, self.budget_bytes,
                                 self.offload_dir, stores=self._stores)
             step = None
@@ -151,6 +154,11 @@ class CompiledModule:
         self._last = entry
         return entry
 
+    def prepare(self, *args, **kwargs) -> Plan:
+        """Plan for inputs shaped like these now (nothing runs); the plan is kept as a call's is."""
+        with self._lock:
+            return self._prepare(tuple(args), dict(kwargs))[0]
+
     def __call__(self, *args, **kwargs):
         if not self.train and torch.is_grad_enabled():
             _refuse_grad_inputs(args, kwargs)
@@ -164,6 +172,35 @@ class CompiledModule:
                 out = executor.run(flat)
                 plan.measured = executor.last_stats
             return captured.unflatten_outputs(out)
+
+    def patched(self, names, dim: int, index: torch.Tensor) -> None:
+        """Say that model tensors ``names`` (state-dict keys, or one key) had their slices
+        ``index`` along ``dim`` written in place since the last call: the copies memsched holds
+        (host, disk, device) take those slices, not a rewrite of the whole tensor at the next call."""
+        names = [names] if isinstance(names, str) else list(names)
+        with self._lock:
+            tensors = dict(_model_tensors(self.model))
+            for name in names:
+                if name not in tensors:
+                    raise KeyError(f"the model has no tensor {name!r}")
+                self._stores.patch(name, tensors[name].detach(), dim, index)
+                for entry in self._compiled.values():
+                    entry[2].patched(name, dim, index)
+
+    @contextlib.contextmanager
+    def unchanged_weights(self):
+        """Inside this block the caller vouches that the model's tensors change only in place
+        through ``patched`` (or visibly: new objects, version bumps): calls skip the crc32
+        fingerprint of every copied tensor, a pass over their bytes per call. Meant for loops
+        that call the module many times in a row, such as token-by-token generation."""
+        with self._lock:
+            for entry in self._compiled.values():
+                entry[2].trusted = True
+            try:
+                yield self
+            finally:
+                for entry in self._compiled.values():
+                    entry[2].trusted = False
 
     @property
     def plan(self) -> Plan:

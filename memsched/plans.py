@@ -18,6 +18,7 @@ from .io.serialize import load_fields, plan_fields, save_plan
 from .ir.kinds import PERSISTENT
 from .ir.listing import listing
 from .ir.meta import info
+from .ir.tensors import distinct_storage_bytes
 from .ir.ops import Op, is_compute, op_of
 from .ir.units import format_bytes
 from .passes.analysis import Program
@@ -78,6 +79,16 @@ class Plan:
     def tier_bytes(self) -> dict:
         """Bytes of the model's tensors per home tier."""
         return dict(self.facts.tier_bytes)
+
+    def kind_tier_bytes(self, kind: str) -> dict:
+        """Bytes of the model's tensors of one kind (e.g. "kv_cache") per home tier, read from
+        the program's placeholders (live and loaded plans alike)."""
+        out = {"device": 0, "host": 0, "disk": 0}
+        for n in self.graph.graph.nodes:
+            rec = info(n)
+            if n.op == "placeholder" and rec.kind == kind and rec.tier in out:
+                out[rec.tier] += distinct_storage_bytes(n.meta.get("val"))
+        return out
 
     def offloaded_activation_bytes(self) -> dict:
         """Bytes of activations offloaded per tier (host, disk)."""

@@ -89,7 +89,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     _reject_mutations(ep, model)
     gm = ep.graph_module
     placeholders = [
-        Placeholder(spec.arg.name, _KIND.get(spec.kind, Kind.INPUT), spec.target)
+        Placeholder(spec.arg.name, _state_kind(model, spec.target) or _KIND.get(spec.kind, Kind.INPUT), spec.target)
         for spec in ep.graph_signature.input_specs
     ]
     _inline_no_grad_regions(gm)
@@ -102,6 +102,15 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
             raise UnsupportedModelError(f"unsupported graph input kind {spec.kind.name} ({spec.arg})")
     constants = {k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
     return Captured(gm, placeholders, ep.call_spec.in_spec, ep.call_spec.out_spec, constants)
+
+
+def _state_kind(model: torch.nn.Module, target: str | None) -> Kind | None:
+    """A module may name what some of its buffers hold: ``memsched_state_kinds`` maps a
+    state-dict prefix to a kind (a generation wrapper marks its KV cache this way)."""
+    for prefix, kind in getattr(model, "memsched_state_kinds", {}).items():
+        if target is not None and target.startswith(prefix):
+            return Kind(kind)
+    return None
 
 
 def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> ExportedProgram:

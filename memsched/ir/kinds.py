@@ -31,14 +31,16 @@ class Kind(Word):
     WEIGHT = "weight"
     BUFFER = "buffer"           # a model buffer (nn.Module.register_buffer), not a storage
     CONSTANT = "constant"
+    KV_CACHE = "kv_cache"       # a decoder's key/value cache: model state that generation updates
     INPUT = "input"
     ACTIVATION = "activation"
     TANGENT = "tangent"         # the gradient of a forward output, given at the boundary
     GRAD = "grad"               # the gradient of a trained parameter
 
 
-# owned by the model and alive across calls: read-only inputs with a home tier
-PERSISTENT = frozenset({Kind.WEIGHT, Kind.BUFFER, Kind.CONSTANT})
+# owned by the model and alive across calls: read-only inputs with a home tier (a KV cache is
+# written between calls, never inside one)
+PERSISTENT = frozenset({Kind.WEIGHT, Kind.BUFFER, Kind.CONSTANT, Kind.KV_CACHE})
 
 
 class Link(Word):

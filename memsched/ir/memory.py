@@ -16,9 +16,9 @@ from .meta import info, tier_of
 from .ops import Op, op_of, register
 from .tensors import storages
 
-CATEGORIES = ("weights", "activations", "grads", "other")
+CATEGORIES = ("weights", "kv cache", "activations", "grads", "other")
 _CATEGORY = {Kind.WEIGHT: "weights", Kind.BUFFER: "weights", Kind.CONSTANT: "weights",
-             Kind.ACTIVATION: "activations", Kind.GRAD: "grads"}
+             Kind.KV_CACHE: "kv cache", Kind.ACTIVATION: "activations", Kind.GRAD: "grads"}
 
 
 def category(kind) -> str:

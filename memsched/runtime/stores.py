@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import math
 import os
 import shutil
 import tempfile
@@ -101,6 +102,22 @@ def in_layout(t: torch.Tensor, layout: Layout) -> torch.Tensor:
     out = layout.empty("cpu")
     out.copy_(src)
     return out
+
+
+def slice_spans(t: torch.Tensor, dim: int, index: torch.Tensor) -> list[tuple[int, int]]:
+    """Byte ranges [start, end) of a contiguous t that its slices ``index`` along ``dim`` occupy
+    (runs of consecutive indices merged)."""
+    idx = sorted({int(i) for i in index.flatten()})
+    runs, start = [], None
+    for a, b in zip(idx, idx[1:] + [None]):
+        start = a if start is None else start
+        if b != a + 1:
+            runs.append((start, a + 1))
+            start = None
+    outer = math.prod(t.shape[:dim])
+    inner = math.prod(t.shape[dim + 1:]) * t.element_size()
+    rows = t.shape[dim] * inner
+    return [(o * rows + lo * inner, o * rows + hi * inner) for o in range(outer) for lo, hi in runs]
 
 
 def fingerprint(t: torch.Tensor, layout: Layout | None = None) -> int:
@@ -299,6 +316,22 @@ class DiskStore:
             self._file_end = max(self._file_end, region.offset + len(data))
         region.crc = crc
 
+    def write_spans(self, region: Region, spans: list[tuple[int, memoryview]], crc: int) -> None:
+        """Overwrite byte spans (offset within the region, bytes) of a written region; ``crc``
+        is the whole region's checksum afterwards (the caller holds the full new bytes)."""
+        region.crc = None  # until every span landed
+        try:
+            for offset, data in spans:
+                done = 0
+                while done < len(data):
+                    n = os.pwritev(self.fd, [data[done:]], region.offset + offset + done)
+                    if n <= 0:
+                        raise OSError(errno.EIO, f"the write returned {n} after {done} of {len(data)} bytes")
+                    done += n
+        except OSError as exc:
+            raise self._os_error(exc, "writing", region) from exc
+        region.crc = crc
+
     def read_into(self, region: Region, t: torch.Tensor) -> None:
         if region.crc is None:
             raise DiskIntegrityError(f"memsched: {region.describe()} in the offload directory "
@@ -472,6 +505,26 @@ class Stores:
             src = in_layout(t, h.layout)
             h.tensor.copy_(src)
             home.crc = zlib.crc32(_buffer(src))
+
+    def patch(self, name: str, t: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+        """The caller wrote ``t``'s slices ``index`` along ``dim`` in place (a KV cache's new
+        slots): every home of ``name`` gets those bytes only, not a rewrite of the whole tensor."""
+        with self._lock:
+            homes = [h for (n, _), h in self._homes.items() if n == name]
+        for home in homes:
+            h = home.handle
+            if home.crc is None or not t.is_contiguous() or Layout.of(t) != h.layout:
+                self.renew(home, t)
+                continue
+            if isinstance(h, DiskCopy):
+                data = _buffer(t)
+                spans = [(a, data[a:b]) for a, b in slice_spans(t, dim, index)]
+                crc = zlib.crc32(data)
+                self.disk.write_spans(h.region, spans, crc)
+                home.crc = crc
+            else:
+                h.tensor.index_copy_(dim, index.to(h.tensor.device), t.index_select(dim, index.to(t.device)))
+                home.crc = zlib.crc32(_buffer(t))
 
     def check(self, home: Home, t: torch.Tensor, changed: bool) -> bool:
         """Renew the home when t is another tensor (``changed``) or its bytes differ from the

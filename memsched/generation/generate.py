@@ -1,0 +1,212 @@
+"""Greedy generation inside a memory budget: two planned programs, prefill and decode.
+
+The decoder is wrapped with its KV cache as state (see kv_cache.py) and compiled once; the
+prompt runs as one program (planned per prompt length), every new token as another whose
+shapes never change (planned once). The planner places the weights *and* the KV cache across
+device, host and disk like any other model tensors, so a cache that does not fit on the device
+is streamed per layer. A run makes two plans whatever the number of new tokens.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..api import CompiledModule
+from ..budget import format_bytes
+from .kv_cache import CachedDecoder, cache_shapes
+
+
+@dataclass
+class GenerationStats:
+    """What one ``generate`` call did and measured."""
+
+    plans: int = 0                  # programs the generator planned (prefill + decode: 2)
+    plan_s: float = 0.0             # planning both programs (capture, solve, schedule)
+    prompt_tokens: int = 0
+    new_tokens: int = 0             # tokens generated per sequence
+    batch: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    peak_device_bytes: int = 0      # the largest measured over every call
+    bytes_moved: dict = field(default_factory=dict)
+    kv_cache_bytes: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens (all sequences) per second of prefill and decode (planning apart)."""
+        total = self.prefill_s + self.decode_s
+        return self.batch * self.new_tokens / total if total > 0 else 0.0
+
+    def __str__(self) -> str:
+        moved = ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.bytes_moved.items()) if v)
+        return (f"{self.batch}x{self.new_tokens} new tokens after {self.prompt_tokens} · "
+                f"{self.tokens_per_s:.1f} tokens/s · prefill {self.prefill_s * 1e3:.1f} ms · "
+                f"decode {self.decode_s * 1e3:.1f} ms · plans {self.plans} ({self.plan_s:.2f} s) · "
+                f"peak device {format_bytes(self.peak_device_bytes)} · KV cache "
+                f"{format_bytes(self.kv_cache_bytes)}" + (f" · moved {moved}" if moved else ""))
+
+
+def _check_decoder(model: torch.nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "generate"):
+        raise TypeError(f"memsched.generate takes a transformers causal language model, got "
+                        f"{type(model).__name__}")
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"{type(model).__name__} is an encoder-decoder; memsched.generate "
+                                  "runs decoder-only models")
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types = set(getattr(text, "layer_types", None) or ["full_attention"])
+    if types - {"full_attention"} or getattr(text, "sliding_window", None) and \
+            getattr(text, "use_sliding_window", True) is not False:
+        raise NotImplementedError(
+            f"{type(model).__name__} has sliding-window or non-attention layers ({sorted(types)}); "
+            "memsched.generate's KV cache covers full-attention layers only")
+
+
+class Generator:
+    """A decoder compiled for generation at one batch size, prompt length and maximum length:
+    both programs are planned at construction (``plans``: prefill, decode), and the generator
+    can be called again for any prompt of that shape."""
+
+    def __init__(self, model, budget, *, batch: int, prompt_len: int, max_len: int, sample_ids: torch.Tensor,
+                 device=None, offload_dir=None, hardware=None, **options):
+        _check_decoder(model)
+        if model.training:
+            raise ValueError("memsched.generate needs the model in eval mode (call model.eval())")
+        if not 0 < prompt_len < max_len:
+            raise ValueError(f"a prompt of {prompt_len} tokens leaves no room in {max_len}")
+        shapes, dtype = cache_shapes(model, batch, max_len, sample_ids)
+        home = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.decoder = CachedDecoder(model, shapes, dtype, device=home).eval()
+        self.batch, self.prompt_len, self.max_len = batch, prompt_len, max_len
+        self.kv_cache_bytes = sum(t.numel() * t.element_size()
+                                  for i in range(self.decoder.n_layers) for t in self.decoder.layer(i))
+        self.compiled = CompiledModule(self.decoder, budget, device=device, offload_dir=offload_dir,
+                                       hardware=hardware, max_plans=2, **options)
+        t0 = time.perf_counter()
+        ids = sample_ids[:, :1].cpu()
+        try:
+            with torch.no_grad():
+                self.plans = (self.compiled.prepare(*self._inputs(ids.expand(batch, prompt_len), 0)),
+                              self.compiled.prepare(*self._inputs(ids.expand(batch, 1), prompt_len)))
+        except BaseException:
+            self.compiled.close()
+            raise
+        self.plan_s = time.perf_counter() - t0
+
+    def _inputs(self, ids: torch.Tensor, first_slot: int, positions=None, mask=None) -> tuple:
+        """The program's inputs for ``ids`` taking slots ``first_slot`` onwards."""
+        q = ids.shape[1]
+        slots = torch.arange(first_slot, first_slot + q)
+        if positions is None:
+            positions = slots[None].expand(self.batch, q)
+        if mask is None:
+            mask = (torch.arange(self.max_len) < first_slot + q).long()[None].expand(self.batch, -1)
+        return ids, positions, slots, mask
+
+    def _call(self, stats: GenerationStats, inputs: tuple):
+        logits, new = self.compiled(*inputs)
+        stats.plans = self.compiled.plans_made
+        run = self.compiled.stats
+        stats.peak_device_bytes = max(stats.peak_device_bytes, run.peak_device_bytes)
+        for link, n in run.bytes_moved.items():
+            stats.bytes_moved[link] = stats.bytes_moved.get(link, 0) + n
+        slots = inputs[2]
+        self.decoder.write(slots, new)
+        self.compiled.patched(self.decoder.names(), 2, slots)  # memsched's copies take the new slots only
+        return logits
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None,
+                 eos_token_id=None, pad_token_id=None) -> tuple[torch.Tensor, GenerationStats]:
+        B, P = input_ids.shape
+        if B != self.batch or P != self.prompt_len or P + max_new_tokens > self.max_len:
+            raise ValueError(f"this generator was planned for batch {self.batch}, prompts of "
+                             f"{self.prompt_len} tokens and {self.max_len} tokens in all; got batch {B} "
+                             f"with {P} + {max_new_tokens} tokens")
+        stats = GenerationStats(prompt_tokens=P, batch=B, kv_cache_bytes=self.kv_cache_bytes,
+                                plan_s=self.plan_s)
+        input_ids = input_ids.cpu()
+        prompt_mask = torch.ones(B, P, dtype=torch.long) if attention_mask is None else attention_mask.cpu().long()
+        mask = torch.zeros(B, self.max_len, dtype=torch.long)
+        mask[:, :P] = prompt_mask
+        # positions count real tokens only, as transformers' generate does for left padding
+        positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
+        eos = torch.tensor(sorted(_token_set(eos_token_id)), dtype=torch.long)
+        pad = torch.tensor(pad_token_id if pad_token_id is not None else 0)
+        self.decoder.reset()
+        out = [input_ids]
+        t0 = time.perf_counter()
+        logits = self._call(stats, self._inputs(input_ids, 0, positions, mask))
+        stats.prefill_s, t0 = time.perf_counter() - t0, time.perf_counter()
+        with contextlib.ExitStack() as trusted:
+            self._decode(stats, logits, P, max_new_tokens, positions, mask, eos, pad, out, trusted)
+        stats.decode_s = time.perf_counter() - t0
+        return torch.cat(out, dim=1), stats
+
+    def _decode(self, stats, logits, P, max_new_tokens, positions, mask, eos, pad, out, trusted) -> None:
+        unfinished = torch.ones(self.batch, dtype=torch.bool)
+        for step in range(max_new_tokens):
+            if step == 1:  # both programs have run once, checking every copy: trust the loop
+                trusted.enter_context(self.compiled.unchanged_weights())
+            token = logits.argmax(-1).cpu()
+            if len(eos):
+                token = torch.where(unfinished, token, pad)
+                unfinished &= ~torch.isin(token, eos)
+            out.append(token[:, None])
+            stats.new_tokens = step + 1
+            if step == max_new_tokens - 1 or not unfinished.any():
+                break
+            mask[:, P + step] = 1
+            logits = self._call(stats, self._inputs(token[:, None], P + step, positions[:, -1:] + step + 1, mask))
+
+    def close(self) -> None:
+        self.compiled.close()
+
+
+def _token_set(eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, torch.Tensor):
+        return {int(x) for x in eos_token_id.flatten()}
+    if isinstance(eos_token_id, int):
+        return {eos_token_id}
+    return {int(x) for x in eos_token_id}
+
+
+def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, attention_mask=None,
+             device=None, offload_dir=None, hardware=None, eos_token_id="config", pad_token_id="config",
+             return_stats: bool = False, **options):
+    """Greedy decoding of a transformers causal LM inside ``budget`` device bytes.
+
+    Returns the prompt followed by the new tokens, (batch, prompt + new), as transformers'
+    ``model.generate(..., do_sample=False)`` does (sequences that reach an end-of-sequence token
+    are padded with ``pad_token_id`` after it; generation stops when all have); with
+    ``return_stats=True`` a ``(tokens, GenerationStats)`` pair. ``eos_token_id`` and
+    ``pad_token_id`` default to the model's generation config; pass None to never stop early.
+    Two programs are planned (prompt, then one for every new token), and the KV cache for
+    prompt + new tokens is placed by the planner with the weights.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a (batch, prompt length) tensor of token ids")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    config = getattr(model, "generation_config", None)
+    if eos_token_id == "config":
+        eos_token_id = getattr(config, "eos_token_id", None)
+    if pad_token_id == "config":
+        pad_token_id = getattr(config, "pad_token_id", None)
+        if pad_token_id is None and eos_token_id is not None:
+            pad_token_id = next(iter(sorted(_token_set(eos_token_id))))
+    B, P = input_ids.shape
+    gen = Generator(model, budget, batch=B, prompt_len=P, max_len=P + max_new_tokens, sample_ids=input_ids,
+                    device=device, offload_dir=offload_dir, hardware=hardware, **options)
+    try:
+        tokens, stats = gen(input_ids, max_new_tokens, attention_mask=attention_mask,
+                            eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    finally:
+        gen.close()
+    return (tokens, stats) if return_stats else tokens

@@ -1,0 +1,138 @@
+"""The KV cache as model state: a decoder wrapped so that each step is a pure function.
+
+``CachedDecoder`` owns one key and one value tensor per attention layer, sized for the whole
+generation (batch, kv heads, max length, head dim) and registered as buffers of kind
+``kv_cache``. A step reads them (read-only: the planner homes and streams them like weights,
+on the device, in host RAM or on disk), writes the step's new keys and values into a
+functional copy for its own attention, and returns those new entries; the generation loop
+then writes them into the cache's slots between steps (``write``). So one captured program
+serves every decode step (the shapes never change: no plan per length), nothing in the graph
+mutates state, and the new entries are small outputs.
+
+The attention mask is built here as a 4-D additive mask over the whole cache (padding from
+the 2-D mask, causality from each query's slot), so transformers' own mask code, which would
+read the cache's length as a Python number and bake it into the program, is bypassed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+KV_PREFIX = "kv_cache"  # buffers named kv_cache.k<layer> / kv_cache.v<layer> hold the cache
+
+
+def _cache_classes():
+    """transformers' Cache and StaticLayer (imported late: memsched does not depend on it)."""
+    from transformers.cache_utils import Cache, StaticLayer
+
+    class SlotLayer(StaticLayer):
+        """One layer's cache: a step's keys and values go to ``slots``, functionally."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor):
+            super().__init__(max_cache_len=keys.shape[2])
+            self.keys, self.values, self.slots = keys, values, slots
+            self.device, self.is_initialized = keys.device, True
+            self.new: tuple[torch.Tensor, torch.Tensor] | None = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.new = (key_states, value_states)
+            return (self.keys.index_copy(2, self.slots, key_states.to(self.keys.dtype)),
+                    self.values.index_copy(2, self.slots, value_states.to(self.values.dtype)))
+
+        def get_seq_length(self):
+            # tokens cached before this step, as a tensor: a Python number would be baked into
+            # the captured program as one step's length
+            return self.slots[0]
+
+    class SlotCache(Cache):
+        def __init__(self, layers):
+            super().__init__(layers=layers)
+
+    return SlotLayer, SlotCache
+
+
+class CachedDecoder(nn.Module):
+    """``model`` (a transformers causal LM) with a fixed-size KV cache as buffers.
+
+    ``forward(input_ids, position_ids, slots, attention_mask)``: ``input_ids`` and
+    ``position_ids`` are (batch, q), ``slots`` (q,) the cache positions the q tokens take,
+    ``attention_mask`` (batch, max_len) 1 where a cache slot holds a real token. Returns the
+    logits of the last query (batch, vocab) and, per layer, the q new keys and values.
+    """
+
+    memsched_state_kinds = {f"{KV_PREFIX}.": "kv_cache"}  # read by capture: these buffers are the cache
+
+    def __init__(self, model: nn.Module, shapes: list[tuple[torch.Size, torch.Size]], dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        self.model = model
+        self.n_layers = len(shapes)
+        cache = nn.Module()
+        for i, (k, v) in enumerate(shapes):
+            cache.register_buffer(f"k{i}", torch.zeros(k, dtype=dtype, device=device))
+            cache.register_buffer(f"v{i}", torch.zeros(v, dtype=dtype, device=device))
+        setattr(self, KV_PREFIX, cache)
+        self.max_len = shapes[0][0][2]
+
+    def names(self) -> list[str]:
+        """The state-dict keys of the cache tensors."""
+        return [f"{KV_PREFIX}.{kv}{i}" for i in range(self.n_layers) for kv in "kv"]
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = getattr(self, KV_PREFIX)
+        return getattr(cache, f"k{i}"), getattr(cache, f"v{i}")
+
+    def forward(self, input_ids, position_ids, slots, attention_mask):
+        slot_layer, slot_cache = _cache_classes()
+        layers = [slot_layer(*self.layer(i), slots) for i in range(self.n_layers)]
+        cache = slot_cache(layers)
+        dtype = self.layer(0)[0].dtype
+        keys = torch.arange(self.max_len, device=slots.device)
+        allowed = attention_mask[:, None, None, :].bool() & (keys[None, None, None, :] <= slots[None, None, :, None])
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=slots.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         cache=cache, use_cache=True, logits_to_keep=1)
+        new = []
+        for layer in layers:
+            if layer.new is None:
+                raise RuntimeError("a layer of the model did not write the KV cache")
+            new.extend(layer.new)
+        return out.logits[:, -1, :], tuple(new)
+
+    @torch.no_grad()
+    def write(self, slots: torch.Tensor, new: tuple[torch.Tensor, ...]) -> None:
+        """Put a step's new keys and values into their slots (between steps, in place)."""
+        for i in range(self.n_layers):
+            k, v = self.layer(i)
+            k.index_copy_(2, slots.to(k.device), new[2 * i].to(k.device, k.dtype))
+            v.index_copy_(2, slots.to(v.device), new[2 * i + 1].to(v.device, v.dtype))
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for i in range(self.n_layers):
+            for t in self.layer(i):
+                t.zero_()
+
+
+def cache_shapes(model: nn.Module, batch: int, max_len: int, sample_ids: torch.Tensor):
+    """Per layer, the (key, value) cache shapes for ``batch`` x ``max_len`` and their dtype, read
+    from one fake step of the model (FakeTensors: no compute, no memory)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        ids = mode.from_tensor(sample_ids[:1, :1])
+        out = model(input_ids=ids, use_cache=True)
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    if cache is None or not getattr(cache, "layers", None):
+        raise ValueError(f"{type(model).__name__} returns no KV cache with use_cache=True: "
+                         "memsched.generate needs a transformers decoder with a cache")
+    shapes = []
+    for i, layer in enumerate(cache.layers):
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or k.dim() != 4:
+            raise ValueError(f"{type(model).__name__}: cache layer {i} ({type(layer).__name__}) is not "
+                             "a (batch, heads, length, dim) key/value cache")
+        shapes.append((torch.Size((batch, k.shape[1], max_len, k.shape[3])),
+                       torch.Size((batch, v.shape[1], max_len, v.shape[3]))))
+    return shapes, cache.layers[0].keys.dtype

@@ -1,0 +1,157 @@
+"""memsched.generate: greedy tokens equal transformers' generate, two plans per run, the KV
+cache placed by the planner (off the device when the budget asks), the budget held."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memsched
+from helpers import FIXED_CPU
+from zoo import build, quiet_transformers
+
+NEW_TOKENS = 12
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=500, hidden_size=64, num_hidden_layers=3, ffn_dim=128, num_attention_heads=4,
+                    max_position_embeddings=64, word_embed_proj_dim=64, pad_token_id=1, bos_token_id=2,
+                    eos_token_id=2, dropout=0.0, attn_implementation="sdpa")
+    return OPTForCausalLM(cfg)
+
+
+def _neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(vocab_size=500, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, rotary_pct=0.5,
+                        attn_implementation="sdpa")
+    return GPTNeoXForCausalLM(cfg)
+
+
+def _decoder(name: str):
+    torch.manual_seed(0)
+    with quiet_transformers():
+        if name in ("gpt2", "llama"):  # llama here is a GQA decoder: 4 heads, 2 kv heads
+            model = build(name)[0]
+        else:
+            model = {"opt": _opt, "gpt_neox": _neox}[name]().eval()
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (3, 10), generator=torch.Generator().manual_seed(1))
+    return model, ids
+
+
+def _reference(model, ids, mask=None, n=NEW_TOKENS, **kw):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask,
+                              max_new_tokens=n, do_sample=False, **kw)
+
+
+def _kv_off_device(plan) -> int:
+    tiers = plan.kind_tier_bytes("kv_cache")
+    return tiers["host"] + tiers["disk"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "opt", "gpt_neox"])
+@pytest.mark.parametrize("budget", ["roomy", "min"])
+def test_tokens_equal_transformers_generate(name, budget, tmp_path):
+    model, ids = _decoder(name)
+    ref = _reference(model, ids, eos_token_id=None, pad_token_id=0)
+    B, P = ids.shape
+    kw = dict(batch=B, prompt_len=P, max_len=P + NEW_TOKENS, sample_ids=ids, hardware=FIXED_CPU, device="cpu",
+              offload_dir=tmp_path)
+    if budget == "min":  # the least budget both programs fit: the KV cache must leave the device
+        probe = memsched.Generator(model, "1GB", **kw)
+        budget_bytes = max(p.min_budget_bytes for p in probe.plans)
+        probe.close()
+    else:
+        budget_bytes = 10**9
+    gen = memsched.Generator(model, budget_bytes, **kw)
+    try:
+        tokens, stats = gen(ids, NEW_TOKENS)
+        assert torch.equal(tokens, ref)
+        assert stats.plans == 2 and stats.new_tokens == NEW_TOKENS
+        assert stats.peak_device_bytes <= budget_bytes
+        prefill, decode = gen.plans
+        assert sum(decode.kind_tier_bytes("kv_cache").values()) == stats.kv_cache_bytes
+        if budget == "min":
+            assert _kv_off_device(decode) > 0, decode.kind_tier_bytes("kv_cache")
+            assert stats.bytes_moved.get("disk_read", 0) > 0
+        again, _ = gen(ids, NEW_TOKENS)  # a second run of the same generator starts from a clean cache
+        assert torch.equal(again, ref)
+    finally:
+        gen.close()
+
+
+def test_left_padding_and_end_of_sequence(tmp_path):
+    """A left-padded batch, and sequences that end: after its end-of-sequence token a sequence
+    gets the pad token, as transformers pads it."""
+    model, ids = _decoder("llama")
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[1, :1] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    free = _reference(model, ids, mask, eos_token_id=None, pad_token_id=0)
+    eos = int(free[2, ids.shape[1] + 3])  # a token sequence 2 makes: it ends there
+    ref = _reference(model, ids, mask, eos_token_id=eos, pad_token_id=0)
+    out, stats = memsched.generate(model, ids, attention_mask=mask, budget="1GB", max_new_tokens=NEW_TOKENS,
+                                   eos_token_id=eos, pad_token_id=0, hardware=FIXED_CPU, device="cpu",
+                                   offload_dir=tmp_path, return_stats=True)
+    assert torch.equal(out, ref)
+    assert stats.plans == 2
+
+
+def test_new_cache_slots_are_patched_not_rewritten(tmp_path):
+    """Between decode steps only the new slots of a disk-homed KV cache are written."""
+    model, ids = _decoder("gpt2")
+    B, P = ids.shape
+    kw = dict(batch=B, prompt_len=P, max_len=P + NEW_TOKENS, sample_ids=ids, hardware=FIXED_CPU, device="cpu",
+              offload_dir=tmp_path)
+    probe = memsched.Generator(model, "1GB", **kw)
+    budget = max(p.min_budget_bytes for p in probe.plans)
+    probe.close()
+    gen = memsched.Generator(model, budget, **kw)
+    writes = []
+    disk = gen.compiled._stores.disk
+    real = disk.write_spans
+
+    def spy(region, spans, crc):
+        writes.append(sum(len(d) for _, d in spans))
+        return real(region, spans, crc)
+
+    disk.write_spans = spy
+    try:
+        tokens, stats = gen(ids, NEW_TOKENS)
+    finally:
+        gen.close()
+    assert torch.equal(tokens, _reference(model, ids, eos_token_id=None, pad_token_id=0))
+    one_slot = B * model.config.n_embd * 4  # a layer's keys (or values) for one token, all rows
+    decode_writes = writes[-(len(writes) // NEW_TOKENS):]
+    assert writes and max(decode_writes) == one_slot, (one_slot, sorted(set(writes)))
+
+
+def test_refusals():
+    model, ids = _decoder("gpt2")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        memsched.generate(model, ids, budget="1GB", max_new_tokens=0)
+    with pytest.raises(ValueError, match="input_ids"):
+        memsched.generate(model, ids[0], budget="1GB", max_new_tokens=2)
+    model.train()
+    with pytest.raises(ValueError, match="eval"):
+        memsched.generate(model, ids, budget="1GB", max_new_tokens=2, device="cpu", hardware=FIXED_CPU)
+    with pytest.raises(TypeError, match="causal language model"):
+        memsched.generate(torch.nn.Linear(4, 4), ids, budget="1GB", max_new_tokens=2)
+    with pytest.raises(memsched.InfeasibleBudgetError):
+        memsched.generate(model.eval(), ids, budget=1000, max_new_tokens=2, device="cpu", hardware=FIXED_CPU)
+
+
+def test_sliding_window_decoders_are_refused():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    with quiet_transformers():
+        model = MistralForCausalLM(MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                                 sliding_window=4)).eval()
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        memsched.generate(model, torch.ones(1, 3, dtype=torch.long), budget="1GB", max_new_tokens=2)
