@@ -11,6 +11,7 @@ from .errors import BudgetExceededError, CaptureError, InfeasibleBudgetError, Un
 from .generation import GenerationStats, Generator, generate
 from .plans import Plan
 from .runtime.executor import RunStats
+from .runtime.checkpoint import CheckpointError
 from .runtime.stores import DiskIntegrityError
 from .verify import PlanError, verify_schedule
 
@@ -18,6 +19,6 @@ __all__ = [
     "compile", "plan", "generate", "Generator", "GenerationStats", "CompiledModule", "Plan", "RunStats", "Hardware", "PRESETS",
     "get_hardware", "list_hardware", "local_hardware", "parse_budget", "format_bytes",
     "InfeasibleBudgetError", "CaptureError", "UnsupportedModelError", "BudgetExceededError",
-    "PlanError", "verify_schedule", "DiskIntegrityError",
+    "PlanError", "verify_schedule", "DiskIntegrityError", "CheckpointError",
 ]
 __version__ = "0.1.0"

@@ -12,10 +12,12 @@ import torch
 from .budget import parse_budget
 from .cost_models.hardware import Hardware, get_hardware
 from .frontend.capture import input_signature
+from .frontend.fake import meta_as_empty
 from .pipeline import plan_model
 from .plans import Plan, as_plan
 from .reapply import reapply
 from .runtime.autograd import TrainStep, run_step
+from .runtime.checkpoint import Checkpoint
 from .runtime.executor import Executor, RunStats
 from .runtime.stores import Stores, make_offload_dir
 
@@ -73,7 +75,7 @@ class CompiledModule:
 
     def __init__(self, model, budget=None, *, example_inputs=None, example_kwargs=None, device=None,
                  offload_dir=None, hardware=None, train=False, grad_outputs="auto", plan=None, max_plans=8,
-                 **options):
+                 weights=None, **options):
         if grad_outputs not in ("auto", "all"):
             raise ValueError(f"grad_outputs must be 'auto' or 'all', got {grad_outputs!r}")
         if train and plan is not None:
@@ -82,9 +84,15 @@ class CompiledModule:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"memsched.compile takes a torch.nn.Module, got {type(model).__name__}")
         meta = [name for name, t in _model_tensors(model) if t.device.type == "meta"]
-        if meta:
+        weights_prefix = options.pop("weights_prefix", "")
+        self._checkpoint = None
+        if weights is not None:  # every meta tensor must be in it: checked before anything runs
+            self._checkpoint = Checkpoint(weights, prefix=weights_prefix)
+            self._checkpoint.bind(_model_tensors(model))
+        elif meta:
             raise ValueError(f"{meta[0]} (and {len(meta) - 1} more) is on the meta device: compile "
-                             "needs real weights; memsched.plan plans meta models without them")
+                             "needs real weights, or a safetensors checkpoint to read them from "
+                             "(weights=...); memsched.plan plans meta models without them")
         self._saved = None
         if plan is not None:
             self._saved = as_plan(plan)
@@ -102,6 +110,9 @@ class CompiledModule:
             os.rmdir(make_offload_dir(offload_dir))
         self.offload_dir = offload_dir
         self.options = options
+        if train and self._checkpoint is not None:
+            raise NotImplementedError("training reads and updates the model's own parameters: weights= "
+                                      "(a checkpoint for a meta model) runs inference only")
         self.train, self.grad_outputs = bool(train), grad_outputs
         if isinstance(max_plans, bool) or not isinstance(max_plans, int) or max_plans < 1:
             raise ValueError(f"max_plans must be a positive int, got {max_plans!r}")
@@ -120,7 +131,7 @@ class CompiledModule:
     def _new_stores(self) -> None:
         # the host pool, offload file and weight homes every signature's executor shares: each
         # weight homed on disk is written once, not once per signature
-        self._stores = Stores(self.device, self.offload_dir)
+        self._stores = Stores(self.device, self.offload_dir, checkpoint=self._checkpoint)
         self._stores_finalizer = weakref.finalize(self, self._stores.close)
 
     def _prepare(self, args, kwargs):
@@ -131,10 +142,12 @@ class CompiledModule:
         if entry is None:
             with _CAPTURE_LOCK:  # torch.export is not thread-safe
                 if self._saved is not None:
-                    plan, captured = reapply(self._saved, self.model, args, kwargs, self.budget_bytes)
+                    with meta_as_empty(self.model):
+                        plan, captured = reapply(self._saved, self.model, args, kwargs, self.budget_bytes)
                 else:
-                    plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware,
-                                                train=train, grad_outputs=self.grad_outputs, **self.options)
+                    with meta_as_empty(self.model):  # a model read from a checkpoint captures as a real one
+                        plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware,
+                                                    train=train, grad_outputs=self.grad_outputs, **self.options)
             self.plans_made += 1
             executor = Executor(plan.graph, captured, self.model, self.device, self.budget_bytes,
                                 self.offload_dir, stores=self._stores)
@@ -234,7 +247,8 @@ class CompiledModule:
 
 
 def compile(model, budget=None, *, example_inputs=None, example_kwargs=None, device=None, offload_dir=None,
-            hardware=None, train=False, grad_outputs="auto", plan=None, max_plans=8, **options) -> CompiledModule:
+            hardware=None, train=False, grad_outputs="auto", plan=None, max_plans=8, weights=None,
+            **options) -> CompiledModule:
     """Compile ``model`` to run within ``budget`` device bytes (see DESIGN.md for the forms).
 
     ``train=True``: calls made with autograd enabled run a planned training step (forward and
@@ -245,10 +259,14 @@ def compile(model, budget=None, *, example_inputs=None, example_kwargs=None, dev
     dropped, its threads stopped and its buffers freed, when a new signature needs room.
     ``allow_over_capacity=True``: accept a budget larger than the device's memory (refused by
     default: the device could not honour it).
+    ``weights=``: a safetensors checkpoint (a file, a directory of shards or an index json) for a
+    model built on the meta device: weights the plan homes on disk are read from the checkpoint's
+    own files at each use, the others loaded once (``weights_prefix=``: what the model puts
+    before the checkpoint's names).
     """
     return CompiledModule(model, budget, example_inputs=example_inputs, example_kwargs=example_kwargs,
                           device=device, offload_dir=offload_dir, hardware=hardware, train=train,
-                          grad_outputs=grad_outputs, plan=plan, max_plans=max_plans, **options)
+                          grad_outputs=grad_outputs, plan=plan, max_plans=max_plans, weights=weights, **options)
 
 
 def plan(model, example_inputs=(), budget=None, *, hardware=None, train=False, example_kwargs=None,

@@ -260,3 +260,28 @@ def _fresh_like(t: torch.Tensor) -> torch.Tensor:
     with mode if mode is not None else contextlib.nullcontext():
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
                                    device=t.device if mode is not None else "meta")
+
+
+@contextlib.contextmanager
+def meta_as_empty(model: torch.nn.Module, device: str = "cpu"):
+    """Inside this block the model's meta parameters and buffers are uninitialised tensors on
+    ``device`` (tied ones stay tied), so it captures exactly as a model with real weights
+    would: capture reads shapes, never values, and untouched CPU pages take no memory. The
+    model's own meta tensors are put back on exit."""
+    swapped, memo = [], {}
+    try:
+        for mod in model.modules():
+            for table in (mod._parameters, mod._buffers):
+                for name, t in list(table.items()):
+                    if t is None or t.device.type != "meta":
+                        continue
+                    if id(t) not in memo:
+                        empty = torch.empty(t.shape, dtype=t.dtype, device=device)
+                        memo[id(t)] = (torch.nn.Parameter(empty, requires_grad=t.requires_grad)
+                                       if isinstance(t, torch.nn.Parameter) else empty)
+                    swapped.append((table, name, t))
+                    table[name] = memo[id(t)]
+        yield model
+    finally:
+        for table, name, t in reversed(swapped):
+            table[name] = t

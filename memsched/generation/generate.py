@@ -16,6 +16,8 @@ import torch
 
 from ..api import CompiledModule
 from ..budget import format_bytes
+from ..errors import InfeasibleBudgetError
+from ..frontend.fake import meta_as_empty
 from .kv_cache import CachedDecoder, cache_shapes
 
 
@@ -72,30 +74,40 @@ class Generator:
     can be called again for any prompt of that shape."""
 
     def __init__(self, model, budget, *, batch: int, prompt_len: int, max_len: int, sample_ids: torch.Tensor,
-                 device=None, offload_dir=None, hardware=None, **options):
+                 device=None, offload_dir=None, hardware=None, weights=None, **options):
         _check_decoder(model)
         if model.training:
             raise ValueError("memsched.generate needs the model in eval mode (call model.eval())")
         if not 0 < prompt_len < max_len:
             raise ValueError(f"a prompt of {prompt_len} tokens leaves no room in {max_len}")
-        shapes, dtype = cache_shapes(model, batch, max_len, sample_ids)
+        with meta_as_empty(model):  # a model on meta (weights=...) is sized like a real one
+            shapes, dtype = cache_shapes(model, batch, max_len, sample_ids)
         home = next((p.device for p in model.parameters()), torch.device("cpu"))
+        home = torch.device("cpu") if home.type == "meta" else home  # the cache is real, on the host
         self.decoder = CachedDecoder(model, shapes, dtype, device=home).eval()
         self.batch, self.prompt_len, self.max_len = batch, prompt_len, max_len
         self.kv_cache_bytes = sum(t.numel() * t.element_size()
                                   for i in range(self.decoder.n_layers) for t in self.decoder.layer(i))
         self.compiled = CompiledModule(self.decoder, budget, device=device, offload_dir=offload_dir,
-                                       hardware=hardware, max_plans=2, **options)
+                                       hardware=hardware, max_plans=2, weights=weights, weights_prefix="model.",
+                                       **options)
         t0 = time.perf_counter()
-        ids = sample_ids[:, :1].cpu()
+        ids = sample_ids[:1, :1].cpu()
         try:
             with torch.no_grad():
-                self.plans = (self.compiled.prepare(*self._inputs(ids.expand(batch, prompt_len), 0)),
-                              self.compiled.prepare(*self._inputs(ids.expand(batch, 1), prompt_len)))
+                self.plans = (self._prepare("prefill", ids.expand(batch, prompt_len), 0),
+                              self._prepare("decode", ids.expand(batch, 1), prompt_len))
         except BaseException:
             self.compiled.close()
             raise
         self.plan_s = time.perf_counter() - t0
+
+    def _prepare(self, program: str, ids: torch.Tensor, first_slot: int):
+        try:
+            return self.compiled.prepare(*self._inputs(ids, first_slot))
+        except InfeasibleBudgetError as exc:
+            exc.args = (f"the {program} program: {exc.args[0]}",) + exc.args[1:]
+            raise
 
     def _inputs(self, ids: torch.Tensor, first_slot: int, positions=None, mask=None) -> tuple:
         """The program's inputs for ``ids`` taking slots ``first_slot`` onwards."""
@@ -178,8 +190,8 @@ def _token_set(eos_token_id) -> set[int]:
 
 
 def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, attention_mask=None,
-             device=None, offload_dir=None, hardware=None, eos_token_id="config", pad_token_id="config",
-             return_stats: bool = False, **options):
+             weights=None, device=None, offload_dir=None, hardware=None, eos_token_id="config",
+             pad_token_id="config", return_stats: bool = False, **options):
     """Greedy decoding of a transformers causal LM inside ``budget`` device bytes.
 
     Returns the prompt followed by the new tokens, (batch, prompt + new), as transformers'
@@ -188,7 +200,8 @@ def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, att
     ``return_stats=True`` a ``(tokens, GenerationStats)`` pair. ``eos_token_id`` and
     ``pad_token_id`` default to the model's generation config; pass None to never stop early.
     Two programs are planned (prompt, then one for every new token), and the KV cache for
-    prompt + new tokens is placed by the planner with the weights.
+    prompt + new tokens is placed by the planner with the weights. ``weights=``: a safetensors
+    checkpoint for a model built on the meta device (see ``memsched.compile``).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, prompt length) tensor of token ids")
@@ -203,7 +216,7 @@ def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, att
             pad_token_id = next(iter(sorted(_token_set(eos_token_id))))
     B, P = input_ids.shape
     gen = Generator(model, budget, batch=B, prompt_len=P, max_len=P + max_new_tokens, sample_ids=input_ids,
-                    device=device, offload_dir=offload_dir, hardware=hardware, **options)
+                    device=device, offload_dir=offload_dir, hardware=hardware, weights=weights, **options)
     try:
         tokens, stats = gen(input_ids, max_new_tokens, attention_mask=attention_mask,
                             eos_token_id=eos_token_id, pad_token_id=pad_token_id)

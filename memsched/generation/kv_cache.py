@@ -123,7 +123,7 @@ def cache_shapes(model: nn.Module, batch: int, max_len: int, sample_ids: torch.T
     with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
         ids = mode.from_tensor(sample_ids[:1, :1])
         out = model(input_ids=ids, use_cache=True)
-    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if cache is None or not getattr(cache, "layers", None):
         raise ValueError(f"{type(model).__name__} returns no KV cache with use_cache=True: "
                          "memsched.generate needs a transformers decoder with a cache")

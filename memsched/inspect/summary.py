@@ -93,8 +93,12 @@ def memory_section(plan) -> Section:
         held = tiers[tier] + acts[tier]
         rows.append(Row(tier, (capacity, "≤ " + fb(held), fb(tiers[tier]), fb(acts[tier])),
                         (hw.host_bytes if tier == "host" else None, held, tiers[tier], acts[tier])))
+    kv = plan.kind_tier_bytes("kv_cache") if hasattr(plan, "kind_tier_bytes") else {}
+    caption = ("of the model's tensors homed, the KV cache: "
+               + ", ".join(f"{fb(n)} on {t}" for t, n in kv.items() if n)) if any(kv.values()) else ""
     return Section("memory", "Memory per tier", tuple(rows),
-                   ("tier", "capacity", "peak held", "weights homed", "activations offloaded"), (1, 2, 3, 4))
+                   ("tier", "capacity", "peak held", "weights homed", "activations offloaded"), (1, 2, 3, 4),
+                   caption)
 
 
 def links_section(plan, training: bool) -> Section:

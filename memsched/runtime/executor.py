@@ -60,6 +60,7 @@ class _ModelSlot:
     home: Home | None = None           # its copy in the host or disk tier (shared, see Stores)
     copy: torch.Tensor | None = None   # its private device copy
     crc: int | None = None             # the device copy's fingerprint of the model bytes
+    checkpointed: bool = False         # on meta in the model: its values come from the checkpoint
 
     def see(self, t: torch.Tensor) -> None:
         self.ref, self.ptr, self.version = t, t.data_ptr(), t._version
@@ -133,10 +134,12 @@ class Executor:
                 slots.append(None)
                 continue
             ref = state[ph.target]
-            if ref.device.type == "meta":
-                raise ValueError(f"{ph.target} is on the meta device: compile needs real weights "
-                                 "(memsched.plan plans meta models without them)")
+            if ref.device.type == "meta" and self.stores.checkpoint is None:
+                raise ValueError(f"{ph.target} is on the meta device: compile needs real weights, or a "
+                                 "checkpoint to read them from (weights=...); memsched.plan plans meta "
+                                 "models without them")
             rec = _ModelSlot(i, ph.target, tiers[ph.name], ref, 0, 0, (), (), ref.dtype, ref.device)
+            rec.checkpointed = ref.device.type == "meta"
             rec.see(ref)
             slots.append(self._slot_for(rec, ref.detach()))
             self._model_slots.append(rec)
@@ -145,6 +148,8 @@ class Executor:
     def _slot_for(self, rec: _ModelSlot, t: torch.Tensor):
         """The model tensor as the program reads it: itself, or a copy in its home tier."""
         rec.home = rec.copy = rec.crc = None
+        if rec.checkpointed:  # read from the checkpoint's files, or loaded from them once
+            return self.stores.from_checkpoint(rec.name, rec.tier, t)
         if rec.tier == Tier.DEVICE:
             if t.device == self.device:
                 return t
@@ -180,6 +185,11 @@ class Executor:
             if cur is None:
                 raise RuntimeError(f"memsched: the model has no tensor {rec.name!r} any more (it had one when "
                                    "this input signature was planned): compile the model again")
+            if rec.checkpointed:
+                if cur is not rec.ref:
+                    raise RuntimeError(f"memsched: model tensor {rec.name!r} was replaced since this module "
+                                       "was compiled to read it from its checkpoint: compile again")
+                continue
             same = (cur is rec.ref and cur.data_ptr() == rec.ptr and tuple(cur.shape) == rec.shape
                     and tuple(cur.stride()) == rec.stride and cur.dtype == rec.dtype and cur.device == rec.device)
             if not same and (tuple(cur.shape) != rec.shape or cur.dtype != rec.dtype or cur.device.type == "meta"):

@@ -446,9 +446,12 @@ class Home:
 class Stores:
     """The host pool, the offload file and the model tensors' homes of one compiled module."""
 
-    def __init__(self, device: torch.device, offload_dir=None):
+    def __init__(self, device: torch.device, offload_dir=None, checkpoint=None):
         self.cuda = device.type == "cuda"
+        self.device = device
         self.offload_dir = offload_dir
+        self.checkpoint = checkpoint  # a runtime.checkpoint.Checkpoint for a model on meta
+        self._loaded: dict[tuple[str, str], object] = {}  # checkpoint tensors loaded once, per tier
         self.host = HostPool(pinned=self.cuda)
         self._disk: DiskStore | None = None
         self._homes: dict[tuple[str, str], Home] = {}
@@ -493,6 +496,23 @@ class Stores:
                 self._homes[key] = home
             home.users.add(id(user))
             return home
+
+    def from_checkpoint(self, name: str, tier: str, like: torch.Tensor):
+        """Model tensor ``name`` (on meta in the model) as the program reads it, from the
+        checkpoint: a FileCopy read at each fetch (disk), or its values loaded once (host: a
+        host copy; device: a device tensor); shared by every signature's executor."""
+        self.checkpoint.check(name, like)
+        with self._lock:
+            key = (name, tier)
+            if key not in self._loaded:
+                if tier == "disk":
+                    self._loaded[key] = self.checkpoint.file_copy(name)
+                elif tier == "host":
+                    t = self.checkpoint.load(name)
+                    self._loaded[key] = HostCopy(t.pin_memory() if self.cuda else t, Layout.of(t), pooled=False)
+                else:
+                    self._loaded[key] = self.checkpoint.load(name, self.device)
+            return self._loaded[key]
 
     def renew(self, home: Home, t: torch.Tensor) -> None:
         """Write t's current bytes into the home."""
@@ -567,6 +587,9 @@ class Stores:
         with self._lock:
             self.closed = True
             self._homes.clear()
+            self._loaded.clear()
+            if self.checkpoint is not None:
+                self.checkpoint.close()  # its files reopen if a later call reads them
             if self._disk is not None:
                 self._disk.close()
             self.host.trim(0)

@@ -219,7 +219,10 @@ class TransferEngine:
     def _read(self, src: DiskCopy, out: torch.Tensor) -> None:
         if src.ready is not None:
             src.ready.result()  # the write of this copy must land before we read it
-        self.disk.read_into(src.region, out)
+        if isinstance(src, DiskCopy):
+            self.disk.read_into(src.region, out)
+        else:  # a tensor read from its place in a checkpoint (runtime.checkpoint.FileCopy)
+            src.read_into(out)
 
     def _write_after(self, copied: Future | None, x: torch.Tensor, region) -> None:
         try:

@@ -1,0 +1,248 @@
+"""Weights straight from a safetensors checkpoint: a model built on the meta device runs with
+its tensors read from the checkpoint's own files.
+
+A weight the plan homes on disk is read from its place in the checkpoint at every fetch
+(``os.preadv`` into the fetch buffer: no copy of the model in RAM, no rewrite into an offload
+file); one homed on the host or kept on the device is loaded once (``safetensors``). The
+headers are parsed and checked here before anything is read -- sizes, offsets inside the
+file, dtypes, shapes against the model's -- because the byte offsets are what the streamed
+reads need and a hostile file must fail with a clear error, not a wild read.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .stores import DiskIntegrityError, Layout
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot serve the model: unreadable, malformed, or not matching it."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    offset: int          # absolute byte offset of the tensor's data in its file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def checkpoint_files(source) -> list[Path]:
+    """The safetensors files of ``source``: a file, a directory of shards, or an index json."""
+    path = Path(source)
+    if path.is_dir():
+        index = sorted(path.glob("*.safetensors.index.json"))
+        if index:
+            return checkpoint_files(index[0])
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors file in {path}")
+        return files
+    if path.name.endswith(".json"):
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{path} is not a safetensors index (a json with a weight_map): {exc}") from exc
+        if not all(isinstance(n, str) and "/" not in n and n not in ("", ".", "..") for n in names):
+            raise CheckpointError(f"{path}: the weight_map names files outside its directory")
+        return [path.parent / n for n in names]
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return [path]
+
+
+def _read_header(path: Path) -> dict[str, Entry]:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is too short to be a safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path}: header of {n} bytes does not fit the file ({size} bytes)")
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: the header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the header is not a JSON object")
+    base, entries = 8 + n, {}
+    for name, rec in header.items():
+        if name == "__metadata__":
+            continue
+        entries[name] = _entry(path, name, rec, base, size)
+    return entries
+
+
+def _entry(path: Path, name: str, rec, base: int, size: int) -> Entry:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(rec, dict) or rec.get("dtype") not in _DTYPES:
+        raise CheckpointError(f"{where} has no known dtype ({rec.get('dtype') if isinstance(rec, dict) else rec!r})")
+    shape, offsets = rec.get("shape"), rec.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} are not two integers")
+    dtype = _DTYPES[rec["dtype"]]
+    nbytes = math.prod(shape) * dtype.itemsize
+    begin, end = offsets
+    if not 0 <= begin <= end or end - begin != nbytes or base + end > size:
+        raise CheckpointError(f"{where}: data_offsets {offsets} do not hold {shape} {rec['dtype']} "
+                              f"inside the file ({size} bytes)")
+    return Entry(str(path), base + begin, nbytes, dtype, tuple(shape))
+
+
+class FileCopy:
+    """A model tensor in the checkpoint file, read into a buffer at every fetch (the disk tier).
+    The first read records a crc32 that later reads are checked against, so a checkpoint changed
+    while it is in use fails loudly rather than feeding other weights."""
+
+    ready = None  # a transfer handle that never waits for a write
+
+    def __init__(self, checkpoint: "Checkpoint", name: str, entry: Entry):
+        self.checkpoint, self.name, self.entry = checkpoint, name, entry
+        self.layout = Layout(entry.shape, _contiguous_strides(entry.shape), entry.dtype)
+        self.crc: int | None = None
+
+    def read_into(self, out: torch.Tensor) -> None:
+        data = memoryview(out.detach().view(torch.uint8).reshape(-1).numpy()) if out.numel() else memoryview(b"")
+        fd, done = self.checkpoint.fd(self.entry.path), 0
+        while done < len(data):
+            n = os.preadv(fd, [data[done:]], self.entry.offset + done)
+            if n <= 0:
+                raise DiskIntegrityError(f"memsched: reading {self.name!r} from checkpoint {self.entry.path} got "
+                                         f"{n} bytes after {done} of {len(data)}: the file was truncated")
+            done += n
+        crc = zlib.crc32(data)
+        if self.crc is None:
+            self.crc = crc
+        elif crc != self.crc:
+            raise DiskIntegrityError(f"memsched: {self.name!r} in checkpoint {self.entry.path} changed while "
+                                     "the compiled module was reading it (checksum mismatch)")
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint by name. ``prefix`` is what the model being run
+    puts before the checkpoint's names (a wrapper's attribute path, e.g. ``"model."``)."""
+
+    def __init__(self, source, prefix: str = ""):
+        self.source, self.prefix = str(source), prefix
+        self.entries: dict[str, Entry] = {}
+        for path in checkpoint_files(source):
+            for name, entry in _read_header(path).items():
+                self.entries.setdefault(name, entry)
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._alias: dict[str, str] = {}  # a model name -> the checkpoint name of the same tensor
+
+    def bind(self, named_tensors) -> int:
+        """Check, before anything runs, that every meta tensor of the model (``(name, tensor)``
+        pairs, tied ones under each of their names) has a matching tensor in the checkpoint
+        under one of its names; returns the bytes the checkpoint will serve."""
+        names: dict[int, list[str]] = {}
+        objs: dict[int, torch.Tensor] = {}
+        for name, t in named_tensors:
+            if t.device.type == "meta":
+                names.setdefault(id(t), []).append(name)
+                objs[id(t)] = t
+        missing, total = [], 0
+        for key, group in names.items():
+            found = next((n for n in group if self._lookup(n) is not None), None)
+            if found is None:
+                missing.append(group[0])
+                continue
+            for n in group:
+                self._alias[n] = found
+            total += self.check(group[0], objs[key]).nbytes
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise CheckpointError(
+                f"{shown} {'is' if len(missing) == 1 else 'are'} on the meta device and not in checkpoint "
+                f"{self.source}: memsched cannot give {'it' if len(missing) == 1 else 'them'} values. Build "
+                "the model with accelerate.init_empty_weights() (buffers a model computes, such as "
+                "rotary frequencies, stay real) and call model.tie_weights() so a tied output layer "
+                "shares its checkpoint tensor with the embedding")
+        return total
+
+    def _lookup(self, name: str) -> Entry | None:
+        if name in self.entries:
+            return self.entries[name]
+        if self.prefix and name.startswith(self.prefix):
+            return self.entries.get(name[len(self.prefix):])
+        return None
+
+    def key(self, name: str) -> str:
+        """The checkpoint's name for model tensor ``name``."""
+        name = self._alias.get(name, name)
+        if name in self.entries or not (self.prefix and name.startswith(self.prefix)):
+            return name
+        return name[len(self.prefix):]
+
+    def entry(self, name: str) -> Entry | None:
+        name = self._alias.get(name, name)
+        if name in self.entries:
+            return self.entries[name]
+        if self.prefix and name.startswith(self.prefix):
+            return self.entries.get(name[len(self.prefix):])
+        return None
+
+    def check(self, name: str, like: torch.Tensor) -> Entry:
+        """The entry for model tensor ``name``, which must match ``like``'s shape and dtype."""
+        e = self.entry(name)
+        if e is None:
+            raise CheckpointError(f"{name} is on the meta device and checkpoint {self.source} has no tensor "
+                                  "of that name: memsched cannot give it values")
+        if e.shape != tuple(like.shape) or e.dtype != like.dtype:
+            raise CheckpointError(f"{name}: the checkpoint holds {list(e.shape)} {e.dtype}, the model "
+                                  f"{list(like.shape)} {like.dtype}")
+        return e
+
+    def file_copy(self, name: str) -> FileCopy:
+        return FileCopy(self, name, self.entry(name))
+
+    def fd(self, path: str) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def load(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The tensor's values, loaded once by safetensors (an owned copy, not a memory map)."""
+        from safetensors import safe_open
+
+        e = self.entry(name)
+        with safe_open(e.path, framework="pt", device="cpu") as f:
+            t = f.get_tensor(self.key(name))
+        return t.to(device)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

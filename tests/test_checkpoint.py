@@ -1,0 +1,187 @@
+"""Weights straight from a safetensors checkpoint: a model on the meta device runs with weights
+homed on disk read from the checkpoint's own files, outputs equal to the real model's; the
+model stays on meta; hostile or mismatched files fail before anything runs."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+import memsched
+from helpers import FIXED_CPU
+from zoo import build, quiet_transformers
+
+
+def _meta_twin(model):
+    import accelerate
+
+    with quiet_transformers(), accelerate.init_empty_weights():
+        meta = type(model)(model.config).eval()
+    meta.tie_weights()
+    return meta
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def saved(request, tmp_path_factory):
+    model, _, kw = build(request.param)
+    d = tmp_path_factory.mktemp(f"ckpt_{request.param}")
+    with quiet_transformers():
+        model.save_pretrained(d, max_shard_size="1MB")  # shards and an index json
+    with torch.no_grad():
+        ref = model(**kw).logits
+    return model, kw, d, ref
+
+
+@pytest.mark.parametrize("source", ["dir", "index", "one_file"])
+def test_meta_model_runs_from_checkpoint(saved, source, tmp_path):
+    model, kw, d, ref = saved
+    if source == "index":
+        weights = d / "model.safetensors.index.json"
+    elif source == "dir":
+        weights = d
+    else:
+        from safetensors.torch import save_model
+
+        weights = tmp_path / "model.safetensors"
+        save_model(model, str(weights))
+    meta = _meta_twin(model)
+    peak = memsched.plan(meta, (), budget=10**12, example_kwargs=kw, hardware=FIXED_CPU).unconstrained.peak_device_bytes
+    for budget in (10**9, int(peak * 0.4)):
+        cm = memsched.compile(meta, budget, device="cpu", hardware=FIXED_CPU, weights=weights, offload_dir=tmp_path)
+        try:
+            with torch.no_grad():
+                out = cm(**kw).logits
+            assert torch.equal(out, ref)
+            assert cm.stats.peak_device_bytes <= budget
+            if budget < 10**9:
+                assert cm.plan.tier_bytes()["disk"] > 0 and cm.stats.bytes_moved.get("disk_read", 0) > 0
+                assert not cm._stores._homes  # weights are read in place: none copied into an offload file
+        finally:
+            cm.close()
+    assert all(p.device.type == "meta" for p in meta.parameters())
+
+
+def test_generate_from_checkpoint(saved, tmp_path):
+    model, kw, d, _ = saved
+    ids = kw["input_ids"][:, :8]
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    meta = _meta_twin(model)
+    probe = memsched.Generator(meta, "1GB", batch=ids.shape[0], prompt_len=8, max_len=14, sample_ids=ids,
+                               device="cpu", hardware=FIXED_CPU, weights=d)
+    budget = max(p.min_budget_bytes for p in probe.plans)
+    probe.close()
+    tokens = memsched.generate(meta, ids, budget=budget, max_new_tokens=6, weights=d, device="cpu",
+                               hardware=FIXED_CPU, eos_token_id=None, offload_dir=tmp_path)
+    assert torch.equal(tokens, ref)
+
+
+def test_checkpoint_changed_while_in_use_is_detected(saved, tmp_path):
+    model, kw, d, ref = saved
+    from safetensors.torch import save_model
+
+    path = tmp_path / "model.safetensors"
+    save_model(model, str(path))
+    meta = _meta_twin(model)
+    cm = memsched.compile(meta, memsched.plan(meta, (), 10**12, example_kwargs=kw, hardware=FIXED_CPU).min_budget_bytes,
+                          device="cpu", hardware=FIXED_CPU, weights=path, offload_dir=tmp_path)
+    try:
+        with torch.no_grad():
+            assert torch.equal(cm(**kw).logits, ref)
+            streamed = [c.entry for (_, tier), c in cm._stores._loaded.items() if tier == "disk"]
+            assert streamed
+            with open(path, "r+b") as f:  # flip the first bytes of a weight streamed from disk
+                f.seek(streamed[0].offset)
+                head = f.read(16)
+                f.seek(streamed[0].offset)
+                f.write(bytes(b ^ 0xFF for b in head))
+            with pytest.raises(memsched.DiskIntegrityError, match="changed"):
+                cm(**kw)
+    finally:
+        cm.close()
+
+
+def _safetensors(path, header: dict | bytes, data: bytes = b"", length: int | None = None):
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+def _tiny():
+    return torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+
+
+def _meta_tiny():
+    with torch.device("meta"):
+        return _tiny()
+
+
+GOOD = {"0.weight": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]},
+        "0.bias": {"dtype": "F32", "shape": [3], "data_offsets": [48, 60]}}
+
+
+@pytest.mark.parametrize("case, match", [
+    ("truncated", "too short"),
+    ("header_too_long", "does not fit"),
+    ("not_json", "not valid JSON"),
+    ("not_object", "not a JSON object"),
+    ("bad_dtype", "no known dtype"),
+    ("offsets_outside", "do not hold"),
+    ("offsets_wrong_size", "do not hold"),
+    ("bad_shape", "not a list of sizes"),
+    ("missing_tensor", "not in checkpoint"),
+    ("shape_mismatch", "the model"),
+    ("dtype_mismatch", "the model"),
+    ("no_file", "does not exist"),
+    ("index_escapes", "outside its directory"),
+])
+def test_hostile_checkpoints_fail_before_anything_runs(tmp_path, case, match):
+    p = tmp_path / "model.safetensors"
+    data = bytes(60)
+    if case == "truncated":
+        p.write_bytes(b"\x01\x02")
+    elif case == "header_too_long":
+        _safetensors(p, GOOD, data, length=10**9)
+    elif case == "not_json":
+        _safetensors(p, b"{not json", data)
+    elif case == "not_object":
+        _safetensors(p, b"[1, 2]", data)
+    elif case == "bad_dtype":
+        _safetensors(p, {**GOOD, "0.bias": {"dtype": "Q4", "shape": [3], "data_offsets": [48, 60]}}, data)
+    elif case == "offsets_outside":
+        _safetensors(p, {**GOOD, "0.bias": {"dtype": "F32", "shape": [3], "data_offsets": [48, 60]}}, bytes(50))
+    elif case == "offsets_wrong_size":
+        _safetensors(p, {**GOOD, "0.bias": {"dtype": "F32", "shape": [3], "data_offsets": [40, 60]}}, data)
+    elif case == "bad_shape":
+        _safetensors(p, {**GOOD, "0.bias": {"dtype": "F32", "shape": [-3], "data_offsets": [48, 60]}}, data)
+    elif case == "missing_tensor":
+        _safetensors(p, {"0.weight": GOOD["0.weight"]}, bytes(48))
+    elif case == "shape_mismatch":
+        _safetensors(p, {**GOOD, "0.weight": {"dtype": "F32", "shape": [4, 3], "data_offsets": [0, 48]}}, data)
+    elif case == "dtype_mismatch":
+        _safetensors(p, {**GOOD, "0.weight": {"dtype": "I32", "shape": [3, 4], "data_offsets": [0, 48]}}, data)
+    elif case == "no_file":
+        p = tmp_path / "absent.safetensors"
+    elif case == "index_escapes":
+        p = tmp_path / "model.safetensors.index.json"
+        p.write_text(json.dumps({"weight_map": {"0.weight": "../elsewhere.safetensors"}}))
+    meta = _meta_tiny()
+    with pytest.raises(memsched.CheckpointError, match=match):
+        memsched.compile(meta, "1GB", device="cpu", hardware=FIXED_CPU, weights=p)
+
+
+def test_meta_model_without_weights_is_refused():
+    with pytest.raises(ValueError, match="weights="):
+        memsched.compile(_meta_tiny(), "1GB", device="cpu")
+
+
+def test_training_from_a_checkpoint_is_refused(tmp_path):
+    from safetensors.torch import save_model
+
+    save_model(_tiny(), str(tmp_path / "m.safetensors"))
+    with pytest.raises(NotImplementedError, match="inference only"):
+        memsched.compile(_meta_tiny().train(), "1GB", device="cpu", train=True, weights=tmp_path / "m.safetensors")
