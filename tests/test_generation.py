@@ -155,3 +155,28 @@ def test_sliding_window_decoders_are_refused():
                                                  sliding_window=4)).eval()
     with pytest.raises(NotImplementedError, match="sliding-window"):
         memsched.generate(model, torch.ones(1, 3, dtype=torch.long), budget="1GB", max_new_tokens=2)
+
+
+def test_prompt_runs_in_micro_batches_when_the_whole_batch_does_not_fit(tmp_path):
+    """A prompt's program for every row at once needs more than the decode program: below that,
+    the prompt runs a micro-batch of rows at a time (planned once), tokens unchanged."""
+    model, _ = _decoder("gpt2")
+    ids = torch.randint(3, 1000, (4, 24), generator=torch.Generator().manual_seed(2))
+    ref = _reference(model, ids, eos_token_id=None, pad_token_id=0)
+    kw = dict(batch=4, prompt_len=24, max_len=24 + NEW_TOKENS, sample_ids=ids, hardware=FIXED_CPU, device="cpu",
+              offload_dir=tmp_path)
+    probe = memsched.Generator(model, "1GB", **kw)
+    whole, decode = (p.min_budget_bytes for p in probe.plans)
+    probe.close()
+    assert whole > decode
+    budget = (whole + decode) // 2
+    gen = memsched.Generator(model, budget, **kw)
+    try:
+        assert gen.prefill_batch < 4
+        tokens, stats = gen(ids, NEW_TOKENS)
+        assert torch.equal(tokens, ref)
+        assert stats.plans == 2 and stats.peak_device_bytes <= budget
+    finally:
+        gen.close()
+    with pytest.raises(ValueError, match="prefill_batch"):
+        memsched.Generator(model, "1GB", prefill_batch=3, **kw)

@@ -74,7 +74,8 @@ class Generator:
     can be called again for any prompt of that shape."""
 
     def __init__(self, model, budget, *, batch: int, prompt_len: int, max_len: int, sample_ids: torch.Tensor,
-                 device=None, offload_dir=None, hardware=None, weights=None, **options):
+                 device=None, offload_dir=None, hardware=None, weights=None, prefill_batch: int | None = None,
+                 **options):
         _check_decoder(model)
         if model.training:
             raise ValueError("memsched.generate needs the model in eval mode (call model.eval())")
@@ -95,12 +96,29 @@ class Generator:
         ids = sample_ids[:1, :1].cpu()
         try:
             with torch.no_grad():
-                self.plans = (self._prepare("prefill", ids.expand(batch, prompt_len), 0),
-                              self._prepare("decode", ids.expand(batch, 1), prompt_len))
+                prefill = self._plan_prefill(ids, prompt_len, prefill_batch)
+                self.plans = (prefill, self._prepare("decode", ids.expand(batch, 1), prompt_len))
         except BaseException:
             self.compiled.close()
             raise
         self.plan_s = time.perf_counter() - t0
+
+    def _plan_prefill(self, ids: torch.Tensor, prompt_len: int, prefill_batch):
+        """Plan the prompt's program for the largest micro-batch (a divisor of the batch, or
+        ``prefill_batch``) that fits the budget: a prompt's activations and new cache entries grow
+        with the rows it runs, and the rows run one micro-batch after another."""
+        sizes = [prefill_batch] if prefill_batch else [d for d in range(self.batch, 0, -1) if self.batch % d == 0]
+        if prefill_batch is not None and (prefill_batch < 1 or self.batch % prefill_batch):
+            raise ValueError(f"prefill_batch must divide the batch ({self.batch}), got {prefill_batch}")
+        for i, rows in enumerate(sizes):
+            try:
+                plan = self._prepare("prefill", ids.expand(rows, prompt_len), 0)
+            except InfeasibleBudgetError:
+                if i == len(sizes) - 1:
+                    raise
+                continue
+            self.prefill_batch = rows
+            return plan
 
     def _prepare(self, program: str, ids: torch.Tensor, first_slot: int):
         try:
@@ -110,26 +128,36 @@ class Generator:
             raise
 
     def _inputs(self, ids: torch.Tensor, first_slot: int, positions=None, mask=None) -> tuple:
-        """The program's inputs for ``ids`` taking slots ``first_slot`` onwards."""
-        q = ids.shape[1]
+        """The program's inputs for ``ids`` taking slots ``first_slot`` onwards; each its own
+        tensor (inputs sharing memory would be captured with symbolic sizes)."""
+        rows, q = ids.shape
         slots = torch.arange(first_slot, first_slot + q)
         if positions is None:
-            positions = slots[None].expand(self.batch, q)
+            positions = slots[None].expand(rows, q)
         if mask is None:
-            mask = (torch.arange(self.max_len) < first_slot + q).long()[None].expand(self.batch, -1)
-        return ids, positions, slots, mask
+            mask = (torch.arange(self.max_len) < first_slot + q).long()[None].expand(rows, -1)
+        return tuple(t.clone(memory_format=torch.contiguous_format) for t in (ids, positions, slots, mask))
 
-    def _call(self, stats: GenerationStats, inputs: tuple):
+    def _call(self, stats: GenerationStats, inputs: tuple, rows: slice = slice(None)):
         logits, new = self.compiled(*inputs)
         stats.plans = self.compiled.plans_made
         run = self.compiled.stats
         stats.peak_device_bytes = max(stats.peak_device_bytes, run.peak_device_bytes)
         for link, n in run.bytes_moved.items():
             stats.bytes_moved[link] = stats.bytes_moved.get(link, 0) + n
-        slots = inputs[2]
-        self.decoder.write(slots, new)
-        self.compiled.patched(self.decoder.names(), 2, slots)  # memsched's copies take the new slots only
+        self.decoder.write(inputs[2], new, rows)
         return logits
+
+    def _prefill(self, stats: GenerationStats, input_ids, positions, mask) -> torch.Tensor:
+        """The prompt, one micro-batch after another, into a cleared cache; memsched's copies
+        of the cache are brought up to date once at the end."""
+        self.decoder.reset()  # no stale entries (say a previous run's NaN) behind the mask
+        logits = []
+        for r in range(0, self.batch, self.prefill_batch):
+            rows = slice(r, r + self.prefill_batch)
+            logits.append(self._call(stats, self._inputs(input_ids[rows], 0, positions[rows], mask[rows]), rows))
+        self.compiled.patched(self.decoder.names(), 2, torch.arange(self.max_len))
+        return torch.cat(logits)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None,
@@ -149,10 +177,9 @@ class Generator:
         positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
         eos = torch.tensor(sorted(_token_set(eos_token_id)), dtype=torch.long)
         pad = torch.tensor(pad_token_id if pad_token_id is not None else 0)
-        self.decoder.reset()
         out = [input_ids]
         t0 = time.perf_counter()
-        logits = self._call(stats, self._inputs(input_ids, 0, positions, mask))
+        logits = self._prefill(stats, input_ids, positions, mask)
         stats.prefill_s, t0 = time.perf_counter() - t0, time.perf_counter()
         with contextlib.ExitStack() as trusted:
             self._decode(stats, logits, P, max_new_tokens, positions, mask, eos, pad, out, trusted)
@@ -173,7 +200,9 @@ class Generator:
             if step == max_new_tokens - 1 or not unfinished.any():
                 break
             mask[:, P + step] = 1
-            logits = self._call(stats, self._inputs(token[:, None], P + step, positions[:, -1:] + step + 1, mask))
+            inputs = self._inputs(token[:, None], P + step, positions[:, -1:] + step + 1, mask)
+            logits = self._call(stats, inputs)
+            self.compiled.patched(self.decoder.names(), 2, inputs[2])  # memsched's copies take the new slots only
 
     def close(self) -> None:
         self.compiled.close()

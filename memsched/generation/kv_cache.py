@@ -7,7 +7,9 @@ on the device, in host RAM or on disk), writes the step's new keys and values in
 functional copy for its own attention, and returns those new entries; the generation loop
 then writes them into the cache's slots between steps (``write``). So one captured program
 serves every decode step (the shapes never change: no plan per length), nothing in the graph
-mutates state, and the new entries are small outputs.
+mutates state, and the new entries are small outputs. A prompt's program attends to the
+prompt alone and never reads the cache. Slots past the current position may hold a previous
+run's entries: the mask gives them exactly zero weight, so the cache is never cleared.
 
 The attention mask is built here as a 4-D additive mask over the whole cache (padding from
 the 2-D mask, causality from each query's slot), so transformers' own mask code, which would
@@ -28,14 +30,17 @@ def _cache_classes():
     class SlotLayer(StaticLayer):
         """One layer's cache: a step's keys and values go to ``slots``, functionally."""
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, fresh: bool):
             super().__init__(max_cache_len=keys.shape[2])
-            self.keys, self.values, self.slots = keys, values, slots
+            self.keys, self.values, self.slots, self.fresh = keys, values, slots, fresh
             self.device, self.is_initialized = keys.device, True
             self.new: tuple[torch.Tensor, torch.Tensor] | None = None
 
         def update(self, key_states, value_states, *args, **kwargs):
-            self.new = (key_states, value_states)
+            # copies, so a view into a fused projection does not keep the whole of it alive
+            self.new = (key_states.clone(), value_states.clone())
+            if self.fresh:  # a prompt attends to itself: the cache is not read at all
+                return key_states, value_states
             return (self.keys.index_copy(2, self.slots, key_states.to(self.keys.dtype)),
                     self.values.index_copy(2, self.slots, value_states.to(self.values.dtype)))
 
@@ -84,15 +89,18 @@ class CachedDecoder(nn.Module):
 
     def forward(self, input_ids, position_ids, slots, attention_mask):
         slot_layer, slot_cache = _cache_classes()
-        layers = [slot_layer(*self.layer(i), slots) for i in range(self.n_layers)]
-        cache = slot_cache(layers)
+        # a prompt (more than one token) attends to itself only, so its program never reads the
+        # cache; a new token attends to every slot, the empty ones masked
+        fresh = input_ids.shape[1] > 1
+        layers = [slot_layer(*self.layer(i), slots, fresh) for i in range(self.n_layers)]
         dtype = self.layer(0)[0].dtype
-        keys = torch.arange(self.max_len, device=slots.device)
-        allowed = attention_mask[:, None, None, :].bool() & (keys[None, None, None, :] <= slots[None, None, :, None])
+        keys = slots if fresh else torch.arange(self.max_len, device=slots.device)
+        real = attention_mask.index_select(1, keys) if fresh else attention_mask
+        allowed = real[:, None, None, :].bool() & (keys[None, None, None, :] <= slots[None, None, :, None])
         mask = torch.zeros(allowed.shape, dtype=dtype, device=slots.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         cache=cache, use_cache=True, logits_to_keep=1)
+                         cache=slot_cache(layers), use_cache=True, logits_to_keep=1)
         new = []
         for layer in layers:
             if layer.new is None:
@@ -101,12 +109,12 @@ class CachedDecoder(nn.Module):
         return out.logits[:, -1, :], tuple(new)
 
     @torch.no_grad()
-    def write(self, slots: torch.Tensor, new: tuple[torch.Tensor, ...]) -> None:
-        """Put a step's new keys and values into their slots (between steps, in place)."""
+    def write(self, slots: torch.Tensor, new: tuple[torch.Tensor, ...], rows: slice = slice(None)) -> None:
+        """Put a step's new keys and values into their slots (between steps, in place), for the
+        batch ``rows`` they were computed for."""
         for i in range(self.n_layers):
-            k, v = self.layer(i)
-            k.index_copy_(2, slots.to(k.device), new[2 * i].to(k.device, k.dtype))
-            v.index_copy_(2, slots.to(v.device), new[2 * i + 1].to(v.device, v.dtype))
+            for t, x in zip(self.layer(i), new[2 * i:2 * i + 2]):
+                t[rows].index_copy_(2, slots.to(t.device), x.to(t.device, t.dtype))
 
     @torch.no_grad()
     def reset(self) -> None:

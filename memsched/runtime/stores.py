@@ -117,7 +117,15 @@ def slice_spans(t: torch.Tensor, dim: int, index: torch.Tensor) -> list[tuple[in
     outer = math.prod(t.shape[:dim])
     inner = math.prod(t.shape[dim + 1:]) * t.element_size()
     rows = t.shape[dim] * inner
-    return [(o * rows + lo * inner, o * rows + hi * inner) for o in range(outer) for lo, hi in runs]
+    spans: list[tuple[int, int]] = []
+    for o in range(outer):
+        for lo, hi in runs:
+            a, b = o * rows + lo * inner, o * rows + hi * inner
+            if spans and spans[-1][1] == a:  # adjacent (every slot written): one span
+                spans[-1] = (spans[-1][0], b)
+            else:
+                spans.append((a, b))
+    return spans
 
 
 def fingerprint(t: torch.Tensor, layout: Layout | None = None) -> int:
