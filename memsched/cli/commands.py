@@ -1,11 +1,12 @@
 """The ``memsched`` command line: plan a model inside a budget, check and show saved plans,
-list hardware profiles.
+generate tokens inside a budget (random weights), list hardware profiles.
 
     memsched plan hf:gpt2 --budget 200MB --hardware t4
     memsched plan path/to/model.py:build --budget 8GB --format code
     memsched plan ./llama-config/ --budget 8GiB --hardware a100-40gb -o plan.json
     memsched verify plan.json
     memsched show plan.json --format code
+    memsched generate hf:gpt2 --budget 200MB --prompt-len 32 --new-tokens 16 --hardware t4
     memsched hardware
 
 Exit codes (``EXIT_CODES``; also in every command's help): 0 ok; 1 a plan fails verification
@@ -39,7 +40,7 @@ from ..io.serialize import dumps
 from ..ir.units import format_bytes
 from ..plans import Plan
 from ..verify import PlanError, verify_schedule
-from .render import render_hardware, render_plan
+from .render import generation_sections, render_hardware, render_plan, section_table
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INFEASIBLE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 FORMATS = ("table", "json", "code")
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_parser(sub)
     _add_verify_parser(sub)
     _add_show_parser(sub)
+    _add_generate_parser(sub)
     _add_hardware_parser(sub)
     return parser
 
@@ -161,6 +163,52 @@ def _add_show_parser(sub) -> None:
     sh.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
 
 
+_GENERATE_EPILOG = """\
+targets: as for `memsched plan` (hf:<model_type>, path/to/config.json, file.py:factory), a
+  transformers causal language model (decoder-only, full attention: gpt2, llama, opt, ...).
+  hf: and config.json targets are built without weights: they get RANDOM weights, initialised
+  as the architecture initialises them and seeded by --seed (nothing is downloaded); a
+  factory's model keeps the weights it comes with. The prompt is --batch x --prompt-len random
+  token ids (seeded by --seed), and greedy decoding never stops early: the text is meaningless,
+  the timing is real.
+
+output: where the weights and the KV cache live (device, host RAM, disk) in the prefill and
+the decode programs, then tokens/s and the run's statistics. On a terminal a spinner on stderr
+shows the stage; piped, stderr stays empty.
+
+""" + EXIT_CODES
+
+
+def _add_generate_parser(sub) -> None:
+    g = sub.add_parser(
+        "generate", help="generate tokens (greedy) inside a budget, with random weights and prompt",
+        description="Plan TARGET's prefill and decode programs inside --budget device bytes, with its "
+                    "KV cache placed by the planner like the weights, print where everything lives, "
+                    "then run greedy generation and print tokens/s.",
+        epilog=_GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g.add_argument("target", metavar="TARGET",
+                   help="hf:<model_type> or a config.json path (given random weights), or "
+                        "file.py:factory returning a causal LM")
+    g.add_argument("--budget", "-b", required=True, metavar="BUDGET",
+                   help="device memory budget, e.g. 8GB, 8GiB, 512MB, 50%%")
+    g.add_argument("--prompt-len", type=_positive_int, required=True, metavar="N",
+                   help="tokens in each (random) prompt")
+    g.add_argument("--new-tokens", type=_positive_int, required=True, metavar="N",
+                   help="tokens to generate per sequence")
+    g.add_argument("--batch", type=_positive_int, default=1, metavar="N", help="sequences (default 1)")
+    g.add_argument("--hardware", metavar="NAME", default=None,
+                   help="hardware profile to plan for: a preset (see `memsched hardware`) or 'local' "
+                        "(default: the --device of this machine, calibrated once and cached)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where the device tier is (default: cuda when there is one, else cpu)")
+    g.add_argument("--offload-dir", metavar="DIR", default=None,
+                   help="directory for the disk tier (default: a temporary one)")
+    g.add_argument("--seed", type=_seed, default=0, metavar="S",
+                   help="seed of the random weights and prompt (default 0)")
+    g.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+
+
 def _add_hardware_parser(sub) -> None:
     h = sub.add_parser("hardware", help="list the hardware profiles",
                        description="List the hardware presets usable with `memsched plan --hardware`.",
@@ -189,6 +237,17 @@ _positive_int = _positive(int, "a positive integer")
 _positive_float = _positive(float, "a positive number of seconds")
 
 
+def _seed(text: str) -> int:
+    """An argparse type: an integer seed torch accepts (0 to 2**63 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63 - 1, got {text!r}")
+    return value
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -203,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    command = {"hardware": _cmd_hardware, "verify": _cmd_verify, "show": _cmd_show, "plan": _cmd_plan}
+    command = {"hardware": _cmd_hardware, "verify": _cmd_verify, "show": _cmd_show, "plan": _cmd_plan,
+               "generate": _cmd_generate}
     try:
         return command[args.command](args)
     except KeyboardInterrupt:
@@ -357,11 +417,12 @@ def _training_target(model, kwargs: dict) -> dict:
     return kwargs
 
 
-def _resolve_hardware(spec, update):
+def _resolve_hardware(spec, update, device: str | None = None):
     if spec is None or str(spec).strip().lower() == "local":
-        # The locally calibrated profile: of the GPU when there is one, else of the CPU.
+        # The locally calibrated profile: of ``device``; by default of the GPU when there is one,
+        # else of the CPU.
         update("memsched: calibrating this machine (cached after the first run)")
-        return get_hardware(None, "cuda" if torch.cuda.is_available() else "cpu")
+        return get_hardware(None, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return get_hardware(spec)
 
 
@@ -388,6 +449,143 @@ def _json_default(obj):
         with contextlib.suppress(TypeError, ValueError):
             return _finite(obj.item())
     return str(obj)
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def _cmd_generate(args) -> int:
+    from ..generation import Generator
+    from .targets import quiet_transformers
+
+    with _status("memsched: resolving hardware") as update:
+        device = _generation_device(args.device)
+        hw = _resolve_hardware(args.hardware, update, device)
+        budget_bytes = parse_budget(args.budget, hw.device_bytes)
+        update(f"memsched: building {args.target} with random weights")
+        model, name = _generation_model(args)
+        prompt = _random_prompt(model, args.batch, args.prompt_len, args.seed)
+        what = f"memsched: planning {type(model).__name__} in {format_bytes(budget_bytes)}"
+        update(what)
+        try:
+            with quiet_transformers():
+                gen = Generator(model, budget_bytes, batch=args.batch, prompt_len=args.prompt_len,
+                                max_len=args.prompt_len + args.new_tokens, sample_ids=prompt, device=device,
+                                offload_dir=args.offload_dir, hardware=hw, progress=_programs(update, what))
+        except InfeasibleBudgetError as e:
+            if args.debug:
+                raise
+            _error(f"{e}; retry with --budget {_budget_hint(e.min_budget_bytes)}")
+            return EXIT_INFEASIBLE
+    try:
+        console = _stdout_console()
+        for section in generation_sections(gen, name):
+            console.print(section_table(section))
+        sys.stdout.flush()
+        with _status(f"memsched: generating {args.batch} x {args.new_tokens} tokens"), quiet_transformers():
+            _, stats = gen(prompt, args.new_tokens)
+    finally:
+        gen.close()
+    print(f"generated {stats.batch} x {stats.new_tokens} tokens: {stats.tokens_per_s:.1f} tokens/s")
+    print(stats)
+    return EXIT_OK
+
+
+def _programs(update, what: str):
+    """The planner's progress callback for a generator: each pass, named with its program (the
+    prefill is planned first, then the decode step; each starts with its capture)."""
+    programs, current = iter(("prefill", "decode")), ["prefill"]
+
+    def progress(stage: str) -> None:
+        if stage == "capture":
+            current[0] = next(programs, current[0])
+        update(f"{what}: {current[0]} {stage}")
+
+    return progress
+
+
+def _generation_device(choice: str | None) -> str:
+    if choice is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
+    return choice
+
+
+def _generation_model(args):
+    """The model ``args.target`` names, a causal LM with real weights (random ones when the
+    target is built without weights), in eval mode; and its display name."""
+    from .targets import load_target
+
+    try:
+        model, _, _, name = load_target(args.target, batch=args.batch, seq_len=args.prompt_len)
+    except ValueError as e:  # the targets' own length check names `memsched plan`'s flag
+        if type(e) is not ValueError or "--seq-len" not in str(e):
+            raise
+        raise ValueError(str(e).replace("--seq-len", "--prompt-len")) from None
+    if getattr(model, "config", None) is None or not callable(getattr(model, "generate", None)):
+        raise ValueError(f"target {args.target!r}: {type(model).__name__} is not a transformers causal "
+                         f"language model, which memsched generate needs (e.g. hf:gpt2, hf:llama)")
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = next((getattr(text, k) for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(getattr(text, k, None), int)), None)
+    total = args.prompt_len + args.new_tokens
+    if limit is not None and total > limit:
+        raise ValueError(f"{args.target}: --prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} = "
+                         f"{total} positions exceeds the model's maximum of {limit}")
+    _materialize(model, args.seed, args.target)
+    return model.eval(), name
+
+
+def _materialize(model, seed: int, spec: str) -> None:
+    """Give a model built on the meta device random weights on the CPU, initialised as its
+    architecture initialises them (seeded); a model with real weights keeps them."""
+    tensors = list({id(t): t for t in (*model.parameters(), *model.buffers())}.values())
+    if not any(t.is_meta for t in tensors):
+        return
+    need, free = sum(t.numel() * t.element_size() for t in tensors), _available_host_bytes()
+    if free and 2 * need > free:  # the weights, and the copies the host and disk tiers take
+        raise ValueError(f"target {spec!r}: its random weights take {format_bytes(need)} of host RAM (up to "
+                         f"twice that while generating) and {format_bytes(free)} is available: use a "
+                         f"smaller config.json")
+    model.to_empty(device="cpu")
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        if callable(getattr(model, "init_weights", None)):  # transformers: its own init, ties included
+            model.init_weights()
+            return
+        for t in tensors:  # what no reset_parameters below covers: small normal weights, zero buffers
+            if t.is_floating_point() and isinstance(t, torch.nn.Parameter):
+                torch.nn.init.normal_(t, std=0.02)
+            else:
+                t.zero_()
+        for m in model.modules():
+            if callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+
+
+def _available_host_bytes() -> int:
+    """Host RAM available now (0: unknown)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return 0
+
+
+def _random_prompt(model, batch: int, prompt_len: int, seed: int) -> torch.Tensor:
+    """(batch, prompt_len) token ids drawn uniformly from the model's vocabulary."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    vocab = getattr(text, "vocab_size", None)
+    if not isinstance(vocab, int):
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        vocab = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        raise ValueError(f"{type(model).__name__}: no vocabulary size in its config to draw a prompt from")
+    return torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------- saved plans

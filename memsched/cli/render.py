@@ -1,5 +1,5 @@
-"""The command line's tables: a plan's summary (the sections of memsched/inspect/summary.py)
-and the hardware profiles, as rich tables."""
+"""The command line's tables: a plan's summary (the sections of memsched/inspect/summary.py),
+a generator's two plans in brief, and the hardware profiles, as rich tables."""
 from __future__ import annotations
 
 from rich import box
@@ -7,7 +7,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..inspect.summary import SAVED_ACTIVATIONS_SHOWN, Section, saved_activations_section, summarize
+from ..inspect.summary import SAVED_ACTIVATIONS_SHOWN, Row, Section, saved_activations_section, summarize
 from ..ir.units import format_bytes as fb
 
 # how a row's mark shows: beyond the budget, totals, and what happens to a saved activation
@@ -42,6 +42,42 @@ def render_plan(console, plan, *, load_s: float | None = None, limit: int = SAVE
 def render_saved_activations(console, plan, limit: int = SAVED_ACTIVATIONS_SHOWN) -> None:
     """What the training plan does with each activation the forward saves for the backward."""
     console.print(section_table(saved_activations_section(plan, limit)))
+
+
+def generation_sections(gen, name: str) -> list[Section]:
+    """A generator's two plans (memsched.Generator: prefill, decode) in brief: the budget, each
+    program's peak, minimum and predicted time, and where the weights and the KV cache live."""
+    prefill, decode = gen.plans
+    hw, budget = prefill.hardware, prefill.budget_bytes
+    rows = [Row("hardware", (f"{hw.name} ({hw.device_type}, {fb(hw.device_bytes)} device memory); "
+                             f"runs on {gen.compiled.device}",), (hw.device_bytes,)),
+            Row("budget", (fb(budget),), (budget,)),
+            Row("KV cache", (f"{fb(gen.kv_cache_bytes)} (batch {gen.batch}, {gen.max_len} positions)",),
+                (gen.kv_cache_bytes,))]
+    rows.append(Row("prompt rows", (f"{gen.prefill_batch} of {gen.batch} at a time" if gen.prefill_batch < gen.batch
+                                    else f"all {gen.batch} at once",), (gen.prefill_batch,)))
+    for label, plan, per in (("prefill", prefill, "prompt"), ("decode", decode, "token")):
+        peak = plan.peak_device_bytes
+        rows.append(Row(label, (f"peak device {fb(peak)} ({peak / budget:.0%} of budget), minimum budget "
+                                f"{fb(plan.min_budget_bytes)}, predicted {plan.predicted_time_s * 1e3:.3f} ms "
+                                f"per {per}",), (peak,), "over" if peak > budget else ""))
+        moved = ", ".join(f"{link} {fb(n)}" for link, n in sorted(plan.bytes_moved.items()) if n)
+        rows.append(Row(f"moved per {per}", (moved or "nothing",), (sum(plan.bytes_moved.values()),)))
+    rows.append(Row("planning", (f"{gen.plan_s:.2f} s (both programs)",), (gen.plan_s,)))
+    return [Section("generation", f"memsched generation plan for {name}", tuple(rows)), _placement_section(gen)]
+
+
+def _placement_section(gen) -> Section:
+    """Bytes of weights and of the KV cache homed per tier, in each program."""
+    split = []
+    for plan in gen.plans:
+        kv, tiers = plan.kind_tier_bytes("kv_cache"), plan.tier_bytes()
+        split.append(({t: tiers[t] - kv[t] for t in tiers}, kv))
+    rows = tuple(Row(tier, tuple(fb(part[tier]) for pair in split for part in pair),
+                     tuple(part[tier] for pair in split for part in pair)) for tier in ("device", "host", "disk"))
+    return Section("placement", "Where the weights and the KV cache live (bytes homed per tier)", rows,
+                   ("tier", "prefill weights", "prefill KV cache", "decode weights", "decode KV cache"),
+                   (1, 2, 3, 4))
 
 
 def render_hardware(console, profiles) -> None:

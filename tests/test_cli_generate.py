@@ -1,0 +1,175 @@
+"""`memsched generate`: random weights and prompt, both programs planned inside the budget,
+where the weights and the KV cache live, then tokens/s; run in-process through
+`memsched.cli.main` on a two-layer GPT-2 (hf:gpt2 itself takes ~40 s to plan and run here)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import textwrap
+
+import pytest
+import torch
+
+import memsched.cli.commands as cli
+from memsched.cli import main
+
+pytest.importorskip("transformers")
+
+TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 500,
+             "n_positions": 64}
+HW = "t4"
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("generate") / "config.json"
+    path.write_text(json.dumps(TINY_GPT2))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _calibration_cache(tmp_path_factory, monkeypatch):
+    # `--hardware` left out means the locally calibrated profile: keep its cache out of ~/.
+    monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "memsched-cache"))
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> bool:
+    lines = err.strip().splitlines()
+    return "Traceback" not in err and len(lines) == 1 and lines[0].startswith("memsched: error: ")
+
+
+def placement_rows(out: str) -> dict:
+    """tier -> (prefill weights, prefill KV cache, decode weights, decode KV cache) as printed."""
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*(device|host|disk)\s+(\S+ \S+)\s+(\S+ \S+)\s+(\S+ \S+)\s+(\S+ \S+)\s*$", line)
+        if m:
+            rows[m.group(1)] = m.groups()[1:]
+    return rows
+
+
+def test_generate_prints_the_plan_and_tokens_per_second(capsys, monkeypatch, config, tmp_path):
+    shown = []
+
+    @contextlib.contextmanager
+    def recording(message):
+        shown.append(message)
+        yield shown.append
+
+    monkeypatch.setattr(cli, "_status", recording)
+    # 300KB holds the activations and part of the 531 KiB of weights: the rest lives in host RAM
+    code, out, err = run(capsys, "generate", config, "--budget", "300KB", "--prompt-len", 8, "--new-tokens", 4,
+                         "--batch", 2, "--hardware", HW, "--device", "cpu", "--offload-dir", tmp_path / "off",
+                         "--seed", 3)
+    assert code == 0, err
+    assert err == ""  # piped: no spinner, and transformers' advice stays quiet
+    assert "memsched generation plan for GPT2LMHeadModel" in out
+    assert re.search(r"KV cache\s+24\.0 KiB \(batch 2, 12 positions\)", out), out
+    for program, per in (("prefill", "prompt"), ("decode", "token")):
+        assert re.search(rf"{program}\s+peak device .*? minimum budget .*? per\s+{per}", out, re.S), out
+    rows = placement_rows(out)
+    assert set(rows) == {"device", "host", "disk"}, out
+    assert rows["host"][0] != "0 B" and rows["host"][2] != "0 B", out  # weights streamed from host
+    assert re.search(r"^generated 2 x 4 tokens: \d+\.\d tokens/s$", out, re.M), out
+    assert re.search(r"^2x4 new tokens after 8 · \d+\.\d tokens/s · prefill .* plans 2 ", out, re.M), out
+    assert any("building" in m for m in shown), shown
+    stages = [m.split(": ")[-1] for m in shown if "planning GPT2LMHeadModel" in m]
+    for stage in ("prefill capture", "prefill schedule", "decode capture", "decode schedule"):
+        assert stage in stages, (stage, shown)
+    assert shown[-1] == "memsched: generating 2 x 4 tokens", shown  # the run has its own stage
+
+
+def test_a_budget_below_the_minimum_exits_3_with_one_line_that_names_it(capsys, config):
+    code, out, err = run(capsys, "generate", config, "--budget", "50KB", "--prompt-len", 8, "--new-tokens", 4,
+                         "--hardware", HW, "--device", "cpu")
+    assert code == 3 and out == "" and one_error_line(err), err
+    assert "below the minimum this model needs" in err
+    assert re.search(r"retry with --budget \d+(\.\d+)?KB$", err.strip()), err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--new-tokens", "0"], "--new-tokens: expected a positive integer, got '0'"),
+    (["--new-tokens", "4", "--prompt-len", "-3"], "--prompt-len: expected a positive integer"),
+    (["--new-tokens", "4", "--seed", "x"], "--seed: expected an integer"),
+    (["--new-tokens", "4", "--device", "tpu"], "invalid choice: 'tpu'"),
+    (["--new-tokens", "4", "--budget", "lots"], "budget"),
+])
+def test_bad_arguments_exit_2(capsys, config, argv, needle):
+    args = {"--budget": "1MB", "--prompt-len": "8"}
+    args.update(dict(zip(argv[::2], argv[1::2])))
+    code, out, err = run(capsys, "generate", config, "--hardware", HW, *(x for kv in args.items() for x in kv))
+    assert code == 2 and out == "", err
+    assert needle in err and "Traceback" not in err, err
+
+
+def test_a_generation_longer_than_the_model_s_positions_exits_2(capsys, config):
+    code, out, err = run(capsys, "generate", config, "--budget", "1MB", "--prompt-len", 60, "--new-tokens", 8,
+                         "--hardware", HW)
+    assert code == 2 and out == "" and one_error_line(err), err
+    assert "--prompt-len 60 + --new-tokens 8 = 68 positions exceeds the model's maximum of 64" in err
+    code, _, err = run(capsys, "generate", config, "--budget", "1MB", "--prompt-len", 80, "--new-tokens", 8,
+                       "--hardware", HW)
+    assert code == 2 and one_error_line(err) and "--prompt-len 80 exceeds" in err, err
+
+
+def test_a_target_that_is_not_a_language_model_exits_2(capsys, tmp_path):
+    path = tmp_path / "mlp.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        import torch.nn as nn
+
+        def build():
+            return nn.Sequential(nn.Linear(8, 8)).eval(), (torch.randn(1, 8),)
+    """))
+    code, out, err = run(capsys, "generate", f"{path}:build", "-b", "1MB", "--prompt-len", 4, "--new-tokens", 2,
+                         "--hardware", HW)
+    assert code == 2 and out == "" and one_error_line(err), err
+    assert "Sequential is not a transformers causal language model" in err
+    with pytest.raises(ValueError, match="not a transformers causal language model"):  # --debug: the exception
+        main(["generate", f"{path}:build", "-b", "1MB", "--prompt-len", "4", "--new-tokens", "2",
+              "--hardware", HW, "--debug"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_device_cuda_without_one_exits_2(capsys, config):
+    code, _, err = run(capsys, "generate", config, "-b", "1MB", "--prompt-len", 4, "--new-tokens", 2,
+                       "--hardware", HW, "--device", "cuda")
+    assert code == 2 and one_error_line(err) and "sees no CUDA device" in err, err
+
+
+def test_random_weights_are_the_architecture_s_own_initialisation_and_seeded(config):
+    from memsched.cli.targets import load_target
+
+    def build(seed):
+        model, *_ = load_target(str(config), batch=1, seq_len=4)
+        cli._materialize(model, seed, str(config))
+        return model
+
+    state = torch.get_rng_state()
+    a, b, c = build(1), build(1), build(2)
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is left alone
+    assert not any(t.is_meta for t in (*a.parameters(), *a.buffers()))
+    assert a.lm_head.weight is a.transformer.wte.weight  # tied again after to_empty
+    assert abs(a.transformer.wte.weight.std().item() - 0.02) < 0.002  # GPT-2's initializer_range
+    assert torch.equal(a.transformer.h[0].ln_1.weight, torch.ones(64))
+    assert torch.equal(a.transformer.wte.weight, b.transformer.wte.weight)
+    assert not torch.equal(a.transformer.wte.weight, c.transformer.wte.weight)
+    prompt = cli._random_prompt(a, 2, 8, seed=5)
+    assert prompt.shape == (2, 8) and 0 <= prompt.min() and prompt.max() < 500
+    assert torch.equal(prompt, cli._random_prompt(a, 2, 8, seed=5))
+
+
+def test_help_documents_random_weights_and_the_exit_codes(capsys):
+    code, out, _ = run(capsys, "generate", "--help")
+    assert code == 0 and "RANDOM weights" in out and "exit codes:" in out
+    for line in ("2    the user's error", "3    a budget below", "4    an internal error", "130  interrupted"):
+        assert line in out
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "generate" in out
