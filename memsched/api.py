@@ -202,10 +202,12 @@ class CompiledModule:
 
     @contextlib.contextmanager
     def unchanged_weights(self):
-        """Inside this block the caller vouches that the model's tensors change only in place
-        through ``patched`` (or visibly: new objects, version bumps): calls skip the crc32
-        fingerprint of every copied tensor, a pass over their bytes per call. Meant for loops
-        that call the module many times in a row, such as token-by-token generation."""
+        """Inside this block the caller vouches that the model's tensors are not replaced
+        (``p.data = ...``, ``load_state_dict(assign=True)``) and change only where PyTorch's
+        version counter sees it (in-place ops on the tensors, reported with ``patched``): calls
+        skip looking each tensor up and the crc32 fingerprint of every copied one, a pass over
+        their bytes per call. Meant for loops that call the module many times in a row, such as
+        token-by-token generation."""
         with self._lock:
             for entry in self._compiled.values():
                 entry[2].trusted = True

@@ -108,8 +108,9 @@ class Executor:
         self._step = None
         self._outgoing: dict[int, Outgoing] = {}
         self._model_slots: list[_ModelSlot] = []
-        # True while the caller vouches that the model's tensors change only through ``patched``
-        # (a generation loop): unchanged tensors then skip the per-call fingerprint
+        # True while the caller vouches that the model's tensors are neither replaced nor changed
+        # behind PyTorch's version counter (a generation loop): each call then skips looking
+        # them up and fingerprinting the unchanged ones
         self.trusted = False
         self.last_stats = RunStats()
         try:
@@ -179,7 +180,9 @@ class Executor:
         """The model's tensors as they are now: copies of those the user replaced or changed
         (an optimizer step, ``p.data = ...``, ``p.data.mul_(...)``) are renewed."""
         for rec in self._model_slots:
-            cur = self._lookup(rec.name)
+            # trusted (a generation loop that owns the model between its calls): the tensor
+            # objects stay; only a version bump on one of them is looked for
+            cur = rec.ref if self.trusted else self._lookup(rec.name)
             if not isinstance(cur, torch.Tensor):
                 cur = None
             if cur is None:
