@@ -173,3 +173,14 @@ def test_help_documents_random_weights_and_the_exit_codes(capsys):
         assert line in out
     code, out, _ = run(capsys, "--help")
     assert code == 0 and "generate" in out
+
+
+def test_block_auto_prints_the_candidates_and_the_choice(capsys, config):
+    code, out, err = run(capsys, "generate", config, "--budget", "10MB", "--prompt-len", 4, "--new-tokens", 3,
+                         "--batch", 4, "--block", "auto", "--goal", "latency", "--hardware", HW, "--device", "cpu")
+    assert code == 0, err
+    assert re.search(r"block 1: prompt .* tokens/s predicted  <- chosen", out), out
+    assert "blocks of 1" in out, out
+    code, out, err = run(capsys, "generate", config, "--budget", "10MB", "--prompt-len", 4, "--new-tokens", 3,
+                         "--batch", 4, "--block", "3", "--hardware", HW, "--device", "cpu")
+    assert code == 2 and "block_size" in err, err

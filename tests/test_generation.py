@@ -180,3 +180,42 @@ def test_prompt_runs_in_micro_batches_when_the_whole_batch_does_not_fit(tmp_path
         gen.close()
     with pytest.raises(ValueError, match="prefill_batch"):
         memsched.Generator(model, "1GB", prefill_batch=3, **kw)
+
+
+@pytest.mark.parametrize("block_size", [2, "auto"])
+def test_blocks_of_sequences_decode_in_turn(block_size, tmp_path):
+    """The batch decodes a block at a time through one pair of plans; "auto" prices candidate
+    blocks with their plans and keeps the best for the goal; tokens unchanged (an early stop in
+    one block is padded like transformers pads it)."""
+    model, _ = _decoder("llama")
+    ids = torch.randint(3, 1000, (4, 10), generator=torch.Generator().manual_seed(3))
+    free = _reference(model, ids, eos_token_id=None, pad_token_id=0)
+    eos = int(free[0, ids.shape[1] + 2])  # the first block's first sequence stops early
+    ref = _reference(model, ids, eos_token_id=eos, pad_token_id=0)
+    tokens, stats = memsched.generate(model, ids, budget="1GB", max_new_tokens=NEW_TOKENS, eos_token_id=eos,
+                                      pad_token_id=0, block_size=block_size, hardware=FIXED_CPU, device="cpu",
+                                      offload_dir=tmp_path, return_stats=True)
+    assert torch.equal(tokens, ref)
+    if block_size == "auto":
+        assert stats.blocks and all("block" in b for b in stats.blocks)
+        assert stats.block_size in (4, 2, 1)
+        assert stats.plans == 2 * sum("does not fit" not in b for b in stats.blocks)
+    else:
+        assert stats.block_size == 2 and stats.plans == 2
+
+
+def test_the_throughput_goal_takes_a_larger_block_than_the_latency_goal(tmp_path):
+    model, ids = _decoder("gpt2")
+    ids = torch.randint(3, 1000, (4, 10), generator=torch.Generator().manual_seed(4))
+    chosen = {}
+    for goal in ("throughput", "latency"):
+        _, stats = memsched.generate(model, ids, budget="1GB", max_new_tokens=4, eos_token_id=None, block_size="auto",
+                                     goal=goal, hardware=FIXED_CPU, device="cpu", offload_dir=tmp_path,
+                                     return_stats=True)
+        chosen[goal] = stats.block_size
+    assert chosen["throughput"] > chosen["latency"], chosen
+    with pytest.raises(ValueError, match="block_size"):
+        memsched.generate(model, ids, budget="1GB", max_new_tokens=2, block_size=3)
+    with pytest.raises(ValueError, match="goal"):
+        memsched.generate(model, ids, budget="1GB", max_new_tokens=2, block_size="auto", goal="speed",
+                          hardware=FIXED_CPU, device="cpu")

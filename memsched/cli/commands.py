@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import importlib.metadata
 import math
@@ -197,6 +198,11 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--new-tokens", type=_positive_int, required=True, metavar="N",
                    help="tokens to generate per sequence")
     g.add_argument("--batch", type=_positive_int, default=1, metavar="N", help="sequences (default 1)")
+    g.add_argument("--block", type=_block, default=None, metavar="N|auto",
+                   help="sequences that decode together: a divisor of --batch, or 'auto' to plan "
+                        "candidate blocks and keep the best for --goal (default: the whole batch)")
+    g.add_argument("--goal", choices=("throughput", "latency"), default="throughput",
+                   help="what --block auto optimises (default throughput)")
     g.add_argument("--hardware", metavar="NAME", default=None,
                    help="hardware profile to plan for: a preset (see `memsched hardware`) or 'local' "
                         "(default: the --device of this machine, calibrated once and cached)")
@@ -235,6 +241,11 @@ def _positive(kind, what: str):
 
 _positive_int = _positive(int, "a positive integer")
 _positive_float = _positive(float, "a positive number of seconds")
+
+
+def _block(text: str):
+    """An argparse type: 'auto' or a positive integer."""
+    return "auto" if text == "auto" else _positive_int(text)
 
 
 def _seed(text: str) -> int:
@@ -455,7 +466,7 @@ def _json_default(obj):
 
 
 def _cmd_generate(args) -> int:
-    from ..generation import Generator
+    from ..generation import plan_generator, run_blocks
     from .targets import quiet_transformers
 
     with _status("memsched: resolving hardware") as update:
@@ -469,9 +480,9 @@ def _cmd_generate(args) -> int:
         update(what)
         try:
             with quiet_transformers():
-                gen = Generator(model, budget_bytes, batch=args.batch, prompt_len=args.prompt_len,
-                                max_len=args.prompt_len + args.new_tokens, sample_ids=prompt, device=device,
-                                offload_dir=args.offload_dir, hardware=hw, progress=_programs(update, what))
+                gen, tried, _ = plan_generator(model, budget_bytes, prompt, args.new_tokens, block_size=args.block,
+                                               goal=args.goal, device=device, offload_dir=args.offload_dir,
+                                               hardware=hw, progress=_programs(update, what))
         except InfeasibleBudgetError as e:
             if args.debug:
                 raise
@@ -482,8 +493,10 @@ def _cmd_generate(args) -> int:
         for section in generation_sections(gen, name):
             console.print(section_table(section))
         sys.stdout.flush()
+        for choice in tried:
+            print(f"  {choice.describe(args.new_tokens)}" + ("  <- chosen" if choice.rows == gen.batch else ""))
         with _status(f"memsched: generating {args.batch} x {args.new_tokens} tokens"), quiet_transformers():
-            _, stats = gen(prompt, args.new_tokens)
+            _, stats = run_blocks(gen, prompt, args.new_tokens, None, None, None)
     finally:
         gen.close()
     print(f"generated {stats.batch} x {stats.new_tokens} tokens: {stats.tokens_per_s:.1f} tokens/s")
@@ -493,8 +506,9 @@ def _cmd_generate(args) -> int:
 
 def _programs(update, what: str):
     """The planner's progress callback for a generator: each pass, named with its program (the
-    prefill is planned first, then the decode step; each starts with its capture)."""
-    programs, current = iter(("prefill", "decode")), ["prefill"]
+    prefill is planned first, then the decode step; each starts with its capture; with --block
+    auto a pair per candidate block)."""
+    programs, current = itertools.cycle(("prefill", "decode")), ["prefill"]
 
     def progress(stage: str) -> None:
         if stage == "capture":

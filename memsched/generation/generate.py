@@ -18,6 +18,7 @@ from ..api import CompiledModule
 from ..budget import format_bytes
 from ..errors import InfeasibleBudgetError
 from ..frontend.fake import meta_as_empty
+from .blocks import choose_block
 from .kv_cache import CachedDecoder, cache_shapes
 
 
@@ -35,6 +36,19 @@ class GenerationStats:
     peak_device_bytes: int = 0      # the largest measured over every call
     bytes_moved: dict = field(default_factory=dict)
     kv_cache_bytes: int = 0
+    block_size: int = 0             # sequences decoded together (0: the whole batch)
+    blocks: list = field(default_factory=list)  # the candidate blocks priced ("auto")
+
+    def absorb(self, other: "GenerationStats") -> None:
+        """Add a block's run to these totals."""
+        self.new_tokens = max(self.new_tokens, other.new_tokens)
+        self.prefill_s += other.prefill_s
+        self.decode_s += other.decode_s
+        self.peak_device_bytes = max(self.peak_device_bytes, other.peak_device_bytes)
+        self.kv_cache_bytes = other.kv_cache_bytes
+        self.plans = other.plans
+        for link, n in other.bytes_moved.items():
+            self.bytes_moved[link] = self.bytes_moved.get(link, 0) + n
 
     @property
     def tokens_per_s(self) -> float:
@@ -45,7 +59,9 @@ class GenerationStats:
     def __str__(self) -> str:
         moved = ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.bytes_moved.items()) if v)
         return (f"{self.batch}x{self.new_tokens} new tokens after {self.prompt_tokens} · "
-                f"{self.tokens_per_s:.1f} tokens/s · prefill {self.prefill_s * 1e3:.1f} ms · "
+                f"{self.tokens_per_s:.1f} tokens/s"
+                + (f" · blocks of {self.block_size}" if self.block_size and self.block_size < self.batch else "")
+                + f" · prefill {self.prefill_s * 1e3:.1f} ms · "
                 f"decode {self.decode_s * 1e3:.1f} ms · plans {self.plans} ({self.plan_s:.2f} s) · "
                 f"peak device {format_bytes(self.peak_device_bytes)} · KV cache "
                 f"{format_bytes(self.kv_cache_bytes)}" + (f" · moved {moved}" if moved else ""))
@@ -220,7 +236,8 @@ def _token_set(eos_token_id) -> set[int]:
 
 def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, attention_mask=None,
              weights=None, device=None, offload_dir=None, hardware=None, eos_token_id="config",
-             pad_token_id="config", return_stats: bool = False, **options):
+             pad_token_id="config", block_size=None, goal: str = "throughput", return_stats: bool = False,
+             **options):
     """Greedy decoding of a transformers causal LM inside ``budget`` device bytes.
 
     Returns the prompt followed by the new tokens, (batch, prompt + new), as transformers'
@@ -231,11 +248,45 @@ def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, att
     Two programs are planned (prompt, then one for every new token), and the KV cache for
     prompt + new tokens is placed by the planner with the weights. ``weights=``: a safetensors
     checkpoint for a model built on the meta device (see ``memsched.compile``).
+    ``block_size``: sequences that decode together (None: the whole batch; an int dividing the
+    batch; "auto": planned for ``goal``, "throughput" or "latency", see blocks.py); blocks run
+    one after another through the same two plans.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, prompt length) tensor of token ids")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    eos_token_id, pad_token_id = _special_tokens(model, eos_token_id, pad_token_id)
+    gen, tried, made = plan_generator(model, budget, input_ids, max_new_tokens, block_size=block_size, goal=goal,
+                                      device=device, offload_dir=offload_dir, hardware=hardware, weights=weights,
+                                      **options)
+    try:
+        tokens, stats = run_blocks(gen, input_ids, max_new_tokens, attention_mask, eos_token_id, pad_token_id)
+    finally:
+        gen.close()
+    stats.plans, stats.plan_s = sum(n for n, _ in made), sum(t for _, t in made)
+    stats.blocks = [c.describe(max_new_tokens) for c in tried]
+    return (tokens, stats) if return_stats else tokens
+
+
+def plan_generator(model, budget, input_ids: torch.Tensor, max_new_tokens: int, *, block_size=None,
+                   goal: str = "throughput", **options):
+    """The Generator for ``input_ids``'s prompts at the block size asked for (see ``generate``);
+    also the candidate blocks priced ("auto") and, per generator planned, (plans, seconds)."""
+    B, P = input_ids.shape
+    made = []
+
+    def make(rows: int) -> Generator:
+        gen = Generator(model, budget, batch=rows, prompt_len=P, max_len=P + max_new_tokens,
+                        sample_ids=input_ids, **options)
+        made.append((gen.compiled.plans_made, gen.plan_s))
+        return gen
+
+    gen, tried = _block_generator(make, block_size, goal, B, max_new_tokens)
+    return gen, tried, made
+
+
+def _special_tokens(model, eos_token_id, pad_token_id):
     config = getattr(model, "generation_config", None)
     if eos_token_id == "config":
         eos_token_id = getattr(config, "eos_token_id", None)
@@ -243,12 +294,31 @@ def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, att
         pad_token_id = getattr(config, "pad_token_id", None)
         if pad_token_id is None and eos_token_id is not None:
             pad_token_id = next(iter(sorted(_token_set(eos_token_id))))
-    B, P = input_ids.shape
-    gen = Generator(model, budget, batch=B, prompt_len=P, max_len=P + max_new_tokens, sample_ids=input_ids,
-                    device=device, offload_dir=offload_dir, hardware=hardware, weights=weights, **options)
-    try:
-        tokens, stats = gen(input_ids, max_new_tokens, attention_mask=attention_mask,
+    return eos_token_id, pad_token_id
+
+
+def _block_generator(make, block_size, goal: str, batch: int, new_tokens: int):
+    if block_size == "auto":
+        return choose_block(make, batch, new_tokens, goal)
+    if block_size is None:
+        return make(batch), []
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 or batch % block_size:
+        raise ValueError(f"block_size must be None, 'auto' or a positive int dividing the batch ({batch}), "
+                         f"got {block_size!r}")
+    return make(block_size), []
+
+
+def run_blocks(gen: Generator, input_ids, max_new_tokens, attention_mask, eos_token_id, pad_token_id):
+    """Every block of rows through ``gen``; sequences of blocks that stopped early are padded."""
+    outs, total = [], GenerationStats(prompt_tokens=input_ids.shape[1], batch=input_ids.shape[0],
+                                      block_size=gen.batch, plan_s=gen.plan_s)
+    for r in range(0, input_ids.shape[0], gen.batch):
+        rows = slice(r, r + gen.batch)
+        tokens, stats = gen(input_ids[rows], max_new_tokens, None if attention_mask is None else attention_mask[rows],
                             eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    finally:
-        gen.close()
-    return (tokens, stats) if return_stats else tokens
+        outs.append(tokens)
+        total.absorb(stats)
+    width = max(t.shape[1] for t in outs)
+    pad = pad_token_id if pad_token_id is not None else 0
+    outs = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad) for t in outs]
+    return torch.cat(outs), total
