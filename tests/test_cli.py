@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from cli_helpers import calibration_cache, run  # noqa: F401  (an autouse fixture)
 from memsched.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,16 +40,6 @@ def factory(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _calibration_cache(tmp_path_factory, monkeypatch):
-    # `--hardware` left out means the locally calibrated profile: keep its cache out of ~/.
-    monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "memsched-cache"))
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_hardware_lists_presets(capsys):

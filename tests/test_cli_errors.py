@@ -18,6 +18,7 @@ import textwrap
 import pytest
 
 import memsched.cli.commands as commands
+from cli_helpers import calibration_cache, run  # noqa: F401  (an autouse fixture)
 from memsched.cli import main
 from memsched.errors import PlanFileError
 from memsched.verify import PlanError
@@ -73,10 +74,6 @@ def files(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def _calibration_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "memsched-cache"))
-
 
 @pytest.fixture(scope="module")
 def saved(files):
@@ -86,11 +83,6 @@ def saved(files):
                  str(path)]) == 0
     return path
 
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def clean(err: str) -> bool:

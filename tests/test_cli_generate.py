@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import memsched.cli.commands as cli
+from cli_helpers import calibration_cache, run  # noqa: F401  (an autouse fixture)
 from memsched.cli import main
 
 pytest.importorskip("transformers")
@@ -28,16 +29,6 @@ def config(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _calibration_cache(tmp_path_factory, monkeypatch):
-    # `--hardware` left out means the locally calibrated profile: keep its cache out of ~/.
-    monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "memsched-cache"))
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error_line(err: str) -> bool:

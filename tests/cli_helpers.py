@@ -1,0 +1,21 @@
+"""What the CLI tests share: running ``memsched`` in-process and keeping the calibration cache
+out of the home directory."""
+from __future__ import annotations
+
+import pytest
+
+from memsched.cli import main
+
+
+@pytest.fixture(autouse=True)
+def calibration_cache(tmp_path_factory, monkeypatch):
+    """`--hardware` left out means the locally calibrated profile: keep its cache out of ~/.
+    (Autouse in every module that imports it.)"""
+    monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "memsched-cache"))
+
+
+def run(capsys, *argv):
+    """``memsched *argv`` in-process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
