@@ -21,6 +21,43 @@ import torch
 from torch import nn
 
 KV_PREFIX = "kv_cache"  # buffers named kv_cache.k<layer> / kv_cache.v<layer> hold the cache
+DECODE_ATTENTION = "memsched_decode"  # the attention implementation a decode step runs
+_PENDING: dict[int, object] = {}  # while a decode step is traced: id(cache keys) -> its layer
+
+
+def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of q new queries over the cache (``key``/``value``, masked where a slot is
+    empty or not yet reached) and over the step's own new entries, merged through one softmax:
+    exactly softmax([q.K, q.k_new]) . [V; v_new], without materialising the cache with the new
+    entries written in. Grouped-query heads are handled by reshaping the queries, not by
+    repeating the cache."""
+    layer = _PENDING.get(id(key))
+    if layer is None or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None \
+            or kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
+        raise NotImplementedError(f"{type(module).__name__}: memsched's decode attention covers plain "
+                                  "scaled dot-product attention (no soft-capping, sinks or position bias)")
+    k_new, v_new = layer.new
+    B, H, q, D = query.shape
+    Hkv = key.shape[1]
+    scale = scaling if scaling is not None else D ** -0.5
+    qg = query.float().reshape(B, Hkv, H // Hkv, q, D)
+    old = torch.einsum("bkgqd,bkld->bkgql", qg, key.float()) * scale
+    old = old + attention_mask.float()[:, :, None] if attention_mask is not None else old
+    own = torch.einsum("bkgqd,bknd->bkgqn", qg, k_new.float()) * scale
+    own = own.masked_fill(torch.ones(q, q, dtype=torch.bool, device=own.device).triu(1), float("-inf"))
+    top = torch.maximum(old.amax(-1, keepdim=True), own.amax(-1, keepdim=True))
+    p_old, p_own = (old - top).exp(), (own - top).exp()
+    out = (torch.einsum("bkgql,bkld->bkgqd", p_old, value.float())
+           + torch.einsum("bkgqn,bknd->bkgqd", p_own, v_new.float()))
+    out = out / (p_old.sum(-1, keepdim=True) + p_own.sum(-1, keepdim=True))
+    return out.reshape(B, H, q, -1).transpose(1, 2).to(query.dtype).contiguous(), None
+
+
+def _register_decode_attention() -> None:
+    from transformers import AttentionInterface
+
+    if DECODE_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(DECODE_ATTENTION, decode_attention)
 
 
 def _cache_classes():
@@ -41,8 +78,10 @@ def _cache_classes():
             self.new = (key_states.clone(), value_states.clone())
             if self.fresh:  # a prompt attends to itself: the cache is not read at all
                 return key_states, value_states
-            return (self.keys.index_copy(2, self.slots, key_states.to(self.keys.dtype)),
-                    self.values.index_copy(2, self.slots, value_states.to(self.values.dtype)))
+            # a new token attends to the cache as it is and to its own entries apart (see
+            # decode_attention): no copy of the cache with the new entries written in
+            _PENDING[id(self.keys)] = self
+            return self.keys, self.values
 
         def get_seq_length(self):
             # tokens cached before this step, as a tensor: a Python number would be baked into
@@ -96,11 +135,24 @@ class CachedDecoder(nn.Module):
         dtype = self.layer(0)[0].dtype
         keys = slots if fresh else torch.arange(self.max_len, device=slots.device)
         real = attention_mask.index_select(1, keys) if fresh else attention_mask
-        allowed = real[:, None, None, :].bool() & (keys[None, None, None, :] <= slots[None, None, :, None])
+        # a prompt: causal over itself; a new token: the slots before its own (its own entries,
+        # not yet in the cache, are attended apart)
+        reach = (keys[None, None, None, :] <= slots[None, None, :, None]) if fresh else \
+            (keys[None, None, None, :] < slots[None, None, :1, None])
+        allowed = real[:, None, None, :].bool() & reach
         mask = torch.zeros(allowed.shape, dtype=dtype, device=slots.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         cache=slot_cache(layers), use_cache=True, logits_to_keep=1)
+        config = self.model.config
+        before = config._attn_implementation
+        if not fresh:
+            _register_decode_attention()
+            config._attn_implementation = DECODE_ATTENTION
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                             cache=slot_cache(layers), use_cache=True, logits_to_keep=1)
+        finally:
+            config._attn_implementation = before
+            _PENDING.clear()
         new = []
         for layer in layers:
             if layer.new is None:
