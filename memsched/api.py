@@ -164,6 +164,10 @@ class CompiledModule:
                 old[2].close()
         else:
             self._compiled.move_to_end(key)
+        if self._last is not None and self._last is not entry:
+            for other in self._compiled.values():  # one program's resident weights on the device
+                if other is not entry:
+                    other[2].park()
         self._last = entry
         return entry
 

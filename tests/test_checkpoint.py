@@ -185,3 +185,32 @@ def test_training_from_a_checkpoint_is_refused(tmp_path):
     save_model(_tiny(), str(tmp_path / "m.safetensors"))
     with pytest.raises(NotImplementedError, match="inference only"):
         memsched.compile(_meta_tiny().train(), "1GB", device="cpu", train=True, weights=tmp_path / "m.safetensors")
+
+
+def test_one_signature_keeps_its_device_weights_at_a_time(saved, tmp_path):
+    """Two input shapes, two programs: the weights each keeps on the device are loaded when it
+    runs and dropped when the other runs, so the device never holds both sets."""
+    model, kw, d, _ = saved
+    meta = _meta_twin(model)
+    ids = kw["input_ids"]
+    short = {"input_ids": ids[:, :8]}
+    with torch.no_grad():
+        refs = [model(**kw).logits, model(**short).logits]
+    budget = int(memsched.plan(meta, (), 10**12, example_kwargs=kw, hardware=FIXED_CPU).unconstrained.peak_device_bytes * 0.6)
+    cm = memsched.compile(meta, budget, device="cpu", hardware=FIXED_CPU, weights=d, offload_dir=tmp_path)
+
+    def loaded(executor):
+        return sum(executor._slots[r.index].nbytes for r in executor._model_slots
+                   if r.tier == "device" and r.checkpointed and executor._slots[r.index] is not None)
+
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                for inputs, ref in zip((kw, short), refs):
+                    assert torch.equal(cm(**inputs).logits, ref)
+                    executors = [entry[2] for entry in cm._compiled.values()]
+                    running = cm._last[2]
+                    assert loaded(running) > 0
+                    assert all(loaded(e) == 0 for e in executors if e is not running)
+    finally:
+        cm.close()

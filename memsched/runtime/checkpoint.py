@@ -3,7 +3,7 @@ its tensors read from the checkpoint's own files.
 
 A weight the plan homes on disk is read from its place in the checkpoint at every fetch
 (``os.preadv`` into the fetch buffer: no copy of the model in RAM, no rewrite into an offload
-file); one homed on the host or kept on the device is loaded once (``safetensors``). The
+file); one homed on the host or kept on the device is read once into memory of its own. The
 headers are parsed and checked here before anything is read -- sizes, offsets inside the
 file, dtypes, shapes against the model's -- because the byte offsets are what the streamed
 reads need and a hostile file must fail with a clear error, not a wild read.
@@ -15,7 +15,6 @@ import math
 import os
 import struct
 import threading
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,31 +111,27 @@ def _entry(path: Path, name: str, rec, base: int, size: int) -> Entry:
 
 class FileCopy:
     """A model tensor in the checkpoint file, read into a buffer at every fetch (the disk tier).
-    The first read records a crc32 that later reads are checked against, so a checkpoint changed
-    while it is in use fails loudly rather than feeding other weights."""
+    The file's identity (inode, size, modification time) is recorded at its first read and
+    checked at every later one, so a checkpoint replaced or rewritten while in use fails loudly
+    rather than feeding other weights. (A checksum of every read would cost a third of a
+    streaming decode step; the checkpoint is the user's file, not memsched's offload file.)"""
 
     ready = None  # a transfer handle that never waits for a write
 
     def __init__(self, checkpoint: "Checkpoint", name: str, entry: Entry):
         self.checkpoint, self.name, self.entry = checkpoint, name, entry
         self.layout = Layout(entry.shape, _contiguous_strides(entry.shape), entry.dtype)
-        self.crc: int | None = None
 
     def read_into(self, out: torch.Tensor) -> None:
         data = memoryview(out.detach().view(torch.uint8).reshape(-1).numpy()) if out.numel() else memoryview(b"")
         fd, done = self.checkpoint.fd(self.entry.path), 0
+        self.checkpoint.check_unchanged(self.entry.path, fd, self.name)
         while done < len(data):
             n = os.preadv(fd, [data[done:]], self.entry.offset + done)
             if n <= 0:
                 raise DiskIntegrityError(f"memsched: reading {self.name!r} from checkpoint {self.entry.path} got "
                                          f"{n} bytes after {done} of {len(data)}: the file was truncated")
             done += n
-        crc = zlib.crc32(data)
-        if self.crc is None:
-            self.crc = crc
-        elif crc != self.crc:
-            raise DiskIntegrityError(f"memsched: {self.name!r} in checkpoint {self.entry.path} changed while "
-                                     "the compiled module was reading it (checksum mismatch)")
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -160,6 +155,7 @@ class Checkpoint:
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
         self._alias: dict[str, str] = {}  # a model name -> the checkpoint name of the same tensor
+        self._identity: dict[str, tuple] = {}  # path -> (inode, size, mtime) when first opened
 
     def bind(self, named_tensors) -> int:
         """Check, before anything runs, that every meta tensor of the model (``(name, tensor)``
@@ -230,15 +226,22 @@ class Checkpoint:
         with self._lock:
             if path not in self._fds:
                 self._fds[path] = os.open(path, os.O_RDONLY)
+                st = os.fstat(self._fds[path])
+                self._identity.setdefault(path, (st.st_ino, st.st_size, st.st_mtime_ns))
             return self._fds[path]
 
-    def load(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The tensor's values, loaded once by safetensors (an owned copy, not a memory map)."""
-        from safetensors import safe_open
+    def check_unchanged(self, path: str, fd: int, name: str) -> None:
+        st = os.fstat(fd)
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != self._identity[path]:
+            raise DiskIntegrityError(f"memsched: checkpoint {path} changed while the compiled module was reading "
+                                     f"{name!r} from it (its size or modification time differ): compile again")
 
-        e = self.entry(name)
-        with safe_open(e.path, framework="pt", device="cpu") as f:
-            t = f.get_tensor(self.key(name))
+    def load(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The tensor's values in memory the caller owns (read, not memory-mapped: a mapped
+        tensor's pages would be the page cache's to evict and re-read)."""
+        copy = self.file_copy(name)
+        t = copy.layout.empty("cpu")
+        copy.read_into(t)
         return t.to(device)
 
     def close(self) -> None:

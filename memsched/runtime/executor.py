@@ -61,6 +61,7 @@ class _ModelSlot:
     copy: torch.Tensor | None = None   # its private device copy
     crc: int | None = None             # the device copy's fingerprint of the model bytes
     checkpointed: bool = False         # on meta in the model: its values come from the checkpoint
+    parked: bool = False               # its device copy dropped while another program runs
 
     def see(self, t: torch.Tensor) -> None:
         self.ref, self.ptr, self.version = t, t.data_ptr(), t._version
@@ -280,8 +281,25 @@ class Executor:
                 self.acct.release(leaf)
 
     # -- a call ---------------------------------------------------------------------------
+    def park(self) -> None:
+        """Another signature's program runs next: drop the device copies this one keeps of
+        the model's tensors (private copies, tensors loaded from a checkpoint), so the device
+        holds one program's resident weights at a time; the next run of this one makes them
+        again. (A model tensor the program reads in place costs nothing and stays.)"""
+        for rec in self._model_slots:
+            if rec.tier == Tier.DEVICE and (rec.copy is not None or rec.checkpointed) and not rec.parked:
+                self._slots[rec.index] = rec.copy = rec.crc = None
+                rec.parked = True
+
+    def _unpark(self) -> None:
+        for rec in self._model_slots:
+            if rec.parked:
+                self._slots[rec.index] = self._slot_for(rec, rec.ref.detach())
+                rec.parked = False
+
     def _begin(self, flat_inputs: list) -> list:
         self._settle()  # whatever an earlier step left (its outputs never collected) goes back
+        self._unpark()
         self._refresh()
         self.acct = DeviceAccountant(self.budget, self._pool, self._reserve)
         self.engine.stats.bytes_moved.clear()

@@ -507,9 +507,11 @@ class Stores:
 
     def from_checkpoint(self, name: str, tier: str, like: torch.Tensor):
         """Model tensor ``name`` (on meta in the model) as the program reads it, from the
-        checkpoint: a FileCopy read at each fetch (disk), or its values loaded once (host: a
-        host copy; device: a device tensor); shared by every signature's executor."""
+        checkpoint: a FileCopy read at each fetch (disk) or a host copy loaded once, shared by
+        every signature's executor; or (device) a device tensor for the calling executor."""
         self.checkpoint.check(name, like)
+        if tier == "device":  # the executor's own, dropped when it is parked (see Executor.park)
+            return self.checkpoint.load(name, self.device)
         with self._lock:
             key = (name, tier)
             if key not in self._loaded:
@@ -518,8 +520,6 @@ class Stores:
                 elif tier == "host":
                     t = self.checkpoint.load(name)
                     self._loaded[key] = HostCopy(t.pin_memory() if self.cuda else t, Layout.of(t), pooled=False)
-                else:
-                    self._loaded[key] = self.checkpoint.load(name, self.device)
             return self._loaded[key]
 
     def renew(self, home: Home, t: torch.Tensor) -> None:
