@@ -78,7 +78,8 @@ class PlanningState:
 # -- the passes -------------------------------------------------------------------------------
 def capture_pass(s: PlanningState) -> str:
     if s.train:
-        s.captured = capture_joint(s.model, s.args, s.kwargs, grad_outputs=s.grad_outputs)
+        s.captured = capture_joint(s.model, s.args, s.kwargs, grad_outputs=s.grad_outputs,
+                                   target=s.hw.device_type)
         return "forward + backward"
     s.captured = capture(s.model, s.args, s.kwargs)
     return ""

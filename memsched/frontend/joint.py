@@ -13,6 +13,8 @@ ends) followed by one gradient per trained parameter.
 """
 from __future__ import annotations
 
+import contextlib
+
 import operator
 from dataclasses import dataclass, field
 
@@ -55,11 +57,15 @@ def _state(model: torch.nn.Module, ep) -> dict[str, torch.Tensor]:
 
 
 def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None,
-                  grad_outputs: str = "auto") -> JointCaptured:
+                  grad_outputs: str = "auto", target: str = "cpu") -> JointCaptured:
     """Trace one training step of ``model(*args, **kwargs)``.
 
     ``grad_outputs``: "auto" expects gradients only for scalar outputs when there are any (a
     loss), else for every differentiable output; "all" for every differentiable output.
+    ``target``: the device type the step will run on. The trace runs where the model's tensors
+    are (usually the CPU), where scaled-dot-product attention lowers to CPU-only kernels
+    (``_scaled_dot_product_flash_attention_for_cpu`` and its backward); for another target it is
+    traced with the math backend instead, ops that exist on every device.
     """
     if grad_outputs not in ("auto", "all"):
         raise ValueError(f"grad_outputs must be 'auto' or 'all', got {grad_outputs!r}")
@@ -86,7 +92,8 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     if grad_outputs == "auto" and any(user_vals[i].dim() == 0 for i in floating):
         floating = [i for i in floating if user_vals[i].dim() == 0]
     trace = _Trace(ep.graph_module, slot_of, trained, n_mut, floating)
-    joint = trace.run(model, primals, user_vals)
+    with _portable_attention(target, primals):
+        joint = trace.run(model, primals, user_vals)
     boundary = _partition(joint, placeholders, len(primals), len(out_vals), trace, floating)
     share_storages_as_eager(joint.graph)
     _keep_grad_mode(joint)
@@ -100,6 +107,17 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
         mutation_targets=[s.target for s in out_specs if s.kind == OutputKind.BUFFER_MUTATION],
         grad_targets=[placeholders[i].target for i in trained], diff_outputs=list(trace.diff),
         grad_capable=list(trace.capable), boundary=boundary.name)
+
+
+def _portable_attention(target: str, primals: list):
+    """The math backend of scaled-dot-product attention while tracing on one device type for
+    another (a no-op when the trace runs on the target's device type)."""
+    here = next((p.device.type for p in primals if isinstance(p, torch.Tensor) and p.device.type != "meta"), "cpu")
+    if here == target:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _primals(model, ep, args, kwargs) -> tuple[list, list[Placeholder], list[int]]:
