@@ -544,3 +544,27 @@ def test_killed_process_leaves_nothing_in_offload_dir(tmp_path, sig):
             proc.wait()
     assert proc.returncode == -sig
     assert list(offload.iterdir()) == []
+
+
+def test_a_pooled_buffer_waits_for_the_copy_still_reading_it():
+    """A host buffer handed back while a device copy may still read it comes back with that
+    copy's event: the next taker waits on it before writing (checked here with a stand-in
+    event; on CUDA it is the h2d copy's)."""
+    from memsched.runtime.stores import HostPool, Layout
+
+    class Event:
+        waited = 0
+
+        def synchronize(self):
+            Event.waited += 1
+
+    pool = HostPool(pinned=False)
+    layout = Layout((4, 4), (4, 1), torch.float32)
+    buf = pool.take(layout)
+    pool.give_back(buf, read_by=Event())
+    assert Event.waited == 0
+    again = pool.take(layout)
+    assert again.data_ptr() == buf.data_ptr() and Event.waited == 1
+    pool.give_back(again)  # nothing reads it: the next take does not wait
+    pool.take(layout)
+    assert Event.waited == 1

@@ -141,6 +141,7 @@ class HostCopy:
     layout: Layout
     ready: Future | None = None      # set while an offload is still filling it
     pooled: bool = True              # False for the model's own tensors (never returned)
+    read_by: object = None           # the CUDA event of the latest device copy out of it
 
 
 @dataclass(eq=False)
@@ -377,11 +378,15 @@ class DiskStore:
 
 
 class HostPool:
-    """Host-tier buffers, reused by (nbytes): pinned once on CUDA, plain memory on CPU."""
+    """Host-tier buffers, reused by (nbytes): pinned once on CUDA, plain memory on CPU.
+
+    A buffer may come back while a device copy still reads it (the copy is ordered on the GPU,
+    not on the CPU): it comes back with that copy's event, and whoever takes it next waits on
+    the event before writing into it (a disk read into a staging buffer, an offload)."""
 
     def __init__(self, pinned: bool):
         self.pinned = pinned
-        self._free: dict[int, list[torch.Tensor]] = {}
+        self._free: dict[int, list[tuple[torch.Tensor, object]]] = {}  # size -> [(raw, read by)]
         self._out: dict[int, tuple[torch.Tensor, dict | None]] = {}  # address -> (raw, owner)
         self._lock = threading.Lock()
         self.bytes_in_use = 0
@@ -392,9 +397,11 @@ class HostPool:
         cap = max(nbytes, 16)  # every buffer has its own address, empty ones too
         with self._lock:
             spare = self._free.get(cap)
-            raw = spare.pop() if spare else None
+            raw, reader = spare.pop() if spare else (None, None)
             if raw is not None:
                 self.idle_bytes -= cap
+        if reader is not None:
+            reader.synchronize()  # the last device copy out of it has finished reading
         if raw is None:
             raw = torch.empty(cap, dtype=torch.uint8, pin_memory=self.pinned)
         key = raw.data_ptr()
@@ -418,12 +425,13 @@ class HostPool:
                 owner.pop(key, None)
             return raw
 
-    def give_back(self, t: torch.Tensor) -> None:
-        """Return a buffer to the pool (a no-op for one already returned)."""
+    def give_back(self, t: torch.Tensor, read_by=None) -> None:
+        """Return a buffer to the pool (a no-op for one already returned); ``read_by``: the
+        event of a device copy that may still be reading it."""
         raw = self._untrack(t)
         if raw is not None:
             with self._lock:
-                self._free.setdefault(raw.numel(), []).append(raw)
+                self._free.setdefault(raw.numel(), []).append((raw, read_by))
                 self.idle_bytes += raw.numel()
 
     def disown(self, t: torch.Tensor) -> None:

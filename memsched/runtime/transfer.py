@@ -92,7 +92,9 @@ class TransferEngine:
         if isinstance(src, HostCopy):
             self.stats.bytes_moved["h2d"] += nbytes
             if self.cuda:
-                return self._cuda_h2d(src.tensor, out, src.ready)
+                pending = self._cuda_h2d(src.tensor, out, src.ready)
+                src.read_by = pending.event  # its buffer is not rewritten before this copy ran
+                return pending
             return Pending(out, self._submit("h2d", self._copy, out, src.tensor, src.ready))
         self.stats.bytes_moved["disk_read"] += nbytes
         if not self.cuda:
@@ -153,7 +155,7 @@ class TransferEngine:
         if handle.ready is not None and not handle.ready.done():
             _settled(handle.ready)
         if isinstance(handle, HostCopy) and handle.pooled:
-            self.host.give_back(handle.tensor)
+            self.host.give_back(handle.tensor, read_by=handle.read_by)
         elif isinstance(handle, DiskCopy) and handle.owned:
             self.disk.release(handle.region)
 
@@ -247,11 +249,13 @@ class TransferEngine:
             try:
                 if ready is not None:
                     ready.result()
-                torch.cuda.set_device(self.device)
-                stream.wait_stream(main)
-                with torch.cuda.stream(stream):
-                    out.copy_(host, non_blocking=True)
-                    event.record(stream)
+                # the device as a context: issued on the caller's thread, it must not change
+                # the caller's current device
+                with torch.cuda.device(self.device):
+                    stream.wait_stream(main)
+                    with torch.cuda.stream(stream):
+                        out.copy_(host, non_blocking=True)
+                        event.record(stream)
                 if finished:
                     event.synchronize()
             finally:
