@@ -219,3 +219,31 @@ def test_the_throughput_goal_takes_a_larger_block_than_the_latency_goal(tmp_path
     with pytest.raises(ValueError, match="goal"):
         memsched.generate(model, ids, budget="1GB", max_new_tokens=2, block_size="auto", goal="speed",
                           hardware=FIXED_CPU, device="cpu")
+
+
+def test_the_cache_is_placed_per_group_of_heads(tmp_path):
+    """Each layer's cache as one tensor per group of kv heads: tokens unchanged, and with the
+    cache larger than the rest of a step, the decode program's minimum budget falls (part of a
+    layer's cache can leave the device without the rest)."""
+    model, _ = _decoder("gpt2")
+    ids = torch.randint(3, 1000, (32, 16), generator=torch.Generator().manual_seed(5))
+    ref = _reference(model, ids, eos_token_id=None, pad_token_id=0, n=40)
+    kw = dict(batch=32, prompt_len=16, max_len=56, sample_ids=ids, hardware=FIXED_CPU, device="cpu",
+              offload_dir=tmp_path)
+    minimum = {}
+    for chunks in (1, 4):
+        gen = memsched.Generator(model, "1GB", kv_head_chunks=chunks, **kw)
+        minimum[chunks] = gen.plans[1].min_budget_bytes
+        assert len(gen.decoder.names()) == 2 * 4 * chunks
+        gen.close()
+    assert minimum[4] < minimum[1], minimum
+    gen = memsched.Generator(model, minimum[4], kv_head_chunks=4, **kw)
+    try:
+        tokens, stats = gen(ids, 40)
+        assert torch.equal(tokens, ref)
+        assert stats.peak_device_bytes <= minimum[4]
+        assert _kv_off_device(gen.plans[1]) > 0
+    finally:
+        gen.close()
+    assert memsched.generation.decoding.head_chunks_for([(torch.Size((1, 8, 64, 16)),) * 2], torch.float32,
+                                                        8 * 16384) == 2  # 32 KiB per tensor

@@ -38,19 +38,32 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
                                   "scaled dot-product attention (no soft-capping, sinks or position bias)")
     k_new, v_new = layer.new
     B, H, q, D = query.shape
-    Hkv = key.shape[1]
+    Hkv = sum(k.shape[1] for k in layer.key_chunks)
+    G = H // Hkv
     scale = scaling if scaling is not None else D ** -0.5
-    qg = query.float().reshape(B, Hkv, H // Hkv, q, D)
-    old = torch.einsum("bkgqd,bkld->bkgql", qg, key.float()) * scale
-    old = old + attention_mask.float()[:, :, None] if attention_mask is not None else old
+    mask = attention_mask.float()[:, :, None] if attention_mask is not None else None
+    outs, h0 = [], 0
+    for K, V in zip(layer.key_chunks, layer.value_chunks):  # kv heads are independent
+        h1 = h0 + K.shape[1]
+        qg = query[:, h0 * G:h1 * G].float().reshape(B, h1 - h0, G, q, D)
+        outs.append(_attend(qg, K, V, k_new[:, h0:h1], v_new[:, h0:h1], mask, scale))
+        h0 = h1
+    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    return out.reshape(B, H, q, -1).transpose(1, 2).to(query.dtype).contiguous(), None
+
+
+def _attend(qg, K, V, k_new, v_new, mask, scale):
+    """softmax([q.K + mask, q.k_new (causal)]) . [V; v_new] for queries grouped per kv head."""
+    q = qg.shape[3]
+    old = torch.einsum("bkgqd,bkld->bkgql", qg, K.float()) * scale
+    old = old + mask if mask is not None else old
     own = torch.einsum("bkgqd,bknd->bkgqn", qg, k_new.float()) * scale
     own = own.masked_fill(torch.ones(q, q, dtype=torch.bool, device=own.device).triu(1), float("-inf"))
     top = torch.maximum(old.amax(-1, keepdim=True), own.amax(-1, keepdim=True))
     p_old, p_own = (old - top).exp(), (own - top).exp()
-    out = (torch.einsum("bkgql,bkld->bkgqd", p_old, value.float())
+    out = (torch.einsum("bkgql,bkld->bkgqd", p_old, V.float())
            + torch.einsum("bkgqn,bknd->bkgqd", p_own, v_new.float()))
-    out = out / (p_old.sum(-1, keepdim=True) + p_own.sum(-1, keepdim=True))
-    return out.reshape(B, H, q, -1).transpose(1, 2).to(query.dtype).contiguous(), None
+    return out / (p_old.sum(-1, keepdim=True) + p_own.sum(-1, keepdim=True))
 
 
 def _register_decode_attention() -> None:
@@ -67,10 +80,12 @@ def _cache_classes():
     class SlotLayer(StaticLayer):
         """One layer's cache: a step's keys and values go to ``slots``, functionally."""
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, fresh: bool):
-            super().__init__(max_cache_len=keys.shape[2])
-            self.keys, self.values, self.slots, self.fresh = keys, values, slots, fresh
-            self.device, self.is_initialized = keys.device, True
+        def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor, fresh: bool):
+            super().__init__(max_cache_len=keys[0].shape[2])
+            # the layer's cache, one tensor per group of kv heads (placed one by one)
+            self.key_chunks, self.value_chunks = keys, values
+            self.keys, self.values, self.slots, self.fresh = keys[0], values[0], slots, fresh
+            self.device, self.is_initialized = keys[0].device, True
             self.new: tuple[torch.Tensor, torch.Tensor] | None = None
 
         def update(self, key_states, value_states, *args, **kwargs):
@@ -79,7 +94,8 @@ def _cache_classes():
             if self.fresh:  # a prompt attends to itself: the cache is not read at all
                 return key_states, value_states
             # a new token attends to the cache as it is and to its own entries apart (see
-            # decode_attention): no copy of the cache with the new entries written in
+            # decode_attention, which finds this layer by the tensor it is handed): no copy of
+            # the cache with the new entries written in
             _PENDING[id(self.keys)] = self
             return self.keys, self.values
 
@@ -107,32 +123,47 @@ class CachedDecoder(nn.Module):
     memsched_state_kinds = {f"{KV_PREFIX}.": "kv_cache"}  # read by capture: these buffers are the cache
 
     def __init__(self, model: nn.Module, shapes: list[tuple[torch.Size, torch.Size]], dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", head_chunks: int = 1):
         super().__init__()
         self.model = model
         self.n_layers = len(shapes)
+        heads = shapes[0][0][1]
+        if not 1 <= head_chunks <= heads or heads % head_chunks:
+            raise ValueError(f"kv_head_chunks must divide the {heads} kv heads, got {head_chunks}")
+        self.head_chunks = head_chunks
         cache = nn.Module()
-        for i, (k, v) in enumerate(shapes):
-            cache.register_buffer(f"k{i}", torch.zeros(k, dtype=dtype, device=device))
-            cache.register_buffer(f"v{i}", torch.zeros(v, dtype=dtype, device=device))
+        for i, (k, v) in enumerate(shapes):  # a tensor per layer, K or V, and group of kv heads
+            for c in range(head_chunks):
+                for kv, shape in (("k", k), ("v", v)):
+                    part = (shape[0], shape[1] // head_chunks, *shape[2:])
+                    cache.register_buffer(self._leaf(kv, i, c), torch.zeros(part, dtype=dtype, device=device))
         setattr(self, KV_PREFIX, cache)
         self.max_len = shapes[0][0][2]
 
+    def _leaf(self, kv: str, i: int, c: int) -> str:
+        return f"{kv}{i}" if self.head_chunks == 1 else f"{kv}{i}_{c}"
+
     def names(self) -> list[str]:
         """The state-dict keys of the cache tensors."""
-        return [f"{KV_PREFIX}.{kv}{i}" for i in range(self.n_layers) for kv in "kv"]
+        return [f"{KV_PREFIX}.{self._leaf(kv, i, c)}" for i in range(self.n_layers)
+                for c in range(self.head_chunks) for kv in "kv"]
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def chunks(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Layer i's key tensors and value tensors, a group of kv heads each."""
         cache = getattr(self, KV_PREFIX)
-        return getattr(cache, f"k{i}"), getattr(cache, f"v{i}")
+        return ([getattr(cache, self._leaf("k", i, c)) for c in range(self.head_chunks)],
+                [getattr(cache, self._leaf("v", i, c)) for c in range(self.head_chunks)])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for i in range(self.n_layers) for pair in zip(*self.chunks(i)) for t in pair]
 
     def forward(self, input_ids, position_ids, slots, attention_mask):
         slot_layer, slot_cache = _cache_classes()
         # a prompt (more than one token) attends to itself only, so its program never reads the
         # cache; a new token attends to every slot, the empty ones masked
         fresh = input_ids.shape[1] > 1
-        layers = [slot_layer(*self.layer(i), slots, fresh) for i in range(self.n_layers)]
-        dtype = self.layer(0)[0].dtype
+        layers = [slot_layer(*self.chunks(i), slots, fresh) for i in range(self.n_layers)]
+        dtype = self.tensors()[0].dtype
         keys = slots if fresh else torch.arange(self.max_len, device=slots.device)
         real = attention_mask.index_select(1, keys) if fresh else attention_mask
         # a prompt: causal over itself; a new token: the slots before its own (its own entries,
@@ -165,14 +196,17 @@ class CachedDecoder(nn.Module):
         """Put a step's new keys and values into their slots (between steps, in place), for the
         batch ``rows`` they were computed for."""
         for i in range(self.n_layers):
-            for t, x in zip(self.layer(i), new[2 * i:2 * i + 2]):
-                t[rows].index_copy_(2, slots.to(t.device), x.to(t.device, t.dtype))
+            for chunks, x in zip(self.chunks(i), new[2 * i:2 * i + 2]):
+                h0 = 0
+                for t in chunks:
+                    h1 = h0 + t.shape[1]
+                    t[rows].index_copy_(2, slots.to(t.device), x[:, h0:h1].to(t.device, t.dtype))
+                    h0 = h1
 
     @torch.no_grad()
     def reset(self) -> None:
-        for i in range(self.n_layers):
-            for t in self.layer(i):
-                t.zero_()
+        for t in self.tensors():
+            t.zero_()
 
 
 def cache_shapes(model: nn.Module, batch: int, max_len: int, sample_ids: torch.Tensor):

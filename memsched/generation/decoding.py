@@ -84,6 +84,18 @@ def _check_decoder(model: torch.nn.Module) -> None:
             "memsched.generate's KV cache covers full-attention layers only")
 
 
+def head_chunks_for(shapes, dtype: torch.dtype, budget_bytes: int) -> int:
+    """How many groups of kv heads each layer's cache is kept in: the fewest that make every
+    cache tensor at most an eighth of the budget, so that the planner can move part of a layer's
+    cache without the rest (one tensor per layer when that already holds)."""
+    heads = shapes[0][0][1]
+    largest = max(s.numel() for pair in shapes for s in pair) * dtype.itemsize
+    for chunks in range(1, heads + 1):
+        if heads % chunks == 0 and largest // chunks <= budget_bytes // 8:
+            return chunks
+    return heads
+
+
 class Generator:
     """A decoder compiled for generation at one batch size, prompt length and maximum length:
     both programs are planned at construction (``plans``: prefill, decode), and the generator
@@ -91,7 +103,7 @@ class Generator:
 
     def __init__(self, model, budget, *, batch: int, prompt_len: int, max_len: int, sample_ids: torch.Tensor,
                  device=None, offload_dir=None, hardware=None, weights=None, prefill_batch: int | None = None,
-                 **options):
+                 kv_head_chunks="auto", **options):
         _check_decoder(model)
         if model.training:
             raise ValueError("memsched.generate needs the model in eval mode (call model.eval())")
@@ -101,13 +113,20 @@ class Generator:
             shapes, dtype = cache_shapes(model, batch, max_len, sample_ids)
         home = next((p.device for p in model.parameters()), torch.device("cpu"))
         home = torch.device("cpu") if home.type == "meta" else home  # the cache is real, on the host
-        self.decoder = CachedDecoder(model, shapes, dtype, device=home).eval()
         self.batch, self.prompt_len, self.max_len = batch, prompt_len, max_len
-        self.kv_cache_bytes = sum(t.numel() * t.element_size()
-                                  for i in range(self.decoder.n_layers) for t in self.decoder.layer(i))
-        self.compiled = CompiledModule(self.decoder, budget, device=device, offload_dir=offload_dir,
-                                       hardware=hardware, max_plans=2, weights=weights, weights_prefix="model.",
-                                       **options)
+
+        def compiled(chunks: int) -> CompiledModule:
+            self.decoder = CachedDecoder(model, shapes, dtype, device=home, head_chunks=chunks).eval()
+            return CompiledModule(self.decoder, budget, device=device, offload_dir=offload_dir, hardware=hardware,
+                                  max_plans=2, weights=weights, weights_prefix="model.", **options)
+
+        self.compiled = compiled(1 if kv_head_chunks == "auto" else kv_head_chunks)
+        if kv_head_chunks == "auto":  # known once the budget is parsed; nothing is planned yet
+            chunks = head_chunks_for(shapes, dtype, self.compiled.budget_bytes)
+            if chunks > 1:
+                self.compiled.close()
+                self.compiled = compiled(chunks)
+        self.kv_cache_bytes = sum(t.numel() * t.element_size() for t in self.decoder.tensors())
         t0 = time.perf_counter()
         ids = sample_ids[:1, :1].cpu()
         try:
