@@ -204,6 +204,11 @@ class CompiledModule:
                 for entry in self._compiled.values():
                     entry[2].patched(name, dim, index)
 
+    def wait_patched(self) -> None:
+        """Wait until the copies ``patched`` updated have their checksums (computed in the
+        background): call it before writing the patched tensors again."""
+        self._stores.settle()
+
     @contextlib.contextmanager
     def unchanged_weights(self):
         """Inside this block the caller vouches that the model's tensors are not replaced

@@ -180,12 +180,14 @@ class Generator:
         stats.peak_device_bytes = max(stats.peak_device_bytes, run.peak_device_bytes)
         for link, n in run.bytes_moved.items():
             stats.bytes_moved[link] = stats.bytes_moved.get(link, 0) + n
+        self.compiled.wait_patched()  # the last patch's checksums read the cache: before writing it
         self.decoder.write(inputs[2], new, rows)
         return logits
 
     def _prefill(self, stats: GenerationStats, input_ids, positions, mask) -> torch.Tensor:
         """The prompt, one micro-batch after another, into a cleared cache; memsched's copies
         of the cache are brought up to date once at the end."""
+        self.compiled.wait_patched()
         self.decoder.reset()  # no stale entries (say a previous run's NaN) behind the mask
         logits = []
         for r in range(0, self.batch, self.prefill_batch):

@@ -457,6 +457,13 @@ class Home:
     handle: HostCopy | DiskCopy
     crc: int | None = None           # fingerprint of the model bytes the copy holds
     users: set = field(default_factory=set)   # ids of executors reading it
+    pending: Future | None = None    # a patch's checksum still being computed
+
+    def settle(self) -> None:
+        """Wait for a patch's checksum (its errors are the patch's, raised here)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
 
 
 class Stores:
@@ -468,6 +475,7 @@ class Stores:
         self.offload_dir = offload_dir
         self.checkpoint = checkpoint  # a runtime.checkpoint.Checkpoint for a model on meta
         self._loaded: dict[tuple[str, str], object] = {}  # checkpoint tensors loaded once, per tier
+        self._checksums = None  # the worker computing patched homes' checksums (made at first use)
         self.host = HostPool(pinned=self.cuda)
         self._disk: DiskStore | None = None
         self._homes: dict[tuple[str, str], Home] = {}
@@ -532,6 +540,7 @@ class Stores:
 
     def renew(self, home: Home, t: torch.Tensor) -> None:
         """Write t's current bytes into the home."""
+        home.settle()
         h = home.handle
         home.crc = None
         if isinstance(h, DiskCopy):
@@ -544,27 +553,55 @@ class Stores:
 
     def patch(self, name: str, t: torch.Tensor, dim: int, index: torch.Tensor) -> None:
         """The caller wrote ``t``'s slices ``index`` along ``dim`` in place (a KV cache's new
-        slots): every home of ``name`` gets those bytes only, not a rewrite of the whole tensor."""
+        slots): every home of ``name`` gets those bytes only, not a rewrite of the whole tensor.
+        The home's new checksum, a pass over all of t, is computed on a worker thread while the
+        caller goes on; a read of the home waits for it (the region's ``ready``), and so does
+        the next patch, check or renewal of it. The caller must not write t again before that:
+        ``settle`` waits for every pending checksum."""
         with self._lock:
             homes = [h for (n, _), h in self._homes.items() if n == name]
         for home in homes:
+            home.settle()
             h = home.handle
             if home.crc is None or not t.is_contiguous() or Layout.of(t) != h.layout:
                 self.renew(home, t)
                 continue
             if isinstance(h, DiskCopy):
                 data = _buffer(t)
-                spans = [(a, data[a:b]) for a, b in slice_spans(t, dim, index)]
-                crc = zlib.crc32(data)
-                self.disk.write_spans(h.region, spans, crc)
-                home.crc = crc
+                self.disk.write_spans(h.region, [(a, data[a:b]) for a, b in slice_spans(t, dim, index)], None)
             else:
                 h.tensor.index_copy_(dim, index.to(h.tensor.device), t.index_select(dim, index.to(t.device)))
-                home.crc = zlib.crc32(_buffer(t))
+            home.crc = None
+            home.pending = self._checksummer().submit(self._checksum, home, t)
+            if isinstance(h, DiskCopy):
+                h.ready = home.pending
+
+    @staticmethod
+    def _checksum(home: Home, t: torch.Tensor) -> None:
+        crc = zlib.crc32(_buffer(t))
+        if isinstance(home.handle, DiskCopy):
+            home.handle.region.crc = crc
+        home.crc = crc
+
+    def _checksummer(self):
+        with self._lock:
+            if self._checksums is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._checksums = ThreadPoolExecutor(1, thread_name_prefix="memsched-checksum")
+            return self._checksums
+
+    def settle(self) -> None:
+        """Wait for every patch's checksum still being computed."""
+        with self._lock:
+            homes = list(self._homes.values())
+        for home in homes:
+            home.settle()
 
     def check(self, home: Home, t: torch.Tensor, changed: bool) -> bool:
         """Renew the home when t is another tensor (``changed``) or its bytes differ from the
         ones the home holds; True when it was renewed."""
+        home.settle()
         h = home.handle
         intact = home.crc is not None and not (isinstance(h, DiskCopy) and h.region.crc is None)
         if not changed and intact and fingerprint(t, h.layout) == home.crc:
@@ -602,6 +639,9 @@ class Stores:
     def close(self) -> None:
         with self._lock:
             self.closed = True
+            if self._checksums is not None:
+                self._checksums.shutdown(wait=True)
+                self._checksums = None
             self._homes.clear()
             self._loaded.clear()
             if self.checkpoint is not None:
