@@ -247,3 +247,54 @@ def test_the_cache_is_placed_per_group_of_heads(tmp_path):
         gen.close()
     assert memsched.generation.decoding.head_chunks_for([(torch.Size((1, 8, 64, 16)),) * 2], torch.float32,
                                                         8 * 16384) == 2  # 32 KiB per tensor
+
+
+def test_a_model_attending_outside_the_attention_interface_is_refused(monkeypatch):
+    """A decode step must see its own new keys: a model whose attention bypasses transformers'
+    attention interface (so never meets memsched's decode attention) is refused, not run wrong."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama import modeling_llama
+
+    model, ids = _decoder("llama")
+    monkeypatch.setattr(modeling_llama.ALL_ATTENTION_FUNCTIONS, "get_interface",
+                        lambda name, default: sdpa_attention_forward)
+    with pytest.raises(memsched.CaptureError, match="computes attention itself"):
+        memsched.generate(model, ids, budget="1GB", max_new_tokens=2, hardware=FIXED_CPU, device="cpu")
+
+
+def _more_decoders():
+    import transformers as T
+
+    common = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=128, max_position_embeddings=64)
+    return {
+        "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, dict(common, num_key_value_heads=2, use_sliding_window=False)),
+        "phi3": (T.Phi3Config, T.Phi3ForCausalLM, dict(common, num_key_value_heads=2, pad_token_id=0,
+                                                        sliding_window=None)),
+        "gpt_bigcode": (T.GPTBigCodeConfig, T.GPTBigCodeForCausalLM,
+                        dict(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=64, multi_query=True)),
+        "codegen": (T.CodeGenConfig, T.CodeGenForCausalLM,
+                    dict(vocab_size=300, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64, n_ctx=64)),
+    }
+
+
+@pytest.mark.parametrize("name", ["qwen2", "phi3", "gpt_bigcode", "codegen"])
+def test_more_architectures_at_their_minimum_budget(name, tmp_path):
+    """Other decoders (GQA, multi-query, partial rotary) at the least budget
+    both programs fit: tokens equal transformers' greedy generate."""
+    config_cls, model_cls, kw = _more_decoders()[name]
+    with quiet_transformers():
+        config = config_cls(**kw)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        model = model_cls(config).eval()
+    ids = torch.randint(3, 300, (2, 8), generator=torch.Generator().manual_seed(1))
+    ref = _reference(model, ids, eos_token_id=None, pad_token_id=0, n=8)
+    probe = memsched.Generator(model, "1GB", batch=2, prompt_len=8, max_len=16, sample_ids=ids, hardware=FIXED_CPU,
+                               device="cpu")
+    budget = max(p.min_budget_bytes for p in probe.plans)
+    probe.close()
+    tokens, stats = memsched.generate(model, ids, budget=budget, max_new_tokens=8, eos_token_id=None, hardware=FIXED_CPU,
+                                      device="cpu", offload_dir=tmp_path, return_stats=True)
+    assert torch.equal(tokens, ref)
+    assert stats.peak_device_bytes <= budget

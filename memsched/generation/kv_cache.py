@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
+
 KV_PREFIX = "kv_cache"  # buffers named kv_cache.k<layer> / kv_cache.v<layer> hold the cache
 DECODE_ATTENTION = "memsched_decode"  # the attention implementation a decode step runs
 _PENDING: dict[int, object] = {}  # while a decode step is traced: id(cache keys) -> its layer
@@ -36,6 +38,7 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
             or kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
         raise NotImplementedError(f"{type(module).__name__}: memsched's decode attention covers plain "
                                   "scaled dot-product attention (no soft-capping, sinks or position bias)")
+    layer.attended = True
     k_new, v_new = layer.new
     B, H, q, D = query.shape
     Hkv = sum(k.shape[1] for k in layer.key_chunks)
@@ -87,6 +90,7 @@ def _cache_classes():
             self.keys, self.values, self.slots, self.fresh = keys[0], values[0], slots, fresh
             self.device, self.is_initialized = keys[0].device, True
             self.new: tuple[torch.Tensor, torch.Tensor] | None = None
+            self.attended = False  # decode: the step's attention came through decode_attention
 
         def update(self, key_states, value_states, *args, **kwargs):
             # copies, so a view into a fused projection does not keep the whole of it alive
@@ -185,9 +189,13 @@ class CachedDecoder(nn.Module):
             config._attn_implementation = before
             _PENDING.clear()
         new = []
-        for layer in layers:
+        for i, layer in enumerate(layers):
             if layer.new is None:
-                raise RuntimeError("a layer of the model did not write the KV cache")
+                raise UnsupportedModelError(f"{type(self.model).__name__}: layer {i} did not write the KV cache")
+            if not fresh and not layer.attended:  # it attended to the cache without its new entries
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__}: layer {i} computes attention itself rather than through "
+                    "transformers' attention interface; memsched.generate cannot run its decode step")
             new.extend(layer.new)
         return out.logits[:, -1, :], tuple(new)
 
