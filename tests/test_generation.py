@@ -146,6 +146,27 @@ def test_refusals():
         memsched.generate(model.eval(), ids, budget=1000, max_new_tokens=2, device="cpu", hardware=FIXED_CPU)
 
 
+@pytest.mark.parametrize("case, match", [
+    ("float_ids", "int64 or int32"), ("empty", "at least one token"), ("out_of_vocab", "vocabulary"),
+    ("mask_shape", "same shape"), ("too_long", "beyond the 64"),
+])
+def test_prompts_the_model_cannot_take_fail_before_anything_runs(case, match):
+    model, ids = _decoder("gpt2")
+    kw = dict(budget="1GB", max_new_tokens=2, hardware=FIXED_CPU, device="cpu")
+    if case == "float_ids":
+        ids = ids.float()
+    elif case == "empty":
+        ids = ids[:, :0]
+    elif case == "out_of_vocab":
+        ids = ids + 5000
+    elif case == "mask_shape":
+        kw["attention_mask"] = torch.ones(ids.shape[0], 3)
+    elif case == "too_long":
+        kw["max_new_tokens"] = 100
+    with pytest.raises(ValueError, match=match):
+        memsched.generate(model, ids, **kw)
+
+
 def test_sliding_window_decoders_are_refused():
     from transformers import MistralConfig, MistralForCausalLM
 

@@ -199,6 +199,7 @@ class Generator:
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None,
                  eos_token_id=None, pad_token_id=None) -> tuple[torch.Tensor, GenerationStats]:
+        check_prompt(self.decoder.model, input_ids, attention_mask, max_new_tokens)
         B, P = input_ids.shape
         if B != self.batch or P != self.prompt_len or P + max_new_tokens > self.max_len:
             raise ValueError(f"this generator was planned for batch {self.batch}, prompts of "
@@ -273,10 +274,9 @@ def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, att
     batch; "auto": planned for ``goal``, "throughput" or "latency", see blocks.py); blocks run
     one after another through the same two plans.
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError("input_ids must be a (batch, prompt length) tensor of token ids")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_prompt(model, input_ids, attention_mask, max_new_tokens)
     eos_token_id, pad_token_id = _special_tokens(model, eos_token_id, pad_token_id)
     gen, tried, made = plan_generator(model, budget, input_ids, max_new_tokens, block_size=block_size, goal=goal,
                                       device=device, offload_dir=offload_dir, hardware=hardware, weights=weights,
@@ -305,6 +305,30 @@ def plan_generator(model, budget, input_ids: torch.Tensor, max_new_tokens: int, 
 
     gen, tried = _block_generator(make, block_size, goal, B, max_new_tokens)
     return gen, tried, made
+
+
+def check_prompt(model, input_ids, attention_mask, max_new_tokens: int) -> None:
+    """Clear errors, before anything is planned or run, for prompts the model cannot take."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a (batch, prompt length) tensor of token ids")
+    if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must hold at least one token per sequence as int64 or int32 ids, got "
+                         f"{list(input_ids.shape)} {input_ids.dtype}")
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    if isinstance(vocab, int) and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        raise ValueError(f"input_ids holds ids outside the model's vocabulary [0, {vocab}): "
+                         f"{int(input_ids.min())}..{int(input_ids.max())}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask is {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}: "
+                         "they must have the same shape")
+    limit = next((getattr(text, k) for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(getattr(text, k, None), int)), None)
+    total = input_ids.shape[1] + max_new_tokens
+    if limit is not None and total > limit:
+        raise ValueError(f"{input_ids.shape[1]} prompt tokens + {max_new_tokens} new ones = {total} positions, "
+                         f"beyond the {limit} the model's config allows")
 
 
 def _special_tokens(model, eos_token_id, pad_token_id):
