@@ -62,6 +62,7 @@ class _ModelSlot:
     crc: int | None = None             # the device copy's fingerprint of the model bytes
     checkpointed: bool = False         # on meta in the model: its values come from the checkpoint
     parked: bool = False               # its device copy dropped while another program runs
+    kind: str = "weight"               # what it holds (weights may be kept quantised on disk)
 
     def see(self, t: torch.Tensor) -> None:
         self.ref, self.ptr, self.version = t, t.data_ptr(), t._version
@@ -140,7 +141,7 @@ class Executor:
                 raise ValueError(f"{ph.target} is on the meta device: compile needs real weights, or a "
                                  "checkpoint to read them from (weights=...); memsched.plan plans meta "
                                  "models without them")
-            rec = _ModelSlot(i, ph.target, tiers[ph.name], ref, 0, 0, (), (), ref.dtype, ref.device)
+            rec = _ModelSlot(i, ph.target, tiers[ph.name], ref, 0, 0, (), (), ref.dtype, ref.device, kind=ph.kind)
             rec.checkpointed = ref.device.type == "meta"
             rec.see(ref)
             slots.append(self._slot_for(rec, ref.detach()))
@@ -161,7 +162,7 @@ class Executor:
         if rec.tier == Tier.HOST and not self.cuda and t.device == self.device and t.is_contiguous():
             # on a CPU device the model's own tensor is the host copy; read-only
             return HostCopy(t, Layout.of(t), pooled=False)
-        rec.home = self.stores.home(rec.name, t, rec.tier, self._token)
+        rec.home = self.stores.home(rec.name, t, rec.tier, self._token, compressible=rec.kind == Kind.WEIGHT)
         return rec.home.handle
 
     def _lookup(self, name: str):

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import quantize
+
 ALIGN = 4096
 
 
@@ -154,6 +156,28 @@ class DiskCopy:
     @property
     def offset(self) -> int:
         return self.region.offset
+
+
+@dataclass(eq=False)
+class QuantizedCopy:
+    """A weight kept on disk as group-wise integers (runtime/quantize.py) and widened to its
+    own dtype as it is read; its scales stay in host memory."""
+
+    region: "Region"
+    layout: Layout                   # the weight's own layout, what a fetch delivers
+    bits: int
+    store: "DiskStore"
+    scale: torch.Tensor | None = None
+    ready: Future | None = None
+
+    @property
+    def stored_nbytes(self) -> int:
+        return self.region.nbytes
+
+    def read_into(self, out: torch.Tensor) -> None:
+        q = torch.empty(self.region.nbytes, dtype=torch.uint8)
+        self.store.read_into(self.region, q)  # checksummed as any region
+        quantize.dequantize_into(q, self.scale, self.bits, out)
 
 
 def make_offload_dir(base: str | os.PathLike | None) -> str:
@@ -469,7 +493,10 @@ class Home:
 class Stores:
     """The host pool, the offload file and the model tensors' homes of one compiled module."""
 
-    def __init__(self, device: torch.device, offload_dir=None, checkpoint=None):
+    def __init__(self, device: torch.device, offload_dir=None, checkpoint=None, compress: int | None = None):
+        if compress not in (None, 8, 4):
+            raise ValueError(f"compress_weights must be None, 'int8' or 'int4', got {compress!r}")
+        self.compress = compress  # bits of the disk tier's quantised weights, None: exact copies
         self.cuda = device.type == "cuda"
         self.device = device
         self.offload_dir = offload_dir
@@ -496,8 +523,9 @@ class Stores:
     def has_disk(self) -> bool:
         return self._disk is not None
 
-    def home(self, name: str, t: torch.Tensor, tier: str, user) -> Home:
-        """The home of model tensor ``name`` in ``tier`` holding t's bytes (made at first use)."""
+    def home(self, name: str, t: torch.Tensor, tier: str, user, compressible: bool = False) -> Home:
+        """The home of model tensor ``name`` in ``tier`` holding t's bytes (made at first use);
+        a ``compressible`` one (a weight) on disk is kept quantised when the stores compress."""
         layout = Layout.of(t)
         with self._lock:
             key = (name, tier)
@@ -506,7 +534,10 @@ class Stores:
                 self._drop(key)  # the tensor changed shape: a new plan made a new home
                 home = None
             if home is None:
-                if tier == "disk":
+                if tier == "disk" and self.compress and compressible and quantize.eligible(t):
+                    region = self.disk.allocate(quantize.stored_nbytes(t.numel(), self.compress), name=name)
+                    handle = QuantizedCopy(region, layout, self.compress, self.disk)
+                elif tier == "disk":
                     region = self.disk.allocate(layout.nbytes, name=name)
                     handle = DiskCopy(region, layout, owned=False)
                 else:
@@ -543,7 +574,11 @@ class Stores:
         home.settle()
         h = home.handle
         home.crc = None
-        if isinstance(h, DiskCopy):
+        if isinstance(h, QuantizedCopy):
+            q, h.scale = quantize.quantize(t, h.bits)
+            self.disk.write(h.region, q)
+            home.crc = fingerprint(t, h.layout)  # of the model's bytes, which the check compares
+        elif isinstance(h, DiskCopy):
             self.disk.write(h.region, in_layout(t, h.layout))
             home.crc = h.region.crc
         else:
@@ -603,7 +638,7 @@ class Stores:
         ones the home holds; True when it was renewed."""
         home.settle()
         h = home.handle
-        intact = home.crc is not None and not (isinstance(h, DiskCopy) and h.region.crc is None)
+        intact = home.crc is not None and not (isinstance(h, (DiskCopy, QuantizedCopy)) and h.region.crc is None)
         if not changed and intact and fingerprint(t, h.layout) == home.crc:
             return False
         self.renew(home, t)
@@ -614,7 +649,7 @@ class Stores:
         next use."""
         with self._lock:
             for home in self._homes.values():
-                if isinstance(home.handle, DiskCopy):
+                if isinstance(home.handle, (DiskCopy, QuantizedCopy)):
                     home.crc = None
 
     def leave(self, user) -> None:
@@ -630,7 +665,7 @@ class Stores:
 
     def _release(self, home: Home) -> None:
         h = home.handle
-        if isinstance(h, DiskCopy):
+        if isinstance(h, (DiskCopy, QuantizedCopy)):
             if self._disk is not None:
                 self._disk.release(h.region)
         else:

@@ -96,7 +96,7 @@ class TransferEngine:
                 src.read_by = pending.event  # its buffer is not rewritten before this copy ran
                 return pending
             return Pending(out, self._submit("h2d", self._copy, out, src.tensor, src.ready))
-        self.stats.bytes_moved["disk_read"] += nbytes
+        self.stats.bytes_moved["disk_read"] += getattr(src, "stored_nbytes", nbytes)  # a quantised weight: fewer
         if not self.cuda:
             return Pending(out, self._submit("disk_read", self._read, src, out))
         self.stats.bytes_moved["h2d"] += nbytes

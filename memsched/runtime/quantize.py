@@ -1,0 +1,47 @@
+"""Group-wise weight quantisation for the disk tier (FlexGen's compressed weights).
+
+A weight homed on disk may be kept there as 8-bit or 4-bit integers with one float32 scale
+per group of ``GROUP`` consecutive values (symmetric: scale = max |x| / qmax), and widened back
+to its own dtype when it is fetched. Disk traffic falls 4x (int8) or 8x (int4) against fp32,
+at the price of rounding every weight to one of 255 (or 15) levels of its group: outputs are
+no longer bit-exact, which is why it is off unless asked for (``compress_weights=``).
+"""
+from __future__ import annotations
+
+import torch
+
+GROUP = 64
+QMAX = {8: 127, 4: 7}
+MIN_NUMEL = 4096  # smaller weights (biases, norms) stay exact: they are a sliver of the bytes
+
+
+def eligible(t: torch.Tensor) -> bool:
+    """Floating-point weights large enough to matter, in whole groups."""
+    return t.is_floating_point() and t.numel() >= MIN_NUMEL and t.numel() % GROUP == 0
+
+
+def stored_nbytes(numel: int, bits: int) -> int:
+    """Bytes the integers of ``numel`` values take (scales apart)."""
+    return numel if bits == 8 else numel // 2
+
+
+def quantize(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integers as uint8 bytes, per-group float32 scales) of t's values in row-major order."""
+    x = t.detach().reshape(-1, GROUP).float()
+    scale = x.abs().amax(dim=1, keepdim=True) / QMAX[bits]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x / scale).clamp_(-QMAX[bits], QMAX[bits]).to(torch.int8)
+    if bits == 8:
+        return q.view(torch.uint8).reshape(-1), scale.reshape(-1)
+    nibbles = (q + 8).to(torch.uint8).reshape(-1, 2)  # 1..15, two per byte
+    return (nibbles[:, 0] | (nibbles[:, 1] << 4)).contiguous(), scale.reshape(-1)
+
+
+def dequantize_into(q: torch.Tensor, scale: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """Write the values ``quantize`` encoded into ``out`` (its own dtype and shape)."""
+    if bits == 8:
+        ints = q.view(torch.int8).float()
+    else:
+        ints = torch.stack(((q & 0xF).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8), dim=1).reshape(-1).float()
+    values = ints.reshape(-1, GROUP) * scale.to(ints.device).reshape(-1, 1)
+    out.copy_(values.reshape(out.shape).to(out.dtype))
