@@ -175,3 +175,39 @@ def test_block_auto_prints_the_candidates_and_the_choice(capsys, config):
     code, out, err = run(capsys, "generate", config, "--budget", "10MB", "--prompt-len", 4, "--new-tokens", 3,
                          "--batch", 4, "--block", "3", "--hardware", HW, "--device", "cpu")
     assert code == 2 and "block_size" in err, err
+
+
+def test_weights_from_a_checkpoint_and_compressed(capsys, tmp_path):
+    """--weights reads the parameters from a saved checkpoint (the same tokens as the saved
+    model generates from the same prompt); --compress keeps the streamed ones quantised."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**TINY_GPT2)).eval()
+    model.save_pretrained(tmp_path)  # config.json and model.safetensors
+    ids = torch.randint(0, TINY_GPT2["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    shown = []
+    import memsched.generation as generation
+
+    original = generation.run_blocks
+
+    def spy(gen, prompt, *a):
+        tokens, stats = original(gen, prompt, *a)
+        shown.append((prompt, tokens))
+        return tokens, stats
+
+    for compress in ((), ("--compress", "int8")):
+        shown.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(generation, "run_blocks", spy)
+            code, out, err = run(capsys, "generate", tmp_path / "config.json", "--weights", tmp_path, "--budget",
+                                 "300KB", "--prompt-len", 8, "--new-tokens", 4, "--hardware", HW, "--device", "cpu",
+                                 "--seed", 3, *compress)
+        assert code == 0, err
+        prompt, tokens = shown[0]
+        assert torch.equal(prompt, ids)
+        if not compress:
+            assert torch.equal(tokens, ref)

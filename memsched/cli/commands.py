@@ -168,8 +168,9 @@ _GENERATE_EPILOG = """\
 targets: as for `memsched plan` (hf:<model_type>, path/to/config.json, file.py:factory), a
   transformers causal language model (decoder-only, full attention: gpt2, llama, opt, ...).
   hf: and config.json targets are built without weights: they get RANDOM weights, initialised
-  as the architecture initialises them and seeded by --seed (nothing is downloaded); a
-  factory's model keeps the weights it comes with. The prompt is --batch x --prompt-len random
+  as the architecture initialises them and seeded by --seed (nothing is downloaded), unless
+  --weights names a safetensors checkpoint to read them from (e.g. the directory holding the
+  config.json); a factory's model keeps the weights it comes with. The prompt is --batch x --prompt-len random
   token ids (seeded by --seed), and greedy decoding never stops early: the text is meaningless,
   the timing is real.
 
@@ -210,6 +211,11 @@ def _add_generate_parser(sub) -> None:
                    help="where the device tier is (default: cuda when there is one, else cpu)")
     g.add_argument("--offload-dir", metavar="DIR", default=None,
                    help="directory for the disk tier (default: a temporary one)")
+    g.add_argument("--weights", metavar="PATH", default=None,
+                   help="a safetensors checkpoint (file, directory of shards or index json) to read the "
+                        "weights from, streamed from its own files (default: random weights)")
+    g.add_argument("--compress", choices=("int8", "int4"), default=None,
+                   help="keep the weights homed on disk as group-wise integers (not bit-exact)")
     g.add_argument("--seed", type=_seed, default=0, metavar="S",
                    help="seed of the random weights and prompt (default 0)")
     g.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -482,7 +488,8 @@ def _cmd_generate(args) -> int:
             with quiet_transformers():
                 gen, tried, _ = plan_generator(model, budget_bytes, prompt, args.new_tokens, block_size=args.block,
                                                goal=args.goal, device=device, offload_dir=args.offload_dir,
-                                               hardware=hw, progress=_programs(update, what))
+                                               hardware=hw, progress=_programs(update, what),
+                                               weights=args.weights, compress_weights=args.compress)
         except InfeasibleBudgetError as e:
             if args.debug:
                 raise
@@ -547,7 +554,10 @@ def _generation_model(args):
     if limit is not None and total > limit:
         raise ValueError(f"{args.target}: --prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} = "
                          f"{total} positions exceeds the model's maximum of {limit}")
-    _materialize(model, args.seed, args.target)
+    if args.weights is None:
+        _materialize(model, args.seed, args.target)
+    else:
+        _real_buffers(model)
     return model.eval(), name
 
 
@@ -576,6 +586,19 @@ def _materialize(model, seed: int, spec: str) -> None:
         for m in model.modules():
             if callable(getattr(m, "reset_parameters", None)):
                 m.reset_parameters()
+
+
+def _real_buffers(model) -> None:
+    """A model built on meta that will read its parameters from a checkpoint: its buffers are
+    computed, not loaded (rotary frequencies, masks), so they are made real and initialised as
+    the architecture does; the parameters stay on meta (initialising them there is a no-op)."""
+    for module in model.modules():
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_meta:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device="cpu")
+    if callable(getattr(model, "init_weights", None)):
+        with torch.no_grad():
+            model.init_weights()
 
 
 def _available_host_bytes() -> int:
