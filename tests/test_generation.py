@@ -319,3 +319,18 @@ def test_more_architectures_at_their_minimum_budget(name, tmp_path):
                                       device="cpu", offload_dir=tmp_path, return_stats=True)
     assert torch.equal(tokens, ref)
     assert stats.peak_device_bytes <= budget
+
+
+def test_a_generation_is_planned_without_weights():
+    """Both programs of a generation planned for a model on meta (nothing allocated, nothing
+    run) on a GPU profile, as for a model larger than this machine; the decode plan is the one
+    a Generator would run (same placement of the KV cache)."""
+    model, ids = _decoder("llama")
+    with quiet_transformers(), torch.device("meta"):
+        meta = type(model)(model.config).eval()
+    prefill, decode = memsched.generation.plan_generation(meta, "700KB", batch=16, prompt_len=16, new_tokens=24,
+                                                          hardware="t4")
+    assert decode.peak_device_bytes <= 700_000 and prefill.peak_device_bytes <= 700_000
+    assert sum(decode.kind_tier_bytes("kv_cache").values()) == 4 * 2 * 16 * 2 * 40 * 32 * 4  # layers, k+v, b, h, len, d, fp32
+    assert decode.kind_tier_bytes("kv_cache")["device"] < sum(decode.kind_tier_bytes("kv_cache").values())
+    assert all(p.device.type == "meta" for p in meta.parameters())

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..api import CompiledModule
-from ..budget import format_bytes
+from ..api import plan as plan_program
+from ..budget import format_bytes, parse_budget
+from ..cost_models.hardware import get_hardware
 from ..errors import InfeasibleBudgetError
 from ..frontend.fake import meta_as_empty
 from .blocks import choose_block
@@ -82,6 +84,47 @@ def _check_decoder(model: torch.nn.Module) -> None:
         raise NotImplementedError(
             f"{type(model).__name__} has sliding-window or non-attention layers ({sorted(types)}); "
             "memsched.generate's KV cache covers full-attention layers only")
+
+
+def step_inputs(ids: torch.Tensor, first_slot: int, max_len: int, positions=None, mask=None) -> tuple:
+    """A step program's inputs for ``ids`` taking cache slots ``first_slot`` onwards; each its
+    own tensor (inputs sharing memory would be captured with symbolic sizes)."""
+    rows, q = ids.shape
+    slots = torch.arange(first_slot, first_slot + q)
+    if positions is None:
+        positions = slots[None].expand(rows, q)
+    if mask is None:
+        mask = (torch.arange(max_len) < first_slot + q).long()[None].expand(rows, -1)
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in (ids, positions, slots, mask))
+
+
+def plan_generation(model, budget, *, batch: int, prompt_len: int, new_tokens: int, hardware=None,
+                    kv_head_chunks="auto", **options):
+    """Plan the two programs of a generation without running anything (the model may live on
+    meta, e.g. a 7B-shaped decoder for a GPU profile): (prefill plan, decode plan). The prompt
+    is planned for the whole batch, or the largest divisor of it that fits."""
+    _check_decoder(model)
+    max_len = prompt_len + new_tokens
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    with meta_as_empty(model):
+        shapes, dtype = cache_shapes(model, batch, max_len, ids)
+    on_meta = any(p.device.type == "meta" for p in model.parameters())
+    if kv_head_chunks == "auto":
+        hw = get_hardware(hardware, "cuda" if torch.cuda.is_available() else "cpu")
+        kv_head_chunks = head_chunks_for(shapes, dtype, parse_budget(budget, hw.device_bytes, over_capacity=True))
+    decoder = CachedDecoder(model, shapes, dtype, device="meta" if on_meta else "cpu",
+                            head_chunks=kv_head_chunks).eval()
+    plan = lambda rows, q, first: plan_program(decoder, step_inputs(ids.expand(rows, q), first, max_len),  # noqa: E731
+                                               budget, hardware=hardware, **options)
+    divisors = [d for d in range(batch, 0, -1) if batch % d == 0]
+    for i, rows in enumerate(divisors):
+        try:
+            prefill = plan(rows, prompt_len, 0)
+            break
+        except InfeasibleBudgetError:
+            if i == len(divisors) - 1:
+                raise
+    return prefill, plan(batch, 1, prompt_len)
 
 
 def head_chunks_for(shapes, dtype: torch.dtype, budget_bytes: int) -> int:
@@ -163,15 +206,7 @@ class Generator:
             raise
 
     def _inputs(self, ids: torch.Tensor, first_slot: int, positions=None, mask=None) -> tuple:
-        """The program's inputs for ``ids`` taking slots ``first_slot`` onwards; each its own
-        tensor (inputs sharing memory would be captured with symbolic sizes)."""
-        rows, q = ids.shape
-        slots = torch.arange(first_slot, first_slot + q)
-        if positions is None:
-            positions = slots[None].expand(rows, q)
-        if mask is None:
-            mask = (torch.arange(self.max_len) < first_slot + q).long()[None].expand(rows, -1)
-        return tuple(t.clone(memory_format=torch.contiguous_format) for t in (ids, positions, slots, mask))
+        return step_inputs(ids, first_slot, self.max_len, positions, mask)
 
     def _call(self, stats: GenerationStats, inputs: tuple, rows: slice = slice(None)):
         logits, new = self.compiled(*inputs)
