@@ -19,3 +19,20 @@ def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def record_status(monkeypatch) -> list:
+    """The messages the CLI's status line shows (its spinner), recorded instead of drawn."""
+    import contextlib
+
+    import memsched.cli.commands as cli
+
+    shown = []
+
+    @contextlib.contextmanager
+    def recording(message):
+        shown.append(message)
+        yield shown.append
+
+    monkeypatch.setattr(cli, "_status", recording)
+    return shown

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from cli_helpers import calibration_cache, run  # noqa: F401  (an autouse fixture)
+from cli_helpers import calibration_cache, record_status, run  # noqa: F401  (an autouse fixture)
 from memsched.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,18 +237,7 @@ def test_python_dash_m_hardware():
 
 
 def test_plan_reports_each_stage_to_the_status_line(capsys, factory, monkeypatch):
-    import contextlib
-
-    import memsched.cli.commands as cli
-
-    shown = []
-
-    @contextlib.contextmanager
-    def recording(message):
-        shown.append(message)
-        yield shown.append
-
-    monkeypatch.setattr(cli, "_status", recording)
+    shown = record_status(monkeypatch)
     code, _, err = run(capsys, "plan", f"{factory}:build", "--budget", "1MB", "--hardware", "h100")
     assert code == 0, err
     stages = [m.split(": ")[-1] for m in shown if "planning Sequential" in m]

@@ -3,7 +3,6 @@ where the weights and the KV cache live, then tokens/s; run in-process through
 `memsched.cli.main` on a two-layer GPT-2 (hf:gpt2 itself takes ~40 s to plan and run here)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import textwrap
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 import memsched.cli.commands as cli
-from cli_helpers import calibration_cache, run  # noqa: F401  (an autouse fixture)
+from cli_helpers import calibration_cache, record_status, run  # noqa: F401  (an autouse fixture)
 from memsched.cli import main
 
 pytest.importorskip("transformers")
@@ -47,14 +46,7 @@ def placement_rows(out: str) -> dict:
 
 
 def test_generate_prints_the_plan_and_tokens_per_second(capsys, monkeypatch, config, tmp_path):
-    shown = []
-
-    @contextlib.contextmanager
-    def recording(message):
-        shown.append(message)
-        yield shown.append
-
-    monkeypatch.setattr(cli, "_status", recording)
+    shown = record_status(monkeypatch)
     # 300KB holds the activations and part of the 531 KiB of weights: the rest lives in host RAM
     code, out, err = run(capsys, "generate", config, "--budget", "300KB", "--prompt-len", 8, "--new-tokens", 4,
                          "--batch", 2, "--hardware", HW, "--device", "cpu", "--offload-dir", tmp_path / "off",
