@@ -568,3 +568,27 @@ def test_a_pooled_buffer_waits_for_the_copy_still_reading_it():
     pool.give_back(again)  # nothing reads it: the next take does not wait
     pool.take(layout)
     assert Event.waited == 1
+
+
+def test_the_host_pool_keeps_what_the_last_call_needed():
+    """Idle host buffers are trimmed at each call to what the previous call had out at once:
+    changing shapes do not pile up buffers, repeating ones reuse theirs."""
+    from memsched.runtime.stores import HostPool, Layout
+
+    pool = HostPool(pinned=False)
+
+    def call(*sizes):
+        pool.new_call()
+        bufs = [pool.take(Layout((n,), (1,), torch.uint8)) for n in sizes]
+        for b in bufs:
+            pool.give_back(b)
+
+    for n in range(1, 21):  # twenty calls, each with buffers of another size
+        call(1000 * n, 500 * n)
+    # at most the last two calls' buffers (kept for reuse), not the sum of all twenty (315000)
+    assert pool.idle_bytes <= 1500 * (20 + 19)
+    call(20000, 10000)
+    first = pool.idle_bytes
+    for _ in range(5):
+        call(20000, 10000)
+    assert pool.idle_bytes == first

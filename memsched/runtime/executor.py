@@ -300,6 +300,7 @@ class Executor:
 
     def _begin(self, flat_inputs: list) -> list:
         self._settle()  # whatever an earlier step left (its outputs never collected) goes back
+        self.host.new_call()
         self._unpark()
         self._refresh()
         self.acct = DeviceAccountant(self.budget, self._pool, self._reserve)

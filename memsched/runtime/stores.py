@@ -415,6 +415,7 @@ class HostPool:
         self._lock = threading.Lock()
         self.bytes_in_use = 0
         self.idle_bytes = 0
+        self.peak_in_use = 0  # the most bytes out at once since the last ``new_call``
 
     def take(self, layout: Layout, owner: dict | None = None) -> torch.Tensor:
         nbytes = layout.nbytes
@@ -432,6 +433,7 @@ class HostPool:
         with self._lock:
             self._out[key] = (raw, owner)
             self.bytes_in_use += raw.numel()
+            self.peak_in_use = max(self.peak_in_use, self.bytes_in_use)
             if owner is not None:
                 owner[key] = raw
         n_el = max(nbytes // max(torch.empty((), dtype=layout.dtype).element_size(), 1), 0)
@@ -461,6 +463,14 @@ class HostPool:
     def disown(self, t: torch.Tensor) -> None:
         """The buffer is the caller's now: it leaves the pool's accounting for good."""
         self._untrack(t)
+
+    def new_call(self) -> None:
+        """A call starts: idle buffers beyond what the last call had out at once are dropped, so
+        a module called with changing shapes does not keep (or pin) every size it ever used,
+        while a call like the last one reuses its buffers without pinning anew."""
+        with self._lock:
+            keep, self.peak_in_use = self.peak_in_use, self.bytes_in_use
+        self.trim(max(keep - self.bytes_in_use, 0))
 
     def trim(self, max_idle: int = 0) -> None:
         """Drop idle buffers until at most ``max_idle`` bytes stay pooled."""
