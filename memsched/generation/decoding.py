@@ -114,8 +114,11 @@ def plan_generation(model, budget, *, batch: int, prompt_len: int, new_tokens: i
         kv_head_chunks = head_chunks_for(shapes, dtype, parse_budget(budget, hw.device_bytes, over_capacity=True))
     decoder = CachedDecoder(model, shapes, dtype, device="meta" if on_meta else "cpu",
                             head_chunks=kv_head_chunks).eval()
-    plan = lambda rows, q, first: plan_program(decoder, step_inputs(ids.expand(rows, q), first, max_len),  # noqa: E731
-                                               budget, hardware=hardware, **options)
+
+    def plan(rows: int, q: int, first: int):
+        return plan_program(decoder, step_inputs(ids.expand(rows, q), first, max_len), budget,
+                            hardware=hardware, **options)
+
     divisors = [d for d in range(batch, 0, -1) if batch % d == 0]
     for i, rows in enumerate(divisors):
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .stores import DiskIntegrityError, Layout
+from .stores import DiskIntegrityError, Layout, read_fully
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -124,14 +124,12 @@ class FileCopy:
 
     def read_into(self, out: torch.Tensor) -> None:
         data = memoryview(out.detach().view(torch.uint8).reshape(-1).numpy()) if out.numel() else memoryview(b"")
-        fd, done = self.checkpoint.fd(self.entry.path), 0
+        fd = self.checkpoint.fd(self.entry.path)
         self.checkpoint.check_unchanged(self.entry.path, fd, self.name)
-        while done < len(data):
-            n = os.preadv(fd, [data[done:]], self.entry.offset + done)
-            if n <= 0:
-                raise DiskIntegrityError(f"memsched: reading {self.name!r} from checkpoint {self.entry.path} got "
-                                         f"{n} bytes after {done} of {len(data)}: the file was truncated")
-            done += n
+        done = read_fully(fd, data, self.entry.offset)
+        if done < len(data):
+            raise DiskIntegrityError(f"memsched: reading {self.name!r} from checkpoint {self.entry.path} got "
+                                     f"{done} of {len(data)} bytes: the file was truncated")
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -106,6 +106,28 @@ def in_layout(t: torch.Tensor, layout: Layout) -> torch.Tensor:
     return out
 
 
+def write_fully(fd: int, data: memoryview, offset: int) -> None:
+    """pwritev until every byte of ``data`` is at ``offset`` (a short write continues; a write
+    that makes no progress is an EIO, never a loop)."""
+    done = 0
+    while done < len(data):
+        n = os.pwritev(fd, [data[done:]], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, f"the write returned {n} after {done} of {len(data)} bytes")
+        done += n
+
+
+def read_fully(fd: int, data: memoryview, offset: int) -> int:
+    """preadv until ``data`` is full or a read returns nothing; the bytes read."""
+    done = 0
+    while done < len(data):
+        n = os.preadv(fd, [data[done:]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
 def slice_spans(t: torch.Tensor, dim: int, index: torch.Tensor) -> list[tuple[int, int]]:
     """Byte ranges [start, end) of a contiguous t that its slices ``index`` along ``dim`` occupy
     (runs of consecutive indices merged)."""
@@ -336,13 +358,8 @@ class DiskStore:
             raise ValueError(f"{len(data)} bytes do not fit {region.describe()}")
         region.crc = None  # until every byte landed: a failed write leaves it unreadable
         crc = zlib.crc32(data)
-        done = 0
         try:
-            while done < len(data):
-                n = os.pwritev(self.fd, [data[done:]], region.offset + done)
-                if n <= 0:
-                    raise OSError(errno.EIO, f"the write returned {n} after {done} of {len(data)} bytes")
-                done += n
+            write_fully(self.fd, data, region.offset)
         except OSError as exc:
             raise self._os_error(exc, "writing", region) from exc
         with self._lock:
@@ -355,12 +372,7 @@ class DiskStore:
         region.crc = None  # until every span landed
         try:
             for offset, data in spans:
-                done = 0
-                while done < len(data):
-                    n = os.pwritev(self.fd, [data[done:]], region.offset + offset + done)
-                    if n <= 0:
-                        raise OSError(errno.EIO, f"the write returned {n} after {done} of {len(data)} bytes")
-                    done += n
+                write_fully(self.fd, data, region.offset + offset)
         except OSError as exc:
             raise self._os_error(exc, "writing", region) from exc
         region.crc = crc
@@ -370,20 +382,14 @@ class DiskStore:
             raise DiskIntegrityError(f"memsched: {region.describe()} in the offload directory "
                                      f"{self.directory} was never completely written (or was released)")
         data = _buffer(t)
-        done = 0
         try:
-            while done < len(data):
-                n = os.preadv(self.fd, [data[done:]], region.offset + done)
-                if n <= 0:
-                    raise DiskIntegrityError(
-                        f"memsched: reading {region.describe()} from the offload file in "
-                        f"{self.directory} got {n} bytes after {done} of {len(data)}: the file was "
-                        "truncated or the read made no progress")
-                done += n
-        except DiskIntegrityError:
-            raise
+            done = read_fully(self.fd, data, region.offset)
         except OSError as exc:
             raise self._os_error(exc, "reading", region) from exc
+        if done < len(data):
+            raise DiskIntegrityError(
+                f"memsched: reading {region.describe()} from the offload file in {self.directory} got "
+                f"{done} of {len(data)} bytes: the file was truncated or the read made no progress")
         if zlib.crc32(data) != region.crc:
             raise DiskIntegrityError(
                 f"memsched: checksum mismatch reading {region.describe()} from the offload file in "
@@ -608,8 +614,8 @@ class Stores:
         for home in homes:
             home.settle()
             h = home.handle
-            if home.crc is None or not t.is_contiguous() or Layout.of(t) != h.layout:
-                self.renew(home, t)
+            if home.crc is None or not t.is_contiguous() or Layout.of(t) != h.layout or isinstance(h, QuantizedCopy):
+                self.renew(home, t)  # (a quantised copy is requantised whole: its groups span slots)
                 continue
             if isinstance(h, DiskCopy):
                 data = _buffer(t)
