@@ -31,6 +31,7 @@ SAVED_TARGET = "memsched_saved_target"
 # parameters ``_track``/``_release`` and globals ``_c<i>``/``_f<i>``) cannot give a value without
 # shadowing its own. The capture never names an inserted node so; a file that does is refused.
 _RUNTIME_NAMES = re.compile(r"track|release|[cf][0-9]+")
+_AGAIN = re.compile(r"(.+)_again(?:_[0-9]+)?")
 
 
 def saved_target(n: fx.Node) -> str:
@@ -97,6 +98,16 @@ def _pair_compute(comp_saved: list[fx.Node], comp_cap: list[fx.Node]) -> None:
             raise PlanMismatchError(f"compute node {i}: the plan has {plan_has}, the model captures {model_has}")
 
 
+def _rerun_of(s: fx.Node, cap: dict[str, fx.Node]) -> fx.Node:
+    """The captured node an added compute node re-runs: named after it (``mm_3_again``, fx
+    suffixing repeats), with its target."""
+    match = _AGAIN.fullmatch(s.name)
+    c = cap.get(match.group(1)) if match else None
+    if c is None or c.op != s.op or _target_text(c) != _target_text(s):
+        raise PlanMismatchError(f"{s.name} = {_target_text(s)}: re-runs no node of the model")
+    return c
+
+
 def _origins(saved: fx.GraphModule, captured: Captured) -> dict[str, fx.Node]:
     """Saved node name -> the captured node it holds (inputs, compute nodes, and for prefetches
     and waits the value they restore); PlanMismatchError at the first node that differs."""
@@ -106,11 +117,17 @@ def _origins(saved: fx.GraphModule, captured: Captured) -> dict[str, fx.Node]:
     ph_saved = [n for n in saved_nodes if n.op == "placeholder"]
     ph_cap = [n for n in cap_nodes if n.op == "placeholder"]
     _pair_inputs(ph_saved, ph_cap)
-    comp_saved = [n for n in saved_nodes if n.op in ("call_function", "get_attr") and not ops.is_inserted(n)]
+    compute = [n for n in saved_nodes if n.op in ("call_function", "get_attr") and not ops.is_inserted(n)]
+    # compute the scheduler added (a recomputed op, a view re-made on a restored value) says
+    # what it brings back; the rest pairs with the capture in program order
+    comp_saved = [n for n in compute if info(n).restores is None]
     comp_cap = [n for n in cap_nodes if n.op in ("call_function", "get_attr")]
     _pair_compute(comp_saved, comp_cap)
     origin = {s.name: c for s, c in zip(ph_saved, ph_cap)}
     origin.update((s.name, c) for s, c in zip(comp_saved, comp_cap))
+    for s in compute:
+        if info(s).restores is not None:
+            origin[s.name] = _rerun_of(s, cap)
     for s in saved_nodes:
         if ops.is_inserted(s) and _RUNTIME_NAMES.fullmatch(s.name):  # other names are the capture's
             raise PlanMismatchError(f"{s.name}: the runtime reserves this name; an inserted node cannot have it")
@@ -123,9 +140,10 @@ def _origins(saved: fx.GraphModule, captured: Captured) -> dict[str, fx.Node]:
     def held(x: fx.Node) -> str:
         return origin[x.name].name if x.name in origin else x.name
 
-    for s, c in zip(comp_saved, comp_cap):
+    reruns = [(s, origin[s.name]) for s in compute if info(s).restores is not None]
+    for s, c in list(zip(comp_saved, comp_cap)) + reruns:
         if _call(s, held) != _call(c):
-            raise PlanMismatchError(f"{c.name} = {_target_text(c)}: the plan passes {_call(s, held)}, "
+            raise PlanMismatchError(f"{s.name} = {_target_text(c)}: the plan passes {_call(s, held)}, "
                                     f"the model {_call(c)}")
     out_s, out_c = saved.graph.output_node(), captured.gm.graph.output_node()
     if _call(out_s, held) != _call(out_c):

@@ -53,6 +53,8 @@ class Value:
     storages: tuple[int, ...]  # storages of its tensor leaves
     single_tensor: bool       # a plain tensor (not a tuple/list) a move restores in its own
                               # memory format (``movable``): can be moved between tiers
+    fills: bool = False       # a dense tensor at offset 0 spanning its whole storage: restored,
+                              # it has the storage's layout, so views of it can be re-made on it
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,10 @@ class Program:
     pinned: frozenset = frozenset()
     recipes: dict = field(default_factory=dict)
     grads: frozenset = frozenset()   # storages of parameter gradients (outputs of the step)
+    # value -> the one value it is a view of, made by an op that only reinterprets that value's
+    # storage (view, transpose, split + getitem, detach...): re-run on a restored base, it
+    # rebuilds the view (lets a storage with several live aliases move: passes/views.py)
+    view_of: dict = field(default_factory=dict)
 
     @property
     def n_steps(self) -> int:
@@ -104,6 +110,34 @@ def movable(val) -> bool:
         need = stride * size
     strides = [st for st, _ in dims]
     return dense or strides == sorted(strides, reverse=True)
+
+
+def fills_storage(val) -> bool:
+    """A dense tensor at storage offset 0 whose elements are exactly its storage's bytes."""
+    if not isinstance(val, torch.Tensor) or not movable(val) or val.storage_offset() != 0:
+        return False
+    return val.numel() * val.element_size() == storage_nbytes(val)
+
+
+def view_sources(graph: torch.fx.Graph, values: dict) -> dict[str, str]:
+    """Value -> the value it is a view of: an op reading one value, writing nothing, drawing no
+    random numbers, whose outputs all lie in that value's storages."""
+    out: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or ops.is_inserted(node) or written_args(node):
+            continue
+        if node.target is operator.getitem:
+            reads = [node.args[0]] if isinstance(node.args[0], torch.fx.Node) else []
+        elif isinstance(node.target, torch._ops.OpOverload):
+            if torch.Tag.nondeterministic_seeded in node.target.tags:
+                continue
+            reads = node.all_input_nodes
+        else:
+            continue
+        mine = values[node.name]["storages"]
+        if len(reads) == 1 and mine and set(mine) <= set(values[reads[0].name]["storages"]):
+            out[node.name] = reads[0].name
+    return out
 
 
 class _Walk:
@@ -164,8 +198,9 @@ class _Walk:
         else:
             raise NotImplementedError(f"unexpected fx node {node.op} {node.target}")
         annotate(node, storages=ids)
+        val = node.meta.get("val")
         self.values[node.name] = {"step": step, "last_use": step, "storages": ids,
-                                  "single_tensor": movable(node.meta.get("val"))}
+                                  "single_tensor": movable(val), "fills": fills_storage(val)}
 
     def finish(self, output_node: torch.fx.Node) -> tuple[Storage, ...]:
         """The program end reads the outputs; returns the storages."""
@@ -204,7 +239,8 @@ def analyze(captured: Captured) -> Program:
     values = walk.values
     # before the first step every input is held, read or not, beside the model's tensors
     start = sum(b.nbytes for b in storages if b.def_step == START and (b.kind not in PERSISTENT or len(b.events) > 1))
-    vals = {k: Value(k, v["step"], v["last_use"], v["storages"], v["single_tensor"]) for k, v in values.items()}
+    vals = {k: Value(k, v["step"], v["last_use"], v["storages"], v["single_tensor"], v.get("fills", False))
+            for k, v in values.items()}
     written = written_storages(graph, values)
     boundary, user_held = None, frozenset()
     for node in graph.nodes:
@@ -216,4 +252,4 @@ def analyze(captured: Captured) -> Program:
     grads = frozenset(b for n in graph.output_node().all_input_nodes if info(n).kind == Kind.GRAD
                       for b in values[n.name]["storages"])
     return Program(tuple(walk.steps), storages, vals, _live_bytes(storages, len(walk.steps)), int(start),
-                   boundary, user_held, pinned, recipes, grads - user_held)
+                   boundary, user_held, pinned, recipes, grads - user_held, view_sources(graph, values))

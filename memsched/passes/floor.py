@@ -2,7 +2,8 @@
 
 The floor is computable (DESIGN.md, lesson 8): with every tensor free to leave the device
 between uses and any value recomputable, the least device memory any plan needs is the working
-set of the largest single op -- the storages it reads plus those it makes. Below it, only by
+set of the largest single op -- the storages it reads plus those it makes, plus what cannot
+leave while it runs (what the caller holds, what is updated in place). Below it, only by
 splitting that op. ``op_floor`` finds it; ``binding_point`` names where the planner's own
 minimum binds (the step, its op, and the largest tensors held there), so an infeasible budget
 or a summary can say what to change."""
@@ -45,14 +46,21 @@ def _largest(program: Program, ids) -> tuple[tuple[str, str, int], ...]:
 
 
 def op_floor(program: Program, graph: fx.Graph) -> Binding | None:
-    """The largest working set of a single op: the storages it reads and the ones it makes."""
+    """The largest working set of a single op: the storages it reads and the ones it makes,
+    beside those no plan can take off the device there (model tensors updated in place, and
+    in a training step's backward the forward outputs the caller holds)."""
     nodes = {n.name: n for n in graph.nodes}
     best = None
+    fixed = [b for b in program.storages if b.id in program.pinned]
+    held = [b for b in program.storages if b.id in program.user_held]
     for step, name in enumerate(program.steps):
         n = nodes[name]
         reads = [n.args[0]] if n.target is operator.getitem else n.all_input_nodes
         ids = {i for a in reads for i in program.values[a.name].storages}
         ids.update(program.values[name].storages)
+        ids.update(b.id for b in fixed)
+        if program.boundary is not None and step >= program.boundary:
+            ids.update(b.id for b in held if b.def_step <= step <= b.last_step)
         nbytes = sum(program.storages[i].nbytes for i in ids)
         if best is None or nbytes > best[0]:
             best = (nbytes, step, ids)

@@ -110,10 +110,15 @@ class _Rewriter:
             self.evict_after.setdefault(gap.start, []).append(gap)
         for gap in recomputed:
             self.recompute_at.setdefault(gap.end, []).append(gap)
+        # a moved root stays referenced to its storage's last event (it costs nothing while a
+        # view of it holds the storage), so that each later gap can move it again
+        held = {gap.value: program.storages[gap.buffer].last_step for gap in evicted + recomputed if gap.held}
+        self.held_roots = set(held)
         self.last_use_at: dict[int, list[str]] = {}
         for v in program.values.values():
-            if v.last_use < program.n_steps:
-                self.last_use_at.setdefault(v.last_use, []).append(v.name)
+            last = max(v.last_use, held.get(v.name, v.last_use))
+            if last < program.n_steps:
+                self.last_use_at.setdefault(last, []).append(v.name)
         self.homes: dict[str, fx.Node] = {}      # placeholders: the source of every fetch of them
         self.pending: dict[tuple[str, int], fx.Node] = {}
         self.handles: dict[int, fx.Node] = {}
@@ -149,6 +154,21 @@ class _Rewriter:
             self.env[f.value] = w
             if f.gap is not None and f.gap in self.handles:
                 _mark(self.g.call_function(ops.free, (self.handles.pop(f.gap),)), PASS)
+            if f.gap is not None:
+                self.rebuild(self.placement.gaps[f.gap])
+
+    def rebuild(self, gap) -> None:
+        """Re-make the views of a restored root that were live across its gap, by re-running
+        the view ops that made them; intermediate views are dropped again at once."""
+        for name in gap.rebuild:
+            source = self.nodes[name]
+            new = self.g.create_node("call_function", source.target,
+                                     fx.node.map_arg(source.args, lambda a: self.env[a.name]),
+                                     fx.node.map_arg(source.kwargs, lambda a: self.env[a.name]),
+                                     name=f"{name}_again")
+            new.meta.update(source.meta)
+            self.env[name] = _mark(new, PASS, restores=name)
+        self.free([v for v in gap.rebuild if v not in gap.aliases])
 
     def free(self, names) -> None:
         dead = [self.env.pop(v) for v in names if v in self.env and v not in self.kept]
@@ -172,31 +192,35 @@ class _Rewriter:
         env[recipe.value] = _mark(item, "recompute", restores=recipe.value)
         _mark(self.g.call_function(ops.free, (op,)), "recompute")  # the op's other outputs
 
-    def evict(self, gap) -> str:
-        """After the last use before ``gap``: offload the value (its device copy is freed at
-        the segment end) or just drop it (a home copy exists, or it will be recomputed)."""
+    def evict(self, gap) -> list[str]:
+        """After the last use before ``gap``: offload the value (its device copy, and its live
+        views, are freed at the segment end) or just drop them (a home copy exists, or the
+        value will be recomputed). Returns what to free now."""
         choice = self.placement.gap_choice[gap.id]
+        # a root held for the storage's other gaps goes too (a delivered gradient's, say)
+        gone = [gap.value, *gap.aliases, *(v for v in self.program.storages[gap.buffer].values if v in self.held_roots)]
         if gap.persistent or choice == RECOMPUTE:
-            return gap.value
+            return gone
         h = self.g.call_function(ops.offload, (self.env[gap.value], Tier(choice)))
         _mark(h, PASS, tier=Tier(choice), nbytes=_moved_bytes(self.nodes[gap.value]), saves=gap.value,
               delivers=gap.value if gap.deliver else None)
         self.handles[gap.id] = h
         if gap.deliver:
             self.delivered[gap.value] = h
-        self.seg_end_free.append(gap.value)
-        return ""
+        self.seg_end_free += gone
+        return []
 
     def step(self, step: int) -> None:
         self.await_fetches(step)
         for gap in self.recompute_at.get(step, []):
             self.recompute(self.program.recipes[gap.value])
+            self.rebuild(gap)
         n = self.nodes[self.program.steps[step]]
         new = self.g.node_copy(n, lambda a: self.env[a.name])
         annotate(new, made_by=info(n).made_by)  # the boundary keeps "partition"
         self.env[n.name] = new
         dying = list(self.last_use_at.get(step, []))
-        dying += [v for v in map(self.evict, self.evict_after.get(step, [])) if v]
+        dying += [v for gap in self.evict_after.get(step, []) for v in self.evict(gap)]
         self.free(dying)
 
     def build(self) -> fx.GraphModule:
@@ -211,6 +235,8 @@ class _Rewriter:
             self.seg_end_free = []
         self.await_fetches(self.program.n_steps)
         out = self.captured.gm.graph.output_node()
+        returned = {a.name for a in out.all_input_nodes}
+        self.free(sorted(self.held_roots - returned))  # held for an output that is a view of them
         env, delivered = self.env, self.delivered
         self.g.output(fx.node.map_arg(out.args[0], lambda a: env[a.name] if a.name in env else delivered[a.name]))
         self.g.lint()

@@ -32,6 +32,7 @@ from ...cost_models.hardware import Hardware
 from ...ir.kinds import LINKS, PERSISTENT, Kind, Tier, Word, fetch_links, offload_links
 from ..analysis import START, Program
 from ..segments import Segments
+from ..views import live_across, restores_of
 
 EPS = 1e-3  # price of a transferred second relative to a second of step time
 
@@ -77,11 +78,14 @@ class Gap:
 
     id: int
     buffer: int
-    value: str          # the one fx value alive across the gap; it is what gets restored
+    value: str          # the fx value that is moved and restored (the root: passes/views.py)
     start: int          # event step before the gap
     end: int            # event step after the gap
     persistent: bool    # a model tensor: dropping needs no write-back
     deliver: bool = False  # a gradient's last stretch: offloaded to its home, never fetched back
+    rebuild: tuple[str, ...] = ()   # views of ``value`` re-made after it is restored
+    aliases: tuple[str, ...] = ()   # the other values live across the gap (dropped with it)
+    held: bool = False              # ``value`` is referenced to the storage's last event
 
 
 @dataclass
@@ -199,18 +203,17 @@ class PlacementModel:
         the others count as constant."""
         p, s = self.p, self.s
         persistent = b.kind in PERSISTENT
-        for a, c in zip(events, events[1:]):
+        spans = [(a, c) for a, c in zip(events, events[1:]) if s.seg(c) - s.seg(a) >= 2]
+        if b.id in self.pinned or b.kind == Kind.INPUT or b.nbytes < min_evict_bytes:
+            restores = [None] * len(spans)
+        else:
+            restores = restores_of(p, b, [live_across(p, b, a, c) for a, c in spans])
+        for (a, c), r in zip(spans, restores):
             A, C = s.seg(a), s.seg(c)
-            if C - A < 2:
-                continue
-            if b.id in self.pinned or (b.id in p.user_held and p.boundary is not None and a >= p.boundary):
-                self.const[A + 1:C] += b.nbytes  # the caller holds it: moving it frees nothing
-                continue
-            value = self._single_value(b, a, c)
-            if persistent and value != b.values[0]:
-                value = None  # a refetch restores the model tensor itself, not a view of it
-            if value is not None and b.nbytes >= min_evict_bytes and b.kind != Kind.INPUT:
-                g = Gap(len(self.gaps), b.id, value, a, c, persistent)
+            caller_holds = b.id in p.user_held and p.boundary is not None and a >= p.boundary
+            if r is not None and not caller_holds:  # held by the caller: moving it frees nothing
+                g = Gap(len(self.gaps), b.id, r.root, a, c, persistent, rebuild=r.rebuild, aliases=r.aliases,
+                        held=r.held)
                 self.gaps.append(g)
                 self.gap_span[g.id] = (A + 1, C - 1)
             else:

@@ -1,0 +1,154 @@
+"""A storage held by several live values (a weight and its transpose, a fused projection and
+the heads split from it) moves as one tensor, its root; the other values are rebuilt as views
+of it when it is back. Before, such a storage stayed on the device from the forward to the
+backward, so a training step's minimum held every weight and most saved activations."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import memsched
+from memsched.ir import ops
+from memsched.ir.meta import info
+from memsched.passes.placement import KEEP
+from memsched.passes.views import Restore, live_across, restores_of
+from helpers import FIXED_CPU, assert_same_grads
+from train_zoo import build_train
+
+
+def _plan(model, args, kwargs, budget, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return memsched.plan(model, args, budget=budget, example_kwargs=kwargs, train=True, hardware=FIXED_CPU, **kw)
+
+
+def _minimum(name):
+    model, args, kwargs, loss_fn = build_train(name)
+    lo = _plan(model, args, kwargs, 10**13).min_budget_bytes
+    return model, args, kwargs, loss_fn, _plan(model, args, kwargs, lo)
+
+
+def _moved_with_views(plan):
+    pl = plan.placement
+    return [g for g in pl.gaps if g.rebuild and pl.gap_choice[g.id] != KEEP]
+
+
+def test_a_gap_moves_its_root_and_rebuilds_the_live_views():
+    model, args, kwargs, _, plan = _minimum("gpt2_dropout")
+    program, pl = plan.program, plan.placement
+    moved = _moved_with_views(plan)
+    # weights read through their transposes, and activations split into heads, both move
+    assert any(g.persistent for g in moved) and any(not g.persistent for g in moved)
+    for g in pl.gaps:
+        b = program.storages[g.buffer]
+        if g.deliver:
+            continue
+        live = live_across(program, b, g.start, g.end)
+        assert set(live) == set(g.aliases) | ({g.value} & set(live))
+        assert set(g.aliases) <= set(g.rebuild)
+        if g.persistent:
+            assert g.value == b.values[0]  # a refetch restores the model tensor itself
+        for v in g.rebuild:  # each rebuilt value is a view of the root, made by one view op
+            x = v
+            while x != g.value:
+                x = program.view_of[x]
+    # in the scheduled program, each rebuilt view is re-made from the restored root
+    again = [n for n in plan.graph.graph.nodes if n.op == "call_function" and info(n).restores is not None
+             and not ops.is_inserted(n)]
+    rebuilt = [n for n in again if info(n).made_by == "placement"]
+    assert rebuilt and all(info(n).restores in program.view_of and "_again" in n.name for n in rebuilt)
+
+
+def test_storages_without_a_common_root_keep_single_value_moves():
+    """A storage whose live values are not all views of one spanning value: single movable
+    values still move as they are; the rest stays (None)."""
+    model, args, kwargs, _, plan = _minimum("mlp")
+    program = plan.program
+    for b in program.storages:
+        spans = [(a, c) for a, c in zip(b.events, b.events[1:]) if c - a > 1 and a >= 0]
+        lives = [live_across(program, b, a, c) for a, c in spans]
+        for live, r in zip(lives, restores_of(program, b, lives)):
+            if r is None or not r.held:
+                continue
+            assert isinstance(r, Restore) and program.values[r.root].fills
+            assert set(r.aliases) == set(live) - {r.root}
+
+
+@pytest.mark.parametrize("name", ["gpt2_dropout", "llama"])
+def test_training_at_the_minimum_with_moved_views_matches_eager(name):
+    model, args, kwargs, loss_fn, plan = _minimum(name)
+    assert _moved_with_views(plan)
+    ref = copy.deepcopy(model)
+    torch.manual_seed(0)
+    want = loss_fn(ref(*args, **kwargs))
+    want.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(model, plan.budget_bytes, train=True, device="cpu", hardware=FIXED_CPU)
+    try:
+        torch.manual_seed(0)
+        loss = loss_fn(cm(*args, **kwargs))
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), want.detach(), rtol=0, atol=0)
+        assert_same_grads(ref, model)
+        assert cm.plan.verify() <= plan.budget_bytes
+        assert cm.stats.peak_device_bytes <= plan.budget_bytes
+    finally:
+        cm.close()
+
+
+def _inference_with_moved_views():
+    """T5 (inference) at 30% of its peak: a position bias and masks are moved with their
+    views (a permute, an expand) and rebuilt."""
+    from zoo import build
+
+    model, args, kwargs = build("t5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peak = memsched.plan(model, args, budget=10**12, example_kwargs=kwargs, hardware=FIXED_CPU).program.peak_bytes
+        plan = memsched.plan(model, args, budget=int(0.3 * peak), example_kwargs=kwargs, hardware=FIXED_CPU)
+    assert _moved_with_views(plan)
+    return model, args, kwargs, plan
+
+
+def test_a_saved_plan_with_rebuilt_views_reapplies(tmp_path):
+    from helpers import assert_outputs_equal, eager
+
+    model, args, kwargs, plan = _inference_with_moved_views()
+    plan.save(tmp_path / "plan.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(model, plan=tmp_path / "plan.json", device="cpu")
+    try:
+        assert_outputs_equal(cm(*args, **kwargs), eager(model, args, kwargs))
+        assert [p.name for p in cm.plan.passes][-1] == "apply"
+        assert str(cm.plan).splitlines()[2:] == str(plan).splitlines()[2:]
+        assert cm.stats.peak_device_bytes <= plan.budget_bytes
+    finally:
+        cm.close()
+
+
+def test_a_rebuilt_view_that_reads_something_else_is_refused(tmp_path):
+    """An added compute node must re-run the captured node it is named after, on the same
+    (restored) arguments: a file that points one elsewhere is refused before anything runs."""
+    import json
+
+    from memsched.io.reapply import PlanMismatchError
+    from memsched.io.serialize import dumps
+
+    model, args, kwargs, plan = _inference_with_moved_views()
+    doc = json.loads(dumps(plan))
+    nodes = doc["program"]["nodes"]
+    i = next(i for i, n in enumerate(nodes) if "_again" in n["name"] and n.get("args"))
+    earlier = next(n["name"] for n in reversed(nodes[:i]) if n["op"] == "call_function"
+                   and n["target"].startswith("aten") and n["name"] != nodes[i]["args"][0].get("node"))
+    nodes[i]["args"][0] = {"node": earlier}
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises((PlanMismatchError, ValueError)) as err:
+            memsched.compile(model, plan=tmp_path / "bad.json", device="cpu")(*args, **kwargs)
+    assert "_again" in str(err.value) or "reads" in str(err.value)
