@@ -28,6 +28,7 @@ from .frontend.joint import capture_joint
 from .ir.kinds import PERSISTENT
 from .passes.analysis import START, Program, analyze
 from .passes.placement import Placement, solve_placement
+from .passes.placement.problem import PlacementModel
 from .passes.schedule import build_schedule
 from .passes.segments import Segments, make_segments
 from .plan_records import PassRecord, PassSnapshot
@@ -64,6 +65,8 @@ class PlanningState:
     program: Program | None = None
     step_time: np.ndarray | None = None
     segments: Segments | None = None
+    placement_model: PlacementModel | None = None   # the problem on those segments
+    min_budget: int | None = None                    # the lowest minimum of the counts tried
     placement: Placement | None = None
     candidates: list[Candidate] = field(default_factory=list)
     chosen: Candidate | None = None
@@ -92,21 +95,43 @@ def analysis_pass(s: PlanningState) -> str:
     return ""
 
 
-def segments_pass(s: PlanningState) -> str:
-    p = s.program
+def cut_segments(p: Program, step_time: np.ndarray, count: int) -> Segments:
+    """At most ``count`` segments of even compute and bytes of model tensors first read."""
     first_use_bytes = np.zeros(p.n_steps)
     for b in p.storages:
         if b.kind in PERSISTENT and len(b.events) > 1:
             first = next(e for e in b.events if e != START)
             if first < p.n_steps:  # a model tensor only returned, never read, has no step
                 first_use_bytes[first] += b.nbytes
-    s.segments = make_segments(s.step_time, first_use_bytes, s.max_segments)
-    return f"{s.segments.count}"
+    return make_segments(step_time, first_use_bytes, count)
+
+
+def segments_pass(s: PlanningState) -> str:
+    p = s.program
+    # Finer segments hold each storage for less time around its uses, so they lower the
+    # minimum, and cost solver time. The default count is kept when it fits the budget; below
+    # its minimum, up to four times as many are used. The minimum reported is the lowest.
+    tried = []
+    for k in _segment_counts(s.max_segments, p.n_steps):
+        segments = cut_segments(p, s.step_time, k)
+        model = PlacementModel(p, segments, s.step_time, s.hw, s.budget)
+        tried.append((model.min_budget(), segments, model))
+    fits = [t for t in tried if s.budget >= t[0]]
+    _, s.segments, s.placement_model = fits[0] if fits else min(tried, key=lambda t: t[0])
+    s.min_budget = min(t[0] for t in tried)
+    return f"{s.segments.count}" + (f" (refined from {tried[0][1].count})" if s.segments is not tried[0][1] else "")
+
+
+def _segment_counts(default: int, n_steps: int) -> list[int]:
+    counts = [default]
+    while counts[-1] < min(4 * default, n_steps):
+        counts.append(2 * counts[-1])
+    return counts
 
 
 def placement_pass(s: PlanningState) -> str:
     s.placement = solve_placement(s.program, s.segments, s.step_time, s.hw, s.budget, time_limit_s=s.time_limit_s,
-                                  graph=s.captured.gm.graph)
+                                  graph=s.captured.gm.graph, model=s.placement_model, min_budget=s.min_budget)
     return s.placement.status
 
 

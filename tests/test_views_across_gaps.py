@@ -152,3 +152,32 @@ def test_a_rebuilt_view_that_reads_something_else_is_refused(tmp_path):
         with pytest.raises((PlanMismatchError, ValueError)) as err:
             memsched.compile(model, plan=tmp_path / "bad.json", device="cpu")(*args, **kwargs)
     assert "_again" in str(err.value) or "reads" in str(err.value)
+
+
+def test_finer_segments_are_used_when_the_budget_asks_for_them():
+    """Below the minimum of the default cut, the planner cuts finer (up to 4x as many segments)
+    rather than refusing; the minimum it reports is the lowest of the cuts."""
+    import re
+
+    from memsched import pipeline as P
+    from memsched.passes.placement.problem import PlacementModel
+
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(40):
+        layers += [torch.nn.Linear(64, 64), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers).train()
+    args = (torch.randn(16, 64),)
+    s = P.PlanningState(10**13, FIXED_CPU, 32, model=model, args=args, train=True)
+    P.capture_pass(s)
+    P.analysis_pass(s)
+    only_32 = PlacementModel(s.program, P.cut_segments(s.program, s.step_time, 32), s.step_time, FIXED_CPU, 0)
+    lo = _plan(model, args, {}, 10**13, max_segments=32).min_budget_bytes
+    assert lo < only_32.min_budget()
+    plan = _plan(model, args, {}, lo, max_segments=32)
+    note = next(p.note for p in plan.passes if p.name == "segments")
+    assert re.fullmatch(r"\d+ \(refined from 32\)", note), note
+    assert plan.verify() <= lo and plan.peak_device_bytes <= lo
+    with pytest.raises(memsched.InfeasibleBudgetError) as err:
+        _plan(model, args, {}, lo - 1, max_segments=32)
+    assert err.value.min_budget_bytes == lo

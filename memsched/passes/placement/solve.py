@@ -21,13 +21,15 @@ __all__ = ["solve_placement", "solve_greedy", "solve_mip"]
 
 def solve_placement(program: Program, segments: Segments, step_time: np.ndarray, hw: Hardware,
                     budget: int, *, time_limit_s: float = 10.0, use_solver: bool = True,
-                    graph=None) -> Placement:
+                    graph=None, model: PlacementModel | None = None, min_budget: int | None = None) -> Placement:
     """Choose residency, homes, gap moves and leads; InfeasibleBudgetError before anything runs
-    (naming where the minimum binds and the floor when ``graph``, the captured graph, is given)."""
+    (naming where the minimum binds and the floor when ``graph``, the captured graph, is given).
+    ``model``: the problem already built on ``segments``; ``min_budget``: the least minimum of
+    the segmentations tried (pipeline.py), when lower than this one's."""
     t0 = time.perf_counter()
-    m = PlacementModel(program, segments, step_time, hw, budget)
+    m = model if model is not None else PlacementModel(program, segments, step_time, hw, budget)
     # the segment model is conservative; with nothing moved the exact peak is the analysis's
-    min_budget = min(m.min_budget(), program.peak_bytes)
+    min_budget = min(m.min_budget(), program.peak_bytes, min_budget if min_budget is not None else m.min_budget())
     bind, floor = _limits(m, program, graph)
     if budget < min_budget:
         raise InfeasibleBudgetError(budget, min_budget, _why(bind, floor))
