@@ -9,6 +9,7 @@ every link direction. Time is counted in microseconds, so integral solvers lose 
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -315,7 +316,10 @@ def solve_mip(m: PlacementModel, warm: Placement | None, deadline: float) -> Pla
     try:
         bound = f.solver.Objective().BestBound()
         value = f.solver.Objective().Value()
-        result.mip_gap = abs(value - bound) / max(abs(value), 1e-12)
+        # stopped before the relaxation gave a usable bound (infinite, or on the wrong side of
+        # the incumbent): the gap is unknown, not astronomically large
+        if math.isfinite(bound) and 0 <= bound <= value * (1 + 1e-9) + 1e-9:
+            result.mip_gap = (value - min(bound, value)) / max(abs(value), 1e-12)
     except Exception:  # some backends do not expose a bound
         pass
     return result
