@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir.effects import written_args
+from ..ir.kinds import PERSISTENT
 from ..ir.tensors import storage_nbytes
 
 
@@ -71,3 +72,46 @@ def find_recipes(graph: torch.fx.Graph, values: dict, written: set[int]) -> dict
         out[node.name] = Recipe(node.name, op.name, index, tuple(a.name for a in op.all_input_nodes),
                                 values[op.name].step, extra)
     return out
+
+
+@dataclass(frozen=True)
+class Chain:
+    """How a dropped value is rebuilt at a step: ``values`` re-made in order (the value itself
+    last), reading ``reads`` -- values that must be on the device then."""
+
+    values: tuple[str, ...]
+    reads: tuple[str, ...]
+
+
+MAX_CHAIN = 8  # ops re-run for one value at most
+
+
+def recompute_chain(program, value: str, at: int) -> Chain | None:
+    """The ops that rebuild ``value`` at step ``at``: its own, preceded by those of inputs that
+    are dead by then (each deterministic, and its storage gone too: nothing else holds it), up
+    to ``MAX_CHAIN`` ops; inputs alive at ``at`` and the model's tensors are read where they
+    are. None when ``value`` cannot be rebuilt so."""
+    order: list[str] = []
+    reads: list[str] = []
+
+    def visit(v: str) -> bool:
+        recipe = program.recipes.get(v)
+        if recipe is None or len(order) >= MAX_CHAIN:
+            return False
+        for name in recipe.inputs:
+            if name in order or name in reads:
+                continue
+            val = program.values[name]
+            gone = val.last_use < at and all(program.storages[b].last_step < at for b in val.storages)
+            model_tensor = any(program.storages[b].kind in PERSISTENT for b in val.storages)
+            if gone and not model_tensor:
+                if not visit(name):
+                    return False
+            elif val.last_use < at and not model_tensor:
+                return False  # dead, but its storage lives on through another value
+            else:
+                reads.append(name)
+        order.append(v)
+        return True
+
+    return Chain(tuple(order), tuple(reads)) if visit(value) else None

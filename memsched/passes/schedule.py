@@ -20,6 +20,7 @@ from ..ir.meta import annotate, info
 from ..ir.tensors import value_nbytes
 from .analysis import START, Program
 from .placement import KEEP, RECOMPUTE, REFETCH, Placement
+from .recipes import recompute_chain
 from .segments import Segments
 
 PASS = "placement"
@@ -213,7 +214,10 @@ class _Rewriter:
     def step(self, step: int) -> None:
         self.await_fetches(step)
         for gap in self.recompute_at.get(step, []):
-            self.recompute(self.program.recipes[gap.value])
+            chain = recompute_chain(self.program, gap.value, gap.end)
+            for value in chain.values:
+                self.recompute(self.program.recipes[value])
+            self.free(chain.values[:-1])  # the chain's intermediates: dead again at once
             self.rebuild(gap)
         n = self.nodes[self.program.steps[step]]
         new = self.g.node_copy(n, lambda a: self.env[a.name])

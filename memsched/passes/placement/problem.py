@@ -31,6 +31,7 @@ import numpy as np
 from ...cost_models.hardware import Hardware
 from ...ir.kinds import LINKS, PERSISTENT, Kind, Tier, Word, fetch_links, offload_links
 from ..analysis import START, Program
+from ..recipes import recompute_chain
 from ..segments import Segments
 from ..views import live_across, restores_of
 
@@ -251,31 +252,39 @@ class PlacementModel:
         return None
 
     def _recompute_options(self, step_time) -> None:
+        """A gap may be recomputed where it is next read when its chain (passes/recipes.py)
+        reads only what is on the device then: activations whose gaps there are kept, and
+        resident weights. Its price: the chain's op times, and its transients' bytes."""
         p = self.p
         gaps_of: dict[int, list[Gap]] = {}
         for g in self.gaps:
             gaps_of.setdefault(g.buffer, []).append(g)
         for g in self.gaps:
-            recipe = p.recipes.get(g.value)
-            if g.persistent or g.deliver or recipe is None:
+            if g.persistent or g.deliver or g.value not in p.recipes:
                 continue
-            t, keep, weights, ok = g.end, [], [], True
-            for name in recipe.inputs:
-                val = p.values[name]
-                for b in val.storages:
+            t = g.end
+            chain = recompute_chain(p, g.value, t)
+            if chain is None:
+                continue
+            keep, weights, ok = [], [], True
+            for name in chain.reads:
+                for b in p.values[name].storages:
                     buf = p.storages[b]
                     if buf.kind in PERSISTENT:
                         if name != buf.values[0]:
                             ok = False  # a view of a weight: a refetch restores the weight only
                         elif b not in self.pinned:
                             weights.append(b)
-                    elif val.last_use < t:
-                        ok = False  # dead by then: recomputing would need it kept longer
                     else:
                         keep += [h.id for h in gaps_of.get(b, ()) if h.start < t <= h.end]
-            if ok and g.id not in keep:
-                self.recompute[g.id] = (float(step_time[recipe.step]), recipe.extra_bytes,
-                                        tuple(sorted(set(keep))), tuple(sorted(set(weights))))
+            if not ok or g.id in keep:
+                continue
+            recipes = [p.recipes[v] for v in chain.values]
+            secs = float(sum(step_time[r.step] for r in recipes))
+            # the chain's other values live while it runs, beside the tuple outputs it drops
+            transient = sum(r.extra_bytes for r in recipes) + sum(
+                p.storages[b].nbytes for v in chain.values[:-1] for b in p.values[v].storages)
+            self.recompute[g.id] = (secs, transient, tuple(sorted(set(keep))), tuple(sorted(set(weights))))
 
     # -- a concrete placement ---------------------------------------------------------------
     def fetches(self, resident, choice) -> list[Fetch]:

@@ -1,0 +1,86 @@
+"""Recompute chains: a dropped value is rebuilt where it is next read by re-running its op and
+those of its inputs that are dead by then (a GELU's tanh from the pre-activation through pow,
+mul, add, mul; an RMSNorm's rsqrt through pow, mean, add), reading only values on the device.
+Random ops (dropout) are never part of a chain: their masks are kept or moved."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import memsched
+from memsched.ir.meta import info
+from memsched.passes.placement import RECOMPUTE
+from memsched.passes.recipes import MAX_CHAIN, recompute_chain
+from helpers import FIXED_CPU, assert_same_grads
+from train_zoo import build_train
+
+
+def _plan(name, frac):
+    model, args, kwargs, loss_fn = build_train(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p0 = memsched.plan(model, args, budget=10**13, example_kwargs=kwargs, train=True, hardware=FIXED_CPU)
+        budget = p0.min_budget_bytes if frac == "min" else int(frac * p0.program.peak_bytes)
+        plan = memsched.plan(model, args, budget=budget, example_kwargs=kwargs, train=True, hardware=FIXED_CPU)
+    return model, args, kwargs, loss_fn, plan
+
+
+def _chains(plan):
+    pl = plan.placement
+    return {g.id: recompute_chain(plan.program, g.value, g.end) for g in pl.gaps if pl.gap_choice[g.id] == RECOMPUTE}
+
+
+@pytest.mark.parametrize("name,frac", [("gpt2_dropout", "min"), ("llama", 0.4)])
+def test_a_chain_through_dead_inputs_is_chosen_and_exact(name, frac):
+    model, args, kwargs, loss_fn, plan = _plan(name, frac)
+    program = plan.program
+    chains = _chains(plan)
+    long = [c for c in chains.values() if len(c.values) > 1]
+    assert long, "no chain was chosen"
+    for gid, chain in chains.items():
+        gap = plan.placement.gaps[gid]
+        assert chain.values[-1] == gap.value and len(chain.values) <= MAX_CHAIN
+        for v in chain.values[:-1]:  # re-made because nothing holds them any more
+            assert program.values[v].last_use < gap.end
+            assert all(program.storages[b].last_step < gap.end for b in program.values[v].storages)
+        for r in chain.reads:  # read where they are: alive then, or the model's own tensors
+            val = program.values[r]
+            assert val.last_use >= gap.end or val.step == -1
+    # the scheduled program re-runs each chain's ops before the use, tagged [recompute]
+    again = [n for n in plan.graph.graph.nodes if info(n).made_by == "recompute" and info(n).restores]
+    assert {info(n).restores for n in again} >= {v for c in long for v in c.values}
+    ref = copy.deepcopy(model)
+    torch.manual_seed(0)
+    want = loss_fn(ref(*args, **kwargs))
+    want.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(model, plan.budget_bytes, train=True, device="cpu", hardware=FIXED_CPU)
+    try:
+        torch.manual_seed(0)
+        loss = loss_fn(cm(*args, **kwargs))
+        loss.backward()
+        assert {n.name for n in cm.plan.graph.graph.nodes} == {n.name for n in plan.graph.graph.nodes}
+        torch.testing.assert_close(loss.detach(), want.detach(), rtol=0, atol=0)
+        assert_same_grads(ref, model)
+        assert cm.stats.peak_device_bytes <= plan.budget_bytes
+        assert cm.plan.verify() <= plan.budget_bytes
+    finally:
+        cm.close()
+
+
+def test_random_ops_are_never_in_a_chain():
+    """Dropout draws its mask once: a chain that needs it stops (the gap is kept or moved)."""
+    _, _, _, _, plan = _plan("gpt2_dropout", "min")
+    program = plan.program
+    nodes = {n.name: n for n in plan.graph.graph.nodes}
+    seeded = [name for name in program.steps if name in nodes and isinstance(nodes[name].target, torch._ops.OpOverload)
+              and torch.Tag.nondeterministic_seeded in nodes[name].target.tags]
+    assert seeded  # the model has dropout
+    for g in plan.placement.gaps:
+        chain = recompute_chain(program, g.value, g.end)
+        if chain is not None:
+            assert not {program.recipes[v].op for v in chain.values} & set(seeded)
