@@ -137,6 +137,9 @@ class PlacementModel:
         # that must be resident)
         self.recompute: dict[int, tuple[float, int, tuple[int, ...], tuple[int, ...]]] = {}
         self._recompute_options(step_time)
+        # per gap, precomputed for the greedy's many evaluations of a placement
+        self.end_seg = [segments.seg(g.end) for g in self.gaps]
+        self._gap_keys = [FetchKey.gap(g.id) for g in self.gaps]
 
     def size(self, b: int) -> int:
         return self.p.storages[b].nbytes
@@ -296,7 +299,7 @@ class PlacementModel:
         for g in self.gaps:
             c = choice[g.id]
             if c not in (KEEP, RECOMPUTE) and not g.deliver:
-                out.append(Fetch(FetchKey.gap(g.id), g.buffer, None if c == REFETCH else c, self.s.seg(g.end)))
+                out.append(Fetch(self._gap_keys[g.id], g.buffer, None if c == REFETCH else c, self.end_seg[g.id]))
         return out
 
     def recompute_s(self, choice) -> np.ndarray:
@@ -308,21 +311,34 @@ class PlacementModel:
         return out
 
     def segment_bytes(self, resident, choice, early) -> np.ndarray:
-        mem = self.const.copy()
+        """Device bytes per segment: the constant part, resident model tensors outside their
+        segments, kept gaps, fetches issued a segment early, recomputations' transients."""
+        diff = np.zeros(self.K + 1)
         for b in resident:
-            mem[0:self.first_seg[b]] += self.size(b)
-            mem[self.last_seg[b] + 1:] += self.size(b)
+            nb = self.size(b)
+            diff[0] += nb
+            diff[self.first_seg[b]] -= nb
+            diff[self.last_seg[b] + 1] += nb
+        for b in self.persistent:  # a first fetch issued early holds the bytes one segment more
+            c = self.first_seg[b]
+            if b not in resident and c >= 1 and FetchKey.init(b) in early:
+                diff[c - 1] += self.size(b)
+                diff[c] -= self.size(b)
         for g in self.gaps:
-            lo, hi = self.gap_span[g.id]
-            if choice[g.id] == KEEP:
-                mem[lo:hi + 1] += self.size(g.buffer)
-        for key, b, _, c in self.fetches(resident, choice):
-            if key in early and c >= 1:
-                mem[c - 1] += self.size(b)
-        for gid, (_, extra, _, _) in self.recompute.items():
-            if choice[gid] == RECOMPUTE:
-                mem[self.s.seg(self.gaps[gid].end)] += extra
-        return mem
+            c = choice[g.id]
+            if c == KEEP:
+                lo, hi = self.gap_span[g.id]
+                diff[lo] += self.size(g.buffer)
+                diff[hi + 1] -= self.size(g.buffer)
+            elif c == RECOMPUTE:
+                e = self.end_seg[g.id]
+                diff[e] += self.recompute[g.id][1]
+                diff[e + 1] -= self.recompute[g.id][1]
+            elif not g.deliver and self.end_seg[g.id] >= 1 and self._gap_keys[g.id] in early:
+                e = self.end_seg[g.id]
+                diff[e - 1] += self.size(g.buffer)
+                diff[e] -= self.size(g.buffer)
+        return self.const + np.cumsum(diff[:self.K])
 
     def loads(self, resident, home, choice, early) -> tuple[np.ndarray, float]:
         """Seconds of transfer per (link, segment) that overlap compute, and the seconds of late
