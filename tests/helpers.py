@@ -47,3 +47,30 @@ def assert_same_grads(ref, model) -> None:
             continue
         assert q.grad is not None, f"{name}: no gradient"
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def assert_step_matches_eager(model, args, kwargs, loss_fn, plan) -> list[str]:
+    """One training step of ``model`` compiled at ``plan``'s budget (the fixed profile) equals
+    eager bit for bit (loss and grads), verified and within the budget as run. Returns the
+    node names of the schedule it ran."""
+    import copy
+    import warnings
+
+    ref = copy.deepcopy(model)
+    torch.manual_seed(0)
+    want = loss_fn(ref(*args, **kwargs))
+    want.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(model, plan.budget_bytes, train=True, device="cpu", hardware=FIXED_CPU)
+    try:
+        torch.manual_seed(0)
+        loss = loss_fn(cm(*args, **kwargs))
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), want.detach(), rtol=0, atol=0)
+        assert_same_grads(ref, model)
+        assert cm.plan.verify() <= plan.budget_bytes
+        assert cm.stats.peak_device_bytes <= plan.budget_bytes
+        return [n.name for n in cm.plan.graph.graph.nodes]
+    finally:
+        cm.close()

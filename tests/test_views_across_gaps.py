@@ -4,7 +4,6 @@ of it when it is back. Before, such a storage stayed on the device from the forw
 backward, so a training step's minimum held every weight and most saved activations."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -15,7 +14,7 @@ from memsched.ir import ops
 from memsched.ir.meta import info
 from memsched.passes.placement import KEEP
 from memsched.passes.views import Restore, live_across, restores_of
-from helpers import FIXED_CPU, assert_same_grads
+from helpers import FIXED_CPU, assert_step_matches_eager
 from train_zoo import build_train
 
 
@@ -81,23 +80,7 @@ def test_storages_without_a_common_root_keep_single_value_moves():
 def test_training_at_the_minimum_with_moved_views_matches_eager(name):
     model, args, kwargs, loss_fn, plan = _minimum(name)
     assert _moved_with_views(plan)
-    ref = copy.deepcopy(model)
-    torch.manual_seed(0)
-    want = loss_fn(ref(*args, **kwargs))
-    want.backward()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cm = memsched.compile(model, plan.budget_bytes, train=True, device="cpu", hardware=FIXED_CPU)
-    try:
-        torch.manual_seed(0)
-        loss = loss_fn(cm(*args, **kwargs))
-        loss.backward()
-        torch.testing.assert_close(loss.detach(), want.detach(), rtol=0, atol=0)
-        assert_same_grads(ref, model)
-        assert cm.plan.verify() <= plan.budget_bytes
-        assert cm.stats.peak_device_bytes <= plan.budget_bytes
-    finally:
-        cm.close()
+    assert_step_matches_eager(model, args, kwargs, loss_fn, plan)
 
 
 def _inference_with_moved_views():
