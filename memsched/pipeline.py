@@ -114,6 +114,8 @@ def segments_pass(s: PlanningState) -> str:
     tried = []
     for k in _segment_counts(s.max_segments, p.n_steps):
         segments = cut_segments(p, s.step_time, k)
+        if tried and segments.bounds == tried[-1][1].bounds:
+            continue  # the same cut again (steps dearer than a segment's share are never split)
         model = PlacementModel(p, segments, s.step_time, s.hw, s.budget)
         tried.append((model.min_budget(), segments, model))
     fits = [t for t in tried if s.budget >= t[0]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,8 @@ import memsched
 from memsched.ir import ops
 from memsched.ir.meta import info
 from memsched.passes.placement import KEEP
+from memsched.ir.kinds import Kind
+from memsched.passes.analysis import Program, Storage, Value
 from memsched.passes.views import Restore, live_across, restores_of
 from helpers import FIXED_CPU, assert_step_matches_eager
 from train_zoo import build_train
@@ -61,19 +64,53 @@ def test_a_gap_moves_its_root_and_rebuilds_the_live_views():
     assert rebuilt and all(info(n).restores in program.view_of and "_again" in n.name for n in rebuilt)
 
 
-def test_storages_without_a_common_root_keep_single_value_moves():
-    """A storage whose live values are not all views of one spanning value: single movable
-    values still move as they are; the rest stays (None)."""
+def _program(values, view_of, kind=Kind.ACTIVATION):
+    """A program of one storage whose values are ``values`` (name -> (step, last use, single
+    tensor, fills)), ``view_of`` saying which value each is a view of."""
+    vals = {n: Value(n, st, lu, (0,), single, fills) for n, (st, lu, single, fills) in values.items()}
+    b = Storage(0, next(iter(values)), 1024, kind, False, (0, 10), tuple(values))
+    return Program(("op",), (b,), vals, np.zeros(1), view_of=view_of), b
+
+
+def test_a_storage_moves_through_one_root_with_its_views_rebuilt():
+    """Two heads split from a projection, live across two gaps: both gaps move the projection
+    (the root, held) and re-make the heads on it; intermediate views are rebuilt too."""
+    p, b = _program({"qkv": (0, 1, True, True), "split": (1, 1, False, False), "q": (2, 9, True, False),
+                     "k": (3, 9, True, False)}, {"split": "qkv", "q": "split", "k": "split"})
+    first, second = restores_of(p, b, [["q", "k"], ["k"]])
+    assert first == Restore("qkv", ("split", "q", "k"), ("q", "k"), held=True)
+    assert second == Restore("qkv", ("split", "k"), ("k",), held=True)
+    # a weight read through its transpose: refetched itself, the transpose re-made
+    p, w = _program({"w": (-1, 3, True, True), "t": (0, 9, True, True)}, {"t": "w"}, kind=Kind.WEIGHT)
+    assert restores_of(p, w, [["t"]]) == [Restore("w", ("t",), ("t",), held=True)]
+
+
+def test_without_a_common_root_single_values_move_as_they_are():
+    """``y`` is no view of ``x`` (an op that only happens to share the storage is not in
+    ``view_of``): the gap where ``x`` alone is live moves it unheld; the one where both are
+    live stays on the device (None). A weight's transpose with no path to the weight stays."""
+    p, b = _program({"x": (0, 9, True, True), "y": (1, 9, True, False)}, {})
+    assert restores_of(p, b, [["x"], ["x", "y"]]) == [Restore("x", (), ()), None]
+    p, w = _program({"w": (-1, 0, True, True), "t": (0, 9, True, True)}, {}, kind=Kind.WEIGHT)
+    assert restores_of(p, w, [["t"]]) == [None]
+
+
+def test_the_zoo_s_gaps_restore_exactly_their_live_values():
     model, args, kwargs, _, plan = _minimum("mlp")
     program = plan.program
+    seen = {"held": 0, "single": 0}
     for b in program.storages:
         spans = [(a, c) for a, c in zip(b.events, b.events[1:]) if c - a > 1 and a >= 0]
         lives = [live_across(program, b, a, c) for a, c in spans]
         for live, r in zip(lives, restores_of(program, b, lives)):
-            if r is None or not r.held:
-                continue
-            assert isinstance(r, Restore) and program.values[r.root].fills
-            assert set(r.aliases) == set(live) - {r.root}
+            assert r is not None
+            if r.held:
+                seen["held"] += 1
+                assert program.values[r.root].fills and set(r.aliases) == set(live) - {r.root}
+            else:
+                seen["single"] += 1
+                assert [r.root] == live and program.values[r.root].single_tensor
+    assert seen["held"] and seen["single"]
 
 
 @pytest.mark.parametrize("name", ["gpt2_dropout", "llama"])

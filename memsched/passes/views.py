@@ -44,7 +44,7 @@ def _through(program: Program, root: str, live: list[str]) -> Restore | None:
     paths = [_path(program, v, root) for v in live]
     if not live or any(p is None for p in paths):
         return None
-    rebuild = sorted({v for p in paths for v in p}, key=lambda v: program.values[v].step)
+    rebuild = sorted({v for p in paths for v in p}, key=lambda v: (program.values[v].step, v))
     return Restore(root, tuple(rebuild), tuple(v for v in live if v != root), held=True)
 
 

@@ -29,7 +29,7 @@ def solve_placement(program: Program, segments: Segments, step_time: np.ndarray,
     t0 = time.perf_counter()
     m = model if model is not None else PlacementModel(program, segments, step_time, hw, budget)
     # the segment model is conservative; with nothing moved the exact peak is the analysis's
-    min_budget = min(m.min_budget(), program.peak_bytes, min_budget if min_budget is not None else m.min_budget())
+    min_budget = min(m.min_budget() if min_budget is None else min_budget, program.peak_bytes)
     bind, floor = _limits(m, program, graph)
     if budget < min_budget:
         raise InfeasibleBudgetError(budget, min_budget, _why(bind, floor))
