@@ -25,6 +25,7 @@ from .cost_models.op_cost import estimate_op_time
 from .cost_models.simulator import SimResult, simulate
 from .frontend.capture import Captured, capture, input_signature
 from .frontend.joint import capture_joint
+from .ir.graph_module import lazy_graph_module
 from .ir.kinds import PERSISTENT
 from .passes.analysis import START, Program, analyze
 from .passes.placement import Placement, solve_placement
@@ -221,7 +222,7 @@ def snapshot(name: str, gm: torch.fx.GraphModule) -> PassSnapshot:
     graph = torch.fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
-    return PassSnapshot(name, torch.fx.GraphModule(gm, graph, class_name=f"After_{name}"))
+    return PassSnapshot(name, lazy_graph_module(gm, graph, class_name=f"After_{name}"))
 
 
 def _keep_greedy(solved: Candidate, greedy: Candidate) -> None:

@@ -18,6 +18,7 @@ from torch.export.graph_signature import InputKind
 
 from ..errors import CaptureError, UnsupportedModelError
 from ..ir.effects import is_impure
+from ..ir.graph_module import make_lazy
 from ..ir.kinds import PERSISTENT, Kind
 from .fake import eager_meta, share_storages_as_eager
 
@@ -87,7 +88,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     warn_fast_paths(model)
     ep = export_model(model, args, kwargs)
     _reject_mutations(ep, model)
-    gm = ep.graph_module
+    gm = make_lazy(ep.graph_module)  # the passes below recompile it: once, when first run
     placeholders = [
         Placeholder(spec.arg.name, _state_kind(model, spec.target) or _KIND.get(spec.kind, Kind.INPUT), spec.target)
         for spec in ep.graph_signature.input_specs

@@ -26,6 +26,7 @@ from torch.fx.experimental.proxy_tensor import get_innermost_proxy_mode, make_fx
 from ..errors import CaptureError, UnsupportedModelError
 from ..ir import ops
 from ..ir.effects import is_impure
+from ..ir.graph_module import make_lazy
 from ..ir.kinds import Kind
 from ..ir.meta import annotate
 from .capture import _ASSERT_OPS, _KIND, Captured, Placeholder, export_model
@@ -93,7 +94,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
         floating = [i for i in floating if user_vals[i].dim() == 0]
     trace = _Trace(ep.graph_module, slot_of, trained, n_mut, floating)
     with _portable_attention(target, primals):
-        joint = trace.run(model, primals, user_vals)
+        joint = make_lazy(trace.run(model, primals, user_vals))  # code made when first run
     boundary = _partition(joint, placeholders, len(primals), len(out_vals), trace, floating)
     share_storages_as_eager(joint.graph)
     _keep_grad_mode(joint)

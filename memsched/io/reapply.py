@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from ..frontend.capture import Captured
 from ..ir import ops
+from ..ir.graph_module import lazy_graph_module
 from ..ir.meta import KEY, info
 
 
@@ -181,7 +182,7 @@ def apply_plan(saved: fx.GraphModule, captured: Captured) -> fx.GraphModule:
             raise PlanMismatchError(f"node {s.name!r} could not keep its name (got {new.name!r})")
         env[s.name] = new
     g.lint()
-    return fx.GraphModule(captured.gm, g, class_name="ScheduledProgram")
+    return lazy_graph_module(captured.gm, g, class_name="ScheduledProgram")
 
 
 def _describe_leaf(leaf) -> str:

@@ -16,6 +16,7 @@ import torch.fx as fx
 from ..frontend.capture import Captured
 from ..ir import ops
 from ..ir.kinds import PERSISTENT, Kind, Tier
+from ..ir.graph_module import lazy_graph_module
 from ..ir.meta import annotate, info
 from ..ir.tensors import value_nbytes
 from .analysis import START, Program
@@ -244,7 +245,7 @@ class _Rewriter:
         env, delivered = self.env, self.delivered
         self.g.output(fx.node.map_arg(out.args[0], lambda a: env[a.name] if a.name in env else delivered[a.name]))
         self.g.lint()
-        return fx.GraphModule(self.captured.gm, self.g, class_name="ScheduledProgram")
+        return lazy_graph_module(self.captured.gm, self.g, class_name="ScheduledProgram")
 
 
 def build_schedule(captured: Captured, program: Program, segments: Segments,
