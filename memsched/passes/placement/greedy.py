@@ -63,12 +63,13 @@ def solve_greedy(m: PlacementModel) -> Placement:
     gaps_of: dict[int, list[int]] = {}
     for g in m.gaps:
         gaps_of.setdefault(g.buffer, []).append(g.id)
+    table = _GapTable(m)
     mem = st.segment_bytes(m)
     while mem.max() > m.budget:
         over = (mem > m.budget).astype(np.float64)
         best = _Best()
         _residency_moves(m, st, over, gaps_of, best)
-        _gap_moves(m, st, over, best)
+        _gap_moves(m, st, over, best, table)
         _lead_moves(m, st, over, best)
         if best.move is None and st.allow_recompute and RECOMPUTE in st.choice.values():
             _give_up_recomputes(st)
@@ -86,42 +87,87 @@ def solve_greedy(m: PlacementModel) -> Placement:
 
 def _residency_moves(m: PlacementModel, st: _State, over: np.ndarray, gaps_of, best: _Best) -> None:
     """Homing a resident model tensor on host (while it has room) or disk."""
+    cs = np.concatenate(([0.0], np.cumsum(over)))
     for b in st.resident - st.locked_weights:
         c0, nb = m.first_seg[b], m.size(b)
         tier = HOST if st.host_left >= nb else DISK
         window = over[c0 - 1] * nb if c0 >= 1 else 0.0
         # dropping residency also unlocks evicting its gaps: count them as relief to come
-        unlocks = sum(over[m.gap_span[g][0]:m.gap_span[g][1] + 1].sum() for g in gaps_of.get(b, ()))
-        best.consider("res", b, tier,
-                      (over[:max(c0 - 1, 0)].sum() + over[m.last_seg[b] + 1:].sum() + unlocks) * nb,
-                      window, m.transfer_s(nb, fetch_links(tier, m.dev)))
+        unlocks = sum(cs[m.gap_span[g][1] + 1] - cs[m.gap_span[g][0]] for g in gaps_of.get(b, ()))
+        outside = cs[max(c0 - 1, 0)] + (cs[-1] - cs[m.last_seg[b] + 1])
+        best.consider("res", b, tier, (outside + unlocks) * nb, window,
+                      m.transfer_s(nb, fetch_links(tier, m.dev)))
 
 
-def _gap_moves(m: PlacementModel, st: _State, over: np.ndarray, best: _Best) -> None:
-    """Recomputing, offloading (activations) or refetching (model tensors) a kept gap."""
-    for g in m.gaps:
-        if st.choice[g.id] != KEEP or (g.persistent and g.buffer in st.resident) or g.id in st.locked_gaps:
-            continue
-        lo, hi = m.gap_span[g.id]
-        nb = m.size(g.buffer)
-        option = m.recompute.get(g.id) if st.allow_recompute else None
-        if option is not None and all(st.choice[h] == KEEP for h in option[2]) \
-                and all(w in st.resident for w in option[3]):
-            # no lead: the whole window is freed, for the op's time
-            relief = over[lo:hi + 1].sum() * nb - over[m.s.seg(g.end)] * option[1]
-            best.offer(Move("rc", g, None, True), relief, option[0])
-        if g.persistent:
-            tier = st.home[g.buffer]
-            secs = m.transfer_s(nb, fetch_links(tier, m.dev))
-        elif g.deliver:  # offloaded for good: the whole window frees, no fetch to lead
-            tier = HOST if st.host_left >= nb else DISK
-            best.consider("gap", g, tier, over[lo:hi + 1].sum() * nb, 0.0,
-                          m.transfer_s(nb, offload_links(tier, m.dev)))
-            continue
-        else:
-            tier = HOST if st.host_left >= nb else DISK
-            secs = m.transfer_s(nb, fetch_links(tier, m.dev)) + m.transfer_s(nb, offload_links(tier, m.dev))
-        best.consider("gap", g, tier, over[lo:hi].sum() * nb, over[hi] * nb, secs)
+class _GapTable:
+    """Per-gap constants of ``m`` as arrays: the greedy scores every kept gap at every move, so
+    it scores them together (the same numbers, in the same order, as one by one)."""
+
+    def __init__(self, m: PlacementModel):
+        g = m.gaps
+        self.lo = np.array([m.gap_span[x.id][0] for x in g], dtype=np.int64)
+        self.hi = np.array([m.gap_span[x.id][1] for x in g], dtype=np.int64)
+        self.nb = np.array([m.size(x.buffer) for x in g], dtype=np.float64)
+        self.buffer = np.array([x.buffer for x in g], dtype=np.int64)
+        self.persistent = np.array([x.persistent for x in g], dtype=bool)
+        self.deliver = np.array([x.deliver for x in g], dtype=bool)
+        secs = lambda links_of, tier: np.array([m.transfer_s(m.size(x.buffer), links_of(tier, m.dev))  # noqa: E731
+                                                for x in g], dtype=np.float64)
+        self.fetch = {t: secs(fetch_links, t) for t in (HOST, DISK)}
+        self.offload = {t: secs(offload_links, t) for t in (HOST, DISK)}
+        self.with_recompute = [x.id for x in g if x.id in m.recompute]
+
+
+def _gap_moves(m: PlacementModel, st: _State, over: np.ndarray, best: _Best, t: _GapTable) -> None:
+    """Recomputing, offloading (activations) or refetching (model tensors) a kept gap. Per gap
+    the offers are, in order: recompute, move fetched early, move fetched late."""
+    n = len(m.gaps)
+    if n == 0:
+        return
+    kept = np.fromiter((st.choice[i] == KEEP for i in range(n)), dtype=bool, count=n)
+    resident = np.fromiter((b in st.resident for b in t.buffer.tolist()), dtype=bool, count=n)
+    movable = kept & ~(t.persistent & resident)
+    if st.locked_gaps:
+        movable[list(st.locked_gaps)] = False
+    cs = np.concatenate(([0.0], np.cumsum(over)))
+    whole = (cs[t.hi + 1] - cs[t.lo]) * t.nb     # the window, the fetch's segment included
+    before = (cs[t.hi] - cs[t.lo]) * t.nb        # the window without it (an early fetch holds it)
+    at_fetch = over[t.hi] * t.nb
+    to_host = st.host_left >= t.nb
+    home_host = np.fromiter((st.home.get(b) == HOST for b in t.buffer.tolist()), dtype=bool, count=n)
+    fetch = np.where(t.persistent, np.where(home_host, t.fetch[HOST], t.fetch[DISK]),
+                     np.where(to_host, t.fetch[HOST], t.fetch[DISK]))
+    offload = np.where(to_host, t.offload[HOST], t.offload[DISK])
+    secs = np.where(t.persistent, fetch, np.where(t.deliver, offload, fetch + offload))
+    early_relief = np.where(t.deliver & ~t.persistent, whole, before)
+    late_relief = np.where(t.deliver & ~t.persistent, whole, before + at_fetch)
+    scores = np.zeros((n, 3))
+    scores[:, 1] = _scores(early_relief, secs, movable)
+    scores[:, 2] = _scores(late_relief, _LATE_PENALTY * secs, movable)
+    if st.allow_recompute:
+        for gid in t.with_recompute:
+            secs_rc, transient, gaps, weights = m.recompute[gid]
+            if movable[gid] and all(st.choice[h] == KEEP for h in gaps) and all(w in st.resident for w in weights):
+                # no lead: the whole window is freed, for the op's time
+                relief = whole[gid] - over[m.s.seg(m.gaps[gid].end)] * transient
+                scores[gid, 0] = relief / (secs_rc + 1e-12) if relief > 0 else 0.0
+    flat = int(np.argmax(scores))
+    gid, which = divmod(flat, 3)
+    if scores[gid, which] <= best.score:
+        return
+    g = m.gaps[gid]
+    if which == 0:
+        move = Move("rc", g, None, True)
+    else:
+        tier = st.home[g.buffer] if g.persistent else (HOST if to_host[gid] else DISK)
+        move = Move("gap", g, tier, which == 2)
+    best.move, best.score = move, float(scores[gid, which])
+
+
+def _scores(relief: np.ndarray, cost: np.ndarray, offered: np.ndarray) -> np.ndarray:
+    """``_Best.offer``'s score where a move is offered with positive relief, else 0."""
+    ok = offered & (relief > 0)
+    return np.where(ok, relief / (cost + 1e-12), 0.0)
 
 
 def _lead_moves(m: PlacementModel, st: _State, over: np.ndarray, best: _Best) -> None:

@@ -140,6 +140,7 @@ class PlacementModel:
         # per gap, precomputed for the greedy's many evaluations of a placement
         self.end_seg = [segments.seg(g.end) for g in self.gaps]
         self._gap_keys = [FetchKey.gap(g.id) for g in self.gaps]
+        self._tables = _Tables(self)
 
     def size(self, b: int) -> int:
         return self.p.storages[b].nbytes
@@ -313,31 +314,30 @@ class PlacementModel:
     def segment_bytes(self, resident, choice, early) -> np.ndarray:
         """Device bytes per segment: the constant part, resident model tensors outside their
         segments, kept gaps, fetches issued a segment early, recomputations' transients."""
-        diff = np.zeros(self.K + 1)
-        for b in resident:
-            nb = self.size(b)
-            diff[0] += nb
-            diff[self.first_seg[b]] -= nb
-            diff[self.last_seg[b] + 1] += nb
-        for b in self.persistent:  # a first fetch issued early holds the bytes one segment more
-            c = self.first_seg[b]
-            if b not in resident and c >= 1 and FetchKey.init(b) in early:
-                diff[c - 1] += self.size(b)
-                diff[c] -= self.size(b)
-        for g in self.gaps:
-            c = choice[g.id]
-            if c == KEEP:
-                lo, hi = self.gap_span[g.id]
-                diff[lo] += self.size(g.buffer)
-                diff[hi + 1] -= self.size(g.buffer)
-            elif c == RECOMPUTE:
-                e = self.end_seg[g.id]
-                diff[e] += self.recompute[g.id][1]
-                diff[e + 1] -= self.recompute[g.id][1]
-            elif not g.deliver and self.end_seg[g.id] >= 1 and self._gap_keys[g.id] in early:
-                e = self.end_seg[g.id]
-                diff[e - 1] += self.size(g.buffer)
-                diff[e] -= self.size(g.buffer)
+        t, diff = self._tables, np.zeros(self.K + 1)
+        res = np.fromiter((b in resident for b in self.persistent), dtype=bool, count=len(self.persistent))
+        nb = t.p_nb[res]
+        diff[0] += nb.sum()
+        np.subtract.at(diff, t.p_first[res], nb)
+        np.add.at(diff, t.p_last[res] + 1, nb)
+        # a first fetch issued early holds the bytes one segment more
+        ahead = ~res & (t.p_first >= 1) & np.fromiter((k in early for k in t.init_keys), dtype=bool,
+                                                      count=len(self.persistent))
+        np.add.at(diff, t.p_first[ahead] - 1, t.p_nb[ahead])
+        np.subtract.at(diff, t.p_first[ahead], t.p_nb[ahead])
+        n = len(self.gaps)
+        if n:
+            chosen = [choice[i] for i in range(n)]
+            keep = np.fromiter((c == KEEP for c in chosen), dtype=bool, count=n)
+            rc = np.fromiter((c == RECOMPUTE for c in chosen), dtype=bool, count=n)
+            np.add.at(diff, t.g_lo[keep], t.g_nb[keep])
+            np.subtract.at(diff, t.g_hi[keep] + 1, t.g_nb[keep])
+            np.add.at(diff, t.g_end[rc], t.g_rc_bytes[rc])
+            np.subtract.at(diff, t.g_end[rc] + 1, t.g_rc_bytes[rc])
+            lead = ~keep & ~rc & ~t.g_deliver & (t.g_end >= 1) & np.fromiter(
+                (k in early for k in self._gap_keys), dtype=bool, count=n)
+            np.add.at(diff, t.g_end[lead] - 1, t.g_nb[lead])
+            np.subtract.at(diff, t.g_end[lead], t.g_nb[lead])
         return self.const + np.cumsum(diff[:self.K])
 
     def loads(self, resident, home, choice, early) -> tuple[np.ndarray, float]:
@@ -361,12 +361,37 @@ class PlacementModel:
         return loads, late
 
     def objective(self, resident, home, choice, early) -> float:
+        seconds, moved = self.time_and_moves(resident, home, choice, early)
+        return seconds + EPS * moved
+
+    def time_and_moves(self, resident, home, choice, early) -> tuple[float, float]:
+        """The step's seconds (per segment the slower of compute and each link, plus late
+        fetches) and the seconds of transfer it issues."""
         loads, late = self.loads(resident, home, choice, early)
         compute = self.compute + self.recompute_s(choice)
-        return float(np.maximum(compute, loads.max(axis=0)).sum() + late + EPS * (loads.sum() + late))
+        return float(np.maximum(compute, loads.max(axis=0)).sum() + late), float(loads.sum() + late)
 
     def placement(self, resident, home, choice, early, status: str, **kw) -> Placement:
         """The Placement of these decisions, with its segment bytes and objective."""
         return Placement(frozenset(resident) | self.pinned, dict(home), dict(choice), set(early), self.gaps,
                          self.min_budget(), self.segment_bytes(resident, choice, early), status, 0.0,
                          self.objective(resident, home, choice, early), **kw)
+
+
+class _Tables:
+    """A placement model's per-tensor and per-gap constants as arrays, for ``segment_bytes``
+    (the greedy evaluates thousands of placements of a 7B training step)."""
+
+    def __init__(self, m: PlacementModel):
+        ints = lambda xs: np.array(list(xs), dtype=np.int64)  # noqa: E731
+        self.p_nb = np.array([m.size(b) for b in m.persistent], dtype=np.float64)
+        self.p_first = ints(m.first_seg[b] for b in m.persistent)
+        self.p_last = ints(m.last_seg[b] for b in m.persistent)
+        self.init_keys = [FetchKey.init(b) for b in m.persistent]
+        self.g_lo = ints(m.gap_span[g.id][0] for g in m.gaps)
+        self.g_hi = ints(m.gap_span[g.id][1] for g in m.gaps)
+        self.g_nb = np.array([m.size(g.buffer) for g in m.gaps], dtype=np.float64)
+        self.g_end = ints(m.end_seg)
+        self.g_rc_bytes = np.array([m.recompute[g.id][1] if g.id in m.recompute else 0 for g in m.gaps],
+                                   dtype=np.float64)
+        self.g_deliver = np.array([g.deliver for g in m.gaps], dtype=bool)
