@@ -25,6 +25,7 @@ from .cost_models.op_cost import estimate_op_time
 from .cost_models.simulator import SimResult, simulate
 from .frontend.capture import Captured, capture, input_signature
 from .frontend.joint import capture_joint
+from .frontend.repeats import capture_repeated
 from .ir.graph_module import lazy_graph_module
 from .ir.kinds import PERSISTENT
 from .passes.analysis import START, Program, analyze
@@ -81,12 +82,16 @@ class PlanningState:
 
 # -- the passes -------------------------------------------------------------------------------
 def capture_pass(s: PlanningState) -> str:
+    """The model's ATen graph; a deep stack of identical layers is traced on five of them and
+    the rest repeated (frontend/repeats.py)."""
     if s.train:
-        s.captured = capture_joint(s.model, s.args, s.kwargs, grad_outputs=s.grad_outputs,
-                                   target=s.hw.device_type)
-        return "forward + backward"
-    s.captured = capture(s.model, s.args, s.kwargs)
-    return ""
+        def trace(model):
+            return capture_joint(model, s.args, s.kwargs, grad_outputs=s.grad_outputs, target=s.hw.device_type)
+    else:
+        def trace(model):
+            return capture(model, s.args, s.kwargs)
+    s.captured, how = capture_repeated(s.model, trace)
+    return "; ".join(x for x in ("forward + backward" if s.train else "", how) if x)
 
 
 def analysis_pass(s: PlanningState) -> str:

@@ -11,6 +11,7 @@ import torch
 
 from .errors import InfeasibleBudgetError
 from .frontend.capture import Captured, capture, input_signature
+from .frontend.repeats import capture_repeated
 from .io.reapply import apply_plan, check_signature
 from .plan_records import PassRecord
 from .plans import Plan
@@ -27,7 +28,7 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
         check_signature(saved.signature, key)
     verify_schedule(saved.graph, saved.budget_bytes)  # a hand-edited file fails here, by step
     t = time.perf_counter()
-    captured = capture(model, args, kwargs)
+    captured, _ = capture_repeated(model, lambda m: capture(m, args, kwargs))  # as planning captured it
     capture_s = time.perf_counter() - t
     t = time.perf_counter()
     gm = apply_plan(saved.graph, captured)

@@ -1,0 +1,474 @@
+"""Capture a deep stack of identical layers by tracing a few of them and repeating one.
+
+Tracing costs about a millisecond per op: a 32-layer 7B training step takes seconds to
+capture, nearly all of it the same layer over and over. When the model holds an
+``nn.ModuleList`` of at least ``MIN_LAYERS`` layers with the same structure (classes,
+parameter and buffer shapes, plain attributes; an attribute equal to the layer's own index,
+``layer_idx``, may differ), the model is traced with ``TRACED`` of them in the list (the first
+four and the last) and the graph is grown to the full depth:
+
+* every node gets a layer tag: a parameter its layer; a forward node the highest tag of its
+  inputs (so a layer's nodes before its first weight belong to the layer before), a backward
+  node the lowest tag among its tagged inputs (gradients flow down the stack); a node without
+  one, whose users all carry one tag, takes it (a mask sliced inside each layer). Nodes of a
+  tag and direction form a block; blocks are numbered by position;
+* the middle blocks (1, 2, 3) must be the same, node by node: op, constants, shapes, strides,
+  dtypes, which of a node's inputs its outputs alias, and every input named by its role (a
+  position in the same block, in the block one layer up or down, a parameter of that layer,
+  or one fixed node shared by every layer). Otherwise the full model is traced;
+* block 2 is then repeated for layers 3 .. L-3, and blocks 3 and 4 become layers L-2, L-1.
+  Each repeat reads the inputs its roles name in its own layer; its traced values are made
+  anew with the same shapes and the same aliasing, so storages are counted as in a full trace.
+
+The result is the graph a full trace gives (tests compare the two on several architectures),
+planned and verified as a whole program like any other.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+
+import torch
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from ..ir.graph_module import lazy_graph_module
+from ..ir.meta import annotate
+from .capture import Captured
+
+MIN_LAYERS = 8       # fewer layers than this are traced in full (little to save)
+TRACED = 5           # layers traced: 0, 1 (first two), 2, 3 (the middle pair), 4 (the last)
+_FORWARD, _BACKWARD, _WEIGHTS = "F", "B", "W"   # block kinds; W: forward ops on weights alone
+
+
+class NotRepeatable(Exception):
+    """The stack's layers do not repeat exactly: trace the whole model."""
+
+
+@dataclass(frozen=True)
+class Stack:
+    parent: torch.nn.Module
+    attr: str
+    prefix: str        # the ModuleList's state-key prefix, e.g. "model.layers"
+    layers: torch.nn.ModuleList
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+
+# -- finding the stack -------------------------------------------------------------------------
+def find_stack(model: torch.nn.Module) -> Stack | None:
+    """The ModuleList of identical layers holding the most parameters, if deep enough."""
+    best, best_bytes = None, 0
+    for path, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) < MIN_LAYERS or not path:
+            continue
+        if not _identical(list(module)):
+            continue
+        nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        if nbytes > best_bytes and _owned_only(model, module):
+            parent_path, _, attr = path.rpartition(".")
+            best, best_bytes = Stack(model.get_submodule(parent_path), attr, path, module), nbytes
+    return best
+
+
+def _identical(layers: list) -> bool:
+    """Same classes, tensors (shapes, dtypes, grad) and plain attributes; an attribute may
+    differ only by being each layer's own index. No hooks."""
+    shapes, plains = [], []
+    for layer in layers:
+        parts, plain = [], {}
+        for name, m in layer.named_modules(remove_duplicate=False):
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
+                return False
+            tensors = tuple((k, tuple(t.shape), t.dtype, t.requires_grad)
+                            for k, t in list(m._parameters.items()) + list(m._buffers.items()) if t is not None)
+            parts.append((name, type(m), tensors, m.training))
+            plain.update({(name, k): v for k, v in vars(m).items() if not k.startswith("_")
+                          and isinstance(v, (int, float, str, bool, type(None), tuple))})
+        shapes.append(tuple(parts))
+        plains.append(plain)
+    if any(p != shapes[0] for p in shapes) or any(p.keys() != plains[0].keys() for p in plains):
+        return False
+    for key in plains[0]:
+        values = [repr(p[key]) for p in plains]
+        if len(set(values)) > 1 and values != [repr(i) for i in range(len(layers))]:
+            return False
+    return True
+
+
+def _owned_only(model: torch.nn.Module, stack: torch.nn.ModuleList) -> bool:
+    """No tensor of the stack is shared with another layer or outside it (tied weights)."""
+    inside = {id(t) for _, t in list(stack.named_parameters(remove_duplicate=False))
+              + list(stack.named_buffers(remove_duplicate=False))}
+    everywhere = [id(t) for _, t in list(model.named_parameters(remove_duplicate=False))
+                  + list(model.named_buffers(remove_duplicate=False)) if id(t) in inside]
+    return len(everywhere) == len(set(everywhere))
+
+
+@contextlib.contextmanager
+def traced_layers(stack: Stack):
+    """The stack cut to the layers traced: the first four and the last."""
+    n = stack.depth
+    keep = [0, 1, 2, 3, n - 1]
+    short = torch.nn.ModuleList([stack.layers[i] for i in keep])
+    setattr(stack.parent, stack.attr, short)
+    try:
+        yield keep
+    finally:
+        setattr(stack.parent, stack.attr, stack.layers)
+
+
+def capture_repeated(model: torch.nn.Module, capture_fn) -> tuple[Captured, str]:
+    """``capture_fn(model)`` traced on a few layers and grown to the full stack; the full trace
+    when the model has no repeated stack or its layers do not repeat exactly. Also says which."""
+    stack = find_stack(model)
+    if stack is None:
+        return capture_fn(model), ""
+    with traced_layers(stack) as kept:
+        short = capture_fn(model)
+    try:
+        grown = _Grower(short, stack, kept).grow()
+    except NotRepeatable as e:
+        return capture_fn(model), f"traced in full: {e}"
+    return grown, f"{TRACED} of {stack.depth} layers traced, the rest repeated"
+
+
+# -- growing the graph ---------------------------------------------------------------------------
+def _key(t: torch.Tensor):
+    return StorageWeakRef(t.untyped_storage())
+
+
+def _leaves(val) -> list:
+    return [t for t in pytree.tree_leaves(val)]
+
+
+class _Grower:
+    """The traced graph (layers in slots 0..4) grown to the stack's depth."""
+
+    def __init__(self, captured: Captured, stack: Stack, kept: list[int]):
+        self.c, self.stack, self.kept = captured, stack, kept
+        self.depth = stack.depth
+        self.graph = captured.gm.graph
+        self.nodes = list(self.graph.nodes)
+        boundary = getattr(captured, "boundary", "") or None
+        self.boundary_at = next((i for i, n in enumerate(self.nodes) if n.name == boundary), len(self.nodes))
+        self.boundary = boundary
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.by_name = {ph.name: ph for ph in captured.placeholders}
+        self.param_slot: dict[str, tuple[int, str]] = {}   # placeholder -> (slot, key in the layer)
+        for ph in captured.placeholders:
+            slot = self._slot_of_target(ph.target)
+            if slot is not None:
+                self.param_slot[ph.name] = slot
+        repeats = range(3, self.depth - 2)
+        self.repeats = list(repeats)
+        self.slot_of_layer = {0: 0, 1: 1, 2: 2, self.depth - 2: 3, self.depth - 1: 4}
+
+    def _slot_of_target(self, target: str | None):
+        prefix = self.stack.prefix + "."
+        if not target or not target.startswith(prefix):
+            return None
+        index, _, local = target[len(prefix):].partition(".")
+        if not index.isdigit() or int(index) >= TRACED:
+            return None
+        return int(index), local   # the cut list's index: the slot
+
+    def _layer_of_slot(self, slot: int) -> int:
+        return {0: 0, 1: 1, 2: 2, 3: self.depth - 2, 4: self.depth - 1}[slot]
+
+    # tags: ("P" / direction, slot) per node, or None for a node every layer shares --------------
+    def _tag(self) -> dict:
+        tags: dict = {}
+        for i, n in enumerate(self.nodes):
+            if n.op == "placeholder":
+                slot = self.param_slot.get(n.name)
+                tags[n] = ("P", slot[0]) if slot else None
+            elif n.op != "call_function" or i == self.boundary_at:
+                tags[n] = None
+            else:
+                inputs = [tags.get(a) for a in n.all_input_nodes]
+                slots = [t[1] for t in inputs if t is not None]
+                backward = i > self.boundary_at
+                if not backward and inputs and all(t is not None and t[0] in ("P", _WEIGHTS) for t in inputs) \
+                        and len(set(slots)) == 1:
+                    tags[n] = (_WEIGHTS, slots[0])   # a view of a layer's weights (detach, t)
+                else:
+                    tags[n] = None if not slots else (_BACKWARD, min(slots)) if backward else (_FORWARD, max(slots))
+        # a node without a tag whose users are all of one layer (forward or backward) is that
+        # layer's, in its own direction
+        for i in range(len(self.nodes) - 1, -1, -1):
+            n = self.nodes[i]
+            if tags[n] is None and n.op == "call_function" and n.users and i != self.boundary_at:
+                user_tags = [tags[u] for u in n.users]
+                slots = {t[1] for t in user_tags if t is not None}
+                if None not in user_tags and len(slots) == 1:
+                    tags[n] = (_BACKWARD if i > self.boundary_at else _FORWARD, slots.pop())
+        # weight views inside a layer's forward (a linear's transpose) run with that forward
+        started: set = set()
+        for n in self.nodes:
+            t = tags[n]
+            if t is not None and t[0] == _FORWARD:
+                started.add(t[1])
+            elif t is not None and t[0] == _WEIGHTS and t[1] in started:
+                tags[n] = (_FORWARD, t[1])
+        return tags
+
+    def grow(self) -> Captured:
+        tags = self.tags = self._tag()
+        for n in self.nodes:
+            if n.op in ("get_attr", "call_module") and any(tags.get(u) is not None for u in n.users):
+                raise NotRepeatable("a layer calls a submodule of the graph")
+        blocks: dict = {}
+        for n in self.nodes:
+            t = tags[n]
+            if t is not None and t[0] != "P":
+                blocks.setdefault(t, []).append(n)
+        self.blocks = blocks
+        self.pos = {n: i for blk in blocks.values() for i, n in enumerate(blk)}
+        self.directions = sorted({d for d, _ in blocks})
+        for d in self.directions:
+            if not blocks.get((d, 2)):
+                raise NotRepeatable("the middle layer has no nodes of its own")
+            if len({len(blocks.get((d, k), [])) for k in (1, 2, 3)}) != 1 \
+                    or self._roles(d, 1, -1) != self._roles(d, 2, -1) or self._roles(d, 2, 1) != self._roles(d, 3, 1):
+                raise NotRepeatable("the middle layers trace differently")
+            if d == _WEIGHTS:
+                continue   # emitted after each run of layer 2's: they read weights only
+            later, earlier = (blocks[(d, 3)], blocks[(d, 2)]) if d == _FORWARD else (blocks[(d, 2)], blocks[(d, 3)])
+            if self.index[earlier[-1]] > self.index[later[0]]:
+                raise NotRepeatable("the layers' nodes interleave")
+        for n in self.nodes:
+            t = tags[n]
+            for a in n.all_input_nodes if t is not None and t[0] != "P" else ():
+                u = tags.get(a)
+                if u is not None and abs(u[1] - t[1]) > 1 and {u[1], t[1]} != {0, TRACED - 1}:
+                    raise NotRepeatable("a layer reads a layer two or more away")
+        outputs = list(self.graph.output_node().args[0])
+        for o in outputs[:getattr(self.c, "n_outputs", len(outputs))]:
+            if isinstance(o, torch.fx.Node) and tags.get(o) is not None and tags[o][1] != TRACED - 1:
+                raise NotRepeatable("the model returns a value of each layer")
+        return self._emit()
+
+    def _roles(self, direction: str, slot: int, unseen: int) -> list:
+        """Each node of a middle block with its inputs named by role, positions in the block
+        ``unseen`` layers away left out. Blocks 1 and 2 are compared without their positions
+        below (block 0 holds the first layer's extras), 2 and 3 without those above (block 4
+        the last layer's); so each repeat's neighbours are checked where it reads them."""
+        def role(a):
+            t = self.tags.get(a)
+            if t is None:
+                return ("fixed", a.name)
+            d = t[1] - slot
+            if abs(d) > 1:
+                raise NotRepeatable("a layer reads a layer two or more away")
+            if t[0] == "P":
+                return ("param", d, self.param_slot[a.name][1])
+            return ("block", t[0], d, None if d == unseen else self.pos[a])
+
+        return [(n.op, str(n.target), repr(torch.fx.map_arg((n.args, n.kwargs), role)), _val_structure(n))
+                for n in self.blocks[(direction, slot)]]
+
+    # emission ----------------------------------------------------------------------------------
+    def _rename(self, name: str, target: str, slot: int, layer: int) -> tuple[str, str]:
+        old, prefix = slot, self.stack.prefix
+        us = prefix.replace(".", "_")
+        return (name.replace(f"{us}_{old}_", f"{us}_{layer}_", 1),
+                target.replace(f"{prefix}.{old}.", f"{prefix}.{layer}.", 1))
+
+    def _emit(self) -> Captured:
+        graph = torch.fx.Graph()
+        graph._codegen = self.graph._codegen
+        self.g, self.new_of, self.copy_of, self.placeholder_of = graph, {}, {}, {}
+        self.sources: list[tuple] = []       # per new placeholder: (traced node, layer, slot)
+        placeholders = self._emit_placeholders()
+        first_bwd = self.blocks.get((_BACKWARD, 2), [None])[0]
+        last_fwd = self.blocks.get((_FORWARD, 2), [None])[-1]
+        weights_run: list = []
+        for n in self.nodes:
+            if n.op == "placeholder":
+                continue
+            if weights_run and self.tags[n] != (_WEIGHTS, 2):
+                self._emit_weight_copies(weights_run)
+            if n is first_bwd:
+                for layer in reversed(self.repeats):
+                    self._emit_copy(_BACKWARD, layer)
+            if n.op == "output":
+                graph.output(self._outputs(n))
+                continue
+            t = self.tags[n]
+            self.new_of[n] = self._emit_node(n, None, None) if t is None else \
+                self._emit_node(n, self._layer_of_slot(t[1]), t[1])
+            if t == (_WEIGHTS, 2):
+                weights_run.append(n)
+            if n is last_fwd:
+                for layer in self.repeats:
+                    self._emit_copy(_FORWARD, layer)
+        graph.lint()
+        gm = lazy_graph_module(self.c.gm, graph, class_name=type(self.c.gm).__name__)
+        grown = replace(self.c, gm=gm, placeholders=placeholders)
+        if hasattr(self.c, "grad_targets"):
+            trained = set(self.c.grad_targets)
+            grown.grad_targets = [ph.target for ph, (n, _, _) in zip(placeholders, self.sources)
+                                  if self.by_name[n.name].target in trained]
+            n_fwd = self.c.n_outputs
+            for node, target in zip(list(graph.output_node().args[0])[n_fwd:], grown.grad_targets):
+                if isinstance(node, torch.fx.Node):
+                    annotate(node, grad_of=target)
+        return grown
+
+    def _emit_placeholders(self) -> list:
+        """Placeholders in state order: each repeated layer's after the run of layer 2's."""
+        out, run = [], []
+
+        def add(n, layer, slot):
+            ph = self.by_name[n.name]
+            if slot is None:
+                new_ph = ph
+            else:
+                name, target = self._rename(ph.name, ph.target, slot, layer)
+                new_ph = replace(ph, name=name, target=target)
+            node = self.g.placeholder(new_ph.name)
+            node.meta = dict(n.meta)
+            if slot is not None:
+                self.placeholder_of[(layer, self.param_slot[n.name][1])] = node
+                if layer in self.repeats:
+                    node.meta["val"] = _fresh_like(n.meta.get("val"))
+            self.sources.append((n, layer, slot))
+            out.append(new_ph)
+            return node
+
+        def flush():
+            for layer in self.repeats:
+                for n in run:
+                    add(n, layer, 2)
+            run.clear()
+
+        for n in self.nodes:
+            if n.op != "placeholder":
+                continue
+            slot = self.param_slot.get(n.name, (None,))[0]
+            if run and slot != 2:
+                flush()
+            self.new_of[n] = add(n, None if slot is None else self._layer_of_slot(slot), slot)
+            if slot == 2:
+                run.append(n)
+        flush()
+        return out
+
+    def _resolve(self, a, layer: int | None, slot: int | None):
+        """The grown graph's node for input ``a`` of a node of ``slot`` emitted for ``layer``."""
+        t = self.tags.get(a)
+        if t is None or slot is None:
+            return self.new_of[a]
+        # a layer's neighbours are relative; the first and last layers read each other as
+        # such (a tied embedding's two gradients)
+        target = layer + (t[1] - slot) if abs(t[1] - slot) <= 1 else self._layer_of_slot(t[1])
+        if t[0] == "P":
+            return self.placeholder_of[(target, self.param_slot[a.name][1])]
+        if target in self.repeats:
+            return self.copy_of[(t[0], target, self.pos[a])]
+        return self.new_of[self.blocks[(t[0], self.slot_of_layer[target])][self.pos[a]]]
+
+    def _emit_node(self, n, layer: int | None, slot: int | None):
+        args, kwargs = torch.fx.map_arg((n.args, n.kwargs), lambda a: self._resolve(a, layer, slot))
+        keep_name = n.name == self.boundary or n.name.startswith("tangent_")
+        new = self.g.create_node(n.op, n.target, args, kwargs, name=n.name if keep_name else None)
+        new.meta = {k: v for k, v in n.meta.items() if k not in ("val", "tensor_meta")}
+        if "val" in n.meta:
+            new.meta["val"] = _remade_val(n, new)
+        return new
+
+    def _emit_weight_copies(self, run: list) -> None:
+        for layer in self.repeats:
+            for n in run:
+                self.copy_of[(_WEIGHTS, layer, self.pos[n])] = self._emit_node(n, layer, 2)
+        run.clear()
+
+    def _emit_copy(self, direction: str, layer: int) -> None:
+        for i, n in enumerate(self.blocks.get((direction, 2), [])):
+            self.copy_of[(direction, layer, i)] = self._emit_node(n, layer, 2)
+
+    def _outputs(self, out):
+        outputs = list(out.args[0])
+        n_fwd = getattr(self.c, "n_outputs", len(outputs))
+        fwd = [self._resolve(o, None, None) if isinstance(o, torch.fx.Node) else o for o in outputs[:n_fwd]]
+        if not hasattr(self.c, "grad_targets"):
+            return type(out.args[0])(fwd)
+        grad_of = dict(zip(self.c.grad_targets, outputs[n_fwd:]))
+        grads = []
+        for n, layer, slot in self.sources:
+            g = grad_of.get(self.by_name[n.name].target, "absent")
+            if isinstance(g, str):
+                continue
+            if not isinstance(g, torch.fx.Node):
+                grads.append(g)
+            elif slot is None:
+                grads.append(self._resolve(g, None, None))
+            elif self.tags.get(g) is None:
+                raise NotRepeatable("a layer's gradient is computed outside the layers")
+            else:
+                grads.append(self._resolve(g, layer, slot))
+        return type(out.args[0])(fwd + grads)
+
+
+def _val_structure(n) -> tuple:
+    """Shapes, strides, dtypes of a node's value, and which input each output aliases."""
+    inputs = {}
+    for i, a in enumerate(n.all_input_nodes):
+        for j, t in enumerate(_leaves(a.meta.get("val"))):
+            if isinstance(t, torch.Tensor):
+                inputs.setdefault(_key(t), (i, j))
+    out = []
+    for t in _leaves(n.meta.get("val")):
+        if isinstance(t, torch.Tensor):
+            out.append((tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype,
+                        inputs.get(_key(t)), t.untyped_storage().nbytes()))
+        else:
+            out.append(repr(t))
+    return tuple(out)
+
+
+def _like(t: torch.Tensor, storage: torch.UntypedStorage) -> torch.Tensor:
+    """A traced tensor with ``t``'s layout on ``storage``, made without dispatching an op (tens
+    of thousands are made for a 7B model's repeats)."""
+    meta = torch.empty(0, dtype=t.dtype, device="meta").set_(storage, t.storage_offset(), t.shape, t.stride())
+    mode = getattr(t, "fake_mode", None)
+    return FakeTensor(mode, meta, t.device) if mode is not None else meta
+
+
+def _fresh_like(val):
+    """A new traced tensor with ``val``'s layout and storage size (a storage of its own)."""
+    if not isinstance(val, torch.Tensor):
+        return val
+    return _like(val, torch.UntypedStorage(val.untyped_storage().nbytes(), device="meta"))
+
+
+def _remade_val(old: torch.fx.Node, new: torch.fx.Node):
+    """``old``'s traced value with the same layout, aliasing ``new``'s inputs where ``old``'s
+    aliased the corresponding inputs, and fresh storage where it had its own."""
+    val = old.meta.get("val")
+    leaves, spec = pytree.tree_flatten(val)
+    if not any(isinstance(t, torch.Tensor) for t in leaves):
+        return val
+    old_in = [t for a in old.all_input_nodes for t in _leaves(a.meta.get("val"))]
+    new_in = [t for a in new.all_input_nodes for t in _leaves(a.meta.get("val"))]
+    storage = {}
+    for o, n in zip(old_in, new_in):
+        if isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor):
+            storage.setdefault(_key(o), n.untyped_storage())
+    out = []
+    for t in leaves:
+        if not isinstance(t, torch.Tensor):
+            out.append(t)
+            continue
+        k = _key(t)
+        if k not in storage:
+            storage[k] = torch.UntypedStorage(t.untyped_storage().nbytes(), device="meta")
+        out.append(_like(t, storage[k]))
+    return pytree.tree_unflatten(out, spec)
+
+
+__all__ = ["MIN_LAYERS", "NotRepeatable", "Stack", "capture_repeated", "find_stack", "traced_layers"]
