@@ -5,7 +5,11 @@
   (if that is below the planner's minimum budget, the minimum budget is used and marked *);
 * a LLaMA-2-7B-sized decoder (hidden 4096, intermediate 11008, 32 layers, 32 heads, vocab
   32000, fp16, use_cache=False) built on the meta device (no weights are allocated) with
-  input_ids (1, 512) on meta, planned for a100-40gb at 8GB and 16GB and for t4 at 8GB.
+  input_ids (1, 512) on meta, planned for a100-40gb at 8GB and 16GB and for t4 at 8GB;
+* first, the planning-time targets: LLaMA-shaped fp32 decoders, batch 1 x 2048, on meta —
+  7B inference at 8GB on a100-40gb (<= 5 s), a 7B training step at 24GB on a100-40gb
+  (<= 15 s), 70B (80 layers, hidden 8192, 8 kv heads) inference at 40GB on a100-80gb
+  (<= 15 s) — each with its passes' seconds and shares of the wall time.
 
 For each plan it prints the wall time of memsched.plan, the seconds of each recorded pass
 (plan.passes: capture, analysis, segments, placement, schedule, simulate; "other" is the
@@ -45,6 +49,51 @@ def build_llama7b_meta():
         model = LlamaForCausalLM(cfg).to(torch.float16).eval()
     input_ids = torch.zeros(1, 512, dtype=torch.long, device="meta")
     return model, (), {"input_ids": input_ids}
+
+
+# The issue's targets: (name, layers, hidden, intermediate, heads, kv heads, train, hardware, budget,
+# seconds). fp32, batch 1 x 2048, on the meta device; wall time of memsched.plan, capture included.
+TARGETS = [
+    ("7B inference", 32, 4096, 11008, 32, 32, False, "a100-40gb", "8GB", 5.0),
+    ("7B training", 32, 4096, 11008, 32, 32, True, "a100-40gb", "24GB", 15.0),
+    ("70B inference", 80, 8192, 28672, 64, 8, False, "a100-80gb", "40GB", 15.0),
+]
+
+
+def build_llama_fp32_meta(layers, hidden, intermediate, heads, kv_heads, train, seq=2048):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=4096, use_cache=False, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).train(train)
+    ids = torch.zeros(1, seq, dtype=torch.long, device="meta")
+    return model, {"input_ids": ids, "labels": ids} if train else {"input_ids": ids}
+
+
+def run_targets(options, quick: bool) -> None:
+    """Each target planned once; per pass its seconds and share of the wall time."""
+    rows = []
+    for name, layers, hidden, inter, heads, kv, train, hw, budget, limit in TARGETS[:1] if quick else TARGETS:
+        model, kwargs = build_llama_fp32_meta(layers, hidden, inter, heads, kv, train)
+        t0 = time.perf_counter()
+        plan = memsched.plan(model, (), budget=budget, hardware=hw, example_kwargs=kwargs, train=train, **options)
+        wall = time.perf_counter() - t0
+        per = pass_seconds(plan)
+        shares = " ".join(f"{n} {per.get(n, 0.0):.2f} ({per.get(n, 0.0) / wall:.0%})" for n in PASS_NAMES)
+        capture_note = next((r.note for r in plan.passes if r.name == "capture"), "")
+        rows.append([name, f"{hw} {budget}", f"{wall:.2f}", f"<= {limit:g}", "met" if wall <= limit else "MISSED",
+                     shares, plan.placement.status,
+                     f"{plan.predicted_time_s / plan.unconstrained.time_s:.2f}x", capture_note])
+        print(f"  {name}: {wall:.2f} s", flush=True)
+    print()
+    print(table(["target", "hardware, budget", "wall s", "target s", "", "per pass: seconds (share of wall)",
+                 "solver", "pred/unconstr", "capture"], rows,
+                title="Planning-time targets (LLaMA-shaped, fp32, 1 x 2048, meta)"))
+    print()
 
 
 def plan_timed(model, args, kwargs, budget, hardware, options):
@@ -103,6 +152,8 @@ def main():
                          "(default: memsched's own, 10 s)")
     ap.add_argument("--skip-7b", action="store_true", help="skip the LLaMA-2-7B-sized meta model")
     ap.add_argument("--skip-zoo", action="store_true", help="only the LLaMA-2-7B-sized meta model")
+    ap.add_argument("--skip-targets", action="store_true",
+                    help="skip the planning-time targets (7B inference/training, 70B inference, fp32 1x2048)")
     ap.add_argument("--verbose", action="store_true", help="print each plan's summary()")
     a = ap.parse_args()
 
@@ -126,6 +177,8 @@ def main():
         memsched.plan(m, args, budget=10**15, hardware=a.hardware, example_kwargs=kw)
     print(f"warm-up plan (mlp, first export in process): {t['s']:.2f} s (not in the table)")
 
+    if not a.skip_targets:
+        run_targets(options, a.quick)
     timing_rows, result_rows, notes = [], [], []
     for name in names:
         model, args, kwargs = build(name)
