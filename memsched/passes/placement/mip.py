@@ -319,7 +319,10 @@ def solve_mip(m: PlacementModel, warm: Placement | None, deadline: float) -> Pla
         # search would only trade transfer crumbs (SCIP's limits/primal). Within EPS times the
         # most any plan can move of the compute bound: 0.1% of a 7B step streaming its weights.
         stop = (float(m.compute.sum()) + EPS * _most_moved(m)) * _US
-        f.solver.SetSolverSpecificParametersAsString(f"limits/primal = {stop!r}")
+        # no cutting rounds at the root: on these problems SCIP's root cuts take seconds and
+        # the search finds better plans without them (7B inference: a time-optimal plan in
+        # 1.7 s instead of 3.7 s; a 7B training step: 13% faster in the 10 s, measured)
+        f.solver.SetSolverSpecificParametersAsString(f"limits/primal = {stop!r}\nseparating/maxroundsroot = 0")
     params = pywraplp.MPSolverParameters()
     # SCIP's default relative gap (1e-4) stops at plans a transfer-price tie-break away from
     # the optimum; the time limit bounds the search either way
