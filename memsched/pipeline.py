@@ -32,7 +32,7 @@ from .passes.analysis import START, Program, analyze
 from .passes.placement import Placement, solve_placement
 from .passes.placement.problem import PlacementModel
 from .passes.schedule import build_schedule
-from .passes.segments import Segments, make_segments
+from .passes.segments import Segments, make_segments, split_binding
 from .plan_records import PassRecord, PassSnapshot
 from .plans import Plan
 from .verify import PlanError, verify_schedule
@@ -124,10 +124,33 @@ def segments_pass(s: PlanningState) -> str:
             continue  # the same cut again (steps dearer than a segment's share are never split)
         model = PlacementModel(p, segments, s.step_time, s.hw, s.budget)
         tried.append((model.min_budget(), segments, model))
+    # then cut finer only where the minimum binds, down to single ops: the minimum reported is
+    # counted per op there; a budget below the uniform cuts' minima is planned on them
+    tried += _split_where_binding(s, min(tried, key=lambda t: t[0]))
     fits = [t for t in tried if s.budget >= t[0]]
     _, s.segments, s.placement_model = fits[0] if fits else min(tried, key=lambda t: t[0])
     s.min_budget = min(t[0] for t in tried)
     return f"{s.segments.count}" + (f" (refined from {tried[0][1].count})" if s.segments is not tried[0][1] else "")
+
+
+MAX_SPLIT_ROUNDS = 16
+
+
+def _split_where_binding(s: PlanningState, start: tuple) -> list[tuple]:
+    """From ``start`` (minimum, segments, model), the segments where the minimum binds split into
+    single steps, round after round while the minimum falls (at most four times the default
+    count of segments): each round's (minimum, segments, model), coarsest first."""
+    rounds, (minimum, segments, model) = [], start
+    for _ in range(MAX_SPLIT_ROUNDS):
+        finer = split_binding(segments, model.const, 4 * s.max_segments)
+        if finer is None:
+            break
+        model = PlacementModel(s.program, finer, s.step_time, s.hw, s.budget)
+        if model.min_budget() >= minimum:
+            break
+        minimum, segments = model.min_budget(), finer
+        rounds.append((minimum, segments, model))
+    return rounds
 
 
 def _segment_counts(default: int, n_steps: int) -> list[int]:

@@ -49,8 +49,30 @@ def make_segments(step_time: np.ndarray, step_weight_bytes: np.ndarray, max_segm
         if bounds[-1] < cut < n:
             bounds.append(cut)
     bounds.append(n)
+    return segments_from_bounds(bounds)
+
+
+def segments_from_bounds(bounds) -> Segments:
+    """The segments starting at ``bounds`` (ascending, from 0, ending with n_steps)."""
+    bounds = tuple(int(b) for b in bounds)
+    n = bounds[-1]
     of_step = np.zeros(n + 1, dtype=np.int64)
     for j in range(len(bounds) - 1):
         of_step[bounds[j]:bounds[j + 1]] = j
     of_step[n] = len(bounds) - 2
-    return Segments(tuple(bounds), of_step)
+    return Segments(bounds, of_step)
+
+
+def split_binding(segments: Segments, const: np.ndarray, limit: int) -> Segments | None:
+    """``segments`` with every segment of several steps whose fixed bytes are the highest cut
+    into single steps: a segment holds each tensor for all of its steps, so where the minimum
+    binds it is counted per op. None when nothing is left to split or the count would pass
+    ``limit``."""
+    top = const.max() if len(const) else 0.0
+    cuts = set(segments.bounds)
+    for j in np.flatnonzero(const >= top - 0.5):
+        lo, hi = segments.bounds[j], segments.bounds[j + 1]
+        cuts.update(range(lo + 1, hi))
+    if cuts == set(segments.bounds) or len(cuts) - 1 > limit:
+        return None
+    return segments_from_bounds(sorted(cuts))
