@@ -121,3 +121,30 @@ def test_a_plan_on_the_grown_graph_trains_as_eager():
                              hardware=FIXED_CPU)
     assert "layers traced, the rest repeated" in plan.passes[0].note
     assert_step_matches_eager(model, (), kwargs, lambda out: out.loss, plan)
+
+
+class _CountsItsLayers(torch.nn.Module):
+    """A stack whose forward needs every layer (as a per-layer cache would)."""
+
+    def __init__(self, n: int = LAYERS):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(n))
+        self.n = n
+
+    def forward(self, x):
+        if len(self.layers) != self.n:
+            raise RuntimeError(f"expected {self.n} layers, got {len(self.layers)}")
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def test_a_stack_that_cannot_be_cut_is_traced_in_full():
+    model = _CountsItsLayers()
+    x = torch.randn(2, 8)
+    grown, how = capture_repeated(model, lambda m: capture(m, (x,)))
+    assert how.startswith("traced in full: the cut stack does not trace (")
+    assert _canonical(grown) == _canonical(capture(model, (x,)))
+    assert len(model.layers) == LAYERS
+    model.memsched_trace_all_layers = True       # the generation wrapper says so up front
+    assert capture_repeated(model, lambda m: capture(m, (x,)))[1] == ""

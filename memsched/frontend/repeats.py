@@ -20,6 +20,9 @@ four and the last) and the graph is grown to the full depth:
   Each repeat reads the inputs its roles name in its own layer; its traced values are made
   anew with the same shapes and the same aliasing, so storages are counted as in a full trace.
 
+A model whose class sets ``memsched_trace_all_layers`` (the generation wrapper: each layer has
+its own cache slots and outputs) is always traced in full.
+
 The result is the graph a full trace gives (tests compare the two on several architectures),
 planned and verified as a whole program like any other.
 """
@@ -124,11 +127,15 @@ def traced_layers(stack: Stack):
 def capture_repeated(model: torch.nn.Module, capture_fn) -> tuple[Captured, str]:
     """``capture_fn(model)`` traced on a few layers and grown to the full stack; the full trace
     when the model has no repeated stack or its layers do not repeat exactly. Also says which."""
-    stack = find_stack(model)
+    stack = None if getattr(model, "memsched_trace_all_layers", False) else find_stack(model)
     if stack is None:
         return capture_fn(model), ""
-    with traced_layers(stack) as kept:
-        short = capture_fn(model)
+    try:
+        with traced_layers(stack) as kept:
+            short = capture_fn(model)
+    except Exception as e:  # the model needs all its layers (a wrapper counting them): trace them
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return capture_fn(model), f"traced in full: the cut stack does not trace ({first[:120]})"
     try:
         grown = _Grower(short, stack, kept).grow()
     except NotRepeatable as e:

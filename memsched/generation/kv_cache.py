@@ -125,6 +125,7 @@ class CachedDecoder(nn.Module):
     """
 
     memsched_state_kinds = {f"{KV_PREFIX}.": "kv_cache"}  # read by capture: these buffers are the cache
+    memsched_trace_all_layers = True  # read by capture: each layer has its cache slots and outputs
 
     def __init__(self, model: nn.Module, shapes: list[tuple[torch.Size, torch.Size]], dtype: torch.dtype,
                  device: torch.device | str = "cpu", head_chunks: int = 1):
