@@ -244,9 +244,9 @@ class _Grower:
                 raise NotRepeatable("the middle layers trace differently")
             if d == _WEIGHTS:
                 continue   # emitted after each run of layer 2's: they read weights only
-            later, earlier = (blocks[(d, 3)], blocks[(d, 2)]) if d == _FORWARD else (blocks[(d, 2)], blocks[(d, 3)])
-            if self.index[earlier[-1]] > self.index[later[0]]:
+            if d == _FORWARD and self.index[blocks[(d, 2)][-1]] > self.index[blocks[(d, 3)][0]]:
                 raise NotRepeatable("the layers' nodes interleave")
+        self.hoisted = self._late_backward() if (_BACKWARD, 2) in blocks else []
         for n in self.nodes:
             t = tags[n]
             for a in n.all_input_nodes if t is not None and t[0] != "P" else ():
@@ -258,6 +258,18 @@ class _Grower:
             if isinstance(o, torch.fx.Node) and tags.get(o) is not None and tags[o][1] != TRACED - 1:
                 raise NotRepeatable("the model returns a value of each layer")
         return self._emit()
+
+    def _late_backward(self) -> list:
+        """Nodes of backward block 3 that autograd placed after block 2 began (a bf16 norm's
+        cast of its input, made where the layer below needs it). The repeats go between the two
+        blocks, so these are emitted before them: allowed when they read only earlier nodes."""
+        start = self.index[self.blocks[(_BACKWARD, 2)][0]]
+        late = [n for n in self.blocks.get((_BACKWARD, 3), []) if self.index[n] > start]
+        ready = set(late)
+        for n in late:
+            if any(self.index[a] > start and a not in ready for a in n.all_input_nodes):
+                raise NotRepeatable("the layers' nodes interleave")
+        return late
 
     def _roles(self, direction: str, slot: int, unseen: int) -> list:
         """Each node of a middle block with its inputs named by role, positions in the block
@@ -300,8 +312,12 @@ class _Grower:
             if weights_run and self.tags[n] != (_WEIGHTS, 2):
                 self._emit_weight_copies(weights_run)
             if n is first_bwd:
+                for late in self.hoisted:
+                    self.new_of[late] = self._emit_node(late, self.depth - 2, 3)
                 for layer in reversed(self.repeats):
                     self._emit_copy(_BACKWARD, layer)
+            if n in self.new_of:
+                continue   # hoisted above
             if n.op == "output":
                 graph.output(self._outputs(n))
                 continue
