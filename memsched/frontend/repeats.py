@@ -131,13 +131,13 @@ def capture_repeated(model: torch.nn.Module, capture_fn) -> tuple[Captured, str]
     if stack is None:
         return capture_fn(model), ""
     try:
-        with traced_layers(stack) as kept:
+        with traced_layers(stack):
             short = capture_fn(model)
     except Exception as e:  # the model needs all its layers (a wrapper counting them): trace them
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return capture_fn(model), f"traced in full: the cut stack does not trace ({first[:120]})"
     try:
-        grown = _Grower(short, stack, kept).grow()
+        grown = _Grower(short, stack).grow()
     except NotRepeatable as e:
         return capture_fn(model), f"traced in full: {e}"
     return grown, f"{TRACED} of {stack.depth} layers traced, the rest repeated"
@@ -148,15 +148,11 @@ def _key(t: torch.Tensor):
     return StorageWeakRef(t.untyped_storage())
 
 
-def _leaves(val) -> list:
-    return [t for t in pytree.tree_leaves(val)]
-
-
 class _Grower:
     """The traced graph (layers in slots 0..4) grown to the stack's depth."""
 
-    def __init__(self, captured: Captured, stack: Stack, kept: list[int]):
-        self.c, self.stack, self.kept = captured, stack, kept
+    def __init__(self, captured: Captured, stack: Stack):
+        self.c, self.stack = captured, stack
         self.depth = stack.depth
         self.graph = captured.gm.graph
         self.nodes = list(self.graph.nodes)
@@ -170,8 +166,7 @@ class _Grower:
             slot = self._slot_of_target(ph.target)
             if slot is not None:
                 self.param_slot[ph.name] = slot
-        repeats = range(3, self.depth - 2)
-        self.repeats = list(repeats)
+        self.repeats = list(range(3, self.depth - 2))
         self.slot_of_layer = {0: 0, 1: 1, 2: 2, self.depth - 2: 3, self.depth - 1: 4}
 
     def _slot_of_target(self, target: str | None):
@@ -441,11 +436,11 @@ def _val_structure(n) -> tuple:
     """Shapes, strides, dtypes of a node's value, and which input each output aliases."""
     inputs = {}
     for i, a in enumerate(n.all_input_nodes):
-        for j, t in enumerate(_leaves(a.meta.get("val"))):
+        for j, t in enumerate(pytree.tree_leaves(a.meta.get("val"))):
             if isinstance(t, torch.Tensor):
                 inputs.setdefault(_key(t), (i, j))
     out = []
-    for t in _leaves(n.meta.get("val")):
+    for t in pytree.tree_leaves(n.meta.get("val")):
         if isinstance(t, torch.Tensor):
             out.append((tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype,
                         inputs.get(_key(t)), t.untyped_storage().nbytes()))
@@ -476,8 +471,8 @@ def _remade_val(old: torch.fx.Node, new: torch.fx.Node):
     leaves, spec = pytree.tree_flatten(val)
     if not any(isinstance(t, torch.Tensor) for t in leaves):
         return val
-    old_in = [t for a in old.all_input_nodes for t in _leaves(a.meta.get("val"))]
-    new_in = [t for a in new.all_input_nodes for t in _leaves(a.meta.get("val"))]
+    old_in = [t for a in old.all_input_nodes for t in pytree.tree_leaves(a.meta.get("val"))]
+    new_in = [t for a in new.all_input_nodes for t in pytree.tree_leaves(a.meta.get("val"))]
     storage = {}
     for o, n in zip(old_in, new_in):
         if isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor):

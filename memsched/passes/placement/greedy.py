@@ -104,13 +104,10 @@ class _GapTable:
     it scores them together (the same numbers, in the same order, as one by one)."""
 
     def __init__(self, m: PlacementModel):
-        g = m.gaps
-        self.lo = np.array([m.gap_span[x.id][0] for x in g], dtype=np.int64)
-        self.hi = np.array([m.gap_span[x.id][1] for x in g], dtype=np.int64)
-        self.nb = np.array([m.size(x.buffer) for x in g], dtype=np.float64)
+        g, t = m.gaps, m.tables
+        self.lo, self.hi, self.nb, self.deliver = t.g_lo, t.g_hi, t.g_nb, t.g_deliver
         self.buffer = np.array([x.buffer for x in g], dtype=np.int64)
         self.persistent = np.array([x.persistent for x in g], dtype=bool)
-        self.deliver = np.array([x.deliver for x in g], dtype=bool)
         secs = lambda links_of, tier: np.array([m.transfer_s(m.size(x.buffer), links_of(tier, m.dev))  # noqa: E731
                                                 for x in g], dtype=np.float64)
         self.fetch = {t: secs(fetch_links, t) for t in (HOST, DISK)}

@@ -140,7 +140,7 @@ class PlacementModel:
         # per gap, precomputed for the greedy's many evaluations of a placement
         self.end_seg = [segments.seg(g.end) for g in self.gaps]
         self._gap_keys = [FetchKey.gap(g.id) for g in self.gaps]
-        self._tables = _Tables(self)
+        self.tables = _Tables(self)
 
     def size(self, b: int) -> int:
         return self.p.storages[b].nbytes
@@ -314,7 +314,7 @@ class PlacementModel:
     def segment_bytes(self, resident, choice, early) -> np.ndarray:
         """Device bytes per segment: the constant part, resident model tensors outside their
         segments, kept gaps, fetches issued a segment early, recomputations' transients."""
-        t, diff = self._tables, np.zeros(self.K + 1)
+        t, diff = self.tables, np.zeros(self.K + 1)
         res = np.fromiter((b in resident for b in self.persistent), dtype=bool, count=len(self.persistent))
         nb = t.p_nb[res]
         diff[0] += nb.sum()
