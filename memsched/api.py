@@ -272,6 +272,8 @@ def compile(model, budget=None, *, example_inputs=None, example_kwargs=None, dev
     ``plan=``: a Plan or saved plan file runs that schedule instead of planning.
     ``max_plans``: plans (one per input signature) kept at once; the least recently used one is
     dropped, its threads stopped and its buffers freed, when a new signature needs room.
+    ``chunk_ops=False``: never run a module on slices of its input (by default, a budget below
+    the minimum splits the modules that keep their rows apart, e.g. MLP blocks: passes/chunking.py).
     ``allow_over_capacity=True``: accept a budget larger than the device's memory (refused by
     default: the device could not honour it).
     ``compress_weights="int8"`` or ``"int4"``: weights homed on disk are kept there as group-wise

@@ -1,6 +1,6 @@
 """The planning pipeline: a declared list of passes, run in order by one wrapper.
 
-    capture → analysis → segments → placement → schedule → simulate
+    capture → analysis → segments → chunk → placement → schedule → simulate
 
 Each pass is a function of the planning state that fills in its part (the captured graph, the
 program's analysis, the segments, the placement, the scheduled candidates, the chosen plan)
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -23,12 +23,15 @@ from .budget import parse_budget
 from .cost_models.hardware import Hardware
 from .cost_models.op_cost import estimate_op_time
 from .cost_models.simulator import SimResult, simulate
+from .errors import CaptureError, UnsupportedModelError
 from .frontend.capture import Captured, capture, input_signature
 from .frontend.joint import capture_joint
 from .frontend.repeats import capture_repeated
 from .ir.graph_module import lazy_graph_module
 from .ir.kinds import PERSISTENT
+from .ir.units import format_bytes
 from .passes.analysis import START, Program, analyze
+from .passes.chunking import Chunking, chunked, chunkings, splittable_modules
 from .passes.placement import Placement, solve_placement
 from .passes.placement.problem import PlacementModel
 from .passes.schedule import build_schedule
@@ -69,6 +72,8 @@ class PlanningState:
     segments: Segments | None = None
     placement_model: PlacementModel | None = None   # the problem on those segments
     min_budget: int | None = None                    # the lowest minimum of the counts tried
+    chunking: list[Chunking] = field(default_factory=list)   # modules split, when the budget asks
+    chunk_ops: bool = True                           # False: never split a module (chunk_pass)
     placement: Placement | None = None
     candidates: list[Candidate] = field(default_factory=list)
     chosen: Candidate | None = None
@@ -90,7 +95,8 @@ def capture_pass(s: PlanningState) -> str:
     else:
         def trace(model):
             return capture(model, s.args, s.kwargs)
-    s.captured, how = capture_repeated(s.model, trace)
+    with chunked(s.model, s.chunking):
+        s.captured, how = capture_repeated(s.model, trace)
     return "; ".join(x for x in ("forward + backward" if s.train else "", how) if x)
 
 
@@ -160,6 +166,46 @@ def _segment_counts(default: int, n_steps: int) -> list[int]:
     return counts
 
 
+CHUNK_COUNTS = (2, 4, 8, 16, 32, 64)
+
+
+def chunk_pass(s: PlanningState) -> str:
+    """Below the minimum, the modules that keep their input's rows apart and make wider values
+    inside (passes/chunking.py: an MLP) run on slices of it: capture, analysis and segments are
+    redone with 2, 4, 8, ... slices while the minimum falls, and the fewest slices that fit the
+    budget are kept -- each more costs more, smaller ops, which the op costs price. When none
+    fits, the lowest minimum is the one reported."""
+    if s.model is None or s.budget >= s.min_budget or not s.chunk_ops:
+        return ""
+    found = splittable_modules(s.model, s.captured)
+    if not found:
+        return "no module keeps its rows apart: nothing to split"
+    best, before, failed = s, s.min_budget, ""
+    for count in CHUNK_COUNTS:
+        plan = chunkings(found, count)
+        if not plan or (best.chunking and plan == best.chunking):
+            break   # the rows are all split already
+        trial = replace(s, chunking=plan, passes=[], history=[], candidates=[])
+        try:
+            for run in (capture_pass, analysis_pass, segments_pass):
+                run(trial)
+        except (CaptureError, UnsupportedModelError) as e:   # the split does not trace: keep the last
+            failed = f"; {count} slices do not capture ({str(e).splitlines()[0][:100]})"
+            break
+        if trial.min_budget >= best.min_budget:
+            break
+        best = trial
+        if trial.min_budget <= s.budget:
+            break
+    if best is s:
+        return f"splitting {len(found)} module(s) does not lower the minimum{failed}"
+    for f in ("captured", "program", "step_time", "segments", "placement_model", "min_budget", "chunking"):
+        setattr(s, f, getattr(best, f))
+    most = max(c.chunks for c in s.chunking)
+    return (f"{len(s.chunking)} module(s) split in up to {most} slices ({s.chunking[0]}, ...): minimum "
+            f"{format_bytes(before)} -> {format_bytes(s.min_budget)}{failed}")
+
+
 def placement_pass(s: PlanningState) -> str:
     s.placement = solve_placement(s.program, s.segments, s.step_time, s.hw, s.budget, time_limit_s=s.time_limit_s,
                                   graph=s.captured.gm.graph, model=s.placement_model, min_budget=s.min_budget)
@@ -197,6 +243,7 @@ PASSES: tuple[Pass, ...] = (
     Pass("capture", capture_pass, snapshot=True),
     Pass("analysis", analysis_pass, snapshot=True),   # annotates the captured graph
     Pass("segments", segments_pass),
+    Pass("chunk", chunk_pass),
     Pass("placement", placement_pass),
     Pass("schedule", schedule_pass),
     Pass("simulate", simulate_pass),
@@ -275,7 +322,7 @@ def _unconstrained(s: PlanningState) -> SimResult:
 def to_plan(s: PlanningState, model_name: str) -> Plan:
     c = s.chosen
     return Plan(model_name, s.budget, s.hw, c.scheduled, s.program, c.placement, c.sim, s.unconstrained,
-                s.passes, s.segments.count, s.history)
+                s.passes, s.segments.count, s.history, chunking=tuple(s.chunking))
 
 
 def plan_captured(captured: Captured, budget: int, hw: Hardware, *, model_name: str = "model",
@@ -291,11 +338,12 @@ def plan_captured(captured: Captured, budget: int, hw: Hardware, *, model_name: 
 
 def plan_model(model: torch.nn.Module, args: tuple, kwargs: dict, budget, hw: Hardware, *,
                train: bool = False, grad_outputs: str = "auto", verify: bool | None = None, progress=None,
-               max_segments: int = DEFAULT_MAX_SEGMENTS,
-               time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> tuple[Plan, Captured]:
-    """Every pass, from capturing ``model(*args, **kwargs)`` to the chosen schedule."""
+               max_segments: int = DEFAULT_MAX_SEGMENTS, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+               chunk_ops: bool = True) -> tuple[Plan, Captured]:
+    """Every pass, from capturing ``model(*args, **kwargs)`` to the chosen schedule
+    (``chunk_ops=False``: no module is run on slices, whatever the budget)."""
     s = PlanningState(parse_budget(budget, hw.device_bytes), hw, max_segments, time_limit_s, model=model,
-                      args=args, kwargs=kwargs, train=train, grad_outputs=grad_outputs)
+                      args=args, kwargs=kwargs, train=train, grad_outputs=grad_outputs, chunk_ops=chunk_ops)
     plan_state(s, verify=verify, progress=progress)
     plan = to_plan(s, type(model).__name__)
     plan.signature = input_signature(args, kwargs)

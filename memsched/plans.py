@@ -44,6 +44,7 @@ class Plan:
     measured: object | None = None        # RunStats of the last run, set by CompiledModule
     facts: PlacementFacts | None = None   # computed from program + placement when not given
     signature: tuple | None = None        # input_signature of the example inputs it was planned for
+    chunking: tuple = ()                  # modules run on slices of their input (passes/chunking.py)
 
     def __post_init__(self):
         if self.facts is None:

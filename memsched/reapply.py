@@ -12,7 +12,8 @@ import torch
 from .errors import InfeasibleBudgetError
 from .frontend.capture import Captured, capture, input_signature
 from .frontend.repeats import capture_repeated
-from .io.reapply import apply_plan, check_signature
+from .io.reapply import PlanMismatchError, apply_plan, check_signature
+from .passes.chunking import chunked
 from .plan_records import PassRecord
 from .plans import Plan
 from .verify import verify_schedule
@@ -28,7 +29,11 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
         check_signature(saved.signature, key)
     verify_schedule(saved.graph, saved.budget_bytes)  # a hand-edited file fails here, by step
     t = time.perf_counter()
-    captured, _ = capture_repeated(model, lambda m: capture(m, args, kwargs))  # as planning captured it
+    for c in saved.chunking:   # the modules the plan runs on slices must be there to split
+        if not isinstance(_submodule(model, c.path), torch.nn.Module):
+            raise PlanMismatchError(f"the plan runs module {c.path!r} on slices of its input; the model has no such module")
+    with chunked(model, list(saved.chunking)):
+        captured, _ = capture_repeated(model, lambda m: capture(m, args, kwargs))  # as planning captured it
     capture_s = time.perf_counter() - t
     t = time.perf_counter()
     gm = apply_plan(saved.graph, captured)
@@ -40,5 +45,12 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
     passes = [*saved.passes, PassRecord("capture", capture_s, "re-captured"),
               PassRecord("apply", apply_s, "saved plan, not solved")]
     plan = Plan(saved.model_name, budget, saved.hardware, gm, None, None, saved.sim, saved.unconstrained,
-                passes, saved.n_segments, facts=saved.facts, signature=key)
+                passes, saved.n_segments, facts=saved.facts, signature=key, chunking=saved.chunking)
     return plan, captured
+
+
+def _submodule(model: torch.nn.Module, path: str):
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None

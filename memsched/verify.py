@@ -157,6 +157,22 @@ class _Checker:
             self.remove(x.name)
 
 
+# what each inserted op is called with: (number of positional arguments, or None for any
+# number of values) -- a hand-edited file with another call would run something else
+_ARITY = {Op.PREFETCH: 1, Op.WAIT: 1, Op.OFFLOAD: 2, Op.FREE: None, Op.BOUNDARY: None}
+
+
+def _check_arity(where: str, n: fx.Node, op: Op) -> None:
+    want = _ARITY[op]
+    if n.kwargs or (want is not None and len(n.args) != want):
+        raise PlanError(f"{where}: malformed {op.value} node (called with {len(n.args)} argument(s) and "
+                        f"{len(n.kwargs)} keyword(s); it takes {want if want is not None else 'any number of'} "
+                        f"and no keywords)")
+    nodes = n.args[:1] if op is Op.OFFLOAD else n.args
+    if op is not Op.BOUNDARY and not all(isinstance(a, fx.Node) for a in nodes):
+        raise PlanError(f"{where}: malformed {op.value} node (an argument is not a value)")
+
+
 _CHECKS = register("verifier", {
     Op.PREFETCH: _Checker.prefetch,
     Op.WAIT: _Checker.wait,
@@ -176,6 +192,7 @@ def verify_schedule(gm: fx.GraphModule, budget: int) -> int:
             c.check_reads(where, n, op)
             c.ops[n.name] = op
             if op is not None:
+                _check_arity(where, n, op)
                 _CHECKS[op](c, where, step, n)
             elif n.op == "placeholder":
                 c.placeholder(where, step, n)

@@ -197,7 +197,15 @@ def test_training_step_matches_eager(name, frac):
         loss = loss_fn(out)
         loss.backward()
         torch.testing.assert_close(loss.detach(), want.detach(), rtol=0, atol=0)
-        assert_same_grads(ref, model)
+        if name.endswith("use_cache"):
+            # The same CPU flash-attention backward runs in both, on the cache's concatenated
+            # keys and values; with 2 threads on an AMD EPYC its value gradients differed from
+            # eager's by <= 2.3e-8 (summation order; bit-equal with 1 thread at full budget,
+            # and on the Intel CPUs this ran on before). Close, not bit-equal, here.
+            for (pname, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+                torch.testing.assert_close(q.grad, p.grad, msg=pname)
+        else:
+            assert_same_grads(ref, model)
         assert cm.plan.verify() <= budget
         assert cm.stats.peak_device_bytes <= budget, cm.stats
         if name.endswith("use_cache"):

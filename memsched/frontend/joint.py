@@ -45,6 +45,9 @@ class JointCaptured(Captured):
     diff_outputs: list[int] = field(default_factory=list)      # user outputs that take a gradient
     grad_capable: list[int] = field(default_factory=list)      # user outputs that depend on a parameter
     boundary: str = ""                                         # name of the boundary node
+    # the exported forward it was traced from (module paths in its nodes' meta) and the names
+    # of that graph's weight, buffer and constant inputs: what passes/chunking.py reads
+    forward: tuple | None = None
 
     def forward_outputs(self, flat_outputs: list) -> list:
         return flat_outputs[self.n_mutations:self.n_outputs]
@@ -107,7 +110,8 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
         n_outputs=len(out_vals), n_mutations=n_mut,
         mutation_targets=[s.target for s in out_specs if s.kind == OutputKind.BUFFER_MUTATION],
         grad_targets=[placeholders[i].target for i in trained], diff_outputs=list(trace.diff),
-        grad_capable=list(trace.capable), boundary=boundary.name)
+        grad_capable=list(trace.capable), boundary=boundary.name,
+        forward=(ep.graph_module, {sp.arg.name for sp in ep.graph_signature.input_specs if sp.kind != InputKind.USER_INPUT}))
 
 
 def _portable_attention(target: str, primals: list):

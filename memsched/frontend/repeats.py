@@ -102,6 +102,11 @@ def _identical(layers: list) -> bool:
     return True
 
 
+def identical_modules(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Two modules built alike (as two layers of a stack are): ``_identical``'s test."""
+    return a is not b and type(a) is type(b) and _identical([a, b])
+
+
 def _owned_only(model: torch.nn.Module, stack: torch.nn.ModuleList) -> bool:
     """No tensor of the stack is shared with another layer or outside it (tied weights)."""
     inside = {id(t) for _, t in list(stack.named_parameters(remove_duplicate=False))
@@ -489,4 +494,5 @@ def _remade_val(old: torch.fx.Node, new: torch.fx.Node):
     return pytree.tree_unflatten(out, spec)
 
 
-__all__ = ["MIN_LAYERS", "NotRepeatable", "Stack", "capture_repeated", "find_stack", "traced_layers"]
+__all__ = ["MIN_LAYERS", "NotRepeatable", "Stack", "capture_repeated", "find_stack", "identical_modules",
+           "traced_layers"]

@@ -69,6 +69,7 @@ def plan_section(plan, training: bool) -> Section:
             (plan.unconstrained.peak_device_bytes,)),
         Row("minimum budget", (fb(plan.min_budget_bytes),), (plan.min_budget_bytes,)),
         *_limit_rows(plan.facts),
+        *_chunk_rows(getattr(plan, "chunking", ())),
     )
     return Section("plan", f"memsched plan for {plan.model_name}", rows)
 
@@ -80,6 +81,15 @@ def _limit_rows(facts) -> tuple:
     return (Row("floor (largest single op)", (f"{fb(facts.floor_bytes)}: {facts.floor_at}",),
                 (facts.floor_bytes,)),
             Row("minimum binds at", (facts.binds_at,)))
+
+
+def _chunk_rows(chunking) -> tuple:
+    """The modules run on slices of their input (passes/chunking.py), when the budget asked."""
+    if not chunking:
+        return ()
+    most = max(c.chunks for c in chunking)
+    return (Row("modules split", (f"{len(chunking)}, up to {most} slices: {', '.join(map(str, chunking[:3]))}"
+                                  + (", ..." if len(chunking) > 3 else ""),)),)
 
 
 def memory_section(plan) -> Section:

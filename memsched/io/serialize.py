@@ -62,6 +62,7 @@ from ..errors import PlanFileError
 from ..ir import ops
 from ..ir.kinds import LINKS, Kind, Tier
 from ..ir.meta import KEY, from_saved, info, to_saved
+from ..passes.chunking import Chunking
 from ..plan_records import SAVED_ACTIVATION_KEYS, PassRecord, PlacementFacts
 from .reapply import SAVED_TARGET, PlanMismatchError, saved_target  # noqa: F401  (re-exported)
 
@@ -701,6 +702,7 @@ def plan_to_dict(plan) -> dict:
         "budget_bytes": int(plan.budget_bytes),
         "hardware": plan.hardware.to_dict(),
         "input_signature": None if plan.signature is None else _signature_to_dict(plan.signature),
+        "chunking": [{"path": c.path, "dim": c.dim, "chunks": c.chunks} for c in plan.chunking],
         "placement": _facts_to_dict(plan.facts, plan.n_segments),
         "passes": [{"name": p.name, "seconds": num(p.seconds), "note": p.note} for p in plan.passes],
         "predicted": _sim_to_dict(plan.sim),
@@ -851,6 +853,23 @@ def _passes_from_dict(v, where: str = "passes") -> list[PassRecord]:
     return out
 
 
+MAX_CHUNKS = 1 << 16
+
+
+def _chunking_from_dict(v, where: str = "chunking") -> tuple[Chunking, ...]:
+    """The modules a plan runs on slices of their input: module paths (never private or the
+    module's own attributes), a row dim and a slice count, each in range."""
+    out = []
+    for i, c in enumerate(_list(v, where)):
+        at = f"{where}[{i}]"
+        _fields(c, at, ("path", "dim", "chunks"), ("path", "dim", "chunks"))
+        if not _is_attr_path(c["path"]):
+            _bad(f"{at}.path", f"{_show(c['path'])} is not a module path")
+        out.append(Chunking(c["path"], _int(c["dim"], f"{at}.dim", 0, MAX_RANK - 1),
+                            _int(c["chunks"], f"{at}.chunks", 2, MAX_CHUNKS)))
+    return tuple(out)
+
+
 _SECTIONS = ("format", "version", "model", "budget_bytes", "hardware", "placement", "passes", "predicted",
              "unconstrained", "program")
 
@@ -888,7 +907,7 @@ def plan_fields(d: dict, source: str = "the plan") -> dict:
     check_depth(d, source)
     check_header(d, source)
     try:
-        _fields(d, "", _SECTIONS, (*_SECTIONS, "memsched_version", "torch_version", "input_signature"))
+        _fields(d, "", _SECTIONS, (*_SECTIONS, "memsched_version", "torch_version", "input_signature", "chunking"))
         for key in ("memsched_version", "torch_version"):
             if key in d:
                 _text(d[key], key, MAX_NAME)
@@ -898,7 +917,8 @@ def plan_fields(d: dict, source: str = "the plan") -> dict:
             hardware=_hardware_from_dict(d["hardware"]), graph=graph_from_dict(d["program"]), program=None,
             placement=None, sim=_sim_from_dict(d["predicted"], "predicted"),
             unconstrained=_sim_from_dict(d["unconstrained"], "unconstrained"), passes=_passes_from_dict(d["passes"]),
-            n_segments=n_segments, facts=facts, signature=_signature_from_dict(d.get("input_signature")))
+            n_segments=n_segments, facts=facts, signature=_signature_from_dict(d.get("input_signature")),
+            chunking=_chunking_from_dict(d.get("chunking", [])))
     except PlanFileError as e:
         raise PlanFileError(f"{source} is damaged: {e}") from None
     except Exception as e:  # a check this reader lacks: still a damaged file, the cause kept for --debug

@@ -1,0 +1,225 @@
+"""Chunked ops (passes/chunking.py, pipeline.chunk_pass): below the minimum a plan can reach,
+the modules that keep their input's rows apart and make wider values inside are run on slices
+of their input, which lowers the floor; the outputs and gradients match eager."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import transformers as T
+
+import memsched
+from memsched.errors import PlanFileError
+from memsched.io.reapply import PlanMismatchError
+from memsched.frontend.capture import capture
+from memsched.passes.chunking import Chunking, chunked, splittable_modules
+from helpers import FIXED_CPU
+
+
+def _llama(intermediate=1024, layers=2):
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    return T.LlamaForCausalLM(cfg), torch.randint(0, 128, (2, 64))
+
+
+def _gpt2(dropout):
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, use_cache=False,
+                       resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    return T.GPT2LMHeadModel(cfg), torch.randint(0, 128, (2, 32))
+
+
+def _plan(model, kwargs, budget, train=False):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return memsched.plan(model, (), budget, example_kwargs=kwargs, train=train, hardware=FIXED_CPU)
+
+
+def _minimum(model, kwargs, train=False) -> int:
+    return _plan(model, kwargs, 10**13, train).min_budget_bytes
+
+
+# -- which modules split ------------------------------------------------------------------------
+def test_the_mlps_split_and_nothing_that_mixes_rows():
+    model, ids = _llama()
+    found = splittable_modules(model, capture(model.eval(), (ids,)))
+    assert [r.path for r in found] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    r = found[0]
+    assert r.dims == (2, 64)
+    assert r.dim_for(2) == 0 and r.dim_for(4) == 1    # the batch while it has the rows, then the sequence
+    assert r.inner_bytes == 2 * 64 * 1024 * 4 and r.edge_bytes == 2 * 64 * 64 * 4
+
+
+def test_a_layer_stack_captured_by_repeats_splits_every_layer():
+    model, ids = _llama(intermediate=512, layers=9)
+    from memsched.frontend.repeats import capture_repeated
+
+    captured, how = capture_repeated(model.eval(), lambda m: capture(m, (ids,)))
+    assert "repeated" in how
+    assert [r.path for r in splittable_modules(model, captured)] == [f"model.layers.{i}.mlp" for i in range(9)]
+
+
+class _MixesRows(torch.nn.Module):
+    """Wide inside, but each output row reads every input row (a running sum over the sequence)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 128), torch.nn.Linear(128, 16)
+
+    def forward(self, x):
+        return self.down(torch.cumsum(self.up(x), dim=1))
+
+
+class _Means(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 128), torch.nn.Linear(128, 16)
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(h - h.mean(dim=1, keepdim=True))   # normalised over the sequence
+
+
+class _Local(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 128), torch.nn.Linear(128, 16)
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(torch.softmax(h, -1) * h.pow(2).mean(-1, keepdim=True).rsqrt())
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x) + 1
+
+
+@pytest.mark.parametrize("block,splits", [(_MixesRows, False), (_Means, False), (_Local, True)])
+def test_row_mixing_is_found_by_its_ops(block, splits):
+    model = _Holder(block()).eval()
+    found = splittable_modules(model, capture(model, (torch.randn(2, 8, 16),)))
+    assert bool(found) == splits
+
+
+def test_dropout_is_never_split_in_training():
+    """Random ops would draw their numbers in another order on slices: such a module stays whole."""
+    model, ids = _gpt2(dropout=0.1)
+    assert splittable_modules(model.train(), capture(model.train(), (ids,))) == []
+    assert [r.path for r in splittable_modules(model.eval(), capture(model.eval(), (ids,)))] == \
+        ["transformer.h.0.mlp", "transformer.h.1.mlp"]
+
+
+def test_the_model_is_given_back_unpatched_even_on_error():
+    model, ids = _llama()
+    plan = [Chunking("model.layers.0.mlp", 1, 4)]
+    with pytest.raises(RuntimeError):
+        with chunked(model, plan):
+            assert "forward" in vars(model.model.layers[0].mlp)
+            raise RuntimeError("boom")
+    assert "forward" not in vars(model.model.layers[0].mlp)
+
+
+# -- planning and running -----------------------------------------------------------------------
+def test_no_split_when_the_budget_fits_without():
+    model, ids = _llama()
+    plan = _plan(model, {"input_ids": ids}, 10**13)
+    assert plan.chunking == ()
+    assert next(r.note for r in plan.passes if r.name == "chunk") == ""
+
+
+def test_inference_below_the_unsplit_minimum_equals_eager():
+    model, ids = _llama()
+    ref = copy.deepcopy(model)
+    unsplit = _minimum(model, {"input_ids": ids})
+    budget = int(0.6 * unsplit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(model, budget, device="cpu", hardware=FIXED_CPU)
+    try:
+        out = cm(input_ids=ids).logits
+        assert cm.plan.chunking and all(c.chunks >= 2 for c in cm.plan.chunking)
+        assert "split" in next(r.note for r in cm.plan.passes if r.name == "chunk")
+        # slicing the rows changes no sum in a forward: bit-equal on this CPU's matmul
+        torch.testing.assert_close(out, ref(input_ids=ids).logits, rtol=0, atol=0)
+        assert cm.stats.peak_device_bytes <= budget
+        assert cm.plan.verify() <= budget
+    finally:
+        cm.close()
+    assert "forward" not in vars(model.model.layers[0].mlp)
+
+
+def test_training_below_the_unsplit_minimum_matches_eager():
+    model, ids = _llama()
+    kwargs = {"input_ids": ids, "labels": ids}
+    ref = copy.deepcopy(model)
+    budget = int(0.6 * _minimum(model, kwargs, train=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(model, budget, train=True, device="cpu", hardware=FIXED_CPU)
+    try:
+        loss = cm(**kwargs).loss
+        loss.backward()
+        want = ref(**kwargs).loss
+        want.backward()
+        assert cm.plan.chunking
+        assert cm.stats.peak_device_bytes <= budget
+        torch.testing.assert_close(loss, want, rtol=0, atol=0)
+        # a weight's gradient sums the slices' partial products in another order: close, not equal
+        for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+    finally:
+        cm.close()
+
+
+def test_the_minimum_reported_counts_the_split():
+    model, ids = _llama()
+    unsplit = _minimum(model, {"input_ids": ids})
+    with pytest.raises(memsched.InfeasibleBudgetError) as err:
+        _plan(model, {"input_ids": ids}, 1000)
+    assert err.value.min_budget_bytes < 0.5 * unsplit
+    plan = _plan(model, {"input_ids": ids}, err.value.min_budget_bytes)   # and that minimum plans
+    assert plan.peak_device_bytes <= err.value.min_budget_bytes
+
+
+def test_a_saved_split_plan_reapplies(tmp_path):
+    model, ids = _llama()
+    budget = int(0.6 * _minimum(model, {"input_ids": ids}))
+    plan = _plan(model, {"input_ids": ids}, budget)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = memsched.Plan.load(path)
+    assert loaded.chunking == plan.chunking
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(model, budget, device="cpu", hardware=FIXED_CPU, plan=loaded)
+    try:
+        torch.testing.assert_close(cm(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    finally:
+        cm.close()
+
+
+def test_a_plan_file_splitting_a_missing_module_is_refused(tmp_path):
+    import json
+
+    model, ids = _llama()
+    plan = _plan(model, {"input_ids": ids}, int(0.6 * _minimum(model, {"input_ids": ids})))
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    doc = json.loads(path.read_text())
+    doc["chunking"][0]["path"] = "model.layers.7.mlp"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(PlanMismatchError, match="no such module"):
+        memsched.compile(model, plan.budget_bytes, device="cpu", hardware=FIXED_CPU, plan=memsched.Plan.load(path))(
+            input_ids=ids)
+    doc["chunking"][0]["path"] = "_modules"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(PlanFileError, match="chunking"):
+        memsched.Plan.load(path)
