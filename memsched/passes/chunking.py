@@ -100,6 +100,8 @@ def _rows_of(n: fx.Node, rows: dict[fx.Node, int], lead: tuple[int, ...]) -> int
     t = n.target
     if not isinstance(t, torch._ops.OpOverload) and t is not operator.getitem:
         raise _NotLocal(f"{n.name}: {t}")
+    if t is aten.dropout.default and (n.args[1] == 0 or not n.args[2]):
+        return rows.get(n.args[0])   # dropout with p = 0, or off: draws nothing
     if isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags:
         raise _NotLocal(f"{n.name} draws random numbers")
     first = n.args[0]
