@@ -78,19 +78,23 @@ def _time(call, repeats) -> float:
     return median(times)
 
 
+def _step(fn, params, kwargs, train):
+    """One call of ``fn``: a training step (loss, backward) or a forward without autograd."""
+    def call():
+        if train:
+            params.zero_grad(set_to_none=True)
+            fn(**kwargs).loss.backward()
+        else:
+            with torch.no_grad():
+                fn(**kwargs)
+    return call
+
+
 def _run(model, kwargs, train, budget, chunk_ops, repeats):
     """(seconds per call, measured peak, plan) of the compiled model at ``budget``."""
     cm = memsched.compile(model, budget, train=train, device="cpu", hardware=PROFILE, chunk_ops=chunk_ops)
     try:
-        def call():
-            if train:
-                model.zero_grad(set_to_none=True)
-                cm(**kwargs).loss.backward()
-            else:
-                with torch.no_grad():
-                    cm(**kwargs)
-        t = _time(call, repeats)
-        return t, cm.stats.peak_device_bytes, cm.plan
+        return _time(_step(cm, model, kwargs, train), repeats), cm.stats.peak_device_bytes, cm.plan
     finally:
         cm.close()
 
@@ -106,15 +110,7 @@ def row(name, mode, repeats):
         whole = _minimum(model, kwargs, train, chunk_ops=False)
         split = _minimum(model, kwargs, train, chunk_ops=True)
         ref = copy.deepcopy(model)
-
-        def eager():
-            if train:
-                ref.zero_grad(set_to_none=True)
-                ref(**kwargs).loss.backward()
-            else:
-                with torch.no_grad():
-                    ref(**kwargs)
-        t_eager = _time(eager, repeats)
+        t_eager = _time(_step(ref, ref, kwargs, train), repeats)
         t_whole, peak_whole, _ = _run(model, kwargs, train, whole, False, repeats)
         t_split, peak_split, plan = _run(model, kwargs, train, split, True, repeats)
     slices = max((c.chunks for c in plan.chunking), default=1)

@@ -62,35 +62,23 @@ def test_a_layer_stack_captured_by_repeats_splits_every_layer():
     assert [r.path for r in splittable_modules(model, captured)] == [f"model.layers.{i}.mlp" for i in range(9)]
 
 
-class _MixesRows(torch.nn.Module):
-    """Wide inside, but each output row reads every input row (a running sum over the sequence)."""
+class _Wide(torch.nn.Module):
+    """Up to 128 features and back: wider inside than at its edges. ``mix`` is what it does
+    in between."""
 
-    def __init__(self):
+    def __init__(self, mix):
         super().__init__()
-        self.up, self.down = torch.nn.Linear(16, 128), torch.nn.Linear(128, 16)
+        self.up, self.down, self.mix = torch.nn.Linear(16, 128), torch.nn.Linear(128, 16), mix
 
     def forward(self, x):
-        return self.down(torch.cumsum(self.up(x), dim=1))
+        return self.down(self.mix(self.up(x)))
 
 
-class _Means(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = torch.nn.Linear(16, 128), torch.nn.Linear(128, 16)
-
-    def forward(self, x):
-        h = self.up(x)
-        return self.down(h - h.mean(dim=1, keepdim=True))   # normalised over the sequence
-
-
-class _Local(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = torch.nn.Linear(16, 128), torch.nn.Linear(128, 16)
-
-    def forward(self, x):
-        h = self.up(x)
-        return self.down(torch.softmax(h, -1) * h.pow(2).mean(-1, keepdim=True).rsqrt())
+_BLOCKS = {  # what the middle does -> whether the rows stay apart
+    "running sum over the sequence": (lambda h: torch.cumsum(h, dim=1), False),
+    "normalised over the sequence": (lambda h: h - h.mean(dim=1, keepdim=True), False),
+    "softmax and norm over features": (lambda h: torch.softmax(h, -1) * h.pow(2).mean(-1, keepdim=True).rsqrt(), True),
+}
 
 
 class _Holder(torch.nn.Module):
@@ -102,9 +90,10 @@ class _Holder(torch.nn.Module):
         return self.block(x) + 1
 
 
-@pytest.mark.parametrize("block,splits", [(_MixesRows, False), (_Means, False), (_Local, True)])
-def test_row_mixing_is_found_by_its_ops(block, splits):
-    model = _Holder(block()).eval()
+@pytest.mark.parametrize("what", list(_BLOCKS))
+def test_row_mixing_is_found_by_its_ops(what):
+    mix, splits = _BLOCKS[what]
+    model = _Holder(_Wide(mix)).eval()
     found = splittable_modules(model, capture(model, (torch.randn(2, 8, 16),)))
     assert bool(found) == splits
 
