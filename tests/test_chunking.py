@@ -78,6 +78,10 @@ _BLOCKS = {  # what the middle does -> whether the rows stay apart
     "running sum over the sequence": (lambda h: torch.cumsum(h, dim=1), False),
     "normalised over the sequence": (lambda h: h - h.mean(dim=1, keepdim=True), False),
     "softmax and norm over features": (lambda h: torch.softmax(h, -1) * h.pow(2).mean(-1, keepdim=True).rsqrt(), True),
+    "scaled by its own first feature": (lambda h: h * h[..., :1], True),
+    "scaled by the fourth token": (lambda h: h * h[:, 3:4], False),
+    "minus the max over everything": (lambda h: h - h.amax(), False),
+    "shifted along the sequence": (lambda h: torch.cat([h[:, :1], h[:, :-1]], 1), False),
 }
 
 

@@ -134,9 +134,12 @@ def _rows_of(n: fx.Node, rows: dict[fx.Node, int], lead: tuple[int, ...]) -> int
             raise _NotLocal(f"{n.name} multiplies along rows")
         return p
     if t in _REDUCTIONS or t in _SOFTMAX or t in _SLICES or t in _SPLITS:
-        dim = n.args[1] if t in _SOFTMAX or t in _REDUCTIONS else (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0))
-        if t in (aten.select.int, aten.unbind.int, aten.narrow.default):
-            dim = n.args[1] if len(n.args) > 1 else 0
+        # where the op's dim argument sits: second for reductions, softmaxes and slices
+        # (slice, select, narrow, unbind), third for splits (after the sizes)
+        at = 2 if t in _SPLITS and t is not aten.unbind.int else 1
+        dim = n.args[at] if len(n.args) > at else n.kwargs.get("dim", None if t in _REDUCTIONS else 0)
+        if dim is None or (isinstance(dim, (list, tuple)) and not dim):
+            raise _NotLocal(f"{n.name} reduces over every dim")
         if any(d < p for d in _dims(dim, ndim)):
             raise _NotLocal(f"{n.name} reduces or slices over rows")
         keep = t in _SOFTMAX or t in _SLICES or t in _SPLITS or bool(n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
@@ -200,7 +203,7 @@ def row_local(path: str, nodes: list[fx.Node], state: set[str]) -> RowLocal | No
     try:
         for n in nodes:
             rows[n] = _rows_of(n, rows, lead_shape[:-1])
-    except _NotLocal:
+    except (_NotLocal, IndexError, KeyError, TypeError, ValueError):  # an op called in a form not read here: not split
         return None
     (y,) = outputs
     p = rows[x]
