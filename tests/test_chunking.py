@@ -8,6 +8,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 import transformers as T
 
 import memsched
@@ -223,3 +225,70 @@ def test_a_plan_file_splitting_a_missing_module_is_refused(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(PlanFileError, match="chunking"):
         memsched.Plan.load(path)
+
+
+# -- random feed-forward stacks, random budgets ---------------------------------------------------
+class _FeedForward(torch.nn.Module):
+    def __init__(self, hidden, wide, act):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(hidden)
+        self.up, self.down, self.act = torch.nn.Linear(hidden, wide), torch.nn.Linear(wide, hidden), act
+
+    def forward(self, x):
+        return self.down(self.act(self.up(self.norm(x))))
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, hidden, wide, act, depth):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_FeedForward(hidden, wide, act) for _ in range(depth))
+        self.head = torch.nn.Linear(hidden, 4)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x)
+
+
+_ACTS = {"gelu": torch.nn.GELU(), "silu": torch.nn.SiLU(), "relu": torch.nn.ReLU(), "tanh-gelu": torch.nn.GELU("tanh")}
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(1, 3), seq=st.integers(8, 40), wide=st.sampled_from([64, 128, 256]),
+       act=st.sampled_from(sorted(_ACTS)), depth=st.integers(1, 3), train=st.booleans(),
+       frac=st.floats(0.2, 0.95))
+def test_random_stacks_split_to_any_budget_they_can(batch, seq, wide, act, depth, train, frac):
+    """Below the unsplit minimum, a plan either splits the feed-forward blocks and matches eager
+    within the budget, or says the least budget that works -- and that budget plans."""
+    torch.manual_seed(0)
+    model = _Stack(16, wide, _ACTS[act], depth).train(train)
+    x = torch.randn(batch, seq, 16)
+    plan_kw = dict(example_inputs=(x,), train=train, hardware=FIXED_CPU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unsplit = memsched.plan(model, budget=10**13, **plan_kw).min_budget_bytes
+        budget = max(int(frac * unsplit), 1)
+        try:
+            memsched.plan(model, budget=budget, **plan_kw)
+        except memsched.InfeasibleBudgetError as e:
+            assert budget < e.min_budget_bytes <= unsplit
+            budget = e.min_budget_bytes
+        ref = copy.deepcopy(model)
+        cm = memsched.compile(model, budget, train=train, device="cpu", hardware=FIXED_CPU)
+    try:
+        if train:
+            cm(x).square().mean().backward()
+            ref(x).square().mean().backward()
+            for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+                torch.testing.assert_close(q.grad, p.grad, msg=name)
+        else:
+            with torch.no_grad():
+                torch.testing.assert_close(cm(x), ref(x))
+        assert cm.stats.peak_device_bytes <= budget
+        assert cm.plan.verify() <= budget
+        if budget < unsplit:
+            assert cm.plan.chunking, "a budget below the unsplit minimum planned without a split"
+        event(f"split in {max(c.chunks for c in cm.plan.chunking)}" if cm.plan.chunking else "whole")
+    finally:
+        cm.close()
+    assert all("forward" not in vars(b) for b in model.blocks)
