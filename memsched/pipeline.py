@@ -31,7 +31,8 @@ from .ir.graph_module import lazy_graph_module
 from .ir.kinds import PERSISTENT
 from .ir.units import format_bytes
 from .passes.analysis import START, Program, analyze
-from .passes.chunking import Chunking, chunked, chunkings, splittable_modules
+from .passes.chunking import Chunking, chunked, chunkings, splittable_modules, steps_outside
+from .passes.floor import op_floor
 from .passes.placement import Placement, solve_placement
 from .passes.placement.problem import PlacementModel
 from .passes.schedule import build_schedule
@@ -180,6 +181,10 @@ def chunk_pass(s: PlanningState) -> str:
     found = splittable_modules(s.model, s.captured)
     if not found:
         return "no module keeps its rows apart: nothing to split"
+    if not s.train:   # the ops a split leaves alone already need the minimum: no split lowers it
+        outside = op_floor(s.program, s.captured.gm.graph, steps_outside(s.program, s.captured.gm, found))
+        if outside is not None and outside.bytes >= s.min_budget:
+            return f"the minimum binds outside the {len(found)} module(s) that split: {outside.op}"
     best, before, failed = s, s.min_budget, ""
     for count in CHUNK_COUNTS:
         plan = chunkings(found, count)

@@ -292,3 +292,22 @@ def test_random_stacks_split_to_any_budget_they_can(batch, seq, wide, act, depth
     finally:
         cm.close()
     assert all("forward" not in vars(b) for b in model.blocks)
+
+
+def test_no_split_is_tried_when_the_minimum_binds_outside_the_modules():
+    """A wide vocabulary and a narrow MLP: the LM head sets the minimum, which no split of the
+    MLPs can lower, so none is captured (the pass says why)."""
+    from memsched import pipeline as P
+
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             use_cache=False)).eval()
+    s = P.PlanningState(1, FIXED_CPU, P.DEFAULT_MAX_SEGMENTS, 2.0, model=model,
+                        kwargs={"input_ids": torch.randint(0, 4096, (2, 64))})
+    for run in (P.capture_pass, P.analysis_pass, P.segments_pass):
+        run(s)
+    captured = s.captured
+    note = P.chunk_pass(s)
+    assert "binds outside" in note and "linear" in note
+    assert s.captured is captured and s.chunking == []

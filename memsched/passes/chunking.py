@@ -245,6 +245,20 @@ def splittable_modules(model: torch.nn.Module, captured: Captured) -> list[RowLo
     return sorted(found + extra, key=lambda r: r.path)
 
 
+def steps_outside(program, gm: fx.GraphModule, found: list[RowLocal]) -> list[int]:
+    """The steps of an inference program whose op torch.export traced outside every module in
+    ``found``: a split leaves their working sets as they are. Ops without a module path (a
+    layer grown by repeats may lack one) are not counted as outside."""
+    paths = {r.path for r in found}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = []
+    for step, name in enumerate(program.steps):
+        stack = nodes[name].meta.get("nn_module_stack")
+        if stack and not any(p in paths for p, _ in stack.values()):
+            out.append(step)
+    return out
+
+
 def chunkings(found: list[RowLocal], chunks: int) -> list[Chunking]:
     """Each module split in ``chunks`` slices (fewer where it has fewer rows)."""
     out = []

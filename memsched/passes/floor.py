@@ -45,15 +45,17 @@ def _largest(program: Program, ids) -> tuple[tuple[str, str, int], ...]:
     return tuple((b.name, str(b.kind), b.nbytes) for b in ss)
 
 
-def op_floor(program: Program, graph: fx.Graph) -> Binding | None:
+def op_floor(program: Program, graph: fx.Graph, steps=None) -> Binding | None:
     """The largest working set of a single op: the storages it reads and the ones it makes,
     beside those no plan can take off the device there (model tensors updated in place, and
-    in a training step's backward the forward outputs the caller holds)."""
+    in a training step's backward the forward outputs the caller holds). ``steps``: only
+    those (default: every step)."""
     nodes = {n.name: n for n in graph.nodes}
     best = None
     fixed = [b for b in program.storages if b.id in program.pinned]
     held = [b for b in program.storages if b.id in program.user_held]
-    for step, name in enumerate(program.steps):
+    for step in range(program.n_steps) if steps is None else steps:
+        name = program.steps[step]
         n = nodes[name]
         reads = [n.args[0]] if n.target is operator.getitem else n.all_input_nodes
         ids = {i for a in reads for i in program.values[a.name].storages}
