@@ -134,16 +134,7 @@ def _rows_of(n: fx.Node, rows: dict[fx.Node, int], lead: tuple[int, ...]) -> int
             raise _NotLocal(f"{n.name} multiplies along rows")
         return p
     if t in _REDUCTIONS or t in _SOFTMAX or t in _SLICES or t in _SPLITS:
-        # where the op's dim argument sits: second for reductions, softmaxes and slices
-        # (slice, select, narrow, unbind), third for splits (after the sizes)
-        at = 2 if t in _SPLITS and t is not aten.unbind.int else 1
-        dim = n.args[at] if len(n.args) > at else n.kwargs.get("dim", None if t in _REDUCTIONS else 0)
-        if dim is None or (isinstance(dim, (list, tuple)) and not dim):
-            raise _NotLocal(f"{n.name} reduces over every dim")
-        if any(d < p for d in _dims(dim, ndim)):
-            raise _NotLocal(f"{n.name} reduces or slices over rows")
-        keep = t in _SOFTMAX or t in _SLICES or t in _SPLITS or bool(n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
-        return p if keep or len(shape) >= p else None
+        return _along_dims(n, p, ndim)
     if t in _NORMS:
         normalized = n.args[1]
         if len(normalized) > ndim - p:
@@ -171,6 +162,20 @@ def _rows_of(n: fx.Node, rows: dict[fx.Node, int], lead: tuple[int, ...]) -> int
             raise _NotLocal(f"{n.name} broadcasts the rows")
         return p
     raise _NotLocal(f"{n.name}: {t} is not known to keep rows apart")
+
+
+def _along_dims(n: fx.Node, p: int, ndim: int) -> int:
+    """A reduction, softmax, slice or split keeps the rows apart when its dims are all past them."""
+    t = n.target
+    # where the op's dim argument sits: second for reductions, softmaxes and slices (slice,
+    # select, narrow, unbind), third for splits (after the sizes)
+    at = 2 if t in _SPLITS and t is not aten.unbind.int else 1
+    dim = n.args[at] if len(n.args) > at else n.kwargs.get("dim", None if t in _REDUCTIONS else 0)
+    if dim is None or (isinstance(dim, (list, tuple)) and not dim):
+        raise _NotLocal(f"{n.name} reduces over every dim")
+    if any(d < p for d in _dims(dim, ndim)):
+        raise _NotLocal(f"{n.name} reduces or slices over rows")
+    return p   # the dims left of the reduced ones are the rows, with or without keepdim
 
 
 def _module_groups(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
