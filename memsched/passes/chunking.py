@@ -59,7 +59,7 @@ class RowLocal:
     """A module found to keep its input's rows apart, with what splitting it can save."""
 
     path: str
-    dims: tuple[int, ...]   # the input's sizes along its row dims (a split picks the largest)
+    dims: tuple[int, ...]   # the input's sizes along its row dims (``dim_for`` picks one)
     inner_bytes: int        # the largest value it makes from the rows
     edge_bytes: int         # the larger of its input and output
 
@@ -89,21 +89,18 @@ class _NotLocal(Exception):
     pass
 
 
-def _rows_of(n: fx.Node, rows: dict[fx.Node, int], lead: tuple[int, ...]) -> int | None:
-    """How many leading dims of ``n``'s value are the module input's rows (``lead``), or None
-    when it does not depend on them; raises _NotLocal when the op mixes rows."""
-    ins = [a for a in n.all_input_nodes if a in rows]
-    if not any(rows[a] is not None for a in ins):
-        if isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags:
-            raise _NotLocal(f"{n.name} draws random numbers")
-        return None
+def _rows_of(n: fx.Node, rows: dict[fx.Node, int]) -> int | None:
+    """How many leading dims of ``n``'s value are the module input's rows, or None when it
+    does not depend on them; raises _NotLocal when the op mixes rows or draws random numbers."""
     t = n.target
-    if not isinstance(t, torch._ops.OpOverload) and t is not operator.getitem:
-        raise _NotLocal(f"{n.name}: {t}")
     if t is aten.dropout.default and (n.args[1] == 0 or not n.args[2]):
         return rows.get(n.args[0])   # dropout with p = 0, or off: draws nothing
     if isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags:
         raise _NotLocal(f"{n.name} draws random numbers")
+    if all(rows.get(a) is None for a in n.all_input_nodes):
+        return None
+    if not isinstance(t, torch._ops.OpOverload) and t is not operator.getitem:
+        raise _NotLocal(f"{n.name}: {t}")
     first = n.args[0]
     p = rows.get(first) if isinstance(first, fx.Node) else None
     shape = _shape(n)
@@ -207,7 +204,7 @@ def row_local(path: str, nodes: list[fx.Node], state: set[str]) -> RowLocal | No
         rows[a] = None
     try:
         for n in nodes:
-            rows[n] = _rows_of(n, rows, lead_shape[:-1])
+            rows[n] = _rows_of(n, rows)
     except (_NotLocal, IndexError, KeyError, TypeError, ValueError):  # an op called in a form not read here: not split
         return None
     (y,) = outputs
