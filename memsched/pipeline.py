@@ -1,6 +1,6 @@
 """The planning pipeline: a declared list of passes, run in order by one wrapper.
 
-    capture → analysis → segments → chunk → placement → schedule → simulate
+    capture → analysis → segments → chunk → placement → schedule → simulate → fuse
 
 Each pass is a function of the planning state that fills in its part (the captured graph, the
 program's analysis, the segments, the placement, the scheduled candidates, the chosen plan)
@@ -33,6 +33,7 @@ from .ir.units import format_bytes
 from .passes.analysis import START, Program, analyze
 from .passes.chunking import Chunking, chunked, chunkings, splittable_modules, steps_outside
 from .passes.floor import op_floor
+from .passes.fusion import fuse as fuse_regions
 from .passes.placement import Placement, solve_placement
 from .passes.placement.problem import PlacementModel
 from .passes.schedule import build_schedule
@@ -75,6 +76,7 @@ class PlanningState:
     min_budget: int | None = None                    # the lowest minimum of the counts tried
     chunking: list[Chunking] = field(default_factory=list)   # modules split, when the budget asks
     chunk_ops: bool = True                           # False: never split a module (chunk_pass)
+    fuse: bool = False                               # True: fuse compute into regions (fuse_pass)
     placement: Placement | None = None
     candidates: list[Candidate] = field(default_factory=list)
     chosen: Candidate | None = None
@@ -237,6 +239,19 @@ def simulate_pass(s: PlanningState) -> str:
     return ""
 
 
+def fuse_pass(s: PlanningState) -> str:
+    """The chosen program's compute between scheduling points fused into regions (passes/
+    fusion.py), each within the budget, then simulated again with the regions' prices."""
+    if not s.fuse:
+        return "off"
+    fused, regions = fuse_regions(s.chosen.scheduled, s.budget)
+    if not regions:
+        return "no run of two or more ops to fuse"
+    s.chosen.scheduled, s.chosen.sim = fused, simulate(fused, s.hw)
+    ops = sum(len(r.ops) for r in regions)
+    return f"{len(regions)} region(s) of {ops} ops, {len({r.key for r in regions})} distinct"
+
+
 @dataclass(frozen=True)
 class Pass:
     name: str
@@ -252,6 +267,7 @@ PASSES: tuple[Pass, ...] = (
     Pass("placement", placement_pass),
     Pass("schedule", schedule_pass),
     Pass("simulate", simulate_pass),
+    Pass("fuse", fuse_pass),
 )
 
 
@@ -344,11 +360,13 @@ def plan_captured(captured: Captured, budget: int, hw: Hardware, *, model_name: 
 def plan_model(model: torch.nn.Module, args: tuple, kwargs: dict, budget, hw: Hardware, *,
                train: bool = False, grad_outputs: str = "auto", verify: bool | None = None, progress=None,
                max_segments: int = DEFAULT_MAX_SEGMENTS, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
-               chunk_ops: bool = True) -> tuple[Plan, Captured]:
+               chunk_ops: bool = True, fuse: bool = False) -> tuple[Plan, Captured]:
     """Every pass, from capturing ``model(*args, **kwargs)`` to the chosen schedule
-    (``chunk_ops=False``: no module is run on slices, whatever the budget)."""
+    (``chunk_ops=False``: no module is run on slices, whatever the budget; ``fuse=True``: the
+    compute between scheduling points runs as compiled regions)."""
     s = PlanningState(parse_budget(budget, hw.device_bytes), hw, max_segments, time_limit_s, model=model,
-                      args=args, kwargs=kwargs, train=train, grad_outputs=grad_outputs, chunk_ops=chunk_ops)
+                      args=args, kwargs=kwargs, train=train, grad_outputs=grad_outputs, chunk_ops=chunk_ops,
+                      fuse=fuse)
     plan_state(s, verify=verify, progress=progress)
     plan = to_plan(s, type(model).__name__)
     plan.signature = input_signature(args, kwargs)

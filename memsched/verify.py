@@ -13,6 +13,8 @@ It reads the IR's vocabulary (ops, kinds, node facts) and nothing of the planner
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -157,9 +159,42 @@ class _Checker:
             self.remove(x.name)
 
 
+    def region(self, where, step, n):
+        """A fused region: its graph takes the node's arguments and runs ATen ops only, each
+        getitem after it reads an output it has, and the bytes it declares cover every storage
+        its ops make (recounted here), which the device must have room for while it runs."""
+        reg = n.meta.get("region")
+        if reg is None:
+            raise PlanError(f"{where}: a region node without its region")
+        sub = reg.graph.graph
+        params = [x for x in sub.nodes if x.op == "placeholder"]
+        if len(params) != len(n.args):
+            raise PlanError(f"{where}: the region takes {len(params)} inputs but is called with {len(n.args)}")
+        for x in sub.nodes:
+            if x.op == "call_function" and not (isinstance(x.target, torch._ops.OpOverload)
+                                                 or x.target is operator.getitem):
+                raise PlanError(f"{where}: the region calls {x.target!r}, not an ATen op")
+            if x.op in ("get_attr", "call_module", "call_method"):
+                raise PlanError(f"{where}: the region's graph has a {x.op} node")
+        n_out = len(next(x for x in reversed(sub.nodes) if x.op == "output").args[0])
+        for u in n.users:
+            if u.target is not operator.getitem or not (isinstance(u.args[1], int) and 0 <= u.args[1] < n_out):
+                raise PlanError(f"{where}: {u.name} reads the region other than by one of its {n_out} outputs")
+        read = {key for x in params for key, _ in _storages(x.meta.get("val"))}
+        made = {key: nb for x in sub.nodes if x.op == "call_function"
+                for key, nb in _storages(x.meta.get("val")) if key not in read}
+        if reg.nbytes < sum(made.values()):
+            raise PlanError(f"{where}: the region declares {reg.nbytes} bytes inside, but its ops make "
+                            f"{sum(made.values())}")
+        if self.cur + reg.nbytes > self.budget:
+            raise PlanError(f"{where}: {self.cur} device bytes held and {reg.nbytes} made inside the region, "
+                            f"over the budget of {self.budget}")
+        self.holds[n.name] = n.name
+
+
 # what each inserted op is called with: (number of positional arguments, or None for any
 # number of values) -- a hand-edited file with another call would run something else
-_ARITY = {Op.PREFETCH: 1, Op.WAIT: 1, Op.OFFLOAD: 2, Op.FREE: None, Op.BOUNDARY: None}
+_ARITY = {Op.PREFETCH: 1, Op.WAIT: 1, Op.OFFLOAD: 2, Op.FREE: None, Op.BOUNDARY: None, Op.REGION: None}
 
 
 def _check_arity(where: str, n: fx.Node, op: Op) -> None:
@@ -179,6 +214,7 @@ _CHECKS = register("verifier", {
     Op.OFFLOAD: _Checker.offload,
     Op.FREE: _Checker.free,
     Op.BOUNDARY: _Checker.compute,   # yields the tangents: fresh device values
+    Op.REGION: _Checker.region,
 })
 
 

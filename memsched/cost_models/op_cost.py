@@ -267,3 +267,25 @@ def estimate_op_time(node: torch.fx.Node, hw: Hardware) -> float:
 def transfer_time(nbytes: int, link: str, hw: Hardware) -> float:
     """Seconds to move ``nbytes`` over ``link`` (one of ``LINKS``)."""
     return nbytes / hw.bandwidth(link)
+
+
+def region_time(gm: torch.fx.Graph | torch.fx.GraphModule, hw: Hardware) -> float:
+    """Roofline time of a fused region (ir/regions.py): matmuls, convolutions and attention
+    stay library calls and cost what they cost alone; the other ops run fused, so their memory
+    traffic is the region's inputs and outputs read and written once, and one launch overhead."""
+    graph = gm.graph if isinstance(gm, torch.fx.GraphModule) else gm
+    library = fused_flops = 0.0
+    dtype = torch.float32
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        name = _op_name(n) or ""
+        if name in _MATMUL_OPS or name in _SDPA_OPS or name in _CONV_OPS or name in _CONV_T_OPS:
+            library += estimate_op_time(n, hw)
+        else:
+            fused_flops += op_flops_bytes(n)[0]
+            dtype = _compute_dtype(n)
+    io = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
+    io += list(next(n for n in reversed(graph.nodes) if n.op == "output").args[0])
+    io_bytes = sum(_nbytes(t) for v in io for t in _tensors(v.meta.get("val") if isinstance(v, torch.fx.Node) else v))
+    return library + max(fused_flops / hw.flops_for(dtype), io_bytes / hw.mem_bw) + hw.op_overhead_s

@@ -15,8 +15,9 @@ from ..ir.kinds import fetch_links, offload_links
 from ..ir.memory import DeviceMemory
 from ..ir.meta import info
 from ..ir.ops import Op, op_of, register
+from ..ir.regions import region_of
 from .hardware import Hardware
-from .op_cost import estimate_op_time
+from .op_cost import estimate_op_time, region_time
 
 
 @dataclass
@@ -65,7 +66,12 @@ class _Clock:
             self.now = t
 
     def compute_node(self, n):
-        dt = estimate_op_time(n, self.hw)
+        self.run_compute(n, estimate_op_time(n, self.hw))
+
+    def region(self, n):
+        self.run_compute(n, region_time(region_of(n).graph, self.hw))
+
+    def run_compute(self, n, dt):
         self.spans.append(Span("compute", n.name, self.now, self.now + dt))
         self.now += dt
         self.compute += dt
@@ -98,6 +104,7 @@ _TIME = register("simulator", {
     Op.OFFLOAD: _Clock.offload,
     Op.FREE: _Clock.free,
     Op.BOUNDARY: _Clock.compute_node,
+    Op.REGION: _Clock.region,
 })
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir.kinds import LINKS
+from ..ir.ops import Op, op_of
+from ..ir.regions import region_of
 from ..ir.units import format_bytes as fb
 
 SAVED_ACTIVATIONS_SHOWN = 40  # the largest saved activations listed (the caption totals all)
@@ -70,6 +72,7 @@ def plan_section(plan, training: bool) -> Section:
         Row("minimum budget", (fb(plan.min_budget_bytes),), (plan.min_budget_bytes,)),
         *_limit_rows(plan.facts),
         *_chunk_rows(getattr(plan, "chunking", ())),
+        *_region_rows(plan.graph),
     )
     return Section("plan", f"memsched plan for {plan.model_name}", rows)
 
@@ -90,6 +93,16 @@ def _chunk_rows(chunking) -> tuple:
     most = max(c.chunks for c in chunking)
     return (Row("modules split", (f"{len(chunking)}, up to {most} slices: {', '.join(map(str, chunking[:3]))}"
                                   + (", ..." if len(chunking) > 3 else ""),)),)
+
+
+def _region_rows(gm) -> tuple:
+    """The fused regions (passes/fusion.py), when fusion ran."""
+    regions = [region_of(n) for n in gm.graph.nodes if op_of(n) is Op.REGION]
+    if not regions:
+        return ()
+    kinds = len({r.key for r in regions})
+    ops = sum(len(r.ops) for r in regions)
+    return (Row("fused regions", (f"{len(regions)} ({kinds} distinct), {ops} ops",), (len(regions),)),)
 
 
 def memory_section(plan) -> Section:

@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from .meta import info, tier_of
 from .ops import Op, op_of, register
+from .regions import region_of
 from .tensors import value_nbytes
 from .units import format_bytes
 
@@ -86,12 +87,20 @@ def _offload_note(n):
     return note + (" (delivered: the step returns this copy)" if info(n).delivers else "")
 
 
+def _region_note(n, shown: int = 6):
+    reg = region_of(n)
+    names = [op.removeprefix("aten.") for op in reg.ops]
+    more = " …" if len(names) > shown else ""
+    return f"{len(names)} ops: {', '.join(names[:shown])}{more} ({format_bytes(reg.nbytes)} inside)"
+
+
 _NOTES = register("printer", {
     Op.PREFETCH: _prefetch_note,
     Op.WAIT: lambda n: f"{_moved(n)[0]} ready on device",
     Op.OFFLOAD: _offload_note,
     Op.FREE: None,  # printed bare: free(a, b)  # [pass]
     Op.BOUNDARY: lambda n: "forward ends: outputs handed to autograd, their gradients come back",
+    Op.REGION: _region_note,
 })
 
 

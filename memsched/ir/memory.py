@@ -14,6 +14,7 @@ import torch.fx as fx
 from .kinds import Kind, Tier
 from .meta import info, tier_of
 from .ops import Op, op_of, register
+from .regions import region_of
 from .tensors import storages
 
 CATEGORIES = ("weights", "kv cache", "activations", "grads", "other")
@@ -84,6 +85,12 @@ class DeviceMemory:
                 self.drop(x.name)
         return None
 
+    def _region(self, n):
+        # the call holds up to the bytes its ops make while it runs; what it returns is held
+        # by the getitems after it
+        self.peak = max(self.peak, self.current + region_of(n).nbytes)
+        return None
+
     # -- bookkeeping ------------------------------------------------------------------------
     def _add(self, name, entries, kind):
         keys = self._of_value[name] = []
@@ -122,4 +129,5 @@ _VISIT = register("memory", {
     Op.OFFLOAD: DeviceMemory._offload,
     Op.FREE: DeviceMemory._free,
     Op.BOUNDARY: DeviceMemory._compute,   # yields the tangents: fresh device values
+    Op.REGION: DeviceMemory._region,
 })

@@ -22,6 +22,9 @@ class Op(Enum):
     # boundary(*outputs) -> tangents: a training step's forward ends here; the program hands the
     # forward outputs to autograd and resumes with their gradients (the backward)
     BOUNDARY = "boundary"
+    # region(*inputs) -> outputs: compute ops fused into one compiled call (passes/fusion.py);
+    # what it runs is node.meta["region"] (ir/regions.py), its outputs are read by getitem
+    REGION = "region"
 
 
 def _target(op: Op):
@@ -34,7 +37,7 @@ def _target(op: Op):
 
 
 TARGETS: dict[Op, object] = {op: _target(op) for op in Op}
-prefetch, wait, offload, free, boundary = (TARGETS[op] for op in Op)
+prefetch, wait, offload, free, boundary, region = (TARGETS[op] for op in Op)
 _OP_OF_TARGET = {id(t): op for op, t in TARGETS.items()}
 
 

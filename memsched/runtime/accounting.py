@@ -75,15 +75,24 @@ class DeviceAccountant:
             self.current += nbytes
             if self.pool is not None and self.current + self.pool.idle > self.pool_cap:
                 self.pool.trim(max(self.pool_cap - self.current, 0))
-            if self.current > self.peak:
-                self.peak = self.current
-                if self.peak > self.budget:
-                    raise BudgetExceededError(
-                        f"device bytes {format_bytes(self.peak)} passed the budget "
-                        f"{format_bytes(self.budget)}: the plan under-counted; please report this"
-                    )
+            self._check_peak()
         else:
             entry[1] += 1
+
+    def _check_peak(self) -> None:
+        if self.current > self.peak:
+            self.peak = self.current
+            if self.peak > self.budget:
+                raise BudgetExceededError(
+                    f"device bytes {format_bytes(self.peak)} passed the budget "
+                    f"{format_bytes(self.budget)}: the plan under-counted; please report this"
+                )
+
+    def hold(self, nbytes: int) -> None:
+        """Count ``nbytes`` not seen as tensors (a fused region's buffers while it runs);
+        a negative count gives them back."""
+        self.current += nbytes
+        self._check_peak()
 
     def release(self, t: torch.Tensor) -> None:
         key = t.untyped_storage().data_ptr()

@@ -6,13 +6,16 @@ call the runtime (``rt.prefetch``/``rt.wait``/``rt.offload``/``rt.free``; the bo
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
 
 from ..ir.listing import format_arg, format_args
 from ..ir.ops import Op, is_inserted, op_of, register
+from ..ir.regions import region_of
 from ..ir.tensors import distinct_storage_bytes
+from .regions import RegionKernel
 
 
 def _surely_tensor(node: fx.Node) -> bool:
@@ -47,6 +50,24 @@ def _free(n, args, r):
     return "; ".join(calls) + f"; del {args}"
 
 
+def _region(n, args, r):
+    # the call returns the region's outputs as a tuple, unpacked at once into the getitem
+    # values after it (which emit nothing of their own): no tuple outlives the call
+    reg = region_of(n)
+    by_index = {g.args[1]: g for g in n.users}
+    names = ", ".join(f"v_{by_index[i].name}" if i in by_index else "_" for i in range(reg.n_outputs))
+    tracks = "; ".join(f"{'_track' if _surely_tensor(g) else 'rt.track'}(v_{g.name})" for g in by_index.values())
+    room = f"rt.make_room({reg.nbytes}); " if r.room_for is not None and reg.nbytes > r.room_for else ""
+    kernel = r.const(RegionKernel(reg))
+    unread = "; _ = None" if len(by_index) < reg.n_outputs else ""
+    call = f"{room}{names}, = rt.region({kernel}, {reg.nbytes}, ({args}{',' if n.args else ''}))"
+    return "; ".join(x for x in (call, tracks) if x) + unread
+
+
+def _reads_region(n: fx.Node) -> bool:
+    return n.target is operator.getitem and isinstance(n.args[0], fx.Node) and op_of(n.args[0]) is Op.REGION
+
+
 _EMIT = register("executor", {
     Op.PREFETCH: lambda n, args, r: f"v_{n.name} = rt.prefetch({args})",
     # the pending handle holds the fetched tensor too: drop it, so the tensor dies when the
@@ -57,6 +78,7 @@ _EMIT = register("executor", {
     # a training step: hand the forward outputs over, resume with their gradients
     Op.BOUNDARY: lambda n, args, r: (f"v_{n.name} = yield ({args}{',' if len(n.args) == 1 else ''}); "
                                      f"rt.track(v_{n.name})"),
+    Op.REGION: _region,
 })
 
 
@@ -65,8 +87,8 @@ class _Renderer:
     ``_track``, ``_release``, constants ``_c<i>``, functions ``_f<i>``) and keeps constants
     Python has no literal for as globals."""
 
-    def __init__(self, device: torch.device | None):
-        self.device = device
+    def __init__(self, device: torch.device | None, room_for: int | None = None):
+        self.device, self.room_for = device, room_for
         self.glb: dict = {}
         self._fn: dict[int, str] = {}
 
@@ -104,7 +126,7 @@ def generate_source(gm: fx.GraphModule, device: torch.device | None = None,
                     room_for: int | None = None) -> tuple[str, dict]:
     """Python source of the scheduled program and the globals it needs. Ops allocating more
     than ``room_for`` bytes are preceded by ``rt.make_room(n)`` (recycled buffers let go)."""
-    r = _Renderer(device)
+    r = _Renderer(device, room_for)
     body = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, n in enumerate(placeholders):
@@ -113,6 +135,8 @@ def generate_source(gm: fx.GraphModule, device: torch.device | None = None,
         op = op_of(n)
         if op is not None:
             body.append(_EMIT[op](n, r.args(n), r))
+        elif _reads_region(n):
+            continue   # unpacked by the region's own line
         elif n.op == "call_function":
             track = "_track" if _surely_tensor(n) else "rt.track"
             size = allocates(n)

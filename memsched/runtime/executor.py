@@ -258,6 +258,15 @@ class Executor:
     def wait(self, pending):
         return self.engine.wait(pending)
 
+    def region(self, kernel, nbytes: int, args: tuple) -> tuple:
+        """Run a fused region; while it runs, the device holds the bytes it declares (every
+        storage its ops make: its own buffers are not seen one by one)."""
+        self.acct.hold(nbytes)
+        try:
+            return kernel(*args)
+        finally:
+            self.acct.hold(-nbytes)
+
     def offload(self, x, tier):
         out = self.engine.offload(x, tier)
         self._outgoing[id(x)] = out

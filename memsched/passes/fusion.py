@@ -1,0 +1,200 @@
+"""Fusion: the compute between scheduling points becomes regions compiled as one call each.
+
+A region is a run of consecutive compute nodes of the scheduled program with no prefetch, wait,
+offload or boundary among them (those stay visible: the runtime overlaps transfers with them).
+Frees inside the run move after the region: a value made and dropped inside never exists
+outside it, and one from outside is held until the region returns. The budget holds because a
+region only grows while
+
+    device bytes held before its first op  +  every storage its ops make  <=  budget
+
+(``Region.nbytes`` is that sum: an upper bound of what the compiled call can allocate, whatever
+it fuses, since it makes no value the ops do not make). Ops left out: random ones (a compiled
+kernel draws other numbers), in-place and mutating ones, ops of other namespaces and Python
+calls, and ops whose results are not tensors. A region needs two ops that compute (views and
+getitems do not count); shorter runs stay as they are.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..ir.graph_module import lazy_graph_module
+from ..ir.listing import target_name
+from ..ir.memory import DeviceMemory
+from ..ir.meta import annotate
+from ..ir.ops import Op, op_of, region
+from ..ir.regions import KEY, Region, made_bytes, structure_key
+from ..ir.tensors import storages
+
+MAX_REGION_OPS = 256   # a longer run is cut: compile time grows with a region's size
+_NAMESPACES = ("aten", "prims")
+
+
+def fusible(n: fx.Node) -> bool:
+    """A compute node a compiled region may run: a pure, deterministic ATen op on tensors."""
+    if n.op != "call_function" or op_of(n) is not None:
+        return False
+    if n.target is operator.getitem:
+        return isinstance(n.meta.get("val"), torch.Tensor)
+    t = n.target
+    if not isinstance(t, torch._ops.OpOverload) or t.namespace not in _NAMESPACES:
+        return False
+    if t._schema.is_mutable or torch.Tag.nondeterministic_seeded in t.tags:
+        return False
+    leaves = _flat(n.meta.get("val"))
+    return bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves)
+
+
+def _flat(val) -> list:
+    return [y for x in val for y in _flat(x)] if isinstance(val, (list, tuple)) else [val]
+
+
+def _computes(n: fx.Node) -> bool:
+    return n.target is not operator.getitem and not n.target.is_view
+
+
+@dataclass
+class _Run:
+    held_before: int                                   # device bytes held before its first op
+    members: list = field(default_factory=list)
+    frees: list = field(default_factory=list)          # (free node, members before it)
+    made: dict = field(default_factory=dict)           # storage key -> bytes its ops make
+    outside: set = field(default_factory=set)          # storage keys of the values it reads
+
+    def _outside_keys(self, n: fx.Node) -> set:
+        inside = set(self.members)
+        return {k for x in n.all_input_nodes if x not in inside for k, _ in storages(x.meta.get("val"))}
+
+    def cost_with(self, n: fx.Node) -> int:
+        """Bytes made if ``n`` joins."""
+        outside = self.outside | self._outside_keys(n)
+        extra = {k: b for k, b in storages(n.meta.get("val")) if k not in outside and k not in self.made}
+        return sum(self.made.values()) + sum(extra.values())
+
+    def add(self, n: fx.Node) -> None:
+        self.outside |= self._outside_keys(n)
+        for k, b in storages(n.meta.get("val")):
+            if k not in self.outside:
+                self.made[k] = b
+        self.members.append(n)
+
+    def trimmed(self) -> "_Run | None":
+        """The run cut before its first multi-output op whose getitems it does not all hold
+        (a region returns tensors, not tuples); None when too little is left to fuse."""
+        inside = set(self.members)
+        for i, m in enumerate(self.members):
+            if not isinstance(m.meta.get("val"), torch.Tensor) and any(
+                    u not in inside and op_of(u) is not Op.FREE for u in m.users):
+                run = _Run(self.held_before)
+                for x in self.members[:i]:
+                    run.add(x)
+                run.frees = [(f, k) for f, k in self.frees if k <= i]
+                return run.trimmed()
+        return self if sum(_computes(m) for m in self.members) >= 2 else None
+
+
+def find_regions(gm: fx.GraphModule, budget: int) -> list[_Run]:
+    """The runs of the program that become regions, in program order."""
+    memory, runs, run = DeviceMemory(), [], None
+
+    def close():
+        kept = run.trimmed() if run is not None else None
+        if kept is not None:
+            runs.append(kept)
+
+    for n in gm.graph.nodes:
+        if run is not None and op_of(n) is Op.FREE:
+            run.frees.append((n, len(run.members)))
+        elif fusible(n) and (n.target is not operator.getitem or (run is not None and n.args[0] in run.members)):
+            if run is not None and (len(run.members) >= MAX_REGION_OPS
+                                    or run.held_before + run.cost_with(n) > budget):
+                close()
+                run = None
+            if run is None:
+                run = _Run(memory.current)
+            run.add(n)
+        else:
+            close()
+            run = None
+        memory.visit(n)
+    close()
+    return runs
+
+
+def _subgraph(members: list, inputs: list, outputs: list) -> fx.GraphModule:
+    """The members as a graph of their own, named canonically (in0.., op0..) so that the same
+    ops on the same shapes print, hash and compile the same."""
+    sub, env = fx.Graph(), {}
+    for i, x in enumerate(inputs):
+        env[x] = p = sub.placeholder(f"in{i}")
+        p.meta["val"] = x.meta.get("val")
+    for j, m in enumerate(members):
+        args = fx.map_arg(m.args, env.__getitem__)
+        kwargs = fx.map_arg(m.kwargs, env.__getitem__)
+        env[m] = c = sub.create_node("call_function", m.target, args, kwargs, name=f"op{j}")
+        c.meta["val"] = m.meta.get("val")
+    sub.output(tuple(env[o] for o in outputs))
+    return fx.GraphModule(torch.nn.Module(), sub, class_name="Region")
+
+
+def _rewrite(graph: fx.Graph, run: _Run, index: int) -> None:
+    """Replace the run's members by one region node and a getitem per value read after it;
+    its frees follow, without the values that never leave the region."""
+    members, inside = run.members, set(run.members)
+    # a value only frees read after the region is dead when it returns: it stays inside
+    outputs = [m for m in members if any(u not in inside and op_of(u) is not Op.FREE for u in m.users)]
+    inputs = list(dict.fromkeys(x for m in members for x in m.all_input_nodes if x not in inside))
+    sub = _subgraph(members, inputs, outputs)
+    reg = Region(sub, tuple(target_name(m.target) for m in members if m.target is not operator.getitem),
+                 made_bytes(sub), structure_key(sub))
+    with graph.inserting_before(members[0]):
+        node = graph.create_node("call_function", region, tuple(inputs), name=f"fused_{index}")
+    annotate(node, made_by="fuse")
+    node.meta[KEY] = reg
+    last, getters = node, []
+    for i, o in enumerate(outputs):
+        with graph.inserting_after(last):
+            last = g = graph.call_function(operator.getitem, (node, i))
+        g.meta = dict(o.meta)
+        o.replace_all_uses_with(g, delete_user_cb=lambda u: u not in inside)
+        getters.append((g, o.name))
+    moved = {f for f, _ in run.frees}
+    for f in dict.fromkeys(u for m in members for u in m.users if op_of(u) is Op.FREE and u not in moved):
+        _drop_args(graph, f, inside)      # a later free of a value that stayed inside
+    for f, _ in run.frees:
+        if _drop_args(graph, f, inside):
+            last.append(f)
+            last = f
+    for m in reversed(members):
+        graph.erase_node(m)
+    for g, name in getters:
+        # each value keeps its name, which moves name it (saves=/restores=) and the listing
+        # shows; fx's own _rename would pick a fresh one, the name being still reserved
+        g.name = name
+        graph._graph_namespace._rename_object(g, name)
+
+
+def _drop_args(graph: fx.Graph, f: fx.Node, inside: set) -> bool:
+    """Take the region's inner values out of free ``f``; erase it when nothing is left."""
+    kept = tuple(a for a in f.args if a not in inside)
+    if not kept:
+        graph.erase_node(f)
+        return False
+    f.args = kept
+    return True
+
+
+def fuse(gm: fx.GraphModule, budget: int) -> tuple[fx.GraphModule, list[Region]]:
+    """A copy of the scheduled program ``gm`` with its compute fused into regions."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    fused = lazy_graph_module(gm, graph, class_name="Fused")
+    runs = find_regions(fused, budget)
+    for i, run in enumerate(runs):
+        _rewrite(graph, run, i)
+    graph.lint()
+    return fused, [n.meta[KEY] for n in graph.nodes if op_of(n) is Op.REGION]
