@@ -18,7 +18,9 @@ the same process:
                    = B (the min-cut partitioner recomputes activations to stay under that fraction
                    of the saved-activation bytes); compile time is reported separately;
   memsched@F       memsched.compile(model, F x the unconstrained training peak, train=True,
-                   device="cpu") for F in --fractions, and at the minimum budget.
+                   device="cpu") for F in --fractions, and at the minimum budget;
+  memsched+fuse@F  the same with fuse=True: the compute between scheduling points runs as regions
+                   compiled by Inductor (--fuse off|on|both, default both).
 
 Timing: every method does --warmup steps (the first includes compile / plan), then --reps rounds
 in which every method does one timed step (the order rotates each round so noise hits all
@@ -218,6 +220,7 @@ class Method:
         self.budget = None
         self.graphs = None
         self.fresh_peaks = None  # memsched: its own peaks in the peak passes
+        self.fuse = False        # memsched: planned with fuse=True
         self.preexisting = preexisting  # tensors live at the start of a step (weights, inputs)
 
     def step(self) -> float:
@@ -257,6 +260,8 @@ def main():
                          "compile time is a cold compile)")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="memsched solver time limit (time_limit_s), default memsched's own (10 s)")
+    ap.add_argument("--fuse", choices=("off", "on", "both"), default="both",
+                    help="memsched rows without fusion, with it (fuse=True), or both (default)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--offload-root", default=None, help="where memsched's offload files go (default: a temp dir)")
     a = ap.parse_args()
@@ -364,10 +369,13 @@ def main():
         if budget in seen_budgets:
             continue
         seen_budgets.add(budget)
-        cm = memsched.compile(ms_model, budget, train=True, device="cpu", offload_dir=root, **ms_options)
-        m = Method(f"memsched @{label}", ms_model, lambda _cm=cm: _cm(**kw), kind="memsched")
-        m.cm, m.budget = cm, budget
-        methods.append(m)
+        for fuse in {"off": (False,), "on": (True,), "both": (False, True)}[a.fuse]:
+            cm = memsched.compile(ms_model, budget, train=True, device="cpu", offload_dir=root, fuse=fuse,
+                                  **ms_options)
+            m = Method(f"memsched{'+fuse' if fuse else ''} @{label}", ms_model, lambda _cm=cm: _cm(**kw),
+                       kind="memsched")
+            m.cm, m.budget, m.fuse = cm, budget, fuse
+            methods.append(m)
 
     try:
         # warm-up (first step: compile / plan), correctness against eager's first step
@@ -408,7 +416,7 @@ def main():
             starts with no recycled buffers and no earlier step's state, so every byte it holds
             during the step is allocated (and seen) inside the measured step."""
             return memsched.compile(ms_model, m.budget, train=True, device="cpu", offload_dir=root,
-                                    example_kwargs=kw, **ms_options)
+                                    example_kwargs=kw, fuse=m.fuse, **ms_options)
 
         for m in ok:
             model_tensors = list(m.model.parameters()) + list(m.model.buffers())

@@ -13,6 +13,7 @@ from .errors import InfeasibleBudgetError
 from .frontend.capture import Captured, capture, input_signature
 from .frontend.repeats import capture_repeated
 from .io.reapply import PlanMismatchError, apply_plan, check_signature
+from .ir.ops import Op, op_of
 from .passes.chunking import chunked
 from .plan_records import PassRecord
 from .plans import Plan
@@ -28,6 +29,9 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
     if saved.signature is not None:
         check_signature(saved.signature, key)
     verify_schedule(saved.graph, saved.budget_bytes)  # a hand-edited file fails here, by step
+    if any(op_of(n) is Op.REGION for n in saved.graph.graph.nodes):
+        raise NotImplementedError("re-applying a plan with fused regions is not supported yet: such a plan "
+                                  "loads, prints and verifies; to run it, plan again with fuse=True")
     t = time.perf_counter()
     for c in saved.chunking:   # the modules the plan runs on slices must be there to split
         if not isinstance(_submodule(model, c.path), torch.nn.Module):

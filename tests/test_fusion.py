@@ -165,3 +165,50 @@ def test_random_programs_fuse_within_budget(case, frac):
     assert simulate(fused, FIXED_CPU).peak_device_bytes <= budget
     for r in regions:
         assert len(r.ops) >= 2
+
+
+def _fused_plan_file(tmp_path):
+    model, x = _stack().eval(), torch.randn(4, 16, 32)
+    plan = memsched.plan(model, (x,), budget="1GB", hardware=FIXED_CPU, fuse=True)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    return model, x, plan, path
+
+
+def test_saved_plan_keeps_its_regions_as_ops(tmp_path):
+    """A region is saved as the program of its ops (no compiled code), loads back with the
+    same listing, and the verifier recounts its bytes."""
+    model, x, plan, path = _fused_plan_file(tmp_path)
+    loaded = memsched.Plan.load(path)
+    assert [line for line in str(loaded).splitlines() if "region(" in line] == \
+        [line for line in str(plan).splitlines() if "region(" in line]
+    assert loaded.verify() == plan.verify()
+    with pytest.raises(NotImplementedError, match="fused regions"):
+        _compile(model, "1GB", plan=path, example_inputs=(x,))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda rec: rec.pop("region"), "carries its region"),
+    (lambda rec: rec["region"].update(nbytes=-1), "nbytes"),
+    (lambda rec: rec["region"]["program"]["nodes"][-2].update(target="aten::not_an_op.default"), "region"),
+])
+def test_loading_refuses_a_broken_region(tmp_path, edit, message):
+    import json
+
+    from memsched.errors import PlanFileError
+    _, _, _, path = _fused_plan_file(tmp_path)
+    doc = json.loads(path.read_text())
+    edit(next(rec for rec in doc["program"]["nodes"] if rec["target"] == "memsched.region"))
+    path.write_text(json.dumps(doc))
+    with pytest.raises(PlanFileError, match=message):
+        memsched.Plan.load(path)
+
+
+def test_under_declared_region_in_a_file_fails_verification(tmp_path):
+    import json
+    _, _, _, path = _fused_plan_file(tmp_path)
+    doc = json.loads(path.read_text())
+    next(rec for rec in doc["program"]["nodes"] if rec["target"] == "memsched.region")["region"]["nbytes"] = 0
+    path.write_text(json.dumps(doc))
+    with pytest.raises(PlanError, match="declares 0 bytes inside"):
+        memsched.Plan.load(path).verify()

@@ -26,7 +26,7 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 VERSIONS = GOLDEN_DIR / "VERSIONS.json"
 # the libraries whose tracing each golden depends on
 TRACED_WITH = {"mlp_t4_min_budget": ("torch",), "gpt2_t4_1MB": ("torch", "transformers"),
-               "mlp_train_t4": ("torch",)}
+               "mlp_train_t4": ("torch",), "mlp_train_t4_fused": ("torch",)}
 
 
 def _installed(libs) -> dict:
@@ -78,7 +78,19 @@ def _mlp_train_plan() -> memsched.Plan:
     return memsched.plan(model, (x,), budget=budget, hardware="t4", train=True)
 
 
-PLANS = {"mlp_t4_min_budget": _mlp_plan, "gpt2_t4_1MB": _gpt2_plan, "mlp_train_t4": _mlp_train_plan}
+def _mlp_train_fused_plan() -> memsched.Plan:
+    """The same step with fuse=True: its compute between scheduling points in regions."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 128),
+                                torch.nn.GELU(), torch.nn.Linear(128, 16)).train()
+    x = torch.randn(32, 64)
+    free = memsched.plan(model, (x,), budget=10**9, hardware="t4", train=True)
+    budget = (free.min_budget_bytes + free.program.peak_bytes) // 2
+    return memsched.plan(model, (x,), budget=budget, hardware="t4", train=True, fuse=True)
+
+
+PLANS = {"mlp_t4_min_budget": _mlp_plan, "gpt2_t4_1MB": _gpt2_plan, "mlp_train_t4": _mlp_train_plan,
+         "mlp_train_t4_fused": _mlp_train_fused_plan}
 _cache: dict = {}
 
 

@@ -61,7 +61,10 @@ from ..cost_models.simulator import SimResult, Span
 from ..errors import PlanFileError
 from ..ir import ops
 from ..ir.kinds import LINKS, Kind, Tier
+from ..ir.listing import target_name as target_name_of
 from ..ir.meta import KEY, from_saved, info, to_saved
+from ..ir.regions import KEY as REGION_KEY
+from ..ir.regions import Region, region_of, structure_key
 from ..passes.chunking import Chunking
 from ..plan_records import SAVED_ACTIVATION_KEYS, PassRecord, PlacementFacts
 from .reapply import SAVED_TARGET, PlanMismatchError, saved_target  # noqa: F401  (re-exported)
@@ -441,12 +444,15 @@ def graph_to_dict(gm: fx.GraphModule) -> dict:
             rec["meta"] = meta
         if "val" in n.meta and n.op != "output":
             rec["val"] = _encode(n.meta["val"], f"{where} val", tensor)
+        reg = region_of(n)
+        if reg is not None:   # its ops, as a program of their own (never compiled code)
+            rec["region"] = {"nbytes": int(reg.nbytes), "program": graph_to_dict(reg.graph)}
         nodes.append(rec)
     return {"storages": storages, "nodes": nodes}
 
 
 _NODE_OPS = ("placeholder", "call_function", "get_attr", "output")
-_NODE_FIELDS = (("name", "op", "target"), ("args", "kwargs", "meta", "val"))
+_NODE_FIELDS = (("name", "op", "target"), ("args", "kwargs", "meta", "val", "region"))
 
 
 def _node_head(rec, i: int, seen: set, last: bool) -> tuple:
@@ -552,7 +558,27 @@ def _tensor(spec, where: str, sizes: list, bases: list) -> torch.Tensor:
         _bad(where, f"does not fit storage {sid}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
-def graph_from_dict(d: dict, root: torch.nn.Module | None = None) -> fx.GraphModule:
+def _region(rec, target, where: str, inner: bool) -> Region | None:
+    """The fused region a ``memsched.region`` node runs: its ops' program (ATen ops only, checked
+    by the verifier; no region inside), rebuilt and keyed again; the bytes it declares, which
+    the verifier recounts."""
+    if (target is ops.region) != ("region" in rec):
+        _bad(where, "a region node carries its region, and only a region node does")
+    if "region" not in rec:
+        return None
+    if inner:
+        _bad(f"{where}.region", "a region inside a region")
+    spec = _fields(rec["region"], f"{where}.region", ("nbytes", "program"))
+    try:
+        gm = graph_from_dict(spec["program"], _inner=True)
+    except PlanFileError as e:
+        raise PlanFileError(f"{where}.region: {e}") from None
+    names = tuple(target_name_of(n.target) for n in gm.graph.nodes
+                  if n.op == "call_function" and n.target is not operator.getitem)
+    return Region(gm, names, _int(spec["nbytes"], f"{where}.region.nbytes", 0, MAX_BYTES), structure_key(gm))
+
+
+def graph_from_dict(d: dict, root: torch.nn.Module | None = None, *, _inner: bool = False) -> fx.GraphModule:
     """Rebuild the program with meta-device values; views share their base's storage. Nodes
     are made first and wired second, so a program that reads a value before it is defined
     still loads, for the verifier to reject it by step. Every record is checked first: names,
@@ -582,6 +608,9 @@ def graph_from_dict(d: dict, root: torch.nn.Module | None = None) -> fx.GraphMod
         if "val" in rec:
             n.meta["val"] = _decode(rec["val"], tensor=lambda spec, at: _tensor(spec, at, sizes, bases),
                                     where=f"{where}.val")
+        reg = _region(rec, target, where, _inner)
+        if reg is not None:
+            n.meta[REGION_KEY] = reg
     _wire(made, records)
     root = root if root is not None else torch.nn.Module()
     for n in g.nodes:  # a loaded program only prints and verifies: subgraphs are stand-ins
