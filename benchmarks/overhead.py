@@ -19,6 +19,14 @@ Models
     python benchmarks/overhead.py             # full run (~3 min)
     python benchmarks/overhead.py --quick     # short run
     python benchmarks/overhead.py --profile gpt2-6L   # also cProfile the compiled calls
+    python benchmarks/overhead.py --against-compile        # fusion: memsched fuse=True vs torch.compile
+    python benchmarks/overhead.py --against-compile --train   # the same for a training step
+
+--against-compile times four ways of running the same model, interleaved (the order rotates each
+round): eager, torch.compile (inductor, default options), memsched at an unlimited budget, and
+memsched with fuse=True (its compute in regions compiled by Inductor). The target there is memsched
+with fusion <= 1.05x torch.compile's median time per call (or training step: forward with labels,
+loss, backward; gradients set to None before each).
 """
 from __future__ import annotations
 
@@ -145,6 +153,87 @@ def measure(name, model, args, kwargs, reps, warmup, profile_calls=0):
     return res
 
 
+def _train_copy(model):
+    import copy
+
+    m = copy.deepcopy(model).train()
+    m.requires_grad_(True)
+    return m
+
+
+def measure_against_compile(name, model, args, kwargs, reps, warmup, train):
+    """Median seconds per call (or training step) of eager, torch.compile, memsched and memsched
+    with fuse=True, timed in rotating order; first-call seconds; max |output - eager|."""
+    if train:
+        kwargs = dict(kwargs, labels=kwargs["input_ids"])
+    ways = {}
+    for way in ("eager", "torch.compile", "memsched", "memsched+fuse"):
+        m = _train_copy(model) if train else model
+        if way == "torch.compile":
+            f = torch.compile(m)
+        elif way.startswith("memsched"):
+            f = memsched.compile(m, UNLIMITED, device="cpu", train=train, fuse=way.endswith("fuse"))
+        else:
+            f = m
+        ways[way] = (m, f)
+
+    def run(way):
+        m, f = ways[way]
+        if train:
+            m.zero_grad(set_to_none=True)
+            out = f(*args, **kwargs)
+            out.loss.backward()
+            return out.loss.detach()
+        with torch.no_grad():
+            return first_tensor(f(*args, **kwargs))
+
+    first, outs, times = {}, {}, {w: [] for w in ways}
+    for way in ways:
+        t = time.perf_counter()
+        outs[way] = run(way)
+        first[way] = time.perf_counter() - t
+        for _ in range(warmup):
+            run(way)
+    order = list(ways)
+    for i in range(reps):
+        for way in order[i % 4:] + order[:i % 4]:
+            t = time.perf_counter()
+            run(way)
+            times[way].append(time.perf_counter() - t)
+    diff = {w: float((outs[w].float() - outs["eager"].float()).abs().max()) for w in ways}
+    if train:   # the gradients too, relative to eager's largest
+        ref = [p.grad for p in ways["eager"][0].parameters()]
+        scale = max(float(g.abs().max()) for g in ref if g is not None)
+        for w in ways:
+            grads = [p.grad for p in ways[w][0].parameters()]
+            diff[w] = max(diff[w], max(float((g - r).abs().max()) / scale
+                                       for g, r in zip(grads, ref) if r is not None))
+    for w in ways:
+        if hasattr(ways[w][1], "close"):
+            ways[w][1].close()
+    return {"name": name, "median": {w: median(v) for w, v in times.items()}, "first": first, "diff": diff}
+
+
+def report_against_compile(results, train):
+    rows = []
+    for r in results:
+        med = r["median"]
+        ratio = med["memsched+fuse"] / med["torch.compile"]
+        rows.append([r["name"], *(f"{med[w] * 1e3:.2f}" for w in med),
+                     f"{med['memsched'] / med['torch.compile']:.3f}x", f"{ratio:.3f}x "
+                     + ("ok" if ratio <= 1 + TARGET else "OVER"),
+                     " / ".join(f"{r['first'][w]:.1f}" for w in med),
+                     " / ".join(f"{r['diff'][w]:.1e}" for w in med if w != "eager")])
+    what = "training step" if train else "call"
+    print()
+    print(table(["model", "eager ms", "torch.compile ms", "memsched ms", "memsched+fuse ms", "memsched/compile",
+                 f"fused/compile (target <= {1 + TARGET:.2f}x)", "first s (e/c/m/m+f)", "max diff (c/m/m+f)"],
+                rows, title=f"memsched with fusion against torch.compile, unlimited budget, median per {what}"))
+    print("first s: the first call, compiles included (torch.compile's and memsched's regions; Inductor's "
+          "on-disk cache may make a rerun's quicker). max diff: outputs (and, for a step, gradients relative "
+          "to eager's largest) against eager.")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller inputs (2 x 64) and 5 reps")
@@ -160,6 +249,9 @@ def main():
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: left at torch's default); 1 is far less "
                          "sensitive to other processes competing for the cores")
+    ap.add_argument("--against-compile", action="store_true",
+                    help="eager, torch.compile, memsched and memsched fuse=True side by side")
+    ap.add_argument("--train", action="store_true", help="with --against-compile: a training step")
     a = ap.parse_args()
     _common.quiet()
     _common.set_threads(a.threads)
@@ -187,6 +279,11 @@ def main():
             raise SystemExit(f"unknown model {name}")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"  {name}: {n_params / 1e6:.1f} M params, input {shape} ...", flush=True)
+        if a.against_compile:
+            r = measure_against_compile(name, model, args, kwargs, reps, warmup, a.train)
+            results.append(r)
+            print("    " + ", ".join(f"{w} {v * 1e3:.2f} ms" for w, v in r["median"].items()), flush=True)
+            continue
         r = measure(name, model, args, kwargs, reps, warmup,
                     profile_calls=a.profile_calls if a.profile == name else 0)
         r["shape"] = shape
@@ -197,6 +294,9 @@ def main():
             print(f"cProfile of {a.profile_calls} compiled calls of {name} (sorted by cumtime):")
             print(r["prof"])
 
+    if a.against_compile:
+        report_against_compile(results, a.train)
+        return
     rows = []
     for r in results:
         over = r["ratio"] - 1.0

@@ -274,6 +274,9 @@ def compile(model, budget=None, *, example_inputs=None, example_kwargs=None, dev
     dropped, its threads stopped and its buffers freed, when a new signature needs room.
     ``chunk_ops=False``: never run a module on slices of its input (by default, a budget below
     the minimum splits the modules that keep their rows apart, e.g. MLP blocks: passes/chunking.py).
+    ``fuse=True``: the compute between scheduling points runs as regions compiled by Inductor
+    (passes/fusion.py), each kept within the budget; off by default (compiling takes seconds
+    per distinct region on a CPU, once per process).
     ``allow_over_capacity=True``: accept a budget larger than the device's memory (refused by
     default: the device could not honour it).
     ``compress_weights="int8"`` or ``"int4"``: weights homed on disk are kept there as group-wise

@@ -152,14 +152,23 @@ def test_verifier_checks_a_region_by_what_it_declares():
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(case=random_dags(), frac=st.floats(0.0, 1.2))
-def test_random_programs_fuse_within_budget(case, frac):
-    """Any program, any budget from its minimum up: fusing its schedule keeps it valid (the
+@given(case=random_dags(bare_weight_outputs=False), frac=st.floats(0.0, 1.2), train=st.booleans())
+def test_random_programs_fuse_within_budget(case, frac, train):
+    """Any program (inference, or a training step with its multi-output backward ops and the
+    boundary), any budget from its minimum up: fusing its schedule keeps it valid (the
     independent verifier passes, regions included) and the simulated peak within the budget."""
-    free = memsched.plan(case.model, case.args, budget=10**12, hardware=FIXED_CPU, time_limit_s=1.0)
-    low, high = free.min_budget_bytes, free.unconstrained.peak_device_bytes
-    budget = int(low + frac * max(high - low, 0))
-    plan = memsched.plan(case.model, case.args, budget=budget, hardware=FIXED_CPU, time_limit_s=1.0)
+    case.model.requires_grad_(train)
+    if train and not any(o.requires_grad for o in case.model(*case.args)):
+        train = False
+        case.model.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        free = memsched.plan(case.model, case.args, budget=10**12, hardware=FIXED_CPU, time_limit_s=1.0,
+                             train=train, grad_outputs="all")
+        low, high = free.min_budget_bytes, free.unconstrained.peak_device_bytes
+        budget = int(low + frac * max(high - low, 0))
+        plan = memsched.plan(case.model, case.args, budget=budget, hardware=FIXED_CPU, time_limit_s=1.0,
+                             train=train, grad_outputs="all")
     fused, regions = fuse(plan.graph, budget)
     assert verify_schedule(fused, budget) <= budget
     assert simulate(fused, FIXED_CPU).peak_device_bytes <= budget
@@ -212,3 +221,24 @@ def test_under_declared_region_in_a_file_fails_verification(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(PlanError, match="declares 0 bytes inside"):
         memsched.Plan.load(path).verify()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_transformers_models_fused_at_a_tight_budget(name):
+    """Real architectures (random weights) at 60% of their unconstrained peak: regions between
+    the weight prefetches, outputs equal eager within the tolerances, the budget held."""
+    pytest.importorskip("transformers")
+    from zoo import build
+
+    model, args, kwargs = build(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        free = memsched.plan(model, args, budget=10**12, example_kwargs=kwargs, hardware=FIXED_CPU)
+    budget = max(int(0.6 * free.unconstrained.peak_device_bytes), free.min_budget_bytes)
+    cm = _compile(model, budget, fuse=True)
+    with torch.no_grad():
+        got, want = cm(*args, **kwargs), model(*args, **kwargs)
+    torch.testing.assert_close(got.logits, want.logits, **TOL)
+    assert _regions(cm.plan)
+    assert cm.plan.verify() <= budget and cm.stats.peak_device_bytes <= budget
+    cm.close()
