@@ -239,6 +239,22 @@ def test_transformers_models_fused_at_a_tight_budget(name):
     with torch.no_grad():
         got, want = cm(*args, **kwargs), model(*args, **kwargs)
     torch.testing.assert_close(got.logits, want.logits, **TOL)
-    assert _regions(cm.plan)
+    regions = {r.key: r for r in _regions(cm.plan)}
+    assert regions
     assert cm.plan.verify() <= budget and cm.stats.peak_device_bytes <= budget
+    # every kernel's first call ran under the allocator's eye: within what its region declared
+    peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
+    assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
     cm.close()
+
+
+def test_a_region_allocating_past_its_declared_bytes_is_stopped():
+    from dataclasses import replace
+
+    from memsched.errors import BudgetExceededError
+    model, x = _stack(d=16, n=1).eval(), torch.randn(2, 4, 16)
+    plan = memsched.plan(model, (x,), budget="1GB", hardware=FIXED_CPU, fuse=True)
+    reg = replace(_regions(plan)[0], key="under-declared", nbytes=16)
+    args = [torch.randn(p.meta["val"].shape) for p in reg.graph.graph.nodes if p.op == "placeholder"]
+    with pytest.raises(BudgetExceededError, match="more than the 16 B the plan counted"):
+        compiled_regions.RegionKernel(reg)(*args)

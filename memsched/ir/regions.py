@@ -4,7 +4,8 @@ The fusion pass (passes/fusion.py) cuts the compute between scheduling points in
 each region node (``Op.REGION``) keeps its ops here, in ``node.meta["region"]``, as a small fx
 graph whose placeholders are the region node's arguments and whose output tuple the getitem
 nodes after it read. ``nbytes`` bounds the device bytes the region's call allocates while it
-runs (every storage its ops make, outputs included): the planner, the simulator's memory walk,
+runs (every storage its ops make, outputs included, plus what their lowerings hold besides:
+passes/fusion.py ``scratch_bytes``): the planner, the simulator's memory walk,
 the verifier and the runtime's accountant all hold ``nbytes`` for the call. The runtime
 compiles the graph (runtime/regions.py); nothing here runs it.
 """
@@ -25,7 +26,7 @@ KEY = "region"
 class Region:
     graph: fx.GraphModule        # placeholders in0.. (the region node's args), ops op0.., a tuple output
     ops: tuple[str, ...]         # the ATen ops fused, in order
-    nbytes: int                  # device bytes the call may allocate: every storage its ops make
+    nbytes: int                  # device bytes the call may allocate: its ops' storages and scratch
     key: str                     # the region's structure: equal keys compile to the same kernel
 
     @property

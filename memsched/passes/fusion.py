@@ -53,6 +53,62 @@ def _flat(val) -> list:
     return [y for x in val for y in _flat(x)] if isinstance(val, (list, tuple)) else [val]
 
 
+_AUX: dict[tuple, int] = {}
+
+
+def _meta_like(v):
+    if isinstance(v, torch.Tensor):
+        return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device="meta")
+    if isinstance(v, (list, tuple)):
+        return type(v)(_meta_like(x) for x in v)
+    return v
+
+
+def _sig(v):
+    if isinstance(v, torch.Tensor):
+        return ("T", tuple(v.shape), tuple(v.stride()), v.dtype)
+    if isinstance(v, (list, tuple)):
+        return tuple(_sig(x) for x in v)
+    return repr(v)
+
+
+def scratch_bytes(n: fx.Node) -> int:
+    """Bytes an op's lowering may hold besides its outputs: the values of its decomposition (the
+    table Inductor lowers with) that are neither pointwise, nor views, nor its outputs -- the
+    mean and rstd of a layer norm, the product inside an addmm. Pointwise intermediates fuse into
+    one loop and are not counted. Traced once per op and argument layout on meta tensors; an op
+    that does not trace is given its outputs' bytes again."""
+    if n.target is operator.getitem or n.target.is_view or torch.Tag.pointwise in n.target.tags:
+        return 0
+    vals = fx.map_arg((n.args, n.kwargs), lambda x: x.meta.get("val"))
+    key = (n.target, _sig(vals))
+    if key not in _AUX:
+        _AUX[key] = _trace_scratch(n, vals)
+    return _AUX[key]
+
+
+def _trace_scratch(n: fx.Node, vals) -> int:
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    args, kwargs = _meta_like(vals)
+    try:
+        gm = make_fx(lambda a, k: n.target(*a, **k), decomposition_table=select_decomp_table())(args, kwargs)
+    except Exception:  # noqa: BLE001 - an op the meta tracer cannot run: count its outputs again
+        return sum(b for _, b in storages(n.meta.get("val")))
+    out_node = next(x for x in reversed(gm.graph.nodes) if x.op == "output")
+    returned = set(out_node.all_input_nodes)
+    total = 0
+    for x in gm.graph.nodes:
+        if x.op != "call_function" or x in returned or x.target is operator.getitem:
+            continue
+        t = x.target
+        if isinstance(t, torch._ops.OpOverload) and (t.is_view or torch.Tag.pointwise in t.tags):
+            continue
+        total += sum(b for _, b in storages(x.meta.get("val")))
+    return total
+
+
 def _computes(n: fx.Node) -> bool:
     return n.target is not operator.getitem and not n.target.is_view
 
@@ -63,6 +119,7 @@ class _Run:
     members: list = field(default_factory=list)
     frees: list = field(default_factory=list)          # (free node, members before it)
     made: dict = field(default_factory=dict)           # storage key -> bytes its ops make
+    scratch: int = 0                                   # bytes its ops' lowerings may hold besides
     outside: set = field(default_factory=set)          # storage keys of the values it reads
 
     def _outside_keys(self, n: fx.Node) -> set:
@@ -73,13 +130,14 @@ class _Run:
         """Bytes made if ``n`` joins."""
         outside = self.outside | self._outside_keys(n)
         extra = {k: b for k, b in storages(n.meta.get("val")) if k not in outside and k not in self.made}
-        return sum(self.made.values()) + sum(extra.values())
+        return sum(self.made.values()) + sum(extra.values()) + self.scratch + scratch_bytes(n)
 
     def add(self, n: fx.Node) -> None:
         self.outside |= self._outside_keys(n)
         for k, b in storages(n.meta.get("val")):
             if k not in self.outside:
                 self.made[k] = b
+        self.scratch += scratch_bytes(n)
         self.members.append(n)
 
     def trimmed(self) -> "_Run | None":
@@ -150,7 +208,7 @@ def _rewrite(graph: fx.Graph, run: _Run, index: int) -> None:
     inputs = list(dict.fromkeys(x for m in members for x in m.all_input_nodes if x not in inside))
     sub = _subgraph(members, inputs, outputs)
     reg = Region(sub, tuple(target_name(m.target) for m in members if m.target is not operator.getitem),
-                 made_bytes(sub), structure_key(sub))
+                 made_bytes(sub) + sum(scratch_bytes(m) for m in members), structure_key(sub))
     with graph.inserting_before(members[0]):
         node = graph.create_node("call_function", region, tuple(inputs), name=f"fused_{index}")
     annotate(node, made_by="fuse")

@@ -9,16 +9,22 @@ Nothing compiled is ever stored in a plan file: a loaded plan compiles its regio
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import threading
 import time
 from typing import Callable
 
 import torch
 
+from ..errors import BudgetExceededError
 from ..ir.regions import Region
+from ..ir.units import format_bytes
 
 _KERNELS: dict[tuple, Callable] = {}
 _COMPILE_S: dict[tuple, float] = {}
+_PEAK: dict[tuple, int] = {}      # bytes the CPU allocator held at most during a kernel's first call
 _LOCK = threading.Lock()
 
 
@@ -38,8 +44,25 @@ class RegionKernel:
         fn = _KERNELS.get(key)
         if fn is None:
             fn = _compile(self.region, key, args)
-        out = fn(*args)
+        if key not in _PEAK and not torch.autograd.profiler._is_profiler_enabled and all(
+                a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor)):
+            out = self._first_call(fn, key, args)
+        else:
+            out = fn(*args)
         return tuple(out) if isinstance(out, (list, tuple)) else (out,)
+
+    def _first_call(self, fn, key, args):
+        """Run the kernel under the profiler's allocator events, once per kernel: the bytes it
+        allocates at most (outputs included) must stay within what the region declares, which
+        the plan counted; more is a broken bound, reported rather than run past."""
+        out, peak = allocator_peak(fn, args)
+        _PEAK[key] = peak
+        if peak > self.region.nbytes:
+            raise BudgetExceededError(
+                f"a fused region ({len(self.region.ops)} ops: {', '.join(self.region.ops[:4])} ...) allocated "
+                f"{format_bytes(peak)}, more than the {format_bytes(self.region.nbytes)} the plan counted for "
+                f"it; please report this (fuse=False avoids it)")
+        return out
 
 
 def _compile(region: Region, key: tuple, args) -> Callable:
@@ -63,6 +86,51 @@ def _plain_copy(graph: torch.fx.Graph) -> torch.fx.Graph:
     for n in out.nodes:
         n.meta.clear()
     return out
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side prints its start and stop to file descriptor 2: hidden."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def allocator_peak(fn, args) -> tuple[object, int]:
+    """``fn(*args)`` and the most bytes the CPU allocator held at once during it beyond what was
+    held before (torch.profiler's allocation events)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn(*args)
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and str(node.extra_fields.device) == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr))
+    sizes, cur, peak = {}, 0, 0
+    for _, size, ptr in sorted(events, key=lambda e: e[0]):
+        if size > 0:
+            sizes[ptr] = size
+            cur += size
+            peak = max(peak, cur)
+        elif ptr in sizes:   # a free of a block allocated inside the call
+            cur -= sizes.pop(ptr)
+    return out, peak
+
+
+def measured_peaks() -> dict[tuple, int]:
+    """Per compiled kernel (region key, input layout): the allocator bytes its first call held
+    at most, on CPU."""
+    return dict(_PEAK)
 
 
 def compiled_count() -> int:
