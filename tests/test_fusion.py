@@ -258,3 +258,21 @@ def test_a_region_allocating_past_its_declared_bytes_is_stopped():
     args = [torch.randn(p.meta["val"].shape) for p in reg.graph.graph.nodes if p.op == "placeholder"]
     with pytest.raises(BudgetExceededError, match="more than the 16 B the plan counted"):
         compiled_regions.RegionKernel(reg)(*args)
+
+
+def test_attention_without_dropout_is_fused_and_with_dropout_is_not():
+    class Attn(torch.nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.p, self.proj = p, torch.nn.Linear(16, 48)
+
+        def forward(self, x):
+            q, k, v = self.proj(x).view(2, 8, 3, 2, 8).unbind(2)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.p)
+            return out.relu().sum(-1)
+
+    x = torch.randn(2, 8, 16)
+    for p, fused in ((0.0, True), (0.3, False)):
+        plan = memsched.plan(Attn(p).train(), (x,), budget=10**9, hardware=FIXED_CPU, fuse=True)
+        ops = {op for r in _regions(plan) for op in r.ops}
+        assert any("scaled_dot_product" in op for op in ops) == fused, (p, ops)

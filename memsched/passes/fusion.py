@@ -43,10 +43,26 @@ def fusible(n: fx.Node) -> bool:
     t = n.target
     if not isinstance(t, torch._ops.OpOverload) or t.namespace not in _NAMESPACES:
         return False
-    if t._schema.is_mutable or torch.Tag.nondeterministic_seeded in t.tags:
+    if t._schema.is_mutable or (torch.Tag.nondeterministic_seeded in t.tags and not _draws_nothing(n)):
         return False
     leaves = _flat(n.meta.get("val"))
     return bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves)
+
+
+def _draws_nothing(n: fx.Node) -> bool:
+    """A random op called so that it draws nothing: attention or dropout with p = 0, dropout
+    outside training."""
+    schema = n.target._schema
+    names = [a.name for a in schema.arguments]
+    given = dict(zip(names, n.args)) | dict(n.kwargs)
+    for arg in schema.arguments:
+        if arg.name not in given and arg.default_value is not None:
+            given[arg.name] = arg.default_value
+    if "dropout_p" in names:
+        return given.get("dropout_p") == 0
+    if names[:1] == ["input"] and "p" in names:   # dropout, native_dropout
+        return given.get("p") == 0 or given.get("train") is False
+    return False
 
 
 def _flat(val) -> list:
