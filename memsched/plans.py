@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from .cost_models.hardware import Hardware
-from .cost_models.simulator import SimResult
+from .cost_models.simulator import SimResult, simulate
 from .inspect.summary import summarize, summary_text
 from .io.serialize import load_fields, plan_fields, save_plan
 from .ir.kinds import PERSISTENT
@@ -183,6 +183,12 @@ class Plan:
         """A plan from the saved JSON document (``memsched.io.serialize.plan_to_dict``),
         checked as ``load`` checks a file (PlanFileError)."""
         return cls(**plan_fields(d, source))
+
+    def predict(self) -> SimResult:
+        """The schedule simulated again now: fused regions priced by their measured times when
+        they have run in this process on this machine (the local CPU profile), the roofline
+        otherwise. ``plan.predicted_time_s`` keeps the prediction the plan was made with."""
+        return simulate(self.graph, self.hardware)
 
     def verify(self) -> int:
         """Check the schedule with the independent verifier; returns its peak device bytes."""

@@ -276,3 +276,23 @@ def test_attention_without_dropout_is_fused_and_with_dropout_is_not():
         plan = memsched.plan(Attn(p).train(), (x,), budget=10**9, hardware=FIXED_CPU, fuse=True)
         ops = {op for r in _regions(plan) for op in r.ops}
         assert any("scaled_dot_product" in op for op in ops) == fused, (p, ops)
+
+
+def test_regions_that_ran_are_priced_by_their_measured_time():
+    """On this machine's profile a region that has run is priced by its measured time:
+    plan.predict() re-simulates with those prices (a preset profile keeps the roofline)."""
+    from memsched.ir.regions import measured_time
+
+    model, x = _stack(d=16, n=2).eval(), torch.randn(2, 4, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(model, "1GB", device="cpu", example_inputs=(x,), fuse=True)
+    with torch.no_grad():
+        for _ in range(3):
+            cm(x)
+    regions = _regions(cm.plan)
+    assert all(measured_time(r.key) is not None for r in regions)
+    times = {s.name: s.end - s.start for s in cm.plan.predict().spans if s.stream == "compute"}
+    fused = [n for n in cm.plan.graph.graph.nodes if op_of(n) is Op.REGION]
+    assert all(times[n.name] == measured_time(region_of(n).key) for n in fused)
+    cm.close()

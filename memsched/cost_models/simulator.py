@@ -15,7 +15,7 @@ from ..ir.kinds import fetch_links, offload_links
 from ..ir.memory import DeviceMemory
 from ..ir.meta import info
 from ..ir.ops import Op, op_of, register
-from ..ir.regions import region_of
+from ..ir.regions import measured_time, region_of
 from .hardware import Hardware
 from .op_cost import estimate_op_time, region_time
 
@@ -69,7 +69,10 @@ class _Clock:
         self.run_compute(n, estimate_op_time(n, self.hw))
 
     def region(self, n):
-        self.run_compute(n, region_time(region_of(n).graph, self.hw))
+        reg = region_of(n)
+        # measured times are this machine's: they price the local CPU profile, not a preset
+        measured = measured_time(reg.key) if self.hw.name == "local:cpu" else None
+        self.run_compute(n, measured if measured is not None else region_time(reg.graph, self.hw))
 
     def run_compute(self, n, dt):
         self.spans.append(Span("compute", n.name, self.now, self.now + dt))
