@@ -51,12 +51,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import copy
 import gc
-import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -69,6 +66,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import memsched
+from memsched.runtime.regions import allocator_peak as _allocator_peak
 
 
 # -- the model ------------------------------------------------------------------------------
@@ -158,49 +156,11 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-@contextlib.contextmanager
-def _stderr_to_devnull():
-    """The profiler's C++ side writes start/stop lines (and a warning for frees of blocks allocated
-    before it started) straight to file descriptor 2: hide them for the profiled step."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
-
-
 def allocator_peak(fn) -> int:
     """Peak bytes allocated by the CPU allocator during ``fn()`` and not yet freed (allocations
-    made before ``fn`` are not counted: add them yourself). From torch.profiler's memory events."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with _stderr_to_devnull(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation:
-            f = node.extra_fields
-            if str(f.device) == "cpu":
-                events.append((node.start_time_ns, f.alloc_size, f.ptr))
-    events.sort(key=lambda e: e[0])
-    sizes, cur, peak = {}, 0, 0
-    for _, size, ptr in events:
-        if size > 0:
-            sizes[ptr] = size
-            cur += size
-            peak = max(peak, cur)
-        elif ptr in sizes:  # a free of something allocated inside the window
-            cur -= sizes.pop(ptr)
-    return peak
+    made before ``fn`` are not counted: add them yourself). From torch.profiler's memory events,
+    read by the helper memsched's runtime checks fused regions with."""
+    return _allocator_peak(lambda _: fn(), (None,))[1]
 
 
 # -- methods ------------------------------------------------------------------------------

@@ -66,31 +66,21 @@ def _gpt2_plan() -> memsched.Plan:
         return memsched.plan(model, args, budget="1MB", example_kwargs=kwargs, hardware="t4")
 
 
-def _mlp_train_plan() -> memsched.Plan:
+def _mlp_train_plan(fuse: bool = False) -> memsched.Plan:
     """A training step between its minimum budget and its peak: saved activations kept,
-    offloaded to host or recomputed, gradients delivered."""
+    offloaded to host or recomputed, gradients delivered (``fuse``: its compute between
+    scheduling points in regions)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 128),
                                 torch.nn.GELU(), torch.nn.Linear(128, 16)).train()
     x = torch.randn(32, 64)
     free = memsched.plan(model, (x,), budget=10**9, hardware="t4", train=True)
     budget = (free.min_budget_bytes + free.program.peak_bytes) // 2
-    return memsched.plan(model, (x,), budget=budget, hardware="t4", train=True)
-
-
-def _mlp_train_fused_plan() -> memsched.Plan:
-    """The same step with fuse=True: its compute between scheduling points in regions."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 128),
-                                torch.nn.GELU(), torch.nn.Linear(128, 16)).train()
-    x = torch.randn(32, 64)
-    free = memsched.plan(model, (x,), budget=10**9, hardware="t4", train=True)
-    budget = (free.min_budget_bytes + free.program.peak_bytes) // 2
-    return memsched.plan(model, (x,), budget=budget, hardware="t4", train=True, fuse=True)
+    return memsched.plan(model, (x,), budget=budget, hardware="t4", train=True, fuse=fuse)
 
 
 PLANS = {"mlp_t4_min_budget": _mlp_plan, "gpt2_t4_1MB": _gpt2_plan, "mlp_train_t4": _mlp_train_plan,
-         "mlp_train_t4_fused": _mlp_train_fused_plan}
+         "mlp_train_t4_fused": lambda: _mlp_train_plan(fuse=True)}
 _cache: dict = {}
 
 
