@@ -15,6 +15,7 @@ from .frontend.repeats import capture_repeated
 from .io.reapply import PlanMismatchError, apply_plan, check_signature
 from .ir.ops import Op, op_of
 from .passes.chunking import chunked
+from .passes.fusion import fuse, unfuse
 from .plan_records import PassRecord
 from .plans import Plan
 from .verify import verify_schedule
@@ -29,9 +30,7 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
     if saved.signature is not None:
         check_signature(saved.signature, key)
     verify_schedule(saved.graph, saved.budget_bytes)  # a hand-edited file fails here, by step
-    if any(op_of(n) is Op.REGION for n in saved.graph.graph.nodes):
-        raise NotImplementedError("re-applying a plan with fused regions is not supported yet: such a plan "
-                                  "loads, prints and verifies; to run it, plan again with fuse=True")
+    fused = any(op_of(n) is Op.REGION for n in saved.graph.graph.nodes)
     t = time.perf_counter()
     for c in saved.chunking:   # the modules the plan runs on slices must be there to split
         if not isinstance(_submodule(model, c.path), torch.nn.Module):
@@ -40,7 +39,11 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
         captured, _ = capture_repeated(model, lambda m: capture(m, args, kwargs))  # as planning captured it
     capture_s = time.perf_counter() - t
     t = time.perf_counter()
-    gm = apply_plan(saved.graph, captured)
+    # a fused plan pairs with the capture by its ops and is fused again on it (its regions are
+    # compiled anew: a file holds their ops, never code)
+    gm = apply_plan(unfuse(saved.graph) if fused else saved.graph, captured)
+    if fused:
+        gm, _ = fuse(gm, budget)
     peak = verify_schedule(gm, max(budget, saved.budget_bytes))
     if peak > budget:
         raise InfeasibleBudgetError(budget, peak, "the saved plan holds that much on the device and is "

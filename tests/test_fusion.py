@@ -176,9 +176,13 @@ def test_random_programs_fuse_within_budget(case, frac, train):
         assert len(r.ops) >= 2
 
 
-def _fused_plan_file(tmp_path):
+def _fused_plan_file(tmp_path, share=None):
     model, x = _stack().eval(), torch.randn(4, 16, 32)
-    plan = memsched.plan(model, (x,), budget="1GB", hardware=FIXED_CPU, fuse=True)
+    budget = 10**9
+    if share is not None:
+        free = memsched.plan(model, (x,), budget=budget, hardware=FIXED_CPU)
+        budget = max(int(share * free.unconstrained.peak_device_bytes), free.min_budget_bytes)
+    plan = memsched.plan(model, (x,), budget=budget, hardware=FIXED_CPU, fuse=True)
     path = tmp_path / "plan.json"
     plan.save(path)
     return model, x, plan, path
@@ -192,13 +196,24 @@ def test_saved_plan_keeps_its_regions_as_ops(tmp_path):
     assert [line for line in str(loaded).splitlines() if "region(" in line] == \
         [line for line in str(plan).splitlines() if "region(" in line]
     assert loaded.verify() == plan.verify()
-    with pytest.raises(NotImplementedError, match="fused regions"):
-        _compile(model, "1GB", plan=path, example_inputs=(x,))
+
+
+def test_saved_fused_plan_runs_again(tmp_path):
+    """Re-applied to the model: the regions are taken apart into their ops, paired with a fresh
+    capture, fused again and compiled anew; it runs within the budget like the plan it was."""
+    model, x, plan, path = _fused_plan_file(tmp_path, share=0.6)
+    cm = _compile(model, plan.budget_bytes, plan=path, example_inputs=(x,))
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model(x), **TOL)
+    assert len(_regions(cm.plan)) == len(_regions(plan))
+    assert cm.plan.verify() <= plan.budget_bytes and cm.stats.peak_device_bytes <= plan.budget_bytes
+    cm.close()
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda rec: rec.pop("region"), "carries its region"),
     (lambda rec: rec["region"].update(nbytes=-1), "nbytes"),
+    (lambda rec: rec["region"].update(names=rec["region"]["names"][:1] * len(rec["region"]["names"])), "distinct"),
     (lambda rec: rec["region"]["program"]["nodes"][-2].update(target="aten::not_an_op.default"), "region"),
 ])
 def test_loading_refuses_a_broken_region(tmp_path, edit, message):

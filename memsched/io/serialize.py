@@ -446,7 +446,7 @@ def graph_to_dict(gm: fx.GraphModule) -> dict:
             rec["val"] = _encode(n.meta["val"], f"{where} val", tensor)
         reg = region_of(n)
         if reg is not None:   # its ops, as a program of their own (never compiled code)
-            rec["region"] = {"nbytes": int(reg.nbytes), "program": graph_to_dict(reg.graph)}
+            rec["region"] = {"nbytes": int(reg.nbytes), "names": list(reg.names), "program": graph_to_dict(reg.graph)}
         nodes.append(rec)
     return {"storages": storages, "nodes": nodes}
 
@@ -568,14 +568,20 @@ def _region(rec, target, where: str, inner: bool) -> Region | None:
         return None
     if inner:
         _bad(f"{where}.region", "a region inside a region")
-    spec = _fields(rec["region"], f"{where}.region", ("nbytes", "program"))
+    spec = _fields(rec["region"], f"{where}.region", ("nbytes", "names", "program"))
     try:
         gm = graph_from_dict(spec["program"], _inner=True)
     except PlanFileError as e:
         raise PlanFileError(f"{where}.region: {e}") from None
     names = tuple(target_name_of(n.target) for n in gm.graph.nodes
                   if n.op == "call_function" and n.target is not operator.getitem)
-    return Region(gm, names, _int(spec["nbytes"], f"{where}.region.nbytes", 0, MAX_BYTES), structure_key(gm))
+    n_ops = sum(1 for n in gm.graph.nodes if n.op == "call_function")
+    former = [_node_name(v, f"{where}.region.names[{i}]")
+              for i, v in enumerate(_list(spec["names"], f"{where}.region.names", MAX_NODES))]
+    if len(former) != n_ops or len(set(former)) != n_ops:
+        _bad(f"{where}.region.names", f"one distinct name per op of the region ({n_ops})")
+    return Region(gm, names, _int(spec["nbytes"], f"{where}.region.nbytes", 0, MAX_BYTES), structure_key(gm),
+                  tuple(former))
 
 
 def graph_from_dict(d: dict, root: torch.nn.Module | None = None, *, _inner: bool = False) -> fx.GraphModule:

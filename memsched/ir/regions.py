@@ -28,6 +28,7 @@ class Region:
     ops: tuple[str, ...]         # the ATen ops fused, in order
     nbytes: int                  # device bytes the call may allocate: its ops' storages and scratch
     key: str                     # the region's structure: equal keys compile to the same kernel
+    names: tuple[str, ...] = ()  # the names its ops had in the program (to unfuse it), in order
 
     @property
     def n_outputs(self) -> int:

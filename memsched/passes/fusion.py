@@ -25,9 +25,10 @@ import torch.fx as fx
 from ..ir.graph_module import lazy_graph_module
 from ..ir.listing import target_name
 from ..ir.memory import DeviceMemory
+from ..ir.meta import KEY as MEMSCHED_KEY
 from ..ir.meta import annotate
-from ..ir.ops import Op, op_of, region
-from ..ir.regions import KEY, Region, made_bytes, structure_key
+from ..ir.ops import Op, free, op_of, region
+from ..ir.regions import KEY, Region, made_bytes, output_node, region_of, structure_key
 from ..ir.tensors import storages
 
 MAX_REGION_OPS = 256   # a longer run is cut: compile time grows with a region's size
@@ -211,6 +212,8 @@ def _subgraph(members: list, inputs: list, outputs: list) -> fx.GraphModule:
         kwargs = fx.map_arg(m.kwargs, env.__getitem__)
         env[m] = c = sub.create_node("call_function", m.target, args, kwargs, name=f"op{j}")
         c.meta["val"] = m.meta.get("val")
+        if MEMSCHED_KEY in m.meta:   # what the planner knows of it (a recomputation says what it restores)
+            c.meta[MEMSCHED_KEY] = m.meta[MEMSCHED_KEY]
     sub.output(tuple(env[o] for o in outputs))
     return fx.GraphModule(torch.nn.Module(), sub, class_name="Region")
 
@@ -224,7 +227,8 @@ def _rewrite(graph: fx.Graph, run: _Run, index: int) -> None:
     inputs = list(dict.fromkeys(x for m in members for x in m.all_input_nodes if x not in inside))
     sub = _subgraph(members, inputs, outputs)
     reg = Region(sub, tuple(target_name(m.target) for m in members if m.target is not operator.getitem),
-                 made_bytes(sub) + sum(scratch_bytes(m) for m in members), structure_key(sub))
+                 made_bytes(sub) + sum(scratch_bytes(m) for m in members), structure_key(sub),
+                 tuple(m.name for m in members))
     with graph.inserting_before(members[0]):
         node = graph.create_node("call_function", region, tuple(inputs), name=f"fused_{index}")
     annotate(node, made_by="fuse")
@@ -246,10 +250,15 @@ def _rewrite(graph: fx.Graph, run: _Run, index: int) -> None:
     for m in reversed(members):
         graph.erase_node(m)
     for g, name in getters:
-        # each value keeps its name, which moves name it (saves=/restores=) and the listing
-        # shows; fx's own _rename would pick a fresh one, the name being still reserved
-        g.name = name
-        graph._graph_namespace._rename_object(g, name)
+        _rename(g, name)
+
+
+def _rename(node: fx.Node, name: str) -> None:
+    """Give ``node`` the name of an erased node: values keep their names, by which moves name
+    them (saves=/restores=) and the listing shows them; fx's own _rename would pick a fresh
+    one, the name being still reserved."""
+    node.name = name
+    node.graph._graph_namespace._rename_object(node, name)
 
 
 def _drop_args(graph: fx.Graph, f: fx.Node, inside: set) -> bool:
@@ -272,3 +281,38 @@ def fuse(gm: fx.GraphModule, budget: int) -> tuple[fx.GraphModule, list[Region]]
         _rewrite(graph, run, i)
     graph.lint()
     return fused, [n.meta[KEY] for n in graph.nodes if op_of(n) is Op.REGION]
+
+
+def unfuse(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with each region replaced by its ops under their former names, and one
+    free after them of the values that never left it (so that a saved fused plan can be paired
+    with a fresh capture, then fused again). It holds no more than the fused program: the
+    region's declared bytes cover every value it makes held to its end."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    for node in [n for n in graph.nodes if op_of(n) is Op.REGION]:
+        reg = region_of(node)
+        sub_nodes = list(reg.graph.graph.nodes)
+        env = dict(zip([x for x in sub_nodes if x.op == "placeholder"], node.args))
+        made = []
+        with graph.inserting_before(node):
+            for j, x in enumerate(x for x in sub_nodes if x.op == "call_function"):
+                args, kwargs = fx.map_arg((x.args, x.kwargs), env.__getitem__)
+                # a passing name: the final ones are still taken by the getitems
+                env[x] = new = graph.create_node("call_function", x.target, args, kwargs,
+                                                 name=f"unfused_{node.name}_{j}")
+                new.meta = dict(x.meta)
+                made.append(new)
+        outputs = [env[x] for x in output_node(reg.graph).args[0]]
+        for g in list(node.users):
+            g.replace_all_uses_with(outputs[g.args[1]])
+            graph.erase_node(g)
+        inner = [m for m in made if m not in outputs]
+        if inner:
+            with graph.inserting_after(made[-1]):
+                annotate(graph.call_function(free, tuple(inner)), made_by="fuse")
+        graph.erase_node(node)
+        for new, name in zip(made, reg.names):
+            _rename(new, name)
+    graph.lint()
+    return lazy_graph_module(gm, graph, class_name="Unfused")
