@@ -6,10 +6,13 @@ Frees inside the run move after the region: a value made and dropped inside neve
 outside it, and one from outside is held until the region returns. The budget holds because a
 region only grows while
 
-    device bytes held before its first op  +  every storage its ops make  <=  budget
+    device bytes held before its first op  +  every storage its ops make
+                                           +  what their lowerings hold besides  <=  budget
 
-(``Region.nbytes`` is that sum: an upper bound of what the compiled call can allocate, whatever
-it fuses, since it makes no value the ops do not make). Ops left out: random ones (a compiled
+(``Region.nbytes`` is the sum of the last two: what the compiled call may allocate whatever it
+fuses away -- every value of its ops, and the non-pointwise values of each op's decomposition,
+``scratch_bytes``. A bound read from the ops, not a proof about Inductor: the runtime checks each
+kernel's first CPU call against it with the allocator's own events). Ops left out: random ones (a compiled
 kernel draws other numbers), in-place and mutating ones, ops of other namespaces and Python
 calls, and ops whose results are not tensors. A region needs two ops that compute (views and
 getitems do not count); shorter runs stay as they are.
@@ -74,8 +77,14 @@ _AUX: dict[tuple, int] = {}
 
 
 def _meta_like(v):
+    """Arguments for tracing an op on meta tensors: nothing is allocated, even by an op that
+    makes a tensor on a device its arguments name (``full(..., device=cpu)``)."""
     if isinstance(v, torch.Tensor):
         return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device="meta")
+    if isinstance(v, torch.device):
+        return torch.device("meta")
+    if isinstance(v, dict):
+        return {k: _meta_like(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return type(v)(_meta_like(x) for x in v)
     return v
