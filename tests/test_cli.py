@@ -101,6 +101,13 @@ def test_plan_code(capsys, factory):
     assert out.index("def program(") < out.index("Memory per tier")
 
 
+def test_plan_fuse_lists_regions(capsys, factory):
+    code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", "1GB", "--hardware", "h100",
+                         "-f", "code", "--fuse")
+    assert code == 0, err
+    assert " = region(" in out and "# [fuse]" in out and "fused regions" in out
+
+
 def test_plan_module_factory(capsys, factory, monkeypatch):
     monkeypatch.syspath_prepend(str(factory.parent))
     code, out, err = run(capsys, "plan", "tiny_mlp:build_kwargs", "--budget", "1MB", "--hardware", "h100",

@@ -124,6 +124,9 @@ def _add_plan_parser(sub) -> None:
     p.add_argument("--train", action="store_true",
                    help="plan a training step: forward and backward, saved activations kept, "
                         "offloaded or recomputed")
+    p.add_argument("--fuse", action="store_true",
+                   help="fuse the compute between scheduling points into regions (compile(..., fuse=True)); "
+                        "the listing shows each region and its ops")
     p.add_argument("--format", "-f", choices=FORMATS, default="table",
                    help="table: summary tables (default); code: the schedule listing, then the "
                         "summary; json: the saved-plan JSON (what -o writes)")
@@ -406,6 +409,8 @@ def _make_plan(args):
         what = f"memsched: planning {what}{type(model).__name__} in {format_bytes(budget_bytes)}"
         update(what)
         options = {} if args.time_limit is None else {"time_limit_s": args.time_limit}
+        if args.fuse:
+            options["fuse"] = True
         plan = make_plan(model, inputs, budget_bytes, hardware=hw, example_kwargs=kwargs, train=args.train,
                          progress=lambda stage: update(f"{what}: {stage}"), **options)
     plan.model_name = name
