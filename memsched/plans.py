@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from .cost_models.hardware import Hardware
+from .cost_models.op_cost import estimate_op_time
 from .cost_models.simulator import SimResult, simulate
 from .inspect.summary import summarize, summary_text
 from .io.serialize import load_fields, plan_fields, save_plan
@@ -20,6 +21,7 @@ from .ir.listing import listing
 from .ir.meta import info
 from .ir.tensors import distinct_storage_bytes
 from .ir.ops import Op, is_compute, op_of
+from .ir.regions import region_of
 from .ir.units import format_bytes
 from .passes.analysis import Program
 from .passes.placement import KEEP, Placement
@@ -134,13 +136,33 @@ class Plan:
         return [dict(r) for r in self.facts.saved_activations]
 
     def recomputed_nodes(self) -> set[str]:
-        """Compute nodes the plan runs a second time (not the frees that follow them)."""
-        return {n.name for n in self.graph.graph.nodes if info(n).made_by == "recompute" and is_compute(n)}
+        """Compute nodes the plan runs a second time (not the frees that follow them), those
+        fused into regions included (by the names they had)."""
+        names = {n.name for n in self.graph.graph.nodes if info(n).made_by == "recompute" and is_compute(n)}
+        for reg in self._regions():
+            ops = [x for x in reg.graph.graph.nodes if x.op == "call_function"]
+            names.update(name for x, name in zip(ops, reg.names) if info(x).made_by == "recompute")
+        return names
 
     def recompute_overhead_s(self) -> float:
-        """Predicted seconds of recomputation per step."""
+        """Predicted seconds of recomputation per step; of a fused region, the share of its time
+        its recomputed ops take by the roofline."""
         names = self.recomputed_nodes()
-        return sum(s.end - s.start for s in self.sim.spans if s.stream == "compute" and s.name in names)
+        spans = {s.name: s.end - s.start for s in self.sim.spans if s.stream == "compute"}
+        total = 0.0
+        for n in self.graph.graph.nodes:
+            reg = region_of(n)
+            if reg is not None:
+                ops = [x for x in reg.graph.graph.nodes if x.op == "call_function"]
+                cost = [estimate_op_time(x, self.hardware) for x in ops]
+                again = sum(c for x, c in zip(ops, cost) if info(x).made_by == "recompute")
+                total += spans.get(n.name, 0.0) * (again / sum(cost) if sum(cost) else 0.0)
+            elif n.name in names and not _reads_region(n):
+                total += spans.get(n.name, 0.0)
+        return total
+
+    def _regions(self) -> list:
+        return [region_of(n) for n in self.graph.graph.nodes if region_of(n) is not None]
 
     # -- inspection (memsched/inspect/) -------------------------------------------------------
     def steps(self) -> list[dict]:
@@ -195,6 +217,12 @@ class Plan:
         from .verify import verify_schedule
 
         return verify_schedule(self.graph, self.budget_bytes)
+
+
+def _reads_region(n) -> bool:
+    """A getitem of a region's outputs: its time is the region's."""
+    return n.op == "call_function" and bool(n.args) and isinstance(n.args[0], fx.Node) \
+        and region_of(n.args[0]) is not None
 
 
 def as_plan(plan_or_path) -> Plan:

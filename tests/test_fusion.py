@@ -311,3 +311,13 @@ def test_regions_that_ran_are_priced_by_their_measured_time():
     fused = [n for n in cm.plan.graph.graph.nodes if op_of(n) is Op.REGION]
     assert all(times[n.name] == measured_time(region_of(n).key) for n in fused)
     cm.close()
+
+
+def test_recomputation_inside_regions_is_still_reported():
+    model, x = _stack().train(), torch.randn(4, 16, 32)
+    free = memsched.plan(model, (x,), budget=10**9, hardware=FIXED_CPU, train=True)
+    plain, fused = (memsched.plan(model, (x,), budget=free.min_budget_bytes, hardware=FIXED_CPU, train=True,
+                                  fuse=fuse) for fuse in (False, True))
+    assert _regions(fused) and plain.recomputed_nodes()
+    assert fused.recomputed_nodes() == plain.recomputed_nodes()
+    assert fused.recompute_overhead_s() > 0
