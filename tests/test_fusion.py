@@ -151,7 +151,7 @@ def test_verifier_checks_a_region_by_what_it_declares():
         verify_schedule(plan.graph, reg.nbytes)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=random_dags(bare_weight_outputs=False), frac=st.floats(0.0, 1.2), train=st.booleans())
 def test_random_programs_fuse_within_budget(case, frac, train):
     """Any program (inference, or a training step with its multi-output backward ops and the
