@@ -21,7 +21,7 @@ from .ir.listing import listing
 from .ir.meta import info
 from .ir.tensors import distinct_storage_bytes
 from .ir.ops import Op, is_compute, op_of
-from .ir.regions import region_of
+from .ir.regions import reads_region, region_of
 from .ir.units import format_bytes
 from .passes.analysis import Program
 from .passes.placement import KEEP, Placement
@@ -157,7 +157,7 @@ class Plan:
                 cost = [estimate_op_time(x, self.hardware) for x in ops]
                 again = sum(c for x, c in zip(ops, cost) if info(x).made_by == "recompute")
                 total += spans.get(n.name, 0.0) * (again / sum(cost) if sum(cost) else 0.0)
-            elif n.name in names and not _reads_region(n):
+            elif n.name in names and not reads_region(n):
                 total += spans.get(n.name, 0.0)
         return total
 
@@ -217,12 +217,6 @@ class Plan:
         from .verify import verify_schedule
 
         return verify_schedule(self.graph, self.budget_bytes)
-
-
-def _reads_region(n) -> bool:
-    """A getitem of a region's outputs: its time is the region's."""
-    return n.op == "call_function" and bool(n.args) and isinstance(n.args[0], fx.Node) \
-        and region_of(n.args[0]) is not None
 
 
 def as_plan(plan_or_path) -> Plan:

@@ -158,7 +158,6 @@ class _Checker:
             self.handles.pop(x.name, None)
             self.remove(x.name)
 
-
     def region(self, where, step, n):
         """A fused region: its graph takes the node's arguments and runs ATen ops only, each
         getitem after it reads an output it has, and the bytes it declares cover every storage

@@ -12,6 +12,7 @@ compiles the graph (runtime/regions.py); nothing here runs it.
 from __future__ import annotations
 
 import hashlib
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,12 @@ class Region:
 
 def region_of(node: fx.Node) -> Region | None:
     return node.meta.get(KEY)
+
+
+def reads_region(node: fx.Node) -> bool:
+    """A getitem of a region's outputs (its value is made, and its time spent, by the region)."""
+    return (node.op == "call_function" and node.target is operator.getitem and bool(node.args)
+            and isinstance(node.args[0], fx.Node) and region_of(node.args[0]) is not None)
 
 
 def output_node(gm: fx.GraphModule) -> fx.Node:

@@ -6,14 +6,13 @@ call the runtime (``rt.prefetch``/``rt.wait``/``rt.offload``/``rt.free``; the bo
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.fx as fx
 
 from ..ir.listing import format_arg, format_args
 from ..ir.ops import Op, is_inserted, op_of, register
-from ..ir.regions import region_of
+from ..ir.regions import reads_region, region_of
 from ..ir.tensors import distinct_storage_bytes
 from .regions import RegionKernel
 
@@ -62,10 +61,6 @@ def _region(n, args, r):
     unread = "; _ = None" if len(by_index) < reg.n_outputs else ""
     call = f"{room}{names}, = rt.region({kernel}, {reg.nbytes}, ({args}{',' if n.args else ''}))"
     return "; ".join(x for x in (call, tracks) if x) + unread
-
-
-def _reads_region(n: fx.Node) -> bool:
-    return n.target is operator.getitem and isinstance(n.args[0], fx.Node) and op_of(n.args[0]) is Op.REGION
 
 
 _EMIT = register("executor", {
@@ -135,7 +130,7 @@ def generate_source(gm: fx.GraphModule, device: torch.device | None = None,
         op = op_of(n)
         if op is not None:
             body.append(_EMIT[op](n, r.args(n), r))
-        elif _reads_region(n):
+        elif reads_region(n):
             continue   # unpacked by the region's own line
         elif n.op == "call_function":
             track = "_track" if _surely_tensor(n) else "rt.track"
