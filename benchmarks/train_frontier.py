@@ -5,8 +5,9 @@ One GPT-2 (transformers GPT2Config, random weights, dropout 0; default n_layer=6
 n_head=4, vocab 4096, input 4 x 256) and one training step = forward with labels -> loss ->
 backward (no optimizer step; gradients are set to None before every step, so each step
 allocates them afresh, as the first step of training does; the model output, logits included,
-is held through the backward as in `out = model(**batch); out.loss.backward()`). Measured in
-the same process:
+is held through the backward as in `out = model(**batch); out.loss.backward()`; with --loss-only
+every method trains a wrapper returning the loss alone instead, the form in which memsched can
+run the LM head with its cross-entropy in slices of rows). Measured in the same process:
 
   eager            the model as is;
   checkpoint       every transformer block (model.transformer.h[i]) run through
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import gc
 import shutil
@@ -71,8 +73,29 @@ from memsched.runtime.regions import allocator_peak as _allocator_peak
 
 # -- the model ------------------------------------------------------------------------------
 
-def build_model(n_layer, n_embd, n_head, vocab, seq):
-    return build_gpt2(n_layer, n_embd, n_head, vocab, seq, train=True)
+def build_model(n_layer, n_embd, n_head, vocab, seq, loss_only=False):
+    model = build_gpt2(n_layer, n_embd, n_head, vocab, seq, train=True)
+    return LossOnly(model) if loss_only else model
+
+
+class LossOnly(torch.nn.Module):
+    """The LM whose forward returns the loss alone (--loss-only): no method holds the logits
+    through the backward, and memsched can run the LM head with its loss in slices of rows."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    @property
+    def transformer(self):
+        return self.lm.transformer
+
+    def forward(self, input_ids, labels):
+        return self.lm(input_ids=input_ids, labels=labels).loss
+
+
+def loss_of(out):
+    return out if isinstance(out, torch.Tensor) else out.loss
 
 
 def tensor_bytes(tensors) -> int:
@@ -117,6 +140,8 @@ class LiveTensorBytes(TorchDispatchMode):
         # storages never counted (memsched: the model's own weights, counted as base_bytes by tier)
         self.exclude = {StorageWeakRef(t.untyped_storage()).cdata for t in exclude}
         self._keep = list(exclude)  # their cdata must not be reused while we compare against it
+        self.aside = False          # True: new storages are set aside, not counted (see delivered_apart)
+        self.set_aside: dict = {}   # cdata -> StorageWeakRef
         self.current = base_bytes
         self.peak = 0
         self.ops = 0
@@ -130,7 +155,11 @@ class LiveTensorBytes(TorchDispatchMode):
         st = t.untyped_storage()
         n = st.nbytes()
         ref = StorageWeakRef(st)
-        if ref.cdata in self.exclude:
+        if self.aside and ref.cdata not in self.live:
+            self.set_aside[ref.cdata] = ref   # a weak reference: autograd must still steal the tensor
+        if ref.cdata in self.set_aside and self.set_aside[ref.cdata].expired():
+            del self.set_aside[ref.cdata]     # that storage died; this is a new one at its address
+        if ref.cdata in self.exclude or ref.cdata in self.set_aside:
             return
         entry = self.live.get(ref.cdata)
         if entry is None:
@@ -154,6 +183,33 @@ class LiveTensorBytes(TorchDispatchMode):
             self._add(t)
         self.peak = max(self.peak, self.current)
         return out
+
+
+@contextlib.contextmanager
+def delivered_apart(tracker):
+    """Gradients a memsched plan homes off the device (host or disk) are handed to the caller
+    after the step, as host tensors (``TransferEngine.materialize``): the caller's, like the
+    weights homed there, so the tracker counts them apart (``tracker.delivered``). On this
+    CPU-only machine host and device are the same RAM, so they still show in the allocator peak."""
+    from memsched.runtime.transfer import TransferEngine
+
+    real = TransferEngine.materialize
+    tracker.delivered = 0
+
+    def materialize(engine, handle):
+        tracker.aside = True   # the storages made here are the delivery's, not the step's
+        try:
+            out = real(engine, handle)
+        finally:
+            tracker.aside = False
+        tracker.delivered += out.untyped_storage().nbytes()
+        return out
+
+    TransferEngine.materialize = materialize
+    try:
+        yield
+    finally:
+        TransferEngine.materialize = real
 
 
 def allocator_peak(fn) -> int:
@@ -180,6 +236,7 @@ class Method:
         self.budget = None
         self.graphs = None
         self.fresh_peaks = None  # memsched: its own peaks in the peak passes
+        self.delivered = 0       # memsched: gradient bytes handed over off the device after the step
         self.fuse = False        # memsched: planned with fuse=True
         self.preexisting = preexisting  # tensors live at the start of a step (weights, inputs)
 
@@ -187,9 +244,9 @@ class Method:
         self.model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         out = self.call()  # the whole output (logits too) stays alive through the backward,
-        out.loss.backward()  # as in `out = model(**batch); out.loss.backward()`
+        loss_of(out).backward()  # as in `out = model(**batch); out.loss.backward()`
         dt = time.perf_counter() - t0
-        self.loss = out.loss.detach()
+        self.loss = loss_of(out).detach()
         if self.cm is not None:
             self.stats.append(self.cm.stats)
         return dt
@@ -222,6 +279,9 @@ def main():
                     help="memsched solver time limit (time_limit_s), default memsched's own (10 s)")
     ap.add_argument("--fuse", choices=("off", "on", "both"), default="both",
                     help="memsched rows without fusion, with it (fuse=True), or both (default)")
+    ap.add_argument("--loss-only", action="store_true",
+                    help="every method trains a wrapper whose forward returns the loss alone (the logits "
+                         "are not held through the backward; memsched may split the LM head with its loss)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--offload-root", default=None, help="where memsched's offload files go (default: a temp dir)")
     a = ap.parse_args()
@@ -242,7 +302,7 @@ def main():
     cbudgets = [float(x) for x in cbudgets.split(",") if x.strip()]
     ms_options = {} if a.time_limit is None else {"time_limit_s": a.time_limit}
 
-    base = build_model(n_layer, n_embd, n_head, vocab, seq)
+    base = build_model(n_layer, n_embd, n_head, vocab, seq, loss_only=a.loss_only)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
     kw = {"input_ids": ids, "labels": ids}
@@ -306,9 +366,15 @@ def main():
     ms_model = copy.deepcopy(base)
     with _common.timer() as t:
         p0 = memsched.plan(ms_model, (), budget=10**13, example_kwargs=kw, train=True, **ms_options)
-    peak0, min_budget = p0.program.peak_bytes, p0.min_budget_bytes
-    print(f"memsched unconstrained training peak {fmt_bytes(peak0)}, minimum budget {fmt_bytes(min_budget)} "
-          f"({min_budget / peak0:.0%}), planned in {t['s']:.1f} s; hardware profile {p0.hardware.name}")
+    peak0, unsplit_min = p0.program.peak_bytes, p0.min_budget_bytes
+    with _common.timer() as t_min:   # below the unsplit minimum memsched splits ops (chunk_ops): its own minimum
+        try:
+            memsched.plan(ms_model, (), budget=1, example_kwargs=kw, train=True, **ms_options)
+        except memsched.InfeasibleBudgetError as e:
+            min_budget = e.min_budget_bytes
+    print(f"memsched unconstrained training peak {fmt_bytes(peak0)}, planned in {t['s']:.1f} s; minimum budget "
+          f"{fmt_bytes(min_budget)} ({min_budget / peak0:.0%}; {fmt_bytes(unsplit_min)} without splitting ops), "
+          f"found in {t_min['s']:.1f} s; hardware profile {p0.hardware.name}")
     seen_budgets = set()
     for f in fractions:
         if f == "ckpt":  # checkpoint-every-block's own peak, measured by the tracker (untimed)
@@ -316,7 +382,7 @@ def main():
             tracker = LiveTensorBytes(inputs_of(ck_model))
             with tracker:
                 out = ck_model(**kw)  # the output (logits) held through the backward, as timed
-                out.loss.backward()
+                loss_of(out).backward()
                 del out
             ck_model.zero_grad(set_to_none=True)
             budget, label = tracker.peak, "ckpt"
@@ -389,7 +455,7 @@ def main():
 
             def once(call):
                 out = call()
-                out.loss.backward()
+                loss_of(out).backward()
 
             if m.kind != "compile":
                 m.model.zero_grad(set_to_none=True)
@@ -400,9 +466,9 @@ def main():
                     tracker = LiveTensorBytes([ids], exclude=model_tensors, base_bytes=resident)
                 else:
                     tracker = LiveTensorBytes(m.preexisting)
-                with tracker:
+                with tracker, delivered_apart(tracker):
                     once(calls[0])
-                m.tracked = tracker.peak
+                m.tracked, m.delivered = tracker.peak, tracker.delivered
             m.model.zero_grad(set_to_none=True)
             gc.collect()
             if m.kind == "memsched":
@@ -494,10 +560,12 @@ def main():
             own = max(m.fresh_peaks) if m.kind == "memsched" else None
             rows.append([m.name, fmt_bytes(m.tracked), fmt_bytes(m.alloc), fmt_bytes(own),
                          "-" if (own is None or m.tracked is None) else f"{m.tracked / own:.3f}",
-                         "-" if own is None else f"{m.alloc / own:.3f}", m.note])
+                         "-" if own is None else f"{m.alloc / own:.3f}",
+                         fmt_bytes(m.delivered) if m.delivered else "-", m.note])
         print()
         print(table(["method", "tracked peak", "allocator peak", "memsched stats peak", "tracked/stats",
-                     "alloc/stats", "note"], rows, title="Peak measures (one untimed step each)"))
+                     "alloc/stats", "grads handed over", "note"], rows,
+                    title="Peak measures (one untimed step each)"))
         print("tracked: tensor storages alive at once, seen through a TorchDispatchMode, + weights and inputs "
               "(memsched: + its device-tier weights; disk-homed weights are fetched into buffers the tracker "
               "sees). allocator: CPU allocator bytes allocated during the step and not yet freed "
@@ -505,7 +573,9 @@ def main():
               "scratch inside ops. memsched is measured on the first call of a freshly compiled module (planned "
               "at construction), so nothing it holds was allocated before the step; 'memsched stats peak' is "
               "that module's own number. A tracked or allocator peak above it means storages memsched has "
-              "released from its accounting are still allocated.")
+              "released from its accounting are still allocated. grads handed over: gradients the plan homes "
+              "off the device, given to the caller as host tensors after the step (not in the tracked peak; "
+              "in the allocator peak, since host and device share this machine's RAM).")
 
         # frontier: memsched at <= each baseline's peak, by each measure
         ms_rows = [m for m in ok if m.kind == "memsched"]

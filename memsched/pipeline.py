@@ -31,7 +31,7 @@ from .ir.graph_module import lazy_graph_module
 from .ir.kinds import PERSISTENT
 from .ir.units import format_bytes
 from .passes.analysis import START, Program, analyze
-from .passes.chunking import Chunking, chunked, chunkings, splittable_modules, steps_outside
+from .passes.chunking import Chunking, chunked, chunkings, loss_chunks, splittable_modules, steps_outside
 from .passes.floor import op_floor
 from .passes.fusion import fuse as fuse_regions
 from .passes.placement import Placement, solve_placement
@@ -94,7 +94,8 @@ def capture_pass(s: PlanningState) -> str:
     the rest repeated (frontend/repeats.py)."""
     if s.train:
         def trace(model):
-            return capture_joint(model, s.args, s.kwargs, grad_outputs=s.grad_outputs, target=s.hw.device_type)
+            return capture_joint(model, s.args, s.kwargs, grad_outputs=s.grad_outputs, target=s.hw.device_type,
+                                 loss_chunks=loss_chunks(s.chunking))
     else:
         def trace(model):
             return capture(model, s.args, s.kwargs)

@@ -14,7 +14,7 @@ from .frontend.capture import Captured, capture, input_signature
 from .frontend.repeats import capture_repeated
 from .io.reapply import PlanMismatchError, apply_plan, check_signature
 from .ir.ops import Op, op_of
-from .passes.chunking import chunked
+from .passes.chunking import LOSS_HEAD, chunked
 from .passes.fusion import fuse, unfuse
 from .plan_records import PassRecord
 from .plans import Plan
@@ -33,7 +33,7 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
     fused = any(op_of(n) is Op.REGION for n in saved.graph.graph.nodes)
     t = time.perf_counter()
     for c in saved.chunking:   # the modules the plan runs on slices must be there to split
-        if not isinstance(_submodule(model, c.path), torch.nn.Module):
+        if c.path != LOSS_HEAD and not isinstance(_submodule(model, c.path), torch.nn.Module):
             raise PlanMismatchError(f"the plan runs module {c.path!r} on slices of its input; the model has no such module")
     with chunked(model, list(saved.chunking)):
         captured, _ = capture_repeated(model, lambda m: capture(m, args, kwargs))  # as planning captured it

@@ -31,6 +31,7 @@ from ..ir.kinds import Kind
 from ..ir.meta import annotate
 from .capture import _ASSERT_OPS, _KIND, Captured, Placeholder, export_model
 from .fake import RNN_LAYER, eager_meta, share_storages_as_eager
+from .loss_head import chunk_loss_heads
 
 
 @dataclass
@@ -61,7 +62,7 @@ def _state(model: torch.nn.Module, ep) -> dict[str, torch.Tensor]:
 
 
 def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None,
-                  grad_outputs: str = "auto", target: str = "cpu") -> JointCaptured:
+                  grad_outputs: str = "auto", target: str = "cpu", loss_chunks: int = 0) -> JointCaptured:
     """Trace one training step of ``model(*args, **kwargs)``.
 
     ``grad_outputs``: "auto" expects gradients only for scalar outputs when there are any (a
@@ -70,6 +71,8 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     are (usually the CPU), where scaled-dot-product attention lowers to CPU-only kernels
     (``_scaled_dot_product_flash_attention_for_cpu`` and its backward); for another target it is
     traced with the math backend instead, ops that exist on every device.
+    ``loss_chunks``: when > 1, an LM head whose logits only feed a cross-entropy runs on that
+    many slices of rows, forward and backward (frontend/loss_head.py): the full logits never exist.
     """
     if grad_outputs not in ("auto", "all"):
         raise ValueError(f"grad_outputs must be 'auto' or 'all', got {grad_outputs!r}")
@@ -95,7 +98,8 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     floating = [i for i, v in enumerate(user_vals) if isinstance(v, torch.Tensor) and v.is_floating_point()]
     if grad_outputs == "auto" and any(user_vals[i].dim() == 0 for i in floating):
         floating = [i for i in floating if user_vals[i].dim() == 0]
-    trace = _Trace(ep.graph_module, slot_of, trained, n_mut, floating)
+    traced = chunk_loss_heads(ep.graph_module, loss_chunks) if loss_chunks > 1 else ep.graph_module
+    trace = _Trace(traced, slot_of, trained, n_mut, floating)
     with _portable_attention(target, primals):
         joint = make_lazy(trace.run(model, primals, user_vals))  # code made when first run
     boundary = _partition(joint, placeholders, len(primals), len(out_vals), trace, floating)

@@ -16,6 +16,7 @@ from ..ir.kinds import LINKS
 from ..ir.ops import Op, op_of
 from ..ir.regions import region_of
 from ..ir.units import format_bytes as fb
+from ..passes.chunking import LOSS_HEAD
 
 SAVED_ACTIVATIONS_SHOWN = 40  # the largest saved activations listed (the caption totals all)
 
@@ -91,7 +92,8 @@ def _chunk_rows(chunking) -> tuple:
     if not chunking:
         return ()
     most = max(c.chunks for c in chunking)
-    return (Row("modules split", (f"{len(chunking)}, up to {most} slices: {', '.join(map(str, chunking[:3]))}"
+    shown = sorted(chunking, key=lambda c: c.path != LOSS_HEAD)   # the loss head first
+    return (Row("modules split", (f"{len(chunking)}, up to {most} slices: {', '.join(map(str, shown[:3]))}"
                                   + (", ..." if len(chunking) > 3 else ""),)),)
 
 

@@ -21,8 +21,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out = torch.matmul(h, weight.t())
-    return out.add_(bias) if bias is not None else out
+    return torch.matmul(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
 
 
 def _chunk_loss_torch(logits, target, ignore_index):
@@ -36,34 +35,34 @@ def _chunk_loss_torch(logits, target, ignore_index):
 
 def _chunk_grad_torch(logits, target, lse, scale):
     """PyTorch fallback: (softmax - onehot(target)) * scale, in the logits' dtype. Ignored rows
-    have scale 0, so their (clamped) onehot does not matter."""
+    have scale 0, so their (clamped) onehot does not matter. Out of place: traced into a plan."""
     p = torch.exp(logits.float() - lse[:, None])
-    p.scatter_add_(1, target.clamp(min=0)[:, None], -(target >= 0).to(p.dtype)[:, None])
-    return p.mul_(scale[:, None]).to(logits.dtype)
+    p = p.scatter_add(1, target.clamp(min=0)[:, None], -(target >= 0).to(p.dtype)[:, None])
+    return p.mul(scale[:, None]).to(logits.dtype)
 
 
 def _forward(hidden, weight, bias, target, chunk, ignore_index, triton):
-    """Per-row loss and logsumexp, float32 [N], one chunk of logits at a time."""
-    loss = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    lse = torch.empty_like(loss)
+    """Per-row loss and logsumexp, float32 [N], one chunk of logits at a time. Each chunk's
+    rows are new tensors, concatenated at the end (no writes into slices of a buffer, so the
+    loop traces into a graph a planner can schedule: passes/chunking.py)."""
     kernels = triton_kernels() if triton else None
+    losses, lses = [], []
     for start in range(0, hidden.shape[0], chunk):
         rows = slice(start, start + chunk)
         logits = _logits(hidden[rows], weight, bias)
-        if triton:
-            loss[rows], lse[rows] = kernels.ce_forward(logits, target[rows], ignore_index)
-        else:
-            loss[rows], lse[rows] = _chunk_loss_torch(logits, target[rows], ignore_index)
+        run = kernels.ce_forward if triton else _chunk_loss_torch
+        loss, lse = run(logits, target[rows], ignore_index)
         del logits
-    return loss, lse
+        losses.append(loss)
+        lses.append(lse)
+    return torch.cat(losses), torch.cat(lses)
 
 
 def _backward(hidden, weight, bias, target, lse, scale, chunk, triton, needs):
-    """(grad_hidden, grad_weight, grad_bias), recomputing each chunk's logits."""
+    """(grad_hidden, grad_weight, grad_bias), recomputing each chunk's logits. The weight and
+    bias gradients accumulate in place in one float32 buffer made by the first chunk."""
     want_h, want_w, want_b = needs
-    grad_h = torch.empty_like(hidden) if want_h else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
+    grad_h, grad_w, grad_b = [], None, None
     kernels = triton_kernels() if triton else None
     for start in range(0, hidden.shape[0], chunk):
         rows = slice(start, start + chunk)
@@ -75,20 +74,23 @@ def _backward(hidden, weight, bias, target, lse, scale, chunk, triton, needs):
             d = _chunk_grad_torch(logits, target[rows], lse[rows], scale[rows])
         del logits
         if want_h:
-            grad_h[rows] = torch.matmul(d, weight)
+            grad_h.append(torch.matmul(d, weight))
         if want_w:
-            _accumulate_weight_grad(grad_w, d, h)
+            grad_w = _accumulate_weight_grad(grad_w, d, h)
         if want_b:
-            grad_b += d.sum(0, dtype=torch.float32)
+            part = d.sum(0, dtype=torch.float32)
+            grad_b = part if grad_b is None else grad_b.add_(part)
     cast = lambda g, like: g.to(like.dtype) if g is not None else None  # noqa: E731
-    return grad_h, cast(grad_w, weight), cast(grad_b, bias)
+    return (torch.cat(grad_h) if want_h else None), cast(grad_w, weight), cast(grad_b, bias)
 
 
-def _accumulate_weight_grad(acc: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> None:
+def _accumulate_weight_grad(acc: torch.Tensor | None, d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """acc + d.T @ h in float32; the first chunk makes the buffer, later ones add into it."""
+    if acc is None:
+        return torch.matmul(d.t(), h).float()
     if d.dtype == acc.dtype:
-        acc.addmm_(d.t(), h)
-    else:  # low precision: one product per chunk, summed in float32
-        acc += torch.matmul(d.t(), h).float()
+        return acc.addmm_(d.t(), h)
+    return acc.add_(torch.matmul(d.t(), h).float())  # low precision: one product per chunk
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):

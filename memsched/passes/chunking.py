@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from ..frontend.capture import Captured
+from ..frontend.loss_head import find_loss_heads
 from ..frontend.repeats import identical_modules
 from ..ir.kinds import Kind
 
@@ -42,6 +43,11 @@ _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
 _SLICES = {aten.slice.Tensor, aten.select.int, aten.narrow.default}
 
 
+# Not a module: the LM head with its cross-entropy, found in the exported forward of a training
+# step and run by the chunked kernel (frontend/loss_head.py) when a Chunking names it.
+LOSS_HEAD = "<lm-head-loss>"
+
+
 @dataclass(frozen=True)
 class Chunking:
     """Run the module at ``path`` on ``chunks`` slices of its input along ``dim``."""
@@ -51,6 +57,8 @@ class Chunking:
     chunks: int
 
     def __str__(self) -> str:
+        if self.path == LOSS_HEAD:
+            return f"LM head + cross-entropy x{self.chunks} (rows)"
         return f"{self.path} x{self.chunks} (dim {self.dim})"
 
 
@@ -224,10 +232,28 @@ def forward_graph(captured: Captured) -> tuple[fx.GraphModule, set[str]]:
     return captured.gm, {p.name for p in captured.placeholders if p.kind in (Kind.WEIGHT, Kind.BUFFER, Kind.CONSTANT)}
 
 
+def loss_heads(captured: Captured) -> list[RowLocal]:
+    """A training step's LM heads with their cross-entropy, whose logits feed nothing else, as
+    one row-local unit (LOSS_HEAD): their logits are the value a split never makes whole."""
+    if getattr(captured, "forward", None) is None:   # an inference capture: the graph is the plan
+        return []
+    heads = find_loss_heads(captured.forward[0])
+    if not heads:
+        return []
+    return [RowLocal(LOSS_HEAD, (min(h.rows for h in heads),), max(h.logits_bytes for h in heads),
+                     max(h.hidden_bytes for h in heads))]
+
+
+def loss_chunks(plan: list[Chunking]) -> int:
+    """The slices the plan runs its LM head + cross-entropy on (0: whole)."""
+    return next((c.chunks for c in plan if c.path == LOSS_HEAD), 0)
+
+
 def splittable_modules(model: torch.nn.Module, captured: Captured) -> list[RowLocal]:
     """Row-local modules of the forward graph whose inside is larger than their edges (only
     those gain from a split), outermost first, extended to the modules identical to them (a
-    layer stack captured by repeats carries module paths for the traced layers only)."""
+    layer stack captured by repeats carries module paths for the traced layers only); then the
+    LM head with its loss, in a training step (``loss_heads``)."""
     gm, state = forward_graph(captured)
     found: list[RowLocal] = []
     for path, nodes in _module_groups(gm).items():
@@ -244,7 +270,7 @@ def splittable_modules(model: torch.nn.Module, captured: Captured) -> list[RowLo
         twin = next((r for r in found if identical_modules(model.get_submodule(r.path), m)), None)
         if twin is not None:
             extra.append(RowLocal(name, twin.dims, twin.inner_bytes, twin.edge_bytes))
-    return sorted(found + extra, key=lambda r: r.path)
+    return sorted(found + extra, key=lambda r: r.path) + loss_heads(captured)
 
 
 def steps_outside(program, gm: fx.GraphModule, found: list[RowLocal]) -> list[int]:
@@ -292,6 +318,8 @@ def chunked(model: torch.nn.Module, plan: list[Chunking]):
     patched = []
     try:
         for c in plan:
+            if c.path == LOSS_HEAD:   # not a module: the capture rewrites it (loss_chunks)
+                continue
             m = model.get_submodule(c.path)
             patched.append((m, vars(m).get("forward")))
             m.forward = _split_call(m.forward, c.dim, c.chunks)

@@ -1,0 +1,121 @@
+"""The LM head with its cross-entropy, found in the exported forward and replaced by memsched's
+chunked kernel (kernels/cross_entropy.py), so a training step never holds the full logits.
+
+The pattern (``kernels.PATTERNS["fused_linear_cross_entropy"]``), read off torch.export's
+graph, not off class names: ``linear(hidden, weight[, bias])``, then casts to float32, aliases
+and views, then ``cross_entropy_loss(logits [N, V], target [N])`` with no class weights and no
+label smoothing, each value in the chain read by the next op only (trace-time asserts aside).
+When the logits are read elsewhere (the model returns them as well as the loss) they exist in
+full anyway and nothing is replaced: have the forward return the loss alone.
+
+The replacement calls ``fused_linear_cross_entropy(..., impl="torch")``: the joint trace
+(frontend/joint.py) runs its chunk loop and its autograd backward on FakeTensors, so the plan
+holds ordinary ATen ops over [N / chunks, V] slices of the logits, which the planner places,
+offloads and recomputes like any other value. The maths is the same up to summation order.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..ir.effects import is_impure
+from ..kernels import fused_linear_cross_entropy
+
+aten = torch.ops.aten
+
+_PASS_THROUGH = {aten.to.dtype, aten._to_copy.default, aten.alias.default, aten.view.default,
+                 aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default}
+_ASSERTS = {aten._assert_tensor_metadata.default}
+_REDUCTION = {0: "none", 1: "mean", 2: "sum"}
+
+
+@dataclass(frozen=True)
+class LossHead:
+    """One LM head + cross-entropy in the exported forward."""
+
+    linear: str         # the linear node's name
+    loss: str           # the cross_entropy_loss node's name
+    rows: int           # N: the rows of the logits
+    logits_bytes: int   # the full logits the chunked kernel never makes
+    hidden_bytes: int   # the linear's input
+
+
+def _val(n) -> torch.Tensor | None:
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _readers(n: fx.Node) -> list[fx.Node]:
+    return [u for u in n.users if u.target not in _ASSERTS]
+
+
+def _arg(node: fx.Node, i: int, name: str, default):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _loss_after(linear: fx.Node) -> fx.Node | None:
+    """The cross_entropy_loss the linear's output flows into alone, through casts and views."""
+    node = linear
+    while True:
+        readers = _readers(node)
+        if len(readers) != 1:
+            return None
+        (nxt,) = readers
+        if nxt.target is aten.cross_entropy_loss.default:
+            return nxt if nxt.args[0] is node else None
+        if nxt.target not in _PASS_THROUGH or nxt.args[0] is not node:
+            return None
+        node = nxt
+
+
+def _plain(loss: fx.Node) -> bool:
+    """No class weights, no label smoothing, a known reduction, [N, V] logits and [N] targets."""
+    logits, target = _val(loss.args[0]), _val(loss.args[1])
+    return (_arg(loss, 2, "weight", None) is None and float(_arg(loss, 5, "label_smoothing", 0.0)) == 0.0
+            and _arg(loss, 3, "reduction", 1) in _REDUCTION and logits is not None and target is not None
+            and logits.dim() == 2 and target.dim() == 1 and not target.is_floating_point()
+            and logits.is_floating_point())
+
+
+def find_loss_heads(gm: fx.GraphModule) -> list[LossHead]:
+    """Each LM head whose logits only feed their cross-entropy."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.linear.default:
+            continue
+        loss = _loss_after(node)
+        hidden, logits = _val(node.args[0]), _val(loss.args[0]) if loss is not None else None
+        if loss is None or hidden is None or not _plain(loss):
+            continue
+        logits_bytes = logits.numel() * logits.element_size()
+        out.append(LossHead(node.name, loss.name, int(logits.shape[0]), logits_bytes,
+                            hidden.numel() * hidden.element_size()))
+    return out
+
+
+def chunk_loss_heads(gm: fx.GraphModule, chunks: int) -> fx.GraphModule:
+    """A copy of ``gm`` with every loss head computed ``chunks`` slices of rows at a time."""
+    gm = copy.deepcopy(gm)
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    for head in find_loss_heads(gm):
+        linear, loss = nodes[head.linear], nodes[head.loss]
+        hidden, weight = linear.args[0], linear.args[1]
+        bias = _arg(linear, 2, "bias", None)
+        kwargs = {"chunk_size": math.ceil(head.rows / chunks), "reduction": _REDUCTION[_arg(loss, 3, "reduction", 1)],
+                  "ignore_index": int(_arg(loss, 4, "ignore_index", -100)), "impl": "torch"}
+        with graph.inserting_before(loss):
+            fused = graph.call_function(fused_linear_cross_entropy, (hidden, weight, loss.args[1], bias), kwargs)
+            dtype = _val(loss).dtype
+            if dtype != _val(hidden).dtype:   # the logits were cast (to float32) before the loss
+                fused = graph.call_function(aten.to.dtype, (fused, dtype))
+        fused.meta.update(loss.meta)
+        loss.replace_all_uses_with(fused)
+    graph.eliminate_dead_code(is_impure_node=is_impure)
+    graph.lint()
+    gm.recompile()
+    return gm

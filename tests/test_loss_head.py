@@ -1,0 +1,158 @@
+"""The LM head with its cross-entropy run in slices of rows (frontend/loss_head.py, selected by
+passes/chunking.py below the minimum): found by its ops, never when the logits are returned,
+the same maths as the exported graph, and a training step that never holds the full logits
+plans below the unsplit minimum and matches eager."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as T
+from torch.export.graph_signature import InputKind
+
+import memsched
+from memsched.frontend.capture import export_model
+from memsched.frontend.joint import capture_joint
+from memsched.frontend.loss_head import chunk_loss_heads, find_loss_heads
+from memsched.passes.chunking import LOSS_HEAD
+from helpers import FIXED_CPU
+
+VOCAB = 1024
+
+
+class LossOnly(torch.nn.Module):
+    """A causal LM whose training forward returns the loss alone (what lets the logits go)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, labels):
+        return self.lm(input_ids=input_ids, labels=labels).loss
+
+
+def _gpt2():   # tied LM head, no bias
+    cfg = T.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=64, use_cache=False,
+                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return T.GPT2LMHeadModel(cfg)
+
+
+def _qwen2():   # untied head, grouped-query attention
+    cfg = T.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, use_cache=False)
+    return T.Qwen2ForCausalLM(cfg)
+
+
+def _batch(batch=2, seq=48):
+    ids = torch.randint(0, VOCAB, (batch, seq))
+    labels = ids.clone()
+    labels[:, :5] = -100   # a prompt the loss ignores
+    return ids, labels
+
+
+def test_found_only_where_the_logits_feed_the_loss_alone():
+    torch.manual_seed(0)
+    lm, (ids, labels) = _gpt2(), _batch()
+    heads = find_loss_heads(export_model(LossOnly(lm).train(), (ids, labels)).graph_module)
+    assert [(h.rows, h.logits_bytes) for h in heads] == [(ids.numel(), ids.numel() * VOCAB * 4)]
+    # the full model returns its logits beside the loss: they exist whole anyway
+    returned = export_model(lm.train(), (), {"input_ids": ids, "labels": labels}).graph_module
+    assert find_loss_heads(returned) == []
+
+
+def _largest_value(gm) -> int:
+    return max(n.meta["val"].numel() for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor))
+
+
+def test_the_chunked_step_never_makes_the_logits():
+    torch.manual_seed(0)
+    model, (ids, labels) = LossOnly(_qwen2()).train(), _batch()
+    logits = ids.numel() * VOCAB
+    assert _largest_value(capture_joint(model, (ids, labels)).gm) >= logits
+    chunked = capture_joint(model, (ids, labels), loss_chunks=4).gm
+    assert _largest_value(chunked) < logits   # the largest is a weight now
+    quarters = [n for n in chunked.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
+                and tuple(n.meta["val"].shape) == (ids.numel() // 4, VOCAB)]
+    assert quarters   # the logits, a quarter of the rows at a time
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, bias, upcast, reduction, ignore_index):
+        super().__init__()
+        self.proj = torch.nn.Linear(32, VOCAB, bias=bias)
+        self.upcast, self.reduction, self.ignore_index = upcast, reduction, ignore_index
+
+    def forward(self, h, target):
+        logits = self.proj(h)
+        if self.upcast:
+            logits = logits.float()
+        return F.cross_entropy(logits.view(-1, VOCAB), target.view(-1), reduction=self.reduction,
+                               ignore_index=self.ignore_index)
+
+
+def _flat_inputs(ep, model, args):
+    state, user = dict(model.named_parameters()), iter(args)
+    return [state[s.target].detach().requires_grad_(True) if s.kind == InputKind.PARAMETER else next(user)
+            for s in ep.graph_signature.input_specs]
+
+
+@pytest.mark.parametrize("bias,upcast,reduction,ignore_index,chunks", [
+    (False, True, "mean", -100, 3), (True, False, "sum", 0, 4), (True, True, "none", -100, 7),
+])
+def test_the_rewrite_computes_what_the_exported_graph_does(bias, upcast, reduction, ignore_index, chunks):
+    torch.manual_seed(0)
+    model = _Head(bias, upcast, reduction, ignore_index)
+    h, target = torch.randn(3, 10, 32), torch.randint(0, VOCAB, (3, 10))
+    target[0, :4] = ignore_index
+    ep = export_model(model, (h, target))
+    rewritten = chunk_loss_heads(ep.graph_module, chunks)
+    assert not any(n.target is torch.ops.aten.cross_entropy_loss.default for n in rewritten.graph.nodes)
+    results = []
+    for gm in (ep.graph_module, rewritten):
+        inputs = _flat_inputs(ep, model, (h, target))
+        (loss,) = gm(*inputs)
+        loss.sum().backward()
+        results.append((loss.detach(), [i.grad for i in inputs if isinstance(i, torch.Tensor) and i.requires_grad]))
+    (want, want_grads), (got, got_grads) = results
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+def _plan(model, args, budget, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return memsched.plan(model, args, budget, train=True, hardware=FIXED_CPU, **kw)
+
+
+@pytest.mark.parametrize("build", [_gpt2, _qwen2], ids=["gpt2-tied", "qwen2-gqa"])
+def test_a_step_below_the_unsplit_minimum_matches_eager(build, tmp_path):
+    torch.manual_seed(0)
+    model, (ids, labels) = LossOnly(build()).train(), _batch()
+    unsplit = _plan(model, (ids, labels), 10**13, chunk_ops=False).min_budget_bytes
+    budget = int(0.8 * unsplit)
+    ref = copy.deepcopy(model)
+    want = ref(ids, labels)
+    want.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(model, budget, train=True, device="cpu", hardware=FIXED_CPU)
+    try:
+        loss = cm(ids, labels)
+        loss.backward()
+        assert LOSS_HEAD in {c.path for c in cm.plan.chunking}
+        assert cm.stats.peak_device_bytes <= budget and cm.plan.verify() <= budget
+        # the loss sums its rows chunk by chunk and the weight gradient accumulates over them:
+        # close to eager, not bit-equal
+        torch.testing.assert_close(loss, want)
+        for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+        assert "LM head + cross-entropy" in cm.plan.summary()
+        cm.plan.save(tmp_path / "plan.json")
+        assert memsched.Plan.load(tmp_path / "plan.json").chunking == cm.plan.chunking
+    finally:
+        cm.close()
