@@ -232,3 +232,14 @@ def test_transfer_time():
     assert transfer_time(0, "disk_read", hw) == 0
     with pytest.raises(ValueError):
         transfer_time(1, "pcie", hw)
+
+
+def test_overlap_measure_unions_and_intersects_intervals():
+    """runtime/overlap.py's interval arithmetic (its profiler half needs a GPU: test_cuda.py)."""
+    from memsched.runtime.overlap import covered, length, merged
+
+    assert merged([(5, 7), (0, 2), (1, 3), (7, 8)]) == [(0, 3), (5, 8)]
+    copies, kernels = [(0, 4), (10, 12)], [(1, 2), (3, 11), (20, 30)]
+    assert length(copies) == 6
+    assert covered(copies, kernels) == 1 + 1 + 1   # (1,2), (3,4), (10,11)
+    assert covered(copies, []) == 0 and covered([], kernels) == 0

@@ -100,10 +100,7 @@ class TransferEngine:
         if not self.cuda:
             return Pending(out, self._submit("disk_read", self._read, src, out))
         self.stats.bytes_moved["h2d"] += nbytes
-        staging = self.host.take(layout, owner=self.buffers)
-        read = self._submit("disk_read", self._read, src, staging)
-        # the staging buffer goes back to the pool once the copy out of it has finished
-        return self._cuda_h2d(staging, out, read, finished=True, staging=staging)
+        return self._cuda_staged_h2d(src, out)
 
     def wait(self, pending: Pending) -> torch.Tensor:
         if not pending.done.done():
@@ -134,11 +131,12 @@ class TransferEngine:
             self.stats.bytes_moved["d2h"] += layout.nbytes
             staging = self.host.take(layout, owner=self.buffers)
             copied = self._cuda_d2h(x, staging)
-            done = self._submit("disk_write", self._write_after, copied, staging, region)
-        else:
-            done = self._submit("disk_write", self._write_after, None, x, region)
-        handle.ready = done
-        return Outgoing(x, done, handle)
+            handle.ready = self._submit("disk_write", self._write_after, copied, staging, region)
+            # the device copy may go once it is in the staging buffer, as the simulator frees
+            # it: the write to disk reads the staging buffer, not the device
+            return Outgoing(x, copied, handle)
+        handle.ready = self._submit("disk_write", self._write_after, None, x, region)
+        return Outgoing(x, handle.ready, handle)
 
     def finish(self, out: Outgoing) -> None:
         """Block until an offload has read its source, so the device copy may be freed."""
@@ -237,40 +235,57 @@ class TransferEngine:
                 self.host.give_back(x)
 
     # -- CUDA streams ----------------------------------------------------------------------
-    def _cuda_h2d(self, host: torch.Tensor, out: torch.Tensor, ready: Future | None,
-                  finished: bool = False, staging: torch.Tensor | None = None) -> Pending:
-        """Copy on the h2d stream once ``ready`` resolved; with ``finished`` the returned future
-        resolves only when the copy itself is done (and ``staging`` is back in its pool)."""
-        stream = self.streams["h2d"]
+    def _cuda_h2d(self, host: torch.Tensor, out: torch.Tensor, ready: Future | None) -> Pending:
+        """Copy on the h2d stream once ``ready`` resolved (at once when it has)."""
         main = torch.cuda.current_stream(self.device)
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)   # synchronised from CPU threads: sleep, never spin
+        if ready is None or ready.done():
+            if ready is not None:
+                ready.result()
+            self._issue_h2d(host, out, main, event)
+            return Pending(out, _done_future(), event)
 
         def issue():
-            try:
-                if ready is not None:
-                    ready.result()
-                # the device as a context: issued on the caller's thread, it must not change
-                # the caller's current device
-                with torch.cuda.device(self.device):
-                    stream.wait_stream(main)
-                    with torch.cuda.stream(stream):
-                        out.copy_(host, non_blocking=True)
-                        event.record(stream)
-                if finished:
-                    event.synchronize()
-            finally:
-                if staging is not None:
-                    self.host.give_back(staging)
-
-        if not finished and (ready is None or ready.done()):
-            issue()
-            return Pending(out, _done_future(), event)
+            ready.result()
+            self._issue_h2d(host, out, main, event)
         return Pending(out, self._submit("h2d", issue), event)
+
+    def _cuda_staged_h2d(self, src, out: torch.Tensor) -> Pending:
+        """Disk -> pinned staging buffer -> device, both on the disk-read worker, so host
+        fetches never queue behind disk reads. ``done`` resolves once the copy is issued: the
+        caller's stream waits on its event, its CPU thread does not wait for the copy. The
+        staging buffer returns to the pool with that event: its next taker waits on it."""
+        main = torch.cuda.current_stream(self.device)
+        event = torch.cuda.Event(blocking=True)
+        staging = self.host.take(src.layout, owner=self.buffers)
+
+        def read_then_issue():
+            try:
+                self._read(src, staging)
+                self._issue_h2d(staging, out, main, event)
+            except BaseException:
+                self.host.give_back(staging)
+                raise
+            self.host.give_back(staging, read_by=event)
+        return Pending(out, self._submit("disk_read", read_then_issue), event)
+
+    def _issue_h2d(self, host: torch.Tensor, out: torch.Tensor, main, event) -> None:
+        # the device as a context: issued on the caller's thread, it must not change the
+        # caller's current device
+        stream = self.streams["h2d"]
+        with torch.cuda.device(self.device):
+            stream.wait_stream(main)   # ``out`` was allocated on the caller's stream
+            with torch.cuda.stream(stream):
+                out.copy_(host, non_blocking=True)
+                event.record(stream)
+            # freed on the caller's stream before it waited (an abandoned step), ``out`` is not
+            # reused while this copy may still write it
+            out.record_stream(stream)
 
     def _cuda_d2h(self, x: torch.Tensor, dst: torch.Tensor) -> Future:
         stream = self.streams["d2h"]
         main = torch.cuda.current_stream(self.device)
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)   # synchronised by a worker: sleep, never spin
         stream.wait_stream(main)
         with torch.cuda.stream(stream):
             dst.copy_(x, non_blocking=True)

@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""The GPU measurements a first GPU session needs, in a few minutes, as one table.
+
+Run by benchmarks/gpu_check.sh after tests/test_cuda.py. Every ratio is against a baseline
+measured in the same run, on the same GPU:
+
+  link bandwidth   a pinned host buffer copied to the device and back (CUDA events), against
+                   the hardware profile memsched plans with (``memsched.get_hardware``);
+  streaming        GPT-2 inference with its weights homed on host at a budget of --stream-fraction
+                   of the weights: time per call against eager with the whole model on the GPU,
+                   (or memsched's minimum, if higher), the allocator's peak (torch.cuda.max_memory_allocated, after a warm-up call)
+                   against the budget, and the overlap of copies with kernels from a profiler
+                   timeline (runtime/overlap.py) with the blocking syncs the calling thread made;
+  training         one GPT-2 training step (forward + loss + backward) at --train-fraction of
+                   memsched's unconstrained training peak: step time against eager and against
+                   checkpointing every block, allocator peaks, loss and gradient error vs eager.
+
+    bash benchmarks/gpu_check.sh              # on the GPU machine (tests, then this script)
+    python benchmarks/gpu_check.py --device cpu --quick   # a dry run of the logic on a CPU
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+
+import _common
+from _common import build_gpt2, fmt_bytes, median, table
+
+import torch
+
+import memsched
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, reps):
+    """Median seconds of ``reps`` calls after one untimed call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return median(times)
+
+
+def peak_of(fn, device):
+    """The allocator's peak over one call, above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def link_rows(device, hw, nbytes):
+    if device.type != "cuda":
+        return [["link h2d / d2h", "-", "-", "needs CUDA"]]
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    rows = []
+    for name, dst, src, profile in (("h2d", dev, host, hw.h2d_bw), ("d2h", host, dev, hw.d2h_bw)):
+        dst.copy_(src, non_blocking=True)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        bw = 5 * nbytes / (start.elapsed_time(end) / 1e3)
+        rows.append([f"link {name} ({fmt_bytes(nbytes)} pinned)", f"{bw / 1e9:.1f} GB/s",
+                     f"{bw / profile:.2f}x of profile", f"profile {profile / 1e9:.1f} GB/s"])
+    return rows
+
+
+def streaming_rows(a, device, hw, root):
+    model = build_gpt2(a.layers, a.embd, a.heads, a.vocab, a.seq)
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    floor = memsched.plan(model, (), 10**13, example_kwargs={"input_ids": ids}, hardware=hw).min_budget_bytes
+    budget = max(floor, int(a.stream_fraction * weights))   # the LM head needs its whole weight
+    eager = copy.deepcopy(model).to(device)
+    ids_d = ids.to(device)
+    with torch.no_grad():
+        t_eager = timed(lambda: eager(input_ids=ids_d), device, a.reps)
+        want = eager(input_ids=ids_d).logits.float().cpu()
+    del eager
+    cm = memsched.compile(model, budget, device=device, hardware=hw, offload_dir=root)
+    try:
+        got = cm(input_ids=ids).logits.float().cpu()
+        t_ms = timed(lambda: cm(input_ids=ids), device, a.reps)
+        peak = peak_of(lambda: cm(input_ids=ids), device)
+        stats = cm.stats
+        overlap = None
+        if device.type == "cuda":
+            from memsched.runtime.overlap import overlap_report
+
+            overlap = overlap_report(lambda: cm(input_ids=ids))
+    finally:
+        cm.close()
+    err = (got - want).abs().max().item()
+    rows = [[f"stream: GPT-2 {a.layers}x{a.embd} infer {a.batch}x{a.seq}, weights {fmt_bytes(weights)}, "
+             f"budget {fmt_bytes(budget)}", f"{t_ms * 1e3:.1f} ms", f"{t_ms / t_eager:.2f}x eager",
+             f"eager (all on GPU) {t_eager * 1e3:.1f} ms; max |logits diff| {err:.1e}"],
+            ["  stream: memsched peak / allocator peak", fmt_bytes(stats.peak_device_bytes), fmt_bytes(peak),
+             "allocator/budget " + ("-" if peak is None else f"{peak / budget:.3f}")],
+            ["  stream: moved per call", ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(stats.bytes_moved.items())),
+             f"stall {stats.stall_s * 1e3:.1f} ms", ""]]
+    if overlap is not None:
+        rows.append(["  stream: copies overlapped with kernels", f"{overlap['overlapped']:.0%}",
+                     f"h2d {overlap['h2d_ms']:.1f} ms, kernels {overlap['kernel_ms']:.1f} ms",
+                     f"blocking syncs: caller {overlap['cpu_syncs']}, workers {overlap['worker_syncs']}"])
+    return rows
+
+
+def train_rows(a, device, hw, root):
+    from train_frontier import wrap_checkpoint
+
+    base = build_gpt2(a.layers, a.embd, a.heads, a.vocab, a.seq, train=True)
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(1))
+    kw = {"input_ids": ids, "labels": ids}
+
+    def eager_like(model):
+        m = model.to(device)
+        kw_d = {k: v.to(device) for k, v in kw.items()}
+
+        def step():
+            m.zero_grad(set_to_none=True)
+            m(**kw_d).loss.backward()
+        return m, step
+
+    eager, e_step = eager_like(copy.deepcopy(base))
+    ckpt, c_step = eager_like(wrap_checkpoint(copy.deepcopy(base)))
+    t_eager, p_eager = timed(e_step, device, a.reps), peak_of(e_step, device)
+    t_ckpt, p_ckpt = timed(c_step, device, a.reps), peak_of(c_step, device)
+    e_step()
+    ref = [p.grad.float().cpu() for p in eager.parameters()]
+    del eager, ckpt
+    p0 = memsched.plan(base, (), budget=10**13, example_kwargs=kw, train=True, hardware=hw)
+    budget = max(p0.min_budget_bytes, int(a.train_fraction * p0.program.peak_bytes))
+    cm = memsched.compile(base, budget, train=True, device=device, hardware=hw, offload_dir=root)
+
+    def m_step():
+        base.zero_grad(set_to_none=True)
+        cm(**kw).loss.backward()
+    try:
+        t_ms = timed(m_step, device, a.reps)
+        p_ms = peak_of(m_step, device)
+        own = cm.stats.peak_device_bytes
+    finally:
+        cm.close()
+    scale = max(r.abs().max().item() for r in ref)
+    err = max((p.grad.float().cpu() - r).abs().max().item() for p, r in zip(base.parameters(), ref)) / scale
+    alloc = lambda p: "-" if p is None else fmt_bytes(p)  # noqa: E731
+    return [[f"train: GPT-2 {a.layers}x{a.embd} step {a.batch}x{a.seq}, budget {fmt_bytes(budget)} "
+             f"({a.train_fraction:g} of {fmt_bytes(p0.program.peak_bytes)})", f"{t_ms * 1e3:.1f} ms",
+             f"{t_ms / t_eager:.2f}x eager, {t_ms / t_ckpt:.2f}x ckpt",
+             f"eager {t_eager * 1e3:.1f} ms, checkpoint {t_ckpt * 1e3:.1f} ms; grad err {err:.1e}"],
+            ["  train: allocator peaks", alloc(p_ms), f"eager {alloc(p_eager)}, ckpt {alloc(p_ckpt)}",
+             f"memsched's own {fmt_bytes(own)}; allocator/budget " + ("-" if p_ms is None else f"{p_ms / budget:.3f}")]]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="a small GPT-2 (a dry run of the logic)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--stream-fraction", type=float, default=0.25, help="streaming budget, of the weights")
+    ap.add_argument("--train-fraction", type=float, default=0.5, help="training budget, of the unconstrained peak")
+    a = ap.parse_args()
+    _common.quiet()
+    q = a.quick
+    a.layers, a.embd, a.heads, a.vocab = (2, 128, 2, 1024) if q else (12, 768, 12, 50257)
+    a.batch, a.seq = (2, 64) if q else (8, 512)
+    device = torch.device(a.device)
+    hw = memsched.get_hardware(None, device.type)
+    root = tempfile.mkdtemp(prefix="memsched-gpu-check-")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"memsched {memsched.__version__}, torch {torch.__version__}, {name}; profile {hw.name}", flush=True)
+    rows = link_rows(device, hw, 16 << 20 if q else 256 << 20)
+    for part in (streaming_rows, train_rows):
+        try:
+            rows += part(a, device, hw, root)
+        except Exception as exc:  # noqa: BLE001 - one failing part must not hide the others' numbers
+            rows.append([part.__name__, "FAILED", type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else ""])
+        print(f"  {part.__name__} done", flush=True)
+    print(table(["measure", "value", "ratio", "baseline / note"], rows, title="GPU check"))
+
+
+if __name__ == "__main__":
+    main()
