@@ -182,7 +182,7 @@ def test_training_below_the_unsplit_minimum_matches_eager(build):
 
 
 def test_the_minimum_reported_counts_the_split():
-    model, ids = _llama()
+    model, ids = _llama(layers=1)
     unsplit = _minimum(model, {"input_ids": ids})
     with pytest.raises(memsched.InfeasibleBudgetError) as err:
         _plan(model, {"input_ids": ids}, 1000)
