@@ -32,7 +32,10 @@ def _chains(plan):
     return {g.id: recompute_chain(plan.program, g.value, g.end) for g in pl.gaps if pl.gap_choice[g.id] == RECOMPUTE}
 
 
-@pytest.mark.parametrize("name,frac", [("gpt2_dropout", "min"), ("llama", 0.4)])
+# (GPT-2's GELU chains were chosen at its minimum until its backward summed gradients in place:
+# its minimum fell by a third and the plan there offloads instead; which gaps a plan recomputes
+# is the solver's choice, so the cases are budgets where chains pay)
+@pytest.mark.parametrize("name,frac", [("llama", 0.3), ("llama", 0.4)])
 def test_a_chain_through_dead_inputs_is_chosen_and_exact(name, frac):
     model, args, kwargs, loss_fn, plan = _plan(name, frac)
     program = plan.program

@@ -31,6 +31,7 @@ from ..ir.kinds import Kind
 from ..ir.meta import annotate
 from .capture import _ASSERT_OPS, _KIND, Captured, Placeholder, export_model
 from .fake import RNN_LAYER, eager_meta, share_storages_as_eager
+from .inplace import accumulate_in_place
 from .loss_head import chunk_loss_heads
 
 
@@ -104,6 +105,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
         joint = make_lazy(trace.run(model, primals, user_vals))  # code made when first run
     boundary = _partition(joint, placeholders, len(primals), len(out_vals), trace, floating)
     share_storages_as_eager(joint.graph)
+    accumulate_in_place(joint, boundary)
     _keep_grad_mode(joint)
     for node, i in zip(list(joint.graph.output_node().args[0])[len(out_vals):], trained):
         if isinstance(node, torch.fx.Node):
