@@ -74,3 +74,39 @@ def assert_step_matches_eager(model, args, kwargs, loss_fn, plan) -> list[str]:
         return [n.name for n in cm.plan.graph.graph.nodes]
     finally:
         cm.close()
+
+
+class LossOnly(torch.nn.Module):
+    """A causal LM whose training forward returns the loss alone (what lets the logits go)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, labels):
+        return self.lm(input_ids=input_ids, labels=labels).loss
+
+
+def assert_step_close_to_eager(model, args, budget):
+    """One training step of ``model(*args)`` (a scalar loss) compiled at ``budget`` on the fixed
+    profile: loss and gradients close to eager (summation order may differ: a split sums its
+    slices), the measured and verified peaks within the budget. Returns the plan it ran."""
+    import copy
+    import warnings
+
+    ref = copy.deepcopy(model)
+    want = ref(*args)
+    want.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(model, budget, train=True, device="cpu", hardware=FIXED_CPU)
+    try:
+        loss = cm(*args)
+        loss.backward()
+        assert cm.stats.peak_device_bytes <= budget and cm.plan.verify() <= budget
+        torch.testing.assert_close(loss, want)
+        for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+        return cm.plan
+    finally:
+        cm.close()

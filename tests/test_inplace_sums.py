@@ -3,7 +3,6 @@ into that input, only where nothing else can see the write; a training step stay
 eager and a tied LM head's minimum falls by one [vocab, hidden] buffer."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -15,7 +14,7 @@ import memsched
 from memsched.frontend.fake import share_storages_as_eager
 from memsched.frontend.inplace import accumulate_in_place
 from memsched.frontend.joint import capture_joint
-from helpers import FIXED_CPU
+from helpers import FIXED_CPU, LossOnly, assert_step_close_to_eager
 
 aten = torch.ops.aten
 
@@ -51,15 +50,6 @@ def test_only_a_value_nothing_else_sees_takes_the_sum(fn, in_place):
         assert torch.equal(g, e)
 
 
-class LossOnly(torch.nn.Module):
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids, labels):
-        return self.lm(input_ids=input_ids, labels=labels).loss
-
-
 def _minimum(model, args):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -87,18 +77,4 @@ def test_a_tied_head_sums_its_gradients_in_place_and_trains_as_eager(monkeypatch
         m.setattr("memsched.frontend.joint.accumulate_in_place", lambda gm, after: 0)
         without = _minimum(model, (ids, ids))
     assert without - with_sums >= tied * 0.9, (without, with_sums)
-    ref = copy.deepcopy(model)
-    want = ref(ids, ids)
-    want.backward()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cm = memsched.compile(model, with_sums, train=True, device="cpu", hardware=FIXED_CPU)
-    try:
-        loss = cm(ids, ids)
-        loss.backward()
-        assert cm.stats.peak_device_bytes <= with_sums
-        torch.testing.assert_close(loss, want)
-        for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
-            torch.testing.assert_close(q.grad, p.grad, msg=name)
-    finally:
-        cm.close()
+    assert_step_close_to_eager(model, (ids, ids), with_sums)

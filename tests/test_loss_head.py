@@ -4,7 +4,6 @@ the same maths as the exported graph, and a training step that never holds the f
 plans below the unsplit minimum and matches eager."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -18,20 +17,9 @@ from memsched.frontend.capture import export_model
 from memsched.frontend.joint import capture_joint
 from memsched.frontend.loss_head import chunk_loss_heads, find_loss_heads
 from memsched.passes.chunking import LOSS_HEAD
-from helpers import FIXED_CPU
+from helpers import FIXED_CPU, LossOnly, assert_step_close_to_eager
 
 VOCAB = 1024
-
-
-class LossOnly(torch.nn.Module):
-    """A causal LM whose training forward returns the loss alone (what lets the logits go)."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids, labels):
-        return self.lm(input_ids=input_ids, labels=labels).loss
 
 
 def _gpt2():   # tied LM head, no bias
@@ -134,25 +122,8 @@ def test_a_step_below_the_unsplit_minimum_matches_eager(build, tmp_path):
     torch.manual_seed(0)
     model, (ids, labels) = LossOnly(build()).train(), _batch()
     unsplit = _plan(model, (ids, labels), 10**13, chunk_ops=False).min_budget_bytes
-    budget = int(0.8 * unsplit)
-    ref = copy.deepcopy(model)
-    want = ref(ids, labels)
-    want.backward()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cm = memsched.compile(model, budget, train=True, device="cpu", hardware=FIXED_CPU)
-    try:
-        loss = cm(ids, labels)
-        loss.backward()
-        assert LOSS_HEAD in {c.path for c in cm.plan.chunking}
-        assert cm.stats.peak_device_bytes <= budget and cm.plan.verify() <= budget
-        # the loss sums its rows chunk by chunk and the weight gradient accumulates over them:
-        # close to eager, not bit-equal
-        torch.testing.assert_close(loss, want)
-        for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
-            torch.testing.assert_close(q.grad, p.grad, msg=name)
-        assert "LM head + cross-entropy" in cm.plan.summary()
-        cm.plan.save(tmp_path / "plan.json")
-        assert memsched.Plan.load(tmp_path / "plan.json").chunking == cm.plan.chunking
-    finally:
-        cm.close()
+    plan = assert_step_close_to_eager(model, (ids, labels), int(0.8 * unsplit))
+    assert LOSS_HEAD in {c.path for c in plan.chunking}
+    assert "LM head + cross-entropy" in plan.summary()
+    plan.save(tmp_path / "plan.json")
+    assert memsched.Plan.load(tmp_path / "plan.json").chunking == plan.chunking
