@@ -87,13 +87,15 @@ def _flat_inputs(ep, model, args):
             for s in ep.graph_signature.input_specs]
 
 
-@pytest.mark.parametrize("bias,upcast,reduction,ignore_index,chunks", [
-    (False, True, "mean", -100, 3), (True, False, "sum", 0, 4), (True, True, "none", -100, 7),
+@pytest.mark.parametrize("bias,upcast,reduction,ignore_index,chunks,dtype", [
+    (False, True, "mean", -100, 3, torch.float32), (True, False, "sum", 0, 4, torch.float32),
+    (True, True, "none", -100, 7, torch.float32), (False, True, "mean", -100, 2, torch.bfloat16),
 ])
-def test_the_rewrite_computes_what_the_exported_graph_does(bias, upcast, reduction, ignore_index, chunks):
+def test_the_rewrite_computes_what_the_exported_graph_does(bias, upcast, reduction, ignore_index, chunks, dtype):
+    """bf16 logits upcast before the loss: the loss stays float32 (never rounded to bf16)."""
     torch.manual_seed(0)
-    model = _Head(bias, upcast, reduction, ignore_index)
-    h, target = torch.randn(3, 10, 32), torch.randint(0, VOCAB, (3, 10))
+    model = _Head(bias, upcast, reduction, ignore_index).to(dtype)
+    h, target = torch.randn(3, 10, 32, dtype=dtype), torch.randint(0, VOCAB, (3, 10))
     target[0, :4] = ignore_index
     ep = export_model(model, (h, target))
     rewritten = chunk_loss_heads(ep.graph_module, chunks)
@@ -106,7 +108,7 @@ def test_the_rewrite_computes_what_the_exported_graph_does(bias, upcast, reducti
         results.append((loss.detach(), [i.grad for i in inputs if isinstance(i, torch.Tensor) and i.requires_grad]))
     (want, want_grads), (got, got_grads) = results
     assert got.dtype == want.dtype and got.shape == want.shape
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, want, **({} if dtype == torch.float32 else {"rtol": 1e-4, "atol": 1e-4}))
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w)
 

@@ -106,13 +106,12 @@ def chunk_loss_heads(gm: fx.GraphModule, chunks: int) -> fx.GraphModule:
         linear, loss = nodes[head.linear], nodes[head.loss]
         hidden, weight = linear.args[0], linear.args[1]
         bias = _arg(linear, 2, "bias", None)
+        # the loss keeps the dtype it had (float32 where the logits were upcast before it)
         kwargs = {"chunk_size": math.ceil(head.rows / chunks), "reduction": _REDUCTION[_arg(loss, 3, "reduction", 1)],
-                  "ignore_index": int(_arg(loss, 4, "ignore_index", -100)), "impl": "torch"}
+                  "ignore_index": int(_arg(loss, 4, "ignore_index", -100)), "impl": "torch",
+                  "dtype": _val(loss).dtype}
         with graph.inserting_before(loss):
             fused = graph.call_function(fused_linear_cross_entropy, (hidden, weight, loss.args[1], bias), kwargs)
-            dtype = _val(loss).dtype
-            if dtype != _val(hidden).dtype:   # the logits were cast (to float32) before the loss
-                fused = graph.call_function(aten.to.dtype, (fused, dtype))
         fused.meta.update(loss.meta)
         loss.replace_all_uses_with(fused)
     graph.eliminate_dead_code(is_impure_node=is_impure)

@@ -95,15 +95,15 @@ def _accumulate_weight_grad(acc: torch.Tensor | None, d: torch.Tensor, h: torch.
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, chunk, ignore_index, reduction, triton):
+    def forward(ctx, hidden, weight, bias, target, chunk, ignore_index, reduction, triton, dtype):
         loss, lse = _forward(hidden, weight, bias, target, chunk, ignore_index, triton)
         valid = target != ignore_index
         ctx.save_for_backward(hidden, weight, bias, target, lse, valid)
         ctx.options = (chunk, reduction, triton)
         if reduction == "none":
-            return loss.to(hidden.dtype)
+            return loss.to(dtype)
         total = loss.sum()
-        return (total / valid.sum() if reduction == "mean" else total).to(hidden.dtype)
+        return (total / valid.sum() if reduction == "mean" else total).to(dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -115,18 +115,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         scale = torch.where(valid, scale, 0.0).contiguous()
         grads = _backward(hidden, weight, bias, target, lse, scale, chunk, triton,
                           ctx.needs_input_grad[:3])
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                                bias: torch.Tensor | None = None, *, chunk_size: int = 1024,
                                ignore_index: int = -100, reduction: str = "mean",
-                               impl: str | None = None) -> torch.Tensor:
+                               impl: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias).flatten(0, -2), target.flatten(), ...)``
     without the full logits: ``chunk_size`` rows of logits at a time, forward and backward.
 
     hidden [..., H], weight [V, H], bias [V] or None, target [...] (class indices). The loss
-    has hidden's dtype; with reduction="none" target's shape. ``impl`` forces "torch" or
+    has ``dtype`` (default: hidden's; it is computed in float32 either way); with
+    reduction="none" target's shape. ``impl`` forces "torch" or
     "triton"; None picks by ``memsched.kernels.backend``.
     """
     if reduction not in REDUCTIONS:
@@ -140,5 +141,5 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         raise ValueError(f"hidden has {h2d.shape[0]} rows but target {t1d.shape[0]} entries")
     triton = use_triton(impl, hidden, weight, target, bias)
     loss = _FusedLinearCrossEntropy.apply(h2d, weight, bias, t1d, chunk_size, ignore_index,
-                                          reduction, triton)
+                                          reduction, triton, dtype or hidden.dtype)
     return loss.reshape(shape) if reduction == "none" else loss
