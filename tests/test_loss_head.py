@@ -113,6 +113,41 @@ def test_the_rewrite_computes_what_the_exported_graph_does(bias, upcast, reducti
         torch.testing.assert_close(g, w)
 
 
+class _Shifted(torch.nn.Module):
+    """The shift done on the logits (``logits[:, :-1]``), as older Hugging Face losses and many
+    training loops do; ``vocab_slice`` slices the vocabulary instead (not a choice of rows)."""
+
+    def __init__(self, vocab_slice=False):
+        super().__init__()
+        self.proj, self.vocab_slice = torch.nn.Linear(32, VOCAB), vocab_slice
+
+    def forward(self, h, target):
+        logits = self.proj(h)
+        if self.vocab_slice:
+            return F.cross_entropy(logits[..., : VOCAB // 2].reshape(-1, VOCAB // 2), target.reshape(-1))
+        logits = logits[:, :-1, :].contiguous()
+        return F.cross_entropy(logits.view(-1, VOCAB), target[:, 1:].reshape(-1))
+
+
+def test_a_shift_of_the_logits_is_a_shift_of_the_hidden_state():
+    torch.manual_seed(0)
+    h, target = torch.randn(2, 9, 32), torch.randint(0, VOCAB // 2, (2, 9))
+    assert find_loss_heads(export_model(_Shifted(vocab_slice=True), (h, target)).graph_module) == []
+    model = _Shifted()
+    ep = export_model(model, (h, target))
+    (head,) = find_loss_heads(ep.graph_module)
+    assert head.rows == 16 and [dim for dim, *_ in head.slices] == [1]   # the sequence dim
+    rewritten = chunk_loss_heads(ep.graph_module, 3)
+    results = []
+    for gm in (ep.graph_module, rewritten):
+        inputs = _flat_inputs(ep, model, (h, target))
+        (loss,) = gm(*inputs)
+        loss.backward()
+        results.append([loss.detach()] + [i.grad for i in inputs if isinstance(i, torch.Tensor) and i.requires_grad])
+    for got, want in zip(*reversed(results)):
+        torch.testing.assert_close(got, want)
+
+
 def _plan(model, args, budget, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -2,8 +2,9 @@
 chunked kernel (kernels/cross_entropy.py), so a training step never holds the full logits.
 
 The pattern (``kernels.PATTERNS["fused_linear_cross_entropy"]``), read off torch.export's
-graph, not off class names: ``linear(hidden, weight[, bias])``, then casts to float32, aliases
-and views, then ``cross_entropy_loss(logits [N, V], target [N])`` with no class weights and no
+graph, not off class names: ``linear(hidden, weight[, bias])``, then casts to float32, aliases,
+views and slices of rows (the shift of ``logits[..., :-1, :]``, applied to ``hidden`` instead),
+then ``cross_entropy_loss(logits [N, V], target [N])`` with no class weights and no
 label smoothing, each value in the chain read by the next op only (trace-time asserts aside).
 When the logits are read elsewhere (the model returns them as well as the loss) they exist in
 full anyway and nothing is replaced: have the forward return the loss alone.
@@ -42,6 +43,7 @@ class LossHead:
     rows: int           # N: the rows of the logits
     logits_bytes: int   # the full logits the chunked kernel never makes
     hidden_bytes: int   # the linear's input
+    slices: tuple = ()  # (dim, start, end, step) of the rows the loss reads, applied to the input
 
 
 def _val(n) -> torch.Tensor | None:
@@ -57,18 +59,34 @@ def _arg(node: fx.Node, i: int, name: str, default):
     return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
-def _loss_after(linear: fx.Node) -> fx.Node | None:
-    """The cross_entropy_loss the linear's output flows into alone, through casts and views."""
-    node = linear
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _loss_after(linear: fx.Node) -> tuple[fx.Node | None, list[tuple]]:
+    """The cross_entropy_loss the linear's output flows into alone, through casts, views and
+    slices of rows (a shift: ``logits[..., :-1, :]``), and those slices as (dim, start, end,
+    step): rows picked before the head are the same rows picked after it."""
+    if _val(linear) is None:
+        return None, []
+    node, slices, reshaped, rank = linear, [], False, _val(linear).dim()
     while True:
         readers = _readers(node)
         if len(readers) != 1:
-            return None
+            return None, []
         (nxt,) = readers
         if nxt.target is aten.cross_entropy_loss.default:
-            return nxt if nxt.args[0] is node else None
-        if nxt.target not in _PASS_THROUGH or nxt.args[0] is not node:
-            return None
+            return (nxt if nxt.args[0] is node else None), slices
+        if nxt.args[0] is not node:
+            return None, []
+        if nxt.target is aten.slice.Tensor and not reshaped:
+            dim = _arg(nxt, 1, "dim", 0) % rank
+            if dim == rank - 1:   # a slice of the vocabulary: not a choice of rows
+                return None, []
+            slices.append((dim, _arg(nxt, 2, "start", None), _arg(nxt, 3, "end", None), _arg(nxt, 4, "step", 1)))
+        elif nxt.target in _PASS_THROUGH:
+            reshaped = reshaped or nxt.target in _VIEWS
+        else:
+            return None, []
         node = nxt
 
 
@@ -87,13 +105,13 @@ def find_loss_heads(gm: fx.GraphModule) -> list[LossHead]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not aten.linear.default:
             continue
-        loss = _loss_after(node)
+        loss, slices = _loss_after(node)
         hidden, logits = _val(node.args[0]), _val(loss.args[0]) if loss is not None else None
         if loss is None or hidden is None or not _plain(loss):
             continue
         logits_bytes = logits.numel() * logits.element_size()
         out.append(LossHead(node.name, loss.name, int(logits.shape[0]), logits_bytes,
-                            hidden.numel() * hidden.element_size()))
+                            hidden.numel() * hidden.element_size(), tuple(slices)))
     return out
 
 
@@ -111,6 +129,8 @@ def chunk_loss_heads(gm: fx.GraphModule, chunks: int) -> fx.GraphModule:
                   "ignore_index": int(_arg(loss, 4, "ignore_index", -100)), "impl": "torch",
                   "dtype": _val(loss).dtype}
         with graph.inserting_before(loss):
+            for dim, start, end, step in head.slices:
+                hidden = graph.call_function(aten.slice.Tensor, (hidden, dim, start, end, step))
             fused = graph.call_function(fused_linear_cross_entropy, (hidden, weight, loss.args[1], bias), kwargs)
         fused.meta.update(loss.meta)
         loss.replace_all_uses_with(fused)
