@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as T
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.export.graph_signature import InputKind
 
 import memsched
@@ -164,3 +166,44 @@ def test_a_step_below_the_unsplit_minimum_matches_eager(build, tmp_path):
     assert "LM head + cross-entropy" in plan.summary()
     plan.save(tmp_path / "plan.json")
     assert memsched.Plan.load(tmp_path / "plan.json").chunking == plan.chunking
+
+
+class _RandomHead(torch.nn.Module):
+    def __init__(self, hidden, vocab, bias, shift, reduction, ignore_index):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, vocab, bias=bias)
+        self.shift, self.reduction, self.ignore_index = shift, reduction, ignore_index
+
+    def forward(self, h, target):
+        logits = self.proj(h)
+        if self.shift:
+            logits, target = logits[:, :-1, :], target[:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                               reduction=self.reduction, ignore_index=self.ignore_index)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(1, 3), seq=st.integers(2, 9), hidden=st.sampled_from([8, 16]),
+       vocab=st.integers(3, 40), chunks=st.integers(2, 8), bias=st.booleans(), shift=st.booleans(),
+       reduction=st.sampled_from(["mean", "sum", "none"]), ignored=st.floats(0, 0.9))
+def test_random_heads_rewrite_to_the_same_loss_and_gradients(batch, seq, hidden, vocab, chunks, bias, shift,
+                                                             reduction, ignored):
+    """Any shape, chunk count (more chunks than rows too), reduction, bias, shift and share of
+    ignored targets (at least one row kept: a mean over no rows is NaN both ways)."""
+    g = torch.Generator().manual_seed(batch * 1000 + seq * 10 + vocab)
+    model = _RandomHead(hidden, vocab, bias, shift, reduction, -100)
+    h, target = torch.randn(batch, seq, hidden, generator=g), torch.randint(0, vocab, (batch, seq), generator=g)
+    drop = torch.rand(batch, seq, generator=g) < ignored
+    drop[:, -1] = False
+    target[drop] = -100
+    ep = export_model(model, (h, target))
+    assert len(find_loss_heads(ep.graph_module)) == 1
+    rewritten = chunk_loss_heads(ep.graph_module, chunks)
+    results = []
+    for gm in (ep.graph_module, rewritten):
+        inputs = _flat_inputs(ep, model, (h, target))
+        (loss,) = gm(*inputs)
+        loss.sum().backward()
+        results.append([loss.detach()] + [i.grad for i in inputs if isinstance(i, torch.Tensor) and i.requires_grad])
+    for got, want in zip(*reversed(results)):
+        torch.testing.assert_close(got, want)
