@@ -140,8 +140,7 @@ class Plan:
         fused into regions included (by the names they had)."""
         names = {n.name for n in self.graph.graph.nodes if info(n).made_by == "recompute" and is_compute(n)}
         for reg in self._regions():
-            ops = [x for x in reg.graph.graph.nodes if x.op == "call_function"]
-            names.update(name for x, name in zip(ops, reg.names) if info(x).made_by == "recompute")
+            names.update(name for x, name in zip(_ops_of(reg), reg.names) if info(x).made_by == "recompute")
         return names
 
     def recompute_overhead_s(self) -> float:
@@ -153,7 +152,7 @@ class Plan:
         for n in self.graph.graph.nodes:
             reg = region_of(n)
             if reg is not None:
-                ops = [x for x in reg.graph.graph.nodes if x.op == "call_function"]
+                ops = _ops_of(reg)
                 cost = [estimate_op_time(x, self.hardware) for x in ops]
                 again = sum(c for x, c in zip(ops, cost) if info(x).made_by == "recompute")
                 total += spans.get(n.name, 0.0) * (again / sum(cost) if sum(cost) else 0.0)
@@ -272,3 +271,8 @@ def _saved_activations(program: Program, placement: Placement) -> list[dict]:
             rows.append({"value": v.name, "bytes": b.nbytes, "defined": v.step, "last_use": v.last_use,
                          "decision": crossing.get(v.name, KEEP)})
     return rows
+
+
+def _ops_of(region) -> list:
+    """A fused region's ops, in the order its ``names`` list them."""
+    return [x for x in region.graph.graph.nodes if x.op == "call_function"]

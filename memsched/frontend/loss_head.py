@@ -76,8 +76,8 @@ def _loss_after(linear: fx.Node) -> tuple[fx.Node | None, list[tuple]]:
         (nxt,) = readers
         if nxt.target is aten.cross_entropy_loss.default:
             return (nxt if nxt.args[0] is node else None), slices
-        if nxt.args[0] is not node:
-            return None, []
+        if nxt.args[0] is not node or _val(nxt) is None or _val(nxt).device != _val(node).device:
+            return None, []   # (a copy to another device is not a cast: the head stays whole)
         if nxt.target is aten.slice.Tensor and not reshaped:
             dim = _arg(nxt, 1, "dim", 0) % rank
             if dim == rank - 1:   # a slice of the vocabulary: not a choice of rows
