@@ -314,30 +314,27 @@ class PlacementModel:
     def segment_bytes(self, resident, choice, early) -> np.ndarray:
         """Device bytes per segment: the constant part, resident model tensors outside their
         segments, kept gaps, fetches issued a segment early, recomputations' transients."""
-        t, diff = self.tables, np.zeros(self.K + 1)
-        res = np.fromiter((b in resident for b in self.persistent), dtype=bool, count=len(self.persistent))
+        return self.bytes_of(*self.tables.masks(resident, choice, early))
+
+    def bytes_of(self, res, early_init, keep, rc, early_gap) -> np.ndarray:
+        """``segment_bytes`` of a placement given as masks (``_Tables.masks``): per model tensor
+        resident / its first fetch early; per gap kept / recomputed / its fetch early."""
+        t, width = self.tables, self.K + 1
+
+        def add(at, nbytes):   # one cumulative pass: +nbytes from segment ``at`` on
+            return np.bincount(at, weights=nbytes, minlength=width).astype(np.float64, copy=False)
+
         nb = t.p_nb[res]
+        diff = -add(t.p_first[res], nb) + add(t.p_last[res] + 1, nb)
         diff[0] += nb.sum()
-        np.subtract.at(diff, t.p_first[res], nb)
-        np.add.at(diff, t.p_last[res] + 1, nb)
         # a first fetch issued early holds the bytes one segment more
-        ahead = ~res & (t.p_first >= 1) & np.fromiter((k in early for k in t.init_keys), dtype=bool,
-                                                      count=len(self.persistent))
-        np.add.at(diff, t.p_first[ahead] - 1, t.p_nb[ahead])
-        np.subtract.at(diff, t.p_first[ahead], t.p_nb[ahead])
-        n = len(self.gaps)
-        if n:
-            chosen = [choice[i] for i in range(n)]
-            keep = np.fromiter((c == KEEP for c in chosen), dtype=bool, count=n)
-            rc = np.fromiter((c == RECOMPUTE for c in chosen), dtype=bool, count=n)
-            np.add.at(diff, t.g_lo[keep], t.g_nb[keep])
-            np.subtract.at(diff, t.g_hi[keep] + 1, t.g_nb[keep])
-            np.add.at(diff, t.g_end[rc], t.g_rc_bytes[rc])
-            np.subtract.at(diff, t.g_end[rc] + 1, t.g_rc_bytes[rc])
-            lead = ~keep & ~rc & ~t.g_deliver & (t.g_end >= 1) & np.fromiter(
-                (k in early for k in self._gap_keys), dtype=bool, count=n)
-            np.add.at(diff, t.g_end[lead] - 1, t.g_nb[lead])
-            np.subtract.at(diff, t.g_end[lead], t.g_nb[lead])
+        ahead = ~res & (t.p_first >= 1) & early_init
+        diff += add(t.p_first[ahead] - 1, t.p_nb[ahead]) - add(t.p_first[ahead], t.p_nb[ahead])
+        if len(self.gaps):
+            diff += add(t.g_lo[keep], t.g_nb[keep]) - add(t.g_hi[keep] + 1, t.g_nb[keep])
+            diff += add(t.g_end[rc], t.g_rc_bytes[rc]) - add(t.g_end[rc] + 1, t.g_rc_bytes[rc])
+            lead = ~keep & ~rc & ~t.g_deliver & (t.g_end >= 1) & early_gap
+            diff += add(t.g_end[lead] - 1, t.g_nb[lead]) - add(t.g_end[lead], t.g_nb[lead])
         return self.const + np.cumsum(diff[:self.K])
 
     def loads(self, resident, home, choice, early) -> tuple[np.ndarray, float]:
@@ -395,3 +392,19 @@ class _Tables:
         self.g_rc_bytes = np.array([m.recompute[g.id][1] if g.id in m.recompute else 0 for g in m.gaps],
                                    dtype=np.float64)
         self.g_deliver = np.array([g.deliver for g in m.gaps], dtype=bool)
+        self.p_index = {b: i for i, b in enumerate(m.persistent)}
+        # per gap: its storage's index among the model tensors (-1: an activation's)
+        self.g_pidx = ints(self.p_index.get(g.buffer, -1) for g in m.gaps)
+        self.gap_keys = [FetchKey.gap(g.id) for g in m.gaps]
+
+    def masks(self, resident, choice, early) -> tuple[np.ndarray, ...]:
+        """A placement's decisions as ``PlacementModel.bytes_of`` reads them."""
+        n, P = len(self.g_nb), len(self.p_nb)
+        res = np.zeros(P, dtype=bool)
+        res[[self.p_index[b] for b in resident if b in self.p_index]] = True
+        early_init = np.fromiter((k in early for k in self.init_keys), dtype=bool, count=P)
+        chosen = [choice[i] for i in range(n)]
+        keep = np.fromiter((c == KEEP for c in chosen), dtype=bool, count=n)
+        rc = np.fromiter((c == RECOMPUTE for c in chosen), dtype=bool, count=n)
+        early_gap = np.fromiter((k in early for k in self.gap_keys), dtype=bool, count=n)
+        return res, early_init, keep, rc, early_gap
