@@ -216,7 +216,8 @@ def chunk_pass(s: PlanningState) -> str:
 
 def placement_pass(s: PlanningState) -> str:
     s.placement = solve_placement(s.program, s.segments, s.step_time, s.hw, s.budget, time_limit_s=s.time_limit_s,
-                                  graph=s.captured.gm.graph, model=s.placement_model, min_budget=s.min_budget)
+                                  graph=s.captured.gm.graph, model=s.placement_model, min_budget=s.min_budget,
+                                  roles=s.captured.layer_roles)
     return s.placement.status
 
 
@@ -314,12 +315,25 @@ def plan_state(s: PlanningState, *, passes=PASSES, verify: bool | None = None, p
 
 
 def snapshot(name: str, gm: torch.fx.GraphModule) -> PassSnapshot:
-    """A copy of the graph as it is now (node metadata copied shallowly: cheap, and later
-    passes annotating the live graph do not change the snapshot)."""
-    graph = torch.fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    return PassSnapshot(name, lazy_graph_module(gm, graph, class_name=f"After_{name}"))
+    """The graph as it is now, copied when first read: its nodes and each node's metadata are
+    recorded now (shallowly: cheap, and later passes annotating the live graph put new records
+    in, so the snapshot keeps the old ones). Passes make new graphs rather than edit one they
+    have handed on; if the graph was edited anyway, reading the snapshot says so."""
+    nodes = tuple(gm.graph.nodes)
+    metas = [dict(n.meta) for n in nodes]
+
+    def copy() -> torch.fx.GraphModule:
+        if tuple(gm.graph.nodes) != nodes:
+            raise RuntimeError(f"the program after pass {name!r} was edited in place since: no snapshot of it")
+        graph = torch.fx.Graph()
+        env: dict = {}
+        graph.output(graph.graph_copy(gm.graph, env))
+        for n, meta in zip(nodes, metas):
+            if n.op != "output":
+                env[n].meta = dict(meta)
+        return lazy_graph_module(gm, graph, class_name=f"After_{name}")
+
+    return PassSnapshot(name, copy=copy)
 
 
 def _keep_greedy(solved: Candidate, greedy: Candidate) -> None:

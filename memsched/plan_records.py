@@ -23,12 +23,25 @@ class PassRecord:
     note: str = ""
 
 
-@dataclass
 class PassSnapshot:
-    """The program as one pass left it (``Plan.history``), for step-by-step inspection."""
+    """The program as one pass left it (``Plan.history``), for step-by-step inspection.
 
-    name: str
-    graph: fx.GraphModule
+    ``copy``: a function making that program's copy when ``graph`` is first read (a 7B
+    training step's graphs take seconds to copy, and most plans' history is never read)."""
+
+    def __init__(self, name: str, graph: fx.GraphModule | None = None, *, copy=None):
+        if (graph is None) == (copy is None):
+            raise ValueError("a snapshot takes a graph or a function copying one")
+        self.name, self._graph, self._copy = name, graph, copy
+
+    @property
+    def graph(self) -> fx.GraphModule:
+        if self._graph is None:
+            self._graph, self._copy = self._copy(), None
+        return self._graph
+
+    def __repr__(self) -> str:
+        return f"PassSnapshot({self.name!r})"
 
     def __str__(self) -> str:
         return listing(self.graph, [f"after pass {self.name}"])

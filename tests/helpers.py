@@ -49,7 +49,7 @@ def assert_same_grads(ref, model) -> None:
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
-def assert_step_matches_eager(model, args, kwargs, loss_fn, plan) -> list[str]:
+def assert_step_matches_eager(model, args, kwargs, loss_fn, plan, **options) -> list[str]:
     """One training step of ``model`` compiled at ``plan``'s budget (the fixed profile) equals
     eager bit for bit (loss and grads), verified and within the budget as run. Returns the
     node names of the schedule it ran."""
@@ -62,7 +62,7 @@ def assert_step_matches_eager(model, args, kwargs, loss_fn, plan) -> list[str]:
     want.backward()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cm = memsched.compile(model, plan.budget_bytes, train=True, device="cpu", hardware=FIXED_CPU)
+        cm = memsched.compile(model, plan.budget_bytes, train=True, device="cpu", hardware=FIXED_CPU, **options)
     try:
         torch.manual_seed(0)
         loss = loss_fn(cm(*args, **kwargs))

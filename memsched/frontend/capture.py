@@ -54,6 +54,10 @@ class Captured:
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    # a stack grown from one traced layer (frontend/repeats.py): node name -> (block, layer,
+    # position in the block) for the nodes of every layer made from that one, so placement can
+    # decide for them once; a parameter's block is "P" and its position its name in the layer
+    layer_roles: dict[str, tuple] = field(default_factory=dict)
 
     def flatten_inputs(self, args: tuple, kwargs: dict) -> list:
         from torch.export._tree_utils import reorder_kwargs

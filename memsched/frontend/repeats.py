@@ -301,6 +301,7 @@ class _Grower:
         graph = torch.fx.Graph()
         graph._codegen = self.graph._codegen
         self.g, self.new_of, self.copy_of, self.placeholder_of = graph, {}, {}, {}
+        self.roles: dict[str, tuple] = {}    # Captured.layer_roles
         self.sources: list[tuple] = []       # per new placeholder: (traced node, layer, slot)
         placeholders = self._emit_placeholders()
         first_bwd = self.blocks.get((_BACKWARD, 2), [None])[0]
@@ -331,7 +332,7 @@ class _Grower:
                     self._emit_copy(_FORWARD, layer)
         graph.lint()
         gm = lazy_graph_module(self.c.gm, graph, class_name=type(self.c.gm).__name__)
-        grown = replace(self.c, gm=gm, placeholders=placeholders)
+        grown = replace(self.c, gm=gm, placeholders=placeholders, layer_roles=self.roles)
         if hasattr(self.c, "grad_targets"):
             trained = set(self.c.grad_targets)
             grown.grad_targets = [ph.target for ph, (n, _, _) in zip(placeholders, self.sources)
@@ -357,6 +358,8 @@ class _Grower:
             node.meta = dict(n.meta)
             if slot is not None:
                 self.placeholder_of[(layer, self.param_slot[n.name][1])] = node
+                if slot == 2:
+                    self.roles[node.name] = ("P", layer, self.param_slot[n.name][1])
                 if layer in self.repeats:
                     node.meta["val"] = _fresh_like(n.meta.get("val"))
             self.sources.append((n, layer, slot))
@@ -402,6 +405,8 @@ class _Grower:
         new.meta = {k: v for k, v in n.meta.items() if k not in ("val", "tensor_meta")}
         if "val" in n.meta:
             new.meta["val"] = _remade_val(n, new)
+        if slot == 2:
+            self.roles[new.name] = (self.tags[n][0], layer, self.pos[n])
         return new
 
     def _emit_weight_copies(self, run: list) -> None:

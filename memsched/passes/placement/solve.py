@@ -15,13 +15,15 @@ from ..segments import Segments
 from .greedy import solve_greedy
 from .mip import solve_mip
 from .problem import DISK, HOST, KEEP, REFETCH, Placement, PlacementModel
+from .ties import tie_groups
 
 __all__ = ["solve_placement", "solve_greedy", "solve_mip"]
 
 
 def solve_placement(program: Program, segments: Segments, step_time: np.ndarray, hw: Hardware,
                     budget: int, *, time_limit_s: float = 10.0, use_solver: bool = True,
-                    graph=None, model: PlacementModel | None = None, min_budget: int | None = None) -> Placement:
+                    graph=None, model: PlacementModel | None = None, min_budget: int | None = None,
+                    roles: dict | None = None) -> Placement:
     """Choose residency, homes, gap moves and leads; InfeasibleBudgetError before anything runs
     (naming where the minimum binds and the floor when ``graph``, the captured graph, is given).
     ``model``: the problem already built on ``segments``; ``min_budget``: the least minimum of
@@ -41,7 +43,7 @@ def solve_placement(program: Program, segments: Segments, step_time: np.ndarray,
         return placement
     placement = solve_greedy(m)
     if use_solver and (m.persistent or m.gaps):
-        solved = solve_mip(m, placement, t0 + time_limit_s)
+        solved = solve_mip(m, placement, t0 + time_limit_s, tie_groups(m, roles or {}))
         if solved is not None:
             solved.alternative = placement  # the simulator arbitrates (pipeline.py)
             placement = solved
