@@ -29,7 +29,7 @@ from helpers import FIXED_CPU, assert_outputs_equal, eager
 from memsched.passes.placement import DISK
 from memsched.runtime.accounting import DeviceAccountant
 from memsched.runtime.executor import Executor
-from memsched.runtime.stores import ALIGN, DiskIntegrityError, DiskStore, make_offload_dir
+from memsched.runtime.stores import ALIGN, DiskIntegrityError, DiskStore, make_offload_dir, slice_spans
 from train_zoo import build_train
 from zoo import build
 
@@ -107,6 +107,26 @@ def test_store_reuses_and_merges_free_regions(store):
     for r in (regions[0], regions[3], big):
         store.release(r)
     assert store.bytes_in_use == 0 and store._end == 0 and store._free == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=4), st.data())
+def test_slice_spans_cover_exactly_the_slices(shape, data):
+    """The byte ranges a patch writes (a KV cache's new slots) are exactly the bytes of the
+    slices, sorted, none touching the next (touching ones are one write)."""
+    dim = data.draw(st.integers(0, len(shape) - 1))
+    index = torch.tensor(data.draw(st.lists(st.integers(0, shape[dim] - 1), min_size=1, max_size=8)))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.int8]))
+    t = torch.zeros(shape, dtype=dtype)
+    chosen = torch.zeros(shape, dtype=torch.bool)
+    chosen.index_fill_(dim, index, True)
+    want = chosen.flatten().repeat_interleave(t.element_size())
+    got = torch.zeros_like(want)
+    spans = slice_spans(t, dim, index)
+    for (a, b), nxt in zip(spans, spans[1:] + [(None, None)]):
+        assert a < b and (nxt[0] is None or b < nxt[0])
+        got[a:b] = True
+    assert torch.equal(got, want)
 
 
 @pytest.mark.timeout(60)
