@@ -274,3 +274,20 @@ def test_views_handle_recompute_and_unknown_ops(plan):
     assert "(1 recomputed nodes)" in changed._repr_html_()
     fig = changed.plot_timeline()
     assert "recompute" in fig.axes[0].get_legend_handles_labels()[1]
+
+
+def test_history_is_copied_when_read_and_an_edited_program_is_refused():
+    """``plan.history`` copies each program when first read; a program edited in place since
+    its snapshot is refused by name, never shown as it was not."""
+    model, args, kwargs = build("mlp")
+    p = memsched.plan(model, args, budget=10**13, example_kwargs=kwargs, hardware=FIXED_CPU)
+    listings = [str(snap) for snap in p.history[:-1]]    # copied now
+    last = p.history[-1]
+    assert last.name == "schedule" and last._graph is None   # not copied yet: nobody read it
+    graph = p.graph.graph
+    node = next(n for n in graph.nodes if n.op == "call_function")
+    with graph.inserting_after(node):
+        graph.call_function(torch.ops.aten.clone.default, (node,))
+    with pytest.raises(RuntimeError, match="after pass 'schedule' was edited in place"):
+        last.graph
+    assert [str(snap) for snap in p.history[:-1]] == listings
