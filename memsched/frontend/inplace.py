@@ -19,7 +19,8 @@ import collections
 
 import torch
 import torch.fx as fx
-from torch.multiprocessing.reductions import StorageWeakRef
+
+from ..ir.tensors import storage_key, storage_nbytes, tensor_leaves
 
 aten = torch.ops.aten
 
@@ -31,21 +32,15 @@ def _tensor(n) -> torch.Tensor | None:
 
 def _sharers(graph: fx.Graph) -> collections.Counter:
     """Storage -> how many graph values (tuple outputs included) lie in it."""
-    count: collections.Counter = collections.Counter()
-    for node in graph.nodes:
-        val = node.meta.get("val")
-        for t in (val if isinstance(val, (tuple, list)) else (val,)):
-            if isinstance(t, torch.Tensor):
-                count[StorageWeakRef(t.untyped_storage()).cdata] += 1
-    return count
+    return collections.Counter(storage_key(t) for node in graph.nodes for t in tensor_leaves(node.meta.get("val")))
 
 
 def _takes_sum(a, add: fx.Node, out: torch.Tensor, sharers) -> bool:
     t = _tensor(a)
     return (t is not None and a.op == "call_function" and a.target is not torch.ops.higher_order.wrap_with_set_grad_enabled
             and set(a.users) == {add} and t.shape == out.shape and t.dtype == out.dtype and t.stride() == out.stride()
-            and t.storage_offset() == 0 and t.numel() * t.element_size() == t.untyped_storage().nbytes()
-            and sharers[StorageWeakRef(t.untyped_storage()).cdata] == 1)
+            and t.storage_offset() == 0 and t.numel() * t.element_size() == storage_nbytes(t)
+            and sharers[storage_key(t)] == 1)
 
 
 def accumulate_in_place(gm: fx.GraphModule, after: fx.Node) -> int:

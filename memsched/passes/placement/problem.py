@@ -139,7 +139,6 @@ class PlacementModel:
         self._recompute_options(step_time)
         # per gap, precomputed for the greedy's many evaluations of a placement
         self.end_seg = [segments.seg(g.end) for g in self.gaps]
-        self._gap_keys = [FetchKey.gap(g.id) for g in self.gaps]
         self.tables = _Tables(self)
 
     def size(self, b: int) -> int:
@@ -300,7 +299,7 @@ class PlacementModel:
         for g in self.gaps:
             c = choice[g.id]
             if c not in (KEEP, RECOMPUTE) and not g.deliver:
-                out.append(Fetch(self._gap_keys[g.id], g.buffer, None if c == REFETCH else c, self.end_seg[g.id]))
+                out.append(Fetch(self.tables.gap_keys[g.id], g.buffer, None if c == REFETCH else c, self.end_seg[g.id]))
         return out
 
     def recompute_s(self, choice) -> np.ndarray:
