@@ -11,6 +11,8 @@ it, naming the pass that broke it. Adding a pass is one line in ``PASSES``.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -29,6 +31,7 @@ from .frontend.joint import capture_joint
 from .frontend.repeats import capture_repeated
 from .ir.graph_module import lazy_graph_module
 from .ir.kinds import PERSISTENT
+from .ir.meta import KEY
 from .ir.units import format_bytes
 from .passes.analysis import START, Program, analyze
 from .passes.chunking import Chunking, chunked, chunkings, loss_chunks, splittable_modules, steps_outside
@@ -306,21 +309,42 @@ def plan_state(s: PlanningState, *, passes=PASSES, verify: bool | None = None, p
     """Run ``passes`` in order on ``s``; ``progress``, if given, gets each pass's name as it starts."""
     progress = progress or (lambda stage: None)
     verify = verify or (verify is None and os.environ.get("MEMSCHED_VERIFY", "") not in ("", "0"))
-    for p in passes:
-        progress(f"placement (solver, at most {s.time_limit_s:g} s)" if p.name == "placement" else p.name)
-        run_pass(p, s, verify=verify)
+    with rare_collections():
+        for p in passes:
+            progress(f"placement (solver, at most {s.time_limit_s:g} s)" if p.name == "placement" else p.name)
+            run_pass(p, s, verify=verify)
     if verify:
         s.passes.append(PassRecord("verify", s.verify_s, f"{len(s.verified)} program(s), after each pass"))
     return s
 
 
+# while planning, the cyclic collector runs after this many new container objects, not 700
+PLANNING_GC_THRESHOLD = 50_000
+
+
+@contextlib.contextmanager
+def rare_collections():
+    """Planning makes hundreds of thousands of objects that live until the plan is done (graph
+    nodes, traced values, solver rows) and little cyclic garbage; at Python's default threshold
+    the collector scans them again and again -- a fifth of a 7B training plan's wall time. The
+    first threshold is raised while the passes run and given back after, even on an error
+    (process-wide: other threads collect as rarely meanwhile)."""
+    before = gc.get_threshold()
+    gc.set_threshold(max(before[0], PLANNING_GC_THRESHOLD), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
 def snapshot(name: str, gm: torch.fx.GraphModule) -> PassSnapshot:
-    """The graph as it is now, copied when first read: its nodes and each node's metadata are
-    recorded now (shallowly: cheap, and later passes annotating the live graph put new records
-    in, so the snapshot keeps the old ones). Passes make new graphs rather than edit one they
-    have handed on; if the graph was edited anyway, reading the snapshot says so."""
+    """The graph as it is now, copied when first read: its nodes and each node's memsched
+    record are kept now (later passes annotate the live graph with new records -- ``annotate``
+    is the only writer of a node's metadata after capture -- so the snapshot keeps the old
+    ones). Passes make new graphs rather than edit one they have handed on; if the graph was
+    edited anyway, reading the snapshot says so."""
     nodes = tuple(gm.graph.nodes)
-    metas = [dict(n.meta) for n in nodes]
+    records = [n.meta.get(KEY) for n in nodes]
 
     def copy() -> torch.fx.GraphModule:
         if tuple(gm.graph.nodes) != nodes:
@@ -328,9 +352,11 @@ def snapshot(name: str, gm: torch.fx.GraphModule) -> PassSnapshot:
         graph = torch.fx.Graph()
         env: dict = {}
         graph.output(graph.graph_copy(gm.graph, env))
-        for n, meta in zip(nodes, metas):
+        for n, record in zip(nodes, records):
             if n.op != "output":
-                env[n].meta = dict(meta)
+                env[n].meta = {k: v for k, v in n.meta.items() if k != KEY}
+                if record is not None:
+                    env[n].meta[KEY] = record
         return lazy_graph_module(gm, graph, class_name=f"After_{name}")
 
     return PassSnapshot(name, copy=copy)

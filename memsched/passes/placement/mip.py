@@ -238,7 +238,14 @@ def _budget_constraints(f: Formulation) -> None:
         solver.Add(f.rc[gid] <= (f.y[dep] if kind == "gap" else f.r[dep]))
     for j in range(m.K):
         if f.mem[j]:
-            solver.Add(solver.Sum([coef * v for coef, v in f.mem[j]]) <= m.budget - m.const[j])
+            # every term is a variable times bytes: set the row's coefficients directly (an
+            # expression of thousands of terms per segment is slow to build and flatten)
+            coefs: dict[int, list] = {}   # variable index -> [variable, bytes]
+            for coef, v in f.mem[j]:
+                coefs.setdefault(v.index(), [v, 0.0])[1] += coef
+            row = solver.Constraint(-solver.infinity(), float(m.budget - m.const[j]))
+            for v, coef in coefs.values():
+                row.SetCoefficient(v, coef)
     if f.has_host and f.host_terms:
         solver.Add(solver.Sum(f.host_terms) <= float(m.hw.host_bytes))
 
