@@ -4,6 +4,7 @@ passes the independent verifier, and weights stream from disk when they do not f
 from __future__ import annotations
 
 import pytest
+import torch
 
 import memsched
 from helpers import assert_outputs_equal, eager, unconstrained_plan
@@ -34,13 +35,24 @@ def test_zoo_within_budget(cases, name, fraction):
     peak = base.unconstrained.peak_device_bytes
     budget = base.min_budget_bytes if fraction == "min" else int(peak * fraction)
     if budget < base.min_budget_bytes:
-        with pytest.raises(memsched.InfeasibleBudgetError) as err:
-            memsched.compile(model, budget, device="cpu", example_inputs=args, example_kwargs=kwargs)
-        assert err.value.min_budget_bytes == base.min_budget_bytes > budget
-        return
-    cm = memsched.compile(model, budget, device="cpu")
+        # below the minimum of the whole modules: it fits by running some on slices of their
+        # input (passes/chunking.py), or it is refused before anything runs, with a minimum
+        # the splits can only have lowered
+        try:
+            cm = memsched.compile(model, budget, device="cpu", example_inputs=args, example_kwargs=kwargs)
+        except memsched.InfeasibleBudgetError as err:
+            assert budget < err.min_budget_bytes <= base.min_budget_bytes
+            return
+        assert cm.plan.chunking and cm.plan.min_budget_bytes < base.min_budget_bytes
+    else:
+        cm = memsched.compile(model, budget, device="cpu")
     out = cm(*args, **kwargs)
-    assert_outputs_equal(out, ref)
+    if cm.plan.chunking:
+        # a convolution on a batch slice may pick another kernel blocking than on the whole
+        # batch (oneDNN chooses by shape): the same sums in another order, close not equal
+        torch.testing.assert_close(out, ref)
+    else:
+        assert_outputs_equal(out, ref)
     stats, plan = cm.stats, cm.plan
     assert stats.peak_device_bytes <= budget
     assert plan.verify() <= budget
@@ -51,7 +63,7 @@ def test_zoo_within_budget(cases, name, fraction):
     if fraction == 1.0:
         assert not stats.bytes_moved, "nothing should move when everything fits"
     # a second call reuses the plan and gives the same answer
-    assert_outputs_equal(cm(*args, **kwargs), ref)
+    assert_outputs_equal(cm(*args, **kwargs), out)
     cm.close()
 
 

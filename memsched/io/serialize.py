@@ -65,7 +65,7 @@ from ..ir.listing import target_name as target_name_of
 from ..ir.meta import KEY, from_saved, info, to_saved
 from ..ir.regions import KEY as REGION_KEY
 from ..ir.regions import Region, region_of, structure_key
-from ..passes.chunking import LOSS_HEAD, Chunking
+from ..passes.chunking import LOSS_HEAD, ROOT, Chunking
 from ..plan_records import SAVED_ACTIVATION_KEYS, PassRecord, PlacementFacts
 from .reapply import SAVED_TARGET, PlanMismatchError, saved_target  # noqa: F401  (re-exported)
 
@@ -893,12 +893,13 @@ MAX_CHUNKS = 1 << 16
 
 def _chunking_from_dict(v, where: str = "chunking") -> tuple[Chunking, ...]:
     """The modules a plan runs on slices of their input: module paths (never private or the
-    module's own attributes) or LOSS_HEAD, a row dim and a slice count, each in range."""
+    module's own attributes), ROOT (the model itself) or LOSS_HEAD, a row dim and a slice
+    count, each in range."""
     out = []
     for i, c in enumerate(_list(v, where)):
         at = f"{where}[{i}]"
         _fields(c, at, ("path", "dim", "chunks"), ("path", "dim", "chunks"))
-        if c["path"] != LOSS_HEAD and not _is_attr_path(c["path"]):
+        if c["path"] not in (LOSS_HEAD, ROOT) and not _is_attr_path(c["path"]):
             _bad(f"{at}.path", f"{_show(c['path'])} is not a module path")
         out.append(Chunking(c["path"], _int(c["dim"], f"{at}.dim", 0, MAX_RANK - 1),
                             _int(c["chunks"], f"{at}.chunks", 2, MAX_CHUNKS)))

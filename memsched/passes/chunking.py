@@ -5,10 +5,13 @@ of the ops inside it -- the floor, when one of them binds it (an MLP's wide hidd
 
 Which modules qualify is read off the captured forward graph, not off class names: the nodes
 torch.export tags with a module's path must read one activation (plus weights), return one
-value, and every op on a value derived from that activation must keep its leading (row)
-dimensions apart -- pointwise ops against weights, matmuls against weights, reductions, norms
-and softmaxes over trailing dims, views that do not mix rows. Random ops (dropout) disqualify
-a module: a split would draw its random numbers in another order.
+value, and every op on a value derived from that activation must keep some of its leading
+(row) dimensions apart -- pointwise ops against weights, matmuls against weights, reductions,
+norms and softmaxes over trailing dims, views that do not mix rows. An op that mixes some row
+dims narrows the module's rows to the dims before them (a convolution keeps the batch,
+attention batch and heads); one that mixes them all disqualifies it. The model itself (ROOT)
+is a candidate too: split, it runs on micro-batches. Random ops (dropout) disqualify a module:
+a split would draw its random numbers in another order.
 
 The split changes no maths; outputs equal eager up to floating-point summation order (a weight
 gradient sums the slices' partial products). The pipeline applies it only when a budget is
@@ -22,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
+from ..errors import UnsupportedModelError
 from ..frontend.capture import Captured
 from ..frontend.loss_head import find_loss_heads
 from ..frontend.repeats import identical_modules
@@ -31,21 +36,46 @@ from ..ir.kinds import Kind
 aten = torch.ops.aten
 
 # ops that keep rows apart given where their arguments' rows are (see _rows_of)
-_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
+          aten.unflatten.int}
 _SAME_SHAPE = {aten._to_copy.default, aten.alias.default, aten.detach.default, aten.contiguous.default,
                aten.to.dtype, aten.to.dtype_layout, aten.type_as.default, aten.lift_fresh_copy.default}
 _REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default,
-               aten.var.correction, aten.std.correction, aten.logsumexp.default}
+               aten.var.correction, aten.std.correction, aten.logsumexp.default, aten.cumsum.default}
 _SOFTMAX = {aten._softmax.default, aten._log_softmax.default, aten.softmax.int, aten.log_softmax.int}
 _NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default,
           aten._fused_rms_norm.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int}
 _SLICES = {aten.slice.Tensor, aten.select.int, aten.narrow.default}
+# ops that keep only the batch (dim 0) apart: convolutions mix channels and space, group
+# norms a group's channels
+_BATCH_ONLY = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+               aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,
+               aten.group_norm.default, aten.native_group_norm.default}
+# ops that keep batch and channels (dims 0, 1) apart and mix the spatial dims after them
+_SPATIAL = {aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
+            aten.max_pool2d_with_indices.default, aten.avg_pool1d.default, aten.avg_pool2d.default,
+            aten.avg_pool3d.default, aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
+            aten.adaptive_avg_pool3d.default, aten._adaptive_avg_pool2d.default, aten.adaptive_max_pool2d.default,
+            aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec}
+# batch norm with running statistics: per channel, so the batch stays apart (with batch
+# statistics -- training -- it mixes the batch and is not read here)
+_EVAL_BATCH_NORM = {aten._native_batch_norm_legit_no_training.default}
+_CONVOLUTIONS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+                 aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
+_PADS = {aten.pad.default, aten.constant_pad_nd.default}
+# attention and batched matmuls keep their operands' leading (batch, head) dims apart
+_ATTENTION = {aten.scaled_dot_product_attention.default}
+_BATCHED_MATMULS = {aten.bmm.default}
+_BATCH_NORMS = {aten.batch_norm.default, aten.native_batch_norm.default}   # training flag: 6th argument
 
 
 # Not a module: the LM head with its cross-entropy, found in the exported forward of a training
 # step and run by the chunked kernel (frontend/loss_head.py) when a Chunking names it.
 LOSS_HEAD = "<lm-head-loss>"
+# The model itself: split, it runs on slices of its one input (micro-batches, for a model whose
+# every op keeps the batch apart: a CNN in eval mode, an encoder without a padding mask).
+ROOT = ""
 
 
 @dataclass(frozen=True)
@@ -59,6 +89,8 @@ class Chunking:
     def __str__(self) -> str:
         if self.path == LOSS_HEAD:
             return f"LM head + cross-entropy x{self.chunks} (rows)"
+        if self.path == ROOT:
+            return f"the whole model x{self.chunks} (dim {self.dim})"
         return f"{self.path} x{self.chunks} (dim {self.dim})"
 
 
@@ -98,56 +130,73 @@ class _NotLocal(Exception):
 
 
 def _rows_of(n: fx.Node, rows: dict[fx.Node, int]) -> int | None:
-    """How many leading dims of ``n``'s value are the module input's rows, or None when it
-    does not depend on them; raises _NotLocal when the op mixes rows or draws random numbers."""
+    """How many leading dims of ``n``'s value keep the module input's rows apart (each index
+    along them depends on the same index of the input only), or None when it does not depend
+    on the input. An op that mixes some of its argument's row dims keeps fewer (a convolution
+    keeps the batch only); _NotLocal when it keeps none or draws random numbers."""
+    q = _rows_unchecked(n, rows)
+    if q is not None and q < 1:
+        raise _NotLocal(f"{n.name} mixes every row dim")
+    return q
+
+
+def _rows_unchecked(n: fx.Node, rows: dict[fx.Node, int]) -> int | None:
     t = n.target
     if t is aten.dropout.default and (n.args[1] == 0 or not n.args[2]):
         return rows.get(n.args[0])   # dropout with p = 0, or off: draws nothing
-    if isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags:
-        raise _NotLocal(f"{n.name} draws random numbers")
+    if isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags and t not in _ATTENTION:
+        raise _NotLocal(f"{n.name} draws random numbers")   # (attention: when its dropout is on)
     if all(rows.get(a) is None for a in n.all_input_nodes):
         return None
     if not isinstance(t, torch._ops.OpOverload) and t is not operator.getitem:
         raise _NotLocal(f"{n.name}: {t}")
-    first = n.args[0]
-    p = rows.get(first) if isinstance(first, fx.Node) else None
-    shape = _shape(n)
     if t is operator.getitem:
-        return p
+        return rows.get(n.args[0])
+    if torch.Tag.pointwise in t.tags or t in _SAME_SHAPE:
+        return _lined_up(n, rows, _shape(n), set())
+    if t is aten.cat.default:
+        return _lined_up(n, rows, _shape(n), {_dims(n.args[1] if len(n.args) > 1 else 0, len(_shape(n)))[0]})
+    if t in _ATTENTION or t in _BATCHED_MATMULS or (t is aten.matmul.default and rows.get(n.args[1]) is not None):
+        return _attention_rows(n, rows)
     if t is aten.addmm.default:   # bias + rows @ weight
-        if rows.get(n.args[0]) is not None or rows.get(n.args[1]) != 1 or rows.get(n.args[2]) is not None:
+        if rows.get(n.args[0]) is not None or not rows.get(n.args[1]) or rows.get(n.args[2]) is not None:
             raise _NotLocal(f"{n.name} multiplies along rows or adds a row-carrying bias")
         return 1
-    if p is None:
-        raise _NotLocal(f"{n.name}: rows enter through a later argument")
-    if any(rows.get(a) is not None for a in n.all_input_nodes[1:]) and t not in _VIEWS:
-        # a second row-carrying input must line up exactly (a pointwise op of two activations)
-        if torch.Tag.pointwise not in t.tags:
-            raise _NotLocal(f"{n.name} combines two row-carrying values")
-        for a in n.all_input_nodes:
-            if rows.get(a) is not None and (rows[a] != p or _shape(a)[:p] != shape[:p]):
-                raise _NotLocal(f"{n.name} combines rows of different layouts")
-    ndim = len(_shape(first))
+    p = rows.get(n.args[0])
+    if p is None or any(rows.get(a) is not None for a in n.all_input_nodes[1:]):
+        raise _NotLocal(f"{n.name}: rows enter through another argument than the first")
+    return _one_input_rows(n, p, len(_shape(n.args[0])))
+
+
+def _one_input_rows(n: fx.Node, p: int, ndim: int) -> int:
+    """An op whose first argument alone carries rows (the others: weights, constants)."""
+    t = n.target
     if t in _VIEWS:
-        total = math.prod(_shape(first)[:p])
-        for q in range(len(shape) + 1):
-            if math.prod(shape[:q]) == total and shape[q:] and math.prod(shape[q:]) == math.prod(_shape(first)[p:]):
-                return q
-        raise _NotLocal(f"{n.name} reshapes across rows")
-    if t in (aten.mm.default, aten.linear.default):
-        if (t is aten.mm.default and p != 1) or any(rows.get(a) is not None for a in n.all_input_nodes[1:]):
-            raise _NotLocal(f"{n.name} multiplies along rows")
-        return p
+        return _view_rows(n, p)
+    if t in (aten.mm.default, aten.linear.default, aten.matmul.default):   # contracts the last dim
+        if t is aten.matmul.default and len(_shape(n.args[1])) > 2:
+            raise _NotLocal(f"{n.name} multiplies by a batch of matrices without rows")
+        return min(p, ndim - 1)
     if t in _REDUCTIONS or t in _SOFTMAX or t in _SLICES or t in _SPLITS:
         return _along_dims(n, p, ndim)
     if t in _NORMS:
-        normalized = n.args[1]
-        if len(normalized) > ndim - p:
-            raise _NotLocal(f"{n.name} normalises over rows")
-        return p
+        return min(p, ndim - len(n.args[1]))
+    if t in _PADS:   # pads the trailing dims, the last first
+        padded = [ndim - 1 - i // 2 for i, w in enumerate(n.args[1]) if w]
+        return min(p, *padded) if padded else p
+    if t in _BATCH_ONLY or t in _EVAL_BATCH_NORM or (t in _BATCH_NORMS and not n.args[5]):
+        if t in _CONVOLUTIONS and ndim != len(_shape(n.args[1])):
+            raise _NotLocal(f"{n.name} convolves an input without a batch dim")
+        return min(p, 1)
+    if t in _SPATIAL:
+        return min(p, ndim - _spatial_dims(t))
     if t in (aten.unsqueeze.default, aten.squeeze.dim):
-        if _dims(n.args[1], ndim + (t is aten.unsqueeze.default))[0] < p:
-            raise _NotLocal(f"{n.name} moves the row dims")
+        return min(p, _dims(n.args[1], ndim + (t is aten.unsqueeze.default))[0])
+    if t in (aten.expand.default, aten.repeat.default):   # new leading dims shift the rows
+        grown = len(n.args[1]) - ndim
+        before = _shape(n.args[0])
+        if grown or any(_shape(n)[d] != before[d] for d in range(p)):
+            raise _NotLocal(f"{n.name} repeats the rows")
         return p
     if t in (aten.transpose.int, aten.permute.default):
         perm = list(range(ndim))
@@ -156,21 +205,82 @@ def _rows_of(n: fx.Node, rows: dict[fx.Node, int]) -> int | None:
             perm[a], perm[b] = perm[b], perm[a]
         else:
             perm = _dims(n.args[1], ndim)
-        if perm[:p] != list(range(p)):
-            raise _NotLocal(f"{n.name} permutes the row dims")
-        return p
-    if torch.Tag.pointwise in t.tags or t in _SAME_SHAPE:
-        for a in n.all_input_nodes:
-            if rows.get(a) is None and (_shape(a) or ()) and len(_shape(a)) > len(shape) - p:
-                raise _NotLocal(f"{n.name} broadcasts a value over the rows")
-        if shape[:p] != _shape(first)[:p]:
-            raise _NotLocal(f"{n.name} broadcasts the rows")
-        return p
+        return max(i for i in range(p + 1) if perm[:i] == list(range(i)))   # the dims left in place
     raise _NotLocal(f"{n.name}: {t} is not known to keep rows apart")
 
 
+def _lined_up(n: fx.Node, rows: dict, shape: tuple, along: set[int]) -> int:
+    """A pointwise op, or a concatenation along dims ``along``: the row dims every row-carrying
+    input keeps, on the output's sizes, that the other inputs read alike for every row
+    (``_broadcast_rows``) and that are not concatenated along."""
+    ins = [a for a in _tensor_args(n)]
+    p = min(rows[a] for a in ins if rows.get(a) is not None)
+    p = min(p, *along) if along else p
+    for a in ins:
+        if rows.get(a) is None:
+            p = min(p, _broadcast_rows(shape, a, p))
+        elif _shape(a)[:p] != shape[:p]:
+            raise _NotLocal(f"{n.name} combines rows of different layouts")
+    return p
+
+
+def _tensor_args(n: fx.Node) -> list[fx.Node]:
+    """The tensor arguments of ``n``, those in a list argument too (``cat``)."""
+    out = []
+    for a in n.args:
+        for x in a if isinstance(a, (list, tuple)) else [a]:
+            if isinstance(x, fx.Node) and isinstance(x.meta.get("val"), torch.Tensor):
+                out.append(x)
+    return out
+
+
+def _attention_rows(n: fx.Node, rows: dict) -> int:
+    """Attention or a batched matmul: the leading (batch, head) dims its operands share are
+    kept, the last two mixed. Operands without rows must read alike for every row; attention
+    dropout draws random numbers."""
+    t, out = n.target, _shape(n)
+    if t in _ATTENTION and (n.args[4] if len(n.args) > 4 else n.kwargs.get("dropout_p", 0.0)):
+        raise _NotLocal(f"{n.name} draws random numbers (attention dropout)")
+    p = len(out) - 2
+    for a in _tensor_args(n):
+        if rows.get(a) is None:
+            p = min(p, _broadcast_rows(out, a, p))
+        else:   # the leading dims it keeps on the output's sizes (grouped-query heads differ)
+            same = [d for d in range(min(p, rows[a])) if len(_shape(a)) == len(out) and _shape(a)[d] == out[d]]
+            p = next((d for d in range(min(p, rows[a])) if d not in same), min(p, rows[a]))
+    return p
+
+
+def _broadcast_rows(out: tuple, other: fx.Node, p: int) -> int:
+    """The leading row dims of a result that a value without rows, broadcast against it, reads
+    alike for every row: those it spans with size 1 or stride 0 (an ``expand``)."""
+    val = other.meta.get("val")
+    shape, stride = tuple(val.shape), tuple(val.stride())
+    offset = len(out) - len(shape)
+    for d in range(max(offset, 0), p):
+        if shape[d - offset] != 1 and stride[d - offset] != 0:
+            return d
+    return p
+
+
+def _view_rows(n: fx.Node, p: int) -> int:
+    """A reshape keeps the rows when it leaves their sizes as leading dims (merged or split),
+    else the leading row dims it leaves as they were."""
+    before, shape = _shape(n.args[0]), _shape(n)
+    total, rest = math.prod(before[:p]), math.prod(before[p:])
+    for q in range(len(shape) + 1):
+        if math.prod(shape[:q]) == total and shape[q:] and math.prod(shape[q:]) == rest:
+            return q
+    return max(q for q in range(p + 1) if shape[:q] == before[:q] and math.prod(shape[q:]) == math.prod(before[q:]))
+
+
+def _spatial_dims(t) -> int:
+    """How many trailing dims a pooling or resizing op mixes (from its name: ``..2d``)."""
+    return int(next(c for c in reversed(t.name().split("::")[-1].split(".")[0]) if c.isdigit()))
+
+
 def _along_dims(n: fx.Node, p: int, ndim: int) -> int:
-    """A reduction, softmax, slice or split keeps the rows apart when its dims are all past them."""
+    """A reduction, scan, softmax, slice or split keeps the row dims before the first it works along."""
     t = n.target
     # where the op's dim argument sits: second for reductions, softmaxes and slices (slice,
     # select, narrow, unbind), third for splits (after the sizes)
@@ -178,17 +288,17 @@ def _along_dims(n: fx.Node, p: int, ndim: int) -> int:
     dim = n.args[at] if len(n.args) > at else n.kwargs.get("dim", None if t in _REDUCTIONS else 0)
     if dim is None or (isinstance(dim, (list, tuple)) and not dim):
         raise _NotLocal(f"{n.name} reduces over every dim")
-    if any(d < p for d in _dims(dim, ndim)):
-        raise _NotLocal(f"{n.name} reduces or slices over rows")
-    return p   # the dims left of the reduced ones are the rows, with or without keepdim
+    return min(p, *_dims(dim, ndim))
 
 
 def _module_groups(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
-    """Module path -> the compute nodes torch.export traced inside it, in program order."""
+    """Module path -> the compute nodes torch.export traced inside it, in program order (the
+    model itself, ROOT, holds them all)."""
     groups: dict[str, list[fx.Node]] = {}
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
+        groups.setdefault(ROOT, []).append(n)
         for path, _cls in (n.meta.get("nn_module_stack") or {}).values():
             if path:
                 groups.setdefault(path, []).append(n)
@@ -216,8 +326,9 @@ def row_local(path: str, nodes: list[fx.Node], state: set[str]) -> RowLocal | No
     except (_NotLocal, IndexError, KeyError, TypeError, ValueError):  # an op called in a form not read here: not split
         return None
     (y,) = outputs
-    p = rows[x]
-    if rows[y] != p or _shape(y)[:p] != lead_shape[:p]:
+    # the row dims every value inside keeps (an op that mixes some narrows what follows it)
+    p = min(q for q in rows.values() if q is not None)
+    if rows[y] is None or _shape(y)[:p] != lead_shape[:p]:
         return None
     inner = max((_nbytes(n) for n in nodes if rows[n] is not None), default=0)
     return RowLocal(path, lead_shape[:p], inner, max(_nbytes(x), _nbytes(y)))
@@ -260,14 +371,17 @@ def splittable_modules(model: torch.nn.Module, captured: Captured) -> list[RowLo
         if any(path.startswith(f.path + ".") for f in found):
             continue
         r = row_local(path, nodes, state)
-        if r is not None and r.inner_bytes > r.edge_bytes:
-            found.append(r)
+        if r is None or r.inner_bytes <= r.edge_bytes:
+            continue
+        if found and found[0].path == ROOT and len(r.dims) <= len(found[0].dims):
+            continue   # no row dim past the model's own split: splitting the model does it
+        found.append(r)
     paths = {r.path for r in found}
     extra = []
     for name, m in model.named_modules():
-        if name in paths or any(name.startswith(p + ".") for p in paths):
+        if name in paths or any(name.startswith(p + ".") for p in paths if p != ROOT):
             continue
-        twin = next((r for r in found if identical_modules(model.get_submodule(r.path), m)), None)
+        twin = next((r for r in found if r.path != ROOT and identical_modules(model.get_submodule(r.path), m)), None)
         if twin is not None:
             extra.append(RowLocal(name, twin.dims, twin.inner_bytes, twin.edge_bytes))
     return sorted(found + extra, key=lambda r: r.path) + loss_heads(captured)
@@ -299,16 +413,34 @@ def chunkings(found: list[RowLocal], chunks: int) -> list[Chunking]:
 
 def _split_call(inner, dim: int, chunks: int):
     def forward(*args, **kwargs):
-        tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        if len(tensors) != 1 or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+        at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        at += [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        if len(at) != 1:
             return inner(*args, **kwargs)   # not the call the capture saw: run it whole
-        i = tensors[0]
+        (i,) = at
+        whole = args[i] if isinstance(i, int) else kwargs[i]
+        pieces = []
         # each slice made contiguous (a no-op for slices of the outermost dim): modules view
         # their input flat, as the whole input would allow
-        pieces = [inner(*args[:i], piece.contiguous(), *args[i + 1:], **kwargs)
-                  for piece in args[i].tensor_split(chunks, dim)]
-        return torch.cat(pieces, dim)
+        for piece in whole.tensor_split(chunks, dim):
+            if isinstance(i, int):
+                pieces.append(inner(*args[:i], piece.contiguous(), *args[i + 1:], **kwargs))
+            else:
+                pieces.append(inner(*args, **{**kwargs, i: piece.contiguous()}))
+        return _joined(pieces, dim)
     return forward
+
+
+def _joined(pieces: list, dim: int):
+    """The slices' results as one: each tensor concatenated along ``dim``, in the structure the
+    module returns (a model's output object, say); what is not a tensor is the first slice's."""
+    flat = [pytree.tree_flatten(p) for p in pieces]
+    spec = flat[0][1]
+    if any(s != spec for _, s in flat):
+        raise UnsupportedModelError("a split module returned differently shaped results for its slices")
+    leaves = [torch.cat(list(ts), dim) if isinstance(ts[0], torch.Tensor) else ts[0]
+              for ts in zip(*(leaves for leaves, _ in flat))]
+    return pytree.tree_unflatten(leaves, spec)
 
 
 @contextlib.contextmanager
