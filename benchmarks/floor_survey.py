@@ -14,7 +14,9 @@ not move with this machine's calibration):
   floor     the largest single op's working set plus what cannot leave the device there (what
             the caller holds, state updated in place): no plan goes lower without splitting
             that op;
-  min/floor how close the planner gets to it;
+  min/floor how close the planner gets to it (below 1 when running modules on slices of their
+            input -- passes/chunking.py -- splits the op that sets the floor: "split: ..." then
+            names them, and min is the split plan's minimum);
   fits      whether the targets are met: training at 30% and inference at 25% of the peak, or
             within 10% of the floor when the floor is above them.
 
@@ -110,7 +112,9 @@ def survey(name, mode):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            memsched.plan(model, (), budget=floor - 1, example_kwargs=kwargs, train=train, hardware=PROFILE)
+            q = memsched.plan(model, (), budget=floor - 1, example_kwargs=kwargs, train=train, hardware=PROFILE)
+        # under the floor of the whole ops, it fits by running modules on slices: its minimum
+        lo, binds = q.min_budget_bytes, "split: " + ", ".join(map(str, q.chunking[:2]))
     except memsched.InfeasibleBudgetError as e:
         lo, binds = e.min_budget_bytes, str(e).split("the minimum binds at ")[-1]
     # the target: the share of the peak, or within 10% of the floor where that is higher
