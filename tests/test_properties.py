@@ -75,14 +75,18 @@ budget_fractions = st.one_of(
 host_tiers = st.sampled_from([10**9, 16 << 10, 64 << 10])
 
 
-def _same(a, b) -> bool:
-    """Bitwise equality; NaNs (possible in a random graph) must sit in the same places."""
+def _same(a, b, exact: bool = True) -> bool:
+    """Bitwise equality; NaNs (possible in a random graph) must sit in the same places.
+    ``exact=False`` for a plan that runs the graph on slices of its input: a matmul of fewer
+    rows may take another kernel path, the same sums in another order (float32 tolerances)."""
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return a == b
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     if torch.equal(a, b):
         return True
+    if not exact:
+        return torch.allclose(a, b, rtol=1.3e-6, atol=1e-5, equal_nan=True)
     na, nb = a.isnan(), b.isnan()
     return torch.equal(na, nb) and torch.equal(a[~na], b[~nb])
 
@@ -107,8 +111,10 @@ def _compile_or_min(case, budget, hw, p0):
     except memsched.InfeasibleBudgetError as err:
         assert err.min_budget_bytes > budget, (
             f"InfeasibleBudgetError at budget {budget} claims min_budget_bytes {err.min_budget_bytes}")
-        assert err.min_budget_bytes == p0.min_budget_bytes, (
-            f"min_budget_bytes {err.min_budget_bytes} differs from the plan's {p0.min_budget_bytes}")
+        # the plan's minimum with every module whole, or lower where running the model (or a
+        # module) on slices of its input lowers it (passes/chunking.py)
+        assert err.min_budget_bytes <= p0.min_budget_bytes, (
+            f"min_budget_bytes {err.min_budget_bytes} is above the plan's {p0.min_budget_bytes}")
         # compiling at the advertised minimum must succeed
         return _compile(case.model, case.args, err.min_budget_bytes, hw), err.min_budget_bytes
 
@@ -128,15 +134,16 @@ def _check_budget_property(case, frac, hw):
         assert cm.plan.peak_device_bytes <= budget
         out = cm(*case.args)
         assert len(out) == len(expected)
+        exact = not cm.plan.chunking
         for i, (got, want) in enumerate(zip(out, expected)):
-            assert _same(got, want), f"output {i} differs from eager"
+            assert _same(got, want, exact), f"output {i} differs from eager"
         assert cm.stats.peak_device_bytes <= budget
         # a second call, with other inputs of the same signature, reuses the compiled plan
         g = torch.Generator().manual_seed(case.spec.seed + 2)
         args2 = tuple(torch.randn(a.shape, generator=g) for a in case.args)
         out2 = cm(*args2)
         for i, (got, want) in enumerate(zip(out2, case.model(*args2))):
-            assert _same(got, want), f"output {i} of a second call differs from eager"
+            assert _same(got, want, exact), f"output {i} of a second call differs from eager"
         assert cm.stats.peak_device_bytes <= budget
     finally:
         cm.close()

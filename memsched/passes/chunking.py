@@ -47,6 +47,9 @@ _NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm
           aten._fused_rms_norm.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int}
 _SLICES = {aten.slice.Tensor, aten.select.int, aten.narrow.default}
+# (input, p, train): with p = 0 or train off they draw nothing
+_DROPOUTS = {aten.dropout.default, aten.dropout_.default, aten.feature_dropout.default,
+             aten.feature_dropout_.default, aten.alpha_dropout.default}
 # ops that keep only the batch (dim 0) apart: convolutions mix channels and space, group
 # norms a group's channels
 _BATCH_ONLY = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
@@ -142,7 +145,7 @@ def _rows_of(n: fx.Node, rows: dict[fx.Node, int]) -> int | None:
 
 def _rows_unchecked(n: fx.Node, rows: dict[fx.Node, int]) -> int | None:
     t = n.target
-    if t is aten.dropout.default and (n.args[1] == 0 or not n.args[2]):
+    if t in _DROPOUTS and (n.args[1] == 0 or not n.args[2]):
         return rows.get(n.args[0])   # dropout with p = 0, or off: draws nothing
     if isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags and t not in _ATTENTION:
         raise _NotLocal(f"{n.name} draws random numbers")   # (attention: when its dropout is on)
