@@ -404,3 +404,27 @@ def test_a_model_called_with_its_input_by_name_splits_too():
         torch.testing.assert_close(out, ref(pixel_values=x).logits, rtol=0, atol=0)
     finally:
         cm.close()
+
+
+def test_a_model_returning_two_values_splits_and_returns_both():
+    """A base model returns its last hidden state and a pooled output: both carry the batch,
+    both are put back together from the slices (close to eager: its MLPs are split too, and a
+    matmul of fewer rows may sum in another order)."""
+    torch.manual_seed(0)
+    cfg = T.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                         patch_size=4, mlp_ratio=4)
+    model, x = T.Dinov2Model(cfg).eval(), torch.randn(4, 3, 32, 32)
+    ref = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unsplit = memsched.plan(model, (x,), 10**13, hardware=FIXED_CPU).min_budget_bytes
+        budget = int(0.5 * unsplit)
+        cm = memsched.compile(model, budget, device="cpu", hardware=FIXED_CPU)
+    try:
+        out, want = cm(x), ref(x)
+        assert any(c.path == "" for c in cm.plan.chunking)
+        torch.testing.assert_close(out.last_hidden_state, want.last_hidden_state)
+        torch.testing.assert_close(out.pooler_output, want.pooler_output)
+        assert cm.stats.peak_device_bytes <= budget
+    finally:
+        cm.close()

@@ -104,7 +104,7 @@ class RowLocal:
     path: str
     dims: tuple[int, ...]   # the input's sizes along its row dims (``dim_for`` picks one)
     inner_bytes: int        # the largest value it makes from the rows
-    edge_bytes: int         # the larger of its input and output
+    edge_bytes: int         # the larger of its input and its outputs
 
     def dim_for(self, chunks: int) -> int:
         """The outermost row dim with at least ``chunks`` rows (its slices are contiguous in
@@ -314,7 +314,7 @@ def row_local(path: str, nodes: list[fx.Node], state: set[str]) -> RowLocal | No
     inside = set(nodes)
     inputs = {a for n in nodes for a in n.all_input_nodes if a not in inside and a.name not in state}
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-    if len(inputs) != 1 or len(outputs) != 1:
+    if len(inputs) != 1 or not outputs:
         return None
     (x,) = inputs
     lead_shape = _shape(x)
@@ -328,13 +328,13 @@ def row_local(path: str, nodes: list[fx.Node], state: set[str]) -> RowLocal | No
             rows[n] = _rows_of(n, rows)
     except (_NotLocal, IndexError, KeyError, TypeError, ValueError):  # an op called in a form not read here: not split
         return None
-    (y,) = outputs
-    # the row dims every value inside keeps (an op that mixes some narrows what follows it)
+    # the row dims every value inside keeps (an op that mixes some narrows what follows it);
+    # every value it returns must carry them (a model's last hidden state and pooled output)
     p = min(q for q in rows.values() if q is not None)
-    if rows[y] is None or _shape(y)[:p] != lead_shape[:p]:
+    if any(rows[y] is None or (_shape(y) or ())[:p] != lead_shape[:p] for y in outputs):
         return None
     inner = max((_nbytes(n) for n in nodes if rows[n] is not None), default=0)
-    return RowLocal(path, lead_shape[:p], inner, max(_nbytes(x), _nbytes(y)))
+    return RowLocal(path, lead_shape[:p], inner, max(_nbytes(x), sum(_nbytes(y) for y in outputs)))
 
 
 def forward_graph(captured: Captured) -> tuple[fx.GraphModule, set[str]]:
@@ -435,14 +435,15 @@ def _split_call(inner, dim: int, chunks: int):
 
 
 def _joined(pieces: list, dim: int):
-    """The slices' results as one: each tensor concatenated along ``dim``, in the structure the
-    module returns (a model's output object, say); what is not a tensor is the first slice's."""
+    """The slices' results as one: each tensor made per slice concatenated along ``dim``, in the
+    structure the module returns (a model's output object, say); what is not a tensor, or is
+    the same tensor for every slice (a weight returned as it is), is the first slice's."""
     flat = [pytree.tree_flatten(p) for p in pieces]
     spec = flat[0][1]
     if any(s != spec for _, s in flat):
         raise UnsupportedModelError("a split module returned differently shaped results for its slices")
-    leaves = [torch.cat(list(ts), dim) if isinstance(ts[0], torch.Tensor) else ts[0]
-              for ts in zip(*(leaves for leaves, _ in flat))]
+    leaves = [torch.cat(list(ts), dim) if isinstance(ts[0], torch.Tensor) and any(t is not ts[0] for t in ts)
+              else ts[0] for ts in zip(*(leaves for leaves, _ in flat))]
     return pytree.tree_unflatten(leaves, spec)
 
 
