@@ -12,6 +12,7 @@ class InfeasibleBudgetError(ValueError):
     def __init__(self, budget_bytes: int, min_budget_bytes: int, detail: str = ""):
         self.budget_bytes = int(budget_bytes)
         self.min_budget_bytes = int(min_budget_bytes)
+        self.detail = detail   # where the minimum binds, and what it already assumes
         from .ir.units import format_bytes
 
         msg = (

@@ -25,7 +25,7 @@ from .budget import parse_budget
 from .cost_models.hardware import Hardware
 from .cost_models.op_cost import estimate_op_time
 from .cost_models.simulator import SimResult, simulate
-from .errors import CaptureError, UnsupportedModelError
+from .errors import CaptureError, InfeasibleBudgetError, UnsupportedModelError
 from .frontend.capture import Captured, capture, input_signature
 from .frontend.joint import capture_joint
 from .frontend.repeats import capture_repeated
@@ -218,9 +218,20 @@ def chunk_pass(s: PlanningState) -> str:
 
 
 def placement_pass(s: PlanningState) -> str:
-    s.placement = solve_placement(s.program, s.segments, s.step_time, s.hw, s.budget, time_limit_s=s.time_limit_s,
-                                  graph=s.captured.gm.graph, model=s.placement_model, min_budget=s.min_budget,
-                                  roles=s.captured.layer_roles)
+    try:
+        s.placement = solve_placement(s.program, s.segments, s.step_time, s.hw, s.budget,
+                                      time_limit_s=s.time_limit_s, graph=s.captured.gm.graph,
+                                      model=s.placement_model, min_budget=s.min_budget,
+                                      roles=s.captured.layer_roles)
+    except InfeasibleBudgetError as e:
+        if not s.chunking:
+            raise
+        # the minimum named is the split program's: say so, or the caller sees a minimum below
+        # the one an unconstrained plan reports and cannot tell why
+        split = ", ".join(map(str, s.chunking[:2])) + (", ..." if len(s.chunking) > 2 else "")
+        raise InfeasibleBudgetError(e.budget_bytes, e.min_budget_bytes,
+                                    f"{e.detail}; that minimum already runs {len(s.chunking)} module(s) on "
+                                    f"slices of their input ({split})") from None
     return s.placement.status
 
 

@@ -428,3 +428,17 @@ def test_a_model_returning_two_values_splits_and_returns_both():
         assert cm.stats.peak_device_bytes <= budget
     finally:
         cm.close()
+
+
+def test_below_the_split_minimum_the_error_says_it_already_splits():
+    """The minimum an infeasible budget reports is the split program's, below what a plan with
+    every module whole reports: the message says which modules it already runs on slices."""
+    model, x = _resnet()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = memsched.plan(model, (x,), 10**13, hardware=FIXED_CPU).min_budget_bytes
+        with pytest.raises(memsched.InfeasibleBudgetError) as err:
+            memsched.plan(model, (x,), 1, hardware=FIXED_CPU)
+    assert err.value.min_budget_bytes < whole
+    assert "already runs 1 module(s) on slices of their input (the whole model x" in str(err.value)
