@@ -442,3 +442,17 @@ def test_below_the_split_minimum_the_error_says_it_already_splits():
             memsched.plan(model, (x,), 1, hardware=FIXED_CPU)
     assert err.value.min_budget_bytes < whole
     assert "already runs 1 module(s) on slices of their input (the whole model x" in str(err.value)
+
+
+def test_inside_a_split_model_a_module_splits_along_the_rows_past_the_model():
+    """A ViT split into micro-batches of one image: its MLPs, whose rows are (batch, tokens),
+    split along the tokens, never into empty slices of the batch."""
+    from memsched.passes.chunking import chunkings
+
+    model, x = _vit()
+    model.eval()
+    found = splittable_modules(model, capture(model, (x,)))
+    assert found[0].path == "" and found[0].dims == (8,)
+    plan = chunkings(found, 8)
+    assert plan[0] == Chunking("", 0, 8)
+    assert all(c.dim == 1 for c in plan[1:]) and len(plan) == 3

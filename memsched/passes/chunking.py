@@ -106,11 +106,11 @@ class RowLocal:
     inner_bytes: int        # the largest value it makes from the rows
     edge_bytes: int         # the larger of its input and its outputs
 
-    def dim_for(self, chunks: int) -> int:
-        """The outermost row dim with at least ``chunks`` rows (its slices are contiguous in
-        a contiguous input), else the longest."""
-        return next((d for d, n in enumerate(self.dims) if n >= chunks),
-                    max(range(len(self.dims)), key=lambda d: self.dims[d]))
+    def dim_for(self, chunks: int, start: int = 0) -> int:
+        """The outermost row dim from ``start`` with at least ``chunks`` rows (its slices are
+        contiguous in a contiguous input), else the longest."""
+        dims = range(start, len(self.dims))
+        return next((d for d in dims if self.dims[d] >= chunks), max(dims, key=lambda d: self.dims[d]))
 
 
 def _nbytes(n) -> int:
@@ -405,10 +405,14 @@ def steps_outside(program, gm: fx.GraphModule, found: list[RowLocal]) -> list[in
 
 
 def chunkings(found: list[RowLocal], chunks: int) -> list[Chunking]:
-    """Each module split in ``chunks`` slices (fewer where it has fewer rows)."""
+    """Each module split in ``chunks`` slices (fewer where it has fewer rows). Inside a split
+    model, a module splits along the row dims past the model's own (the model's slices have
+    fewer of the rows before them)."""
     out = []
+    root = next((r for r in found if r.path == ROOT), None)
     for r in found:
-        d = r.dim_for(chunks)
+        inside_root = root is not None and r.path not in (ROOT, LOSS_HEAD) and len(r.dims) > len(root.dims)
+        d = r.dim_for(chunks, len(root.dims) if inside_root else 0)
         if r.dims[d] > 1:
             out.append(Chunking(r.path, d, min(chunks, r.dims[d])))
     return out
@@ -422,10 +426,12 @@ def _split_call(inner, dim: int, chunks: int):
             return inner(*args, **kwargs)   # not the call the capture saw: run it whole
         (i,) = at
         whole = args[i] if isinstance(i, int) else kwargs[i]
+        if whole.dim() <= dim or whole.shape[dim] < 2:
+            return inner(*args, **kwargs)   # a slice of a split model with one row left: whole
         pieces = []
         # each slice made contiguous (a no-op for slices of the outermost dim): modules view
         # their input flat, as the whole input would allow
-        for piece in whole.tensor_split(chunks, dim):
+        for piece in whole.tensor_split(min(chunks, whole.shape[dim]), dim):
             if isinstance(i, int):
                 pieces.append(inner(*args[:i], piece.contiguous(), *args[i + 1:], **kwargs))
             else:
