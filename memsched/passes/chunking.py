@@ -50,11 +50,11 @@ _SLICES = {aten.slice.Tensor, aten.select.int, aten.narrow.default}
 # (input, p, train): with p = 0 or train off they draw nothing
 _DROPOUTS = {aten.dropout.default, aten.dropout_.default, aten.feature_dropout.default,
              aten.feature_dropout_.default, aten.alpha_dropout.default}
+_CONVOLUTIONS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+                 aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 # ops that keep only the batch (dim 0) apart: convolutions mix channels and space, group
 # norms a group's channels
-_BATCH_ONLY = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
-               aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,
-               aten.group_norm.default, aten.native_group_norm.default}
+_BATCH_ONLY = _CONVOLUTIONS | {aten.group_norm.default, aten.native_group_norm.default}
 # ops that keep batch and channels (dims 0, 1) apart and mix the spatial dims after them
 _SPATIAL = {aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
             aten.max_pool2d_with_indices.default, aten.avg_pool1d.default, aten.avg_pool2d.default,
@@ -64,8 +64,6 @@ _SPATIAL = {aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.de
 # batch norm with running statistics: per channel, so the batch stays apart (with batch
 # statistics -- training -- it mixes the batch and is not read here)
 _EVAL_BATCH_NORM = {aten._native_batch_norm_legit_no_training.default}
-_CONVOLUTIONS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
-                 aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 _PADS = {aten.pad.default, aten.constant_pad_nd.default}
 # attention and batched matmuls keep their operands' leading (batch, head) dims apart
 _ATTENTION = {aten.scaled_dot_product_attention.default}
