@@ -89,6 +89,7 @@ _BLOCKS = {  # what the middle does -> the input's row dims (batch 2, sequence 8
     "sequence and batch swapped": (lambda h: h.transpose(0, 1).contiguous().transpose(0, 1), None),
     "plus a learned per-token bias": (lambda h: h + torch.ones(8, 1), (2,)),
     "plus a learned per-feature bias": (lambda h: h + torch.ones(1, 1, 128), (2, 8)),
+    "written into a fresh buffer": (lambda h: torch.zeros(2, 8, 128).add_(h) * 2, None),
 }
 
 

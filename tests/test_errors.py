@@ -109,3 +109,18 @@ def test_new_input_shape_gets_its_own_plan():
         x = torch.randn(batch, 16)
         assert_outputs_equal(cm(x), eager(model, (x,), {}))
     assert len(cm._compiled) == 2
+
+
+def test_planning_gives_the_collector_threshold_back_even_on_error():
+    """Planning collects garbage rarely (pipeline.rare_collections) and restores the threshold."""
+    import gc
+
+    import torch
+
+    before = gc.get_threshold()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())
+    with pytest.raises(memsched.InfeasibleBudgetError):
+        memsched.plan(model, (torch.randn(4, 64),), budget=1)
+    assert gc.get_threshold() == before
+    memsched.plan(model, (torch.randn(4, 64),), budget=10**9)
+    assert gc.get_threshold() == before

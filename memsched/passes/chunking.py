@@ -153,6 +153,8 @@ def _rows_unchecked(n: fx.Node, rows: dict[fx.Node, int]) -> int | None:
         raise _NotLocal(f"{n.name}: {t}")
     if t is operator.getitem:
         return rows.get(n.args[0])
+    if t._schema.is_mutable and rows.get(n.args[0]) is None:   # later reads of it would miss the rows
+        raise _NotLocal(f"{n.name} writes rows into a value without them")
     if torch.Tag.pointwise in t.tags or t in _SAME_SHAPE:
         return _lined_up(n, rows, _shape(n), set())
     if t is aten.cat.default:
@@ -247,8 +249,8 @@ def _attention_rows(n: fx.Node, rows: dict) -> int:
         if rows.get(a) is None:
             p = min(p, _broadcast_rows(out, a, p))
         else:   # the leading dims it keeps on the output's sizes (grouped-query heads differ)
-            same = [d for d in range(min(p, rows[a])) if len(_shape(a)) == len(out) and _shape(a)[d] == out[d]]
-            p = next((d for d in range(min(p, rows[a])) if d not in same), min(p, rows[a]))
+            kept = min(p, rows[a])
+            p = next((d for d in range(kept) if len(_shape(a)) != len(out) or _shape(a)[d] != out[d]), kept)
     return p
 
 
