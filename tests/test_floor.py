@@ -27,6 +27,26 @@ def test_floor_is_the_largest_single_op_working_set():
     assert "aten.linear" in floor.op
 
 
+class _Residual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = _mlp()
+
+    def forward(self, x):
+        return self.mlp(x) + x
+
+
+def test_the_callers_input_counts_until_its_last_read():
+    # the caller holds x: moving it off the device frees nothing, so the floor at the wide
+    # second linear includes it (the planner's minimum counts it there too)
+    model, x = _Residual().eval(), torch.randn(64, 256)
+    captured = capture(model, (x,))
+    floor = op_floor(analyze(captured), captured.gm.graph)
+    second = 4 * (64 * 1024 + 1024 * 256 + 256 + 64 * 256)
+    assert floor.bytes == second + x.nbytes
+    assert floor.bytes <= memsched.plan(model, (x,), budget=10**12).min_budget_bytes
+
+
 def test_infeasible_budget_names_the_binding_step_and_the_floor():
     model, x = _mlp(), torch.randn(64, 256)
     with pytest.raises(memsched.InfeasibleBudgetError) as err:

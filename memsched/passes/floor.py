@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch.fx as fx
 
-from ..ir.kinds import PERSISTENT
+from ..ir.kinds import PERSISTENT, Kind
 from ..ir.listing import target_name
 from ..ir.units import format_bytes
 from .analysis import START, Program
@@ -47,13 +47,15 @@ def _largest(program: Program, ids) -> tuple[tuple[str, str, int], ...]:
 
 def op_floor(program: Program, graph: fx.Graph, steps=None) -> Binding | None:
     """The largest working set of a single op: the storages it reads and the ones it makes,
-    beside those no plan can take off the device there (model tensors updated in place, and
-    in a training step's backward the forward outputs the caller holds). ``steps``: only
-    those (default: every step)."""
+    beside those no plan can take off the device there (model tensors updated in place, the
+    caller's inputs while the program still reads them -- moving one frees nothing, the caller
+    holds it -- and in a training step's backward the forward outputs the caller holds).
+    ``steps``: only those (default: every step)."""
     nodes = {n.name: n for n in graph.nodes}
     best = None
     fixed = [b for b in program.storages if b.id in program.pinned]
     held = [b for b in program.storages if b.id in program.user_held]
+    inputs = [b for b in program.storages if b.kind == Kind.INPUT]
     for step in range(program.n_steps) if steps is None else steps:
         name = program.steps[step]
         n = nodes[name]
@@ -61,6 +63,7 @@ def op_floor(program: Program, graph: fx.Graph, steps=None) -> Binding | None:
         ids = {i for a in reads for i in program.values[a.name].storages}
         ids.update(program.values[name].storages)
         ids.update(b.id for b in fixed)
+        ids.update(b.id for b in inputs if step <= b.last_step)
         if program.boundary is not None and step >= program.boundary:
             ids.update(b.id for b in held if b.def_step <= step <= b.last_step)
         nbytes = sum(program.storages[i].nbytes for i in ids)
