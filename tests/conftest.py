@@ -1,6 +1,14 @@
 import os
 import sys
 
+from hypothesis import settings
+
+# CI draws the same examples every run (a red CI must mean a change broke something, not that a
+# new random graph was drawn); elsewhere every run explores new ones. A failure prints the
+# example's blob, so one found locally can be replayed with @reproduce_failure.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+
 # bit-for-bit comparisons with eager: BLAS must not change its thread count (and with it the
 # order of its sums) with the machine's load between the eager run and the compiled one
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
