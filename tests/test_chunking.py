@@ -90,6 +90,17 @@ _BLOCKS = {  # what the middle does -> the input's row dims (batch 2, sequence 8
     "plus a learned per-token bias": (lambda h: h + torch.ones(8, 1), (2,)),
     "plus a learned per-feature bias": (lambda h: h + torch.ones(1, 1, 128), (2, 8)),
     "written into a fresh buffer": (lambda h: torch.zeros(2, 8, 128).add_(h) * 2, None),
+    # each batch row's tokens merged into dim 0 after the sequence is mixed: a block per row
+    "tokens merged into the batch": (lambda h: torch.cumsum(h, 1).reshape(16, 128).softmax(-1).reshape(2, 8, 128),
+                                     (2,)),
+    "rolled along the sequence": (lambda h: torch.roll(h, 3, 1), (2,)),
+    # a per-token table expanded over the batch and merged into it repeats within each row's
+    # block (a Swin window mask); one that differs from block to block does not
+    "merged, plus a table repeated per row": (
+        lambda h: (torch.cumsum(h, 1).reshape(16, 128)
+                   + torch.arange(1024.0).view(1, 8, 128).expand(2, 8, 128).reshape(16, 128)).view(2, 8, 128), (2,)),
+    "merged, plus a table over every row": (
+        lambda h: (torch.cumsum(h, 1).reshape(16, 128) + torch.arange(2048.0).view(16, 128)).view(2, 8, 128), None),
 }
 
 
@@ -339,6 +350,13 @@ def _convnext():
     return T.ConvNextForImageClassification(cfg), torch.randn(8, 3, 64, 64)
 
 
+def _swin():
+    torch.manual_seed(0)
+    cfg = T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2], num_heads=[2], window_size=4,
+                       drop_path_rate=0.0)
+    return T.SwinForImageClassification(cfg), torch.randn(4, 3, 32, 32)
+
+
 def _vit(dropout=0.0):
     torch.manual_seed(0)
     cfg = T.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
@@ -365,7 +383,23 @@ def test_attention_with_dropout_is_not_split():
     assert found and all(r.path != "" for r in found)   # its MLPs still split
 
 
-@pytest.mark.parametrize("build", [_resnet, _convnext, _vit], ids=["resnet", "convnext", "vit"])
+def test_windowed_attention_keeps_the_batch_apart():
+    """Swin merges each image's windows into the batch and adds a per-window mask expanded over
+    the images: every image still owns a block of windows, and the mask repeats per block, so
+    the model and each of its (shifted) window blocks split along the batch."""
+    model, x = _swin()
+    found = {r.path: r.dims for r in splittable_modules(model.eval(), capture(model.eval(), (x,)))}
+    assert found[""] == (4,)
+    assert model.swin.encoder.layers[0].blocks[1].shift_size > 0
+    from memsched.passes.chunking import _module_groups, forward_graph, row_local
+
+    gm, state = forward_graph(capture(model, (x,)))
+    groups = _module_groups(gm)
+    for block in ("swin.encoder.layers.0.blocks.0", "swin.encoder.layers.0.blocks.1"):   # plain, shifted
+        assert row_local(block, groups[block], state).dims == (4,)
+
+
+@pytest.mark.parametrize("build", [_resnet, _convnext, _vit, _swin], ids=["resnet", "convnext", "vit", "swin"])
 def test_a_vision_model_below_its_unsplit_minimum_runs_on_micro_batches(build):
     """Below the minimum without a split, the model runs on slices of its batch: its output
     object is put back together. No sum crosses the batch, yet a convolution on a slice may

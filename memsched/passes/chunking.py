@@ -7,7 +7,10 @@ Which modules qualify is read off the captured forward graph, not off class name
 torch.export tags with a module's path must read one activation (plus weights), return one
 value, and every op on a value derived from that activation must keep some of its leading
 (row) dimensions apart -- pointwise ops against weights, matmuls against weights, reductions,
-norms and softmaxes over trailing dims, views that do not mix rows. An op that mixes some row
+norms and softmaxes over trailing dims, views that do not mix rows (one that merges the batch
+with dims after it -- an image's attention windows -- leaves each row a block of the merged dim,
+and a value without rows may vary along it if it repeats within every block: a window mask
+expanded over the images). An op that mixes some row
 dims narrows the module's rows to the dims before them (a convolution keeps the batch,
 attention batch and heads); one that mixes them all disqualifies it. The model itself (ROOT)
 is a candidate too: split, it runs on micro-batches. Random ops (dropout) disqualify a module:
@@ -193,6 +196,8 @@ def _one_input_rows(n: fx.Node, p: int, ndim: int) -> int:
         return min(p, 1)
     if t in _SPATIAL:
         return min(p, ndim - _spatial_dims(t))
+    if t is aten.roll.default:   # a cyclic shift along its dims (no dims: of the flattened value)
+        return min(p, *_dims(n.args[2], ndim)) if len(n.args) > 2 and n.args[2] else 0
     if t in (aten.unsqueeze.default, aten.squeeze.dim):
         return min(p, _dims(n.args[1], ndim + (t is aten.unsqueeze.default))[0])
     if t in (aten.expand.default, aten.repeat.default):   # new leading dims shift the rows
@@ -221,16 +226,16 @@ def _lined_up(n: fx.Node, rows: dict, shape: tuple, along: set[int]) -> int:
     p = min(p, *along) if along else p
     for a in ins:
         if rows.get(a) is None:
-            p = min(p, _broadcast_rows(shape, a, p))
+            p = min(p, _broadcast_rows(shape, a, p, _input_rows(rows)))
         elif _shape(a)[:p] != shape[:p]:
             raise _NotLocal(f"{n.name} combines rows of different layouts")
     return p
 
 
 def _tensor_args(n: fx.Node) -> list[fx.Node]:
-    """The tensor arguments of ``n``, those in a list argument too (``cat``)."""
+    """The tensor arguments of ``n``, those in a list argument (``cat``) or passed by name too."""
     out = []
-    for a in n.args:
+    for a in (*n.args, *n.kwargs.values()):
         for x in a if isinstance(a, (list, tuple)) else [a]:
             if isinstance(x, fx.Node) and isinstance(x.meta.get("val"), torch.Tensor):
                 out.append(x)
@@ -247,23 +252,61 @@ def _attention_rows(n: fx.Node, rows: dict) -> int:
     p = len(out) - 2
     for a in _tensor_args(n):
         if rows.get(a) is None:
-            p = min(p, _broadcast_rows(out, a, p))
+            p = min(p, _broadcast_rows(out, a, p, _input_rows(rows)))
         else:   # the leading dims it keeps on the output's sizes (grouped-query heads differ)
             kept = min(p, rows[a])
             p = next((d for d in range(kept) if len(_shape(a)) != len(out) or _shape(a)[d] != out[d]), kept)
     return p
 
 
-def _broadcast_rows(out: tuple, other: fx.Node, p: int) -> int:
+def _input_rows(rows: dict) -> int:
+    """The module input's size along its first row dim (``row_local`` enters the input first)."""
+    return _shape(next(iter(rows)))[0]
+
+
+def _broadcast_rows(out: tuple, other: fx.Node, p: int, input_rows: int) -> int:
     """The leading row dims of a result that a value without rows, broadcast against it, reads
-    alike for every row: those it spans with size 1 or stride 0 (an ``expand``)."""
+    alike for every row: those it spans with size 1 or stride 0 (an ``expand``). Along dim 0,
+    where each input row owns a block of ``out[0] / input_rows`` entries (windows of an image
+    merged into the batch), a value that repeats within every block reads alike too."""
     val = other.meta.get("val")
     shape, stride = tuple(val.shape), tuple(val.stride())
     offset = len(out) - len(shape)
     for d in range(max(offset, 0), p):
         if shape[d - offset] != 1 and stride[d - offset] != 0:
+            block, rest = divmod(out[0], input_rows)
+            if d == 0 and offset == 0 and not rest and block % _period(other) == 0:
+                continue
             return d
     return p
+
+
+def _period(n: fx.Node, depth: int = 0) -> int:
+    """After how many entries a value without rows repeats along its dim 0: 1 when it reads
+    alike along it (size 1, stride 0); P x K where a dim of period P was merged with K entries
+    after it (a per-window mask ``expand``ed over the batch, then flattened into it); else its
+    size. Walks back through views and elementwise ops only."""
+    val = n.meta.get("val")
+    size = int(val.shape[0]) if isinstance(val, torch.Tensor) and val.dim() else 1
+    if size == 1 or val.stride()[0] == 0:
+        return 1
+    t = n.target
+    if depth > 32 or not isinstance(t, torch._ops.OpOverload):
+        return size
+    if t in _VIEWS:
+        before = _shape(n.args[0])
+        j = next((j for j in range(1, len(before) + 1) if math.prod(before[:j]) == size), None)
+        return size if j is None else min(size, _period(n.args[0], depth + 1) * math.prod(before[1:j]))
+    if t is aten.unsqueeze.default and _dims(n.args[1], val.dim())[0] > 0:
+        return _period(n.args[0], depth + 1)
+    if torch.Tag.pointwise in t.tags or t in _SAME_SHAPE or t is aten.clone.default:
+        period = 1
+        for a in _tensor_args(n):
+            s = _shape(a)
+            if len(s) == val.dim() and s[0] != 1:   # spans dim 0 (fewer dims or size 1 broadcast)
+                period = math.lcm(period, _period(a, depth + 1))
+        return min(period, size)
+    return size
 
 
 def _view_rows(n: fx.Node, p: int) -> int:
@@ -274,7 +317,10 @@ def _view_rows(n: fx.Node, p: int) -> int:
     for q in range(len(shape) + 1):
         if math.prod(shape[:q]) == total and shape[q:] and math.prod(shape[q:]) == rest:
             return q
-    return max(q for q in range(p + 1) if shape[:q] == before[:q] and math.prod(shape[q:]) == math.prod(before[q:]))
+    kept = max(q for q in range(p + 1) if shape[:q] == before[:q] and math.prod(shape[q:]) == math.prod(before[q:]))
+    if kept == 0 and p and any(math.prod(before[:j]) == shape[0] for j in range(2, len(before) + 1)):
+        return 1   # dim 0 merged with dims after it (an image's windows): each row owns a block
+    return kept
 
 
 def _spatial_dims(t) -> int:
