@@ -1,9 +1,11 @@
 """The LM head with its cross-entropy run in slices of rows (frontend/loss_head.py, selected by
-passes/chunking.py below the minimum): found by its ops, never when the logits are returned,
-the same maths as the exported graph, and a training step that never holds the full logits
-plans below the unsplit minimum and matches eager."""
+passes/chunking.py below the minimum): found by its ops, the loss alone replaced when the
+logits are returned too, the same maths as the exported graph, and a training step that never
+holds the full logits -- or, returning them, none of the loss's own -- plans below the unsplit
+minimum and matches eager."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -43,14 +45,15 @@ def _batch(batch=2, seq=48):
     return ids, labels
 
 
-def test_found_only_where_the_logits_feed_the_loss_alone():
+def test_found_by_its_ops_and_shared_where_the_logits_are_returned():
     torch.manual_seed(0)
     lm, (ids, labels) = _gpt2(), _batch()
     heads = find_loss_heads(export_model(LossOnly(lm).train(), (ids, labels)).graph_module)
-    assert [(h.rows, h.logits_bytes) for h in heads] == [(ids.numel(), ids.numel() * VOCAB * 4)]
-    # the full model returns its logits beside the loss: they exist whole anyway
+    assert [(h.rows, h.logits_bytes, h.shared) for h in heads] == [(ids.numel(), ids.numel() * VOCAB * 4, False)]
+    # the full model returns its logits beside the loss: they exist whole anyway, the loss's
+    # values need not
     returned = export_model(lm.train(), (), {"input_ids": ids, "labels": labels}).graph_module
-    assert find_loss_heads(returned) == []
+    assert [(h.rows, h.shared) for h in find_loss_heads(returned)] == [(ids.numel(), True)]
 
 
 def _largest_value(gm) -> int:
@@ -166,6 +169,34 @@ def test_a_step_below_the_unsplit_minimum_matches_eager(build, tmp_path):
     assert "LM head + cross-entropy" in plan.summary()
     plan.save(tmp_path / "plan.json")
     assert memsched.Plan.load(tmp_path / "plan.json").chunking == plan.chunking
+
+
+def test_a_model_returning_its_logits_replaces_the_loss_alone():
+    """A Hugging Face model returns the logits beside the loss; the caller holds them through the
+    backward. Below the unsplit minimum the loss runs in slices from the hidden state (one more
+    LM-head matmul), the logits come back whole and equal eager's, loss and gradients close."""
+    torch.manual_seed(0)
+    model, (ids, labels) = _qwen2().train(), _batch()
+    ref = copy.deepcopy(model)
+    kwargs = {"input_ids": ids, "labels": labels}
+    unsplit = _plan(model, (), 10**13, example_kwargs=kwargs, chunk_ops=False).min_budget_bytes
+    budget = int(0.8 * unsplit)
+    want = ref(**kwargs)
+    want.loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(model, budget, example_kwargs=kwargs, train=True, device="cpu", hardware=FIXED_CPU)
+    try:
+        got = cm(**kwargs)
+        got.loss.backward()
+        assert LOSS_HEAD in {c.path for c in cm.plan.chunking}
+        assert cm.stats.peak_device_bytes <= budget and cm.plan.verify() <= budget
+        torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)   # the kept linear: as eager
+        torch.testing.assert_close(got.loss, want.loss)
+        for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+    finally:
+        cm.close()
 
 
 class _RandomHead(torch.nn.Module):

@@ -5,9 +5,13 @@ The pattern (``kernels.PATTERNS["fused_linear_cross_entropy"]``), read off torch
 graph, not off class names: ``linear(hidden, weight[, bias])``, then casts to float32, aliases,
 views and slices of rows (the shift of ``logits[..., :-1, :]``, applied to ``hidden`` instead),
 then ``cross_entropy_loss(logits [N, V], target [N])`` with no class weights and no
-label smoothing, each value in the chain read by the next op only (trace-time asserts aside).
-When the logits are read elsewhere (the model returns them as well as the loss) they exist in
-full anyway and nothing is replaced: have the forward return the loss alone.
+label smoothing, each value in the chain read by the next op (trace-time asserts aside).
+When the logits are read elsewhere too (a Hugging Face model returns them beside the loss) the
+linear stays for those readers and only the loss is replaced: the logits exist in full, but the
+cross-entropy's own [N, V] values (its float copy, log-softmax, their gradients) never do, for
+the price of one more LM-head matmul in the forward. A training step differentiates the loss
+alone (frontend/joint.py), so the kept linear has no backward. A forward that returns the loss
+alone saves the logits too.
 
 The replacement calls ``fused_linear_cross_entropy(..., impl="torch")``: the joint trace
 (frontend/joint.py) runs its chunk loop and its autograd backward on FakeTensors, so the plan
@@ -44,6 +48,7 @@ class LossHead:
     logits_bytes: int   # the full logits the chunked kernel never makes
     hidden_bytes: int   # the linear's input
     slices: tuple = ()  # (dim, start, end, step) of the rows the loss reads, applied to the input
+    shared: bool = False  # the logits are read elsewhere too: they exist whole, the loss's values do not
 
 
 def _val(n) -> torch.Tensor | None:
@@ -62,31 +67,35 @@ def _arg(node: fx.Node, i: int, name: str, default):
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
-def _loss_after(linear: fx.Node) -> tuple[fx.Node | None, list[tuple]]:
-    """The cross_entropy_loss the linear's output flows into alone, through casts, views and
-    slices of rows (a shift: ``logits[..., :-1, :]``), and those slices as (dim, start, end,
-    step): rows picked before the head are the same rows picked after it."""
+_CHAIN = _PASS_THROUGH | {aten.slice.Tensor, aten.cross_entropy_loss.default}
+
+
+def _loss_after(linear: fx.Node) -> tuple[fx.Node | None, list[tuple], bool]:
+    """The cross_entropy_loss the linear's output flows into, through casts, views and slices
+    of rows (a shift: ``logits[..., :-1, :]``), those slices as (dim, start, end, step) --
+    rows picked before the head are the same rows picked after it -- and whether a value on
+    the way is read elsewhere too."""
     if _val(linear) is None:
-        return None, []
-    node, slices, reshaped, rank = linear, [], False, _val(linear).dim()
+        return None, [], False
+    node, slices, reshaped, rank, shared = linear, [], False, _val(linear).dim(), False
     while True:
         readers = _readers(node)
-        if len(readers) != 1:
-            return None, []
-        (nxt,) = readers
+        chain = [u for u in readers if u.target in _CHAIN and u.args[0] is node]
+        if len(chain) != 1:
+            return None, [], False
+        (nxt,) = chain
+        shared = shared or len(readers) > 1
         if nxt.target is aten.cross_entropy_loss.default:
-            return (nxt if nxt.args[0] is node else None), slices
-        if nxt.args[0] is not node or _val(nxt) is None or _val(nxt).device != _val(node).device:
-            return None, []   # (a copy to another device is not a cast: the head stays whole)
-        if nxt.target is aten.slice.Tensor and not reshaped:
+            return nxt, slices, shared
+        if _val(nxt) is None or _val(nxt).device != _val(node).device:
+            return None, [], False   # (a copy to another device is not a cast: the head stays whole)
+        if nxt.target is aten.slice.Tensor:
             dim = _arg(nxt, 1, "dim", 0) % rank
-            if dim == rank - 1:   # a slice of the vocabulary: not a choice of rows
-                return None, []
+            if reshaped or dim == rank - 1:   # rows no longer lined up, or a slice of the vocabulary
+                return None, [], False
             slices.append((dim, _arg(nxt, 2, "start", None), _arg(nxt, 3, "end", None), _arg(nxt, 4, "step", 1)))
-        elif nxt.target in _PASS_THROUGH:
-            reshaped = reshaped or nxt.target in _VIEWS
         else:
-            return None, []
+            reshaped = reshaped or nxt.target in _VIEWS
         node = nxt
 
 
@@ -100,18 +109,18 @@ def _plain(loss: fx.Node) -> bool:
 
 
 def find_loss_heads(gm: fx.GraphModule) -> list[LossHead]:
-    """Each LM head whose logits only feed their cross-entropy."""
+    """Each LM head whose logits feed a cross-entropy (``shared`` when they feed more)."""
     out = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not aten.linear.default:
             continue
-        loss, slices = _loss_after(node)
+        loss, slices, shared = _loss_after(node)
         hidden, logits = _val(node.args[0]), _val(loss.args[0]) if loss is not None else None
         if loss is None or hidden is None or not _plain(loss):
             continue
         logits_bytes = logits.numel() * logits.element_size()
         out.append(LossHead(node.name, loss.name, int(logits.shape[0]), logits_bytes,
-                            hidden.numel() * hidden.element_size(), tuple(slices)))
+                            hidden.numel() * hidden.element_size(), tuple(slices), shared))
     return out
 
 
