@@ -94,6 +94,8 @@ _BLOCKS = {  # what the middle does -> the input's row dims (batch 2, sequence 8
     "tokens merged into the batch": (lambda h: torch.cumsum(h, 1).reshape(16, 128).softmax(-1).reshape(2, 8, 128),
                                      (2,)),
     "rolled along the sequence": (lambda h: torch.roll(h, 3, 1), (2,)),
+    "normalised per token (a norm, expanded back)": (lambda h: torch.nn.functional.normalize(h, dim=-1), (2, 8)),
+    "normalised over the sequence": (lambda h: torch.nn.functional.normalize(h, dim=1), (2,)),
     # a per-token table expanded over the batch and merged into it repeats within each row's
     # block (a Swin window mask); one that differs from block to block does not
     "merged, plus a table repeated per row": (

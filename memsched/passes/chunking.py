@@ -44,7 +44,9 @@ _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, at
 _SAME_SHAPE = {aten._to_copy.default, aten.alias.default, aten.detach.default, aten.contiguous.default,
                aten.to.dtype, aten.to.dtype_layout, aten.type_as.default, aten.lift_fresh_copy.default}
 _REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default,
-               aten.var.correction, aten.std.correction, aten.logsumexp.default, aten.cumsum.default}
+               aten.var.correction, aten.std.correction, aten.logsumexp.default, aten.cumsum.default,
+               aten.linalg_vector_norm.default, aten.norm.ScalarOpt_dim}
+_ORDER_FIRST = {aten.linalg_vector_norm.default, aten.norm.ScalarOpt_dim}   # (input, ord, dim, ...)
 _SOFTMAX = {aten._softmax.default, aten._log_softmax.default, aten.softmax.int, aten.log_softmax.int}
 _NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default,
           aten._fused_rms_norm.default}
@@ -169,6 +171,10 @@ def _rows_unchecked(n: fx.Node, rows: dict[fx.Node, int]) -> int | None:
             raise _NotLocal(f"{n.name} multiplies along rows or adds a row-carrying bias")
         return 1
     p = rows.get(n.args[0])
+    if t is aten.expand_as.default:   # the second argument gives a shape only
+        if p is not None and (_shape(n)[:p] != _shape(n.args[0])[:p] or len(_shape(n)) != len(_shape(n.args[0]))):
+            raise _NotLocal(f"{n.name} repeats the rows")
+        return p
     if p is None or any(rows.get(a) is not None for a in n.all_input_nodes[1:]):
         raise _NotLocal(f"{n.name}: rows enter through another argument than the first")
     return _one_input_rows(n, p, len(_shape(n.args[0])))
@@ -332,8 +338,8 @@ def _along_dims(n: fx.Node, p: int, ndim: int) -> int:
     """A reduction, scan, softmax, slice or split keeps the row dims before the first it works along."""
     t = n.target
     # where the op's dim argument sits: second for reductions, softmaxes and slices (slice,
-    # select, narrow, unbind), third for splits (after the sizes)
-    at = 2 if t in _SPLITS and t is not aten.unbind.int else 1
+    # select, narrow, unbind), third for splits (after the sizes) and norms (after the order)
+    at = 2 if (t in _SPLITS and t is not aten.unbind.int) or t in _ORDER_FIRST else 1
     dim = n.args[at] if len(n.args) > at else n.kwargs.get("dim", None if t in _REDUCTIONS else 0)
     if dim is None or (isinstance(dim, (list, tuple)) and not dim):
         raise _NotLocal(f"{n.name} reduces over every dim")
