@@ -218,7 +218,7 @@ class CompiledModule:
         """Inside this block the caller vouches that the model's tensors are not replaced
         (``p.data = ...``, ``load_state_dict(assign=True)``) and change only where PyTorch's
         version counter sees it (in-place ops on the tensors, reported with ``patched``): calls
-        skip looking each tensor up and the crc32 fingerprint of every copied one, a pass over
+        skip looking each tensor up and the checksum of every copied one, a pass over
         their bytes per call. Meant for loops that call the module many times in a row, such as
         token-by-token generation."""
         with self._lock:

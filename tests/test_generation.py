@@ -116,9 +116,9 @@ def test_new_cache_slots_are_patched_not_rewritten(tmp_path):
     disk = gen.compiled._stores.disk
     real = disk.write_spans
 
-    def spy(region, spans, crc):
+    def spy(region, spans, digest):
         writes.append(sum(len(d) for _, d in spans))
-        return real(region, spans, crc)
+        return real(region, spans, digest)
 
     disk.write_spans = spy
     try:

@@ -2,7 +2,7 @@
 stays right when called or planned from several threads at once.
 
 Weights are changed after compile in every way PyTorch allows: in place through ``.data``
-(no version bump: caught by the CRC-32 fingerprints of memsched's copies), replaced
+(no version bump: caught by the checksums of memsched's copies), replaced
 (``p.data = ...``, ``load_state_dict(..., assign=True)``), copied in (``load_state_dict``) and
 stepped by an optimizer; after each change the compiled outputs equal eager bit for bit, with
 the weights homed on disk, on host, or read in place on the device.

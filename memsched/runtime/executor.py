@@ -59,7 +59,7 @@ class _ModelSlot:
     device: torch.device
     home: Home | None = None           # its copy in the host or disk tier (shared, see Stores)
     copy: torch.Tensor | None = None   # its private device copy
-    crc: int | None = None             # the device copy's fingerprint of the model bytes
+    digest: int | None = None             # the device copy's fingerprint of the model bytes
     checkpointed: bool = False         # on meta in the model: its values come from the checkpoint
     parked: bool = False               # its device copy dropped while another program runs
     kind: str = "weight"               # what it holds (weights may be kept quantised on disk)
@@ -75,7 +75,7 @@ class Executor:
     ``stores``: the host pool, offload file and model-tensor homes shared by every executor of
     one compiled module (a private set when None). Every call looks the model's tensors up again
     by name: a tensor replaced (``p.data = ...``, ``load_state_dict(assign=True)``), changed in
-    place (an optimizer step) or changed through ``.data`` (no version bump; caught by a CRC-32
+    place (an optimizer step) or changed through ``.data`` (no version bump; caught by a checksum
     of its bytes) has its copies renewed before the program runs; one whose shape or dtype
     changed is an error asking to compile again. A call interrupted at any point (an exception,
     KeyboardInterrupt) or a training forward abandoned gives back every host buffer and disk
@@ -150,14 +150,14 @@ class Executor:
 
     def _slot_for(self, rec: _ModelSlot, t: torch.Tensor):
         """The model tensor as the program reads it: itself, or a copy in its home tier."""
-        rec.home = rec.copy = rec.crc = None
+        rec.home = rec.copy = rec.digest = None
         if rec.checkpointed:  # read from the checkpoint's files, or loaded from them once
             return self.stores.from_checkpoint(rec.name, rec.tier, t)
         if rec.tier == Tier.DEVICE:
             if t.device == self.device:
                 return t
             rec.copy = t.to(self.device)
-            rec.crc = fingerprint(t)
+            rec.digest = fingerprint(t)
             return rec.copy
         if rec.tier == Tier.HOST and not self.cuda and t.device == self.device and t.is_contiguous():
             # on a CPU device the model's own tensor is the host copy; read-only
@@ -210,10 +210,10 @@ class Executor:
             if rec.home is not None:
                 self.stores.check(rec.home, t, changed)
             elif rec.copy is not None:
-                crc = fingerprint(t)
-                if changed or crc != rec.crc:
+                digest = fingerprint(t)
+                if changed or digest != rec.digest:
                     rec.copy.copy_(t)
-                    rec.crc = crc
+                    rec.digest = digest
             elif not same:  # the program reads the model's tensor itself: read the new one
                 self._slots[rec.index] = self._slot_for(rec, t)
             rec.see(cur)
@@ -232,7 +232,7 @@ class Executor:
             if rec.copy is not None:
                 i = index.to(t.device)
                 rec.copy.index_copy_(dim, i.to(rec.copy.device), t.index_select(dim, i).to(rec.copy.device))
-                rec.crc = fingerprint(t)
+                rec.digest = fingerprint(t)
             rec.see(cur)
 
     # -- the runtime interface the generated program calls --------------------------------
@@ -298,7 +298,7 @@ class Executor:
         again. (A model tensor the program reads in place costs nothing and stays.)"""
         for rec in self._model_slots:
             if rec.tier == Tier.DEVICE and (rec.copy is not None or rec.checkpointed) and not rec.parked:
-                self._slots[rec.index] = rec.copy = rec.crc = None
+                self._slots[rec.index] = rec.copy = rec.digest = None
                 rec.parked = True
 
     def _unpark(self) -> None:
@@ -418,7 +418,7 @@ class Executor:
             if rec.copy is not None and self.captured.placeholders[rec.index].name in self._written:
                 t = rec.ref.detach()
                 t.copy_(rec.copy)
-                rec.crc = fingerprint(t)
+                rec.digest = fingerprint(t)
                 rec.see(rec.ref)
 
     def _end(self, wall: float, out: list) -> None:
