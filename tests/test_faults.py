@@ -29,7 +29,7 @@ from helpers import FIXED_CPU, assert_outputs_equal, eager
 from memsched.passes.placement import DISK
 from memsched.runtime.accounting import DeviceAccountant
 from memsched.runtime.executor import Executor
-from memsched.runtime.stores import ALIGN, DiskIntegrityError, DiskStore, make_offload_dir, slice_spans
+from memsched.runtime.stores import ALIGN, DiskIntegrityError, DiskStore, make_offload_dir
 from train_zoo import build_train
 from zoo import build
 
@@ -109,24 +109,44 @@ def test_store_reuses_and_merges_free_regions(store):
     assert store.bytes_in_use == 0 and store._end == 0 and store._free == []
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 5), min_size=1, max_size=4), st.data())
-def test_slice_spans_cover_exactly_the_slices(shape, data):
-    """The byte ranges a patch writes (a KV cache's new slots) are exactly the bytes of the
-    slices, sorted, none touching the next (touching ones are one write)."""
+def test_written_slices_land_and_nothing_else(shape, data):
+    """A patch (a KV cache's new slots) writes exactly the slices' bytes into the region, through
+    its memory map: read back with the new checksum, the region holds the patched tensor."""
+    import tempfile
+
+    from memsched.runtime.stores import _buffer, checksum
+
     dim = data.draw(st.integers(0, len(shape) - 1))
-    index = torch.tensor(data.draw(st.lists(st.integers(0, shape[dim] - 1), min_size=1, max_size=8)))
+    index = torch.tensor(sorted(set(data.draw(st.lists(st.integers(0, shape[dim] - 1), min_size=1, max_size=8)))))
     dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.int8]))
-    t = torch.zeros(shape, dtype=dtype)
-    chosen = torch.zeros(shape, dtype=torch.bool)
-    chosen.index_fill_(dim, index, True)
-    want = chosen.flatten().repeat_interleave(t.element_size())
-    got = torch.zeros_like(want)
-    spans = slice_spans(t, dim, index)
-    for (a, b), nxt in zip(spans, spans[1:] + [(None, None)]):
-        assert a < b and (nxt[0] is None or b < nxt[0])
-        got[a:b] = True
-    assert torch.equal(got, want)
+    t = torch.randint(-100, 100, shape).to(dtype)
+    with tempfile.TemporaryDirectory() as root:
+        store = DiskStore(make_offload_dir(root))
+        try:
+            store.write(store.allocate(ALIGN), torch.zeros(ALIGN, dtype=torch.uint8))  # not at offset 0
+            region = store.allocate(t.numel() * t.element_size())
+            store.write(region, t)
+            t.index_fill_(dim, index, 7)
+            store.write_slices(region, t, dim, index)
+            with pytest.raises(DiskIntegrityError):   # unreadable until the caller's checksum
+                store.read_into(region, torch.empty_like(t))
+            region.digest = checksum(_buffer(t))
+            out = torch.empty_like(t)
+            store.read_into(region, out)
+            assert torch.equal(out, t)
+        finally:
+            store.close()
+
+
+def test_a_patch_into_a_truncated_file_is_an_error_not_a_crash(store):
+    t = torch.randn(4, 8, 16)
+    region = store.allocate(t.numel() * 4)
+    store.write(region, t)
+    os.ftruncate(store.fd, 0)   # a mapping past the file's end would kill the process (SIGBUS)
+    with pytest.raises(DiskIntegrityError, match="truncated"):
+        store.write_slices(region, t, 2, torch.tensor([3]))
 
 
 @pytest.mark.timeout(60)

@@ -114,13 +114,13 @@ def test_new_cache_slots_are_patched_not_rewritten(tmp_path):
     gen = memsched.Generator(model, budget, **kw)
     writes = []
     disk = gen.compiled._stores.disk
-    real = disk.write_spans
+    real = disk.write_slices
 
-    def spy(region, spans, digest):
-        writes.append(sum(len(d) for _, d in spans))
-        return real(region, spans, digest)
+    def spy(region, t, dim, index):
+        writes.append(index.numel() * t.numel() // t.shape[dim] * t.element_size())
+        return real(region, t, dim, index)
 
-    disk.write_spans = spy
+    disk.write_slices = spy
     try:
         tokens, stats = gen(ids, NEW_TOKENS)
     finally:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import errno
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -142,30 +143,6 @@ def read_fully(fd: int, data: memoryview, offset: int) -> int:
             break
         done += n
     return done
-
-
-def slice_spans(t: torch.Tensor, dim: int, index: torch.Tensor) -> list[tuple[int, int]]:
-    """Byte ranges [start, end) of a contiguous t that its slices ``index`` along ``dim`` occupy
-    (runs of consecutive indices merged)."""
-    idx = sorted({int(i) for i in index.flatten()})
-    runs, start = [], None
-    for a, b in zip(idx, idx[1:] + [None]):
-        start = a if start is None else start
-        if b != a + 1:
-            runs.append((start, a + 1))
-            start = None
-    outer = math.prod(t.shape[:dim])
-    inner = math.prod(t.shape[dim + 1:]) * t.element_size()
-    rows = t.shape[dim] * inner
-    spans: list[tuple[int, int]] = []
-    for o in range(outer):
-        for lo, hi in runs:
-            a, b = o * rows + lo * inner, o * rows + hi * inner
-            if spans and spans[-1][1] == a:  # adjacent (every slot written): one span
-                spans[-1] = (spans[-1][0], b)
-            else:
-                spans.append((a, b))
-    return spans
 
 
 def fingerprint(t: torch.Tensor, layout: Layout | None = None) -> int:
@@ -381,16 +358,25 @@ class DiskStore:
             self._file_end = max(self._file_end, region.offset + len(data))
         region.digest = digest
 
-    def write_spans(self, region: Region, spans: list[tuple[int, memoryview]], digest: int) -> None:
-        """Overwrite byte spans (offset within the region, bytes) of a written region; ``digest``
-        is the whole region's checksum afterwards (the caller holds the full new bytes)."""
-        region.digest = None  # until every span landed
+    def write_slices(self, region: Region, t: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+        """Overwrite the slices ``index`` along ``dim`` of a written region that holds a tensor
+        laid out as the contiguous ``t``, with t's (a KV cache's new slots): one strided copy
+        through a shared memory map of the region, where a write call per byte span would take
+        thousands (a slot of every batch row and head). The region stays unreadable until the
+        caller sets its new checksum."""
+        region.digest = None
+        start = region.offset - region.offset % mmap.ALLOCATIONGRANULARITY
+        end = region.offset + region.nbytes
+        if os.fstat(self.fd).st_size < end:   # a mapping past the file's end faults (SIGBUS)
+            raise DiskIntegrityError(f"memsched: the offload file in {self.directory} ends before "
+                                     f"{region.describe()}: it was truncated by another process")
         try:
-            for offset, data in spans:
-                write_fully(self.fd, data, region.offset + offset)
+            with mmap.mmap(self.fd, end - start, offset=start) as mapped:
+                held = torch.frombuffer(mapped, dtype=torch.uint8, count=region.nbytes, offset=region.offset - start)
+                held.view(t.dtype).view(t.shape).index_copy_(dim, index, t.index_select(dim, index))
+                del held   # the map closes only once nothing views it
         except OSError as exc:
             raise self._os_error(exc, "writing", region) from exc
-        region.digest = digest
 
     def read_into(self, region: Region, t: torch.Tensor) -> None:
         if region.digest is None:
@@ -633,8 +619,7 @@ class Stores:
                 self.renew(home, t)  # (a quantised copy is requantised whole: its groups span slots)
                 continue
             if isinstance(h, DiskCopy):
-                data = _buffer(t)
-                self.disk.write_spans(h.region, [(a, data[a:b]) for a, b in slice_spans(t, dim, index)], None)
+                self.disk.write_slices(h.region, t, dim, index.to(t.device))
             else:
                 h.tensor.index_copy_(dim, index.to(h.tensor.device), t.index_select(dim, index.to(t.device)))
             home.digest = None
