@@ -227,6 +227,23 @@ def _open_anonymous(directory: str) -> int:
     return fd
 
 
+class _Mapping:
+    """A region's bytes through a shared memory map of the file: kept while the region lives,
+    so the pages a patch touches fault in once, not at every patch."""
+
+    def __init__(self, fd: int, offset: int, nbytes: int):
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        self.map = mmap.mmap(fd, offset + nbytes - start, offset=start)
+        self.bytes = torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=offset - start)
+
+    def close(self) -> None:
+        self.bytes = None   # the map closes only once nothing views it
+        try:
+            self.map.close()
+        except BufferError:
+            pass   # a view still held elsewhere: the map goes with it (never written again)
+
+
 @dataclass(eq=False)
 class Region:
     """A 4 KiB-aligned extent of the offload file."""
@@ -237,6 +254,12 @@ class Region:
     name: str | None = None          # the tensor it holds, for error messages
     digest: int | None = None           # checksum of the bytes written; None: never fully written
     owner: set | None = None         # the ledger of the call that allocated it, if any
+    mapped: "_Mapping | None" = None  # its pages mapped, once slices were written (a KV cache's)
+
+    def unmap(self) -> None:
+        if self.mapped is not None:
+            self.mapped.close()
+            self.mapped = None
 
     def describe(self) -> str:
         what = f"tensor {self.name!r}" if self.name else "an activation"
@@ -314,6 +337,7 @@ class DiskStore:
             if self._regions.get(region.offset) is not region:
                 return
             del self._regions[region.offset]
+            region.unmap()   # before the file is cut: a map past its end faults
             self.bytes_in_use -= region.size
             if region.owner is not None:
                 region.owner.discard(region)
@@ -365,18 +389,16 @@ class DiskStore:
         thousands (a slot of every batch row and head). The region stays unreadable until the
         caller sets its new checksum."""
         region.digest = None
-        start = region.offset - region.offset % mmap.ALLOCATIONGRANULARITY
-        end = region.offset + region.nbytes
-        if os.fstat(self.fd).st_size < end:   # a mapping past the file's end faults (SIGBUS)
+        if os.fstat(self.fd).st_size < region.offset + region.nbytes:   # the map would fault (SIGBUS)
+            region.unmap()
             raise DiskIntegrityError(f"memsched: the offload file in {self.directory} ends before "
                                      f"{region.describe()}: it was truncated by another process")
         try:
-            with mmap.mmap(self.fd, end - start, offset=start) as mapped:
-                held = torch.frombuffer(mapped, dtype=torch.uint8, count=region.nbytes, offset=region.offset - start)
-                held.view(t.dtype).view(t.shape).index_copy_(dim, index, t.index_select(dim, index))
-                del held   # the map closes only once nothing views it
+            if region.mapped is None:
+                region.mapped = _Mapping(self.fd, region.offset, region.nbytes)
         except OSError as exc:
-            raise self._os_error(exc, "writing", region) from exc
+            raise self._os_error(exc, "mapping", region) from exc
+        region.mapped.bytes.view(t.dtype).view(t.shape).index_copy_(dim, index, t.index_select(dim, index))
 
     def read_into(self, region: Region, t: torch.Tensor) -> None:
         if region.digest is None:
@@ -399,6 +421,8 @@ class DiskStore:
 
     def close(self) -> None:
         with self._lock:
+            for region in self._regions.values():
+                region.unmap()
             if self.fd is not None:
                 os.close(self.fd)
                 self.fd = None
