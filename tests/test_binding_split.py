@@ -18,14 +18,15 @@ import numpy as np
 
 def _plans(name):
     model, args, kwargs, loss_fn = build_train(name)
+    # whole ops only (no module or loss runs on slices): the segments' refinement is what is tested
+    kw = dict(example_kwargs=kwargs, train=True, hardware=FIXED_CPU, chunk_ops=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        p0 = memsched.plan(model, args, budget=10**13, example_kwargs=kwargs, train=True, hardware=FIXED_CPU)
+        p0 = memsched.plan(model, args, budget=10**13, **kw)
         with pytest.raises(memsched.InfeasibleBudgetError) as err:
-            memsched.plan(model, args, budget=p0.placement.floor_bytes - 1, example_kwargs=kwargs, train=True,
-                          hardware=FIXED_CPU)
+            memsched.plan(model, args, budget=p0.placement.floor_bytes - 1, **kw)
         refined = err.value.min_budget_bytes
-        plan = memsched.plan(model, args, budget=refined, example_kwargs=kwargs, train=True, hardware=FIXED_CPU)
+        plan = memsched.plan(model, args, budget=refined, **kw)
     return model, args, kwargs, loss_fn, p0, plan
 
 
