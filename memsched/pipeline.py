@@ -111,7 +111,9 @@ def analysis_pass(s: PlanningState) -> str:
     s.program = analyze(s.captured)
     nodes = {n.name: n for n in s.captured.gm.graph.nodes}
     s.step_time = np.array([estimate_op_time(nodes[name], s.hw) for name in s.program.steps], dtype=np.float64)
-    return ""
+    # what the program could put on disk fits in the page cache: its reads and writes go there
+    before, s.hw = s.hw, s.hw.page_cached(sum(b.nbytes for b in s.program.storages))
+    return "" if s.hw is before else "disk reads and writes priced on the page cache (its data fits in free RAM)"
 
 
 def cut_segments(p: Program, step_time: np.ndarray, count: int) -> Segments:

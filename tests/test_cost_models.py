@@ -104,6 +104,28 @@ def test_local_hardware_measures_once_and_caches(tmp_path, monkeypatch):
     assert get_hardware(None) == hw and get_hardware("local") == hw
 
 
+def test_local_hardware_measures_the_page_cache_path_and_remeasures_older_profiles(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(tmp_path))
+    older = PRESETS["t4"].replace(name="local:cpu", device_type="cpu", host_bytes=0).to_dict()
+    del older["disk_cached_read_bw"]   # a profile an older memsched measured
+    (tmp_path / "hardware-cpu.json").write_text(json.dumps(older))
+    hw = local_hardware("cpu")
+    assert hw.disk_cached_read_bw > 0 and hw.disk_cached_write_bw > 0   # measured again
+
+
+def test_disk_is_priced_on_the_page_cache_only_where_the_data_fits():
+    hw = PRESETS["t4"].replace(disk_read_bw=1e9, disk_write_bw=3e8, disk_cached_read_bw=2e9,
+                               disk_cached_write_bw=5e9)
+    cached = hw.page_cached(1 << 30, available=4 << 30)
+    assert (cached.bandwidth("disk_read"), cached.bandwidth("disk_write")) == (2e9, 5e9)
+    assert "page cache" in cached.source and cached.page_cached(1 << 30, available=4 << 30) is cached
+    assert hw.page_cached(3 << 30, available=4 << 30) is hw          # more than half the free RAM
+    assert hw.page_cached(1 << 30, available=0) is hw                 # free RAM unknown
+    assert PRESETS["t4"].page_cached(1, available=4 << 30) is PRESETS["t4"]   # not measured: presets
+    slower = hw.replace(disk_cached_read_bw=5e8)   # never priced below the device's own rate
+    assert slower.page_cached(1 << 30, available=4 << 30).bandwidth("disk_read") == 1e9
+
+
 def test_local_hardware_unwritable_cache(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a dir")
