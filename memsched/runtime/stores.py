@@ -389,6 +389,8 @@ class DiskStore:
         thousands (a slot of every batch row and head). The region stays unreadable until the
         caller sets its new checksum."""
         region.digest = None
+        if region.nbytes == 0 or index.numel() == 0:
+            return   # nothing to write (and an empty map cannot be made)
         if os.fstat(self.fd).st_size < region.offset + region.nbytes:   # the map would fault (SIGBUS)
             region.unmap()
             raise DiskIntegrityError(f"memsched: the offload file in {self.directory} ends before "
