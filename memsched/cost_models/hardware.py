@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import xxhash
 
 # One transfer resource per link direction: each can run concurrently with
 # compute and with the other directions (full-duplex PCIe, separate disk queues).
@@ -348,8 +349,6 @@ def _disk_bw(nbytes: int = 32 << 20) -> tuple[float, float, str, float, float]:
 def _cached_bw(path: str, buf: bytes) -> tuple[float, float]:
     """(write, read) bytes/s of ``buf`` rewritten without fsync, then read back at once into a
     reused buffer and checksummed as the runtime verifies every read (xxh3): best of three."""
-    import xxhash
-
     out = memoryview(bytearray(len(buf)))
     fd = os.open(path, os.O_RDWR)
     try:

@@ -59,7 +59,7 @@ class _ModelSlot:
     device: torch.device
     home: Home | None = None           # its copy in the host or disk tier (shared, see Stores)
     copy: torch.Tensor | None = None   # its private device copy
-    digest: int | None = None             # the device copy's fingerprint of the model bytes
+    digest: int | None = None          # the device copy's fingerprint of the model bytes
     checkpointed: bool = False         # on meta in the model: its values come from the checkpoint
     parked: bool = False               # its device copy dropped while another program runs
     kind: str = "weight"               # what it holds (weights may be kept quantised on disk)

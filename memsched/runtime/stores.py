@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import bisect
 import errno
-import math
 import mmap
 import os
 import shutil
 import tempfile
 import threading
-
-import xxhash
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
+import xxhash
 
 from . import quantize
 
@@ -71,7 +69,8 @@ _CHECKSUM_STEP = 4 << 20
 def checksum(data: memoryview) -> int:
     """xxh3-64 of ``data``: a generation step checksums every KV-cache copy it patches and every
     region it reads, so speed matters (xxh3 runs about 4x faster than zlib's CRC-32 here). It
-    holds the GIL while it runs, so large buffers go in 4 MiB steps: other threads run between."""
+    holds the GIL while it runs, so large buffers go in 4 MiB steps: other threads run between.
+    (cost_models/hardware._cached_bw times this hash to price reading the offload file back.)"""
     if len(data) <= _CHECKSUM_STEP:
         return xxhash.xxh3_64_intdigest(data)
     h = xxhash.xxh3_64()
@@ -252,7 +251,7 @@ class Region:
     size: int                        # aligned extent
     nbytes: int                      # bytes a tensor there takes
     name: str | None = None          # the tensor it holds, for error messages
-    digest: int | None = None           # checksum of the bytes written; None: never fully written
+    digest: int | None = None        # checksum of the bytes written; None: never fully written
     owner: set | None = None         # the ledger of the call that allocated it, if any
     mapped: "_Mapping | None" = None  # its pages mapped, once slices were written (a KV cache's)
 
@@ -522,7 +521,7 @@ class Home:
     name: str
     tier: str
     handle: HostCopy | DiskCopy
-    digest: int | None = None           # fingerprint of the model bytes the copy holds
+    digest: int | None = None        # fingerprint of the model bytes the copy holds
     users: set = field(default_factory=set)   # ids of executors reading it
     pending: Future | None = None    # a patch's checksum still being computed
 
