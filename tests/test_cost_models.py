@@ -24,6 +24,8 @@ NUMERIC = [
     "device_bytes", "peak_flops", "peak_flops_fp32", "mem_bw",
     "h2d_bw", "d2h_bw", "disk_read_bw", "disk_write_bw", "op_overhead_s",
 ]
+# measured on the local profile only (presets leave them 0)
+LOCAL_ONLY = ["skinny_flops_fp32", "runtime_op_s", "runtime_move_s"]
 
 
 def _export(model, *args):
@@ -92,9 +94,9 @@ def test_local_hardware_measures_once_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(tmp_path))
     hw = local_hardware("cpu")
     assert hw.device_type == "cpu" and hw.host_bytes == 0
-    for f in NUMERIC:
+    for f in NUMERIC + LOCAL_ONLY:
         assert getattr(hw, f) > 0, f
-    assert (tmp_path / "hardware-cpu.json").exists()
+    assert hw_mod._cache_path("cpu").exists()
 
     def boom(device):
         raise AssertionError("re-measured despite cache")
@@ -108,9 +110,41 @@ def test_local_hardware_measures_the_page_cache_path_and_remeasures_older_profil
     monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(tmp_path))
     older = PRESETS["t4"].replace(name="local:cpu", device_type="cpu", host_bytes=0).to_dict()
     del older["disk_cached_read_bw"]   # a profile an older memsched measured
-    (tmp_path / "hardware-cpu.json").write_text(json.dumps(older))
+    hw_mod._cache_path("cpu").write_text(json.dumps(older))
     hw = local_hardware("cpu")
     assert hw.disk_cached_read_bw > 0 and hw.disk_cached_write_bw > 0   # measured again
+
+
+def test_a_cpu_profile_is_kept_per_thread_count(tmp_path, monkeypatch):
+    """Compute rates scale with the threads torch runs ops on: a profile measured with two
+    threads must not price a process that runs one."""
+    monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(tmp_path))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = hw_mod._cache_path("cpu")
+        torch.set_num_threads(2)
+        assert hw_mod._cache_path("cpu") != one and "1t" in one.name
+    finally:
+        torch.set_num_threads(before)
+    assert hw_mod._cache_path("cuda").name == "hardware-cuda.json"
+
+
+def test_skinny_matmuls_are_priced_at_their_measured_rate():
+    """A matmul with few output rows (a decode step's linear) runs at the measured skinny rate,
+    a large one at the peak, log-linear between; presets (not measured) and half types keep the
+    peak."""
+    hw = PRESETS["t4"].replace(device_type="cpu", peak_flops_fp32=1e11, skinny_flops_fp32=2.5e10)
+    rates = [hw.matmul_flops(r, torch.float32) for r in (1, 32, 64, 128, 511, 512, 4096)]
+    assert rates[0] == rates[1] == 2.5e10 and rates[4] < rates[5] == rates[6] == 1e11
+    assert rates == sorted(rates)
+    assert hw.matmul_flops(8, torch.bfloat16) == hw.peak_flops
+    assert PRESETS["t4"].matmul_flops(8, torch.float32) == PRESETS["t4"].peak_flops_fp32
+
+    g = _export(nn.Linear(1024, 1024, bias=False), torch.randn(32, 1024))
+    mm = [n for n in g.nodes if n.op == "call_function" and ("mm" in str(n.target) or "linear" in str(n.target))][0]
+    flops = op_flops_bytes(mm)[0]
+    assert estimate_op_time(mm, hw) == pytest.approx(flops / 2.5e10 + hw.op_overhead_s)
 
 
 def test_disk_is_priced_on_the_page_cache_only_where_the_data_fits():
@@ -137,11 +171,11 @@ def test_local_hardware_unwritable_cache(tmp_path, monkeypatch):
 
 def test_local_hardware_corrupt_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(tmp_path))
-    (tmp_path / "hardware-cpu.json").write_text("{not json")
+    hw_mod._cache_path("cpu").write_text("{not json")
     fake = PRESETS["t4"].replace(name="local:cpu", device_type="cpu", host_bytes=0)
     monkeypatch.setattr(hw_mod, "_calibrate", lambda device: fake)
     assert local_hardware("cpu") == fake
-    assert Hardware.from_dict(json.loads((tmp_path / "hardware-cpu.json").read_text())) == fake
+    assert Hardware.from_dict(json.loads(hw_mod._cache_path("cpu").read_text())) == fake
 
 
 # ---------------------------------------------------------------- op costs
@@ -265,3 +299,33 @@ def test_overlap_measure_unions_and_intersects_intervals():
     assert length(copies) == 6
     assert covered(copies, kernels) == 1 + 1 + 1   # (1,2), (3,4), (10,11)
     assert covered(copies, []) == 0 and covered([], kernels) == 0
+
+
+# ---------------------------------------------------------------- the runtime's own costs
+
+
+def test_the_simulator_charges_the_runtimes_own_work():
+    """Each program line costs ``runtime_op_s`` on the calling thread and each transfer issued
+    ``runtime_move_s``: with nothing moved the step is longer by exactly the lines' cost; with
+    moves, longer but by no more than everything charged (transfers may hide some of it)."""
+    import memsched
+    from memsched.cost_models.simulator import simulate
+    from memsched.ir.ops import Op, op_of
+    from tests.helpers import FIXED_CPU
+    from tests.zoo import MLP
+
+    model = MLP().eval()
+    x = torch.randn(8, 128)
+    costly = FIXED_CPU.replace(runtime_op_s=1e-3, runtime_move_s=1e-2)
+    free_plan = memsched.plan(model, (x,), "1GB", hardware=FIXED_CPU)
+    lines = [n for n in free_plan.graph.graph.nodes if n.op == "call_function"]
+    assert not any(op_of(n) in (Op.PREFETCH, Op.OFFLOAD) for n in lines)
+    extra = simulate(free_plan.graph, costly).time_s - simulate(free_plan.graph, FIXED_CPU).time_s
+    assert extra == pytest.approx(len(lines) * 1e-3)
+
+    tight = memsched.plan(model, (x,), free_plan.min_budget_bytes, hardware=FIXED_CPU)
+    nodes = [n for n in tight.graph.graph.nodes if n.op == "call_function"]
+    moves = sum(op_of(n) in (Op.PREFETCH, Op.OFFLOAD) for n in nodes)
+    assert moves > 0
+    extra = simulate(tight.graph, costly).time_s - simulate(tight.graph, FIXED_CPU).time_s
+    assert 0 < extra <= (len(nodes) - moves) * 1e-3 + moves * 1e-2 + 1e-9

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -54,6 +55,14 @@ class Hardware:
     # pages are still cached and checksum-verified (0: not measured; presets leave them out)
     disk_cached_read_bw: float = 0.0
     disk_cached_write_bw: float = 0.0
+    # FLOP/s of an fp32 matmul whose output has 32 rows (a decode step's or a micro-batch's
+    # linear): libraries reach a fraction of their peak there (0: not measured, the peak applies)
+    skinny_flops_fp32: float = 0.0
+    # memsched's runtime's own cost on the calling thread: per line of a scheduled program (an
+    # op's output tracked, a value freed; views cost this too) and per transfer issued or waited
+    # (0: not measured; presets leave them out)
+    runtime_op_s: float = 0.0
+    runtime_move_s: float = 0.0
 
     def bandwidth(self, link: str) -> float:
         """Bytes/s of one transfer link (one of ``LINKS``)."""
@@ -74,6 +83,19 @@ class Hardware:
         if dtype == torch.float64:
             return self.peak_flops_fp32 / 2
         return self.peak_flops_fp32
+
+    def matmul_flops(self, rows: int, dtype: torch.dtype) -> float:
+        """FLOP/s of a matmul whose output's smaller side is ``rows``: the fp32 rate measured at 32
+        rows up to 32, the peak from 512, log-linear between (the peak wherever it was not
+        measured: presets, half types)."""
+        peak = self.flops_for(dtype)
+        if not self.skinny_flops_fp32 or dtype != torch.float32 or rows >= 512:
+            return peak
+        skinny = min(self.skinny_flops_fp32, peak)
+        if rows <= 32:
+            return skinny
+        w = math.log(rows / 32) / math.log(512 / 32)
+        return math.exp((1 - w) * math.log(skinny) + w * math.log(peak))
 
     def page_cached(self, nbytes: int, available: int | None = None) -> Hardware:
         """This profile with disk reads and writes priced on the page-cache path when ``nbytes``
@@ -228,7 +250,9 @@ def get_hardware(spec: str | Hardware | None = None, device: str | torch.device 
 
 def _cache_path(device_type: str) -> Path:
     root = os.environ.get("MEMSCHED_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "memsched")
-    return Path(root) / f"hardware-{device_type}.json"
+    # a CPU computes at the rate of the threads torch runs ops on: a profile per thread count
+    threads = f"-{torch.get_num_threads()}t" if device_type == "cpu" else ""
+    return Path(root) / f"hardware-{device_type}{threads}.json"
 
 
 def _host_ram_bytes() -> int:
@@ -291,6 +315,31 @@ def _matmul_flops(n: int, dtype: torch.dtype, device: torch.device, reps: int, s
 def _copy_bw(src: torch.Tensor, dst: torch.Tensor, reps: int, sync) -> float:
     """Bytes/s of ``dst.copy_(src)``: counts bytes moved once (read or write)."""
     return src.numel() * src.element_size() / _best_time(lambda: dst.copy_(src, non_blocking=True), reps, sync)
+
+
+def _skinny_matmul_flops(dtype: torch.dtype, device: torch.device, reps: int, sync) -> float:
+    """FLOP/s of a (32 x 1024) @ (1024 x 2048) matmul: 32 rows, as a decode step's linears."""
+    a = torch.randn(32, 1024, device=device).to(dtype)
+    b = torch.randn(1024, 2048, device=device).to(dtype)
+    return 2 * 32 * 1024 * 2048 / _best_time(lambda: torch.mm(a, b), reps, sync)
+
+
+# memsched's runtime registers the probe of its own per-line and per-transfer costs
+# (runtime/calibration.py): it sits above this layer, which measures them through it
+_runtime_probe = None
+
+
+def set_runtime_probe(probe) -> None:
+    """``probe(device) -> (runtime_op_s, runtime_move_s)``, called when a local profile is measured."""
+    global _runtime_probe
+    _runtime_probe = probe
+
+
+def _runtime_costs(device: torch.device) -> dict:
+    if _runtime_probe is None:
+        return {}
+    op_s, move_s = _runtime_probe(device)
+    return {"runtime_op_s": op_s, "runtime_move_s": move_s}
 
 
 def _op_overhead(device: torch.device, sync) -> float:
@@ -391,6 +440,7 @@ def _calibrate(device: torch.device) -> Hardware:
             host_bytes=host_ram // 2,  # leave half of RAM to the OS / dataloaders
             peak_flops=_matmul_flops(4096, torch.float16, device, 3, sync, inner=10),
             peak_flops_fp32=_matmul_flops(2048, torch.float32, device, 3, sync, inner=10),
+            skinny_flops_fp32=_skinny_matmul_flops(torch.float32, device, 10, sync),
             # a device-to-device copy reads and writes every byte
             mem_bw=2 * _copy_bw(dev_a, dev_b, 10, sync),
             h2d_bw=_copy_bw(src_h, dev_a, 10, sync),
@@ -400,6 +450,7 @@ def _calibrate(device: torch.device) -> Hardware:
             disk_cached_read_bw=cached_r,
             disk_cached_write_bw=cached_w,
             op_overhead_s=_op_overhead(device, sync),
+            **_runtime_costs(device),
             source=f"measured by memsched.local_hardware ({props.name}; pinned copies; {disk_note})",
         )
 
@@ -420,6 +471,7 @@ def _calibrate(device: torch.device) -> Hardware:
         host_bytes=0,  # host RAM *is* the device tier; offload goes to disk
         peak_flops=half,
         peak_flops_fp32=fp32,
+        skinny_flops_fp32=_skinny_matmul_flops(torch.float32, cpu, 5, no_sync),
         mem_bw=2 * memcpy,  # memcpy reads and writes every byte
         h2d_bw=memcpy,  # a "host->device" copy on a CPU device is a memcpy
         d2h_bw=memcpy,
@@ -428,6 +480,7 @@ def _calibrate(device: torch.device) -> Hardware:
         disk_cached_read_bw=cached_r,
         disk_cached_write_bw=cached_w,
         op_overhead_s=_op_overhead(cpu, no_sync),
+        **_runtime_costs(cpu),
         source=f"measured by memsched.local_hardware (cpu, {os.cpu_count()} cores; {disk_note})",
     )
 

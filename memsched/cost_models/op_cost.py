@@ -259,9 +259,20 @@ def estimate_op_time(node: torch.fx.Node, hw: Hardware) -> float:
     flops, nbytes = op_flops_bytes(node)
     if flops == 0 and nbytes == 0:
         return 0.0  # no tensor output: asserts, symbolic size queries
-    compute = flops / hw.flops_for(_compute_dtype(node))
+    dtype = _compute_dtype(node)
+    name = _op_name(node) or ""
+    rate = hw.matmul_flops(_output_rows(node), dtype) if name in _MATMUL_OPS else hw.flops_for(dtype)
+    compute = flops / rate
     memory = nbytes / hw.mem_bw
     return max(compute, memory) + hw.op_overhead_s
+
+
+def _output_rows(node: torch.fx.Node) -> int:
+    """The smaller of a matmul output's last two sides (1 for a vector): how skinny it is."""
+    outs = _tensors(node.meta.get("val"))
+    if not outs or outs[0].dim() < 2:
+        return 1
+    return min(_int(outs[0].shape[-2]), _int(outs[0].shape[-1]))
 
 
 def transfer_time(nbytes: int, link: str, hw: Hardware) -> float:

@@ -66,28 +66,36 @@ class _Clock:
             self.now = t
 
     def compute_node(self, n):
-        self.run_compute(n, estimate_op_time(n, self.hw))
+        self.run_compute(n, estimate_op_time(n, self.hw) + self.hw.runtime_op_s)
 
     def region(self, n):
         reg = region_of(n)
         # measured times are this machine's: they price the local CPU profile, not a preset
         measured = measured_time(reg.key) if self.hw.name == "local:cpu" else None
-        self.run_compute(n, measured if measured is not None else region_time(reg.graph, self.hw))
+        self.run_compute(n, (measured if measured is not None else region_time(reg.graph, self.hw)) + self.hw.runtime_op_s)
 
     def run_compute(self, n, dt):
         self.spans.append(Span("compute", n.name, self.now, self.now + dt))
         self.now += dt
         self.compute += dt
 
+    def runtime(self, dt):
+        """The runtime's own work on the calling thread (issuing, waiting, freeing): it delays
+        the compute after it but is not compute."""
+        self.now += dt
+
     def prefetch(self, n):
+        self.runtime(self.hw.runtime_move_s)
         ready = self.done.get(n.args[0].name, 0.0)
         links = fetch_links(info(n).tier, self.dev)
         self.done[n.name] = self.run_links(links, max(self.now, ready), info(n).nbytes, n.name)
 
     def wait(self, n):
         self.wait_until(self.done[n.args[0].name])
+        self.runtime(self.hw.runtime_op_s)
 
     def offload(self, n):
+        self.runtime(self.hw.runtime_move_s)
         x, tier = n.args
         links = offload_links(tier, self.dev)
         first = self.run_links(links[:1], self.now, info(n).nbytes, n.name)
@@ -96,6 +104,7 @@ class _Clock:
         self.release_at[x.name] = first if self.dev == "cuda" else self.done[n.name]
 
     def free(self, n):
+        self.runtime(self.hw.runtime_op_s)
         for x in n.args:
             if x.name in self.release_at:
                 self.wait_until(self.release_at.pop(x.name))

@@ -21,6 +21,7 @@ from ..ir.meta import tier_of
 from ..ir.ops import Op, op_of
 from ..ir.tensors import tensor_leaves
 from ..ir.units import format_bytes
+from . import calibration  # noqa: F401  (registers the runtime's own costs with the local profile)
 from .accounting import DeviceAccountant, RecyclePool
 from .codegen import allocates, generate_source
 from .stores import DiskCopy, DiskIntegrityError, Home, HostCopy, Layout, Stores, fingerprint
