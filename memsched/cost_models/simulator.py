@@ -66,13 +66,15 @@ class _Clock:
             self.now = t
 
     def compute_node(self, n):
-        self.run_compute(n, estimate_op_time(n, self.hw) + self.hw.runtime_op_s)
+        self.run_compute(n, estimate_op_time(n, self.hw))
+        self.runtime(self.hw.runtime_op_s)   # its output tracked
 
     def region(self, n):
         reg = region_of(n)
         # measured times are this machine's: they price the local CPU profile, not a preset
         measured = measured_time(reg.key) if self.hw.name == "local:cpu" else None
-        self.run_compute(n, (measured if measured is not None else region_time(reg.graph, self.hw)) + self.hw.runtime_op_s)
+        self.run_compute(n, measured if measured is not None else region_time(reg.graph, self.hw))
+        self.runtime(self.hw.runtime_op_s)
 
     def run_compute(self, n, dt):
         self.spans.append(Span("compute", n.name, self.now, self.now + dt))

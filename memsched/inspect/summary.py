@@ -170,6 +170,11 @@ def time_section(plan, training: bool) -> Section:
         Row("slowdown", (f"{slow:.2f}x",), (slow,)),
         Row("compute", (_ms(sim.compute_s),), (sim.compute_s,)),
         Row("stall on transfers", (_ms(sim.stall_s),), (sim.stall_s,)),
+    ]
+    own = sim.time_s - sim.compute_s - sim.stall_s   # the runtime's own lines and transfer calls
+    if own > 1e-9:
+        rows.append(Row("runtime's own work", (_ms(own),), (own,)))
+    rows += [
         Row("recompute overhead", (f"{_ms(recompute_s)} ({recomputed} recomputed nodes)",), (recompute_s,)),
         Row("solver", (f"{facts.status}{gap} in {facts.solve_s:.2f} s ({plan.n_segments} segments, "
                        f"{facts.movable_gaps} movable gaps)",), (facts.solve_s,)),
