@@ -322,6 +322,10 @@ def test_the_simulator_charges_the_runtimes_own_work():
     assert not any(op_of(n) in (Op.PREFETCH, Op.OFFLOAD) for n in lines)
     extra = simulate(free_plan.graph, costly).time_s - simulate(free_plan.graph, FIXED_CPU).time_s
     assert extra == pytest.approx(len(lines) * 1e-3)
+    # on a GPU a line's cost hides behind the kernels before it: it shows only above them
+    gpu, gpu_costly = FIXED_CPU.replace(device_type="cuda"), costly.replace(device_type="cuda")
+    base = simulate(free_plan.graph, gpu).time_s
+    assert base < simulate(free_plan.graph, gpu_costly).time_s <= base + len(lines) * 1e-3 + 1e-9
 
     tight = memsched.plan(model, (x,), free_plan.min_budget_bytes, hardware=FIXED_CPU)
     nodes = [n for n in tight.graph.graph.nodes if n.op == "call_function"]
