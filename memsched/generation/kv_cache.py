@@ -44,28 +44,36 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     Hkv = sum(k.shape[1] for k in layer.key_chunks)
     G = H // Hkv
     scale = scaling if scaling is not None else D ** -0.5
-    mask = attention_mask.float()[:, :, None] if attention_mask is not None else None
+    mask = _f32(attention_mask)[:, :, None] if attention_mask is not None else None
+    # a query attends to its own new entries causally; one query (a decode step) to all of them
+    own_mask = torch.ones(q, q, dtype=torch.bool, device=query.device).triu(1) if q > 1 else None
+    query, k_new, v_new = _f32(query), _f32(k_new), _f32(v_new)
     outs, h0 = [], 0
     for K, V in zip(layer.key_chunks, layer.value_chunks):  # kv heads are independent
         h1 = h0 + K.shape[1]
-        qg = query[:, h0 * G:h1 * G].float().reshape(B, h1 - h0, G, q, D)
-        outs.append(_attend(qg, K, V, k_new[:, h0:h1], v_new[:, h0:h1], mask, scale))
+        qg = query[:, h0 * G:h1 * G].reshape(B, h1 - h0, G, q, D)
+        outs.append(_attend(qg, _f32(K), _f32(V), k_new[:, h0:h1], v_new[:, h0:h1], mask, own_mask, scale))
         h0 = h1
     out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
     return out.reshape(B, H, q, -1).transpose(1, 2).to(query.dtype).contiguous(), None
 
 
-def _attend(qg, K, V, k_new, v_new, mask, scale):
-    """softmax([q.K + mask, q.k_new (causal)]) . [V; v_new] for queries grouped per kv head."""
-    q = qg.shape[3]
-    old = torch.einsum("bkgqd,bkld->bkgql", qg, K.float()) * scale
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32; a tensor already in it is not cast (each cast is a line of the program)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _attend(qg, K, V, k_new, v_new, mask, own_mask, scale):
+    """softmax([q.K + mask, q.k_new (causal: ``own_mask``)]) . [V; v_new] for queries grouped per
+    kv head, all in float32."""
+    old = torch.einsum("bkgqd,bkld->bkgql", qg, K) * scale
     old = old + mask if mask is not None else old
-    own = torch.einsum("bkgqd,bknd->bkgqn", qg, k_new.float()) * scale
-    own = own.masked_fill(torch.ones(q, q, dtype=torch.bool, device=own.device).triu(1), float("-inf"))
+    own = torch.einsum("bkgqd,bknd->bkgqn", qg, k_new) * scale
+    own = own.masked_fill(own_mask, float("-inf")) if own_mask is not None else own
     top = torch.maximum(old.amax(-1, keepdim=True), own.amax(-1, keepdim=True))
     p_old, p_own = (old - top).exp(), (own - top).exp()
-    out = (torch.einsum("bkgql,bkld->bkgqd", p_old, V.float())
-           + torch.einsum("bkgqn,bknd->bkgqd", p_own, v_new.float()))
+    out = (torch.einsum("bkgql,bkld->bkgqd", p_old, V)
+           + torch.einsum("bkgqn,bknd->bkgqd", p_own, v_new))
     return out / (p_old.sum(-1, keepdim=True) + p_own.sum(-1, keepdim=True))
 
 
