@@ -283,6 +283,19 @@ def test_a_model_attending_outside_the_attention_interface_is_refused(monkeypatc
         memsched.generate(model, ids, budget="1GB", max_new_tokens=2, hardware=FIXED_CPU, device="cpu")
 
 
+def test_a_model_building_its_own_attention_inputs_is_refused_clearly():
+    """BLOOM builds ALiBi biases from a 2-D mask before its first layer: with memsched's 4-D mask
+    it fails there, and that is said as the model not going through transformers' attention
+    interface (with the model's own error), before anything runs."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(vocab_size=500, hidden_size=64, n_layer=2, n_head=4)).eval()
+    ids = torch.randint(0, 500, (2, 8))
+    with pytest.raises(memsched.CaptureError, match="failed before its first attention layer.*ValueError"):
+        memsched.generate(model, ids, budget="1GB", max_new_tokens=2, hardware=FIXED_CPU, device="cpu")
+
+
 def _more_decoders():
     import transformers as T
 

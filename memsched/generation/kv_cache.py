@@ -194,6 +194,16 @@ class CachedDecoder(nn.Module):
         try:
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                              cache=slot_cache(layers), use_cache=True, logits_to_keep=1)
+        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+            if any(layer.new is not None for layer in layers):
+                raise
+            # it failed before any layer wrote the cache: the model builds its attention inputs
+            # itself (e.g. ALiBi biases from a 2-D mask) instead of taking transformers' 4-D mask
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} failed before its first attention layer with memsched's "
+                f"cache and 4-D attention mask ({type(exc).__name__}: {exc}); memsched.generate runs "
+                "decoders whose attention goes through transformers' cache and attention interfaces"
+            ) from exc
         finally:
             config._attn_implementation = before
             _PENDING.clear()
