@@ -283,6 +283,17 @@ def test_a_model_attending_outside_the_attention_interface_is_refused(monkeypatc
         memsched.generate(model, ids, budget="1GB", max_new_tokens=2, hardware=FIXED_CPU, device="cpu")
 
 
+def test_a_bfloat16_decoder_generates_transformers_tokens(tmp_path):
+    """memsched's decode attention runs in float32 and hands its output back in the model's
+    dtype: a bf16 GQA decoder generates transformers' greedy tokens."""
+    model, ids = _decoder("llama")
+    model = model.to(torch.bfloat16)
+    ref = _reference(model, ids, n=6)
+    out = memsched.generate(model, ids, budget="1GB", max_new_tokens=6, hardware=FIXED_CPU, device="cpu",
+                            offload_dir=tmp_path)
+    assert torch.equal(out[0] if isinstance(out, tuple) else out, ref)
+
+
 def test_a_model_building_its_own_attention_inputs_is_refused_clearly():
     """BLOOM builds ALiBi biases from a 2-D mask before its first layer: with memsched's 4-D mask
     it fails there, and that is said as the model not going through transformers' attention

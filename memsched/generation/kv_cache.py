@@ -47,6 +47,7 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     mask = _f32(attention_mask)[:, :, None] if attention_mask is not None else None
     # a query attends to its own new entries causally; one query (a decode step) to all of them
     own_mask = torch.ones(q, q, dtype=torch.bool, device=query.device).triu(1) if q > 1 else None
+    dtype = query.dtype   # the output's: the attention itself runs in float32
     query, k_new, v_new = _f32(query), _f32(k_new), _f32(v_new)
     outs, h0 = [], 0
     for K, V in zip(layer.key_chunks, layer.value_chunks):  # kv heads are independent
@@ -55,7 +56,7 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
         outs.append(_attend(qg, _f32(K), _f32(V), k_new[:, h0:h1], v_new[:, h0:h1], mask, own_mask, scale))
         h0 = h1
     out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-    return out.reshape(B, H, q, -1).transpose(1, 2).to(query.dtype).contiguous(), None
+    return out.reshape(B, H, q, -1).transpose(1, 2).to(dtype).contiguous(), None
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
