@@ -141,10 +141,22 @@ def test_skinny_matmuls_are_priced_at_their_measured_rate():
     assert hw.matmul_flops(8, torch.bfloat16) == hw.peak_flops
     assert PRESETS["t4"].matmul_flops(8, torch.float32) == PRESETS["t4"].peak_flops_fp32
 
-    g = _export(nn.Linear(1024, 1024, bias=False), torch.randn(32, 1024))
-    mm = [n for n in g.nodes if n.op == "call_function" and ("mm" in str(n.target) or "linear" in str(n.target))][0]
-    flops = op_flops_bytes(mm)[0]
-    assert estimate_op_time(mm, hw) == pytest.approx(flops / 2.5e10 + hw.op_overhead_s)
+    def priced_rate(graph):
+        mm = [n for n in graph.nodes if n.op == "call_function" and ("mm" in str(n.target) or "linear" in str(n.target))][0]
+        flops, nbytes = op_flops_bytes(mm)
+        assert flops / hw.matmul_flops(1, torch.float32) > nbytes / hw.mem_bw   # compute-bound here
+        return flops / (estimate_op_time(mm, hw) - hw.op_overhead_s)
+
+    # a linear runs one GEMM over its leading dims: (32, 1, 1024) has 32 rows, (4, 256, 1024) 1024
+    assert priced_rate(_export(nn.Linear(1024, 1024, bias=False), torch.randn(32, 1, 1024))) == pytest.approx(2.5e10)
+    assert priced_rate(_export(nn.Linear(1024, 1024, bias=False), torch.randn(4, 256, 1024))) == pytest.approx(1e11)
+
+    class Bmm(nn.Module):
+        def forward(self, q, k):
+            return torch.bmm(q, k)
+
+    # a batched matmul runs one per entry: 64 of (1 x 1024) @ (1024 x 1024) are each one row
+    assert priced_rate(_export(Bmm(), torch.randn(64, 1, 1024), torch.randn(64, 1024, 1024))) == pytest.approx(2.5e10)
 
 
 def test_disk_is_priced_on_the_page_cache_only_where_the_data_fits():

@@ -261,18 +261,25 @@ def estimate_op_time(node: torch.fx.Node, hw: Hardware) -> float:
         return 0.0  # no tensor output: asserts, symbolic size queries
     dtype = _compute_dtype(node)
     name = _op_name(node) or ""
-    rate = hw.matmul_flops(_output_rows(node), dtype) if name in _MATMUL_OPS else hw.flops_for(dtype)
+    rate = hw.matmul_flops(_output_rows(node, name), dtype) if name in _MATMUL_OPS else hw.flops_for(dtype)
     compute = flops / rate
     memory = nbytes / hw.mem_bw
     return max(compute, memory) + hw.op_overhead_s
 
 
-def _output_rows(node: torch.fx.Node) -> int:
-    """The smaller of a matmul output's last two sides (1 for a vector): how skinny it is."""
+def _output_rows(node: torch.fx.Node, name: str) -> int:
+    """How skinny a matmul's GEMMs are: the smaller of their output's rows and columns. A linear
+    (a 2-D weight) runs one GEMM over every leading dim (a decode step's (32, 1, N) output has 32
+    rows); a batched matmul runs one per batch entry."""
     outs = _tensors(node.meta.get("val"))
     if not outs or outs[0].dim() < 2:
         return 1
-    return min(_int(outs[0].shape[-2]), _int(outs[0].shape[-1]))
+    out = outs[0]
+    cols = _int(out.shape[-1])
+    second = _arg_tensor(node.args[2] if name in _MATMUL_B_FIRST else node.args[1]) if len(node.args) > 1 else None
+    batched = name in ("bmm", "baddbmm") or (name == "matmul" and second is not None and second.dim() > 2)
+    rows = _int(out.shape[-2]) if batched else _numel(out) // max(cols, 1)
+    return min(rows, cols)
 
 
 def transfer_time(nbytes: int, link: str, hw: Hardware) -> float:

@@ -63,19 +63,19 @@ def _buffer(t: torch.Tensor) -> memoryview:
     return memoryview(byte_view(t).numpy())
 
 
-_CHECKSUM_STEP = 4 << 20
+_ONE_SHOT = 64 << 10
 
 
 def checksum(data: memoryview) -> int:
     """xxh3-64 of ``data``: a generation step checksums every KV-cache copy it patches and every
-    region it reads, so speed matters (xxh3 runs about 4x faster than zlib's CRC-32 here). It
-    holds the GIL while it runs, so large buffers go in 4 MiB steps: other threads run between.
-    (cost_models/hardware._cached_bw times this hash to price reading the offload file back.)"""
-    if len(data) <= _CHECKSUM_STEP:
+    region it reads, so speed matters (xxh3 runs about 4x faster than zlib's CRC-32 here). Large
+    buffers go through ``update``, which releases the GIL in every xxhash from 3.0 (its one-shot
+    functions held it before 4.x), so other threads run meanwhile. (cost_models/hardware._cached_bw
+    times this hash to price reading the offload file back.)"""
+    if len(data) <= _ONE_SHOT:
         return xxhash.xxh3_64_intdigest(data)
     h = xxhash.xxh3_64()
-    for at in range(0, len(data), _CHECKSUM_STEP):
-        h.update(data[at:at + _CHECKSUM_STEP])
+    h.update(data)
     return h.intdigest()
 
 
