@@ -127,7 +127,7 @@ def test_a_cpu_profile_is_kept_per_thread_count(tmp_path, monkeypatch):
         assert hw_mod._cache_path("cpu") != one and "1t" in one.name
     finally:
         torch.set_num_threads(before)
-    assert hw_mod._cache_path("cuda").name == "hardware-cuda.json"
+    assert hw_mod._cache_path("cuda").name == f"hardware-cuda.v{hw_mod._PROFILE_VERSION}.json"
 
 
 def test_skinny_matmuls_are_priced_at_their_measured_rate():

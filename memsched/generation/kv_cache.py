@@ -48,12 +48,16 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     # a query attends to its own new entries causally; one query (a decode step) to all of them
     own_mask = torch.ones(q, q, dtype=torch.bool, device=query.device).triu(1) if q > 1 else None
     dtype = query.dtype   # the output's: the attention itself runs in float32
-    query, k_new, v_new = _f32(query), _f32(k_new), _f32(v_new)
+    # computed once for every head, not per group of kv heads: the scaled queries and their
+    # scores against the step's own entries (each group is a dozen program lines, not thirty)
+    query = (_f32(query) * scale).reshape(B, Hkv, G, q, D)
+    k_new, v_new = _f32(k_new), _f32(v_new)
+    own = torch.einsum("bkgqd,bknd->bkgqn", query, k_new)
+    own = own.masked_fill(own_mask, float("-inf")) if own_mask is not None else own
     outs, h0 = [], 0
     for K, V in zip(layer.key_chunks, layer.value_chunks):  # kv heads are independent
         h1 = h0 + K.shape[1]
-        qg = query[:, h0 * G:h1 * G].reshape(B, h1 - h0, G, q, D)
-        outs.append(_attend(qg, _f32(K), _f32(V), k_new[:, h0:h1], v_new[:, h0:h1], mask, own_mask, scale))
+        outs.append(_attend(query[:, h0:h1], _f32(K), _f32(V), own[:, h0:h1], v_new[:, h0:h1], mask))
         h0 = h1
     out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
     return out.reshape(B, H, q, -1).transpose(1, 2).to(dtype).contiguous(), None
@@ -64,18 +68,16 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-def _attend(qg, K, V, k_new, v_new, mask, own_mask, scale):
-    """softmax([q.K + mask, q.k_new (causal: ``own_mask``)]) . [V; v_new] for queries grouped per
-    kv head, all in float32."""
-    old = torch.einsum("bkgqd,bkld->bkgql", qg, K) * scale
+def _attend(qg, K, V, own, v_new, mask):
+    """softmax([q.K + mask, own]) . [V; v_new] for scaled queries grouped per kv head, ``own``
+    their scores against the step's new keys (causally masked), all in float32: one softmax
+    over both, without a copy of the cache with the new entries written in."""
+    old = torch.einsum("bkgqd,bkld->bkgql", qg, K)
     old = old + mask if mask is not None else old
-    own = torch.einsum("bkgqd,bknd->bkgqn", qg, k_new) * scale
-    own = own.masked_fill(own_mask, float("-inf")) if own_mask is not None else own
-    top = torch.maximum(old.amax(-1, keepdim=True), own.amax(-1, keepdim=True))
-    p_old, p_own = (old - top).exp(), (own - top).exp()
-    out = (torch.einsum("bkgql,bkld->bkgqd", p_old, V)
-           + torch.einsum("bkgqn,bknd->bkgqd", p_own, v_new))
-    return out / (p_old.sum(-1, keepdim=True) + p_own.sum(-1, keepdim=True))
+    p = torch.cat([old, own], dim=-1).softmax(dim=-1)
+    L = K.shape[2]
+    return (torch.einsum("bkgql,bkld->bkgqd", p[..., :L], V)
+            + torch.einsum("bkgqn,bknd->bkgqd", p[..., L:], v_new))
 
 
 def _register_decode_attention() -> None:

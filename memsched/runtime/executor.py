@@ -111,6 +111,7 @@ class Executor:
         self._step = None
         self._outgoing: dict[int, Outgoing] = {}
         self._model_slots: list[_ModelSlot] = []
+        self._slots_named: dict[str, list[_ModelSlot]] | None = None  # by name, made at the first patch
         # True while the caller vouches that the model's tensors are neither replaced nor changed
         # behind PyTorch's version counter (a generation loop): each call then skips looking
         # them up and fingerprinting the unchanged ones
@@ -223,9 +224,11 @@ class Executor:
         """Model tensor ``name`` had its slices ``index`` along ``dim`` written in place (its
         homes are patched by ``Stores.patch``): the private device copy takes those slices
         only, and the write is not mistaken for a change that needs a full renewal."""
-        for rec in self._model_slots:
-            if rec.name != name:
-                continue
+        if self._slots_named is None:
+            self._slots_named = {}
+            for rec in self._model_slots:
+                self._slots_named.setdefault(rec.name, []).append(rec)
+        for rec in self._slots_named.get(name, ()):
             cur = self._lookup(name)
             if cur is not rec.ref:
                 continue  # replaced: the next call renews it in full

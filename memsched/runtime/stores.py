@@ -631,29 +631,31 @@ class Stores:
     def patch(self, name: str, t: torch.Tensor, dim: int, index: torch.Tensor) -> None:
         """The caller wrote ``t``'s slices ``index`` along ``dim`` in place (a KV cache's new
         slots): every home of ``name`` gets those bytes only, not a rewrite of the whole tensor.
-        The home's new checksum, a pass over all of t, is computed on a worker thread while the
-        caller goes on; a read of the home waits for it (the region's ``ready``), and so does
-        the next patch, check or renewal of it. The caller must not write t again before that:
-        ``settle`` waits for every pending checksum."""
+        A disk home's write and its new checksum (a pass over all of t) run on a worker thread
+        while the caller goes on; a read of the home waits for them (the region's ``ready``), and
+        so does the next patch, check or renewal of it. The caller must not write t again before
+        that: ``settle`` waits for every pending patch."""
         with self._lock:
-            homes = [h for (n, _), h in self._homes.items() if n == name]
+            homes = [h for h in (self._homes.get((name, tier)) for tier in ("host", "disk")) if h is not None]
         for home in homes:
             home.settle()
             h = home.handle
             if home.digest is None or not t.is_contiguous() or Layout.of(t) != h.layout or isinstance(h, QuantizedCopy):
                 self.renew(home, t)  # (a quantised copy is requantised whole: its groups span slots)
                 continue
+            index = index.to(t.device)
             if isinstance(h, DiskCopy):
-                self.disk.write_slices(h.region, t, dim, index.to(t.device))
+                h.region.digest = None   # unreadable until the worker has written and hashed it
             else:
-                h.tensor.index_copy_(dim, index.to(h.tensor.device), t.index_select(dim, index.to(t.device)))
+                h.tensor.index_copy_(dim, index.to(h.tensor.device), t.index_select(dim, index))
             home.digest = None
-            home.pending = self._checksummer().submit(self._checksum, home, t)
+            home.pending = self._checksummer().submit(self._write_and_checksum, home, t, dim, index)
             if isinstance(h, DiskCopy):
                 h.ready = home.pending
 
-    @staticmethod
-    def _checksum(home: Home, t: torch.Tensor) -> None:
+    def _write_and_checksum(self, home: Home, t: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+        if isinstance(home.handle, DiskCopy):  # (never self.disk: close holds the lock waiting for us)
+            self._disk.write_slices(home.handle.region, t, dim, index)
         digest = checksum(_buffer(t))
         if isinstance(home.handle, DiskCopy):
             home.handle.region.digest = digest
@@ -706,6 +708,9 @@ class Stores:
 
     def _release(self, home: Home) -> None:
         h = home.handle
+        if home.pending is not None:  # a patch still writing the region: let it finish first
+            home.pending.exception()
+            home.pending = None
         if isinstance(h, (DiskCopy, QuantizedCopy)):
             if self._disk is not None:
                 self._disk.release(h.region)
