@@ -242,10 +242,11 @@ def test_the_throughput_goal_takes_a_larger_block_than_the_latency_goal(tmp_path
                           hardware=FIXED_CPU, device="cpu")
 
 
-def test_the_cache_is_placed_per_group_of_heads(tmp_path):
+def test_the_cache_is_placed_per_group_of_heads(tmp_path, monkeypatch):
     """Each layer's cache as one tensor per group of kv heads: tokens unchanged, and with the
     cache larger than the rest of a step, the decode program's minimum budget falls (part of a
-    layer's cache can leave the device without the rest)."""
+    layer's cache can leave the device without the rest). Where the rule's grouping leaves the
+    decode step over the budget, the next finer one is planned."""
     model, _ = _decoder("gpt2")
     ids = torch.randint(3, 1000, (32, 16), generator=torch.Generator().manual_seed(5))
     ref = _reference(model, ids, eos_token_id=None, pad_token_id=0, n=16)
@@ -258,16 +259,21 @@ def test_the_cache_is_placed_per_group_of_heads(tmp_path):
         assert len(gen.decoder.names()) == 2 * 4 * chunks
         gen.close()
     assert minimum[4] < minimum[1], minimum
-    gen = memsched.Generator(model, minimum[4], kv_head_chunks=4, **kw)
+    monkeypatch.setattr(memsched.generation.decoding, "head_chunk_choices", lambda *a: [1, 4])
+    gen = memsched.Generator(model, minimum[4], **kw)  # one group is over this budget: four are planned
     try:
+        assert gen.decoder.head_chunks == 4
         tokens, stats = gen(ids, 16)
         assert torch.equal(tokens, ref)
         assert stats.peak_device_bytes <= minimum[4]
         assert _kv_off_device(gen.plans[1]) > 0
     finally:
         gen.close()
-    assert memsched.generation.decoding.head_chunks_for([(torch.Size((1, 8, 64, 16)),) * 2], torch.float32,
-                                                        8 * 16384) == 2  # 32 KiB per tensor
+    monkeypatch.undo()
+    shapes = [(torch.Size((1, 8, 64, 16)),) * 2]  # 32 KiB per tensor
+    assert memsched.generation.decoding.head_chunks_for(shapes, torch.float32, 4 * 16384) == 2
+    assert memsched.generation.decoding.head_chunk_choices(shapes, torch.float32, 4 * 16384) == [2, 4, 8]
+    assert memsched.generation.decoding.head_chunk_choices(shapes, torch.float32, 1 << 30) == [1, 2, 4, 8]
 
 
 def test_a_model_attending_outside_the_attention_interface_is_refused(monkeypatch):

@@ -27,15 +27,14 @@ class RecyclePool:
         spare = self._free.get(nbytes)
         if not spare:
             return None
-        raw = spare.pop()
+        storage = spare.pop()
         self.idle -= nbytes
-        itemsize = torch.empty((), dtype=layout.dtype).element_size()
-        return raw.view(layout.dtype)[: nbytes // itemsize].as_strided(layout.size, layout.stride)
+        return torch.empty(0, dtype=layout.dtype, device=storage.device).set_(storage, 0, layout.size, layout.stride)
 
     def give(self, t: torch.Tensor) -> None:
-        raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
-        self._free.setdefault(raw.numel(), []).append(raw)
-        self.idle += raw.numel()
+        storage = t.untyped_storage()  # the bytes, kept without a tensor over them
+        self._free.setdefault(storage.nbytes(), []).append(storage)
+        self.idle += storage.nbytes()
 
     def trim(self, max_idle: int) -> None:
         for size in sorted(self._free, reverse=True):

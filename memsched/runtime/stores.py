@@ -102,7 +102,7 @@ class Layout:
         numel = 1
         for s in self.size:
             numel *= s
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+        return numel * self.dtype.itemsize
 
     def empty(self, device, pin_memory: bool = False) -> torch.Tensor:
         return torch.empty_strided(self.size, self.stride, dtype=self.dtype, device=device,
@@ -468,7 +468,7 @@ class HostPool:
             self.peak_in_use = max(self.peak_in_use, self.bytes_in_use)
             if owner is not None:
                 owner[key] = raw
-        n_el = max(nbytes // max(torch.empty((), dtype=layout.dtype).element_size(), 1), 0)
+        n_el = max(nbytes // max(layout.dtype.itemsize, 1), 0)
         return raw.view(layout.dtype)[:n_el].as_strided(layout.size, layout.stride)
 
     def _untrack(self, t: torch.Tensor):
