@@ -25,7 +25,7 @@ NUMERIC = [
     "h2d_bw", "d2h_bw", "disk_read_bw", "disk_write_bw", "op_overhead_s",
 ]
 # measured on the local profile only (presets leave them 0)
-LOCAL_ONLY = ["skinny_flops_fp32", "runtime_op_s", "runtime_move_s"]
+LOCAL_ONLY = ["skinny_flops_fp32", "gemv_flops_fp32", "runtime_op_s", "runtime_move_s"]
 
 
 def _export(model, *args):
@@ -157,6 +157,28 @@ def test_skinny_matmuls_are_priced_at_their_measured_rate():
 
     # a batched matmul runs one per entry: 64 of (1 x 1024) @ (1024 x 1024) are each one row
     assert priced_rate(_export(Bmm(), torch.randn(64, 1, 1024), torch.randn(64, 1024, 1024))) == pytest.approx(2.5e10)
+
+
+def test_one_row_matmuls_and_einsums_are_priced_as_the_gemms_they_run():
+    """Below 32 rows the rate falls log-linearly to the measured one-row rate; an einsum is
+    priced as its batched matmul: batch, rows and columns read from the equation, FLOPs from
+    the contracted letters (a decode step's per-head scores run at the one-row rate)."""
+    hw = PRESETS["t4"].replace(device_type="cpu", peak_flops_fp32=1e11, skinny_flops_fp32=2.5e10,
+                               gemv_flops_fp32=5e9, mem_bw=1e15)
+    rates = [hw.matmul_flops(r, torch.float32) for r in (1, 2, 8, 31, 32, 64)]
+    assert rates[0] == pytest.approx(5e9) and rates[4] == pytest.approx(2.5e10) and rates == sorted(rates)
+    assert hw.replace(gemv_flops_fp32=0.0).matmul_flops(1, torch.float32) == 2.5e10  # not measured
+
+    class Scores(nn.Module):
+        def forward(self, q, k):
+            return torch.einsum("bkgqd,bkld->bkgql", q, k)
+
+    q, k = torch.randn(4, 2, 3, 1, 64), torch.randn(4, 2, 160, 64)
+    node = _nodes(_export(Scores(), q, k), "einsum")[0]
+    flops, _ = op_flops_bytes(node)
+    assert flops == 2 * (4 * 2 * 3 * 1 * 160) * 64            # 2 x output x contracted d
+    rows = 3                                                   # g x q per (b, k) entry; 160 columns
+    assert estimate_op_time(node, hw) - hw.op_overhead_s == pytest.approx(flops / hw.matmul_flops(rows, torch.float32))
 
 
 def test_disk_is_priced_on_the_page_cache_only_where_the_data_fits():

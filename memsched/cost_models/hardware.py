@@ -58,6 +58,9 @@ class Hardware:
     # FLOP/s of an fp32 matmul whose output has 32 rows (a decode step's or a micro-batch's
     # linear): libraries reach a fraction of their peak there (0: not measured, the peak applies)
     skinny_flops_fp32: float = 0.0
+    # FLOP/s of fp32 matrix products with one output row, a batch of them (a decode step's
+    # attention scores per head, a batch-1 linear): slower still (0: not measured)
+    gemv_flops_fp32: float = 0.0
     # memsched's runtime's own cost on the calling thread: per line of a scheduled program (an
     # op's output tracked, a value freed; views cost this too) and per transfer issued or waited
     # (0: not measured; presets leave them out)
@@ -85,17 +88,21 @@ class Hardware:
         return self.peak_flops_fp32
 
     def matmul_flops(self, rows: int, dtype: torch.dtype) -> float:
-        """FLOP/s of a matmul whose output's smaller side is ``rows``: the fp32 rate measured at 32
-        rows up to 32, the peak from 512, log-linear between (the peak wherever it was not
-        measured: presets, half types)."""
+        """FLOP/s of a matmul whose output's smaller side is ``rows``: the fp32 rates measured at
+        1 row (``gemv_flops_fp32``), 32 rows (``skinny_flops_fp32``) and the peak from 512,
+        log-linear between (the peak wherever nothing was measured: presets, half types; the
+        32-row rate below 32 where 1 row was not measured)."""
         peak = self.flops_for(dtype)
         if not self.skinny_flops_fp32 or dtype != torch.float32 or rows >= 512:
             return peak
         skinny = min(self.skinny_flops_fp32, peak)
-        if rows <= 32:
+        if rows == 32 or (rows > 32 and skinny == peak):
             return skinny
-        w = math.log(rows / 32) / math.log(512 / 32)
-        return math.exp((1 - w) * math.log(skinny) + w * math.log(peak))
+        if rows > 32:
+            return _log_between(rows, 32, skinny, 512, peak)
+        if not self.gemv_flops_fp32:
+            return skinny
+        return _log_between(max(rows, 1), 1, min(self.gemv_flops_fp32, skinny), 32, skinny)
 
     def page_cached(self, nbytes: int, available: int | None = None) -> Hardware:
         """This profile with disk reads and writes priced on the page-cache path when ``nbytes``
@@ -243,14 +250,20 @@ def get_hardware(spec: str | Hardware | None = None, device: str | torch.device 
     raise ValueError(f"unknown hardware {spec!r}; known: {', '.join(['local', *PRESETS])}")
 
 
+def _log_between(x: float, x0: float, y0: float, x1: float, y1: float) -> float:
+    """y0 at x0, y1 at x1, log-linear in both between."""
+    w = math.log(x / x0) / math.log(x1 / x0)
+    return math.exp((1 - w) * math.log(y0) + w * math.log(y1))
+
+
 # --------------------------------------------------------------------------
 # Local calibration
 # --------------------------------------------------------------------------
 
 
 # bumped when a probe changes what it measures, so profiles cached by an older memsched are
-# measured again (2: disk reads into a tensor's buffer, as the runtime reads)
-_PROFILE_VERSION = 2
+# measured again (2: disk reads into a tensor's buffer, as the runtime reads; 3: one-row matmuls)
+_PROFILE_VERSION = 3
 
 
 def _cache_path(device_type: str) -> Path:
@@ -327,6 +340,14 @@ def _skinny_matmul_flops(dtype: torch.dtype, device: torch.device, reps: int, sy
     a = torch.randn(32, 1024, device=device).to(dtype)
     b = torch.randn(1024, 2048, device=device).to(dtype)
     return 2 * 32 * 1024 * 2048 / _best_time(lambda: torch.mm(a, b), reps, sync)
+
+
+def _gemv_flops(dtype: torch.dtype, device: torch.device, reps: int, sync) -> float:
+    """FLOP/s of 256 one-row products (1 x 64) @ (64 x 160): a decode step's attention scores,
+    one per batch row and head."""
+    a = torch.randn(256, 1, 64, device=device).to(dtype)
+    b = torch.randn(256, 64, 160, device=device).to(dtype)
+    return 2 * 256 * 64 * 160 / _best_time(lambda: torch.bmm(a, b), reps, sync)
 
 
 # memsched's runtime registers the probe of its own per-line and per-transfer costs
@@ -448,6 +469,7 @@ def _calibrate(device: torch.device) -> Hardware:
             peak_flops=_matmul_flops(4096, torch.float16, device, 3, sync, inner=10),
             peak_flops_fp32=_matmul_flops(2048, torch.float32, device, 3, sync, inner=10),
             skinny_flops_fp32=_skinny_matmul_flops(torch.float32, device, 10, sync),
+            gemv_flops_fp32=_gemv_flops(torch.float32, device, 10, sync),
             # a device-to-device copy reads and writes every byte
             mem_bw=2 * _copy_bw(dev_a, dev_b, 10, sync),
             h2d_bw=_copy_bw(src_h, dev_a, 10, sync),
@@ -479,6 +501,7 @@ def _calibrate(device: torch.device) -> Hardware:
         peak_flops=half,
         peak_flops_fp32=fp32,
         skinny_flops_fp32=_skinny_matmul_flops(torch.float32, cpu, 5, no_sync),
+        gemv_flops_fp32=_gemv_flops(torch.float32, cpu, 5, no_sync),
         mem_bw=2 * memcpy,  # memcpy reads and writes every byte
         h2d_bw=memcpy,  # a "host->device" copy on a CPU device is a memcpy
         d2h_bw=memcpy,

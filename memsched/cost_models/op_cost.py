@@ -34,7 +34,7 @@ _MAYBE_VIEW_OPS = {
 # FakeTensor does not model that alias, so we read the arguments instead.
 _DROPOUT_OPS = frozenset("dropout feature_dropout alpha_dropout feature_alpha_dropout".split())
 
-_MATMUL_OPS = frozenset("mm bmm matmul linear addmm baddbmm addbmm addmv mv dot vdot".split())
+_MATMUL_OPS = frozenset("mm bmm matmul linear addmm baddbmm addbmm addmv mv dot vdot einsum".split())
 _MATMUL_B_FIRST = frozenset("addmm baddbmm addbmm addmv".split())  # args: (bias, a, b)
 _SDPA_OPS = frozenset(
     """scaled_dot_product_attention _scaled_dot_product_flash_attention
@@ -170,10 +170,36 @@ def _matmul_flops(name: str, node: torch.fx.Node, out: torch.Tensor) -> float:
     matmul alike, including 1-D operands (mv, dot).  The bias add of
     addmm/linear is ignored, as is conventional.
     """
+    if name == "einsum":
+        gemm = _einsum_gemm(node)
+        return 2.0 * _numel(out) * gemm[3] if gemm else float(_numel(out))
     a = _arg_tensor(node.args[1] if name in _MATMUL_B_FIRST else node.args[0])
     if a is None or a.dim() == 0:
         return float(_numel(out))
     return 2.0 * _numel(out) * _int(a.shape[-1])
+
+
+def _einsum_gemm(node: torch.fx.Node) -> tuple[int, int, int, int] | None:
+    """(batch entries, rows, cols, contracted size) of a two-operand einsum as the batched matrix
+    product it is: letters in both operands and the output are the batch, those of one operand
+    and the output its rows (the first) or columns (the second), those missing from the output
+    are contracted. None for other equations (ellipses, one or three operands)."""
+    eq, ops = (node.args + (None, None))[:2]
+    if not isinstance(eq, str) or "->" not in eq or "." in eq or not isinstance(ops, (list, tuple)) or len(ops) != 2:
+        return None
+    ins, out = eq.replace(" ", "").split("->")
+    names = ins.split(",")
+    tensors = [_arg_tensor(a) for a in ops]
+    if len(names) != 2 or any(t is None or t.dim() != len(n) for t, n in zip(tensors, names)):
+        return None
+    size = {c: _int(d) for t, n in zip(tensors, names) for c, d in zip(n, t.shape)}
+    a, b = set(names[0]), set(names[1])
+
+    def prod(letters) -> int:
+        return math.prod(size[c] for c in letters)
+
+    return (prod(c for c in out if c in a and c in b), prod(c for c in out if c in a and c not in b),
+            prod(c for c in out if c in b and c not in a), prod(c for c in size if c not in out))
 
 
 def _sdpa_flops(node: torch.fx.Node) -> float:
@@ -274,6 +300,9 @@ def _output_rows(node: torch.fx.Node, name: str) -> int:
     outs = _tensors(node.meta.get("val"))
     if not outs or outs[0].dim() < 2:
         return 1
+    if name == "einsum":
+        gemm = _einsum_gemm(node)
+        return min(gemm[1], gemm[2]) if gemm else 1
     out = outs[0]
     cols = _int(out.shape[-1])
     second = _arg_tensor(node.args[2] if name in _MATMUL_B_FIRST else node.args[1]) if len(node.args) > 1 else None
