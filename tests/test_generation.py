@@ -167,7 +167,9 @@ def test_prompts_the_model_cannot_take_fail_before_anything_runs(case, match):
         memsched.generate(model, ids, **kw)
 
 
-def test_sliding_window_decoders_are_refused():
+def test_sliding_window_decoders_are_refused_where_the_window_masks_something():
+    """A sliding window shorter than the generation is refused; one covering it masks nothing,
+    so the decoder generates as transformers does."""
     from transformers import MistralConfig, MistralForCausalLM
 
     with quiet_transformers():
@@ -176,6 +178,10 @@ def test_sliding_window_decoders_are_refused():
                                                  sliding_window=4)).eval()
     with pytest.raises(NotImplementedError, match="sliding-window"):
         memsched.generate(model, torch.ones(1, 3, dtype=torch.long), budget="1GB", max_new_tokens=2)
+    ids = torch.randint(3, 100, (2, 2))
+    tokens = memsched.generate(model, ids, budget="1GB", max_new_tokens=2, device="cpu",  # 4 tokens
+                               eos_token_id=None, pad_token_id=0)
+    assert torch.equal(tokens, _reference(model, ids, eos_token_id=None, pad_token_id=0, n=2))
 
 
 def test_prompt_runs_in_micro_batches_when_the_whole_batch_does_not_fit(tmp_path):

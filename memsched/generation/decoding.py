@@ -69,7 +69,7 @@ class GenerationStats:
                 f"{format_bytes(self.kv_cache_bytes)}" + (f" · moved {moved}" if moved else ""))
 
 
-def _check_decoder(model: torch.nn.Module) -> None:
+def _check_decoder(model: torch.nn.Module, max_len: int) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "generate"):
         raise TypeError(f"memsched.generate takes a transformers causal language model, got "
@@ -79,11 +79,15 @@ def _check_decoder(model: torch.nn.Module) -> None:
                                   "runs decoder-only models")
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     types = set(getattr(text, "layer_types", None) or ["full_attention"])
-    if types - {"full_attention"} or getattr(text, "sliding_window", None) and \
-            getattr(text, "use_sliding_window", True) is not False:
+    window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) is not False else None
+    # a sliding window as long as the whole generation masks nothing: such layers attend as
+    # full-attention ones (a query at position i sees keys after i - window)
+    sliding = "sliding_attention" in types or bool(window)
+    if types - {"full_attention", "sliding_attention"} or sliding and not (window and max_len <= window):
         raise NotImplementedError(
-            f"{type(model).__name__} has sliding-window or non-attention layers ({sorted(types)}); "
-            "memsched.generate's KV cache covers full-attention layers only")
+            f"{type(model).__name__} has sliding-window or non-attention layers ({sorted(types)}, sliding "
+            f"window {window}) and this generation is {max_len} tokens long; memsched.generate's KV cache "
+            "covers full-attention layers, and sliding-window ones whose window covers the whole generation")
 
 
 def step_inputs(ids: torch.Tensor, first_slot: int, max_len: int, positions=None, mask=None) -> tuple:
@@ -103,8 +107,8 @@ def plan_generation(model, budget, *, batch: int, prompt_len: int, new_tokens: i
     """Plan the two programs of a generation without running anything (the model may live on
     meta, e.g. a 7B-shaped decoder for a GPU profile): (prefill plan, decode plan). The prompt
     is planned for the whole batch, or the largest divisor of it that fits."""
-    _check_decoder(model)
     max_len = prompt_len + new_tokens
+    _check_decoder(model, max_len)
     ids = torch.zeros(1, 1, dtype=torch.long)
     with meta_as_empty(model):
         shapes, dtype = cache_shapes(model, batch, max_len, ids)
@@ -162,7 +166,7 @@ class Generator:
     def __init__(self, model, budget, *, batch: int, prompt_len: int, max_len: int, sample_ids: torch.Tensor,
                  device=None, offload_dir=None, hardware=None, weights=None, prefill_batch: int | None = None,
                  kv_head_chunks="auto", **options):
-        _check_decoder(model)
+        _check_decoder(model, max_len)
         if model.training:
             raise ValueError("memsched.generate needs the model in eval mode (call model.eval())")
         if not 0 < prompt_len < max_len:
