@@ -25,7 +25,8 @@ NUMERIC = [
     "h2d_bw", "d2h_bw", "disk_read_bw", "disk_write_bw", "op_overhead_s",
 ]
 # measured on the local profile only (presets leave them 0)
-LOCAL_ONLY = ["skinny_flops_fp32", "gemv_flops_fp32", "runtime_op_s", "runtime_move_s"]
+LOCAL_ONLY = ["skinny_flops_fp32", "gemv_flops_fp32", "runtime_op_s", "runtime_move_s", "cpu_cores",
+              "compute_threads"]
 
 
 def _export(model, *args):
@@ -367,3 +368,26 @@ def test_the_simulator_charges_the_runtimes_own_work():
     assert moves > 0
     extra = simulate(tight.graph, costly).time_s - simulate(tight.graph, FIXED_CPU).time_s
     assert 0 < extra <= (len(nodes) - moves) * 1e-3 + moves * 1e-2 + 1e-9
+
+
+def test_copies_take_compute_cores_on_a_cpu_device_only_when_none_is_spare():
+    """On a CPU device a move is a worker thread's copy: with torch's threads on every core the
+    links' busy time delays the step; with a core spare it is absorbed up to the step's length;
+    GPUs and presets (cores not measured) never pay it."""
+    import memsched
+    from memsched.cost_models.simulator import simulate
+    from tests.helpers import FIXED_CPU
+    from tests.zoo import MLP
+
+    model, x = MLP().eval(), torch.randn(8, 128)
+    tight = memsched.plan(model, (x,), memsched.plan(model, (x,), "1GB", hardware=FIXED_CPU).min_budget_bytes,
+                          hardware=FIXED_CPU)
+    base = simulate(tight.graph, FIXED_CPU)
+    busy = sum(s.end - s.start for s in base.spans if s.stream != "compute")
+    assert busy > 0 and base.contention_s == 0
+    full = simulate(tight.graph, FIXED_CPU.replace(cpu_cores=2, compute_threads=2))
+    assert full.contention_s == pytest.approx(busy) and full.time_s == pytest.approx(base.time_s + busy)
+    spare = simulate(tight.graph, FIXED_CPU.replace(cpu_cores=2, compute_threads=1))
+    assert spare.contention_s == pytest.approx(max(busy - base.time_s, 0.0))
+    gpu = FIXED_CPU.replace(device_type="cuda")
+    assert simulate(tight.graph, gpu.replace(cpu_cores=2, compute_threads=2)).time_s == simulate(tight.graph, gpu).time_s

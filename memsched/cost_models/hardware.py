@@ -66,6 +66,11 @@ class Hardware:
     # (0: not measured; presets leave them out)
     runtime_op_s: float = 0.0
     runtime_move_s: float = 0.0
+    # a CPU device's cores and the threads torch computes on: its transfers are copies made by
+    # worker threads, which take cores from compute once torch's threads leave none spare
+    # (0: not measured; presets leave them out)
+    cpu_cores: int = 0
+    compute_threads: int = 0
 
     def bandwidth(self, link: str) -> float:
         """Bytes/s of one transfer link (one of ``LINKS``)."""
@@ -271,6 +276,14 @@ def _cache_path(device_type: str) -> Path:
     # a CPU computes at the rate of the threads torch runs ops on: a profile per thread count
     threads = f"-{torch.get_num_threads()}t" if device_type == "cpu" else ""
     return Path(root) / f"hardware-{device_type}{threads}.v{_PROFILE_VERSION}.json"
+
+
+def _cpu_cores() -> int:
+    """The cores this process may run on (its affinity, which a container's CPU set limits)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _host_ram_bytes() -> int:
@@ -510,6 +523,8 @@ def _calibrate(device: torch.device) -> Hardware:
         disk_cached_read_bw=cached_r,
         disk_cached_write_bw=cached_w,
         op_overhead_s=_op_overhead(cpu, no_sync),
+        cpu_cores=_cpu_cores(),
+        compute_threads=torch.get_num_threads(),
         **_runtime_costs(cpu),
         source=f"measured by memsched.local_hardware (cpu, {os.cpu_count()} cores; {disk_note})",
     )

@@ -37,6 +37,7 @@ class SimResult:
     timeline: list[tuple[str, int]]                   # (node, device bytes after it)
     bytes_moved: dict = field(default_factory=dict)   # link -> bytes
     spans: list[Span] = field(default_factory=list)
+    contention_s: float = 0.0                         # compute delayed by copies taking its cores
 
 
 class _Clock:
@@ -139,4 +140,18 @@ def simulate(gm: fx.GraphModule, hw: Hardware) -> SimResult:
             clock.compute_node(n)
         memory.visit(n)
         timeline.append((n.name, memory.current))
-    return SimResult(clock.now, clock.compute, clock.stall, memory.peak, timeline, clock.moved, clock.spans)
+    contention = _core_contention(clock, hw)
+    return SimResult(clock.now + contention, clock.compute, clock.stall, memory.peak, timeline, clock.moved,
+                     clock.spans, contention)
+
+
+def _core_contention(clock: _Clock, hw: Hardware) -> float:
+    """On a CPU device every move is a copy a worker thread makes (a memcpy, a read or write of
+    the page cache, its checksum), on the cores compute runs on: the cores torch's threads leave
+    spare absorb them for the length of the step, the rest of their busy time delays compute.
+    A whole-step balance, not a timeline: bursts above the spare cores are not seen."""
+    if hw.device_type != "cpu" or not hw.cpu_cores or not hw.compute_threads:
+        return 0.0
+    busy = sum(s.end - s.start for s in clock.spans if s.stream != "compute")
+    spare = max(hw.cpu_cores - hw.compute_threads, 0) * clock.now
+    return max(busy - spare, 0.0)

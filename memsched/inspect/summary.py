@@ -171,9 +171,12 @@ def time_section(plan, training: bool) -> Section:
         Row("compute", (_ms(sim.compute_s),), (sim.compute_s,)),
         Row("stall on transfers", (_ms(sim.stall_s),), (sim.stall_s,)),
     ]
-    own = sim.time_s - sim.compute_s - sim.stall_s   # the runtime's own lines and transfer calls
+    contention = sim.contention_s
+    own = sim.time_s - sim.compute_s - sim.stall_s - contention   # the runtime's own lines and transfer calls
     if own > 1e-9:
         rows.append(Row("runtime's own work", (_ms(own),), (own,)))
+    if contention > 1e-9:
+        rows.append(Row("copies on compute's cores", (_ms(contention),), (contention,)))
     rows += [
         Row("recompute overhead", (f"{_ms(recompute_s)} ({recomputed} recomputed nodes)",), (recompute_s,)),
         Row("solver", (f"{facts.status}{gap} in {facts.solve_s:.2f} s ({plan.n_segments} segments, "

@@ -673,13 +673,16 @@ def _set_attr(obj, dotted: str, value) -> None:
 
 def _sim_to_dict(sim: SimResult) -> dict:
     enc = lambda x: _encode(float(x), "prediction")  # noqa: E731
-    return {
+    d = {
         "time_s": enc(sim.time_s), "compute_s": enc(sim.compute_s), "stall_s": enc(sim.stall_s),
         "peak_device_bytes": int(sim.peak_device_bytes),
         "bytes_moved": {k: int(v) for k, v in sorted(sim.bytes_moved.items())},
         "timeline": [[name, int(b)] for name, b in sim.timeline],
         "spans": [[s.stream, s.name, enc(s.start), enc(s.end)] for s in sim.spans],
     }
+    if sim.contention_s:  # (only measured CPU profiles price it)
+        d["contention_s"] = enc(sim.contention_s)
+    return d
 
 
 def _signature_to_dict(sig: tuple) -> dict:
@@ -777,7 +780,8 @@ def save_plan(plan, path) -> None:
 
 
 def _sim_from_dict(d, where: str) -> SimResult:
-    _fields(d, where, ("time_s", "compute_s", "stall_s", "peak_device_bytes", "bytes_moved", "timeline", "spans"))
+    _fields(d, where, ("time_s", "compute_s", "stall_s", "peak_device_bytes", "bytes_moved", "timeline", "spans"),
+            ("contention_s",))
     moved = _fields(d["bytes_moved"], f"{where}.bytes_moved", (), [link.value for link in LINKS])
     timeline = []
     for i, row in enumerate(_list(d["timeline"], f"{where}.timeline")):
@@ -796,7 +800,8 @@ def _sim_from_dict(d, where: str) -> SimResult:
     return SimResult(_number(d["time_s"], f"{where}.time_s"), _number(d["compute_s"], f"{where}.compute_s"),
                      _number(d["stall_s"], f"{where}.stall_s"),
                      _int(d["peak_device_bytes"], f"{where}.peak_device_bytes"), timeline,
-                     {k: _int(v, f"{where}.bytes_moved.{k}") for k, v in moved.items()}, spans)
+                     {k: _int(v, f"{where}.bytes_moved.{k}") for k, v in moved.items()}, spans,
+                     _number(d.get("contention_s", 0.0), f"{where}.contention_s"))
 
 
 def _signature_from_dict(d, where: str = "input_signature") -> tuple | None:
