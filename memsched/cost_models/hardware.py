@@ -101,10 +101,8 @@ class Hardware:
         if not self.skinny_flops_fp32 or dtype != torch.float32 or rows >= 512:
             return peak
         skinny = min(self.skinny_flops_fp32, peak)
-        if rows == 32 or (rows > 32 and skinny == peak):
-            return skinny
-        if rows > 32:
-            return _log_between(rows, 32, skinny, 512, peak)
+        if rows >= 32:
+            return _log_between(rows, 32, skinny, 512, peak) if rows > 32 else skinny
         if not self.gemv_flops_fp32:
             return skinny
         return _log_between(max(rows, 1), 1, min(self.gemv_flops_fp32, skinny), 32, skinny)

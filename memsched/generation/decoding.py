@@ -139,18 +139,13 @@ def plan_generation(model, budget, *, batch: int, prompt_len: int, new_tokens: i
                 raise
 
 
-def head_chunks_for(shapes, dtype: torch.dtype, budget_bytes: int) -> int:
-    """How many groups of kv heads each layer's cache is kept in: the fewest that make every
-    cache tensor at most a quarter of the budget, so that the planner can move part of a layer's
-    cache without the rest (one tensor per layer when that already holds). Fewer groups mean
-    fewer program lines and transfers per step (at batch 32, four groups instead of eight cut a
-    decode step by about a tenth here); ``head_chunk_choices`` goes finer when the budget needs it."""
-    return head_chunk_choices(shapes, dtype, budget_bytes)[0]
-
-
 def head_chunk_choices(shapes, dtype: torch.dtype, budget_bytes: int) -> list[int]:
-    """The groupings of kv heads to plan with, in order: the rule's (``head_chunks_for``), then
-    each finer one, tried when a coarser one leaves the decode step over the budget."""
+    """The groupings of kv heads each layer's cache may be kept in, to plan in order: first the
+    fewest that make every cache tensor at most a quarter of the budget, so that the planner can
+    move part of a layer's cache without the rest (one tensor per layer when that already
+    holds), then each finer one, tried when a coarser one leaves the decode step over the budget.
+    Fewer groups mean fewer program lines and transfers per step (at batch 32 here, four groups
+    instead of eight cut a decode step by about a tenth)."""
     heads = shapes[0][0][1]
     largest = max(s.numel() for pair in shapes for s in pair) * dtype.itemsize
     divisors = [c for c in range(1, heads + 1) if heads % c == 0]

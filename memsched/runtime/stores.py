@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import xxhash
 
+from ..ir.kinds import OFF_DEVICE
 from . import quantize
 
 ALIGN = 4096
@@ -636,7 +637,7 @@ class Stores:
         so does the next patch, check or renewal of it. The caller must not write t again before
         that: ``settle`` waits for every pending patch."""
         with self._lock:
-            homes = [h for h in (self._homes.get((name, tier)) for tier in ("host", "disk")) if h is not None]
+            homes = [h for h in (self._homes.get((name, tier)) for tier in OFF_DEVICE) if h is not None]
         for home in homes:
             home.settle()
             h = home.handle
