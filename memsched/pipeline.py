@@ -1,6 +1,6 @@
 """The planning pipeline: a declared list of passes, run in order by one wrapper.
 
-    capture → analysis → segments → chunk → placement → schedule → simulate → fuse
+    capture → remat → analysis → segments → chunk → placement → schedule → simulate → fuse
 
 Each pass is a function of the planning state that fills in its part (the captured graph, the
 program's analysis, the segments, the placement, the scheduled candidates, the chosen plan)
@@ -37,6 +37,7 @@ from .passes.analysis import START, Program, analyze
 from .passes.chunking import Chunking, chunked, chunkings, loss_chunks, splittable_modules, steps_outside
 from .passes.floor import op_floor
 from .passes.fusion import fuse as fuse_regions
+from .passes.remat import rematerialize
 from .passes.placement import Placement, solve_placement
 from .passes.placement.problem import PlacementModel
 from .passes.schedule import build_schedule
@@ -105,6 +106,15 @@ def capture_pass(s: PlanningState) -> str:
     with chunked(s.model, s.chunking):
         s.captured, how = capture_repeated(s.model, trace)
     return "; ".join(x for x in ("forward + backward" if s.train else "", how) if x)
+
+
+def remat_pass(s: PlanningState) -> str:
+    """With fusion, a training step recomputes in the backward the pointwise values that are
+    cheaper to recompute there than to save (passes/remat.py)."""
+    if not (s.train and s.fuse):
+        return "off" if s.train else ""
+    s.captured.gm, done = rematerialize(s.captured.gm, s.hw)   # a new program: the capture's stays as it was
+    return done.note()
 
 
 def analysis_pass(s: PlanningState) -> str:
@@ -200,7 +210,7 @@ def chunk_pass(s: PlanningState) -> str:
             break   # the rows are all split already
         trial = replace(s, chunking=plan, passes=[], history=[], candidates=[])
         try:
-            for run in (capture_pass, analysis_pass, segments_pass):
+            for run in (capture_pass, remat_pass, analysis_pass, segments_pass):
                 run(trial)
         except (CaptureError, UnsupportedModelError) as e:   # the split does not trace: keep the last
             failed = f"; {count} slices do not capture ({str(e).splitlines()[0][:100]})"
@@ -279,6 +289,7 @@ class Pass:
 
 PASSES: tuple[Pass, ...] = (
     Pass("capture", capture_pass, snapshot=True),
+    Pass("remat", remat_pass),
     Pass("analysis", analysis_pass, snapshot=True),   # annotates the captured graph
     Pass("segments", segments_pass),
     Pass("chunk", chunk_pass),

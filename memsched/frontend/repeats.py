@@ -404,7 +404,7 @@ class _Grower:
         new = self.g.create_node(n.op, n.target, args, kwargs, name=n.name if keep_name else None)
         new.meta = {k: v for k, v in n.meta.items() if k not in ("val", "tensor_meta")}
         if "val" in n.meta:
-            new.meta["val"] = _remade_val(n, new)
+            new.meta["val"] = remade_val(n, new)
         if slot == 2:
             self.roles[new.name] = (self.tags[n][0], layer, self.pos[n])
         return new
@@ -474,7 +474,7 @@ def _fresh_like(val):
     return _like(val, torch.UntypedStorage(val.untyped_storage().nbytes(), device="meta"))
 
 
-def _remade_val(old: torch.fx.Node, new: torch.fx.Node):
+def remade_val(old: torch.fx.Node, new: torch.fx.Node):
     """``old``'s traced value with the same layout, aliasing ``new``'s inputs where ``old``'s
     aliased the corresponding inputs, and fresh storage where it had its own."""
     val = old.meta.get("val")

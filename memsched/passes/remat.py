@@ -1,0 +1,216 @@
+"""Rematerialization under fusion: pointwise values the backward reads are recomputed there
+instead of saved, where that is cheaper than saving them.
+
+Autograd saves what each op's backward formula reads: for GPT-2's tanh GELU, the input, the
+tanh, ``0.5 * x``, ``1 + tanh`` and the output -- five tensors of the MLP's width, where one
+(the input) determines the rest. With fusion on (``fuse=True``), a chain of pointwise ops
+recomputed right before the backward op that reads it joins that op's compiled region: it
+costs its arithmetic, and the values it rebuilds are never written to memory. Saving costs a
+write in the forward (unless a library op reads the value there anyway) and a read in the
+backward, and holds the bytes across the step. So a value is recomputed when
+
+    chain FLOPs / rate  [+ write and read, if a library op reads it in the backward]
+        <  read in the backward  [+ write, if only pointwise ops read it in the forward]
+
+and the chain reads nothing that is not saved already (or a weight): the saved set only
+shrinks. The choice is the min-cut partitioner's for fused graphs, priced by the same roofline
+as the fused regions (cost_models/op_cost.py). Without fusion the recomputed ops would run one
+by one and the pass does nothing; dropping a value to fit a budget stays the placement's
+choice (RECOMPUTE), which this pass leaves open for what it keeps.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..cost_models.hardware import Hardware
+from ..cost_models.op_cost import op_flops_bytes
+from ..frontend.repeats import remade_val
+from ..ir.effects import written_args
+from ..ir.graph_module import lazy_graph_module
+from ..ir.meta import annotate
+from ..ir.ops import Op, op_of
+from ..ir.tensors import storages
+from .fusion import fusible
+
+MAX_CHAIN = 16  # ops recomputed for one value at most
+
+
+@dataclass(frozen=True)
+class Remat:
+    """What the pass did: values no longer saved, their bytes, the ops it added."""
+
+    values: tuple[str, ...]
+    nbytes: int
+    ops: int
+
+    def note(self) -> str:
+        from ..budget import format_bytes
+
+        if not self.values:
+            return "nothing is cheaper to recompute than to save"
+        return (f"{len(self.values)} saved value(s) recomputed in the backward "
+                f"({format_bytes(self.nbytes)}, {self.ops} ops)")
+
+
+def _keys(n: fx.Node) -> frozenset:
+    return frozenset(k for k, _ in storages(n.meta.get("val")))
+
+
+def _bytes(n: fx.Node) -> int:
+    return sum(dict(storages(n.meta.get("val"))).values())
+
+
+def _pointwise(n: fx.Node) -> bool:
+    """A pure pointwise op on tensors (a cast on the same device included), which a fused region
+    computes without materializing its output."""
+    if not fusible(n) or n.target is operator.getitem or not isinstance(n.meta.get("val"), torch.Tensor):
+        return False
+    t = n.target
+    if t is torch.ops.aten._to_copy.default:
+        src = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+        return isinstance(src, torch.Tensor) and src.device == n.meta["val"].device
+    return torch.Tag.pointwise in t.tags
+
+
+def _view(n: fx.Node) -> bool:
+    return fusible(n) and n.target is not operator.getitem and n.target.is_view
+
+
+class _Joint:
+    """The joint graph split at its boundary: which forward storages the backward reads."""
+
+    def __init__(self, graph: fx.Graph):
+        nodes = list(graph.nodes)
+        cut = next(i for i, n in enumerate(nodes) if op_of(n) is Op.BOUNDARY)
+        self.forward = nodes[:cut]
+        self.backward = nodes[cut + 1:]
+        self.fwd_set = set(self.forward)
+        self.written = frozenset(k for n in nodes for w in written_args(n) for k in _keys(w))
+        self.saved: set = set()          # storage keys the backward reads
+        for n in self.backward:
+            for x in n.all_input_nodes:
+                if x in self.fwd_set and x.op != "placeholder":
+                    self.saved |= _keys(x)
+
+    def clonable(self, n: fx.Node) -> bool:
+        return (n in self.fwd_set and n.op == "call_function" and (_pointwise(n) or _view(n))
+                and not (_keys(n) & self.written)
+                and not any(_keys(x) & self.written for x in n.all_input_nodes))
+
+    def available(self, n: fx.Node) -> bool:
+        """Read where it is in the backward: a model input, or a storage that stays saved."""
+        return n.op == "placeholder" or (n in self.fwd_set and bool(_keys(n)) and _keys(n) <= self.saved)
+
+
+def _chain(j: _Joint, v: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
+    """The forward ops that rebuild ``v`` from available values (in program order), and the
+    values they read that are not saved (they would have to be); None past ``MAX_CHAIN``."""
+    members, leaves, seen = [], [], set()
+
+    def visit(n: fx.Node) -> bool:
+        seen.add(n)
+        for x in n.all_input_nodes:
+            if x in seen or j.available(x):
+                continue
+            if j.clonable(x):
+                if not visit(x):
+                    return False
+            else:
+                seen.add(x)
+                leaves.append(x)
+        members.append(n)
+        return len(members) <= MAX_CHAIN
+
+    return (members, leaves) if visit(v) else None
+
+
+def _library_reader(readers) -> bool:
+    """Some reader is not pointwise: the value is materialized for it."""
+    return any(op_of(u) is not None or not _pointwise(u) for u in readers)
+
+
+def _readers(j: _Joint, v: fx.Node, backward: bool) -> list[fx.Node]:
+    """Who reads ``v`` through any chain of views, in the backward or in the forward."""
+    out, stack = [], [v]
+    while stack:
+        for u in stack.pop().users:
+            if _view(u):
+                stack.append(u)
+            elif (u in j.fwd_set) != backward:
+                out.append(u)
+    return out
+
+
+def _worth_it(j: _Joint, v: fx.Node, members, hw: Hardware) -> bool:
+    nbytes = _bytes(v)
+    io = nbytes / hw.mem_bw
+    flops = sum(op_flops_bytes(m)[0] for m in members if _pointwise(m))
+    dtype = v.meta["val"].dtype if v.meta["val"].is_floating_point() else torch.float32
+    recompute = flops / hw.flops_for(dtype) + (2 * io if _library_reader(_readers(j, v, True)) else 0.0)
+    keep = io + (0.0 if _library_reader(_readers(j, v, False)) else io)
+    return recompute < keep
+
+
+def rematerialize(gm: fx.GraphModule, hw: Hardware) -> tuple[fx.GraphModule, Remat]:
+    """``gm``'s joint graph with the saved pointwise values that are cheaper to recompute
+    recomputed in the backward (module docstring): a new program, or ``gm`` itself when none is."""
+    if not any(op_of(n) is Op.BOUNDARY for n in gm.graph.nodes):
+        return gm, Remat((), 0, 0)
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    j = _Joint(graph)
+    makers: dict = {}   # storage key -> how many forward ops (views aside) make a value on it
+    for o in j.forward:
+        if not _view(o):
+            for k in _keys(o):
+                makers[k] = makers.get(k, 0) + 1
+    dropped, nbytes = [], 0
+    for v in j.forward:
+        keys = _keys(v)
+        if not _pointwise(v) or not keys or not keys <= j.saved or not j.clonable(v):
+            continue
+        if any(makers[k] > 1 for k in keys):
+            continue   # its storage is another op's too (an output aliasing an input)
+        j.saved -= keys             # tentatively: the chain must not read v itself
+        found = _chain(j, v)
+        if found is None or found[1] or not _worth_it(j, v, found[0], hw):
+            j.saved |= keys
+            continue
+        dropped.append(v.name)
+        nbytes += _bytes(v)
+    if not dropped:
+        return gm, Remat((), 0, 0)
+    ops = _rewrite(graph, j)
+    for n in reversed(j.forward):   # the aliases autograd saved them through, now unread
+        if not n.users and (_view(n) or _pointwise(n)):
+            graph.erase_node(n)
+    graph.lint()
+    return lazy_graph_module(gm, graph, class_name="Remat"), Remat(tuple(dropped), nbytes, ops)
+
+
+def _rewrite(graph: fx.Graph, j: _Joint) -> int:
+    """Each backward node reads clones of the forward values no longer saved, made right before
+    it (once each: a clone made for an earlier node is reused)."""
+    env: dict[fx.Node, fx.Node] = {}
+
+    def clone(x: fx.Node, before: fx.Node) -> fx.Node:
+        if x not in j.fwd_set or j.available(x):
+            return x
+        if x not in env:
+            args, kwargs = fx.map_arg((x.args, x.kwargs), lambda a: clone(a, before))
+            with graph.inserting_before(before):
+                new = graph.create_node("call_function", x.target, args, kwargs, name=f"{x.name}_again")
+            new.meta = dict(x.meta)
+            new.meta["val"] = remade_val(x, new)   # a storage of its own, or its new input's
+            annotate(new, made_by="remat")
+            env[x] = new
+        return env[x]
+
+    for n in j.backward:
+        if any(x in j.fwd_set and not j.available(x) for x in n.all_input_nodes):
+            n.args, n.kwargs = fx.map_arg((n.args, n.kwargs), lambda a: clone(a, n))
+    return len(env)
