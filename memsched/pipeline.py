@@ -37,6 +37,7 @@ from .passes.analysis import START, Program, analyze
 from .passes.chunking import Chunking, chunked, chunkings, loss_chunks, splittable_modules, steps_outside
 from .passes.floor import op_floor
 from .passes.fusion import fuse as fuse_regions
+from .passes.fusion import fused_op_time
 from .passes.remat import rematerialize
 from .passes.placement import Placement, solve_placement
 from .passes.placement.problem import PlacementModel
@@ -75,6 +76,7 @@ class PlanningState:
     captured: Captured | None = None
     program: Program | None = None
     step_time: np.ndarray | None = None
+    fused_time: np.ndarray | None = None             # with fuse: a pointwise step's arithmetic (NaN: others)
     segments: Segments | None = None
     placement_model: PlacementModel | None = None   # the problem on those segments
     min_budget: int | None = None                    # the lowest minimum of the counts tried
@@ -121,6 +123,9 @@ def analysis_pass(s: PlanningState) -> str:
     s.program = analyze(s.captured)
     nodes = {n.name: n for n in s.captured.gm.graph.nodes}
     s.step_time = np.array([estimate_op_time(nodes[name], s.hw) for name in s.program.steps], dtype=np.float64)
+    if s.fuse:   # what a recomputed pointwise chain costs inside the region that reads it
+        priced = [fused_op_time(nodes[name], s.hw) for name in s.program.steps]
+        s.fused_time = np.array([np.nan if t is None else t for t in priced], dtype=np.float64)
     # what the program could put on disk fits in the page cache: its reads and writes go there
     before, s.hw = s.hw, s.hw.page_cached(sum(b.nbytes for b in s.program.storages))
     return "" if s.hw is before else "disk reads and writes priced on the page cache (its data fits in free RAM)"
@@ -147,7 +152,7 @@ def segments_pass(s: PlanningState) -> str:
         segments = cut_segments(p, s.step_time, k)
         if tried and segments.bounds == tried[-1][1].bounds:
             continue  # the same cut again (steps dearer than a segment's share are never split)
-        model = PlacementModel(p, segments, s.step_time, s.hw, s.budget)
+        model = PlacementModel(p, segments, s.step_time, s.hw, s.budget, fused_time=s.fused_time)
         tried.append((model.min_budget(), segments, model))
     # then cut finer only where the minimum binds, down to single ops: the minimum reported is
     # counted per op there; a budget below the uniform cuts' minima is planned on them
@@ -170,7 +175,7 @@ def _split_where_binding(s: PlanningState, start: tuple) -> list[tuple]:
         finer = split_binding(segments, model.const, 4 * s.max_segments)
         if finer is None:
             break
-        model = PlacementModel(s.program, finer, s.step_time, s.hw, s.budget)
+        model = PlacementModel(s.program, finer, s.step_time, s.hw, s.budget, fused_time=s.fused_time)
         if model.min_budget() >= minimum:
             break
         minimum, segments = model.min_budget(), finer
@@ -222,7 +227,7 @@ def chunk_pass(s: PlanningState) -> str:
             break
     if best is s:
         return f"splitting {len(found)} module(s) does not lower the minimum{failed}"
-    for f in ("captured", "program", "step_time", "segments", "placement_model", "min_budget", "chunking"):
+    for f in ("captured", "program", "step_time", "fused_time", "segments", "placement_model", "min_budget", "chunking"):
         setattr(s, f, getattr(best, f))
     most = max(c.chunks for c in s.chunking)
     return (f"{len(s.chunking)} module(s) split in up to {most} slices ({s.chunking[0]}, ...): minimum "

@@ -159,3 +159,26 @@ def test_transformers_training_steps_with_remat(name):
         tight = memsched.plan(model, args, budget=budget, example_kwargs=kwargs, hardware=FIXED_CPU, train=True,
                               fuse=True)
     assert tight.verify() <= budget
+
+
+def _problem(model, args, fuse):
+    from memsched.pipeline import PlanningState, analysis_pass, capture_pass, remat_pass, segments_pass
+
+    s = PlanningState(budget=10**9, hw=FIXED_CPU, model=model, args=args, train=True, fuse=fuse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for run in (capture_pass, remat_pass, analysis_pass, segments_pass):
+            run(s)
+    m = s.placement_model
+    return {m.gaps[g].value: secs for g, (secs, *_rest) in m.recompute.items()}
+
+
+def test_pointwise_recomputation_is_priced_as_fused():
+    """With fusion, recomputing a value through pointwise ops costs their arithmetic and one
+    write (the ops join the region that reads it), never more than the ops run one by one."""
+    model, x = _model(), torch.randn(4, 16, 32)
+    plain, fused = _problem(model, (x,), False), _problem(model, (x,), True)
+    both = plain.keys() & fused.keys()
+    assert both
+    assert all(fused[v] <= plain[v] for v in both)
+    assert any(fused[v] < 0.5 * plain[v] for v in both)

@@ -268,7 +268,7 @@ def op_flops_bytes(node: torch.fx.Node) -> tuple[float, float]:
     return flops, nbytes
 
 
-def _compute_dtype(node: torch.fx.Node) -> torch.dtype:
+def op_compute_dtype(node: torch.fx.Node) -> torch.dtype:
     """The dtype math runs in: the output's, else the first tensor input's."""
     for t in _tensors(node.meta.get("val")) + _input_tensors(node):
         if t.is_floating_point():
@@ -285,7 +285,7 @@ def estimate_op_time(node: torch.fx.Node, hw: Hardware) -> float:
     flops, nbytes = op_flops_bytes(node)
     if flops == 0 and nbytes == 0:
         return 0.0  # no tensor output: asserts, symbolic size queries
-    dtype = _compute_dtype(node)
+    dtype = op_compute_dtype(node)
     name = _op_name(node) or ""
     rate = hw.matmul_flops(_output_rows(node, name), dtype) if name in _MATMUL_OPS else hw.flops_for(dtype)
     compute = flops / rate
@@ -331,7 +331,7 @@ def region_time(gm: torch.fx.Graph | torch.fx.GraphModule, hw: Hardware) -> floa
             library += estimate_op_time(n, hw)
         else:
             fused_flops += op_flops_bytes(n)[0]
-            dtype = _compute_dtype(n)
+            dtype = op_compute_dtype(n)
     io = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
     io += list(next(n for n in reversed(graph.nodes) if n.op == "output").args[0])
     io_bytes = sum(_nbytes(t) for v in io for t in _tensors(v.meta.get("val") if isinstance(v, torch.fx.Node) else v))

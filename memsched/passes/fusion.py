@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..cost_models.op_cost import op_compute_dtype, op_flops_bytes
 from ..ir.graph_module import lazy_graph_module
 from ..ir.listing import target_name
 from ..ir.memory import DeviceMemory
@@ -51,6 +52,25 @@ def fusible(n: fx.Node) -> bool:
         return False
     leaves = _flat(n.meta.get("val"))
     return bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves)
+
+
+def pointwise(n: fx.Node) -> bool:
+    """A fusible pointwise op (a cast on the same device included): inside a region its output
+    is computed in the loop that reads it, never written to memory unless read outside."""
+    if not fusible(n) or n.target is operator.getitem or not isinstance(n.meta.get("val"), torch.Tensor):
+        return False
+    if n.target is torch.ops.aten._to_copy.default:
+        src = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+        return isinstance(src, torch.Tensor) and src.device == n.meta["val"].device
+    return torch.Tag.pointwise in n.target.tags
+
+
+def fused_op_time(n: fx.Node, hw) -> float:
+    """A pointwise op's seconds inside a region: its arithmetic alone (its memory traffic is
+    the region's, priced there); a view's: none. Other ops: None."""
+    if fusible(n) and n.target is not operator.getitem and n.target.is_view:
+        return 0.0
+    return op_flops_bytes(n)[0] / hw.flops_for(op_compute_dtype(n)) if pointwise(n) else None
 
 
 def _draws_nothing(n: fx.Node) -> bool:

@@ -27,14 +27,13 @@ import torch
 import torch.fx as fx
 
 from ..cost_models.hardware import Hardware
-from ..cost_models.op_cost import op_flops_bytes
 from ..frontend.repeats import remade_val
 from ..ir.effects import written_args
 from ..ir.graph_module import lazy_graph_module
 from ..ir.meta import annotate
 from ..ir.ops import Op, op_of
 from ..ir.tensors import storages
-from .fusion import fusible
+from .fusion import fused_op_time, fusible, pointwise
 
 MAX_CHAIN = 16  # ops recomputed for one value at most
 
@@ -64,18 +63,6 @@ def _bytes(n: fx.Node) -> int:
     return sum(dict(storages(n.meta.get("val"))).values())
 
 
-def _pointwise(n: fx.Node) -> bool:
-    """A pure pointwise op on tensors (a cast on the same device included), which a fused region
-    computes without materializing its output."""
-    if not fusible(n) or n.target is operator.getitem or not isinstance(n.meta.get("val"), torch.Tensor):
-        return False
-    t = n.target
-    if t is torch.ops.aten._to_copy.default:
-        src = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
-        return isinstance(src, torch.Tensor) and src.device == n.meta["val"].device
-    return torch.Tag.pointwise in t.tags
-
-
 def _view(n: fx.Node) -> bool:
     return fusible(n) and n.target is not operator.getitem and n.target.is_view
 
@@ -97,7 +84,7 @@ class _Joint:
                     self.saved |= _keys(x)
 
     def clonable(self, n: fx.Node) -> bool:
-        return (n in self.fwd_set and n.op == "call_function" and (_pointwise(n) or _view(n))
+        return (n in self.fwd_set and n.op == "call_function" and (pointwise(n) or _view(n))
                 and not (_keys(n) & self.written)
                 and not any(_keys(x) & self.written for x in n.all_input_nodes))
 
@@ -130,7 +117,7 @@ def _chain(j: _Joint, v: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
 
 def _library_reader(readers) -> bool:
     """Some reader is not pointwise: the value is materialized for it."""
-    return any(op_of(u) is not None or not _pointwise(u) for u in readers)
+    return any(op_of(u) is not None or not pointwise(u) for u in readers)
 
 
 def _readers(j: _Joint, v: fx.Node, backward: bool) -> list[fx.Node]:
@@ -148,9 +135,7 @@ def _readers(j: _Joint, v: fx.Node, backward: bool) -> list[fx.Node]:
 def _worth_it(j: _Joint, v: fx.Node, members, hw: Hardware) -> bool:
     nbytes = _bytes(v)
     io = nbytes / hw.mem_bw
-    flops = sum(op_flops_bytes(m)[0] for m in members if _pointwise(m))
-    dtype = v.meta["val"].dtype if v.meta["val"].is_floating_point() else torch.float32
-    recompute = flops / hw.flops_for(dtype) + (2 * io if _library_reader(_readers(j, v, True)) else 0.0)
+    recompute = sum(fused_op_time(m, hw) or 0.0 for m in members) + (2 * io if _library_reader(_readers(j, v, True)) else 0.0)
     keep = io + (0.0 if _library_reader(_readers(j, v, False)) else io)
     return recompute < keep
 
@@ -171,7 +156,7 @@ def rematerialize(gm: fx.GraphModule, hw: Hardware) -> tuple[fx.GraphModule, Rem
     dropped, nbytes = [], 0
     for v in j.forward:
         keys = _keys(v)
-        if not _pointwise(v) or not keys or not keys <= j.saved or not j.clonable(v):
+        if not pointwise(v) or not keys or not keys <= j.saved or not j.clonable(v):
             continue
         if any(makers[k] > 1 for k in keys):
             continue   # its storage is another op's too (an output aliasing an input)
@@ -186,7 +171,7 @@ def rematerialize(gm: fx.GraphModule, hw: Hardware) -> tuple[fx.GraphModule, Rem
         return gm, Remat((), 0, 0)
     ops = _rewrite(graph, j)
     for n in reversed(j.forward):   # the aliases autograd saved them through, now unread
-        if not n.users and (_view(n) or _pointwise(n)):
+        if not n.users and (_view(n) or pointwise(n)):
             graph.erase_node(n)
     graph.lint()
     return lazy_graph_module(gm, graph, class_name="Remat"), Remat(tuple(dropped), nbytes, ops)

@@ -117,7 +117,7 @@ class PlacementModel:
     placement and the minimum budget."""
 
     def __init__(self, program: Program, segments: Segments, step_time: np.ndarray,
-                 hw: Hardware, budget: int, min_evict_bytes: int = 1):
+                 hw: Hardware, budget: int, min_evict_bytes: int = 1, fused_time: np.ndarray | None = None):
         self.p, self.s, self.hw, self.budget = program, segments, hw, budget
         self.K = segments.count
         self.dev = hw.device_type
@@ -136,7 +136,7 @@ class PlacementModel:
         # recompute options: gap -> (seconds, transient bytes, gaps that must be kept, weights
         # that must be resident)
         self.recompute: dict[int, tuple[float, int, tuple[int, ...], tuple[int, ...]]] = {}
-        self._recompute_options(step_time)
+        self._recompute_options(step_time, fused_time)
         # per gap, precomputed for the greedy's many evaluations of a placement
         self.end_seg = [segments.seg(g.end) for g in self.gaps]
         self.tables = _Tables(self)
@@ -254,10 +254,13 @@ class PlacementModel:
             return live[0]
         return None
 
-    def _recompute_options(self, step_time) -> None:
+    def _recompute_options(self, step_time, fused_time=None) -> None:
         """A gap may be recomputed where it is next read when its chain (passes/recipes.py)
         reads only what is on the device then: activations whose gaps there are kept, and
-        resident weights. Its price: the chain's op times, and its transients' bytes."""
+        resident weights. Its price: the chain's op times, and its transients' bytes. With
+        fusion (``fused_time``: per step, a pointwise op's arithmetic alone, NaN for others) a
+        chain of pointwise ops runs inside the region of the op that reads it: its arithmetic,
+        and the value written once."""
         p = self.p
         gaps_of: dict[int, list[Gap]] = {}
         for g in self.gaps:
@@ -284,6 +287,9 @@ class PlacementModel:
                 continue
             recipes = [p.recipes[v] for v in chain.values]
             secs = float(sum(step_time[r.step] for r in recipes))
+            if fused_time is not None and not np.isnan([fused_time[r.step] for r in recipes]).any():
+                secs = min(secs, float(sum(fused_time[r.step] for r in recipes))
+                           + self.size(g.buffer) / self.hw.mem_bw)
             # the chain's other values live while it runs, beside the tuple outputs it drops
             transient = sum(r.extra_bytes for r in recipes) + sum(
                 p.storages[b].nbytes for v in chain.values[:-1] for b in p.values[v].storages)
