@@ -77,6 +77,7 @@ class PlanningState:
     program: Program | None = None
     step_time: np.ndarray | None = None
     fused_time: np.ndarray | None = None             # with fuse: a pointwise step's arithmetic (NaN: others)
+    before_remat: torch.fx.GraphModule | None = None # the captured program, when remat_pass changed it
     segments: Segments | None = None
     placement_model: PlacementModel | None = None   # the problem on those segments
     min_budget: int | None = None                    # the lowest minimum of the counts tried
@@ -113,9 +114,13 @@ def capture_pass(s: PlanningState) -> str:
 def remat_pass(s: PlanningState) -> str:
     """With fusion, a training step recomputes in the backward the pointwise values that are
     cheaper to recompute there than to save (passes/remat.py)."""
+    s.before_remat = None
     if not (s.train and s.fuse):
         return "off" if s.train else ""
-    s.captured.gm, done = rematerialize(s.captured.gm, s.hw)   # a new program: the capture's stays as it was
+    weights = {p.name for p in s.captured.placeholders if p.kind in PERSISTENT}
+    gm, done = rematerialize(s.captured.gm, s.hw, weights)   # a new program: the capture's stays as it was
+    if gm is not s.captured.gm:
+        s.before_remat, s.captured.gm = s.captured.gm, gm
     return done.note()
 
 
@@ -143,6 +148,29 @@ def cut_segments(p: Program, step_time: np.ndarray, count: int) -> Segments:
 
 
 def segments_pass(s: PlanningState) -> str:
+    """The program cut into segments (``_segments``). Recomputing in the backward (remat_pass)
+    adds transients there: when that leaves the budget below the minimum, the program without
+    it is cut too, and kept if its minimum is lower."""
+    note = _segments(s)
+    if s.before_remat is None or s.budget >= s.min_budget:
+        return note
+    plain = replace(s, captured=replace(s.captured, gm=s.before_remat), before_remat=None, passes=[], history=[],
+                    candidates=[])
+    analysis_pass(plain)
+    plain_note = _segments(plain)
+    if plain.min_budget >= s.min_budget:
+        return note
+    undone = (f"{plain_note}; without the backward's recomputation (remat): its minimum was "
+              f"{format_bytes(s.min_budget)}, without it {format_bytes(plain.min_budget)}")
+    for f in _PROGRAM_FIELDS + ("hw", "before_remat"):
+        setattr(s, f, getattr(plain, f))
+    return undone
+
+
+_PROGRAM_FIELDS = ("captured", "program", "step_time", "fused_time", "segments", "placement_model", "min_budget")
+
+
+def _segments(s: PlanningState) -> str:
     p = s.program
     # Finer segments hold each storage for less time around its uses, so they lower the
     # minimum, and cost solver time. The default count is kept when it fits the budget; below
@@ -227,7 +255,7 @@ def chunk_pass(s: PlanningState) -> str:
             break
     if best is s:
         return f"splitting {len(found)} module(s) does not lower the minimum{failed}"
-    for f in ("captured", "program", "step_time", "fused_time", "segments", "placement_model", "min_budget", "chunking"):
+    for f in _PROGRAM_FIELDS + ("chunking", "before_remat"):
         setattr(s, f, getattr(best, f))
     most = max(c.chunks for c in s.chunking)
     return (f"{len(s.chunking)} module(s) split in up to {most} slices ({s.chunking[0]}, ...): minimum "

@@ -18,6 +18,7 @@ from random_graphs import random_dags  # noqa: E402
 
 import memsched  # noqa: E402
 from memsched.frontend.joint import capture_joint  # noqa: E402
+from memsched.ir.kinds import PERSISTENT  # noqa: E402
 from memsched.ir.meta import info  # noqa: E402
 from memsched.ir.ops import Op, op_of  # noqa: E402
 from memsched.ir.tensors import storages  # noqa: E402
@@ -53,6 +54,10 @@ def _saved(gm) -> set[str]:
     return {x.name for n in nodes[cut + 1:] for x in n.all_input_nodes if x in forward and x.op != "placeholder"}
 
 
+def _weights(captured) -> set[str]:
+    return {p.name for p in captured.placeholders if p.kind in PERSISTENT}
+
+
 def _saved_storages(gm) -> set:
     """Storages of the forward values the backward reads (a view of a saved one adds none)."""
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -72,7 +77,7 @@ def test_gelu_intermediates_are_recomputed_not_saved():
     model, x = _model(), torch.randn(4, 16, 32)
     captured = capture_joint(model, (x,), {})
     before = _saved(captured.gm)
-    gm, done = rematerialize(captured.gm, FIXED_CPU)
+    gm, done = rematerialize(captured.gm, FIXED_CPU, _weights(captured))
     after = _saved(gm)
     assert after < before and _saved(captured.gm) == before   # a new program; the capture's is as it was
     assert len(done.values) == 6 and done.nbytes == 6 * 4 * 16 * 128 * 4
@@ -128,7 +133,7 @@ def test_random_training_steps_rematerialize_within_budget(case, frac):
         return
     captured = capture_joint(case.model, case.args, {}, grad_outputs="all")
     before = _saved_storages(captured.gm)
-    gm, _ = rematerialize(captured.gm, FIXED_CPU)
+    gm, _ = rematerialize(captured.gm, FIXED_CPU, _weights(captured))
     assert _saved_storages(gm) <= before
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -182,3 +187,23 @@ def test_pointwise_recomputation_is_priced_as_fused():
     assert both
     assert all(fused[v] <= plain[v] for v in both)
     assert any(fused[v] < 0.5 * plain[v] for v in both)
+
+
+@pytest.mark.parametrize("name", ["mlp_stack", "gpt2_dropout"])
+def test_recomputation_never_raises_the_minimum(name):
+    """Below the rematerialized program's minimum the plain one is cut too and the lower minimum
+    kept: fuse=True never needs more memory than fuse=False."""
+    if name == "mlp_stack":
+        model, args, kwargs = _model(), (torch.randn(4, 16, 32),), {}
+    else:
+        pytest.importorskip("transformers")
+        from train_zoo import build_train
+
+        model, args, kwargs, _ = build_train(name)
+    minima = {}
+    for fuse in (False, True):
+        with warnings.catch_warnings(), pytest.raises(memsched.InfeasibleBudgetError) as err:
+            warnings.simplefilter("ignore")
+            memsched.plan(model, args, budget=1, example_kwargs=kwargs, hardware=FIXED_CPU, train=True, fuse=fuse)
+        minima[fuse] = err.value.min_budget_bytes
+    assert minima[True] <= minima[False]

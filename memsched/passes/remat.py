@@ -23,7 +23,6 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
 from ..cost_models.hardware import Hardware
@@ -70,7 +69,8 @@ def _view(n: fx.Node) -> bool:
 class _Joint:
     """The joint graph split at its boundary: which forward storages the backward reads."""
 
-    def __init__(self, graph: fx.Graph):
+    def __init__(self, graph: fx.Graph, weights: frozenset):
+        self.weights = weights           # placeholders the step holds throughout
         nodes = list(graph.nodes)
         cut = next(i for i, n in enumerate(nodes) if op_of(n) is Op.BOUNDARY)
         self.forward = nodes[:cut]
@@ -80,7 +80,7 @@ class _Joint:
         self.saved: set = set()          # storage keys the backward reads
         for n in self.backward:
             for x in n.all_input_nodes:
-                if x in self.fwd_set and x.op != "placeholder":
+                if x in self.fwd_set:
                     self.saved |= _keys(x)
 
     def clonable(self, n: fx.Node) -> bool:
@@ -89,8 +89,10 @@ class _Joint:
                 and not any(_keys(x) & self.written for x in n.all_input_nodes))
 
     def available(self, n: fx.Node) -> bool:
-        """Read where it is in the backward: a model input, or a storage that stays saved."""
-        return n.op == "placeholder" or (n in self.fwd_set and bool(_keys(n)) and _keys(n) <= self.saved)
+        """Read where it is in the backward: a weight, or a storage that stays saved."""
+        if n.op == "placeholder":
+            return n.name in self.weights or (bool(_keys(n)) and _keys(n) <= self.saved)
+        return n in self.fwd_set and bool(_keys(n)) and _keys(n) <= self.saved
 
 
 def _chain(j: _Joint, v: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
@@ -140,14 +142,16 @@ def _worth_it(j: _Joint, v: fx.Node, members, hw: Hardware) -> bool:
     return recompute < keep
 
 
-def rematerialize(gm: fx.GraphModule, hw: Hardware) -> tuple[fx.GraphModule, Remat]:
+def rematerialize(gm: fx.GraphModule, hw: Hardware, weights=frozenset()) -> tuple[fx.GraphModule, Remat]:
     """``gm``'s joint graph with the saved pointwise values that are cheaper to recompute
-    recomputed in the backward (module docstring): a new program, or ``gm`` itself when none is."""
+    recomputed in the backward (module docstring): a new program, or ``gm`` itself when none is.
+    ``weights``: the placeholders held through the step (weights, buffers), which a chain may
+    read; an input placeholder it reads must be read by the backward already."""
     if not any(op_of(n) is Op.BOUNDARY for n in gm.graph.nodes):
         return gm, Remat((), 0, 0)
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
-    j = _Joint(graph)
+    j = _Joint(graph, frozenset(weights))
     makers: dict = {}   # storage key -> how many forward ops (views aside) make a value on it
     for o in j.forward:
         if not _view(o):
