@@ -15,9 +15,10 @@ from ..ir.kinds import fetch_links, offload_links
 from ..ir.memory import DeviceMemory
 from ..ir.meta import info
 from ..ir.ops import Op, op_of, register
-from ..ir.regions import measured_time, region_of
+from ..ir.regions import region_of
 from .hardware import Hardware
 from .op_cost import estimate_op_time, region_time
+from .region_measures import measured_time
 
 
 @dataclass

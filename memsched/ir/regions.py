@@ -74,24 +74,3 @@ def structure_key(gm: fx.GraphModule) -> str:
     inputs = [_signature(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
     text = gm.code + "\n" + "\n".join(inputs)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# -- measured prices -----------------------------------------------------------------------------
-# The runtime times each region kernel's calls (runtime/regions.py) and records them here, by the
-# region's structure key; the simulator prices a region by its measured time when it has one and
-# by the roofline otherwise, so a plan made (or re-simulated) after a run is priced by what the
-# kernels took on this machine.
-_SAMPLES = 8
-_MEASURED: dict[str, list[float]] = {}
-
-
-def record_time(key: str, seconds: float) -> None:
-    samples = _MEASURED.setdefault(key, [])
-    samples.append(seconds)
-    del samples[:-_SAMPLES]
-
-
-def measured_time(key: str) -> float | None:
-    """The median of the last timed calls of regions with this structure, or None."""
-    samples = sorted(_MEASURED.get(key, ()))
-    return samples[len(samples) // 2] if samples else None

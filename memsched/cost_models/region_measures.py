@@ -1,0 +1,128 @@
+"""What fused regions measured on this machine, kept across processes.
+
+The runtime times each CPU call of a region's compiled kernel and watches the allocator during
+its first call (runtime/regions.py); both are recorded here by the region's structure key
+(ir/regions.py: its ops and its inputs' layouts) and torch's thread count. The simulator prices
+a region by its measured time when the plan uses this machine's profile, so a plan made after
+the same regions ran -- in this process or an earlier one -- is priced by what its kernels took,
+not by the roofline. The measures are saved as JSON beside the hardware profile
+(``$MEMSCHED_CACHE_DIR``, default ``~/.cache/memsched``), one file per torch version (its
+compiler makes the kernels), when the process exits; a missing, unreadable or malformed file
+is ignored and measured again.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+SAMPLES = 8   # the last calls kept per region; their median is its price
+
+_LOCK = threading.Lock()
+_TIMES: dict[str, list[float]] = {}
+_PEAKS: dict[str, int] = {}
+_state = {"loaded": False, "dirty": False, "hooked": False}
+
+
+def cache_path() -> Path:
+    root = os.environ.get("MEMSCHED_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "memsched")
+    return Path(root) / f"regions-cpu-torch{torch.__version__.split('+')[0]}.json"
+
+
+def _entry(key: str) -> str:
+    """A region's entry: its structure and the threads its kernel ran on (a CPU kernel's time
+    scales with them)."""
+    return f"{key}/{torch.get_num_threads()}t"
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    try:
+        d = json.loads(path.read_text())
+        times = {k: [float(x) for x in v][-SAMPLES:] for k, v in d.get("times", {}).items()
+                 if isinstance(k, str) and isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)}
+        peaks = {k: int(v) for k, v in d.get("peaks", {}).items() if isinstance(k, str) and isinstance(v, int)}
+        return times, peaks
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}, {}   # missing or malformed: measured again
+
+
+def _load() -> None:
+    if _state["loaded"]:
+        return
+    times, peaks = _read(cache_path())
+    for k, v in times.items():
+        _TIMES.setdefault(k, v)
+    for k, v in peaks.items():
+        _PEAKS.setdefault(k, v)
+    _state["loaded"] = True
+
+
+def _changed() -> None:
+    _state["dirty"] = True
+    if not _state["hooked"]:
+        atexit.register(save)
+        _state["hooked"] = True
+
+
+def record_time(key: str, seconds: float) -> None:
+    with _LOCK:
+        _load()
+        samples = _TIMES.setdefault(_entry(key), [])
+        samples.append(seconds)
+        del samples[:-SAMPLES]
+        _changed()
+
+
+def measured_time(key: str) -> float | None:
+    """The median of the last timed calls of regions with this structure on as many threads as
+    torch runs now, or None."""
+    with _LOCK:
+        _load()
+        samples = sorted(_TIMES.get(_entry(key), ()))
+    return samples[len(samples) // 2] if samples else None
+
+
+def record_peak(key: str, nbytes: int) -> None:
+    with _LOCK:
+        _load()
+        _PEAKS[_entry(key)] = int(nbytes)
+        _changed()
+
+
+def measured_peak(key: str) -> int | None:
+    """The allocator bytes a region with this structure held at most during its first call."""
+    with _LOCK:
+        _load()
+        return _PEAKS.get(_entry(key))
+
+
+def save() -> None:
+    """Write this process's measures into the cache file (merged with what other processes
+    wrote meanwhile: theirs for regions this one never ran). Never raises."""
+    with _LOCK:
+        if not _state["dirty"]:
+            return
+        path = cache_path()
+        times, peaks = _read(path)
+        times.update(_TIMES)
+        peaks.update(_PEAKS)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"times": times, "peaks": peaks}))
+            os.replace(tmp, path)   # atomic: a concurrent reader never sees half a file
+            _state["dirty"] = False
+        except OSError:
+            pass   # an unwritable cache: measured again next time
+
+
+def forget() -> None:
+    """Drop what this process holds and read the cache file again at the next query (tests)."""
+    with _LOCK:
+        _TIMES.clear()
+        _PEAKS.clear()
+        _state["loaded"] = _state["dirty"] = False
