@@ -184,6 +184,25 @@ def test_sliding_window_decoders_are_refused_where_the_window_masks_something():
     assert torch.equal(tokens, _reference(model, ids, eos_token_id=None, pad_token_id=0, n=2))
 
 
+def test_a_mixture_of_experts_decoder_generates_as_transformers_does(tmp_path):
+    """Mixtral: its experts run by grouped matmuls in eager (transformers' default), which torch's
+    fake kernels refuse in float32; memsched reads the cache's shapes through the batched-matmul
+    experts instead, and generates the same tokens within half the weights' bytes."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    with quiet_transformers():
+        torch.manual_seed(0)
+        model = MixtralForCausalLM(MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 num_local_experts=4, num_experts_per_tok=2)).eval()
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(3))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    tokens = memsched.generate(model, ids, budget=weights // 2, max_new_tokens=4, device="cpu", hardware=FIXED_CPU,
+                               offload_dir=tmp_path, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(tokens, _reference(model, ids, eos_token_id=None, pad_token_id=0, n=4))
+    assert model.config._experts_implementation == "grouped_mm"   # the user's model as it was
+
+
 def test_prompt_runs_in_micro_batches_when_the_whole_batch_does_not_fit(tmp_path):
     """A prompt's program for every row at once needs more than the decode program: below that,
     the prompt runs a micro-batch of rows at a time (planned once), tokens unchanged."""

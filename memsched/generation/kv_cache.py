@@ -17,6 +17,8 @@ read the cache's length as a Python number and bake it into the program, is bypa
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -239,12 +241,29 @@ class CachedDecoder(nn.Module):
             t.zero_()
 
 
+@contextlib.contextmanager
+def _experts_traceable_on_fakes(model: nn.Module):
+    """Mixture-of-experts layers of transformers that run their experts by ``grouped_mm`` run
+    them by batched matmuls for the fake step: on a CPU transformers calls ``grouped_mm`` in
+    float32 outside compilers, which torch's fake (meta) kernel refuses (bfloat16 only). The
+    cache's shapes do not depend on it; the model's configs are restored after."""
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+               if getattr(c, "_experts_implementation_internal", None) == "grouped_mm"}
+    for c in configs.values():
+        c._experts_implementation_internal = "batched_mm"
+    try:
+        yield
+    finally:
+        for c in configs.values():
+            c._experts_implementation_internal = "grouped_mm"
+
+
 def cache_shapes(model: nn.Module, batch: int, max_len: int, sample_ids: torch.Tensor):
     """Per layer, the (key, value) cache shapes for ``batch`` x ``max_len`` and their dtype, read
     from one fake step of the model (FakeTensors: no compute, no memory)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+    with torch.no_grad(), _experts_traceable_on_fakes(model), FakeTensorMode(allow_non_fake_inputs=True) as mode:
         ids = mode.from_tensor(sample_ids[:1, :1])
         out = model(input_ids=ids, use_cache=True)
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
