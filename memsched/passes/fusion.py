@@ -13,8 +13,8 @@ region only grows while
 fuses away -- every value of its ops, and the non-pointwise values of each op's decomposition,
 ``scratch_bytes``. A bound read from the ops, not a proof about Inductor: the runtime checks each
 kernel's first CPU call against it with the allocator's own events). Ops left out: random ones (a compiled
-kernel draws other numbers), in-place and mutating ones, ops of other namespaces and Python
-calls, and ops whose results are not tensors. A region needs two ops that compute (views and
+kernel draws other numbers), in-place and mutating ones, convolutions (see ``_RELAID``), ops of
+other namespaces and Python calls, and ops whose results are not tensors. A region needs two ops that compute (views and
 getitems do not count); shorter runs stay as they are.
 """
 from __future__ import annotations
@@ -37,6 +37,11 @@ from ..ir.tensors import storages
 
 MAX_REGION_OPS = 256   # a longer run is cut: compile time grows with a region's size
 _NAMESPACES = ("aten", "prims")
+# Convolutions stay library calls outside regions: a graph with one makes Inductor lay the
+# whole region out channels-last on a CPU, copying weights, inputs and outputs in and out at
+# every call (more bytes than the region's ops make, and time no fusion wins back)
+_RELAID = frozenset({"convolution", "convolution_backward", "_convolution", "conv1d", "conv2d", "conv3d",
+                     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "mkldnn_convolution"})
 
 
 def fusible(n: fx.Node) -> bool:
@@ -49,6 +54,8 @@ def fusible(n: fx.Node) -> bool:
     if not isinstance(t, torch._ops.OpOverload) or t.namespace not in _NAMESPACES:
         return False
     if t._schema.is_mutable or (torch.Tag.nondeterministic_seeded in t.tags and not _draws_nothing(n)):
+        return False
+    if t._opname in _RELAID:
         return False
     leaves = _flat(n.meta.get("val"))
     return bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves)
