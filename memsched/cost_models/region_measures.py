@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import threading
 from pathlib import Path
@@ -39,12 +40,18 @@ def _entry(key: str) -> str:
     return f"{key}/{torch.get_num_threads()}t"
 
 
+def _seconds(x) -> bool:
+    """A time a region could have taken: a finite number of seconds, not negative."""
+    return type(x) in (int, float) and math.isfinite(x) and 0 <= x < 1e6
+
+
 def _read(path: Path) -> tuple[dict, dict]:
     try:
         d = json.loads(path.read_text())
         times = {k: [float(x) for x in v][-SAMPLES:] for k, v in d.get("times", {}).items()
-                 if isinstance(k, str) and isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)}
-        peaks = {k: int(v) for k, v in d.get("peaks", {}).items() if isinstance(k, str) and isinstance(v, int)}
+                 if isinstance(k, str) and isinstance(v, list) and v and all(_seconds(x) for x in v)}
+        peaks = {k: v for k, v in d.get("peaks", {}).items()
+                 if isinstance(k, str) and type(v) is int and v >= 0}
         return times, peaks
     except (OSError, ValueError, TypeError, AttributeError):
         return {}, {}   # missing or malformed: measured again
