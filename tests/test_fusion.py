@@ -302,6 +302,34 @@ def test_convolutions_stay_out_of_regions(name):
     cm.close()
 
 
+def test_kernels_left_to_aten_count_their_reads_again():
+    """RoBERTa's position ids are a cumsum of an int32 mask, a kernel Inductor leaves to ATen,
+    which widens its input to int64 inside the call: a region holding it allocated 480 B
+    against 408 B counted. Such kernels count what they read again; a fused training step
+    matches eager with every kernel within its region's bytes."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = T.RobertaForMaskedLM(T.RobertaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, intermediate_size=128, hidden_dropout_prob=0.0,
+                                                 attention_probs_dropout_prob=0.0, max_position_embeddings=64)).train()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    kw = {"input_ids": ids, "labels": ids}
+    free = memsched.plan(model, budget=10**9, example_kwargs=kw, hardware=FIXED_CPU, train=True)
+    budget = max(free.peak_device_bytes // 2, free.min_budget_bytes)   # regions cut short: one holds the cumsum
+    ref = copy.deepcopy(model)
+    ref(**kw).loss.backward()
+    cm = _compile(model, budget, train=True, fuse=True, example_kwargs=kw)
+    cm(**kw).loss.backward()
+    scale = max(p.grad.abs().max() for p in ref.parameters() if p.grad is not None)
+    for (n, p), q in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad / scale, p.grad / scale, **TOL, msg=lambda m: f"{n}: {m}")
+    regions = {r.key: r for r in _regions(cm.plan)}
+    assert any("cumsum" in op for r in regions.values() for op in r.ops)
+    peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
+    assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
+    cm.close()
+
+
 def test_a_region_allocating_past_its_declared_bytes_is_stopped():
     from dataclasses import replace
 

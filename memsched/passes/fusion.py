@@ -128,16 +128,32 @@ def _sig(v):
 def scratch_bytes(n: fx.Node) -> int:
     """Bytes an op's lowering may hold besides its outputs: the values of its decomposition (the
     table Inductor lowers with) that are neither pointwise, nor views, nor its outputs -- the
-    mean and rstd of a layer norm, the product inside an addmm. Pointwise intermediates fuse into
-    one loop and are not counted. Traced once per op and argument layout on meta tensors; an op
+    mean and rstd of a layer norm, the product inside an addmm -- and, for a kernel Inductor
+    leaves to ATen, the tensors it reads again (``_fallback_reads``). Pointwise intermediates
+    fuse into one loop and are not counted. Traced once per op and argument layout on meta tensors; an op
     that does not trace is given its outputs' bytes again."""
     if n.target is operator.getitem or n.target.is_view or torch.Tag.pointwise in n.target.tags:
         return 0
     vals = fx.map_arg((n.args, n.kwargs), lambda x: x.meta.get("val"))
     key = (n.target, _sig(vals))
     if key not in _AUX:
-        _AUX[key] = _trace_scratch(n, vals)
+        _AUX[key] = _trace_scratch(n, vals) + _fallback_reads(n, vals)
     return _AUX[key]
+
+
+def _fallback_reads(n: fx.Node, vals) -> int:
+    """A kernel Inductor leaves to ATen (its lowering's ``fallbacks``) may copy what it reads
+    inside the call -- a cumsum of int32 widens its input to int64 first -- so each tensor it
+    reads counts again, at its outputs' widest element size if that is wider."""
+    from torch._inductor.lowering import fallbacks
+
+    if n.target not in fallbacks:
+        return 0
+    args, kwargs = vals
+    widest = max((t.element_size() for t in _flat(n.meta.get("val")) if isinstance(t, torch.Tensor)), default=1)
+    read = {k: max(b, t.numel() * widest) for t in _flat(args) + _flat(list(kwargs.values()))
+            if isinstance(t, torch.Tensor) for k, b in storages(t)}
+    return sum(read.values())
 
 
 def _trace_scratch(n: fx.Node, vals) -> int:
