@@ -300,17 +300,24 @@ def test_the_cache_is_placed_per_group_of_heads(tmp_path, monkeypatch):
     assert memsched.generation.decoding.head_chunk_choices(shapes, torch.float32, 1 << 30) == [1, 2, 4, 8]
 
 
-def test_a_model_attending_outside_the_attention_interface_is_refused(monkeypatch):
+def test_a_model_attending_outside_the_attention_interface_gets_the_written_cache(monkeypatch, tmp_path):
     """A decode step must see its own new keys: a model whose attention bypasses transformers'
-    attention interface (so never meets memsched's decode attention) is refused, not run wrong."""
+    attention interface (so never meets memsched's decode attention) is found by a fake decode
+    step and handed each layer's cache with the step's entries written in; tokens unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.llama import modeling_llama
 
     model, ids = _decoder("llama")
+    ref = _reference(model, ids, n=4)
     monkeypatch.setattr(modeling_llama.ALL_ATTENTION_FUNCTIONS, "get_interface",
                         lambda name, default: sdpa_attention_forward)
-    with pytest.raises(memsched.CaptureError, match="computes attention itself"):
-        memsched.generate(model, ids, budget="1GB", max_new_tokens=2, hardware=FIXED_CPU, device="cpu")
+    gen = memsched.Generator(model, "1GB", batch=ids.shape[0], prompt_len=ids.shape[1], max_len=ids.shape[1] + 4,
+                             sample_ids=ids, hardware=FIXED_CPU, device="cpu", offload_dir=tmp_path)
+    assert gen.decoder.attends_by_itself
+    tokens, _ = gen(ids, 4, eos_token_id=model.generation_config.eos_token_id,
+                    pad_token_id=model.generation_config.pad_token_id)
+    gen.close()
+    assert torch.equal(tokens, ref)
 
 
 def test_a_bfloat16_decoder_generates_transformers_tokens(tmp_path):
@@ -322,6 +329,18 @@ def test_a_bfloat16_decoder_generates_transformers_tokens(tmp_path):
     out = memsched.generate(model, ids, budget="1GB", max_new_tokens=6, hardware=FIXED_CPU, device="cpu",
                             offload_dir=tmp_path)
     assert torch.equal(out[0] if isinstance(out, tuple) else out, ref)
+
+
+def test_gpt_neo_local_layers_are_sliding_windows():
+    """GPT-Neo names its sliding-window layers "local" and the window ``window_size``: a window
+    shorter than the generation is refused like any other sliding window."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    with quiet_transformers():
+        model = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=2,
+                                               attention_types=[[["global", "local"], 1]], window_size=4)).eval()
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        memsched.generate(model, torch.ones(1, 3, dtype=torch.long), budget="1GB", max_new_tokens=2)
 
 
 def test_a_model_building_its_own_attention_inputs_is_refused_clearly():
@@ -350,17 +369,29 @@ def _more_decoders():
                         dict(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=64, multi_query=True)),
         "codegen": (T.CodeGenConfig, T.CodeGenForCausalLM,
                     dict(vocab_size=300, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64, n_ctx=64)),
+        # GPT-Neo and Falcon compute attention themselves, over the cache the layer is handed
+        "gpt_neo": (T.GPTNeoConfig, T.GPTNeoForCausalLM,
+                    dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=64,
+                         attention_types=[[["global", "local"], 1]], window_size=16)),
+        "falcon": (T.FalconConfig, T.FalconForCausalLM, dict(vocab_size=300, hidden_size=64, num_hidden_layers=2,
+                                                             num_attention_heads=4)),
+        "gptj": (T.GPTJConfig, T.GPTJForCausalLM,
+                 dict(vocab_size=300, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64)),
     }
 
 
-@pytest.mark.parametrize("name", ["qwen2", "phi3", "gpt_bigcode", "codegen"])
+ATTENDS_BY_ITSELF = {"gpt_neo", "falcon"}
+
+
+@pytest.mark.parametrize("name", ["qwen2", "phi3", "gpt_bigcode", "codegen", "gpt_neo", "falcon", "gptj"])
 def test_more_architectures_at_their_minimum_budget(name, tmp_path):
-    """Other decoders (GQA, multi-query, partial rotary) at the least budget
-    both programs fit: tokens equal transformers' greedy generate."""
+    """Other decoders (GQA, multi-query, partial rotary, and layers that compute attention
+    themselves: handed each layer's cache with the step's entries written in) at the least
+    budget both programs fit: tokens equal transformers' greedy generate."""
     config_cls, model_cls, kw = _more_decoders()[name]
     with quiet_transformers():
         config = config_cls(**kw)
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = "sdpa" if model_cls._supports_sdpa else "eager"
         torch.manual_seed(0)
         model = model_cls(config).eval()
     ids = torch.randint(3, 300, (2, 8), generator=torch.Generator().manual_seed(1))
@@ -368,6 +399,7 @@ def test_more_architectures_at_their_minimum_budget(name, tmp_path):
     probe = memsched.Generator(model, "1GB", batch=2, prompt_len=8, max_len=16, sample_ids=ids, hardware=FIXED_CPU,
                                device="cpu")
     budget = max(p.min_budget_bytes for p in probe.plans)
+    assert probe.decoder.attends_by_itself == (name in ATTENDS_BY_ITSELF)
     probe.close()
     tokens, stats = memsched.generate(model, ids, budget=budget, max_new_tokens=8, eos_token_id=None, hardware=FIXED_CPU,
                                       device="cpu", offload_dir=tmp_path, return_stats=True)

@@ -96,8 +96,10 @@ def _cache_classes():
     class SlotLayer(StaticLayer):
         """One layer's cache: a step's keys and values go to ``slots``, functionally."""
 
-        def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor, fresh: bool):
+        def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor, fresh: bool,
+                     whole: bool = False):
             super().__init__(max_cache_len=keys[0].shape[2])
+            self.whole = whole   # decode: hand back the cache with the new entries written in
             # the layer's cache, one tensor per group of kv heads (placed one by one)
             self.key_chunks, self.value_chunks = keys, values
             self.keys, self.values, self.slots, self.fresh = keys[0], values[0], slots, fresh
@@ -110,6 +112,13 @@ def _cache_classes():
             self.new = (key_states.clone(), value_states.clone())
             if self.fresh:  # a prompt attends to itself: the cache is not read at all
                 return key_states, value_states
+            if self.whole:
+                # a model that computes attention itself reads what this returns: a copy of the
+                # layer's cache with the step's entries in their slots (the cache itself is
+                # written between steps)
+                self.attended = True
+                return tuple(_written(chunks, x, self.slots) for chunks, x in
+                             ((self.key_chunks, key_states), (self.value_chunks, value_states)))
             # a new token attends to the cache as it is and to its own entries apart (see
             # decode_attention, which finds this layer by the tensor it is handed): no copy of
             # the cache with the new entries written in
@@ -128,6 +137,15 @@ def _cache_classes():
     return SlotLayer, SlotCache
 
 
+def _written(chunks: list[torch.Tensor], new: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    whole = torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0]
+    return whole.index_copy(2, slots, new.to(whole.dtype))
+
+
+class AttendsByItself(UnsupportedModelError):
+    """A decode step's layer attended to the cache without transformers' attention interface."""
+
+
 class CachedDecoder(nn.Module):
     """``model`` (a transformers causal LM) with a fixed-size KV cache as buffers.
 
@@ -141,9 +159,13 @@ class CachedDecoder(nn.Module):
     memsched_trace_all_layers = True  # read by capture: each layer has its cache slots and outputs
 
     def __init__(self, model: nn.Module, shapes: list[tuple[torch.Size, torch.Size]], dtype: torch.dtype,
-                 device: torch.device | str = "cpu", head_chunks: int = 1):
+                 device: torch.device | str = "cpu", head_chunks: int = 1, attends_by_itself: bool = False):
         super().__init__()
         self.model = model
+        # a model whose layers compute attention themselves (GPT-Neo, Falcon) is handed each
+        # layer's cache with the new entries written in, a copy per layer and step; the others
+        # attend through memsched's decode attention, which copies nothing
+        self.attends_by_itself = attends_by_itself
         self.n_layers = len(shapes)
         heads = shapes[0][0][1]
         if not 1 <= head_chunks <= heads or heads % head_chunks:
@@ -180,20 +202,23 @@ class CachedDecoder(nn.Module):
         # a prompt (more than one token) attends to itself only, so its program never reads the
         # cache; a new token attends to every slot, the empty ones masked
         fresh = input_ids.shape[1] > 1
-        layers = [slot_layer(*self.chunks(i), slots, fresh) for i in range(self.n_layers)]
+        whole = self.attends_by_itself and not fresh
+        layers = [slot_layer(*self.chunks(i), slots, fresh, whole) for i in range(self.n_layers)]
         dtype = self.tensors()[0].dtype
         keys = slots if fresh else torch.arange(self.max_len, device=slots.device)
         real = attention_mask.index_select(1, keys) if fresh else attention_mask
         # a prompt: causal over itself; a new token: the slots before its own (its own entries,
         # not yet in the cache, are attended apart)
-        reach = (keys[None, None, None, :] <= slots[None, None, :, None]) if fresh else \
+        reach = (keys[None, None, None, :] <= slots[None, None, :, None]) if fresh or whole else \
             (keys[None, None, None, :] < slots[None, None, :1, None])
         allowed = real[:, None, None, :].bool() & reach
+        if whole:   # the step's own slots hold its entries in what the layers are handed
+            allowed = allowed | (keys[None, None, None, :] == slots[None, None, :, None])
         mask = torch.zeros(allowed.shape, dtype=dtype, device=slots.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
         config = self.model.config
         before = config._attn_implementation
-        if not fresh:
+        if not fresh and not whole:
             _register_decode_attention()
             config._attn_implementation = DECODE_ATTENTION
         try:
@@ -217,9 +242,9 @@ class CachedDecoder(nn.Module):
             if layer.new is None:
                 raise UnsupportedModelError(f"{type(self.model).__name__}: layer {i} did not write the KV cache")
             if not fresh and not layer.attended:  # it attended to the cache without its new entries
-                raise UnsupportedModelError(
+                raise AttendsByItself(
                     f"{type(self.model).__name__}: layer {i} computes attention itself rather than through "
-                    "transformers' attention interface; memsched.generate cannot run its decode step")
+                    "transformers' attention interface")
             new.extend(layer.new)
         return out.logits[:, -1, :], tuple(new)
 
@@ -256,6 +281,24 @@ def _experts_traceable_on_fakes(model: nn.Module):
     finally:
         for c in configs.values():
             c._experts_implementation_internal = "grouped_mm"
+
+
+def attends_by_itself(model: nn.Module, shapes, dtype: torch.dtype, inputs: tuple) -> bool:
+    """Whether ``model``'s layers compute attention themselves rather than through transformers'
+    attention interface: one decode step (``inputs``, batch 1) run on fake tensors as memsched
+    runs it. Any other failure is left to the step's capture to report."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    one = [(torch.Size((1, *k[1:])), torch.Size((1, *v[1:]))) for k, v in shapes]
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        probe = CachedDecoder(model, one, dtype).eval()
+        try:
+            probe(*inputs)
+        except AttendsByItself:
+            return True
+        except Exception:  # noqa: BLE001 - reported by the capture of the real step
+            return False
+    return False
 
 
 def cache_shapes(model: nn.Module, batch: int, max_len: int, sample_ids: torch.Tensor):
