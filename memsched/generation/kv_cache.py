@@ -290,7 +290,7 @@ def attends_by_itself(model: nn.Module, shapes, dtype: torch.dtype, inputs: tupl
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     one = [(torch.Size((1, *k[1:])), torch.Size((1, *v[1:]))) for k, v in shapes]
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+    with torch.no_grad(), _experts_traceable_on_fakes(model), FakeTensorMode(allow_non_fake_inputs=True):
         probe = CachedDecoder(model, one, dtype).eval()
         try:
             probe(*inputs)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .tensors import storages
 
 KEY = "region"
 
@@ -48,18 +47,6 @@ def reads_region(node: fx.Node) -> bool:
 
 def output_node(gm: fx.GraphModule) -> fx.Node:
     return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-
-
-def made_bytes(gm: fx.GraphModule) -> int:
-    """Bytes of the storages the graph's ops make: each storage once, views of an input free."""
-    inputs = {key for n in gm.graph.nodes if n.op == "placeholder" for key, _ in storages(n.meta.get("val"))}
-    made: dict = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_function":
-            for key, nbytes in storages(n.meta.get("val")):
-                if key not in inputs:
-                    made[key] = nbytes
-    return sum(made.values())
 
 
 def _signature(val) -> str:

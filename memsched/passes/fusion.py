@@ -32,7 +32,7 @@ from ..ir.memory import DeviceMemory
 from ..ir.meta import KEY as MEMSCHED_KEY
 from ..ir.meta import annotate
 from ..ir.ops import Op, free, op_of, region
-from ..ir.regions import KEY, Region, made_bytes, output_node, region_of, structure_key
+from ..ir.regions import KEY, Region, output_node, region_of, structure_key
 from ..ir.tensors import storages
 
 MAX_REGION_OPS = 256   # a longer run is cut: compile time grows with a region's size
@@ -209,6 +209,25 @@ class _Run:
         self.scratch += scratch_bytes(n)
         self.members.append(n)
 
+    def outputs(self) -> list:
+        """The members read after the run (frees aside): what its region returns."""
+        inside = set(self.members)
+        return [m for m in self.members if any(u not in inside and op_of(u) is not Op.FREE for u in m.users)]
+
+    def nbytes(self) -> int:
+        """What the region may allocate: every storage its ops make, their lowerings' scratch,
+        and a buffer of its own for each output viewing a value made inside (Inductor returns
+        such a view in a fresh buffer with the view's strides, beside the value it views)."""
+        views = sum(b for o in self.outputs() if _is_view(o) for k, b in storages(o.meta.get("val")) if k in self.made)
+        return sum(self.made.values()) + self.scratch + views
+
+    def _cut(self, end: int) -> "_Run":
+        run = _Run(self.held_before)
+        for x in self.members[:end]:
+            run.add(x)
+        run.frees = [(f, k) for f, k in self.frees if k <= end]
+        return run
+
     def trimmed(self) -> "_Run | None":
         """The run cut before its first multi-output op whose getitems it does not all hold
         (a region returns tensors, not tuples); None when too little is left to fuse."""
@@ -216,12 +235,20 @@ class _Run:
         for i, m in enumerate(self.members):
             if not isinstance(m.meta.get("val"), torch.Tensor) and any(
                     u not in inside and op_of(u) is not Op.FREE for u in m.users):
-                run = _Run(self.held_before)
-                for x in self.members[:i]:
-                    run.add(x)
-                run.frees = [(f, k) for f, k in self.frees if k <= i]
-                return run.trimmed()
+                return self._cut(i).trimmed()
         return self if sum(_computes(m) for m in self.members) >= 2 else None
+
+    def fitted(self, budget: int) -> "_Run | None":
+        """The run trimmed, then cut shorter while what it may allocate (``nbytes``, which
+        counts the outputs only known at its end) does not fit beside what is held before it."""
+        run = self.trimmed()
+        while run is not None and run.held_before + run.nbytes() > budget:
+            run = run._cut(len(run.members) - 1).trimmed()
+        return run
+
+
+def _is_view(n: fx.Node) -> bool:
+    return n.target is not operator.getitem and n.target.is_view
 
 
 def find_regions(gm: fx.GraphModule, budget: int) -> list[_Run]:
@@ -229,7 +256,7 @@ def find_regions(gm: fx.GraphModule, budget: int) -> list[_Run]:
     memory, runs, run = DeviceMemory(), [], None
 
     def close():
-        kept = run.trimmed() if run is not None else None
+        kept = run.fitted(budget) if run is not None else None
         if kept is not None:
             runs.append(kept)
 
@@ -279,7 +306,7 @@ def _rewrite(graph: fx.Graph, run: _Run, index: int) -> None:
     inputs = list(dict.fromkeys(x for m in members for x in m.all_input_nodes if x not in inside))
     sub = _subgraph(members, inputs, outputs)
     reg = Region(sub, tuple(target_name(m.target) for m in members if m.target is not operator.getitem),
-                 made_bytes(sub) + sum(scratch_bytes(m) for m in members), structure_key(sub),
+                 run.nbytes(), structure_key(sub),
                  tuple(m.name for m in members))
     with graph.inserting_before(members[0]):
         node = graph.create_node("call_function", region, tuple(inputs), name=f"fused_{index}")
