@@ -352,6 +352,62 @@ def test_a_region_returning_a_view_of_its_own_value_counts_the_view_again():
     cm.close()
 
 
+def test_gpt_neo_fused_for_inference_and_training():
+    """GPT-Neo appends to an empty cache with ``cat``: contiguous in eager, the other input's
+    layout once Inductor decomposes it, so a region holding it could not view the result
+    (training) or copied past its bytes (inference); it returns its keys through ``to``, which
+    Inductor makes a copy. Such a cat stays out of regions and such outputs count again: both
+    run within every region's bytes, every region compiled, matching eager."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = T.GPTNeoForCausalLM(T.GPTNeoConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4,
+                                               attention_types=[[["global", "local"], 1]], window_size=8,
+                                               max_position_embeddings=64))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    for train in (False, True):
+        model.train(train)
+        kw = {"input_ids": ids, "labels": ids} if train else {"input_ids": ids}
+        free = memsched.plan(model, budget=10**9, example_kwargs=kw, hardware=FIXED_CPU, train=train)
+        budget = max(free.peak_device_bytes // 2, free.min_budget_bytes)
+        ref = copy.deepcopy(model)
+        want = ref(**kw)
+        cm = _compile(model, budget, train=train, fuse=True, example_kwargs=kw)
+        with torch.set_grad_enabled(train):
+            got = cm(**kw)
+        if train:
+            want.loss.backward()
+            got.loss.backward()
+            scale = max(p.grad.abs().max() for p in ref.parameters())
+            for (n, p), q in zip(ref.named_parameters(), model.parameters()):
+                torch.testing.assert_close(q.grad / scale, p.grad / scale, **TOL, msg=lambda m: f"{n}: {m}")
+            model.zero_grad(set_to_none=True)
+        else:
+            torch.testing.assert_close(got.logits, want.logits, **TOL)
+        regions = {r.key: r for r in _regions(cm.plan)}
+        assert regions and not any(k[0] in regions for k in compiled_regions.uncompiled())
+        peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
+        assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
+        cm.close()
+
+
+def test_a_region_inductor_cannot_compile_runs_op_by_op(monkeypatch):
+    """Inductor failing on a region is said (a warning with its error) and the region's ops
+    run one by one: same outputs, nothing hidden."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel today")
+
+    monkeypatch.setattr(torch._inductor, "compile", broken)
+    monkeypatch.setattr(compiled_regions, "_KERNELS", {})   # nothing compiled before
+    model, x = _stack(d=8, n=1).eval(), torch.randn(2, 3, 8)
+    cm = _compile(model, "1GB", example_inputs=(x,), fuse=True)
+    with pytest.warns(RuntimeWarning, match="could not compile a fused region.*no kernel today"), torch.no_grad():
+        got = cm(x)
+    torch.testing.assert_close(got, model(x), rtol=0, atol=0)
+    regions = {r.key for r in _regions(cm.plan)}
+    assert regions and all(k in {u[0] for u in compiled_regions.uncompiled()} for k in regions)
+    cm.close()
+
+
 def test_a_region_allocating_past_its_declared_bytes_is_stopped():
     from dataclasses import replace
 

@@ -58,7 +58,7 @@ def fusible(n: fx.Node) -> bool:
     if t._opname in _RELAID:
         return False
     leaves = _flat(n.meta.get("val"))
-    return bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves)
+    return bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves) and _laid_out_as_traced(n)
 
 
 def pointwise(n: fx.Node) -> bool:
@@ -125,6 +125,23 @@ def _sig(v):
     return repr(v)
 
 
+def _laid_out_as_traced(n: fx.Node) -> bool:
+    """Whether the op decomposed as Inductor decomposes it lays its outputs out as the plan
+    traced them (eager's layout). Where it does not, the region would compute another layout
+    than planned, and what follows could not view it or would copy it: a ``cat`` onto an empty
+    cache is contiguous in eager and a clone of its other input, in that input's layout, once
+    decomposed (GPT-Neo). Such an op stays out of regions. Strides of size-1 dimensions are
+    ignored (they address nothing); an op that does not trace is taken as matching."""
+    return _traced(n)[1]
+
+
+def _same_layout(a, b) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return True
+    return tuple(a.shape) == tuple(b.shape) and all(
+        x == y for x, y, size in zip(a.stride(), b.stride(), b.shape) if size > 1)
+
+
 def scratch_bytes(n: fx.Node) -> int:
     """Bytes an op's lowering may hold besides its outputs: the values of its decomposition (the
     table Inductor lowers with) that are neither pointwise, nor views, nor its outputs -- the
@@ -134,10 +151,16 @@ def scratch_bytes(n: fx.Node) -> int:
     that does not trace is given its outputs' bytes again."""
     if n.target is operator.getitem or n.target.is_view or torch.Tag.pointwise in n.target.tags:
         return 0
+    return _traced(n)[0]
+
+
+def _traced(n: fx.Node) -> tuple[int, bool]:
+    """(scratch bytes, laid out as traced) of an op, traced once per op and argument layout."""
     vals = fx.map_arg((n.args, n.kwargs), lambda x: x.meta.get("val"))
     key = (n.target, _sig(vals))
     if key not in _AUX:
-        _AUX[key] = _trace_scratch(n, vals) + _fallback_reads(n, vals)
+        scratch, layout_ok = _trace_decomposed(n, vals)
+        _AUX[key] = (scratch + _fallback_reads(n, vals), layout_ok)
     return _AUX[key]
 
 
@@ -156,7 +179,7 @@ def _fallback_reads(n: fx.Node, vals) -> int:
     return sum(read.values())
 
 
-def _trace_scratch(n: fx.Node, vals) -> int:
+def _trace_decomposed(n: fx.Node, vals) -> tuple[int, bool]:
     from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -164,8 +187,10 @@ def _trace_scratch(n: fx.Node, vals) -> int:
     try:
         gm = make_fx(lambda a, k: n.target(*a, **k), decomposition_table=select_decomp_table())(args, kwargs)
     except Exception:  # noqa: BLE001 - an op the meta tracer cannot run: count its outputs again
-        return sum(b for _, b in storages(n.meta.get("val")))
+        return sum(b for _, b in storages(n.meta.get("val"))), True
     out_node = next(x for x in reversed(gm.graph.nodes) if x.op == "output")
+    made = [x.meta.get("val") if isinstance(x, fx.Node) else x for x in _flat(out_node.args[0])]
+    layout_ok = all(_same_layout(a, b) for a, b in zip(made, _flat(n.meta.get("val"))))
     returned = set(out_node.all_input_nodes)
     total = 0
     for x in gm.graph.nodes:
@@ -175,7 +200,7 @@ def _trace_scratch(n: fx.Node, vals) -> int:
         if isinstance(t, torch._ops.OpOverload) and (t.is_view or torch.Tag.pointwise in t.tags):
             continue
         total += sum(b for _, b in storages(x.meta.get("val")))
-    return total
+    return total, layout_ok
 
 
 def _computes(n: fx.Node) -> bool:
@@ -216,10 +241,18 @@ class _Run:
 
     def nbytes(self) -> int:
         """What the region may allocate: every storage its ops make, their lowerings' scratch,
-        and a buffer of its own for each output viewing a value made inside (Inductor returns
-        such a view in a fresh buffer with the view's strides, beside the value it views)."""
-        views = sum(b for o in self.outputs() if _is_view(o) for k, b in storages(o.meta.get("val")) if k in self.made)
-        return sum(self.made.values()) + self.scratch + views
+        a buffer of its own for each output viewing a value made inside (Inductor returns such
+        a view in a fresh buffer with the view's strides, beside the value it views), and one
+        for each output of an op that may or may not copy (``_may_copy``)."""
+        again = 0
+        for o in self.outputs():
+            for k, b in storages(o.meta.get("val")):
+                # a view of a value made here; or an op that may return its input as it is
+                # (``to`` a dtype it has, ``reshape``, ``contiguous``), which Inductor's
+                # decomposition may make a copy
+                if o.target is not operator.getitem and (k in self.made and _is_view(o) or _may_copy(o)):
+                    again += b
+        return sum(self.made.values()) + self.scratch + again
 
     def _cut(self, end: int) -> "_Run":
         run = _Run(self.held_before)
@@ -249,6 +282,13 @@ class _Run:
 
 def _is_view(n: fx.Node) -> bool:
     return n.target is not operator.getitem and n.target.is_view
+
+
+def _may_copy(n: fx.Node) -> bool:
+    """An op that may alias its input (a view by its schema) and is decomposed, not a view
+    kernel of its own: ``to``, ``reshape``, ``contiguous``."""
+    t = n.target
+    return t.is_view and torch._C._dispatch_has_kernel_for_dispatch_key(t.name(), "CompositeImplicitAutograd")
 
 
 def find_regions(gm: fx.GraphModule, budget: int) -> list[_Run]:

@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -26,6 +27,7 @@ from ..ir.units import format_bytes
 _KERNELS: dict[tuple, Callable] = {}
 _COMPILE_S: dict[tuple, float] = {}
 _PEAK: dict[tuple, int] = {}      # bytes the CPU allocator held at most during a kernel's first call
+_UNCOMPILED: dict[tuple, str] = {}  # kernels Inductor could not compile: their error
 _LOCK = threading.Lock()
 
 
@@ -77,11 +79,31 @@ def _compile(region: Region, key: tuple, args) -> Callable:
         if fn is None:
             t = time.perf_counter()
             gm = torch.fx.GraphModule(torch.nn.Module(), _plain_copy(region.graph.graph))
-            with torch.no_grad():
-                fn = torch._inductor.compile(gm, list(args))
+            try:
+                with torch.no_grad():
+                    fn = torch._inductor.compile(gm, list(args))
+            except Exception as exc:  # noqa: BLE001 - reported, and the region still runs
+                fn = _uncompiled(region, gm, key, exc)
             _KERNELS[key] = fn
             _COMPILE_S[key] = time.perf_counter() - t
     return fn
+
+
+def _uncompiled(region: Region, gm: torch.fx.GraphModule, key: tuple, exc: Exception) -> Callable:
+    """A region Inductor cannot compile runs its ops one by one, as without fusion (same values,
+    no more bytes than its ops make), with a warning naming Inductor's error. Seen so far: a
+    graph whose eager strides Inductor's fake tracing does not reproduce (a ``cat`` onto an
+    empty cache, then a ``view`` of it: GPT-Neo's training step)."""
+    _UNCOMPILED[key] = f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"memsched: Inductor could not compile a fused region ({len(region.ops)} ops: "
+                  f"{', '.join(region.ops[:4])} ...), so it runs op by op: {type(exc).__name__}: "
+                  f"{str(exc)[:300]}", RuntimeWarning, stacklevel=4)
+    return gm
+
+
+def uncompiled() -> dict[tuple, str]:
+    """Per region kernel Inductor could not compile (region key, input layout): its error."""
+    return dict(_UNCOMPILED)
 
 
 def _plain_copy(graph: torch.fx.Graph) -> torch.fx.Graph:
