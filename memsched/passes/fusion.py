@@ -241,17 +241,20 @@ class _Run:
 
     def nbytes(self) -> int:
         """What the region may allocate: every storage its ops make, their lowerings' scratch,
-        a buffer of its own for each output viewing a value made inside (Inductor returns such
-        a view in a fresh buffer with the view's strides, beside the value it views), and one
-        for each output of an op that may or may not copy (``_may_copy``)."""
+        a buffer of its own for each output viewing part of a value made inside (Inductor
+        returned a slice of a product in a fresh buffer beside the product), and one for each
+        output of an op that may or may not copy (``_may_copy``)."""
         again = 0
         for o in self.outputs():
-            for k, b in storages(o.meta.get("val")):
-                # a view of a value made here; or an op that may return its input as it is
-                # (``to`` a dtype it has, ``reshape``, ``contiguous``), which Inductor's
-                # decomposition may make a copy
-                if o.target is not operator.getitem and (k in self.made and _is_view(o) or _may_copy(o)):
-                    again += b
+            val = o.meta.get("val")
+            if o.target is operator.getitem or not isinstance(val, torch.Tensor):
+                continue
+            made_here = any(k in self.made for k, _ in storages(val))
+            # a view of part of a value made here (a whole one is returned as that buffer); or
+            # an op that may return its input as it is (``to`` a dtype it has, ``reshape``),
+            # which Inductor's decomposition may make a copy
+            if made_here and _is_view(o) and not _whole(val) or _may_copy(o):
+                again += val.numel() * val.element_size()
         return sum(self.made.values()) + self.scratch + again
 
     def _cut(self, end: int) -> "_Run":
@@ -278,6 +281,11 @@ class _Run:
         while run is not None and run.held_before + run.nbytes() > budget:
             run = run._cut(len(run.members) - 1).trimmed()
         return run
+
+
+def _whole(t: torch.Tensor) -> bool:
+    """A view addressing every byte of its storage from its start (a transpose, a reshape)."""
+    return t.storage_offset() == 0 and t.numel() * t.element_size() == t.untyped_storage().nbytes()
 
 
 def _is_view(n: fx.Node) -> bool:
