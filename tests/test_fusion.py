@@ -25,6 +25,7 @@ from random_graphs import random_dags  # noqa: E402
 
 import memsched  # noqa: E402
 from memsched.cost_models.simulator import simulate  # noqa: E402
+from memsched.errors import BudgetExceededError  # noqa: E402
 from memsched.ir.ops import Op, op_of  # noqa: E402
 from memsched.ir.regions import region_of  # noqa: E402
 from memsched.passes.fusion import fuse  # noqa: E402
@@ -405,6 +406,32 @@ def test_a_region_inductor_cannot_compile_runs_op_by_op(monkeypatch):
     torch.testing.assert_close(got, model(x), rtol=0, atol=0)
     regions = {r.key for r in _regions(cm.plan)}
     assert regions and all(k in {u[0] for u in compiled_regions.uncompiled()} for k in regions)
+    cm.close()
+
+
+@pytest.mark.xfail(strict=True, raises=BudgetExceededError,
+                   reason="known gap: a bf16 region holding a linear and the rotary embedding still allocates "
+                          "past its bound on a CPU (23.1 KiB against 20.5 KiB); fuse=False runs it")
+def test_bfloat16_matrix_products_count_their_float32_work():
+    """A bf16 LLaMA fused at half its peak: a bf16 matrix product on a CPU converts operands and
+    accumulates in float32 inside the library call (15 KiB past a 6 KiB output); regions count
+    that, but another bf16 region still goes past its bound (the mark above)."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2)).eval().to(torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    kw = {"input_ids": ids}
+    free = memsched.plan(model, budget=10**9, example_kwargs=kw, hardware=FIXED_CPU)
+    budget = max(free.peak_device_bytes // 2, free.min_budget_bytes)
+    cm = _compile(model, budget, fuse=True, example_kwargs=kw)
+    with torch.no_grad():
+        got, want = cm(**kw).logits.float(), model(**kw).logits.float()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)   # bf16: fused sums round differently
+    regions = {r.key: r for r in _regions(cm.plan)}
+    peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
+    assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
+    assert cm.stats.peak_device_bytes <= budget
     cm.close()
 
 
