@@ -168,9 +168,9 @@ _GEMMS = frozenset({"mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "addbmm
 
 
 def _half_gemm_scratch(n: fx.Node, vals) -> int:
-    """A matrix product of 16-bit floats may convert its operands and accumulate in float32
-    inside the library call (a bf16 ``linear`` on a CPU allocated 15 KiB past its 6 KiB
-    output): each operand counts again and the outputs at 4 bytes an element."""
+    """A matrix product of 16-bit floats may convert its operands to float32 and accumulate in
+    float32 inside the library call (a bf16 ``linear`` on a CPU allocated 15 KiB past its 6 KiB
+    output, another 16 KiB past 1.5 KiB): operands and outputs count again at 4 bytes an element."""
     if n.target._opname not in _GEMMS:
         return 0
     args, kwargs = vals
@@ -178,7 +178,7 @@ def _half_gemm_scratch(n: fx.Node, vals) -> int:
     if not any(t.dtype in (torch.bfloat16, torch.float16) for t in read):
         return 0
     outs = [t for t in _flat(n.meta.get("val")) if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in read) + sum(4 * t.numel() for t in outs)
+    return sum(4 * t.numel() for t in read + outs)
 
 
 def _fallback_reads(n: fx.Node, vals) -> int:
