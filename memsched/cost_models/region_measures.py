@@ -1,8 +1,8 @@
 """What fused regions measured on this machine, kept across processes.
 
-The runtime times each CPU call of a region's compiled kernel and watches the allocator during
-its first call (runtime/regions.py); both are recorded here by the region's structure key
-(ir/regions.py: its ops and its inputs' layouts) and torch's thread count. The simulator prices
+The runtime times each CPU call of a region's compiled kernel (runtime/regions.py); the times
+are recorded here by the region's structure key (ir/regions.py: its ops and its inputs' layouts)
+and torch's thread count. The simulator prices
 a region by its measured time when the plan uses this machine's profile, so a plan made after
 the same regions ran -- in this process or an earlier one -- is priced by what its kernels took,
 not by the roofline. The measures are saved as JSON beside the hardware profile
@@ -25,7 +25,6 @@ SAMPLES = 8   # the last calls kept per region; their median is its price
 
 _LOCK = threading.Lock()
 _TIMES: dict[str, list[float]] = {}
-_PEAKS: dict[str, int] = {}
 _state = {"loaded": False, "dirty": False, "hooked": False}
 
 
@@ -45,26 +44,20 @@ def _seconds(x) -> bool:
     return type(x) in (int, float) and math.isfinite(x) and 0 <= x < 1e6
 
 
-def _read(path: Path) -> tuple[dict, dict]:
+def _read(path: Path) -> dict:
     try:
         d = json.loads(path.read_text())
-        times = {k: [float(x) for x in v][-SAMPLES:] for k, v in d.get("times", {}).items()
-                 if isinstance(k, str) and isinstance(v, list) and v and all(_seconds(x) for x in v)}
-        peaks = {k: v for k, v in d.get("peaks", {}).items()
-                 if isinstance(k, str) and type(v) is int and v >= 0}
-        return times, peaks
+        return {k: [float(x) for x in v][-SAMPLES:] for k, v in d.get("times", {}).items()
+                if isinstance(k, str) and isinstance(v, list) and v and all(_seconds(x) for x in v)}
     except (OSError, ValueError, TypeError, AttributeError):
-        return {}, {}   # missing or malformed: measured again
+        return {}   # missing or malformed: measured again
 
 
 def _load() -> None:
     if _state["loaded"]:
         return
-    times, peaks = _read(cache_path())
-    for k, v in times.items():
+    for k, v in _read(cache_path()).items():
         _TIMES.setdefault(k, v)
-    for k, v in peaks.items():
-        _PEAKS.setdefault(k, v)
     _state["loaded"] = True
 
 
@@ -93,20 +86,6 @@ def measured_time(key: str) -> float | None:
     return samples[len(samples) // 2] if samples else None
 
 
-def record_peak(key: str, nbytes: int) -> None:
-    with _LOCK:
-        _load()
-        _PEAKS[_entry(key)] = int(nbytes)
-        _changed()
-
-
-def measured_peak(key: str) -> int | None:
-    """The allocator bytes a region with this structure held at most during its first call."""
-    with _LOCK:
-        _load()
-        return _PEAKS.get(_entry(key))
-
-
 def save() -> None:
     """Write this process's measures into the cache file (merged with what other processes
     wrote meanwhile: theirs for regions this one never ran). Never raises."""
@@ -114,13 +93,12 @@ def save() -> None:
         if not _state["dirty"]:
             return
         path = cache_path()
-        times, peaks = _read(path)
+        times = _read(path)
         times.update(_TIMES)
-        peaks.update(_PEAKS)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"times": times, "peaks": peaks}))
+            tmp.write_text(json.dumps({"times": times}))
             os.replace(tmp, path)   # atomic: a concurrent reader never sees half a file
             _state["dirty"] = False
         except OSError:
@@ -131,5 +109,4 @@ def forget() -> None:
     """Drop what this process holds and read the cache file again at the next query (tests)."""
     with _LOCK:
         _TIMES.clear()
-        _PEAKS.clear()
         _state["loaded"] = _state["dirty"] = False

@@ -168,14 +168,14 @@ _GEMMS = frozenset({"mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "addbmm
 
 
 def _half_gemm_scratch(n: fx.Node, vals) -> int:
-    """A matrix product of 16-bit floats may convert its operands to float32 and accumulate in
-    float32 inside the library call (a bf16 ``linear`` on a CPU allocated 15 KiB past its 6 KiB
+    """A matrix product of 16-bit floats on a CPU may convert its operands to float32 and
+    accumulate in float32 inside the library call (oneDNN) (a bf16 ``linear`` on a CPU allocated 15 KiB past its 6 KiB
     output, another 16 KiB past 1.5 KiB): operands and outputs count again at 4 bytes an element."""
     if n.target._opname not in _GEMMS:
         return 0
     args, kwargs = vals
     read = [t for t in _flat(args) + _flat(list(kwargs.values())) if isinstance(t, torch.Tensor)]
-    if not any(t.dtype in (torch.bfloat16, torch.float16) for t in read):
+    if not any(t.dtype in (torch.bfloat16, torch.float16) and t.device.type == "cpu" for t in read):
         return 0
     outs = [t for t in _flat(n.meta.get("val")) if isinstance(t, torch.Tensor)]
     return sum(4 * t.numel() for t in read + outs)

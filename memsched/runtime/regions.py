@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..cost_models.region_measures import record_peak, record_time
+from ..cost_models.region_measures import record_time
 from ..errors import BudgetExceededError
 from ..ir.regions import Region
 from ..ir.units import format_bytes
@@ -64,7 +64,6 @@ class RegionKernel:
         the plan counted; more is a broken bound, reported rather than run past."""
         out, peak = allocator_peak(fn, args)
         _PEAK[key] = peak
-        record_peak(self.region.key, peak)
         if peak > self.region.nbytes:
             raise BudgetExceededError(
                 f"a fused region ({len(self.region.ops)} ops: {', '.join(self.region.ops[:4])} ...) allocated "
