@@ -102,7 +102,7 @@ def capture_pass(s: PlanningState) -> str:
     if s.train:
         def trace(model):
             return capture_joint(model, s.args, s.kwargs, grad_outputs=s.grad_outputs, target=s.hw.device_type,
-                                 loss_chunks=loss_chunks(s.chunking))
+                                 loss_chunks=loss_chunks(s.chunking), shared_loss_heads=s.fuse)
     else:
         def trace(model):
             return capture(model, s.args, s.kwargs)

@@ -1,8 +1,9 @@
 """The LM head with its cross-entropy run in slices of rows (frontend/loss_head.py, selected by
 passes/chunking.py below the minimum): found by its ops, the loss alone replaced when the
-logits are returned too, the same maths as the exported graph, and a training step that never
-holds the full logits -- or, returning them, none of the loss's own -- plans below the unsplit
-minimum and matches eager."""
+logits are returned too (it reads them), the same maths as the exported graph,
+and a training step that never holds the full logits -- or, returning them, none of the loss's
+own -- plans below the unsplit minimum and matches eager; a fused step has its loss read the
+returned logits at every budget."""
 from __future__ import annotations
 
 import copy
@@ -173,8 +174,8 @@ def test_a_step_below_the_unsplit_minimum_matches_eager(build, tmp_path):
 
 def test_a_model_returning_its_logits_replaces_the_loss_alone():
     """A Hugging Face model returns the logits beside the loss; the caller holds them through the
-    backward. Below the unsplit minimum the loss runs in slices from the hidden state (one more
-    LM-head matmul), the logits come back whole and equal eager's, loss and gradients close."""
+    backward. Below the unsplit minimum the loss reads them in slices of rows, the logits come
+    back whole and equal eager's, loss and gradients close."""
     torch.manual_seed(0)
     model, (ids, labels) = _qwen2().train(), _batch()
     ref = copy.deepcopy(model)
@@ -199,42 +200,95 @@ def test_a_model_returning_its_logits_replaces_the_loss_alone():
         cm.close()
 
 
+_VIEWS = {"aten.view.default", "aten._unsafe_view.default", "aten.slice.Tensor", "aten.select.int",
+          "aten.detach.default", "aten.alias.default", "aten.t.default", "aten.transpose.int"}
+
+
+def _whole_logit_ops(gm, whole: int) -> list[str]:
+    """The ops of ``gm`` that make a value as large as the logits (views of one aside)."""
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"
+            and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].numel() >= whole
+            and str(n.target) not in _VIEWS]
+
+
+def test_a_fused_step_has_the_loss_read_the_returned_logits_at_every_budget():
+    """With fuse=True (sums reordered anyway) the loss reads the returned logits in blocks of
+    rows whatever the budget: nothing else the size of the logits is made (no log-softmax, no
+    gradient of either), no LM-head matmul is added; logits, loss and gradients close to
+    eager's (gradients within 1e-5 of the largest: the slices sum in another order)."""
+    torch.manual_seed(0)
+    model, (ids, labels) = _qwen2().train(), _batch()
+    ref = copy.deepcopy(model)
+    kwargs = {"input_ids": ids, "labels": labels}
+    whole = ids.numel() * VOCAB
+    assert "aten._log_softmax.default" in _whole_logit_ops(capture_joint(model, (), kwargs).gm, whole)
+    joint = capture_joint(model, (), kwargs, shared_loss_heads=True).gm
+    assert _whole_logit_ops(joint, whole) == ["aten.mm.default"]   # the kept linear, once
+    want = ref(**kwargs)
+    want.loss.backward()
+    plain = _plan(model, (), 10**13, example_kwargs=kwargs).program.peak_bytes
+    budget = _plan(model, (), 10**13, example_kwargs=kwargs, fuse=True).program.peak_bytes
+    assert budget < plain
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(model, budget, example_kwargs=kwargs, train=True, device="cpu", hardware=FIXED_CPU,
+                              fuse=True)
+    try:
+        got = cm(**kwargs)
+        got.loss.backward()
+        assert LOSS_HEAD not in {c.path for c in cm.plan.chunking}   # not the planner's choice: always
+        assert cm.stats.peak_device_bytes <= budget and cm.plan.verify() <= budget
+        torch.testing.assert_close(got.logits, want.logits)   # fused regions round differently
+        torch.testing.assert_close(got.loss, want.loss)
+        scale = max(p.grad.abs().max() for p in ref.parameters())
+        for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-5 * scale, msg=name)
+    finally:
+        cm.close()
+
+
 class _RandomHead(torch.nn.Module):
-    def __init__(self, hidden, vocab, bias, shift, reduction, ignore_index):
+    """``returned``: the logits come back beside the loss (a shared head: the loss reads them)."""
+
+    def __init__(self, hidden, vocab, bias, shift, reduction, ignore_index, returned=False):
         super().__init__()
         self.proj = torch.nn.Linear(hidden, vocab, bias=bias)
         self.shift, self.reduction, self.ignore_index = shift, reduction, ignore_index
+        self.returned = returned
 
     def forward(self, h, target):
-        logits = self.proj(h)
+        whole = logits = self.proj(h)
         if self.shift:
             logits, target = logits[:, :-1, :], target[:, 1:]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                reduction=self.reduction, ignore_index=self.ignore_index)
+        return (loss, whole) if self.returned else loss
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=st.integers(1, 3), seq=st.integers(2, 9), hidden=st.sampled_from([8, 16]),
        vocab=st.integers(3, 40), chunks=st.integers(2, 8), bias=st.booleans(), shift=st.booleans(),
-       reduction=st.sampled_from(["mean", "sum", "none"]), ignored=st.floats(0, 0.9))
+       reduction=st.sampled_from(["mean", "sum", "none"]), ignored=st.floats(0, 0.9), returned=st.booleans())
 def test_random_heads_rewrite_to_the_same_loss_and_gradients(batch, seq, hidden, vocab, chunks, bias, shift,
-                                                             reduction, ignored):
-    """Any shape, chunk count (more chunks than rows too), reduction, bias, shift and share of
-    ignored targets (at least one row kept: a mean over no rows is NaN both ways)."""
+                                                             reduction, ignored, returned):
+    """Any shape, chunk count (more chunks than rows too), reduction, bias, shift, share of
+    ignored targets (at least one row kept: a mean over no rows is NaN both ways) and logits
+    returned or not (read in blocks of rows of a shifted batch when returned)."""
     g = torch.Generator().manual_seed(batch * 1000 + seq * 10 + vocab)
-    model = _RandomHead(hidden, vocab, bias, shift, reduction, -100)
+    model = _RandomHead(hidden, vocab, bias, shift, reduction, -100, returned)
     h, target = torch.randn(batch, seq, hidden, generator=g), torch.randint(0, vocab, (batch, seq), generator=g)
     drop = torch.rand(batch, seq, generator=g) < ignored
     drop[:, -1] = False
     target[drop] = -100
     ep = export_model(model, (h, target))
-    assert len(find_loss_heads(ep.graph_module)) == 1
+    assert [h.shared for h in find_loss_heads(ep.graph_module)] == [returned]
     rewritten = chunk_loss_heads(ep.graph_module, chunks)
     results = []
     for gm in (ep.graph_module, rewritten):
         inputs = _flat_inputs(ep, model, (h, target))
-        (loss,) = gm(*inputs)
+        loss, *logits = gm(*inputs)
         loss.sum().backward()
-        results.append([loss.detach()] + [i.grad for i in inputs if isinstance(i, torch.Tensor) and i.requires_grad])
+        results.append([loss.detach(), *(x.detach() for x in logits)]
+                       + [i.grad for i in inputs if isinstance(i, torch.Tensor) and i.requires_grad])
     for got, want in zip(*reversed(results)):
         torch.testing.assert_close(got, want)

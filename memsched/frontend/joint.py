@@ -63,7 +63,8 @@ def _state(model: torch.nn.Module, ep) -> dict[str, torch.Tensor]:
 
 
 def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None,
-                  grad_outputs: str = "auto", target: str = "cpu", loss_chunks: int = 0) -> JointCaptured:
+                  grad_outputs: str = "auto", target: str = "cpu", loss_chunks: int = 0,
+                  shared_loss_heads: bool = False) -> JointCaptured:
     """Trace one training step of ``model(*args, **kwargs)``.
 
     ``grad_outputs``: "auto" expects gradients only for scalar outputs when there are any (a
@@ -74,6 +75,8 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     traced with the math backend instead, ops that exist on every device.
     ``loss_chunks``: when > 1, an LM head whose logits only feed a cross-entropy runs on that
     many slices of rows, forward and backward (frontend/loss_head.py): the full logits never exist.
+    ``shared_loss_heads``: a head whose logits are returned too has its loss read them in slices
+    of rows whatever ``loss_chunks`` (its sums then differ from eager's in the last bits).
     """
     if grad_outputs not in ("auto", "all"):
         raise ValueError(f"grad_outputs must be 'auto' or 'all', got {grad_outputs!r}")
@@ -99,7 +102,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     floating = [i for i, v in enumerate(user_vals) if isinstance(v, torch.Tensor) and v.is_floating_point()]
     if grad_outputs == "auto" and any(user_vals[i].dim() == 0 for i in floating):
         floating = [i for i in floating if user_vals[i].dim() == 0]
-    traced = chunk_loss_heads(ep.graph_module, loss_chunks) if loss_chunks > 1 else ep.graph_module
+    traced = chunk_loss_heads(ep.graph_module, loss_chunks, shared_loss_heads)
     trace = _Trace(traced, slot_of, trained, n_mut, floating)
     with _portable_attention(target, primals):
         joint = make_lazy(trace.run(model, primals, user_vals))  # code made when first run

@@ -7,11 +7,15 @@ views and slices of rows (the shift of ``logits[..., :-1, :]``, applied to ``hid
 then ``cross_entropy_loss(logits [N, V], target [N])`` with no class weights and no
 label smoothing, each value in the chain read by the next op (trace-time asserts aside).
 When the logits are read elsewhere too (a Hugging Face model returns them beside the loss) the
-linear stays for those readers and only the loss is replaced: the logits exist in full, but the
-cross-entropy's own [N, V] values (its float copy, log-softmax, their gradients) never do, for
-the price of one more LM-head matmul in the forward. A training step differentiates the loss
-alone (frontend/joint.py), so the kept linear has no backward. A forward that returns the loss
-alone saves the logits too.
+linear stays for those readers and the loss is replaced by the kernel reading those logits in
+blocks of rows (``shared``): the cross-entropy's own [N, V] values (its float copy, log-softmax,
+their gradients) never exist whole, and no matmul is added. A training step differentiates the
+loss alone (frontend/joint.py), so the kept linear has no backward: the kernel's gives the hidden
+state, weight and bias theirs. Summed in slices, loss and gradients differ from eager's in the
+last bits, so this is done at every budget only where such differences are accepted anyway
+(``shared=True``: a fused plan); otherwise it is the planner's choice below the minimum
+(passes/chunking.py), as is the split of a forward that returns the loss alone, which saves
+the logits too for one more LM-head matmul per slice.
 
 The replacement calls ``fused_linear_cross_entropy(..., impl="torch")``: the joint trace
 (frontend/joint.py) runs its chunk loop and its autograd backward on FakeTensors, so the plan
@@ -48,7 +52,7 @@ class LossHead:
     logits_bytes: int   # the full logits the chunked kernel never makes
     hidden_bytes: int   # the linear's input
     slices: tuple = ()  # (dim, start, end, step) of the rows the loss reads, applied to the input
-    shared: bool = False  # the logits are read elsewhere too: they exist whole, the loss's values do not
+    shared: bool = False  # the logits are read elsewhere too: the loss reads them, its own values never exist whole
 
 
 def _val(n) -> torch.Tensor | None:
@@ -124,22 +128,40 @@ def find_loss_heads(gm: fx.GraphModule) -> list[LossHead]:
     return out
 
 
-def chunk_loss_heads(gm: fx.GraphModule, chunks: int) -> fx.GraphModule:
-    """A copy of ``gm`` with every loss head computed ``chunks`` slices of rows at a time."""
+# A shared head's loss reads the kept logits in this many blocks of rows at least: each block's
+# float copy and gradient are an eighth of the logits, and more blocks add no arithmetic.
+SHARED_BLOCKS = 8
+
+
+def chunk_loss_heads(gm: fx.GraphModule, chunks: int, shared: bool = False) -> fx.GraphModule:
+    """A copy of ``gm`` with its loss heads computed in slices of rows when ``chunks`` > 1: a
+    shared head (its logits read elsewhere too) reading those logits in max(``chunks``,
+    SHARED_BLOCKS) blocks, the others recomputing their logits in ``chunks`` slices.
+    ``shared=True``: shared heads are rewritten whatever ``chunks``. ``gm`` itself when no head
+    is rewritten."""
+    heads = [h for h in find_loss_heads(gm) if chunks > 1 or (shared and h.shared)]
+    if not heads:
+        return gm
     gm = copy.deepcopy(gm)
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
-    for head in find_loss_heads(gm):
+    for head in heads:
         linear, loss = nodes[head.linear], nodes[head.loss]
         hidden, weight = linear.args[0], linear.args[1]
         bias = _arg(linear, 2, "bias", None)
+        slices = max(chunks, SHARED_BLOCKS) if head.shared else chunks
         # the loss keeps the dtype it had (float32 where the logits were upcast before it)
-        kwargs = {"chunk_size": math.ceil(head.rows / chunks), "reduction": _REDUCTION[_arg(loss, 3, "reduction", 1)],
+        kwargs = {"chunk_size": math.ceil(head.rows / slices), "reduction": _REDUCTION[_arg(loss, 3, "reduction", 1)],
                   "ignore_index": int(_arg(loss, 4, "ignore_index", -100)), "impl": "torch",
                   "dtype": _val(loss).dtype}
         with graph.inserting_before(loss):
+            logits = linear if head.shared else None
             for dim, start, end, step in head.slices:
                 hidden = graph.call_function(aten.slice.Tensor, (hidden, dim, start, end, step))
+                if logits is not None:
+                    logits = graph.call_function(aten.slice.Tensor, (logits, dim, start, end, step))
+            if logits is not None:
+                kwargs["logits"] = logits
             fused = graph.call_function(fused_linear_cross_entropy, (hidden, weight, loss.args[1], bias), kwargs)
         fused.meta.update(loss.meta)
         loss.replace_all_uses_with(fused)

@@ -10,8 +10,15 @@ the forward free of a [vocab, hidden] gradient buffer, which matters under a mem
 grad_weight and grad_bias accumulate in float32 across chunks, then take the weight's dtype.
 Peak extra memory: a few [chunk_size, vocab] tensors (the chunk's logits and, in the fallback,
 their float32 copy), plus the float32 [vocab, hidden] accumulator in backward.
+
+Where the caller holds the full logits anyway (a model returning them beside its loss), they
+can be passed as ``logits=``: forward and backward then read them in blocks of rows instead of
+recomputing them, so no matmul is added, and the loss's own [N, vocab] values (its log-softmax,
+their gradients) still never exist whole.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -41,15 +48,37 @@ def _chunk_grad_torch(logits, target, lse, scale):
     return p.mul(scale[:, None]).to(logits.dtype)
 
 
-def _forward(hidden, weight, bias, target, chunk, ignore_index, triton):
+def _row_views(logits: torch.Tensor, chunk: int, first: int = 0) -> list[tuple[int, torch.Tensor]]:
+    """(first row, [rows, V] view) blocks of ``logits`` [..., V] in row order, at most ``chunk``
+    rows each, none of them a copy: shifted logits (``logits[:, :-1]``) are no single [N, V]
+    view, so those are cut along their leading dims first."""
+    try:
+        flat = logits.view(-1, logits.shape[-1])
+    except RuntimeError:
+        per = math.prod(logits.shape[1:-1])
+        return [b for i in range(logits.shape[0]) for b in _row_views(logits[i], chunk, first + i * per)]
+    return [(first + s, flat[s:s + chunk]) for s in range(0, flat.shape[0], chunk)]
+
+
+def _blocks(hidden, weight, bias, chunk, logits):
+    """(rows, logits of those rows): read from the caller's ``logits`` when given, else
+    computed one chunk at a time (each dropped before the next is made)."""
+    if logits is not None:
+        for start, block in _row_views(logits, chunk):
+            yield slice(start, start + block.shape[0]), block
+        return
+    for start in range(0, hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        yield rows, _logits(hidden[rows], weight, bias)
+
+
+def _forward(hidden, weight, bias, target, chunk, ignore_index, triton, given=None):
     """Per-row loss and logsumexp, float32 [N], one chunk of logits at a time. Each chunk's
     rows are new tensors, concatenated at the end (no writes into slices of a buffer, so the
     loop traces into a graph a planner can schedule: passes/chunking.py)."""
     kernels = triton_kernels() if triton else None
     losses, lses = [], []
-    for start in range(0, hidden.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        logits = _logits(hidden[rows], weight, bias)
+    for rows, logits in _blocks(hidden, weight, bias, chunk, given):
         run = kernels.ce_forward if triton else _chunk_loss_torch
         loss, lse = run(logits, target[rows], ignore_index)
         del logits
@@ -58,16 +87,17 @@ def _forward(hidden, weight, bias, target, chunk, ignore_index, triton):
     return torch.cat(losses), torch.cat(lses)
 
 
-def _backward(hidden, weight, bias, target, lse, scale, chunk, triton, needs):
-    """(grad_hidden, grad_weight, grad_bias), recomputing each chunk's logits. The weight and
-    bias gradients accumulate in place in one float32 buffer made by the first chunk."""
+def _backward(hidden, weight, bias, target, lse, scale, chunk, triton, needs, given=None):
+    """(grad_hidden, grad_weight, grad_bias), recomputing each chunk's logits (or reading the
+    ``given`` ones). The weight and bias gradients accumulate in place in one float32 buffer
+    made by the first chunk."""
     want_h, want_w, want_b = needs
     grad_h, grad_w, grad_b = [], None, None
     kernels = triton_kernels() if triton else None
-    for start in range(0, hidden.shape[0], chunk):
-        rows = slice(start, start + chunk)
+    for rows, logits in _blocks(hidden, weight, bias, chunk, given):
         h = hidden[rows]
-        logits = _logits(h, weight, bias)
+        if triton and given is not None:
+            logits = logits.clone()   # the Triton kernel turns its logits into gradients in place
         if triton:
             d = kernels.ce_backward_(logits, target[rows], lse[rows], scale[rows])
         else:
@@ -95,10 +125,10 @@ def _accumulate_weight_grad(acc: torch.Tensor | None, d: torch.Tensor, h: torch.
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, chunk, ignore_index, reduction, triton, dtype):
-        loss, lse = _forward(hidden, weight, bias, target, chunk, ignore_index, triton)
+    def forward(ctx, hidden, weight, bias, target, chunk, ignore_index, reduction, triton, dtype, logits):
+        loss, lse = _forward(hidden, weight, bias, target, chunk, ignore_index, triton, logits)
         valid = target != ignore_index
-        ctx.save_for_backward(hidden, weight, bias, target, lse, valid)
+        ctx.save_for_backward(hidden, weight, bias, target, lse, valid, logits)
         ctx.options = (chunk, reduction, triton)
         if reduction == "none":
             return loss.to(dtype)
@@ -107,28 +137,31 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, target, lse, valid = ctx.saved_tensors
+        hidden, weight, bias, target, lse, valid, logits = ctx.saved_tensors
         chunk, reduction, triton = ctx.options
         scale = grad_out.float().expand(hidden.shape[0])
         if reduction == "mean":
             scale = scale / valid.sum()
         scale = torch.where(valid, scale, 0.0).contiguous()
         grads = _backward(hidden, weight, bias, target, lse, scale, chunk, triton,
-                          ctx.needs_input_grad[:3])
-        return (*grads, None, None, None, None, None, None)
+                          ctx.needs_input_grad[:3], logits)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                                bias: torch.Tensor | None = None, *, chunk_size: int = 1024,
                                ignore_index: int = -100, reduction: str = "mean",
-                               impl: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+                               impl: str | None = None, dtype: torch.dtype | None = None,
+                               logits: torch.Tensor | None = None) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias).flatten(0, -2), target.flatten(), ...)``
     without the full logits: ``chunk_size`` rows of logits at a time, forward and backward.
 
     hidden [..., H], weight [V, H], bias [V] or None, target [...] (class indices). The loss
     has ``dtype`` (default: hidden's; it is computed in float32 either way); with
     reduction="none" target's shape. ``impl`` forces "torch" or
-    "triton"; None picks by ``memsched.kernels.backend``.
+    "triton"; None picks by ``memsched.kernels.backend``. ``logits``: that linear's output
+    [..., V] (rows as hidden's), when the caller holds it anyway; it is read, not recomputed,
+    and gets no gradient (hidden, weight and bias get theirs).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -139,7 +172,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     t1d = target.reshape(-1).contiguous()
     if h2d.shape[0] != t1d.shape[0]:
         raise ValueError(f"hidden has {h2d.shape[0]} rows but target {t1d.shape[0]} entries")
+    if logits is not None:
+        if logits.shape[-1] != weight.shape[0] or math.prod(logits.shape[:-1]) != h2d.shape[0]:
+            raise ValueError(f"logits {tuple(logits.shape)} are not hidden {tuple(hidden.shape)} "
+                             f"times weight {tuple(weight.shape)}.T")
+        logits = logits.detach()
     triton = use_triton(impl, hidden, weight, target, bias)
     loss = _FusedLinearCrossEntropy.apply(h2d, weight, bias, t1d, chunk_size, ignore_index,
-                                          reduction, triton, dtype or hidden.dtype)
+                                          reduction, triton, dtype or hidden.dtype, logits)
     return loss.reshape(shape) if reduction == "none" else loss
