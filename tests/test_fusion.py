@@ -464,7 +464,7 @@ def test_attention_without_dropout_is_fused_and_with_dropout_is_not():
 def test_regions_that_ran_are_priced_by_their_measured_time():
     """On this machine's profile a region that has run is priced by its measured time:
     plan.predict() re-simulates with those prices (a preset profile keeps the roofline)."""
-    from memsched.cost_models.region_measures import measured_time
+    from memsched.cost_models.measures import measured_time
 
     model, x = _stack(d=16, n=2).eval(), torch.randn(2, 4, 16)
     with warnings.catch_warnings():

@@ -1,6 +1,6 @@
-"""Fused regions' measured times outlive the process (cost_models/region_measures.py):
-saved beside the hardware profile, read back by a later process, whose plans are then priced by
-them; a damaged file is ignored."""
+"""Fused regions' measured times and the offload file's rates outlive the process
+(cost_models/measures.py): saved beside the hardware profile, read back by a later process,
+whose plans are then priced by them; a damaged file is ignored."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from memsched.cost_models import region_measures as rm
+from memsched.cost_models import measures as rm
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -101,7 +101,7 @@ _RUN = textwrap.dedent("""
     x = torch.randn(4, 16)
     cm = memsched.compile(model, "1GB", device="cpu", example_inputs=(x,), fuse=True)
     regions = [region_of(n) for n in cm.plan.graph.graph.nodes if op_of(n) is Op.REGION]
-    from memsched.cost_models.region_measures import measured_time
+    from memsched.cost_models.measures import measured_time
     print("KNOWN", all(measured_time(r.key) is not None for r in regions))
     print("PREDICTED", cm.plan.predicted_time_s)
     with torch.no_grad():
@@ -126,3 +126,51 @@ def test_a_later_process_plans_with_the_measured_times(tmp_path):
     assert first["KNOWN"] == "False" and second["KNOWN"] == "True"
     assert float(second["PREDICTED"]) != float(first["PREDICTED"])
     assert list(tmp_path.glob("regions-cpu-*.json"))
+
+
+# -- the offload file's rates, as steps ran ----------------------------------------------------
+def test_a_local_profile_prices_the_page_cache_at_the_rates_steps_ran(cache):
+    """Recorded rates replace the probe's on the page-cache path of this machine's profile; a
+    preset, or a plan too large to stay cached, is priced as before."""
+    from memsched.cost_models.hardware import PRESETS
+
+    local = PRESETS["t4"].replace(name="local:cpu", device_type="cpu", host_bytes=0, disk_read_bw=1e9,
+                                  disk_write_bw=3e8, disk_cached_read_bw=7e9, disk_cached_write_bw=6e9)
+    assert local.page_cached(1 << 20, available=4 << 30).bandwidth("disk_read") == 7e9   # nothing recorded
+    for seconds in (0.5, 0.25, 0.5):   # 1 GiB read in 0.5 s: 2 GiB/s
+        rm.record_rate("cpu", "disk_read", 1 << 30, seconds)
+    rm.record_rate("cpu", "disk_write", 1 << 10, 1.0)   # too few bytes to tell a rate: ignored
+    cached = local.page_cached(1 << 20, available=4 << 30)
+    assert cached.bandwidth("disk_read") == 2 * (1 << 30) and cached.bandwidth("disk_write") == 6e9
+    assert "as steps ran" in cached.source
+    assert local.page_cached(3 << 30, available=4 << 30) is local   # not cached: the device's rates
+    preset = local.replace(name="t4")
+    assert preset.page_cached(1 << 20, available=4 << 30).bandwidth("disk_read") == 7e9
+    rm.record_rate("cpu", "disk_read", 1 << 30, float("nan"))   # never a price
+    assert rm.measured_rate("cpu", "disk_read") == 2 * (1 << 30)
+
+
+def test_a_training_step_records_the_rates_of_its_disk_moves(cache, tmp_path):
+    """From the second call on (the first grows the offload file), each call that moved enough
+    through the offload file records the rate the worker ran at."""
+    import warnings
+
+    import memsched
+    from helpers import FIXED_CPU
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Tanh()) for _ in range(8)])
+    x = torch.randn(1024, 512)
+    budget = memsched.plan(model, (x,), 10**12, train=True, hardware=FIXED_CPU).min_budget_bytes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(model, budget, example_inputs=(x,), train=True, device="cpu", hardware=FIXED_CPU,
+                              offload_dir=tmp_path)
+    try:
+        cm(x).sum().backward()
+        assert cm.stats.bytes_moved.get("disk_write", 0) >= rm.MIN_RATE_BYTES
+        assert rm.measured_rate("cpu", "disk_write") is None
+        cm(x).sum().backward()
+        assert rm.measured_rate("cpu", "disk_write") > 0 and rm.measured_rate("cpu", "disk_read") > 0
+    finally:
+        cm.close()

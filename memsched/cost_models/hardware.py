@@ -25,6 +25,7 @@ import xxhash
 # One transfer resource per link direction: each can run concurrently with
 # compute and with the other directions (full-duplex PCIe, separate disk queues).
 from ..ir.kinds import LINKS
+from .measures import measured_rate
 
 GB = 1e9  # bandwidths and FLOP/s are decimal, as vendors quote them
 GiB = 1 << 30  # GPU "GB" capacities are binary in practice (nvidia-smi MiB)
@@ -116,12 +117,17 @@ class Hardware:
         if not (self.disk_cached_read_bw and self.disk_cached_write_bw) or (read, write) == (self.disk_read_bw,
                                                                                            self.disk_write_bw):
             return self
-        available = _available_ram_bytes() if available is None else available
+        available = available_ram_bytes() if available is None else available
         if not available or nbytes > available // 2:
             return self
+        how = "probed"
+        if self.name.startswith("local:"):   # this machine: the rates its steps ran at, where recorded
+            seen_r, seen_w = measured_rate(self.device_type, "disk_read"), measured_rate(self.device_type, "disk_write")
+            read, write = seen_r or read, seen_w or write
+            how = "as steps ran" if seen_r or seen_w else how
         return self.replace(disk_read_bw=read, disk_write_bw=write,
-                            source=f"{self.source}; disk priced on the page cache ({nbytes / GiB:.2f} GiB fit in "
-                                   f"half the {available / GiB:.1f} GiB of RAM available)")
+                            source=f"{self.source}; disk priced on the page cache, {how} ({nbytes / GiB:.2f} GiB "
+                                   f"fit in half the {available / GiB:.1f} GiB of RAM available)")
 
     def replace(self, **kw) -> Hardware:
         """A copy with some fields changed, e.g. ``hw.replace(host_bytes=...)``."""
@@ -299,7 +305,7 @@ def _host_ram_bytes() -> int:
     return 8 * GiB  # unknown platform: a conservative guess
 
 
-def _available_ram_bytes() -> int:
+def available_ram_bytes() -> int:
     """MemAvailable from /proc/meminfo (0 where unknown: nothing is assumed cached)."""
     try:
         with open("/proc/meminfo") as f:

@@ -18,7 +18,7 @@ from ..ir.ops import Op, op_of, register
 from ..ir.regions import region_of
 from .hardware import Hardware
 from .op_cost import estimate_op_time, region_time
-from .region_measures import measured_time
+from .measures import measured_time
 
 
 @dataclass

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..cost_models.hardware import available_ram_bytes
+from ..cost_models.measures import record_rate
 from ..frontend.capture import Captured
 from ..ir.effects import written_args
 from ..ir.kinds import PERSISTENT, Kind, Tier
@@ -117,6 +119,7 @@ class Executor:
         # them up and fingerprinting the unchanged ones
         self.trusted = False
         self.last_stats = RunStats()
+        self._runs = 0   # calls ended (the first one grows the offload file: its rates are not kept)
         try:
             self.disk = self.stores.disk if needs_disk else None
             self.engine.disk = self.disk
@@ -318,6 +321,7 @@ class Executor:
         self._refresh()
         self.acct = DeviceAccountant(self.budget, self._pool, self._reserve)
         self.engine.stats.bytes_moved.clear()
+        self.engine.stats.disk_timed.clear()
         self.engine.stats.stall_s = 0.0
         values, user = [], iter(flat_inputs)
         for ph, slot in zip(self.captured.placeholders, self._slots):
@@ -430,6 +434,7 @@ class Executor:
             torch.cuda.synchronize(self.device)
         # handles among the outputs (gradients delivered to host or disk) are the caller's
         self._settle(keep=[o for o in out if isinstance(o, (HostCopy, DiskCopy))])
+        self._record_disk_rates()
         self.last_stats = RunStats(
             peak_device_bytes=self.acct.peak,
             bytes_moved={k: v for k, v in self.engine.stats.bytes_moved.items() if v},
@@ -437,6 +442,16 @@ class Executor:
             wall_s=wall,
             cuda_max_memory_allocated=torch.cuda.max_memory_allocated(self.device) if self.cuda else None,
         )
+
+    def _record_disk_rates(self) -> None:
+        """The offload file's rates in this step price later plans' disk moves on the page-cache
+        path: kept only where the step moved less than half the RAM available (it stayed cached),
+        and not for the first call (it grows the file, its pages faulted in at 0.2-0.3 GB/s)."""
+        self._runs += 1
+        timed = list(self.engine.stats.disk_timed.items())
+        if self._runs > 1 and timed and sum(b for _, (b, _) in timed) <= available_ram_bytes() // 2:
+            for link, (nbytes, seconds) in timed:
+                record_rate(self.device.type, link, nbytes, seconds)
 
     def close(self) -> None:
         """Drop any started step, stop the transfer threads and give back every buffer, region

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..cost_models.region_measures import record_time
+from ..cost_models.measures import record_time
 from ..errors import BudgetExceededError
 from ..ir.regions import Region
 from ..ir.units import format_bytes

@@ -45,6 +45,9 @@ class Outgoing:
 class TransferStats:
     bytes_moved: dict = field(default_factory=lambda: defaultdict(int))
     stall_s: float = 0.0
+    # the offload file's reads and writes as the workers timed them: link -> [bytes, seconds]
+    # (each link has one worker, the only writer of its entry)
+    disk_timed: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0.0]))
 
 
 def _done_future(value=None) -> Future:
@@ -220,7 +223,9 @@ class TransferEngine:
         if src.ready is not None:
             src.ready.result()  # the write of this copy must land before we read it
         if isinstance(src, DiskCopy):
+            t0 = time.perf_counter()
             self.disk.read_into(src.region, out)
+            self._timed("disk_read", src.region.nbytes, time.perf_counter() - t0)
         else:  # a tensor read from its place in a checkpoint (runtime.checkpoint.FileCopy)
             src.read_into(out)
 
@@ -229,10 +234,17 @@ class TransferEngine:
             if copied is not None:
                 copied.result()
             src = x if is_dense(x) else x.contiguous()
+            t0 = time.perf_counter()
             self.disk.write(region, src)
+            self._timed("disk_write", region.nbytes, time.perf_counter() - t0)
         finally:
             if copied is not None:
                 self.host.give_back(x)
+
+    def _timed(self, link: str, nbytes: int, seconds: float) -> None:
+        entry = self.stats.disk_timed[link]
+        entry[0] += nbytes
+        entry[1] += seconds
 
     # -- CUDA streams ----------------------------------------------------------------------
     def _cuda_h2d(self, host: torch.Tensor, out: torch.Tensor, ready: Future | None) -> Pending:

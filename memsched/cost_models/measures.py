@@ -1,11 +1,16 @@
-"""What fused regions measured on this machine, kept across processes.
+"""What the runtime measured on this machine, kept across processes: fused regions' times and
+the rates of memsched's offload file.
 
 The runtime times each CPU call of a region's compiled kernel (runtime/regions.py); the times
 are recorded here by the region's structure key (ir/regions.py: its ops and its inputs' layouts)
 and torch's thread count. The simulator prices
 a region by its measured time when the plan uses this machine's profile, so a plan made after
 the same regions ran -- in this process or an earlier one -- is priced by what its kernels took,
-not by the roofline. The measures are saved as JSON beside the hardware profile
+not by the roofline. Each step also records the rate its disk reads and writes ran at on the
+offload file, on the worker threads, while compute ran beside them (runtime/transfer.py): the
+local profile prices the page-cache path by them (cost_models/hardware.py ``page_cached``)
+instead of by its probe of an idle machine, which measured 2-3x faster than steps ran.
+The measures are saved as JSON beside the hardware profile
 (``$MEMSCHED_CACHE_DIR``, default ``~/.cache/memsched``), one file per torch version (its
 compiler makes the kernels), when the process exits; a missing, unreadable or malformed file
 is ignored and measured again.
@@ -22,6 +27,8 @@ from pathlib import Path
 import torch
 
 SAMPLES = 8   # the last calls kept per region; their median is its price
+GiB = 1 << 30
+MIN_RATE_BYTES = 1 << 20   # a step moving less tells little about a link's rate
 
 _LOCK = threading.Lock()
 _TIMES: dict[str, list[float]] = {}
@@ -84,6 +91,23 @@ def measured_time(key: str) -> float | None:
         _load()
         samples = sorted(_TIMES.get(_entry(key), ()))
     return samples[len(samples) // 2] if samples else None
+
+
+def _rate_key(device_type: str, link: str) -> str:
+    return f"offload-file/{device_type}/{link}"
+
+
+def record_rate(device_type: str, link: str, nbytes: int, seconds: float) -> None:
+    """One step's ``nbytes`` over ``link`` ("disk_read", "disk_write") of the offload file in
+    ``seconds`` of the worker's time, for a ``device_type`` device (ignored below MIN_RATE_BYTES)."""
+    if nbytes >= MIN_RATE_BYTES and seconds > 0:
+        record_time(_rate_key(device_type, link), seconds * GiB / nbytes)
+
+
+def measured_rate(device_type: str, link: str) -> float | None:
+    """Bytes/s of ``link`` on the offload file over the last steps (the median), or None."""
+    s_per_gib = measured_time(_rate_key(device_type, link))
+    return GiB / s_per_gib if s_per_gib else None
 
 
 def save() -> None:
