@@ -253,6 +253,7 @@ def main():
                     gen = memsched.Generator(model, budget, batch=B, prompt_len=P, max_len=P + N, sample_ids=ids,
                                              device="cpu", offload_dir=os.path.join(root, f"memsched-{B}"))
                 pre, dec = gen.plans
+                ms_extra["prefill_calls"] = B // gen.prefill_batch   # the prompt runs in micro-batches
                 with _common.timer() as t:
                     toks, st = gen(ids, N)
                 first_s = t["s"]
@@ -382,7 +383,7 @@ def main():
                     moved = ", ".join(f"{lk} {fmt_bytes(v)}" for lk, v in sorted(sts[-1].bytes_moved.items()) if v)
                     details.append(
                         f"  batch {B} memsched: prefill {median([s.prefill_s for s in sts]) * 1e3:.1f} ms (predicted "
-                        f"{float(pre.predicted_time_s) * 1e3:.1f}), decode "
+                        f"{float(pre.predicted_time_s) * 1e3:.1f} ms a call x {ms_extra['prefill_calls']} micro-batches), decode "
                         f"{median([s.decode_s for s in sts]) * 1e3:.1f} ms for {N - 1} steps; tokens/s (stats) "
                         f"{median([s.tokens_per_s for s in sts]):.1f}; moved per generation: {moved}; write() "
                         f"syscall bytes per generation (/proc/self/io wchar) "
