@@ -174,6 +174,29 @@ def test_cross_entropy_never_materialises_the_logits(launches, impl):
     assert reference.largest >= n * vocab * 4
 
 
+@pytest.mark.parametrize("shift", [False, True], ids=["whole", "shifted"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cross_entropy_reading_the_callers_logits(impl, shift):
+    """Given the logits the caller holds (a model returning them), the kernel reads them in
+    blocks of rows -- a shifted batch, no single [N, V] view, in blocks per sequence -- with the
+    same loss and gradients as autograd through the linear, and leaves them as they were."""
+    h, w, b, t = _ce_inputs((3, 7), 8, 40, True, -100)
+    h, w, b = (x.clone().requires_grad_(True) for x in (h, w, b))
+    logits = F.linear(h, w, b)
+    kept = logits.detach().clone()
+    rows = (slice(None), slice(None, -1)) if shift else (slice(None),)
+    got = K.fused_linear_cross_entropy(h[rows], w, t[rows], b, chunk_size=4, impl=impl, logits=logits[rows])
+    got_grads = torch.autograd.grad(got, (h, w, b))
+    want = F.cross_entropy(logits[rows].reshape(-1, 40), t[rows].reshape(-1))
+    want_grads = torch.autograd.grad(want, (h, w, b))
+    torch.testing.assert_close(got, want, **REF_TOL[torch.float32])
+    for g, r in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, r, **REF_TOL[torch.float32])
+    assert torch.equal(logits.detach(), kept)
+    with pytest.raises(ValueError, match="are not hidden"):
+        K.fused_linear_cross_entropy(h, w, t, b, logits=logits[:, :-1])
+
+
 def test_cross_entropy_all_rows_ignored_gives_nan_like_torch():
     h, w, b, t = _ce_inputs((6,), 4, 10, False, -100)
     t.fill_(-100)

@@ -148,6 +148,9 @@ def test_a_local_profile_prices_the_page_cache_at_the_rates_steps_ran(cache):
     assert preset.page_cached(1 << 20, available=4 << 30).bandwidth("disk_read") == 7e9
     rm.record_rate("cpu", "disk_read", 1 << 30, float("nan"))   # never a price
     assert rm.measured_rate("cpu", "disk_read") == 2 * (1 << 30)
+    for _ in range(rm.SAMPLES):   # a file read at a petabyte a second: not believed
+        rm.record_rate("cpu", "disk_write", 1 << 30, 1e-6)
+    assert rm.measured_rate("cpu", "disk_write") is None
 
 
 def test_a_training_step_records_the_rates_of_its_disk_moves(cache, tmp_path):

@@ -104,10 +104,13 @@ def record_rate(device_type: str, link: str, nbytes: int, seconds: float) -> Non
         record_time(_rate_key(device_type, link), seconds * GiB / nbytes)
 
 
+MAX_RATE = 1e12   # bytes/s: no file is read or written faster; a cache file saying so is not believed
+
+
 def measured_rate(device_type: str, link: str) -> float | None:
     """Bytes/s of ``link`` on the offload file over the last steps (the median), or None."""
     s_per_gib = measured_time(_rate_key(device_type, link))
-    return GiB / s_per_gib if s_per_gib else None
+    return GiB / s_per_gib if s_per_gib and GiB / s_per_gib <= MAX_RATE else None
 
 
 def save() -> None:
