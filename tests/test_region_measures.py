@@ -40,6 +40,15 @@ def test_only_the_last_samples_price_a_region(cache):
     assert rm.measured_time("k") == 1.0
 
 
+def test_a_time_no_call_could_take_is_not_recorded(cache):
+    for bad in (float("nan"), float("inf"), -1.0):
+        rm.record_time("k", bad)
+    assert rm.measured_time("k") is None
+    rm.record_time("k", 2.0)
+    rm.record_time("k", float("nan"))
+    assert rm.measured_time("k") == 2.0
+
+
 def test_a_measure_belongs_to_the_thread_count_it_ran_on(cache):
     threads = torch.get_num_threads()
     rm.record_time("k", 1.0)

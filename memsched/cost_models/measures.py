@@ -76,6 +76,10 @@ def _changed() -> None:
 
 
 def record_time(key: str, seconds: float) -> None:
+    """One measured time under ``key``; a time no call could take (negative, NaN, infinite) is
+    dropped, as it would be when read back from the file."""
+    if not _seconds(seconds):
+        return
     with _LOCK:
         _load()
         samples = _TIMES.setdefault(_entry(key), [])
