@@ -13,7 +13,9 @@ device tier):
                   prefill and decode programs planned once (planning time reported apart),
                   then warm gen(...) calls timed. Budget = --budget-fraction (25%) of the
                   weight bytes; if that is below memsched's minimum for a batch size, the
-                  minimum is used and the row is marked '*';
+                  minimum is used and the row is marked '*'; with --fuse, fuse=True (row
+                  'memsched+fuse'): the compute between scheduling points runs as Inductor-
+                  compiled regions, compiled during the first (untimed) generation;
   (c) acc-disk    accelerate.disk_offload(deepcopy(model), offload_dir=<tmp>, execution_device
                   =cpu, offload_buffers=True) driving model.generate: every weight is memory-
                   mapped from disk and loaded right before its module runs, every forward;
@@ -138,6 +140,9 @@ def main():
     ap.add_argument("--offload-root", default=None,
                     help="directory for all offload dirs (default: a fresh dir under the system temp dir)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--fuse", action="store_true",
+                    help="memsched with fuse=True: the compute between its scheduling points runs as Inductor-"
+                         "compiled regions (compiled on the first generation, which is reported apart)")
     ap.add_argument("--profile", action="store_true",
                     help="also print a cProfile (cumulative) of one warm memsched generation at the first batch size")
     a = ap.parse_args()
@@ -244,14 +249,16 @@ def main():
             try:
                 try:
                     gen = memsched.Generator(model, budget, batch=B, prompt_len=P, max_len=P + N, sample_ids=ids,
-                                             device="cpu", offload_dir=os.path.join(root, f"memsched-{B}"))
+                                             device="cpu", offload_dir=os.path.join(root, f"memsched-{B}"),
+                                             fuse=a.fuse)
                 except memsched.InfeasibleBudgetError as exc:
                     print(f"  budget {fmt_bytes(budget)} is below memsched's minimum at batch {B}, "
                           f"{fmt_bytes(exc.min_budget_bytes)} ({exc.min_budget_bytes / wbytes:.0%} of weights): "
                           "using the minimum", flush=True)
                     budget, at_min = exc.min_budget_bytes, True
                     gen = memsched.Generator(model, budget, batch=B, prompt_len=P, max_len=P + N, sample_ids=ids,
-                                             device="cpu", offload_dir=os.path.join(root, f"memsched-{B}"))
+                                             device="cpu", offload_dir=os.path.join(root, f"memsched-{B}"),
+                                             fuse=a.fuse)
                 pre, dec = gen.plans
                 ms_extra["prefill_calls"] = B // gen.prefill_batch   # the prompt runs in micro-batches
                 with _common.timer() as t:
@@ -361,7 +368,8 @@ def main():
 
             gen_tokens = B * N
             for k in ("eager", "memsched", "acc-disk", "acc-map"):
-                label = k + ("*" if k in ("memsched", "acc-map") and at_min else "")
+                label = k + ("+fuse" if k == "memsched" and a.fuse else "")
+                label += "*" if k in ("memsched", "acc-map") and at_min else ""
                 if k in failed:
                     rows.append([label, B] + ["-"] * 8 + [f"cannot run: {failed[k]}"])
                     continue

@@ -356,6 +356,18 @@ def test_a_model_building_its_own_attention_inputs_is_refused_clearly():
         memsched.generate(model, ids, budget="1GB", max_new_tokens=2, hardware=FIXED_CPU, device="cpu")
 
 
+def test_a_layer_failing_after_it_wrote_the_cache_is_refused_clearly():
+    """MPT adds an ALiBi bias it sizes itself inside each layer, after the layer wrote memsched's
+    cache: the refusal says how far the model got, with the model's own error."""
+    from transformers import MptConfig, MptForCausalLM
+
+    torch.manual_seed(0)
+    model = MptForCausalLM(MptConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)).eval()
+    ids = torch.randint(0, 300, (2, 8))
+    with pytest.raises(memsched.CaptureError, match="failed after 1 of its 2 layers wrote .*RuntimeError"):
+        memsched.generate(model, ids, budget="1GB", max_new_tokens=2, hardware=FIXED_CPU, device="cpu")
+
+
 def _more_decoders():
     import transformers as T
 
@@ -377,13 +389,26 @@ def _more_decoders():
                                                              num_attention_heads=4)),
         "gptj": (T.GPTJConfig, T.GPTJForCausalLM,
                  dict(vocab_size=300, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64)),
+        # attention beyond memsched's decode attention, so computed by the model over the cache
+        # with the step's entries written in: soft-capped scores, sinks, and (DeepSeek's latent
+        # attention) values padded to the keys' width after the cache update
+        "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, dict(common, num_key_value_heads=2, head_dim=16,
+                                                             sliding_window=64)),
+        "gpt_oss": (T.GptOssConfig, T.GptOssForCausalLM,
+                    dict(common, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                         layer_types=["full_attention", "full_attention"])),
+        "deepseek_v3": (T.DeepseekV3Config, T.DeepseekV3ForCausalLM,
+                        dict(common, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=32, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                             qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1)),
     }
 
 
-ATTENDS_BY_ITSELF = {"gpt_neo", "falcon"}
+ATTENDS_BY_ITSELF = {"gpt_neo", "falcon", "gemma2", "gpt_oss", "deepseek_v3"}
 
 
-@pytest.mark.parametrize("name", ["qwen2", "phi3", "gpt_bigcode", "codegen", "gpt_neo", "falcon", "gptj"])
+@pytest.mark.parametrize("name", ["qwen2", "phi3", "gpt_bigcode", "codegen", "gpt_neo", "falcon", "gptj", "gemma2",
+                                  "gpt_oss", "deepseek_v3"])
 def test_more_architectures_at_their_minimum_budget(name, tmp_path):
     """Other decoders (GQA, multi-query, partial rotary, and layers that compute attention
     themselves: handed each layer's cache with the step's entries written in) at the least

@@ -29,6 +29,11 @@ DECODE_ATTENTION = "memsched_decode"  # the attention implementation a decode st
 _PENDING: dict[int, object] = {}  # while a decode step is traced: id(cache keys) -> its layer
 
 
+class AttendsByItself(UnsupportedModelError):
+    """A decode step's layer attended to the cache without transformers' attention interface,
+    or with more than memsched's decode attention computes."""
+
+
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention of q new queries over the cache (``key``/``value``, masked where a slot is
     empty or not yet reached) and over the step's own new entries, merged through one softmax:
@@ -36,10 +41,15 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     entries written in. Grouped-query heads are handled by reshaping the queries, not by
     repeating the cache."""
     layer = _PENDING.get(id(key))
-    if layer is None or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None \
-            or kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
-        raise NotImplementedError(f"{type(module).__name__}: memsched's decode attention covers plain "
-                                  "scaled dot-product attention (no soft-capping, sinks or position bias)")
+    # anything else attends as the model does, over the cache with the step's entries written
+    # in (a copy per layer and step): what that attention adds is the model's own to compute
+    if layer is None:
+        raise AttendsByItself(f"{type(module).__name__} attends over keys other than the cache's own "
+                              "(changed after the cache update)")
+    extra = [k for k in ("softcap", "position_bias", "s_aux") if kwargs.get(k) is not None]
+    if extra or getattr(module, "sinks", None) is not None:
+        raise AttendsByItself(f"{type(module).__name__}'s attention adds {', '.join(extra) or 'sinks'} to "
+                              "scaled dot-product attention")
     layer.attended = True
     k_new, v_new = layer.new
     B, H, q, D = query.shape
@@ -142,10 +152,6 @@ def _written(chunks: list[torch.Tensor], new: torch.Tensor, slots: torch.Tensor)
     return whole.index_copy(2, slots, new.to(whole.dtype))
 
 
-class AttendsByItself(UnsupportedModelError):
-    """A decode step's layer attended to the cache without transformers' attention interface."""
-
-
 class CachedDecoder(nn.Module):
     """``model`` (a transformers causal LM) with a fixed-size KV cache as buffers.
 
@@ -224,9 +230,15 @@ class CachedDecoder(nn.Module):
         try:
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                              cache=slot_cache(layers), use_cache=True, logits_to_keep=1)
+        except AttendsByItself:
+            raise
         except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
-            if any(layer.new is not None for layer in layers):
-                raise
+            wrote = sum(layer.new is not None for layer in layers)
+            if wrote:  # e.g. a layer adding its own position bias sized for transformers' own cache
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__} failed after {wrote} of its {len(layers)} layers wrote "
+                    f"memsched's cache ({type(exc).__name__}: {exc}); memsched.generate runs decoders whose "
+                    "attention goes through transformers' cache and attention interfaces") from exc
             # it failed before any layer wrote the cache: the model builds its attention inputs
             # itself (e.g. ALiBi biases from a 2-D mask) instead of taking transformers' 4-D mask
             raise UnsupportedModelError(
