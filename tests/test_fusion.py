@@ -352,6 +352,38 @@ def test_a_region_returning_a_view_of_its_own_value_counts_the_view_again():
     cm.close()
 
 
+def test_a_region_returning_a_value_and_its_detach_counts_both():
+    """A mixture-of-experts router: its softmax is returned beside its ``detach`` (saved for
+    the backward) where the region ends. Inductor returns them in two buffers (4.8 KiB
+    against the 4.6 KiB counted, on a Qwen3-MoE training step); the region counts both."""
+    class Router(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = torch.nn.Parameter(torch.randn(64))
+            self.w = torch.nn.Parameter(torch.randn(4, 64))
+            self.k = torch.nn.Parameter(torch.randn(2, 4, 3))
+
+        def forward(self, x):
+            p = ((x * self.g).view(-1, 64) @ self.w.t()).softmax(-1)
+            c = torch.nn.functional.conv1d(p.t().unsqueeze(0), self.k)  # ends the region (convolutions stay out)
+            top = p.detach().topk(2, dim=-1).indices
+            return p.gather(-1, top).sum() + c.sum()
+
+    torch.manual_seed(0)
+    model, x = Router(), torch.randn(2, 8, 64)
+    ref = copy.deepcopy(model)
+    ref(x).backward()
+    cm = _compile(model, "1GB", train=True, example_inputs=(x,), fuse=True)
+    cm(x).backward()
+    for p, q in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, **TOL)
+    regions = {r.key: r for r in _regions(cm.plan)}
+    assert any("aten.detach" in r.ops and "aten._softmax" in r.ops for r in regions.values())
+    peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
+    assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
+    cm.close()
+
+
 def test_gpt_neo_fused_for_inference_and_training():
     """GPT-Neo appends to an empty cache with ``cat``: contiguous in eager, the other input's
     layout once Inductor decomposes it, so a region holding it could not view the result

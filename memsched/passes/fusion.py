@@ -259,19 +259,21 @@ class _Run:
     def nbytes(self) -> int:
         """What the region may allocate: every storage its ops make, their lowerings' scratch,
         a buffer of its own for each output viewing part of a value made inside (Inductor
-        returned a slice of a product in a fresh buffer beside the product), and one for each
-        output of an op that may or may not copy (``_may_copy``)."""
-        again = 0
+        returned a slice of a product in a fresh buffer beside the product) or viewing a value
+        another output returns (a softmax returned with its ``detach``: two buffers), and one
+        for each output of an op that may or may not copy (``_may_copy``)."""
+        again, returned = 0, set()
         for o in self.outputs():
             val = o.meta.get("val")
             if o.target is operator.getitem or not isinstance(val, torch.Tensor):
                 continue
-            made_here = any(k in self.made for k, _ in storages(val))
-            # a view of part of a value made here (a whole one is returned as that buffer); or
-            # an op that may return its input as it is (``to`` a dtype it has, ``reshape``),
-            # which Inductor's decomposition may make a copy
-            if made_here and _is_view(o) and not _whole(val) or _may_copy(o):
+            keys = {k for k, _ in storages(val) if k in self.made}
+            # a view of part of a value made here (a whole one is returned as that buffer,
+            # unless another output already is); or an op that may return its input as it is
+            # (``to`` a dtype it has, ``reshape``), which Inductor's decomposition may make a copy
+            if keys and _is_view(o) and (not _whole(val) or keys & returned) or _may_copy(o):
                 again += val.numel() * val.element_size()
+            returned |= keys
         return sum(self.made.values()) + self.scratch + again
 
     def _cut(self, end: int) -> "_Run":
