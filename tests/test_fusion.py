@@ -463,6 +463,41 @@ def test_bfloat16_matrix_products_count_their_float32_work():
     cm.close()
 
 
+def test_a_bfloat16_training_step_counts_each_threads_float32_blocks():
+    """oneDNN holds a bf16 matrix product's float32 blocks per thread: the loss head's 2x300 by
+    300x64 product held 42 KiB on one thread and 85 KiB on two, past the 78 KiB once counted.
+    Regions count them per torch thread, so a fused bf16 training step on two threads at a
+    tight budget keeps every kernel within its region's bytes."""
+    T = pytest.importorskip("transformers")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = T.LlamaForCausalLM(T.LlamaConfig(
+            vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)).to(torch.bfloat16).train()
+        ids = torch.randint(3, 300, (2, 8), generator=torch.Generator().manual_seed(1))
+        kw = {"input_ids": ids, "labels": ids}
+        ref = copy.deepcopy(model)
+        want = ref(**kw).loss
+        want.backward()
+        cm = _compile(model, 250_000, train=True, fuse=True, example_kwargs=kw)
+        got = cm(**kw).loss
+        got.backward()
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)   # bf16, sums reordered
+        scale = max(p.grad.abs().max().float() for p in ref.parameters())
+        for p, q in zip(ref.parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad.float() / scale, p.grad.float() / scale, rtol=0, atol=2e-2)
+        regions = {r.key: r for r in _regions(cm.plan)}
+        assert any(op == "aten.mm" for r in regions.values() for op in r.ops)
+        peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
+        assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
+        assert cm.stats.peak_device_bytes <= 250_000
+        cm.close()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_region_allocating_past_its_declared_bytes_is_stopped():
     from dataclasses import replace
 

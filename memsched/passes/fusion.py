@@ -157,7 +157,7 @@ def scratch_bytes(n: fx.Node) -> int:
 def _traced(n: fx.Node) -> tuple[int, bool]:
     """(scratch bytes, laid out as traced) of an op, traced once per op and argument layout."""
     vals = fx.map_arg((n.args, n.kwargs), lambda x: x.meta.get("val"))
-    key = (n.target, _sig(vals))
+    key = (n.target, _sig(vals), torch.get_num_threads())   # (a half-precision gemm's scratch is per thread)
     if key not in _AUX:
         scratch, layout_ok = _trace_decomposed(n, vals)
         _AUX[key] = (scratch + _fallback_reads(n, vals) + _half_gemm_scratch(n, vals), layout_ok)
@@ -167,10 +167,18 @@ def _traced(n: fx.Node) -> tuple[int, bool]:
 _GEMMS = frozenset({"mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "addbmm"})
 
 
+_GEMM_THREAD_CAP = 256 * 1024   # a thread's blocks: at most ~200 KiB measured, up to 2048 x 2048 x 256
+_GEMM_CALL = 16 * 1024          # what a call holds besides (a 7x100 by 100x33 product: 18 KiB on one thread)
+
+
 def _half_gemm_scratch(n: fx.Node, vals) -> int:
-    """A matrix product of 16-bit floats on a CPU may convert its operands to float32 and
-    accumulate in float32 inside the library call (oneDNN) (a bf16 ``linear`` on a CPU allocated 15 KiB past its 6 KiB
-    output, another 16 KiB past 1.5 KiB): operands and outputs count again at 4 bytes an element."""
+    """A matrix product of 16-bit floats on a CPU converts its operands to float32 and
+    accumulates in float32 inside the library call (oneDNN), in blocks held per thread: a
+    2x300 by 300x64 bf16 product held 42 KiB on one thread, 85 KiB on two, 169 KiB on four.
+    Counted: operands and outputs again at 4 bytes an element, as much again per torch thread
+    (capped at a thread's blocks), and a call's own. Planned with this process's thread count:
+    a kernel run on more threads than it was planned for may allocate past its region's bytes,
+    which the runtime reports at its first call."""
     if n.target._opname not in _GEMMS:
         return 0
     args, kwargs = vals
@@ -178,7 +186,8 @@ def _half_gemm_scratch(n: fx.Node, vals) -> int:
     if not any(t.dtype in (torch.bfloat16, torch.float16) and t.device.type == "cpu" for t in read):
         return 0
     outs = [t for t in _flat(n.meta.get("val")) if isinstance(t, torch.Tensor)]
-    return sum(4 * t.numel() for t in read + outs)
+    widened = sum(4 * t.numel() for t in read + outs)
+    return widened + torch.get_num_threads() * min(widened, _GEMM_THREAD_CAP) + _GEMM_CALL
 
 
 def _fallback_reads(n: fx.Node, vals) -> int:
