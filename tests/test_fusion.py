@@ -352,6 +352,29 @@ def test_a_region_returning_a_view_of_its_own_value_counts_the_view_again():
     cm.close()
 
 
+def test_a_region_returning_part_of_a_value_counts_a_buffer_as_large_as_the_value():
+    """A decode step's attention: one softmax over the cache's scores and the step's own, the
+    cache's columns returned as a view. Inductor keeps the view's strides, so it returned the
+    first 16 of 17 columns in a buffer as large as the whole softmax (544 B, not 512: a
+    Phi decoder's fused generation went 32 B past its region)."""
+    class Merged(torch.nn.Module):
+        def forward(self, old, own):
+            p = torch.cat([old, own], dim=-1).softmax(dim=-1)
+            return p, p[..., :16]
+
+    old, own = torch.randn(2, 4, 1, 1, 16), torch.randn(2, 4, 1, 1, 1)
+    cm = _compile(Merged(), "1GB", example_inputs=(old, own), fuse=True)
+    with torch.no_grad():
+        got = cm(old, own)
+    for a, b in zip(got, Merged()(old, own)):
+        torch.testing.assert_close(a, b, **TOL)
+    regions = {r.key: r for r in _regions(cm.plan)}
+    assert any("aten.slice.Tensor" in r.ops for r in regions.values())
+    peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
+    assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
+    cm.close()
+
+
 def test_a_region_returning_a_value_and_its_detach_counts_both():
     """A mixture-of-experts router: its softmax is returned beside its ``detach`` (saved for
     the backward) where the region ends. Inductor returns them in two buffers (4.8 KiB

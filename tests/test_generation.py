@@ -84,6 +84,30 @@ def test_tokens_equal_transformers_generate(name, budget, tmp_path):
         gen.close()
 
 
+def test_fused_generation_at_the_minimum_budget(tmp_path):
+    """``fuse=True`` runs both programs' compute as Inductor regions, the decode attention's
+    merged softmax included: at the least budget both programs fit, every region's first call
+    stays within its bytes (the runtime stops it otherwise), the peak within the budget, and the
+    tokens are transformers' (fused sums differ in the last bits; no argmax here is that close)."""
+    model, ids = _decoder("llama")
+    ref = _reference(model, ids, eos_token_id=None, pad_token_id=0)
+    B, P = ids.shape
+    kw = dict(batch=B, prompt_len=P, max_len=P + NEW_TOKENS, sample_ids=ids, hardware=FIXED_CPU, device="cpu",
+              offload_dir=tmp_path)
+    probe = memsched.Generator(model, "1GB", **kw)
+    budget = max(p.min_budget_bytes for p in probe.plans)
+    probe.close()
+    gen = memsched.Generator(model, budget, fuse=True, **kw)
+    try:
+        assert all(p.steps() and any(s.get("op") == "region" for s in p.steps()) for p in gen.plans)
+        tokens, stats = gen(ids, NEW_TOKENS)
+        assert torch.equal(tokens, ref)
+        assert stats.peak_device_bytes <= budget
+        assert _kv_off_device(gen.plans[1]) > 0
+    finally:
+        gen.close()
+
+
 def test_left_padding_and_end_of_sequence(tmp_path):
     """A left-padded batch, and sequences that end: after its end-of-sequence token a sequence
     gets the pad token, as transformers pads it."""

@@ -267,8 +267,8 @@ class _Run:
 
     def nbytes(self) -> int:
         """What the region may allocate: every storage its ops make, their lowerings' scratch,
-        a buffer of its own for each output viewing part of a value made inside (Inductor
-        returned a slice of a product in a fresh buffer beside the product) or viewing a value
+        a buffer the size of the viewed value for each output viewing part of a value made inside
+        (Inductor returned a slice of a product in a fresh buffer beside the product) or viewing a value
         another output returns (a softmax returned with its ``detach``: two buffers), and one
         for each output of an op that may or may not copy (``_may_copy``)."""
         again, returned = 0, set()
@@ -280,7 +280,11 @@ class _Run:
             # a view of part of a value made here (a whole one is returned as that buffer,
             # unless another output already is); or an op that may return its input as it is
             # (``to`` a dtype it has, ``reshape``), which Inductor's decomposition may make a copy
-            if keys and _is_view(o) and (not _whole(val) or keys & returned) or _may_copy(o):
+            if keys and _is_view(o) and (not _whole(val) or keys & returned):
+                # a buffer as large as the viewed value's: Inductor keeps the view's strides
+                # (a decode step's attention returned the first 16 of 17 columns in 544 B)
+                again += val.untyped_storage().nbytes()
+            elif _may_copy(o):
                 again += val.numel() * val.element_size()
             returned |= keys
         return sum(self.made.values()) + self.scratch + again
