@@ -58,6 +58,15 @@ def _compile(model, budget, **kw):
         return memsched.compile(model, budget, device="cpu", hardware=FIXED_CPU, **kw)
 
 
+def _assert_kernels_within_region_bytes(regions: dict) -> None:
+    """Every kernel of these regions (by key) that ran was measured, at its first call, within
+    the bytes its region declares."""
+    peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
+    assert peaks, "no kernel of these regions ran"
+    over = {k[0]: (v, regions[k[0]].nbytes) for k, v in peaks.items() if v > regions[k[0]].nbytes}
+    assert not over, over
+
+
 def test_inference_runs_fused_and_matches_eager():
     model, x = _stack().eval(), torch.randn(4, 16, 32)
     with torch.no_grad():
@@ -258,8 +267,7 @@ def test_transformers_models_fused_at_a_tight_budget(name):
     assert regions
     assert cm.plan.verify() <= budget and cm.stats.peak_device_bytes <= budget
     # every kernel's first call ran under the allocator's eye: within what its region declared
-    peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
-    assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
+    _assert_kernels_within_region_bytes(regions)
     cm.close()
 
 
@@ -296,8 +304,7 @@ def test_convolutions_stay_out_of_regions(name):
     regions = {r.key: r for r in _regions(cm.plan)}
     assert regions and not any("conv" in op for r in regions.values() for op in r.ops)
     assert any("batch_norm" in op for r in regions.values() for op in r.ops)
-    peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
-    assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
+    _assert_kernels_within_region_bytes(regions)
     assert cm.stats.peak_device_bytes <= budget
     cm.close()
 
@@ -325,8 +332,7 @@ def test_kernels_left_to_aten_count_their_reads_again():
         torch.testing.assert_close(q.grad / scale, p.grad / scale, **TOL, msg=lambda m: f"{n}: {m}")
     regions = {r.key: r for r in _regions(cm.plan)}
     assert any("cumsum" in op for r in regions.values() for op in r.ops)
-    peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
-    assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
+    _assert_kernels_within_region_bytes(regions)
     cm.close()
 
 
@@ -347,8 +353,7 @@ def test_a_region_returning_a_view_of_its_own_value_counts_the_view_again():
         torch.testing.assert_close(a, b, **TOL)
     regions = {r.key: r for r in _regions(cm.plan)}
     assert regions
-    peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
-    assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
+    _assert_kernels_within_region_bytes(regions)
     cm.close()
 
 
@@ -370,8 +375,7 @@ def test_a_region_returning_part_of_a_value_counts_a_buffer_as_large_as_the_valu
         torch.testing.assert_close(a, b, **TOL)
     regions = {r.key: r for r in _regions(cm.plan)}
     assert any("aten.slice.Tensor" in r.ops for r in regions.values())
-    peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
-    assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
+    _assert_kernels_within_region_bytes(regions)
     cm.close()
 
 
@@ -402,8 +406,7 @@ def test_a_region_returning_a_value_and_its_detach_counts_both():
         torch.testing.assert_close(q.grad, p.grad, **TOL)
     regions = {r.key: r for r in _regions(cm.plan)}
     assert any("aten.detach" in r.ops and "aten._softmax" in r.ops for r in regions.values())
-    peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
-    assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
+    _assert_kernels_within_region_bytes(regions)
     cm.close()
 
 
@@ -440,8 +443,7 @@ def test_gpt_neo_fused_for_inference_and_training():
             torch.testing.assert_close(got.logits, want.logits, **TOL)
         regions = {r.key: r for r in _regions(cm.plan)}
         assert regions and not any(k[0] in regions for k in compiled_regions.uncompiled())
-        peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
-        assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
+        _assert_kernels_within_region_bytes(regions)
         cm.close()
 
 
@@ -480,8 +482,7 @@ def test_bfloat16_matrix_products_count_their_float32_work():
         got, want = cm(**kw).logits.float(), model(**kw).logits.float()
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)   # bf16: fused sums round differently
     regions = {r.key: r for r in _regions(cm.plan)}
-    peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
-    assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
+    _assert_kernels_within_region_bytes(regions)
     assert cm.stats.peak_device_bytes <= budget
     cm.close()
 
@@ -513,8 +514,7 @@ def test_a_bfloat16_training_step_counts_each_threads_float32_blocks():
             torch.testing.assert_close(q.grad.float() / scale, p.grad.float() / scale, rtol=0, atol=2e-2)
         regions = {r.key: r for r in _regions(cm.plan)}
         assert any(op == "aten.mm" for r in regions.values() for op in r.ops)
-        peaks = {k: v for k, v in compiled_regions.measured_peaks().items() if k[0] in regions}
-        assert peaks and all(v <= regions[k[0]].nbytes for k, v in peaks.items())
+        _assert_kernels_within_region_bytes(regions)
         assert cm.stats.peak_device_bytes <= 250_000
         cm.close()
     finally:

@@ -48,6 +48,15 @@ def _reference(model, ids, mask=None, n=NEW_TOKENS, **kw):
                               max_new_tokens=n, do_sample=False, **kw)
 
 
+def _least_budget(model, **kw) -> int:
+    """The least budget both of a generation's programs fit (the KV cache must leave the device)."""
+    probe = memsched.Generator(model, "1GB", **kw)
+    try:
+        return max(p.min_budget_bytes for p in probe.plans)
+    finally:
+        probe.close()
+
+
 def _kv_off_device(plan) -> int:
     tiers = plan.kind_tier_bytes("kv_cache")
     return tiers["host"] + tiers["disk"]
@@ -62,9 +71,7 @@ def test_tokens_equal_transformers_generate(name, budget, tmp_path):
     kw = dict(batch=B, prompt_len=P, max_len=P + NEW_TOKENS, sample_ids=ids, hardware=FIXED_CPU, device="cpu",
               offload_dir=tmp_path)
     if budget == "min":  # the least budget both programs fit: the KV cache must leave the device
-        probe = memsched.Generator(model, "1GB", **kw)
-        budget_bytes = max(p.min_budget_bytes for p in probe.plans)
-        probe.close()
+        budget_bytes = _least_budget(model, **kw)
     else:
         budget_bytes = 10**9
     gen = memsched.Generator(model, budget_bytes, **kw)
@@ -94,9 +101,7 @@ def test_fused_generation_at_the_minimum_budget(tmp_path):
     B, P = ids.shape
     kw = dict(batch=B, prompt_len=P, max_len=P + NEW_TOKENS, sample_ids=ids, hardware=FIXED_CPU, device="cpu",
               offload_dir=tmp_path)
-    probe = memsched.Generator(model, "1GB", **kw)
-    budget = max(p.min_budget_bytes for p in probe.plans)
-    probe.close()
+    budget = _least_budget(model, **kw)
     gen = memsched.Generator(model, budget, fuse=True, **kw)
     try:
         assert all(p.steps() and any(s.get("op") == "region" for s in p.steps()) for p in gen.plans)
@@ -132,9 +137,7 @@ def test_new_cache_slots_are_patched_not_rewritten(tmp_path):
     B, P = ids.shape
     kw = dict(batch=B, prompt_len=P, max_len=P + NEW_TOKENS, sample_ids=ids, hardware=FIXED_CPU, device="cpu",
               offload_dir=tmp_path)
-    probe = memsched.Generator(model, "1GB", **kw)
-    budget = max(p.min_budget_bytes for p in probe.plans)
-    probe.close()
+    budget = _least_budget(model, **kw)
     gen = memsched.Generator(model, budget, **kw)
     writes = []
     disk = gen.compiled._stores.disk
