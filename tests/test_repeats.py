@@ -38,6 +38,9 @@ def _build(name: str, layers: int = LAYERS):
     elif name == "bert":
         model = T.BertForMaskedLM(T.BertConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
                                                intermediate_size=128, vocab_size=VOCAB))
+    elif name == "mamba":  # each block casts its input (the residual) to float32 after its norm began
+        model = T.MambaForCausalLM(T.MambaConfig(hidden_size=64, num_hidden_layers=layers, state_size=8, expand=2,
+                                                 vocab_size=VOCAB, use_cache=False))
     else:
         raise ValueError(name)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -72,7 +75,7 @@ def _tracer(ids, train: bool):
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "mamba"])
 def test_the_grown_graph_is_the_full_trace(name, train):
     model, ids = _build(name)
     with warnings.catch_warnings():

@@ -221,6 +221,23 @@ class _Grower:
                 started.add(t[1])
             elif t is not None and t[0] == _WEIGHTS and t[1] in started:
                 tags[n] = (_FORWARD, t[1])
+        return self._carried_forward(tags)
+
+    def _carried_forward(self, tags: dict) -> dict:
+        """A forward node reading only the layer below's output, run after the next layer began
+        and read by it alone (Mamba's ``residual.to(float32)`` of its input, after its norm), is
+        the next layer's."""
+        first: dict = {}
+        for i, n in enumerate(self.nodes[:self.boundary_at]):
+            t = tags[n]
+            if t is not None and t[0] == _FORWARD:
+                first.setdefault(t[1], i)
+        for i in range(self.boundary_at - 1, -1, -1):
+            n, t = self.nodes[i], tags[self.nodes[i]]
+            if t is None or t[0] != _FORWARD or not n.users or i < first.get(t[1] + 1, len(self.nodes)):
+                continue
+            if all(tags.get(u) == (_FORWARD, t[1] + 1) for u in n.users):
+                tags[n] = (_FORWARD, t[1] + 1)
         return tags
 
     def grow(self) -> Captured:
