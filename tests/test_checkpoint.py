@@ -187,6 +187,35 @@ def test_training_from_a_checkpoint_is_refused(tmp_path):
         memsched.compile(_meta_tiny().train(), "1GB", device="cpu", train=True, weights=tmp_path / "m.safetensors")
 
 
+def test_experts_saved_one_at_a_time_are_refused_with_why_and_the_way_out(tmp_path):
+    """transformers saves a Qwen3-MoE's stacked experts one expert at a time and stacks them
+    again as it loads; memsched reads tensors by the model's own names, so it says that; the
+    model's own state_dict saved through safetensors generates transformers' tokens."""
+    import accelerate
+    import transformers as T
+    from safetensors.torch import save_file
+
+    cfg = T.Qwen3MoeConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, intermediate_size=128, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=64)
+    with quiet_transformers():
+        torch.manual_seed(0)
+        model = T.Qwen3MoeForCausalLM(cfg).eval()
+        model.save_pretrained(tmp_path / "hf")
+        with accelerate.init_empty_weights():
+            meta = T.Qwen3MoeForCausalLM(cfg).eval()
+    ids = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(1))
+    kw = dict(budget="1GB", max_new_tokens=4, eos_token_id=None, hardware=FIXED_CPU, device="cpu")
+    with pytest.raises(memsched.CheckpointError, match="experts one expert at a time.*state_dict"):
+        memsched.generate(meta, ids, weights=tmp_path / "hf", **kw)
+    (tmp_path / "own").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "own" / "model.safetensors"))
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    assert torch.equal(memsched.generate(meta, ids, weights=tmp_path / "own", **kw), ref)
+
+
 def test_one_signature_keeps_its_device_weights_at_a_time(saved, tmp_path):
     """Two input shapes, two programs: the weights each keeps on the device are loaded when it
     runs and dropped when the other runs, so the device never holds both sets."""

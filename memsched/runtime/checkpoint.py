@@ -178,11 +178,24 @@ class Checkpoint:
             shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
             raise CheckpointError(
                 f"{shown} {'is' if len(missing) == 1 else 'are'} on the meta device and not in checkpoint "
-                f"{self.source}: memsched cannot give {'it' if len(missing) == 1 else 'them'} values. Build "
-                "the model with accelerate.init_empty_weights() (buffers a model computes, such as "
-                "rotary frequencies, stay real) and call model.tie_weights() so a tied output layer "
-                "shares its checkpoint tensor with the embedding")
+                f"{self.source}: memsched cannot give {'it' if len(missing) == 1 else 'them'} values. "
+                + (self._per_expert(missing) or "Build the model with accelerate.init_empty_weights() (buffers "
+                   "a model computes, such as rotary frequencies, stay real) and call model.tie_weights() so a "
+                   "tied output layer shares its checkpoint tensor with the embedding"))
         return total
+
+    def _per_expert(self, missing: list[str]) -> str:
+        """Why a mixture-of-experts layer's stacked expert weights are missing, when the checkpoint
+        holds them one expert at a time (transformers stacks them as it loads); else ''."""
+        for name in missing:
+            stack = name.rpartition(".")[0]   # ...mlp.experts
+            if stack.endswith("experts") and any(self._lookup(f"{stack}.0.{w}.weight") is not None
+                                                 for w in ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")):
+                return (f"The checkpoint holds {stack} one expert at a time ({stack}.0.*), which transformers "
+                        "stacks into the model's tensors as it loads; memsched reads tensors by the model's own "
+                        "names and does not stack them yet: load this model's weights in RAM, or save them in the "
+                        "model's own layout (torch's state_dict through safetensors.torch.save_file)")
+        return ""
 
     def _lookup(self, name: str) -> Entry | None:
         if name in self.entries:
