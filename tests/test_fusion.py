@@ -67,6 +67,22 @@ def _assert_kernels_within_region_bytes(regions: dict) -> None:
     assert not over, over
 
 
+def _fused_as_eager_within_region_bytes(module: torch.nn.Module, inputs: tuple) -> dict:
+    """``module`` compiled with fusion at an unlimited budget: its outputs match eager's and every
+    kernel stays within its region's bytes; its regions by key."""
+    cm = _compile(module, "1GB", example_inputs=inputs, fuse=True)
+    try:
+        with torch.no_grad():
+            got = cm(*inputs)
+        for a, b in zip(got, module(*inputs)):
+            torch.testing.assert_close(a, b, **TOL)
+        regions = {r.key: r for r in _regions(cm.plan)}
+        _assert_kernels_within_region_bytes(regions)
+        return regions
+    finally:
+        cm.close()
+
+
 def test_inference_runs_fused_and_matches_eager():
     model, x = _stack().eval(), torch.randn(4, 16, 32)
     with torch.no_grad():
@@ -346,15 +362,7 @@ def test_a_region_returning_a_view_of_its_own_value_counts_the_view_again():
             return h[..., :8], -h[..., 8:]
 
     x, c = torch.randn(2, 12, 4, 16).transpose(1, 2), torch.randn(1, 1, 12, 16)   # heads moved, as q and k are
-    cm = _compile(Halves(), "1GB", example_inputs=(x, c), fuse=True)
-    with torch.no_grad():
-        got = cm(x, c)
-    for a, b in zip(got, Halves()(x, c)):
-        torch.testing.assert_close(a, b, **TOL)
-    regions = {r.key: r for r in _regions(cm.plan)}
-    assert regions
-    _assert_kernels_within_region_bytes(regions)
-    cm.close()
+    assert _fused_as_eager_within_region_bytes(Halves(), (x, c))
 
 
 def test_a_region_returning_part_of_a_value_counts_a_buffer_as_large_as_the_value():
@@ -367,16 +375,8 @@ def test_a_region_returning_part_of_a_value_counts_a_buffer_as_large_as_the_valu
             p = torch.cat([old, own], dim=-1).softmax(dim=-1)
             return p, p[..., :16]
 
-    old, own = torch.randn(2, 4, 1, 1, 16), torch.randn(2, 4, 1, 1, 1)
-    cm = _compile(Merged(), "1GB", example_inputs=(old, own), fuse=True)
-    with torch.no_grad():
-        got = cm(old, own)
-    for a, b in zip(got, Merged()(old, own)):
-        torch.testing.assert_close(a, b, **TOL)
-    regions = {r.key: r for r in _regions(cm.plan)}
+    regions = _fused_as_eager_within_region_bytes(Merged(), (torch.randn(2, 4, 1, 1, 16), torch.randn(2, 4, 1, 1, 1)))
     assert any("aten.slice.Tensor" in r.ops for r in regions.values())
-    _assert_kernels_within_region_bytes(regions)
-    cm.close()
 
 
 def test_a_region_returning_a_value_and_its_detach_counts_both():

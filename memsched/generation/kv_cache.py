@@ -47,8 +47,9 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise AttendsByItself(f"{type(module).__name__} attends over keys other than the cache's own "
                               "(changed after the cache update)")
     extra = [k for k in ("softcap", "position_bias", "s_aux") if kwargs.get(k) is not None]
-    if extra or getattr(module, "sinks", None) is not None:
-        raise AttendsByItself(f"{type(module).__name__}'s attention adds {', '.join(extra) or 'sinks'} to "
+    extra += ["sinks"] if getattr(module, "sinks", None) is not None else []
+    if extra:
+        raise AttendsByItself(f"{type(module).__name__}'s attention adds {', '.join(extra)} to "
                               "scaled dot-product attention")
     layer.attended = True
     k_new, v_new = layer.new
