@@ -414,6 +414,10 @@ def _more_decoders():
                          attention_types=[[["global", "local"], 1]], window_size=16)),
         "falcon": (T.FalconConfig, T.FalconForCausalLM, dict(vocab_size=300, hidden_size=64, num_hidden_layers=2,
                                                              num_attention_heads=4)),
+        # XGLM: sinusoidal positions checked against their table by a data-dependent comparison
+        # (skipped when traced), and attention computed by the layer itself
+        "xglm": (T.XGLMConfig, T.XGLMForCausalLM, dict(vocab_size=300, d_model=64, num_layers=2, attention_heads=4,
+                                                       ffn_dim=128, max_position_embeddings=64)),
         "gptj": (T.GPTJConfig, T.GPTJForCausalLM,
                  dict(vocab_size=300, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64)),
         # attention beyond memsched's decode attention, so computed by the model over the cache
@@ -431,11 +435,11 @@ def _more_decoders():
     }
 
 
-ATTENDS_BY_ITSELF = {"gpt_neo", "falcon", "gemma2", "gpt_oss", "deepseek_v3"}
+ATTENDS_BY_ITSELF = {"gpt_neo", "falcon", "xglm", "gemma2", "gpt_oss", "deepseek_v3"}
 
 
-@pytest.mark.parametrize("name", ["qwen2", "phi3", "gpt_bigcode", "codegen", "gpt_neo", "falcon", "gptj", "gemma2",
-                                  "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["qwen2", "phi3", "gpt_bigcode", "codegen", "gpt_neo", "falcon", "xglm", "gptj",
+                                  "gemma2", "gpt_oss", "deepseek_v3"])
 def test_more_architectures_at_their_minimum_budget(name, tmp_path):
     """Other decoders (GQA, multi-query, partial rotary, and layers that compute attention
     themselves: handed each layer's cache with the step's entries written in) at the least

@@ -296,6 +296,17 @@ def _experts_traceable_on_fakes(model: nn.Module):
             c._experts_implementation_internal = "grouped_mm"
 
 
+def _as_exported():
+    """The state torch.export traces a model in (``torch.compiler.is_compiling()`` true), so that
+    the probe takes the paths the captured step takes: models skip data-dependent checks there
+    (XGLM's sinusoidal positions compare a tensor's max with a size, which fake tensors can't)."""
+    try:
+        from torch._export.utils import _compiling_state_context
+    except ImportError:  # a torch without it: the probe runs as eager, the capture still decides
+        return contextlib.nullcontext()
+    return _compiling_state_context()
+
+
 def attends_by_itself(model: nn.Module, shapes, dtype: torch.dtype, inputs: tuple) -> bool:
     """Whether ``model``'s layers compute attention themselves rather than through transformers'
     attention interface: one decode step (``inputs``, batch 1) run on fake tensors as memsched
@@ -303,7 +314,7 @@ def attends_by_itself(model: nn.Module, shapes, dtype: torch.dtype, inputs: tupl
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     one = [(torch.Size((1, *k[1:])), torch.Size((1, *v[1:]))) for k, v in shapes]
-    with torch.no_grad(), _experts_traceable_on_fakes(model), FakeTensorMode(allow_non_fake_inputs=True):
+    with torch.no_grad(), _experts_traceable_on_fakes(model), _as_exported(), FakeTensorMode(allow_non_fake_inputs=True):
         probe = CachedDecoder(model, one, dtype).eval()
         try:
             probe(*inputs)
