@@ -4,6 +4,8 @@ model this suite owns (plain torch modules written here, or transformers tiny co
 * a training step handed ``native_group_norm`` a tensor with other strides than eager's (the
   traced FakeTensor strides of size-1 dimensions differed from eager's; diffusers'
   ``AutoencoderKL`` at batch 1);
+* ``unsafe_split`` (a GRU cell's gates) traced as fresh tensors while it returns views of its
+  input: a fetched value was freed while the gates kept its storage alive (over the budget);
 * an op with an output that is None at run time (``nn.LSTM``'s ``mkldnn_rnn_layer``
   workspace, made only in a training forward);
 * the plan under-counted a moved expanded view (DeBERTa-v2's relative positions);
@@ -68,6 +70,19 @@ class LstmLM(nn.Module):
         return F.cross_entropy(self.head(h).flatten(0, 1), ids.flatten())
 
 
+class GruRegressor(nn.Module):
+    """A GRU over a sequence, its last state regressed: a CPU GRU runs as cells whose gates are
+    ``unsafe_split`` views of one matmul's output (traced as fresh tensors by PyTorch)."""
+
+    def __init__(self, d: int = 8, hidden: int = 16):
+        super().__init__()
+        self.gru = nn.GRU(d, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1]).square().mean()
+
+
 class ExpandedSaved(nn.Module):
     """An expanded view (stride 0) of a small tensor, saved for the backward across every
     layer while nothing else holds its storage: DeBERTa's relative-position pattern."""
@@ -98,6 +113,11 @@ def _attn_groupnorm():
 def _lstm_lm():
     model = _seeded(LstmLM)
     return model, (torch.randint(0, 50, (2, 8)),), {}, lambda loss: loss
+
+
+def _gru():
+    model = _seeded(GruRegressor)
+    return model, (torch.randn(4, 10, 8, generator=torch.Generator().manual_seed(1)),), {}, lambda loss: loss
 
 
 def _expanded_saved():
@@ -154,6 +174,7 @@ def _hf_train(build):
 TRAIN = {
     "attn_groupnorm_batch1": _attn_groupnorm,
     "lstm_lm": _lstm_lm,
+    "gru": _gru,
     "expanded_saved": _expanded_saved,
     "deberta_v2_relative": _deberta_v2,
     "gpt2_use_cache": _hf_train(_gpt2),

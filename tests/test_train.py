@@ -156,6 +156,32 @@ def test_forward_buffer_updates_reach_the_model():
     cm.close()
 
 
+class _Nested(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x, *, scale=1.0):
+        h = self.a(x) * scale
+        return {"h": h, "parts": [self.b(h), None, (h.square().mean(),)], "n": 3}
+
+
+def test_nested_outputs_with_none_and_numbers_train():
+    """A forward returning a dict whose lists hold None and a number beside tensors: they come
+    back as returned, and the backward runs from the scalar."""
+    torch.manual_seed(0)
+    model, x = _Nested(), torch.randn(4, 16)
+    ref = copy.deepcopy(model)
+    cm = _compile(model, "1GB")
+    out, want = cm(x, scale=0.5), ref(x, scale=0.5)
+    assert out["n"] == 3 and out["parts"][1] is None
+    assert torch.equal(out["parts"][0], want["parts"][0])
+    out["parts"][2][0].backward()
+    want["parts"][2][0].backward()
+    assert_same_grads(ref, model)
+    cm.close()
+
+
 def test_no_grad_calls_use_an_inference_plan():
     model, args, kwargs, loss_fn = build_train("mlp")
     cm = _compile(model, "1GB")

@@ -33,6 +33,11 @@ _PROBE = ((1, 2, 2, 2), (2, 1, 4, 2))  # a layout whose fast path and general pa
 _wraps_numbers: dict = {}               # (op, where its numbers are) -> does a CPU run wrap them
 _workspaces: dict = {}                  # mkldnn_rnn_layer arguments -> (workspace elements, dtype)
 _UNANNOTATED_VIEWS = {torch.ops.aten._unsafe_view.default}  # no alias annotation, yet a view
+# no alias annotation and traced as fresh tensors, yet views of their input when run (a GRU
+# cell's gates): traced again as the view op they run as
+_UNSAFE_SPLITS = {torch.ops.aten.unsafe_split.Tensor: torch.ops.aten.split.Tensor,
+                  torch.ops.aten.unsafe_chunk.default: torch.ops.aten.chunk.default,
+                  torch.ops.aten.unsafe_split_with_sizes.default: torch.ops.aten.split_with_sizes.default}
 
 
 @contextlib.contextmanager
@@ -214,7 +219,9 @@ def share_storages_as_eager(graph: torch.fx.Graph) -> None:
         inputs = {key(t) for a in node.all_input_nodes
                   for t in pytree.tree_leaves(a.meta.get("val")) if isinstance(t, torch.Tensor)}
         returns = node.target._schema.returns
-        if all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+        if node.target in _UNSAFE_SPLITS:
+            _set_val(node, _retrace(node, _UNSAFE_SPLITS[node.target]), leaves)
+        elif all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
             if any(isinstance(t, torch.Tensor) and key(t) not in inputs for t in leaves):
                 _set_val(node, _retrace(node), leaves)
         elif not any(r.alias_info is not None for r in returns) and node.target not in _UNANNOTATED_VIEWS:
@@ -227,15 +234,16 @@ def share_storages_as_eager(graph: torch.fx.Graph) -> None:
             _set_val(node, fresh, leaves)
 
 
-def _retrace(node: torch.fx.Node) -> list | None:
-    """The node's op run again on its inputs' traced values (None if that fails)."""
+def _retrace(node: torch.fx.Node, op=None) -> list | None:
+    """The node's op (or ``op`` in its place) run again on its inputs' traced values (None if
+    that fails)."""
     vals = [a.meta.get("val") for a in node.all_input_nodes]
     mode = next((t.fake_mode for t in pytree.tree_leaves(vals) if hasattr(t, "fake_mode")), None)
     if mode is None:
         return None
     try:
         with mode:
-            out = node.target(*torch.fx.map_arg(node.args, lambda a: a.meta["val"]),
+            out = (op or node.target)(*torch.fx.map_arg(node.args, lambda a: a.meta["val"]),
                               **torch.fx.map_arg(node.kwargs, lambda a: a.meta["val"]))
     except Exception:  # noqa: BLE001  (left as traced)
         return None

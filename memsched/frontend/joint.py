@@ -97,7 +97,9 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     n_mut = sum(1 for s in out_specs if s.kind == OutputKind.BUFFER_MUTATION)
     if any(s.kind not in (OutputKind.BUFFER_MUTATION, OutputKind.USER_OUTPUT) for s in out_specs):
         raise UnsupportedModelError("forward has outputs other than its results and buffer updates")
-    out_vals = [n.meta.get("val") for n in ep.graph_module.graph.output_node().args[0]]
+    # (an output that is no tensor, e.g. None or a number in a returned list, is a constant there)
+    out_vals = [n.meta.get("val") if isinstance(n, torch.fx.Node) else n
+                for n in ep.graph_module.graph.output_node().args[0]]
     user_vals = out_vals[n_mut:]
     floating = [i for i, v in enumerate(user_vals) if isinstance(v, torch.Tensor) and v.is_floating_point()]
     if grad_outputs == "auto" and any(user_vals[i].dim() == 0 for i in floating):
