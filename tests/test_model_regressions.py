@@ -316,6 +316,40 @@ def test_lstm_in_training_mode_under_no_grad(frac):
             cm.close()
 
 
+class SequenceFirst(nn.Module):
+    """nn.MultiheadAttention's layout change: batch-first activations transposed to sequence-
+    first, a non-contiguous 3-D input, into a linear (which folds such an input into one matrix
+    product only when the weight needs no gradient; the two paths round differently)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.proj, self.out = nn.Linear(d, 3 * d), nn.Linear(3 * d, d)
+
+    def forward(self, x):
+        return self.out(F.gelu(self.proj(x.transpose(0, 1))))
+
+
+@pytest.mark.parametrize("grad_mode", (False, True), ids=["no_grad", "grad"])
+@pytest.mark.parametrize("frac", (1.0, "min"), ids=str)
+def test_inference_reads_parameters_as_requiring_grad_as_eager_does(frac, grad_mode):
+    """Eval mode, under no_grad or not: the program's parameters (held or fetched) require grad
+    as the model's do, so kernels take eager's path: outputs equal bit for bit."""
+    model = _seeded(SequenceFirst).eval()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    with torch.set_grad_enabled(grad_mode):
+        want = model(x)
+        base = memsched.plan(model, (x,), budget=10**13)
+        budget = base.min_budget_bytes if frac == "min" else base.unconstrained.peak_device_bytes
+        cm = _compile(model, budget)
+        try:
+            assert torch.equal(cm(x), want)
+            if frac == "min":
+                assert "prefetch(p_proj_weight)" in str(cm.plan)
+            assert cm.stats.peak_device_bytes <= budget
+        finally:
+            cm.close()
+
+
 @pytest.mark.parametrize("frac", (1.0, 0.5), ids=str)
 @pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
 def test_cache_output_comes_back_as_the_model_returns_it(build, frac):

@@ -72,6 +72,10 @@ class _ModelSlot:
         self.shape, self.stride, self.dtype, self.device = tuple(t.shape), tuple(t.stride()), t.dtype, t.device
 
 
+def _as_trained(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
 class Executor:
     """Runs one scheduled program with the model's tensors in their planned tiers.
 
@@ -112,6 +116,8 @@ class Executor:
         self._written = _written_placeholders(gm)
         self._step = None
         self._outgoing: dict[int, Outgoing] = {}
+        self._as_trained: set[int] = set()       # ids of home copies of parameters needing grad
+        self._fetched_trained: set[int] = set()  # ids of fetches of those, until waited on
         self._model_slots: list[_ModelSlot] = []
         self._slots_named: dict[str, list[_ModelSlot]] | None = None  # by name, made at the first patch
         # True while the caller vouches that the model's tensors are neither replaced nor changed
@@ -244,6 +250,12 @@ class Executor:
 
     # -- the runtime interface the generated program calls --------------------------------
     def prefetch(self, src):
+        pending = self._prefetch(src)
+        if id(src) in self._as_trained:
+            self._fetched_trained.add(id(pending))
+        return pending
+
+    def _prefetch(self, src):
         if self._pool is None:
             pending = self.engine.fetch(src)
             self.acct.track(pending.tensor)
@@ -263,7 +275,12 @@ class Executor:
             self._pool.trim(max(self.budget - self.acct.current - nbytes, 0))
 
     def wait(self, pending):
-        return self.engine.wait(pending)
+        t = self.engine.wait(pending)
+        if self._fetched_trained:
+            if id(pending) in self._fetched_trained:
+                self._fetched_trained.discard(id(pending))
+                return _as_trained(t)
+        return t
 
     def region(self, kernel, nbytes: int, args: tuple) -> tuple:
         """Run a fused region; while it runs, the device holds the bytes it declares (every
@@ -314,8 +331,25 @@ class Executor:
                 self._slots[rec.index] = self._slot_for(rec, rec.ref.detach())
                 rec.parked = False
 
+    def _mark_trained(self, values: list) -> None:
+        """An inference program reads the model's parameters that require grad as tensors that
+        require grad too (detached leaves, under no_grad: no graph is built), fetched copies
+        included: some kernels choose their path by it, e.g. ``linear`` of a transposed 3-D
+        input folds it into one matrix product only when the weight needs no gradient, which
+        rounds otherwise than eager's batched product."""
+        self._as_trained = set()
+        for rec in self._model_slots:
+            v = values[rec.index]
+            if not (rec.ref.requires_grad and rec.ref.is_floating_point()):
+                continue
+            if isinstance(v, torch.Tensor):
+                values[rec.index] = _as_trained(v)
+            elif v is not None:
+                self._as_trained.add(id(v))
+
     def _begin(self, flat_inputs: list) -> list:
         self._settle()  # whatever an earlier step left (its outputs never collected) goes back
+        self._as_trained, self._fetched_trained = set(), set()
         self.host.new_call()
         self._unpark()
         self._refresh()
@@ -344,6 +378,7 @@ class Executor:
     def run(self, flat_inputs: list) -> list:
         try:
             values = self._begin(flat_inputs)
+            self._mark_trained(values)
             t0 = time.perf_counter()
             with torch.no_grad():
                 out = list(self._program(self, values, self.acct.track, self.acct.release))
