@@ -6,6 +6,9 @@ model this suite owns (plain torch modules written here, or transformers tiny co
   ``AutoencoderKL`` at batch 1);
 * ``unsafe_split`` (a GRU cell's gates) traced as fresh tensors while it returns views of its
   input: a fetched value was freed while the gates kept its storage alive (over the budget);
+* inference outputs off eager's in the last bits: the program read detached parameters, and
+  ``linear`` rounds a non-contiguous 3-D input otherwise when its weight needs no gradient
+  (``nn.MultiheadAttention``'s sequence-first layout);
 * an op with an output that is None at run time (``nn.LSTM``'s ``mkldnn_rnn_layer``
   workspace, made only in a training forward);
 * the plan under-counted a moved expanded view (DeBERTa-v2's relative positions);
