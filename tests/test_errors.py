@@ -57,6 +57,26 @@ def test_uncapturable_model_names_the_problem(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_input_of_the_wrong_shape_is_one_clear_error():
+    """The op's own message in the CaptureError, without torch's logged traceback before it."""
+    import logging
+
+    logged = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = logged.append
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    log.addHandler(handler)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    cm = memsched.compile(model, "1MB", device="cpu")
+    try:
+        with pytest.raises(memsched.CaptureError, match=r"\[3, 9\] X \[8, 8\]"):
+            cm(torch.randn(3, 9))
+    finally:
+        log.removeHandler(handler)
+        cm.close()
+    assert logged == []
+
+
 def test_buffer_mutation_is_refused():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8)).train()
     with pytest.raises(memsched.UnsupportedModelError, match="eval"):

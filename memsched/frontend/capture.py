@@ -6,6 +6,8 @@ the same way, which is what lets ``memsched.plan`` plan models that were never a
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import operator
 import sys
 import warnings
@@ -118,13 +120,26 @@ def _state_kind(model: torch.nn.Module, target: str | None) -> Kind | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_fake_tensor_log():
+    """torch logs the whole traceback of an op failing on fake tensors (a wrong input shape)
+    before raising it; the CaptureError raised here names that failure, once."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> ExportedProgram:
     """torch.export (non-strict); CaptureError names the model and the cause."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
     register_output_types(model)
     try:
-        with eager_meta():
+        with eager_meta(), _quiet_fake_tensor_log():
             return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
     except Exception as exc:  # export raises many types; we re-raise one, naming the cause
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
