@@ -63,6 +63,14 @@ def _to_meta(tree):
     return pytree.tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, tree)
 
 
+
+def _compression_bits(what: str, value) -> int | None:
+    """``None``/``"int8"``/``"int4"`` as bits; anything else is refused, naming the option."""
+    bits = {None: None, "int8": 8, "int4": 4}.get(value, 0) if isinstance(value, (str, type(None))) else 0
+    if bits == 0:
+        raise ValueError(f"{what} must be None, 'int8' or 'int4', got {value!r}")
+    return bits
+
 class CompiledModule:
     """A drop-in callable for the model that runs its plan inside the budget.
 
@@ -85,10 +93,8 @@ class CompiledModule:
             raise TypeError(f"memsched.compile takes a torch.nn.Module, got {type(model).__name__}")
         meta = [name for name, t in _model_tensors(model) if t.device.type == "meta"]
         weights_prefix = options.pop("weights_prefix", "")
-        compress = options.pop("compress_weights", None)
-        if compress not in (None, "int8", "int4"):
-            raise ValueError(f"compress_weights must be None, 'int8' or 'int4', got {compress!r}")
-        self._compress = {None: None, "int8": 8, "int4": 4}[compress]
+        self._compress = [_compression_bits(what, options.pop(what, None))
+                          for what in ("compress_weights", "compress_kv_cache")]
         self._checkpoint = None
         if weights is not None:  # every meta tensor must be in it: checked before anything runs
             self._checkpoint = Checkpoint(weights, prefix=weights_prefix)
@@ -135,7 +141,8 @@ class CompiledModule:
     def _new_stores(self) -> None:
         # the host pool, offload file and weight homes every signature's executor shares: each
         # weight homed on disk is written once, not once per signature
-        self._stores = Stores(self.device, self.offload_dir, checkpoint=self._checkpoint, compress=self._compress)
+        self._stores = Stores(self.device, self.offload_dir, checkpoint=self._checkpoint, compress=self._compress[0],
+                              compress_kv=self._compress[1])
         self._stores_finalizer = weakref.finalize(self, self._stores.close)
 
     def _prepare(self, args, kwargs):
@@ -282,6 +289,8 @@ def compile(model, budget=None, *, example_inputs=None, example_kwargs=None, dev
     ``compress_weights="int8"`` or ``"int4"``: weights homed on disk are kept there as group-wise
     integers (64 values per float32 scale) and widened when fetched: 4x / 8x less disk traffic
     than fp32, outputs no longer bit-exact (off by default; see runtime/quantize.py).
+    ``compress_kv_cache="int8"`` or ``"int4"``: the same for a KV cache homed on disk (a
+    generation's; each step's new slots are quantised alone when a slot holds whole groups).
     ``weights=``: a safetensors checkpoint (a file, a directory of shards or an index json) for a
     model built on the meta device: weights the plan homes on disk are read from the checkpoint's
     own files at each use, the others loaded once (``weights_prefix=``: what the model puts

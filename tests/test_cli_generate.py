@@ -171,7 +171,8 @@ def test_block_auto_prints_the_candidates_and_the_choice(capsys, config):
 
 def test_weights_from_a_checkpoint_and_compressed(capsys, tmp_path):
     """--weights reads the parameters from a saved checkpoint (the same tokens as the saved
-    model generates from the same prompt); --compress keeps the streamed ones quantised."""
+    model generates from the same prompt); --compress keeps the streamed ones quantised, and
+    --compress-kv the KV cache homed on disk."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -191,7 +192,7 @@ def test_weights_from_a_checkpoint_and_compressed(capsys, tmp_path):
         shown.append((prompt, tokens))
         return tokens, stats
 
-    for compress in ((), ("--compress", "int8")):
+    for compress in ((), ("--compress", "int8"), ("--compress", "int4", "--compress-kv", "int8")):
         shown.clear()
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(generation, "run_blocks", spy)

@@ -143,9 +143,9 @@ def test_new_cache_slots_are_patched_not_rewritten(tmp_path):
     disk = gen.compiled._stores.disk
     real = disk.write_slices
 
-    def spy(region, t, dim, index):
-        writes.append(index.numel() * t.numel() // t.shape[dim] * t.element_size())
-        return real(region, t, dim, index)
+    def spy(region, shape, dtype, dim, index, new):
+        writes.append(new.numel() * new.element_size())
+        return real(region, shape, dtype, dim, index, new)
 
     disk.write_slices = spy
     try:

@@ -219,6 +219,8 @@ def _add_generate_parser(sub) -> None:
                         "weights from, streamed from its own files (default: random weights)")
     g.add_argument("--compress", choices=("int8", "int4"), default=None,
                    help="keep the weights homed on disk as group-wise integers (not bit-exact)")
+    g.add_argument("--compress-kv", choices=("int8", "int4"), default=None,
+                   help="keep the KV cache homed on disk as group-wise integers (not bit-exact)")
     g.add_argument("--seed", type=_seed, default=0, metavar="S",
                    help="seed of the random weights and prompt (default 0)")
     g.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -494,7 +496,8 @@ def _cmd_generate(args) -> int:
                 gen, tried, _ = plan_generator(model, budget_bytes, prompt, args.new_tokens, block_size=args.block,
                                                goal=args.goal, device=device, offload_dir=args.offload_dir,
                                                hardware=hw, progress=_programs(update, what),
-                                               weights=args.weights, compress_weights=args.compress)
+                                               weights=args.weights, compress_weights=args.compress,
+                                               compress_kv_cache=args.compress_kv)
         except InfeasibleBudgetError as e:
             if args.debug:
                 raise

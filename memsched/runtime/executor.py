@@ -173,7 +173,7 @@ class Executor:
         if rec.tier == Tier.HOST and not self.cuda and t.device == self.device and t.is_contiguous():
             # on a CPU device the model's own tensor is the host copy; read-only
             return HostCopy(t, Layout.of(t), pooled=False)
-        rec.home = self.stores.home(rec.name, t, rec.tier, self._token, compressible=rec.kind == Kind.WEIGHT)
+        rec.home = self.stores.home(rec.name, t, rec.tier, self._token, kind=rec.kind)
         return rec.home.handle
 
     def _lookup(self, name: str):

@@ -1,10 +1,11 @@
-"""Group-wise weight quantisation for the disk tier (FlexGen's compressed weights).
+"""Group-wise quantisation for the disk tier (FlexGen's compressed weights and KV cache).
 
-A weight homed on disk may be kept there as 8-bit or 4-bit integers with one float32 scale
+A weight (or a KV cache) homed on disk may be kept there as 8-bit or 4-bit integers with one float32 scale
 per group of ``GROUP`` consecutive values (symmetric: scale = max |x| / qmax), and widened back
 to its own dtype when it is fetched. Disk traffic falls 4x (int8) or 8x (int4) against fp32,
 at the price of rounding every weight to one of 255 (or 15) levels of its group: outputs are
-no longer bit-exact, which is why it is off unless asked for (``compress_weights=``).
+no longer bit-exact, which is why it is off unless asked for (``compress_weights=``,
+``compress_kv_cache=``).
 """
 from __future__ import annotations
 
@@ -45,3 +46,22 @@ def dequantize_into(q: torch.Tensor, scale: torch.Tensor, bits: int, out: torch.
         ints = torch.stack(((q & 0xF).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8), dim=1).reshape(-1).float()
     values = ints.reshape(-1, GROUP) * scale.to(ints.device).reshape(-1, 1)
     out.copy_(values.reshape(out.shape).to(out.dtype))
+
+
+def slices_align(t: torch.Tensor, dim: int) -> bool:
+    """Whether each slice of t along ``dim`` is made of whole groups (the values after ``dim``
+    come in multiples of ``GROUP``): a KV cache's new slots can then be quantised alone."""
+    inner = 1
+    for n in t.shape[dim + 1:]:
+        inner *= n
+    return t.is_contiguous() and inner % GROUP == 0
+
+
+def quantize_slices(t: torch.Tensor, bits: int, dim: int, index: torch.Tensor):
+    """The integers and scales of t's slices ``index`` along ``dim`` (``slices_align`` holds),
+    shaped as those slices of the integer bytes and of the scales of all of t: (*t.shape[:dim],
+    len(index), bytes per slice) and (*t.shape[:dim], len(index), groups per slice)."""
+    part = t.index_select(dim, index)
+    q, scale = quantize(part, bits)
+    lead = (*t.shape[:dim], index.numel())
+    return q.reshape(*lead, -1), scale.reshape(*lead, -1)

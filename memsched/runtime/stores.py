@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import xxhash
 
-from ..ir.kinds import OFF_DEVICE
+from ..ir.kinds import OFF_DEVICE, Kind
 from . import quantize
 
 ALIGN = 4096
@@ -382,9 +382,11 @@ class DiskStore:
             self._file_end = max(self._file_end, region.offset + len(data))
         region.digest = digest
 
-    def write_slices(self, region: Region, t: torch.Tensor, dim: int, index: torch.Tensor) -> None:
-        """Overwrite the slices ``index`` along ``dim`` of a written region that holds a tensor
-        laid out as the contiguous ``t``, with t's (a KV cache's new slots): one strided copy
+    def write_slices(self, region: Region, shape, dtype: torch.dtype, dim: int, index: torch.Tensor,
+                     new: torch.Tensor) -> None:
+        """Overwrite the slices ``index`` along ``dim`` of a written region that holds a
+        contiguous tensor of ``shape`` and ``dtype``, with ``new`` (a KV cache's new slots, or
+        their integers when it is kept quantised): one strided copy
         through a shared memory map of the region, where a write call per byte span would take
         thousands (a slot of every batch row and head). The region stays unreadable until the
         caller sets its new checksum."""
@@ -400,7 +402,13 @@ class DiskStore:
                 region.mapped = _Mapping(self.fd, region.offset, region.nbytes)
         except OSError as exc:
             raise self._os_error(exc, "mapping", region) from exc
-        region.mapped.bytes.view(t.dtype).view(t.shape).index_copy_(dim, index, t.index_select(dim, index))
+        region.mapped.bytes.view(dtype).view(shape).index_copy_(dim, index, new)
+
+    def region_checksum(self, region: Region) -> int:
+        """The checksum of a region's bytes as they are in the file (after ``write_slices``)."""
+        if region.mapped is None:
+            region.mapped = _Mapping(self.fd, region.offset, region.nbytes)
+        return checksum(_buffer(region.mapped.bytes))
 
     def read_into(self, region: Region, t: torch.Tensor) -> None:
         if region.digest is None:
@@ -536,10 +544,13 @@ class Home:
 class Stores:
     """The host pool, the offload file and the model tensors' homes of one compiled module."""
 
-    def __init__(self, device: torch.device, offload_dir=None, checkpoint=None, compress: int | None = None):
-        if compress not in (None, 8, 4):
-            raise ValueError(f"compress_weights must be None, 'int8' or 'int4', got {compress!r}")
-        self.compress = compress  # bits of the disk tier's quantised weights, None: exact copies
+    def __init__(self, device: torch.device, offload_dir=None, checkpoint=None, compress: int | None = None,
+                 compress_kv: int | None = None):
+        for what, bits in (("compress_weights", compress), ("compress_kv_cache", compress_kv)):
+            if bits not in (None, 8, 4):
+                raise ValueError(f"{what} must be None, 'int8' or 'int4', got {bits!r}")
+        # bits of the disk tier's quantised weights and KV cache, None: exact copies
+        self.compress = {Kind.WEIGHT: compress, Kind.KV_CACHE: compress_kv}
         self.cuda = device.type == "cuda"
         self.device = device
         self.offload_dir = offload_dir
@@ -566,9 +577,9 @@ class Stores:
     def has_disk(self) -> bool:
         return self._disk is not None
 
-    def home(self, name: str, t: torch.Tensor, tier: str, user, compressible: bool = False) -> Home:
+    def home(self, name: str, t: torch.Tensor, tier: str, user, kind: Kind | None = None) -> Home:
         """The home of model tensor ``name`` in ``tier`` holding t's bytes (made at first use);
-        a ``compressible`` one (a weight) on disk is kept quantised when the stores compress."""
+        on disk, a weight or KV cache (``kind``) is kept quantised when the stores compress it."""
         layout = Layout.of(t)
         with self._lock:
             key = (name, tier)
@@ -577,9 +588,10 @@ class Stores:
                 self._drop(key)  # the tensor changed shape: a new plan made a new home
                 home = None
             if home is None:
-                if tier == "disk" and self.compress and compressible and quantize.eligible(t):
-                    region = self.disk.allocate(quantize.stored_nbytes(t.numel(), self.compress), name=name)
-                    handle = QuantizedCopy(region, layout, self.compress, self.disk)
+                bits = self.compress.get(kind)
+                if tier == "disk" and bits and quantize.eligible(t):
+                    region = self.disk.allocate(quantize.stored_nbytes(t.numel(), bits), name=name)
+                    handle = QuantizedCopy(region, layout, bits, self.disk)
                 elif tier == "disk":
                     region = self.disk.allocate(layout.nbytes, name=name)
                     handle = DiskCopy(region, layout, owned=False)
@@ -641,10 +653,19 @@ class Stores:
         for home in homes:
             home.settle()
             h = home.handle
-            if home.digest is None or not t.is_contiguous() or Layout.of(t) != h.layout or isinstance(h, QuantizedCopy):
-                self.renew(home, t)  # (a quantised copy is requantised whole: its groups span slots)
+            quantised = isinstance(h, QuantizedCopy)
+            if home.digest is None or not t.is_contiguous() or Layout.of(t) != h.layout or (
+                    quantised and not quantize.slices_align(t, dim)):
+                self.renew(home, t)  # (a quantised copy whose groups span slots is requantised whole)
                 continue
             index = index.to(t.device)
+            if quantised:  # the slots' integers and scales, made now: t may be written again after
+                h.region.digest = None
+                q, scale = quantize.quantize_slices(t, h.bits, dim, index)
+                home.digest = None
+                home.pending = h.ready = self._checksummer().submit(
+                    self._write_quantised, home, t, dim, index, q, scale)
+                continue
             if isinstance(h, DiskCopy):
                 h.region.digest = None   # unreadable until the worker has written and hashed it
             else:
@@ -656,11 +677,19 @@ class Stores:
 
     def _write_and_checksum(self, home: Home, t: torch.Tensor, dim: int, index: torch.Tensor) -> None:
         if isinstance(home.handle, DiskCopy):  # (never self.disk: close holds the lock waiting for us)
-            self._disk.write_slices(home.handle.region, t, dim, index)
+            self._disk.write_slices(home.handle.region, t.shape, t.dtype, dim, index, t.index_select(dim, index))
         digest = checksum(_buffer(t))
         if isinstance(home.handle, DiskCopy):
             home.handle.region.digest = digest
         home.digest = digest
+
+    def _write_quantised(self, home: Home, t: torch.Tensor, dim: int, index: torch.Tensor, q, scale) -> None:
+        h = home.handle
+        lead = q.shape[:dim]
+        self._disk.write_slices(h.region, (*lead, t.shape[dim], q.shape[-1]), torch.uint8, dim, index, q)
+        h.scale.view(*lead, t.shape[dim], scale.shape[-1]).index_copy_(dim, index, scale)
+        h.region.digest = self._disk.region_checksum(h.region)
+        home.digest = fingerprint(t, h.layout)
 
     def _checksummer(self):
         with self._lock:
