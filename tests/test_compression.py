@@ -24,6 +24,19 @@ def test_round_trip_error_is_at_most_half_a_step_per_group(bits):
     assert bool(((out - x).abs() <= step / 2 + 1e-7).all())
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_widening_in_place_gives_the_general_path_s_values(bits):
+    """A contiguous float32 destination is widened and scaled in place; a strided one goes
+    through float temporaries: the same values, bit for bit."""
+    torch.manual_seed(0)
+    x = torch.randn(96, 128)
+    q, scale = quantize.quantize(x, bits)
+    fast, strided = torch.empty(96, 128), torch.empty(128, 96).t()
+    quantize.dequantize_into(q, scale, bits, fast)
+    quantize.dequantize_into(q, scale, bits, strided)
+    assert torch.equal(fast, strided)
+
+
 def test_a_transposed_weight_comes_back_in_its_own_layout():
     x = torch.randn(128, 64).t()  # not contiguous
     q, scale = quantize.quantize(x, 8)

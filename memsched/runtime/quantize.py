@@ -40,6 +40,19 @@ def quantize(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_into(q: torch.Tensor, scale: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     """Write the values ``quantize`` encoded into ``out`` (its own dtype and shape)."""
+    if out.dtype == torch.float32 and out.is_contiguous():
+        # in place, no float temporaries: the integers are widened into out and scaled there
+        # (the same values as below: small integers and their products are exact in float32)
+        flat = out.view(-1)
+        if bits == 8:
+            flat.copy_(q.view(torch.int8))
+        else:
+            pairs = flat.view(-1, 2)
+            pairs[:, 0].copy_(q & 0xF)
+            pairs[:, 1].copy_(q >> 4)
+            flat.sub_(8)
+        flat.view(-1, GROUP).mul_(scale.to(out.device).view(-1, 1))
+        return
     if bits == 8:
         ints = q.view(torch.int8).float()
     else:
