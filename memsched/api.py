@@ -63,13 +63,15 @@ def _to_meta(tree):
     return pytree.tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, tree)
 
 
+_BITS = {None: None, "int8": 8, "int4": 4}
+
 
 def _compression_bits(what: str, value) -> int | None:
     """``None``/``"int8"``/``"int4"`` as bits; anything else is refused, naming the option."""
-    bits = {None: None, "int8": 8, "int4": 4}.get(value, 0) if isinstance(value, (str, type(None))) else 0
-    if bits == 0:
+    if not (value is None or isinstance(value, str)) or value not in _BITS:
         raise ValueError(f"{what} must be None, 'int8' or 'int4', got {value!r}")
-    return bits
+    return _BITS[value]
+
 
 class CompiledModule:
     """A drop-in callable for the model that runs its plan inside the budget.

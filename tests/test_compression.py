@@ -79,6 +79,8 @@ def test_compressed_generation_and_a_bad_option(tmp_path):
     assert tokens.shape == (2, 12) and stats.peak_device_bytes <= 900_000
     with pytest.raises(ValueError, match="compress_weights"):
         memsched.compile(model, "1GB", device="cpu", compress_weights="int3")
+    with pytest.raises(ValueError, match="compress_kv_cache"):
+        memsched.compile(model, "1GB", device="cpu", compress_kv_cache=8)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -116,8 +116,8 @@ class Executor:
         self._written = _written_placeholders(gm)
         self._step = None
         self._outgoing: dict[int, Outgoing] = {}
-        self._as_trained: set[int] = set()       # ids of home copies of parameters needing grad
-        self._fetched_trained: set[int] = set()  # ids of fetches of those, until waited on
+        self._grad_homes: set[int] = set()    # ids of home copies of parameters needing grad
+        self._grad_fetches: set[int] = set()  # ids of fetches of those, until waited on
         self._model_slots: list[_ModelSlot] = []
         self._slots_named: dict[str, list[_ModelSlot]] | None = None  # by name, made at the first patch
         # True while the caller vouches that the model's tensors are neither replaced nor changed
@@ -251,8 +251,8 @@ class Executor:
     # -- the runtime interface the generated program calls --------------------------------
     def prefetch(self, src):
         pending = self._prefetch(src)
-        if id(src) in self._as_trained:
-            self._fetched_trained.add(id(pending))
+        if id(src) in self._grad_homes:
+            self._grad_fetches.add(id(pending))
         return pending
 
     def _prefetch(self, src):
@@ -276,10 +276,9 @@ class Executor:
 
     def wait(self, pending):
         t = self.engine.wait(pending)
-        if self._fetched_trained:
-            if id(pending) in self._fetched_trained:
-                self._fetched_trained.discard(id(pending))
-                return _as_trained(t)
+        if id(pending) in self._grad_fetches:
+            self._grad_fetches.discard(id(pending))
+            return _as_trained(t)
         return t
 
     def region(self, kernel, nbytes: int, args: tuple) -> tuple:
@@ -337,19 +336,18 @@ class Executor:
         included: some kernels choose their path by it, e.g. ``linear`` of a transposed 3-D
         input folds it into one matrix product only when the weight needs no gradient, which
         rounds otherwise than eager's batched product."""
-        self._as_trained = set()
         for rec in self._model_slots:
             v = values[rec.index]
-            if not (rec.ref.requires_grad and rec.ref.is_floating_point()):
+            if not rec.ref.requires_grad:
                 continue
             if isinstance(v, torch.Tensor):
                 values[rec.index] = _as_trained(v)
             elif v is not None:
-                self._as_trained.add(id(v))
+                self._grad_homes.add(id(v))
 
     def _begin(self, flat_inputs: list) -> list:
         self._settle()  # whatever an earlier step left (its outputs never collected) goes back
-        self._as_trained, self._fetched_trained = set(), set()
+        self._grad_homes, self._grad_fetches = set(), set()
         self.host.new_call()
         self._unpark()
         self._refresh()

@@ -393,6 +393,14 @@ class DiskStore:
         region.digest = None
         if region.nbytes == 0 or index.numel() == 0:
             return   # nothing to write (and an empty map cannot be made)
+        self._mapped(region).view(dtype).view(shape).index_copy_(dim, index, new)
+
+    def region_checksum(self, region: Region) -> int:
+        """The checksum of a region's bytes as they are in the file (after ``write_slices``)."""
+        return checksum(_buffer(self._mapped(region))) if region.nbytes else checksum(b"")
+
+    def _mapped(self, region: Region) -> torch.Tensor:
+        """The region's bytes through its memory map (made at first use)."""
         if os.fstat(self.fd).st_size < region.offset + region.nbytes:   # the map would fault (SIGBUS)
             region.unmap()
             raise DiskIntegrityError(f"memsched: the offload file in {self.directory} ends before "
@@ -402,13 +410,7 @@ class DiskStore:
                 region.mapped = _Mapping(self.fd, region.offset, region.nbytes)
         except OSError as exc:
             raise self._os_error(exc, "mapping", region) from exc
-        region.mapped.bytes.view(dtype).view(shape).index_copy_(dim, index, new)
-
-    def region_checksum(self, region: Region) -> int:
-        """The checksum of a region's bytes as they are in the file (after ``write_slices``)."""
-        if region.mapped is None:
-            region.mapped = _Mapping(self.fd, region.offset, region.nbytes)
-        return checksum(_buffer(region.mapped.bytes))
+        return region.mapped.bytes
 
     def read_into(self, region: Region, t: torch.Tensor) -> None:
         if region.digest is None:
@@ -659,12 +661,10 @@ class Stores:
                 self.renew(home, t)  # (a quantised copy whose groups span slots is requantised whole)
                 continue
             index = index.to(t.device)
-            if quantised:  # the slots' integers and scales, made now: t may be written again after
+            if quantised:  # only the slots' integers and scales are made and written
                 h.region.digest = None
-                q, scale = quantize.quantize_slices(t, h.bits, dim, index)
                 home.digest = None
-                home.pending = h.ready = self._checksummer().submit(
-                    self._write_quantised, home, t, dim, index, q, scale)
+                home.pending = h.ready = self._checksummer().submit(self._write_quantised, home, t, dim, index)
                 continue
             if isinstance(h, DiskCopy):
                 h.region.digest = None   # unreadable until the worker has written and hashed it
@@ -683,8 +683,9 @@ class Stores:
             home.handle.region.digest = digest
         home.digest = digest
 
-    def _write_quantised(self, home: Home, t: torch.Tensor, dim: int, index: torch.Tensor, q, scale) -> None:
+    def _write_quantised(self, home: Home, t: torch.Tensor, dim: int, index: torch.Tensor) -> None:
         h = home.handle
+        q, scale = quantize.quantize_slices(t, h.bits, dim, index)
         lead = q.shape[:dim]
         self._disk.write_slices(h.region, (*lead, t.shape[dim], q.shape[-1]), torch.uint8, dim, index, q)
         h.scale.view(*lead, t.shape[dim], scale.shape[-1]).index_copy_(dim, index, scale)
