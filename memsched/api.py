@@ -95,6 +95,7 @@ class CompiledModule:
             raise TypeError(f"memsched.compile takes a torch.nn.Module, got {type(model).__name__}")
         meta = [name for name, t in _model_tensors(model) if t.device.type == "meta"]
         weights_prefix = options.pop("weights_prefix", "")
+        self.hard_limit = bool(options.pop("hard_limit", False))
         self._compress = [_compression_bits(what, options.pop(what, None))
                           for what in ("compress_weights", "compress_kv_cache")]
         self._checkpoint = None
@@ -163,7 +164,8 @@ class CompiledModule:
                                                     train=train, grad_outputs=self.grad_outputs, **self.options)
             self.plans_made += 1
             executor = Executor(plan.graph, captured, self.model, self.device, self.budget_bytes,
-                                self.offload_dir, stores=self._stores)
+                                self.offload_dir, stores=self._stores, hardware=plan.hardware,
+                                hard_limit=self.hard_limit)
             step = None
             if train:
                 try:
@@ -288,6 +290,9 @@ def compile(model, budget=None, *, example_inputs=None, example_kwargs=None, dev
     per distinct region on a CPU, once per process).
     ``allow_over_capacity=True``: accept a budget larger than the device's memory (refused by
     default: the device could not honour it).
+    ``hard_limit=True`` (CUDA): each call runs with the caching allocator limited to the budget
+    plus what others held and a segment margin, so memory the plan does not count (an op's
+    scratch) fails at once as BudgetExceededError (runtime/allocator_limit.py).
     ``compress_weights="int8"`` or ``"int4"``: weights homed on disk are kept there as group-wise
     integers (64 values per float32 scale) and widened when fetched: 4x / 8x less disk traffic
     than fp32, outputs no longer bit-exact (off by default; see runtime/quantize.py).

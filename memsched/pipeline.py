@@ -125,7 +125,7 @@ def remat_pass(s: PlanningState) -> str:
 
 
 def analysis_pass(s: PlanningState) -> str:
-    s.program = analyze(s.captured)
+    s.program = analyze(s.captured, s.hw.alloc_block_bytes, s.hw.workspace_bytes)
     nodes = {n.name: n for n in s.captured.gm.graph.nodes}
     s.step_time = np.array([estimate_op_time(nodes[name], s.hw) for name in s.program.steps], dtype=np.float64)
     if s.fuse:   # what a recomputed pointwise chain costs inside the region that reads it
@@ -305,7 +305,7 @@ def fuse_pass(s: PlanningState) -> str:
     fusion.py), each within the budget, then simulated again with the regions' prices."""
     if not s.fuse:
         return "off"
-    fused, regions = fuse_regions(s.chosen.scheduled, s.budget)
+    fused, regions = fuse_regions(s.chosen.scheduled, s.budget, s.hw)
     if not regions:
         return "no run of two or more ops to fuse"
     s.chosen.scheduled, s.chosen.sim = fused, simulate(fused, s.hw)
@@ -355,7 +355,7 @@ def run_pass(p: Pass, s: PlanningState, *, verify: bool = False) -> None:
     for c in s.candidates if verify else ():
         if id(c.scheduled) not in s.verified:
             try:
-                verify_schedule(c.scheduled, s.budget)
+                verify_schedule(c.scheduled, s.budget, s.hw)
             except PlanError as e:
                 raise PlanError(f"after pass {p.name}: {e}") from None
             s.verified.add(id(c.scheduled))

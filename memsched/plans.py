@@ -215,7 +215,7 @@ class Plan:
         """Check the schedule with the independent verifier; returns its peak device bytes."""
         from .verify import verify_schedule
 
-        return verify_schedule(self.graph, self.budget_bytes)
+        return verify_schedule(self.graph, self.budget_bytes, self.hardware)
 
 
 def as_plan(plan_or_path) -> Plan:

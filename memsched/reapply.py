@@ -29,7 +29,7 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
     key = input_signature(args, kwargs)
     if saved.signature is not None:
         check_signature(saved.signature, key)
-    verify_schedule(saved.graph, saved.budget_bytes)  # a hand-edited file fails here, by step
+    verify_schedule(saved.graph, saved.budget_bytes, saved.hardware)  # a hand-edited file fails here, by step
     fused = any(op_of(n) is Op.REGION for n in saved.graph.graph.nodes)
     t = time.perf_counter()
     for c in saved.chunking:   # the modules the plan runs on slices must be there to split
@@ -43,8 +43,8 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
     # compiled anew: a file holds their ops, never code)
     gm = apply_plan(unfuse(saved.graph) if fused else saved.graph, captured)
     if fused:
-        gm, _ = fuse(gm, budget)
-    peak = verify_schedule(gm, max(budget, saved.budget_bytes))
+        gm, _ = fuse(gm, budget, saved.hardware)
+    peak = verify_schedule(gm, max(budget, saved.budget_bytes), saved.hardware)
     if peak > budget:
         raise InfeasibleBudgetError(budget, peak, "the saved plan holds that much on the device and is "
                                     "applied as it is; plan again for a smaller budget")

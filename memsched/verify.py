@@ -42,8 +42,9 @@ def _elements_bytes(val) -> int:
 
 
 class _Checker:
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, block: int = 1, workspace: int = 0):
         self.budget = budget
+        self.block = block     # the allocator hands out whole blocks of this many bytes
         self.defined: set[str] = set()
         self.freed: set[str] = set()
         self.ops: dict[str, Op | None] = {}
@@ -52,7 +53,7 @@ class _Checker:
         self.of_value: dict[str, list[object]] = {}
         self.holds: dict[str, str] = {}            # node -> the captured value it holds
         self._offloaded: dict[str, object] = {}    # offload handle -> the value it copied
-        self.cur = self.peak = 0
+        self.cur = self.peak = workspace   # held by the device's libraries throughout
         # a restored value takes over the storage identity of the one it restores, so views
         # made of it later (which share that identity in the traced metadata) cost nothing new
         self.restored_as: dict[object, object] = {}
@@ -66,6 +67,7 @@ class _Checker:
             if key in self.held:
                 self.held[key][1] += 1
             else:
+                nbytes = (nbytes + self.block - 1) // self.block * self.block
                 self.held[key] = [nbytes, 1]
                 self.cur += nbytes
         self.peak = max(self.peak, self.cur)
@@ -217,9 +219,12 @@ _CHECKS = register("verifier", {
 })
 
 
-def verify_schedule(gm: fx.GraphModule, budget: int) -> int:
-    """Raise PlanError on the first broken rule; return the peak device bytes it counted."""
-    c = _Checker(budget)
+def verify_schedule(gm: fx.GraphModule, budget: int, hardware=None) -> int:
+    """Raise PlanError on the first broken rule; return the peak device bytes it counted.
+    ``hardware`` (its ``alloc_block_bytes`` and ``workspace_bytes``): count as the device's
+    allocator does, each storage in whole blocks beside a workspace held throughout; None:
+    exact bytes."""
+    c = _Checker(budget, getattr(hardware, "alloc_block_bytes", 1), getattr(hardware, "workspace_bytes", 0))
     for step, n in enumerate(gm.graph.nodes):
         where = f"step {step} ({n.name})"
         op = op_of(n)

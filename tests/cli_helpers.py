@@ -36,3 +36,11 @@ def record_status(monkeypatch) -> list:
 
     monkeypatch.setattr(cli, "_status", recording)
     return shown
+
+
+def on_gpu(hardware: str, budget: str) -> str:
+    """``budget`` for the program's tensors on the preset GPU ``hardware``, plus the cuBLAS
+    workspace a plan for it counts beside them (tests/test_allocator_counting.py), in bytes."""
+    import memsched
+
+    return str(memsched.parse_budget(budget) + memsched.get_hardware(hardware).workspace_bytes)

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from cli_helpers import calibration_cache, record_status, run  # noqa: F401  (an autouse fixture)
+from cli_helpers import calibration_cache, on_gpu, record_status, run  # noqa: F401  (an autouse fixture)
 from memsched.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,8 +58,8 @@ def test_hardware_json(capsys):
 
 
 def test_plan_json_within_budget(capsys, factory):
-    budget = 10**6
-    code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", "1MB", "--hardware", "h100",
+    budget = int(on_gpu("h100", "1MB"))
+    code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", budget, "--hardware", "h100",
                          "--format", "json")
     assert code == 0, err
     report = json.loads(out)
@@ -76,11 +76,11 @@ def test_plan_json_within_budget(capsys, factory):
 
 def test_plan_tight_budget_moves_weights(capsys, factory):
     # weights are ~393 KB: a budget well under that must stream some of them in
-    code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", "300KB", "--hardware", "t4",
+    code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", on_gpu("t4", "300KB"), "--hardware", "t4",
                          "--format", "json")
     assert code == 0, err
     report = json.loads(out)
-    assert report["predicted"]["peak_device_bytes"] <= 300_000
+    assert report["predicted"]["peak_device_bytes"] <= int(on_gpu("t4", "300KB"))
     assert report["predicted"]["bytes_moved"].get("h2d", 0) > 0
 
 
@@ -94,7 +94,7 @@ def test_plan_table_default_hardware(capsys, factory):
 
 
 def test_plan_code(capsys, factory):
-    code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", "1MB", "--hardware", "h100",
+    code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", on_gpu("h100", "1MB"), "--hardware", "h100",
                          "-f", "code")
     assert code == 0, err
     assert "def program(" in out
@@ -102,7 +102,7 @@ def test_plan_code(capsys, factory):
 
 
 def test_plan_fuse_lists_regions(capsys, factory):
-    code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", "1GB", "--hardware", "h100",
+    code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", on_gpu("h100", "1GB"), "--hardware", "h100",
                          "-f", "code", "--fuse")
     assert code == 0, err
     assert " = region(" in out and "# [fuse]" in out and "fused regions" in out
@@ -110,30 +110,30 @@ def test_plan_fuse_lists_regions(capsys, factory):
 
 def test_plan_module_factory(capsys, factory, monkeypatch):
     monkeypatch.syspath_prepend(str(factory.parent))
-    code, out, err = run(capsys, "plan", "tiny_mlp:build_kwargs", "--budget", "1MB", "--hardware", "h100",
+    code, out, err = run(capsys, "plan", "tiny_mlp:build_kwargs", "--budget", on_gpu("h100", "1MB"), "--hardware", "h100",
                          "--batch", "4", "-f", "json")
     assert code == 0, err
     report = json.loads(out)
     assert report["model"] == "Sequential (tiny_mlp:build_kwargs)"
     assert report["input_signature"]["leaves"][0]["shape"] == [4, 64]
-    assert report["predicted"]["peak_device_bytes"] <= 10**6
+    assert report["predicted"]["peak_device_bytes"] <= int(on_gpu("h100", "1MB"))
 
 
 def test_plan_hf_config_path(capsys, tmp_path):
     transformers = pytest.importorskip("transformers")
     transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500).save_pretrained(tmp_path)
-    code, out, err = run(capsys, "plan", tmp_path, "--budget", "2MB", "--hardware", "a100-40gb",
+    code, out, err = run(capsys, "plan", tmp_path, "--budget", on_gpu("a100-40gb", "2MB"), "--hardware", "a100-40gb",
                          "--seq-len", "16", "--format", "json")
     assert code == 0, err
     report = json.loads(out)
     assert report["model"].startswith("GPT2LMHeadModel")
-    assert 0 < report["predicted"]["peak_device_bytes"] <= 2 * 10**6
+    assert 0 < report["predicted"]["peak_device_bytes"] <= int(on_gpu("a100-40gb", "2MB"))
     # the same config by file path, in a budget below the weights (~0.8 MB) so some stream in
-    code, out, err = run(capsys, "plan", tmp_path / "config.json", "--budget", "600KB",
+    code, out, err = run(capsys, "plan", tmp_path / "config.json", "--budget", on_gpu("a100-40gb", "600KB"),
                          "--hardware", "a100-40gb", "--seq-len", "16", "--format", "json")
     assert code == 0, err
     report = json.loads(out)
-    assert report["predicted"]["peak_device_bytes"] <= 600_000
+    assert report["predicted"]["peak_device_bytes"] <= int(on_gpu("a100-40gb", "600KB"))
     assert report["placement"]["tier_bytes"]["host"] + report["placement"]["tier_bytes"]["disk"] > 0
 
 
@@ -141,15 +141,15 @@ def test_plan_training_step(capsys, tmp_path):
     """--train plans forward and backward: the saved activations and what happens to each."""
     transformers = pytest.importorskip("transformers")
     transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500).save_pretrained(tmp_path)
-    code, out, err = run(capsys, "plan", tmp_path, "--train", "--budget", "3MB", "--hardware", "t4",
+    code, out, err = run(capsys, "plan", tmp_path, "--train", "--budget", on_gpu("t4", "3MB"), "--hardware", "t4",
                          "--seq-len", "32", "--time-limit", "2")
     assert code == 0, err
     assert "Saved activations" in out and "recompute overhead" in out
     assert "Predicted time per training step" in out
-    code, out, err = run(capsys, "plan", tmp_path, "--train", "--budget", "3MB", "--hardware", "t4",
+    code, out, err = run(capsys, "plan", tmp_path, "--train", "--budget", on_gpu("t4", "3MB"), "--hardware", "t4",
                          "--seq-len", "32", "--time-limit", "2", "--format", "json")
     assert code == 0, err
-    assert json.loads(out)["predicted"]["peak_device_bytes"] <= 3 * 10**6
+    assert json.loads(out)["predicted"]["peak_device_bytes"] <= int(on_gpu("t4", "3MB"))
     # a saved training plan loads and verifies like any other
     (tmp_path / "step.json").write_text(out)
     code, out, err = run(capsys, "verify", tmp_path / "step.json")
@@ -170,7 +170,7 @@ def test_show_saved_training_plan_prints_its_saved_activations(capsys, tmp_path)
 
     transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500).save_pretrained(tmp_path)
     path = tmp_path / "step.json"
-    code, planned, err = run(capsys, "plan", tmp_path, "--train", "--budget", "3MB", "--hardware", "t4",
+    code, planned, err = run(capsys, "plan", tmp_path, "--train", "--budget", on_gpu("t4", "3MB"), "--hardware", "t4",
                              "--seq-len", "16", "--time-limit", "2", "-o", path)
     assert code == 0, err
     code, shown, err = run(capsys, "show", path)
@@ -189,7 +189,7 @@ def test_show_saved_training_plan_prints_its_saved_activations(capsys, tmp_path)
 
 
 def test_infeasible_budget_exits_3_with_minimum(capsys, factory):
-    code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", "1KB", "--hardware", "h100")
+    code, out, err = run(capsys, "plan", f"{factory}:build", "--budget", on_gpu("h100", "1KB"), "--hardware", "h100")
     assert code == 3
     assert out == ""
     assert "minimum" in err and "--budget" in err
@@ -218,7 +218,7 @@ def test_bad_requests_exit_2(capsys, factory, argv, needle):
     ("justaword", "not understood"),
 ])
 def test_bad_targets_exit_2(capsys, factory, target, needle):
-    code, out, err = run(capsys, "plan", target.format(dir=factory.parent), "--budget", "1MB",
+    code, out, err = run(capsys, "plan", target.format(dir=factory.parent), "--budget", on_gpu("h100", "1MB"),
                          "--hardware", "h100")
     assert code == 2
     assert needle in err
@@ -245,7 +245,7 @@ def test_python_dash_m_hardware():
 
 def test_plan_reports_each_stage_to_the_status_line(capsys, factory, monkeypatch):
     shown = record_status(monkeypatch)
-    code, _, err = run(capsys, "plan", f"{factory}:build", "--budget", "1MB", "--hardware", "h100")
+    code, _, err = run(capsys, "plan", f"{factory}:build", "--budget", on_gpu("h100", "1MB"), "--hardware", "h100")
     assert code == 0, err
     stages = [m.split(": ")[-1] for m in shown if "planning Sequential" in m]
     for stage in ("capture", "analysis", "segments", "schedule", "simulate"):
@@ -267,7 +267,7 @@ def test_status_spinner_on_a_terminal_only(capsys, monkeypatch):
 
 def test_plan_subprocess_stderr_clean_when_not_a_terminal(tmp_path, factory):
     out = tmp_path / "plan.json"
-    proc = subprocess.run([sys.executable, "-m", "memsched", "plan", f"{factory}:build", "--budget", "1MB",
+    proc = subprocess.run([sys.executable, "-m", "memsched", "plan", f"{factory}:build", "--budget", on_gpu("h100", "1MB"),
                            "--hardware", "h100", "-f", "json", "-o", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr

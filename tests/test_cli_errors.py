@@ -18,7 +18,7 @@ import textwrap
 import pytest
 
 import memsched.cli.commands as commands
-from cli_helpers import calibration_cache, run  # noqa: F401  (an autouse fixture)
+from cli_helpers import calibration_cache, on_gpu, run  # noqa: F401  (an autouse fixture)
 from memsched.cli import main
 from memsched.errors import PlanFileError
 from memsched.verify import PlanError
@@ -79,7 +79,7 @@ def files(tmp_path_factory):
 def saved(files):
     """A saved plan of the good factory's model, written by the CLI."""
     path = files / "plan.json"
-    assert main(["plan", f"{files / 'good.py'}:build", "-b", "1MB", "--hardware", HW, "-f", "json", "-o",
+    assert main(["plan", f"{files / 'good.py'}:build", "-b", on_gpu(HW, "1MB"), "--hardware", HW, "-f", "json", "-o",
                  str(path)]) == 0
     return path
 
@@ -111,14 +111,14 @@ def edited(saved, tmp_path, edit, name="edited.json"):
     ("good.py:bad_model", r"cannot capture the model"),
 ])
 def test_a_target_whose_code_fails_exits_2(capsys, files, target, needle):
-    code, out, err = run(capsys, "plan", files / target, "-b", "1MB", "--hardware", HW)
+    code, out, err = run(capsys, "plan", files / target, "-b", on_gpu(HW, "1MB"), "--hardware", HW)
     assert code == 2 and out == "" and clean(err), err
     assert re.search(needle, err), err
 
 
 def test_a_module_target_whose_own_import_fails_exits_2(capsys, files, monkeypatch):
     monkeypatch.syspath_prepend(str(files))
-    code, _, err = run(capsys, "plan", "cli_errors_pkg_broken:build", "-b", "1MB", "--hardware", HW)
+    code, _, err = run(capsys, "plan", "cli_errors_pkg_broken:build", "-b", on_gpu(HW, "1MB"), "--hardware", HW)
     assert code == 2 and clean(err), err
     assert "importing cli_errors_pkg_broken failed" in err and "no_such_dependency_for_memsched_tests" in err
     sys.modules.pop("cli_errors_pkg_broken", None)
@@ -180,7 +180,7 @@ def test_a_plan_that_fails_the_pipeline_s_verification_exits_1(capsys, files, mo
         raise PlanError("step 3 (mm) reads wait_1 after it was freed")
 
     monkeypatch.setattr(commands, "make_plan", broken)
-    code, out, err = run(capsys, "plan", f"{files / 'good.py'}:build", "-b", "1MB", "--hardware", HW)
+    code, out, err = run(capsys, "plan", f"{files / 'good.py'}:build", "-b", on_gpu(HW, "1MB"), "--hardware", HW)
     assert code == 1 and out == "" and clean(err) and "does not verify: step 3 (mm)" in err, err
 
 
@@ -189,7 +189,7 @@ def test_a_plan_that_fails_the_pipeline_s_verification_exits_1(capsys, files, mo
 
 @pytest.mark.parametrize("where", ["missing-dir/plan.json", "."])
 def test_an_output_that_cannot_be_written_exits_2(capsys, files, tmp_path, where):
-    code, out, err = run(capsys, "plan", f"{files / 'good.py'}:build", "-b", "1MB", "--hardware", HW, "-f", "json",
+    code, out, err = run(capsys, "plan", f"{files / 'good.py'}:build", "-b", on_gpu(HW, "1MB"), "--hardware", HW, "-f", "json",
                          "-o", tmp_path / where)
     assert code == 2 and out == "" and clean(err) and "cannot write" in err, err
 
@@ -199,7 +199,7 @@ def test_a_plan_that_cannot_be_saved_exits_2(capsys, files, monkeypatch):
         raise PlanFileError("mm_1: cannot save its target <custom op> by name")
 
     monkeypatch.setattr(commands, "dumps", unsavable)
-    code, out, err = run(capsys, "plan", f"{files / 'good.py'}:build", "-b", "1MB", "--hardware", HW, "-f", "json")
+    code, out, err = run(capsys, "plan", f"{files / 'good.py'}:build", "-b", on_gpu(HW, "1MB"), "--hardware", HW, "-f", "json")
     assert code == 2 and out == "" and clean(err) and "cannot save the plan: mm_1" in err, err
 
 
@@ -232,7 +232,7 @@ def test_an_internal_error_exits_4_and_points_at_debug(capsys, files, saved, mon
         raise KeyError("a planner bug")
 
     monkeypatch.setattr(commands, "make_plan", bug)
-    code, out, err = run(capsys, "plan", f"{files / 'good.py'}:build", "-b", "1MB", "--hardware", HW)
+    code, out, err = run(capsys, "plan", f"{files / 'good.py'}:build", "-b", on_gpu(HW, "1MB"), "--hardware", HW)
     assert code == 4 and out == "" and clean(err), err
     assert "internal error" in err and "KeyError" in err and "--debug" in err
     monkeypatch.setattr(commands, "_print_plan", bug)
@@ -257,7 +257,7 @@ def test_debug_lets_user_errors_propagate(files, saved, tmp_path):
         path.write_text("[" * 1000 + "]" * 1000)
         main(["verify", str(path), "--debug"])
     with pytest.raises(ValueError, match="the factory raises"):
-        main(["plan", f"{files / 'good.py'}:raises", "-b", "1MB", "--hardware", HW, "--debug"])
+        main(["plan", f"{files / 'good.py'}:raises", "-b", on_gpu(HW, "1MB"), "--hardware", HW, "--debug"])
 
 
 def test_every_command_documents_the_exit_codes(capsys):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import memsched.cli.commands as cli
-from cli_helpers import calibration_cache, record_status, run  # noqa: F401  (an autouse fixture)
+from cli_helpers import calibration_cache, on_gpu, record_status, run  # noqa: F401  (an autouse fixture)
 from memsched.cli import main
 
 pytest.importorskip("transformers")
@@ -48,7 +48,7 @@ def placement_rows(out: str) -> dict:
 def test_generate_prints_the_plan_and_tokens_per_second(capsys, monkeypatch, config, tmp_path):
     shown = record_status(monkeypatch)
     # 300KB holds the activations and part of the 531 KiB of weights: the rest lives in host RAM
-    code, out, err = run(capsys, "generate", config, "--budget", "300KB", "--prompt-len", 8, "--new-tokens", 4,
+    code, out, err = run(capsys, "generate", config, "--budget", on_gpu(HW, "300KB"), "--prompt-len", 8, "--new-tokens", 4,
                          "--batch", 2, "--hardware", HW, "--device", "cpu", "--offload-dir", tmp_path / "off",
                          "--seed", 3)
     assert code == 0, err
@@ -70,11 +70,11 @@ def test_generate_prints_the_plan_and_tokens_per_second(capsys, monkeypatch, con
 
 
 def test_a_budget_below_the_minimum_exits_3_with_one_line_that_names_it(capsys, config):
-    code, out, err = run(capsys, "generate", config, "--budget", "50KB", "--prompt-len", 8, "--new-tokens", 4,
+    code, out, err = run(capsys, "generate", config, "--budget", on_gpu(HW, "50KB"), "--prompt-len", 8, "--new-tokens", 4,
                          "--hardware", HW, "--device", "cpu")
     assert code == 3 and out == "" and one_error_line(err), err
-    assert "below the minimum this model needs" in err
-    assert re.search(r"retry with --budget \d+(\.\d+)?KB$", err.strip()), err
+    assert "below the minimum this model needs" in err and "library workspace (cuBLAS)" in err
+    assert re.search(r"retry with --budget \d+(\.\d+)?MB$", err.strip()), err
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -93,11 +93,11 @@ def test_bad_arguments_exit_2(capsys, config, argv, needle):
 
 
 def test_a_generation_longer_than_the_model_s_positions_exits_2(capsys, config):
-    code, out, err = run(capsys, "generate", config, "--budget", "1MB", "--prompt-len", 60, "--new-tokens", 8,
+    code, out, err = run(capsys, "generate", config, "--budget", on_gpu(HW, "1MB"), "--prompt-len", 60, "--new-tokens", 8,
                          "--hardware", HW)
     assert code == 2 and out == "" and one_error_line(err), err
     assert "--prompt-len 60 + --new-tokens 8 = 68 positions exceeds the model's maximum of 64" in err
-    code, _, err = run(capsys, "generate", config, "--budget", "1MB", "--prompt-len", 80, "--new-tokens", 8,
+    code, _, err = run(capsys, "generate", config, "--budget", on_gpu(HW, "1MB"), "--prompt-len", 80, "--new-tokens", 8,
                        "--hardware", HW)
     assert code == 2 and one_error_line(err) and "--prompt-len 80 exceeds" in err, err
 
@@ -111,18 +111,18 @@ def test_a_target_that_is_not_a_language_model_exits_2(capsys, tmp_path):
         def build():
             return nn.Sequential(nn.Linear(8, 8)).eval(), (torch.randn(1, 8),)
     """))
-    code, out, err = run(capsys, "generate", f"{path}:build", "-b", "1MB", "--prompt-len", 4, "--new-tokens", 2,
+    code, out, err = run(capsys, "generate", f"{path}:build", "-b", on_gpu(HW, "1MB"), "--prompt-len", 4, "--new-tokens", 2,
                          "--hardware", HW)
     assert code == 2 and out == "" and one_error_line(err), err
     assert "Sequential is not a transformers causal language model" in err
     with pytest.raises(ValueError, match="not a transformers causal language model"):  # --debug: the exception
-        main(["generate", f"{path}:build", "-b", "1MB", "--prompt-len", "4", "--new-tokens", "2",
+        main(["generate", f"{path}:build", "-b", on_gpu(HW, "1MB"), "--prompt-len", "4", "--new-tokens", "2",
               "--hardware", HW, "--debug"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_device_cuda_without_one_exits_2(capsys, config):
-    code, _, err = run(capsys, "generate", config, "-b", "1MB", "--prompt-len", 4, "--new-tokens", 2,
+    code, _, err = run(capsys, "generate", config, "-b", on_gpu(HW, "1MB"), "--prompt-len", 4, "--new-tokens", 2,
                        "--hardware", HW, "--device", "cuda")
     assert code == 2 and one_error_line(err) and "sees no CUDA device" in err, err
 
@@ -159,12 +159,12 @@ def test_help_documents_random_weights_and_the_exit_codes(capsys):
 
 
 def test_block_auto_prints_the_candidates_and_the_choice(capsys, config):
-    code, out, err = run(capsys, "generate", config, "--budget", "10MB", "--prompt-len", 4, "--new-tokens", 3,
+    code, out, err = run(capsys, "generate", config, "--budget", on_gpu(HW, "10MB"), "--prompt-len", 4, "--new-tokens", 3,
                          "--batch", 4, "--block", "auto", "--goal", "latency", "--hardware", HW, "--device", "cpu")
     assert code == 0, err
     assert re.search(r"block 1: prompt .* tokens/s predicted  <- chosen", out), out
     assert "blocks of 1" in out, out
-    code, out, err = run(capsys, "generate", config, "--budget", "10MB", "--prompt-len", 4, "--new-tokens", 3,
+    code, out, err = run(capsys, "generate", config, "--budget", on_gpu(HW, "10MB"), "--prompt-len", 4, "--new-tokens", 3,
                          "--batch", 4, "--block", "3", "--hardware", HW, "--device", "cpu")
     assert code == 2 and "block_size" in err, err
 
@@ -197,7 +197,7 @@ def test_weights_from_a_checkpoint_and_compressed(capsys, tmp_path):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(generation, "run_blocks", spy)
             code, out, err = run(capsys, "generate", tmp_path / "config.json", "--weights", tmp_path, "--budget",
-                                 "300KB", "--prompt-len", 8, "--new-tokens", 4, "--hardware", HW, "--device", "cpu",
+                                 on_gpu(HW, "300KB"), "--prompt-len", 8, "--new-tokens", 4, "--hardware", HW, "--device", "cpu",
                                  "--seed", 3, *compress)
         assert code == 0, err
         prompt, tokens = shown[0]

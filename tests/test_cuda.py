@@ -123,10 +123,11 @@ def test_cuda_sanitizer_finds_no_race():
     assert "data race" not in run.stderr, run.stderr[-4000:]
 
 
-# cuBLAS's workspace is made at the first matmul and kept; what the caching allocator rounds
-# (512-byte blocks) and the ops' own scratch (attention, reductions) are not planned yet: the
-# slack the allocator's peak is allowed over the budget, to be narrowed with the numbers a GPU gives
-ALLOCATOR_SLACK = 8 << 20
+# The plan counts cuBLAS's workspace (made at the first matmul, kept) and the caching allocator's
+# 512-byte blocks (tests/test_allocator_counting.py); what it does not plan is op-internal scratch
+# (a reduction's or attention's temporaries made and freed inside one kernel call): the slack the
+# allocator's peak is allowed over the budget, to be narrowed with the numbers a GPU gives
+OP_SCRATCH_SLACK = 4 << 20
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
@@ -134,20 +135,23 @@ def test_cuda_allocator_peak_after_warm_up_is_within_the_budget(name, tmp_path):
     model, args, kwargs = build(name)
     hw = _cuda_hw(1 << 30)
     base = unconstrained_plan(model, args, kwargs, hardware=hw)
-    budget = int(0.5 * base.unconstrained.peak_device_bytes)
-    cm = memsched.compile(model, budget, device="cuda", hardware=hw, offload_dir=tmp_path)
+    budget = max(int(0.5 * base.unconstrained.peak_device_bytes), base.min_budget_bytes)
+    # hard_limit: the allocator itself refuses past the budget (+ segment margin): no false trip
+    cm = memsched.compile(model, budget, device="cuda", hardware=hw, offload_dir=tmp_path, hard_limit=True)
     try:
         cm(*args, **kwargs)   # warm-up: cuBLAS workspace, resident weights, pinned buffers
         torch.cuda.synchronize()
-        held = torch.cuda.memory_allocated()   # resident weights + workspace
-        resident = cm.plan.tier_bytes()["device"]
+        held = torch.cuda.memory_allocated()   # resident weights + the workspace (+ anything else)
+        planned_held = cm.plan.tier_bytes()["device"] + hw.workspace_bytes
         torch.cuda.reset_peak_memory_stats()
         out = cm(*args, **kwargs)
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - (held - resident)
+        peak = torch.cuda.max_memory_allocated() - (held - planned_held)   # bytes not memsched's out
         del out
+        assert held >= planned_held, (held, planned_held)   # the workspace was measured, not guessed low
         assert cm.stats.cuda_max_memory_allocated is not None
-        assert peak <= budget + ALLOCATOR_SLACK, (peak, budget, cm.stats.peak_device_bytes)
+        assert cm.stats.peak_device_bytes <= budget
+        assert peak <= budget + OP_SCRATCH_SLACK, (peak, budget, cm.stats.peak_device_bytes)
     finally:
         cm.close()
 

@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli_helpers import on_gpu  # noqa: E402
 from helpers import assert_outputs_equal, eager  # noqa: E402
 
 import memsched  # noqa: E402
@@ -390,7 +391,7 @@ def _mlp(act):
 
 def test_reapply_names_the_first_compute_node_that_differs(tmp_path, monkeypatch):
     x = torch.randn(4, 16)
-    plan = memsched.plan(_mlp(nn.GELU()), (x,), budget=10**6, hardware=HW)
+    plan = memsched.plan(_mlp(nn.GELU()), (x,), budget=int(on_gpu(HW, "1MB")), hardware=HW)
     plan.save(tmp_path / "gelu.json")
     _forbid_solver(monkeypatch)
     with pytest.raises(PlanMismatchError, match=r"compute node 1: the plan has gelu = aten::gelu.default, "
@@ -587,12 +588,12 @@ def test_plan_cli_json_is_the_saved_plan(capsys, tmp_path):
     factory = tmp_path / "factory.py"
     factory.write_text(FACTORY)
     target = f"{factory}:build"
-    code, out, err = _cli(capsys, "plan", target, "-b", "100KB", "--hardware", HW, "-f", "json")
+    code, out, err = _cli(capsys, "plan", target, "-b", on_gpu(HW, "100KB"), "--hardware", HW, "-f", "json")
     assert code == 0, err
     printed = json.loads(out)
     # -o writes the file and prints nothing more with --format json
     path = tmp_path / "out.json"
-    code, out, err = _cli(capsys, "plan", target, "-b", "100KB", "--hardware", HW, "-f", "json", "-o", path)
+    code, out, err = _cli(capsys, "plan", target, "-b", on_gpu(HW, "100KB"), "--hardware", HW, "-f", "json", "-o", path)
     assert code == 0 and out == "", err
     text = path.read_text()
     loaded = load_plan(path)
@@ -603,9 +604,9 @@ def test_plan_cli_json_is_the_saved_plan(capsys, tmp_path):
         doc["placement"].pop("solve_s")
     assert printed == written
     assert loaded.model_name == f"Sequential ({target})"
-    assert loaded.tier_bytes()["host"] > 0 and loaded.peak_device_bytes <= 100_000
+    assert loaded.tier_bytes()["host"] > 0 and loaded.peak_device_bytes <= int(on_gpu(HW, "100KB"))
     # -o with the table format still prints the tables
-    code, out, err = _cli(capsys, "plan", target, "-b", "100KB", "--hardware", HW, "-o", tmp_path / "t.json")
+    code, out, err = _cli(capsys, "plan", target, "-b", on_gpu(HW, "100KB"), "--hardware", HW, "-o", tmp_path / "t.json")
     assert code == 0 and "Memory per tier" in out
     assert load_plan(tmp_path / "t.json").verify() == loaded.verify()
     # and the saved plan runs the factory's model
@@ -625,7 +626,7 @@ def test_plan_cli_json_is_the_saved_plan(capsys, tmp_path):
 def test_plan_cli_output_unwritable(capsys, tmp_path):
     factory = tmp_path / "factory.py"
     factory.write_text(FACTORY)
-    code, out, err = _cli(capsys, "plan", f"{factory}:build", "-b", "1MB", "--hardware", HW,
+    code, out, err = _cli(capsys, "plan", f"{factory}:build", "-b", on_gpu(HW, "1MB"), "--hardware", HW,
                           "-o", tmp_path / "no" / "such" / "dir" / "p.json")
     assert code == 2 and "cannot write" in err
 

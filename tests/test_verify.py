@@ -442,17 +442,20 @@ def _model():
     return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8)).eval(), (torch.randn(4, 32),)
 
 
+T4_1MB = memsched.get_hardware("t4").workspace_bytes + 10**6   # 1 MB beside the workspace a T4 plan counts
+
+
 def test_env_var_runs_the_verifier_after_planning(monkeypatch):
     monkeypatch.delenv("MEMSCHED_VERIFY", raising=False)  # the suite's conftest turns it on
     model, args = _model()
-    plan = memsched.plan(model, args, budget=10**6, hardware="t4")
+    plan = memsched.plan(model, args, budget=T4_1MB, hardware="t4")
     assert "verify" not in [p.name for p in plan.passes]
     monkeypatch.setenv("MEMSCHED_VERIFY", "1")
-    plan = memsched.plan(model, args, budget=10**6, hardware="t4")
+    plan = memsched.plan(model, args, budget=T4_1MB, hardware="t4")
     assert "verify" in [p.name for p in plan.passes]
     monkeypatch.setenv("MEMSCHED_VERIFY", "0")
-    assert "verify" not in [p.name for p in memsched.plan(model, args, budget=10**6, hardware="t4").passes]
-    assert "verify" in [p.name for p in memsched.plan(model, args, budget=10**6, hardware="t4", verify=True).passes]
+    assert "verify" not in [p.name for p in memsched.plan(model, args, budget=T4_1MB, hardware="t4").passes]
+    assert "verify" in [p.name for p in memsched.plan(model, args, budget=T4_1MB, hardware="t4", verify=True).passes]
 
 
 def test_env_var_catches_a_planner_bug(monkeypatch):

@@ -648,7 +648,7 @@ def _cmd_verify(args) -> int:
     if args.budget is not None:
         budget = parse_budget(args.budget, plan.hardware.device_bytes)
     try:
-        peak = verify_schedule(plan.graph, budget)
+        peak = verify_schedule(plan.graph, budget, plan.hardware)
     except PlanError as e:
         if args.debug:
             raise

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -29,6 +30,26 @@ from .measures import measured_rate
 
 GB = 1e9  # bandwidths and FLOP/s are decimal, as vendors quote them
 GiB = 1 << 30  # GPU "GB" capacities are binary in practice (nvidia-smi MiB)
+
+
+# CUDA's caching allocator rounds every allocation up to whole 512-byte blocks
+# (c10/cuda/CUDACachingAllocator.cpp, kMinBlockSize), and its statistics count the blocks
+CUDA_BLOCK_BYTES = 512
+_WORKSPACE_SPEC = re.compile(r":([0-9]+):([0-9]+)")
+
+
+def cublas_workspace_bytes(sm_major: int | None = None) -> int:
+    """The bytes of the workspace PyTorch gives cuBLAS (and cuBLASLt, which shares it) per
+    handle and stream, made by the caching allocator at the first matmul on a stream and kept:
+    ``CUBLAS_WORKSPACE_CONFIG`` (":SIZE_KiB:COUNT" terms, summed) when set, else 4096 KiB x 8 on
+    sm90 and later (Hopper) and 4096 KiB x 2 + 16 KiB x 8 before it (ATen's
+    CublasHandlePool.cpp). Unknown architecture (``sm_major=None``): the larger, Hopper's."""
+    terms = _WORKSPACE_SPEC.findall(os.environ.get("CUBLAS_WORKSPACE_CONFIG", ""))
+    if terms:
+        return sum(int(size) * 1024 * int(count) for size, count in terms)
+    if sm_major is None or sm_major >= 9:
+        return 4096 * 1024 * 8
+    return 4096 * 1024 * 2 + 16 * 1024 * 8
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,24 @@ class Hardware:
     # (0: not measured; presets leave them out)
     cpu_cores: int = 0
     compute_threads: int = 0
+    # What the device's allocator counts beside the program's tensors, so that a plan bounds the
+    # allocator's own peak (torch.cuda.max_memory_allocated), not only memsched's sum of tensors.
+    # None: the device type's rule (``__post_init__``). Every allocation takes whole blocks of
+    # ``alloc_block_bytes`` (CUDA's caching allocator: 512; elsewhere 1, exact bytes), and
+    # ``workspace_bytes`` are held from a program's first op to its end: cuBLAS's workspace on
+    # the stream that computes (``cublas_workspace_bytes``; 0 off CUDA).
+    alloc_block_bytes: int | None = None
+    workspace_bytes: int | None = None
+
+    def __post_init__(self):
+        cuda = self.device_type == "cuda"
+        if self.alloc_block_bytes is None:
+            object.__setattr__(self, "alloc_block_bytes", CUDA_BLOCK_BYTES if cuda else 1)
+        if self.workspace_bytes is None:
+            object.__setattr__(self, "workspace_bytes", cublas_workspace_bytes() if cuda else 0)
+        if self.alloc_block_bytes < 1 or self.workspace_bytes < 0:
+            raise ValueError(f"hardware {self.name!r}: alloc_block_bytes must be >= 1 and workspace_bytes >= 0, "
+                             f"got {self.alloc_block_bytes} and {self.workspace_bytes}")
 
     def bandwidth(self, link: str) -> float:
         """Bytes/s of one transfer link (one of ``LINKS``)."""
@@ -167,7 +206,7 @@ PRESETS: dict[str, Hardware] = {
     hw.name: hw
     for hw in [
         Hardware(
-            name="t4", device_type="cuda",
+            name="t4", device_type="cuda", workspace_bytes=cublas_workspace_bytes(7),  # sm7x
             device_bytes=16 * GiB,  # T4 datasheet: 16 GB GDDR6
             host_bytes=64 * GiB,  # assumption: cloud VM (e.g. g4dn.4xlarge)
             peak_flops=65e12,  # T4 datasheet: 65 TFLOPS mixed-precision FP16
@@ -177,7 +216,7 @@ PRESETS: dict[str, Hardware] = {
             source="NVIDIA T4 datasheet; PCIe Gen3 measured-typical; 970 EVO Plus",
         ),
         Hardware(
-            name="rtx3090", device_type="cuda",
+            name="rtx3090", device_type="cuda", workspace_bytes=cublas_workspace_bytes(8),  # sm8x
             device_bytes=24 * GiB,  # GeForce RTX 3090 spec: 24 GB GDDR6X
             host_bytes=64 * GiB,  # assumption: desktop
             peak_flops=71e12,  # GA102 whitepaper: FP16/BF16 tensor, FP32 acc, dense
@@ -187,7 +226,7 @@ PRESETS: dict[str, Hardware] = {
             source="NVIDIA Ampere GA102 whitepaper; PCIe Gen4 measured-typical; 980 PRO",
         ),
         Hardware(
-            name="rtx4090", device_type="cuda",
+            name="rtx4090", device_type="cuda", workspace_bytes=cublas_workspace_bytes(8),  # sm8x
             device_bytes=24 * GiB,  # GeForce RTX 4090 spec: 24 GB GDDR6X
             host_bytes=64 * GiB,  # assumption: desktop
             peak_flops=165.2e12,  # Ada whitepaper: FP16/BF16 tensor, FP32 acc, dense
@@ -197,7 +236,7 @@ PRESETS: dict[str, Hardware] = {
             source="NVIDIA Ada Lovelace whitepaper; PCIe Gen4 measured-typical; 980 PRO",
         ),
         Hardware(
-            name="a100-40gb", device_type="cuda",
+            name="a100-40gb", device_type="cuda", workspace_bytes=cublas_workspace_bytes(8),  # sm8x
             device_bytes=40 * GiB,  # A100 datasheet: 40 GB HBM2
             host_bytes=256 * GiB,  # assumption: datacenter server
             peak_flops=312e12,  # A100 datasheet: BF16/FP16 tensor 312 TFLOPS dense
@@ -207,7 +246,7 @@ PRESETS: dict[str, Hardware] = {
             source="NVIDIA A100 datasheet (40GB PCIe); PCIe Gen4 measured-typical; PM9A3",
         ),
         Hardware(
-            name="a100-80gb", device_type="cuda",
+            name="a100-80gb", device_type="cuda", workspace_bytes=cublas_workspace_bytes(8),  # sm8x
             device_bytes=80 * GiB,  # A100 datasheet: 80 GB HBM2e
             host_bytes=256 * GiB,  # assumption: datacenter server
             peak_flops=312e12,  # A100 datasheet: BF16/FP16 tensor 312 TFLOPS dense
@@ -217,7 +256,7 @@ PRESETS: dict[str, Hardware] = {
             source="NVIDIA A100 datasheet (80GB SXM); PCIe Gen4 measured-typical; PM9A3",
         ),
         Hardware(
-            name="h100", device_type="cuda",
+            name="h100", device_type="cuda", workspace_bytes=cublas_workspace_bytes(9),  # sm9x
             device_bytes=80 * GiB,  # H100 SXM datasheet: 80 GB HBM3
             host_bytes=256 * GiB,  # assumption: datacenter server
             peak_flops=989.5e12,  # H100 SXM datasheet: BF16 1,979 TFLOPS sparse -> /2
@@ -227,7 +266,7 @@ PRESETS: dict[str, Hardware] = {
             source="NVIDIA H100 SXM datasheet; PCIe Gen5 measured (35 H2D / 53 D2H GB/s); PM9A3",
         ),
         Hardware(
-            name="h200", device_type="cuda",
+            name="h200", device_type="cuda", workspace_bytes=cublas_workspace_bytes(9),  # sm9x
             device_bytes=141 * GiB,  # H200 SXM datasheet: 141 GB HBM3e
             host_bytes=256 * GiB,  # assumption: datacenter server
             peak_flops=989.5e12,  # H200 SXM datasheet: BF16 1,979 TFLOPS sparse -> /2
@@ -400,6 +439,21 @@ def _op_overhead(device: torch.device, sync) -> float:
     return statistics.median(times)
 
 
+def _workspace_bytes(device: torch.device, sm_major: int) -> int:
+    """cuBLAS's workspace as the caching allocator counts it: what a first matmul on a new
+    stream leaves allocated besides its output. ATen's rule for this architecture where nothing
+    stays (its workspace caching off, or the allocator replaced)."""
+    stream, x = torch.cuda.Stream(device), torch.ones(8, 8, device=device)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.cuda.stream(stream):
+        y = x @ x
+    torch.cuda.synchronize(device)
+    grown = torch.cuda.memory_allocated(device) - before - CUDA_BLOCK_BYTES   # y: one block
+    del y
+    return grown if grown > 0 else cublas_workspace_bytes(sm_major)
+
+
 def _disk_bw(nbytes: int = 32 << 20) -> tuple[float, float, str, float, float]:
     """Sequential write (+fsync) and read bandwidth of a temp file, then the page-cache path
     memsched's offload file takes (``_cached_bw``).
@@ -496,6 +550,7 @@ def _calibrate(device: torch.device) -> Hardware:
             disk_cached_read_bw=cached_r,
             disk_cached_write_bw=cached_w,
             op_overhead_s=_op_overhead(device, sync),
+            workspace_bytes=_workspace_bytes(device, props.major),
             **_runtime_costs(device),
             source=f"measured by memsched.local_hardware ({props.name}; pinned copies; {disk_note})",
         )

@@ -131,7 +131,7 @@ _TIME = register("simulator", {
 
 
 def simulate(gm: fx.GraphModule, hw: Hardware) -> SimResult:
-    clock, memory = _Clock(hw), DeviceMemory()
+    clock, memory = _Clock(hw), DeviceMemory(hw.alloc_block_bytes, hw.workspace_bytes)
     timeline = []
     for n in gm.graph.nodes:
         op = op_of(n)

@@ -32,7 +32,7 @@ def memory_by_kind(plan) -> list[MemoryRow]:
     if [name for name, _ in plan.sim.timeline] != [n.name for n in plan.graph.graph.nodes]:
         raise ValueError("plan.sim.timeline does not follow plan.graph node for node: "
                          "was the graph changed after it was simulated?")
-    walk, rows = DeviceMemory(), []
+    walk, rows = DeviceMemory(plan.hardware.alloc_block_bytes, plan.hardware.workspace_bytes), []
     for i, n in enumerate(plan.graph.graph.nodes):
         kind = walk.visit(n)
         rows.append(MemoryRow(i, n.name, None if kind is None else str(kind), walk.current,

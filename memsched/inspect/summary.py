@@ -71,11 +71,21 @@ def plan_section(plan, training: bool) -> Section:
         Row("unconstrained peak", (fb(plan.unconstrained.peak_device_bytes),),
             (plan.unconstrained.peak_device_bytes,)),
         Row("minimum budget", (fb(plan.min_budget_bytes),), (plan.min_budget_bytes,)),
+        *_allocator_rows(hw),
         *_limit_rows(plan.facts),
         *_chunk_rows(getattr(plan, "chunking", ())),
         *_region_rows(plan.graph),
     )
     return Section("plan", f"memsched plan for {plan.model_name}", rows)
+
+
+def _allocator_rows(hw) -> tuple:
+    """How device bytes are counted where the allocator counts more than the tensors hold."""
+    if hw.workspace_bytes == 0 and hw.alloc_block_bytes == 1:
+        return ()
+    return (Row("counted as the allocator does", (f"{fb(hw.workspace_bytes)} of library workspace (cuBLAS) held "
+                                                  f"throughout, each tensor in {hw.alloc_block_bytes}-byte blocks",),
+                (hw.workspace_bytes,)),)
 
 
 def _limit_rows(facts) -> tuple:

@@ -832,7 +832,7 @@ def _hardware_from_dict(d, where: str = "hardware") -> Hardware:
             continue
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         at, v = f"{where}.{f.name}", d[f.name]
-        if kind == "int":
+        if kind in ("int", "int | None"):   # None: the device type's default, never written
             values[f.name] = _int(v, at)
         elif kind == "float":
             values[f.name] = _number(v, at)
@@ -841,7 +841,10 @@ def _hardware_from_dict(d, where: str = "hardware") -> Hardware:
         else:
             values[f.name] = _text(v, at, MAX_NAME if f.name != "source" else MAX_TEXT)
     _choice(values["device_type"], f"{where}.device_type", ("cuda", "cpu"))
-    return Hardware(**values)
+    try:
+        return Hardware(**values)
+    except ValueError as e:   # a value in range for its type, not for the profile
+        _bad(where, str(e))
 
 
 def _floor_from_dict(d, where: str) -> dict:

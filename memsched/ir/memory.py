@@ -15,9 +15,9 @@ from .kinds import Kind, Tier
 from .meta import info, tier_of
 from .ops import Op, op_of, register
 from .regions import region_of
-from .tensors import storages
+from .tensors import allocated, storages
 
-CATEGORIES = ("weights", "kv cache", "activations", "grads", "other")
+CATEGORIES = ("weights", "kv cache", "activations", "grads", "other", "workspace")
 _CATEGORY = {Kind.WEIGHT: "weights", Kind.BUFFER: "weights", Kind.CONSTANT: "weights",
              Kind.KV_CACHE: "kv cache", Kind.ACTIVATION: "activations", Kind.GRAD: "grads"}
 
@@ -29,15 +29,20 @@ def category(kind) -> str:
 
 class DeviceMemory:
     """Walk a scheduled program node by node (``visit``); ``current``, ``peak`` and
-    ``by_category`` are the device bytes held after the last node visited."""
+    ``by_category`` are the device bytes held after the last node visited, counted as the
+    device's allocator counts them: each storage in whole ``block``-byte blocks, and the
+    ``workspace`` its libraries keep (cuBLAS's) held throughout (``Hardware``'s
+    ``alloc_block_bytes`` and ``workspace_bytes``)."""
 
-    def __init__(self):
+    def __init__(self, block: int = 1, workspace: int = 0):
         self._held: dict[object, list] = {}          # storage key -> [bytes, refs, kind]
         self._of_value: dict[str, list[object]] = {}
         self._restored_as: dict[object, object] = {}  # storage of a restored value -> its fetch buffer
         self.kind_of: dict[str, str] = {}            # value -> kind of data it holds
-        self.current = self.peak = 0
+        self.block = block
+        self.current = self.peak = workspace
         self.by_category = dict.fromkeys(CATEGORIES, 0)
+        self.by_category["workspace"] = workspace
 
     def visit(self, n: fx.Node) -> str | None:
         """Apply node ``n``; returns the kind of data it produces, restores or saves."""
@@ -101,6 +106,7 @@ class DeviceMemory:
             if entry is not None:
                 entry[1] += 1
                 continue
+            nbytes = allocated(nbytes, self.block)
             self._held[key] = [nbytes, 1, kind]
             self.current += nbytes
             self.by_category[category(kind)] += nbytes

@@ -23,6 +23,11 @@ def storage_nbytes(t: torch.Tensor) -> int:
         return t.numel() * t.element_size()
 
 
+def allocated(nbytes: int, block: int) -> int:
+    """The bytes an allocator handing out whole blocks of ``block`` bytes takes for ``nbytes``."""
+    return -(-nbytes // block) * block
+
+
 def storage_key(t: torch.Tensor) -> StorageWeakRef:
     return StorageWeakRef(t.untyped_storage())
 

@@ -19,7 +19,7 @@ from ..ir import ops
 from ..ir.effects import written_args
 from ..ir.kinds import PERSISTENT, Kind
 from ..ir.meta import annotate, info
-from ..ir.tensors import storage_key, storage_nbytes, tensor_leaves
+from ..ir.tensors import allocated, storage_key, storage_nbytes, tensor_leaves
 from .recipes import find_recipes, written_storages
 
 START = -1  # virtual step before the program: weights and inputs are defined here
@@ -78,6 +78,9 @@ class Program:
     # storage (view, transpose, split + getitem, detach...): re-run on a restored base, it
     # rebuilds the view (lets a storage with several live aliases move: passes/views.py)
     view_of: dict = field(default_factory=dict)
+    # device bytes a library holds beside the tensors throughout (cuBLAS's workspace): in every
+    # peak and minimum, never in ``live_bytes``, which counts the program's storages
+    workspace_bytes: int = 0
 
     @property
     def n_steps(self) -> int:
@@ -85,7 +88,7 @@ class Program:
 
     @property
     def peak_bytes(self) -> int:
-        return max(int(self.live_bytes.max()) if len(self.live_bytes) else 0, self.start_bytes)
+        return max(int(self.live_bytes.max()) if len(self.live_bytes) else 0, self.start_bytes) + self.workspace_bytes
 
     def bytes_of(self, kind: str) -> int:
         return sum(b.nbytes for b in self.storages if b.kind == kind)
@@ -144,8 +147,8 @@ class _Walk:
     """One pass over the captured graph: steps, the storages each value uses, the steps each
     storage is defined or read at, and each value's definition and last use."""
 
-    def __init__(self, kinds: dict):
-        self.kinds = kinds
+    def __init__(self, kinds: dict, block: int):
+        self.kinds, self.block = kinds, block
         self.steps: list[str] = []
         self.ids: dict = {}                      # storage key -> storage id
         self.first_value: list[str] = []         # storage id -> the value that created it
@@ -163,7 +166,7 @@ class _Walk:
             if sid is None:
                 sid = self.ids[key] = len(self.first_value)
                 self.first_value.append(node.name)
-                self.nbytes.append(storage_nbytes(t))
+                self.nbytes.append(allocated(storage_nbytes(t), self.block))
                 self.kind.append(kind)
                 self.events.append({step})
                 self.aliases.append([])
@@ -229,10 +232,13 @@ def _live_bytes(storages, end: int) -> np.ndarray:
     return np.cumsum(diff[:end]) if end else np.zeros(0, dtype=np.int64)
 
 
-def analyze(captured: Captured) -> Program:
-    """Compute steps, storages, values and the live-bytes profile; annotate the nodes."""
+def analyze(captured: Captured, block: int = 1, workspace: int = 0) -> Program:
+    """Compute steps, storages, values and the live-bytes profile; annotate the nodes. Bytes are
+    counted as the device's allocator counts them: each storage in whole ``block``-byte blocks,
+    and a ``workspace`` held beside them throughout (``Hardware``'s ``alloc_block_bytes`` and
+    ``workspace_bytes``)."""
     graph = captured.gm.graph
-    walk = _Walk({p.name: p.kind for p in captured.placeholders})
+    walk = _Walk({p.name: p.kind for p in captured.placeholders}, block)
     for node in graph.nodes:
         walk.visit(node)
     storages = walk.finish(graph.output_node())
@@ -252,4 +258,4 @@ def analyze(captured: Captured) -> Program:
     grads = frozenset(b for n in graph.output_node().all_input_nodes if info(n).kind == Kind.GRAD
                       for b in values[n.name]["storages"])
     return Program(tuple(walk.steps), storages, vals, _live_bytes(storages, len(walk.steps)), int(start),
-                   boundary, user_held, pinned, recipes, grads - user_held, view_sources(graph, values))
+                   boundary, user_held, pinned, recipes, grads - user_held, view_sources(graph, values), workspace)

@@ -331,9 +331,10 @@ def _may_copy(n: fx.Node) -> bool:
     return t.is_view and torch._C._dispatch_has_kernel_for_dispatch_key(t.name(), "CompositeImplicitAutograd")
 
 
-def find_regions(gm: fx.GraphModule, budget: int) -> list[_Run]:
+def find_regions(gm: fx.GraphModule, budget: int, hardware=None) -> list[_Run]:
     """The runs of the program that become regions, in program order."""
-    memory, runs, run = DeviceMemory(), [], None
+    memory = DeviceMemory(getattr(hardware, "alloc_block_bytes", 1), getattr(hardware, "workspace_bytes", 0))
+    runs, run = [], None
 
     def close():
         kept = run.fitted(budget) if run is not None else None
@@ -430,12 +431,13 @@ def _drop_args(graph: fx.Graph, f: fx.Node, inside: set) -> bool:
     return True
 
 
-def fuse(gm: fx.GraphModule, budget: int) -> tuple[fx.GraphModule, list[Region]]:
-    """A copy of the scheduled program ``gm`` with its compute fused into regions."""
+def fuse(gm: fx.GraphModule, budget: int, hardware=None) -> tuple[fx.GraphModule, list[Region]]:
+    """A copy of the scheduled program ``gm`` with its compute fused into regions, each within
+    ``budget`` beside what is held before it (counted as ``hardware``'s allocator counts)."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     fused = lazy_graph_module(gm, graph, class_name="Fused")
-    runs = find_regions(fused, budget)
+    runs = find_regions(fused, budget, hardware)
     for i, run in enumerate(runs):
         _rewrite(graph, run, i)
     graph.lint()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from ..ir.tensors import allocated
 from ..ir.units import format_bytes
 from ..errors import BudgetExceededError
 
@@ -44,15 +45,19 @@ class RecyclePool:
 
 
 class DeviceAccountant:
-    def __init__(self, budget: int, pool: RecyclePool | None = None, reserve: int = 0):
-        self.budget = budget
+    """``block`` and ``workspace``: count as the device's allocator does (``Hardware``'s
+    ``alloc_block_bytes`` and ``workspace_bytes`` on CUDA): each storage in whole blocks, and
+    the library workspace held from the start."""
+
+    def __init__(self, budget: int, pool: RecyclePool | None = None, reserve: int = 0, *,
+                 block: int = 1, workspace: int = 0):
+        self.budget, self.block = budget, block
         # idle pooled bytes stay within budget - reserve - held: a new allocation (at most
         # ``reserve`` bytes, made before it is tracked) then never takes real memory past the budget
         self.pool_cap = max(budget - reserve, 0)
         # storage address -> [nbytes, references, weak reference to the storage (its identity)]
         self._held: dict[int, list] = {}
-        self.current = 0
-        self.peak = 0
+        self.current = self.peak = workspace
         self.pool = pool
         self.recycle: dict[int, torch.Tensor] = {}  # fetch buffers to pool on their last release
 
@@ -67,7 +72,7 @@ class DeviceAccountant:
             self.current -= entry[0]
             entry = None
         if entry is None:
-            nbytes = st.nbytes()
+            nbytes = allocated(st.nbytes(), self.block)
             if nbytes == 0:
                 return
             self._held[key] = [nbytes, 1, StorageWeakRef(st)]

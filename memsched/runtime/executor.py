@@ -7,6 +7,7 @@ so the peak the runtime reports is measured, not predicted.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from ..ir.tensors import tensor_leaves
 from ..ir.units import format_bytes
 from . import calibration  # noqa: F401  (registers the runtime's own costs with the local profile)
 from .accounting import DeviceAccountant, RecyclePool
+from .allocator_limit import AllocatorLimit
 from .codegen import allocates, generate_source
 from .stores import DiskCopy, DiskIntegrityError, Home, HostCopy, Layout, Stores, fingerprint
 from .transfer import Outgoing, TransferEngine
@@ -89,10 +91,17 @@ class Executor:
     region it took."""
 
     def __init__(self, gm: fx.GraphModule, captured: Captured, model: torch.nn.Module,
-                 device: torch.device, budget: int, offload_dir=None, stores: Stores | None = None):
+                 device: torch.device, budget: int, offload_dir=None, stores: Stores | None = None,
+                 hardware=None, hard_limit: bool = False):
         self.gm, self.captured, self.device, self.budget = gm, captured, device, budget
         self.model = model
         self.cuda = device.type == "cuda"
+        # on CUDA, bytes are counted as its caching allocator counts them (the plan's hardware:
+        # whole blocks, cuBLAS's workspace held throughout); elsewhere, exactly
+        rules = hardware if self.cuda and hardware is not None else None
+        self._counting = {"block": getattr(rules, "alloc_block_bytes", 1),
+                          "workspace": getattr(rules, "workspace_bytes", 0)}
+        self.hard_limit = bool(hard_limit) and self.cuda   # allocator_limit.py
         # on CUDA the caching allocator already reuses fetch buffers; on a CPU device we do. Idle
         # recycled buffers leave room for any op's outputs: small ones by a standing reserve,
         # large ones (over an eighth of the budget) by a trim right before the op runs
@@ -351,7 +360,7 @@ class Executor:
         self.host.new_call()
         self._unpark()
         self._refresh()
-        self.acct = DeviceAccountant(self.budget, self._pool, self._reserve)
+        self.acct = DeviceAccountant(self.budget, self._pool, self._reserve, **self._counting)
         self.engine.stats.bytes_moved.clear()
         self.engine.stats.disk_timed.clear()
         self.engine.stats.stall_s = 0.0
@@ -373,12 +382,18 @@ class Executor:
             torch.cuda.reset_peak_memory_stats(self.device)
         return values
 
+    def _bounded(self):
+        """The allocator's hard limit for one call (``hard_limit=True`` on CUDA), else nothing."""
+        if not self.hard_limit:
+            return contextlib.nullcontext()
+        return AllocatorLimit(self.device, self.budget, self.acct.current - self._counting["workspace"])
+
     def run(self, flat_inputs: list) -> list:
         try:
             values = self._begin(flat_inputs)
             self._mark_trained(values)
             t0 = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), self._bounded():
                 out = list(self._program(self, values, self.acct.track, self.acct.release))
             del values
             self._end(time.perf_counter() - t0, out)
@@ -396,7 +411,7 @@ class Executor:
             t0 = time.perf_counter()
             self._step = self._program(self, values, self.acct.track, self.acct.release)
             del values
-            with torch.no_grad():
+            with torch.no_grad(), self._bounded():
                 outputs = next(self._step)
             self._write_back()
             self._forward_s = time.perf_counter() - t0
@@ -414,7 +429,7 @@ class Executor:
                                "or evicted by max_plans); memsched runs one step at a time")
         try:
             t0 = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), self._bounded():
                 try:
                     step.send(tuple(tangents))
                 except StopIteration as stop:

@@ -133,6 +133,7 @@ class PlacementModel:
         self.gaps: list[Gap] = []
         self.gap_span: dict[int, tuple[int, int]] = {}   # gap -> (first, last) held segment if kept
         self._build(min_evict_bytes)
+        self.const += program.workspace_bytes   # held throughout, beside every segment's tensors
         # recompute options: gap -> (seconds, transient bytes, gaps that must be kept, weights
         # that must be resident)
         self.recompute: dict[int, tuple[float, int, tuple[int, ...], tuple[int, ...]]] = {}

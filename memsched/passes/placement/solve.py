@@ -9,6 +9,7 @@ import numpy as np
 
 from ...cost_models.hardware import Hardware
 from ...errors import InfeasibleBudgetError
+from ...ir.units import format_bytes
 from ..analysis import Program
 from ..floor import binding_point, op_floor
 from ..segments import Segments
@@ -34,7 +35,7 @@ def solve_placement(program: Program, segments: Segments, step_time: np.ndarray,
     min_budget = min(m.min_budget() if min_budget is None else min_budget, program.peak_bytes)
     bind, floor = _limits(m, program, graph)
     if budget < min_budget:
-        raise InfeasibleBudgetError(budget, min_budget, _why(bind, floor))
+        raise InfeasibleBudgetError(budget, min_budget, _why(bind, floor, program.workspace_bytes))
     if budget >= program.peak_bytes:
         placement = m.placement(set(m.persistent), {}, {g.id: KEEP for g in m.gaps}, set(), "fits")
         placement.min_budget_bytes = min_budget
@@ -99,9 +100,11 @@ def _record_limits(p: Placement, bind, floor) -> None:
         p.binds_at = bind.describe(3)
 
 
-def _why(bind, floor) -> str:
-    """Where the minimum binds and the floor below which no plan exists without splitting ops."""
-    parts = []
+def _why(bind, floor, workspace: int = 0) -> str:
+    """Where the minimum binds, the floor below which no plan exists without splitting ops, and
+    the library workspace the device holds beside the tensors (counted in the minimum)."""
+    parts = [f"{format_bytes(workspace)} of it is the device's library workspace (cuBLAS), held throughout"
+             ] if workspace else []
     if bind is not None:
         parts.append(f"the minimum binds at {bind.describe()}")
     if floor is not None:
