@@ -168,3 +168,11 @@ def test_hard_limit_is_an_option_of_compile_and_a_no_op_off_cuda():
     with torch.no_grad():
         torch.testing.assert_close(cm(x), model(x), rtol=0, atol=0)
     assert cm.hard_limit and not any(e[2].hard_limit for e in cm._compiled.values())
+
+
+def test_run_stats_print_the_allocators_peak_beside_memscheds_own():
+    from memsched.runtime.executor import RunStats
+
+    assert "allocator" not in str(RunStats(peak_device_bytes=1000))
+    shown = str(RunStats(peak_device_bytes=1000, cuda_max_memory_allocated=5 * MiB))
+    assert "peak device 1000 B (allocator's peak 5.0 MiB, the whole process)" in shown, shown

@@ -44,7 +44,10 @@ class RunStats:
 
     def __str__(self) -> str:
         moved = ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.bytes_moved.items()) if v) or "nothing"
-        return (f"peak device {format_bytes(self.peak_device_bytes)} · moved {moved} · "
+        # the allocator's figure counts every tensor the process holds on the device, not only memsched's
+        allocator = ("" if self.cuda_max_memory_allocated is None
+                     else f" (allocator's peak {format_bytes(self.cuda_max_memory_allocated)}, the whole process)")
+        return (f"peak device {format_bytes(self.peak_device_bytes)}{allocator} · moved {moved} · "
                 f"stalled {self.stall_s * 1e3:.1f} ms · wall {self.wall_s * 1e3:.1f} ms")
 
 
