@@ -420,6 +420,8 @@ def _more_decoders():
                                                        ffn_dim=128, max_position_embeddings=64)),
         "gptj": (T.GPTJConfig, T.GPTJForCausalLM,
                  dict(vocab_size=300, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64)),
+        # ALiBi biases built from the 2-D mask, attention computed by the layer itself
+        "bloom": (T.BloomConfig, T.BloomForCausalLM, dict(vocab_size=300, hidden_size=64, n_layer=2, n_head=4)),
         # attention beyond memsched's decode attention, so computed by the model over the cache
         # with the step's entries written in: soft-capped scores, sinks, and (DeepSeek's latent
         # attention) values padded to the keys' width after the cache update
@@ -435,11 +437,12 @@ def _more_decoders():
     }
 
 
-ATTENDS_BY_ITSELF = {"gpt_neo", "falcon", "xglm", "gemma2", "gpt_oss", "deepseek_v3"}
+ATTENDS_BY_ITSELF = {"gpt_neo", "falcon", "xglm", "gemma2", "gpt_oss", "deepseek_v3", "bloom"}
+READS_THE_2D_MASK = {"bloom"}
 
 
 @pytest.mark.parametrize("name", ["qwen2", "phi3", "gpt_bigcode", "codegen", "gpt_neo", "falcon", "xglm", "gptj",
-                                  "gemma2", "gpt_oss", "deepseek_v3"])
+                                  "gemma2", "gpt_oss", "deepseek_v3", "bloom"])
 def test_more_architectures_at_their_minimum_budget(name, tmp_path):
     """Other decoders (GQA, multi-query, partial rotary, and layers that compute attention
     themselves: handed each layer's cache with the step's entries written in) at the least
@@ -456,9 +459,33 @@ def test_more_architectures_at_their_minimum_budget(name, tmp_path):
                                device="cpu")
     budget = max(p.min_budget_bytes for p in probe.plans)
     assert probe.decoder.attends_by_itself == (name in ATTENDS_BY_ITSELF)
+    assert probe.decoder.mask_2d == (name in READS_THE_2D_MASK)
     probe.close()
     tokens, stats = memsched.generate(model, ids, budget=budget, max_new_tokens=8, eos_token_id=None, hardware=FIXED_CPU,
                                       device="cpu", offload_dir=tmp_path, return_stats=True)
+    assert torch.equal(tokens, ref)
+    assert stats.peak_device_bytes <= budget
+
+
+def test_an_alibi_decoder_generates_left_padded_prompts_as_transformers_does(tmp_path):
+    """BLOOM builds its ALiBi biases from the 2-D mask (positions count real tokens only): it is
+    handed that mask, and memsched's 4-D mask where it asks transformers for a causal one."""
+    config_cls, model_cls, kw = _more_decoders()["bloom"]
+    with quiet_transformers():
+        torch.manual_seed(0)
+        model = model_cls(config_cls(**kw)).eval()
+    ids = torch.randint(3, 300, (3, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = mask[2, :1] = 0
+    ids[mask == 0] = 0
+    ref = _reference(model, ids, mask, eos_token_id=None, pad_token_id=0, n=10)
+    probe = memsched.Generator(model, "1GB", batch=3, prompt_len=9, max_len=19, sample_ids=ids, hardware=FIXED_CPU,
+                               device="cpu")
+    budget = max(p.min_budget_bytes for p in probe.plans)
+    probe.close()
+    tokens, stats = memsched.generate(model, ids, attention_mask=mask, budget=budget, max_new_tokens=10,
+                                      eos_token_id=None, pad_token_id=0, hardware=FIXED_CPU, device="cpu",
+                                      offload_dir=tmp_path, return_stats=True)
     assert torch.equal(tokens, ref)
     assert stats.peak_device_bytes <= budget
 

@@ -21,7 +21,7 @@ from ..cost_models.hardware import get_hardware
 from ..errors import InfeasibleBudgetError
 from ..frontend.fake import meta_as_empty
 from .blocks import choose_block
-from .kv_cache import CachedDecoder, attends_by_itself, cache_shapes
+from .kv_cache import CachedDecoder, cache_shapes, probe_attention
 
 
 @dataclass
@@ -117,7 +117,7 @@ def plan_generation(model, budget, *, batch: int, prompt_len: int, new_tokens: i
     ids = torch.zeros(1, 1, dtype=torch.long)
     with meta_as_empty(model):
         shapes, dtype = cache_shapes(model, batch, max_len, ids)
-        itself = attends_by_itself(model, shapes, dtype, step_inputs(ids, 1, max_len))
+        attention = probe_attention(model, shapes, dtype, step_inputs(ids, 1, max_len))
     on_meta = any(p.device.type == "meta" for p in model.parameters())
     choices = [kv_head_chunks]
     if kv_head_chunks == "auto":
@@ -125,7 +125,7 @@ def plan_generation(model, budget, *, batch: int, prompt_len: int, new_tokens: i
         choices = head_chunk_choices(shapes, dtype, parse_budget(budget, hw.device_bytes, over_capacity=True))
     for i, chunks in enumerate(choices):
         decoder = CachedDecoder(model, shapes, dtype, device="meta" if on_meta else "cpu", head_chunks=chunks,
-                                attends_by_itself=itself).eval()
+                                attention=attention).eval()
 
         def plan(rows: int, q: int, first: int, decoder=decoder):
             return plan_program(decoder, step_inputs(ids.expand(rows, q), first, max_len), budget,
@@ -175,14 +175,14 @@ class Generator:
             raise ValueError(f"a prompt of {prompt_len} tokens leaves no room in {max_len}")
         with meta_as_empty(model):  # a model on meta (weights=...) is sized like a real one
             shapes, dtype = cache_shapes(model, batch, max_len, sample_ids)
-            itself = attends_by_itself(model, shapes, dtype, step_inputs(sample_ids[:1, :1].cpu(), 1, max_len))
+            attention = probe_attention(model, shapes, dtype, step_inputs(sample_ids[:1, :1].cpu(), 1, max_len))
         home = next((p.device for p in model.parameters()), torch.device("cpu"))
         home = torch.device("cpu") if home.type == "meta" else home  # the cache is real, on the host
         self.batch, self.prompt_len, self.max_len = batch, prompt_len, max_len
 
         def compiled(chunks: int) -> CompiledModule:
             self.decoder = CachedDecoder(model, shapes, dtype, device=home, head_chunks=chunks,
-                                         attends_by_itself=itself).eval()
+                                         attention=attention).eval()
             return CompiledModule(self.decoder, budget, device=device, offload_dir=offload_dir, hardware=hardware,
                                   max_plans=2, weights=weights, weights_prefix="model.", **options)
 

@@ -18,6 +18,8 @@ read the cache's length as a Python number and bake it into the program, is bypa
 from __future__ import annotations
 
 import contextlib
+import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,6 +34,19 @@ _PENDING: dict[int, object] = {}  # while a decode step is traced: id(cache keys
 class AttendsByItself(UnsupportedModelError):
     """A decode step's layer attended to the cache without transformers' attention interface,
     or with more than memsched's decode attention computes."""
+
+
+class MaskRefused(UnsupportedModelError):
+    """The model failed before any layer wrote the cache: it builds its attention inputs itself
+    from the 2-D mask (e.g. BLOOM's ALiBi biases) instead of taking a 4-D one."""
+
+
+@dataclass(frozen=True)
+class Attention:
+    """How a decoder attends, as one fake decode step found (``probe_attention``)."""
+
+    by_itself: bool = False   # its layers compute attention over the cache they are handed
+    mask_2d: bool = False     # it reads the 2-D mask (ALiBi positions); its causal mask is memsched's
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -166,13 +181,16 @@ class CachedDecoder(nn.Module):
     memsched_trace_all_layers = True  # read by capture: each layer has its cache slots and outputs
 
     def __init__(self, model: nn.Module, shapes: list[tuple[torch.Size, torch.Size]], dtype: torch.dtype,
-                 device: torch.device | str = "cpu", head_chunks: int = 1, attends_by_itself: bool = False):
+                 device: torch.device | str = "cpu", head_chunks: int = 1, attention: Attention = Attention()):
         super().__init__()
         self.model = model
         # a model whose layers compute attention themselves (GPT-Neo, Falcon) is handed each
         # layer's cache with the new entries written in, a copy per layer and step; the others
         # attend through memsched's decode attention, which copies nothing
-        self.attends_by_itself = attends_by_itself
+        self.attends_by_itself = attention.by_itself
+        # a model that reads the 2-D mask (BLOOM's ALiBi) is handed it, and its module's causal
+        # mask builders hand back memsched's 4-D mask while it runs
+        self.mask_2d = attention.mask_2d
         self.n_layers = len(shapes)
         heads = shapes[0][0][1]
         if not 1 <= head_chunks <= heads or heads % head_chunks:
@@ -229,8 +247,10 @@ class CachedDecoder(nn.Module):
             _register_decode_attention()
             config._attn_implementation = DECODE_ATTENTION
         try:
-            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                             cache=slot_cache(layers), use_cache=True, logits_to_keep=1)
+            with _causal_masks_as(self.model, mask) if self.mask_2d else contextlib.nullcontext():
+                out = self.model(input_ids=input_ids, attention_mask=real if self.mask_2d else mask,
+                                 position_ids=position_ids, cache=slot_cache(layers), use_cache=True,
+                                 logits_to_keep=1)
         except AttendsByItself:
             raise
         except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
@@ -242,9 +262,10 @@ class CachedDecoder(nn.Module):
                     "attention goes through transformers' cache and attention interfaces") from exc
             # it failed before any layer wrote the cache: the model builds its attention inputs
             # itself (e.g. ALiBi biases from a 2-D mask) instead of taking transformers' 4-D mask
-            raise UnsupportedModelError(
+            given = "2-D attention mask and its own causal mask" if self.mask_2d else "4-D attention mask"
+            raise MaskRefused(
                 f"{type(self.model).__name__} failed before its first attention layer with memsched's "
-                f"cache and 4-D attention mask ({type(exc).__name__}: {exc}); memsched.generate runs "
+                f"cache and {given} ({type(exc).__name__}: {exc}); memsched.generate runs "
                 "decoders whose attention goes through transformers' cache and attention interfaces"
             ) from exc
         finally:
@@ -307,22 +328,49 @@ def _as_exported():
     return _compiling_state_context()
 
 
-def attends_by_itself(model: nn.Module, shapes, dtype: torch.dtype, inputs: tuple) -> bool:
-    """Whether ``model``'s layers compute attention themselves rather than through transformers'
-    attention interface: one decode step (``inputs``, batch 1) run on fake tensors as memsched
-    runs it. Any other failure is left to the step's capture to report."""
+def probe_attention(model: nn.Module, shapes, dtype: torch.dtype, inputs: tuple) -> Attention:
+    """How ``model`` attends: one decode step (``inputs``, batch 1) run on fake tensors as
+    memsched runs it, with the 4-D mask, then (when the model refuses it before any layer ran)
+    with the 2-D mask. Whether its layers compute attention themselves rather than through
+    transformers' attention interface shows there. Any other failure is left to the step's
+    capture to report."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     one = [(torch.Size((1, *k[1:])), torch.Size((1, *v[1:]))) for k, v in shapes]
-    with torch.no_grad(), _experts_traceable_on_fakes(model), _as_exported(), FakeTensorMode(allow_non_fake_inputs=True):
-        probe = CachedDecoder(model, one, dtype).eval()
-        try:
-            probe(*inputs)
-        except AttendsByItself:
-            return True
-        except Exception:  # noqa: BLE001 - reported by the capture of the real step
-            return False
-    return False
+    for mask_2d in (False, True):
+        with torch.no_grad(), _experts_traceable_on_fakes(model), _as_exported(), \
+                FakeTensorMode(allow_non_fake_inputs=True):
+            probe = CachedDecoder(model, one, dtype, attention=Attention(mask_2d=mask_2d)).eval()
+            try:
+                probe(*inputs)
+            except AttendsByItself:
+                return Attention(True, mask_2d)
+            except MaskRefused:
+                continue
+            except Exception:  # noqa: BLE001 - reported by the capture of the real step
+                pass
+        return Attention(False, mask_2d)
+    return Attention()   # refused both ways: the capture of the real step says so
+
+
+# transformers' builders of the 4-D mask, called by a model's forward from its own module
+_MASK_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask", "create_chunked_causal_mask")
+
+
+@contextlib.contextmanager
+def _causal_masks_as(model: nn.Module, mask: torch.Tensor):
+    """While ``model`` runs, its modules' causal mask builders return ``mask`` (memsched's, over
+    the whole cache): the model reads the 2-D mask for its own biases and attends with this."""
+    modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
+    saved = [(mod, name, getattr(mod, name)) for mod in modules if mod is not None
+             for name in _MASK_BUILDERS if callable(getattr(mod, name, None))]
+    for mod, name, _ in saved:
+        setattr(mod, name, lambda *args, **kwargs: mask)
+    try:
+        yield
+    finally:
+        for mod, name, builder in saved:
+            setattr(mod, name, builder)
 
 
 def cache_shapes(model: nn.Module, batch: int, max_len: int, sample_ids: torch.Tensor):
