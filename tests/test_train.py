@@ -259,3 +259,56 @@ def test_a_step_planned_for_a_gpu_has_no_cpu_only_ops(name):
     for (pname, a), (_, b) in zip(ref.named_parameters(), gpu_traced.named_parameters()):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{pname}: {m}")
+
+
+class _TanhGelu(torch.autograd.Function):
+    """A GeLU with a hand-written backward, as BLOOM's and Megatron's are."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+        return g * (0.5 * x * ((1 - t * t) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + t))
+
+
+class _CustomBackwardMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.down(_TanhGelu.apply(self.up(x))).square().mean()
+
+
+def test_a_custom_autograd_backward_is_named_in_a_warning_and_its_gradients_stay_close():
+    """torch.export keeps a Function's forward ops only: the step differentiates those, not the
+    Function's own formula. Said in a warning, never silently; the gradients agree closely."""
+    from memsched.frontend.joint import CustomBackwardWarning
+
+    torch.manual_seed(0)
+    model = _CustomBackwardMLP().train()
+    ref, x = copy.deepcopy(model), torch.randn(8, 16)
+    with pytest.warns(CustomBackwardWarning, match="_TanhGelu"):
+        cm = memsched.compile(model, "1GB", train=True, device="cpu", hardware=FIXED_CPU)
+        loss = cm(x)
+    loss.backward()
+    want = ref(x)
+    want.backward()
+    assert torch.equal(loss, want)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_model_without_custom_backwards_warns_nothing_of_them():
+    from memsched.frontend.joint import CustomBackwardWarning
+
+    model, args, kwargs, loss_fn = build_train("gpt2_dropout")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        memsched.plan(model, args, budget=10**12, example_kwargs=kwargs, train=True)
+    assert not [w for w in seen if issubclass(w.category, CustomBackwardWarning)]

@@ -14,8 +14,8 @@ ends) followed by one gradient per trained parameter.
 from __future__ import annotations
 
 import contextlib
-
 import operator
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +55,31 @@ class JointCaptured(Captured):
         return flat_outputs[self.n_mutations:self.n_outputs]
 
 
+class CustomBackwardWarning(UserWarning):
+    """The model applies an autograd.Function with its own backward (e.g. BLOOM's GeLU):
+    torch.export keeps the ops of its forward only, so the captured backward is autograd's
+    derivative of those ops, not the Function's formula."""
+
+
+@contextlib.contextmanager
+def _custom_backwards():
+    """The names of the autograd.Functions with a backward of their own applied while the
+    forward is exported (a set, filled as it runs)."""
+    seen: set[str] = set()
+    original = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        if torch.is_grad_enabled() and cls.backward is not torch.autograd.Function.backward:
+            seen.add(cls.__qualname__)
+        return original.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        yield seen
+    finally:
+        torch.autograd.Function.apply = original
+
+
 def _state(model: torch.nn.Module, ep) -> dict[str, torch.Tensor]:
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(dict(model.named_buffers(remove_duplicate=False)))
@@ -81,7 +106,13 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     if grad_outputs not in ("auto", "all"):
         raise ValueError(f"grad_outputs must be 'auto' or 'all', got {grad_outputs!r}")
     kwargs = dict(kwargs or {})
-    ep = export_model(model, args, kwargs)
+    with _custom_backwards() as custom:
+        ep = export_model(model, args, kwargs)
+    if custom:
+        warnings.warn(CustomBackwardWarning(
+            f"{type(model).__name__} applies torch.autograd.Function(s) with a backward of their own "
+            f"({', '.join(sorted(custom))}); the captured step differentiates the ops of their forward "
+            "instead, so gradients through them can differ from eager's in the last bits"), stacklevel=3)
     if getattr(ep.graph_signature, "user_inputs_to_mutate", None):
         raise UnsupportedModelError("forward mutates its inputs in place; memsched cannot plan that yet")
     primals, placeholders, slot_of = _primals(model, ep, args, kwargs)
