@@ -370,17 +370,25 @@ def test_gpt_neo_local_layers_are_sliding_windows():
         memsched.generate(model, torch.ones(1, 3, dtype=torch.long), budget="1GB", max_new_tokens=2)
 
 
-def test_a_model_building_its_own_attention_inputs_is_refused_clearly():
-    """BLOOM builds ALiBi biases from a 2-D mask before its first layer: with memsched's 4-D mask
-    it fails there, and that is said as the model not going through transformers' attention
-    interface (with the model's own error), before anything runs."""
-    from transformers import BloomConfig, BloomForCausalLM
+def test_a_model_refusing_both_masks_before_its_layers_is_refused_clearly():
+    """A decoder that builds its attention inputs from a 2-D mask as long as its input (no room
+    for a cache) fails before its first layer with memsched's 4-D mask and with the 2-D mask over
+    the cache's slots (BLOOM takes the latter): said as the model not going through
+    transformers' attention interface, with the model's own error, before anything runs."""
+    from transformers import LlamaForCausalLM
 
-    torch.manual_seed(0)
-    model = BloomForCausalLM(BloomConfig(vocab_size=500, hidden_size=64, n_layer=2, n_head=4)).eval()
-    ids = torch.randint(0, 500, (2, 8))
+    class OwnMask(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+                raise ValueError(f"this model builds its own mask from a {list(input_ids.shape)} one")
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    model, ids = _decoder("llama")
+    with quiet_transformers():
+        torch.manual_seed(0)
+        own = OwnMask(model.config).eval()
     with pytest.raises(memsched.CaptureError, match="failed before its first attention layer.*ValueError"):
-        memsched.generate(model, ids, budget="1GB", max_new_tokens=2, hardware=FIXED_CPU, device="cpu")
+        memsched.generate(own, ids, budget="1GB", max_new_tokens=2, hardware=FIXED_CPU, device="cpu")
 
 
 def test_a_layer_failing_after_it_wrote_the_cache_is_refused_clearly():

@@ -97,13 +97,15 @@ def render_hardware(console, profiles) -> None:
     t.add_column("H2D / D2H\nGB/s", justify="right")
     t.add_column("disk r / w\nGB/s", justify="right")
     t.add_column("host RAM", justify="right")
+    t.add_column("BLAS\nworkspace", justify="right")   # counted in every plan's peak (Hardware.workspace_bytes)
     for hw in profiles:
         t.add_row(escape(hw.name), hw.device_type, fb(hw.device_bytes),
                   f"{flops(hw.peak_flops)} / {flops(hw.peak_flops_fp32)}", gbs(hw.mem_bw),
                   f"{gbs(hw.h2d_bw)} / {gbs(hw.d2h_bw)}",
                   f"{gbs(hw.disk_read_bw)} / {gbs(hw.disk_write_bw)}",
-                  fb(hw.host_bytes) if hw.host_bytes else "(is device)")
+                  fb(hw.host_bytes) if hw.host_bytes else "(is device)",
+                  fb(hw.workspace_bytes) if hw.workspace_bytes else "-")
     t.caption = ("use with `memsched plan ... --hardware NAME`; the default, 'local', is this machine "
-                 "calibrated once and cached")
+                 "calibrated once and cached; a plan counts the BLAS workspace (cuBLAS's) as held throughout")
     t.caption_justify = "left"
     console.print(t)
