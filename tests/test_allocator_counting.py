@@ -176,3 +176,16 @@ def test_run_stats_print_the_allocators_peak_beside_memscheds_own():
     assert "allocator" not in str(RunStats(peak_device_bytes=1000))
     shown = str(RunStats(peak_device_bytes=1000, cuda_max_memory_allocated=5 * MiB))
     assert "peak device 1000 B (allocator's peak 5.0 MiB, the whole process)" in shown, shown
+
+
+def test_the_memory_view_of_a_gpu_plan_shows_the_workspace_under_the_simulators_line(tmp_path):
+    from memsched.inspect.memory import memory_by_kind
+
+    model, args, kwargs = build("gpt2")
+    gpu = PRESETS["t4"]
+    plan = memsched.plan(model, args, budget=gpu.workspace_bytes + 10**6, example_kwargs=kwargs, hardware=gpu)
+    rows = memory_by_kind(plan)
+    assert [r.total for r in rows] == [b for _, b in plan.sim.timeline]
+    assert all(r.by_category["workspace"] == gpu.workspace_bytes for r in rows)
+    fig = plan.plot_memory(tmp_path / "memory.png")
+    assert "workspace" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

@@ -14,7 +14,8 @@ from ..ir.units import format_bytes
 from .memory import CATEGORIES, inserted_op, memory_by_kind
 from .steps import plan_steps
 
-_COLORS = {"weights": "#4C72B0", "kv cache": "#8172B3", "activations": "#DD8452", "grads": "#55A868", "other": "#8C8C8C"}
+_COLORS = {"weights": "#4C72B0", "kv cache": "#8172B3", "activations": "#DD8452", "grads": "#55A868", "other": "#8C8C8C",
+           "workspace": "#C9B46B"}
 _STREAM_ORDER = ("compute", "h2d", "disk_read", "d2h", "disk_write")
 _STREAM_COLORS = {"compute": "#4C72B0", "h2d": "#55A868", "disk_read": "#8172B3",
                   "d2h": "#DD8452", "disk_write": "#C44E52"}
