@@ -285,22 +285,70 @@ class _CustomBackwardMLP(torch.nn.Module):
         return self.down(_TanhGelu.apply(self.up(x))).square().mean()
 
 
-def test_a_custom_autograd_backward_is_named_in_a_warning_and_its_gradients_stay_close():
-    """torch.export keeps a Function's forward ops only: the step differentiates those, not the
-    Function's own formula. Said in a warning, never silently; the gradients agree closely."""
+def test_a_custom_autograd_backward_is_the_one_the_step_runs():
+    """torch.export keeps a Function's forward ops only; the step applies the Function again
+    (frontend/functions.py), so autograd runs its own backward: gradients bit for bit, at an
+    unconstrained budget and at the minimum, with no warning."""
     from memsched.frontend.joint import CustomBackwardWarning
 
     torch.manual_seed(0)
     model = _CustomBackwardMLP().train()
+    x = torch.randn(8, 16)
+    free = memsched.plan(model, (x,), budget=10**12, train=True, hardware=FIXED_CPU)
+    for budget in (free.program.peak_bytes, free.min_budget_bytes):
+        trained, ref = copy.deepcopy(model), copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CustomBackwardWarning)
+            cm = memsched.compile(trained, budget, train=True, device="cpu", hardware=FIXED_CPU)
+            loss = cm(x)
+        loss.backward()
+        want = ref(x)
+        want.backward()
+        assert torch.equal(loss, want)
+        assert_same_grads(ref, trained)
+        assert cm.stats.peak_device_bytes <= budget
+
+
+class _ScaledByItsOwnWeight(torch.nn.Module):
+    """A Function whose forward reads a parameter it is not handed (a closure): it cannot be
+    applied again on the step's values."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.scale = torch.nn.Linear(16, 16), torch.nn.Parameter(torch.full((16,), 0.5))
+        outer = self
+
+        class Scaled(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, h):
+                ctx.save_for_backward(h)
+                return torch.tanh(h) * outer.scale.detach()
+
+            @staticmethod
+            def backward(ctx, g):
+                (h,) = ctx.saved_tensors
+                return g * outer.scale.detach() * (1 - torch.tanh(h) ** 2)
+
+        self.fn = Scaled
+
+    def forward(self, x):
+        return self.fn.apply(self.up(x)).square().mean()
+
+
+def test_a_custom_backward_that_cannot_be_applied_again_is_named_in_a_warning():
+    from memsched.frontend.joint import CustomBackwardWarning
+
+    torch.manual_seed(0)
+    model = _ScaledByItsOwnWeight().train()
     ref, x = copy.deepcopy(model), torch.randn(8, 16)
-    with pytest.warns(CustomBackwardWarning, match="_TanhGelu"):
+    with pytest.warns(CustomBackwardWarning, match="Scaled"):
         cm = memsched.compile(model, "1GB", train=True, device="cpu", hardware=FIXED_CPU)
         loss = cm(x)
     loss.backward()
     want = ref(x)
     want.backward()
     assert torch.equal(loss, want)
-    for p, q in zip(model.parameters(), ref.parameters()):
+    for p, q in zip(model.up.parameters(), ref.up.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 
 

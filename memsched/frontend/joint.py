@@ -31,6 +31,7 @@ from ..ir.kinds import Kind
 from ..ir.meta import annotate
 from .capture import _ASSERT_OPS, _KIND, Captured, Placeholder, export_model
 from .fake import RNN_LAYER, eager_meta, share_storages_as_eager
+from .functions import Functions
 from .inplace import accumulate_in_place
 from .loss_head import chunk_loss_heads
 
@@ -56,15 +57,16 @@ class JointCaptured(Captured):
 
 
 class CustomBackwardWarning(UserWarning):
-    """The model applies an autograd.Function with its own backward (e.g. BLOOM's GeLU):
-    torch.export keeps the ops of its forward only, so the captured backward is autograd's
-    derivative of those ops, not the Function's formula."""
+    """The model applies an autograd.Function with its own backward that cannot be applied again
+    in the captured step (frontend/functions.py): the captured backward is autograd's derivative
+    of the ops of its forward, not the Function's formula."""
 
 
 @contextlib.contextmanager
 def _custom_backwards():
     """The names of the autograd.Functions with a backward of their own applied while the
-    forward is exported (a set, filled as it runs)."""
+    forward is exported (a set, filled as it runs): only then is it exported again with each
+    application marked."""
     seen: set[str] = set()
     original = torch.autograd.Function.__dict__["apply"]
 
@@ -108,11 +110,10 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     kwargs = dict(kwargs or {})
     with _custom_backwards() as custom:
         ep = export_model(model, args, kwargs)
-    if custom:
-        warnings.warn(CustomBackwardWarning(
-            f"{type(model).__name__} applies torch.autograd.Function(s) with a backward of their own "
-            f"({', '.join(sorted(custom))}); the captured step differentiates the ops of their forward "
-            "instead, so gradients through them can differ from eager's in the last bits"), stacklevel=3)
+    functions = Functions()
+    if custom:   # exported again, each application of those Functions marked (frontend/functions.py)
+        with functions.recording():
+            ep = export_model(model, args, kwargs)
     if getattr(ep.graph_signature, "user_inputs_to_mutate", None):
         raise UnsupportedModelError("forward mutates its inputs in place; memsched cannot plan that yet")
     primals, placeholders, slot_of = _primals(model, ep, args, kwargs)
@@ -136,9 +137,15 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     if grad_outputs == "auto" and any(user_vals[i].dim() == 0 for i in floating):
         floating = [i for i in floating if user_vals[i].dim() == 0]
     traced = chunk_loss_heads(ep.graph_module, loss_chunks, shared_loss_heads)
-    trace = _Trace(traced, slot_of, trained, n_mut, floating)
+    trace = _Trace(traced, slot_of, trained, n_mut, floating, functions)
     with _portable_attention(target, primals):
         joint = make_lazy(trace.run(model, primals, user_vals))  # code made when first run
+    if functions.inlined:
+        warnings.warn(CustomBackwardWarning(
+            f"{type(model).__name__} applies torch.autograd.Function(s) with a backward of their own "
+            f"({', '.join(sorted(functions.inlined))}) that read tensors they are not handed or return "
+            "other values: the captured step differentiates the ops of their forward instead, so gradients "
+            "through them can differ from eager's in the last bits"), stacklevel=3)
     boundary = _partition(joint, placeholders, len(primals), len(out_vals), trace, floating)
     share_storages_as_eager(joint.graph)
     accumulate_in_place(joint, boundary)
@@ -194,8 +201,9 @@ def _primals(model, ep, args, kwargs) -> tuple[list, list[Placeholder], list[int
 class _Trace:
     """The step traced under ``make_fx`` on FakeTensors: forward, then ``autograd.grad``."""
 
-    def __init__(self, gm, slot_of, trained, n_mut, floating):
+    def __init__(self, gm, slot_of, trained, n_mut, floating, functions: Functions):
         self.gm, self.slot_of, self.trained, self.n_mut, self.floating = gm, slot_of, trained, n_mut, floating
+        self.functions = functions   # custom-backward Functions applied again, not inlined
         self.fwd_last = None
         self.diff: list[int] = []      # user outputs the backward starts from
         self.capable: list[int] = []   # user outputs that depend on a parameter
@@ -204,7 +212,8 @@ class _Trace:
         with torch.enable_grad():
             leaves = [p.detach().requires_grad_(True) if i in self.trained else p
                       for i, p in enumerate(flat_primals)]
-            outs = self.gm(*[leaves[s] for s in self.slot_of])
+            flat = [leaves[s] for s in self.slot_of]
+            outs = self.functions.run(self.gm, *flat) if self.functions.applied else self.gm(*flat)
             self.fwd_last = list(get_innermost_proxy_mode().tracer.graph.nodes)[-1]
             user_outs = outs[self.n_mut:]
             self.capable = [i for i, o in enumerate(user_outs) if isinstance(o, torch.Tensor) and o.requires_grad]
