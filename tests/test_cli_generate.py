@@ -204,3 +204,22 @@ def test_weights_from_a_checkpoint_and_compressed(capsys, tmp_path):
         assert torch.equal(prompt, ids)
         if not compress:
             assert torch.equal(tokens, ref)
+
+
+def test_hard_limit_reaches_the_compiled_programs(capsys, monkeypatch, config):
+    """`--hard-limit` is the `hard_limit=True` of compile: each program's executor is made with it
+    (it bounds the CUDA allocator; on this CPU device it changes nothing else)."""
+    from memsched.runtime import executor
+
+    made = []
+    original = executor.Executor.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(kwargs.get("hard_limit"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(executor.Executor, "__init__", spy)
+    code, out, err = run(capsys, "generate", config, "--budget", on_gpu(HW, "1MB"), "--prompt-len", 4, "--new-tokens", 2,
+                         "--hardware", HW, "--device", "cpu", "--hard-limit")
+    assert code == 0, err
+    assert made and all(made), made

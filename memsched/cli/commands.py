@@ -221,6 +221,9 @@ def _add_generate_parser(sub) -> None:
                    help="keep the weights homed on disk as group-wise integers (not bit-exact)")
     g.add_argument("--compress-kv", choices=("int8", "int4"), default=None,
                    help="keep the KV cache homed on disk as group-wise integers (not bit-exact)")
+    g.add_argument("--hard-limit", action="store_true",
+                   help="on CUDA, each step runs with the caching allocator limited to the budget (plus what "
+                        "others hold and a segment margin): memory the plan does not count fails at once")
     g.add_argument("--seed", type=_seed, default=0, metavar="S",
                    help="seed of the random weights and prompt (default 0)")
     g.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -497,7 +500,7 @@ def _cmd_generate(args) -> int:
                                                goal=args.goal, device=device, offload_dir=args.offload_dir,
                                                hardware=hw, progress=_programs(update, what),
                                                weights=args.weights, compress_weights=args.compress,
-                                               compress_kv_cache=args.compress_kv)
+                                               compress_kv_cache=args.compress_kv, hard_limit=args.hard_limit)
         except InfeasibleBudgetError as e:
             if args.debug:
                 raise
