@@ -129,7 +129,7 @@ def test_saved_gpu_plans_keep_their_counting_and_refuse_a_bad_one(tmp_path):
 
 
 class _FakeCuda:
-    """The four torch.cuda calls AllocatorLimit makes, on a pretend 1000-byte GPU."""
+    """The torch.cuda calls AllocatorLimit makes, on a pretend GPU of 10^9 bytes."""
 
     def __init__(self, monkeypatch, allocated: int, fraction: float = 1.0):
         self.fraction, self.set = fraction, []

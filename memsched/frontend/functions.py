@@ -46,39 +46,23 @@ class Functions:
     applied: list[_Application] = field(default_factory=list)
     inlined: set[str] = field(default_factory=set)
 
-    @property
-    def names(self) -> set[str]:
-        return {a.cls.__qualname__ for a in self.applied}
-
     @contextlib.contextmanager
     def recording(self):
-        original = torch.autograd.Function.__dict__["apply"]
-        record = self._record
-
-        def apply(cls, *args, **kwargs):
-            if not torch.is_grad_enabled() or cls.backward is torch.autograd.Function.backward:
-                return original.__func__(cls, *args, **kwargs)
-            return record(cls, original.__func__, args, kwargs)
-
-        torch.autograd.Function.apply = classmethod(apply)
-        try:
-            with fx_traceback.preserve_node_meta():
-                yield self
-        finally:
-            torch.autograd.Function.apply = original
+        with custom_applications(self._record), fx_traceback.preserve_node_meta():
+            yield self
 
     def _record(self, cls, apply, args, kwargs):
         token = len(self.applied)
         flat, spec = pytree.tree_flatten((args, kwargs))
-        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
-        inputs = []
-        for i, t in enumerate(tensors):
-            with fx_traceback.annotate({_IN: (token, i)}):
-                inputs.append(torch.ops.aten.alias(t))
-        it = iter(range(len(tensors)))
-        marked = [_Slot(next(it)) if isinstance(x, torch.Tensor) else x for x in flat]
+        inputs, marked = [], []
+        for x in flat:
+            if isinstance(x, torch.Tensor):
+                with fx_traceback.annotate({_IN: (token, len(inputs))}):
+                    inputs.append(torch.ops.aten.alias(x))
+                x = _Slot(len(inputs) - 1)
+            marked.append(x)
         args_t, kwargs_t = pytree.tree_unflatten(marked, spec)
-        self.applied.append(_Application(cls, args_t, kwargs_t, len(tensors)))
+        self.applied.append(_Application(cls, args_t, kwargs_t, len(inputs)))
         with fx_traceback.annotate({_BODY: token}):
             out = apply(cls, *_filled(args_t, inputs), **_filled(kwargs_t, inputs))
         results = out if isinstance(out, tuple) else (out,)
@@ -114,6 +98,24 @@ class Functions:
     def run(self, gm: fx.GraphModule, *args):
         """``gm(*args)``, applying the replayable Functions again instead of their bodies."""
         return _Replay(gm, self, self.replayable(gm)).run(*args)
+
+
+@contextlib.contextmanager
+def custom_applications(handle):
+    """While it lasts, each application of an autograd.Function with a backward of its own,
+    with grad on, goes to ``handle(cls, apply, args, kwargs)`` (``apply`` runs it as usual)."""
+    original = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        if not torch.is_grad_enabled() or cls.backward is torch.autograd.Function.backward:
+            return original.__func__(cls, *args, **kwargs)
+        return handle(cls, original.__func__, args, kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = original
 
 
 def _filled(template, tensors: list):

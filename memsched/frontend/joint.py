@@ -31,7 +31,7 @@ from ..ir.kinds import Kind
 from ..ir.meta import annotate
 from .capture import _ASSERT_OPS, _KIND, Captured, Placeholder, export_model
 from .fake import RNN_LAYER, eager_meta, share_storages_as_eager
-from .functions import Functions
+from .functions import Functions, custom_applications
 from .inplace import accumulate_in_place
 from .loss_head import chunk_loss_heads
 
@@ -68,18 +68,13 @@ def _custom_backwards():
     forward is exported (a set, filled as it runs): only then is it exported again with each
     application marked."""
     seen: set[str] = set()
-    original = torch.autograd.Function.__dict__["apply"]
 
-    def apply(cls, *args, **kwargs):
-        if torch.is_grad_enabled() and cls.backward is not torch.autograd.Function.backward:
-            seen.add(cls.__qualname__)
-        return original.__func__(cls, *args, **kwargs)
+    def note(cls, apply, args, kwargs):
+        seen.add(cls.__qualname__)
+        return apply(cls, *args, **kwargs)
 
-    torch.autograd.Function.apply = classmethod(apply)
-    try:
+    with custom_applications(note):
         yield seen
-    finally:
-        torch.autograd.Function.apply = original
 
 
 def _state(model: torch.nn.Module, ep) -> dict[str, torch.Tensor]:
