@@ -129,7 +129,7 @@ def test_a_module_target_whose_own_import_fails_exits_2(capsys, files, monkeypat
 
 @pytest.mark.parametrize("command", ["show", "verify"])
 @pytest.mark.parametrize("edit, needle", [
-    (lambda d: d["program"]["nodes"][5].__setitem__("args", [{"device": "tpu:0"}]), "device 'tpu:0' is not one of"),
+    (lambda d: d["program"]["nodes"][5].__setitem__("args", [{"device": "tpu:0"}]), "'tpu:0' is not a device"),
     (lambda d: d["program"]["storages"].__setitem__(0, -1), r"program.storages\[0\]: -1 is out of range"),
     (lambda d: d["program"]["nodes"][0].__setitem__("target", "x=__import__('os')"), "is not a state key"),
     (lambda d: d.__setitem__("version", 99), "newer memsched"),

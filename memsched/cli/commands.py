@@ -1,5 +1,6 @@
 """The ``memsched`` command line: plan a model inside a budget, check and show saved plans,
-generate tokens inside a budget (random weights), list hardware profiles.
+generate tokens inside a budget (random weights), list hardware profiles, print the plan
+files' JSON Schema.
 
     memsched plan hf:gpt2 --budget 200MB --hardware t4
     memsched plan path/to/model.py:build --budget 8GB --format code
@@ -8,6 +9,7 @@ generate tokens inside a budget (random weights), list hardware profiles.
     memsched show plan.json --format code
     memsched generate hf:gpt2 --budget 200MB --prompt-len 32 --new-tokens 16 --hardware t4
     memsched hardware
+    memsched schema > plan.schema.json
 
 Exit codes (``EXIT_CODES``; also in every command's help): 0 ok; 1 a plan fails verification
 (the message names the step); 2 the user's error: bad usage, budget, hardware name or target (a
@@ -36,6 +38,7 @@ from ..api import plan as make_plan
 from ..budget import parse_budget
 from ..cost_models.hardware import get_hardware, list_hardware
 from ..errors import CaptureError, InfeasibleBudgetError, PlanFileError, TargetError
+from ..io import plan_schema
 from ..io.reapply import PlanMismatchError
 from ..io.serialize import dumps
 from ..ir.units import format_bytes
@@ -97,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_show_parser(sub)
     _add_generate_parser(sub)
     _add_hardware_parser(sub)
+    sub.add_parser("schema", help="print the JSON Schema of saved plans",
+                   description="Print the JSON Schema (draft 2020-12) every saved plan is checked against "
+                               "when it is read, for tools that read plan files without memsched.",
+                   epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     return parser
 
 
@@ -288,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     command = {"hardware": _cmd_hardware, "verify": _cmd_verify, "show": _cmd_show, "plan": _cmd_plan,
-               "generate": _cmd_generate}
+               "generate": _cmd_generate, "schema": _cmd_schema}
     try:
         return command[args.command](args)
     except KeyboardInterrupt:
@@ -681,6 +688,11 @@ def _cmd_hardware(args) -> int:
         print(json.dumps([hw.to_dict() for hw in profiles], indent=2, default=_json_default))
         return EXIT_OK
     render_hardware(_stdout_console(), profiles)
+    return EXIT_OK
+
+
+def _cmd_schema(args) -> int:
+    print(json.dumps(plan_schema.SCHEMA, indent=1))
     return EXIT_OK
 
 
