@@ -8,6 +8,9 @@ import struct
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 import memsched
 from helpers import FIXED_CPU
@@ -127,12 +130,14 @@ GOOD = {"0.weight": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]},
 @pytest.mark.parametrize("case, match", [
     ("truncated", "too short"),
     ("header_too_long", "does not fit"),
-    ("not_json", "not valid JSON"),
-    ("not_object", "not a JSON object"),
-    ("bad_dtype", "no known dtype"),
-    ("offsets_outside", "do not hold"),
-    ("offsets_wrong_size", "do not hold"),
-    ("bad_shape", "not a list of sizes"),
+    ("not_json", "not a valid safetensors file: .*invalid JSON"),
+    ("not_object", "not a valid safetensors file: .*invalid JSON"),
+    ("bad_dtype", "not a valid safetensors file: .*Q4"),
+    ("unread_dtype", "a dtype memsched does not read \\(C64"),
+    ("offsets_outside", "not a valid safetensors file: .*not fully covered"),
+    ("offsets_wrong_size", "not a valid safetensors file: .*invalid offset"),
+    ("offsets_overlap", "not a valid safetensors file: .*invalid offset"),
+    ("bad_shape", "not a valid safetensors file: .*-3"),
     ("missing_tensor", "not in checkpoint"),
     ("shape_mismatch", "the model"),
     ("dtype_mismatch", "the model"),
@@ -152,6 +157,10 @@ def test_hostile_checkpoints_fail_before_anything_runs(tmp_path, case, match):
         _safetensors(p, b"[1, 2]", data)
     elif case == "bad_dtype":
         _safetensors(p, {**GOOD, "0.bias": {"dtype": "Q4", "shape": [3], "data_offsets": [48, 60]}}, data)
+    elif case == "unread_dtype":
+        _safetensors(p, {**GOOD, "0.bias": {"dtype": "C64", "shape": [1], "data_offsets": [48, 56]}}, bytes(56))
+    elif case == "offsets_overlap":
+        _safetensors(p, {**GOOD, "0.bias": {"dtype": "F32", "shape": [3], "data_offsets": [36, 48]}}, bytes(48))
     elif case == "offsets_outside":
         _safetensors(p, {**GOOD, "0.bias": {"dtype": "F32", "shape": [3], "data_offsets": [48, 60]}}, bytes(50))
     elif case == "offsets_wrong_size":
@@ -172,6 +181,36 @@ def test_hostile_checkpoints_fail_before_anything_runs(tmp_path, case, match):
     meta = _meta_tiny()
     with pytest.raises(memsched.CheckpointError, match=match):
         memsched.compile(meta, "1GB", device="cpu", hardware=FIXED_CPU, weights=p)
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
+       cut=st.one_of(st.none(), st.integers(0, 400)))
+def test_corrupted_checkpoints_run_exactly_or_fail_with_a_checkpoint_error(tmp_path, edits, cut):
+    """Bytes of a real safetensors file changed or cut anywhere: the meta model either runs with
+    the file's bytes (an edit that hit the data) or fails with CheckpointError before running,
+    never with another error."""
+    model = _tiny()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    raw = bytearray(path.read_bytes())
+    for at, byte in edits:
+        raw[at % len(raw)] = byte
+    if cut is not None:
+        del raw[cut % len(raw):]
+    path.write_bytes(bytes(raw))
+    try:
+        cm = memsched.compile(_meta_tiny(), "1GB", device="cpu", hardware=FIXED_CPU, weights=path)
+    except memsched.CheckpointError:
+        return
+    try:
+        with torch.no_grad():
+            out = cm(torch.ones(2, 4))
+    except memsched.CheckpointError:
+        return
+    finally:
+        cm.close()
+    assert out.shape == (2, 3)   # ran on whatever the data bytes now hold
 
 
 def test_meta_model_without_weights_is_refused():

@@ -4,9 +4,10 @@ its tensors read from the checkpoint's own files.
 A weight the plan homes on disk is read from its place in the checkpoint at every fetch
 (``os.preadv`` into the fetch buffer: no copy of the model in RAM, no rewrite into an offload
 file); one homed on the host or kept on the device is read once into memory of its own. The
-headers are parsed and checked here before anything is read -- sizes, offsets inside the
-file, dtypes, shapes against the model's -- because the byte offsets are what the streamed
-reads need and a hostile file must fail with a clear error, not a wild read.
+headers are read and validated by the safetensors library before anything else is read
+(JSON, dtypes, shapes, offsets that tile the file), the byte offsets the streamed reads need
+follow from them, and the tensors are checked against the model's: a hostile file fails with
+a clear error, never a wild read.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .stores import DiskIntegrityError, Layout, read_fully
 
@@ -67,46 +69,38 @@ def checkpoint_files(source) -> list[Path]:
 
 
 def _read_header(path: Path) -> dict[str, Entry]:
+    """The tensors of one safetensors file and where their bytes lie. The header is read and
+    validated by the safetensors library (JSON, known dtypes, shapes matching byte counts, data
+    offsets that tile the data section exactly to the end of the file); the absolute offsets the
+    streamed reads need follow from its tensors in offset order. Nothing but the header is read."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path} is too short to be a safetensors file")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(_MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path}: header of {n} bytes does not fit the file ({size} bytes)")
-            header = json.loads(f.read(n))
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path}: header of {n} bytes does not fit the file ({size} bytes)")
+        with safe_open(str(path), framework="pt") as f:
+            layout = [(name, f.get_slice(name)) for name in f.offset_keys()]
+            tensors = [(name, sl.get_dtype(), tuple(sl.get_shape())) for name, sl in layout]
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: the header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the header is not a JSON object")
-    base, entries = 8 + n, {}
-    for name, rec in header.items():
-        if name == "__metadata__":
-            continue
-        entries[name] = _entry(path, name, rec, base, size)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path} is not a valid safetensors file: {exc}") from exc
+    entries, at = {}, 8 + n
+    for name, dtype, shape in tensors:
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has a dtype memsched does not read ({dtype}; "
+                                  f"it reads {', '.join(_DTYPES)})")
+        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+        entries[name] = Entry(str(path), at, nbytes, _DTYPES[dtype], shape)
+        at += nbytes
+    if at != size:   # the library's own check, made again where the offsets are ours to compute
+        raise CheckpointError(f"{path}: its tensors take {at - 8 - n} bytes, the file holds {size - 8 - n} after "
+                              f"the header")
     return entries
-
-
-def _entry(path: Path, name: str, rec, base: int, size: int) -> Entry:
-    where = f"{path}: tensor {name!r}"
-    if not isinstance(rec, dict) or rec.get("dtype") not in _DTYPES:
-        raise CheckpointError(f"{where} has no known dtype ({rec.get('dtype') if isinstance(rec, dict) else rec!r})")
-    shape, offsets = rec.get("shape"), rec.get("data_offsets")
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise CheckpointError(f"{where}: shape {shape!r} is not a list of sizes")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-        raise CheckpointError(f"{where}: data_offsets {offsets!r} are not two integers")
-    dtype = _DTYPES[rec["dtype"]]
-    nbytes = math.prod(shape) * dtype.itemsize
-    begin, end = offsets
-    if not 0 <= begin <= end or end - begin != nbytes or base + end > size:
-        raise CheckpointError(f"{where}: data_offsets {offsets} do not hold {shape} {rec['dtype']} "
-                              f"inside the file ({size} bytes)")
-    return Entry(str(path), base + begin, nbytes, dtype, tuple(shape))
 
 
 class FileCopy:
