@@ -137,6 +137,18 @@ def test_plan_hf_config_path(capsys, tmp_path):
     assert report["placement"]["tier_bytes"]["host"] + report["placement"]["tier_bytes"]["disk"] > 0
 
 
+def test_plan_a_vision_config_without_an_image_size(capsys, tmp_path):
+    """A convolutional config names no image size (ResNet): the CLI plans it at 224 x 224 and says so."""
+    transformers = pytest.importorskip("transformers")
+    transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "plan", tmp_path, "--budget", on_gpu("t4", "4MB"), "--hardware", "t4",
+                         "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["model"].endswith("image 224x224)")
+    assert report["input_signature"]["leaves"][0]["shape"] == [1, 3, 224, 224]
+
+
 def test_plan_training_step(capsys, tmp_path):
     """--train plans forward and backward: the saved activations and what happens to each."""
     transformers = pytest.importorskip("transformers")

@@ -323,8 +323,17 @@ def _hf_build(config, label: str, batch: int, seq_len: int):
     args, kwargs = (), _hf_inputs(model, config, label, batch, seq_len)
     n_params = sum(p.numel() for p in model.parameters())
     name = f"{type(model).__name__} ({label}, {_count(n_params)} params, batch {batch}"
-    name += f", seq {seq_len})" if "input_ids" in kwargs else ")"
+    if "input_ids" in kwargs:
+        name += f", seq {seq_len})"
+    elif "pixel_values" in kwargs:
+        name += f", image {'x'.join(map(str, kwargs['pixel_values'].shape[-2:]))})"
+    else:
+        name += ")"
     return model, args, kwargs, name
+
+
+# the image side a vision config that names none is planned at (ImageNet's)
+DEFAULT_IMAGE_SIZE = 224
 
 
 def _hf_inputs(model, config, label: str, batch: int, seq_len: int) -> dict:
@@ -349,8 +358,10 @@ def _hf_inputs(model, config, label: str, batch: int, seq_len: int) -> dict:
             h, w = size[-2], size[-1]
         elif isinstance(size, int):
             h = w = size
+        elif size is None:   # convolutional configs (resnet, regnet, mobilenet) take any size
+            h = w = DEFAULT_IMAGE_SIZE
         else:
-            raise ValueError(f"{label}: vision config without an image_size")
+            raise ValueError(f"{label}: image_size {size!r} is not a size")
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         return {"pixel_values": torch.zeros(batch, channels, h, w, dtype=dtype, device="meta")}
     raise ValueError(f"{label}: {type(model).__name__} takes {main!r}, which the CLI cannot "
