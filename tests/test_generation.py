@@ -91,6 +91,35 @@ def test_tokens_equal_transformers_generate(name, budget, tmp_path):
         gen.close()
 
 
+@pytest.mark.parametrize("settings", [{}, {"temperature": 0.7, "top_k": 20, "top_p": 0.9}, {"top_k": 0}])
+def test_sampled_tokens_equal_transformers_sampling_seeded_alike(settings, tmp_path):
+    """do_sample=True draws as transformers' generate draws (its warpers, softmax, multinomial on
+    the global RNG; the model's generation config where a setting is not given): seeded alike,
+    the same tokens, with the KV cache off the device. Planning leaves the RNG as it found it."""
+    model, ids = _decoder("llama")
+    torch.manual_seed(123)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=True,
+                             eos_token_id=None, pad_token_id=0, **settings)
+    B, P = ids.shape
+    budget = _least_budget(model, batch=B, prompt_len=P, max_len=P + NEW_TOKENS, sample_ids=ids,
+                           hardware=FIXED_CPU, device="cpu", offload_dir=tmp_path)
+    torch.manual_seed(123)
+    tokens, stats = memsched.generate(model, ids, budget=budget, max_new_tokens=NEW_TOKENS, do_sample=True,
+                                      eos_token_id=None, hardware=FIXED_CPU, device="cpu", offload_dir=tmp_path,
+                                      return_stats=True, **settings)
+    assert torch.equal(tokens, ref)
+    assert not torch.equal(tokens, _reference(model, ids, eos_token_id=None, pad_token_id=0))  # not greedy
+    assert stats.peak_device_bytes <= budget
+
+
+def test_sampling_settings_are_checked_before_planning():
+    model, ids = _decoder("gpt2")
+    for bad in ({"do_sample": "yes"}, {"do_sample": True, "temperature": -1.0}, {"do_sample": True, "top_p": 2.0}):
+        with pytest.raises(ValueError):
+            memsched.generate(model, ids, budget="1GB", max_new_tokens=2, hardware=FIXED_CPU, device="cpu", **bad)
+
+
 def test_fused_generation_at_the_minimum_budget(tmp_path):
     """``fuse=True`` runs both programs' compute as Inductor regions, the decode attention's
     merged softmax included: at the least budget both programs fit, every region's first call

@@ -22,6 +22,7 @@ from ..errors import InfeasibleBudgetError
 from ..frontend.fake import meta_as_empty
 from .blocks import choose_block
 from .kv_cache import CachedDecoder, cache_shapes, probe_attention
+from .sampling import CONFIG, greedy, sampling
 
 
 @dataclass
@@ -262,7 +263,9 @@ class Generator:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None,
-                 eos_token_id=None, pad_token_id=None) -> tuple[torch.Tensor, GenerationStats]:
+                 eos_token_id=None, pad_token_id=None, sampling=None) -> tuple[torch.Tensor, GenerationStats]:
+        """Generate ``max_new_tokens`` after each prompt: greedy, or drawn as ``sampling``
+        (a generation.sampling.Sampling) says."""
         check_prompt(self.decoder.model, input_ids, attention_mask, max_new_tokens)
         B, P = input_ids.shape
         if B != self.batch or P != self.prompt_len or P + max_new_tokens > self.max_len:
@@ -284,16 +287,17 @@ class Generator:
         logits = self._prefill(stats, input_ids, positions, mask)
         stats.prefill_s, t0 = time.perf_counter() - t0, time.perf_counter()
         with contextlib.ExitStack() as trusted:
-            self._decode(stats, logits, P, max_new_tokens, positions, mask, eos, pad, out, trusted)
+            choose = greedy if sampling is None else sampling.choose
+            self._decode(stats, logits, P, max_new_tokens, positions, mask, eos, pad, out, trusted, choose)
         stats.decode_s = time.perf_counter() - t0
         return torch.cat(out, dim=1), stats
 
-    def _decode(self, stats, logits, P, max_new_tokens, positions, mask, eos, pad, out, trusted) -> None:
+    def _decode(self, stats, logits, P, max_new_tokens, positions, mask, eos, pad, out, trusted, choose) -> None:
         unfinished = torch.ones(self.batch, dtype=torch.bool)
         for step in range(max_new_tokens):
             if step == 1:  # both programs have run once, checking every copy: trust the loop
                 trusted.enter_context(self.compiled.unchanged_weights())
-            token = logits.argmax(-1).cpu()
+            token = choose(logits, torch.cat(out, dim=1)).cpu()
             if len(eos):
                 token = torch.where(unfinished, token, pad)
                 unfinished &= ~torch.isin(token, eos)
@@ -323,8 +327,8 @@ def _token_set(eos_token_id) -> set[int]:
 def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, attention_mask=None,
              weights=None, device=None, offload_dir=None, hardware=None, eos_token_id="config",
              pad_token_id="config", block_size=None, goal: str = "throughput", return_stats: bool = False,
-             **options):
-    """Greedy decoding of a transformers causal LM inside ``budget`` device bytes.
+             do_sample: bool = False, temperature=CONFIG, top_k=CONFIG, top_p=CONFIG, **options):
+    """Greedy (or sampled) decoding of a transformers causal LM inside ``budget`` device bytes.
 
     Returns the prompt followed by the new tokens, (batch, prompt + new), as transformers'
     ``model.generate(..., do_sample=False)`` does (sequences that reach an end-of-sequence token
@@ -337,16 +341,25 @@ def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, att
     ``block_size``: sequences that decode together (None: the whole batch; an int dividing the
     batch; "auto": planned for ``goal``, "throughput" or "latency", see blocks.py); blocks run
     one after another through the same two plans.
+    ``do_sample=True`` draws each token as transformers' ``generate(do_sample=True)`` does:
+    its warpers for ``temperature``, ``top_k`` and ``top_p`` (by default the model's generation
+    config's), softmax, ``torch.multinomial`` on the global RNG. Planning leaves the RNG as it
+    found it, so seeded as transformers' run, the draws are the same (rows drawn together: with
+    ``block_size`` below the batch the blocks draw one after another, in another order).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     check_prompt(model, input_ids, attention_mask, max_new_tokens)
     eos_token_id, pad_token_id = _special_tokens(model, eos_token_id, pad_token_id)
+    chosen = sampling(model, do_sample, temperature, top_k, top_p)
+    rng = torch.get_rng_state()
     gen, tried, made = plan_generator(model, budget, input_ids, max_new_tokens, block_size=block_size, goal=goal,
                                       device=device, offload_dir=offload_dir, hardware=hardware, weights=weights,
                                       **options)
+    torch.set_rng_state(rng)   # planning (a calibration's random operands) draws nothing of the run's
     try:
-        tokens, stats = run_blocks(gen, input_ids, max_new_tokens, attention_mask, eos_token_id, pad_token_id)
+        tokens, stats = run_blocks(gen, input_ids, max_new_tokens, attention_mask, eos_token_id, pad_token_id,
+                                   chosen)
     finally:
         gen.close()
     stats.plans, stats.plan_s = sum(n for n, _ in made), sum(t for _, t in made)
@@ -417,14 +430,15 @@ def _block_generator(make, block_size, goal: str, batch: int, new_tokens: int):
     return make(block_size), []
 
 
-def run_blocks(gen: Generator, input_ids, max_new_tokens, attention_mask, eos_token_id, pad_token_id):
+def run_blocks(gen: Generator, input_ids, max_new_tokens, attention_mask, eos_token_id, pad_token_id,
+               sampling=None):
     """Every block of rows through ``gen``; sequences of blocks that stopped early are padded."""
     outs, total = [], GenerationStats(prompt_tokens=input_ids.shape[1], batch=input_ids.shape[0],
                                       block_size=gen.batch, plan_s=gen.plan_s)
     for r in range(0, input_ids.shape[0], gen.batch):
         rows = slice(r, r + gen.batch)
         tokens, stats = gen(input_ids[rows], max_new_tokens, None if attention_mask is None else attention_mask[rows],
-                            eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                            eos_token_id=eos_token_id, pad_token_id=pad_token_id, sampling=sampling)
         outs.append(tokens)
         total.absorb(stats)
     width = max(t.shape[1] for t in outs)

@@ -1,0 +1,77 @@
+"""How the next token is chosen from a step's logits: greedy (the argmax), or sampled as
+transformers' ``generate(do_sample=True)`` samples, with transformers' own logits warpers
+(temperature, then top-k, then top-p, each where it changes anything), a softmax in float32 and
+one ``torch.multinomial`` draw per row on the global RNG. A run seeded as transformers' run is
+therefore drawn from the same numbers: on the same logits, the same tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+CONFIG = "config"   # a setting taken from the model's generation config, as transformers takes it
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling settings of a run; ``warpers`` is transformers' LogitsProcessorList of them."""
+
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    warpers: object = field(repr=False, compare=False, default=None)
+
+    def choose(self, logits: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+        """One token per row of ``logits`` (batch, vocab); ``sequences`` are the ids so far."""
+        scores = self.warpers(sequences, logits.to(dtype=torch.float32, copy=True))
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+
+
+def greedy(logits: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
+# transformers' documented defaults, for a generation config that leaves a setting unset
+_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
+def _setting(value, config, name: str):
+    """``value``, or where it is ``"config"`` what transformers' generate would use: the model's
+    generation config, else transformers' global default (version 5 keeps those apart)."""
+    if not (isinstance(value, str) and value == CONFIG):
+        return value
+    own = getattr(config, name, None)
+    if own is not None:
+        return own
+    defaults = getattr(config, "_get_default_generation_params", None)
+    return (defaults() if callable(defaults) else {}).get(name, _DEFAULTS[name])
+
+
+def sampling(model, do_sample: bool, temperature=CONFIG, top_k=CONFIG, top_p=CONFIG) -> Sampling | None:
+    """The run's Sampling, or None for greedy decoding. Settings left at ``"config"`` come from
+    the model's generation config; transformers' warpers check the values (ValueError)."""
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+    if not do_sample:
+        return None
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    config = getattr(model, "generation_config", None)
+    t, k, p = (_setting(temperature, config, "temperature"), _setting(top_k, config, "top_k"),
+               _setting(top_p, config, "top_p"))
+    if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0):
+        raise ValueError(f"temperature must be a number above 0, got {t!r}")
+    if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and k >= 0):
+        raise ValueError(f"top_k must be an int >= 0 (0: no top-k), got {k!r}")
+    if p is not None and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
+    warpers = LogitsProcessorList()
+    if t is not None and t != 1.0:
+        warpers.append(TemperatureLogitsWarper(t))
+    if k is not None and k != 0:
+        warpers.append(TopKLogitsWarper(top_k=k))
+    if p is not None and p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=p))
+    return Sampling(1.0 if t is None else t, k, p, warpers)
