@@ -25,8 +25,8 @@ NUMERIC = [
     "h2d_bw", "d2h_bw", "disk_read_bw", "disk_write_bw", "op_overhead_s",
 ]
 # measured on the local profile only (presets leave them 0)
-LOCAL_ONLY = ["skinny_flops_fp32", "gemv_flops_fp32", "runtime_op_s", "runtime_move_s", "cpu_cores",
-              "compute_threads"]
+LOCAL_ONLY = ["skinny_flops_fp32", "gemv_flops_fp32", "special_elems_per_s", "runtime_op_s", "runtime_move_s",
+              "cpu_cores", "compute_threads"]
 
 
 def _export(model, *args):
@@ -158,6 +158,46 @@ def test_skinny_matmuls_are_priced_at_their_measured_rate():
 
     # a batched matmul runs one per entry: 64 of (1 x 1024) @ (1024 x 1024) are each one row
     assert priced_rate(_export(Bmm(), torch.randn(64, 1, 1024), torch.randn(64, 1024, 1024))) == pytest.approx(2.5e10)
+
+
+def test_transcendental_and_normalising_ops_are_priced_at_their_measured_rate():
+    """GELU, softmax, LayerNorm (and their backwards) take at least numel / special_elems_per_s
+    where the profile measured it (a CPU runs them far below its memory bandwidth); a plain add
+    keeps the roofline, and so do profiles that did not measure the rate (presets)."""
+    class Ops(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.gelu(x) + torch.softmax(x, -1), torch.nn.functional.layer_norm(x, (256,))
+
+    graph = _export(Ops(), torch.randn(64, 256))
+    nodes = {str(n.target).split(".")[1]: n for n in graph.nodes if n.op == "call_function"}
+    base = PRESETS["t4"].replace(device_type="cpu", peak_flops_fp32=1e11, mem_bw=2e10)
+    hw = base.replace(special_elems_per_s=1e8)
+    for name in ("gelu", "softmax", "layer_norm"):
+        assert estimate_op_time(nodes[name], hw) == pytest.approx(64 * 256 / 1e8 + hw.op_overhead_s), name
+        assert estimate_op_time(nodes[name], base) < estimate_op_time(nodes[name], hw) / 10, name
+    assert estimate_op_time(nodes["add"], hw) == estimate_op_time(nodes["add"], base)
+
+
+def test_attention_backward_is_priced_as_its_five_matmuls():
+    """An SDPA backward takes (grad_out, q, k, v, ...): it recomputes the scores and makes dV, dP,
+    dQ and dK, 2*Lq*Lk*(3D + 2Dv) FLOPs per head, 2.5 times its forward's."""
+    from memsched.frontend.joint import capture_joint
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(32))
+
+        def forward(self, x):
+            q = x * self.scale
+            return F.scaled_dot_product_attention(q, x, x, is_causal=True).sum()
+
+    gm = capture_joint(Attention(), (torch.randn(2, 4, 64, 32),)).gm
+    sdpa = [n for n in gm.graph.nodes if n.op == "call_function" and "scaled_dot_product" in str(n.target)]
+    forward = next(n for n in sdpa if "backward" not in str(n.target))
+    backward = next(n for n in sdpa if "backward" in str(n.target))
+    assert op_flops_bytes(forward)[0] == 2.0 * 8 * 64 * 64 * 64
+    assert op_flops_bytes(backward)[0] == pytest.approx(2.5 * op_flops_bytes(forward)[0])
 
 
 def test_one_row_matmuls_and_einsums_are_priced_as_the_gemms_they_run():

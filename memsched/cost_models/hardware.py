@@ -83,6 +83,10 @@ class Hardware:
     # FLOP/s of fp32 matrix products with one output row, a batch of them (a decode step's
     # attention scores per head, a batch-1 linear): slower still (0: not measured)
     gemv_flops_fp32: float = 0.0
+    # fp32 elements/s of the ops that take a transcendental or a row reduction per element (GELU,
+    # softmax, LayerNorm and their backwards; op_cost._SPECIAL_OPS): far below the memory
+    # bandwidth on CPUs (0: not measured, the roofline applies)
+    special_elems_per_s: float = 0.0
     # memsched's runtime's own cost on the calling thread: per line of a scheduled program (an
     # op's output tracked, a value freed; views cost this too) and per transfer issued or waited
     # (0: not measured; presets leave them out)
@@ -310,8 +314,9 @@ def _log_between(x: float, x0: float, y0: float, x1: float, y1: float) -> float:
 
 
 # bumped when a probe changes what it measures, so profiles cached by an older memsched are
-# measured again (2: disk reads into a tensor's buffer, as the runtime reads; 3: one-row matmuls)
-_PROFILE_VERSION = 3
+# measured again (2: disk reads into a tensor's buffer, as the runtime reads; 3: one-row matmuls;
+# 4: transcendental and normalising ops)
+_PROFILE_VERSION = 4
 
 
 def _cache_path(device_type: str) -> Path:
@@ -404,6 +409,16 @@ def _gemv_flops(dtype: torch.dtype, device: torch.device, reps: int, sync) -> fl
     a = torch.randn(256, 1, 64, device=device).to(dtype)
     b = torch.randn(256, 64, 160, device=device).to(dtype)
     return 2 * 256 * 64 * 160 / _best_time(lambda: torch.bmm(a, b), reps, sync)
+
+
+def _special_elems(device: torch.device, reps: int, sync) -> float:
+    """fp32 elements/s of GELU, softmax and LayerNorm over rows of 1024 (the median of the three),
+    on 4 Mi elements: the rate op_cost prices transcendental and normalising ops at."""
+    x = torch.randn(4096, 1024, device=device)
+    fns = (lambda: torch.nn.functional.gelu(x), lambda: torch.softmax(x, -1),
+           lambda: torch.nn.functional.layer_norm(x, (1024,)))
+    rates = sorted(x.numel() / _best_time(fn, reps, sync) for fn in fns)
+    return rates[1]
 
 
 # memsched's runtime registers the probe of its own per-line and per-transfer costs
@@ -541,6 +556,7 @@ def _calibrate(device: torch.device) -> Hardware:
             peak_flops_fp32=_matmul_flops(2048, torch.float32, device, 3, sync, inner=10),
             skinny_flops_fp32=_skinny_matmul_flops(torch.float32, device, 10, sync),
             gemv_flops_fp32=_gemv_flops(torch.float32, device, 10, sync),
+            special_elems_per_s=_special_elems(device, 10, sync),
             # a device-to-device copy reads and writes every byte
             mem_bw=2 * _copy_bw(dev_a, dev_b, 10, sync),
             h2d_bw=_copy_bw(src_h, dev_a, 10, sync),
@@ -574,6 +590,7 @@ def _calibrate(device: torch.device) -> Hardware:
         peak_flops_fp32=fp32,
         skinny_flops_fp32=_skinny_matmul_flops(torch.float32, cpu, 5, no_sync),
         gemv_flops_fp32=_gemv_flops(torch.float32, cpu, 5, no_sync),
+        special_elems_per_s=_special_elems(cpu, 3, no_sync),
         mem_bw=2 * memcpy,  # memcpy reads and writes every byte
         h2d_bw=memcpy,  # a "host->device" copy on a CPU device is a memcpy
         d2h_bw=memcpy,

@@ -42,6 +42,8 @@ _SDPA_OPS = frozenset(
     _scaled_dot_product_cudnn_attention _flash_attention_forward
     _efficient_attention_forward""".split()
 )
+# their backwards take (grad_out, query, key, value, ...)
+_SDPA_BACKWARD_OPS = frozenset(f"{name}_backward" for name in _SDPA_OPS if name != "scaled_dot_product_attention")
 _CONV_OPS = frozenset("convolution _convolution conv1d conv2d conv3d".split())
 _CONV_T_OPS = frozenset("conv_transpose1d conv_transpose2d conv_transpose3d".split())
 # Normalizations / softmax do several passes of arithmetic per element.
@@ -52,6 +54,16 @@ _MULTI_PASS_OPS = frozenset(
     _log_softmax _safe_softmax""".split()
 )
 _MULTI_PASS_FLOPS_PER_ELEM = 5  # mean, var, normalize, scale, shift
+# Ops whose every element takes a transcendental function or a row reduction (exp, erf, tanh;
+# softmax, normalisations) and their backwards. A CPU runs them far below its memory bandwidth
+# (GELU and LayerNorm stream about 3 GB/s on a core that copies at 25): where the profile
+# measured it, they are priced at least at ``Hardware.special_elems_per_s``.
+_SPECIAL_OPS = _MULTI_PASS_OPS | frozenset(
+    """gelu gelu_backward tanh tanh_backward exp exp2 expm1 log log1p log2 erf erfc erfinv sigmoid
+    sigmoid_backward silu silu_backward softplus softplus_backward mish mish_backward elu
+    elu_backward sin cos native_layer_norm_backward native_group_norm_backward
+    _softmax_backward_data _log_softmax_backward_data logsumexp""".split()
+)
 
 
 def _op_name(node: torch.fx.Node) -> str | None:
@@ -202,15 +214,17 @@ def _einsum_gemm(node: torch.fx.Node) -> tuple[int, int, int, int] | None:
             prod(c for c in out if c in b and c not in a), prod(c for c in size if c not in out))
 
 
-def _sdpa_flops(node: torch.fx.Node) -> float:
-    """QK^T plus PV: 2*Lq*Lk*D + 2*Lq*Lk*Dv per (batch, head) = 4*B*H*Lq*Lk*D."""
-    q, k, v = (_arg_tensor(a) for a in node.args[:3])
+def _sdpa_flops(node: torch.fx.Node, backward: bool = False) -> float:
+    """Forward: QK^T plus PV, 2*Lq*Lk*(D + Dv) per (batch, head). Backward: the scores again,
+    dV = P^T dO, dP = dO V^T, dQ = dS K and dK = dS^T Q: 2*Lq*Lk*(3D + 2Dv)."""
+    first = 1 if backward else 0   # a backward's first argument is the output's gradient
+    q, k, v = (_arg_tensor(a) for a in node.args[first:first + 3])
     if q is None or k is None or v is None:
         return 0.0
     batch = math.prod(_int(s) for s in q.shape[:-2])
     lq, d = _int(q.shape[-2]), _int(q.shape[-1])
     lk, dv = _int(k.shape[-2]), _int(v.shape[-1])
-    return 2.0 * batch * lq * lk * (d + dv)
+    return 2.0 * batch * lq * lk * ((3 * d + 2 * dv) if backward else (d + dv))
 
 
 def _conv_flops(name: str, node: torch.fx.Node, out: torch.Tensor) -> float:
@@ -251,6 +265,8 @@ def op_flops_bytes(node: torch.fx.Node) -> tuple[float, float]:
             flops = _matmul_flops(name, node, out)
         elif name in _SDPA_OPS:
             flops = _sdpa_flops(node)
+        elif name in _SDPA_BACKWARD_OPS:
+            flops = _sdpa_flops(node, backward=True)
         elif name in _CONV_OPS or name in _CONV_T_OPS:
             flops = _conv_flops(name, node, out)
         elif name in ("embedding", "embedding_dense_backward"):
@@ -290,6 +306,9 @@ def estimate_op_time(node: torch.fx.Node, hw: Hardware) -> float:
     rate = hw.matmul_flops(_output_rows(node, name), dtype) if name in _MATMUL_OPS else hw.flops_for(dtype)
     compute = flops / rate
     memory = nbytes / hw.mem_bw
+    if hw.special_elems_per_s and name in _SPECIAL_OPS:
+        compute = max(compute, max((_numel(t) for t in _tensors(node.meta.get("val"))), default=0)
+                      / hw.special_elems_per_s)
     return max(compute, memory) + hw.op_overhead_s
 
 
@@ -327,7 +346,8 @@ def region_time(gm: torch.fx.Graph | torch.fx.GraphModule, hw: Hardware) -> floa
         if n.op != "call_function":
             continue
         name = _op_name(n) or ""
-        if name in _MATMUL_OPS or name in _SDPA_OPS or name in _CONV_OPS or name in _CONV_T_OPS:
+        if name in _MATMUL_OPS or name in _SDPA_OPS or name in _SDPA_BACKWARD_OPS or name in _CONV_OPS \
+                or name in _CONV_T_OPS:
             library += estimate_op_time(n, hw)
         else:
             fused_flops += op_flops_bytes(n)[0]
