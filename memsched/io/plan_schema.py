@@ -267,7 +267,7 @@ CHUNKING = _list(_record({"path": {"anyOf": [_enum([LOSS_HEAD, ROOT]),
 
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": "https://memsched.dev/schemas/plan-v1.json",
+    "$id": "urn:memsched:plan:1",
     "title": "memsched plan, format version 1",
     "description": "A schedule memsched.plan() made, as Plan.save() writes it. Data only: no field is code.",
     "type": "object",
