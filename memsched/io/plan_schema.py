@@ -156,12 +156,16 @@ def _values(name: str, extra: dict) -> dict:
     references in arguments, tensors in values)."""
     ref = {"$ref": f"#/$defs/{name}"}
     tags = {
-        "tuple": _list(ref), "dict": {"type": "object", "propertyNames": {"maxLength": LIMITS["text"]},
-                                      "additionalProperties": ref},
-        "float": _enum(FLOAT_WORDS), "dtype": _enum(sorted(DTYPES)), "device": {"type": "string", "pattern": DEVICE_PATTERN,
+        "tuple": _list(ref),
+        "dict": {"type": "object", "propertyNames": {"maxLength": LIMITS["text"]}, "additionalProperties": ref},
+        "float": _enum(FLOAT_WORDS),
+        "dtype": _enum(sorted(DTYPES)),
+        "device": {"type": "string", "pattern": DEVICE_PATTERN,
                    "description": "a device (cpu, cuda or meta, with an optional :index)"},
-        "layout": _enum(sorted(LAYOUTS)), "memory_format": _enum(sorted(MEMORY_FORMATS)),
-        "ellipsis": {"type": "null"}, **extra,
+        "layout": _enum(sorted(LAYOUTS)),
+        "memory_format": _enum(sorted(MEMORY_FORMATS)),
+        "ellipsis": {"type": "null"},
+        **extra,
     }
     if "node" in extra:
         tags["slice"] = _list({"anyOf": [{"type": ["null", "integer"]}, _tagged({"node": NAME})]}, 3, minItems=3)
@@ -243,8 +247,6 @@ def _hardware() -> dict:
     return _record(required, optional)
 
 
-_PLACEMENT_KEYS = ("status", "mip_gap", "solve_s", "min_budget_bytes", "segments", "movable_gaps", "tier_bytes",
-                   "offloaded_activation_bytes")
 PLACEMENT = _record(
     {"status": _text(LIMITS["name"]), "mip_gap": {"anyOf": [{"type": "null"}, NUMBER]}, "solve_s": NUMBER,
      "min_budget_bytes": _int(), "segments": _int(0, LIMITS["items"]), "movable_gaps": _int(0, LIMITS["items"]),
