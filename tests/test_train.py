@@ -360,3 +360,34 @@ def test_a_model_without_custom_backwards_warns_nothing_of_them():
         warnings.simplefilter("always")
         memsched.plan(model, args, budget=10**12, example_kwargs=kwargs, train=True)
     assert not [w for w in seen if issubclass(w.category, CustomBackwardWarning)]
+
+
+class TwoHeads(torch.nn.Module):
+    """A trunk and two heads: a loss built on one head's output reaches the trunk and that head."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk, self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.trunk(x))
+        return self.a(h), self.b(h)
+
+
+@pytest.mark.parametrize("used", [0, 1])
+def test_parameters_the_backward_does_not_reach_keep_no_gradient(used):
+    """Outputs without a gradient are fed zeros by the planned backward; the parameters only they
+    reach get None, as eager autograd leaves them (an optimizer skips a None gradient, not a
+    zero one: weight decay and momentum would still move the parameter)."""
+    torch.manual_seed(0)
+    model, x = TwoHeads(), torch.randn(4, 8)
+    ref = copy.deepcopy(model)
+    ref(x)[used].sum().backward()
+    cm = _compile(model, 10**9, hardware=FIXED_CPU)
+    try:
+        cm(x)[used].sum().backward()
+    finally:
+        cm.close()
+    assert_same_grads(ref, model)
+    idle = model.b if used == 0 else model.a
+    assert idle.weight.grad is None and model.trunk.weight.grad is not None

@@ -259,6 +259,26 @@ def _partition(joint, placeholders, n_primals, n_outputs, trace: _Trace, floatin
     return boundary
 
 
+def gradient_sources(captured: JointCaptured) -> list[int]:
+    """Per grad target, a bit mask of the output gradients its gradient is computed from (bit
+    k: the boundary's tangent k, the k-th of ``diff_outputs``); 0 where it reads none. Eager
+    autograd leaves a parameter's gradient None when none of them was given."""
+    graph = captured.gm.graph
+    mask: dict[torch.fx.Node, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is operator.getitem and getattr(n.args[0], "target", None) \
+                is ops.boundary:
+            mask[n] = 1 << n.args[1]
+            continue
+        m = 0
+        for a in n.all_input_nodes:
+            m |= mask.get(a, 0)
+        if m:
+            mask[n] = m
+    grads = list(graph.output_node().args[0])[captured.n_outputs:]
+    return [mask.get(g, 0) if isinstance(g, torch.fx.Node) else 0 for g in grads]
+
+
 def _reorder(kwargs: dict, ep) -> dict:
     from torch.export._tree_utils import reorder_kwargs
 

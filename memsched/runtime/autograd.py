@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from ..frontend.joint import JointCaptured
+from ..frontend.joint import JointCaptured, gradient_sources
 from .executor import Executor
 
 
@@ -32,6 +32,7 @@ class TrainStep:
         self.outputs: list = []
         self.params: list[torch.Tensor] = []
         self.mutated_buffers: list[torch.Tensor] = []  # model buffers the forward returns new values of
+        self.sources = gradient_sources(captured)   # per parameter, the output gradients it reads
         self.lookup()
 
     def lookup(self) -> None:
@@ -62,10 +63,11 @@ class TrainStep:
     def _backward(self, grad_outputs: tuple, params: list[torch.Tensor]) -> list:
         c = self.captured
         user = grad_outputs[c.n_mutations:]
-        tangents = []
+        tangents, given = [], 0
         for i, g in enumerate(user):
             if i in c.diff_outputs:
                 out = self.outputs[c.n_mutations + i]
+                given |= (g is not None) << len(tangents)
                 tangents.append(torch.zeros_like(out) if g is None else g.to(out.device, out.dtype))
             elif g is not None and bool(torch.any(g != 0)):
                 self.executor.abandon()
@@ -88,7 +90,9 @@ class TrainStep:
             for g in pending:
                 if g is not None and not isinstance(g, torch.Tensor):
                     self.executor.engine.release(g)
-        return [None if g is None else g.to(p.device, p.dtype) for g, p in zip(grads, params)]
+        # a parameter none of whose output gradients was given gets none, as in eager autograd
+        return [None if g is None or src and not src & given else g.to(p.device, p.dtype)
+                for g, p, src in zip(grads, params, self.sources)]
 
 
 class _StepFunction(torch.autograd.Function):
