@@ -297,7 +297,7 @@ class Generator:
         for step in range(max_new_tokens):
             if step == 1:  # both programs have run once, checking every copy: trust the loop
                 trusted.enter_context(self.compiled.unchanged_weights())
-            token = choose(logits, torch.cat(out, dim=1)).cpu()
+            token = choose(logits, out).cpu()
             if len(eos):
                 token = torch.where(unfinished, token, pad)
                 unfinished &= ~torch.isin(token, eos)
@@ -352,11 +352,10 @@ def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, att
     check_prompt(model, input_ids, attention_mask, max_new_tokens)
     eos_token_id, pad_token_id = _special_tokens(model, eos_token_id, pad_token_id)
     chosen = sampling(model, do_sample, temperature, top_k, top_p)
-    rng = torch.get_rng_state()
-    gen, tried, made = plan_generator(model, budget, input_ids, max_new_tokens, block_size=block_size, goal=goal,
-                                      device=device, offload_dir=offload_dir, hardware=hardware, weights=weights,
-                                      **options)
-    torch.set_rng_state(rng)   # planning (a calibration's random operands) draws nothing of the run's
+    with torch.random.fork_rng():   # planning (a calibration's random operands) draws nothing of the run's
+        gen, tried, made = plan_generator(model, budget, input_ids, max_new_tokens, block_size=block_size,
+                                          goal=goal, device=device, offload_dir=offload_dir, hardware=hardware,
+                                          weights=weights, **options)
     try:
         tokens, stats = run_blocks(gen, input_ids, max_new_tokens, attention_mask, eos_token_id, pad_token_id,
                                    chosen)

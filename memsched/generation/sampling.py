@@ -22,13 +22,14 @@ class Sampling:
     top_p: float | None
     warpers: object = field(repr=False, compare=False, default=None)
 
-    def choose(self, logits: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
-        """One token per row of ``logits`` (batch, vocab); ``sequences`` are the ids so far."""
-        scores = self.warpers(sequences, logits.to(dtype=torch.float32, copy=True))
+    def choose(self, logits: torch.Tensor, so_far: list[torch.Tensor]) -> torch.Tensor:
+        """One token per row of ``logits`` (batch, vocab); ``so_far``: the ids until now, as
+        (batch, n) pieces (the warpers are handed them joined, as transformers hands them)."""
+        scores = self.warpers(torch.cat(so_far, dim=1), logits.to(dtype=torch.float32, copy=True))
         return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
 
 
-def greedy(logits: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+def greedy(logits: torch.Tensor, so_far: list[torch.Tensor]) -> torch.Tensor:
     return logits.argmax(-1)
 
 

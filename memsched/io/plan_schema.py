@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import keyword
 import re
+import reprlib
 
 import jsonschema
 import torch
@@ -35,7 +36,7 @@ from ..passes.chunking import LOSS_HEAD, ROOT
 from ..plan_records import SAVED_ACTIVATION_KEYS
 
 __all__ = ["SCHEMA", "FORMAT", "VERSION", "LIMITS", "schema_errors", "first_error",
-           "is_identifier", "is_state_key", "is_attr_path", "DTYPES", "LAYOUTS", "MEMORY_FORMATS"]
+           "is_identifier", "is_state_key", "is_attr_path", "NAME_RULES", "show", "DTYPES", "LAYOUTS", "MEMORY_FORMATS"]
 
 FORMAT = "memsched-plan"
 VERSION = 1
@@ -105,7 +106,7 @@ _FORMATS.checks("memsched-node-name")(lambda s: not isinstance(s, str) or (is_id
 _FORMATS.checks("memsched-keyword")(lambda s: not isinstance(s, str) or is_identifier(s))
 _FORMATS.checks("memsched-state-key")(lambda s: not isinstance(s, str) or is_state_key(s))
 _FORMATS.checks("memsched-attribute")(lambda s: not isinstance(s, str) or is_attr_path(s))
-_FORMAT_WORDS = {
+NAME_RULES = {
     "memsched-node-name": "a node name (an ASCII Python identifier, not a keyword or dunder)",
     "memsched-keyword": "a keyword argument (an ASCII Python identifier, not a keyword or dunder)",
     "memsched-state-key": "a state key (Python identifiers and indices joined by dots)",
@@ -144,7 +145,7 @@ def _enum(values) -> dict:
 
 
 NAME = {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "format": "memsched-node-name",
-        "description": _FORMAT_WORDS["memsched-node-name"]}
+        "description": NAME_RULES["memsched-node-name"]}
 NUMBER = {"if": {"type": "object"}, "then": _tagged({"float": _enum(FLOAT_WORDS)}),   # finite, or tagged
           "else": {"type": "number"}}
 SECONDS = {"if": {"type": "object"}, "then": _tagged({"float": _enum(["inf"])}), "else": {"type": "number",
@@ -321,36 +322,43 @@ def _message(error) -> str:
     """What is wrong, in the words of the rest of memsched's messages."""
     rule, value, schema, x = error.validator, error.validator_value, error.schema, error.instance
     if "description" in schema and rule in ("pattern", "format", "enum"):
-        return f"{_short(x)} is not {schema['description']}"
+        return f"{show(x)} is not {schema['description']}"
     if rule == "format":
-        return f"{_short(x)} is not {_FORMAT_WORDS.get(value, value)}"
+        return f"{show(x)} is not {NAME_RULES.get(value, value)}"
     if rule == "type":
         return f"expected {' or '.join(_ARTICLE[t] for t in _types(schema))}, got {_kind(x)}"
     if rule == "pattern" and isinstance(x, str) and re.search(f"[{CONTROL}]", x):
-        return f"{_short(x)} holds control characters"
+        return f"{show(x)} holds control characters"
     if rule in ("maxLength", "maxItems"):
         return f"{len(x)} {'characters' if isinstance(x, str) else 'items'}, more than {value}"
     if rule == "minItems":
         return f"{len(x)} items, fewer than {value}"
     if rule == "required":
         missing = [k for k in value if k not in x]
-        return f"{_short(missing[0])} is missing" if missing else error.message
+        return f"{show(missing[0])} is missing" if missing else error.message
     if rule == "additionalProperties":
         unknown = sorted(set(x) - set(schema.get("properties", {})))
-        return f"unknown field {_short(unknown[0])}" if unknown else error.message
+        return f"unknown field {show(unknown[0])}" if unknown else error.message
     if rule in ("minimum", "maximum"):
         lo, hi = schema.get("minimum"), schema.get("maximum")
-        return f"{_short(x)} is negative" if hi is None and lo == 0 else f"{_short(x)} is out of range ({lo} to {hi})"
+        return f"{show(x)} is negative" if hi is None and lo == 0 else f"{show(x)} is out of range ({lo} to {hi})"
     if rule == "enum":
         key = "propertyNames" in error.schema_path
         listed = ", ".join(map(str, value[:12])) + (", …" if len(value) > 12 else "")
-        return f"{'unknown key ' if key else ''}{_short(x)}{':' if key else ' is not'} one of {listed}"
+        return f"{'unknown key ' if key else ''}{show(x)}{':' if key else ' is not'} one of {listed}"
     return error.message if len(error.message) < 300 else error.message[:300] + "…"
 
 
-def _short(v) -> str:
-    text = repr(v) if not isinstance(v, int) or abs(v) < 10**30 else f"a {v.bit_length()}-bit integer"
-    return text if len(text) <= 80 else text[:77] + "..."
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 80
+_SHOW.maxlevel = 3
+
+
+def show(v) -> str:
+    """A value in a message: short, whatever it is."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 10**30:
+        return f"{'-' if v < 0 else ''}a {v.bit_length()}-bit integer"
+    return _SHOW.repr(v)
 
 
 def schema_errors(doc):

@@ -49,7 +49,6 @@ import json
 import math
 import operator
 import re
-import reprlib
 from pathlib import Path
 
 import torch
@@ -82,16 +81,7 @@ DTYPES, LAYOUTS, MEMORY_FORMATS = plan_schema.DTYPES, plan_schema.LAYOUTS, plan_
 _TABLES = {"dtype": DTYPES, "layout": LAYOUTS, "memory_format": MEMORY_FORMATS}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _VERSION_TEXT = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
-_SHOW = reprlib.Repr()
-_SHOW.maxstring = _SHOW.maxother = 80
-_SHOW.maxlevel = 3
-
-
-def _show(v) -> str:
-    """A value in a message: short, whatever it is."""
-    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 10**30:
-        return f"{'-' if v < 0 else ''}a {v.bit_length()}-bit integer"
-    return _SHOW.repr(v)
+_show = plan_schema.show
 
 
 def _bad(where: str, what: str):
@@ -306,13 +296,11 @@ def _node_head(rec, i: int, seen: set, last: bool) -> tuple:
         return name, op, None, None
     if op == "placeholder":
         if not plan_schema.is_state_key(target):
-            _bad(f"{where}.target", f"{_show(target)} is not a state key (Python identifiers and indices joined "
-                                    f"by dots)")
+            _bad(f"{where}.target", f"{_show(target)} is not {plan_schema.NAME_RULES['memsched-state-key']}")
         return name, op, name, target
     if op == "get_attr":
         if not plan_schema.is_attr_path(target):
-            _bad(f"{where}.target", f"{_show(target)} is not a subgraph attribute (dotted identifiers, "
-                                    f"none private or the module's own)")
+            _bad(f"{where}.target", f"{_show(target)} is not {plan_schema.NAME_RULES['memsched-attribute']}")
         return name, op, target, None
     try:
         return name, op, resolve_target(target), None
