@@ -11,6 +11,8 @@ measured in the same run, on the same GPU:
                    (or memsched's minimum, if higher), the allocator's peak (torch.cuda.max_memory_allocated, after a warm-up call)
                    against the budget, and the overlap of copies with kernels from a profiler
                    timeline (runtime/overlap.py) with the blocking syncs the calling thread made;
+  generation       greedy decoding (GPT-NeoX, weights 4x the budget) against eager on the GPU
+                   and Accelerate's cpu_offload: time, tokens equal, decode step vs predicted;
   training         one GPT-2 training step (forward + loss + backward) at --train-fraction of
                    memsched's unconstrained training peak: step time against eager and against
                    checkpointing every block, allocator peaks, loss and gradient error vs eager.
@@ -179,6 +181,60 @@ def train_rows(a, device, hw, root):
              f"memsched's own {fmt_bytes(own)}; allocator/budget " + ("-" if p_ms is None else f"{p_ms / budget:.3f}")]]
 
 
+def generation_rows(a, device, hw, root):
+    """Greedy decoding of a GPT-NeoX decoder whose weights are 4x the budget (FlexGen's
+    workload): memsched.Generator against eager with the whole model on the GPU and against
+    Accelerate's cpu_offload (each module's weights copied in from RAM right before it runs)."""
+    from generation import build_model, weight_bytes
+
+    B, P, N = a.gen_batch, a.gen_prompt, a.gen_new
+    model = build_model(a.gen_layers, a.gen_hidden, a.gen_hidden // 128, 4 * a.gen_hidden, a.gen_vocab, P + N)
+    ids = torch.randint(1, a.gen_vocab, (B, P), generator=torch.Generator().manual_seed(2))
+    wbytes = weight_bytes(model)
+    budget = int(a.stream_fraction * wbytes)
+
+    def hf_runner(m):
+        ids_d = ids.to(device)
+        return lambda: m.generate(ids_d, attention_mask=torch.ones_like(ids_d), max_new_tokens=N,
+                                  do_sample=False, pad_token_id=0)
+    eager = copy.deepcopy(model).to(device)
+    with torch.no_grad():
+        ref = hf_runner(eager)().cpu()
+        t_eager = timed(hf_runner(eager), device, a.gen_reps)
+    del eager
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    gen = memsched.Generator(model, budget, batch=B, prompt_len=P, max_len=P + N, sample_ids=ids,
+                             device=device, hardware=hw, offload_dir=root)
+    try:
+        toks, st = gen(ids, N)
+        same = torch.equal(toks.cpu(), ref)
+        t_ms = timed(lambda: gen(ids, N), device, a.gen_reps)
+        peak = peak_of(lambda: gen(ids, N), device)
+        _, st = gen(ids, N)
+        pred = gen.plans[1].predicted_time_s
+    finally:
+        gen.close()
+    rows = [[f"generate: GPT-NeoX {a.gen_layers}x{a.gen_hidden} b{B} {P}+{N}, weights {fmt_bytes(wbytes)}, "
+             f"budget {fmt_bytes(budget)}", f"{t_ms * 1e3:.0f} ms", f"{t_ms / t_eager:.2f}x eager",
+             f"eager (all on GPU) {t_eager * 1e3:.0f} ms; tokens equal eager: {same}"],
+            ["  generate: decode step measured / predicted", f"{st.decode_s / max(N - 1, 1) * 1e3:.1f} ms",
+             f"{pred * 1e3:.1f} ms predicted", f"prefill {st.prefill_s * 1e3:.0f} ms; plan {st.plan_s:.1f} s"],
+            ["  generate: memsched peak / allocator peak", fmt_bytes(st.peak_device_bytes),
+             "-" if peak is None else fmt_bytes(peak), "allocator/budget " + ("-" if peak is None else f"{peak / budget:.3f}")]]
+    try:
+        from accelerate import cpu_offload
+
+        acc = cpu_offload(copy.deepcopy(model), execution_device=device)
+        with torch.no_grad():
+            acc_same = torch.equal(hf_runner(acc)().cpu(), ref)
+            t_acc = timed(hf_runner(acc), device, a.gen_reps)
+        rows.append(["  generate: accelerate cpu_offload", f"{t_acc * 1e3:.0f} ms",
+                     f"memsched {t_acc / t_ms:.2f}x faster", f"tokens equal eager: {acc_same}"])
+    except ImportError:
+        rows.append(["  generate: accelerate cpu_offload", "-", "-", "accelerate not installed"])
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -191,18 +247,21 @@ def main():
     q = a.quick
     a.layers, a.embd, a.heads, a.vocab = (2, 128, 2, 1024) if q else (12, 768, 12, 50257)
     a.batch, a.seq = (2, 64) if q else (8, 512)
+    a.gen_layers, a.gen_hidden, a.gen_vocab = (2, 256, 1024) if q else (8, 2048, 32000)
+    a.gen_batch, a.gen_prompt, a.gen_new, a.gen_reps = (2, 16, 4, 1) if q else (8, 128, 32, 2)
     device = torch.device(a.device)
     hw = memsched.get_hardware(None, device.type)
     root = tempfile.mkdtemp(prefix="memsched-gpu-check-")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"memsched {memsched.__version__}, torch {torch.__version__}, {name}; profile {hw.name}", flush=True)
+    t0 = time.perf_counter()
     rows = link_rows(device, hw, 16 << 20 if q else 256 << 20)
-    for part in (streaming_rows, train_rows):
+    for part in (streaming_rows, train_rows, generation_rows):
         try:
             rows += part(a, device, hw, root)
         except Exception as exc:  # noqa: BLE001 - one failing part must not hide the others' numbers
             rows.append([part.__name__, "FAILED", type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else ""])
-        print(f"  {part.__name__} done", flush=True)
+        print(f"  {part.__name__} done at {time.perf_counter() - t0:.0f} s", flush=True)
     print(table(["measure", "value", "ratio", "baseline / note"], rows, title="GPU check"))
 
 

@@ -14,6 +14,10 @@ fi
 log="${OUT:-/tmp}/gpu_check.log"
 {
     python3 -c "import torch, memsched; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 1
-    timeout 300 python3 -m pytest -p no:cacheprovider -q -n 4 --timeout 240 tests/test_cuda.py -rfEs 2>&1 | tail -40
-    timeout 220 python3 benchmarks/gpu_check.py "$@"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+    # the whole pytest log goes to $OUT; the summary lines come here
+    timeout 250 python3 -m pytest -p no:cacheprovider -q -n 4 --timeout 200 --durations=8 tests/test_cuda.py -rfEs \
+        > "${OUT:-/tmp}/pytest.log" 2>&1
+    echo "pytest rc=$?"; grep -E "passed|failed|PASSED|FAILED|ERROR|SKIPPED|^[0-9.]+s " "${OUT:-/tmp}/pytest.log" | tail -40
+    timeout 210 python3 benchmarks/gpu_check.py "$@"
 } 2>&1 | tee "$log"
