@@ -74,6 +74,19 @@ def held_by_plan(cm, hw, above_before):
     return above_before + cm.plan.tier_bytes()["device"] + hw.workspace_bytes
 
 
+def print_profile(what, fn, top=18):
+    """The calling thread's Python time of one call, the functions that took most of it."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    print(f"-- profile: {what}\n" + "\n".join(out.getvalue().splitlines()[4:]), flush=True)
+
+
 def link_rows(device, hw, nbytes):
     if device.type != "cuda":
         return [["link h2d / d2h", "-", "-", "needs CUDA"]]
@@ -112,6 +125,8 @@ def streaming_rows(a, device, hw, root):
         t_ms = timed(lambda: cm(input_ids=ids), device, a.reps)
         peak = held_by_plan(cm, hw, peak_of(lambda: cm(input_ids=ids), device))
         stats = cm.stats
+        if a.profile:
+            print_profile("streaming call", lambda: cm(input_ids=ids))
         overlap = None
         if device.type == "cuda":
             from memsched.runtime.overlap import overlap_report
@@ -168,8 +183,22 @@ def train_rows(a, device, hw, root):
         t_ms = timed(m_step, device, a.reps)
         p_ms = held_by_plan(cm, hw, peak_of(m_step, device))
         own = cm.stats.peak_device_bytes
+        pred, header = cm.plan.predicted_time_s, cm.plan.header()
+        if a.profile:
+            print_profile("train step", m_step)
     finally:
         cm.close()
+    # the same step with no budget to meet: the runtime's own cost, apart from the plan's moves
+    free = memsched.compile(base, p0.peak_device_bytes, train=True, device=device, hardware=hw, offload_dir=root)
+
+    def f_step():
+        base.zero_grad(set_to_none=True)
+        free(**kw).loss.backward()
+    try:
+        t_free, pred_free = timed(f_step, device, a.reps), free.plan.predicted_time_s
+    finally:
+        free.close()
+    print("  " + "\n  ".join(header), flush=True)
     scale = max(r.abs().max().item() for r in ref)
     err = max((p.grad.float().cpu() - r).abs().max().item() for p, r in zip(base.parameters(), ref)) / scale
     alloc = lambda p: "-" if p is None else fmt_bytes(p)  # noqa: E731
@@ -178,7 +207,9 @@ def train_rows(a, device, hw, root):
              f"{t_ms / t_eager:.2f}x eager, {t_ms / t_ckpt:.2f}x ckpt",
              f"eager {t_eager * 1e3:.1f} ms, checkpoint {t_ckpt * 1e3:.1f} ms; grad err {err:.1e}"],
             ["  train: allocator peaks", alloc(p_ms), f"eager {alloc(p_eager)}, ckpt {alloc(p_ckpt)}",
-             f"memsched's own {fmt_bytes(own)}; allocator/budget " + ("-" if p_ms is None else f"{p_ms / budget:.3f}")]]
+             f"memsched's own {fmt_bytes(own)}; allocator/budget " + ("-" if p_ms is None else f"{p_ms / budget:.3f}")],
+            ["  train: measured / predicted", f"{t_ms * 1e3:.1f} / {pred * 1e3:.1f} ms",
+             f"no budget: {t_free * 1e3:.1f} / {pred_free * 1e3:.1f} ms", f"no budget {t_free / t_eager:.2f}x eager"]]
 
 
 def generation_rows(a, device, hw, root):
@@ -240,6 +271,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="a small GPT-2 (a dry run of the logic)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of one call of each memsched part")
     ap.add_argument("--stream-fraction", type=float, default=0.25, help="streaming budget, of the weights")
     ap.add_argument("--train-fraction", type=float, default=0.5, help="training budget, of the unconstrained peak")
     a = ap.parse_args()

@@ -249,6 +249,11 @@ def test_a_step_planned_for_a_gpu_has_no_cpu_only_ops(name):
     p = memsched.plan(model, args, budget=10**12, example_kwargs=kwargs, train=True, hardware=gpu)
     cpu_only = [n.name for n in p.graph.graph.nodes if n.op == "call_function" and "for_cpu" in str(n.target)]
     assert not cpu_only, cpu_only
+    # dropout as a GPU's eager runs it (one native_dropout), not a CPU's bernoulli_ and multiply
+    drawn = {str(n.target) for n in p.graph.graph.nodes if n.op == "call_function" and "bernoulli" in str(n.target)}
+    assert not drawn, drawn
+    if name.endswith("dropout"):
+        assert any(n.target is torch.ops.aten.native_dropout.default for n in p.graph.graph.nodes)
     gpu_traced = copy.deepcopy(model)
     cm = _compile(gpu_traced, "1GB", hardware=gpu)  # run here, on the CPU
     torch.manual_seed(0)

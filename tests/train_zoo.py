@@ -28,7 +28,7 @@ def _cnn_bn():
     """Batch norm in training mode: batch statistics, running stats updated in place."""
     model, args, kwargs = build("cnn")
     target = torch.arange(args[0].shape[0]) % 3
-    return _train(model), args, kwargs, lambda out: F.cross_entropy(out, target)
+    return _train(model), args, kwargs, lambda out: F.cross_entropy(out, target.to(out.device))
 
 
 def _with_labels(name, **config):

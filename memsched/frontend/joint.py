@@ -14,6 +14,7 @@ ends) followed by one gradient per trained parameter.
 from __future__ import annotations
 
 import contextlib
+import copy
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -131,7 +132,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     floating = [i for i, v in enumerate(user_vals) if isinstance(v, torch.Tensor) and v.is_floating_point()]
     if grad_outputs == "auto" and any(user_vals[i].dim() == 0 for i in floating):
         floating = [i for i in floating if user_vals[i].dim() == 0]
-    traced = chunk_loss_heads(ep.graph_module, loss_chunks, shared_loss_heads)
+    traced = _portable_random(chunk_loss_heads(ep.graph_module, loss_chunks, shared_loss_heads), target, primals)
     trace = _Trace(traced, slot_of, trained, n_mut, floating, functions)
     with _portable_attention(target, primals):
         joint = make_lazy(trace.run(model, primals, user_vals))  # code made when first run
@@ -158,15 +159,57 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
         forward=(ep.graph_module, {sp.arg.name for sp in ep.graph_signature.input_specs if sp.kind != InputKind.USER_INPUT}))
 
 
+def _trace_device_type(primals: list) -> str:
+    return next((p.device.type for p in primals if isinstance(p, torch.Tensor) and p.device.type != "meta"), "cpu")
+
+
 def _portable_attention(target: str, primals: list):
     """The math backend of scaled-dot-product attention while tracing on one device type for
     another (a no-op when the trace runs on the target's device type)."""
-    here = next((p.device.type for p in primals if isinstance(p, torch.Tensor) and p.device.type != "meta"), "cpu")
-    if here == target:
+    if _trace_device_type(primals) == target:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
+
+
+def _fused_dropout(x, p, train):
+    """Dropout as a GPU runs it: one ``native_dropout`` (a CPU's dropout is ``bernoulli_`` and a
+    multiply, which on a GPU draws other numbers than eager's fused kernel)."""
+    if train and 0 < p < 1 and x.numel():
+        return torch.ops.aten.native_dropout.default(x, p, train)[0]
+    return torch.ops.aten.dropout.default(x, p, train)
+
+
+def _attention_with_fused_dropout(*args, **kwargs):
+    """Attention whose dropout is on, lowered (math backend) by PyTorch's Python decompositions,
+    whose dropout is ``native_dropout``, as eager's math backend runs it on a GPU."""
+    from torch._dispatch.python import enable_python_dispatcher
+
+    with enable_python_dispatcher():
+        return torch.ops.aten.scaled_dot_product_attention.default(*args, **kwargs)
+
+
+def _attention_dropout_p(node: torch.fx.Node) -> float:
+    return node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+
+
+def _portable_random(gm: torch.fx.GraphModule, target: str, primals: list) -> torch.fx.GraphModule:
+    """For a step traced on the CPU to run on a GPU: its dropouts traced as the GPU's eager
+    runs them, so the compiled step draws the numbers eager draws from the same seed (attention
+    dropout: as eager's math backend draws them). A copy; ``gm`` is left as it is."""
+    if target == "cpu" or _trace_device_type(primals) != "cpu":
+        return gm
+    swap = {torch.ops.aten.dropout.default: _fused_dropout,
+            torch.ops.aten.scaled_dot_product_attention.default: _attention_with_fused_dropout}
+    graph = copy.deepcopy(gm.graph)
+    hits = [n for n in graph.nodes if n.op == "call_function" and n.target in swap
+            and (n.target is torch.ops.aten.dropout.default or _attention_dropout_p(n))]
+    if not hits:
+        return gm
+    for n in hits:
+        n.target = swap[n.target]
+    return torch.fx.GraphModule(gm, graph)
 
 
 def _primals(model, ep, args, kwargs) -> tuple[list, list[Placeholder], list[int]]:

@@ -18,6 +18,7 @@ read the cache's length as a Python number and bake it into the program, is bypa
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from dataclasses import dataclass
 
@@ -163,6 +164,14 @@ def _cache_classes():
     return SlotLayer, SlotCache
 
 
+def _cache_keyword(model: nn.Module) -> str:
+    """The keyword a causal LM takes its KV cache by: ``cache`` in newer transformers,
+    ``past_key_values`` before (5.17 and older); a model that names neither takes it by
+    ``**kwargs`` under the newer name."""
+    params = inspect.signature(model.forward).parameters
+    return "past_key_values" if "past_key_values" in params and "cache" not in params else "cache"
+
+
 def _written(chunks: list[torch.Tensor], new: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     whole = torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0]
     return whole.index_copy(2, slots, new.to(whole.dtype))
@@ -249,7 +258,8 @@ class CachedDecoder(nn.Module):
         try:
             with _causal_masks_as(self.model, mask) if self.mask_2d else contextlib.nullcontext():
                 out = self.model(input_ids=input_ids, attention_mask=real if self.mask_2d else mask,
-                                 position_ids=position_ids, cache=slot_cache(layers), use_cache=True,
+                                 position_ids=position_ids, use_cache=True,
+                                 **{_cache_keyword(self.model): slot_cache(layers)},
                                  logits_to_keep=1)
         except AttendsByItself:
             raise
