@@ -114,6 +114,27 @@ def test_changed_weights_are_never_stale(home):
         cm.close()
 
 
+@pytest.mark.parametrize("home", ["disk", "host"])
+def test_changes_are_caught_when_the_checksums_run_on_threads(home, monkeypatch):
+    """The weights' checksums of a call run on a few threads when there are many bytes: forced
+    here for a small model, every change is still seen."""
+    from memsched.runtime import stores
+
+    monkeypatch.setattr(stores, "_PARALLEL_BYTES", 0)
+    test_changed_weights_are_never_stale(home)
+
+
+def test_threaded_fingerprints_equal_one_by_one():
+    from memsched.runtime.stores import Layout, fingerprint, fingerprints
+
+    torch.manual_seed(0)
+    dense = [torch.randn(1 << 20) for _ in range(5)]
+    strided = torch.randn(512, 2048).t()          # read in a dense layout of its own
+    items = [(t, None) for t in dense] + [(strided, Layout.of(strided)), (strided, None)]
+    assert fingerprints(items) == [fingerprint(t, layout) for t, layout in items]
+    assert len(set(fingerprints(items[:5]))) == 5
+
+
 def test_every_signature_sees_the_change():
     """Two signatures share one disk home per weight: a change reaches both."""
     model = _tiny()

@@ -91,8 +91,26 @@ class TrainStep:
                 if g is not None and not isinstance(g, torch.Tensor):
                     self.executor.engine.release(g)
         # a parameter none of whose output gradients was given gets none, as in eager autograd
-        return [None if g is None or src and not src & given else g.to(p.device, p.dtype)
-                for g, p, src in zip(grads, params, self.sources)]
+        return _on_params([None if src and not src & given else g for g, src in zip(grads, self.sources)], params)
+
+
+def _on_params(grads: list, params: list[torch.Tensor]) -> list:
+    """Each gradient on its parameter's device, in its dtype. Gradients on a GPU for parameters
+    on the host go down as non-blocking copies into pinned memory (PyTorch's caching host
+    allocator takes it back when the gradient dies), then one wait: a blocking copy each into
+    pageable memory ran at a tenth of the link's speed on an H200."""
+    out, wait = [], None
+    for g, p in zip(grads, params):
+        if g is not None and g.device.type == "cuda" and p.device.type == "cpu":
+            host = torch.empty_like(g, dtype=p.dtype, device="cpu", pin_memory=True)
+            wait = torch.cuda.current_stream(g.device)
+            g = host.copy_(g, non_blocking=True)
+        elif g is not None:
+            g = g.to(p.device, p.dtype)
+        out.append(g)
+    if wait is not None:
+        wait.synchronize()
+    return out
 
 
 class _StepFunction(torch.autograd.Function):
