@@ -150,3 +150,36 @@ def test_a_compressed_kv_cache_generates_and_reads_fewer_disk_bytes(tmp_path):
     cache_bytes = sum(h.handle.layout.nbytes for h in homes0)
     saved = s0.bytes_moved["disk_read"] - s1.bytes_moved["disk_read"]
     assert saved == pytest.approx(cache_bytes * 3 / 4, rel=0.05), (saved, cache_bytes)
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_a_patched_home_is_checked_by_its_bytes(tier, tmp_path):
+    """A KV cache's home patched slot by slot: a host home is checksummed only when a check
+    needs it (from its own bytes), a disk home on a worker after each write; either way a check
+    finds it intact after the patches, and stale after a write the patches did not carry."""
+    from memsched.ir.kinds import Kind
+    from memsched.runtime.stores import HostCopy, Stores
+
+    torch.manual_seed(0)
+    cache = torch.zeros(2, 4, 16, 8)
+    stores = Stores(torch.device("cpu"), tmp_path)
+    try:
+        home = stores.home("kv.k0", cache, tier, user=object(), kind=Kind.KV_CACHE)
+        for slot in (0, 1, 2):
+            cache[:, :, slot] = torch.randn(2, 4, 8)
+            stores.patch("kv.k0", cache, 2, torch.tensor([slot]))
+        stores.settle()
+        if tier == "host":
+            assert isinstance(home.handle, HostCopy) and home.digest is None   # none made per patch
+            assert torch.equal(home.handle.tensor, cache)
+        assert stores.check(home, cache, changed=False) is False
+        cache[1, 2, 7, 3] = 5.0                              # not patched
+        assert stores.check(home, cache, changed=False) is True
+        out = torch.empty_like(cache)
+        if tier == "host":
+            out.copy_(home.handle.tensor)
+        else:
+            stores.disk.read_into(home.handle.region, out)
+        assert torch.equal(out, cache)
+    finally:
+        stores.close()

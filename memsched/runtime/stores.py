@@ -674,8 +674,8 @@ class Stores:
             home.settle()
             h = home.handle
             quantised = isinstance(h, QuantizedCopy)
-            if home.digest is None or not t.is_contiguous() or Layout.of(t) != h.layout or (
-                    quantised and not quantize.slices_align(t, dim)):
+            if (home.digest is None and not isinstance(h, HostCopy)) or not t.is_contiguous() \
+                    or Layout.of(t) != h.layout or (quantised and not quantize.slices_align(t, dim)):
                 self.renew(home, t)  # (a quantised copy whose groups span slots is requantised whole)
                 continue
             index = index.to(t.device)
@@ -684,22 +684,19 @@ class Stores:
                 home.digest = None
                 home.pending = h.ready = self._checksummer().submit(self._write_quantised, home, t, dim, index)
                 continue
-            if isinstance(h, DiskCopy):
-                h.region.digest = None   # unreadable until the worker has written and hashed it
-            else:
-                h.tensor.index_copy_(dim, index.to(h.tensor.device), t.index_select(dim, index))
             home.digest = None
-            home.pending = self._checksummer().submit(self._write_and_checksum, home, t, dim, index)
-            if isinstance(h, DiskCopy):
-                h.ready = home.pending
+            if isinstance(h, HostCopy):
+                # its checksum is made from its own bytes when a check first needs it (a
+                # generation loop never checks: a pass over the whole cache per step saved)
+                h.tensor.index_copy_(dim, index.to(h.tensor.device), t.index_select(dim, index))
+                continue
+            h.region.digest = None   # unreadable until the worker has written and hashed it
+            home.pending = h.ready = self._checksummer().submit(self._write_and_checksum, home, t, dim, index)
 
     def _write_and_checksum(self, home: Home, t: torch.Tensor, dim: int, index: torch.Tensor) -> None:
-        if isinstance(home.handle, DiskCopy):  # (never self.disk: close holds the lock waiting for us)
-            self._disk.write_slices(home.handle.region, t.shape, t.dtype, dim, index, t.index_select(dim, index))
-        digest = checksum(_buffer(t))
-        if isinstance(home.handle, DiskCopy):
-            home.handle.region.digest = digest
-        home.digest = digest
+        # (never self.disk: close holds the lock waiting for us)
+        self._disk.write_slices(home.handle.region, t.shape, t.dtype, dim, index, t.index_select(dim, index))
+        home.handle.region.digest = home.digest = checksum(_buffer(t))
 
     def _write_quantised(self, home: Home, t: torch.Tensor, dim: int, index: torch.Tensor) -> None:
         h = home.handle
@@ -731,6 +728,8 @@ class Stores:
         has it); True when it was renewed."""
         home.settle()
         h = home.handle
+        if home.digest is None and isinstance(h, HostCopy):   # patched since its last checksum
+            home.digest = checksum(_buffer(h.tensor))
         intact = home.digest is not None and not (isinstance(h, (DiskCopy, QuantizedCopy)) and h.region.digest is None)
         if not changed and intact and (fingerprint(t, h.layout) if digest is None else digest) == home.digest:
             return False
