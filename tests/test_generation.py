@@ -542,3 +542,13 @@ def test_a_generation_is_planned_without_weights():
     assert sum(decode.kind_tier_bytes("kv_cache").values()) == 4 * 2 * 16 * 2 * 40 * 32 * 4  # layers, k+v, b, h, len, d, fp32
     assert decode.kind_tier_bytes("kv_cache")["device"] < sum(decode.kind_tier_bytes("kv_cache").values())
     assert all(p.device.type == "meta" for p in meta.parameters())
+
+
+def test_transformers_4_is_refused_before_anything_runs(monkeypatch):
+    from memsched.errors import UnsupportedModelError
+    from memsched.generation import decoding
+
+    model, ids = _decoder("gpt2")
+    monkeypatch.setattr(decoding, "transformers_version", lambda: "4.57.3")
+    with pytest.raises(UnsupportedModelError, match=r"transformers 5\.0 or newer.*4\.57\.3"):
+        memsched.generate(model, ids, budget="1GB", max_new_tokens=2)

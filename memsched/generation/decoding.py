@@ -18,7 +18,7 @@ from ..api import CompiledModule
 from ..api import plan as plan_program
 from ..budget import format_bytes, parse_budget
 from ..cost_models.hardware import get_hardware
-from ..errors import InfeasibleBudgetError
+from ..errors import InfeasibleBudgetError, UnsupportedModelError
 from ..frontend.fake import meta_as_empty
 from .blocks import choose_block
 from .kv_cache import CachedDecoder, cache_shapes, probe_attention
@@ -70,11 +70,25 @@ class GenerationStats:
                 f"{format_bytes(self.kv_cache_bytes)}" + (f" · moved {moved}" if moved else ""))
 
 
+OLDEST_TRANSFORMERS = 5   # major version: 4.x builds its masks and caches otherwise (tested: 5.17, 5.24)
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def _check_decoder(model: torch.nn.Module, max_len: int) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "generate"):
         raise TypeError(f"memsched.generate takes a transformers causal language model, got "
                         f"{type(model).__name__}")
+    version = transformers_version()
+    if int(version.split(".")[0]) < OLDEST_TRANSFORMERS:
+        raise UnsupportedModelError(
+            f"memsched.generate needs transformers {OLDEST_TRANSFORMERS}.0 or newer (its cache and attention "
+            f"interfaces); this is transformers {version}: pip install 'transformers>=5'")
     if getattr(config, "is_encoder_decoder", False):
         raise NotImplementedError(f"{type(model).__name__} is an encoder-decoder; memsched.generate "
                                   "runs decoder-only models")
