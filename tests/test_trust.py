@@ -286,3 +286,33 @@ def test_two_threads_plan_two_modules():
     for m, x, out, cm in zip(models, xs, outs, cms):
         assert_outputs_equal(out, eager(m, (x,), {}))
         cm.close()
+
+
+@pytest.mark.parametrize("home", ["disk", "host"])
+def test_inside_unchanged_weights_a_call_skips_the_checksums_and_sees_version_bumps(home, monkeypatch):
+    """``cm.unchanged_weights()``: no checksum of any copy per call, yet a change PyTorch's
+    version counter sees (an in-place op, an optimizer step) still reaches the output."""
+    from memsched.runtime import executor, stores
+
+    model = _tiny()
+    x = torch.randn(4, 64)
+    cm = _compiled(home, model, x)
+    hashed = []
+    for mod in (executor, stores):
+        real = mod.fingerprints if hasattr(mod, "fingerprints") else None
+        if real is not None:
+            monkeypatch.setattr(mod, "fingerprints", lambda items, _r=real: (hashed.extend(items), _r(items))[1])
+    try:
+        with cm.unchanged_weights():
+            _check(cm, model, x, "unchanged")
+            assert not hashed
+            with torch.no_grad():
+                model[2].bias.add_(1.0)                  # a version bump
+            _check(cm, model, x, "version bump")
+            assert not hashed
+        _check(cm, model, x, "after the block")
+        # outside it, every copy is checksummed again (on a CPU a host-tier weight is the
+        # model's own tensor, read in place: nothing to checksum)
+        assert bool(hashed) == (home == "disk")
+    finally:
+        cm.close()
