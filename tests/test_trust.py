@@ -316,3 +316,18 @@ def test_inside_unchanged_weights_a_call_skips_the_checksums_and_sees_version_bu
         assert bool(hashed) == (home == "disk")
     finally:
         cm.close()
+
+
+def test_threaded_fingerprints_work_in_a_forked_child():
+    """A child forked after the checksum threads started has none of them: it starts its own
+    instead of waiting forever on the parent's."""
+    import multiprocessing
+
+    from memsched.runtime.stores import fingerprint, fingerprints
+
+    items = [(torch.full((1 << 21,), float(i)), None) for i in range(4)]   # 32 MiB: threaded
+    want = fingerprints(items)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(fingerprints, (items,)).get(timeout=60)
+    assert got == want == [fingerprint(t) for t, _ in items]

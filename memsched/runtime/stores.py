@@ -150,7 +150,7 @@ def fingerprint(t: torch.Tensor, layout: Layout | None = None) -> int:
     return checksum(_buffer(in_layout(t, layout or Layout.of(t))))
 
 
-_HASHERS: list[ThreadPoolExecutor] = []
+_HASHERS: dict[int, ThreadPoolExecutor] = {}   # per process: a forked child has none of its threads
 _HASHERS_LOCK = threading.Lock()
 _PARALLEL_BYTES = 16 << 20   # below this, threads cost more than they save
 
@@ -163,9 +163,11 @@ def fingerprints(items: list[tuple[torch.Tensor, Layout | None]]) -> list[int]:
     if threads < 2 or len(items) < 2 or sum(t.numel() * t.element_size() for t, _ in items) < _PARALLEL_BYTES:
         return [fingerprint(t, layout) for t, layout in items]
     with _HASHERS_LOCK:
-        if not _HASHERS:
-            _HASHERS.append(ThreadPoolExecutor(threads, thread_name_prefix="memsched-hash"))
-    return list(_HASHERS[0].map(lambda item: fingerprint(*item), items))
+        pool = _HASHERS.get(os.getpid())
+        if pool is None:
+            _HASHERS.clear()
+            pool = _HASHERS[os.getpid()] = ThreadPoolExecutor(threads, thread_name_prefix="memsched-hash")
+    return list(pool.map(lambda item: fingerprint(*item), items))
 
 
 # -- handles: where a value's copy lives off the device ----------------------------------------
