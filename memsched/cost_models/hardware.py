@@ -326,7 +326,7 @@ def _cache_path(device_type: str) -> Path:
     return Path(root) / f"hardware-{device_type}{threads}.v{_PROFILE_VERSION}.json"
 
 
-def _cpu_cores() -> int:
+def cpu_cores() -> int:
     """The cores this process may run on (its affinity, which a container's CPU set limits)."""
     try:
         return len(os.sched_getaffinity(0))
@@ -599,7 +599,7 @@ def _calibrate(device: torch.device) -> Hardware:
         disk_cached_read_bw=cached_r,
         disk_cached_write_bw=cached_w,
         op_overhead_s=_op_overhead(cpu, no_sync),
-        cpu_cores=_cpu_cores(),
+        cpu_cores=cpu_cores(),
         compute_threads=torch.get_num_threads(),
         **_runtime_costs(cpu),
         source=f"measured by memsched.local_hardware (cpu, {os.cpu_count()} cores; {disk_note})",

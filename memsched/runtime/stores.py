@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import xxhash
 
+from ..cost_models.hardware import cpu_cores
 from ..ir.kinds import OFF_DEVICE, Kind
 from . import quantize
 
@@ -159,7 +160,7 @@ def fingerprints(items: list[tuple[torch.Tensor, Layout | None]]) -> list[int]:
     """``fingerprint`` of each (tensor, layout), on up to 8 threads when there are many bytes:
     xxh3's ``update`` releases the GIL, and a model's weights checked at every call are
     hundreds of MB (one thread hashed GPT-2's 473 MB in 66 ms on an H200's host)."""
-    threads = min(8, os.cpu_count() or 1)
+    threads = min(8, cpu_cores())
     if threads < 2 or len(items) < 2 or sum(t.numel() * t.element_size() for t, _ in items) < _PARALLEL_BYTES:
         return [fingerprint(t, layout) for t, layout in items]
     with _HASHERS_LOCK:
