@@ -88,6 +88,7 @@ class CompiledModule:
                  weights=None, **options):
         if grad_outputs not in ("auto", "all"):
             raise ValueError(f"grad_outputs must be 'auto' or 'all', got {grad_outputs!r}")
+        self._pid = os.getpid()
         if train and plan is not None:
             raise NotImplementedError("re-applying a saved plan supports inference plans only; "
                                       "a training step is planned again")
@@ -192,6 +193,10 @@ class CompiledModule:
             return self._prepare(tuple(args), dict(kwargs))[0]
 
     def __call__(self, *args, **kwargs):
+        if os.getpid() != self._pid:   # before the lock, which a parent's thread may have held
+            raise RuntimeError(
+                "memsched: this module was compiled in another process (the parent of a fork); its worker "
+                "threads, pinned buffers and offload file belong to that process: compile the model again here")
         if not self.train and torch.is_grad_enabled():
             _refuse_grad_inputs(args, kwargs)
         with self._lock:

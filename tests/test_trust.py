@@ -331,3 +331,34 @@ def test_threaded_fingerprints_work_in_a_forked_child():
     with ctx.Pool(1) as pool:
         got = pool.apply_async(fingerprints, (items,)).get(timeout=60)
     assert got == want == [fingerprint(t) for t, _ in items]
+
+
+_INHERITED: dict = {}   # what a forked child finds in its copy of this module
+
+
+def _call_in_child():
+    try:
+        with torch.no_grad():
+            _INHERITED["cm"](_INHERITED["x"])
+    except RuntimeError as exc:
+        return str(exc)
+    return "ran"
+
+
+def test_a_forked_child_calling_the_parents_module_gets_a_clear_error():
+    """A child forked after compile shares the parent's offload file and has none of its worker
+    threads: a call there is refused at once instead of hanging or writing the parent's file."""
+    import multiprocessing
+
+    model = _tiny()
+    x = torch.randn(4, 64)
+    cm = _compiled("disk", model, x)
+    _INHERITED.update(cm=cm, x=x)
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            said = pool.apply_async(_call_in_child).get(timeout=60)
+        assert "compiled in another process" in said, said
+        _check(cm, model, x, "the parent's module still runs")
+    finally:
+        _INHERITED.clear()
+        cm.close()
