@@ -189,16 +189,18 @@ def train_rows(a, device, hw, root):
     finally:
         cm.close()
     # the same step with no budget to meet: the runtime's own cost, apart from the plan's moves
-    free = memsched.compile(base, p0.peak_device_bytes, train=True, device=device, hardware=hw, offload_dir=root)
-
-    def f_step():
-        base.zero_grad(set_to_none=True)
-        free(**kw).loss.backward()
-    try:
-        t_free, pred_free = timed(f_step, device, a.reps), free.plan.predicted_time_s
-    finally:
-        free.close()
+    t_free, pred_free = step_at(base, kw, p0.peak_device_bytes, device, hw, root, a.reps)
     print("  " + "\n  ".join(header), flush=True)
+    rows = []
+    if p_ckpt is not None:   # at what checkpointing holds in all (its weights and cuBLAS's workspace too)
+        held = p_ckpt + sum(p.numel() * p.element_size() for p in base.parameters()) + hw.workspace_bytes
+        try:
+            t_at, pred_at = step_at(base, kw, held, device, hw, root, a.reps)
+            rows.append([f"  train: memsched at checkpointing's memory ({fmt_bytes(held)})", f"{t_at * 1e3:.1f} ms",
+                         f"{t_at / t_ckpt:.2f}x ckpt", f"predicted {pred_at * 1e3:.1f} ms"])
+        except memsched.InfeasibleBudgetError as exc:
+            rows.append([f"  train: memsched at checkpointing's memory ({fmt_bytes(held)})", "infeasible",
+                         f"minimum {fmt_bytes(exc.min_budget_bytes)}", ""])
     scale = max(r.abs().max().item() for r in ref)
     err = max((p.grad.float().cpu() - r).abs().max().item() for p, r in zip(base.parameters(), ref)) / scale
     alloc = lambda p: "-" if p is None else fmt_bytes(p)  # noqa: E731
@@ -209,7 +211,21 @@ def train_rows(a, device, hw, root):
             ["  train: allocator peaks", alloc(p_ms), f"eager {alloc(p_eager)}, ckpt {alloc(p_ckpt)}",
              f"memsched's own {fmt_bytes(own)}; allocator/budget " + ("-" if p_ms is None else f"{p_ms / budget:.3f}")],
             ["  train: measured / predicted", f"{t_ms * 1e3:.1f} / {pred * 1e3:.1f} ms",
-             f"no budget: {t_free * 1e3:.1f} / {pred_free * 1e3:.1f} ms", f"no budget {t_free / t_eager:.2f}x eager"]]
+             f"no budget: {t_free * 1e3:.1f} / {pred_free * 1e3:.1f} ms", f"no budget {t_free / t_eager:.2f}x eager"]
+            ] + rows
+
+
+def step_at(base, kw, budget, device, hw, root, reps):
+    """memsched's training step of ``base`` at ``budget``: (median seconds, predicted seconds)."""
+    cm = memsched.compile(base, budget, train=True, device=device, hardware=hw, offload_dir=root)
+
+    def step():
+        base.zero_grad(set_to_none=True)
+        cm(**kw).loss.backward()
+    try:
+        return timed(step, device, reps), cm.plan.predicted_time_s
+    finally:
+        cm.close()
 
 
 def generation_rows(a, device, hw, root):
