@@ -293,6 +293,11 @@ def compile(model, budget=None, *, example_inputs=None, example_kwargs=None, dev
     ``fuse=True``: the compute between scheduling points runs as regions compiled by Inductor
     (passes/fusion.py), each kept within the budget; off by default (compiling takes seconds
     per distinct region on a CPU, once per process).
+    ``recompute_layers``: a training step may save only each layer's inputs and rebuild the rest
+    of the layer in the backward, as per-block checkpointing does (passes/layer_recompute.py).
+    "auto" (default): planned beside the other program when moving saved values costs more
+    than running the layers' forward again could, and kept when it fits and simulates faster;
+    True: kept whenever it fits; False: never.
     ``allow_over_capacity=True``: accept a budget larger than the device's memory (refused by
     default: the device could not honour it).
     ``hard_limit=True`` (CUDA): each call runs with the caching allocator limited to the budget

@@ -1,6 +1,6 @@
 """The planning pipeline: a declared list of passes, run in order by one wrapper.
 
-    capture → remat → analysis → segments → chunk → placement → schedule → simulate → fuse
+    capture → remat → analysis → segments → chunk → placement → schedule → simulate → layers → fuse
 
 Each pass is a function of the planning state that fills in its part (the captured graph, the
 program's analysis, the segments, the placement, the scheduled candidates, the chosen plan)
@@ -38,6 +38,7 @@ from .passes.chunking import Chunking, chunked, chunkings, loss_chunks, splittab
 from .passes.floor import op_floor
 from .passes.fusion import fuse as fuse_regions
 from .passes.fusion import fused_op_time
+from .passes.layer_recompute import layer_of_weights, layer_ops, recompute_layers
 from .passes.remat import rematerialize
 from .passes.placement import Placement, solve_placement
 from .passes.placement.problem import PlacementModel
@@ -84,6 +85,7 @@ class PlanningState:
     chunking: list[Chunking] = field(default_factory=list)   # modules split, when the budget asks
     chunk_ops: bool = True                           # False: never split a module (chunk_pass)
     fuse: bool = False                               # True: fuse compute into regions (fuse_pass)
+    recompute_layers: bool | str = "auto"            # layer_recompute_pass: "auto", True or False
     placement: Placement | None = None
     candidates: list[Candidate] = field(default_factory=list)
     chosen: Candidate | None = None
@@ -300,6 +302,41 @@ def simulate_pass(s: PlanningState) -> str:
     return ""
 
 
+def layer_recompute_pass(s: PlanningState) -> str:
+    """A training step whose moves cost time is planned a second time as per-layer recompute
+    (passes/layer_recompute.py: each layer's saved values rebuilt in the backward from its
+    inputs); that plan is kept when it fits the budget and simulates faster ("auto"), or whenever
+    it fits (True)."""
+    if not s.train or s.model is None or s.recompute_layers is False:
+        return ""
+    plain = s.chosen.sim.time_s
+    weights = layer_of_weights(s.model, s.captured.placeholders)
+    if s.recompute_layers == "auto":
+        # it cannot beat the step run once plus its layers' forward run again: not worth planning
+        again = set(layer_ops(s.captured.gm, weights))
+        floor = s.unconstrained.time_s + sum(t for name, t in zip(s.program.steps, s.step_time.tolist()) if name in again)
+        if not again or plain <= floor:
+            return ""
+    held = {p.name for p in s.captured.placeholders if p.kind in PERSISTENT}
+    gm, done = recompute_layers(s.captured.gm, weights, held)
+    if gm is s.captured.gm:
+        return "no layer of a stack to recompute"
+    # (no chunk pass: it captures the model again; no remat fallback: it would undo this program)
+    trial = replace(s, captured=replace(s.captured, gm=gm), before_remat=None, passes=[], history=[],
+                    candidates=[], chosen=None)
+    try:
+        for run in (analysis_pass, segments_pass, placement_pass, schedule_pass, simulate_pass):
+            run(trial)
+    except InfeasibleBudgetError as e:
+        return f"per-layer recompute needs {format_bytes(e.min_budget_bytes)}: not kept"
+    faster = trial.chosen.sim.time_s
+    if s.recompute_layers == "auto" and faster >= plain:
+        return f"per-layer recompute simulates {faster * 1e3:.1f} ms against {plain * 1e3:.1f} ms: not kept"
+    for f in _PROGRAM_FIELDS + ("before_remat", "placement", "candidates", "chosen"):
+        setattr(s, f, getattr(trial, f))
+    return f"per-layer recompute kept ({done.note()}): simulates {faster * 1e3:.1f} ms against {plain * 1e3:.1f} ms"
+
+
 def fuse_pass(s: PlanningState) -> str:
     """The chosen program's compute between scheduling points fused into regions (passes/
     fusion.py), each within the budget, then simulated again with the regions' prices."""
@@ -329,6 +366,7 @@ PASSES: tuple[Pass, ...] = (
     Pass("placement", placement_pass),
     Pass("schedule", schedule_pass),
     Pass("simulate", simulate_pass),
+    Pass("layers", layer_recompute_pass),
     Pass("fuse", fuse_pass),
 )
 
@@ -458,13 +496,14 @@ def plan_captured(captured: Captured, budget: int, hw: Hardware, *, model_name: 
 def plan_model(model: torch.nn.Module, args: tuple, kwargs: dict, budget, hw: Hardware, *,
                train: bool = False, grad_outputs: str = "auto", verify: bool | None = None, progress=None,
                max_segments: int = DEFAULT_MAX_SEGMENTS, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
-               chunk_ops: bool = True, fuse: bool = False) -> tuple[Plan, Captured]:
+               chunk_ops: bool = True, fuse: bool = False,
+               recompute_layers: bool | str = "auto") -> tuple[Plan, Captured]:
     """Every pass, from capturing ``model(*args, **kwargs)`` to the chosen schedule
     (``chunk_ops=False``: no module is run on slices, whatever the budget; ``fuse=True``: the
     compute between scheduling points runs as compiled regions)."""
     s = PlanningState(parse_budget(budget, hw.device_bytes), hw, max_segments, time_limit_s, model=model,
                       args=args, kwargs=kwargs, train=train, grad_outputs=grad_outputs, chunk_ops=chunk_ops,
-                      fuse=fuse)
+                      fuse=fuse, recompute_layers=recompute_layers)
     plan_state(s, verify=verify, progress=progress)
     plan = to_plan(s, type(model).__name__)
     plan.signature = input_signature(args, kwargs)
