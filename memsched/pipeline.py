@@ -504,7 +504,12 @@ def plan_model(model: torch.nn.Module, args: tuple, kwargs: dict, budget, hw: Ha
     s = PlanningState(parse_budget(budget, hw.device_bytes), hw, max_segments, time_limit_s, model=model,
                       args=args, kwargs=kwargs, train=train, grad_outputs=grad_outputs, chunk_ops=chunk_ops,
                       fuse=fuse, recompute_layers=recompute_layers)
-    plan_state(s, verify=verify, progress=progress)
+    # planning leaves the caller's random state as it found it: a training capture draws from it,
+    # and a model with random ops (drop-path's torch.rand) would then draw other numbers than
+    # eager at the call that planned
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        plan_state(s, verify=verify, progress=progress)
     plan = to_plan(s, type(model).__name__)
     plan.signature = input_signature(args, kwargs)
     return plan, s.captured

@@ -396,3 +396,25 @@ def test_parameters_the_backward_does_not_reach_keep_no_gradient(used):
     assert_same_grads(ref, model)
     idle = model.b if used == 0 else model.a
     assert idle.weight.grad is None and model.trunk.weight.grad is not None
+
+
+def test_the_call_that_plans_draws_what_eager_draws():
+    """Swin's drop-path draws with torch.rand: the first call, which plans the step, must leave
+    the random state to the step itself (planning used to draw from it), so the loss and every
+    gradient equal eager's from the same seed."""
+    from transformers import SwinConfig, SwinForImageClassification
+
+    torch.manual_seed(0)
+    model = SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=32, depths=[2, 2],
+                                                  num_heads=[2, 4], window_size=4, num_labels=3,
+                                                  drop_path_rate=0.1)).train()
+    ref = copy.deepcopy(model)
+    kw = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 2, 1, 0])}
+    cm = _compile(model, "1GB")
+    torch.manual_seed(1)
+    loss = cm(**kw).loss
+    loss.backward()
+    want = _eager_step(ref, (), kw, lambda out: out.loss, seed=1)
+    assert torch.equal(loss.detach(), want)
+    assert_same_grads(ref, model)
+    cm.close()

@@ -27,8 +27,8 @@ import torch
 import torch.fx as fx
 
 from ..ir.graph_module import lazy_graph_module
-from .fusion import fusible
 from ..ir.tensors import storages
+from .fusion import fusible
 from .remat import Remat, _Joint, _keys, _rewrite
 
 MIN_LAYERS = 2
@@ -132,9 +132,8 @@ def recompute_layers(gm: fx.GraphModule, weights: dict[str, int],
     if len(set(tag.values())) < MIN_LAYERS:
         return gm, Remat((), 0, 0)
     # a layer's inputs stay saved: the values from outside it (an earlier layer, the embedding)
-    # that its ops read
-    # (saved, whether autograd saved them or not: else a layer's recompute would reach back
-    # through the layers before it)
+    # that its ops read, whether autograd saved them or not (else a layer's recompute would
+    # reach back through the layers before it)
     roots = {x for n in j.forward if n in tag for x in n.all_input_nodes
              if x.op != "placeholder" and tag.get(x, -1) < tag[n]}
     candidates = [v for v in j.forward if v in tag and v not in roots and v.op != "placeholder"
@@ -143,7 +142,7 @@ def recompute_layers(gm: fx.GraphModule, weights: dict[str, int],
         j.saved -= _keys(v)
     for r in roots:
         j.saved |= _keys(r)
-    dropped, nbytes = [], 0
+    dropped = []
     for v in candidates:
         leaves = _leaves(j, v)
         if leaves is None:     # random, or written in place: it stays saved
