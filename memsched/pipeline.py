@@ -38,7 +38,7 @@ from .passes.chunking import Chunking, chunked, chunkings, loss_chunks, splittab
 from .passes.floor import op_floor
 from .passes.fusion import fuse as fuse_regions
 from .passes.fusion import fused_op_time
-from .passes.layer_recompute import layer_of_weights, layer_ops, recompute_layers
+from .passes.layer_recompute import layer_of_weights, recompute_layers, recomputed_ops
 from .passes.remat import rematerialize
 from .passes.placement import Placement, solve_placement
 from .passes.placement.problem import PlacementModel
@@ -310,17 +310,20 @@ def layer_recompute_pass(s: PlanningState) -> str:
     if not s.train or s.model is None or s.recompute_layers is False:
         return ""
     plain = s.chosen.sim.time_s
+    auto = s.recompute_layers == "auto"
+    if auto and plain <= s.unconstrained.time_s:
+        return ""   # nothing moves at a cost: recomputing can only add time
     weights = layer_of_weights(s.model, s.captured.placeholders)
-    if s.recompute_layers == "auto":
-        # it cannot beat the step run once plus its layers' forward run again: not worth planning
-        again = set(layer_ops(s.captured.gm, weights))
-        floor = s.unconstrained.time_s + sum(t for name, t in zip(s.program.steps, s.step_time.tolist()) if name in again)
-        if not again or plain <= floor:
-            return ""
     held = {p.name for p in s.captured.placeholders if p.kind in PERSISTENT}
     gm, done = recompute_layers(s.captured.gm, weights, held)
     if gm is s.captured.gm:
-        return "no layer of a stack to recompute"
+        return "" if auto else "no layer of a stack to recompute"
+    if auto:
+        # it cannot beat the step run once plus the ops it runs again: not worth planning
+        again = recomputed_ops(gm)
+        floor = s.unconstrained.time_s + sum(t for name, t in zip(s.program.steps, s.step_time.tolist()) if name in again)
+        if plain <= floor:
+            return ""
     # (no chunk pass: it captures the model again; no remat fallback: it would undo this program)
     trial = replace(s, captured=replace(s.captured, gm=gm), before_remat=None, passes=[], history=[],
                     candidates=[], chosen=None)

@@ -418,3 +418,29 @@ def test_the_call_that_plans_draws_what_eager_draws():
     assert torch.equal(loss.detach(), want)
     assert_same_grads(ref, model)
     cm.close()
+
+
+def test_a_grouped_query_decoder_without_a_mask_trains_as_eager_bit_for_bit():
+    """Given no attention mask, transformers attends through SDPA's own grouped-query path
+    (``enable_gqa``, no mask) in eager, but builds a mask and repeats the key/value heads under
+    torch.export. The capture lets it decide as in eager, so the backward sums the key/value
+    gradients over the groups in eager's order (it did not: Qwen3's layer-0 and embedding
+    gradients were 2.5e-8 off)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                         vocab_size=512, attn_implementation="sdpa")).train()
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
+    kwargs = {"input_ids": ids, "labels": ids}
+    ref = copy.deepcopy(model)
+    cm = _compile(model, 10**10)
+    loss = cm(**kwargs).loss
+    loss.backward()
+    want = ref(**kwargs).loss
+    want.backward()
+    assert not [n for n in cm.plan.graph.graph.nodes if n.target is torch.ops.aten.expand.default
+                and len(n.args[1]) == 5], "key/value heads repeated: not eager's attention"
+    assert torch.equal(loss, want)
+    assert_same_grads(ref, model)

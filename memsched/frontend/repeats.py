@@ -516,5 +516,21 @@ def remade_val(old: torch.fx.Node, new: torch.fx.Node):
     return pytree.tree_unflatten(out, spec)
 
 
+def realiased_val(val, old_inputs, new_inputs):
+    """``val`` (a traced value that may view its inputs) moved onto new inputs: each leaf on the
+    storage of a leaf of ``old_inputs`` goes onto the matching leaf's of ``new_inputs``; None
+    when no leaf moves. An op whose input is swapped for a recomputed copy views the copy."""
+    storage = {}
+    for o, n in zip(pytree.tree_leaves(old_inputs), pytree.tree_leaves(new_inputs)):
+        if isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor) and _key(o) != _key(n):
+            storage.setdefault(_key(o), n.untyped_storage())
+    leaves, spec = pytree.tree_flatten(val)
+    if not storage or not any(isinstance(t, torch.Tensor) and _key(t) in storage for t in leaves):
+        return None
+    out = [_like(t, storage[_key(t)]) if isinstance(t, torch.Tensor) and _key(t) in storage else t
+           for t in leaves]
+    return pytree.tree_unflatten(out, spec)
+
+
 __all__ = ["MIN_LAYERS", "NotRepeatable", "Stack", "capture_repeated", "find_stack", "identical_modules",
            "traced_layers"]

@@ -27,9 +27,10 @@ import torch
 import torch.fx as fx
 
 from ..ir.graph_module import lazy_graph_module
+from ..ir.meta import info
 from ..ir.tensors import storages
 from .fusion import fusible
-from .remat import Remat, _Joint, _keys, _rewrite
+from .remat import AGAIN, Remat, _Joint, _keys, _rewrite
 
 MIN_LAYERS = 2
 
@@ -113,11 +114,10 @@ def _leaves(j: _Joint, v: fx.Node) -> list[fx.Node] | None:
     return out
 
 
-def layer_ops(gm: fx.GraphModule, weights: dict[str, int]) -> set[str]:
-    """The forward ops of the stack's layers: what the backward would run again, at most."""
-    if not weights:
-        return set()
-    return {n.name for n in _layers(_Joint(gm.graph, frozenset()), weights)}
+def recomputed_ops(gm: fx.GraphModule) -> set[str]:
+    """The forward ops a rewritten program runs again in its backward (its clones' originals)."""
+    return {n.name[:-len(AGAIN)] for n in gm.graph.nodes
+            if n.op == "call_function" and info(n).made_by == "remat" and n.name.endswith(AGAIN)}
 
 
 def recompute_layers(gm: fx.GraphModule, weights: dict[str, int],

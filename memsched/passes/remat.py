@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from ..cost_models.hardware import Hardware
-from ..frontend.repeats import remade_val
+from ..frontend.repeats import realiased_val, remade_val
 from ..ir.effects import written_args
 from ..ir.graph_module import lazy_graph_module
 from ..ir.meta import annotate
@@ -35,6 +35,9 @@ from ..ir.tensors import storages
 from .fusion import fused_op_time, fusible, pointwise
 
 MAX_CHAIN = 16  # ops recomputed for one value at most
+
+
+AGAIN = "_again"   # suffix of a recomputed copy's name
 
 
 @dataclass(frozen=True)
@@ -192,14 +195,27 @@ def _rewrite(graph: fx.Graph, j: _Joint) -> int:
         if x not in env:
             args, kwargs = fx.map_arg((x.args, x.kwargs), lambda a: clone(a, before))
             with graph.inserting_before(before):
-                new = graph.create_node("call_function", x.target, args, kwargs, name=f"{x.name}_again")
+                new = graph.create_node("call_function", x.target, args, kwargs, name=x.name + AGAIN)
             new.meta = dict(x.meta)
             new.meta["val"] = remade_val(x, new)   # a storage of its own, or its new input's
             annotate(new, made_by="remat")
             env[x] = new
         return env[x]
 
+    traced: dict[fx.Node, object] = {}   # backward values moved onto a clone: their traced value
+
     for n in j.backward:
-        if any(x in j.fwd_set and not j.available(x) for x in n.all_input_nodes):
-            n.args, n.kwargs = fx.map_arg((n.args, n.kwargs), lambda a: clone(a, n))
+        pairs = []
+
+        def swap(a: fx.Node) -> fx.Node:
+            b = clone(a, n) if a in j.fwd_set and not j.available(a) else a
+            pairs.append((traced.get(a, a.meta.get("val")), b.meta.get("val")))
+            return b
+        n.args, n.kwargs = fx.map_arg((n.args, n.kwargs), swap)
+        # a view of a swapped input (or of a value already moved) views the clone now: else the
+        # analysis would see the dropped storage read in the backward and keep it alive
+        moved = realiased_val(n.meta.get("val"), [o for o, _ in pairs], [v for _, v in pairs])
+        if moved is not None:
+            traced[n] = n.meta["val"]
+            n.meta["val"] = moved
     return len(env)
