@@ -23,7 +23,7 @@ import torch
 
 from .budget import parse_budget
 from .cost_models.hardware import Hardware
-from .cost_models.op_cost import estimate_op_time
+from .cost_models.op_cost import op_time
 from .cost_models.simulator import SimResult, simulate
 from .errors import CaptureError, InfeasibleBudgetError, UnsupportedModelError
 from .frontend.capture import Captured, capture, input_signature
@@ -129,7 +129,7 @@ def remat_pass(s: PlanningState) -> str:
 def analysis_pass(s: PlanningState) -> str:
     s.program = analyze(s.captured, s.hw.alloc_block_bytes, s.hw.workspace_bytes)
     nodes = {n.name: n for n in s.captured.gm.graph.nodes}
-    s.step_time = np.array([estimate_op_time(nodes[name], s.hw) for name in s.program.steps], dtype=np.float64)
+    s.step_time = np.array([op_time(nodes[name], s.hw) for name in s.program.steps], dtype=np.float64)
     if s.fuse:   # what a recomputed pointwise chain costs inside the region that reads it
         priced = [fused_op_time(nodes[name], s.hw) for name in s.program.steps]
         s.fused_time = np.array([np.nan if t is None else t for t in priced], dtype=np.float64)

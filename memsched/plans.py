@@ -206,9 +206,10 @@ class Plan:
         return cls(**plan_fields(d, source))
 
     def predict(self) -> SimResult:
-        """The schedule simulated again now: fused regions priced by their measured times when
-        they have run in this process on this machine (the local CPU profile), the roofline
-        otherwise. ``plan.predicted_time_s`` keeps the prediction the plan was made with."""
+        """The schedule simulated again now: fused regions and ops priced by their measured times
+        when they have run on this machine (the local CPU profile: runtime/regions.py,
+        runtime/op_timing.py), the roofline otherwise. ``plan.predicted_time_s`` keeps the
+        prediction the plan was made with."""
         return simulate(self.graph, self.hardware)
 
     def verify(self) -> int:

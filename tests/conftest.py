@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 from hypothesis import settings
 
 # CI draws the same examples every run (a red CI must mean a change broke something, not that a
@@ -20,3 +21,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("MEMSCHED_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "memsched"))
 # every plan the tests make is checked by the independent verifier right after planning
 os.environ.setdefault("MEMSCHED_VERIFY", "1")
+
+
+@pytest.fixture
+def measures_cache(tmp_path, monkeypatch):
+    """An empty cache of measured times (cost_models/measures.py) for one test."""
+    from memsched.cost_models import measures
+
+    monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(tmp_path))
+    measures.forget()
+    yield tmp_path
+    measures.forget()

@@ -18,11 +18,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEMSCHED_CACHE_DIR", str(tmp_path))
-    rm.forget()
-    yield tmp_path
-    rm.forget()
+def cache(measures_cache):
+    return measures_cache
 
 
 def test_measures_are_saved_and_read_back(cache):

@@ -52,6 +52,9 @@ def cublas_workspace_bytes(sm_major: int | None = None) -> int:
     return 4096 * 1024 * 2 + 16 * 1024 * 8
 
 
+LOCAL_CPU = "local:cpu"   # the profile of this machine's CPU: measured prices apply to it
+
+
 @dataclass(frozen=True)
 class Hardware:
     """A device tier (GPU or CPU) plus optional host-RAM and disk tiers.
@@ -582,7 +585,7 @@ def _calibrate(device: torch.device) -> Hardware:
     # bf16 on CPU is fast only with AMX/AVX512-BF16; measure instead of assuming.
     half = _matmul_flops(256, torch.bfloat16, cpu, 3, no_sync)
     return Hardware(
-        name="local:cpu",
+        name=LOCAL_CPU,
         device_type="cpu",
         device_bytes=host_ram,
         host_bytes=0,  # host RAM *is* the device tier; offload goes to disk

@@ -1,9 +1,10 @@
 """What the runtime measured on this machine, kept across processes: fused regions' times and
 the rates of memsched's offload file.
 
-The runtime times each CPU call of a region's compiled kernel (runtime/regions.py); the times
-are recorded here by the region's structure key (ir/regions.py: its ops and its inputs' layouts)
-and torch's thread count. The simulator prices
+The runtime times each CPU call of a region's compiled kernel (runtime/regions.py), and every
+ATen op of a program's first few calls (runtime/op_timing.py); the times are recorded here by
+structure key (ir/regions.py: a region's ops and its inputs' layouts; ir/op_keys.py: an op and
+its arguments) and torch's thread count. The simulator prices
 a region by its measured time when the plan uses this machine's profile, so a plan made after
 the same regions ran -- in this process or an earlier one -- is priced by what its kernels took,
 not by the roofline. Each step also records the rate its disk reads and writes ran at on the
@@ -78,19 +79,24 @@ def _changed() -> None:
 def record_time(key: str, seconds: float) -> None:
     """One measured time under ``key``; a time no call could take (negative, NaN, infinite) is
     dropped, as it would be when read back from the file."""
-    if not _seconds(seconds):
-        return
+    record_times([(key, seconds)])
+
+
+def record_times(items: list[tuple[str, float]]) -> None:
+    """``record_time`` for each (key, seconds), under one lock (a step times thousands of ops)."""
     with _LOCK:
         _load()
-        samples = _TIMES.setdefault(_entry(key), [])
-        samples.append(seconds)
-        del samples[:-SAMPLES]
-        _changed()
+        for key, seconds in items:
+            if _seconds(seconds):
+                samples = _TIMES.setdefault(_entry(key), [])
+                samples.append(seconds)
+                del samples[:-SAMPLES]
+                _changed()
 
 
 def measured_time(key: str) -> float | None:
-    """The median of the last timed calls of regions with this structure on as many threads as
-    torch runs now, or None."""
+    """The median of the last timed calls of regions (or ops) with this structure on as many
+    threads as torch runs now, or None."""
     with _LOCK:
         _load()
         samples = sorted(_TIMES.get(_entry(key), ()))

@@ -14,7 +14,9 @@ import operator
 import torch
 import torch.fx
 
-from .hardware import Hardware
+from ..ir.op_keys import node_op_key
+from .hardware import LOCAL_CPU, Hardware
+from .measures import measured_time
 
 # Ops that only produce a new view of existing storage: no kernel, no traffic.
 _VIEW_OPS = frozenset(
@@ -310,6 +312,17 @@ def estimate_op_time(node: torch.fx.Node, hw: Hardware) -> float:
         compute = max(compute, max((_numel(t) for t in _tensors(node.meta.get("val"))), default=0)
                       / hw.special_elems_per_s)
     return max(compute, memory) + hw.op_overhead_s
+
+
+def op_time(node: torch.fx.Node, hw: Hardware) -> float:
+    """What ``node`` takes: on this machine's own CPU profile, the time its op took here when
+    the runtime timed a call with the same structure (runtime/op_timing.py), else the roofline."""
+    if hw.name == LOCAL_CPU and node.op == "call_function":
+        key = node_op_key(node)
+        measured = measured_time(key) if key is not None else None
+        if measured is not None:
+            return measured
+    return estimate_op_time(node, hw)
 
 
 def _output_rows(node: torch.fx.Node, name: str) -> int:

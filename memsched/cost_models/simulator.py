@@ -16,8 +16,8 @@ from ..ir.memory import DeviceMemory
 from ..ir.meta import info
 from ..ir.ops import Op, op_of, register
 from ..ir.regions import region_of
-from .hardware import Hardware
-from .op_cost import estimate_op_time, region_time
+from .hardware import LOCAL_CPU, Hardware
+from .op_cost import op_time, region_time
 from .measures import measured_time
 
 
@@ -68,7 +68,7 @@ class _Clock:
             self.now = t
 
     def compute_node(self, n):
-        t = estimate_op_time(n, self.hw)
+        t = op_time(n, self.hw)
         if self.dev == "cuda":
             # kernels run while the CPU goes on: the line's own cost shows only where the GPU
             # would otherwise wait for it (tiny kernels)
@@ -80,7 +80,7 @@ class _Clock:
     def region(self, n):
         reg = region_of(n)
         # measured times are this machine's: they price the local CPU profile, not a preset
-        measured = measured_time(reg.key) if self.hw.name == "local:cpu" else None
+        measured = measured_time(reg.key) if self.hw.name == LOCAL_CPU else None
         self.run_compute(n, measured if measured is not None else region_time(reg.graph, self.hw))
         self.runtime(self.hw.runtime_op_s)
 

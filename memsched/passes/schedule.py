@@ -159,6 +159,16 @@ class _Rewriter:
             if f.gap is not None:
                 self.rebuild(self.placement.gaps[f.gap])
 
+    def again(self, name: str) -> str:
+        """The name of a node re-making ``name``: "mm_3_again", or "mm_3_again_1" when the
+        program itself has a node so named (a recomputed copy passes/remat.py made), which fx
+        would otherwise rename when it comes."""
+        out, k = f"{name}_again", 0
+        while out in self.nodes:
+            k += 1
+            out = f"{name}_again_{k}"
+        return out
+
     def rebuild(self, gap) -> None:
         """Re-make the views of a restored root that were live across its gap, by re-running
         the view ops that made them; intermediate views are dropped again at once."""
@@ -167,7 +177,7 @@ class _Rewriter:
             new = self.g.create_node("call_function", source.target,
                                      fx.node.map_arg(source.args, lambda a: self.env[a.name]),
                                      fx.node.map_arg(source.kwargs, lambda a: self.env[a.name]),
-                                     name=f"{name}_again")
+                                     name=self.again(name))
             new.meta.update(source.meta)
             self.env[name] = _mark(new, PASS, restores=name)
         self.free([v for v in gap.rebuild if v not in gap.aliases])
@@ -183,13 +193,13 @@ class _Rewriter:
         would take the name of a captured node later in the program."""
         source, env = self.nodes[recipe.op], self.env
         op = self.g.create_node("call_function", source.target, fx.node.map_arg(source.args, lambda a: env[a.name]),
-                                fx.node.map_arg(source.kwargs, lambda a: env[a.name]), name=f"{source.name}_again")
+                                fx.node.map_arg(source.kwargs, lambda a: env[a.name]), name=self.again(source.name))
         op.meta.update(source.meta)
         _mark(op, "recompute", restores=recipe.value)
         if recipe.index is None:
             env[recipe.value] = op
             return
-        item = self.g.create_node("call_function", operator.getitem, (op, recipe.index), name=f"{recipe.value}_again")
+        item = self.g.create_node("call_function", operator.getitem, (op, recipe.index), name=self.again(recipe.value))
         item.meta.update(self.nodes[recipe.value].meta)
         env[recipe.value] = _mark(item, "recompute", restores=recipe.value)
         _mark(self.g.call_function(ops.free, (op,)), "recompute")  # the op's other outputs

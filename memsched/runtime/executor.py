@@ -27,6 +27,7 @@ from ..ir.units import format_bytes
 from . import calibration  # noqa: F401  (registers the runtime's own costs with the local profile)
 from .accounting import DeviceAccountant, RecyclePool
 from .allocator_limit import AllocatorLimit
+from .op_timing import TIMED_CALLS, OpTimer
 from .codegen import allocates, generate_source
 from .stores import DiskCopy, DiskIntegrityError, Home, HostCopy, Layout, Stores, fingerprint, fingerprints
 from .transfer import Outgoing, TransferEngine
@@ -138,6 +139,7 @@ class Executor:
         self.trusted = False
         self.last_stats = RunStats()
         self._runs = 0   # calls ended (the first one grows the offload file: its rates are not kept)
+        self._timer: OpTimer | None = None   # this call's op timer, on the calls timed
         try:
             self.disk = self.stores.disk if needs_disk else None
             self.engine.disk = self.disk
@@ -391,7 +393,12 @@ class Executor:
                 values.append(slot)
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+        self._timer = OpTimer() if not self.cuda and self._runs in TIMED_CALLS else None
         return values
+
+    def _timing(self):
+        """This call's op timer (runtime/op_timing.py) on the calls timed, else nothing."""
+        return self._timer if self._timer is not None else contextlib.nullcontext()
 
     def _bounded(self):
         """The allocator's hard limit for one call (``hard_limit=True`` on CUDA), else nothing."""
@@ -404,7 +411,7 @@ class Executor:
             values = self._begin(flat_inputs)
             self._mark_trained(values)
             t0 = time.perf_counter()
-            with torch.no_grad(), self._bounded():
+            with torch.no_grad(), self._bounded(), self._timing():
                 out = list(self._program(self, values, self.acct.track, self.acct.release))
             del values
             self._end(time.perf_counter() - t0, out)
@@ -422,7 +429,7 @@ class Executor:
             t0 = time.perf_counter()
             self._step = self._program(self, values, self.acct.track, self.acct.release)
             del values
-            with torch.no_grad(), self._bounded():
+            with torch.no_grad(), self._bounded(), self._timing():
                 outputs = next(self._step)
             self._write_back()
             self._forward_s = time.perf_counter() - t0
@@ -440,7 +447,7 @@ class Executor:
                                "or evicted by max_plans); memsched runs one step at a time")
         try:
             t0 = time.perf_counter()
-            with torch.no_grad(), self._bounded():
+            with torch.no_grad(), self._bounded(), self._timing():
                 try:
                     step.send(tuple(tangents))
                 except StopIteration as stop:
@@ -494,6 +501,9 @@ class Executor:
         # handles among the outputs (gradients delivered to host or disk) are the caller's
         self._settle(keep=[o for o in out if isinstance(o, (HostCopy, DiskCopy))])
         self._record_disk_rates()
+        if self._timer is not None:
+            self._timer.record()
+            self._timer = None
         self.last_stats = RunStats(
             peak_device_bytes=self.acct.peak,
             bytes_moved={k: v for k, v in self.engine.stats.bytes_moved.items() if v},
