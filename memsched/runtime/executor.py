@@ -515,10 +515,13 @@ class Executor:
     def _record_disk_rates(self) -> None:
         """The offload file's rates in this step price later plans' disk moves on the page-cache
         path: kept only where the step moved less than half the RAM available (it stayed cached),
-        and not for the first call (it grows the file, its pages faulted in at 0.2-0.3 GB/s)."""
+        and not for the first call (it grows the file, its pages faulted in at 0.2-0.3 GB/s) nor
+        the calls whose ops are timed (the workers wait on the calling thread's Python for the
+        GIL between reads)."""
         self._runs += 1
         timed = list(self.engine.stats.disk_timed.items())
-        if self._runs > 1 and timed and sum(b for _, (b, _) in timed) <= available_ram_bytes() // 2:
+        cached = sum(b for _, (b, _) in timed) <= available_ram_bytes() // 2
+        if self._runs > 1 and self._timer is None and timed and cached:
             for link, (nbytes, seconds) in timed:
                 record_rate(self.device.type, link, nbytes, seconds)
 
