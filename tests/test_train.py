@@ -444,3 +444,19 @@ def test_a_grouped_query_decoder_without_a_mask_trains_as_eager_bit_for_bit():
                 and len(n.args[1]) == 5], "key/value heads repeated: not eager's attention"
     assert torch.equal(loss, want)
     assert_same_grads(ref, model)
+
+
+def test_a_bfloat16_grouped_query_step_without_a_cache_equals_eager_bit_for_bit():
+    """With no cache and no mask transformers looks for packed sequences in the position ids, a
+    check it cannot make on traced values, and built a mask under capture: the key/value
+    gradients' sums over the groups then rounded differently from eager's SDPA path, one
+    bfloat16 step apart. The caller passes no position ids, so the model makes them, one
+    sequence per row, and the capture decides as eager does."""
+    model, args, kwargs, loss_fn = build_train("llama")   # use_cache=False, 4 heads over 2
+    model = model.to(torch.bfloat16)
+    ref = copy.deepcopy(model)
+    cm = _compile(model, 10**10)
+    loss = loss_fn(cm(*args, **kwargs))
+    loss.backward()
+    assert torch.equal(loss, _eager_step(ref, args, kwargs, loss_fn))
+    assert_same_grads(ref, model)

@@ -139,7 +139,7 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
         raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
     register_output_types(model)
     try:
-        with eager_meta(), eager_attention_masks(), _quiet_fake_tensor_log():
+        with eager_meta(), eager_attention_masks(args, kwargs), _quiet_fake_tensor_log():
             return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
     except Exception as exc:  # export raises many types; we re-raise one, naming the cause
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -228,24 +228,34 @@ def register_output_types(model: torch.nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def eager_attention_masks():
+def eager_attention_masks(args: tuple = (), kwargs: dict | None = None):
     """transformers builds no attention mask when none is given and attention is plainly causal
     or bidirectional (SDPA's ``is_causal`` path, or its native grouped-query attention), except
     under torch.export, where it materialises one so an exported graph stays right for masks
     given later. memsched captures per input signature (a mask given is a traced tensor and is
     never skipped), so it lets transformers decide as in eager: the captured program then runs
     eager's kernels, whose sums (grouped-query key/value gradients) are ordered differently from
-    the masked path's. Only when the process has imported transformers."""
+    the masked path's. Likewise with no cache and no mask transformers looks for sequences
+    packed into one row in the position ids, a check it cannot make on traced values; when the
+    caller passes no position ids (only ``input_ids`` or keywords without them), the model makes
+    them, one sequence per row, and the check says "none", as in eager. Only when the process
+    has imported transformers."""
     masking = sys.modules.get("transformers.masking_utils")
     if masking is None or not callable(getattr(masking, "is_torchdynamo_exporting", None)):
         yield
         return
-    exporting = masking.is_torchdynamo_exporting
-    masking.is_torchdynamo_exporting = lambda: False
+    patched = {"is_torchdynamo_exporting": lambda: False}
+    own_positions = len(args) <= 1 and "position_ids" not in (kwargs or {})
+    if own_positions and callable(getattr(masking, "find_packed_sequence_indices", None)):
+        patched["find_packed_sequence_indices"] = lambda position_ids: None
+    saved = {name: getattr(masking, name) for name in patched}
+    for name, fn in patched.items():
+        setattr(masking, name, fn)
     try:
         yield
     finally:
-        masking.is_torchdynamo_exporting = exporting
+        for name, fn in saved.items():
+            setattr(masking, name, fn)
 
 
 def _reject_mutations(ep: ExportedProgram, model: torch.nn.Module) -> None:

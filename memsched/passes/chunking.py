@@ -421,15 +421,16 @@ def splittable_modules(model: torch.nn.Module, captured: Captured) -> list[RowLo
     layer stack captured by repeats carries module paths for the traced layers only); then the
     LM head with its loss, in a training step (``loss_heads``)."""
     gm, state = forward_graph(captured)
+    candidates = [r for path, nodes in _module_groups(gm).items()
+                  if (r := row_local(path, nodes, state)) is not None and r.inner_bytes > r.edge_bytes]
     found: list[RowLocal] = []
-    for path, nodes in _module_groups(gm).items():
-        if any(path.startswith(f.path + ".") for f in found):
-            continue
-        r = row_local(path, nodes, state)
-        if r is None or r.inner_bytes <= r.edge_bytes:
+    for r in candidates:
+        if any(r.path.startswith(f.path + ".") for f in found):
             continue
         if found and found[0].path == ROOT and len(r.dims) <= len(found[0].dims):
             continue   # no row dim past the model's own split: splitting the model does it
+        if r.path != ROOT and any(c.path.startswith(r.path + ".") and len(c.dims) > len(r.dims) for c in candidates):
+            continue   # a part of it keeps more row dims apart (an MLP in a block): it splits finer
         found.append(r)
     paths = {r.path for r in found}
     extra = []
@@ -472,14 +473,16 @@ def chunkings(found: list[RowLocal], chunks: int) -> list[Chunking]:
 
 def _split_call(inner, dim: int, chunks: int):
     def forward(*args, **kwargs):
-        at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        at += [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-        if len(at) != 1:
-            return inner(*args, **kwargs)   # not the call the capture saw: run it whole
-        (i,) = at
+        # the one tensor with rows to split; the others (position ids, rotary tables) must be
+        # the same for every row (one row along ``dim``, broadcast) and go whole to each slice
+        tensors = [(k, a) for k, a in [*enumerate(args), *kwargs.items()] if isinstance(a, torch.Tensor)]
+        rows = [k for k, a in tensors if a.dim() > dim and a.shape[dim] > 1]
+        if len(rows) != 1:
+            # two inputs with rows (a mask per row): not the call the capture saw; or one row
+            # left (a slice of a split model): run it whole
+            return inner(*args, **kwargs)
+        (i,) = rows
         whole = args[i] if isinstance(i, int) else kwargs[i]
-        if whole.dim() <= dim or whole.shape[dim] < 2:
-            return inner(*args, **kwargs)   # a slice of a split model with one row left: whole
         pieces = []
         # each slice made contiguous (a no-op for slices of the outermost dim): modules view
         # their input flat, as the whole input would allow
