@@ -447,9 +447,12 @@ def main():
         for m in ok:
             model_tensors = list(m.model.parameters()) + list(m.model.buffers())
             if m.kind == "memsched":
-                resident = m.cm.plan.tier_bytes()["device"]
                 cms = [fresh(m), fresh(m)]
                 calls = [lambda _c=c: _c(**kw) for c in cms]
+                # each fresh module's own device-tier weights: planned after the timed steps, its
+                # ops are priced by their measured times, so its placement may differ from the
+                # timed module's
+                resident = [c.plan.tier_bytes()["device"] for c in cms]
             else:
                 calls = [m.call, m.call]
 
@@ -463,7 +466,7 @@ def main():
                 if m.kind == "memsched":
                     # memsched's device-tier weights by their bytes; its disk-homed weights are
                     # read into fresh buffers, which the tracker sees like any op output
-                    tracker = LiveTensorBytes([ids], exclude=model_tensors, base_bytes=resident)
+                    tracker = LiveTensorBytes([ids], exclude=model_tensors, base_bytes=resident[0])
                 else:
                     tracker = LiveTensorBytes(m.preexisting)
                 with tracker, delivered_apart(tracker):
@@ -472,7 +475,7 @@ def main():
             m.model.zero_grad(set_to_none=True)
             gc.collect()
             if m.kind == "memsched":
-                base_bytes = resident + tensor_bytes([ids])
+                base_bytes = resident[1] + tensor_bytes([ids])
             else:
                 base_bytes = tensor_bytes(m.preexisting)
             m.alloc = base_bytes + allocator_peak(lambda _call=calls[1]: once(_call))
