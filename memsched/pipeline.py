@@ -23,7 +23,7 @@ import torch
 
 from .budget import parse_budget
 from .cost_models.hardware import Hardware
-from .cost_models.op_cost import op_time
+from .cost_models.op_cost import estimate_op_time, op_time
 from .cost_models.simulator import SimResult, simulate
 from .errors import CaptureError, InfeasibleBudgetError, UnsupportedModelError
 from .frontend.capture import Captured, capture, input_signature
@@ -77,6 +77,7 @@ class PlanningState:
     captured: Captured | None = None
     program: Program | None = None
     step_time: np.ndarray | None = None
+    cut_time: np.ndarray | None = None               # the roofline's step times: where segments are cut
     fused_time: np.ndarray | None = None             # with fuse: a pointwise step's arithmetic (NaN: others)
     before_remat: torch.fx.GraphModule | None = None # the captured program, when remat_pass changed it
     segments: Segments | None = None
@@ -130,6 +131,9 @@ def analysis_pass(s: PlanningState) -> str:
     s.program = analyze(s.captured, s.hw.alloc_block_bytes, s.hw.workspace_bytes)
     nodes = {n.name: n for n in s.captured.gm.graph.nodes}
     s.step_time = np.array([op_time(nodes[name], s.hw) for name in s.program.steps], dtype=np.float64)
+    # segments are cut by the roofline, not by measured times: the minimum budget depends on
+    # where the cuts fall, and must not move as the runtime measures more ops
+    s.cut_time = np.array([estimate_op_time(nodes[name], s.hw) for name in s.program.steps], dtype=np.float64)
     if s.fuse:   # what a recomputed pointwise chain costs inside the region that reads it
         priced = [fused_op_time(nodes[name], s.hw) for name in s.program.steps]
         s.fused_time = np.array([np.nan if t is None else t for t in priced], dtype=np.float64)
@@ -169,7 +173,8 @@ def segments_pass(s: PlanningState) -> str:
     return undone
 
 
-_PROGRAM_FIELDS = ("captured", "program", "step_time", "fused_time", "segments", "placement_model", "min_budget")
+_PROGRAM_FIELDS = ("captured", "program", "step_time", "cut_time", "fused_time", "segments", "placement_model",
+                   "min_budget")
 
 
 def _segments(s: PlanningState) -> str:
@@ -179,7 +184,7 @@ def _segments(s: PlanningState) -> str:
     # its minimum, up to four times as many are used. The minimum reported is the lowest.
     tried = []
     for k in _segment_counts(s.max_segments, p.n_steps):
-        segments = cut_segments(p, s.step_time, k)
+        segments = cut_segments(p, s.cut_time, k)
         if tried and segments.bounds == tried[-1][1].bounds:
             continue  # the same cut again (steps dearer than a segment's share are never split)
         model = PlacementModel(p, segments, s.step_time, s.hw, s.budget, fused_time=s.fused_time)
