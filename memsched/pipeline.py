@@ -338,7 +338,7 @@ def layer_recompute_pass(s: PlanningState) -> str:
     except InfeasibleBudgetError as e:
         return f"per-layer recompute needs {format_bytes(e.min_budget_bytes)}: not kept"
     faster = trial.chosen.sim.time_s
-    if s.recompute_layers == "auto" and faster >= plain:
+    if auto and faster >= plain:
         return f"per-layer recompute simulates {faster * 1e3:.1f} ms against {plain * 1e3:.1f} ms: not kept"
     for f in _PROGRAM_FIELDS + ("before_remat", "placement", "candidates", "chosen"):
         setattr(s, f, getattr(trial, f))

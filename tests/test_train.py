@@ -460,3 +460,25 @@ def test_a_bfloat16_grouped_query_step_without_a_cache_equals_eager_bit_for_bit(
     loss.backward()
     assert torch.equal(loss, _eager_step(ref, args, kwargs, loss_fn))
     assert_same_grads(ref, model)
+
+
+def test_the_capture_s_mask_answers_stay_on_its_thread():
+    """The capture patches two of transformers' masking helpers while it traces: only its own
+    thread gets the eager answers, another thread running the model meanwhile keeps the real
+    ones, and both are put back after."""
+    import threading
+
+    from transformers import masking_utils
+
+    from memsched.frontend.capture import eager_attention_masks
+
+    packed = torch.tensor([[0, 1, 2, 0, 1]])
+    before = (masking_utils.is_torchdynamo_exporting, masking_utils.find_packed_sequence_indices)
+    seen = {}
+    with eager_attention_masks((), {"input_ids": packed}):
+        assert masking_utils.find_packed_sequence_indices(packed) is None
+        other = threading.Thread(target=lambda: seen.update(packed=masking_utils.find_packed_sequence_indices(packed)))
+        other.start()
+        other.join()
+    assert seen["packed"] is not None and seen["packed"].tolist() == [[0, 0, 0, 1, 1]]
+    assert (masking_utils.is_torchdynamo_exporting, masking_utils.find_packed_sequence_indices) == before

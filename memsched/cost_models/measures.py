@@ -84,14 +84,16 @@ def record_time(key: str, seconds: float) -> None:
 
 def record_times(items: list[tuple[str, float]]) -> None:
     """``record_time`` for each (key, seconds), under one lock (a step times thousands of ops)."""
+    kept = [(key, seconds) for key, seconds in items if _seconds(seconds)]
+    if not kept:
+        return
     with _LOCK:
         _load()
-        for key, seconds in items:
-            if _seconds(seconds):
-                samples = _TIMES.setdefault(_entry(key), [])
-                samples.append(seconds)
-                del samples[:-SAMPLES]
-                _changed()
+        for key, seconds in kept:
+            samples = _TIMES.setdefault(_entry(key), [])
+            samples.append(seconds)
+            del samples[:-SAMPLES]
+        _changed()
 
 
 def measured_time(key: str) -> float | None:

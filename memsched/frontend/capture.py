@@ -10,6 +10,7 @@ import contextlib
 import logging
 import operator
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -244,18 +245,27 @@ def eager_attention_masks(args: tuple = (), kwargs: dict | None = None):
     if masking is None or not callable(getattr(masking, "is_torchdynamo_exporting", None)):
         yield
         return
-    patched = {"is_torchdynamo_exporting": lambda: False}
+    answers = {"is_torchdynamo_exporting": lambda *_: False}
     own_positions = len(args) <= 1 and "position_ids" not in (kwargs or {})
     if own_positions and callable(getattr(masking, "find_packed_sequence_indices", None)):
-        patched["find_packed_sequence_indices"] = lambda position_ids: None
-    saved = {name: getattr(masking, name) for name in patched}
-    for name, fn in patched.items():
-        setattr(masking, name, fn)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(masking, name, fn)
+        answers["find_packed_sequence_indices"] = lambda *_: None
+    me = threading.get_ident()
+    with _MASKING_LOCK:   # one capture patches at a time; other threads keep transformers' answers
+        saved = {name: getattr(masking, name) for name in answers}
+        for name, answer in answers.items():
+            setattr(masking, name, _on_thread(me, answer, saved[name]))
+        try:
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(masking, name, fn)
+
+
+_MASKING_LOCK = threading.RLock()
+
+
+def _on_thread(thread: int, here, elsewhere):
+    return lambda *a: here(*a) if threading.get_ident() == thread else elsewhere(*a)
 
 
 def _reject_mutations(ep: ExportedProgram, model: torch.nn.Module) -> None:

@@ -32,9 +32,17 @@ def op_key(target, args: tuple, kwargs: dict) -> str:
     return f"op:{target}({_part(args)};{named})"
 
 
+_CACHED = "memsched_op_key"   # node.meta: (the input values it was made from, the key)
+
+
 def node_op_key(node: fx.Node) -> str | None:
     """The key of a planned call_function node, from its inputs' traced values; None when an
-    input has none."""
+    input has none. Kept in the node's meta while those values stay the same objects (the
+    simulator asks for every node's key at every run)."""
+    inputs = tuple(id(a.meta.get("val")) for a in node.all_input_nodes)
+    cached = node.meta.get(_CACHED)
+    if cached is not None and cached[0] == inputs:
+        return cached[1]
     missing = []
 
     def val(a: fx.Node):
@@ -43,4 +51,6 @@ def node_op_key(node: fx.Node) -> str | None:
             missing.append(a)
         return v
     args, kwargs = fx.map_arg((node.args, node.kwargs), val)
-    return None if missing else op_key(node.target, args, kwargs)
+    key = None if missing else op_key(node.target, args, kwargs)
+    node.meta[_CACHED] = (inputs, key)
+    return key

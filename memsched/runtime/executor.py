@@ -27,8 +27,8 @@ from ..ir.units import format_bytes
 from . import calibration  # noqa: F401  (registers the runtime's own costs with the local profile)
 from .accounting import DeviceAccountant, RecyclePool
 from .allocator_limit import AllocatorLimit
-from .op_timing import TIMED_CALLS, OpTimer
 from .codegen import allocates, generate_source
+from .op_timing import TIMED_CALLS, OpTimer
 from .stores import DiskCopy, DiskIntegrityError, Home, HostCopy, Layout, Stores, fingerprint, fingerprints
 from .transfer import Outgoing, TransferEngine
 
@@ -520,8 +520,9 @@ class Executor:
         GIL between reads)."""
         self._runs += 1
         timed = list(self.engine.stats.disk_timed.items())
-        cached = sum(b for _, (b, _) in timed) <= available_ram_bytes() // 2
-        if self._runs > 1 and self._timer is None and timed and cached:
+        if self._runs < 2 or self._timer is not None or not timed:
+            return
+        if sum(b for _, (b, _) in timed) <= available_ram_bytes() // 2:
             for link, (nbytes, seconds) in timed:
                 record_rate(self.device.type, link, nbytes, seconds)
 
