@@ -223,21 +223,65 @@ def test_prompts_the_model_cannot_take_fail_before_anything_runs(case, match):
         memsched.generate(model, ids, **kw)
 
 
-def test_sliding_window_decoders_are_refused_where_the_window_masks_something():
-    """A sliding window shorter than the generation is refused; one covering it masks nothing,
-    so the decoder generates as transformers does."""
-    from transformers import MistralConfig, MistralForCausalLM
+def _sliding(name: str):
+    import transformers as T
 
+    common = dict(vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                  num_key_value_heads=2, sliding_window=5, pad_token_id=0)
+    mixed = ["sliding_attention", "full_attention", "sliding_attention"]
+    config, cls = {
+        # every layer slides, one 4-D mask (Mistral builds it with its sliding-window builder)
+        "mistral": (T.MistralConfig(**common), T.MistralForCausalLM),
+        # sliding and full layers, a mask per layer type (a dict); memsched's decode attention
+        "gemma3": (T.Gemma3TextConfig(**common, head_dim=16, layer_types=mixed), T.Gemma3ForCausalLM),
+        # the same, attention computed by the model itself (soft-capped scores)
+        "gemma2": (T.Gemma2Config(**common, head_dim=16, layer_types=mixed), T.Gemma2ForCausalLM),
+    }[name]
     with quiet_transformers():
-        model = MistralForCausalLM(MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                                 sliding_window=4)).eval()
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        memsched.generate(model, torch.ones(1, 3, dtype=torch.long), budget="1GB", max_new_tokens=2)
-    ids = torch.randint(3, 100, (2, 2))
-    tokens = memsched.generate(model, ids, budget="1GB", max_new_tokens=2, device="cpu",  # 4 tokens
+        torch.manual_seed(0)
+        return cls(config).eval()
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma3", "gemma2"])
+def test_sliding_windows_shorter_than_the_generation(name, tmp_path, monkeypatch):
+    """A sliding window shorter than the generation: its layers' masks give the slots behind the
+    window zero weight (the cache keeps the whole length), so the tokens are transformers',
+    left padding included, with the KV cache off the device; masked as full attention they
+    are not (the window matters here)."""
+    from memsched.generation import decoding
+
+    model = _sliding(name)
+    ids = torch.randint(3, 300, (3, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ids[0, :3] = 0
+    n = 10
+    ref = _reference(model, ids, mask, n=n, eos_token_id=None, pad_token_id=0)
+    kw = dict(batch=3, prompt_len=8, max_len=8 + n, sample_ids=ids, hardware=FIXED_CPU, device="cpu",
+              offload_dir=tmp_path)
+    budget = _least_budget(model, **kw)
+    tokens, stats = memsched.generate(model, ids, attention_mask=mask, budget=budget, max_new_tokens=n,
+                                      eos_token_id=None, pad_token_id=0, return_stats=True, **{
+                                          k: v for k, v in kw.items() if k in ("hardware", "device", "offload_dir")})
+    assert torch.equal(tokens, ref)
+    assert stats.peak_device_bytes <= budget and stats.plans == 2
+    monkeypatch.setattr(decoding, "_check_decoder", lambda model, max_len: None)   # every layer full
+    full = memsched.generate(model, ids, attention_mask=mask, budget="1GB", max_new_tokens=n, eos_token_id=None,
+                             pad_token_id=0, hardware=FIXED_CPU, device="cpu", offload_dir=tmp_path)
+    assert not torch.equal(full, ref)
+
+
+def test_a_window_covering_the_generation_masks_nothing():
+    """A sliding window at least as long as the generation adds no mask: the same program as a
+    full-attention decoder's, and transformers' tokens."""
+    from memsched.generation.decoding import _check_decoder
+
+    model = _sliding("mistral")
+    assert _check_decoder(model, 5) is None and _check_decoder(model, 6).size == 5
+    ids = torch.randint(3, 300, (2, 2))
+    tokens = memsched.generate(model, ids, budget="1GB", max_new_tokens=3, device="cpu",  # 5 tokens
                                eos_token_id=None, pad_token_id=0)
-    assert torch.equal(tokens, _reference(model, ids, eos_token_id=None, pad_token_id=0, n=2))
+    assert torch.equal(tokens, _reference(model, ids, eos_token_id=None, pad_token_id=0, n=3))
 
 
 def test_a_mixture_of_experts_decoder_generates_as_transformers_does(tmp_path):
@@ -388,8 +432,9 @@ def test_a_bfloat16_decoder_generates_transformers_tokens(tmp_path):
 
 
 def test_gpt_neo_local_layers_are_sliding_windows():
-    """GPT-Neo names its sliding-window layers "local" and the window ``window_size``: a window
-    shorter than the generation is refused like any other sliding window."""
+    """GPT-Neo names its sliding-window layers "local" and the window ``window_size``, and masks
+    them by a bias of its own sized for its own cache, not through transformers' masks: a window
+    shorter than the generation is refused before anything runs."""
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     with quiet_transformers():

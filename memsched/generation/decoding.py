@@ -21,7 +21,7 @@ from ..cost_models.hardware import get_hardware
 from ..errors import InfeasibleBudgetError, UnsupportedModelError
 from ..frontend.fake import meta_as_empty
 from .blocks import choose_block
-from .kv_cache import CachedDecoder, cache_shapes, probe_attention
+from .kv_cache import CachedDecoder, Window, cache_shapes, probe_attention
 from .sampling import CONFIG, greedy, sampling
 
 
@@ -79,7 +79,8 @@ def transformers_version() -> str:
     return transformers.__version__
 
 
-def _check_decoder(model: torch.nn.Module, max_len: int) -> None:
+def _check_decoder(model: torch.nn.Module, max_len: int) -> Window | None:
+    """Refuse what memsched's KV cache cannot serve; the sliding window its masks apply, if any."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "generate"):
         raise TypeError(f"memsched.generate takes a transformers causal language model, got "
@@ -93,7 +94,9 @@ def _check_decoder(model: torch.nn.Module, max_len: int) -> None:
         raise NotImplementedError(f"{type(model).__name__} is an encoder-decoder; memsched.generate "
                                   "runs decoder-only models")
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    # GPT-Neo names its layers "global" / "local" (attention_layers) and its window window_size
+    # GPT-Neo names its layers "global" / "local" (attention_layers) and its window window_size;
+    # its local layers mask by their own length-sized bias, not by transformers' masks
+    own_masks = not getattr(text, "layer_types", None) and bool(getattr(text, "attention_layers", None))
     named = {"global": "full_attention", "local": "sliding_attention"}
     layers = getattr(text, "layer_types", None) or [named.get(t, t) for t in getattr(text, "attention_layers", ())]
     types = set(layers or ["full_attention"])
@@ -101,13 +104,18 @@ def _check_decoder(model: torch.nn.Module, max_len: int) -> None:
     if "sliding_attention" in types and not window:
         window = getattr(text, "window_size", None)
     # a sliding window as long as the whole generation masks nothing: such layers attend as
-    # full-attention ones (a query at position i sees keys after i - window)
-    sliding = "sliding_attention" in types or bool(window)
-    if types - {"full_attention", "sliding_attention"} or sliding and not (window and max_len <= window):
+    # full-attention ones (a query at slot i sees the keys after slot i - window)
+    sliding = ("sliding_attention" in types or bool(window)) and not (window and max_len <= window)
+    if types - {"full_attention", "sliding_attention"} or sliding and (own_masks or not window):
         raise NotImplementedError(
-            f"{type(model).__name__} has sliding-window or non-attention layers ({sorted(types)}, sliding "
-            f"window {window}) and this generation is {max_len} tokens long; memsched.generate's KV cache "
-            "covers full-attention layers, and sliding-window ones whose window covers the whole generation")
+            f"{type(model).__name__} has {'non-attention' if types - set(named.values()) else 'sliding-window'} "
+            f"layers ({sorted(types)}, sliding window {window}) and this generation is {max_len} tokens long; "
+            "memsched.generate's KV cache covers full-attention layers and sliding-window ones masked "
+            "through transformers' mask interface")
+    if not sliding:
+        return None
+    # a config naming no layer types (Mistral's) slides in every layer
+    return Window(int(window), mixed="full_attention" in types and bool(getattr(text, "layer_types", None)))
 
 
 def step_inputs(ids: torch.Tensor, first_slot: int, max_len: int, positions=None, mask=None) -> tuple:
@@ -128,7 +136,7 @@ def plan_generation(model, budget, *, batch: int, prompt_len: int, new_tokens: i
     meta, e.g. a 7B-shaped decoder for a GPU profile): (prefill plan, decode plan). The prompt
     is planned for the whole batch, or the largest divisor of it that fits."""
     max_len = prompt_len + new_tokens
-    _check_decoder(model, max_len)
+    window = _check_decoder(model, max_len)
     ids = torch.zeros(1, 1, dtype=torch.long)
     with meta_as_empty(model):
         shapes, dtype = cache_shapes(model, batch, max_len, ids)
@@ -140,7 +148,7 @@ def plan_generation(model, budget, *, batch: int, prompt_len: int, new_tokens: i
         choices = head_chunk_choices(shapes, dtype, parse_budget(budget, hw.device_bytes, over_capacity=True))
     for i, chunks in enumerate(choices):
         decoder = CachedDecoder(model, shapes, dtype, device="meta" if on_meta else "cpu", head_chunks=chunks,
-                                attention=attention).eval()
+                                attention=attention, window=window).eval()
 
         def plan(rows: int, q: int, first: int, decoder=decoder):
             return plan_program(decoder, step_inputs(ids.expand(rows, q), first, max_len), budget,
@@ -183,7 +191,7 @@ class Generator:
     def __init__(self, model, budget, *, batch: int, prompt_len: int, max_len: int, sample_ids: torch.Tensor,
                  device=None, offload_dir=None, hardware=None, weights=None, prefill_batch: int | None = None,
                  kv_head_chunks="auto", **options):
-        _check_decoder(model, max_len)
+        window = _check_decoder(model, max_len)
         if model.training:
             raise ValueError("memsched.generate needs the model in eval mode (call model.eval())")
         if not 0 < prompt_len < max_len:
@@ -197,7 +205,7 @@ class Generator:
 
         def compiled(chunks: int) -> CompiledModule:
             self.decoder = CachedDecoder(model, shapes, dtype, device=home, head_chunks=chunks,
-                                         attention=attention).eval()
+                                         attention=attention, window=window).eval()
             return CompiledModule(self.decoder, budget, device=device, offload_dir=offload_dir, hardware=hardware,
                                   max_plans=2, weights=weights, weights_prefix="model.", **options)
 

@@ -12,8 +12,10 @@ prompt alone and never reads the cache. Slots past the current position may hold
 run's entries: the mask gives them exactly zero weight, so the cache is never cleared.
 
 The attention mask is built here as a 4-D additive mask over the whole cache (padding from
-the 2-D mask, causality from each query's slot), so transformers' own mask code, which would
-read the cache's length as a Python number and bake it into the program, is bypassed.
+the 2-D mask, causality from each query's slot, a sliding window's reach for the layers that
+slide), so transformers' own mask code, which would read the cache's length as a Python
+number and bake it into the program, is bypassed. Sliding layers keep the whole length too:
+their cache is not a ring, the mask gives the slots behind the window zero weight.
 """
 from __future__ import annotations
 
@@ -48,6 +50,15 @@ class Attention:
 
     by_itself: bool = False   # its layers compute attention over the cache they are handed
     mask_2d: bool = False     # it reads the 2-D mask (ALiBi positions); its causal mask is memsched's
+
+
+@dataclass(frozen=True)
+class Window:
+    """Sliding-window attention the cache's masks apply, as transformers' sliding-window
+    overlay does: a query at cache slot i sees the keys at slots after i - ``size``."""
+
+    size: int
+    mixed: bool = False   # other layers attend fully: the model takes a mask per layer type
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -190,9 +201,11 @@ class CachedDecoder(nn.Module):
     memsched_trace_all_layers = True  # read by capture: each layer has its cache slots and outputs
 
     def __init__(self, model: nn.Module, shapes: list[tuple[torch.Size, torch.Size]], dtype: torch.dtype,
-                 device: torch.device | str = "cpu", head_chunks: int = 1, attention: Attention = Attention()):
+                 device: torch.device | str = "cpu", head_chunks: int = 1, attention: Attention = Attention(),
+                 window: Window | None = None):
         super().__init__()
         self.model = model
+        self.window = window
         # a model whose layers compute attention themselves (GPT-Neo, Falcon) is handed each
         # layer's cache with the new entries written in, a copy per layer and step; the others
         # attend through memsched's decode attention, which copies nothing
@@ -248,16 +261,22 @@ class CachedDecoder(nn.Module):
         allowed = real[:, None, None, :].bool() & reach
         if whole:   # the step's own slots hold its entries in what the layers are handed
             allowed = allowed | (keys[None, None, None, :] == slots[None, None, :, None])
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=slots.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+        mask = _additive(allowed, dtype)
+        masks, sliding = mask, None
+        if self.window is not None:   # the sliding layers' keys: those after slot - window too
+            sliding = _additive(allowed & (keys[None, None, None, :] > slots[None, None, :, None] - self.window.size),
+                                dtype)
+            # one mask per layer type where they differ (transformers takes that dict as it is);
+            # a model whose every layer slides takes the sliding one alone
+            masks = {"full_attention": mask, "sliding_attention": sliding} if self.window.mixed else sliding
         config = self.model.config
         before = config._attn_implementation
         if not fresh and not whole:
             _register_decode_attention()
             config._attn_implementation = DECODE_ATTENTION
         try:
-            with _causal_masks_as(self.model, mask) if self.mask_2d else contextlib.nullcontext():
-                out = self.model(input_ids=input_ids, attention_mask=real if self.mask_2d else mask,
+            with _causal_masks_as(self.model, mask, sliding) if self.mask_2d else contextlib.nullcontext():
+                out = self.model(input_ids=input_ids, attention_mask=real if self.mask_2d else masks,
                                  position_ids=position_ids, use_cache=True,
                                  **{_cache_keyword(self.model): slot_cache(layers)},
                                  logits_to_keep=1)
@@ -367,15 +386,21 @@ def probe_attention(model: nn.Module, shapes, dtype: torch.dtype, inputs: tuple)
 _MASK_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask", "create_chunked_causal_mask")
 
 
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 @contextlib.contextmanager
-def _causal_masks_as(model: nn.Module, mask: torch.Tensor):
+def _causal_masks_as(model: nn.Module, mask: torch.Tensor, sliding: torch.Tensor | None = None):
     """While ``model`` runs, its modules' causal mask builders return ``mask`` (memsched's, over
-    the whole cache): the model reads the 2-D mask for its own biases and attends with this."""
+    the whole cache; ``sliding`` from the sliding-window builder, if given): the model reads
+    the 2-D mask for its own biases and attends with these."""
     modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
     saved = [(mod, name, getattr(mod, name)) for mod in modules if mod is not None
              for name in _MASK_BUILDERS if callable(getattr(mod, name, None))]
     for mod, name, _ in saved:
-        setattr(mod, name, lambda *args, **kwargs: mask)
+        made = sliding if sliding is not None and name == "create_sliding_window_causal_mask" else mask
+        setattr(mod, name, lambda *args, made=made, **kwargs: made)
     try:
         yield
     finally:
