@@ -244,10 +244,10 @@ def _sliding(name: str):
 
 @pytest.mark.parametrize("name", ["mistral", "gemma3", "gemma2"])
 def test_sliding_windows_shorter_than_the_generation(name, tmp_path, monkeypatch):
-    """A sliding window shorter than the generation: its layers' masks give the slots behind the
-    window zero weight (the cache keeps the whole length), so the tokens are transformers',
-    left padding included, with the KV cache off the device; masked as full attention they
-    are not (the window matters here)."""
+    """A sliding window shorter than the generation (and than the prompt): its layers keep a ring
+    of window slots, masked by the slot each place holds, so the tokens are transformers', left
+    padding included, with the KV cache off the device, and the cache takes the window's bytes
+    in sliding layers; masked as full attention the tokens differ (the window matters here)."""
     from memsched.generation import decoding
 
     model = _sliding(name)
@@ -265,6 +265,8 @@ def test_sliding_windows_shorter_than_the_generation(name, tmp_path, monkeypatch
                                           k: v for k, v in kw.items() if k in ("hardware", "device", "offload_dir")})
     assert torch.equal(tokens, ref)
     assert stats.peak_device_bytes <= budget and stats.plans == 2
+    slides = [t == "sliding_attention" for t in getattr(model.config, "layer_types", None) or ["sliding_attention"] * 3]
+    assert stats.kv_cache_bytes == sum(2 * 3 * 2 * (5 if s else 8 + n) * 16 * 4 for s in slides)
     monkeypatch.setattr(decoding, "_check_decoder", lambda model, max_len: None)   # every layer full
     full = memsched.generate(model, ids, attention_mask=mask, budget="1GB", max_new_tokens=n, eos_token_id=None,
                              pad_token_id=0, hardware=FIXED_CPU, device="cpu", offload_dir=tmp_path)

@@ -115,7 +115,8 @@ def _check_decoder(model: torch.nn.Module, max_len: int) -> Window | None:
     if not sliding:
         return None
     # a config naming no layer types (Mistral's) slides in every layer
-    return Window(int(window), mixed="full_attention" in types and bool(getattr(text, "layer_types", None)))
+    slides = tuple(t == "sliding_attention" for t in getattr(text, "layer_types", None) or ())
+    return Window(int(window), mixed="full_attention" in types and bool(slides), layers=slides)
 
 
 def step_inputs(ids: torch.Tensor, first_slot: int, max_len: int, positions=None, mask=None) -> tuple:
@@ -280,7 +281,7 @@ class Generator:
         for r in range(0, self.batch, self.prefill_batch):
             rows = slice(r, r + self.prefill_batch)
             logits.append(self._call(stats, self._inputs(input_ids[rows], 0, positions[rows], mask[rows]), rows))
-        self.compiled.patched(self.decoder.names(), 2, torch.arange(self.max_len))
+        self._patched(torch.arange(self.max_len))
         return torch.cat(logits)
 
     @torch.no_grad()
@@ -330,7 +331,11 @@ class Generator:
             mask[:, P + step] = 1
             inputs = self._inputs(token[:, None], P + step, positions[:, -1:] + step + 1, mask)
             logits = self._call(stats, inputs)
-            self.compiled.patched(self.decoder.names(), 2, inputs[2])  # memsched's copies take the new slots only
+            self._patched(inputs[2])  # memsched's copies take the new slots only
+
+    def _patched(self, slots: torch.Tensor) -> None:
+        for names, index in self.decoder.slot_groups(slots):
+            self.compiled.patched(names, 2, index)
 
     def close(self) -> None:
         self.compiled.close()

@@ -12,10 +12,10 @@ prompt alone and never reads the cache. Slots past the current position may hold
 run's entries: the mask gives them exactly zero weight, so the cache is never cleared.
 
 The attention mask is built here as a 4-D additive mask over the whole cache (padding from
-the 2-D mask, causality from each query's slot, a sliding window's reach for the layers that
-slide), so transformers' own mask code, which would read the cache's length as a Python
-number and bake it into the program, is bypassed. Sliding layers keep the whole length too:
-their cache is not a ring, the mask gives the slots behind the window zero weight.
+the 2-D mask, causality from each query's slot), so transformers' own mask code, which would
+read the cache's length as a Python number and bake it into the program, is bypassed. A layer
+with a sliding window shorter than the generation keeps a ring of window slots instead (see
+``Window``); its mask reads which position each ring slot holds from the step's slot.
 """
 from __future__ import annotations
 
@@ -54,11 +54,16 @@ class Attention:
 
 @dataclass(frozen=True)
 class Window:
-    """Sliding-window attention the cache's masks apply, as transformers' sliding-window
-    overlay does: a query at cache slot i sees the keys at slots after i - ``size``."""
+    """Sliding-window attention, as transformers' sliding-window overlay masks it: a query at
+    cache slot i sees the keys at slots after i - ``size``. A sliding layer's cache is a ring of
+    ``size`` slots, slot s kept at s mod size: what falls behind the window is overwritten."""
 
     size: int
     mixed: bool = False   # other layers attend fully: the model takes a mask per layer type
+    layers: tuple[bool, ...] = ()   # which layers slide (empty: every one)
+
+    def slides(self, layer: int) -> bool:
+        return not self.layers or self.layers[layer]
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -135,8 +140,9 @@ def _cache_classes():
         """One layer's cache: a step's keys and values go to ``slots``, functionally."""
 
         def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor, fresh: bool,
-                     whole: bool = False):
+                     whole: bool = False, ring: int | None = None):
             super().__init__(max_cache_len=keys[0].shape[2])
+            self.write_at = slots if ring is None else slots % ring   # where the step's entries go
             self.whole = whole   # decode: hand back the cache with the new entries written in
             # the layer's cache, one tensor per group of kv heads (placed one by one)
             self.key_chunks, self.value_chunks = keys, values
@@ -155,7 +161,7 @@ def _cache_classes():
                 # layer's cache with the step's entries in their slots (the cache itself is
                 # written between steps)
                 self.attended = True
-                return tuple(_written(chunks, x, self.slots) for chunks, x in
+                return tuple(_written(chunks, x, self.write_at) for chunks, x in
                              ((self.key_chunks, key_states), (self.value_chunks, value_states)))
             # a new token attends to the cache as it is and to its own entries apart (see
             # decode_attention, which finds this layer by the tensor it is handed): no copy of
@@ -218,22 +224,34 @@ class CachedDecoder(nn.Module):
         if not 1 <= head_chunks <= heads or heads % head_chunks:
             raise ValueError(f"kv_head_chunks must divide the {heads} kv heads, got {head_chunks}")
         self.head_chunks = head_chunks
+        self.max_len = shapes[0][0][2]
+        # a sliding layer's ring: its window's slots, when shorter than the generation
+        self.rings = [window.size if window is not None and window.slides(i) and window.size < self.max_len
+                      else None for i in range(len(shapes))]
         cache = nn.Module()
         for i, (k, v) in enumerate(shapes):  # a tensor per layer, K or V, and group of kv heads
             for c in range(head_chunks):
                 for kv, shape in (("k", k), ("v", v)):
-                    part = (shape[0], shape[1] // head_chunks, *shape[2:])
+                    part = (shape[0], shape[1] // head_chunks, self.rings[i] or shape[2], *shape[3:])
                     cache.register_buffer(self._leaf(kv, i, c), torch.zeros(part, dtype=dtype, device=device))
         setattr(self, KV_PREFIX, cache)
-        self.max_len = shapes[0][0][2]
 
     def _leaf(self, kv: str, i: int, c: int) -> str:
         return f"{kv}{i}" if self.head_chunks == 1 else f"{kv}{i}_{c}"
 
-    def names(self) -> list[str]:
-        """The state-dict keys of the cache tensors."""
-        return [f"{KV_PREFIX}.{self._leaf(kv, i, c)}" for i in range(self.n_layers)
+    def names(self, layers=None) -> list[str]:
+        """The state-dict keys of the cache tensors (of ``layers``, by default all)."""
+        return [f"{KV_PREFIX}.{self._leaf(kv, i, c)}" for i in (range(self.n_layers) if layers is None else layers)
                 for c in range(self.head_chunks) for kv in "kv"]
+
+    def slot_groups(self, slots: torch.Tensor) -> list[tuple[list[str], torch.Tensor]]:
+        """(cache tensor names, their indices along the length) that slots ``slots`` were
+        written at: the slots themselves in full-length caches, their places in each ring."""
+        groups = {}
+        for i, ring in enumerate(self.rings):
+            groups.setdefault(ring, []).append(i)
+        return [(self.names(layers), slots if ring is None else torch.unique(slots % ring))
+                for ring, layers in groups.items()]
 
     def chunks(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Layer i's key tensors and value tensors, a group of kv heads each."""
@@ -244,14 +262,9 @@ class CachedDecoder(nn.Module):
     def tensors(self) -> list[torch.Tensor]:
         return [t for i in range(self.n_layers) for pair in zip(*self.chunks(i)) for t in pair]
 
-    def forward(self, input_ids, position_ids, slots, attention_mask):
-        slot_layer, slot_cache = _cache_classes()
-        # a prompt (more than one token) attends to itself only, so its program never reads the
-        # cache; a new token attends to every slot, the empty ones masked
-        fresh = input_ids.shape[1] > 1
-        whole = self.attends_by_itself and not fresh
-        layers = [slot_layer(*self.chunks(i), slots, fresh, whole) for i in range(self.n_layers)]
-        dtype = self.tensors()[0].dtype
+    def _masks(self, slots, attention_mask, fresh: bool, whole: bool, dtype):
+        """(the full layers' 4-D additive mask, the sliding layers' or None, the 2-D mask over
+        the keys a prompt attends to)."""
         keys = slots if fresh else torch.arange(self.max_len, device=slots.device)
         real = attention_mask.index_select(1, keys) if fresh else attention_mask
         # a prompt: causal over itself; a new token: the slots before its own (its own entries,
@@ -261,14 +274,35 @@ class CachedDecoder(nn.Module):
         allowed = real[:, None, None, :].bool() & reach
         if whole:   # the step's own slots hold its entries in what the layers are handed
             allowed = allowed | (keys[None, None, None, :] == slots[None, None, :, None])
-        mask = _additive(allowed, dtype)
-        masks, sliding = mask, None
-        if self.window is not None:   # the sliding layers' keys: those after slot - window too
-            sliding = _additive(allowed & (keys[None, None, None, :] > slots[None, None, :, None] - self.window.size),
-                                dtype)
-            # one mask per layer type where they differ (transformers takes that dict as it is);
-            # a model whose every layer slides takes the sliding one alone
-            masks = {"full_attention": mask, "sliding_attention": sliding} if self.window.mixed else sliding
+        if self.window is None:
+            return _additive(allowed, dtype), None, real
+        size = self.window.size
+        if fresh:   # the prompt's keys after each query's slot - window
+            near = allowed & (keys[None, None, None, :] > slots[None, None, :, None] - size)
+            return _additive(allowed, dtype), _additive(near, dtype), real
+        # a new token at slot p: ring place j holds slot p - 1 - ((p - 1 - j) mod size), the
+        # latest before p that lands there; the one at p's own place fell behind the window
+        p = slots[:1]
+        place = torch.arange(size, device=slots.device)
+        held = p - 1 - torch.remainder(p - 1 - place, size)
+        near = attention_mask.index_select(1, held.clamp(min=0)).bool() & (held >= 0) & (held > p - size)
+        near = near[:, None, None, :]
+        if whole:
+            near = near | (place == p % size)[None, None, None, :]
+        return _additive(allowed, dtype), _additive(near, dtype), real
+
+    def forward(self, input_ids, position_ids, slots, attention_mask):
+        slot_layer, slot_cache = _cache_classes()
+        # a prompt (more than one token) attends to itself only, so its program never reads the
+        # cache; a new token attends to every slot, the empty ones masked
+        fresh = input_ids.shape[1] > 1
+        whole = self.attends_by_itself and not fresh
+        layers = [slot_layer(*self.chunks(i), slots, fresh, whole, self.rings[i]) for i in range(self.n_layers)]
+        mask, sliding, real = self._masks(slots, attention_mask, fresh, whole, self.tensors()[0].dtype)
+        # one mask per layer type where they differ (transformers takes that dict as it is); a
+        # model whose every layer slides takes the sliding one alone
+        masks = mask if sliding is None else \
+            {"full_attention": mask, "sliding_attention": sliding} if self.window.mixed else sliding
         config = self.model.config
         before = config._attn_implementation
         if not fresh and not whole:
@@ -315,12 +349,14 @@ class CachedDecoder(nn.Module):
     def write(self, slots: torch.Tensor, new: tuple[torch.Tensor, ...], rows: slice = slice(None)) -> None:
         """Put a step's new keys and values into their slots (between steps, in place), for the
         batch ``rows`` they were computed for."""
-        for i in range(self.n_layers):
+        for i, ring in enumerate(self.rings):
+            # a ring takes the last of a prompt's entries it holds, each at its slot mod window
+            at, keep = (slots, slice(None)) if ring is None else (slots[-ring:] % ring, slice(-ring, None))
             for chunks, x in zip(self.chunks(i), new[2 * i:2 * i + 2]):
                 h0 = 0
                 for t in chunks:
                     h1 = h0 + t.shape[1]
-                    t[rows].index_copy_(2, slots.to(t.device), x[:, h0:h1].to(t.device, t.dtype))
+                    t[rows].index_copy_(2, at.to(t.device), x[:, h0:h1, keep].to(t.device, t.dtype))
                     h0 = h1
 
     @torch.no_grad()
