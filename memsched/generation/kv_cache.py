@@ -225,6 +225,10 @@ class CachedDecoder(nn.Module):
             raise ValueError(f"kv_head_chunks must divide the {heads} kv heads, got {head_chunks}")
         self.head_chunks = head_chunks
         self.max_len = shapes[0][0][2]
+        if window is not None and window.layers and len(window.layers) != len(shapes):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} names {len(window.layers)} layer types but its cache has "
+                f"{len(shapes)} layers: memsched cannot tell which of them slide")
         # a sliding layer's ring: its window's slots, when shorter than the generation
         self.rings = [window.size if window is not None and window.slides(i) and window.size < self.max_len
                       else None for i in range(len(shapes))]
