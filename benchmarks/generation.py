@@ -15,7 +15,10 @@ device tier):
                   weight bytes; if that is below memsched's minimum for a batch size, the
                   minimum is used and the row is marked '*'; with --fuse, fuse=True (row
                   'memsched+fuse'): the compute between scheduling points runs as Inductor-
-                  compiled regions, compiled during the first (untimed) generation;
+                  compiled regions, compiled during the first (untimed) generation; with
+                  --compress int8|int4 (row 'memsched+int8'), the weights and KV cache homed on
+                  disk are kept there as group-wise integers (FlexGen's compression): not
+                  bit-exact, so the tokens column gives the share of new tokens equal to eager's;
   (c) acc-disk    accelerate.disk_offload(deepcopy(model), offload_dir=<tmp>, execution_device
                   =cpu, offload_buffers=True) driving model.generate: every weight is memory-
                   mapped from disk and loaded right before its module runs, every forward;
@@ -140,6 +143,10 @@ def main():
     ap.add_argument("--offload-root", default=None,
                     help="directory for all offload dirs (default: a fresh dir under the system temp dir)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--compress", choices=["int8", "int4"], default=None,
+                    help="memsched keeps the weights and KV cache it homes on disk as group-wise integers "
+                         "(compress_weights= and compress_kv_cache=; row 'memsched+int8'): not bit-exact, the "
+                         "tokens column gives the share of new tokens equal to eager's")
     ap.add_argument("--fuse", action="store_true",
                     help="memsched with fuse=True: the compute between its scheduling points runs as Inductor-"
                          "compiled regions (compiled on the first generation, which is reported apart)")
@@ -246,11 +253,14 @@ def main():
             budget, at_min = budget0, False
             gen = None
             ms_extra = {"stats": [], "last": []}
+            ms_options = dict(fuse=a.fuse)
+            if a.compress:
+                ms_options.update(compress_weights=a.compress, compress_kv_cache=a.compress)
             try:
                 try:
                     gen = memsched.Generator(model, budget, batch=B, prompt_len=P, max_len=P + N, sample_ids=ids,
                                              device="cpu", offload_dir=os.path.join(root, f"memsched-{B}"),
-                                             fuse=a.fuse)
+                                             **ms_options)
                 except memsched.InfeasibleBudgetError as exc:
                     print(f"  budget {fmt_bytes(budget)} is below memsched's minimum at batch {B}, "
                           f"{fmt_bytes(exc.min_budget_bytes)} ({exc.min_budget_bytes / wbytes:.0%} of weights): "
@@ -258,13 +268,14 @@ def main():
                     budget, at_min = exc.min_budget_bytes, True
                     gen = memsched.Generator(model, budget, batch=B, prompt_len=P, max_len=P + N, sample_ids=ids,
                                              device="cpu", offload_dir=os.path.join(root, f"memsched-{B}"),
-                                             fuse=a.fuse)
+                                             **ms_options)
                 pre, dec = gen.plans
                 ms_extra["prefill_calls"] = B // gen.prefill_batch   # the prompt runs in micro-batches
                 with _common.timer() as t:
                     toks, st = gen(ids, N)
                 first_s = t["s"]
                 token_ok["memsched"] = torch.equal(toks, ref)
+                agree = (toks[:, P:] == ref[:, P:]).float().mean().item()
                 print(f"  memsched plan (prefill + decode) {gen.plan_s:.2f} s; first generation {first_s:.2f} s "
                       f"(prefill {st.prefill_s * 1e3:.0f} ms, decode {st.decode_s * 1e3:.0f} ms); KV cache "
                       f"{fmt_bytes(gen.kv_cache_bytes)}", flush=True)
@@ -369,6 +380,7 @@ def main():
             gen_tokens = B * N
             for k in ("eager", "memsched", "acc-disk", "acc-map"):
                 label = k + ("+fuse" if k == "memsched" and a.fuse else "")
+                label += f"+{a.compress}" if k == "memsched" and a.compress else ""
                 label += "*" if k in ("memsched", "acc-map") and at_min else ""
                 if k in failed:
                     rows.append([label, B] + ["-"] * 8 + [f"cannot run: {failed[k]}"])
@@ -378,6 +390,8 @@ def main():
                 vs_eager = f"{tm / med['eager']:.2f}x"
                 peak = per_tok = per_step = pred = "-"
                 same = "reference" if k == "eager" else ("yes" if token_ok.get(k) else "NO")
+                if k == "memsched" and a.compress:
+                    same = f"{agree:.0%} of new tokens"
                 if k == "eager":
                     per_tok = per_step = "0 (in RAM)"
                 elif k == "memsched":
