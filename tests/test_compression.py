@@ -183,3 +183,49 @@ def test_a_patched_home_is_checked_by_its_bytes(tier, tmp_path):
         assert torch.equal(out, cache)
     finally:
         stores.close()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_widening_a_chunk_at_a_time_gives_every_value(bits, dtype, transposed):
+    """Destinations that cannot be widened in place (another dtype, a transposed layout) take
+    their values a chunk at a time, each where the layout puts it: the values of widening the
+    whole tensor at once, over several chunks."""
+    torch.manual_seed(0)
+    x = (torch.randn(3 * quantize.CHUNK // 256 + 4, 256) * 3).to(dtype)
+    q, scale = quantize.quantize(x, bits)
+    if bits == 8:
+        ints = q.view(torch.int8).float()
+    else:
+        ints = torch.stack(((q & 0xF).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8), dim=1).reshape(-1).float()
+    want = (ints.reshape(-1, quantize.GROUP) * scale.reshape(-1, 1)).reshape(x.shape).to(dtype)
+    out = torch.empty(x.shape[::-1], dtype=dtype).t() if transposed else torch.empty_like(x)
+    quantize.dequantize_into(q, scale, bits, out)
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_compressed_read_makes_no_copy_of_the_tensor(dtype, tmp_path):
+    """A compressed home is widened straight from the offload file's pages (checksummed first):
+    no temporary as large as its integers or values is allocated, memory a CPU device's budget
+    would not see (before: the integers read into a buffer, bfloat16 widened through float32
+    copies of the whole tensor)."""
+    from test_real_memory import _allocator_peak
+
+    from memsched.ir.kinds import Kind
+    from memsched.runtime.stores import QuantizedCopy, Stores
+
+    torch.manual_seed(0)
+    w = torch.randn(1024, 1024).to(dtype)
+    stores = Stores(torch.device("cpu"), tmp_path, compress=8)
+    try:
+        home = stores.home("w", w, "disk", user=object(), kind=Kind.WEIGHT)
+        assert isinstance(home.handle, QuantizedCopy)
+        out = torch.empty_like(w)
+        peak = _allocator_peak(lambda: home.handle.read_into(out))
+        assert peak <= 2 * quantize.CHUNK * 4, peak   # a chunk's float32 values, not the tensor's
+        assert home.handle.region.mapped is None      # the map made for the read is gone
+        assert (out.float() - w.float()).abs().max() <= w.float().abs().max() / 127
+    finally:
+        stores.close()

@@ -38,27 +38,51 @@ def quantize(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (nibbles[:, 0] | (nibbles[:, 1] << 4)).contiguous(), scale.reshape(-1)
 
 
+CHUNK = 64 * GROUP * 16   # values widened at a time where the destination cannot take them in place
+
+
 def dequantize_into(q: torch.Tensor, scale: torch.Tensor, bits: int, out: torch.Tensor) -> None:
-    """Write the values ``quantize`` encoded into ``out`` (its own dtype and shape)."""
+    """Write the values ``quantize`` encoded into ``out`` (its own dtype and shape). No temporary
+    grows with the tensor (on a CPU device a fetch's temporaries are memory the budget does not
+    see): a contiguous float32 ``out`` is widened and scaled in place, any other in chunks."""
+    scale = scale.to(out.device)
     if out.dtype == torch.float32 and out.is_contiguous():
-        # in place, no float temporaries: the integers are widened into out and scaled there
-        # (the same values as below: small integers and their products are exact in float32)
+        # the integers go into out and are scaled there (small integers and their products are
+        # exact in float32: the same values as the chunked path)
         flat = out.view(-1)
         if bits == 8:
             flat.copy_(q.view(torch.int8))
-        else:
+        else:   # low nibble, high nibble, a chunk of bytes at a time (their nibbles are temporaries)
             pairs = flat.view(-1, 2)
-            pairs[:, 0].copy_(q & 0xF)
-            pairs[:, 1].copy_(q >> 4)
+            for start in range(0, q.numel(), CHUNK):
+                part = q[start:start + CHUNK]
+                pairs[start:start + CHUNK, 0].copy_(part & 0xF)
+                pairs[start:start + CHUNK, 1].copy_(part >> 4)
             flat.sub_(8)
-        flat.view(-1, GROUP).mul_(scale.to(out.device).view(-1, 1))
+        flat.view(-1, GROUP).mul_(scale.view(-1, 1))
         return
-    if bits == 8:
-        ints = q.view(torch.int8).float()
-    else:
-        ints = torch.stack(((q & 0xF).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8), dim=1).reshape(-1).float()
-    values = ints.reshape(-1, GROUP) * scale.to(ints.device).reshape(-1, 1)
-    out.copy_(values.reshape(out.shape).to(out.dtype))
+    # other dtypes and layouts, a chunk at a time: the values come in row-major order, each put
+    # where out's strides place it (out is dense: its memory is exactly its values)
+    memory = out.as_strided((out.numel(),), (1,), out.storage_offset())
+    per_byte = 1 if bits == 8 else 2
+    for start in range(0, out.numel(), CHUNK):   # (start and CHUNK are whole groups)
+        n = min(CHUNK, out.numel() - start)
+        part = torch.empty(n, dtype=torch.float32, device=out.device)
+        dequantize_into(q[start // per_byte:(start + n) // per_byte], scale[start // GROUP:(start + n) // GROUP],
+                        bits, part)
+        if out.is_contiguous():
+            memory[start:start + n].copy_(part)
+        else:
+            memory.index_copy_(0, _offsets(out, start, n), part.to(out.dtype))
+
+
+def _offsets(t: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """Where t's values ``start`` to ``start + n`` (row-major order) lie in its memory."""
+    index, offset = torch.arange(start, start + n, device=t.device), 0
+    for size, stride in zip(reversed(t.shape), reversed(t.stride())):
+        offset = offset + (index % size) * stride
+        index = index // size
+    return offset
 
 
 def slices_align(t: torch.Tensor, dim: int) -> bool:

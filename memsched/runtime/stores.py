@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import mmap
 import os
@@ -210,9 +211,10 @@ class QuantizedCopy:
         return self.region.nbytes
 
     def read_into(self, out: torch.Tensor) -> None:
-        q = torch.empty(self.region.nbytes, dtype=torch.uint8)
-        self.store.read_into(self.region, q)  # checksummed as any region
-        quantize.dequantize_into(q, self.scale, self.bits, out)
+        # widened from the file's pages (checksummed first): a temporary copy of the integers
+        # would be memory the budget does not see on a CPU device
+        with self.store.verified_bytes(self.region) as q:
+            quantize.dequantize_into(q, self.scale, self.bits, out)
 
 
 def make_offload_dir(base: str | os.PathLike | None) -> str:
@@ -433,10 +435,19 @@ class DiskStore:
             raise self._os_error(exc, "mapping", region) from exc
         return region.mapped.bytes
 
+    def _never_written(self, region: Region) -> DiskIntegrityError:
+        return DiskIntegrityError(f"memsched: {region.describe()} in the offload directory {self.directory} was "
+                                  "never completely written (or was released)")
+
+    def _mismatch(self, region: Region) -> DiskIntegrityError:
+        return DiskIntegrityError(
+            f"memsched: checksum mismatch reading {region.describe()} from the offload file in "
+            f"{self.directory}: the bytes on disk are not the ones written (file corrupted or "
+            "changed by another process)")
+
     def read_into(self, region: Region, t: torch.Tensor) -> None:
         if region.digest is None:
-            raise DiskIntegrityError(f"memsched: {region.describe()} in the offload directory "
-                                     f"{self.directory} was never completely written (or was released)")
+            raise self._never_written(region)
         data = _buffer(t)
         try:
             done = read_fully(self.fd, data, region.offset)
@@ -447,10 +458,25 @@ class DiskStore:
                 f"memsched: reading {region.describe()} from the offload file in {self.directory} got "
                 f"{done} of {len(data)} bytes: the file was truncated or the read made no progress")
         if checksum(data) != region.digest:
-            raise DiskIntegrityError(
-                f"memsched: checksum mismatch reading {region.describe()} from the offload file in "
-                f"{self.directory}: the bytes on disk are not the ones written (file corrupted or "
-                "changed by another process)")
+            raise self._mismatch(region)
+
+    @contextlib.contextmanager
+    def verified_bytes(self, region: Region):
+        """The region's bytes where they are, through its memory map, checked as ``read_into``
+        checks a read: no copy in memory (a compressed home is widened straight from them).
+        A map made for this is closed after, so the pages leave the process again."""
+        if region.digest is None:
+            raise self._never_written(region)
+        made = region.mapped is None
+        try:
+            data = self._mapped(region)
+            if checksum(_buffer(data)) != region.digest:
+                raise self._mismatch(region)
+            yield data
+        finally:
+            data = None
+            if made:
+                region.unmap()
 
     def close(self) -> None:
         with self._lock:
