@@ -69,6 +69,20 @@ def test_generate_prints_the_plan_and_tokens_per_second(capsys, monkeypatch, con
     assert shown[-1] == "memsched: generating 2 x 4 tokens", shown  # the run has its own stage
 
 
+def test_sliding_layers_print_their_ring(capsys, tmp_path):
+    """A decoder whose sliding window is shorter than the generation: the KV cache line says how
+    many layers slide and the ring they keep instead of every position."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "mistral", "vocab_size": 300, "hidden_size": 64,
+                                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "sliding_window": 6}))
+    code, out, err = run(capsys, "generate", path, "--budget", on_gpu(HW, "10MB"), "--prompt-len", 8, "--new-tokens", 4,
+                         "--hardware", HW, "--device", "cpu", "--offload-dir", tmp_path / "off")
+    assert code == 0, err
+    # 2 layers x K and V x 2 kv heads x 6 slots x head dim 16 x 4 bytes
+    assert re.search(r"KV cache\s+3\.0 KiB \(batch 1, 12 positions; 2 of 2 layers slide, a ring of 6\)", out), out
+
+
 def test_a_budget_below_the_minimum_exits_3_with_one_line_that_names_it(capsys, config):
     code, out, err = run(capsys, "generate", config, "--budget", on_gpu(HW, "50KB"), "--prompt-len", 8, "--new-tokens", 4,
                          "--hardware", HW, "--device", "cpu")

@@ -44,6 +44,13 @@ def render_saved_activations(console, plan, limit: int = SAVED_ACTIVATIONS_SHOWN
     console.print(section_table(saved_activations_section(plan, limit)))
 
 
+def _rings(gen) -> str:
+    """What sliding-window layers keep instead of every position, if any."""
+    rings = getattr(gen.decoder, "rings", [])
+    sliding = [r for r in rings if r is not None]
+    return f"; {len(sliding)} of {len(rings)} layers slide, a ring of {sliding[0]}" if sliding else ""
+
+
 def generation_sections(gen, name: str) -> list[Section]:
     """A generator's two plans (memsched.Generator: prefill, decode) in brief: the budget, each
     program's peak, minimum and predicted time, and where the weights and the KV cache live."""
@@ -52,7 +59,7 @@ def generation_sections(gen, name: str) -> list[Section]:
     rows = [Row("hardware", (f"{hw.name} ({hw.device_type}, {fb(hw.device_bytes)} device memory); "
                              f"runs on {gen.compiled.device}",), (hw.device_bytes,)),
             Row("budget", (fb(budget),), (budget,)),
-            Row("KV cache", (f"{fb(gen.kv_cache_bytes)} (batch {gen.batch}, {gen.max_len} positions)",),
+            Row("KV cache", (f"{fb(gen.kv_cache_bytes)} (batch {gen.batch}, {gen.max_len} positions{_rings(gen)})",),
                 (gen.kv_cache_bytes,))]
     rows.append(Row("prompt rows", (f"{gen.prefill_batch} of {gen.batch} at a time" if gen.prefill_batch < gen.batch
                                     else f"all {gen.batch} at once",), (gen.prefill_batch,)))
