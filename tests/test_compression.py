@@ -229,3 +229,11 @@ def test_a_compressed_read_makes_no_copy_of_the_tensor(dtype, tmp_path):
         assert (out.float() - w.float()).abs().max() <= w.float().abs().max() / 127
     finally:
         stores.close()
+
+
+def test_widening_into_memory_with_gaps_is_refused():
+    """A destination whose memory has gaps (a slice) cannot be widened chunk by chunk into its
+    memory: refused, never written past its values."""
+    q, scale = quantize.quantize(torch.randn(64, 128), 8)
+    with pytest.raises(ValueError, match="holds exactly its values"):
+        quantize.dequantize_into(q, scale, 8, torch.empty(64, 256)[:, :128])

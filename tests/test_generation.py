@@ -273,6 +273,21 @@ def test_sliding_windows_shorter_than_the_generation(name, tmp_path, monkeypatch
     assert not torch.equal(full, ref)
 
 
+def test_a_window_no_layer_uses_masks_nothing():
+    """Qwen2 with a sliding window but ``max_window_layers`` covering every layer: its layer
+    types say none slides, so no layer is masked as sliding."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from memsched.generation.decoding import _check_decoder
+
+    with quiet_transformers():
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True,
+                                             sliding_window=4, max_window_layers=2)).eval()
+    assert model.config.layer_types == ["full_attention"] * 2
+    assert _check_decoder(model, 16) is None
+
+
 def test_a_window_covering_the_generation_masks_nothing():
     """A sliding window at least as long as the generation adds no mask: the same program as a
     full-attention decoder's, and transformers' tokens."""

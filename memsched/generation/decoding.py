@@ -105,7 +105,11 @@ def _check_decoder(model: torch.nn.Module, max_len: int) -> Window | None:
         window = getattr(text, "window_size", None)
     # a sliding window as long as the whole generation masks nothing: such layers attend as
     # full-attention ones (a query at slot i sees the keys after slot i - window)
-    sliding = ("sliding_attention" in types or bool(window)) and not (window and max_len <= window)
+    # (a config naming its layers' types slides where they say so; one naming none, as Mistral's,
+    # in every layer when it has a window)
+    named_types = bool(getattr(text, "layer_types", None) or getattr(text, "attention_layers", None))
+    slides_somewhere = "sliding_attention" in types if named_types else bool(window)
+    sliding = slides_somewhere and not (window and max_len <= window)
     if types - {"full_attention", "sliding_attention"} or sliding and (own_masks or not window):
         raise NotImplementedError(
             f"{type(model).__name__} has {'non-attention' if types - set(named.values()) else 'sliding-window'} "
@@ -114,9 +118,8 @@ def _check_decoder(model: torch.nn.Module, max_len: int) -> Window | None:
             "through transformers' mask interface")
     if not sliding:
         return None
-    # a config naming no layer types (Mistral's) slides in every layer
     slides = tuple(t == "sliding_attention" for t in getattr(text, "layer_types", None) or ())
-    return Window(int(window), mixed="full_attention" in types and bool(slides), layers=slides)
+    return Window(int(window), mixed=any(slides) and not all(slides), layers=slides)
 
 
 def step_inputs(ids: torch.Tensor, first_slot: int, max_len: int, positions=None, mask=None) -> tuple:

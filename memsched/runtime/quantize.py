@@ -62,7 +62,12 @@ def dequantize_into(q: torch.Tensor, scale: torch.Tensor, bits: int, out: torch.
         flat.view(-1, GROUP).mul_(scale.view(-1, 1))
         return
     # other dtypes and layouts, a chunk at a time: the values come in row-major order, each put
-    # where out's strides place it (out is dense: its memory is exactly its values)
+    # where out's strides place it (out must be dense: its memory exactly its values)
+    from .stores import is_dense   # (stores imports this module)
+
+    if not is_dense(out):
+        raise ValueError(f"dequantize_into needs a destination whose memory holds exactly its values, got "
+                         f"sizes {tuple(out.shape)} strides {tuple(out.stride())}")
     memory = out.as_strided((out.numel(),), (1,), out.storage_offset())
     per_byte = 1 if bits == 8 else 2
     for start in range(0, out.numel(), CHUNK):   # (start and CHUNK are whole groups)
