@@ -45,3 +45,15 @@ def distinct_storage_bytes(val) -> int:
 def value_nbytes(val) -> int:
     """Bytes of a value's elements (a view counts what it shows, not its base)."""
     return sum(t.numel() * t.element_size() for t in tensor_leaves(val))
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True when t covers exactly numel consecutive elements (any dim order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.size()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ir.tensors import is_dense
+
 GROUP = 64
 QMAX = {8: 127, 4: 7}
 MIN_NUMEL = 4096  # smaller weights (biases, norms) stay exact: they are a sliver of the bytes
@@ -63,8 +65,6 @@ def dequantize_into(q: torch.Tensor, scale: torch.Tensor, bits: int, out: torch.
         return
     # other dtypes and layouts, a chunk at a time: the values come in row-major order, each put
     # where out's strides place it (out must be dense: its memory exactly its values)
-    from .stores import is_dense   # (stores imports this module)
-
     if not is_dense(out):
         raise ValueError(f"dequantize_into needs a destination whose memory holds exactly its values, got "
                          f"sizes {tuple(out.shape)} strides {tuple(out.stride())}")

@@ -35,6 +35,7 @@ import xxhash
 
 from ..cost_models.hardware import cpu_cores
 from ..ir.kinds import OFF_DEVICE, Kind
+from ..ir.tensors import is_dense
 from . import quantize
 
 ALIGN = 4096
@@ -42,18 +43,6 @@ ALIGN = 4096
 
 class DiskIntegrityError(IOError):
     """Bytes read back from the offload file are not the bytes memsched wrote there."""
-
-
-def is_dense(t: torch.Tensor) -> bool:
-    """True when t covers exactly numel consecutive elements (any dim order)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.size()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def byte_view(t: torch.Tensor) -> torch.Tensor:

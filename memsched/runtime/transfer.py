@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ir.kinds import LINKS
-from .stores import DiskCopy, DiskStore, HostCopy, HostPool, Layout, is_dense
+from ..ir.tensors import is_dense
+from .stores import DiskCopy, DiskStore, HostCopy, HostPool, Layout
 
 __all__ = ["DiskCopy", "HostCopy", "Pending", "Outgoing", "TransferEngine", "TransferStats"]
 
