@@ -15,7 +15,10 @@ measured in the same run, on the same GPU:
                    and Accelerate's cpu_offload: time, tokens equal, decode step vs predicted;
   training         one GPT-2 training step (forward + loss + backward) at --train-fraction of
                    memsched's unconstrained training peak: step time against eager and against
-                   checkpointing every block, allocator peaks, loss and gradient error vs eager.
+                   checkpointing every block, allocator peaks, loss and gradient error vs eager;
+  kernels          a LLaMA-shaped training step with memsched's RMSNorm and rotary kernels
+                   (Triton on CUDA) against the same step without them: time, allocator peak,
+                   gradient distance.
 
     bash benchmarks/gpu_check.sh              # on the GPU machine (tests, then this script)
     python benchmarks/gpu_check.py --device cpu --quick   # a dry run of the logic on a CPU
@@ -215,6 +218,44 @@ def train_rows(a, device, hw, root):
             ] + rows
 
 
+def kernel_rows(a, device, hw, root):
+    """A LLaMA-shaped decoder's training step at no budget to meet, with memsched's RMSNorm and
+    rotary kernels (kernels="auto": Triton on CUDA) against the same plan without them: step
+    time, allocator peak, and the gradients' distance from each other."""
+    import transformers as T
+
+    layers, hidden, heads = (2, 128, 2) if a.quick else (8, 1024, 16)
+    config = T.LlamaConfig(vocab_size=a.vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                           use_cache=False)
+    torch.manual_seed(0)
+    base = T.LlamaForCausalLM(config).train()
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(1))
+    kw = {"input_ids": ids, "labels": ids}
+    measured, grads = {}, {}
+    for kernels in (False, "auto"):
+        free = memsched.plan(base, (), 10**13, example_kwargs=kw, train=True, hardware=hw, kernels=kernels)
+        cm = memsched.compile(base, free.peak_device_bytes, train=True, device=device, hardware=hw,
+                              offload_dir=root, kernels=kernels)
+
+        def step():
+            base.zero_grad(set_to_none=True)
+            cm(**kw).loss.backward()
+        try:
+            measured[kernels] = (timed(step, device, a.reps), peak_of(step, device), cm.plan.passes[0].note)
+            grads[kernels] = [p.grad.float().cpu() for p in base.parameters()]
+        finally:
+            cm.close()
+    (t_off, p_off, _), (t_on, p_on, note) = measured[False], measured["auto"]
+    scale = max(g.abs().max().item() for g in grads[False])
+    err = max((x - y).abs().max().item() for x, y in zip(grads["auto"], grads[False])) / scale
+    alloc = lambda p: "-" if p is None else fmt_bytes(p)  # noqa: E731
+    return [[f"kernels: LLaMA {layers}x{hidden} step {a.batch}x{a.seq}, no budget ({note})", f"{t_on * 1e3:.1f} ms",
+             f"{t_on / t_off:.2f}x without", f"without {t_off * 1e3:.1f} ms; grad err {err:.1e}"],
+            ["  kernels: allocator peaks", alloc(p_on), "-" if None in (p_on, p_off) else f"{p_on / p_off:.3f}x without",
+             f"without {alloc(p_off)}"]]
+
+
 def step_at(base, kw, budget, device, hw, root, reps):
     """memsched's training step of ``base`` at ``budget``: (median seconds, predicted seconds)."""
     cm = memsched.compile(base, budget, train=True, device=device, hardware=hw, offload_dir=root)
@@ -352,7 +393,7 @@ def main():
     print(f"memsched {memsched.__version__}, torch {torch.__version__}, {name}; profile {hw.name}", flush=True)
     t0 = time.perf_counter()
     rows = link_rows(device, hw, 16 << 20 if q else 256 << 20)
-    for part in (streaming_rows, train_rows, generation_rows) + ((big_generation_rows,) if a.big else ()):
+    for part in (streaming_rows, train_rows, kernel_rows, generation_rows) + ((big_generation_rows,) if a.big else ()):
         try:
             rows += part(a, device, hw, root)
         except Exception as exc:  # noqa: BLE001 - one failing part must not hide the others' numbers

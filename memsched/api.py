@@ -293,6 +293,12 @@ def compile(model, budget=None, *, example_inputs=None, example_kwargs=None, dev
     ``fuse=True``: the compute between scheduling points runs as regions compiled by Inductor
     (passes/fusion.py), each kept within the budget; off by default (compiling takes seconds
     per distinct region on a CPU, once per process).
+    ``kernels``: RMSNorm and rotary-embedding chains found in the graph run as memsched's kernel
+    ops (frontend/kernel_patterns.py): one Triton kernel each on CUDA, and a training step saves
+    x and 1/rms for a norm's backward, not its normalized values. "auto" (default): where they
+    run Triton (CUDA; or TRITON_INTERPRET=1) and ``fuse`` is off (Inductor fuses the chains with
+    their neighbours itself); True: also elsewhere, where they run the same
+    PyTorch ops as the model, op for op (outputs and gradients bit for bit eager's); False: never.
     ``recompute_layers``: a training step may save only each layer's inputs and rebuild the rest
     of the layer in the backward, as per-block checkpointing does (passes/layer_recompute.py).
     "auto" (default): planned beside the other program when moving saved values costs more

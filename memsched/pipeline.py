@@ -28,11 +28,13 @@ from .cost_models.simulator import SimResult, simulate
 from .errors import CaptureError, InfeasibleBudgetError, UnsupportedModelError
 from .frontend.capture import Captured, capture, input_signature
 from .frontend.joint import capture_joint
+from .frontend.kernel_patterns import kernel_counts
 from .frontend.repeats import capture_repeated
 from .ir.graph_module import lazy_graph_module
 from .ir.kinds import PERSISTENT
 from .ir.meta import KEY
 from .ir.units import format_bytes
+from .kernels import runs_triton
 from .passes.analysis import START, Program, analyze
 from .passes.chunking import Chunking, chunked, chunkings, loss_chunks, splittable_modules, steps_outside
 from .passes.floor import op_floor
@@ -87,6 +89,7 @@ class PlanningState:
     chunk_ops: bool = True                           # False: never split a module (chunk_pass)
     fuse: bool = False                               # True: fuse compute into regions (fuse_pass)
     recompute_layers: bool | str = "auto"            # layer_recompute_pass: "auto", True or False
+    kernels: bool | str = "auto"                     # memsched's kernel ops for the patterns found (capture_pass)
     placement: Placement | None = None
     candidates: list[Candidate] = field(default_factory=list)
     chosen: Candidate | None = None
@@ -102,16 +105,31 @@ class PlanningState:
 def capture_pass(s: PlanningState) -> str:
     """The model's ATen graph; a deep stack of identical layers is traced on five of them and
     the rest repeated (frontend/repeats.py)."""
+    kernels = uses_kernels(s.kernels, s.hw.device_type, s.fuse)
     if s.train:
         def trace(model):
             return capture_joint(model, s.args, s.kwargs, grad_outputs=s.grad_outputs, target=s.hw.device_type,
-                                 loss_chunks=loss_chunks(s.chunking), shared_loss_heads=s.fuse)
+                                 loss_chunks=loss_chunks(s.chunking), shared_loss_heads=s.fuse, kernels=kernels)
     else:
         def trace(model):
-            return capture(model, s.args, s.kwargs)
+            return capture(model, s.args, s.kwargs, kernels=kernels)
     with chunked(s.model, s.chunking):
         s.captured, how = capture_repeated(s.model, trace)
-    return "; ".join(x for x in ("forward + backward" if s.train else "", how) if x)
+    found = kernel_counts(s.captured.gm) if kernels else None
+    used = f"kernels: {found}" if found else ""
+    return "; ".join(x for x in ("forward + backward" if s.train else "", how, used) if x)
+
+
+def uses_kernels(kernels: bool | str, device_type: str, fuse: bool = False) -> bool:
+    """``kernels=`` of compile/plan: True, False, or "auto": where they run Triton (on CUDA, or
+    under Triton's interpreter; elsewhere their fallback is the composite they replace) in a
+    program that is not fused (a fused one leaves the chains to Inductor, which fuses them with
+    their neighbours)."""
+    if kernels == "auto":
+        return runs_triton(device_type) and not fuse
+    if not isinstance(kernels, bool):
+        raise ValueError(f"kernels must be True, False or 'auto', got {kernels!r}")
+    return kernels
 
 
 def remat_pass(s: PlanningState) -> str:
@@ -505,13 +523,13 @@ def plan_model(model: torch.nn.Module, args: tuple, kwargs: dict, budget, hw: Ha
                train: bool = False, grad_outputs: str = "auto", verify: bool | None = None, progress=None,
                max_segments: int = DEFAULT_MAX_SEGMENTS, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
                chunk_ops: bool = True, fuse: bool = False,
-               recompute_layers: bool | str = "auto") -> tuple[Plan, Captured]:
+               recompute_layers: bool | str = "auto", kernels: bool | str = "auto") -> tuple[Plan, Captured]:
     """Every pass, from capturing ``model(*args, **kwargs)`` to the chosen schedule
     (``chunk_ops=False``: no module is run on slices, whatever the budget; ``fuse=True``: the
     compute between scheduling points runs as compiled regions)."""
     s = PlanningState(parse_budget(budget, hw.device_bytes), hw, max_segments, time_limit_s, model=model,
                       args=args, kwargs=kwargs, train=train, grad_outputs=grad_outputs, chunk_ops=chunk_ops,
-                      fuse=fuse, recompute_layers=recompute_layers)
+                      fuse=fuse, recompute_layers=recompute_layers, kernels=kernels)
     # planning leaves the caller's random state as it found it: a training capture draws from it,
     # and a model with random ops (drop-path's torch.rand) would then draw other numbers than
     # eager at the call that planned

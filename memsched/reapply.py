@@ -31,12 +31,14 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
         check_signature(saved.signature, key)
     verify_schedule(saved.graph, saved.budget_bytes, saved.hardware)  # a hand-edited file fails here, by step
     fused = any(op_of(n) is Op.REGION for n in saved.graph.graph.nodes)
+    kernels = any(n.op == "call_function" and getattr(n.target, "namespace", None) == "memsched"
+                  for n in unfuse(saved.graph).graph.nodes)   # planned with memsched's kernel ops
     t = time.perf_counter()
     for c in saved.chunking:   # the modules the plan runs on slices must be there to split
         if c.path != LOSS_HEAD and not isinstance(_submodule(model, c.path), torch.nn.Module):
             raise PlanMismatchError(f"the plan runs module {c.path!r} on slices of its input; the model has no such module")
     with chunked(model, list(saved.chunking)):
-        captured, _ = capture_repeated(model, lambda m: capture(m, args, kwargs))  # as planning captured it
+        captured, _ = capture_repeated(model, lambda m: capture(m, args, kwargs, kernels=kernels))  # as planned
     capture_s = time.perf_counter() - t
     t = time.perf_counter()
     # a fused plan pairs with the capture by its ops and is fused again on it (its regions are

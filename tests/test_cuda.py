@@ -265,3 +265,31 @@ def test_cuda_weight_copies_overlap_compute(tmp_path):
         assert report["h2d_ms"] > 0 and report["overlapped"] > 0, report
     finally:
         cm.close()
+
+
+def test_cuda_runs_memscheds_triton_kernels_for_norms_and_rotary(tmp_path, monkeypatch):
+    """kernels="auto" on CUDA: the LLaMA's RMSNorm and rotary chains run as memsched's Triton
+    kernels (launches counted), outputs within float32 reordering of eager's."""
+    pytest.importorskip("triton")
+    from memsched.frontend.kernel_patterns import kernel_counts
+    from memsched.kernels import _select
+
+    kernels = _select.triton_kernels()
+    launches = {"norm_forward": 0, "rope": 0}
+    for name in launches:
+        def counted(*args, _f=getattr(kernels, name), _n=name, **kw):
+            launches[_n] += 1
+            return _f(*args, **kw)
+        monkeypatch.setattr(kernels, name, counted)
+    model, args, kwargs = build("llama")
+    with torch.no_grad():
+        ref = model.cuda()(*[a.cuda() for a in args], **{k: v.cuda() for k, v in kwargs.items()})
+    model.cpu()
+    cm = memsched.compile(model, "4GB", device="cuda", offload_dir=tmp_path)
+    try:
+        assert "rms_norm" in kernel_counts(cm.plan.graph) and "rope" in kernel_counts(cm.plan.graph)
+        out = cm(*args, **kwargs)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+        assert launches["norm_forward"] > 0 and launches["rope"] > 0, launches
+    finally:
+        cm.close()

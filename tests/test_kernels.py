@@ -35,6 +35,7 @@ import memsched.kernels as K
 from memsched.kernels import _select
 from memsched.kernels.norms import rms_norm_torch
 from memsched.kernels.rotary import rotary_embedding_torch
+from helpers import FIXED_CPU
 
 IN_INTERPRETER = _select.interpreter_ready()
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
@@ -57,6 +58,7 @@ def launches(monkeypatch):
     assert kernels.INTERPRET
     monkeypatch.setattr(kernels, "MAX_BLOCK_V", 32)
     monkeypatch.setattr(kernels, "MAX_BLOCK_ELEMS", 256)
+    monkeypatch.setattr(kernels, "MAX_PARTIALS", 2)   # a norm's backward programs loop over row blocks
     for name in LAUNCHERS:
         def counted(*args, _f=getattr(kernels, name), _n=name, **kw):
             counts[_n] += 1
@@ -332,3 +334,102 @@ def test_triton_kernels_under_the_interpreter():
     passed = int(re.search(r"(\d+) passed", tail).group(1))
     skipped = re.search(r"(\d+) skipped", tail)
     assert passed > 100 and (skipped is None or int(skipped.group(1)) <= 2), tail
+
+
+# ---------------------------------------------------------------- the graph's ops (kernels/ops.py)
+# Which side the ops run is this process's: Triton under the interpreter, else the fallback,
+# which is the composite op for op (bit for bit, layouts included).
+OPS_ON = "triton" if IN_INTERPRETER else "torch"
+OPS_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+def _op_run(fn, x, *others, residual=False, grad_seed=1):
+    """fn(x, *others) (+ x with ``residual``: a second reader of x), its output and the
+    gradients of x and of the 1-D others (weights)."""
+    x = x.detach().clone().requires_grad_()
+    others = [o.detach().clone().requires_grad_() if o is not None and o.is_floating_point() and o.dim() == 1
+              else o for o in others]
+    y = fn(x, *others)
+    out = y + x if residual else y
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype)
+    wrt = [x] + [o for o in others if isinstance(o, torch.Tensor) and o.requires_grad]
+    return [y, *torch.autograd.grad(out, wrt, g)]
+
+
+def _op_compare(got, want, tol):
+    for i, (a, b) in enumerate(zip(got, want)):
+        if OPS_ON == "torch":
+            assert a.stride() == b.stride(), (i, a.stride(), b.stride())
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"tensor {i}: {m}")
+        else:
+            assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), i
+            torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m: f"tensor {i}: {m}")
+
+
+@pytest.mark.parametrize("cast", [None, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+def test_rms_norm_op_is_the_composite(launches, cast, affine, layout):
+    x, w, _ = _norm_inputs((2, 7, 48))
+    x = x if layout == "rows" else x.transpose(0, 1).contiguous().transpose(0, 1)
+    w = w if affine else None
+
+    def composite(x, w):
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        y = y.to(cast) if cast is not None else y
+        return w * y if w is not None else y
+
+    # x read by a residual too: the op's two parts of dx are added to its gradient as autograd adds the composite's
+    got = _op_run(lambda x, w: torch.ops.memsched.rms_norm(x, x, w, 1e-6, cast)[0], x, w, residual=True)
+    _op_compare(got, _op_run(composite, x, w, residual=True), OPS_TOL[cast or torch.float32])
+    assert (launches["norm_forward"] > 0 and launches["norm_backward"] > 0) == (OPS_ON == "triton")
+
+
+@pytest.mark.parametrize("case", ["heads_first", "heads_second", "partial"])
+def test_rope_op_is_the_composite(launches, case):
+    gen = torch.Generator().manual_seed(0)
+    b, h, s, d = 2, 3, 5, 8
+    tables = torch.randn(2, b, s, d, generator=gen)
+    if case == "heads_second":   # [B, S, H, D], tables unsqueezed at 2
+        x, cos, sin = torch.randn(b, s, h, d, generator=gen), tables[0][:, :, None], tables[1][:, :, None]
+    else:   # q as attention makes it: a transposed view of [B, S, H, D]
+        x = torch.randn(b, s, h, 2 * d if case == "partial" else d, generator=gen).transpose(1, 2)
+        x = x[..., :d] if case == "partial" else x
+        cos, sin = tables[0][:, None], tables[1][:, None]
+
+    def composite(x, cos, sin):
+        return x * cos + torch.cat((-x[..., d // 2:], x[..., :d // 2]), dim=-1) * sin
+
+    def op(x, cos, sin):
+        return torch.ops.memsched.rope(x, cos, sin, False)
+
+    _op_compare(_op_run(op, x, cos, sin), _op_run(composite, x, cos, sin), OPS_TOL[torch.float32])
+    assert (launches["rope"] >= 2) == (OPS_ON == "triton")
+
+
+def test_a_compiled_decoder_runs_the_kernel_ops(launches):
+    """A training step of a LLaMA with the ops chosen by ``kernels="auto"`` where they run
+    Triton (the interpreter here), forced elsewhere: loss and gradients against eager."""
+    import transformers as T
+
+    import memsched
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    model = T.LlamaForCausalLM(config).train()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref = __import__("copy").deepcopy(model)
+    ref_loss = ref(ids, labels=ids).loss
+    ref_loss.backward()
+    kernels = "auto" if IN_INTERPRETER else True
+    compiled = memsched.compile(model, "1GB", train=True, device="cpu", hardware=FIXED_CPU, kernels=kernels)
+    loss = compiled(ids, labels=ids).loss
+    loss.backward()
+    assert "kernels: 5 rms_norm, 8 rope" in compiled.plan.passes[0].note
+    assert (launches["norm_backward"] > 0 and launches["rope"] > 0) == (OPS_ON == "triton")
+    tol = OPS_TOL[torch.float32] if OPS_ON == "triton" else dict(rtol=0, atol=0)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, **tol, msg=name)

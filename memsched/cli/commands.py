@@ -134,6 +134,9 @@ def _add_plan_parser(sub) -> None:
     p.add_argument("--fuse", action="store_true",
                    help="fuse the compute between scheduling points into regions (compile(..., fuse=True)); "
                         "the listing shows each region and its ops")
+    p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
+                   help="run RMSNorm and rotary-embedding patterns as memsched's kernel ops "
+                        "(compile(..., kernels=...)); auto: where they run Triton (CUDA)")
     p.add_argument("--format", "-f", choices=FORMATS, default="table",
                    help="table: summary tables (default); code: the schedule listing, then the "
                         "summary; json: the saved-plan JSON (what -o writes)")
@@ -423,6 +426,7 @@ def _make_plan(args):
         options = {} if args.time_limit is None else {"time_limit_s": args.time_limit}
         if args.fuse:
             options["fuse"] = True
+        options["kernels"] = {"auto": "auto", "on": True, "off": False}[args.kernels]
         plan = make_plan(model, inputs, budget_bytes, hardware=hw, example_kwargs=kwargs, train=args.train,
                          progress=lambda stage: update(f"{what}: {stage}"), **options)
     plan.model_name = name

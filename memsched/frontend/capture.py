@@ -24,6 +24,7 @@ from ..ir.effects import is_impure
 from ..ir.graph_module import make_lazy
 from ..ir.kinds import PERSISTENT, Kind
 from .fake import eager_meta, share_storages_as_eager
+from .kernel_patterns import select_kernels
 
 # the kind of each graph input, from the point of view of placement
 _KIND = {
@@ -88,8 +89,10 @@ def input_signature(args: tuple, kwargs: dict) -> tuple:
     return (str(spec), tuple(key))
 
 
-def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> Captured:
-    """Export ``model(*args, **kwargs)`` to an ATen fx graph; CaptureError names what failed."""
+def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
+            kernels: bool = False) -> Captured:
+    """Export ``model(*args, **kwargs)`` to an ATen fx graph; CaptureError names what failed.
+    ``kernels``: RMSNorm and rotary chains become memsched's kernel ops (kernel_patterns.py)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
     warn_fast_paths(model)
@@ -104,6 +107,8 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     _reject_hidden_mutations(gm, model)
     _merge_tied(gm, {p.name for p in placeholders if p.kind in PERSISTENT})
     _normalize(gm)
+    if kernels:
+        select_kernels(gm)
     share_storages_as_eager(gm.graph)
     for spec in ep.graph_signature.input_specs:
         if spec.kind not in _KIND:

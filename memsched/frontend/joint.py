@@ -34,6 +34,7 @@ from .capture import _ASSERT_OPS, _KIND, Captured, Placeholder, export_model
 from .fake import RNN_LAYER, eager_meta, share_storages_as_eager
 from .functions import Functions, custom_applications
 from .inplace import accumulate_in_place
+from .kernel_patterns import select_kernels
 from .loss_head import chunk_loss_heads
 
 
@@ -87,7 +88,7 @@ def _state(model: torch.nn.Module, ep) -> dict[str, torch.Tensor]:
 
 def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None,
                   grad_outputs: str = "auto", target: str = "cpu", loss_chunks: int = 0,
-                  shared_loss_heads: bool = False) -> JointCaptured:
+                  shared_loss_heads: bool = False, kernels: bool = False) -> JointCaptured:
     """Trace one training step of ``model(*args, **kwargs)``.
 
     ``grad_outputs``: "auto" expects gradients only for scalar outputs when there are any (a
@@ -100,6 +101,8 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     many slices of rows, forward and backward (frontend/loss_head.py): the full logits never exist.
     ``shared_loss_heads``: a head whose logits are returned too has its loss read them in slices
     of rows whatever ``loss_chunks`` (its sums then differ from eager's in the last bits).
+    ``kernels``: RMSNorm and rotary chains run as memsched's kernel ops, forward and backward
+    (kernel_patterns.py).
     """
     if grad_outputs not in ("auto", "all"):
         raise ValueError(f"grad_outputs must be 'auto' or 'all', got {grad_outputs!r}")
@@ -132,6 +135,9 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     floating = [i for i, v in enumerate(user_vals) if isinstance(v, torch.Tensor) and v.is_floating_point()]
     if grad_outputs == "auto" and any(user_vals[i].dim() == 0 for i in floating):
         floating = [i for i in floating if user_vals[i].dim() == 0]
+    if kernels:
+        select_kernels(ep.graph_module, {sp.arg.name for sp in ep.graph_signature.input_specs
+                                         if sp.kind == InputKind.PARAMETER})
     traced = _portable_random(chunk_loss_heads(ep.graph_module, loss_chunks, shared_loss_heads), target, primals)
     trace = _Trace(traced, slot_of, trained, n_mut, floating, functions)
     with _portable_attention(target, primals):

@@ -29,7 +29,8 @@ PlanFileError naming the field and what is wrong with it:
   the enumerations (dtypes, layouts, devices, kinds, tiers, links), the tagged values, names
   and state keys that are safe in generated code;
 * then what a schema cannot say, here: op targets come from an allowlist (``resolve_target``:
-  ATen/prims overloads looked up as ``torch.ops.<ns>.<op>.<overload>`` and checked to be one,
+  ATen/prims overloads and memsched's kernel ops (``memsched::rms_norm.default``) looked up as
+  ``torch.ops.<ns>.<op>.<overload>`` and checked to be one,
   the higher-order ops the capture leaves in a graph, memsched's inserted ops and
   ``operator.getitem``; nothing is imported and no attribute path of a module is walked);
   node names are unique and the output comes last; every reference is defined; a tensor has
@@ -63,6 +64,7 @@ from ..ir.listing import target_name as target_name_of
 from ..ir.meta import KEY, from_saved, info, to_saved
 from ..ir.regions import KEY as REGION_KEY
 from ..ir.regions import Region, region_of, structure_key
+from ..kernels import ops as kernel_ops  # noqa: F401  (registers torch.ops.memsched.*)
 from ..passes.chunking import Chunking
 from ..plan_records import SAVED_ACTIVATION_KEYS, PassRecord, PlacementFacts
 from . import plan_schema
@@ -159,7 +161,7 @@ _MEMSCHED_OPS = {name: ops.TARGETS[op] for op, name in _SAVED_OP_NAMES.items()}
 _PY_TARGETS = {"operator.getitem": operator.getitem}
 # the higher-order ops the capture leaves in a graph (nested no_grad regions, autocast)
 _HIGHER_ORDER = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
-_OP_NAMESPACES = ("aten", "prims")
+_OP_NAMESPACES = ("aten", "prims", "memsched")   # memsched: the kernel ops (kernels/ops.py)
 
 
 def _qualified_name(t) -> str | None:

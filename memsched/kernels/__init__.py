@@ -7,19 +7,30 @@ otherwise the PyTorch fallback. ``impl="torch"`` / ``impl="triton"`` forces one.
 ``PATTERNS`` says, for each kernel, the ATen ops it replaces, for a fusion pass matching the
 captured graph. ``export`` lists the pre-dispatch ops ``torch.export`` gives (the inference
 capture); ``joint`` the decomposed ops of the joint forward+backward trace (make_fx). The
-patterns are data only: nothing here rewrites graphs.
+patterns are data only here: frontend/kernel_patterns.py finds the RMSNorm and rotary ones in a
+captured graph and calls the operators of ``ops`` (``torch.ops.memsched.*``) instead;
+frontend/loss_head.py finds the LM head's.
 """
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from ._select import Backend, backend
+from . import ops  # noqa: F401  (registers torch.ops.memsched.rms_norm, .rope and their backwards)
+from ._select import Backend, backend, interpreter_ready, triton_import_error
 from .cross_entropy import fused_linear_cross_entropy
 from .norms import layer_norm, rms_norm
 from .rotary import rotary_embedding
 
 __all__ = ["Backend", "KernelPattern", "PATTERNS", "backend", "fused_linear_cross_entropy",
-           "layer_norm", "rms_norm", "rotary_embedding"]
+           "layer_norm", "rms_norm", "rotary_embedding", "runs_triton"]
+
+
+def runs_triton(device_type: str) -> bool:
+    """Whether the kernels run Triton on tensors of ``device_type`` here: on CUDA when Triton
+    imports, anywhere under Triton's interpreter (``TRITON_INTERPRET=1`` set before import)."""
+    if interpreter_ready():
+        return True
+    return device_type == "cuda" and triton_import_error() is None
 
 
 class KernelPattern(NamedTuple):
@@ -38,7 +49,8 @@ PATTERNS: dict[str, KernelPattern] = {
         ("aten._to_copy?", "aten.pow.Tensor_Scalar", "aten.mean.dim", "aten.add.Tensor",
          "aten.rsqrt", "aten.mul.Tensor", "aten._to_copy?", "aten.mul.Tensor"),
         "x -> rms_norm(x, weight, eps); the casts (?) are absent when x is float32; eps is the "
-        "add's scalar; the reduction must be over the last dim only"),
+        "add's scalar; the reduction must be over the last dim only. In a captured graph: "
+        "torch.ops.memsched.rms_norm (ops.py), chosen by frontend/kernel_patterns.py"),
     "layer_norm": KernelPattern(
         layer_norm,
         ("aten.layer_norm(x, [N], weight, bias, eps)",),
@@ -53,7 +65,8 @@ PATTERNS: dict[str, KernelPattern] = {
         ("aten.unsqueeze", "aten.mul.Tensor", "aten.slice.Tensor", "aten.neg", "aten.slice.Tensor",
          "aten.cat", "aten.mul.Tensor", "aten.add.Tensor"),
         "q and k share cos/sin; one of them alone is rotary_embedding with the other output "
-        "unused; cos/sin must not require grad for the Triton path"),
+        "unused; cos/sin must not require grad for the Triton path. In a captured graph: "
+        "torch.ops.memsched.rope per tensor (ops.py), chosen by frontend/kernel_patterns.py"),
     "fused_linear_cross_entropy": KernelPattern(
         fused_linear_cross_entropy,
         ("aten.linear(hidden, weight, bias)", "aten.view(-1, V)", "aten.view(target, -1)",

@@ -32,7 +32,7 @@ def interpret_requested() -> bool:
 def interpreter_ready() -> bool:
     """TRITON_INTERPRET=1, and set before triton was imported: Triton's own library (tl.sum,
     tl.max) is decorated when triton is imported, for the compiler or for the interpreter."""
-    if not interpret_requested() or _triton_import_error() is not None:
+    if not interpret_requested() or triton_import_error() is not None:
         return False
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
@@ -40,7 +40,7 @@ def interpreter_ready() -> bool:
     return isinstance(tl.sum, InterpretedFunction)
 
 
-def _triton_import_error() -> str | None:
+def triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
     except Exception as exc:  # a broken install raises more than ImportError
@@ -51,7 +51,7 @@ def _triton_import_error() -> str | None:
 def backend(*tensors: torch.Tensor | None) -> Backend:
     """The implementation a call on ``tensors`` runs, and why. With no tensors: for tensors on
     this machine's default accelerator (CUDA when available, else CPU)."""
-    error = _triton_import_error()
+    error = triton_import_error()
     if error is not None:
         return Backend(TORCH, f"triton does not import ({error})")
     if interpret_requested():

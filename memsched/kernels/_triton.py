@@ -14,6 +14,9 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 MAX_BLOCK_V = 4096  # vocabulary columns a cross-entropy program holds at once
 MAX_BLOCK_ELEMS = 4096  # elements (rows x columns) a row-block program holds at once
 MAX_ROW = 65536  # longest row a norm program holds whole
+# programs of a norm's backward, each summing dweight over its share of the rows: the partial
+# sums are MAX_PARTIALS rows of float32 (1 MiB at 1024 columns), not one per row block
+MAX_PARTIALS = 256
 
 
 def _row_blocks(rows: int, cols: int) -> tuple[int, int, int, int]:
@@ -104,32 +107,46 @@ def _norm_fwd_kernel(x, w, b, y, mean, rstd, M, N, eps, IS_RMS: tl.constexpr,
 
 
 @triton.jit
-def _norm_bwd_kernel(dy, x, w, mean, rstd, dx, dw_part, db_part, M, N, IS_RMS: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dx for BLOCK_M rows; this block's partial sums of dw (and db) over its rows."""
+def _norm_bwd_kernel(dy, x, w, mean, rstd, dx, dx_stats, dw_part, db_part, M, N, BLOCKS, PROGRAMS,
+                     IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dx for the row blocks pid, pid + PROGRAMS, ...; this program's partial sums of dw (and
+    db) over its rows, so the partials take PROGRAMS rows whatever M. SPLIT (RMS only): dx in
+    its two parts, through x_hat's numerator (dx) and through the statistics (dx_stats)."""
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    offs = rows[:, None] * N + cols[None, :]
-    xv = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
-    dyv = tl.load(dy + offs, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(rstd + rows, mask=rows < M, other=0.0)
-    if IS_RMS:
-        xhat = xv * r[:, None]
-    else:
-        mu = tl.load(mean + rows, mask=rows < M, other=0.0)
-        xhat = tl.where(mask, (xv - mu[:, None]) * r[:, None], 0.0)
-    g = dyv * tl.load(w + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.sum(g * xhat, 1) / N
-    if IS_RMS:
-        dxv = (g - xhat * c2[:, None]) * r[:, None]
-    else:
-        dxv = (g - (tl.sum(g, 1) / N)[:, None] - xhat * c2[:, None]) * r[:, None]
-    tl.store(dx + offs, dxv.to(dx.dtype.element_ty), mask=mask)
-    tl.store(dw_part + pid * N + cols, tl.sum(dyv * xhat, 0), mask=cols < N)
+    wv = tl.load(w + cols, mask=cols < N, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for blk in range(pid, BLOCKS, PROGRAMS):
+        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        xv = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+        dyv = tl.load(dy + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(rstd + rows, mask=rows < M, other=0.0)
+        if IS_RMS:
+            xhat = xv * r[:, None]
+        else:
+            mu = tl.load(mean + rows, mask=rows < M, other=0.0)
+            xhat = tl.where(mask, (xv - mu[:, None]) * r[:, None], 0.0)
+        g = dyv * wv[None, :]
+        c2 = tl.sum(g * xhat, 1) / N
+        if SPLIT:
+            tl.store(dx + offs, (g * r[:, None]).to(dx.dtype.element_ty), mask=mask)
+            tl.store(dx_stats + offs, (-(xhat * c2[:, None]) * r[:, None]).to(dx.dtype.element_ty), mask=mask)
+        else:
+            if IS_RMS:
+                dxv = (g - xhat * c2[:, None]) * r[:, None]
+            else:
+                dxv = (g - (tl.sum(g, 1) / N)[:, None] - xhat * c2[:, None]) * r[:, None]
+            tl.store(dx + offs, dxv.to(dx.dtype.element_ty), mask=mask)
+        dw_acc += tl.sum(dyv * xhat, 0)
+        if HAS_BIAS:
+            db_acc += tl.sum(dyv, 0)
+    tl.store(dw_part + pid * N + cols, dw_acc, mask=cols < N)
     if HAS_BIAS:
-        tl.store(db_part + pid * N + cols, tl.sum(dyv, 0), mask=cols < N)
+        tl.store(db_part + pid * N + cols, db_acc, mask=cols < N)
 
 
 def norm_forward(x2d, weight, bias, eps: float, is_rms: bool, out_dtype: torch.dtype):
@@ -146,18 +163,21 @@ def norm_forward(x2d, weight, bias, eps: float, is_rms: bool, out_dtype: torch.d
     return y, mean, rstd
 
 
-def norm_backward(dy2d, x2d, weight, mean, rstd, has_bias: bool):
-    """(dx, dw float32, db float32 or None) for contiguous [M, N] tensors."""
+def norm_backward(dy2d, x2d, weight, mean, rstd, has_bias: bool, split: bool = False):
+    """(dx, dw float32, db float32 or None) for contiguous [M, N] tensors; ``split`` (RMS):
+    dx is the pair of its parts (through x_hat's numerator, through the statistics)."""
     rows, cols = x2d.shape
-    bm, bn, programs, warps = _row_blocks(rows, cols)
+    bm, bn, blocks, warps = _row_blocks(rows, cols)
+    programs = min(blocks, MAX_PARTIALS)
     dx = torch.empty_like(x2d)
+    dx_stats = torch.empty_like(x2d) if split else None
     dw = torch.empty(programs, cols, dtype=torch.float32, device=x2d.device)
     db = torch.empty_like(dw) if has_bias else None
     _norm_bwd_kernel[(programs,)](dy2d, x2d, weight, mean if mean is not None else rstd, rstd,
-                                  dx, dw, db if db is not None else dw, rows, cols,
-                                  IS_RMS=mean is None, HAS_BIAS=has_bias,
+                                  dx, dx_stats if split else dx, dw, db if db is not None else dw, rows, cols,
+                                  blocks, programs, IS_RMS=mean is None, HAS_BIAS=has_bias, SPLIT=split,
                                   BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
-    return dx, dw.sum(0), db.sum(0) if db is not None else None
+    return (dx, dx_stats) if split else dx, dw.sum(0), db.sum(0) if db is not None else None
 
 
 # ---------------------------------------------------------------- rotary embedding

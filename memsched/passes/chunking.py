@@ -35,6 +35,7 @@ from ..frontend.capture import Captured
 from ..frontend.loss_head import find_loss_heads
 from ..frontend.repeats import identical_modules
 from ..ir.kinds import Kind
+from ..kernels import ops as kernel_ops  # noqa: F401  (registers torch.ops.memsched.*)
 
 aten = torch.ops.aten
 
@@ -50,6 +51,7 @@ _ORDER_FIRST = {aten.linalg_vector_norm.default, aten.norm.ScalarOpt_dim}   # (i
 _SOFTMAX = {aten._softmax.default, aten._log_softmax.default, aten.softmax.int, aten.log_softmax.int}
 _NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default,
           aten._fused_rms_norm.default}
+_KERNEL_RMS_NORM, _KERNEL_ROPE = torch.ops.memsched.rms_norm.default, torch.ops.memsched.rope.default
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int}
 _SLICES = {aten.slice.Tensor, aten.select.int, aten.narrow.default}
 # (input, p, train): with p = 0 or train off they draw nothing
@@ -170,6 +172,8 @@ def _rows_unchecked(n: fx.Node, rows: dict[fx.Node, int]) -> int | None:
         if rows.get(n.args[0]) is not None or not rows.get(n.args[1]) or rows.get(n.args[2]) is not None:
             raise _NotLocal(f"{n.name} multiplies along rows or adds a row-carrying bias")
         return 1
+    if t is _KERNEL_ROPE:   # mixes the halves of the last dim only, like a cat along it
+        return _lined_up(n, rows, _shape(n), {len(_shape(n)) - 1})
     p = rows.get(n.args[0])
     if t is aten.expand_as.default:   # the second argument gives a shape only
         if p is not None and (_shape(n)[:p] != _shape(n.args[0])[:p] or len(_shape(n)) != len(_shape(n.args[0]))):
@@ -193,6 +197,8 @@ def _one_input_rows(n: fx.Node, p: int, ndim: int) -> int:
         return _along_dims(n, p, ndim)
     if t in _NORMS:
         return min(p, ndim - len(n.args[1]))
+    if t is _KERNEL_RMS_NORM:   # over the last dim
+        return min(p, ndim - 1)
     if t in _PADS:   # pads the trailing dims, the last first
         padded = [ndim - 1 - i // 2 for i, w in enumerate(n.args[1]) if w]
         return min(p, *padded) if padded else p
