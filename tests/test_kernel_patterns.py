@@ -232,3 +232,13 @@ def test_the_fallback_on_blocks_of_rows_gives_the_same_values(monkeypatch):
     torch.testing.assert_close(blocked[0], composite[0], rtol=0, atol=0)
     torch.testing.assert_close(blocked[1], composite[1], rtol=0, atol=0)
     torch.testing.assert_close(blocked[2], composite[2], rtol=1e-6, atol=1e-6)
+
+
+def test_generation_with_the_kernel_ops_gives_transformers_tokens():
+    """Prefill and one-token decode steps (rotary over a sequence of 1) through the ops."""
+    model, kwargs, _ = _build("llama")
+    model.eval()
+    ids = kwargs["input_ids"][:, :9]
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+    out = memsched.generate(model, ids, budget="1GB", max_new_tokens=6, hardware=FIXED_CPU, kernels=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
