@@ -8,7 +8,7 @@ from .budget import format_bytes, parse_budget
 from .api import CompiledModule, compile, plan
 from .cost_models.hardware import PRESETS, Hardware, get_hardware, list_hardware, local_hardware
 from .errors import BudgetExceededError, CaptureError, InfeasibleBudgetError, UnsupportedModelError
-from .generation import GenerationStats, Generator, generate
+from .generation import GenerationStats, Generator, generate, route_generate
 from .plans import Plan
 from .runtime.executor import RunStats
 from .runtime.checkpoint import CheckpointError
@@ -16,7 +16,7 @@ from .runtime.stores import DiskIntegrityError
 from .verify import PlanError, verify_schedule
 
 __all__ = [
-    "compile", "plan", "generate", "Generator", "GenerationStats", "CompiledModule", "Plan", "RunStats", "Hardware", "PRESETS",
+    "compile", "plan", "generate", "route_generate", "Generator", "GenerationStats", "CompiledModule", "Plan", "RunStats", "Hardware", "PRESETS",
     "get_hardware", "list_hardware", "local_hardware", "parse_budget", "format_bytes",
     "InfeasibleBudgetError", "CaptureError", "UnsupportedModelError", "BudgetExceededError",
     "PlanError", "verify_schedule", "DiskIntegrityError", "CheckpointError",

@@ -1,0 +1,100 @@
+"""memsched.route_generate: Hugging Face's ``model.generate(...)`` call, unchanged, running
+memsched's decoding loop inside a budget; the same tokens as transformers' own generate, its
+arguments merged as transformers merges them, anything else refused before planning."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memsched
+from helpers import FIXED_CPU
+from zoo import quiet_transformers
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                           pad_token_id=0, max_position_embeddings=64)
+    with quiet_transformers():
+        model = T.LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    return model, ids
+
+
+def _least_budget(model, ids, new: int) -> int:
+    """The least budget both programs fit: the KV cache leaves the device."""
+    probe = memsched.Generator(model, 10**9, batch=ids.shape[0], prompt_len=ids.shape[1],
+                               max_len=ids.shape[1] + new, sample_ids=ids, device="cpu", hardware=FIXED_CPU)
+    try:
+        return max(p.min_budget_bytes for p in probe.plans)
+    finally:
+        probe.close()
+
+
+def test_generate_calls_give_transformers_tokens_and_reuse_their_plans(decoder, tmp_path):
+    import transformers as T
+
+    model, ids = decoder
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0   # left padding
+    calls = {   # how a user calls generate, and what transformers' own generate returns for it
+        "greedy": dict(max_new_tokens=6),
+        "mask": dict(max_new_tokens=6, attention_mask=mask),
+        "max_length": dict(max_length=14),
+        "default length": dict(),
+        "config": dict(generation_config=T.GenerationConfig(max_new_tokens=5, eos_token_id=2, pad_token_id=0)),
+    }
+    want = {k: model.generate(ids, **kw) for k, kw in calls.items()}
+    budget = _least_budget(model, ids, 20)
+    with memsched.route_generate(model, budget, device="cpu", hardware=FIXED_CPU, offload_dir=tmp_path) as routed:
+        assert model.generate is routed
+        for name, kw in calls.items():
+            torch.testing.assert_close(model.generate(ids, **kw), want[name], rtol=0, atol=0, msg=name)
+            assert routed.last_stats.peak_device_bytes <= budget
+        assert len(routed._generators) == routed.max_shapes   # the last shapes' generators, not every one
+        model.generate(input_ids=ids, max_new_tokens=4)
+        planned = routed._generators[(tuple(ids.shape), 4)]
+        model.generate(input_ids=ids, max_new_tokens=4)   # the same shape: planned already
+        assert routed._generators[(tuple(ids.shape), 4)] is planned
+    assert "generate" not in vars(model)   # the model's own generate is back
+    torch.testing.assert_close(model.generate(ids, max_new_tokens=6), want["greedy"], rtol=0, atol=0)
+
+
+def test_sampling_draws_as_transformers_does_seeded_alike(decoder):
+    model, ids = decoder
+    torch.manual_seed(5)
+    want = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=10, temperature=0.7)
+    with memsched.route_generate(model, "1GB", device="cpu", hardware=FIXED_CPU):
+        torch.manual_seed(5)
+        got = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=10, temperature=0.7)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, names", [
+    (dict(num_beams=2), "num_beams"),
+    (dict(repetition_penalty=1.3), "repetition_penalty"),
+    (dict(return_dict_in_generate=True, output_scores=True), "output_scores, return_dict_in_generate"),
+    (dict(streamer=object()), "streamer"),
+    (dict(logits_processor=[object()]), "logits_processor"),
+])
+def test_what_would_change_the_tokens_is_refused_before_planning(decoder, kwargs, names):
+    model, ids = decoder
+    with memsched.route_generate(model, "1GB", device="cpu", hardware=FIXED_CPU) as routed:
+        with pytest.raises(NotImplementedError, match=f"does not support {names}"):
+            model.generate(ids, max_new_tokens=3, **kwargs)
+        assert not routed._generators
+
+
+def test_routing_twice_or_a_prompt_leaving_no_room_is_refused(decoder):
+    model, ids = decoder
+    with memsched.route_generate(model, "1GB", device="cpu", hardware=FIXED_CPU):
+        with pytest.raises(ValueError, match="already replaced"):
+            memsched.route_generate(model, "1GB")
+        with pytest.raises(ValueError, match="leaves no new token"):
+            model.generate(ids, max_length=5)
+        with pytest.raises(ValueError, match="beyond the 64"):
+            model.generate(ids, max_new_tokens=60)
