@@ -98,3 +98,23 @@ def test_routing_twice_or_a_prompt_leaving_no_room_is_refused(decoder):
             model.generate(ids, max_length=5)
         with pytest.raises(ValueError, match="beyond the 64"):
             model.generate(ids, max_new_tokens=60)
+
+
+def test_a_text_generation_pipeline_runs_through_the_route(decoder):
+    """transformers' pipeline calls model.generate with its own arguments: the same texts."""
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model, _ = decoder
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(96)]   # made here: no hub
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = T.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                          eos_token="</s>", unk_token="<unk>")
+    with quiet_transformers():
+        pipe = T.pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    prompts = ["w1 w2 w3 w4", "w5 w6"]
+    want = pipe(prompts, max_new_tokens=5, do_sample=False)
+    with memsched.route_generate(model, "1GB", device="cpu", hardware=FIXED_CPU) as routed:
+        assert pipe(prompts, max_new_tokens=5, do_sample=False) == want
+        assert routed._generators   # (it ran memsched's loop, not the model's own)
