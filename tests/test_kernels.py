@@ -369,19 +369,22 @@ def _op_compare(got, want, tol):
 @pytest.mark.parametrize("cast", [None, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("layout", ["rows", "transposed"])
-def test_rms_norm_op_is_the_composite(launches, cast, affine, layout):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)   # bf16: the model's upcast inside the op
+def test_rms_norm_op_is_the_composite(launches, cast, affine, layout, dtype):
     x, w, _ = _norm_inputs((2, 7, 48))
-    x = x if layout == "rows" else x.transpose(0, 1).contiguous().transpose(0, 1)
+    x = (x if layout == "rows" else x.transpose(0, 1).contiguous().transpose(0, 1)).to(dtype)
     w = w if affine else None
 
     def composite(x, w):
+        x = x.to(torch.float32)
         y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         y = y.to(cast) if cast is not None else y
         return w * y if w is not None else y
 
     # x read by a residual too: the op's two parts of dx are added to its gradient as autograd adds the composite's
     got = _op_run(lambda x, w: torch.ops.memsched.rms_norm(x, x, w, 1e-6, cast)[0], x, w, residual=True)
-    _op_compare(got, _op_run(composite, x, w, residual=True), OPS_TOL[cast or torch.float32])
+    _op_compare(got, _op_run(composite, x, w, residual=True), OPS_TOL[torch.bfloat16 if torch.bfloat16 in (cast, dtype)
+                                                                       else torch.float32])
     assert (launches["norm_forward"] > 0 and launches["norm_backward"] > 0) == (OPS_ON == "triton")
 
 

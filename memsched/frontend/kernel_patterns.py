@@ -5,8 +5,9 @@ step saves what the kernel's backward reads, not every value of the chain.
 The patterns are read off torch.export's graph (``kernels.PATTERNS``), never off class names:
 
 - RMSNorm: ``pow(xf, 2) -> mean(-1, keepdim) -> add(eps) -> rsqrt -> mul(xf, _)``, then
-  optionally a cast and a multiplication by a weight of the row's size, with xf float32 (the
-  model's upcast of its input stays outside). LLaMA's, Qwen's, Mistral's norms, their per-head
+  optionally a cast and a multiplication by a weight of the row's size, with xf float32; a
+  16-bit x's upcast to xf read by the chain alone moves into the op (which then saves x at 16
+  bits for the backward, not xf at 32). LLaMA's, Qwen's, Mistral's norms, their per-head
   q/k norms, and Gemma's ``x_hat * (1 + weight)`` (its weight is then the sum node) match.
 - rotary embedding: ``mul(x, cos) + mul(cat([-x[..., D/2:], x[..., :D/2]], -1), sin)`` (the
   ``rotate_half`` convention), per tensor, x the whole last dim or a slice of it (partial
@@ -106,7 +107,17 @@ def _rms_chain(pow_node: fx.Node):
         if _val(w) is not None and tuple(_val(w).shape) == (x.shape[-1],) \
                 and _val(nxt) is not None and _val(nxt).shape == x.shape:
             last, weight = nxt, w
+    if source is xf and _absorbable_upcast(xf, {pow_node, norm}):
+        source = xf = xf.args[0]   # the op upcasts, and saves x at its own width for the backward
     return source, xf, weight, float(eps), cast, last
+
+
+def _absorbable_upcast(xf: fx.Node, chain: set) -> bool:
+    """xf is a 16-bit x cast to float32 that only the chain reads."""
+    if not (isinstance(xf, fx.Node) and xf.op == "call_function" and _cast_to(xf) == torch.float32):
+        return False
+    x = _val(xf.args[0]) if xf.args else None
+    return x is not None and x.dtype in (torch.bfloat16, torch.float16) and set(_readers(xf)) == chain
 
 
 def _half_slice(n, x: fx.Node, start: int, end_at_least: int, rank: int) -> bool:

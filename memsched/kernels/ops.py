@@ -10,8 +10,10 @@ the PyTorch fallback as the functions of this package do (``backend``).
 - ``rms_norm(x, x_stats, weight, eps, cast) -> (y, rstd)``: ``y = weight * (x * rstd).to(cast)``
   with ``rstd = rsqrt(mean(x_stats**2, -1) + eps)``; x_stats is x again (the tensor the
   statistics read), a second input so that the backward returns x's gradient in the two parts
-  the composite's autograd adds one after the other (bit for bit the same sums). x is float32
-  (the model's upcast stays outside), cast None keeps float32, weight None for none. rstd
+  the composite's autograd adds one after the other (bit for bit the same sums). x is float32,
+  or 16-bit with x_stats the same tensor (the model's upcast, absorbed: the op upcasts and
+  saves x at 16 bits; its gradient is then one part, summed in float32 and cast, as autograd
+  does); cast None keeps float32, weight None for none. rstd
   ([..., 1], float32) is what the backward reads besides x and weight: the normalized values
   are not saved, they are rebuilt there.
 - ``rope(x, cos, sin, transpose) -> y``: ``x * cos + rotate_half(x) * sin`` with cos/sin
@@ -60,7 +62,10 @@ def _norm_on_triton(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
 
 
 def _rms_composite(x, x_stats, weight, eps, cast):
-    """The chain as models write it, op for op: its values and its layouts."""
+    """The chain as models write it, op for op: its values and its layouts (x_stats narrower
+    than float32: the model's upcast of x, absorbed, comes first)."""
+    if x_stats.dtype != torch.float32:
+        x = x_stats = x.to(torch.float32)
     rstd = torch.rsqrt(x_stats.pow(2).mean(-1, keepdim=True) + eps)
     y = x * rstd
     y = y.to(cast) if cast is not None else y
@@ -102,9 +107,12 @@ def _(x, x_stats, weight, eps, cast):
     return _rms_composite(x, x_stats, weight, eps, cast)
 
 
-def _rms_grad_composite(dy, x, weight, rstd, cast):
+def _rms_grad_composite(dy, x, weight, rstd, cast, split=True):
     """Autograd's steps for the composite, in its order: (dx through x_hat's numerator, dx
-    through the statistics, dweight or None)."""
+    through the statistics, dweight or None); not ``split`` (an upcast absorbed): (their sum
+    cast to x's dtype, None, dweight), as autograd sums them in float32 before the cast's
+    gradient."""
+    narrow, x = x.dtype, x.to(torch.float32)
     dw = None
     if weight is not None:
         n = x * rstd
@@ -115,58 +123,65 @@ def _rms_grad_composite(dy, x, weight, rstd, cast):
         dy = dy.to(cast)
     dn = dy.to(torch.float32)
     dvar = (dn * x).sum(-1, keepdim=True) * -0.5 * rstd.pow(3)
-    return dn * rstd, (dvar.expand_as(x) / x.shape[-1]) * (2.0 * x), dw
+    parts = dn * rstd, (dvar.expand_as(x) / x.shape[-1]) * (2.0 * x)
+    return (parts[0], parts[1], dw) if split else ((parts[0] + parts[1]).to(narrow), None, dw)
 
 
-def _rms_grad_rows(dy, x, weight, rstd, cast):
+def _rms_grad_rows(dy, x, weight, rstd, cast, split=True):
     """The same on blocks of whole rows of contiguous tensors; dweight is summed per block,
     then over blocks (eager's sum reassociated)."""
     n = x.shape[-1]
     x2, dy2, r2 = x.view(-1, n), dy.view(-1, n), rstd.view(-1, 1)
-    dx, dx_stats = torch.empty_like(x2), torch.empty_like(x2)
+    dx = torch.empty_like(x2, dtype=torch.float32 if split else x.dtype)
+    dx_stats = torch.empty_like(dx) if split else None
     dw = None
     for a, b in _row_blocks(*x2.shape):
-        dx[a:b], dx_stats[a:b], part = _rms_grad_composite(dy2[a:b], x2[a:b], weight, r2[a:b], cast)
+        dx[a:b], stats_part, part = _rms_grad_composite(dy2[a:b], x2[a:b], weight, r2[a:b], cast, split)
+        if split:
+            dx_stats[a:b] = stats_part
         dw = part if dw is None else dw + part
-    return dx.view(x.shape), dx_stats.view(x.shape), dw
+    return dx.view(x.shape), None if dx_stats is None else dx_stats.view(x.shape), dw
 
 
 @torch.library.custom_op("memsched::rms_norm_backward", mutates_args=())
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
-                      cast: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      cast: torch.dtype | None, split: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx through x_hat's numerator, dx through the statistics, dweight); dweight is empty
-    when there is no weight. The parts stay apart so autograd adds them to x's other gradients
-    in the order it adds the composite's."""
+    when there is no weight. ``split``: the parts stay apart so autograd adds them to x's other
+    gradients in the order it adds the composite's; else (an upcast absorbed) dx is their sum in
+    x's dtype and the second is empty."""
     if _norm_on_triton(x, weight):
         n = x.shape[-1]
         w = weight if weight is not None else torch.ones(n, dtype=torch.float32, device=x.device)
-        (dx, dx_stats), dw, _ = triton_kernels().norm_backward(
+        dx, dw, _ = triton_kernels().norm_backward(
             dy.reshape(-1, n).contiguous(), x.reshape(-1, n).contiguous(), w, None,
-            rstd.reshape(-1).contiguous(), False, split=True)
-        layout = torch.empty_like(dy, dtype=torch.float32, device="meta")   # autograd's dx follows dy
+            rstd.reshape(-1).contiguous(), False, split=split)
+        dx, dx_stats = dx if split else (dx, None)
+        layout = torch.empty_like(dy, dtype=x.dtype, device="meta")   # autograd's dx follows dy
         dw = dw.to(weight.dtype) if weight is not None else x.new_empty(0)
-        return _like(dx.view(x.shape), layout), _like(dx_stats.view(x.shape), layout), dw
-    grads = (_rms_grad_rows if _blocked(dy, x) else _rms_grad_composite)(dy, x, weight, rstd, cast)
-    return grads[0], grads[1], grads[2] if grads[2] is not None else x.new_empty(0)
+        return (_like(dx.view(x.shape), layout),
+                x.new_empty(0) if dx_stats is None else _like(dx_stats.view(x.shape), layout), dw)
+    grads = (_rms_grad_rows if _blocked(dy, x) else _rms_grad_composite)(dy, x, weight, rstd, cast, split)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)   # (an empty each: returns never alias)
 
 
 @rms_norm_backward.register_fake
-def _(dy, x, weight, rstd, cast):
-    dx, dx_stats, dw = _rms_grad_composite(dy, x, weight, rstd, cast)
-    return dx, dx_stats, dw if dw is not None else x.new_empty(0)
+def _(dy, x, weight, rstd, cast, split):
+    return tuple(x.new_empty(0) if g is None else g for g in _rms_grad_composite(dy, x, weight, rstd, cast, split))
 
 
 def _rms_norm_setup(ctx, inputs, output):
-    x, _x_stats, weight, _eps, cast = inputs
-    ctx.save_for_backward(x, weight, output[1])
-    ctx.cast = cast
+    x, x_stats, weight, _eps, cast = inputs
+    ctx.save_for_backward(x, weight, output[1])   # x at its own width: an absorbed upcast is redone
+    ctx.cast, ctx.split = cast, x_stats.dtype == torch.float32
     ctx.mark_non_differentiable(output[1])
 
 
 def _rms_norm_grad(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dx_stats, dw = torch.ops.memsched.rms_norm_backward(dy, x, weight, rstd, ctx.cast)
-    return dx, dx_stats, (dw if weight is not None and ctx.needs_input_grad[2] else None), None, None
+    dx, dx_stats, dw = torch.ops.memsched.rms_norm_backward(dy, x, weight, rstd, ctx.cast, ctx.split)
+    dw = dw if weight is not None and ctx.needs_input_grad[2] else None
+    return dx, (dx_stats if ctx.split else None), dw, None, None
 
 
 rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
