@@ -71,7 +71,7 @@ def test_found_by_their_ops_and_inference_equals_the_unreplaced_program(name):
     assert kernel_counts(compiled.plan.graph) == found
     assert (f"kernels: {found}" in compiled.plan.passes[0].note) == bool(found)
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
-    if name != "t5":   # (T5's compiled inference differs from eager's in the last bits, kernels or not)
+    with torch.no_grad():   # (T5's eager logits themselves differ in the last bits with grad mode on)
         torch.testing.assert_close(out, model(**kwargs).logits, rtol=0, atol=0)
 
 
