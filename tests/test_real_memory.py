@@ -82,3 +82,27 @@ def test_accounting_counts_a_new_storage_at_a_dead_ones_address():
     assert acct._held[key][1] == 1 and acct.current == 1000
     acct.release(a)
     assert acct.current == 0 and not acct._held
+
+
+def test_an_inference_loss_holds_its_log_softmax_inside_the_budget():
+    """A forward given labels computes its loss: cross-entropy's log-softmax over the whole logits
+    is a value of the program (frontend/composites.py), so at memsched's minimum the allocator's
+    peak is memsched's count, and the loss is eager's bit for bit."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=4000, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+    ids = torch.randint(0, 4000, (4, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=ids)
+    floor = memsched.plan(model, (), "1GB", example_kwargs={"input_ids": ids, "labels": ids}).min_budget_bytes
+    cm = memsched.compile(model, floor, device="cpu")
+    with torch.no_grad():
+        cm(input_ids=ids, labels=ids)
+        out = cm(input_ids=ids, labels=ids)
+        peak = _allocator_peak(lambda: cm(input_ids=ids, labels=ids))
+    assert not any(n.target is torch.ops.aten.cross_entropy_loss.default for n in cm.plan.graph.graph.nodes)
+    assert peak <= floor, (peak, cm.stats.peak_device_bytes)
+    torch.testing.assert_close(out.loss, want.loss, rtol=0, atol=0)
+    torch.testing.assert_close(out.logits, want.logits, rtol=0, atol=0)
+    cm.close()

@@ -23,6 +23,7 @@ from ..errors import CaptureError, UnsupportedModelError
 from ..ir.effects import is_impure
 from ..ir.graph_module import make_lazy
 from ..ir.kinds import PERSISTENT, Kind
+from .composites import expand_cross_entropy
 from .fake import eager_meta, share_storages_as_eager
 from .kernel_patterns import select_kernels
 
@@ -107,6 +108,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     _reject_hidden_mutations(gm, model)
     _merge_tied(gm, {p.name for p in placeholders if p.kind in PERSISTENT})
     _normalize(gm)
+    expand_cross_entropy(gm)   # its log_softmax becomes a value the planner counts
     if kernels:
         select_kernels(gm)
     share_storages_as_eager(gm.graph)

@@ -1,0 +1,68 @@
+"""Composite ops that hold a full-size temporary inside them, rewritten into the ops they run,
+so that the temporary is a value of the program: counted, placed and freed by the planner like
+any other, instead of allocated behind its back.
+
+``cross_entropy_loss`` (an inference forward given labels: Hugging Face's models compute their
+loss then) runs ``log_softmax`` over the whole logits before ``nll_loss``: a second copy of the
+logits, as large as the model's largest value, that the program did not hold. Class-index
+targets without label smoothing are rewritten as PyTorch's own implementation runs them
+(``nll_loss_nd(log_softmax(logits, class_dim), ...)``; for [N, C] logits the
+``nll_loss_forward`` it reaches, whose total weight is then a value too), the same ops on the
+same values, so
+the loss is bit for bit eager's. Probabilities as targets and label smoothing keep the op
+(their extra temporaries stay uncounted: said here, not hidden).
+
+A training step never meets these: its joint trace records the ops the composite runs.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+
+def _arg(node: fx.Node, i: int, name: str, default):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _val(n):
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def expand_cross_entropy(gm: fx.GraphModule) -> int:
+    """Rewrite, in place, each plain ``cross_entropy_loss`` of ``gm`` into its ``log_softmax``
+    and ``nll_loss_nd``; returns how many."""
+    graph, done = gm.graph, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.cross_entropy_loss.default:
+            continue
+        logits, target = _val(node.args[0]), _val(node.args[1])
+        if logits is None or target is None or target.is_floating_point() \
+                or float(_arg(node, 5, "label_smoothing", 0.0)) != 0.0:
+            continue
+        class_dim = 1 if logits.dim() > 1 else 0
+        args = (node.args[1], _arg(node, 2, "weight", None), _arg(node, 3, "reduction", 1),
+                _arg(node, 4, "ignore_index", -100))
+        logp_val = aten._log_softmax.default(logits, class_dim, False)
+        with graph.inserting_before(node):
+            logp = graph.call_function(aten._log_softmax.default, (node.args[0], class_dim, False))
+            if logits.dim() == 2 and target.dim() == 1:   # nll_loss_nd's own path: its total weight shown too
+                pair = graph.call_function(aten.nll_loss_forward.default, (logp,) + args)
+                pair.meta["val"] = aten.nll_loss_forward.default(logp_val, target, *[_val(a) if isinstance(a, fx.Node)
+                                                                                    else a for a in args[1:]])
+                loss = graph.call_function(operator.getitem, (pair, 0))
+            else:
+                loss = graph.call_function(aten.nll_loss_nd.default, (logp,) + args)
+        logp.meta["val"] = logp_val
+        loss.meta.update(node.meta)
+        node.replace_all_uses_with(loss)
+        graph.erase_node(node)
+        done += 1
+    if done:
+        graph.lint()
+        gm.recompile()
+    return done
