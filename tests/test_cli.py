@@ -285,3 +285,21 @@ def test_plan_subprocess_stderr_clean_when_not_a_terminal(tmp_path, factory):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr == ""
     assert json.loads(out.read_text())["format"] == "memsched-plan"
+
+
+def test_plan_kernels_option_puts_the_kernel_ops_in_the_listing(capsys, tmp_path):
+    """A LLaMA config planned for a GPU: with --kernels auto (the default) its norms and rotary
+    print as memsched's ops (Triton runs them there); --kernels off leaves the chains."""
+    pytest.importorskip("triton")
+    import transformers as T
+
+    T.LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64).save_pretrained(tmp_path)
+    listings = {}
+    for kernels in ("auto", "off"):
+        code, out, err = run(capsys, "plan", tmp_path / "config.json", "--budget", "1GB", "--hardware", "t4",
+                             "--seq-len", "8", "--kernels", kernels, "-f", "code")
+        assert code == 0, err
+        listings[kernels] = " ".join(out.split())
+    assert "kernels: 5 rms_norm, 4 rope" in listings["auto"] and "memsched.rope(" in listings["auto"]
+    assert "memsched.rms_norm(" not in listings["off"] and "kernels:" not in listings["off"]

@@ -87,6 +87,8 @@ same JSON to PATH (with --format json nothing is printed then; table and code st
 # ----------------------------------------------------------------------------- parser
 
 
+_KERNELS = {"auto": "auto", "on": True, "off": False}   # --kernels -> compile(kernels=...)
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memsched",
@@ -231,6 +233,9 @@ def _add_generate_parser(sub) -> None:
                    help="keep the weights homed on disk as group-wise integers (not bit-exact)")
     g.add_argument("--compress-kv", choices=("int8", "int4"), default=None,
                    help="keep the KV cache homed on disk as group-wise integers (not bit-exact)")
+    g.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
+                   help="run RMSNorm and rotary-embedding patterns as memsched's kernel ops; "
+                        "auto: where they run Triton (CUDA)")
     g.add_argument("--hard-limit", action="store_true",
                    help="on CUDA, each step runs with the caching allocator limited to the budget (plus what "
                         "others hold and a segment margin): memory the plan does not count fails at once")
@@ -426,7 +431,7 @@ def _make_plan(args):
         options = {} if args.time_limit is None else {"time_limit_s": args.time_limit}
         if args.fuse:
             options["fuse"] = True
-        options["kernels"] = {"auto": "auto", "on": True, "off": False}[args.kernels]
+        options["kernels"] = _KERNELS[args.kernels]
         plan = make_plan(model, inputs, budget_bytes, hardware=hw, example_kwargs=kwargs, train=args.train,
                          progress=lambda stage: update(f"{what}: {stage}"), **options)
     plan.model_name = name
@@ -511,7 +516,8 @@ def _cmd_generate(args) -> int:
                                                goal=args.goal, device=device, offload_dir=args.offload_dir,
                                                hardware=hw, progress=_programs(update, what),
                                                weights=args.weights, compress_weights=args.compress,
-                                               compress_kv_cache=args.compress_kv, hard_limit=args.hard_limit)
+                                               compress_kv_cache=args.compress_kv, hard_limit=args.hard_limit,
+                                               kernels=_KERNELS[args.kernels])
         except InfeasibleBudgetError as e:
             if args.debug:
                 raise
