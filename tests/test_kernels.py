@@ -21,6 +21,7 @@ process unless it was started with TRITON_INTERPRET=1, and
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -422,7 +423,7 @@ def test_a_compiled_decoder_runs_the_kernel_ops(launches):
                            num_attention_heads=4, num_key_value_heads=2, use_cache=False)
     model = T.LlamaForCausalLM(config).train()
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-    ref = __import__("copy").deepcopy(model)
+    ref = copy.deepcopy(model)
     ref_loss = ref(ids, labels=ids).loss
     ref_loss.backward()
     kernels = "auto" if IN_INTERPRETER else True

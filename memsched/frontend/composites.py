@@ -21,16 +21,9 @@ import operator
 import torch
 import torch.fx as fx
 
+from .node_reads import arg_of, tensor_val
+
 aten = torch.ops.aten
-
-
-def _arg(node: fx.Node, i: int, name: str, default):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
-
-
-def _val(n):
-    v = n.meta.get("val") if isinstance(n, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
 
 
 def expand_cross_entropy(gm: fx.GraphModule) -> int:
@@ -40,19 +33,19 @@ def expand_cross_entropy(gm: fx.GraphModule) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten.cross_entropy_loss.default:
             continue
-        logits, target = _val(node.args[0]), _val(node.args[1])
+        logits, target = tensor_val(node.args[0]), tensor_val(node.args[1])
         if logits is None or target is None or target.is_floating_point() \
-                or float(_arg(node, 5, "label_smoothing", 0.0)) != 0.0:
+                or float(arg_of(node, 5, "label_smoothing", 0.0)) != 0.0:
             continue
         class_dim = 1 if logits.dim() > 1 else 0
-        args = (node.args[1], _arg(node, 2, "weight", None), _arg(node, 3, "reduction", 1),
-                _arg(node, 4, "ignore_index", -100))
+        args = (node.args[1], arg_of(node, 2, "weight", None), arg_of(node, 3, "reduction", 1),
+                arg_of(node, 4, "ignore_index", -100))
         logp_val = aten._log_softmax.default(logits, class_dim, False)
         with graph.inserting_before(node):
             logp = graph.call_function(aten._log_softmax.default, (node.args[0], class_dim, False))
             if logits.dim() == 2 and target.dim() == 1:   # nll_loss_nd's own path: its total weight shown too
                 pair = graph.call_function(aten.nll_loss_forward.default, (logp,) + args)
-                pair.meta["val"] = aten.nll_loss_forward.default(logp_val, target, *[_val(a) if isinstance(a, fx.Node)
+                pair.meta["val"] = aten.nll_loss_forward.default(logp_val, target, *[tensor_val(a) if isinstance(a, fx.Node)
                                                                                     else a for a in args[1:]])
                 loss = graph.call_function(operator.getitem, (pair, 0))
             else:

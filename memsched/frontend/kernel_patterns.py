@@ -30,23 +30,13 @@ import torch.fx as fx
 
 from ..ir.effects import is_impure
 from ..kernels import ops as kernel_ops  # noqa: F401  (registers torch.ops.memsched.*)
+from .node_reads import ASSERTS, readers_of, tensor_val
 
 aten = torch.ops.aten
-_ASSERTS = {aten._assert_tensor_metadata.default}
-_CASTS = {aten.to.dtype, aten._to_copy.default}
-
-
-def _val(n) -> torch.Tensor | None:
-    v = n.meta.get("val") if isinstance(n, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def _readers(n: fx.Node) -> list[fx.Node]:
-    return [u for u in n.users if u.target not in _ASSERTS]
 
 
 def _sole_reader(n: fx.Node, target=None) -> fx.Node | None:
-    readers = _readers(n)
+    readers = readers_of(n)
     if len(readers) != 1 or (target is not None and readers[0].target is not target):
         return None
     return readers[0]
@@ -79,7 +69,7 @@ def _rms_chain(pow_node: fx.Node):
     None. x_stats is what the statistics read: x, or x cast to float32 (T5 normalizes the
     uncast x by the statistics of the cast one)."""
     xf, exponent = (pow_node.args + (None,))[:2]
-    x = _val(xf)
+    x = tensor_val(xf)
     if exponent != 2 or x is None or x.dtype != torch.float32 or x.dim() == 0:
         return None
     mean = _sole_reader(pow_node, aten.mean.dim)
@@ -96,7 +86,7 @@ def _rms_chain(pow_node: fx.Node):
     if source is not xf and not (isinstance(xf, fx.Node) and xf.op == "call_function"
                                  and _cast_to(xf) is not None and xf.args[0] is source):
         return None
-    if _val(norm) is None or _val(norm).dtype != torch.float32 or _val(norm).shape != x.shape:
+    if tensor_val(norm) is None or tensor_val(norm).dtype != torch.float32 or tensor_val(norm).shape != x.shape:
         return None
     last, cast, weight = norm, None, None
     nxt = _sole_reader(last)
@@ -104,8 +94,8 @@ def _rms_chain(pow_node: fx.Node):
         last, cast, nxt = nxt, _cast_to(nxt), _sole_reader(nxt)
     if nxt is not None and nxt.target is aten.mul.Tensor:
         w = _other(nxt, last)
-        if _val(w) is not None and tuple(_val(w).shape) == (x.shape[-1],) \
-                and _val(nxt) is not None and _val(nxt).shape == x.shape:
+        if tensor_val(w) is not None and tuple(tensor_val(w).shape) == (x.shape[-1],) \
+                and tensor_val(nxt) is not None and tensor_val(nxt).shape == x.shape:
             last, weight = nxt, w
     if source is xf and _absorbable_upcast(xf, {pow_node, norm}):
         source = xf = xf.args[0]   # the op upcasts, and saves x at its own width for the backward
@@ -116,8 +106,8 @@ def _absorbable_upcast(xf: fx.Node, chain: set) -> bool:
     """xf is a 16-bit x cast to float32 that only the chain reads."""
     if not (isinstance(xf, fx.Node) and xf.op == "call_function" and _cast_to(xf) == torch.float32):
         return False
-    x = _val(xf.args[0]) if xf.args else None
-    return x is not None and x.dtype in (torch.bfloat16, torch.float16) and set(_readers(xf)) == chain
+    x = tensor_val(xf.args[0]) if xf.args else None
+    return x is not None and x.dtype in (torch.bfloat16, torch.float16) and set(readers_of(xf)) == chain
 
 
 def _half_slice(n, x: fx.Node, start: int, end_at_least: int, rank: int) -> bool:
@@ -136,28 +126,28 @@ def _rope_chain(cat: fx.Node, depends_on_params: set[fx.Node]):
         return None
     high = neg.args[0]
     x = high.args[0] if isinstance(high, fx.Node) and high.args else None
-    xv = _val(x)
+    xv = tensor_val(x)
     if xv is None or xv.dim() == 0 or xv.shape[-1] % 2 or cat.args[1] not in (-1, xv.dim() - 1):
         return None
     half, rank = xv.shape[-1] // 2, xv.dim()
     if not (_half_slice(high, x, half, xv.shape[-1], rank) and _half_slice(low, x, 0, half, rank)
-            and _readers(high) == [neg] and _readers(low) == [cat]):
+            and readers_of(high) == [neg] and readers_of(low) == [cat]):
         return None
     rotated = _sole_reader(cat, aten.mul.Tensor)
     sin = _other(rotated, cat) if rotated is not None else None
     add = _sole_reader(rotated, aten.add.Tensor) if sin is not None else None
     straight = _other(add, rotated) if add is not None else None
     if not isinstance(straight, fx.Node) or straight.target is not aten.mul.Tensor \
-            or _readers(straight) != [add]:
+            or readers_of(straight) != [add]:
         return None
-    if set(_readers(x)) != {straight, high, low}:
+    if set(readers_of(x)) != {straight, high, low}:
         # x's gradient is then the chain's alone, and summing the op's two parts at once adds
         # what autograd adds one after the other in the same roundings
         return None
     cos = _other(straight, x)
-    tables = (_val(cos), _val(sin))
+    tables = (tensor_val(cos), tensor_val(sin))
     if any(t is None or t.dim() != rank for t in tables) or tables[0].shape != tables[1].shape \
-            or _val(add) is None or _val(add).shape != xv.shape:
+            or tensor_val(add) is None or tensor_val(add).shape != xv.shape:
         return None
     if cos in depends_on_params or sin in depends_on_params:
         return None
@@ -179,7 +169,7 @@ def _replace(graph: fx.Graph, last: fx.Node, target, args: tuple, index: int | N
         out = graph.call_function(operator.getitem, (call, index)) if index is not None else call
     out.meta.update(last.meta)
     if index is not None:
-        call.meta["val"] = target(*[_val(a) if isinstance(a, fx.Node) else a for a in args])
+        call.meta["val"] = target(*[tensor_val(a) if isinstance(a, fx.Node) else a for a in args])
     last.replace_all_uses_with(out)
 
 
@@ -223,7 +213,7 @@ def kernel_counts(gm: fx.GraphModule) -> str:
 def _drop_dead(graph: fx.Graph) -> None:
     """Remove the replaced chains, and the trace-time asserts that read their values."""
     for node in reversed(list(graph.nodes)):
-        if node.target in _ASSERTS and all(not _readers(a) for a in node.all_input_nodes):
+        if node.target in ASSERTS and all(not readers_of(a) for a in node.all_input_nodes):
             graph.erase_node(node)
     graph.eliminate_dead_code(is_impure_node=is_impure)
     graph.lint()

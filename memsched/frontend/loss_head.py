@@ -33,12 +33,12 @@ import torch.fx as fx
 
 from ..ir.effects import is_impure
 from ..kernels import fused_linear_cross_entropy
+from .node_reads import arg_of, readers_of, tensor_val
 
 aten = torch.ops.aten
 
 _PASS_THROUGH = {aten.to.dtype, aten._to_copy.default, aten.alias.default, aten.view.default,
                  aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default}
-_ASSERTS = {aten._assert_tensor_metadata.default}
 _REDUCTION = {0: "none", 1: "mean", 2: "sum"}
 
 
@@ -55,19 +55,6 @@ class LossHead:
     shared: bool = False  # the logits are read elsewhere too: the loss reads them, its own values never exist whole
 
 
-def _val(n) -> torch.Tensor | None:
-    v = n.meta.get("val") if isinstance(n, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def _readers(n: fx.Node) -> list[fx.Node]:
-    return [u for u in n.users if u.target not in _ASSERTS]
-
-
-def _arg(node: fx.Node, i: int, name: str, default):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
-
-
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
@@ -79,11 +66,11 @@ def _loss_after(linear: fx.Node) -> tuple[fx.Node | None, list[tuple], bool]:
     of rows (a shift: ``logits[..., :-1, :]``), those slices as (dim, start, end, step) --
     rows picked before the head are the same rows picked after it -- and whether a value on
     the way is read elsewhere too."""
-    if _val(linear) is None:
+    if tensor_val(linear) is None:
         return None, [], False
-    node, slices, reshaped, rank, shared = linear, [], False, _val(linear).dim(), False
+    node, slices, reshaped, rank, shared = linear, [], False, tensor_val(linear).dim(), False
     while True:
-        readers = _readers(node)
+        readers = readers_of(node)
         chain = [u for u in readers if u.target in _CHAIN and u.args[0] is node]
         if len(chain) != 1:
             return None, [], False
@@ -91,13 +78,13 @@ def _loss_after(linear: fx.Node) -> tuple[fx.Node | None, list[tuple], bool]:
         shared = shared or len(readers) > 1
         if nxt.target is aten.cross_entropy_loss.default:
             return nxt, slices, shared
-        if _val(nxt) is None or _val(nxt).device != _val(node).device:
+        if tensor_val(nxt) is None or tensor_val(nxt).device != tensor_val(node).device:
             return None, [], False   # (a copy to another device is not a cast: the head stays whole)
         if nxt.target is aten.slice.Tensor:
-            dim = _arg(nxt, 1, "dim", 0) % rank
+            dim = arg_of(nxt, 1, "dim", 0) % rank
             if reshaped or dim == rank - 1:   # rows no longer lined up, or a slice of the vocabulary
                 return None, [], False
-            slices.append((dim, _arg(nxt, 2, "start", None), _arg(nxt, 3, "end", None), _arg(nxt, 4, "step", 1)))
+            slices.append((dim, arg_of(nxt, 2, "start", None), arg_of(nxt, 3, "end", None), arg_of(nxt, 4, "step", 1)))
         else:
             reshaped = reshaped or nxt.target in _VIEWS
         node = nxt
@@ -105,9 +92,9 @@ def _loss_after(linear: fx.Node) -> tuple[fx.Node | None, list[tuple], bool]:
 
 def _plain(loss: fx.Node) -> bool:
     """No class weights, no label smoothing, a known reduction, [N, V] logits and [N] targets."""
-    logits, target = _val(loss.args[0]), _val(loss.args[1])
-    return (_arg(loss, 2, "weight", None) is None and float(_arg(loss, 5, "label_smoothing", 0.0)) == 0.0
-            and _arg(loss, 3, "reduction", 1) in _REDUCTION and logits is not None and target is not None
+    logits, target = tensor_val(loss.args[0]), tensor_val(loss.args[1])
+    return (arg_of(loss, 2, "weight", None) is None and float(arg_of(loss, 5, "label_smoothing", 0.0)) == 0.0
+            and arg_of(loss, 3, "reduction", 1) in _REDUCTION and logits is not None and target is not None
             and logits.dim() == 2 and target.dim() == 1 and not target.is_floating_point()
             and logits.is_floating_point())
 
@@ -119,7 +106,7 @@ def find_loss_heads(gm: fx.GraphModule) -> list[LossHead]:
         if node.op != "call_function" or node.target is not aten.linear.default:
             continue
         loss, slices, shared = _loss_after(node)
-        hidden, logits = _val(node.args[0]), _val(loss.args[0]) if loss is not None else None
+        hidden, logits = tensor_val(node.args[0]), tensor_val(loss.args[0]) if loss is not None else None
         if loss is None or hidden is None or not _plain(loss):
             continue
         logits_bytes = logits.numel() * logits.element_size()
@@ -148,12 +135,12 @@ def chunk_loss_heads(gm: fx.GraphModule, chunks: int, shared: bool = False) -> f
     for head in heads:
         linear, loss = nodes[head.linear], nodes[head.loss]
         hidden, weight = linear.args[0], linear.args[1]
-        bias = _arg(linear, 2, "bias", None)
+        bias = arg_of(linear, 2, "bias", None)
         slices = max(chunks, SHARED_BLOCKS) if head.shared else chunks
         # the loss keeps the dtype it had (float32 where the logits were upcast before it)
-        kwargs = {"chunk_size": math.ceil(head.rows / slices), "reduction": _REDUCTION[_arg(loss, 3, "reduction", 1)],
-                  "ignore_index": int(_arg(loss, 4, "ignore_index", -100)), "impl": "torch",
-                  "dtype": _val(loss).dtype}
+        kwargs = {"chunk_size": math.ceil(head.rows / slices), "reduction": _REDUCTION[arg_of(loss, 3, "reduction", 1)],
+                  "ignore_index": int(arg_of(loss, 4, "ignore_index", -100)), "impl": "torch",
+                  "dtype": tensor_val(loss).dtype}
         with graph.inserting_before(loss):
             logits = linear if head.shared else None
             for dim, start, end, step in head.slices:

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from ._select import triton_kernels, use_triton
+from .ops import rms_composite
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """The composite (transformers' LlamaRMSNorm): float32 statistics, weight * x_hat."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return h.to(x.dtype) if weight is None else weight * h.to(x.dtype)
+    """The composite (transformers' LlamaRMSNorm): float32 statistics, weight * x_hat, as the
+    graph op's fallback runs it (ops.py)."""
+    return rms_composite(x, x, weight, eps, x.dtype)[0]
 
 
 class _Norm(torch.autograd.Function):

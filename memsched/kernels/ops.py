@@ -61,7 +61,7 @@ def _norm_on_triton(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     return 0 < x.numel() and x.shape[-1] <= _MAX_ROW and use_triton(None, x, weight)
 
 
-def _rms_composite(x, x_stats, weight, eps, cast):
+def rms_composite(x, x_stats, weight, eps, cast):
     """The chain as models write it, op for op: its values and its layouts (x_stats narrower
     than float32: the model's upcast of x, absorbed, comes first)."""
     if x_stats.dtype != torch.float32:
@@ -80,7 +80,7 @@ def _rms_rows(x, weight, eps, cast):
     out = torch.empty(x2.shape, dtype=_norm_dtype(weight, cast), device=x.device)
     rstd = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x.device)
     for a, b in _row_blocks(*x2.shape):
-        y, rstd[a:b] = _rms_composite(x2[a:b], x2[a:b], None, eps, cast)
+        y, rstd[a:b] = rms_composite(x2[a:b], x2[a:b], None, eps, cast)
         if weight is not None:
             torch.mul(weight, y, out=out[a:b])
         else:
@@ -99,12 +99,12 @@ def rms_norm(x: torch.Tensor, x_stats: torch.Tensor, weight: torch.Tensor | None
         return _like(y.view(x.shape), x), rstd.view(*x.shape[:-1], 1)
     if x_stats is x and _blocked(x):
         return _rms_rows(x, weight, eps, cast)
-    return _rms_composite(x, x_stats, weight, eps, cast)
+    return rms_composite(x, x_stats, weight, eps, cast)
 
 
 @rms_norm.register_fake
 def _(x, x_stats, weight, eps, cast):
-    return _rms_composite(x, x_stats, weight, eps, cast)
+    return rms_composite(x, x_stats, weight, eps, cast)
 
 
 def _rms_grad_composite(dy, x, weight, rstd, cast, split=True):
@@ -209,7 +209,7 @@ def _rotate_half(x: torch.Tensor, transpose: bool) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _rope_composite(x, cos, sin, transpose):
+def rope_composite(x, cos, sin, transpose):
     """The composite and autograd's gradient of it, in their order: their values and layouts."""
     if transpose:
         return _rotate_half(x * sin, True) + x * cos
@@ -227,12 +227,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool)
         y = y if dim == 1 else y.transpose(1, 2)
         # the composite's layout: x's going forward, contiguous (a cat's) going back
         return _like(y, torch.empty_like(x, dtype=out_dtype, device="meta")) if not transpose else y.contiguous()
-    return _rope_composite(x, cos, sin, transpose)
+    return rope_composite(x, cos, sin, transpose)
 
 
 @rope.register_fake
 def _(x, cos, sin, transpose):
-    return _rope_composite(x, cos, sin, transpose)
+    return rope_composite(x, cos, sin, transpose)
 
 
 def _rope_setup(ctx, inputs, output):

@@ -11,17 +11,13 @@ from __future__ import annotations
 import torch
 
 from ._select import triton_kernels, use_triton
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+from .ops import rope_composite
 
 
 def rotary_embedding_torch(q, k, cos, sin, unsqueeze_dim: int = 1):
-    """The composite, as transformers writes it."""
+    """The composite, as transformers writes it (the graph op's fallback, ops.py)."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return rope_composite(q, cos, sin, False), rope_composite(k, cos, sin, False)
 
 
 def _as_bhsd(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
