@@ -614,3 +614,24 @@ def test_transformers_4_is_refused_before_anything_runs(monkeypatch):
     monkeypatch.setattr(decoding, "transformers_version", lambda: "4.57.3")
     with pytest.raises(UnsupportedModelError, match=r"transformers 5\.0 or newer.*4\.57\.3"):
         memsched.generate(model, ids, budget="1GB", max_new_tokens=2)
+
+
+def test_a_budget_error_names_what_the_whole_generation_needs(tmp_path):
+    """Below every minimum, the prompt's program fails first (one row at a time at the least),
+    while the decode step (every row at once) can need more: the error names the larger
+    minimum, so a retry at it plans both programs and generates transformers' tokens."""
+    from memsched.errors import InfeasibleBudgetError
+    from memsched.generation import plan_generation
+
+    model, _ = _decoder("gpt2")
+    ids = torch.randint(3, 1000, (6, 8), generator=torch.Generator().manual_seed(3))
+    run = dict(max_new_tokens=4, eos_token_id=None, hardware=FIXED_CPU, device="cpu", offload_dir=tmp_path)
+    with pytest.raises(InfeasibleBudgetError, match="the decode program") as info:
+        memsched.generate(model, ids, budget=1000, **run)
+    least = info.value.min_budget_bytes
+    with pytest.raises(InfeasibleBudgetError, match="the decode program") as planned:
+        plan_generation(model, 1000, batch=6, prompt_len=8, new_tokens=4, hardware=FIXED_CPU)
+    assert planned.value.min_budget_bytes == least
+    tokens, stats = memsched.generate(model, ids, budget=least, return_stats=True, **run)
+    assert torch.equal(tokens, _reference(model, ids, eos_token_id=None, pad_token_id=0, n=4))
+    assert stats.peak_device_bytes <= least

@@ -150,8 +150,9 @@ def plan_generation(model, budget, *, batch: int, prompt_len: int, new_tokens: i
     if kv_head_chunks == "auto":
         hw = get_hardware(hardware, "cuda" if torch.cuda.is_available() else "cpu")
         choices = head_chunk_choices(shapes, dtype, parse_budget(budget, hw.device_bytes, over_capacity=True))
+    where = "meta" if on_meta else "cpu"
     for i, chunks in enumerate(choices):
-        decoder = CachedDecoder(model, shapes, dtype, device="meta" if on_meta else "cpu", head_chunks=chunks,
+        decoder = CachedDecoder(model, shapes, dtype, device=where, head_chunks=chunks,
                                 attention=attention, window=window).eval()
 
         def plan(rows: int, q: int, first: int, decoder=decoder):
@@ -161,16 +162,41 @@ def plan_generation(model, budget, *, batch: int, prompt_len: int, new_tokens: i
         divisors = [d for d in range(batch, 0, -1) if batch % d == 0]
         for j, rows in enumerate(divisors):  # (its errors are final: the prompt never reads the cache)
             try:
-                prefill = plan(rows, prompt_len, 0)
+                prefill = _named("prefill", plan, rows, prompt_len, 0)
                 break
-            except InfeasibleBudgetError:
+            except InfeasibleBudgetError as exc:
                 if j == len(divisors) - 1:
-                    raise
+                    finest = CachedDecoder(model, shapes, dtype, device=where, head_chunks=choices[-1],
+                                           attention=attention, window=window).eval()
+                    raise _generation_minimum(exc, lambda: _named("decode", plan, batch, 1, prompt_len, finest)) \
+                        from None
         try:
-            return prefill, plan(batch, 1, prompt_len)
+            return prefill, _named("decode", plan, batch, 1, prompt_len)
         except InfeasibleBudgetError:  # a finer grouping may fit
             if i == len(choices) - 1:
                 raise
+
+
+def _named(program: str, plan, *args):
+    """``plan(*args)``, its budget error naming the program (prefill or decode)."""
+    try:
+        return plan(*args)
+    except InfeasibleBudgetError as exc:
+        exc.args = (f"the {program} program: {exc.args[0]}",) + exc.args[1:]
+        raise
+
+
+def _generation_minimum(prefill_error: InfeasibleBudgetError, plan_decode) -> InfeasibleBudgetError:
+    """The error for a prompt's program that does not fit even one row at a time. Its minimum
+    is the prompt's alone; the decode step (every row at once, reading the cache) can bind
+    higher, so it is planned too (at the finest grouping of the cache) and the error with the
+    larger minimum is raised: a retry at that minimum plans both programs."""
+    try:
+        plan_decode()
+    except InfeasibleBudgetError as decode_error:
+        if decode_error.min_budget_bytes > prefill_error.min_budget_bytes:
+            return decode_error
+    return prefill_error
 
 
 def head_chunk_choices(shapes, dtype: torch.dtype, budget_bytes: int) -> list[int]:
@@ -224,7 +250,11 @@ class Generator:
                     if chunks != self.decoder.head_chunks:
                         self.compiled.close()
                         self.compiled = compiled(chunks)
-                    prefill = self._plan_prefill(ids, prompt_len, prefill_batch)  # (the cache is not read)
+                    try:
+                        prefill = self._plan_prefill(ids, prompt_len, prefill_batch)  # (the cache is not read)
+                    except InfeasibleBudgetError as exc:
+                        raise _generation_minimum(exc, lambda: self._plan_finest_decode(compiled, choices[-1], ids)) \
+                            from None
                     try:
                         self.plans = (prefill, self._prepare("decode", ids.expand(batch, 1), prompt_len))
                         break
@@ -254,12 +284,16 @@ class Generator:
             self.prefill_batch = rows
             return plan
 
+    def _plan_finest_decode(self, compiled, chunks: int, ids: torch.Tensor):
+        """Plan the decode step with the cache in its finest grouping (for the error of a prompt
+        that does not fit: what the generation needs in all)."""
+        if chunks != self.decoder.head_chunks:
+            self.compiled.close()
+            self.compiled = compiled(chunks)
+        return self._prepare("decode", ids.expand(self.batch, 1), self.prompt_len)
+
     def _prepare(self, program: str, ids: torch.Tensor, first_slot: int):
-        try:
-            return self.compiled.prepare(*self._inputs(ids, first_slot))
-        except InfeasibleBudgetError as exc:
-            exc.args = (f"the {program} program: {exc.args[0]}",) + exc.args[1:]
-            raise
+        return _named(program, self.compiled.prepare, *self._inputs(ids, first_slot))
 
     def _inputs(self, ids: torch.Tensor, first_slot: int, positions=None, mask=None) -> tuple:
         return step_inputs(ids, first_slot, self.max_len, positions, mask)
