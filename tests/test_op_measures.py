@@ -20,10 +20,13 @@ from zoo import build
 
 
 def _ops(plan):
-    """The plan's ATen ops that reach a dispatch mode as themselves (a composite op, such as
-    ``to`` or ``diff``, runs as the ops it is made of: those are timed, it stays on the roofline)."""
-    return [n for n in plan.graph.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-            and not torch._C._dispatch_has_kernel_for_dispatch_key(n.target.name(), "CompositeImplicitAutograd")]
+    """The plan's ATen ops: each is timed as the program calls it, composite ones (``linear``,
+    ``einsum``, ``to``) whole."""
+    return [n for n in plan.graph.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)]
+
+
+def _composite(n) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(n.target.name(), "CompositeImplicitAutograd")
 
 
 def test_a_traced_node_and_a_running_call_have_one_key():
@@ -53,6 +56,7 @@ def test_the_timed_calls_price_every_op_of_the_plan(measures_cache):
             cm(*args, **kwargs)
         priced = [n for n in ops if measures.measured_time(node_op_key(n)) is not None]
         assert len(priced) == len(ops), [n.name for n in ops if n not in priced][:5]
+        assert any(_composite(n) for n in priced)   # timed whole, not as the ops it is made of
         for n in ops:
             assert op_time(n, cm.plan.hardware) == measures.measured_time(node_op_key(n))
             assert op_time(n, FIXED_CPU) == estimate_op_time(n, FIXED_CPU)   # a preset: the roofline
@@ -106,3 +110,20 @@ def test_the_minimum_budget_does_not_move_as_ops_get_measured(measures_cache):
         measures.record_time(node_op_key(n), 1e-3 if i % 2 else 1e-6)
     again = memsched.plan(model, (), budget=minimum, example_kwargs=kwargs, train=True)
     assert again.min_budget_bytes == minimum
+
+
+def test_a_linear_is_timed_whole_under_its_nodes_key(measures_cache):
+    """``linear`` is a composite op (it runs as ``t`` and ``addmm``): the timer sees the program's
+    call, so the node is priced by what the whole op took, and its parts are not recorded."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).eval()
+    x = torch.randn(32, 64)
+    cm = memsched.compile(model, 10**9, device="cpu", fuse=False)
+    try:
+        for _ in range(max(TIMED_CALLS) + 1):
+            cm(x)
+        linears = [n for n in cm.plan.graph.graph.nodes if n.target is torch.ops.aten.linear.default]
+        assert len(linears) == 2
+        assert all(measures.measured_time(node_op_key(n)) is not None for n in linears)
+        assert not any(key.startswith(("op:aten.addmm", "op:aten.t.")) for key in measures._TIMES)
+    finally:
+        cm.close()

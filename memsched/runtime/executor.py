@@ -308,7 +308,8 @@ class Executor:
         storage its ops make: its own buffers are not seen one by one)."""
         self.acct.hold(nbytes)
         try:
-            return kernel(*args)
+            with self._timer.paused() if self._timer is not None else contextlib.nullcontext():
+                return kernel(*args)
         finally:
             self.acct.hold(-nbytes)
 
