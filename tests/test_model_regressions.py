@@ -13,7 +13,9 @@ model this suite owns (plain torch modules written here, or transformers tiny co
   workspace, made only in a training forward);
 * the plan under-counted a moved expanded view (DeBERTa-v2's relative positions);
 * ``nn.TransformerEncoder``'s fast path in eager, which a captured program cannot take;
-* transformers models returning a ``DynamicCache`` (``use_cache=True``, their default).
+* transformers models returning a ``DynamicCache`` (``use_cache=True``, their default);
+* the same built on meta: export records ``detach_`` on each empty cache layer it makes in
+  the forward, which capture refused as a write into a graph input.
 
 Every training step is compared with eager PyTorch bit for bit (loss and every gradient) at
 100 % of its unconstrained training peak, at about half of it and at its minimum budget, and
@@ -424,3 +426,20 @@ def test_transformer_encoder_without_fast_path_matches_eager(frac):
         cm.close()
     finally:
         torch.backends.mha.set_fastpath_enabled(was)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_default_config_decoder_built_on_meta_plans(train):
+    """A LLaMA with its default ``use_cache=True`` built on meta (no weights: a plan for a GPU
+    profile): its cache layers' empty constants are detached in place in the trace; that is
+    autograd's state, not data, and the plan is made."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).train(train)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    kwargs = {"input_ids": ids, "labels": ids} if train else {"input_ids": ids}
+    plan = memsched.plan(model, (), "1GB", example_kwargs=kwargs, hardware="h100", train=train)
+    assert not any(n.target is torch.ops.aten.detach_.default for n in plan.graph.graph.nodes)

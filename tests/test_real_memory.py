@@ -106,3 +106,40 @@ def test_an_inference_loss_holds_its_log_softmax_inside_the_budget():
     torch.testing.assert_close(out.loss, want.loss, rtol=0, atol=0)
     torch.testing.assert_close(out.logits, want.logits, rtol=0, atol=0)
     cm.close()
+
+
+# what a CPU attention kernel holds besides its output, per thread: blocks of 256 queries by
+# 512 keys in float32 (measured 0.58 MB at 1024 tokens), not counted by the plan
+ATTENTION_BLOCKS_PER_THREAD = 640 * 1024
+
+
+def test_an_attention_mask_converted_to_floats_is_a_value_of_the_program():
+    """Attention given a boolean padding mask converts it to a float mask as large as the mask
+    (2 x 1024 x 1024 x 4 bytes here, in each layer): the conversion is a node before the call,
+    so at memsched's minimum the allocator holds the budget and no more than the attention
+    kernel's own blocks (before: 1.56x the budget); outputs are eager's bit for bit."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=500, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, intermediate_size=64, max_position_embeddings=1024)
+    config._attn_implementation = "sdpa"
+    model = T.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 500, (2, 1024), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :17] = 0
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        want = model(**kwargs).logits
+    floor = memsched.plan(model, (), "1GB", example_kwargs=kwargs).min_budget_bytes
+    cm = memsched.compile(model, floor, device="cpu", example_kwargs=kwargs)
+    with torch.no_grad():
+        cm(**kwargs)
+        out = cm(**kwargs)
+        peak = _allocator_peak(lambda: cm(**kwargs))
+    attention = [n for n in cm.plan.graph.graph.nodes
+                 if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert attention and all(n.args[3].meta["val"].dtype == torch.float32 for n in attention)
+    assert peak <= floor + torch.get_num_threads() * ATTENTION_BLOCKS_PER_THREAD, (peak, floor)
+    torch.testing.assert_close(out.logits, want, rtol=0, atol=0)
+    cm.close()

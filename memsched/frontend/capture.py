@@ -23,7 +23,7 @@ from ..errors import CaptureError, UnsupportedModelError
 from ..ir.effects import is_impure
 from ..ir.graph_module import make_lazy
 from ..ir.kinds import PERSISTENT, Kind
-from .composites import expand_cross_entropy
+from .composites import expand_bool_attention_masks, expand_cross_entropy
 from .fake import eager_meta, share_storages_as_eager
 from .kernel_patterns import select_kernels
 
@@ -105,10 +105,13 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         for spec in ep.graph_signature.input_specs
     ]
     _inline_no_grad_regions(gm)
+    _drop_constant_detaches(gm, {spec.arg.name for spec in ep.graph_signature.input_specs
+                                 if spec.kind == InputKind.CONSTANT_TENSOR})
     _reject_hidden_mutations(gm, model)
     _merge_tied(gm, {p.name for p in placeholders if p.kind in PERSISTENT})
     _normalize(gm)
     expand_cross_entropy(gm)   # its log_softmax becomes a value the planner counts
+    expand_bool_attention_masks(gm)   # and attention's float mask
     if kernels:
         select_kernels(gm)
     share_storages_as_eager(gm.graph)
@@ -317,6 +320,17 @@ def _inline_no_grad_regions(gm: torch.fx.GraphModule) -> None:
             if not getter.users:
                 graph.erase_node(getter)
     gm.delete_all_unused_submodules()
+
+
+def _drop_constant_detaches(gm: torch.fx.GraphModule, constants: set[str]) -> None:
+    """``detach_`` of a constant the module makes in its forward changes autograd's view of it,
+    not its data, and no gradient reaches a constant: the call goes, its readers read the
+    constant. (Export records one for each of transformers' empty cache layers when the model
+    is on meta; taken for a write into a graph input, it made such models unplannable.)"""
+    for node in list(gm.graph.nodes):
+        if node.target is torch.ops.aten.detach_.default and getattr(node.args[0], "name", None) in constants:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
 
 
 def _reject_hidden_mutations(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
