@@ -112,7 +112,7 @@ def capture_pass(s: PlanningState) -> str:
                                  loss_chunks=loss_chunks(s.chunking), shared_loss_heads=s.fuse, kernels=kernels)
     else:
         def trace(model):
-            return capture(model, s.args, s.kwargs, kernels=kernels)
+            return capture(model, s.args, s.kwargs, kernels=kernels, device_type=s.hw.device_type)
     with chunked(s.model, s.chunking):
         s.captured, how = capture_repeated(s.model, trace)
     found = kernel_counts(s.captured.gm) if kernels else None

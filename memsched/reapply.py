@@ -38,7 +38,8 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
         if c.path != LOSS_HEAD and not isinstance(_submodule(model, c.path), torch.nn.Module):
             raise PlanMismatchError(f"the plan runs module {c.path!r} on slices of its input; the model has no such module")
     with chunked(model, list(saved.chunking)):
-        captured, _ = capture_repeated(model, lambda m: capture(m, args, kwargs, kernels=kernels))  # as planned
+        captured, _ = capture_repeated(model, lambda m: capture(m, args, kwargs, kernels=kernels,
+                                                                device_type=saved.hardware.device_type))  # as planned
     capture_s = time.perf_counter() - t
     t = time.perf_counter()
     # a fused plan pairs with the capture by its ops and is fused again on it (its regions are

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -141,5 +142,39 @@ def test_an_attention_mask_converted_to_floats_is_a_value_of_the_program():
                  if n.target is torch.ops.aten.scaled_dot_product_attention.default]
     assert attention and all(n.args[3].meta["val"].dtype == torch.float32 for n in attention)
     assert peak <= floor + torch.get_num_threads() * ATTENTION_BLOCKS_PER_THREAD, (peak, floor)
+    torch.testing.assert_close(out.logits, want, rtol=0, atol=0)
+    cm.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_multi_query_attention_on_its_math_path_is_planned_op_by_op(dtype):
+    """A CPU has no fused kernel for keys and values with fewer heads than the queries (Falcon's
+    multi-query attention): PyTorch computes the scores, masked scores and softmax, each
+    [batch, heads, query, key], inside the op. They are the program's values now, so at
+    memsched's minimum the allocator holds the budget (before: several times it); outputs are
+    eager's bit for bit."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.FalconConfig(vocab_size=500, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            multi_query=True)
+    config._attn_implementation = "sdpa"
+    model = T.FalconForCausalLM(config).to(dtype).eval()
+    ids = torch.randint(0, 500, (2, 384), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :17] = 0
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        want = model(**kwargs).logits
+    floor = memsched.plan(model, (), "1GB", example_kwargs=kwargs).min_budget_bytes
+    cm = memsched.compile(model, floor, device="cpu", example_kwargs=kwargs)
+    with torch.no_grad():
+        cm(**kwargs)
+        out = cm(**kwargs)
+        peak = _allocator_peak(lambda: cm(**kwargs))
+    nodes = cm.plan.graph.graph.nodes
+    assert not any(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in nodes)
+    assert any(n.target is torch.ops.aten._softmax.default for n in nodes)
+    assert peak <= floor, (peak, floor)
     torch.testing.assert_close(out.logits, want, rtol=0, atol=0)
     cm.close()

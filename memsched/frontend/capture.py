@@ -23,7 +23,7 @@ from ..errors import CaptureError, UnsupportedModelError
 from ..ir.effects import is_impure
 from ..ir.graph_module import make_lazy
 from ..ir.kinds import PERSISTENT, Kind
-from .composites import expand_bool_attention_masks, expand_cross_entropy
+from .composites import expand_bool_attention_masks, expand_cross_entropy, expand_math_attention
 from .fake import eager_meta, share_storages_as_eager
 from .kernel_patterns import select_kernels
 
@@ -91,9 +91,11 @@ def input_signature(args: tuple, kwargs: dict) -> tuple:
 
 
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
-            kernels: bool = False) -> Captured:
+            kernels: bool = False, device_type: str = "cpu") -> Captured:
     """Export ``model(*args, **kwargs)`` to an ATen fx graph; CaptureError names what failed.
-    ``kernels``: RMSNorm and rotary chains become memsched's kernel ops (kernel_patterns.py)."""
+    ``kernels``: RMSNorm and rotary chains become memsched's kernel ops (kernel_patterns.py).
+    ``device_type``: where the program will run (a CPU's attention on its math path is written
+    out as its ops, composites.py)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
     warn_fast_paths(model)
@@ -112,6 +114,8 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     _normalize(gm)
     expand_cross_entropy(gm)   # its log_softmax becomes a value the planner counts
     expand_bool_attention_masks(gm)   # and attention's float mask
+    if device_type == "cpu":
+        expand_math_attention(gm)   # and its scores, where the CPU has no fused kernel for it
     if kernels:
         select_kernels(gm)
     share_storages_as_eager(gm.graph)

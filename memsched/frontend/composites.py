@@ -21,6 +21,16 @@ handed the float mask: the values PyTorch converts to, so the outputs are bit fo
 What the attention kernels hold besides (a CPU kernel's per-thread blocks, a few hundred KiB)
 stays uncounted.
 
+Where a CPU attention cannot run its fused kernel -- keys and values with fewer heads than the
+queries, broadcast (multi-query models: Falcon, GPT-BigCode), or dropout -- PyTorch runs its
+math path: the scores, the masked scores and their softmax, each [batch, heads, query, key],
+all inside the op (a Falcon at memsched's minimum, 2 x 1024 tokens: the allocator held 8.1x
+the budget). Asked which kernel it would pick (``torch._fused_sdp_choice``, on small tensors of
+the same heads, dtypes and layouts), such an attention is replaced by the ops of its math path
+as ``make_fx`` records them (``_safe_softmax`` through its decomposition), out of place: the
+same arithmetic in the same order, so bit for bit eager's, and every temporary a value the
+planner counts and may slice. Only for a CPU device: a GPU picks its kernel otherwise.
+
 A training step never meets these: its joint trace records the ops the composite runs.
 """
 from __future__ import annotations
@@ -101,3 +111,81 @@ def expand_bool_attention_masks(gm: fx.GraphModule) -> int:
         graph.lint()
         gm.recompile()
     return done
+
+
+_SDPA = aten.scaled_dot_product_attention.default
+
+
+def expand_math_attention(gm: fx.GraphModule) -> int:
+    """Replace each ``scaled_dot_product_attention`` of ``gm`` that a CPU runs on its math path
+    by the ops of that path; returns how many."""
+    graph, done = gm.graph, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not _SDPA or _cpu_attention_kernel(node) != _MATH:
+            continue
+        inputs = [a for a in node.all_input_nodes]
+        traced = _math_path(node, inputs)
+        if traced is None:
+            continue
+        env = dict(zip([n for n in traced.graph.nodes if n.op == "placeholder"], inputs))
+        with graph.inserting_before(node):
+            for n in traced.graph.nodes:
+                if n.op == "call_function":
+                    env[n] = graph.node_copy(n, env.__getitem__)
+                    env[n].meta.update({k: v for k, v in node.meta.items() if k != "val"})
+                    env[n].meta["val"] = n.meta["val"]
+                elif n.op == "output":
+                    result = env[n.args[0][0] if isinstance(n.args[0], (tuple, list)) else n.args[0]]
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+        done += 1
+    if done:
+        graph.lint()
+        gm.recompile()
+    return done
+
+
+_MATH = 0   # torch.nn.attention.SDPBackend.MATH
+
+
+def _cpu_attention_kernel(node: fx.Node) -> int | None:
+    """The kernel a CPU picks for this attention (``torch._fused_sdp_choice``), asked with small
+    real tensors of the same batch and heads, head sizes, dtypes and last-dim layouts, their
+    sequences one long (the choice reads those, not the lengths); None if it cannot be asked."""
+    vals = fx.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
+    args, kwargs = vals
+    if any(isinstance(v, torch.Tensor) and (v.dim() != 4 or v.is_sparse) for v in args[:4]):
+        return None
+    small = [_stand_in(v, keep_last=i < 3) if isinstance(v, torch.Tensor) else v for i, v in enumerate(args)]
+    try:
+        return int(torch._fused_sdp_choice(*small, **kwargs))
+    except Exception:   # noqa: BLE001 - an attention the choice cannot read stays as it is
+        return None
+
+
+def _stand_in(t: torch.Tensor, keep_last: bool) -> torch.Tensor:
+    """``t``'s stand-in: the query's, key's or value's head size kept (``keep_last``), every
+    sequence (a mask's two last dims) one long."""
+    shape = [*t.shape[:-2], min(t.shape[-2], 1), t.shape[-1] if keep_last else min(t.shape[-1], 1)]
+    if keep_last and t.shape[-1] > 1 and t.stride(-1) != 1:   # the layout checks read that stride
+        return torch.zeros(*shape, 2, dtype=t.dtype)[..., 0]
+    return torch.zeros(shape, dtype=t.dtype)
+
+
+def _math_path(node: fx.Node, inputs: list[fx.Node]) -> fx.GraphModule | None:
+    """The ops an attention runs on its math path, out of place, traced on the node's values."""
+    from torch._decomp import decomposition_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def attention(*tensors):
+        by_node = dict(zip(inputs, tensors))
+        args, kwargs = fx.map_arg((node.args, node.kwargs), by_node.__getitem__)
+        return _SDPA(*args, **kwargs)
+
+    softmax = aten._safe_softmax.default
+    table = {softmax: decomposition_table[softmax]} if softmax in decomposition_table else {}
+    traced = make_fx(torch.func.functionalize(attention, remove="mutations_and_views"),
+                     decomposition_table=table)(*[a.meta["val"] for a in inputs])
+    if any(n.op == "get_attr" for n in traced.graph.nodes):   # a tensor made inside: not a program value
+        return None
+    return traced
