@@ -109,6 +109,28 @@ def test_an_inference_loss_holds_its_log_softmax_inside_the_budget():
     cm.close()
 
 
+def _left_padded_batch(model, length: int):
+    """Two prompts of ``length`` tokens, the first with 17 of padding: (kwargs, eager's logits)."""
+    ids = torch.randint(0, model.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :17] = 0
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        return kwargs, model(**kwargs).logits
+
+
+def _run_at_the_minimum(model, kwargs):
+    """``model`` compiled at memsched's minimum for ``kwargs``: (compiled, minimum, output, the
+    allocator's peak over a warm call)."""
+    floor = memsched.plan(model, (), "1GB", example_kwargs=kwargs).min_budget_bytes
+    cm = memsched.compile(model, floor, device="cpu", example_kwargs=kwargs)
+    with torch.no_grad():
+        cm(**kwargs)
+        out = cm(**kwargs)
+        peak = _allocator_peak(lambda: cm(**kwargs))
+    return cm, floor, out, peak
+
+
 # what a CPU attention kernel holds besides its output, per thread: blocks of 256 queries by
 # 512 keys in float32 (measured 0.58 MB at 1024 tokens), not counted by the plan
 ATTENTION_BLOCKS_PER_THREAD = 640 * 1024
@@ -126,18 +148,8 @@ def test_an_attention_mask_converted_to_floats_is_a_value_of_the_program():
                            num_key_value_heads=1, intermediate_size=64, max_position_embeddings=1024)
     config._attn_implementation = "sdpa"
     model = T.LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 500, (2, 1024), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[0, :17] = 0
-    kwargs = {"input_ids": ids, "attention_mask": mask}
-    with torch.no_grad():
-        want = model(**kwargs).logits
-    floor = memsched.plan(model, (), "1GB", example_kwargs=kwargs).min_budget_bytes
-    cm = memsched.compile(model, floor, device="cpu", example_kwargs=kwargs)
-    with torch.no_grad():
-        cm(**kwargs)
-        out = cm(**kwargs)
-        peak = _allocator_peak(lambda: cm(**kwargs))
+    kwargs, want = _left_padded_batch(model, 1024)
+    cm, floor, out, peak = _run_at_the_minimum(model, kwargs)
     attention = [n for n in cm.plan.graph.graph.nodes
                  if n.target is torch.ops.aten.scaled_dot_product_attention.default]
     assert attention and all(n.args[3].meta["val"].dtype == torch.float32 for n in attention)
@@ -160,18 +172,8 @@ def test_a_multi_query_attention_on_its_math_path_is_planned_op_by_op(dtype):
                             multi_query=True)
     config._attn_implementation = "sdpa"
     model = T.FalconForCausalLM(config).to(dtype).eval()
-    ids = torch.randint(0, 500, (2, 384), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[0, :17] = 0
-    kwargs = {"input_ids": ids, "attention_mask": mask}
-    with torch.no_grad():
-        want = model(**kwargs).logits
-    floor = memsched.plan(model, (), "1GB", example_kwargs=kwargs).min_budget_bytes
-    cm = memsched.compile(model, floor, device="cpu", example_kwargs=kwargs)
-    with torch.no_grad():
-        cm(**kwargs)
-        out = cm(**kwargs)
-        peak = _allocator_peak(lambda: cm(**kwargs))
+    kwargs, want = _left_padded_batch(model, 384)
+    cm, floor, out, peak = _run_at_the_minimum(model, kwargs)
     nodes = cm.plan.graph.graph.nodes
     assert not any(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in nodes)
     assert any(n.target is torch.ops.aten._softmax.default for n in nodes)

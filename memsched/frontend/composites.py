@@ -73,13 +73,21 @@ def expand_cross_entropy(gm: fx.GraphModule) -> int:
                 loss = graph.call_function(aten.nll_loss_nd.default, (logp,) + args)
         logp.meta["val"] = logp_val
         loss.meta.update(node.meta)
-        node.replace_all_uses_with(loss)
-        graph.erase_node(node)
+        _replace(node, loss)
         done += 1
-    if done:
-        graph.lint()
+    return _recompiled(gm, done)
+
+
+def _replace(node: fx.Node, by: fx.Node) -> None:
+    node.replace_all_uses_with(by)
+    node.graph.erase_node(node)
+
+
+def _recompiled(gm: fx.GraphModule, rewrites: int) -> int:
+    if rewrites:
+        gm.graph.lint()
         gm.recompile()
-    return done
+    return rewrites
 
 
 def expand_bool_attention_masks(gm: fx.GraphModule) -> int:
@@ -107,10 +115,7 @@ def expand_bool_attention_masks(gm: fx.GraphModule) -> int:
         else:
             node.kwargs = {**node.kwargs, "attn_mask": additive}
         done += 1
-    if done:
-        graph.lint()
-        gm.recompile()
-    return done
+    return _recompiled(gm, done)
 
 
 _SDPA = aten.scaled_dot_product_attention.default
@@ -136,13 +141,9 @@ def expand_math_attention(gm: fx.GraphModule) -> int:
                     env[n].meta["val"] = n.meta["val"]
                 elif n.op == "output":
                     result = env[n.args[0][0] if isinstance(n.args[0], (tuple, list)) else n.args[0]]
-        node.replace_all_uses_with(result)
-        graph.erase_node(node)
+        _replace(node, result)
         done += 1
-    if done:
-        graph.lint()
-        gm.recompile()
-    return done
+    return _recompiled(gm, done)
 
 
 _MATH = 0   # torch.nn.attention.SDPBackend.MATH
