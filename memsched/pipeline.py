@@ -146,7 +146,7 @@ def remat_pass(s: PlanningState) -> str:
 
 
 def analysis_pass(s: PlanningState) -> str:
-    s.program = analyze(s.captured, s.hw.alloc_block_bytes, s.hw.workspace_bytes)
+    s.program = analyze(s.captured, s.hw.alloc_block_bytes, s.hw.workspace_bytes, s.hw.device_type)
     nodes = {n.name: n for n in s.captured.gm.graph.nodes}
     s.step_time = np.array([op_time(nodes[name], s.hw) for name in s.program.steps], dtype=np.float64)
     # segments are cut by the roofline, not by measured times: the minimum budget depends on

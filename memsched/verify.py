@@ -107,6 +107,11 @@ class _Checker:
     def compute(self, where, step, n):
         self.holds[n.name] = info(n).restores or n.name  # a recomputation holds what it restores
         self.add(n.name, _storages(n.meta.get("val")))
+        scratch = info(n).scratch or 0   # held inside the op while it runs
+        if scratch and self.cur + scratch > self.budget:
+            raise PlanError(f"{where}: {self.cur + scratch} device bytes held ({scratch} inside the op "
+                            f"while it runs), over the budget of {self.budget}")
+        self.peak = max(self.peak, self.cur + scratch)
 
     def prefetch(self, where, step, n):
         src = n.args[0]

@@ -205,6 +205,7 @@ FACTS = {
         "memsched.grad_of": {"anyOf": [{"type": "null"}, {"type": "string", "format": "memsched-state-key"}]},
         "memsched.step": {"anyOf": [{"type": "null"}, _int(0, LIMITS["items"])]},
         "memsched.buffers": {"anyOf": [{"type": "null"}, _list(_int(0, LIMITS["storages"]))]},
+        "memsched.scratch": {"anyOf": [{"type": "null"}, _int()]},
     },
     "additionalProperties": False,
 }

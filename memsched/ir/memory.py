@@ -67,6 +67,8 @@ class DeviceMemory:
         entries = storages(n.meta.get("val"))
         kind = info(n).kind or self._existing_kind(entries) or Kind.ACTIVATION
         self._add(n.name, entries, kind)
+        # what the op holds inside itself while it runs, beside its outputs
+        self.peak = max(self.peak, self.current + allocated(info(n).scratch or 0, self.block))
         return kind
 
     def _prefetch(self, n):

@@ -29,6 +29,7 @@ class NodeInfo:
     grad_of: str | None = None        # a gradient: the state key of its parameter
     step: int | None = None           # analysis: the node's step in the captured program
     storages: tuple[int, ...] | None = None  # analysis: ids of the storages its tensors use
+    scratch: int | None = None        # analysis: bytes its op holds inside itself while it runs (CPU, measured)
 
 
 _EMPTY = NodeInfo()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..cost_models.op_scratch import op_scratch_bytes
 from ..frontend.capture import Captured
 from ..ir import ops
 from ..ir.effects import written_args
@@ -175,6 +176,18 @@ class _Walk:
             ids.append(sid)
         return tuple(ids)
 
+    def _scratch(self, node: torch.fx.Node, step: int) -> None:
+        """What the op holds inside itself (``info(node).scratch``): a storage of its step alone,
+        of no value, so every peak and minimum counts it while the op runs and no move or free
+        concerns it."""
+        nbytes = info(node).scratch or 0
+        if nbytes > 0:
+            self.first_value.append(node.name)
+            self.nbytes.append(allocated(nbytes, self.block))
+            self.kind.append(Kind.ACTIVATION)
+            self.events.append({step})
+            self.aliases.append([])
+
     def read(self, name: str, step: int) -> None:
         for sid in self.values[name]["storages"]:
             self.events[sid].add(step)
@@ -193,6 +206,7 @@ class _Walk:
             for sid in ids:
                 self.events[sid].add(step)
             annotate(node, step=step)
+            self._scratch(node, step)
         elif node.op == "get_attr":  # a submodule of a higher-order op: code, not data
             self.values[node.name] = {"step": START, "last_use": START, "storages": (), "single_tensor": False}
             return
@@ -232,12 +246,17 @@ def _live_bytes(storages, end: int) -> np.ndarray:
     return np.cumsum(diff[:end]) if end else np.zeros(0, dtype=np.int64)
 
 
-def analyze(captured: Captured, block: int = 1, workspace: int = 0) -> Program:
+def analyze(captured: Captured, block: int = 1, workspace: int = 0, device_type: str = "cpu") -> Program:
     """Compute steps, storages, values and the live-bytes profile; annotate the nodes. Bytes are
     counted as the device's allocator counts them: each storage in whole ``block``-byte blocks,
     and a ``workspace`` held beside them throughout (``Hardware``'s ``alloc_block_bytes`` and
-    ``workspace_bytes``)."""
+    ``workspace_bytes``); an op measured to hold scratch inside itself on ``device_type``
+    (cost_models/op_scratch.py) holds it at its step."""
     graph = captured.gm.graph
+    for node in graph.nodes:
+        scratch = op_scratch_bytes(node, device_type)
+        if scratch or info(node).scratch:
+            annotate(node, scratch=scratch or None)
     walk = _Walk({p.name: p.kind for p in captured.placeholders}, block)
     for node in graph.nodes:
         walk.visit(node)

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.listing import format_arg, format_args
+from ..ir.meta import info
 from ..ir.ops import Op, is_inserted, op_of, register
 from ..ir.regions import reads_region, region_of
 from ..ir.tensors import distinct_storage_bytes
@@ -134,9 +135,11 @@ def generate_source(gm: fx.GraphModule, device: torch.device | None = None,
             continue   # unpacked by the region's own line
         elif n.op == "call_function":
             track = "_track" if _surely_tensor(n) else "rt.track"
-            size = allocates(n)
+            scratch = info(n).scratch or 0   # held inside the op while it runs, beside its outputs
+            size = allocates(n) + scratch
             room = f"rt.make_room({size}); " if room_for is not None and size > room_for else ""
-            body.append(f"{room}v_{n.name} = {r.fn(n.target)}({r.args(n)}); {track}(v_{n.name})")
+            inside = f"; rt.held_inside({scratch})" if scratch else ""
+            body.append(f"{room}v_{n.name} = {r.fn(n.target)}({r.args(n)}); {track}(v_{n.name}){inside}")
         elif n.op == "get_attr":  # submodules of higher-order ops
             body.append(f"v_{n.name} = {r.const(getattr(gm, n.target))}")
         elif n.op == "output":

@@ -303,6 +303,12 @@ class Executor:
             return _as_trained(t)
         return t
 
+    def held_inside(self, nbytes: int) -> None:
+        """An op measured to hold ``nbytes`` inside itself (``info(n).scratch``) has run: the
+        accountant counts them at its peak, beside the op's outputs, as the plan does."""
+        self.acct.hold(nbytes)
+        self.acct.hold(-nbytes)
+
     def region(self, kernel, nbytes: int, args: tuple) -> tuple:
         """Run a fused region; while it runs, the device holds the bytes it declares (every
         storage its ops make: its own buffers are not seen one by one)."""

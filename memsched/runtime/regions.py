@@ -9,9 +9,6 @@ Nothing compiled is ever stored in a plan file: a loaded plan compiles its regio
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import threading
 import time
 import warnings
@@ -20,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..cost_models.measures import record_time
+from ..cost_models.op_scratch import allocator_peak
 from ..errors import BudgetExceededError
 from ..ir.regions import Region
 from ..ir.units import format_bytes
@@ -113,45 +111,6 @@ def _plain_copy(graph: torch.fx.Graph) -> torch.fx.Graph:
     for n in out.nodes:
         n.meta.clear()
     return out
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """The profiler's C++ side prints its start and stop to file descriptor 2: hidden."""
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
-
-
-def allocator_peak(fn, args) -> tuple[object, int]:
-    """``fn(*args)`` and the most bytes the CPU allocator held at once during it beyond what was
-    held before (torch.profiler's allocation events)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn(*args)
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and str(node.extra_fields.device) == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr))
-    sizes, cur, peak = {}, 0, 0
-    for _, size, ptr in sorted(events, key=lambda e: e[0]):
-        if size > 0:
-            sizes[ptr] = size
-            cur += size
-            peak = max(peak, cur)
-        elif ptr in sizes:   # a free of a block allocated inside the call
-            cur -= sizes.pop(ptr)
-    return out, peak
 
 
 def measured_peaks() -> dict[tuple, int]:
