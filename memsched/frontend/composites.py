@@ -18,8 +18,8 @@ a padded batch that is [batch, 1, query, key], 8 MB at 1024 tokens and 134 MB at
 every layer behind the program's back (a LLaMA at memsched's minimum budget, 2 x 1024 tokens:
 the allocator held 1.56x the budget). The conversion becomes a node before the call, which is
 handed the float mask: the values PyTorch converts to, so the outputs are bit for bit eager's.
-What the attention kernels hold besides (a CPU kernel's per-thread blocks, a few hundred KiB)
-stays uncounted.
+(What the attention kernel holds besides, a CPU's per-thread blocks, is measured and held
+while it runs: cost_models/op_scratch.py.)
 
 Where a CPU attention cannot run its fused kernel -- keys and values with fewer heads than the
 queries, broadcast (multi-query models: Falcon, GPT-BigCode), or dropout -- PyTorch runs its
@@ -41,6 +41,7 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch.nn.attention import SDPBackend
 
 from .node_reads import arg_of, tensor_val
 
@@ -128,7 +129,7 @@ def expand_math_attention(gm: fx.GraphModule) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not _SDPA or _cpu_attention_kernel(node) != _MATH:
             continue
-        inputs = [a for a in node.all_input_nodes]
+        inputs = list(node.all_input_nodes)
         traced = _math_path(node, inputs)
         if traced is None:
             continue
@@ -146,7 +147,7 @@ def expand_math_attention(gm: fx.GraphModule) -> int:
     return _recompiled(gm, done)
 
 
-_MATH = 0   # torch.nn.attention.SDPBackend.MATH
+_MATH = int(SDPBackend.MATH.value)
 
 
 def _cpu_attention_kernel(node: fx.Node) -> int | None:
