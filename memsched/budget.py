@@ -54,7 +54,8 @@ def parse_budget(budget, device_capacity: int | None = None, *, over_capacity: b
     else:
         raise ValueError(f"budget {budget!r} ({type(budget).__name__}) is not valid: use {_ACCEPTED}")
     if value <= 0:
-        raise ValueError(f"budget must be positive, got {budget!r}")
+        less = " (less than one byte: a bare number is bytes; give a unit, \"512MB\")" if isinstance(budget, str) else ""
+        raise ValueError(f"budget must be positive, got {budget!r}{less}")
     if not over_capacity and device_capacity is not None and value > device_capacity:
         raise ValueError(
             f"budget {format_bytes(value)} is more than the device has ({format_bytes(device_capacity)}); "

@@ -52,8 +52,11 @@ class DataDependent(torch.nn.Module):
 
 def test_uncapturable_model_names_the_problem(tmp_path):
     cm = memsched.compile(DataDependent(), "1GB", device="cpu", offload_dir=tmp_path)
-    with pytest.raises(memsched.CaptureError, match="DataDependent"):
+    with pytest.raises(memsched.CaptureError, match="DataDependent") as err:
         cm(torch.randn(4))
+    # where the model branches, and what to do about it
+    assert "test_errors.py" in str(err.value) and "`if x.sum() > 0:" in str(err.value)
+    assert "torch.where" in str(err.value)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,14 +1,19 @@
 """Bytes an op holds inside itself on a CPU, beside its inputs and outputs: measured once.
 
-Some ATen kernels allocate what no graph value shows. oneDNN's convolutions reorder their input
-and output to blocked layouts (measured here as large as the larger of the two: a MobileNetV2
-at memsched's minimum held 1.13x its budget, a RegNet 1.25x); the CPU attention kernel keeps
-blocks of 256 queries by 512 keys per thread. For the ops of ``SCRATCH_OPS`` the scratch is
-measured: the op runs once on zero tensors of the node's shapes, strides and dtypes under the
-profiler's allocator events, and what it held at most beyond its outputs is kept per op key
-and torch thread count. The plan holds that many bytes while the op runs (passes/analysis.py:
-a storage of the op's step alone; the IR's memory walk and the verifier read
-``info(n).scratch``). Other ops' scratch stays uncounted; a GPU's is not measured here.
+Many ATen kernels allocate what no graph value shows. oneDNN's convolutions reorder their input
+and output to blocked layouts (a MobileNetV2 at memsched's minimum held 1.13x its budget, a
+RegNet 1.25x), and their backward more (a CLIP's patch embedding: 1.7 MB beside 0.2 MB of
+gradients, a training step 1.45x its budget); the CPU attention kernel keeps blocks of 256
+queries by 512 keys per thread; a bfloat16 matmul packs its operands; an embedding's backward
+sorts its indices beside a weight-sized buffer; ``_safe_softmax`` and the norms' backwards keep
+temporaries. So every ATen op that is not a view, pointwise, random or mutating is measured:
+it runs once on zero tensors of the node's shapes, strides and dtypes under the profiler's
+allocator events, and what it held at most beyond its outputs is kept per op key and torch
+thread count. The plan holds that many bytes while the op runs (passes/analysis.py: a storage
+of the op's step alone; the IR's memory walk and the verifier read ``info(n).scratch``).
+Pointwise ops write their outputs only (the few bytes of a wrapped scalar are not counted),
+random ops are not run (they would advance the generator the model's own dropout draws from),
+and an op that fails on zeros (an assertion) counts none. A GPU's scratch is not measured here.
 """
 from __future__ import annotations
 
@@ -19,27 +24,30 @@ import sys
 import torch
 import torch.fx as fx
 
+from ..ir.effects import draws_nothing
 from ..ir.op_keys import node_op_key
 from ..ir.tensors import tensor_leaves
 
 aten = torch.ops.aten
-
-SCRATCH_OPS = frozenset({
-    aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
-    aten._convolution.default, aten.conv_transpose1d.default, aten.conv_transpose2d.input,
-    aten.conv_transpose3d.input, aten.scaled_dot_product_attention.default,
-    aten._scaled_dot_product_flash_attention_for_cpu.default,
-})
 
 _ATTENTION = frozenset({aten.scaled_dot_product_attention.default,
                         aten._scaled_dot_product_flash_attention_for_cpu.default})
 _MEASURED: dict[tuple, int] = {}   # (op key, torch threads) -> bytes
 
 
+def measured(node: fx.Node) -> bool:
+    """Whether ``node``'s scratch is measured: an ATen op that computes (not a view, not
+    pointwise), draws no random numbers and writes none of its inputs."""
+    t = node.target
+    return (node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.namespace == "aten"
+            and not t.is_view and torch.Tag.pointwise not in t.tags and not t._schema.is_mutable
+            and (torch.Tag.nondeterministic_seeded not in t.tags or draws_nothing(node)))
+
+
 def op_scratch_bytes(node: fx.Node, device_type: str) -> int:
     """What ``node``'s op holds inside itself on ``device_type`` beyond its outputs (0 where
     not measured: another op, another device, arguments without traced values)."""
-    if device_type != "cpu" or node.op != "call_function" or node.target not in SCRATCH_OPS:
+    if device_type != "cpu" or not measured(node):
         return 0
     key = node_op_key(node)
     if key is None:
@@ -58,10 +66,13 @@ def _measure(node: fx.Node) -> int:
 
     args, kwargs = fx.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
     args, kwargs = torch.utils._pytree.tree_map(zeros, (args, kwargs))
-    with torch.no_grad():
-        if node.target not in _ATTENTION:   # a first call: oneDNN's one-time allocations are not scratch
-            node.target(*args, **kwargs)
-        out, peak = allocator_peak(node.target, args, kwargs)
+    try:
+        with torch.no_grad():
+            if node.target not in _ATTENTION:   # a first call: oneDNN's one-time allocations are not scratch
+                node.target(*args, **kwargs)
+            out, peak = allocator_peak(node.target, args, kwargs)
+    except (RuntimeError, ValueError, IndexError, TypeError):   # an assertion on its data: zeros are not the model's
+        return 0
     made = sum(t.untyped_storage().nbytes() for t in tensor_leaves(out))
     return max(peak - made, 0)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import operator
+import os
+import re
 import sys
 import threading
 import warnings
@@ -160,8 +162,23 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(
             f"could not capture {type(model).__name__} with torch.export: "
-            f"{type(exc).__name__}: {first}"
+            f"{type(exc).__name__}: {first}{_data_dependent_hint(exc)}"
         ) from exc
+
+
+_RAISED_AT = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in \w+\s*\n\s*(.+)')
+
+
+def _data_dependent_hint(exc: Exception) -> str:
+    """For a branch on a tensor's value: where the model takes it, and what to do about it."""
+    if type(exc).__name__ not in ("GuardOnDataDependentSymNode", "UserError") or "data-dependent" not in str(exc):
+        return ""
+    at = _RAISED_AT.search(str(exc))
+    where = f" at {os.path.basename(at.group(1))}:{at.group(2)} (`{at.group(3).strip()}`)" if at else ""
+    return (f". The model branches on a tensor's value{where}: memsched plans one static program per "
+            "input signature, so it cannot follow control flow that depends on data. Write the branch "
+            "with torch.where or torch.cond, or turn off what takes it (random layer dropping and "
+            "masking in training: LayerDrop, SpecAugment; call model.eval() for inference)")
 
 
 class FastPathWarning(UserWarning):
@@ -360,7 +377,8 @@ def _reject_hidden_mutations(gm: torch.fx.GraphModule, model: torch.nn.Module) -
                     and value.name in roots:
                 raise UnsupportedModelError(
                     f"{node.name} ({node.target}) writes in place into graph input {roots[value.name]}; "
-                    f"memsched plans forwards without side effects{hint}")
+                    f"memsched plans forwards without side effects on their inputs, weights or buffers "
+                    f"(write into a copy: `y = x + 1`, not `x.add_(1)`){hint}")
         out_schema = schema.returns
         if out_schema and out_schema[0].alias_info is not None and node.args \
                 and isinstance(node.args[0], torch.fx.Node) and node.args[0].name in roots:

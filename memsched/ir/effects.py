@@ -42,3 +42,19 @@ def is_impure(node: torch.fx.Node) -> bool:
         if schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
             return True
     return False
+
+
+def draws_nothing(n: torch.fx.Node) -> bool:
+    """A random op called so that it draws nothing: attention or dropout with p = 0, dropout
+    outside training."""
+    schema = n.target._schema
+    names = [a.name for a in schema.arguments]
+    given = dict(zip(names, n.args)) | dict(n.kwargs)
+    for arg in schema.arguments:
+        if arg.name not in given and arg.default_value is not None:
+            given[arg.name] = arg.default_value
+    if "dropout_p" in names:
+        return given.get("dropout_p") == 0
+    if names[:1] == ["input"] and "p" in names:   # dropout, native_dropout
+        return given.get("p") == 0 or given.get("train") is False
+    return False

@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from ..cost_models.op_cost import op_compute_dtype, op_flops_bytes
+from ..ir.effects import draws_nothing
 from ..ir.graph_module import lazy_graph_module
 from ..ir.listing import target_name
 from ..ir.memory import DeviceMemory
@@ -53,7 +54,7 @@ def fusible(n: fx.Node) -> bool:
     t = n.target
     if not isinstance(t, torch._ops.OpOverload) or t.namespace not in _NAMESPACES:
         return False
-    if t._schema.is_mutable or (torch.Tag.nondeterministic_seeded in t.tags and not _draws_nothing(n)):
+    if t._schema.is_mutable or (torch.Tag.nondeterministic_seeded in t.tags and not draws_nothing(n)):
         return False
     if t._opname in _RELAID:
         return False
@@ -78,22 +79,6 @@ def fused_op_time(n: fx.Node, hw) -> float:
     if fusible(n) and n.target is not operator.getitem and n.target.is_view:
         return 0.0
     return op_flops_bytes(n)[0] / hw.flops_for(op_compute_dtype(n)) if pointwise(n) else None
-
-
-def _draws_nothing(n: fx.Node) -> bool:
-    """A random op called so that it draws nothing: attention or dropout with p = 0, dropout
-    outside training."""
-    schema = n.target._schema
-    names = [a.name for a in schema.arguments]
-    given = dict(zip(names, n.args)) | dict(n.kwargs)
-    for arg in schema.arguments:
-        if arg.name not in given and arg.default_value is not None:
-            given[arg.name] = arg.default_value
-    if "dropout_p" in names:
-        return given.get("dropout_p") == 0
-    if names[:1] == ["input"] and "p" in names:   # dropout, native_dropout
-        return given.get("p") == 0 or given.get("train") is False
-    return False
 
 
 def _flat(val) -> list:
