@@ -1,6 +1,6 @@
 """The planning pipeline: a declared list of passes, run in order by one wrapper.
 
-    capture → remat → analysis → segments → chunk → placement → schedule → simulate → layers → fuse
+    capture → remat → analysis → loss_head → segments → chunk → placement → schedule → simulate → layers → fuse
 
 Each pass is a function of the planning state that fills in its part (the captured graph, the
 program's analysis, the segments, the placement, the scheduled candidates, the chosen plan)
@@ -88,6 +88,7 @@ class PlanningState:
     chunking: list[Chunking] = field(default_factory=list)   # modules split, when the budget asks
     chunk_ops: bool = True                           # False: never split a module (chunk_pass)
     fuse: bool = False                               # True: fuse compute into regions (fuse_pass)
+    shared_loss_heads: bool = False                  # a returned logits' loss read in slices (loss_head_pass)
     recompute_layers: bool | str = "auto"            # layer_recompute_pass: "auto", True or False
     kernels: bool | str = "auto"                     # memsched's kernel ops for the patterns found (capture_pass)
     placement: Placement | None = None
@@ -109,7 +110,7 @@ def capture_pass(s: PlanningState) -> str:
     if s.train:
         def trace(model):
             return capture_joint(model, s.args, s.kwargs, grad_outputs=s.grad_outputs, target=s.hw.device_type,
-                                 loss_chunks=loss_chunks(s.chunking), shared_loss_heads=s.fuse, kernels=kernels)
+                                 loss_chunks=loss_chunks(s.chunking), shared_loss_heads=s.shared_loss_heads, kernels=kernels)
     else:
         def trace(model):
             return capture(model, s.args, s.kwargs, kernels=kernels, device_type=s.hw.device_type)
@@ -158,6 +159,32 @@ def analysis_pass(s: PlanningState) -> str:
     # what the program could put on disk fits in the page cache: its reads and writes go there
     before, s.hw = s.hw, s.hw.page_cached(sum(b.nbytes for b in s.program.storages))
     return "" if s.hw is before else "disk reads and writes priced on the page cache (its data fits in free RAM)"
+
+
+_LOSSES = frozenset({torch.ops.aten.nll_loss_forward.default, torch.ops.aten.nll_loss2d_forward.default,
+                     torch.ops.aten.cross_entropy_loss.default})
+
+
+def loss_head_pass(s: PlanningState) -> str:
+    """A fused training step whose LM head's logits are returned beside the loss: its loss can
+    read them in slices of rows (frontend/loss_head.py), so the cross-entropy's [tokens, vocab]
+    values never exist whole, at the price of more and smaller matmuls in the backward (4.5% of
+    a GPT-2 step on a CPU). Captured whole first; when that program does not fit the budget
+    whole, captured again with the slices, kept if its peak is lower."""
+    if not (s.train and s.fuse) or s.shared_loss_heads or s.budget >= s.program.peak_bytes:
+        return ""
+    if not any(n.target in _LOSSES for n in s.captured.gm.graph.nodes):
+        return ""
+    trial = replace(s, shared_loss_heads=True, passes=[], history=[], candidates=[])
+    for run in (capture_pass, remat_pass, analysis_pass):
+        run(trial)
+    before, after = s.program.peak_bytes, trial.program.peak_bytes
+    if after >= before:
+        return f"the loss read in slices does not lower the peak ({format_bytes(before)})"
+    for f in _PROGRAM_FIELDS + ("hw", "before_remat", "shared_loss_heads"):
+        setattr(s, f, getattr(trial, f))
+    return (f"the loss reads the returned logits in slices (the whole program does not fit): peak "
+            f"{format_bytes(before)} -> {format_bytes(after)}")
 
 
 def cut_segments(p: Program, step_time: np.ndarray, count: int) -> Segments:
@@ -387,6 +414,7 @@ PASSES: tuple[Pass, ...] = (
     Pass("capture", capture_pass, snapshot=True),
     Pass("remat", remat_pass),
     Pass("analysis", analysis_pass, snapshot=True),   # annotates the captured graph
+    Pass("loss_head", loss_head_pass),
     Pass("segments", segments_pass),
     Pass("chunk", chunk_pass),
     Pass("placement", placement_pass),

@@ -3,7 +3,7 @@ passes/chunking.py below the minimum): found by its ops, the loss alone replaced
 logits are returned too (it reads them), the same maths as the exported graph,
 and a training step that never holds the full logits -- or, returning them, none of the loss's
 own -- plans below the unsplit minimum and matches eager; a fused step has its loss read the
-returned logits at every budget."""
+returned logits wherever its whole program does not fit the budget."""
 from __future__ import annotations
 
 import copy
@@ -211,11 +211,17 @@ def _whole_logit_ops(gm, whole: int) -> list[str]:
             and str(n.target) not in _VIEWS]
 
 
-def test_a_fused_step_has_the_loss_read_the_returned_logits_at_every_budget():
+def _note(plan, name: str) -> str:
+    return next(r.note for r in plan.passes if r.name == name)
+
+
+def test_a_fused_step_has_the_loss_read_the_returned_logits_where_the_whole_does_not_fit():
     """With fuse=True (sums reordered anyway) the loss reads the returned logits in blocks of
-    rows whatever the budget: nothing else the size of the logits is made (no log-softmax, no
-    gradient of either), no LM-head matmul is added; logits, loss and gradients close to
-    eager's (gradients within 1e-5 of the largest: the slices sum in another order)."""
+    rows once the whole program does not fit the budget: nothing else the size of the logits is
+    made (no log-softmax, no gradient of either), no LM-head matmul is added; logits, loss and
+    gradients close to eager's (gradients within 1e-5 of the largest: the slices sum in another
+    order). Where the whole program fits, the loss stays whole: its slices' smaller matmuls
+    would cost time and save nothing the budget asks for."""
     torch.manual_seed(0)
     model, (ids, labels) = _qwen2().train(), _batch()
     ref = copy.deepcopy(model)
@@ -227,8 +233,12 @@ def test_a_fused_step_has_the_loss_read_the_returned_logits_at_every_budget():
     want = ref(**kwargs)
     want.loss.backward()
     plain = _plan(model, (), 10**13, example_kwargs=kwargs).program.peak_bytes
-    budget = _plan(model, (), 10**13, example_kwargs=kwargs, fuse=True).program.peak_bytes
-    assert budget < plain
+    unlimited = _plan(model, (), 10**13, example_kwargs=kwargs, fuse=True)
+    assert _note(unlimited, "loss_head") == ""   # fits whole: the loss stays whole
+    tight = _plan(model, (), unlimited.program.peak_bytes - 1, example_kwargs=kwargs, fuse=True)
+    assert "the loss reads the returned logits in slices" in _note(tight, "loss_head")
+    budget = tight.program.peak_bytes
+    assert budget < unlimited.program.peak_bytes <= plain
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cm = memsched.compile(model, budget, example_kwargs=kwargs, train=True, device="cpu", hardware=FIXED_CPU,
@@ -236,7 +246,8 @@ def test_a_fused_step_has_the_loss_read_the_returned_logits_at_every_budget():
     try:
         got = cm(**kwargs)
         got.loss.backward()
-        assert LOSS_HEAD not in {c.path for c in cm.plan.chunking}   # not the planner's choice: always
+        assert LOSS_HEAD not in {c.path for c in cm.plan.chunking}   # not the chunk pass's slices
+        assert "the loss reads the returned logits in slices" in _note(cm.plan, "loss_head")
         assert cm.stats.peak_device_bytes <= budget and cm.plan.verify() <= budget
         torch.testing.assert_close(got.logits, want.logits)   # fused regions round differently
         torch.testing.assert_close(got.loss, want.loss)

@@ -12,8 +12,9 @@ blocks of rows (``shared``): the cross-entropy's own [N, V] values (its float co
 their gradients) never exist whole, and no matmul is added. A training step differentiates the
 loss alone (frontend/joint.py), so the kept linear has no backward: the kernel's gives the hidden
 state, weight and bias theirs. Summed in slices, loss and gradients differ from eager's in the
-last bits, so this is done at every budget only where such differences are accepted anyway
-(``shared=True``: a fused plan); otherwise it is the planner's choice below the minimum
+last bits, so this is done only where such differences are accepted anyway (``shared=True``:
+a fused plan whose whole program does not fit the budget, pipeline's ``loss_head_pass``; the
+slices' smaller matmuls cost time); otherwise it is the planner's choice below the minimum
 (passes/chunking.py), as is the split of a forward that returns the loss alone, which saves
 the logits too for one more LM-head matmul per slice.
 
