@@ -76,3 +76,19 @@ def test_random_ops_are_never_in_a_chain():
         chain = recompute_chain(program, g.value, g.end)
         if chain is not None:
             assert not {program.recipes[v].op for v in chain.values} & set(seeded)
+
+
+def test_an_ops_own_scratch_is_held_while_it_runs_again():
+    """A recomputed op holds what it holds inside itself again (cost_models/op_scratch.py: a
+    convolution's reordered layouts on a CPU): its recipe's transient bytes count it, so the
+    placement prices a recomputation as the runtime will run it."""
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = memsched.plan(conv, (x,), "1GB", train=True, hardware=FIXED_CPU)
+    nodes = {n.name: n for n in plan.graph.graph.nodes}
+    held = [r for r in plan.program.recipes.values() if r.op in nodes and info(nodes[r.op]).scratch]
+    assert held   # the convolutions hold scratch on a CPU and can be recomputed
+    for r in held:
+        assert r.extra_bytes >= info(nodes[r.op]).scratch

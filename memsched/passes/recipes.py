@@ -12,6 +12,7 @@ import torch
 
 from ..ir.effects import written_args
 from ..ir.kinds import PERSISTENT
+from ..ir.meta import info
 from ..ir.tensors import storage_nbytes
 
 
@@ -24,7 +25,7 @@ class Recipe:
     index: int | None         # getitem index when ``value`` is one output of a tuple op
     inputs: tuple[str, ...]   # values the op reads
     step: int                 # the op's step (its cost is that step's time)
-    extra_bytes: int          # other outputs of a tuple op, held for a moment
+    extra_bytes: int          # other outputs of a tuple op and the op's own scratch, held for a moment
 
 
 def written_storages(graph: torch.fx.Graph, values: dict) -> set[int]:
@@ -69,6 +70,7 @@ def find_recipes(graph: torch.fx.Graph, values: dict, written: set[int]) -> dict
             op, index, extra = node, None, 0
         if not _recomputable(op, written, values):
             continue
+        extra += info(op).scratch or 0   # held inside the op while it runs again (analysis)
         out[node.name] = Recipe(node.name, op.name, index, tuple(a.name for a in op.all_input_nodes),
                                 values[op.name].step, extra)
     return out
