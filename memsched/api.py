@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 
@@ -89,6 +90,7 @@ class CompiledModule:
         if grad_outputs not in ("auto", "all"):
             raise ValueError(f"grad_outputs must be 'auto' or 'all', got {grad_outputs!r}")
         self._pid = os.getpid()
+        self._warned_untrained = False
         if train and plan is not None:
             raise NotImplementedError("re-applying a saved plan supports inference plans only; "
                                       "a training step is planned again")
@@ -199,6 +201,7 @@ class CompiledModule:
                 "threads, pinned buffers and offload file belong to that process: compile the model again here")
         if not self.train and torch.is_grad_enabled():
             _refuse_grad_inputs(args, kwargs)
+            self._warn_untrained()
         with self._lock:
             plan, captured, executor, step = self._prepare(args, kwargs)
             flat = captured.flatten_inputs(args, kwargs)
@@ -209,6 +212,20 @@ class CompiledModule:
                 out = executor.run(flat)
                 plan.measured = executor.last_stats
             return captured.unflatten_outputs(out)
+
+    def _warn_untrained(self) -> None:
+        """A model in training mode with parameters that require grad, called with grad mode on,
+        looks like a training loop; a module compiled for inference returns outputs without a
+        gradient, so its backward would fail in PyTorch with no word of why: said once."""
+        if self._warned_untrained or not self.model.training:
+            return
+        self._warned_untrained = True
+        if any(p.requires_grad for p in self.model.parameters()):
+            warnings.warn(
+                f"memsched: {type(self.model).__name__} is in training mode with parameters that require "
+                "grad, but this module was compiled for inference (train=False): its outputs carry no "
+                "gradient. Compile with memsched.compile(..., train=True) to train through it; for "
+                "inference call model.eval() or run it under torch.no_grad()", UserWarning, stacklevel=3)
 
     def patched(self, names, dim: int, index: torch.Tensor) -> None:
         """Say that model tensors ``names`` (state-dict keys, or one key) had their slices

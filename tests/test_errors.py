@@ -147,3 +147,26 @@ def test_planning_gives_the_collector_threshold_back_even_on_error():
     assert gc.get_threshold() == before
     memsched.plan(model, (torch.randn(4, 64),), budget=10**9)
     assert gc.get_threshold() == before
+
+
+def test_a_training_mode_model_compiled_for_inference_is_warned_about_once():
+    """Called with grad mode on while the model is in training mode with parameters that require
+    grad (a training loop, by the look of it), an inference module warns once that its outputs
+    carry no gradient; in eval mode, or under no_grad, it says nothing."""
+    import warnings
+
+    model = torch.nn.Linear(8, 4)
+    cm = memsched.compile(model, "1MB", device="cpu")
+    with pytest.warns(UserWarning, match=r"compiled for inference.*train=True"):
+        out = cm(torch.randn(2, 8))
+    assert not out.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm(torch.randn(2, 8))   # once
+        cm_eval = memsched.compile(model.eval(), "1MB", device="cpu")
+        cm_eval(torch.randn(2, 8))
+        model.train()
+        with torch.no_grad():
+            memsched.compile(model, "1MB", device="cpu")(torch.randn(2, 8))
+    for m in (cm, cm_eval):
+        m.close()
