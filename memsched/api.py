@@ -154,7 +154,10 @@ class CompiledModule:
     def _prepare(self, args, kwargs):
         # train=True plans a training step when autograd is on, and inference under no_grad
         train = self.train and torch.is_grad_enabled()
-        key = (train, self.model.training, input_signature(args, kwargs))
+        # on a CPU what some ops hold inside themselves grows with torch's threads (the attention
+        # kernel's blocks, one per thread; cost_models/op_scratch.py): a plan per thread count
+        threads = torch.get_num_threads() if self.device.type == "cpu" else None
+        key = (train, self.model.training, input_signature(args, kwargs), threads)
         entry = self._compiled.get(key)
         if entry is None:
             with _CAPTURE_LOCK:  # torch.export is not thread-safe

@@ -251,3 +251,33 @@ def test_a_bfloat16_matmuls_packed_operands_are_held_while_it_runs():
     assert peak <= floor, (peak, floor)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     cm.close()
+
+
+def test_more_threads_after_compile_plan_again():
+    """The CPU attention kernel keeps blocks per thread, measured at planning's thread count: a
+    call with more torch threads than the plan was made at is planned again (its scratch then
+    measured at that count), not run on a plan that holds too little."""
+    import transformers as T
+
+    config = T.LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512)
+    config._attn_implementation = "sdpa"
+    model = T.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 300, (1, 512), generator=torch.Generator().manual_seed(1))
+    attention = torch.ops.aten.scaled_dot_product_attention.default
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        cm = memsched.compile(model, "1GB", device="cpu")
+        with torch.no_grad():
+            want = cm(input_ids=ids).logits
+            one = [info(n).scratch for n in cm.plan.graph.graph.nodes if n.target is attention]
+            torch.set_num_threads(2)
+            got = cm(input_ids=ids).logits
+        two = [info(n).scratch for n in cm.plan.graph.graph.nodes if n.target is attention]
+        assert cm.plans_made == 2
+        assert one and two and two[0] > one[0], (one, two)   # a second thread's blocks
+        torch.testing.assert_close(got, want)
+        cm.close()
+    finally:
+        torch.set_num_threads(threads)
