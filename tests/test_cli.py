@@ -149,6 +149,33 @@ def test_plan_a_vision_config_without_an_image_size(capsys, tmp_path):
     assert report["input_signature"]["leaves"][0]["shape"] == [1, 3, 224, 224]
 
 
+@pytest.mark.parametrize("kind", ["whisper", "wav2vec2"])
+def test_plan_an_audio_config(capsys, tmp_path, kind):
+    """Audio models take features or a waveform: --seq-len counts the encoder's frames (Whisper's
+    log-mel length is the one its positions cover; a waveform is as many samples as the
+    feature encoder turns into that many frames) and an encoder-decoder's decoder tokens."""
+    transformers = pytest.importorskip("transformers")
+    if kind == "whisper":
+        transformers.WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                   decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                   num_mel_bins=8, max_source_positions=32, max_target_positions=32,
+                                   vocab_size=100, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                                   decoder_start_token_id=0).save_pretrained(tmp_path)
+        want = {"input_features": [1, 8, 64], "decoder_input_ids": [1, 16]}
+    else:
+        transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
+                                    conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                                    num_conv_pos_embedding_groups=2, vocab_size=32).save_pretrained(tmp_path)
+        want = {"input_values": [1, 20 + 15 * 10]}   # one frame's receptive field, then 15 strides
+    code, out, err = run(capsys, "plan", tmp_path, "--budget", on_gpu("t4", "64MB"), "--hardware", "t4",
+                         "--seq-len", "16", "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert "audio" in report["model"]
+    assert sorted(leaf["shape"] for leaf in report["input_signature"]["leaves"]) == sorted(want.values())
+
+
 def test_plan_training_step(capsys, tmp_path):
     """--train plans forward and backward: the saved activations and what happens to each."""
     transformers = pytest.importorskip("transformers")

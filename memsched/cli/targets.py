@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import sys
 import warnings
@@ -311,7 +312,7 @@ def _hf_build(config, label: str, batch: int, seq_len: int):
                 break
             except ValueError as e:  # this auto class does not cover the config
                 errors.append(f"{cls.__name__}: {str(e).splitlines()[0]}")
-            except (ImportError, TypeError, AttributeError, RuntimeError) as e:
+            except (ImportError, TypeError, AttributeError, RuntimeError, AssertionError) as e:
                 raise ValueError(f"{label}: transformers could not build {type(config).__name__}: "
                                  f"{type(e).__name__}: {e}") from None
     if model is None:
@@ -327,6 +328,9 @@ def _hf_build(config, label: str, batch: int, seq_len: int):
         name += f", seq {seq_len})"
     elif "pixel_values" in kwargs:
         name += f", image {'x'.join(map(str, kwargs['pixel_values'].shape[-2:]))})"
+    elif "input_features" in kwargs or "input_values" in kwargs:
+        audio = kwargs.get("input_features", kwargs.get("input_values"))
+        name += f", audio {'x'.join(map(str, audio.shape[1:]))})"
     else:
         name += ")"
     return model, args, kwargs, name
@@ -364,8 +368,37 @@ def _hf_inputs(model, config, label: str, batch: int, seq_len: int) -> dict:
             raise ValueError(f"{label}: image_size {size!r} is not a size")
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         return {"pixel_values": torch.zeros(batch, channels, h, w, dtype=dtype, device="meta")}
+    if main in ("input_features", "input_values"):
+        return _audio_inputs(model, config, label, main, batch, seq_len)
     raise ValueError(f"{label}: {type(model).__name__} takes {main!r}, which the CLI cannot "
                      f"synthesize yet; write a factory (file.py:factory) instead")
+
+
+def _audio_inputs(model, config, label: str, main: str, batch: int, seq_len: int) -> dict:
+    """Audio models: ``--seq-len`` counts the encoder's frames. Whisper's log-mel features have the
+    fixed length its positions cover (two frames each); a raw waveform (wav2vec2, HuBERT) is as
+    many samples as its convolutional feature encoder turns into ``--seq-len`` frames. An
+    encoder-decoder's decoder reads ``--seq-len`` tokens too."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if main == "input_features" and isinstance(getattr(config, "num_mel_bins", None), int) \
+            and isinstance(getattr(config, "max_source_positions", None), int):
+        kwargs = {"input_features": torch.zeros(batch, config.num_mel_bins, 2 * config.max_source_positions,
+                                                dtype=dtype, device="meta")}
+    elif main == "input_values" and getattr(config, "conv_stride", None) and getattr(config, "conv_kernel", None):
+        samples = 1   # the receptive field of one frame, then each further frame's stride
+        for kernel, stride in zip(reversed(config.conv_kernel), reversed(config.conv_stride)):
+            samples = (samples - 1) * stride + kernel
+        total = math.prod(config.conv_stride)
+        kwargs = {"input_values": torch.zeros(batch, samples + (seq_len - 1) * total, dtype=dtype, device="meta")}
+    else:
+        raise ValueError(f"{label}: {type(model).__name__} takes {main!r} in a layout the CLI does not "
+                         f"know; write a factory (file.py:factory) instead")
+    if getattr(config, "is_encoder_decoder", False):
+        limit = getattr(config, "max_target_positions", None)
+        if isinstance(limit, int) and seq_len > limit:
+            raise ValueError(f"{label}: --seq-len {seq_len} exceeds the decoder's maximum of {limit} positions")
+        kwargs["decoder_input_ids"] = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+    return kwargs
 
 
 def _count(n: int) -> str:
