@@ -281,3 +281,31 @@ def test_more_threads_after_compile_plan_again():
         cm.close()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_saved_plan_holds_the_scratch_measured_where_it_runs(tmp_path):
+    """A plan saved at one torch thread and re-applied at two holds the attention kernel's
+    blocks as measured on the second run's threads, not the file's."""
+    import transformers as T
+
+    config = T.LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512)
+    config._attn_implementation = "sdpa"
+    model = T.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 300, (1, 512), generator=torch.Generator().manual_seed(1))
+    attention = torch.ops.aten.scaled_dot_product_attention.default
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        plan = memsched.plan(model, (), "1GB", example_kwargs={"input_ids": ids})
+        saved = [info(n).scratch for n in plan.graph.graph.nodes if n.target is attention]
+        plan.save(tmp_path / "plan.json")
+        torch.set_num_threads(2)
+        cm = memsched.compile(model, plan=tmp_path / "plan.json", device="cpu")
+        with torch.no_grad():
+            cm(input_ids=ids)
+        here = [info(n).scratch for n in cm.plan.graph.graph.nodes if n.target is attention]
+        assert saved and here and here[0] > saved[0], (saved, here)
+        cm.close()
+    finally:
+        torch.set_num_threads(threads)
