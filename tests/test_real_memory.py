@@ -253,17 +253,21 @@ def test_a_bfloat16_matmuls_packed_operands_are_held_while_it_runs():
     cm.close()
 
 
-def test_more_threads_after_compile_plan_again():
-    """The CPU attention kernel keeps blocks per thread, measured at planning's thread count: a
-    call with more torch threads than the plan was made at is planned again (its scratch then
-    measured at that count), not run on a plan that holds too little."""
+def _llama_at_512_tokens():
+    """A one-layer LLaMA whose attention runs the CPU flash kernel (per-thread blocks), and 512 ids."""
     import transformers as T
 
     config = T.LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512)
     config._attn_implementation = "sdpa"
-    model = T.LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 300, (1, 512), generator=torch.Generator().manual_seed(1))
+    return T.LlamaForCausalLM(config).eval(), torch.randint(0, 300, (1, 512), generator=torch.Generator().manual_seed(1))
+
+
+def test_more_threads_after_compile_plan_again():
+    """The CPU attention kernel keeps blocks per thread, measured at planning's thread count: a
+    call with more torch threads than the plan was made at is planned again (its scratch then
+    measured at that count), not run on a plan that holds too little."""
+    model, ids = _llama_at_512_tokens()
     attention = torch.ops.aten.scaled_dot_product_attention.default
     threads = torch.get_num_threads()
     try:
@@ -286,13 +290,7 @@ def test_more_threads_after_compile_plan_again():
 def test_a_saved_plan_holds_the_scratch_measured_where_it_runs(tmp_path):
     """A plan saved at one torch thread and re-applied at two holds the attention kernel's
     blocks as measured on the second run's threads, not the file's."""
-    import transformers as T
-
-    config = T.LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512)
-    config._attn_implementation = "sdpa"
-    model = T.LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 300, (1, 512), generator=torch.Generator().manual_seed(1))
+    model, ids = _llama_at_512_tokens()
     attention = torch.ops.aten.scaled_dot_product_attention.default
     threads = torch.get_num_threads()
     try:
