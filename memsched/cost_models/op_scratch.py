@@ -13,13 +13,15 @@ thread count. The plan holds that many bytes while the op runs (passes/analysis.
 of the op's step alone; the IR's memory walk and the verifier read ``info(n).scratch``).
 Pointwise ops write their outputs only (the few bytes of a wrapped scalar are not counted),
 random ops are not run (they would advance the generator the model's own dropout draws from),
-and an op that fails on zeros (an assertion) counts none. A GPU's scratch is not measured here.
+and an op that fails on zeros (an assertion) counts none, with a warning naming it. A GPU's
+scratch is not measured here.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+import warnings
 
 import torch
 import torch.fx as fx
@@ -71,7 +73,10 @@ def _measure(node: fx.Node) -> int:
             if node.target not in _ATTENTION:   # a first call: oneDNN's one-time allocations are not scratch
                 node.target(*args, **kwargs)
             out, peak = allocator_peak(node.target, args, kwargs)
-    except (RuntimeError, ValueError, IndexError, TypeError):   # an assertion on its data: zeros are not the model's
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:   # an assertion on its data: zeros are not the model's
+        warnings.warn(f"memsched: could not measure what {node.target} holds inside itself on zeros of its "
+                      f"shapes ({type(e).__name__}: {str(e).splitlines()[0][:120]}); the plan counts none",
+                      RuntimeWarning, stacklevel=2)
         return 0
     made = sum(t.untyped_storage().nbytes() for t in tensor_leaves(out))
     return max(peak - made, 0)
