@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .cost_models.op_scratch import op_scratch_bytes
+from .cost_models.op_scratch import hold_kernel_storages, op_scratch_bytes
 from .errors import InfeasibleBudgetError
 from .frontend.capture import Captured, capture, input_signature
 from .frontend.repeats import capture_repeated
@@ -67,6 +67,7 @@ def _scratch_here(gm: torch.fx.GraphModule, device_type: str) -> None:
     the attention kernel's blocks are per torch thread): where it is more than the file says, the
     program holds the larger, and the verifier below checks the budget with it."""
     for n in gm.graph.nodes:
+        hold_kernel_storages(n, device_type)   # the storages its kernels make, as planned
         here = op_scratch_bytes(n, device_type)
         if here > (info(n).scratch or 0):
             annotate(n, scratch=here)

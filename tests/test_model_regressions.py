@@ -474,3 +474,41 @@ def test_a_gradient_two_parameters_share_is_delivered_once():
     shared = [n for n in set(returned) if returned.count(n) > 1 and n.startswith("offload")]
     assert shared, "the plan no longer delivers a shared gradient to disk: this test checks nothing"
     assert_step_matches_eager(model, args, {}, lambda loss: loss, plan)
+
+
+class BagClassifier(nn.Module):
+    """Bags of token ids averaged by ``nn.EmbeddingBag``: its CPU kernel leaves ``offset2bag``
+    one element larger than the op's meta function traces."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(40, 8, mode="mean")
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, ids, offsets):
+        return self.head(self.bag(ids, offsets))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_an_output_storage_the_kernel_makes_larger_is_counted(train):
+    """At the minimum the runtime's accountant (which counts real storages) found the embedding
+    bag's outputs 8 bytes over the budget; the plan now counts the kernel's storages."""
+    from helpers import FIXED_CPU
+
+    torch.manual_seed(0)
+    model = BagClassifier().train(train)
+    args = (torch.randint(0, 40, (10,), generator=torch.Generator().manual_seed(1)), torch.tensor([0, 3, 7]))
+    ref = copy.deepcopy(model)
+    budget = memsched.plan(copy.deepcopy(model), args, budget=10**12, train=train, hardware=FIXED_CPU).min_budget_bytes
+    cm = _compile(model, budget, train=train, hardware=FIXED_CPU)
+    try:
+        with torch.enable_grad() if train else torch.no_grad():
+            got, want = cm(*args), ref(*args)
+            assert torch.equal(got, want)
+            if train:
+                got.sum().backward()
+                want.sum().backward()
+                assert_same_grads(ref, model)
+        assert cm.plan.verify() <= budget and cm.stats.peak_device_bytes <= budget
+    finally:
+        cm.close()

@@ -15,6 +15,11 @@ Pointwise ops write their outputs only (the few bytes of a wrapped scalar are no
 random ops are not run (they would advance the generator the model's own dropout draws from),
 and an op that fails on zeros (an assertion) counts none, with a warning naming it. A GPU's
 scratch is not measured here.
+
+The same run shows the storages the kernel gives its outputs. Some are larger than the op's
+meta function traces (an embedding bag's ``offset2bag`` has one element more, left by a resize
+down): ``hold_kernel_storages`` grows the traced storage to the kernel's, so the plan, the
+verifier and the runtime's accountant all count the bytes the op really leaves behind.
 """
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ aten = torch.ops.aten
 
 _ATTENTION = frozenset({aten.scaled_dot_product_attention.default,
                         aten._scaled_dot_product_flash_attention_for_cpu.default})
-_MEASURED: dict[tuple, int] = {}   # (op key, torch threads) -> bytes
+_MEASURED: dict[tuple, tuple[int, tuple[int, ...] | None]] = {}
+# (op key, torch threads) -> (scratch bytes, the kernel's storage bytes per output tensor)
 
 
 def measured(node: fx.Node) -> bool:
@@ -49,18 +55,35 @@ def measured(node: fx.Node) -> bool:
 def op_scratch_bytes(node: fx.Node, device_type: str) -> int:
     """What ``node``'s op holds inside itself on ``device_type`` beyond its outputs (0 where
     not measured: another op, another device, arguments without traced values)."""
+    return _measured(node, device_type)[0]
+
+
+def hold_kernel_storages(node: fx.Node, device_type: str) -> None:
+    """Grow each traced output storage of ``node`` that the kernel makes larger to the
+    kernel's size (the traced values are fake: only their byte counts change)."""
+    real = _measured(node, device_type)[1]
+    traced = tensor_leaves(node.meta.get("val"))
+    if real is None or len(real) != len(traced):   # None where a tensor was traced (no workspace)
+        return
+    for t, nbytes in zip(traced, real):
+        storage = t.untyped_storage()
+        if nbytes > storage.nbytes():
+            storage.resize_(nbytes)
+
+
+def _measured(node: fx.Node, device_type: str) -> tuple[int, tuple[int, ...] | None]:
     if device_type != "cpu" or not measured(node):
-        return 0
+        return 0, None
     key = node_op_key(node)
     if key is None:
-        return 0
+        return 0, None
     key = (key, torch.get_num_threads())
     if key not in _MEASURED:
         _MEASURED[key] = _measure(node)
     return _MEASURED[key]
 
 
-def _measure(node: fx.Node) -> int:
+def _measure(node: fx.Node) -> tuple[int, tuple[int, ...] | None]:
     def zeros(v):
         if not isinstance(v, torch.Tensor):
             return v
@@ -77,9 +100,9 @@ def _measure(node: fx.Node) -> int:
         warnings.warn(f"memsched: could not measure what {node.target} holds inside itself on zeros of its "
                       f"shapes ({type(e).__name__}: {str(e).splitlines()[0][:120]}); the plan counts none",
                       RuntimeWarning, stacklevel=2)
-        return 0
-    made = sum(t.untyped_storage().nbytes() for t in tensor_leaves(out))
-    return max(peak - made, 0)
+        return 0, None
+    made = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensor_leaves(out)}
+    return max(peak - sum(made.values()), 0), tuple(t.untyped_storage().nbytes() for t in tensor_leaves(out))
 
 
 def allocator_peak(fn, args, kwargs=None) -> tuple[object, int]:

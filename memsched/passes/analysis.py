@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..cost_models.op_scratch import op_scratch_bytes
+from ..cost_models.op_scratch import hold_kernel_storages, op_scratch_bytes
 from ..frontend.capture import Captured
 from ..ir import ops
 from ..ir.effects import written_args
@@ -254,6 +254,7 @@ def analyze(captured: Captured, block: int = 1, workspace: int = 0, device_type:
     (cost_models/op_scratch.py) holds it at its step."""
     graph = captured.gm.graph
     for node in graph.nodes:
+        hold_kernel_storages(node, device_type)
         scratch = op_scratch_bytes(node, device_type)
         if scratch or info(node).scratch:
             annotate(node, scratch=scratch or None)
