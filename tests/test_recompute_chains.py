@@ -40,8 +40,9 @@ def _chains(plan):
 
 # (GPT-2's GELU chains were chosen at its minimum until its backward summed gradients in place:
 # its minimum fell by a third and the plan there offloads instead; which gaps a plan recomputes
-# is the solver's choice, so the cases are budgets where chains pay)
-@pytest.mark.parametrize("name,frac", [("llama", 0.3), ("llama", 0.4)])
+# is the solver's choice, so the case is a budget where chains pay; 0.4 of the peak chose them
+# too, but solving it to the optimum took 90 s a plan on an AVX2-only CPU, twice per test)
+@pytest.mark.parametrize("name,frac", [("llama", 0.3)])
 def test_a_chain_through_dead_inputs_is_chosen_and_exact(name, frac):
     model, args, kwargs, loss_fn, plan = _plan(name, frac)
     program = plan.program
