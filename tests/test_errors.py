@@ -170,3 +170,47 @@ def test_a_training_mode_model_compiled_for_inference_is_warned_about_once():
             memsched.compile(model, "1MB", device="cpu")(torch.randn(2, 8))
     for m in (cm, cm_eval):
         m.close()
+
+
+def _training_module():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8)).train()
+    return model, memsched.compile(model, "1MB", device="cpu", train=True)
+
+
+def test_a_second_backward_of_one_step_is_a_clear_error():
+    """The backward frees the step's saved values as it runs: ``retain_graph=True`` cannot run
+    it again, and says so instead of failing inside the program (an IndexError before)."""
+    model, cm = _training_module()
+    loss = cm(torch.randn(2, 8)).square().sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward already ran.*one backward per forward"):
+        loss.backward()
+    cm(torch.randn(2, 8)).sum().backward()   # the next step runs
+    cm.close()
+
+
+def test_the_backward_of_a_released_forward_is_a_clear_error():
+    """A second forward releases the first's state (one step in flight): the first forward's
+    backward names that, and never runs on the second's state."""
+    model, cm = _training_module()
+    first = cm(torch.randn(2, 8)).sum()
+    second = cm(torch.randn(2, 8)).sum()
+    with pytest.raises(RuntimeError, match="later call of this compiled module released"):
+        (first + second).backward()
+    cm.close()
+
+
+def test_an_input_that_requires_grad_at_a_call_is_refused():
+    """The module applied to its own output: its gradient into the input would be lost (the step
+    returns parameters' gradients only), so the gradients would be wrong in silence."""
+    from memsched.errors import UnsupportedModelError
+
+    model, cm = _training_module()
+    x = torch.randn(2, 8)
+    cm(x).sum().backward()
+    with pytest.raises(UnsupportedModelError, match="requires grad.*trains parameters only"):
+        cm(cm(x))
+    with torch.no_grad():
+        cm(cm(x))   # nothing to differentiate: runs
+    cm.close()

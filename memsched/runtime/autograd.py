@@ -10,11 +10,17 @@ so a standard ``torch.optim`` optimizer built on ``model.parameters()`` steps th
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 
+from ..errors import UnsupportedModelError
 from ..frontend.joint import JointCaptured, gradient_sources
 from .executor import Executor
+
+
+class _Forward:
+    """One forward of a step: what its autograd node holds to name it at its backward."""
 
 
 class TrainStep:
@@ -33,6 +39,8 @@ class TrainStep:
         self.params: list[torch.Tensor] = []
         self.mutated_buffers: list[torch.Tensor] = []  # model buffers the forward returns new values of
         self.sources = gradient_sources(captured)   # per parameter, the output gradients it reads
+        self.pending: _Forward | None = None   # the forward whose backward may still run
+        self._done = weakref.WeakSet()       # forwards whose backward ran
         self.lookup()
 
     def lookup(self) -> None:
@@ -48,16 +56,24 @@ class TrainStep:
 
     def forward(self, flat_inputs: list) -> list:
         self.executor.abandon()  # a forward whose backward never ran: release its state
+        self.pending = None
         out = self.executor.start(flat_inputs)
+        self.pending = _Forward()
         with torch.no_grad():
             for buf, new in zip(self.mutated_buffers, out[:self.captured.n_mutations]):
                 buf.copy_(new)
         self.outputs = out
         return out
 
-    def backward(self, grad_outputs: tuple, params: list[torch.Tensor]) -> list:
-        """One gradient per parameter in ``params`` (those of the forward that ran)."""
+    def backward(self, grad_outputs: tuple, params: list[torch.Tensor], forward: _Forward) -> list:
+        """One gradient per parameter in ``params`` (those of the forward that ran), for the
+        forward ``forward`` (``pending`` when it ran): the program resumes from its state, which
+        exists once, for the last forward only."""
         with self.lock:
+            if forward is not self.pending:
+                raise RuntimeError(_STALE_BACKWARD if forward in self._done else _RELEASED_FORWARD)
+            self.pending = None
+            self._done.add(forward)
             return self._backward(grad_outputs, params)
 
     def _backward(self, grad_outputs: tuple, params: list[torch.Tensor]) -> list:
@@ -116,11 +132,22 @@ def _on_params(grads: list, params: list[torch.Tensor]) -> list:
     return out
 
 
+_STALE_BACKWARD = (
+    "memsched: this training step's backward already ran, and it frees the step's saved values "
+    "as it goes: a compiled step runs one backward per forward (retain_graph=True cannot run "
+    "it twice); call the module again for another backward")
+_RELEASED_FORWARD = (
+    "memsched: a later call of this compiled module released this forward's saved values (one "
+    "step is in flight at a time: a module called twice before one backward cannot run the "
+    "first call's backward); run backward before calling it again, or "
+    "compile a second module for the second call")
+
+
 class _StepFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, step: TrainStep, flat_inputs: list, *params):
         outs = step.forward(flat_inputs)
-        ctx.step, ctx.params = step, params
+        ctx.step, ctx.params, ctx.forward = step, params, step.pending
         ctx.set_materialize_grads(False)
         # outputs without a planned gradient stay differentiable, so that a loss built on
         # them reaches TrainStep.backward and gets a clear error instead of silence
@@ -132,12 +159,19 @@ class _StepFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        grads = ctx.step.backward(grad_outputs, ctx.params)
+        grads = ctx.step.backward(grad_outputs, ctx.params, ctx.forward)
         return (None, None, *grads)
 
 
 def run_step(step: TrainStep, flat_inputs: list) -> list:
     """The forward outputs, connected to the parameters through one autograd node."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat_inputs):
+        # the step's gradients are the parameters' only: one for such an input would be lost
+        raise UnsupportedModelError(
+            "memsched: an input of this training step requires grad (an output of another call, or "
+            "of the module itself applied to its own output), and memsched trains parameters only: "
+            "its gradient would be lost. Detach the input, or train that part of the model in "
+            "the same compiled module")
     with step.lock:
         step.lookup()
         return list(_StepFunction.apply(step, flat_inputs, *step.params))
