@@ -285,6 +285,13 @@ class CompiledModule:
         """The Python the executor runs for the last signature."""
         return self._last[2].source if self._last else ""
 
+    def __reduce_ex__(self, protocol):
+        # copy.deepcopy and pickle both come here: a copy would share or lose the worker threads,
+        # pinned buffers and unnamed offload file this module holds
+        raise TypeError("a memsched compiled module cannot be copied or pickled (it holds transfer threads, "
+                        "pinned buffers and an offload file): copy or save the model (model.state_dict()), "
+                        "and compile the copy with memsched.compile")
+
     def close(self) -> None:
         """Release transfer threads and delete offload files now (also done at garbage collection).
         A later call plans again."""

@@ -214,3 +214,15 @@ def test_an_input_that_requires_grad_at_a_call_is_refused():
     with torch.no_grad():
         cm(cm(x))   # nothing to differentiate: runs
     cm.close()
+
+
+def test_copying_or_pickling_a_compiled_module_says_what_to_do():
+    import copy
+    import pickle
+
+    cm = memsched.compile(_mlp(), "1MB", device="cpu")
+    cm(torch.randn(2, 16))
+    for copier in (copy.deepcopy, copy.copy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot be copied or pickled.*compile the copy"):
+            copier(cm)
+    cm.close()
