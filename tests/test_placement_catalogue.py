@@ -33,6 +33,7 @@ from memsched.ir.kinds import fetch_links, offload_links
 from memsched.passes.analysis import analyze
 from memsched.passes.placement import (DISK, HOST, KEEP, RECOMPUTE, REFETCH, FetchKey, PlacementModel,
                                        problem_data, solve_greedy, solve_mip, solve_placement)
+from memsched.passes.placement.greedy import tidy
 from memsched.passes.placement.problem import EPS
 from memsched.passes.segments import Segments
 
@@ -312,6 +313,27 @@ def test_solve_placement(programs, case):
     decisions(m, placement, "mip")
     if placement.alternative is not None:
         assert placement.objective <= placement.alternative.objective + 1e-12
+
+
+@pytest.mark.parametrize("hw", [T4, NO_HOST], ids=["host", "disk"])
+def test_tidy_takes_back_the_moves_the_budget_does_not_need(programs, hw):
+    """A MIP stopped within a gap of its optimum (large problems) can hand back moves nothing
+    needs; ``tidy`` takes them back. One byte below the chain's peak, the optimum plus a needless
+    offload of ``mul`` (fetched late, too) tidies back to the optimum, and an optimal plan is
+    returned as it is."""
+    program, _, budget, optimum, decisions = one_offload(programs, hw)
+    m = model_of(program, hw, budget)
+    best = solve("mip", m)
+    tier = HOST if hw.host_bytes else DISK
+    extra = next(g for g in m.gaps if g.value == "mul" and best.gap_choice[g.id] == KEEP)
+    choice = {**best.gap_choice, extra.id: tier}
+    res = set(best.resident) - m.pinned
+    padded = m.placement(res, best.home, choice, set(best.early), "feasible")
+    assert padded.segment_bytes.max() <= budget and padded.objective > optimum
+    tidied = tidy(m, padded)
+    check(m, tidied, optimum, "mip")
+    decisions(m, tidied, "mip")
+    assert tidied.notes and tidy(m, best) is best
 
 
 def test_min_budget_boundary(programs):

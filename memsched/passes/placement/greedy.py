@@ -41,6 +41,19 @@ class _State:
         self.allow_recompute = True
         self.t = t
 
+    @classmethod
+    def of(cls, m: PlacementModel, p: Placement) -> "_State":
+        """The state holding ``p``'s decisions (its move bookkeeping left as a fresh state's)."""
+        st = cls(m)
+        for b in m.persistent:
+            if b not in p.resident:
+                st.set_resident(b, p.home[b])
+        for g in m.gaps:
+            st.set_gap(g, p.gap_choice[g.id])
+        for key in p.early:
+            st.set_early(key, True)
+        return st
+
     def segment_bytes(self) -> np.ndarray:
         return self.m.bytes_of(self.res, self.early_init, self.keep, self.rc, self.early_gap)
 
@@ -103,6 +116,23 @@ def solve_greedy(m: PlacementModel) -> Placement:
     result = m.placement(st.resident, st.home, st.choice, st.early, "greedy")
     assert result.segment_bytes.max() <= m.budget, "greedy placement over budget"
     return result
+
+
+def tidy(m: PlacementModel, p: Placement) -> Placement:
+    """``p`` with the moves its budget does not need taken back (a MIP stopped within a gap of
+    its optimum can leave some: transfers the tie-break on bytes moved would have saved). Taking
+    a move back removes transfer or recompute time, so the objective can only fall; ``p``
+    itself is returned when nothing was taken back."""
+    st = _State.of(m, p)
+    _undo_needless_moves(m, st)
+    if st.choice == p.gap_choice and st.early == p.early and st.home == p.home:
+        return p
+    tidied = m.placement(st.resident, st.home, st.choice, st.early, p.status, mip_gap=p.mip_gap,
+                         n_variables=p.n_variables, n_constraints=p.n_constraints)
+    if tidied.objective > p.objective:   # never: guards the claim above
+        return p
+    tidied.notes = [*p.notes, "moves the budget did not need taken back after the solver"]
+    return tidied
 
 
 def _take(best: _Best, scores: np.ndarray, move_of) -> None:
