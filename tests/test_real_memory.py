@@ -132,6 +132,40 @@ def _run_at_the_minimum(model, kwargs):
     return cm, floor, out, peak
 
 
+def test_a_dropout_kept_whole_holds_its_buffer_and_draws_as_eager():
+    """A model left in train mode and called under no_grad keeps ``aten.dropout`` whole in its
+    graph, and on a CPU it fills a float buffer as large as its input before the mask (16 MiB
+    here, beside 16 MiB in and 16 MiB out). It is measured like any other op, on a copy of the
+    generator's state, and held while it runs: at memsched's minimum the allocator holds the
+    budget (before: 1.5x it), and the compiled call draws the mask eager draws."""
+
+    class Wide(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.drop, self.down = torch.nn.Linear(64, 4096), torch.nn.Dropout(0.1), torch.nn.Linear(4096, 64)
+
+        def forward(self, x):
+            return self.down(self.drop(self.up(x)))
+
+    torch.manual_seed(0)
+    model, x = Wide().train(), torch.randn(1024, 64)
+    with torch.no_grad():
+        floor = memsched.plan(model, (x,), "1GB").min_budget_bytes
+        torch.manual_seed(5)
+        cm = memsched.compile(model, floor, device="cpu", example_inputs=(x,))   # plans (and measures) here
+        got = cm(x)
+        torch.manual_seed(5)
+        want = model(x)
+        peak = _allocator_peak(lambda: cm(x))
+    try:
+        (drop,) = [n for n in cm.plan.graph.graph.nodes if n.target is torch.ops.aten.dropout.default]
+        assert info(drop).scratch >= x.shape[0] * 4096 * 4
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert peak <= floor, (peak, floor)
+    finally:
+        cm.close()
+
+
 def test_an_attention_mask_converted_to_floats_is_a_value_of_the_program():
     """Attention given a boolean padding mask converts it to a float mask as large as the mask
     (2 x 1024 x 1024 x 4 bytes here, in each layer): the conversion is a node before the call,

@@ -6,15 +6,18 @@ RegNet 1.25x), and their backward more (a CLIP's patch embedding: 1.7 MB beside 
 gradients, a training step 1.45x its budget); the CPU attention kernel keeps blocks of 256
 queries by 512 keys per thread; a bfloat16 matmul packs its operands; an embedding's backward
 sorts its indices beside a weight-sized buffer; ``_safe_softmax`` and the norms' backwards keep
-temporaries. So every ATen op that is not a view, pointwise, random or mutating is measured:
+temporaries; a dropout kept in a graph whole (a model in train mode called under no_grad) fills a
+float buffer as large as its input before its mask. So every ATen op that is not a view,
+pointwise or mutating is measured:
 it runs once on zero tensors of the node's shapes, strides and dtypes under the profiler's
 allocator events, and what it held at most beyond its outputs is kept per op key and torch
 thread count. The plan holds that many bytes while the op runs (passes/analysis.py: a storage
 of the op's step alone; the IR's memory walk and the verifier read ``info(n).scratch``).
-Pointwise ops write their outputs only (the few bytes of a wrapped scalar are not counted),
-random ops are not run (they would advance the generator the model's own dropout draws from),
-and an op that fails on zeros (an assertion) counts none, with a warning naming it. A GPU's
-scratch is not measured here.
+Pointwise ops write their outputs only (the few bytes of a wrapped scalar are not counted).
+Random ops run with the CPU generator's state saved and put back, so the model's own draws are
+the ones eager makes (an op handed a generator of its own is not run: it would advance it). An
+op that fails on zeros (an assertion) counts none, with a warning naming it. A GPU's scratch is
+not measured here.
 
 The same run shows the storages the kernel gives its outputs. Some are larger than the op's
 meta function traces (an embedding bag's ``offset2bag`` has one element more, left by a resize
@@ -31,7 +34,6 @@ import warnings
 import torch
 import torch.fx as fx
 
-from ..ir.effects import draws_nothing
 from ..ir.op_keys import node_op_key
 from ..ir.tensors import tensor_leaves
 
@@ -45,11 +47,11 @@ _MEASURED: dict[tuple, tuple[int, tuple[int, ...] | None]] = {}
 
 def measured(node: fx.Node) -> bool:
     """Whether ``node``'s scratch is measured: an ATen op that computes (not a view, not
-    pointwise), draws no random numbers and writes none of its inputs."""
+    pointwise), writes none of its inputs and is handed no generator of its own."""
     t = node.target
     return (node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.namespace == "aten"
             and not t.is_view and torch.Tag.pointwise not in t.tags and not t._schema.is_mutable
-            and (torch.Tag.nondeterministic_seeded not in t.tags or draws_nothing(node)))
+            and not any(isinstance(a, torch.Generator) for a in (*node.args, *node.kwargs.values())))
 
 
 def op_scratch_bytes(node: fx.Node, device_type: str) -> int:
@@ -92,7 +94,8 @@ def _measure(node: fx.Node) -> tuple[int, tuple[int, ...] | None]:
     args, kwargs = fx.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
     args, kwargs = torch.utils._pytree.tree_map(zeros, (args, kwargs))
     try:
-        with torch.no_grad():
+        # a random op draws from a copy of the CPU generator's state: the model's draws stay eager's
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             if node.target not in _ATTENTION:   # a first call: oneDNN's one-time allocations are not scratch
                 node.target(*args, **kwargs)
             out, peak = allocator_peak(node.target, args, kwargs)
