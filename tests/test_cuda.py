@@ -293,3 +293,33 @@ def test_cuda_runs_memscheds_triton_kernels_for_norms_and_rotary(tmp_path, monke
         assert launches["norm_forward"] > 0 and launches["rope"] > 0, launches
     finally:
         cm.close()
+
+
+def test_cuda_sampled_generation_at_its_least_budget_stays_within_it(tmp_path):
+    """Tokens are chosen on the host: at the least budget, with top-p sampling (whose warpers
+    make several logits-sized temporaries) and the prompt in micro-batches, the allocator's peak
+    over a whole generation stays within the budget."""
+    from memsched.generation.sampling import sampling
+
+    model = build("llama")[0]
+    ids = torch.randint(3, model.config.vocab_size, (8, 12), generator=torch.Generator().manual_seed(3))
+    kw = dict(batch=8, prompt_len=12, max_len=24, sample_ids=ids, device="cuda", hardware=_cuda_hw(1 << 30),
+              offload_dir=tmp_path, prefill_batch=4)
+    probe = memsched.Generator(model, "1GB", **kw)
+    budget = max(p.min_budget_bytes for p in probe.plans)
+    probe.close()
+    torch.cuda.synchronize()
+    others = torch.cuda.memory_allocated()   # not this generation's (earlier tests' leftovers)
+    gen = memsched.Generator(model, budget, **kw)
+    try:
+        chosen = sampling(model, True, temperature=0.8, top_k=0, top_p=0.9)
+        gen(ids, 12, sampling=chosen)   # warm-up: workspace, pinned buffers
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        tokens, stats = gen(ids, 12, sampling=chosen)
+        torch.cuda.synchronize()
+        assert tokens.device.type == "cpu" and tokens.shape == (8, 24)
+        assert stats.peak_device_bytes <= budget
+        assert torch.cuda.max_memory_allocated() - others <= budget + OP_SCRATCH_SLACK
+    finally:
+        gen.close()

@@ -307,7 +307,11 @@ class Generator:
             stats.bytes_moved[link] = stats.bytes_moved.get(link, 0) + n
         self.compiled.wait_patched()  # the last patch's checksums read the cache: before writing it
         self.decoder.write(inputs[2], new, rows)
-        return logits
+        # the next token is chosen on the host: a micro-batch's logits kept for the next ones, the
+        # last step's kept through the next, and the sampling warpers' temporaries (a float32
+        # copy, top-p's sort, the softmax: several times the logits) would be device memory
+        # outside every plan
+        return logits.cpu()
 
     def _prefill(self, stats: GenerationStats, input_ids, positions, mask) -> torch.Tensor:
         """The prompt, one micro-batch after another, into a cleared cache; memsched's copies
@@ -357,7 +361,8 @@ class Generator:
         for step in range(max_new_tokens):
             if step == 1:  # both programs have run once, checking every copy: trust the loop
                 trusted.enter_context(self.compiled.unchanged_weights())
-            token = choose(logits, out).cpu()
+            token = choose(logits, out)
+            logits = None   # not held through the next step (on a CPU it is the program's output)
             if len(eos):
                 token = torch.where(unfinished, token, pad)
                 unfinished &= ~torch.isin(token, eos)
