@@ -149,6 +149,23 @@ def test_plan_a_vision_config_without_an_image_size(capsys, tmp_path):
     assert report["input_signature"]["leaves"][0]["shape"] == [1, 3, 224, 224]
 
 
+def test_plan_a_dual_encoder_config_reads_text_and_images(capsys, tmp_path):
+    """CLIP's main input is its text, but its forward reads images too: the CLI synthesizes
+    both, the images as its vision config sizes them (it failed to capture before)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "vocab_size": 100, "max_position_embeddings": 32},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8, "num_channels": 3},
+        projection_dim=16).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "plan", tmp_path, "--budget", on_gpu("t4", "4MB"), "--hardware", "t4",
+                         "--seq-len", "16", "--format", "json")
+    assert code == 0, err
+    shapes = sorted(leaf["shape"] for leaf in json.loads(out)["input_signature"]["leaves"])
+    assert shapes == [[1, 3, 32, 32], [1, 16]], shapes
+
+
 @pytest.mark.parametrize("kind", ["whisper", "wav2vec2"])
 def test_plan_an_audio_config(capsys, tmp_path, kind):
     """Audio models take features or a waveform: --seq-len counts the encoder's frames (Whisper's

@@ -354,24 +354,38 @@ def _hf_inputs(model, config, label: str, batch: int, seq_len: int) -> dict:
         kwargs = {"input_ids": ids}
         if getattr(config, "is_encoder_decoder", False):
             kwargs["decoder_input_ids"] = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
-        return kwargs
+        return _dual_encoder_pixels(model, config, label, batch, kwargs)
     if main == "pixel_values":
-        size = getattr(config, "image_size", None)
-        channels = getattr(config, "num_channels", 3)
-        if isinstance(size, (list, tuple)):
-            h, w = size[-2], size[-1]
-        elif isinstance(size, int):
-            h = w = size
-        elif size is None:   # convolutional configs (resnet, regnet, mobilenet) take any size
-            h = w = DEFAULT_IMAGE_SIZE
-        else:
-            raise ValueError(f"{label}: image_size {size!r} is not a size")
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        return {"pixel_values": torch.zeros(batch, channels, h, w, dtype=dtype, device="meta")}
+        return {"pixel_values": _pixels(model, config, label, batch)}
     if main in ("input_features", "input_values"):
         return _audio_inputs(model, config, label, main, batch, seq_len)
     raise ValueError(f"{label}: {type(model).__name__} takes {main!r}, which the CLI cannot "
                      f"synthesize yet; write a factory (file.py:factory) instead")
+
+
+def _pixels(model, config, label: str, batch: int) -> torch.Tensor:
+    size = getattr(config, "image_size", None)
+    channels = getattr(config, "num_channels", 3)
+    if isinstance(size, (list, tuple)):
+        h, w = size[-2], size[-1]
+    elif isinstance(size, int):
+        h = w = size
+    elif size is None:   # convolutional configs (resnet, regnet, mobilenet) take any size
+        h = w = DEFAULT_IMAGE_SIZE
+    else:
+        raise ValueError(f"{label}: image_size {size!r} is not a size")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return torch.zeros(batch, channels, h, w, dtype=dtype, device="meta")
+
+
+def _dual_encoder_pixels(model, config, label: str, batch: int, kwargs: dict) -> dict:
+    """A model with a text and a vision tower side by side (CLIP, SigLIP) reads both inputs
+    (its main one is the text's): the images are synthesized too, as its vision config sizes them."""
+    vision = getattr(config, "vision_config", None)
+    if vision is None or "pixel_values" in kwargs \
+            or "pixel_values" not in inspect.signature(model.forward).parameters:
+        return kwargs
+    return {**kwargs, "pixel_values": _pixels(model, vision, label, batch)}
 
 
 def _audio_inputs(model, config, label: str, main: str, batch: int, seq_len: int) -> dict:
