@@ -60,6 +60,18 @@ def test_uncapturable_model_names_the_problem(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+class MaskedSelect(torch.nn.Module):
+    def forward(self, x):
+        return x[x > 0].sum()   # how many elements pass depends on the values
+
+
+def test_a_size_that_depends_on_the_data_is_refused_before_planning(tmp_path):
+    """The planner needs every size: a selection by mask is refused by name, not left to fail
+    inside the analysis with torch's guard error (an internal error before)."""
+    with pytest.raises(memsched.UnsupportedModelError, match=r"MaskedSelect makes a tensor whose size depends"):
+        memsched.plan(MaskedSelect(), (torch.randn(8),), budget="1GB")
+
+
 def test_an_input_of_the_wrong_shape_is_one_clear_error():
     """The op's own message in the CaptureError, without torch's logged traceback before it."""
     import logging

@@ -310,9 +310,10 @@ def _hf_build(config, label: str, batch: int, seq_len: int):
             try:
                 model = cls.from_config(config)
                 break
-            except ValueError as e:  # this auto class does not cover the config
-                errors.append(f"{cls.__name__}: {str(e).splitlines()[0]}")
-            except (ImportError, TypeError, AttributeError, RuntimeError, AssertionError) as e:
+            except (ValueError, AssertionError) as e:  # this auto class does not cover the config
+                # (Reformer's LM head asserts is_decoder: its base model is built instead)
+                errors.append(f"{cls.__name__}: {(str(e).splitlines() or [type(e).__name__])[0]}")
+            except (ImportError, TypeError, AttributeError, RuntimeError) as e:
                 raise ValueError(f"{label}: transformers could not build {type(config).__name__}: "
                                  f"{type(e).__name__}: {e}") from None
     if model is None:
@@ -346,6 +347,7 @@ def _hf_inputs(model, config, label: str, batch: int, seq_len: int) -> dict:
     if main == "input_ids":
         limit = next((getattr(text, k) for k in ("max_position_embeddings", "n_positions")
                       if isinstance(getattr(text, k, None), int)), None)
+        limit = limit if limit is None or limit > 0 else None   # XLNet's -1: no limit
         # relative-position models (t5) carry a nominal n_positions that is no real limit
         if limit is not None and seq_len > limit and getattr(config, "model_type", "") != "t5":
             raise ValueError(f"{label}: --seq-len {seq_len} exceeds the model's maximum of {limit} "

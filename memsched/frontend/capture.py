@@ -175,13 +175,30 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
     register_output_types(model)
     try:
         with eager_meta(), eager_attention_masks(args, kwargs), _quiet_fake_tensor_log(), _no_stack_traces():
-            return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
+            ep = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
     except Exception as exc:  # export raises many types; we re-raise one, naming the cause
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(
             f"could not capture {type(model).__name__} with torch.export: "
             f"{type(exc).__name__}: {first}{_data_dependent_hint(exc)}"
         ) from exc
+    _reject_data_dependent_sizes(ep, model)
+    return ep
+
+
+def _reject_data_dependent_sizes(ep: ExportedProgram, model: torch.nn.Module) -> None:
+    """A value whose size depends on the data (``nonzero``, a mask's selection, an ``item()``
+    turned into a size) traces with a symbolic size: the planner prices and places bytes, so it
+    needs every size before the model runs. Refused here, naming the first op that makes one."""
+    for n in ep.graph_module.graph.nodes:
+        val = n.meta.get("val")
+        for t in (val if isinstance(val, (list, tuple)) else [val]):
+            if isinstance(t, torch.Tensor) and not all(isinstance(d, int) for d in (*t.shape, *t.stride())):
+                shape = ", ".join(str(d) for d in t.shape)
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} makes a tensor whose size depends on the data it is given "
+                    f"({n.target} -> [{shape}]): memsched plans one static program per input signature "
+                    "and needs every size before the model runs")
 
 
 _RAISED_AT = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in \w+\s*\n\s*(.+)')
