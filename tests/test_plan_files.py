@@ -591,3 +591,40 @@ def test_show_of_a_payload_file_in_a_fresh_process_runs_nothing(inference, workd
                           timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "is not a state key" in proc.stderr
     assert not CANARY.exists()
+
+
+def test_a_mixture_of_experts_plan_saves_and_runs_with_its_custom_operator(workdir):
+    """transformers' experts call its own operator (transformers::grouped_mm_fallback, a
+    torch.library custom op): a plan names it like an ATen op, loads where it is registered and
+    runs as eager does (saving refused it before: every Mixtral plan failed to save)."""
+    pytest.importorskip("transformers")
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from zoo import quiet_transformers
+
+    with quiet_transformers():
+        torch.manual_seed(0)
+        model = MixtralForCausalLM(MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                 num_local_experts=4, num_experts_per_tok=2)).eval()
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    doc = json.loads(serialize.dumps(_quiet_plan(model, (ids,))))
+    assert any(n["target"] == "transformers::grouped_mm_fallback.default" for n in doc["program"]["nodes"])
+    path = _write(workdir / "moe.json", doc)
+    out, error = _run(model, (ids,), path)
+    assert error is None, error
+    assert torch.equal(out.logits, eager(model, (ids,), {}).logits)
+
+
+def test_a_plan_naming_an_unregistered_operator_says_what_to_import(inference, workdir):
+    """The file is sound but the library that registers the operator is not imported: the
+    error names the operator and the way to import it, not "damaged"; --import is the user's
+    own choice of module (nothing a file says is imported)."""
+    doc = copy.deepcopy(inference[3])
+    _node(doc, lambda n: n["target"] == "aten::gelu.default")["target"] = "memsched_nowhere::gelu.default"
+    path = _write(workdir / "unregistered.json", doc)
+    code, _, err = _cli("show", path)
+    assert code == 2 and "memsched_nowhere::gelu.default" in err and "--import MODULE" in err
+    assert "damaged" not in err
+    code, _, err = _cli("verify", path, "--import", "no_such_module_here")
+    assert code == 2 and "--import no_such_module_here: importing it failed" in err
+    assert _cli("show", _write(workdir / "sound.json", inference[3]), "--import", "json")[0] == 0

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import importlib
 import importlib.metadata
 import math
 import os
@@ -163,6 +164,9 @@ def _add_verify_parser(sub) -> None:
         epilog="A plan file is data: it is checked field by field and nothing in it is executed.\n\n"
                + EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("plan", metavar="PLAN", help="a saved plan (.json)")
+    v.add_argument("--import", dest="imports", metavar="MODULE", action="append", default=[],
+                    help="import MODULE first: it registers custom operators the plan calls "
+                         "(e.g. transformers.integrations.moe for transformers' mixture-of-experts layers)")
     v.add_argument("--budget", "-b", metavar="BUDGET", default=None,
                    help="check against this budget instead of the plan's own (e.g. 512MB, 50%%)")
     v.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -174,6 +178,9 @@ def _add_show_parser(sub) -> None:
                                     "schedule listing and then the tables.",
                         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sh.add_argument("plan", metavar="PLAN", help="a saved plan (.json)")
+    sh.add_argument("--import", dest="imports", metavar="MODULE", action="append", default=[],
+                    help="import MODULE first: it registers custom operators the plan calls "
+                         "(e.g. transformers.integrations.moe for transformers' mixture-of-experts layers)")
     sh.add_argument("--format", "-f", choices=("table", "code"), default="table",
                     help="table: summary tables (default); code: the schedule listing, then the summary")
     sh.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -659,6 +666,13 @@ def _random_prompt(model, batch: int, prompt_len: int, seed: int) -> torch.Tenso
 def _load(args) -> Plan:
     """The saved plan args.plan names (PlanFileError: not a plan, newer format, damaged,
     unreadable; ``main`` prints it and exits 2)."""
+    for name in args.imports:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError(f"--import {name!r} is not a module name")
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # the user's module: its own failure, named
+            raise TargetError(f"--import {name}: importing it failed: {type(e).__name__}: {e}") from e
     return Plan.load(args.plan)
 
 

@@ -29,8 +29,10 @@ PlanFileError naming the field and what is wrong with it:
   the enumerations (dtypes, layouts, devices, kinds, tiers, links), the tagged values, names
   and state keys that are safe in generated code;
 * then what a schema cannot say, here: op targets come from an allowlist (``resolve_target``:
-  ATen/prims overloads and memsched's kernel ops (``memsched::rms_norm.default``) looked up as
-  ``torch.ops.<ns>.<op>.<overload>`` and checked to be one,
+  ATen/prims overloads, memsched's kernel ops (``memsched::rms_norm.default``) and the custom
+  operators registered in this process (``transformers::grouped_mm_fallback.default``, which
+  transformers' mixture-of-experts layers call), looked up as ``torch.ops.<ns>.<op>.<overload>``
+  and checked to be one,
   the higher-order ops the capture leaves in a graph, memsched's inserted ops and
   ``operator.getitem``; nothing is imported and no attribute path of a module is walked);
   node names are unique and the output comes last; every reference is defined; a tensor has
@@ -162,6 +164,8 @@ _PY_TARGETS = {"operator.getitem": operator.getitem}
 # the higher-order ops the capture leaves in a graph (nested no_grad regions, autocast)
 _HIGHER_ORDER = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
 _OP_NAMESPACES = ("aten", "prims", "memsched")   # memsched: the kernel ops (kernels/ops.py)
+# other namespaces hold the custom operators libraries register (torch.library): a plan names
+# them like ATen's, and reading it needs the library that defines them imported first
 
 
 def _qualified_name(t) -> str | None:
@@ -195,7 +199,7 @@ def target_name(n: fx.Node) -> str:
         except PlanFileError:
             pass
     raise PlanFileError(f"{n.name}: cannot save its target {t!r} by name (a plan file calls only "
-                        f"{'/'.join(_OP_NAMESPACES)} operators, memsched's ops and {', '.join(_PY_TARGETS)})")
+                        f"torch.ops operators, memsched's ops and {', '.join(_PY_TARGETS)})")
 
 
 def resolve_target(name: str):
@@ -220,8 +224,21 @@ def resolve_target(name: str):
             raise PlanFileError(f"unknown operator {name!r} (no such overload in torch.ops.{ns} of "
                                 f"torch {torch.__version__})")
         return op
-    raise PlanFileError(f"unknown target {_show(name)}: a plan calls only {'/'.join(_OP_NAMESPACES)} "
-                        f"operators, memsched's ops ({', '.join(_MEMSCHED_OPS)}) and {', '.join(_PY_TARGETS)}")
+    elif sep and ns != "higher_order" and _IDENT.fullmatch(ns) and not ns.startswith("__"):
+        op = _overload(ns, rest)
+        if op is None:
+            raise UnregisteredOperatorError(
+                f"calls {_show(name)}, a custom operator not registered in this process: import the module "
+                f"that registers torch.ops.{ns} before reading the plan (memsched show/verify: --import MODULE)")
+        return op
+    raise PlanFileError(f"unknown target {_show(name)}: a plan calls only torch.ops operators "
+                        f"(namespace::op.overload), memsched's ops ({', '.join(_MEMSCHED_OPS)}) and "
+                        f"{', '.join(_PY_TARGETS)}")
+
+
+class UnregisteredOperatorError(PlanFileError):
+    """A plan that names a custom operator this process has not registered: the file may be
+    sound, the library that defines the operator is not imported."""
 
 
 def _overload(ns: str, rest: str):
@@ -231,7 +248,10 @@ def _overload(ns: str, rest: str):
     if not (dot and len(rest) <= LIMITS["name"] and _IDENT.fullmatch(packet_name) and _IDENT.fullmatch(overload)):
         return None
     try:
-        packet = getattr(getattr(torch.ops, ns), packet_name)
+        namespace = getattr(torch.ops, ns)
+        if not isinstance(namespace, torch._ops._OpNamespace):   # torch.ops' own methods and attributes
+            return None
+        packet = getattr(namespace, packet_name)
     except (AttributeError, RuntimeError):
         return None
     if not isinstance(packet, torch._ops.OpOverloadPacket) or overload not in packet.overloads():
@@ -306,6 +326,8 @@ def _node_head(rec, i: int, seen: set, last: bool) -> tuple:
         return name, op, target, None
     try:
         return name, op, resolve_target(target), None
+    except UnregisteredOperatorError:   # the file is sound: the operator is named, not where
+        raise
     except PlanFileError as e:
         _bad(f"{where}.target", str(e))
 
@@ -352,6 +374,8 @@ def _region(rec, target, where: str, inner: bool) -> Region | None:
     spec = rec["region"]
     try:
         gm = graph_from_dict(spec["program"], _inner=True)
+    except UnregisteredOperatorError:
+        raise
     except PlanFileError as e:
         raise PlanFileError(f"{where}.region: {e}") from None
     names = tuple(target_name_of(n.target) for n in gm.graph.nodes
@@ -630,6 +654,8 @@ def plan_fields(d: dict, source: str = "the plan") -> dict:
             passes=[PassRecord(p["name"], _number(p["seconds"]), p.get("note", "")) for p in d["passes"]],
             n_segments=n_segments, facts=facts, signature=_signature_from_dict(d.get("input_signature")),
             chunking=tuple(Chunking(c["path"], c["dim"], c["chunks"]) for c in d.get("chunking", ())))
+    except UnregisteredOperatorError as e:
+        raise PlanFileError(f"{source} {e}") from None
     except PlanFileError as e:
         raise PlanFileError(f"{source} is damaged: {e}") from None
     except Exception as e:  # a check this reader lacks: still a damaged file, the cause kept for --debug
