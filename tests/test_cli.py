@@ -166,6 +166,18 @@ def test_plan_a_dual_encoder_config_reads_text_and_images(capsys, tmp_path):
     assert shapes == [[1, 3, 32, 32], [1, 16]], shapes
 
 
+def test_plan_a_config_whose_weights_ignore_the_meta_device(capsys, tmp_path):
+    """XLNet makes its attention weights by torch.FloatTensor, which builds on the host under
+    the meta device, and names -1 as its maximum length: both failed the plan before (a device
+    mismatch in the capture; "--seq-len 16 exceeds the model's maximum of -1")."""
+    transformers = pytest.importorskip("transformers")
+    transformers.XLNetConfig(d_model=32, n_layer=1, n_head=2, d_inner=64, vocab_size=100).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "plan", tmp_path, "--budget", on_gpu("t4", "4MB"), "--hardware", "t4",
+                         "--seq-len", "16", "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["input_signature"]["leaves"][0]["shape"] == [1, 16]
+
+
 @pytest.mark.parametrize("kind", ["whisper", "wav2vec2"])
 def test_plan_an_audio_config(capsys, tmp_path, kind):
     """Audio models take features or a waveform: --seq-len counts the encoder's frames (Whisper's

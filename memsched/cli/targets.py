@@ -319,6 +319,9 @@ def _hf_build(config, label: str, batch: int, seq_len: int):
     if model is None:
         raise ValueError(f"{label}: no AutoModel class builds {type(config).__name__} ("
                          + "; ".join(errors) + ")")
+    # legacy constructors (XLNet's torch.FloatTensor(...) parameters) ignore the meta device:
+    # a weight on the host beside meta ones would fail the capture with a device mismatch
+    model.to("meta")
     model.eval()
     model.requires_grad_(False)
 
