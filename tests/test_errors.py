@@ -50,10 +50,13 @@ class DataDependent(torch.nn.Module):
         return x - 1
 
 
-def test_uncapturable_model_names_the_problem(tmp_path):
+def test_uncapturable_model_names_the_problem(tmp_path, capsys):
     cm = memsched.compile(DataDependent(), "1GB", device="cpu", offload_dir=tmp_path)
     with pytest.raises(memsched.CaptureError, match="DataDependent") as err:
         cm(torch.randn(4))
+    # one error, not torch's printout of the graph traced so far before it
+    assert "def forward" not in capsys.readouterr().err
+    assert "def forward" in err.value.__cause__.partial_fx_graph
     # where the model branches, and what to do about it
     assert "test_errors.py" in str(err.value) and "`if x.sum() > 0:" in str(err.value)
     assert "torch.where" in str(err.value)

@@ -6,6 +6,7 @@ the same way, which is what lets ``memsched.plan`` plan models that were never a
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import operator
@@ -168,13 +169,32 @@ def _no_stack_traces():
             fx_config.do_not_emit_stack_traces = before
 
 
+@contextlib.contextmanager
+def _no_partial_graph_dump():
+    """When tracing fails, torch.export prints the partial graph (every node traced so far: a
+    hundred lines for a one-layer model) to stderr before it raises. The CaptureError names the
+    cause in one line; the graph stays on the exception (``partial_fx_graph``) for --debug."""
+    import torch.export._trace as trace
+
+    def quiet_print(*args, **kwargs):
+        if not (kwargs.get("file") is sys.stderr and len(args) == 1 and "def forward" in str(args[0])):
+            builtins.print(*args, **kwargs)
+
+    trace.print = quiet_print   # a module global shadows the builtin in that module only
+    try:
+        yield
+    finally:
+        del trace.print
+
+
 def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> ExportedProgram:
     """torch.export (non-strict); CaptureError names the model and the cause."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
     register_output_types(model)
     try:
-        with eager_meta(), eager_attention_masks(args, kwargs), _quiet_fake_tensor_log(), _no_stack_traces():
+        with eager_meta(), eager_attention_masks(args, kwargs), _quiet_fake_tensor_log(), _no_stack_traces(), \
+                _no_partial_graph_dump():
             ep = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
     except Exception as exc:  # export raises many types; we re-raise one, naming the cause
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
