@@ -75,6 +75,20 @@ def test_a_size_that_depends_on_the_data_is_refused_before_planning(tmp_path):
         memsched.plan(MaskedSelect(), (torch.randn(8),), budget="1GB")
 
 
+class BranchOnCount(torch.nn.Module):
+    def forward(self, x):
+        picked = (x > 0).nonzero()
+        if picked.size(0) > 0:   # as DeBERTa's loss does with its labels
+            return x * 2
+        return x
+
+
+def test_a_branch_on_a_count_made_from_data_names_its_line():
+    with pytest.raises(memsched.CaptureError, match="branches on a tensor's value") as err:
+        memsched.plan(BranchOnCount(), (torch.randn(8),), budget="1GB")
+    assert "test_errors.py" in str(err.value) and "`if picked.size(0) > 0:" in str(err.value)
+
+
 def test_an_input_of_the_wrong_shape_is_one_clear_error():
     """The op's own message in the CaptureError, without torch's logged traceback before it."""
     import logging

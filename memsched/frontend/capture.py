@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import linecache
 import logging
 import operator
 import os
@@ -224,12 +225,29 @@ def _reject_data_dependent_sizes(ep: ExportedProgram, model: torch.nn.Module) ->
 _RAISED_AT = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in \w+\s*\n\s*(.+)')
 
 
+# the shorter form, a path relative to the import root: "Caused by: (pkg/mod.py:12 in forward)"
+_CAUSED_BY = re.compile(r"Caused by: \((\S+?\.py):(\d+) in \w+\)")
+
+
+def _source_line(path: str, line: int) -> str:
+    """The line of source a traceback names, found on the import path when it is relative."""
+    for root in ([""] if os.path.isabs(path) else sys.path):
+        full = os.path.join(root, path)
+        if os.path.isfile(full):
+            return linecache.getline(full, line).strip()
+    return ""
+
+
 def _data_dependent_hint(exc: Exception) -> str:
     """For a branch on a tensor's value: where the model takes it, and what to do about it."""
     if type(exc).__name__ not in ("GuardOnDataDependentSymNode", "UserError") or "data-dependent" not in str(exc):
         return ""
     at = _RAISED_AT.search(str(exc))
     where = f" at {os.path.basename(at.group(1))}:{at.group(2)} (`{at.group(3).strip()}`)" if at else ""
+    caused = None if at else _CAUSED_BY.search(str(exc))
+    if caused:   # a guard on a size made from data (nonzero, a mask's count) names the line only
+        code = _source_line(caused.group(1), int(caused.group(2)))
+        where = f" at {os.path.basename(caused.group(1))}:{caused.group(2)}" + (f" (`{code}`)" if code else "")
     return (f". The model branches on a tensor's value{where}: memsched plans one static program per "
             "input signature, so it cannot follow control flow that depends on data. Write the branch "
             "with torch.where or torch.cond, or turn off what takes it (random layer dropping and "
