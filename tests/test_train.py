@@ -367,6 +367,57 @@ def test_a_model_without_custom_backwards_warns_nothing_of_them():
     assert not [w for w in seen if issubclass(w.category, CustomBackwardWarning)]
 
 
+@torch.library.custom_op("memsched_tests::clipped_square", mutates_args=())
+def _clipped_square(x: torch.Tensor) -> torch.Tensor:
+    return x * x
+
+
+@_clipped_square.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _clipped_square_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _clipped_square_backward(ctx, g):   # not the derivative of x * x: the registered formula shows
+    (x,) = ctx.saved_tensors
+    return g * (2 * x).clamp(-1, 1)
+
+
+_clipped_square.register_autograd(_clipped_square_backward, setup_context=_clipped_square_setup)
+
+
+class _CustomOpMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.down(_clipped_square(self.up(x))).square().mean()
+
+
+def test_a_custom_operators_registered_backward_is_the_one_the_step_runs():
+    """A torch.library operator with register_autograd (as transformers' MoE experts are) stays
+    one op in the graph, and its autograd kernel runs its registered backward: gradients as
+    eager's, and no warning that they may differ (there was one, naming its generated Function)."""
+    from memsched.frontend.joint import CustomBackwardWarning
+
+    torch.manual_seed(0)
+    model = _CustomOpMLP().train()
+    ref, x = copy.deepcopy(model), torch.randn(8, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CustomBackwardWarning)
+        cm = memsched.compile(model, "1GB", train=True, device="cpu", hardware=FIXED_CPU)
+        loss = cm(x)
+    loss.backward()
+    want = ref(x)
+    want.backward()
+    assert torch.equal(loss, want)
+    assert_same_grads(ref, model)
+
+
 class TwoHeads(torch.nn.Module):
     """A trunk and two heads: a loss built on one head's output reaches the trunk and that head."""
 

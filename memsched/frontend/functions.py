@@ -100,6 +100,12 @@ class Functions:
         return _Replay(gm, self, self.replayable(gm)).run(*args)
 
 
+# a custom operator's registered backward (torch.library.register_autograd) runs as a Function
+# made in this module: the graph keeps the operator itself, whose autograd kernel applies that
+# Function again in the joint trace, so its backward is eager's without being marked
+_CUSTOM_OP_AUTOGRAD = "torch._library.autograd"
+
+
 @contextlib.contextmanager
 def custom_applications(handle):
     """While it lasts, each application of an autograd.Function with a backward of its own,
@@ -107,7 +113,8 @@ def custom_applications(handle):
     original = torch.autograd.Function.__dict__["apply"]
 
     def apply(cls, *args, **kwargs):
-        if not torch.is_grad_enabled() or cls.backward is torch.autograd.Function.backward:
+        if (not torch.is_grad_enabled() or cls.backward is torch.autograd.Function.backward
+                or cls.__module__ == _CUSTOM_OP_AUTOGRAD):
             return original.__func__(cls, *args, **kwargs)
         return handle(cls, original.__func__, args, kwargs)
 
