@@ -30,6 +30,11 @@ FACTORY = textwrap.dedent("""
 
     def not_a_model():
         return 42, (torch.zeros(1),)
+
+    def warns():
+        import warnings
+        warnings.warn("the factory's own note")
+        return build()
 """)
 
 
@@ -40,6 +45,13 @@ def factory(tmp_path_factory):
     return path
 
 
+
+
+def test_a_warning_prints_as_one_line(capsys, factory):
+    """As errors do: no file, line and source of the call that raised it (--debug keeps them)."""
+    code, _, err = run(capsys, "plan", f"{factory}:warns", "--budget", on_gpu("t4", "1MB"), "--hardware", "t4")
+    assert code == 0, err
+    assert err.splitlines() == ["memsched: warning: UserWarning: the factory's own note"]
 
 
 def test_hardware_lists_presets(capsys):

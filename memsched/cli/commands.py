@@ -31,6 +31,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -312,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     command = {"hardware": _cmd_hardware, "verify": _cmd_verify, "show": _cmd_show, "plan": _cmd_plan,
                "generate": _cmd_generate, "schema": _cmd_schema}
     try:
-        return command[args.command](args)
+        with _one_line_warnings(getattr(args, "debug", False)):
+            return command[args.command](args)
     except KeyboardInterrupt:
         print("memsched: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -326,6 +328,27 @@ def main(argv: list[str] | None = None) -> int:
         code, message = _describe_error(e)
         _error(message)
         return code
+
+
+@contextlib.contextmanager
+def _one_line_warnings(debug: bool):
+    """A warning prints as errors do, ``memsched: warning: ...``: Python's format adds the file,
+    line and source of the call that raised it, memsched's internals, of no use on a command
+    line (``--debug`` keeps them)."""
+    if debug:
+        yield
+        return
+    before = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        origin = "" if category.__module__.startswith("memsched") else f"{category.__name__}: "
+        print(f"memsched: warning: {origin}{str(message).strip()}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = before
 
 
 def _describe_error(e: Exception) -> tuple[int, str]:
