@@ -340,19 +340,25 @@ class _ScaledByItsOwnWeight(torch.nn.Module):
         return self.fn.apply(self.up(x)).square().mean()
 
 
+def _step_beside_eager(model, x):
+    """One compiled training step of ``model`` and one eager step of a copy (returned), the
+    losses checked equal; the gradients are left on each for the caller."""
+    ref = copy.deepcopy(model)
+    loss = memsched.compile(model, "1GB", train=True, device="cpu", hardware=FIXED_CPU)(x)
+    loss.backward()
+    want = ref(x)
+    want.backward()
+    assert torch.equal(loss, want)
+    return ref
+
+
 def test_a_custom_backward_that_cannot_be_applied_again_is_named_in_a_warning():
     from memsched.frontend.joint import CustomBackwardWarning
 
     torch.manual_seed(0)
     model = _ScaledByItsOwnWeight().train()
-    ref, x = copy.deepcopy(model), torch.randn(8, 16)
     with pytest.warns(CustomBackwardWarning, match="Scaled"):
-        cm = memsched.compile(model, "1GB", train=True, device="cpu", hardware=FIXED_CPU)
-        loss = cm(x)
-    loss.backward()
-    want = ref(x)
-    want.backward()
-    assert torch.equal(loss, want)
+        ref = _step_beside_eager(model, torch.randn(8, 16))
     for p, q in zip(model.up.parameters(), ref.up.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 
@@ -406,15 +412,9 @@ def test_a_custom_operators_registered_backward_is_the_one_the_step_runs():
 
     torch.manual_seed(0)
     model = _CustomOpMLP().train()
-    ref, x = copy.deepcopy(model), torch.randn(8, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CustomBackwardWarning)
-        cm = memsched.compile(model, "1GB", train=True, device="cpu", hardware=FIXED_CPU)
-        loss = cm(x)
-    loss.backward()
-    want = ref(x)
-    want.backward()
-    assert torch.equal(loss, want)
+        ref = _step_beside_eager(model, torch.randn(8, 16))
     assert_same_grads(ref, model)
 
 
