@@ -628,3 +628,27 @@ def test_a_plan_naming_an_unregistered_operator_says_what_to_import(inference, w
     code, _, err = _cli("verify", path, "--import", "no_such_module_here")
     assert code == 2 and "--import no_such_module_here: importing it failed" in err
     assert _cli("show", _write(workdir / "sound.json", inference[3]), "--import", "json")[0] == 0
+
+
+@torch.library.custom_op("memsched_plan_tests::touch_canary", mutates_args=())
+def _touch_canary(x: torch.Tensor) -> torch.Tensor:
+    CANARY.touch()   # what a registered operator with a side effect could do, if a file could call it
+    return x.clone()
+
+
+@_touch_canary.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_a_registered_operator_the_model_does_not_call_never_runs(inference, workdir):
+    """Any registered operator can be named, but a plan runs only on a fresh capture of the
+    model, node paired with node: one the model does not call is a mismatch before any op runs."""
+    doc = copy.deepcopy(inference[3])
+    _node(doc, lambda n: n["target"] == "aten::gelu.default")["target"] = "memsched_plan_tests::touch_canary.default"
+    path = _write(workdir / "foreign-op.json", doc)
+    assert _load(path) is not None   # a sound file: the operator is registered here
+    assert _cli("show", path)[0] == 0 and _cli("verify", path)[0] == 0   # data: printed, checked, not run
+    out, error = _run(inference[0], inference[1], path)
+    assert out is None and isinstance(error, PlanMismatchError) and "touch_canary" in str(error)
+    assert not CANARY.exists()

@@ -203,10 +203,13 @@ def target_name(n: fx.Node) -> str:
 
 
 def resolve_target(name: str):
-    """The callable a saved target name stands for, from an allowlist: ``aten::<op>.<overload>``
-    and ``prims::...`` (looked up in ``torch.ops`` and checked to be an OpOverload),
-    ``higher_order::<op>`` for the wrappers the capture produces, memsched's inserted ops and
-    ``operator.getitem``. Nothing is imported and no attribute path is walked."""
+    """The callable a saved target name stands for, from an allowlist: ``<namespace>::<op>.<overload>``
+    (ATen, prims, memsched's kernels, or a custom operator registered in this process: looked
+    up in ``torch.ops`` and checked to be an OpOverload), ``higher_order::<op>`` for the
+    wrappers the capture produces, memsched's inserted ops and ``operator.getitem``. Nothing
+    is imported and no attribute path is walked. Resolving calls nothing, and a plan only runs
+    paired node by node with a fresh capture of the model (io/reapply.py): an operator the
+    model does not call is a mismatch, never run."""
     if not isinstance(name, str) or len(name) > LIMITS["name"]:
         raise PlanFileError(f"target {_show(name)} is not an operator name")
     if name in _MEMSCHED_OPS:
