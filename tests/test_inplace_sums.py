@@ -50,6 +50,21 @@ def test_only_a_value_nothing_else_sees_takes_the_sum(fn, in_place):
         assert torch.equal(g, e)
 
 
+def test_the_views_of_a_sum_made_in_place_view_the_storage_that_takes_it():
+    """The sum's views (and their views) were left on the out-of-place sum's storage, which no
+    op makes any more: the planner counted it apart from the storage that takes the sum."""
+    from memsched.ir.tensors import storage_key
+
+    fn = lambda x, w: (lambda s: (s.view(-1) * 2, s.t()[1:]))((x * 2) + w)  # noqa: E731
+    gm = _traced(fn, torch.randn(4, 4), torch.randn(4, 4))
+    assert accumulate_in_place(gm, next(iter(gm.graph.nodes))) == 1
+    add = next(n for n in gm.graph.nodes if n.target is aten.add_.Tensor)
+    home = storage_key(add.meta["val"])
+    assert home == storage_key(add.args[0].meta["val"])
+    views = [n for n in gm.graph.nodes if n.target in (aten.view.default, aten.t.default, aten.slice.Tensor)]
+    assert len(views) == 3 and all(storage_key(v.meta["val"]) == home for v in views)
+
+
 def _minimum(model, args):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

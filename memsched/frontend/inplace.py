@@ -19,8 +19,9 @@ import collections
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
-from ..ir.tensors import storage_key, storage_nbytes, tensor_leaves
+from ..ir.tensors import on_storage, storage_key, storage_nbytes, tensor_leaves
 
 aten = torch.ops.aten
 
@@ -33,6 +34,26 @@ def _tensor(n) -> torch.Tensor | None:
 def _sharers(graph: fx.Graph) -> collections.Counter:
     """Storage -> how many graph values (tuple outputs included) lie in it."""
     return collections.Counter(storage_key(t) for node in graph.nodes for t in tensor_leaves(node.meta.get("val")))
+
+
+def _move_views(add: fx.Node, old, storage: torch.UntypedStorage) -> None:
+    """The values viewing the out-of-place sum's storage (its views, their views), traced on it,
+    moved onto ``storage`` with the same layouts: in place, they view the storage that takes the
+    sum (else the planner counts a storage no op makes, and a value a view reads is apart from
+    its base)."""
+    todo, seen = list(add.users), set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        val = n.meta.get("val")
+        leaves, spec = pytree.tree_flatten(val)
+        if not any(isinstance(t, torch.Tensor) and storage_key(t) == old for t in leaves):
+            continue
+        n.meta["val"] = pytree.tree_unflatten(
+            [on_storage(t, storage) if isinstance(t, torch.Tensor) and storage_key(t) == old else t for t in leaves], spec)
+        todo.extend(n.users)
 
 
 def _takes_sum(a, add: fx.Node, out: torch.Tensor, sharers) -> bool:
@@ -67,6 +88,7 @@ def accumulate_in_place(gm: fx.GraphModule, after: fx.Node) -> int:
             new = graph.call_function(aten.add_.Tensor, (into, other), dict(add.kwargs))
         new.meta.update(add.meta)
         new.meta["val"] = into.meta["val"]   # the sum lives in ``into``'s storage
+        _move_views(add, storage_key(out), _tensor(into).untyped_storage())   # and so do its views
         add.replace_all_uses_with(new)
         graph.erase_node(add)
         new._rename(add.name)

@@ -33,14 +33,15 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.utils._pytree as pytree
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..ir.graph_module import lazy_graph_module
 from ..ir.meta import annotate
+from ..ir.tensors import on_storage
 from .capture import Captured
 
 MIN_LAYERS = 8       # fewer layers than this are traced in full (little to save)
+MAX_PREFIX = 8       # at most this many layers before the repeated run may differ from it
 TRACED = 5           # layers traced: 0, 1 (first two), 2, 3 (the middle pair), 4 (the last)
 _FORWARD, _BACKWARD, _WEIGHTS = "F", "B", "W"   # block kinds; W: forward ops on weights alone
 
@@ -55,6 +56,8 @@ class Stack:
     attr: str
     prefix: str        # the ModuleList's state-key prefix, e.g. "model.layers"
     layers: torch.nn.ModuleList
+    start: int = 0     # the first layer of the repeated run: those before it differ (DeepSeek's dense
+                       # layers before its mixture-of-experts ones) and are traced as they are
 
     @property
     def depth(self) -> int:
@@ -63,23 +66,26 @@ class Stack:
 
 # -- finding the stack -------------------------------------------------------------------------
 def find_stack(model: torch.nn.Module) -> Stack | None:
-    """The ModuleList of identical layers holding the most parameters, if deep enough."""
+    """The ModuleList whose identical layers (all, or all after the first few) hold the most
+    parameters, if deep enough."""
     best, best_bytes = None, 0
     for path, module in model.named_modules():
         if not isinstance(module, torch.nn.ModuleList) or len(module) < MIN_LAYERS or not path:
             continue
-        if not _identical(list(module)):
+        start = next((k for k in range(min(MAX_PREFIX, len(module) - MIN_LAYERS) + 1)
+                      if _identical(list(module)[k:], first=k)), None)
+        if start is None:
             continue
         nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
         if nbytes > best_bytes and _owned_only(model, module):
             parent_path, _, attr = path.rpartition(".")
-            best, best_bytes = Stack(model.get_submodule(parent_path), attr, path, module), nbytes
+            best, best_bytes = Stack(model.get_submodule(parent_path), attr, path, module, start), nbytes
     return best
 
 
-def _identical(layers: list) -> bool:
+def _identical(layers: list, first: int = 0) -> bool:
     """Same classes, tensors (shapes, dtypes, grad) and plain attributes; an attribute may
-    differ only by being each layer's own index. No hooks."""
+    differ only by being each layer's own index (``first`` for the first of ``layers``). No hooks."""
     shapes, plains = [], []
     for layer in layers:
         parts, plain = [], {}
@@ -97,7 +103,7 @@ def _identical(layers: list) -> bool:
         return False
     for key in plains[0]:
         values = [repr(p[key]) for p in plains]
-        if len(set(values)) > 1 and values != [repr(i) for i in range(len(layers))]:
+        if len(set(values)) > 1 and values != [repr(i) for i in range(first, first + len(layers))]:
             return False
     return True
 
@@ -118,9 +124,9 @@ def _owned_only(model: torch.nn.Module, stack: torch.nn.ModuleList) -> bool:
 
 @contextlib.contextmanager
 def traced_layers(stack: Stack):
-    """The stack cut to the layers traced: the first four and the last."""
-    n = stack.depth
-    keep = [0, 1, 2, 3, n - 1]
+    """The stack cut to the layers traced: those before the run, its first four and the last."""
+    n, k = stack.depth, stack.start
+    keep = [*range(k), k, k + 1, k + 2, k + 3, n - 1]
     short = torch.nn.ModuleList([stack.layers[i] for i in keep])
     setattr(stack.parent, stack.attr, short)
     try:
@@ -145,7 +151,7 @@ def capture_repeated(model: torch.nn.Module, capture_fn) -> tuple[Captured, str]
         grown = _Grower(short, stack).grow()
     except NotRepeatable as e:
         return capture_fn(model), f"traced in full: {e}"
-    return grown, f"{TRACED} of {stack.depth} layers traced, the rest repeated"
+    return grown, f"{TRACED + stack.start} of {stack.depth} layers traced, the rest repeated"
 
 
 # -- growing the graph ---------------------------------------------------------------------------
@@ -158,7 +164,7 @@ class _Grower:
 
     def __init__(self, captured: Captured, stack: Stack):
         self.c, self.stack = captured, stack
-        self.depth = stack.depth
+        self.depth, self.start = stack.depth, stack.start
         self.graph = captured.gm.graph
         self.nodes = list(self.graph.nodes)
         boundary = getattr(captured, "boundary", "") or None
@@ -171,20 +177,22 @@ class _Grower:
             slot = self._slot_of_target(ph.target)
             if slot is not None:
                 self.param_slot[ph.name] = slot
-        self.repeats = list(range(3, self.depth - 2))
-        self.slot_of_layer = {0: 0, 1: 1, 2: 2, self.depth - 2: 3, self.depth - 1: 4}
+        k = self.start
+        self.repeats = list(range(k + 3, self.depth - 2))
+        self.slot_of_layer = {k: 0, k + 1: 1, k + 2: 2, self.depth - 2: 3, self.depth - 1: 4}
 
     def _slot_of_target(self, target: str | None):
         prefix = self.stack.prefix + "."
         if not target or not target.startswith(prefix):
             return None
         index, _, local = target[len(prefix):].partition(".")
-        if not index.isdigit() or int(index) >= TRACED:
-            return None
-        return int(index), local   # the cut list's index: the slot
+        if not index.isdigit() or not 0 <= int(index) - self.start < TRACED:
+            return None   # a layer before the run is traced as it is, like the embedding
+        return int(index) - self.start, local   # the slot: the index in the cut list, after those before the run
 
     def _layer_of_slot(self, slot: int) -> int:
-        return {0: 0, 1: 1, 2: 2, 3: self.depth - 2, 4: self.depth - 1}[slot]
+        k = self.start
+        return {0: k, 1: k + 1, 2: k + 2, 3: self.depth - 2, 4: self.depth - 1}[slot]
 
     # tags: ("P" / direction, slot) per node, or None for a node every layer shares --------------
     def _tag(self) -> dict:
@@ -309,7 +317,7 @@ class _Grower:
 
     # emission ----------------------------------------------------------------------------------
     def _rename(self, name: str, target: str, slot: int, layer: int) -> tuple[str, str]:
-        old, prefix = slot, self.stack.prefix
+        old, prefix = slot + self.start, self.stack.prefix   # the traced name: its index in the cut list
         us = prefix.replace(".", "_")
         return (name.replace(f"{us}_{old}_", f"{us}_{layer}_", 1),
                 target.replace(f"{prefix}.{old}.", f"{prefix}.{layer}.", 1))
@@ -476,19 +484,11 @@ def _val_structure(n) -> tuple:
     return tuple(out)
 
 
-def _like(t: torch.Tensor, storage: torch.UntypedStorage) -> torch.Tensor:
-    """A traced tensor with ``t``'s layout on ``storage``, made without dispatching an op (tens
-    of thousands are made for a 7B model's repeats)."""
-    meta = torch.empty(0, dtype=t.dtype, device="meta").set_(storage, t.storage_offset(), t.shape, t.stride())
-    mode = getattr(t, "fake_mode", None)
-    return FakeTensor(mode, meta, t.device) if mode is not None else meta
-
-
 def _fresh_like(val):
     """A new traced tensor with ``val``'s layout and storage size (a storage of its own)."""
     if not isinstance(val, torch.Tensor):
         return val
-    return _like(val, torch.UntypedStorage(val.untyped_storage().nbytes(), device="meta"))
+    return on_storage(val, torch.UntypedStorage(val.untyped_storage().nbytes(), device="meta"))
 
 
 def remade_val(old: torch.fx.Node, new: torch.fx.Node):
@@ -512,7 +512,7 @@ def remade_val(old: torch.fx.Node, new: torch.fx.Node):
         k = _key(t)
         if k not in storage:
             storage[k] = torch.UntypedStorage(t.untyped_storage().nbytes(), device="meta")
-        out.append(_like(t, storage[k]))
+        out.append(on_storage(t, storage[k]))
     return pytree.tree_unflatten(out, spec)
 
 
@@ -527,7 +527,7 @@ def realiased_val(val, old_inputs, new_inputs):
     leaves, spec = pytree.tree_flatten(val)
     if not storage or not any(isinstance(t, torch.Tensor) and _key(t) in storage for t in leaves):
         return None
-    out = [_like(t, storage[_key(t)]) if isinstance(t, torch.Tensor) and _key(t) in storage else t
+    out = [on_storage(t, storage[_key(t)]) if isinstance(t, torch.Tensor) and _key(t) in storage else t
            for t in leaves]
     return pytree.tree_unflatten(out, spec)
 

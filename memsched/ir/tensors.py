@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
 
@@ -14,6 +15,14 @@ def tensor_leaves(val) -> list[torch.Tensor]:
     if isinstance(val, torch.Tensor):
         return [val]
     return [x for x in pytree.tree_leaves(val) if isinstance(x, torch.Tensor)]
+
+
+def on_storage(t: torch.Tensor, storage: torch.UntypedStorage) -> torch.Tensor:
+    """A traced tensor with ``t``'s layout on ``storage``, made without dispatching an op (tens
+    of thousands are made for a 7B model's repeated layers)."""
+    meta = torch.empty(0, dtype=t.dtype, device="meta").set_(storage, t.storage_offset(), t.shape, t.stride())
+    mode = getattr(t, "fake_mode", None)
+    return FakeTensor(mode, meta, t.device) if mode is not None else meta
 
 
 def storage_nbytes(t: torch.Tensor) -> int:
