@@ -305,13 +305,9 @@ def test_a_mixture_of_experts_decoder_generates_as_transformers_does(tmp_path):
     """Mixtral: its experts run by grouped matmuls in eager (transformers' default), which torch's
     fake kernels refuse in float32; memsched reads the cache's shapes through the batched-matmul
     experts instead, and generates the same tokens within half the weights' bytes."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from zoo import tiny_mixtral
 
-    with quiet_transformers():
-        torch.manual_seed(0)
-        model = MixtralForCausalLM(MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                 num_local_experts=4, num_experts_per_tok=2)).eval()
+    model = tiny_mixtral(layers=2)
     ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(3))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     tokens = memsched.generate(model, ids, budget=weights // 2, max_new_tokens=4, device="cpu", hardware=FIXED_CPU,

@@ -598,14 +598,9 @@ def test_a_mixture_of_experts_plan_saves_and_runs_with_its_custom_operator(workd
     torch.library custom op): a plan names it like an ATen op, loads where it is registered and
     runs as eager does (saving refused it before: every Mixtral plan failed to save)."""
     pytest.importorskip("transformers")
-    from transformers import MixtralConfig, MixtralForCausalLM
-    from zoo import quiet_transformers
+    from zoo import tiny_mixtral
 
-    with quiet_transformers():
-        torch.manual_seed(0)
-        model = MixtralForCausalLM(MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                                 num_local_experts=4, num_experts_per_tok=2)).eval()
+    model = tiny_mixtral(layers=1)
     ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(1))
     doc = json.loads(serialize.dumps(_quiet_plan(model, (ids,))))
     assert any(n["target"] == "transformers::grouped_mm_fallback.default" for n in doc["program"]["nodes"])

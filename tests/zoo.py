@@ -287,6 +287,19 @@ ZOO: dict[str, ZooCase] = {
 }
 
 
+def tiny_mixtral(layers: int = 2) -> nn.Module:
+    """A seeded Mixtral (4 experts, 2 per token) in eval mode: transformers runs its experts by
+    its own custom operator (``transformers::grouped_mm_fallback``) on a CPU."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    with quiet_transformers():
+        torch.manual_seed(0)
+        return MixtralForCausalLM(MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=layers, num_attention_heads=4,
+                                                num_key_value_heads=2, num_local_experts=4,
+                                                num_experts_per_tok=2)).eval()
+
+
 def param_bytes(model: nn.Module) -> int:
     """Bytes of parameters (shared parameters counted once)."""
     seen = {}

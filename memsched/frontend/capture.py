@@ -28,6 +28,7 @@ from ..errors import CaptureError, UnsupportedModelError
 from ..ir.effects import is_impure
 from ..ir.graph_module import make_lazy
 from ..ir.kinds import PERSISTENT, Kind
+from ..ir.tensors import tensor_leaves
 from .composites import expand_bool_attention_masks, expand_cross_entropy, expand_math_attention
 from .fake import eager_meta, share_storages_as_eager
 from .kernel_patterns import select_kernels
@@ -212,9 +213,8 @@ def _reject_data_dependent_sizes(ep: ExportedProgram, model: torch.nn.Module) ->
     turned into a size) traces with a symbolic size: the planner prices and places bytes, so it
     needs every size before the model runs. Refused here, naming the first op that makes one."""
     for n in ep.graph_module.graph.nodes:
-        val = n.meta.get("val")
-        for t in (val if isinstance(val, (list, tuple)) else [val]):
-            if isinstance(t, torch.Tensor) and not all(isinstance(d, int) for d in (*t.shape, *t.stride())):
+        for t in tensor_leaves(n.meta.get("val")):
+            if not all(isinstance(d, int) for d in (*t.shape, *t.stride())):
                 shape = ", ".join(str(d) for d in t.shape)
                 raise UnsupportedModelError(
                     f"{type(model).__name__} makes a tensor whose size depends on the data it is given "

@@ -5,9 +5,9 @@ which sections and fields exist, each field's type, every number's range, every 
 every string's length and alphabet, the enumerations (dtypes, tensor kinds, tiers, links, node
 ops, decisions) and the tagged values of node arguments — is one declarative schema, validated
 by a well-kept library before any of it is used. The second stage (memsched/io/serialize.py)
-checks what a schema cannot say: that op targets resolve to registered torch.ops overloads or memsched's ops, that a
-tensor fits its storage, that names are unique and every reference is defined, that the
-output comes last.
+checks what a schema cannot say: that op targets resolve to registered torch.ops overloads or
+memsched's ops, that a tensor fits its storage, that names are unique and every reference is
+defined, that the output comes last.
 
 The schema is built from memsched's own tables (so it cannot drift from what the reader
 builds) and published: ``memsched schema`` prints it, for tools and notebooks that read plan

@@ -163,9 +163,9 @@ _MEMSCHED_OPS = {name: ops.TARGETS[op] for op, name in _SAVED_OP_NAMES.items()}
 _PY_TARGETS = {"operator.getitem": operator.getitem}
 # the higher-order ops the capture leaves in a graph (nested no_grad regions, autocast)
 _HIGHER_ORDER = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
-_OP_NAMESPACES = ("aten", "prims", "memsched")   # memsched: the kernel ops (kernels/ops.py)
-# other namespaces hold the custom operators libraries register (torch.library): a plan names
-# them like ATen's, and reading it needs the library that defines them imported first
+# always there (memsched: the kernel ops, kernels/ops.py); any other namespace holds custom
+# operators a library registers (torch.library), named alike, read once that library is imported
+_OP_NAMESPACES = ("aten", "prims", "memsched")
 
 
 def _qualified_name(t) -> str | None:
