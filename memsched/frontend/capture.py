@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import threading
+import traceback
 import warnings
 from dataclasses import dataclass, field
 
@@ -202,7 +203,7 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(
             f"could not capture {type(model).__name__} with torch.export: "
-            f"{type(exc).__name__}: {first}{_data_dependent_hint(exc)}"
+            f"{type(exc).__name__}: {first}{_data_dependent_hint(exc) or _raised_in_model(exc)}"
         ) from exc
     _reject_data_dependent_sizes(ep, model)
     return ep
@@ -252,6 +253,33 @@ def _data_dependent_hint(exc: Exception) -> str:
             "input signature, so it cannot follow control flow that depends on data. Write the branch "
             "with torch.where or torch.cond, or turn off what takes it (random layer dropping and "
             "masking in training: LayerDrop, SpecAugment; call model.eval() for inference)")
+
+
+# frames of these packages are the tracer's, not the model's: an error is shown where the
+# model's own code (its modeling file, or a library it calls) last ran before it was raised
+_TRACER_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__.rsplit(".", 1)[0]]))
+_STDLIB_DIR = os.path.dirname(contextlib.__file__) + os.sep
+
+
+def _raised_in_model(exc: BaseException) -> str:
+    """Where in the model's code a failure that is not a branch on data was raised: the innermost
+    frame outside torch, memsched and the standard library, with its line of source. Tracing
+    runs the model's Python as eager does, so that line is what the model does differently under
+    a trace (reads an input it was not given, changes its own modules, calls something a trace
+    cannot follow)."""
+    frame = None
+    seen = set()
+    while exc is not None and id(exc) not in seen:   # the raised error, then what it was raised from
+        seen.add(id(exc))
+        for f in traceback.extract_tb(exc.__traceback__):
+            if not f.filename.startswith(_TRACER_DIRS + (_STDLIB_DIR,)) and not f.filename.startswith("<"):
+                frame = f
+        exc = exc.__cause__ or exc.__context__
+    if frame is None:
+        return ""
+    code = (frame.line or "").strip()
+    return f" (raised at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}" + \
+        (f": `{code}`)" if code else ")")
 
 
 class FastPathWarning(UserWarning):
