@@ -15,7 +15,9 @@ model this suite owns (plain torch modules written here, or transformers tiny co
 * ``nn.TransformerEncoder``'s fast path in eager, which a captured program cannot take;
 * transformers models returning a ``DynamicCache`` (``use_cache=True``, their default);
 * the same built on meta: export records ``detach_`` on each empty cache layer it makes in
-  the forward, which capture refused as a write into a graph input.
+  the forward, which capture refused as a write into a graph input;
+* a module cast to its own dtype in forward (Switch Transformers' and NLLB-MoE's routers):
+  under a trace ``Module._apply`` swapped the fake parameters and failed.
 
 Every training step is compared with eager PyTorch bit for bit (loss and every gradient) at
 100 % of its unconstrained training peak, at about half of it and at its minimum budget, and
@@ -474,6 +476,39 @@ def test_a_gradient_two_parameters_share_is_delivered_once():
     shared = [n for n in set(returned) if returned.count(n) > 1 and n.startswith("offload")]
     assert shared, "the plan no longer delivers a shared gradient to disk: this test checks nothing"
     assert_step_matches_eager(model, args, {}, lambda loss: loss, plan)
+
+
+class RecastsItsHead(nn.Module):
+    """Casts a layer to the dtype it already has on every call, as Switch Transformers' router
+    casts its classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        self.head = self.head.to(self.body.weight.dtype)
+        return self.head(torch.relu(self.body(x))).square().mean()
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_a_cast_to_the_dtype_a_layer_has_changes_nothing(train):
+    from helpers import FIXED_CPU, assert_step_matches_eager
+
+    torch.manual_seed(0)
+    model = RecastsItsHead()
+    head = model.head
+    args = (torch.randn(4, 8),)
+    plan = memsched.plan(copy.deepcopy(model), args, budget="1GB", train=train, hardware=FIXED_CPU)
+    if train:
+        assert_step_matches_eager(model, args, {}, lambda loss: loss, plan)
+    else:
+        with torch.no_grad():
+            want = model(*args)
+            cm = memsched.compile(model, plan.budget_bytes, device="cpu", hardware=FIXED_CPU)
+            assert_outputs_equal(cm(*args), want)
+            cm.close()
+    assert model.head is head and model.head.weight.dtype == torch.float32
 
 
 class BagClassifier(nn.Module):

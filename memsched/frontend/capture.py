@@ -190,6 +190,35 @@ def _no_partial_graph_dump():
         del trace.print
 
 
+@contextlib.contextmanager
+def _casts_that_change_nothing():
+    """``module.to(dtype/device)`` that every tensor of the module already matches returns the
+    module untouched, as it does in eager (Switch Transformers' and NLLB-MoE's routers cast their
+    classifier to their own dtype on every call). Under a trace the parameters are FakeTensors,
+    which ``Module._apply`` swaps rather than re-points even for a cast that changes nothing, and
+    the swap fails. A cast that would change a tensor runs as torch runs it."""
+    to = torch.nn.Module.to
+
+    def unchanged_to(self, *args, **kwargs):
+        try:
+            device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        except (TypeError, RuntimeError):
+            return to(self, *args, **kwargs)
+        tensors = [*self.parameters(), *self.buffers()]
+        if memory_format is None and tensors and all(
+                (device is None or t.device == device)
+                and (dtype is None or t.dtype == dtype or not (t.is_floating_point() or t.is_complex()))
+                for t in tensors):
+            return self
+        return to(self, *args, **kwargs)
+
+    torch.nn.Module.to = unchanged_to
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = to
+
+
 def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> ExportedProgram:
     """torch.export (non-strict); CaptureError names the model and the cause."""
     if not isinstance(model, torch.nn.Module):
@@ -197,7 +226,7 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
     register_output_types(model)
     try:
         with eager_meta(), eager_attention_masks(args, kwargs), _quiet_fake_tensor_log(), _no_stack_traces(), \
-                _no_partial_graph_dump():
+                _no_partial_graph_dump(), _casts_that_change_nothing():
             ep = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
     except Exception as exc:  # export raises many types; we re-raise one, naming the cause
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
