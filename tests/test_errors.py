@@ -89,6 +89,32 @@ def test_a_branch_on_a_count_made_from_data_names_its_line():
     assert "test_errors.py" in str(err.value) and "`if picked.size(0) > 0:" in str(err.value)
 
 
+class ChecksItsLabels(torch.nn.Module):
+    def forward(self, x, labels):
+        if labels.max() >= 3:   # as Wav2Vec2ForCTC checks its labels against the vocabulary
+            raise ValueError("label out of range")
+        return x * 2
+
+
+def test_a_branch_on_data_is_one_error_without_torchs_warning_before_it():
+    """torch's shape solver warns that it found no user code for the value (traces record no
+    stacks); the CaptureError names the line, and nothing is logged before it."""
+    import logging
+
+    logged = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = logged.append
+    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    log.addHandler(handler)
+    try:
+        with pytest.raises(memsched.CaptureError, match="branches on a tensor's value") as err:
+            memsched.plan(ChecksItsLabels(), (torch.randn(4), torch.tensor([1, 2])), budget="1GB")
+    finally:
+        log.removeHandler(handler)
+    assert "`if labels.max() >= 3:" in str(err.value)
+    assert [r.getMessage() for r in logged] == []
+
+
 class MaskOnlyInEager(torch.nn.Module):
     def forward(self, x, mask=None):
         if mask is None and not torch.compiler.is_compiling():   # as transformers' T5-style encoders

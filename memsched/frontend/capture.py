@@ -145,14 +145,29 @@ def _state_kind(model: torch.nn.Module, target: str | None) -> Kind | None:
 @contextlib.contextmanager
 def _quiet_fake_tensor_log():
     """torch logs the whole traceback of an op failing on fake tensors (a wrong input shape)
-    before raising it; the CaptureError raised here names that failure, once."""
+    before raising it; the CaptureError raised here names that failure, once. Its shape solver
+    also warns that it found no user code for a size made from data: traces record no stacks
+    here (``_no_stack_traces``), and the CaptureError names the model's line from the exception."""
     log = logging.getLogger("torch._subclasses.fake_tensor")
     level = log.level
     log.setLevel(logging.CRITICAL)
+    shapes = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    no_user_code = _DropMessages("Unable to find user code")
+    shapes.addFilter(no_user_code)
     try:
         yield
     finally:
         log.setLevel(level)
+        shapes.removeFilter(no_user_code)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 @contextlib.contextmanager
