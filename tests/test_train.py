@@ -3,6 +3,7 @@ eager PyTorch at 100%, 60%, 40% of the unconstrained training peak and at the mi
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -30,19 +31,22 @@ def _compile(model, budget, **kw):
         return memsched.compile(model, budget, train=True, device="cpu", time_limit_s=3.0, **kw)
 
 
-def _training_peak(model, args, kwargs) -> memsched.Plan:
-    return memsched.plan(model, args, budget=10**13, example_kwargs=kwargs, train=True)
+@functools.cache   # once per model and worker: the zoo builds each model alike every time
+def _training_peak(name) -> tuple[int, int]:
+    """The unconstrained training peak and the minimum budget of TRAIN_ZOO[name]."""
+    model, args, kwargs, _ = build_train(name)
+    p0 = memsched.plan(model, args, budget=10**13, example_kwargs=kwargs, train=True)
+    return p0.program.peak_bytes, p0.min_budget_bytes
 
 
-def _budget_or_min(model, args, kwargs, frac, p0):
-    peak = p0.program.peak_bytes
+def _budget_or_min(model, args, kwargs, frac, peak, minimum):
     if frac == "min":
-        return p0.min_budget_bytes
+        return minimum
     budget = int(peak * frac)
-    if budget < p0.min_budget_bytes:
+    if budget < minimum:
         with pytest.raises(memsched.InfeasibleBudgetError) as err:
             memsched.plan(model, args, budget=budget, example_kwargs=kwargs, train=True)
-        assert err.value.min_budget_bytes == p0.min_budget_bytes
+        assert err.value.min_budget_bytes == minimum
         return None
     return budget
 
@@ -52,8 +56,8 @@ def _budget_or_min(model, args, kwargs, frac, p0):
 def test_training_step_matches_eager(name, frac):
     model, args, kwargs, loss_fn = build_train(name)
     ref = copy.deepcopy(model)
-    p0 = _training_peak(model, args, kwargs)
-    budget = _budget_or_min(model, args, kwargs, frac, p0)
+    peak, minimum = _training_peak(name)
+    budget = _budget_or_min(model, args, kwargs, frac, peak, minimum)
     if budget is None:
         return  # below the minimum: the error above was the check
     want = _eager_step(ref, args, kwargs, loss_fn)
@@ -72,7 +76,7 @@ def test_training_step_matches_eager(name, frac):
         assert cm.stats.peak_device_bytes <= budget, cm.stats
         if frac == 1.0:
             assert not plan.bytes_moved
-        if frac != 1.0 and budget < p0.program.peak_bytes:
+        if frac != 1.0 and budget < peak:
             assert plan.bytes_moved or RECOMPUTE in plan.placement.gap_choice.values()
     finally:
         cm.close()
@@ -84,8 +88,8 @@ def test_adamw_steps_match_eager(name, frac):
     (disk homes here) are renewed before the next step, and every parameter stays equal."""
     model, args, kwargs, loss_fn = build_train(name)
     ref = copy.deepcopy(model)
-    p0 = _training_peak(model, args, kwargs)
-    budget = _budget_or_min(model, args, kwargs, frac, p0) or p0.min_budget_bytes
+    peak, minimum = _training_peak(name)
+    budget = _budget_or_min(model, args, kwargs, frac, peak, minimum) or minimum
     cm = _compile(model, budget)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
