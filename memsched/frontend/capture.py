@@ -305,6 +305,14 @@ _TRACER_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.m
 _STDLIB_DIR = os.path.dirname(contextlib.__file__) + os.sep
 
 
+def _in_model_code(path: str) -> bool:
+    if path.startswith(_TRACER_DIRS) or path.startswith("<"):
+        return False
+    # the standard library's frames (contextlib, functools) are not the model's; packages
+    # installed beneath it (a Python without a virtual environment) are
+    return not path.startswith(_STDLIB_DIR) or any(d in path for d in ("site-packages", "dist-packages"))
+
+
 def _raised_in_model(exc: BaseException) -> str:
     """Where in the model's code a failure that is not a branch on data was raised: the innermost
     frame outside torch, memsched and the standard library, with its line of source. Tracing
@@ -316,7 +324,7 @@ def _raised_in_model(exc: BaseException) -> str:
     while exc is not None and id(exc) not in seen:   # the raised error, then what it was raised from
         seen.add(id(exc))
         for f in traceback.extract_tb(exc.__traceback__):
-            if not f.filename.startswith(_TRACER_DIRS + (_STDLIB_DIR,)) and not f.filename.startswith("<"):
+            if _in_model_code(f.filename):
                 frame = f
         exc = exc.__cause__ or exc.__context__
     if frame is None:
