@@ -35,6 +35,10 @@ FACTORY = textwrap.dedent("""
         import warnings
         warnings.warn("the factory's own note")
         return build()
+
+    def fast_path():   # eager takes PyTorch's transformer fast path: memsched warns at capture
+        layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval().requires_grad_(False)
+        return layer, (torch.randn(2, 5, 32),)
 """)
 
 
@@ -52,6 +56,13 @@ def test_a_warning_prints_as_one_line(capsys, factory):
     code, _, err = run(capsys, "plan", f"{factory}:warns", "--budget", on_gpu("t4", "1MB"), "--hardware", "t4")
     assert code == 0, err
     assert err.splitlines() == ["memsched: warning: UserWarning: the factory's own note"]
+
+
+def test_memscheds_own_warning_is_prefixed_once(capsys, factory):
+    code, _, err = run(capsys, "plan", f"{factory}:fast_path", "--budget", on_gpu("t4", "1MB"), "--hardware", "t4")
+    assert code == 0, err
+    assert err.startswith("memsched: warning: TransformerEncoderLayer (the model itself) runs on PyTorch's "
+                          "transformer fast path"), err
 
 
 def test_hardware_lists_presets(capsys):

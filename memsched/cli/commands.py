@@ -341,8 +341,12 @@ def _one_line_warnings(debug: bool):
     before = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        origin = "" if category.__module__.startswith("memsched") else f"{category.__name__}: "
-        print(f"memsched: warning: {origin}{str(message).strip()}", file=file or sys.stderr)
+        text = str(message).strip()
+        # memsched's own (by category, or by a message that names memsched, as the API's do):
+        # named once, without a category
+        own = category.__module__.startswith("memsched") or text.startswith("memsched: ")
+        origin = "" if own else f"{category.__name__}: "
+        print(f"memsched: warning: {origin}{text.removeprefix('memsched: ')}", file=file or sys.stderr)
 
     warnings.showwarning = show
     try:
