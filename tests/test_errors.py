@@ -117,7 +117,7 @@ def test_a_branch_on_data_is_one_error_without_torchs_warning_before_it():
 
 class MaskOnlyInEager(torch.nn.Module):
     def forward(self, x, mask=None):
-        if mask is None and not torch.compiler.is_compiling():   # as transformers' T5-style encoders
+        if mask is None and not torch.compiler.is_compiling():   # as Switch Transformers' encoder
             mask = torch.ones(x.shape[0])
         return x * mask[:, None]
 

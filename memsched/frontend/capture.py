@@ -301,7 +301,7 @@ def _data_dependent_hint(exc: Exception) -> str:
 
 # frames of these packages are the tracer's, not the model's: an error is shown where the
 # model's own code (its modeling file, or a library it calls) last ran before it was raised
-_TRACER_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__.rsplit(".", 1)[0]]))
+_TRACER_DIRS = tuple(d + os.sep for d in (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__))))
 _STDLIB_DIR = os.path.dirname(contextlib.__file__) + os.sep
 
 
