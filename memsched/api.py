@@ -16,6 +16,7 @@ from .frontend.capture import input_signature
 from .frontend.fake import meta_as_empty
 from .pipeline import plan_model
 from .plans import Plan, as_plan
+from .io.reapply import PlanMismatchError
 from .reapply import reapply
 from .runtime.autograd import TrainStep, run_step
 from .runtime.checkpoint import Checkpoint
@@ -91,9 +92,6 @@ class CompiledModule:
             raise ValueError(f"grad_outputs must be 'auto' or 'all', got {grad_outputs!r}")
         self._pid = os.getpid()
         self._warned_untrained = False
-        if train and plan is not None:
-            raise NotImplementedError("re-applying a saved plan supports inference plans only; "
-                                      "a training step is planned again")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"memsched.compile takes a torch.nn.Module, got {type(model).__name__}")
         meta = [name for name, t in _model_tensors(model) if t.device.type == "meta"]
@@ -112,6 +110,10 @@ class CompiledModule:
         self._saved = None
         if plan is not None:
             self._saved = as_plan(plan)
+            if self._saved.is_training != bool(train):
+                raise PlanMismatchError(
+                    "the saved plan is a training step: compile it with train=True" if self._saved.is_training
+                    else "the saved plan is an inference plan: compile it with train=False (or plan a training step)")
             budget = self._saved.budget_bytes if budget is None else budget
             hardware = self._saved.hardware if hardware is None else hardware
         if budget is None:
@@ -163,7 +165,8 @@ class CompiledModule:
             with _CAPTURE_LOCK:  # torch.export is not thread-safe
                 if self._saved is not None:
                     with meta_as_empty(self.model):
-                        plan, captured = reapply(self._saved, self.model, args, kwargs, self.budget_bytes)
+                        plan, captured = reapply(self._saved, self.model, args, kwargs, self.budget_bytes,
+                                                 train=train, grad_outputs=self.grad_outputs)
                 else:
                     with meta_as_empty(self.model):  # a model read from a checkpoint captures as a real one
                         plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware,

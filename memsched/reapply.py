@@ -12,41 +12,68 @@ import torch
 from .cost_models.op_scratch import hold_kernel_storages, op_scratch_bytes
 from .errors import InfeasibleBudgetError
 from .frontend.capture import Captured, capture, input_signature
+from .frontend.joint import capture_joint
 from .frontend.repeats import capture_repeated
 from .io.reapply import PlanMismatchError, apply_plan, check_signature
 from .ir.meta import annotate, info
 from .ir.ops import Op, op_of
-from .passes.chunking import LOSS_HEAD, chunked
+from .passes.chunking import LOSS_HEAD, chunked, loss_chunks
 from .passes.fusion import fuse, unfuse
 from .plan_records import PassRecord
 from .plans import Plan
 from .verify import verify_schedule
 
 
-def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budget: int) -> tuple[Plan, Captured]:
+def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budget: int, *,
+            train: bool = False, grad_outputs: str = "auto") -> tuple[Plan, Captured]:
     """Capture ``model`` (no solver), check it against ``saved`` and rebuild the schedule on it.
 
-    The rebuilt program is checked by the independent verifier; a budget below what the saved
-    plan holds raises InfeasibleBudgetError (a saved plan is applied as it is)."""
+    A training plan is re-captured as a training step (forward and backward, ``grad_outputs`` as
+    compile's) with the loss head the plan was made with. The rebuilt program is checked by the
+    independent verifier; a budget below what the saved plan holds raises InfeasibleBudgetError
+    (a saved plan is applied as it is)."""
     key = input_signature(args, kwargs)
     if saved.signature is not None:
         check_signature(saved.signature, key)
+    if saved.is_training != train:
+        raise PlanMismatchError("the saved plan is a training step: call the module with autograd enabled"
+                                if saved.is_training else "the saved plan is an inference plan, this call a training step")
     verify_schedule(saved.graph, saved.budget_bytes, saved.hardware)  # a hand-edited file fails here, by step
     fused = any(op_of(n) is Op.REGION for n in saved.graph.graph.nodes)
+    program = unfuse(saved.graph) if fused else saved.graph
     kernels = any(n.op == "call_function" and getattr(n.target, "namespace", None) == "memsched"
-                  for n in unfuse(saved.graph).graph.nodes)   # planned with memsched's kernel ops
-    t = time.perf_counter()
+                  for n in program.graph.nodes)   # planned with memsched's kernel ops
     for c in saved.chunking:   # the modules the plan runs on slices must be there to split
         if c.path != LOSS_HEAD and not isinstance(_submodule(model, c.path), torch.nn.Module):
             raise PlanMismatchError(f"the plan runs module {c.path!r} on slices of its input; the model has no such module")
-    with chunked(model, list(saved.chunking)):
-        captured, _ = capture_repeated(model, lambda m: capture(m, args, kwargs, kernels=kernels,
-                                                                device_type=saved.hardware.device_type))  # as planned
-    capture_s = time.perf_counter() - t
+
+    def recapture(shared_loss_heads: bool) -> Captured:
+        """The model traced as it was planned (the same loss head, kernels and slices)."""
+        def trace(m):
+            if train:
+                return capture_joint(m, args, kwargs, grad_outputs=grad_outputs, target=saved.hardware.device_type,
+                                     loss_chunks=loss_chunks(list(saved.chunking)),
+                                     shared_loss_heads=shared_loss_heads, kernels=kernels)
+            return capture(m, args, kwargs, kernels=kernels, device_type=saved.hardware.device_type)
+        with chunked(model, list(saved.chunking)):
+            return capture_repeated(model, trace)[0]
+
     t = time.perf_counter()
-    # a fused plan pairs with the capture by its ops and is fused again on it (its regions are
-    # compiled anew: a file holds their ops, never code)
-    gm = apply_plan(unfuse(saved.graph) if fused else saved.graph, captured)
+    captured = recapture(False)
+    try:
+        gm = apply_plan(program, captured)
+    except PlanMismatchError as first:
+        # a fused training step may have had its loss read the returned logits in slices
+        # (pipeline.loss_head_pass): the file keeps the program, not that choice
+        if not (train and fused):
+            raise
+        captured = recapture(True)
+        try:
+            gm = apply_plan(program, captured)
+        except PlanMismatchError:
+            raise first from None
+    capture_s = time.perf_counter() - t   # pairing included: it is a small part
+    t = time.perf_counter()
     _scratch_here(gm, saved.hardware.device_type)
     if fused:
         gm, _ = fuse(gm, budget, saved.hardware)

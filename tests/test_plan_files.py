@@ -3,8 +3,8 @@ verifying it and running it (``memsched.compile(model, plan=path)``) never execu
 never fails with anything but the documented errors, and never verifies a schedule that then
 computes something else than eager PyTorch.
 
-Hypothesis mutates real saved plans (a small MLP's inference plan, which also runs, and a
-small training step) at random paths: values replaced by others of any JSON type, by code, by
+Hypothesis mutates real saved plans (a small MLP's inference plan and a small training step,
+both of which also run: the step's gradients must be eager's) at random paths: values replaced by others of any JSON type, by code, by
 huge or negative numbers, by deep nesting, by the plan's own names in the wrong places; keys
 and elements deleted and inserted; the text itself cut and corrupted. A canary file that any
 executed payload would create must never appear. Specific regressions follow.
@@ -102,10 +102,20 @@ def training():
     offloaded activation, streamed weights, delivered gradients)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 8)).train()
-    doc = json.loads(serialize.dumps(_quiet_plan(model, (torch.randn(4, 16),), train=True)))
+    args = (torch.randn(4, 16),)
+    doc = json.loads(serialize.dumps(_quiet_plan(model, args, train=True)))
     kinds = {n["target"] for n in doc["program"]["nodes"]}
     assert {"memsched.boundary", "memsched.offload", "memsched.prefetch"} <= kinds
-    return doc
+    return model, args, _step(model, args, lambda x: model(*x)), doc
+
+
+def _step(model, args, run) -> tuple:
+    """The output and the gradients of one step (the output summed to a loss)."""
+    for p in model.parameters():
+        p.grad = None
+    out = run(args)
+    out.sum().backward()
+    return out.detach(), tuple(p.grad.clone() for p in model.parameters())
 
 
 @pytest.fixture(scope="module")
@@ -147,24 +157,26 @@ def _load(path: Path):
         return None
 
 
-def _run(model, args, path):
-    """The compiled model's output with the saved plan, or the documented error it raised."""
+def _run(model, args, path, train=False):
+    """The compiled model's output with the saved plan (and for a training step its gradients),
+    or the documented error it raised."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            cm = memsched.compile(model, plan=path, device="cpu")
+            cm = memsched.compile(model, plan=path, device="cpu", train=train)
             try:
-                return cm(*args), None
+                return (_step(model, args, lambda x: cm(*x)) if train else cm(*args)), None
             finally:
                 cm.close()
         except (PlanError, ValueError) as e:  # PlanFileError, PlanMismatchError, InfeasibleBudgetError
             return None, e
 
 
-def check_file(path: Path, inference=None) -> str:
-    """Load, show, verify and (with ``inference`` = (model, args, expected)) run the file;
-    assert that only documented errors happen and that a run matches eager. Returns what
-    happened: "refused", "rejected" (loads, does not verify), "verified" or "ran"."""
+def check_file(path: Path, inference=None, train=False) -> str:
+    """Load, show, verify and (with ``inference`` = (model, args, expected)) run the file, a
+    training step with ``train`` (expected: its output and gradients); assert that only
+    documented errors happen and that a run matches eager. Returns what happened: "refused",
+    "rejected" (loads, does not verify), "verified" or "ran"."""
     plan = _load(path)
     code, out, err = _cli("show", path)
     assert "Traceback" not in err and code == (0 if plan is not None else 2), (code, err)
@@ -177,10 +189,10 @@ def check_file(path: Path, inference=None) -> str:
     outcome = "refused" if plan is None else "verified" if verified else "rejected"
     if inference is not None and plan is not None:
         model, args, expected = inference
-        out, error = _run(model, args, path)
+        out, error = _run(model, args, path, train)
         if error is None:  # _run lets nothing but PlanError and ValueErrors through
             assert verified, "a plan that does not verify ran"
-            assert_outputs_equal(out, expected)
+            assert_outputs_equal(out, expected)   # a step's output and gradients
             outcome = "ran"
     assert not CANARY.exists(), "a plan file's text was executed"
     return outcome
@@ -353,8 +365,9 @@ def test_mutated_inference_plans_fail_cleanly_or_run_like_eager(data, inference,
 
 @settings(FUZZ, max_examples=50)
 @given(data=st.data())
-def test_mutated_training_plans_fail_cleanly(data, training, workdir):
-    event(check_file(_write(workdir / "training.json", json.dumps(_mutated(data, training)))))
+def test_mutated_training_plans_fail_cleanly_or_train_like_eager(data, training, workdir):
+    event(check_file(_write(workdir / "training.json", json.dumps(_mutated(data, training[3]))), training[:3],
+                     train=True))
 
 
 @settings(FUZZ, max_examples=40)
@@ -378,7 +391,7 @@ def test_corrupted_text_fails_cleanly(data, inference, workdir):
 
 def test_the_unmutated_plans_pass_the_same_checks(inference, training, workdir):
     assert check_file(_write(workdir / "a.json", inference[3]), inference[:3]) == "ran"
-    assert check_file(_write(workdir / "b.json", training)) == "verified"
+    assert check_file(_write(workdir / "b.json", training[3]), training[:3], train=True) == "ran"
 
 
 # ----------------------------------------------------------------------------- regressions

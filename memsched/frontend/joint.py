@@ -292,8 +292,9 @@ def _partition(joint, placeholders, n_primals, n_outputs, trace: _Trace, floatin
     the tangent inputs), and clean the graph up."""
     graph = joint.graph
     phs = [n for n in graph.nodes if n.op == "placeholder"]
-    for node, ph in zip(phs, placeholders):
-        node._rename(ph.name)
+    for node, ph in zip(phs, placeholders):   # named as export names them, targeted by that name as the
+        node._rename(ph.name)                  # scheduled program is (a saved plan pairs by both)
+        node.target = node.name
     tangent_nodes = phs[n_primals:]
     fwd_outputs = list(graph.output_node().args[0])[:n_outputs]
     boundary = _insert_boundary(graph, trace.fwd_last, fwd_outputs,

@@ -15,6 +15,7 @@ import torch.fx as fx
 from ..frontend.capture import Captured
 from ..ir import ops
 from ..ir.graph_module import lazy_graph_module
+from ..ir.effects import draws_nothing, is_impure, written_args
 from ..ir.meta import KEY, info
 
 
@@ -87,16 +88,47 @@ def _pair_inputs(ph_saved: list[fx.Node], ph_cap: list[fx.Node]) -> None:
             raise PlanMismatchError(f"graph input {i} ({b}): the plan names it {s}, the model {c}")
 
 
-def _pair_compute(comp_saved: list[fx.Node], comp_cap: list[fx.Node]) -> None:
-    """Compute nodes pair in program order (the schedule keeps the captured order): the first
-    pair that differs in name or target is the mismatch reported."""
-    for i in range(max(len(comp_saved), len(comp_cap))):
-        s = comp_saved[i] if i < len(comp_saved) else None
+def _random(n: fx.Node) -> bool:
+    """An op that draws random numbers as called (not dropout with p = 0)."""
+    t = n.target
+    return isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags and not draws_nothing(n)
+
+
+def _dead_code(c: fx.Node) -> bool:
+    """A captured op a planning pass may have removed once nothing read it (the views autograd
+    saved a value through, when the remat pass recomputes the value; a layer's statistics when
+    the layer is recomputed): it writes nothing and draws nothing."""
+    return c.op == "call_function" and not is_impure(c) and not written_args(c) and not _random(c)
+
+
+def _pair_compute(comp_saved: list[fx.Node], comp_cap: list[fx.Node], dropped: bool) -> list[tuple[fx.Node, fx.Node]]:
+    """Compute nodes pair in program order (the schedule keeps the captured order) by name and
+    target. ``dropped``: in a training step's plan a captured op the plan lacks may be dead code
+    a pass removed (``_dead_code``). The first pair that differs is the mismatch reported."""
+    pairs, i = [], 0
+    for k in range(len(comp_saved) + 1):
+        s = comp_saved[k] if k < len(comp_saved) else None
+        skipped = i
+        while dropped and i < len(comp_cap) and (s is None or comp_cap[i].name != s.name) \
+                and _dead_code(comp_cap[i]):
+            i += 1
         c = comp_cap[i] if i < len(comp_cap) else None
+        if s is None and c is None:
+            return pairs
         if s is None or c is None or s.name != c.name or s.target != c.target:
+            c = comp_cap[skipped] if skipped < len(comp_cap) else None   # the first the plan does not have
             plan_has = f"{s.name} = {_target_text(s)}" if s is not None else "nothing more"
             model_has = f"{c.name} = {_target_text(c)}" if c is not None else "nothing more"
-            raise PlanMismatchError(f"compute node {i}: the plan has {plan_has}, the model captures {model_has}")
+            raise PlanMismatchError(f"compute node {k}: the plan has {plan_has}, the model captures {model_has}")
+        pairs.append((s, c))
+        i += 1
+    return pairs
+
+
+def _is_rerun(s: fx.Node) -> bool:
+    """A compute node the planner added: a value the placement drops and brings back, or one the
+    remat pass recomputes in the backward instead of saving (passes/remat.py)."""
+    return info(s).restores is not None or info(s).made_by == "remat"
 
 
 def _rerun_of(s: fx.Node, cap: dict[str, fx.Node]) -> fx.Node:
@@ -106,6 +138,8 @@ def _rerun_of(s: fx.Node, cap: dict[str, fx.Node]) -> fx.Node:
     c = cap.get(match.group(1)) if match else None
     if c is None or c.op != s.op or _target_text(c) != _target_text(s):
         raise PlanMismatchError(f"{s.name} = {_target_text(s)}: re-runs no node of the model")
+    if _random(c):   # a second draw would differ from the first: the planner never re-runs one
+        raise PlanMismatchError(f"{s.name} = {_target_text(s)}: re-runs an op that draws random numbers")
     return c
 
 
@@ -121,28 +155,40 @@ def _origins(saved: fx.GraphModule, captured: Captured) -> dict[str, fx.Node]:
     compute = [n for n in saved_nodes if n.op in ("call_function", "get_attr") and not ops.is_inserted(n)]
     # compute the scheduler added (a recomputed op, a view re-made on a restored value) says
     # what it brings back; the rest pairs with the capture in program order
-    comp_saved = [n for n in compute if info(n).restores is None]
-    comp_cap = [n for n in cap_nodes if n.op in ("call_function", "get_attr")]
-    _pair_compute(comp_saved, comp_cap)
+    comp_saved = [n for n in compute if not _is_rerun(n)]
+    comp_cap = [n for n in cap_nodes if n.op in ("call_function", "get_attr") and not ops.is_inserted(n)]
+    bounds_saved = [n for n in saved_nodes if ops.op_of(n) is ops.Op.BOUNDARY]
+    paired = _pair_compute(comp_saved, comp_cap, dropped=bool(bounds_saved))
     origin = {s.name: c for s, c in zip(ph_saved, ph_cap)}
-    origin.update((s.name, c) for s, c in zip(comp_saved, comp_cap))
+    origin.update((s.name, c) for s, c in paired)
+    # a training step's boundary (where the forward hands its outputs to autograd) is the capture's
+    bounds_cap = [n for n in cap_nodes if ops.op_of(n) is ops.Op.BOUNDARY]
+    if len(bounds_saved) != len(bounds_cap):
+        raise PlanMismatchError(f"the plan has {len(bounds_saved)} forward/backward boundaries, the capture "
+                                f"{len(bounds_cap)}: a training plan applies to a training step")
+    origin.update((s.name, c) for s, c in zip(bounds_saved, bounds_cap))
     for s in compute:
-        if info(s).restores is not None:
+        if _is_rerun(s):
             origin[s.name] = _rerun_of(s, cap)
     for s in saved_nodes:
         if ops.is_inserted(s) and _RUNTIME_NAMES.fullmatch(s.name):  # other names are the capture's
             raise PlanMismatchError(f"{s.name}: the runtime reserves this name; an inserted node cannot have it")
         if ops.op_of(s) in (ops.Op.PREFETCH, ops.Op.WAIT):
             restores = info(s).restores
-            if restores not in cap:
+            if restores in cap:
+                origin[s.name] = cap[restores]
+            elif restores in origin and origin[restores].op != "placeholder":   # a value a pass added (remat)
+                origin[s.name] = origin[restores]
+            else:
                 raise PlanMismatchError(f"{s.name}: restores {restores!r}, which the model does not have")
-            origin[s.name] = cap[restores]
 
     def held(x: fx.Node) -> str:
+        if ops.op_of(x) is ops.Op.OFFLOAD:   # a training step returns some gradients on the host
+            return held(x.args[0])
         return origin[x.name].name if x.name in origin else x.name
 
-    reruns = [(s, origin[s.name]) for s in compute if info(s).restores is not None]
-    for s, c in list(zip(comp_saved, comp_cap)) + reruns:
+    reruns = [(s, origin[s.name]) for s in compute if _is_rerun(s)]
+    for s, c in paired + reruns + list(zip(bounds_saved, bounds_cap)):
         if _call(s, held) != _call(c):
             raise PlanMismatchError(f"{s.name} = {_target_text(c)}: the plan passes {_call(s, held)}, "
                                     f"the model {_call(c)}")

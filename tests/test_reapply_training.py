@@ -1,0 +1,152 @@
+"""Saved training plans re-apply: ``compile(model, plan=path, train=True)`` captures the step
+again (forward and backward, with the loss head and module slices the plan was made with),
+rebuilds the saved schedule on it without calling the solver -- placement recomputes, the
+remat pass's recomputed values, per-layer recompute, fused regions -- and trains as eager does
+(bit for bit unfused; fused regions reorder sums, so within 1e-5 of the largest gradient)."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import transformers as T
+
+import memsched
+from memsched.io.serialize import PlanMismatchError
+from memsched.ir.meta import info
+from memsched.ir.ops import Op, op_of
+from memsched.passes.chunking import LOSS_HEAD
+from helpers import FIXED_CPU, LossOnly, assert_same_grads
+from train_zoo import build_train
+
+
+def _forbid_solver(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the solver was called for a saved plan")
+
+    import memsched.passes.placement as placement
+    import memsched.pipeline as pipeline
+
+    monkeypatch.setattr(placement, "solve_placement", refuse)
+    monkeypatch.setattr(pipeline, "solve_placement", refuse)
+
+
+def _plan(model, args, kwargs, budget, **kw):
+    return memsched.plan(model, args, budget=budget, example_kwargs=kwargs, train=True, hardware=FIXED_CPU, **kw)
+
+
+def _min_budget(model, args, kwargs, **kw) -> int:
+    with pytest.raises(memsched.InfeasibleBudgetError) as err:
+        _plan(model, args, kwargs, 1, **kw)
+    return err.value.min_budget_bytes
+
+
+def _step(m, args, kwargs, loss_fn):
+    torch.manual_seed(0)   # dropout draws alike
+    loss = loss_fn(m(*args, **kwargs))
+    loss.backward()
+    return loss.detach()
+
+
+def _close_grads(ref, model):
+    for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+        scale = p.grad.abs().max().clamp_min(1e-12)
+        assert ((q.grad - p.grad).abs().max() / scale).item() < 1e-5, name
+
+
+def _small_gpt2():
+    """GPT-2's tanh GELU is what the remat pass recomputes under fusion; small, for Inductor's sake."""
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32, use_cache=False,
+                       bos_token_id=0, eos_token_id=0)
+    ids = torch.randint(0, 128, (2, 16))
+    return T.GPT2LMHeadModel(cfg).train(), (), {"input_ids": ids, "labels": ids}, lambda out: out.loss
+
+
+@pytest.mark.parametrize("name,frac,fuse", [("gpt2_dropout", "min", False), ("cnn_bn", 0.6, False),
+                                            ("small_gpt2", 0.5, True)])
+def test_a_saved_training_plan_trains_as_eager_without_solving(name, frac, fuse, tmp_path, monkeypatch):
+    model, args, kwargs, loss_fn = _small_gpt2() if name == "small_gpt2" else build_train(name)
+    ref = copy.deepcopy(model)
+    # fused: the remat pass's recomputed values (one of them prefetched) and each layer recomputed
+    options = {"fuse": True, "recompute_layers": True} if fuse else {}
+    if frac == "min":
+        budget = _min_budget(model, args, kwargs, **options)
+    else:
+        budget = int(_plan(model, args, kwargs, 10**13, fuse=fuse).program.peak_bytes * frac)
+    plan = _plan(model, args, kwargs, budget, **options)
+    assert plan.is_training and plan.bytes_moved
+    if fuse:
+        notes = {r.name: r.note for r in plan.passes}
+        assert "recomputed in the backward" in notes["remat"] and notes["layers"].startswith("per-layer recompute kept")
+        assert any(op_of(n) is Op.PREFETCH and info(n).restores.endswith("_again") for n in plan.graph.graph.nodes)
+    plan.save(tmp_path / "step.json")
+    want = _step(ref, args, kwargs, loss_fn)
+    _forbid_solver(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(model, plan=tmp_path / "step.json", train=True, device="cpu")
+        try:
+            got = _step(cm, args, kwargs, loss_fn)
+            if fuse:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+                _close_grads(ref, model)
+            else:
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+                assert_same_grads(ref, model)
+            for (bname, b), (_, c) in zip(ref.named_buffers(), model.named_buffers()):
+                torch.testing.assert_close(c, b, rtol=0, atol=0, msg=lambda m: f"buffer {bname}: {m}")
+            assert cm.budget_bytes == budget
+            assert cm.stats.peak_device_bytes <= budget
+            assert cm.plan.verify() <= budget
+            assert [p.name for p in cm.plan.passes][-2:] == ["capture", "apply"]
+            if not fuse:   # the schedule run is the saved one (a fused one is fused again on the capture)
+                assert str(cm.plan).splitlines()[2:] == str(plan).splitlines()[2:]
+        finally:
+            cm.close()
+
+
+def test_a_plan_with_the_loss_head_in_slices_reapplies(tmp_path, monkeypatch):
+    """Below the unsplit minimum the LM head and its cross-entropy run on slices of rows: the
+    saved plan says so, and the re-capture makes the same slices."""
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=1024, n_positions=64, use_cache=False,
+                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = LossOnly(T.GPT2LMHeadModel(cfg)).train()
+    ids = torch.randint(0, 1024, (2, 48))
+    labels = ids.clone()
+    ref = copy.deepcopy(model)
+    unsplit = _plan(model, (ids, labels), {}, 10**13, chunk_ops=False).min_budget_bytes
+    plan = _plan(model, (ids, labels), {}, int(0.8 * unsplit))
+    assert any(c.path == LOSS_HEAD for c in plan.chunking)
+    plan.save(tmp_path / "step.json")
+    ref(ids, labels).backward()
+    _forbid_solver(monkeypatch)
+    cm = memsched.compile(model, plan=tmp_path / "step.json", train=True, device="cpu")
+    try:
+        loss = cm(ids, labels)
+        loss.backward()
+        # the chunked kernel sums the loss by slices: close to eager's, not bit for bit
+        torch.testing.assert_close(loss.detach(), ref(ids, labels).detach(), rtol=1e-5, atol=1e-6)
+        _close_grads(ref, model)
+        assert cm.stats.peak_device_bytes <= plan.budget_bytes
+    finally:
+        cm.close()
+
+
+def test_a_training_plan_and_an_inference_call_are_told_apart(tmp_path):
+    model, args, kwargs, loss_fn = build_train("mlp")
+    step = _plan(model, args, kwargs, 10**9)
+    step.save(tmp_path / "step.json")
+    memsched.plan(model, args, budget=10**9, example_kwargs=kwargs, hardware=FIXED_CPU).save(tmp_path / "infer.json")
+    with pytest.raises(PlanMismatchError, match="training step: compile it with train=True"):
+        memsched.compile(model, plan=tmp_path / "step.json", device="cpu")
+    with pytest.raises(PlanMismatchError, match="inference plan: compile it with train=False"):
+        memsched.compile(model, plan=tmp_path / "infer.json", train=True, device="cpu")
+    cm = memsched.compile(model, plan=tmp_path / "step.json", train=True, device="cpu")
+    try:
+        with torch.no_grad(), pytest.raises(PlanMismatchError, match="call the module with autograd enabled"):
+            cm(*args, **kwargs)
+    finally:
+        cm.close()
