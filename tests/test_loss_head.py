@@ -215,12 +215,12 @@ def _note(plan, name: str) -> str:
     return next(r.note for r in plan.passes if r.name == name)
 
 
-def test_a_fused_step_has_the_loss_read_the_returned_logits_where_the_whole_does_not_fit():
+def test_a_fused_step_has_the_loss_read_the_returned_logits_where_the_whole_does_not_fit(tmp_path):
     """With fuse=True (sums reordered anyway) the loss reads the returned logits in blocks of
     rows once the whole program does not fit the budget: nothing else the size of the logits is
     made (no log-softmax, no gradient of either), no LM-head matmul is added; logits, loss and
     gradients close to eager's (gradients within 1e-5 of the largest: the slices sum in another
-    order). Where the whole program fits, the loss stays whole: its slices' smaller matmuls
+    order); saved, the plan re-applies to the same bits. Where the whole program fits, the loss stays whole: its slices' smaller matmuls
     would cost time and save nothing the budget asks for."""
     torch.manual_seed(0)
     model, (ids, labels) = _qwen2().train(), _batch()
@@ -254,6 +254,20 @@ def test_a_fused_step_has_the_loss_read_the_returned_logits_where_the_whole_does
         scale = max(p.grad.abs().max() for p in ref.parameters())
         for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-5 * scale, msg=name)
+        # saved and re-applied: the file holds the program, not the choice; the re-capture that
+        # pairs with it is the one whose loss reads the logits in slices
+        grads = [q.grad.clone() for q in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        cm.plan.save(tmp_path / "step.json")
+        again = memsched.compile(model, plan=tmp_path / "step.json", train=True, device="cpu")
+        try:
+            out = again(**kwargs)
+            out.loss.backward()
+            assert torch.equal(out.loss, got.loss) and torch.equal(out.logits, got.logits)
+            assert all(torch.equal(q.grad, g) for q, g in zip(model.parameters(), grads))
+            assert again.stats.peak_device_bytes <= budget
+        finally:
+            again.close()
     finally:
         cm.close()
 
