@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import assert_outputs_equal, eager  # noqa: E402
+from helpers import FIXED_CPU, assert_outputs_equal, eager  # noqa: E402
 
 import memsched  # noqa: E402
 from memsched.cli import main  # noqa: E402
@@ -660,3 +660,23 @@ def test_a_registered_operator_the_model_does_not_call_never_runs(inference, wor
     out, error = _run(inference[0], inference[1], path)
     assert out is None and isinstance(error, PlanMismatchError) and "touch_canary" in str(error)
     assert not CANARY.exists()
+
+
+def test_a_file_re_running_a_random_op_is_refused(workdir):
+    """A second dropout draw into the same mask verifies (bytes and order are sound) but would
+    train on other numbers than eager: a node that re-runs a random op pairs with nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.5), nn.Linear(32, 8)).train()
+    x = torch.randn(4, 16)
+    # planned for a CPU, where dropout traces as bernoulli_ into a mask
+    doc = json.loads(serialize.dumps(memsched.plan(model, (x,), budget=10**9, hardware=FIXED_CPU, train=True)))
+    nodes = doc["program"]["nodes"]
+    i, draw = next((i, n) for i, n in enumerate(nodes) if n["target"].startswith("aten::bernoulli_"))
+    again = copy.deepcopy(draw)
+    again["name"], again["meta"]["memsched.pass"] = draw["name"] + "_again", "remat"
+    nodes.insert(i + 1, again)
+    next(n for n in nodes[i + 2:] if n["target"] == "memsched.free")["args"].append({"node": again["name"]})
+    path = _write(workdir / "redraw.json", json.dumps(doc))
+    assert check_file(path) == "verified"
+    with pytest.raises(PlanMismatchError, match="bernoulli__again .*re-runs an op that draws random numbers"):
+        memsched.compile(model, plan=path, train=True, device="cpu")(x)
