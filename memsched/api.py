@@ -14,9 +14,9 @@ from .budget import parse_budget
 from .cost_models.hardware import Hardware, get_hardware
 from .frontend.capture import input_signature
 from .frontend.fake import meta_as_empty
+from .io.reapply import PlanMismatchError
 from .pipeline import plan_model
 from .plans import Plan, as_plan
-from .io.reapply import PlanMismatchError
 from .reapply import reapply
 from .runtime.autograd import TrainStep, run_step
 from .runtime.checkpoint import Checkpoint

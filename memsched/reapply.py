@@ -40,6 +40,8 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
                                 if saved.is_training else "the saved plan is an inference plan, this call a training step")
     verify_schedule(saved.graph, saved.budget_bytes, saved.hardware)  # a hand-edited file fails here, by step
     fused = any(op_of(n) is Op.REGION for n in saved.graph.graph.nodes)
+    # a fused plan pairs with the capture by its ops and is fused again on it (its regions are
+    # compiled anew: a file holds their ops, never code)
     program = unfuse(saved.graph) if fused else saved.graph
     kernels = any(n.op == "call_function" and getattr(n.target, "namespace", None) == "memsched"
                   for n in program.graph.nodes)   # planned with memsched's kernel ops

@@ -80,7 +80,8 @@ targets:
 budgets: bytes (1000000), 8GB (10^9), 8GiB (2^30), 512MB, 512MiB, or 50% of the device.
 
 saving: --format json prints the plan as the JSON that `memsched verify` and `memsched show`
-read (and memsched.compile(model, plan="plan.json") runs without solving); -o PATH saves the
+read (and memsched.compile(model, plan="plan.json") runs without solving, a --train plan with
+train=True); -o PATH saves the
 same JSON to PATH (with --format json nothing is printed then; table and code still print).
 
 """ + EXIT_CODES
