@@ -59,10 +59,12 @@ def _model_tensors(model: torch.nn.Module):
     yield from model.named_buffers(remove_duplicate=False)
 
 
-def _to_meta(tree):
+def _meta_as_zeros(tree):
+    """Meta input tensors as zeros on the CPU (capture reads their shapes, never their values)."""
     import torch.utils._pytree as pytree
 
-    return pytree.tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, tree)
+    return pytree.tree_map(lambda x: torch.zeros(x.shape, dtype=x.dtype) if isinstance(x, torch.Tensor)
+                           and x.device.type == "meta" else x, tree)
 
 
 _BITS = {None: None, "int8": 8, "int4": 4}
@@ -363,8 +365,9 @@ def plan(model, example_inputs=(), budget=None, *, hardware=None, train=False, e
         example_inputs = (example_inputs,)
     hw = get_hardware(hardware, _resolve_device(None))  # None: this machine's calibrated device
     args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
-    if any(t.device.type == "meta" for _, t in _model_tensors(model)):
-        args, kwargs = _to_meta((args, kwargs))  # plan a never-allocated model on meta inputs
-    with _CAPTURE_LOCK:  # torch.export is not thread-safe
+    # a model on meta captures as the same model with weights does (what compile re-captures
+    # to apply the plan): its tensors uninitialised on the CPU, never touched, meta inputs as zeros
+    args, kwargs = _meta_as_zeros((args, kwargs))
+    with _CAPTURE_LOCK, meta_as_empty(model):  # torch.export is not thread-safe
         result, _ = plan_model(model, args, kwargs, budget, hw, train=train, **options)
     return result
