@@ -362,3 +362,38 @@ def test_a_forked_child_calling_the_parents_module_gets_a_clear_error():
     finally:
         _INHERITED.clear()
         cm.close()
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_one_tensor_passed_twice_and_two_tensors_get_their_own_programs(train):
+    """``model(input_ids=ids, labels=ids)`` is one value to torch.export, so the program traced
+    from it reads that value for both: a later call with two tensors of the same shapes gets its
+    own program, as a call with one tensor twice after two did (the second read the labels as
+    the input ids before, silently)."""
+    import transformers as T
+
+    cfg = T.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                        num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(cfg).train(train)
+    ref = copy.deepcopy(model)
+    ids, other, labels = (torch.randint(0, 64, (1, 8)) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(model, 10**8, device="cpu", hardware=CPU, train=train)
+    try:
+        with torch.set_grad_enabled(train):
+            for kwargs in ({"input_ids": ids, "labels": ids}, {"input_ids": other, "labels": labels},
+                           {"input_ids": labels, "labels": labels}):
+                got, want = cm(**kwargs), ref(**kwargs)
+                torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+                torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+                if train:
+                    got.loss.backward()
+                    want.loss.backward()
+        if train:
+            for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+                torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+        assert cm.plans_made == 2
+    finally:
+        cm.close()

@@ -97,6 +97,19 @@ def input_signature(args: tuple, kwargs: dict) -> tuple:
     return (str(spec), tuple(key))
 
 
+def input_aliases(args: tuple, kwargs: dict) -> tuple:
+    """(position, first position) of each tensor passed again (the same object, as in
+    ``model(input_ids=ids, labels=ids)``): export traces one value for them all, so a program
+    captured so reads that one wherever the model reads any of them, and must not run inputs
+    that are distinct tensors. Part of a compiled module's key beside ``input_signature``."""
+    first: dict[int, int] = {}
+    out = []
+    for i, leaf in enumerate(pytree.tree_leaves((tuple(args), dict(sorted(kwargs.items()))))):
+        if isinstance(leaf, torch.Tensor) and first.setdefault(id(leaf), i) != i:
+            out.append((i, first[id(leaf)]))
+    return tuple(out)
+
+
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
             kernels: bool = False, device_type: str = "cpu") -> Captured:
     """Export ``model(*args, **kwargs)`` to an ATen fx graph; CaptureError names what failed.
