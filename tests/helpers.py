@@ -110,3 +110,15 @@ def assert_step_close_to_eager(model, args, budget):
         return cm.plan
     finally:
         cm.close()
+
+
+def forbid_solver(monkeypatch) -> None:
+    """From here on, a call of the placement solver fails the test (plan first, then re-apply)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the solver was called for a saved plan")
+
+    import memsched.passes.placement as placement
+    import memsched.pipeline as pipeline
+
+    monkeypatch.setattr(placement, "solve_placement", refuse)
+    monkeypatch.setattr(pipeline, "solve_placement", refuse)

@@ -7,7 +7,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import memsched
-from helpers import unconstrained_plan
+from helpers import forbid_solver, unconstrained_plan
 from zoo import build
 
 pytestmark = [pytest.mark.cuda,
@@ -47,15 +47,7 @@ def test_cuda_runs_a_saved_plan_without_solving(tmp_path, monkeypatch):
     base = unconstrained_plan(model, args, kwargs, hardware="t4")
     plan = memsched.plan(model, args, budget=base.min_budget_bytes, example_kwargs=kwargs, hardware="t4")
     plan.save(tmp_path / "plan.json")
-
-    def refuse(*a, **k):
-        raise AssertionError("the solver was called for a saved plan")
-
-    from memsched import pipeline
-    from memsched.passes import placement
-
-    monkeypatch.setattr(placement, "solve_placement", refuse)
-    monkeypatch.setattr(pipeline, "solve_placement", refuse)
+    forbid_solver(monkeypatch)
     cm = memsched.compile(model, plan=tmp_path / "plan.json", device="cuda", offload_dir=tmp_path)
     out = cm(*args, **kwargs)
     torch.testing.assert_close(out.logits, ref.logits)

@@ -17,19 +17,8 @@ from memsched.io.serialize import PlanMismatchError
 from memsched.ir.meta import info
 from memsched.ir.ops import Op, op_of
 from memsched.passes.chunking import LOSS_HEAD
-from helpers import FIXED_CPU, LossOnly, assert_same_grads
+from helpers import FIXED_CPU, LossOnly, assert_same_grads, forbid_solver
 from train_zoo import build_train
-
-
-def _forbid_solver(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the solver was called for a saved plan")
-
-    import memsched.passes.placement as placement
-    import memsched.pipeline as pipeline
-
-    monkeypatch.setattr(placement, "solve_placement", refuse)
-    monkeypatch.setattr(pipeline, "solve_placement", refuse)
 
 
 def _plan(model, args, kwargs, budget, **kw):
@@ -83,7 +72,7 @@ def test_a_saved_training_plan_trains_as_eager_without_solving(name, frac, fuse,
         assert any(op_of(n) is Op.PREFETCH and info(n).restores.endswith("_again") for n in plan.graph.graph.nodes)
     plan.save(tmp_path / "step.json")
     want = _step(ref, args, kwargs, loss_fn)
-    _forbid_solver(monkeypatch)
+    forbid_solver(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cm = memsched.compile(model, plan=tmp_path / "step.json", train=True, device="cpu")
@@ -122,7 +111,7 @@ def test_a_plan_with_the_loss_head_in_slices_reapplies(tmp_path, monkeypatch):
     assert any(c.path == LOSS_HEAD for c in plan.chunking)
     plan.save(tmp_path / "step.json")
     ref(ids, labels).backward()
-    _forbid_solver(monkeypatch)
+    forbid_solver(monkeypatch)
     cm = memsched.compile(model, plan=tmp_path / "step.json", train=True, device="cpu")
     try:
         loss = cm(ids, labels)
@@ -172,7 +161,7 @@ def test_a_plan_made_on_meta_runs_on_the_model_with_weights(train, tmp_path, mon
     plan = memsched.plan(meta, (), budget=budget, example_kwargs=meta_kwargs, train=train, hardware=FIXED_CPU,
                          chunk_ops=False)
     plan.save(tmp_path / "plan.json")
-    _forbid_solver(monkeypatch)
+    forbid_solver(monkeypatch)
     cm = memsched.compile(model, plan=tmp_path / "plan.json", train=train, device="cpu")
     try:
         with torch.set_grad_enabled(train):

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_helpers import on_gpu  # noqa: E402
-from helpers import assert_outputs_equal, eager  # noqa: E402
+from helpers import assert_outputs_equal, eager, forbid_solver  # noqa: E402
 
 import memsched  # noqa: E402
 from memsched.cli import main  # noqa: E402
@@ -307,18 +307,6 @@ def test_missing_file(tmp_path):
 # -- re-applying without solving ---------------------------------------------------------------
 
 
-def _forbid_solver(monkeypatch):
-    """From here on, a call of the placement solver fails the test (plan first, then call)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the solver was called for a saved plan")
-
-    import memsched.pipeline as pipeline
-    import memsched.passes.placement as placement
-
-    monkeypatch.setattr(placement, "solve_placement", refuse)
-    monkeypatch.setattr(pipeline, "solve_placement", refuse)
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_reapplied_plan_runs_like_the_compiled_model_without_solving(name, saved, monkeypatch):
     model, args, kwargs, plan = _case(name)
@@ -328,7 +316,7 @@ def test_reapplied_plan_runs_like_the_compiled_model_without_solving(name, saved
         expected = cm(*args, **kwargs)
     assert cm.plan.verify() == plan.peak_device_bytes
     path = saved(name)
-    _forbid_solver(monkeypatch)
+    forbid_solver(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         again = memsched.compile(model, plan=path, device="cpu")  # budget and hardware from the plan
@@ -351,7 +339,7 @@ def test_reapplied_plan_runs_like_the_compiled_model_without_solving(name, saved
 
 def test_reapply_from_a_plan_in_memory_and_a_larger_budget(monkeypatch):
     model, args, kwargs, plan = _case("skipnet")
-    _forbid_solver(monkeypatch)
+    forbid_solver(monkeypatch)
     cm = memsched.compile(model, plan.budget_bytes * 2, plan=load_plan_from(plan), device="cpu")
     try:
         assert_outputs_equal(cm(*args), eager(model, args, kwargs))
@@ -368,7 +356,7 @@ def load_plan_from(plan):
 def test_reapply_with_a_budget_below_the_plan_peak_is_infeasible(saved, monkeypatch):
     model, args, kwargs, plan = _case("skipnet")
     path = saved("skipnet")
-    _forbid_solver(monkeypatch)
+    forbid_solver(monkeypatch)
     cm = memsched.compile(model, plan.peak_device_bytes - 1, plan=path, device="cpu")
     with pytest.raises(memsched.InfeasibleBudgetError) as info:
         cm(*args)
@@ -378,7 +366,7 @@ def test_reapply_with_a_budget_below_the_plan_peak_is_infeasible(saved, monkeypa
 def test_reapply_rejects_other_input_shapes(saved, monkeypatch):
     model, args, kwargs, plan = _case("skipnet")
     path = saved("skipnet")
-    _forbid_solver(monkeypatch)
+    forbid_solver(monkeypatch)
     cm = memsched.compile(model, plan=path, device="cpu")
     with pytest.raises(PlanMismatchError, match=r"input leaf 0 is float32\[32,64\].*made for float32\[64,64\]"):
         cm(torch.randn(32, 64))
@@ -393,7 +381,7 @@ def test_reapply_names_the_first_compute_node_that_differs(tmp_path, monkeypatch
     x = torch.randn(4, 16)
     plan = memsched.plan(_mlp(nn.GELU()), (x,), budget=int(on_gpu(HW, "1MB")), hardware=HW)
     plan.save(tmp_path / "gelu.json")
-    _forbid_solver(monkeypatch)
+    forbid_solver(monkeypatch)
     with pytest.raises(PlanMismatchError, match=r"compute node 1: the plan has gelu = aten::gelu.default, "
                                                 r"the model captures relu = aten::relu.default"):
         memsched.compile(_mlp(nn.ReLU()), plan=tmp_path / "gelu.json", device="cpu")(x)
@@ -409,7 +397,7 @@ def test_reapply_rejects_a_hand_broken_file_by_step(tmp_path, saved, monkeypatch
     doc = json.loads(saved("skipnet").read_text())
     step, user = _drop_first_wait(doc)
     model, args, _, _ = _case("skipnet")
-    _forbid_solver(monkeypatch)
+    forbid_solver(monkeypatch)
     cm = memsched.compile(model, plan=_write(tmp_path, doc), device="cpu")
     with pytest.raises(memsched.PlanError, match=rf"step {step} \({user}\)"):
         cm(*args)
