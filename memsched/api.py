@@ -12,7 +12,7 @@ import torch
 
 from .budget import parse_budget
 from .cost_models.hardware import Hardware, get_hardware
-from .frontend.capture import input_aliases, input_signature
+from .frontend.capture import input_signature
 from .frontend.fake import meta_as_empty
 from .io.reapply import PlanMismatchError
 from .pipeline import plan_model
@@ -161,7 +161,7 @@ class CompiledModule:
         # on a CPU what some ops hold inside themselves grows with torch's threads (the attention
         # kernel's blocks, one per thread; cost_models/op_scratch.py): a plan per thread count
         threads = torch.get_num_threads() if self.device.type == "cpu" else None
-        key = (train, self.model.training, input_signature(args, kwargs), input_aliases(args, kwargs), threads)
+        key = (train, self.model.training, input_signature(args, kwargs), threads)
         entry = self._compiled.get(key)
         if entry is None:
             with _CAPTURE_LOCK:  # torch.export is not thread-safe

@@ -397,3 +397,40 @@ def test_one_tensor_passed_twice_and_two_tensors_get_their_own_programs(train):
         assert cm.plans_made == 2
     finally:
         cm.close()
+
+
+def test_a_saved_plan_names_a_tensor_passed_twice(tmp_path):
+    """The plan file keeps which inputs were one tensor; applied to inputs that differ in that
+    (the usual slip: planned on two meta tensors, run with ``labels=ids``), it says so before
+    anything is captured."""
+    import transformers as T
+
+    from memsched.io.reapply import PlanMismatchError
+
+    cfg = T.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                        num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(cfg).eval()
+    ids, labels = torch.randint(0, 64, (1, 8)), torch.randint(0, 64, (1, 8))
+    twice = memsched.plan(model, (), budget=10**8, example_kwargs={"input_ids": ids, "labels": ids}, hardware=CPU)
+    apart = memsched.plan(model, (), budget=10**8, example_kwargs={"input_ids": ids, "labels": labels}, hardware=CPU)
+    twice.save(tmp_path / "twice.json")
+    apart.save(tmp_path / "apart.json")
+    assert memsched.Plan.load(tmp_path / "twice.json").signature == twice.signature != apart.signature
+    with torch.no_grad():
+        for path, kwargs, says in ((tmp_path / "twice.json", {"input_ids": ids, "labels": labels},
+                                    r"the plan was made for int64\[1,8\] \(the tensor of input leaf 0 again\)"),
+                                   (tmp_path / "apart.json", {"input_ids": ids, "labels": ids},
+                                    r"is int64\[1,8\] \(the tensor of input leaf 0 again\), the plan was made for")):
+            cm = memsched.compile(model, plan=path, device="cpu")
+            try:
+                with pytest.raises(PlanMismatchError, match=says):
+                    cm(**kwargs)
+            finally:
+                cm.close()
+        cm = memsched.compile(model, plan=tmp_path / "twice.json", device="cpu")
+        try:
+            torch.testing.assert_close(cm(input_ids=labels, labels=labels).logits,
+                                       model(input_ids=labels, labels=labels).logits, rtol=0, atol=0)
+        finally:
+            cm.close()

@@ -86,28 +86,19 @@ class Captured:
 
 
 def input_signature(args: tuple, kwargs: dict) -> tuple:
-    """Hashable key of the inputs' shapes/dtypes/devices (non-tensor leaves by value)."""
+    """Hashable key of the inputs' shapes/dtypes/devices (non-tensor leaves by value). A tensor
+    passed again (the same object, as in ``model(input_ids=ids, labels=ids)``) also names the
+    leaf it repeats: export traces one value for them all, so a program captured so reads that
+    one wherever the model reads any of them and must not run distinct tensors."""
     flat, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
-    key = []
-    for leaf in flat:
+    key, first = [], {}
+    for i, leaf in enumerate(flat):
         if isinstance(leaf, torch.Tensor):
-            key.append(("T", tuple(leaf.shape), str(leaf.dtype), leaf.device.type))
+            again = first.setdefault(id(leaf), i)
+            key.append(("T", tuple(leaf.shape), str(leaf.dtype), leaf.device.type) + ((again,) if again != i else ()))
         else:
             key.append(("V", repr(leaf)))
     return (str(spec), tuple(key))
-
-
-def input_aliases(args: tuple, kwargs: dict) -> tuple:
-    """(position, first position) of each tensor passed again (the same object, as in
-    ``model(input_ids=ids, labels=ids)``): export traces one value for them all, so a program
-    captured so reads that one wherever the model reads any of them, and must not run inputs
-    that are distinct tensors. Part of a compiled module's key beside ``input_signature``."""
-    first: dict[int, int] = {}
-    out = []
-    for i, leaf in enumerate(pytree.tree_leaves((tuple(args), dict(sorted(kwargs.items()))))):
-        if isinstance(leaf, torch.Tensor) and first.setdefault(id(leaf), i) != i:
-            out.append((i, first[id(leaf)]))
-    return tuple(out)
 
 
 def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,

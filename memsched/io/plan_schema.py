@@ -263,7 +263,8 @@ SIGNATURE = {"anyOf": [{"type": "null"}, _record(
     {"spec": _text(), "leaves": _list({"anyOf": [
         _record({"value": _text()}),
         _record({"shape": _list(_int(0, LIMITS["elements"]), LIMITS["rank"]),
-                 "dtype": _enum(f"torch.{d}" for d in sorted(DTYPES)), "device": _enum(DEVICE_TYPES)})]})})]}
+                 "dtype": _enum(f"torch.{d}" for d in sorted(DTYPES)), "device": _enum(DEVICE_TYPES)},
+                {"same_as": _int(0, LIMITS["items"])})]})})]}   # a tensor passed again: the leaf it repeats
 
 CHUNKING = _list(_record({"path": {"anyOf": [_enum([LOSS_HEAD, ROOT]),
                                              {"type": "string", "format": "memsched-attribute"}]},

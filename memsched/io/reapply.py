@@ -233,7 +233,8 @@ def apply_plan(saved: fx.GraphModule, captured: Captured) -> fx.GraphModule:
 
 def _describe_leaf(leaf) -> str:
     if leaf[0] == "T":
-        return f"{leaf[2].removeprefix('torch.')}[{','.join(map(str, leaf[1]))}]"
+        again = f" (the tensor of input leaf {leaf[4]} again)" if len(leaf) > 4 else ""
+        return f"{leaf[2].removeprefix('torch.')}[{','.join(map(str, leaf[1]))}]{again}"
     return leaf[1]
 
 
@@ -244,6 +245,6 @@ def check_signature(saved: tuple, now: tuple) -> None:
         raise PlanMismatchError(f"the inputs are structured differently from those the plan was made for: "
                                 f"{now[0]} vs {saved[0]}")
     for i, (a, b) in enumerate(zip(saved[1], now[1])):
-        if a[0] != b[0] or (a[:3] != b[:3] if a[0] == "T" else a != b):
+        if a[0] != b[0] or ((a[:3], a[4:]) != (b[:3], b[4:]) if a[0] == "T" else a != b):
             raise PlanMismatchError(f"input leaf {i} is {_describe_leaf(b)}, the plan was made for "
                                     f"{_describe_leaf(a)}: plan again for these inputs")

@@ -483,12 +483,14 @@ def _sim_to_dict(sim: SimResult) -> dict:
 
 def _signature_to_dict(sig: tuple) -> dict:
     """``input_signature``'s key: the inputs' tree structure and per leaf a tensor's shape,
-    dtype and device type, or a non-tensor's repr."""
+    dtype and device type (and the leaf it repeats, for a tensor passed twice), or a
+    non-tensor's repr."""
     spec, leaves = sig
     out = []
     for leaf in leaves:
         if leaf[0] == "T":
-            out.append({"shape": list(leaf[1]), "dtype": leaf[2], "device": leaf[3]})
+            out.append({"shape": list(leaf[1]), "dtype": leaf[2], "device": leaf[3]}
+                       | ({"same_as": leaf[4]} if len(leaf) > 4 else {}))
         else:
             out.append({"value": leaf[1]})
     return {"spec": spec, "leaves": out}
@@ -590,7 +592,8 @@ def _signature_from_dict(d) -> tuple | None:
     if d is None:
         return None
     leaves = tuple(("V", leaf["value"]) if "value" in leaf else
-                   ("T", tuple(leaf["shape"]), leaf["dtype"], leaf["device"]) for leaf in d["leaves"])
+                   ("T", tuple(leaf["shape"]), leaf["dtype"], leaf["device"])
+                   + ((leaf["same_as"],) if "same_as" in leaf else ()) for leaf in d["leaves"])
     return (d["spec"], leaves)
 
 
