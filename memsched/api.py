@@ -60,11 +60,20 @@ def _model_tensors(model: torch.nn.Module):
 
 
 def _meta_as_zeros(tree):
-    """Meta input tensors as zeros on the CPU (capture reads their shapes, never their values)."""
+    """Meta input tensors as zeros on the CPU (capture reads their shapes, never their values);
+    one passed twice stays one tensor (input_signature)."""
     import torch.utils._pytree as pytree
 
-    return pytree.tree_map(lambda x: torch.zeros(x.shape, dtype=x.dtype) if isinstance(x, torch.Tensor)
-                           and x.device.type == "meta" else x, tree)
+    made: dict[int, torch.Tensor] = {}
+
+    def zeros(x):
+        if not (isinstance(x, torch.Tensor) and x.device.type == "meta"):
+            return x
+        if id(x) not in made:
+            made[id(x)] = torch.zeros(x.shape, dtype=x.dtype)
+        return made[id(x)]
+
+    return pytree.tree_map(zeros, tree)
 
 
 _BITS = {None: None, "int8": 8, "int4": 4}

@@ -417,6 +417,11 @@ def test_a_saved_plan_names_a_tensor_passed_twice(tmp_path):
     twice.save(tmp_path / "twice.json")
     apart.save(tmp_path / "apart.json")
     assert memsched.Plan.load(tmp_path / "twice.json").signature == twice.signature != apart.signature
+    with torch.device("meta"):
+        on_meta = T.LlamaForCausalLM(cfg).eval()
+    meta_ids = ids.to("meta")   # one meta tensor passed twice stays one tensor to the plan
+    assert memsched.plan(on_meta, (), budget=10**8, example_kwargs={"input_ids": meta_ids, "labels": meta_ids},
+                         hardware=CPU).signature == twice.signature
     with torch.no_grad():
         for path, kwargs, says in ((tmp_path / "twice.json", {"input_ids": ids, "labels": labels},
                                     r"the plan was made for int64\[1,8\] \(the tensor of input leaf 0 again\)"),
