@@ -53,19 +53,23 @@ def _small_gpt2():
     return T.GPT2LMHeadModel(cfg).train(), (), {"input_ids": ids, "labels": ids}, lambda out: out.loss
 
 
-@pytest.mark.parametrize("name,frac,fuse", [("gpt2_dropout", "min", False), ("cnn_bn", 0.6, False),
-                                            ("small_gpt2", 0.5, True)])
-def test_a_saved_training_plan_trains_as_eager_without_solving(name, frac, fuse, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name,frac,fuse,layers", [("gpt2_dropout", "min", False, False),
+                                                   ("cnn_bn", 0.6, False, False),
+                                                   ("llama", 0.3, False, True),
+                                                   ("small_gpt2", 0.5, True, True)])
+def test_a_saved_training_plan_trains_as_eager_without_solving(name, frac, fuse, layers, tmp_path, monkeypatch):
     model, args, kwargs, loss_fn = _small_gpt2() if name == "small_gpt2" else build_train(name)
     ref = copy.deepcopy(model)
     # fused: the remat pass's recomputed values (one of them prefetched) and each layer recomputed
-    options = {"fuse": True, "recompute_layers": True} if fuse else {}
+    options = {"fuse": fuse, "recompute_layers": layers}
     if frac == "min":
         budget = _min_budget(model, args, kwargs, **options)
     else:
         budget = int(_plan(model, args, kwargs, 10**13, fuse=fuse).program.peak_bytes * frac)
     plan = _plan(model, args, kwargs, budget, **options)
     assert plan.is_training and plan.bytes_moved
+    if layers and not fuse:   # a value each layer recomputes that the placement drops and re-makes
+        assert any(n.name.endswith("_again_again") for n in plan.graph.graph.nodes)
     if fuse:
         notes = {r.name: r.note for r in plan.passes}
         assert "recomputed in the backward" in notes["remat"] and notes["layers"].startswith("per-layer recompute kept")

@@ -133,9 +133,12 @@ def _is_rerun(s: fx.Node) -> bool:
 
 def _rerun_of(s: fx.Node, cap: dict[str, fx.Node]) -> fx.Node:
     """The captured node an added compute node re-runs: named after it (``mm_3_again``, fx
-    suffixing repeats), with its target."""
-    match = _AGAIN.fullmatch(s.name)
-    c = cap.get(match.group(1)) if match else None
+    suffixing repeats; ``mm_3_again_again`` when the placement drops and re-makes a value the
+    remat pass recomputed), with its target."""
+    name, c = s.name, None
+    while c is None and (match := _AGAIN.fullmatch(name)):
+        name = match.group(1)
+        c = cap.get(name)
     if c is None or c.op != s.op or _target_text(c) != _target_text(s):
         raise PlanMismatchError(f"{s.name} = {_target_text(s)}: re-runs no node of the model")
     if _random(c):   # a second draw would differ from the first: the planner never re-runs one
