@@ -18,7 +18,8 @@ from .io.reapply import PlanMismatchError, apply_plan, check_signature
 from .ir.meta import annotate, info
 from .ir.ops import Op, op_of
 from .passes.chunking import LOSS_HEAD, chunked, loss_chunks
-from .passes.fusion import fuse, unfuse
+from .ir.regions import region_of
+from .passes.fusion import fuse_as, unfuse
 from .plan_records import PassRecord
 from .plans import Plan
 from .verify import verify_schedule
@@ -40,8 +41,8 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
                                 if saved.is_training else "the saved plan is an inference plan, this call a training step")
     verify_schedule(saved.graph, saved.budget_bytes, saved.hardware)  # a hand-edited file fails here, by step
     fused = any(op_of(n) is Op.REGION for n in saved.graph.graph.nodes)
-    # a fused plan pairs with the capture by its ops and is fused again on it (its regions are
-    # compiled anew: a file holds their ops, never code)
+    # a fused plan pairs with the capture by its ops, then its regions are made again of the
+    # same ops (and compiled anew: a file holds their ops, never code)
     program = unfuse(saved.graph) if fused else saved.graph
     kernels = any(n.op == "call_function" and getattr(n.target, "namespace", None) == "memsched"
                   for n in program.graph.nodes)   # planned with memsched's kernel ops
@@ -78,7 +79,11 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
     t = time.perf_counter()
     _scratch_here(gm, saved.hardware.device_type)
     if fused:
-        gm, _ = fuse(gm, budget, saved.hardware)
+        groups = [region_of(n).names for n in saved.graph.graph.nodes if op_of(n) is Op.REGION]
+        try:
+            gm, _ = fuse_as(gm, groups, saved.hardware)
+        except ValueError as e:
+            raise PlanMismatchError(f"the plan's fused regions: {e}") from None
     peak = verify_schedule(gm, max(budget, saved.budget_bytes), saved.hardware)
     if peak > budget:
         raise InfeasibleBudgetError(budget, peak, "the saved plan holds that much on the device and is "

@@ -225,14 +225,41 @@ def test_saved_plan_keeps_its_regions_as_ops(tmp_path):
 
 def test_saved_fused_plan_runs_again(tmp_path):
     """Re-applied to the model: the regions are taken apart into their ops, paired with a fresh
-    capture, fused again and compiled anew; it runs within the budget like the plan it was."""
+    capture, made again of the same ops (not chosen again: the compile budget is larger than
+    the plan's) and compiled anew; it runs within the budget like the plan it was."""
     model, x, plan, path = _fused_plan_file(tmp_path, share=0.6)
-    cm = _compile(model, plan.budget_bytes, plan=path, example_inputs=(x,))
+    cm = _compile(model, 2 * plan.budget_bytes, plan=path, example_inputs=(x,))
     with torch.no_grad():
         torch.testing.assert_close(cm(x), model(x), **TOL)
-    assert len(_regions(cm.plan)) == len(_regions(plan))
+    assert [r.names for r in _regions(cm.plan)] == [r.names for r in _regions(plan)]
+    assert str(cm.plan).splitlines()[2:] == str(plan).splitlines()[2:]   # the schedule, as saved
     assert cm.plan.verify() <= plan.budget_bytes and cm.stats.peak_device_bytes <= plan.budget_bytes
     cm.close()
+
+
+def test_regions_are_made_again_only_of_runs_the_program_has(tmp_path):
+    """``fuse_as`` re-makes the regions a plan saved from their ops' names: the same groups give
+    the same regions; a group out of program order, or holding an op no region may run, is
+    refused with the op it names."""
+    from memsched.passes.fusion import fuse, fuse_as, unfuse
+
+    _, _, plan, _ = _fused_plan_file(tmp_path)
+    program = unfuse(plan.graph)
+    groups = [r.names for r in _regions(plan)]
+    assert groups and len(groups[0]) >= 3
+    _, regions = fuse_as(program, groups, FIXED_CPU)
+    assert [r.names for r in regions] == groups and [r.nbytes for r in regions] == [r.nbytes for r in _regions(plan)]
+    assert [r.names for r in fuse(program, plan.budget_bytes, FIXED_CPU)[1]] == groups
+    first = groups[0]
+    with pytest.raises(ValueError, match=f"runs {first[2]} next, the program has {first[1]} there"):
+        fuse_as(program, [(first[0], *first[2:], first[1])], FIXED_CPU)
+    placeholder = next(n.name for n in program.graph.nodes if n.op == "placeholder")
+    with pytest.raises(ValueError, match=f"{placeholder} cannot run inside a region"):
+        fuse_as(program, [(placeholder, *first)], FIXED_CPU)
+    with pytest.raises(ValueError, match="runs not_an_op next"):
+        fuse_as(program, [(*first, "not_an_op")], FIXED_CPU)
+    with pytest.raises(ValueError, match="the program has no not_an_op where a region runs it"):
+        fuse_as(program, [("not_an_op", *first)], FIXED_CPU)
 
 
 @pytest.mark.parametrize("edit, message", [

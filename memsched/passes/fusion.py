@@ -345,6 +345,41 @@ def find_regions(gm: fx.GraphModule, budget: int, hardware=None) -> list[_Run]:
     return runs
 
 
+def _named_runs(gm: fx.GraphModule, groups: list[tuple[str, ...]], hardware=None) -> list[_Run]:
+    """The runs a saved plan fused, found by their ops' names; ValueError where a group is not a
+    run of fusible ops in program order (frees between them aside) that a region can return."""
+    memory = DeviceMemory(getattr(hardware, "alloc_block_bytes", 1), getattr(hardware, "workspace_bytes", 0))
+    starts = {g[0]: tuple(g) for g in groups if g}
+    if len(starts) != len(groups) or any(len(g) > MAX_REGION_OPS for g in groups):
+        raise ValueError(f"{len(groups)} regions, not each of 1 to {MAX_REGION_OPS} ops starting at an op of its own")
+    runs, run, want = [], None, ()
+    for n in gm.graph.nodes:
+        if run is not None and op_of(n) is Op.FREE:
+            run.frees.append((n, len(run.members)))
+        elif run is not None:
+            expected = want[len(run.members)]
+            if n.name != expected or not fusible(n) or (n.target is operator.getitem and n.args[0] not in run.members):
+                raise ValueError(f"the region from {want[0]} runs {expected} next, the program has {n.name} there"
+                                 if n.name != expected else f"{n.name} cannot run inside a region")
+            run.add(n)
+        elif n.name in starts:
+            want = starts.pop(n.name)
+            if not fusible(n) or n.target is operator.getitem:
+                raise ValueError(f"{n.name} cannot run inside a region")
+            run = _Run(memory.current)
+            run.add(n)
+        if run is not None and len(run.members) == len(want):
+            if run.trimmed() is not run:
+                raise ValueError(f"the region from {want[0]} returns a tuple or fuses fewer than two ops")
+            runs.append(run)
+            run = None
+        memory.visit(n)
+    if run is not None or starts:
+        missing = want[len(run.members)] if run is not None else next(iter(starts))
+        raise ValueError(f"the program has no {missing} where a region runs it")
+    return runs
+
+
 def _subgraph(members: list, inputs: list, outputs: list) -> fx.GraphModule:
     """The members as a graph of their own, named canonically (in0.., op0..) so that the same
     ops on the same shapes print, hash and compile the same."""
@@ -419,11 +454,23 @@ def _drop_args(graph: fx.Graph, f: fx.Node, inside: set) -> bool:
 def fuse(gm: fx.GraphModule, budget: int, hardware=None) -> tuple[fx.GraphModule, list[Region]]:
     """A copy of the scheduled program ``gm`` with its compute fused into regions, each within
     ``budget`` beside what is held before it (counted as ``hardware``'s allocator counts)."""
+    return _fused(gm, lambda copy: find_regions(copy, budget, hardware))
+
+
+def fuse_as(gm: fx.GraphModule, groups: list[tuple[str, ...]], hardware=None) -> tuple[fx.GraphModule, list[Region]]:
+    """A copy of the scheduled program ``gm`` with the ops named in each group fused into one
+    region, as a saved plan fused them (regions re-made, never chosen again: the plan runs as
+    it was saved and inspected). ValueError names the first group the program cannot fuse so.
+    What each region may allocate is counted again here; the verifier checks the budget."""
+    return _fused(gm, lambda copy: _named_runs(copy, groups, hardware))
+
+
+def _fused(gm: fx.GraphModule, runs_of) -> tuple[fx.GraphModule, list[Region]]:
+    """A copy of ``gm`` with the runs ``runs_of(copy)`` finds rewritten into regions."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     fused = lazy_graph_module(gm, graph, class_name="Fused")
-    runs = find_regions(fused, budget, hardware)
-    for i, run in enumerate(runs):
+    for i, run in enumerate(runs_of(fused)):
         _rewrite(graph, run, i)
     graph.lint()
     return fused, [n.meta[KEY] for n in graph.nodes if op_of(n) is Op.REGION]
