@@ -96,6 +96,32 @@ def inference():
     return model, args, eager(model, args, {}), doc
 
 
+class _ExactPointwise(nn.Module):
+    """Pointwise chains whose every op rounds once, so that Inductor's loops give eager's bits."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.relu(h * 2 + h).neg().abs()
+        h = self.b(h)
+        return self.c(torch.maximum(h * 2, -h) + h)
+
+
+@pytest.fixture(scope="module")
+def fused():
+    """(model, args, eager output, saved document) of a fused plan at its minimum budget:
+    regions of pointwise ops (and a linear) between streamed weights."""
+    torch.manual_seed(0)
+    model, args = _ExactPointwise().eval(), (torch.randn(4, 16),)
+    doc = json.loads(serialize.dumps(_quiet_plan(model, args, fuse=True)))
+    kinds = [n["target"] for n in doc["program"]["nodes"]]
+    assert kinds.count("memsched.region") >= 2 and "memsched.prefetch" in kinds
+    return model, args, eager(model, args, {}), doc
+
+
 @pytest.fixture(scope="module")
 def training():
     """The saved document of a small MLP's training step at its minimum budget (a boundary, an
@@ -361,6 +387,36 @@ def test_mutated_inference_plans_fail_cleanly_or_run_like_eager(data, inference,
     with contextlib.suppress(PlanFileError):  # the document in memory is checked the same way
         memsched.Plan.from_dict(json.loads(path.read_text()))
         assert outcome != "refused"
+
+
+def _region_edit(data, doc):
+    """An edit of one region: the names its ops had (swapped, or another node's), or a node of
+    the program of its ops."""
+    rec = data.draw(st.sampled_from([n for n in doc["program"]["nodes"] if n["target"] == "memsched.region"]))
+    region = rec["region"]
+    names = region["names"]
+    edit = data.draw(st.sampled_from(["swap", "rename", "inner"]), label="region edit")
+    if edit == "swap" and len(names) > 1:
+        i, j = data.draw(st.permutations(range(len(names))).map(lambda p: p[:2]), label="swap")
+        names[i], names[j] = names[j], names[i]
+    elif edit == "rename":
+        i = data.draw(st.integers(0, len(names) - 1), label="at")
+        names[i] = data.draw(st.sampled_from(_node_names(doc) + ODD_NAMES[:6]), label="to")
+    else:
+        region["program"] = _node_edit(data, {"program": region["program"]})["program"]
+    return doc
+
+
+@settings(FUZZ, max_examples=40)
+@given(data=st.data())
+def test_mutated_fused_plans_fail_cleanly_or_run_like_eager(data, fused, workdir):
+    """A saved region is re-made of the ops it names (``fuse_as``): names swapped or taken from
+    other ops, or the region's own program edited, either fail with a documented error or run
+    with eager's bits."""
+    model, args, expected, doc = fused
+    edited = _region_edit(data, copy.deepcopy(doc)) if data.draw(st.booleans(), label="region") else \
+        _mutated(data, doc)
+    event(check_file(_write(workdir / "fused.json", json.dumps(edited)), (model, args, expected)))
 
 
 @settings(FUZZ, max_examples=50)

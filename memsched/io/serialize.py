@@ -417,6 +417,7 @@ def graph_from_dict(d: dict, root: torch.nn.Module | None = None, *, _inner: boo
         if reg is not None:
             n.meta[REGION_KEY] = reg
     _wire(made, records)
+    _check_region_names(made)
     root = root if root is not None else torch.nn.Module()
     for n in g.nodes:  # a loaded program only prints and verifies: subgraphs are stand-ins
         if n.op == "get_attr" and not _has_attr(root, n.target):
@@ -425,6 +426,24 @@ def graph_from_dict(d: dict, root: torch.nn.Module | None = None, *, _inner: boo
         return fx.GraphModule(root, g, class_name="ScheduledProgram")
     except Exception as e:  # every name and target was checked: this is not expected
         _bad("program", f"cannot be rebuilt ({type(e).__name__}: {e})")
+
+
+def _check_region_names(made: dict) -> None:
+    """A region's ops take their former names back when it is taken apart (to pair a saved plan
+    with a capture): each name must be free then -- no other node's and no other region's op's
+    -- but for the getitems of the region's own outputs, which carry them while it is whole."""
+    owner: dict[str, str] = {}
+    for n in made.values():
+        reg = n.meta.get(REGION_KEY)
+        if reg is None:
+            continue
+        own = {u.name for u in n.users if u.target is operator.getitem}
+        for name in reg.names:
+            if name in owner:
+                _bad(f"program: region {n.name}", f"op name {name!r} is also an op name of region {owner[name]}")
+            owner[name] = n.name
+            if name in made and name not in own:
+                _bad(f"program: region {n.name}", f"op name {name!r} is the name of another node")
 
 
 def _wire(made: dict, records: list) -> None:
