@@ -17,8 +17,8 @@ from .frontend.repeats import capture_repeated
 from .io.reapply import PlanMismatchError, apply_plan, check_signature
 from .ir.meta import annotate, info
 from .ir.ops import Op, op_of
-from .passes.chunking import LOSS_HEAD, chunked, loss_chunks
 from .ir.regions import region_of
+from .passes.chunking import LOSS_HEAD, chunked, loss_chunks
 from .passes.fusion import fuse_as, unfuse
 from .plan_records import PassRecord
 from .plans import Plan

@@ -260,6 +260,8 @@ def test_regions_are_made_again_only_of_runs_the_program_has(tmp_path):
         fuse_as(program, [(*first, "not_an_op")], FIXED_CPU)
     with pytest.raises(ValueError, match="the program has no not_an_op where a region runs it"):
         fuse_as(program, [("not_an_op", *first)], FIXED_CPU)
+    with pytest.raises(ValueError, match="each region holds 1 to"):
+        fuse_as(program, [first, first], FIXED_CPU)
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -351,7 +351,7 @@ def _named_runs(gm: fx.GraphModule, groups: list[tuple[str, ...]], hardware=None
     memory = DeviceMemory(getattr(hardware, "alloc_block_bytes", 1), getattr(hardware, "workspace_bytes", 0))
     starts = {g[0]: tuple(g) for g in groups if g}
     if len(starts) != len(groups) or any(len(g) > MAX_REGION_OPS for g in groups):
-        raise ValueError(f"{len(groups)} regions, not each of 1 to {MAX_REGION_OPS} ops starting at an op of its own")
+        raise ValueError(f"each region holds 1 to {MAX_REGION_OPS} ops and starts at an op of its own")
     runs, run, want = [], None, ()
     for n in gm.graph.nodes:
         if run is not None and op_of(n) is Op.FREE:
