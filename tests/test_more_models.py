@@ -56,6 +56,10 @@ CASES = {
                    num_attention_heads=4, intermediate_size=64, **NO_DROPOUT),
     "roformer": _text("RoFormerForMaskedLM", "RoFormerConfig", vocab_size=V, embedding_size=32, hidden_size=32,
                       num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **NO_DROPOUT),
+    # asserts on its input's data (`lengths.max().item() <= slen`): export keeps them, as an `item`
+    # a training step's trace on FakeTensors could not run
+    "xlm": _text("XLMWithLMHeadModel", "XLMConfig", vocab_size=V, emb_dim=32, n_layers=2, n_heads=4, dropout=0.0,
+                 attention_dropout=0.0, max_position_embeddings=64),
     "whisper": _input("WhisperForConditionalGeneration", "WhisperConfig", "input_features", (2, 16, 40),
                       labels=torch.randint(3, V, (2, 8), generator=torch.Generator().manual_seed(2)),
                       vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,

@@ -562,15 +562,24 @@ def _merge_tied(gm: torch.fx.GraphModule, persistent: set[str]) -> None:
             seen[key] = node
 
 
+def drop_asserts(graph: torch.fx.Graph) -> None:
+    """Erase the asserts torch.export leaves in a graph: on metadata (checked when traced) and on
+    data (a model's ``assert lengths.max().item() <= slen``, an ``item`` and a comparison feeding
+    ``_assert_scalar``: the caller's dead-code pass then drops the ``item``, which a trace on
+    FakeTensors could not run)."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _ASSERT_OPS and not node.users:
+            graph.erase_node(node)
+
+
 def _normalize(gm: torch.fx.GraphModule) -> None:
-    """Drop trace-time asserts and make eval-mode dropout the identity it is."""
+    """Drop asserts and make eval-mode dropout the identity it is."""
     graph = gm.graph
+    drop_asserts(graph)
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in _ASSERT_OPS and not node.users:
-            graph.erase_node(node)
-        elif node.target is torch.ops.aten.dropout.default and len(node.args) >= 3 and node.args[2] is False:
+        if node.target is torch.ops.aten.dropout.default and len(node.args) >= 3 and node.args[2] is False:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     graph.eliminate_dead_code(is_impure_node=is_impure)

@@ -30,7 +30,7 @@ from ..ir.effects import is_impure
 from ..ir.graph_module import make_lazy
 from ..ir.kinds import Kind
 from ..ir.meta import annotate
-from .capture import _ASSERT_OPS, _KIND, Captured, Placeholder, export_model
+from .capture import _KIND, Captured, Placeholder, drop_asserts, export_model
 from .fake import RNN_LAYER, eager_meta, share_storages_as_eager
 from .functions import Functions, custom_applications
 from .inplace import accumulate_in_place
@@ -135,6 +135,9 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     floating = [i for i, v in enumerate(user_vals) if isinstance(v, torch.Tensor) and v.is_floating_point()]
     if grad_outputs == "auto" and any(user_vals[i].dim() == 0 for i in floating):
         floating = [i for i in floating if user_vals[i].dim() == 0]
+    drop_asserts(ep.graph_module.graph)   # as inference does; an `item` feeding one cannot run on FakeTensors
+    ep.graph_module.graph.eliminate_dead_code(is_impure_node=is_impure)
+    ep.graph_module.recompile()
     if kernels:
         select_kernels(ep.graph_module, {sp.arg.name for sp in ep.graph_signature.input_specs
                                          if sp.kind == InputKind.PARAMETER})
@@ -302,7 +305,7 @@ def _partition(joint, placeholders, n_primals, n_outputs, trace: _Trace, floatin
     for t in tangent_nodes:
         graph.erase_node(t)
     graph.eliminate_dead_code(is_impure_node=is_impure)
-    _drop_asserts(graph)
+    drop_asserts(graph)
     graph._codegen = torch.fx.graph.CodeGen()  # flat placeholders, as the executor feeds them
     graph.lint()
     joint.recompile()
@@ -398,7 +401,3 @@ def _traced_with_workspace(node: torch.fx.Node) -> bool:
         and val[3].numel() > 0
 
 
-def _drop_asserts(graph: torch.fx.Graph) -> None:
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in _ASSERT_OPS and not node.users:
-            graph.erase_node(node)
