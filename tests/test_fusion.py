@@ -153,6 +153,25 @@ def test_identical_layers_compile_once():
     cm.close()
 
 
+def test_a_later_process_finds_the_kernels_in_inductors_cache(monkeypatch):
+    """The same regions compiled again with this process's kernels forgotten, as a later process
+    would: Inductor's FX graph cache serves them instead of generating their code again (given
+    real example inputs it bypassed that cache: "No shape env")."""
+    from torch._dynamo.utils import counters
+
+    model, x = _stack(d=16, n=2).eval(), torch.randn(2, 4, 16)
+    for _ in range(2):
+        monkeypatch.setattr(compiled_regions, "_KERNELS", {})
+        counters["inductor"].clear()
+        cm = _compile(model, "1GB", example_inputs=(x,), fuse=True)
+        with torch.no_grad():
+            torch.testing.assert_close(cm(x), model(x), **TOL)
+        n_regions = len({r.key for r in _regions(cm.plan)})
+        cm.close()
+    assert n_regions and counters["inductor"]["fxgraph_cache_bypass"] == 0
+    assert counters["inductor"]["fxgraph_cache_hit"] == n_regions, dict(counters["inductor"])
+
+
 def test_random_ops_stay_out_of_regions():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Dropout(0.5), torch.nn.GELU(),

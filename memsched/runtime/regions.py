@@ -4,7 +4,9 @@ A region (ir/regions.py) is compiled at its first call, from its graph and the r
 is called with: ``torch._inductor.compile`` traces the graph's ATen ops again and generates
 the kernels (no Dynamo: no guards to check at each call). Kernels are cached in this process
 by the region's structure and the inputs' shapes, strides, dtypes and devices, so identical
-layers compile once; Inductor's own on-disk cache makes a later process's compile quick.
+layers compile once; Inductor's own on-disk cache (its FX graph cache, which it only consults
+when the example inputs carry a shape environment: ``_example_inputs``) makes a later
+process's compile quick.
 Nothing compiled is ever stored in a plan file: a loaded plan compiles its regions again.
 """
 from __future__ import annotations
@@ -15,6 +17,8 @@ import warnings
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from ..cost_models.measures import record_time
 from ..cost_models.op_scratch import allocator_peak
@@ -78,12 +82,20 @@ def _compile(region: Region, key: tuple, args) -> Callable:
             gm = torch.fx.GraphModule(torch.nn.Module(), _plain_copy(region.graph.graph))
             try:
                 with torch.no_grad():
-                    fn = torch._inductor.compile(gm, list(args))
+                    fn = torch._inductor.compile(gm, _example_inputs(args))
             except Exception as exc:  # noqa: BLE001 - reported, and the region still runs
                 fn = _uncompiled(region, gm, key, exc)
             _KERNELS[key] = fn
             _COMPILE_S[key] = time.perf_counter() - t
     return fn
+
+
+def _example_inputs(args) -> list:
+    """The region's inputs as FakeTensors of a mode with a shape environment, their shapes and
+    strides static: given real tensors, Inductor makes a mode without one and then bypasses its
+    FX graph cache ("No shape env"), so every process generated every kernel's code again."""
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    return [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
 
 
 def _uncompiled(region: Region, gm: torch.fx.GraphModule, key: tuple, exc: Exception) -> Callable:
