@@ -103,13 +103,15 @@ def _chain(j: _Joint, v: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
     values they read that are not saved (they would have to be); None past ``MAX_CHAIN``."""
     members, leaves, seen = [], [], set()
 
-    def visit(n: fx.Node) -> bool:
+    def visit(n: fx.Node, depth: int = 1) -> bool:
+        if depth > MAX_CHAIN:   # as many members at least: too long (and no deep recursion)
+            return False
         seen.add(n)
         for x in n.all_input_nodes:
             if x in seen or j.available(x):
                 continue
             if j.clonable(x):
-                if not visit(x):
+                if not visit(x, depth + 1):
                     return False
             else:
                 seen.add(x)
@@ -189,17 +191,32 @@ def _rewrite(graph: fx.Graph, j: _Joint) -> int:
     it (once each: a clone made for an earlier node is reused)."""
     env: dict[fx.Node, fx.Node] = {}
 
+    def dropped(a: fx.Node) -> bool:
+        return a in j.fwd_set and not j.available(a)
+
     def clone(x: fx.Node, before: fx.Node) -> fx.Node:
-        if x not in j.fwd_set or j.available(x):
+        """``x`` remade before ``before``, its dropped inputs first (depth first, in argument
+        order). Iterative: a layer recomputed whole is a chain of hundreds of ops (a CvT stage)."""
+        if not dropped(x):
             return x
-        if x not in env:
-            args, kwargs = fx.map_arg((x.args, x.kwargs), lambda a: clone(a, before))
+        stack = [x]
+        while stack:
+            n = stack[-1]
+            if n in env:
+                stack.pop()
+                continue
+            pending = [a for a in n.all_input_nodes if dropped(a) and a not in env]
+            if pending:
+                stack.extend(reversed(pending))
+                continue
+            stack.pop()
+            args, kwargs = fx.map_arg((n.args, n.kwargs), lambda a: env[a] if dropped(a) else a)
             with graph.inserting_before(before):
-                new = graph.create_node("call_function", x.target, args, kwargs, name=x.name + AGAIN)
-            new.meta = dict(x.meta)
-            new.meta["val"] = remade_val(x, new)   # a storage of its own, or its new input's
+                new = graph.create_node("call_function", n.target, args, kwargs, name=n.name + AGAIN)
+            new.meta = dict(n.meta)
+            new.meta["val"] = remade_val(n, new)   # a storage of its own, or its new input's
             annotate(new, made_by="remat")
-            env[x] = new
+            env[n] = new
         return env[x]
 
     traced: dict[fx.Node, object] = {}   # backward values moved onto a clone: their traced value
@@ -208,7 +225,7 @@ def _rewrite(graph: fx.Graph, j: _Joint) -> int:
         pairs = []
 
         def swap(a: fx.Node) -> fx.Node:
-            b = clone(a, n) if a in j.fwd_set and not j.available(a) else a
+            b = clone(a, n)
             pairs.append((traced.get(a, a.meta.get("val")), b.meta.get("val")))
             return b
         n.args, n.kwargs = fx.map_arg((n.args, n.kwargs), swap)
