@@ -283,11 +283,20 @@ def test_regions_are_made_again_only_of_runs_the_program_has(tmp_path):
         fuse_as(program, [first, first], FIXED_CPU)
 
 
+def _region_op_reads(rec, i: int, j: int) -> None:
+    """The region's ``i``-th op reads its ``j``-th op as its first argument."""
+    ops = [n for n in rec["region"]["program"]["nodes"] if n["op"] == "call_function"]
+    ops[i]["args"][0] = {"node": ops[j]["name"]}
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda rec: rec.pop("region"), "carries its region"),
     (lambda rec: rec["region"].update(nbytes=-1), "nbytes"),
     (lambda rec: rec["region"].update(names=rec["region"]["names"][:1] * len(rec["region"]["names"])), "distinct"),
     (lambda rec: rec["region"]["program"]["nodes"][-2].update(target="aten::not_an_op.default"), "region"),
+    # an op reading itself, or an op after it: taking the region apart hit a KeyError
+    (lambda rec: _region_op_reads(rec, -1, -1), r"(\w+) reads \1 before it is defined"),
+    (lambda rec: _region_op_reads(rec, 0, -1), "reads .* before it is defined"),
 ])
 def test_loading_refuses_a_broken_region(tmp_path, edit, message):
     import json

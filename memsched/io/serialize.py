@@ -381,6 +381,12 @@ def _region(rec, target, where: str, inner: bool) -> Region | None:
         raise
     except PlanFileError as e:
         raise PlanFileError(f"{where}.region: {e}") from None
+    defined: set = set()
+    for n in gm.graph.nodes:   # a region runs its ops in order, never checked by step
+        late = next((x for x in n.all_input_nodes if x not in defined), None)
+        if late is not None:
+            _bad(f"{where}.region.program", f"{n.name} reads {late.name} before it is defined")
+        defined.add(n)
     names = tuple(target_name_of(n.target) for n in gm.graph.nodes
                   if n.op == "call_function" and n.target is not operator.getitem)
     n_ops = sum(1 for n in gm.graph.nodes if n.op == "call_function")
