@@ -4,6 +4,7 @@ mul, add, mul; an RMSNorm's rsqrt through pow, mean, add), reading only values o
 Random ops (dropout) are never part of a chain: their masks are kept or moved."""
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -93,3 +94,31 @@ def test_an_ops_own_scratch_is_held_while_it_runs_again():
     assert held   # the convolutions hold scratch on a CPU and can be recomputed
     for r in held:
         assert r.extra_bytes >= info(nodes[r.op]).scratch
+
+
+class _Tanhs(torch.nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.proj, self.n = torch.nn.Linear(8, 8), n
+
+    def forward(self, x):
+        first = x = self.proj(x)
+        for _ in range(self.n):
+            x = torch.tanh(x)
+        return x * first
+
+
+def test_a_chain_is_never_longer_than_its_limit():
+    """A training step's run of 1100 ops, its values all dead where the input is last read:
+    rebuilding one there takes the ops from the input's, up to MAX_CHAIN of them (a chain was
+    as long as the run, and past Python's recursion limit raised RecursionError)."""
+    n = 1100
+    program = memsched.plan(_Tanhs(n), (torch.randn(2, 8),), budget=10**9, hardware=FIXED_CPU, train=True).program
+    at = program.values["x"].last_use
+    tanhs = sorted((v for v in program.values if re.fullmatch(r"tanh(_\d+)?", v) and v in program.recipes),
+                   key=lambda v: program.recipes[v].step)
+    assert len(tanhs) == n
+    assert recompute_chain(program, tanhs[-1], at) is None
+    assert recompute_chain(program, tanhs[MAX_CHAIN - 1], at) is None   # the projection too: one more
+    chain = recompute_chain(program, tanhs[MAX_CHAIN - 2], at)
+    assert chain is not None and chain.values == (program.recipes[tanhs[0]].inputs[0], *tanhs[:MAX_CHAIN - 1])

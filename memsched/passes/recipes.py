@@ -96,9 +96,11 @@ def recompute_chain(program, value: str, at: int) -> Chain | None:
     order: list[str] = []
     reads: list[str] = []
 
-    def visit(v: str) -> bool:
+    def visit(v: str, depth: int = 1) -> bool:
         recipe = program.recipes.get(v)
-        if recipe is None or len(order) >= MAX_CHAIN:
+        # each value on the way down joins the chain: deeper than MAX_CHAIN is too long (and
+        # would recurse as deep as a program's run of dead values)
+        if recipe is None or len(order) >= MAX_CHAIN or depth > MAX_CHAIN:
             return False
         for name in recipe.inputs:
             if name in order or name in reads:
@@ -107,7 +109,7 @@ def recompute_chain(program, value: str, at: int) -> Chain | None:
             gone = val.last_use < at and all(program.storages[b].last_step < at for b in val.storages)
             model_tensor = any(program.storages[b].kind in PERSISTENT for b in val.storages)
             if gone and not model_tensor:
-                if not visit(name):
+                if not visit(name, depth + 1):
                     return False
             elif val.last_use < at and not model_tensor:
                 return False  # dead, but its storage lives on through another value
