@@ -529,15 +529,17 @@ def _more_decoders():
                         dict(common, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
                              moe_intermediate_size=32, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
                              qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1)),
+        # differential attention: two attentions over halves of the values the cache hands back
+        "diffllama": (T.DiffLlamaConfig, T.DiffLlamaForCausalLM, dict(common, num_key_value_heads=2, head_dim=16)),
     }
 
 
-ATTENDS_BY_ITSELF = {"gpt_neo", "falcon", "xglm", "gemma2", "gpt_oss", "deepseek_v3", "bloom"}
+ATTENDS_BY_ITSELF = {"gpt_neo", "falcon", "xglm", "gemma2", "gpt_oss", "deepseek_v3", "bloom", "diffllama"}
 READS_THE_2D_MASK = {"bloom"}
 
 
 @pytest.mark.parametrize("name", ["qwen2", "phi3", "gpt_bigcode", "codegen", "gpt_neo", "falcon", "xglm", "gptj",
-                                  "gemma2", "gpt_oss", "deepseek_v3", "bloom"])
+                                  "gemma2", "gpt_oss", "deepseek_v3", "bloom", "diffllama"])
 def test_more_architectures_at_their_minimum_budget(name, tmp_path):
     """Other decoders (GQA, multi-query, partial rotary, and layers that compute attention
     themselves: handed each layer's cache with the step's entries written in) at the least
@@ -631,3 +633,17 @@ def test_a_budget_error_names_what_the_whole_generation_needs(tmp_path):
     tokens, stats = memsched.generate(model, ids, budget=least, return_stats=True, **run)
     assert torch.equal(tokens, _reference(model, ids, eos_token_id=None, pad_token_id=0, n=4))
     assert stats.peak_device_bytes <= least
+
+
+def test_a_decoder_reading_its_inputs_values_is_refused_by_name():
+    """XLM as a decoder asserts ``lengths.max().item() <= slen``: the fake step that reads the
+    cache's shapes cannot read that number, and says so instead of FakeTensor's internal error."""
+    import transformers as T
+
+    from memsched.errors import UnsupportedModelError
+    with quiet_transformers():
+        model = T.XLMWithLMHeadModel(T.XLMConfig(vocab_size=100, emb_dim=32, n_layers=1, n_heads=4,
+                                                 max_position_embeddings=32, is_decoder=True)).eval()
+    ids = torch.randint(3, 100, (1, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UnsupportedModelError, match=r"XLMWithLMHeadModel reads a tensor's value .*_local_scalar_dense"):
+        memsched.generate(model, ids, budget="1GB", max_new_tokens=2, hardware=FIXED_CPU, device="cpu")

@@ -78,6 +78,9 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     if layer is None:
         raise AttendsByItself(f"{type(module).__name__} attends over keys other than the cache's own "
                               "(changed after the cache update)")
+    if value is not layer.values:   # DiffLlama: halves of the values, each repeated over the heads
+        raise AttendsByItself(f"{type(module).__name__} attends over values other than the cache's own "
+                              "(changed after the cache update)")
     extra = [k for k in ("softcap", "position_bias", "s_aux") if kwargs.get(k) is not None]
     extra += ["sinks"] if getattr(module, "sinks", None) is not None else []
     if extra:
@@ -322,6 +325,11 @@ class CachedDecoder(nn.Module):
             raise
         except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             wrote = sum(layer.new is not None for layer in layers)
+            if wrote and not fresh and not whole:
+                # what the cache handed back stands for it in decode_attention (one group of kv
+                # heads): a model that computes with it otherwise attends by itself
+                raise AttendsByItself(f"{type(self.model).__name__} failed with what memsched's cache hands "
+                                      f"its attention ({type(exc).__name__}: {exc})") from exc
             if wrote:  # e.g. a layer adding its own position bias sized for transformers' own cache
                 raise UnsupportedModelError(
                     f"{type(self.model).__name__} failed after {wrote} of its {len(layers)} layers wrote "
@@ -451,11 +459,17 @@ def _causal_masks_as(model: nn.Module, mask: torch.Tensor, sliding: torch.Tensor
 def cache_shapes(model: nn.Module, batch: int, max_len: int, sample_ids: torch.Tensor):
     """Per layer, the (key, value) cache shapes for ``batch`` x ``max_len`` and their dtype, read
     from one fake step of the model (FakeTensors: no compute, no memory)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
     with torch.no_grad(), _experts_traceable_on_fakes(model), FakeTensorMode(allow_non_fake_inputs=True) as mode:
         ids = mode.from_tensor(sample_ids[:1, :1])
-        out = model(input_ids=ids, use_cache=True)
+        try:
+            out = model(input_ids=ids, use_cache=True)
+        except DataDependentOutputException as exc:   # XLM: assert lengths.max().item() <= slen
+            raise UnsupportedModelError(
+                f"{type(model).__name__} reads a tensor's value in its forward ({exc.func}), so memsched "
+                "cannot run the step without compute that reads its KV cache's shapes; memsched.generate "
+                "runs decoders whose forward depends on their inputs' shapes only") from exc
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if cache is None or not getattr(cache, "layers", None):
         raise ValueError(f"{type(model).__name__} returns no KV cache with use_cache=True: "
