@@ -457,6 +457,18 @@ def test_gpt_neo_local_layers_are_sliding_windows():
         memsched.generate(model, torch.ones(1, 3, dtype=torch.long), budget="1GB", max_new_tokens=2)
 
 
+def test_layers_the_cache_does_not_cover_are_named():
+    """A state-space model's layers are no attention at all: refused before anything runs, naming
+    their type (the message said "non-attention" for Llama 4's chunked attention too)."""
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    with quiet_transformers():
+        model = FalconMambaForCausalLM(FalconMambaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                         state_size=4)).eval()
+    with pytest.raises(NotImplementedError, match=r"FalconMambaForCausalLM has linear_attention layers \(layer types"):
+        memsched.generate(model, torch.ones(1, 3, dtype=torch.long), budget="1GB", max_new_tokens=2)
+
+
 def test_a_model_refusing_both_masks_before_its_layers_is_refused_clearly():
     """A decoder that builds its attention inputs from a 2-D mask as long as its input (no room
     for a cache) fails before its first layer with memsched's 4-D mask and with the 2-D mask over

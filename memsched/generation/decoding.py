@@ -111,9 +111,10 @@ def _check_decoder(model: torch.nn.Module, max_len: int) -> Window | None:
     slides_somewhere = "sliding_attention" in types if named_types else bool(window)
     sliding = slides_somewhere and not (window and max_len <= window)
     if types - {"full_attention", "sliding_attention"} or sliding and (own_masks or not window):
+        other = sorted(types - set(named.values()))   # linear attention, chunked attention, state spaces
         raise NotImplementedError(
-            f"{type(model).__name__} has {'non-attention' if types - set(named.values()) else 'sliding-window'} "
-            f"layers ({sorted(types)}, sliding window {window}) and this generation is {max_len} tokens long; "
+            f"{type(model).__name__} has {', '.join(other) if other else 'sliding-window'} layers (layer types "
+            f"{sorted(types)}, sliding window {window}) and this generation is {max_len} tokens long; "
             "memsched.generate's KV cache covers full-attention layers and sliding-window ones masked "
             "through transformers' mask interface")
     if not sliding:
