@@ -208,10 +208,31 @@ def _trace_decomposed(n: fx.Node, vals) -> tuple[int, bool]:
         if x.op != "call_function" or x in returned or x.target is operator.getitem:
             continue
         t = x.target
-        if isinstance(t, torch._ops.OpOverload) and (t.is_view or torch.Tag.pointwise in t.tags):
+        if isinstance(t, torch._ops.OpOverload) and t.is_view:
+            continue
+        if isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags and not _feeds_a_library_call(x):
             continue
         total += sum(b for _, b in storages(x.meta.get("val")))
     return total, layout_ok
+
+
+def _loop_op(x: fx.Node) -> bool:
+    t = x.target
+    return x.op == "call_function" and (t is operator.getitem or (isinstance(t, torch._ops.OpOverload)
+                                                                  and (t.is_view or torch.Tag.pointwise in t.tags)))
+
+
+def _feeds_a_library_call(x: fx.Node) -> bool:
+    """A pointwise value that an op outside the loop reads (directly or through views) is written
+    to memory for it: an einsum's operands made contiguous (``clone``) for its ``bmm``."""
+    stack = list(x.users)
+    while stack:
+        u = stack.pop()
+        if u.op == "call_function" and isinstance(u.target, torch._ops.OpOverload) and u.target.is_view:
+            stack.extend(u.users)
+        elif u.op == "call_function" and not _loop_op(u):
+            return True
+    return False
 
 
 def _computes(n: fx.Node) -> bool:
