@@ -26,7 +26,7 @@ from .cost_models.hardware import Hardware
 from .cost_models.op_cost import estimate_op_time, op_time
 from .cost_models.simulator import SimResult, simulate
 from .errors import CaptureError, InfeasibleBudgetError, UnsupportedModelError
-from .frontend.capture import Captured, capture, input_signature
+from .frontend.capture import Captured, capture, input_signature, keep_random_state
 from .frontend.joint import capture_joint
 from .frontend.kernel_patterns import kernel_counts
 from .frontend.repeats import capture_repeated
@@ -558,11 +558,7 @@ def plan_model(model: torch.nn.Module, args: tuple, kwargs: dict, budget, hw: Ha
     s = PlanningState(parse_budget(budget, hw.device_bytes), hw, max_segments, time_limit_s, model=model,
                       args=args, kwargs=kwargs, train=train, grad_outputs=grad_outputs, chunk_ops=chunk_ops,
                       fuse=fuse, recompute_layers=recompute_layers, kernels=kernels)
-    # planning leaves the caller's random state as it found it: a training capture draws from it,
-    # and a model with random ops (drop-path's torch.rand) would then draw other numbers than
-    # eager at the call that planned
-    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=cuda):
+    with keep_random_state():
         plan_state(s, verify=verify, progress=progress)
     plan = to_plan(s, type(model).__name__)
     plan.signature = input_signature(args, kwargs)

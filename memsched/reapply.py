@@ -11,7 +11,7 @@ import torch
 
 from .cost_models.op_scratch import hold_kernel_storages, op_scratch_bytes
 from .errors import InfeasibleBudgetError
-from .frontend.capture import Captured, capture, input_signature
+from .frontend.capture import Captured, capture, input_signature, keep_random_state
 from .frontend.joint import capture_joint
 from .frontend.repeats import capture_repeated
 from .io.reapply import PlanMismatchError, apply_plan, check_signature
@@ -58,7 +58,7 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
                                      loss_chunks=loss_chunks(list(saved.chunking)),
                                      shared_loss_heads=shared_loss_heads, kernels=kernels)
             return capture(m, args, kwargs, kernels=kernels, device_type=saved.hardware.device_type)
-        with chunked(model, list(saved.chunking)):
+        with chunked(model, list(saved.chunking)), keep_random_state():
             return capture_repeated(model, trace)[0]
 
     t = time.perf_counter()

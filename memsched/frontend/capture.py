@@ -562,6 +562,14 @@ def _merge_tied(gm: torch.fx.GraphModule, persistent: set[str]) -> None:
             seen[key] = node
 
 
+def keep_random_state():
+    """A context that leaves the caller's random state as it found it. A training capture draws
+    from it, and a model with random ops (drop-path's ``torch.rand``) would then draw other
+    numbers than eager at the call that planned."""
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=cuda)
+
+
 def drop_asserts(graph: torch.fx.Graph) -> None:
     """Erase the asserts torch.export leaves in a graph: on metadata (checked when traced) and on
     data (a model's ``assert lengths.max().item() <= slen``, an ``item`` and a comparison feeding
