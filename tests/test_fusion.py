@@ -168,8 +168,9 @@ def test_a_later_process_finds_the_kernels_in_inductors_cache(monkeypatch):
             torch.testing.assert_close(cm(x), model(x), **TOL)
         n_regions = len({r.key for r in _regions(cm.plan)})
         cm.close()
-    assert n_regions and counters["inductor"]["fxgraph_cache_bypass"] == 0
-    assert counters["inductor"]["fxgraph_cache_hit"] == n_regions, dict(counters["inductor"])
+    done = dict(counters["inductor"])   # a kernel per region and input layout: at least one per region
+    assert n_regions and done.get("fxgraph_cache_bypass", 0) == done.get("fxgraph_cache_miss", 0) == 0, done
+    assert done.get("fxgraph_cache_hit", 0) >= n_regions, done
 
 
 def test_random_ops_stay_out_of_regions():
