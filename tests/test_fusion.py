@@ -447,6 +447,23 @@ def test_an_einsum_counts_the_operands_its_batched_product_reads_copied():
         cm.close()
 
 
+def test_a_region_returning_a_reshaped_strided_value_counts_the_reshape_again():
+    """Mamba2's chunked scan splits the heads of a product of permuted operands with ``view``:
+    eager views the product where its strides allow, Inductor reindexes it in a loop and returns
+    the result in a buffer of its own (a training step at 30% of its peak allocated 9 KiB in a
+    region declaring 6 KiB, and stopped); the region counts it."""
+    class Heads(torch.nn.Module):
+        def forward(self, a, b, c):
+            s = a.permute(0, 1, 2, 5, 3, 4).squeeze(5)
+            return (s * b).permute(0, 4, 1, 2, 3), (s * c).view(2, 3, 4, 4, 8, 1).permute(0, 1, 4, 2, 5, 3).view(48, 4, 4)
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 3, 8, 4, 1, 4, generator=g).permute(0, 1, 3, 2, 4, 5)
+    b = torch.randn(2, 3, 8, 4, 4, generator=g).permute(0, 1, 3, 4, 2)
+    c = torch.randn(2, 8, 3, 4, 4, generator=g).permute(0, 2, 3, 4, 1)
+    assert _fused_as_eager_within_region_bytes(Heads(), (a, b, c))
+
+
 def test_a_region_returning_part_of_a_value_counts_a_buffer_as_large_as_the_value():
     """A decode step's attention: one softmax over the cache's scores and the step's own, the
     cache's columns returned as a view. Inductor keeps the view's strides, so it returned the

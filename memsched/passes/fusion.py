@@ -275,9 +275,10 @@ class _Run:
         """What the region may allocate: every storage its ops make, their lowerings' scratch,
         a buffer the size of the viewed value for each output viewing part of a value made inside
         (Inductor returned a slice of a product in a fresh buffer beside the product) or viewing a value
-        another output returns (a softmax returned with its ``detach``: two buffers), and one
-        for each output of an op that may or may not copy (``_may_copy``)."""
-        again, returned = 0, set()
+        another output returns (a softmax returned with its ``detach``: two buffers), one for
+        each output reshaping a value not laid out contiguously (``_reshapes_a_strided_value``),
+        and one for each output of an op that may or may not copy (``_may_copy``)."""
+        again, returned, inside = 0, set(), set(self.members)
         for o in self.outputs():
             val = o.meta.get("val")
             if o.target is operator.getitem or not isinstance(val, torch.Tensor):
@@ -290,6 +291,8 @@ class _Run:
                 # a buffer as large as the viewed value's: Inductor keeps the view's strides
                 # (a decode step's attention returned the first 16 of 17 columns in 544 B)
                 again += val.untyped_storage().nbytes()
+            elif keys and _reshapes_a_strided_value(o, inside):
+                again += val.numel() * val.element_size()
             elif _may_copy(o):
                 again += val.numel() * val.element_size()
             returned |= keys
@@ -324,6 +327,24 @@ class _Run:
 def _whole(t: torch.Tensor) -> bool:
     """A view addressing every byte of its storage from its start (a transpose, a reshape)."""
     return t.storage_offset() == 0 and t.numel() * t.element_size() == t.untyped_storage().nbytes()
+
+
+_RESHAPES = frozenset({"view", "_unsafe_view", "reshape"})
+
+
+def _reshapes_a_strided_value(o: fx.Node, inside: set) -> bool:
+    """Whether a returned view reshapes, somewhere along its views inside the region, a value
+    not laid out contiguously: eager views it where the strides allow, Inductor reshapes only a
+    contiguous buffer in place and otherwise reindexes it in a loop, which a returned value
+    makes a buffer of its own (Mamba2 split the heads of a product of permuted operands: 3 KiB
+    more than its values)."""
+    x = o
+    while x in inside and _is_view(x) and isinstance(x.args[0], fx.Node):
+        src = x.args[0].meta.get("val")
+        if x.target._opname in _RESHAPES and isinstance(src, torch.Tensor) and not src.is_contiguous():
+            return True
+        x = x.args[0]
+    return False
 
 
 def _is_view(n: fx.Node) -> bool:
