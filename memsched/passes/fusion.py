@@ -145,7 +145,8 @@ def _traced(n: fx.Node) -> tuple[int, bool]:
     key = (n.target, _sig(vals), torch.get_num_threads())   # (a half-precision gemm's scratch is per thread)
     if key not in _AUX:
         scratch, layout_ok = _trace_decomposed(n, vals)
-        _AUX[key] = (scratch + _fallback_reads(n, vals) + _half_gemm_scratch(n, vals), layout_ok)
+        _AUX[key] = (scratch + _fallback_reads(n, vals) + _half_gemm_scratch(n, vals) + _relaid_cat(n, vals),
+                     layout_ok)
     return _AUX[key]
 
 
@@ -173,6 +174,27 @@ def _half_gemm_scratch(n: fx.Node, vals) -> int:
     outs = [t for t in _flat(n.meta.get("val")) if isinstance(t, torch.Tensor)]
     widened = sum(4 * t.numel() for t in read + outs)
     return widened + torch.get_num_threads() * min(widened, _GEMM_THREAD_CAP) + _GEMM_CALL
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _relaid_cat(n: fx.Node, vals) -> int:
+    """A ``cat`` reading a channels-last tensor where eager's result is not channels-last:
+    Inductor's concatenation lays its result out channels-last when one input is, and copies it
+    to the layout the program has where it is returned or viewed (LeViT's attention concatenated
+    a permuted key with its value: 7.5 KiB twice in a training step's region). Counted: its
+    output again."""
+    if n.target is not torch.ops.aten.cat.default:
+        return 0
+    val = n.meta.get("val")
+    fmt = _CHANNELS_LAST.get(val.dim()) if isinstance(val, torch.Tensor) else None
+    if fmt is None or val.is_contiguous(memory_format=fmt):
+        return 0
+    parts = _flat(vals[0][0]) if vals[0] else []
+    relaid = any(isinstance(t, torch.Tensor) and t.dim() == val.dim() and t.is_contiguous(memory_format=fmt)
+                 for t in parts)
+    return val.numel() * val.element_size() if relaid else 0
 
 
 def _fallback_reads(n: fx.Node, vals) -> int:
