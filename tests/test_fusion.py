@@ -477,6 +477,25 @@ def test_a_cat_of_a_channels_last_input_counts_its_result_again():
     assert any("aten.cat" in r.ops for r in regions.values())
 
 
+def test_ops_adding_at_computed_indices_stay_out_of_regions():
+    """The backward of a Falcon's fused query-key-value split accumulates a transposed gradient
+    into zeros with ``index_put``: Inductor's CPU kernel for it, tiled to read the transposed
+    value, stored at wrong offsets -- other gradients, then a corrupted heap. Such ops run as
+    eager's kernels, between regions, and the result is eager's."""
+    class Adds(torch.nn.Module):
+        def forward(self, v, idx):
+            return (torch.ops.aten.index_put(v.new_zeros(2, 12, 6, 8), [None, None, idx], v, True) + 1).tanh() * 2
+
+    src, idx = torch.randn(2, 8, 12).transpose(1, 2).unsqueeze(2), torch.tensor([4])   # (2, 12, 1, 8) transposed
+    cm = _compile(Adds(), "1GB", example_inputs=(src, idx), fuse=True)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(cm(src, idx), Adds()(src, idx), **TOL)
+        assert _regions(cm.plan) and not any("index_put" in op for r in _regions(cm.plan) for op in r.ops)
+    finally:
+        cm.close()
+
+
 def test_a_region_returning_part_of_a_value_counts_a_buffer_as_large_as_the_value():
     """A decode step's attention: one softmax over the cache's scores and the step's own, the
     cache's columns returned as a view. Inductor keeps the view's strides, so it returned the

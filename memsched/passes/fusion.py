@@ -45,6 +45,23 @@ _RELAID = frozenset({"convolution", "convolution_backward", "_convolution", "con
                      "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "mkldnn_convolution"})
 
 
+# Ops that add into their result at computed indices. Inductor's CPU code for them is wrong where
+# it tiles the loop to read a transposed input: an index_put accumulating a permuted value wrote
+# past its buffer (a Falcon training step: other gradients, then a corrupted heap). Eager's kernels
+# run them; nothing is lost but a loop fused around them.
+_ADDS_AT_INDICES = frozenset({"index_add", "scatter_add", "scatter_reduce", "index_reduce",
+                              "embedding_dense_backward"})
+_ACCUMULATING_PUTS = frozenset({"index_put", "_unsafe_index_put", "_index_put_impl"})
+
+
+def _adds_through_indices(n: fx.Node) -> bool:
+    name = n.target._opname
+    if name in _ACCUMULATING_PUTS:
+        accumulate = n.args[3] if len(n.args) > 3 else n.kwargs.get("accumulate", False)
+        return bool(accumulate)
+    return name in _ADDS_AT_INDICES
+
+
 def fusible(n: fx.Node) -> bool:
     """A compute node a compiled region may run: a pure, deterministic ATen op on tensors."""
     if n.op != "call_function" or op_of(n) is not None:
@@ -56,7 +73,7 @@ def fusible(n: fx.Node) -> bool:
         return False
     if t._schema.is_mutable or (torch.Tag.nondeterministic_seeded in t.tags and not draws_nothing(n)):
         return False
-    if t._opname in _RELAID:
+    if t._opname in _RELAID or _adds_through_indices(n):
         return False
     leaves = _flat(n.meta.get("val"))
     return bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves) and _laid_out_as_traced(n)
