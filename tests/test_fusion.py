@@ -496,6 +496,20 @@ def test_ops_adding_at_computed_indices_stay_out_of_regions():
         cm.close()
 
 
+def test_a_bicubic_upsample_stays_out_of_regions():
+    """YOLOS resizes its position embeddings bicubically: Inductor lowers that into loops writing
+    several buffers as large as the result, which its ops do not show (a region allocated
+    21.6 KiB against the 17.5 KiB counted). It runs as eager's kernel, between regions."""
+    class Resized(torch.nn.Module):
+        def forward(self, x):
+            grid = (x[:, 1:17] * 2).reshape(2, 4, 4, 32).permute(0, 3, 1, 2).contiguous()
+            y = torch.nn.functional.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
+            return torch.cat([x[:, :1], y.flatten(2).transpose(1, 2), x[:, 17:]], 1).tanh() * 3
+
+    regions = _fused_as_eager_within_region_bytes(Resized(), (torch.randn(2, 22, 32),))
+    assert not any("upsample" in op for r in regions.values() for op in r.ops)
+
+
 def test_a_region_returning_part_of_a_value_counts_a_buffer_as_large_as_the_value():
     """A decode step's attention: one softmax over the cache's scores and the step's own, the
     cache's columns returned as a view. Inductor keeps the view's strides, so it returned the

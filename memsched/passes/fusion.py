@@ -45,6 +45,10 @@ _RELAID = frozenset({"convolution", "convolution_backward", "_convolution", "con
                      "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "mkldnn_convolution"})
 
 
+# Ops Inductor lowers into loops of its own that write buffers its decomposition does not show:
+# a bicubic upsample of a 4x4 grid wrote several output-sized buffers (YOLOS's position
+# embeddings: a region allocated 10.9 KiB against the 4.8 KiB its ops make)
+_BUFFERED_LOWERINGS = frozenset({"upsample_bicubic2d"})
 # Ops that add into their result at computed indices. Inductor's CPU code for them is wrong where
 # it tiles the loop to read a transposed input: an index_put accumulating a permuted value wrote
 # past its buffer (a Falcon training step: other gradients, then a corrupted heap). Eager's kernels
@@ -73,7 +77,7 @@ def fusible(n: fx.Node) -> bool:
         return False
     if t._schema.is_mutable or (torch.Tag.nondeterministic_seeded in t.tags and not draws_nothing(n)):
         return False
-    if t._opname in _RELAID or _adds_through_indices(n):
+    if t._opname in _RELAID or t._opname in _BUFFERED_LOWERINGS or _adds_through_indices(n):
         return False
     leaves = _flat(n.meta.get("val"))
     return bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves) and _laid_out_as_traced(n)
