@@ -510,6 +510,18 @@ def test_a_bicubic_upsample_stays_out_of_regions():
     assert not any("upsample" in op for r in regions.values() for op in r.ops)
 
 
+def test_a_kernel_left_to_aten_counts_what_it_was_measured_to_hold():
+    """A mixture-of-experts router counts tokens per expert with ``histc``, which Inductor leaves
+    to ATen: the kernel makes its bin edges beside the histogram (4 B past a Qwen2-MoE decode
+    step's region). What analysis measured the op to hold counts inside the region."""
+    class Counts(torch.nn.Module):
+        def forward(self, experts):
+            return torch.histc(experts.float(), bins=4, min=0, max=3).cumsum(0, dtype=torch.int32)
+
+    regions = _fused_as_eager_within_region_bytes(Counts(), (torch.tensor([0, 3, 1, 3]),))
+    assert any("aten.histc" in r.ops for r in regions.values())
+
+
 def test_a_region_returning_part_of_a_value_counts_a_buffer_as_large_as_the_value():
     """A decode step's attention: one softmax over the cache's scores and the step's own, the
     cache's columns returned as a view. Inductor keeps the view's strides, so it returned the

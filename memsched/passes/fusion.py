@@ -31,7 +31,7 @@ from ..ir.graph_module import lazy_graph_module
 from ..ir.listing import target_name
 from ..ir.memory import DeviceMemory
 from ..ir.meta import KEY as MEMSCHED_KEY
-from ..ir.meta import annotate
+from ..ir.meta import annotate, info
 from ..ir.ops import Op, free, op_of, region
 from ..ir.regions import KEY, Region, output_node, region_of, structure_key
 from ..ir.tensors import storages
@@ -218,6 +218,19 @@ def _relaid_cat(n: fx.Node, vals) -> int:
     return val.numel() * val.element_size() if relaid else 0
 
 
+def _held_inside(n: fx.Node) -> int:
+    """What an op may hold inside a region besides its outputs: its lowering's scratch and, for a
+    kernel Inductor leaves to ATen, what that kernel was measured to hold when the program was
+    analysed (``info(n).scratch``, CPU): the same ATen kernel runs inside the region (a MoE
+    router's ``histc`` made its bin edges beside its histogram: 4 B past a region's bytes)."""
+    from torch._inductor.lowering import fallbacks
+
+    held = scratch_bytes(n)
+    if n.target in fallbacks and MEMSCHED_KEY in n.meta:
+        held += info(n).scratch or 0
+    return held
+
+
 def _fallback_reads(n: fx.Node, vals) -> int:
     """A kernel Inductor leaves to ATen (its lowering's ``fallbacks``) may copy what it reads
     inside the call -- a cumsum of int32 widens its input to int64 first -- so each tensor it
@@ -299,14 +312,14 @@ class _Run:
         """Bytes made if ``n`` joins."""
         outside = self.outside | self._outside_keys(n)
         extra = {k: b for k, b in storages(n.meta.get("val")) if k not in outside and k not in self.made}
-        return sum(self.made.values()) + sum(extra.values()) + self.scratch + scratch_bytes(n)
+        return sum(self.made.values()) + sum(extra.values()) + self.scratch + _held_inside(n)
 
     def add(self, n: fx.Node) -> None:
         self.outside |= self._outside_keys(n)
         for k, b in storages(n.meta.get("val")):
             if k not in self.outside:
                 self.made[k] = b
-        self.scratch += scratch_bytes(n)
+        self.scratch += _held_inside(n)
         self.members.append(n)
 
     def outputs(self) -> list:
