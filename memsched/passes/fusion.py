@@ -13,7 +13,9 @@ region only grows while
 fuses away -- every value of its ops, and the non-pointwise values of each op's decomposition,
 ``scratch_bytes``. A bound read from the ops, not a proof about Inductor: the runtime checks each
 kernel's first CPU call against it with the allocator's own events). Ops left out: random ones (a compiled
-kernel draws other numbers), in-place and mutating ones, convolutions (see ``_RELAID``), ops of
+kernel draws other numbers), in-place and mutating ones, convolutions (see ``_RELAID``), lowerings that
+write buffers their ops do not show (``_BUFFERED_LOWERINGS``), ops adding at computed indices
+(``_adds_through_indices``: Inductor's CPU code for them can store at wrong offsets), ops of
 other namespaces and Python calls, and ops whose results are not tensors. A region needs two ops that compute (views and
 getitems do not count); shorter runs stay as they are.
 """
