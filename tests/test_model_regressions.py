@@ -17,7 +17,12 @@ model this suite owns (plain torch modules written here, or transformers tiny co
 * the same built on meta: export records ``detach_`` on each empty cache layer it makes in
   the forward, which capture refused as a write into a graph input;
 * a module cast to its own dtype in forward (Switch Transformers' and NLLB-MoE's routers):
-  under a trace ``Module._apply`` swapped the fake parameters and failed.
+  under a trace ``Module._apply`` swapped the fake parameters and failed;
+* a ``BatchNorm1d`` over a transposed sequence (PatchTST): traced, its result kept the
+  input's strides, while the CPU kernel's is contiguous, so a ``reshape`` after it traced as
+  a ``view`` the run could not take;
+* a gradient handed in another layout than its output's (a transposed output, a loss
+  ``(out * w).sum()``): the backward's views were traced for the output's layout.
 
 Every training step is compared with eager PyTorch bit for bit (loss and every gradient) at
 100 % of its unconstrained training peak, at about half of it and at its minimum budget, and
@@ -107,6 +112,21 @@ class ExpandedSaved(nn.Module):
         return h.square().mean()
 
 
+class NormOverSequence(nn.Module):
+    """Batch norm over the channels of a (batch, length, channels) sequence, as PatchTST does:
+    transposed in, transposed back, then flattened for the head."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.norm = nn.BatchNorm1d(d)
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):
+        h = self.norm(self.proj(x).transpose(1, 2)).transpose(1, 2)
+        return self.head(h.reshape(-1, h.shape[-1])).square().mean()
+
+
 def _seeded(module_fn):
     torch.manual_seed(0)
     return module_fn().train().requires_grad_(True)
@@ -143,6 +163,11 @@ def _deberta_v2():
     model = _seeded(lambda: _quiet(DebertaV2ForMaskedLM, cfg))
     ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(1))
     return model, (), {"input_ids": ids, "labels": ids}, lambda out: out.loss
+
+
+def _norm_over_sequence():
+    model = _seeded(NormOverSequence)
+    return model, (torch.randn(4, 6, 16, generator=torch.Generator().manual_seed(1)),), {}, lambda loss: loss
 
 
 def _gpt2():
@@ -184,6 +209,7 @@ TRAIN = {
     "gru": _gru,
     "expanded_saved": _expanded_saved,
     "deberta_v2_relative": _deberta_v2,
+    "batchnorm_over_sequence": _norm_over_sequence,
     "gpt2_use_cache": _hf_train(_gpt2),
     "llama_use_cache": _hf_train(_llama),
 }
@@ -547,5 +573,37 @@ def test_an_output_storage_the_kernel_makes_larger_is_counted(train):
                 want.sum().backward()
                 assert_same_grads(ref, model)
         assert cm.plan.verify() <= budget and cm.stats.peak_device_bytes <= budget
+    finally:
+        cm.close()
+
+
+class TransposedOut(nn.Module):
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        return torch.tanh(self.proj(x)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("loss", ["weighted_sum", "sum", "mean_of_contiguous"])
+def test_a_gradient_in_another_layout_than_its_output_s(loss):
+    """The output is transposed; the caller's gradient comes row-major (``(out * w).sum()``),
+    expanded (``out.sum()``) or from a contiguous copy: the backward traced for the output's
+    layout gets it in that layout, and the step equals eager."""
+    model = _seeded(TransposedOut)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(3, 16, 5, generator=torch.Generator().manual_seed(2))
+    loss_fn = {"weighted_sum": lambda out: (out * w).sum(), "sum": lambda out: out.sum(),
+               "mean_of_contiguous": lambda out: out.contiguous().square().mean()}[loss]
+    ref = copy.deepcopy(model)
+    want = loss_fn(ref(x))
+    want.backward()
+    cm = _compile(model, 10**9, train=True)
+    try:
+        got = loss_fn(cm(x))
+        got.backward()
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=0, atol=0)
+        assert_same_grads(ref, model)
     finally:
         cm.close()

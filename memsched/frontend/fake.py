@@ -10,19 +10,26 @@ the plan would count other bytes than the run holds, or hand an op a layout it d
   the meta TensorIterator, so a channels-last-looking input takes its channels-last fast
   path, while on a CPU the number is a 0-dim operand and the output keeps the input's strides;
 * ``mkldnn_rnn_layer`` (``nn.LSTM`` on a CPU) traces an empty workspace, while in a training
-  forward (grad mode on, ``train=True``) the kernel returns one its backward reads.
+  forward (grad mode on, ``train=True``) the kernel returns one its backward reads;
+* batch norm (forward, every variant, and backward) is traced by a Python decomposition whose
+  result keeps a permuted input's strides, while the CPU kernel returns a tensor contiguous in
+  the input's suggested memory format: a ``BatchNorm1d`` over a transposed sequence (PatchTST)
+  traced as ``view`` a result the run makes non-viewable, so the step failed at that view.
 
 The stride of a size-1 dimension never moves an element, but it decides
 ``suggest_memory_format``: a ``group_norm`` decomposed while tracing a training step skipped
 the ``contiguous()`` eager makes, and the real tensor then failed ``native_group_norm``'s
 layout check (and a layout-dependent kernel would not give eager's bits). Inside
-``eager_meta()`` all three give what eager gives. Only strides of size-1 dimensions are ever
-changed, so a traced value still addresses the same elements; anything this does not
-recognise is traced as PyTorch traces it.
+``eager_meta()`` all four give what eager gives. For the first three only strides of size-1
+dimensions are ever changed, so a traced value still addresses the same elements; a batch
+norm's result is a fresh tensor, traced in the layout the kernel was seen to make (a probe of
+each op on a few real elements, once). Anything this does not recognise is traced as PyTorch
+traces it.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from numbers import Number
 
 import torch
@@ -49,6 +56,7 @@ def eager_meta():
         from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
         table, checks = fake_impls.op_implementations_dict, fake_impls.op_implementations_checks
         compute_stride = fake_impls._compute_stride
+        from torch._decomp import decomposition_table as decompositions
     except (ImportError, AttributeError):  # another torch: trace as it does
         yield
         return
@@ -65,13 +73,16 @@ def eager_meta():
         return _pointwise(fake_mode, func, args, kwargs, FakeTensor)
 
     entry = (_handled, fix)
+    norms = _batch_norm_decompositions()
     FakeTensorMode.cache_clear()  # results traced before are cached with PyTorch's strides
     table.update(dict.fromkeys(views, view))
     checks.insert(0, entry)
+    decompositions.update({op: _laid_out_as_run(op, d, FakeTensor) for op, d in norms.items()})
     try:
         yield
     finally:
         table.update(views)
+        decompositions.update(norms)
         if entry in checks:
             checks.remove(entry)
         FakeTensorMode.cache_clear()
@@ -197,6 +208,80 @@ def _rnn_layer(mode, args, kwargs, fake_cls):
         numel, dtype = _workspaces[key]
         outs = (*outs[:3], torch.empty(numel, dtype=dtype, device="meta"))
     return tuple(fake_cls(mode, o, device=tensors[0].device) for o in outs)
+
+
+_BATCH_NORMS = (("native_batch_norm", "default"), ("_native_batch_norm_legit", "default"),
+                ("_native_batch_norm_legit", "no_stats"), ("_native_batch_norm_legit_functional", "default"),
+                ("_native_batch_norm_legit_no_training", "default"), ("_batch_norm_with_update", "default"),
+                ("_batch_norm_with_update_functional", "default"), ("_batch_norm_no_update", "default"),
+                ("native_batch_norm_backward", "default"), ("batch_norm_backward", "default"))
+_suggested_layout: dict = {}   # batch-norm op -> does its CPU kernel lay its result out as suggested
+
+
+def _batch_norm_decompositions() -> dict:
+    """The batch-norm ops FakeTensors trace through a decomposition, with that decomposition."""
+    from torch._decomp import decomposition_table
+
+    ops = (getattr(getattr(torch.ops.aten, name, None), overload, None) for name, overload in _BATCH_NORMS)
+    return {op: decomposition_table[op] for op in ops if op is not None and op in decomposition_table}
+
+
+def _laid_out_as_run(func, decomposition, fake_cls):
+    """``decomposition`` whose first result, on CPU FakeTensors, takes the layout the CPU
+    kernel gives it: contiguous in the input's ``suggest_memory_format()`` (where a probe shows
+    the kernel does that). Wrapped so PyTorch still takes it for one of its own
+    decompositions (it runs those under FakeTensors, and others not at all)."""
+    @functools.wraps(decomposition)
+    def run(*args, **kwargs):
+        out = decomposition(*args, **kwargs)
+        values = dict(zip([a.name for a in func._schema.arguments], args), **kwargs)
+        x = values.get("input")
+        if (not isinstance(out, (tuple, list)) or not out or not isinstance(out[0], fake_cls)
+                or not isinstance(x, fake_cls) or x.device.type != "cpu" or out[0].shape != x.shape
+                or not _ints(x.shape, x.stride(), out[0].stride())
+                or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None):
+            return out  # symbolic sizes, another device, or traced into a graph: as PyTorch traces it
+        from torch._prims_common import suggest_memory_format
+        from torch.utils._mode_utils import no_dispatch
+
+        with no_dispatch():
+            if func not in _suggested_layout:
+                _suggested_layout[func] = _lays_out_as_suggested(func, values)
+            want = torch.empty(x.shape, device="meta", memory_format=suggest_memory_format(x)).stride()
+            if not _suggested_layout[func] or tuple(want) == tuple(out[0].stride()):
+                return out
+            meta = torch.empty_strided(x.shape, want, dtype=out[0].dtype, device="meta")
+        return (fake_cls(x.fake_mode, meta, device=x.device), *out[1:])
+    return run
+
+
+def _lays_out_as_suggested(func, values: dict) -> bool:
+    """Does this batch-norm op's CPU kernel return its first result contiguous in the input's
+    suggested memory format? Asked of two probes of a few elements: a transposed sequence
+    (suggested: contiguous) and a channels-last image (suggested: channels-last), every tensor
+    argument with more than one dimension laid out as the input, vectors of the input's
+    channels, empty ones kept empty."""
+    from torch._prims_common import suggest_memory_format
+
+    channels = values["input"].shape[1]
+    probes = (lambda d: torch.ones(2, 3, d).transpose(1, 2),
+              lambda d: torch.ones(2, d, 3, 2).contiguous(memory_format=torch.channels_last))
+    try:
+        for probe in probes:
+            def make(a):
+                if not isinstance(a, torch.Tensor):
+                    return a
+                if a.dim() > 1:
+                    return probe(channels).to(a.dtype)
+                return torch.ones(channels if a.numel() else 0, dtype=a.dtype)
+            args = {k: make(v) for k, v in values.items()}
+            x = args["input"]
+            out = func(**args)[0]
+            if tuple(out.stride()) != tuple(torch.empty_like(x, memory_format=suggest_memory_format(x)).stride()):
+                return False
+        return True
+    except Exception:  # noqa: BLE001  (an op that cannot run on the probe is traced as PyTorch traces it)
+        return False
 
 
 def share_storages_as_eager(graph: torch.fx.Graph) -> None:

@@ -49,6 +49,9 @@ class JointCaptured(Captured):
     grad_targets: list[str] = field(default_factory=list)      # state keys of trained parameters
     diff_outputs: list[int] = field(default_factory=list)      # user outputs that take a gradient
     grad_capable: list[int] = field(default_factory=list)      # user outputs that depend on a parameter
+    # per diff output, the strides its gradient was traced with (the output's own): the backward's
+    # views were traced for that layout, so a gradient handed in otherwise is laid out so first
+    tangent_strides: list[tuple] = field(default_factory=list)
     boundary: str = ""                                         # name of the boundary node
     # the exported forward it was traced from (module paths in its nodes' meta) and the names
     # of that graph's weight, buffer and constant inputs: what passes/chunking.py reads
@@ -161,10 +164,10 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     constants = {k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
     return JointCaptured(
         joint, placeholders, ep.call_spec.in_spec, ep.call_spec.out_spec, constants,
-        n_outputs=len(out_vals), n_mutations=n_mut,
+        n_outputs=len(out_vals), n_mutations=n_mut, boundary=boundary.name,
         mutation_targets=[s.target for s in out_specs if s.kind == OutputKind.BUFFER_MUTATION],
         grad_targets=[placeholders[i].target for i in trained], diff_outputs=list(trace.diff),
-        grad_capable=list(trace.capable), boundary=boundary.name,
+        grad_capable=list(trace.capable), tangent_strides=[tuple(user_vals[i].stride()) for i in trace.diff],
         forward=(ep.graph_module, {sp.arg.name for sp in ep.graph_signature.input_specs if sp.kind != InputKind.USER_INPUT}))
 
 

@@ -84,7 +84,8 @@ class TrainStep:
             if i in c.diff_outputs:
                 out = self.outputs[c.n_mutations + i]
                 given |= (g is not None) << len(tangents)
-                tangents.append(torch.zeros_like(out) if g is None else g.to(out.device, out.dtype))
+                g = torch.zeros_like(out) if g is None else g.to(out.device, out.dtype)
+                tangents.append(_laid_out_as_traced(g, c.tangent_strides[len(tangents)]))
             elif g is not None and bool(torch.any(g != 0)):
                 self.executor.abandon()
                 raise RuntimeError(
@@ -111,6 +112,21 @@ class TrainStep:
                 self.executor.engine.release(g)
         # a parameter none of whose output gradients was given gets none, as in eager autograd
         return _on_params([None if src and not src & given else g for g, src in zip(grads, self.sources)], params)
+
+
+def _laid_out_as_traced(g: torch.Tensor, stride: tuple) -> torch.Tensor:
+    """``g`` in the layout its backward was traced for. The trace chose ``view`` where that
+    layout allowed one; the caller's gradient can come in another (a transposed output's
+    gradient from ``(out * w).sum()`` is row-major, a sum's is expanded), where such a view
+    fails. A dense traced layout gets a copy, one output's bytes, as the trace counted them."""
+    from torch._prims_common import is_non_overlapping_and_dense_or_false as dense
+
+    shape = tuple(g.shape)
+    if all(s == t or n == 1 for s, t, n in zip(g.stride(), stride, shape)) or len(stride) != len(shape):
+        return g
+    if not dense(torch.empty_strided(shape, stride, device="meta")):
+        return g   # an overlapping or gappy output (an expanded one): the trace's tangent was made so too
+    return torch.empty_strided(shape, stride, dtype=g.dtype, device=g.device).copy_(g)
 
 
 def _on_params(grads: list, params: list[torch.Tensor]) -> list:
