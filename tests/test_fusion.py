@@ -510,6 +510,24 @@ def test_a_bicubic_upsample_stays_out_of_regions():
     assert not any("upsample" in op for r in regions.values() for op in r.ops)
 
 
+def test_a_group_norm_counts_the_per_channel_buffers_of_its_cpu_lowering():
+    """On a CPU, the group norm Inductor lowers computes each channel's scale and shift into
+    buffers of their own (the decomposition branches on the device, then reads them through
+    ``as_strided``): PoolFormer's region allocated 2.5 KiB against the 2 KiB counted when its
+    decomposition was traced on meta tensors, which take the other branch."""
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.GroupNorm(1, 32)
+
+        def forward(self, x):
+            y = self.norm(x)
+            return y, torch.nn.functional.avg_pool2d(y, 3, 1, 1, count_include_pad=False)
+
+    regions = _fused_as_eager_within_region_bytes(Pooled(), (torch.randn(2, 32, 2, 2),))
+    assert any("group_norm" in op for r in regions.values() for op in r.ops)
+
+
 def test_a_kernel_left_to_aten_counts_what_it_was_measured_to_hold():
     """A mixture-of-experts router counts tokens per expert with ``histc``, which Inductor leaves
     to ATen: the kernel makes its bin edges beside the histogram (4 B past a Qwen2-MoE decode

@@ -111,6 +111,27 @@ def _flat(val) -> list:
 _AUX: dict[tuple, int] = {}
 
 
+def _fake_like(vals):
+    """Arguments for tracing an op as on its own device, allocating nothing: FakeTensors of each
+    tensor's device. Decompositions branch on the device (a group norm on a CPU computes each
+    channel's scale and shift into buffers of their own), so a trace on meta tensors would count
+    another lowering than Inductor's for the device."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+
+    def fake(v):
+        if isinstance(v, torch.Tensor):
+            with mode:
+                return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device)
+        if isinstance(v, dict):
+            return {k: fake(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(fake(x) for x in v)
+        return v
+    return fake(vals)
+
+
 def _meta_like(v):
     """Arguments for tracing an op on meta tensors: nothing is allocated, even by an op that
     makes a tensor on a device its arguments name (``full(..., device=cpu)``)."""
@@ -127,7 +148,7 @@ def _meta_like(v):
 
 def _sig(v):
     if isinstance(v, torch.Tensor):
-        return ("T", tuple(v.shape), tuple(v.stride()), v.dtype)
+        return ("T", tuple(v.shape), tuple(v.stride()), v.dtype, v.device.type)
     if isinstance(v, (list, tuple)):
         return tuple(_sig(x) for x in v)
     return repr(v)
@@ -155,8 +176,9 @@ def scratch_bytes(n: fx.Node) -> int:
     table Inductor lowers with) that are neither pointwise, nor views, nor its outputs -- the
     mean and rstd of a layer norm, the product inside an addmm -- and, for a kernel Inductor
     leaves to ATen, the tensors it reads again (``_fallback_reads``). Pointwise intermediates
-    fuse into one loop and are not counted. Traced once per op and argument layout on meta tensors; an op
-    that does not trace is given its outputs' bytes again."""
+    fuse into one loop and are not counted, unless read by a library call or through
+    ``as_strided``. Traced once per op and argument layout on FakeTensors of the op's device
+    (decompositions branch on it); an op that does not trace is given its outputs' bytes again."""
     if n.target is operator.getitem or n.target.is_view or torch.Tag.pointwise in n.target.tags:
         return 0
     return _traced(n)[0]
@@ -252,11 +274,16 @@ def _trace_decomposed(n: fx.Node, vals) -> tuple[int, bool]:
     from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    args, kwargs = _meta_like(vals)
+    def trace(args, kwargs):
+        return make_fx(lambda a, k: n.target(*a, **k), decomposition_table=select_decomp_table())(args, kwargs)
+
     try:
-        gm = make_fx(lambda a, k: n.target(*a, **k), decomposition_table=select_decomp_table())(args, kwargs)
-    except Exception:  # noqa: BLE001 - an op the meta tracer cannot run: count its outputs again
-        return sum(b for _, b in storages(n.meta.get("val"))), True
+        gm = trace(*_fake_like(vals))
+    except Exception:  # noqa: BLE001 - traced on meta tensors instead, as it is on devices fakes cannot take
+        try:
+            gm = trace(*_meta_like(vals))
+        except Exception:  # noqa: BLE001 - an op the meta tracer cannot run: count its outputs again
+            return sum(b for _, b in storages(n.meta.get("val"))), True
     out_node = next(x for x in reversed(gm.graph.nodes) if x.op == "output")
     made = [x.meta.get("val") if isinstance(x, fx.Node) else x for x in _flat(out_node.args[0])]
     layout_ok = all(_same_layout(a, b) for a, b in zip(made, _flat(n.meta.get("val"))))
@@ -282,10 +309,14 @@ def _loop_op(x: fx.Node) -> bool:
 
 def _feeds_a_library_call(x: fx.Node) -> bool:
     """A pointwise value that an op outside the loop reads (directly or through views) is written
-    to memory for it: an einsum's operands made contiguous (``clone``) for its ``bmm``."""
+    to memory for it: an einsum's operands made contiguous (``clone``) for its ``bmm``. So is one
+    read through ``as_strided``, whose lowering realizes its input: a CPU group norm's per-channel
+    scale and shift (a PoolFormer region allocated 2.5 KiB against 2 KiB counted)."""
     stack = list(x.users)
     while stack:
         u = stack.pop()
+        if u.op == "call_function" and u.target is torch.ops.aten.as_strided.default:
+            return True
         if u.op == "call_function" and isinstance(u.target, torch._ops.OpOverload) and u.target.is_view:
             stack.extend(u.users)
         elif u.op == "call_function" and not _loop_op(u):
