@@ -20,7 +20,8 @@ model this suite owns (plain torch modules written here, or transformers tiny co
   under a trace ``Module._apply`` swapped the fake parameters and failed;
 * a ``BatchNorm1d`` over a transposed sequence (PatchTST): traced, its result kept the
   input's strides, while the CPU kernel's is contiguous, so a ``reshape`` after it traced as
-  a ``view`` the run could not take;
+  a ``view`` the run could not take (a layer norm's backward, handed a transposed gradient,
+  traced likewise: SwinV2, GLPN, Wav2Vec2-Conformer);
 * a gradient handed in another layout than its output's (a transposed output, a loss
   ``(out * w).sum()``): the backward's views were traced for the output's layout.
 
@@ -312,6 +313,48 @@ def test_traced_strides_of_size1_dimensions_are_eager_strides():
     assert got == want
 
 
+def _norm_calls():
+    """Normalisations whose decompositions keep a permuted argument's layout where the CPU
+    kernel does not: (name, op, real arguments)."""
+    A = torch.ops.aten
+    seq = torch.randn(6, 8, 16).transpose(1, 2)            # (batch, channels, length), channels inner
+    image = torch.randn(2, 16, 3, 5).contiguous(memory_format=torch.channels_last)
+    c = torch.ones(16), torch.zeros(16)
+    _, mean, rstd = A.native_batch_norm.default(seq, *c, torch.zeros(16), torch.ones(16), True, 0.1, 1e-5)
+    rows = torch.randn(2, 16, 5)
+    _, lmean, lrstd = A.native_layer_norm.default(rows, [5], torch.ones(5), torch.zeros(5), 1e-5)
+    grad_rows = torch.randn(2, 5, 16).transpose(1, 2)      # a transposed layer norm output's gradient
+    stats = torch.zeros(16), torch.ones(16)
+    return [
+        ("batch_norm_train", A.native_batch_norm.default, (seq, *c, *stats, True, 0.1, 1e-5)),
+        ("batch_norm_eval", A._native_batch_norm_legit_no_training.default, (seq, *c, *stats, 0.1, 1e-5)),
+        ("batch_norm_channels_last", A.native_batch_norm.default, (image, *c, *stats, True, 0.1, 1e-5)),
+        ("batch_norm_backward", A.native_batch_norm_backward.default,
+         (torch.randn(6, 8, 16).transpose(1, 2), seq, c[0], None, None, mean, rstd, True, 1e-5, [True, True, True])),
+        ("layer_norm_backward", A.native_layer_norm_backward.default,
+         (grad_rows, rows, [5], lmean, lrstd, torch.ones(5), torch.zeros(5), [True, True, True])),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5), ids=lambda i: _norm_calls()[i][0])
+def test_traced_normalisations_take_the_cpu_kernels_layout(case):
+    """Inside ``eager_meta`` a normalisation's traced result has the strides the CPU kernel
+    gives it (contiguous in the input's suggested format), not its decomposition's: PatchTST's
+    ``BatchNorm1d`` over a transposed sequence traced a ``view`` the run could not take, and a
+    transposed layer norm output's gradient traced other strides than its backward returns."""
+    from torch._subclasses import FakeTensorMode
+
+    from memsched.frontend.fake import eager_meta
+
+    _, op, args = _norm_calls()[case]
+    want = op(*args)[0].stride()
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with eager_meta():
+            got = op(*fake)[0].stride()
+    assert got == want
+
+
 def test_lstm_training_trace_counts_the_workspace_and_both_bias_grads():
     """In a training forward ``mkldnn_rnn_layer`` returns a workspace (traced empty by
     PyTorch) that its backward reads; ``mkldnn_rnn_layer_backward`` returns two bias gradients
@@ -577,23 +620,28 @@ def test_an_output_storage_the_kernel_makes_larger_is_counted(train):
         cm.close()
 
 
-class TransposedOut(nn.Module):
-    def __init__(self, d: int = 16):
+class LaidOutOutput(nn.Module):
+    """An output laid out otherwise than row-major: transposed, or one token sliced out of a
+    sequence (its rows skip the rest, as a pooled first token's do)."""
+
+    def __init__(self, kind: str, d: int = 16):
         super().__init__()
-        self.proj = nn.Linear(d, d)
+        self.kind, self.proj = kind, nn.Linear(d, d)
 
     def forward(self, x):
-        return torch.tanh(self.proj(x)).transpose(1, 2)
+        h = torch.tanh(self.proj(x))
+        return h.transpose(1, 2) if self.kind == "transposed" else h[:, 0]
 
 
 @pytest.mark.parametrize("loss", ["weighted_sum", "sum", "mean_of_contiguous"])
-def test_a_gradient_in_another_layout_than_its_output_s(loss):
-    """The output is transposed; the caller's gradient comes row-major (``(out * w).sum()``),
-    expanded (``out.sum()``) or from a contiguous copy: the backward traced for the output's
-    layout gets it in that layout, and the step equals eager."""
-    model = _seeded(TransposedOut)
+@pytest.mark.parametrize("kind", ["transposed", "sliced"])
+def test_a_gradient_in_another_layout_than_its_output_s(kind, loss):
+    """The caller's gradient of a transposed or sliced output comes row-major (``(out *
+    w).sum()``), expanded (``out.sum()``) or from a contiguous copy: the backward traced for
+    the output's layout gets it in that layout, and the step equals eager."""
+    model = _seeded(lambda: LaidOutOutput(kind))
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
-    w = torch.randn(3, 16, 5, generator=torch.Generator().manual_seed(2))
+    w = torch.randn(model(x).shape, generator=torch.Generator().manual_seed(2))
     loss_fn = {"weighted_sum": lambda out: (out * w).sum(), "sum": lambda out: out.sum(),
                "mean_of_contiguous": lambda out: out.contiguous().square().mean()}[loss]
     ref = copy.deepcopy(model)

@@ -11,20 +11,21 @@ the plan would count other bytes than the run holds, or hand an op a layout it d
   path, while on a CPU the number is a 0-dim operand and the output keeps the input's strides;
 * ``mkldnn_rnn_layer`` (``nn.LSTM`` on a CPU) traces an empty workspace, while in a training
   forward (grad mode on, ``train=True``) the kernel returns one its backward reads;
-* batch norm (forward, every variant, and backward) is traced by a Python decomposition whose
-  result keeps a permuted input's strides, while the CPU kernel returns a tensor contiguous in
-  the input's suggested memory format: a ``BatchNorm1d`` over a transposed sequence (PatchTST)
-  traced as ``view`` a result the run makes non-viewable, so the step failed at that view.
+* batch norm (forward, every variant, and backward) and the backward of layer and RMS norm
+  are traced by Python decompositions whose result keeps a permuted argument's strides, while
+  the CPU kernel returns a tensor contiguous in the input's suggested memory format (or plain
+  contiguous): a ``BatchNorm1d`` over a transposed sequence (PatchTST) traced as ``view`` a
+  result the run makes non-viewable, so the step failed at that view.
 
 The stride of a size-1 dimension never moves an element, but it decides
 ``suggest_memory_format``: a ``group_norm`` decomposed while tracing a training step skipped
 the ``contiguous()`` eager makes, and the real tensor then failed ``native_group_norm``'s
 layout check (and a layout-dependent kernel would not give eager's bits). Inside
 ``eager_meta()`` all four give what eager gives. For the first three only strides of size-1
-dimensions are ever changed, so a traced value still addresses the same elements; a batch
-norm's result is a fresh tensor, traced in the layout the kernel was seen to make (a probe of
-each op on a few real elements, once). Anything this does not recognise is traced as PyTorch
-traces it.
+dimensions are ever changed, so a traced value still addresses the same elements; a
+normalisation's result is a fresh tensor, traced in the layout the kernel was seen to make (a
+probe of the op on a few real elements laid out as the call's, once per layout). Anything
+this does not recognise is traced as PyTorch traces it.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def eager_meta():
         return _pointwise(fake_mode, func, args, kwargs, FakeTensor)
 
     entry = (_handled, fix)
-    norms = _batch_norm_decompositions()
+    norms = _norm_decompositions()
     FakeTensorMode.cache_clear()  # results traced before are cached with PyTorch's strides
     table.update(dict.fromkeys(views, view))
     checks.insert(0, entry)
@@ -210,78 +211,95 @@ def _rnn_layer(mode, args, kwargs, fake_cls):
     return tuple(fake_cls(mode, o, device=tensors[0].device) for o in outs)
 
 
-_BATCH_NORMS = (("native_batch_norm", "default"), ("_native_batch_norm_legit", "default"),
-                ("_native_batch_norm_legit", "no_stats"), ("_native_batch_norm_legit_functional", "default"),
-                ("_native_batch_norm_legit_no_training", "default"), ("_batch_norm_with_update", "default"),
-                ("_batch_norm_with_update_functional", "default"), ("_batch_norm_no_update", "default"),
-                ("native_batch_norm_backward", "default"), ("batch_norm_backward", "default"))
-_suggested_layout: dict = {}   # batch-norm op -> does its CPU kernel lay its result out as suggested
+_NORMS = (("native_batch_norm", "default"), ("_native_batch_norm_legit", "default"),
+          ("_native_batch_norm_legit", "no_stats"), ("_native_batch_norm_legit_functional", "default"),
+          ("_native_batch_norm_legit_no_training", "default"), ("_batch_norm_with_update", "default"),
+          ("_batch_norm_with_update_functional", "default"), ("_batch_norm_no_update", "default"),
+          ("native_batch_norm_backward", "default"), ("batch_norm_backward", "default"),
+          ("native_layer_norm_backward", "default"), ("_fused_rms_norm_backward", "default"))
+_run_orders: dict = {}   # (norm op, its probe's arguments) -> the CPU kernel's result's dimension order
 
 
-def _batch_norm_decompositions() -> dict:
-    """The batch-norm ops FakeTensors trace through a decomposition, with that decomposition."""
+def _norm_decompositions() -> dict:
+    """The normalisation ops FakeTensors trace through a decomposition, with that decomposition."""
     from torch._decomp import decomposition_table
 
-    ops = (getattr(getattr(torch.ops.aten, name, None), overload, None) for name, overload in _BATCH_NORMS)
+    ops = (getattr(getattr(torch.ops.aten, name, None), overload, None) for name, overload in _NORMS)
     return {op: decomposition_table[op] for op in ops if op is not None and op in decomposition_table}
 
 
 def _laid_out_as_run(func, decomposition, fake_cls):
     """``decomposition`` whose first result, on CPU FakeTensors, takes the layout the CPU
-    kernel gives it: contiguous in the input's ``suggest_memory_format()`` (where a probe shows
-    the kernel does that). Wrapped so PyTorch still takes it for one of its own
-    decompositions (it runs those under FakeTensors, and others not at all)."""
+    kernel gives it, as a probe of the op on a few elements laid out as this call's arguments
+    shows (``_run_order``). Wrapped so PyTorch still takes it for one of its own decompositions
+    (it runs those under FakeTensors, and others not at all)."""
     @functools.wraps(decomposition)
     def run(*args, **kwargs):
         out = decomposition(*args, **kwargs)
         values = dict(zip([a.name for a in func._schema.arguments], args), **kwargs)
         x = values.get("input")
+        tensors = [v for v in pytree.tree_leaves(values) if isinstance(v, torch.Tensor)]
         if (not isinstance(out, (tuple, list)) or not out or not isinstance(out[0], fake_cls)
                 or not isinstance(x, fake_cls) or x.device.type != "cpu" or out[0].shape != x.shape
-                or not _ints(x.shape, x.stride(), out[0].stride())
+                or not all(_ints(t.shape, t.stride()) for t in tensors + [out[0]])
                 or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None):
             return out  # symbolic sizes, another device, or traced into a graph: as PyTorch traces it
-        from torch._prims_common import suggest_memory_format
         from torch.utils._mode_utils import no_dispatch
 
         with no_dispatch():
-            if func not in _suggested_layout:
-                _suggested_layout[func] = _lays_out_as_suggested(func, values)
-            want = torch.empty(x.shape, device="meta", memory_format=suggest_memory_format(x)).stride()
-            if not _suggested_layout[func] or tuple(want) == tuple(out[0].stride()):
+            order = _run_order(func, values)
+            if order is None:
+                return out
+            want = _strides_in_order(tuple(x.shape), order)
+            if want == tuple(out[0].stride()) or _size1_only(want, out[0].stride(), x.shape):
                 return out
             meta = torch.empty_strided(x.shape, want, dtype=out[0].dtype, device="meta")
         return (fake_cls(x.fake_mode, meta, device=x.device), *out[1:])
     return run
 
 
-def _lays_out_as_suggested(func, values: dict) -> bool:
-    """Does this batch-norm op's CPU kernel return its first result contiguous in the input's
-    suggested memory format? Asked of two probes of a few elements: a transposed sequence
-    (suggested: contiguous) and a channels-last image (suggested: channels-last), every tensor
-    argument with more than one dimension laid out as the input, vectors of the input's
-    channels, empty ones kept empty."""
-    from torch._prims_common import suggest_memory_format
+def _order(stride) -> tuple:
+    """Dimensions from outermost to innermost (ties: the later dimension inner, as contiguous)."""
+    return tuple(sorted(range(len(stride)), key=lambda i: (-stride[i], i)))
 
-    channels = values["input"].shape[1]
-    probes = (lambda d: torch.ones(2, 3, d).transpose(1, 2),
-              lambda d: torch.ones(2, d, 3, 2).contiguous(memory_format=torch.channels_last))
-    try:
-        for probe in probes:
-            def make(a):
-                if not isinstance(a, torch.Tensor):
-                    return a
-                if a.dim() > 1:
-                    return probe(channels).to(a.dtype)
-                return torch.ones(channels if a.numel() else 0, dtype=a.dtype)
-            args = {k: make(v) for k, v in values.items()}
-            x = args["input"]
+
+def _strides_in_order(shape: tuple, order: tuple) -> tuple:
+    """Dense strides of ``shape`` laid out with its dimensions in ``order``, outermost first."""
+    stride, step = [0] * len(shape), 1
+    for i in reversed(order):
+        stride[i], step = step, step * max(shape[i], 1)
+    return tuple(stride)
+
+
+def _run_order(func, values: dict):
+    """The dimension order of the CPU kernel's first result, given arguments laid out as
+    ``values``: asked once of a probe of a few elements (every size above 1 mapped to a small
+    one, the same size to the same one, lists of ints with them; every tensor in its argument's
+    dimension order). None where the probe cannot run or its result is not dense."""
+    from torch._prims_common import is_non_overlapping_and_dense_or_false as dense
+
+    sizes = {d for v in pytree.tree_leaves(values) if isinstance(v, torch.Tensor) for d in v.shape if d > 1}
+    small = {d: 2 + i for i, d in enumerate(sorted(sizes))}
+
+    def probe(v):
+        if isinstance(v, torch.Tensor):
+            order = _order(v.stride())
+            shape = tuple(small.get(d, d) for d in v.shape)
+            return torch.ones([shape[i] for i in order], dtype=v.dtype).permute(
+                sorted(range(len(order)), key=order.__getitem__))
+        if isinstance(v, (list, tuple)) and v and all(type(d) is int for d in v):
+            return type(v)(small.get(d, d) for d in v)
+        return v
+    args = {k: probe(v) for k, v in values.items()}
+    key = (func, str(pytree.tree_map(lambda a: (tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor)
+                                     else a, sorted(args.items()))))
+    if key not in _run_orders:
+        try:
             out = func(**args)[0]
-            if tuple(out.stride()) != tuple(torch.empty_like(x, memory_format=suggest_memory_format(x)).stride()):
-                return False
-        return True
-    except Exception:  # noqa: BLE001  (an op that cannot run on the probe is traced as PyTorch traces it)
-        return False
+            _run_orders[key] = _order(out.stride()) if dense(out) and out.shape == args["input"].shape else None
+        except Exception:  # noqa: BLE001  (an op that cannot run on the probe is traced as PyTorch traces it)
+            _run_orders[key] = None
+    return _run_orders[key]
 
 
 def share_storages_as_eager(graph: torch.fx.Graph) -> None:

@@ -118,15 +118,25 @@ def _laid_out_as_traced(g: torch.Tensor, stride: tuple) -> torch.Tensor:
     """``g`` in the layout its backward was traced for. The trace chose ``view`` where that
     layout allowed one; the caller's gradient can come in another (a transposed output's
     gradient from ``(out * w).sum()`` is row-major, a sum's is expanded), where such a view
-    fails. A dense traced layout gets a copy, one output's bytes, as the trace counted them."""
-    from torch._prims_common import is_non_overlapping_and_dense_or_false as dense
-
+    fails. Copied into that layout (the bytes the trace counted for it: a sliced output's
+    gradient, DINOv2's pooled token, spans the rows it skips) unless it overlaps itself."""
     shape = tuple(g.shape)
-    if all(s == t or n == 1 for s, t, n in zip(g.stride(), stride, shape)) or len(stride) != len(shape):
+    if len(stride) != len(shape) or all(s == t or n == 1 for s, t, n in zip(g.stride(), stride, shape)):
         return g
-    if not dense(torch.empty_strided(shape, stride, device="meta")):
-        return g   # an overlapping or gappy output (an expanded one): the trace's tangent was made so too
+    if not _non_overlapping(shape, stride):
+        return g   # an expanded output: the trace's gradient was made so too
     return torch.empty_strided(shape, stride, dtype=g.dtype, device=g.device).copy_(g)
+
+
+def _non_overlapping(shape: tuple, stride: tuple) -> bool:
+    """No two elements of a tensor of ``shape`` laid out with ``stride`` share memory: each
+    dimension, innermost first, steps past everything the dimensions inside it span."""
+    span = 1
+    for step, size in sorted((s, n) for n, s in zip(shape, stride) if n > 1):
+        if step < span:
+            return False
+        span += step * (size - 1)
+    return True
 
 
 def _on_params(grads: list, params: list[torch.Tensor]) -> list:
