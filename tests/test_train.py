@@ -367,6 +367,39 @@ def test_a_custom_backward_that_cannot_be_applied_again_is_named_in_a_warning():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 
 
+class _Reversible(torch.nn.Module):
+    """A reversible block as Reformer's: its Function computes the layer under ``no_grad`` (its
+    backward recomputes it), reading the layer's weight from the module it closes over."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(16, 16)
+        outer = self
+
+        class Coupled(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, h):
+                with torch.no_grad():
+                    out = h + outer.layer(h)
+                ctx.save_for_backward(out)
+                return out
+
+            @staticmethod
+            def backward(ctx, g):
+                return g
+
+        self.fn = Coupled
+
+    def forward(self, x):
+        return self.fn.apply(x).square().mean()
+
+
+def test_a_function_computing_without_autograd_is_named_when_nothing_is_left_to_differentiate():
+    model = _Reversible().train()
+    with pytest.raises(memsched.UnsupportedModelError, match="nothing to differentiate.*through .*Coupled: "):
+        memsched.plan(model, (torch.randn(4, 16),), budget=10**12, train=True)
+
+
 def test_a_model_without_custom_backwards_warns_nothing_of_them():
     from memsched.frontend.joint import CustomBackwardWarning
 

@@ -269,7 +269,8 @@ class _Trace:
             self.capable = [i for i, o in enumerate(user_outs) if isinstance(o, torch.Tensor) and o.requires_grad]
             self.diff = [i for i in self.floating if user_outs[i].requires_grad]
             if not self.diff:
-                raise UnsupportedModelError("no output depends on a trained parameter: nothing to differentiate")
+                raise UnsupportedModelError("no output depends on a trained parameter: nothing to differentiate"
+                                            + _through_inlined(self.functions.inlined))
             grads = torch.autograd.grad([user_outs[i] for i in self.diff], [leaves[i] for i in self.trained],
                                         [tangents[self.floating.index(i)] for i in self.diff], allow_unused=True)
         return list(outs), list(grads)
@@ -291,6 +292,16 @@ class _Trace:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CaptureError(f"could not trace the backward of {type(model).__name__}: "
                                f"{type(exc).__name__}: {first}") from exc
+
+
+def _through_inlined(names: set[str]) -> str:
+    """Why an output may seem not to depend on a parameter: a custom-backward Function that had
+    to run as its exported ops computes without autograd inside (reversible layers do)."""
+    if not names:
+        return ""
+    return (f" (the parameters may reach the outputs through {', '.join(sorted(names))}: torch.autograd."
+            "Function(s) whose forward reads tensors it is not handed and computes without autograd, so "
+            "memsched traces their ops and can neither apply their own backward nor differentiate those ops)")
 
 
 def _partition(joint, placeholders, n_primals, n_outputs, trace: _Trace, floating) -> torch.fx.Node:
