@@ -528,6 +528,41 @@ def test_a_group_norm_counts_the_per_channel_buffers_of_its_cpu_lowering():
     assert any("group_norm" in op for r in regions.values() for op in r.ops)
 
 
+def test_a_linear_of_a_transposed_sequence_counts_the_copy_of_its_input():
+    """A linear folds a batch of rows into one matrix product, so Inductor copies a transposed
+    input to a buffer of its own first (Jamba: 6 KiB past a region)."""
+    class Projected(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 20, bias=False)
+
+        def forward(self, x):
+            a, b, c = self.proj(x.transpose(1, 2)).split([4, 8, 8], -1)
+            return b, c, a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    regions = _fused_as_eager_within_region_bytes(Projected(), (torch.randn(2, 64, 12),))
+    assert any("aten.linear" in r.ops for r in regions.values())
+
+
+def test_a_multi_query_attention_counts_its_expanded_key_and_value_and_the_kernel_s_blocks():
+    """One key and value head expanded over four query heads is a view in eager; Inductor hands
+    the CPU flash kernel dense copies, and the kernel holds blocks of its own (RecurrentGemma's
+    local attention: 4.3 KiB past a region)."""
+    class MultiQuery(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            k, v = (t.unsqueeze(2).expand(2, 1, 4, 12, 8).reshape(2, 4, 12, 8) for t in (k, v))
+            bias = torch.where(mask, 0.0, float("-inf"))
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, bias, scale=0.35)
+            return out.transpose(1, 2) * 2
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(12, 12, dtype=torch.bool).tril().expand(2, 1, 12, 12)
+    inputs = (torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 1, 12, 8, generator=g),
+              torch.randn(2, 1, 12, 8, generator=g), mask)
+    regions = _fused_as_eager_within_region_bytes(MultiQuery(), inputs)
+    assert any("aten.scaled_dot_product_attention" in r.ops for r in regions.values())
+
+
 def test_a_kernel_left_to_aten_counts_what_it_was_measured_to_hold():
     """A mixture-of-experts router counts tokens per expert with ``histc``, which Inductor leaves
     to ATen: the kernel makes its bin edges beside the histogram (4 B past a Qwen2-MoE decode

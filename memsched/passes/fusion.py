@@ -179,19 +179,24 @@ def scratch_bytes(n: fx.Node) -> int:
     fuse into one loop and are not counted, unless read by a library call or through
     ``as_strided``. Traced once per op and argument layout on FakeTensors of the op's device
     (decompositions branch on it); an op that does not trace is given its outputs' bytes again."""
-    if n.target is operator.getitem or n.target.is_view or torch.Tag.pointwise in n.target.tags:
-        return 0
-    return _traced(n)[0]
+    return _traced(n)[0] if _decomposes(n) else 0
 
 
-def _traced(n: fx.Node) -> tuple[int, bool]:
-    """(scratch bytes, laid out as traced) of an op, traced once per op and argument layout."""
+def _decomposes(n: fx.Node) -> bool:
+    """An op Inductor lowers through a decomposition of its own (not a getitem, view or loop)."""
+    return n.target is not operator.getitem and not n.target.is_view and torch.Tag.pointwise not in n.target.tags
+
+
+def _traced(n: fx.Node) -> tuple[int, bool, bool]:
+    """(scratch bytes, laid out as traced, calls an ATen kernel) of an op, traced once per op
+    and argument layout."""
     vals = fx.map_arg((n.args, n.kwargs), lambda x: x.meta.get("val"))
     key = (n.target, _sig(vals), torch.get_num_threads())   # (a half-precision gemm's scratch is per thread)
     if key not in _AUX:
-        scratch, layout_ok = _trace_decomposed(n, vals)
-        _AUX[key] = (scratch + _fallback_reads(n, vals) + _half_gemm_scratch(n, vals) + _relaid_cat(n, vals),
-                     layout_ok)
+        scratch, layout_ok, calls_aten = _trace_decomposed(n, vals)
+        scratch += _fallback_reads(n, vals) + _half_gemm_scratch(n, vals) + _relaid_cat(n, vals)
+        scratch += _gemm_operand_copies(n, vals) + (_expanded_reads(vals) if calls_aten else 0)
+        _AUX[key] = (scratch, layout_ok, calls_aten)
     return _AUX[key]
 
 
@@ -221,6 +226,36 @@ def _half_gemm_scratch(n: fx.Node, vals) -> int:
     return widened + torch.get_num_threads() * min(widened, _GEMM_THREAD_CAP) + _GEMM_CALL
 
 
+def _expanded_reads(vals) -> int:
+    """An op decomposed into a kernel Inductor leaves to ATen gets its expanded operands (a
+    stride 0 where the size is above 1) as dense copies: a multi-query attention's one key and
+    value head expanded over the query heads (RecurrentGemma: 6 KiB past its region). Counted:
+    each such operand's dense bytes."""
+    args, kwargs = vals
+    return sum(t.numel() * t.element_size() for t in _flat(args) + _flat(list(kwargs.values()))
+               if isinstance(t, torch.Tensor) and any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)))
+
+
+def _gemm_operand_copies(n: fx.Node, vals) -> int:
+    """A matrix product's operand the library call cannot read in place: Inductor copies it to a
+    buffer of its own first (Jamba's linear of a transposed sequence: 6 KiB past its region).
+    A matrix (the last two dimensions of a batch) is read in place when one of its dimensions
+    has stride 1; a batch folded into rows (``linear``, ``matmul`` of more than two dimensions)
+    needs its input contiguous. Counted: each such operand's bytes again."""
+    name = n.target._opname
+    if name not in _GEMMS:
+        return 0
+    args, kwargs = vals
+    folds = name in ("linear", "matmul")
+    copies = 0
+    for t in _flat(args) + _flat(list(kwargs.values())):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            continue
+        if (folds and t.dim() > 2 and not t.is_contiguous()) or 1 not in (t.stride(-1), t.stride(-2)):
+            copies += t.numel() * t.element_size()
+    return copies
+
+
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
@@ -246,11 +281,13 @@ def _held_inside(n: fx.Node) -> int:
     """What an op may hold inside a region besides its outputs: its lowering's scratch and, for a
     kernel Inductor leaves to ATen, what that kernel was measured to hold when the program was
     analysed (``info(n).scratch``, CPU): the same ATen kernel runs inside the region (a MoE
-    router's ``histc`` made its bin edges beside its histogram: 4 B past a region's bytes)."""
+    router's ``histc`` made its bin edges beside its histogram: 4 B past a region's bytes). So
+    does an op whose decomposition calls one: an attention's CPU flash kernel holds its blocks
+    (RecurrentGemma's local attention: 4.3 KiB past its region)."""
     from torch._inductor.lowering import fallbacks
 
     held = scratch_bytes(n)
-    if n.target in fallbacks and MEMSCHED_KEY in n.meta:
+    if MEMSCHED_KEY in n.meta and (n.target in fallbacks or (_decomposes(n) and _traced(n)[2])):
         held += info(n).scratch or 0
     return held
 
@@ -270,8 +307,11 @@ def _fallback_reads(n: fx.Node, vals) -> int:
     return sum(read.values())
 
 
-def _trace_decomposed(n: fx.Node, vals) -> tuple[int, bool]:
+def _trace_decomposed(n: fx.Node, vals) -> tuple[int, bool, bool]:
+    """(bytes of its decomposition's values that are not fused away, laid out as traced, calls a
+    kernel Inductor leaves to ATen)."""
     from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.lowering import fallbacks
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def trace(args, kwargs):
@@ -283,7 +323,7 @@ def _trace_decomposed(n: fx.Node, vals) -> tuple[int, bool]:
         try:
             gm = trace(*_meta_like(vals))
         except Exception:  # noqa: BLE001 - an op the meta tracer cannot run: count its outputs again
-            return sum(b for _, b in storages(n.meta.get("val"))), True
+            return sum(b for _, b in storages(n.meta.get("val"))), True, False
     out_node = next(x for x in reversed(gm.graph.nodes) if x.op == "output")
     made = [x.meta.get("val") if isinstance(x, fx.Node) else x for x in _flat(out_node.args[0])]
     layout_ok = all(_same_layout(a, b) for a, b in zip(made, _flat(n.meta.get("val"))))
@@ -298,7 +338,7 @@ def _trace_decomposed(n: fx.Node, vals) -> tuple[int, bool]:
         if isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags and not _feeds_a_library_call(x):
             continue
         total += sum(b for _, b in storages(x.meta.get("val")))
-    return total, layout_ok
+    return total, layout_ok, any(x.op == "call_function" and x.target in fallbacks for x in gm.graph.nodes)
 
 
 def _loop_op(x: fx.Node) -> bool:
