@@ -93,7 +93,7 @@ def _ints(*seqs) -> bool:
     return all(type(d) is int for s in seqs for d in s)
 
 
-def _size1_only(new, old, shape) -> bool:
+def size1_only(new, old, shape) -> bool:
     """``new`` differs from ``old`` only in strides of size-1 dimensions."""
     return all(s == t or n == 1 for s, t, n in zip(new, old, shape))
 
@@ -105,7 +105,7 @@ def _restride_view(out, a, compute_stride):
         stride = compute_stride(list(a.shape), list(a.stride()), list(out.shape))
     except Exception:  # noqa: BLE001  (a private helper of torch: any failure keeps the traced view)
         return out
-    if stride is None or tuple(stride) == tuple(out.stride()) or not _size1_only(stride, out.stride(), out.shape):
+    if stride is None or tuple(stride) == tuple(out.stride()) or not size1_only(stride, out.stride(), out.shape):
         return out
     return out.as_strided(out.shape, stride, out.storage_offset())
 
@@ -172,7 +172,7 @@ def _pointwise(mode, func, args, kwargs, fake_cls):
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
             return NotImplemented
         want = _general_strides(shape, stride)
-        if want == tuple(out.stride()) or not _size1_only(want, out.stride(), shape):
+        if want == tuple(out.stride()) or not size1_only(want, out.stride(), shape):
             return NotImplemented
         meta = torch.empty_strided(shape, want, dtype=out.dtype, device="meta")
     return fake_cls(mode, meta, device=full[0].device)
@@ -251,7 +251,7 @@ def _laid_out_as_run(func, decomposition, fake_cls):
             if order is None:
                 return out
             want = _strides_in_order(tuple(x.shape), order)
-            if want == tuple(out[0].stride()) or _size1_only(want, out[0].stride(), x.shape):
+            if size1_only(want, out[0].stride(), x.shape):
                 return out
             meta = torch.empty_strided(x.shape, want, dtype=out[0].dtype, device="meta")
         return (fake_cls(x.fake_mode, meta, device=x.device), *out[1:])

@@ -120,29 +120,29 @@ def _fake_like(vals):
 
     mode = FakeTensorMode()
 
-    def fake(v):
-        if isinstance(v, torch.Tensor):
-            with mode:
-                return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device)
-        if isinstance(v, dict):
-            return {k: fake(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return type(v)(fake(x) for x in v)
-        return v
-    return fake(vals)
+    def fake(t):
+        with mode:
+            return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
+    return _mapped(vals, fake, lambda d: d)
 
 
 def _meta_like(v):
     """Arguments for tracing an op on meta tensors: nothing is allocated, even by an op that
     makes a tensor on a device its arguments name (``full(..., device=cpu)``)."""
+    return _mapped(v, lambda t: torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta"),
+                   lambda d: torch.device("meta"))
+
+
+def _mapped(v, tensor, device):
+    """``v`` with each tensor and device in it (through dicts, lists and tuples) mapped."""
     if isinstance(v, torch.Tensor):
-        return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device="meta")
+        return tensor(v)
     if isinstance(v, torch.device):
-        return torch.device("meta")
+        return device(v)
     if isinstance(v, dict):
-        return {k: _meta_like(x) for k, x in v.items()}
+        return {k: _mapped(x, tensor, device) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return type(v)(_meta_like(x) for x in v)
+        return type(v)(_mapped(x, tensor, device) for x in v)
     return v
 
 

@@ -15,6 +15,7 @@ import weakref
 import torch
 
 from ..errors import UnsupportedModelError
+from ..frontend.fake import size1_only
 from ..frontend.joint import JointCaptured, gradient_sources
 from .executor import Executor
 
@@ -121,7 +122,7 @@ def _laid_out_as_traced(g: torch.Tensor, stride: tuple) -> torch.Tensor:
     fails. Copied into that layout (the bytes the trace counted for it: a sliced output's
     gradient, DINOv2's pooled token, spans the rows it skips) unless it overlaps itself."""
     shape = tuple(g.shape)
-    if len(stride) != len(shape) or all(s == t or n == 1 for s, t, n in zip(g.stride(), stride, shape)):
+    if len(stride) != len(shape) or size1_only(g.stride(), stride, shape):
         return g
     if not _non_overlapping(shape, stride):
         return g   # an expanded output: the trace's gradient was made so too
