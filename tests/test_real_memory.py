@@ -292,6 +292,78 @@ def test_a_bfloat16_matmuls_packed_operands_are_held_while_it_runs():
     cm.close()
 
 
+_PRODUCTS = {
+    "linear": (torch.ops.aten.linear.default, ((2, 200, 512), (768, 512))),
+    "mm": (torch.ops.aten.mm.default, ((333, 512), (512, 600))),
+    "mm of a transposed operand": (torch.ops.aten.mm.default, ((512, 333), (512, 600))),
+    "addmm": (torch.ops.aten.addmm.default, ((600,), (333, 512), (512, 600))),
+    "matmul": (torch.ops.aten.matmul.default, ((3, 111, 512), (512, 600))),
+}
+
+
+def _meta_args(name, shapes, dtype):
+    args = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
+    if name == "mm of a transposed operand":
+        args[0] = args[0].t()
+    return tuple(args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(_PRODUCTS))
+def test_a_large_products_scratch_is_measured_at_a_few_rows(monkeypatch, name, dtype):
+    """Above MAX_MEASURED_FLOPS a matrix product is measured at three small row counts and its
+    scratch read off their line at its own rows: never less than a measure at full size, and at
+    most 1% (or 4 KiB) more."""
+    from memsched.cost_models import op_scratch
+
+    target, shapes = _PRODUCTS[name]
+    args = _meta_args(name, shapes, dtype)
+    whole = op_scratch._measure_call(target, tuple(op_scratch._zeros(a) for a in args), {})[0]
+    monkeypatch.setattr(op_scratch, "MAX_MEASURED_FLOPS", 0)
+    by_rows = op_scratch._by_rows(target, args, {})
+    assert by_rows is not None
+    assert whole <= by_rows <= whole + max(0.01 * whole, 4096) + 1, (whole, by_rows)
+
+
+def test_a_product_off_its_line_is_measured_whole(monkeypatch):
+    """Where the three row counts do not lie on a line (a kernel whose path turns on the rows),
+    the product is measured at its own size."""
+    from memsched.cost_models import op_scratch
+
+    monkeypatch.setattr(op_scratch, "MAX_MEASURED_FLOPS", 0)
+    measure = op_scratch._measure_call
+    bent = {16: 1 << 20, 32: 2 << 20, 48: 5 << 20}   # scratch by rows: the third off the line
+    monkeypatch.setattr(op_scratch, "_measure_call",
+                        lambda target, args, kwargs, warm=True: (bent[args[0].shape[0]], None))
+    target, shapes = _PRODUCTS["mm"]
+    assert op_scratch._by_rows(target, _meta_args("mm", shapes, torch.float32), {}) is None
+    monkeypatch.setattr(op_scratch, "_measure_call", measure)
+
+
+def test_a_bfloat16_mlp_measured_by_rows_stays_within_its_minimum(monkeypatch):
+    """A bfloat16 MLP over 256 rows with every product measured by rows: the plan holds the
+    float32 accumulators its kernels keep (where this CPU's kernel keeps any) and at memsched's
+    minimum the allocator stays within it; outputs are eager's bit for bit."""
+    from memsched.cost_models import op_scratch
+
+    monkeypatch.setattr(op_scratch, "MAX_MEASURED_FLOPS", 0)
+    monkeypatch.setattr(op_scratch, "_MEASURED", {})
+    calls = []
+    by_rows = op_scratch._by_rows
+    monkeypatch.setattr(op_scratch, "_by_rows", lambda *a: calls.append(by_rows(*a)) or calls[-1])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 768), torch.nn.GELU(), torch.nn.Linear(768, 256))
+    model = model.to(torch.bfloat16).eval()
+    kwargs = {"input": torch.randn(2, 128, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)}
+    with torch.no_grad():
+        want = model(**kwargs)
+    cm, floor, out, peak = _run_at_the_minimum(model, kwargs)
+    assert any(c is not None for c in calls), calls
+    assert peak <= floor, (peak, floor)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    cm.close()
+
+
 def _llama_at_512_tokens():
     """A one-layer LLaMA whose attention runs the CPU flash kernel (per-thread blocks), and 512 ids."""
     import transformers as T

@@ -85,27 +85,95 @@ def _measured(node: fx.Node, device_type: str) -> tuple[int, tuple[int, ...] | N
     return _MEASURED[key]
 
 
-def _measure(node: fx.Node) -> tuple[int, tuple[int, ...] | None]:
-    def zeros(v):
-        if not isinstance(v, torch.Tensor):
-            return v
-        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).zero_()
+def _zeros(v):
+    if not isinstance(v, torch.Tensor):
+        return v
+    return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).zero_()
 
+
+def _measure(node: fx.Node) -> tuple[int, tuple[int, ...] | None]:
     args, kwargs = fx.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
-    args, kwargs = torch.utils._pytree.tree_map(zeros, (args, kwargs))
+    by_rows = _by_rows(node.target, args, kwargs)
+    if by_rows is not None:
+        return by_rows, None
+    return _measure_call(node.target, *torch.utils._pytree.tree_map(_zeros, (args, kwargs)))
+
+
+def _measure_call(target, args, kwargs, warm: bool = True) -> tuple[int, tuple[int, ...] | None]:
     try:
         # a random op draws from a copy of the CPU generator's state: the model's draws stay eager's
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            if node.target not in _ATTENTION:   # a first call: oneDNN's one-time allocations are not scratch
-                node.target(*args, **kwargs)
-            out, peak = allocator_peak(node.target, args, kwargs)
+            if warm and target not in _ATTENTION:   # a first call: oneDNN's one-time allocations are not scratch
+                target(*args, **kwargs)
+            out, peak = allocator_peak(target, args, kwargs)
     except (RuntimeError, ValueError, IndexError, TypeError) as e:   # an assertion on its data: zeros are not the model's
-        warnings.warn(f"memsched: could not measure what {node.target} holds inside itself on zeros of its "
+        warnings.warn(f"memsched: could not measure what {target} holds inside itself on zeros of its "
                       f"shapes ({type(e).__name__}: {str(e).splitlines()[0][:120]}); the plan counts none",
                       RuntimeWarning, stacklevel=2)
         return 0, None
     made = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensor_leaves(out)}
     return max(peak - sum(made.values()), 0), tuple(t.untyped_storage().nbytes() for t in tensor_leaves(out))
+
+
+# A matrix product's output rows are independent, so what its kernel holds beside them is a
+# part that does not grow with the rows (packed weights, per-thread blocks) and a part that
+# does (a bfloat16 GEMM accumulates its output in float32 beside it: 4 bytes an element).
+# Run at full size, the largest products of a big model's config (an lm_head of 128256 x 8192
+# over 512 tokens) took 36 s of a 4-layer plan on two cores, for planning alone. Above
+# MAX_MEASURED_FLOPS such a product is measured at three small row counts instead: the first two
+# give the line, the third must lie on it, and the line's value at the full rows, plus the
+# distance the check allows (alignment: up to a few hundred bytes at some row counts), is the measure. Off
+# the line (a kernel whose path turns on the row count) it is measured in full. Row counts are
+# kept above one: a single row takes the matrix-vector path, which holds nothing.
+MAX_MEASURED_FLOPS = 2e9
+ROWS_MEASURED = (16, 32, 48)
+_ROWS_OPERAND = {aten.linear.default: 0, aten.mm.default: 0, aten.addmm.default: 1, aten.matmul.default: 0}
+
+
+def _by_rows(target, args: tuple, kwargs: dict) -> int | None:
+    """The scratch of a large matrix product, measured at a few row counts and extended to its
+    own along their line; None where it is not such a product or the line does not hold."""
+    at = _ROWS_OPERAND.get(target)
+    if at is None or kwargs or len(args) <= at + 1:
+        return None
+    x, w = args[at], args[at + 1]
+    if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)) or x.dim() < 2 or w.dim() != 2:
+        return None
+    rows = x.numel() // x.shape[-1]
+    if rows <= 2 * ROWS_MEASURED[-1] or 2 * rows * w.numel() <= MAX_MEASURED_FLOPS or not _rows_layout(x):
+        return None
+    held = []
+    for i, r in enumerate(ROWS_MEASURED):   # one first call, at the fewest rows
+        small = list(args)
+        small[at] = _with_rows(x, r)
+        held.append(_measure_call(target, tuple(_zeros(a) for a in small), {}, warm=i == 0)[0])
+    (r0, r1, r2), (s0, s1, s2) = ROWS_MEASURED, held
+    per_row = (s1 - s0) / (r1 - r0)
+    if not any(held):
+        return 0   # nothing at any row count: fp32 and fp16 products on this CPU
+    line = s2 + per_row * (rows - r2)
+    if per_row < 0 or abs(s1 + per_row * (r2 - r1) - s2) > _off_line(s2):
+        return None
+    return int(line + _off_line(line))
+
+
+def _off_line(nbytes: float) -> float:
+    return max(0.01 * nbytes, 4096)
+
+
+def _rows_layout(x: torch.Tensor) -> bool:
+    """Whether ``x``'s layout survives its leading sizes folded into rows: row-major, or a
+    matrix stored by columns (a transposed operand); other layouts are measured whole (a
+    permuted input is copied first, a cost that would not show at the small row counts)."""
+    return x.is_contiguous() or (x.dim() == 2 and x.t().is_contiguous())
+
+
+def _with_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """A traced stand-in for ``x`` with ``rows`` rows, in the same layout."""
+    shape = (1,) * (x.dim() - 2) + (rows, x.shape[-1])
+    if x.is_contiguous():
+        return torch.empty(shape, dtype=x.dtype, device="meta")
+    return torch.empty(shape[::-1], dtype=x.dtype, device="meta").t()
 
 
 def allocator_peak(fn, args, kwargs=None) -> tuple[object, int]:
