@@ -12,6 +12,7 @@ import torch
 
 from .budget import parse_budget
 from .cost_models.hardware import Hardware, get_hardware
+from .frontend.autocast import autocast_state
 from .frontend.capture import input_signature
 from .frontend.fake import meta_as_empty
 from .io.reapply import PlanMismatchError
@@ -170,7 +171,8 @@ class CompiledModule:
         # on a CPU what some ops hold inside themselves grows with torch's threads (the attention
         # kernel's blocks, one per thread; cost_models/op_scratch.py): a plan per thread count
         threads = torch.get_num_threads() if self.device.type == "cpu" else None
-        key = (train, self.model.training, input_signature(args, kwargs), threads)
+        # a call under torch.autocast runs the casts its capture wrote out (frontend/autocast.py)
+        key = (train, self.model.training, input_signature(args, kwargs), threads, autocast_state())
         entry = self._compiled.get(key)
         if entry is None:
             with _CAPTURE_LOCK:  # torch.export is not thread-safe

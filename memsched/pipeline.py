@@ -26,6 +26,7 @@ from .cost_models.hardware import Hardware
 from .cost_models.op_cost import estimate_op_time, op_time
 from .cost_models.simulator import SimResult, simulate
 from .errors import CaptureError, InfeasibleBudgetError, UnsupportedModelError
+from .frontend.autocast import autocast_as, autocast_state, no_autocast
 from .frontend.capture import Captured, capture, input_signature, keep_random_state
 from .frontend.joint import capture_joint
 from .frontend.kernel_patterns import kernel_counts
@@ -76,6 +77,7 @@ class PlanningState:
     kwargs: dict = field(default_factory=dict)
     train: bool = False
     grad_outputs: str = "auto"
+    autocast: tuple = ()   # the caller's torch.autocast: every capture runs under it (frontend/autocast.py)
     captured: Captured | None = None
     program: Program | None = None
     step_time: np.ndarray | None = None
@@ -114,7 +116,7 @@ def capture_pass(s: PlanningState) -> str:
     else:
         def trace(model):
             return capture(model, s.args, s.kwargs, kernels=kernels, device_type=s.hw.device_type)
-    with chunked(s.model, s.chunking):
+    with chunked(s.model, s.chunking), autocast_as(s.autocast):
         s.captured, how = capture_repeated(s.model, trace)
     found = kernel_counts(s.captured.gm) if kernels else None
     used = f"kernels: {found}" if found else ""
@@ -437,7 +439,10 @@ def _current_program(s: PlanningState):
 def run_pass(p: Pass, s: PlanningState, *, verify: bool = False) -> None:
     """Run one pass: time it, record it, snapshot a changed program, verify scheduled ones."""
     t = time.perf_counter()
-    note = p.run(s)
+    # captures trace under the caller's autocast and write its casts out (capture_pass): nothing
+    # else may cast again (frontend/autocast.py)
+    with no_autocast():
+        note = p.run(s)
     s.passes.append(PassRecord(p.name, time.perf_counter() - t, note or ""))
     program = _current_program(s)
     if program is not None and (p.snapshot or program is not s.last_snapshot_of):
@@ -557,7 +562,7 @@ def plan_model(model: torch.nn.Module, args: tuple, kwargs: dict, budget, hw: Ha
     compute between scheduling points runs as compiled regions)."""
     s = PlanningState(parse_budget(budget, hw.device_bytes), hw, max_segments, time_limit_s, model=model,
                       args=args, kwargs=kwargs, train=train, grad_outputs=grad_outputs, chunk_ops=chunk_ops,
-                      fuse=fuse, recompute_layers=recompute_layers, kernels=kernels)
+                      fuse=fuse, recompute_layers=recompute_layers, kernels=kernels, autocast=autocast_state())
     with keep_random_state():
         plan_state(s, verify=verify, progress=progress)
     plan = to_plan(s, type(model).__name__)

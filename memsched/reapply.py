@@ -11,6 +11,7 @@ import torch
 
 from .cost_models.op_scratch import hold_kernel_storages, op_scratch_bytes
 from .errors import InfeasibleBudgetError
+from .frontend.autocast import autocast_as, autocast_state, no_autocast
 from .frontend.capture import Captured, capture, input_signature, keep_random_state
 from .frontend.joint import capture_joint
 from .frontend.repeats import capture_repeated
@@ -27,6 +28,15 @@ from .verify import verify_schedule
 
 def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budget: int, *,
             train: bool = False, grad_outputs: str = "auto") -> tuple[Plan, Captured]:
+    """Capture ``model`` (no solver), check it against ``saved`` and rebuild the schedule on it.
+    The capture runs under the caller's torch.autocast, the rest with it off (frontend/autocast.py)."""
+    autocast = autocast_state()
+    with no_autocast():
+        return _reapply(saved, model, args, kwargs, budget, train, grad_outputs, autocast)
+
+
+def _reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budget: int, train: bool,
+             grad_outputs: str, autocast: tuple) -> tuple[Plan, Captured]:
     """Capture ``model`` (no solver), check it against ``saved`` and rebuild the schedule on it.
 
     A training plan is re-captured as a training step (forward and backward, ``grad_outputs`` as
@@ -58,7 +68,7 @@ def reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, budg
                                      loss_chunks=loss_chunks(list(saved.chunking)),
                                      shared_loss_heads=shared_loss_heads, kernels=kernels)
             return capture(m, args, kwargs, kernels=kernels, device_type=saved.hardware.device_type)
-        with chunked(model, list(saved.chunking)), keep_random_state():
+        with chunked(model, list(saved.chunking)), keep_random_state(), autocast_as(autocast):
             return capture_repeated(model, trace)[0]
 
     t = time.perf_counter()

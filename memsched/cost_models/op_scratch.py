@@ -8,12 +8,13 @@ queries by 512 keys per thread; a bfloat16 matmul packs its operands; an embeddi
 sorts its indices beside a weight-sized buffer; ``_safe_softmax`` and the norms' backwards keep
 temporaries; a dropout kept in a graph whole (a model in train mode called under no_grad) fills a
 float buffer as large as its input before its mask. So every ATen op that is not a view,
-pointwise or mutating is measured:
+pointwise (unless its tensors' dtypes differ) or mutating is measured:
 it runs once on zero tensors of the node's shapes, strides and dtypes under the profiler's
 allocator events, and what it held at most beyond its outputs is kept per op key and torch
 thread count. The plan holds that many bytes while the op runs (passes/analysis.py: a storage
 of the op's step alone; the IR's memory walk and the verifier read ``info(n).scratch``).
-Pointwise ops write their outputs only (the few bytes of a wrapped scalar are not counted).
+Pointwise ops of one dtype write their outputs only (the few bytes of a wrapped scalar are not
+counted).
 Random ops run with the CPU generator's state saved and put back, so the model's own draws are
 the ones eager makes (an op handed a generator of its own is not run: it would advance it). An
 op that fails on zeros (an assertion) counts none, with a warning naming it. A GPU's scratch is
@@ -34,6 +35,7 @@ import warnings
 import torch
 import torch.fx as fx
 
+from ..frontend.autocast import no_autocast
 from ..ir.op_keys import node_op_key
 from ..ir.tensors import tensor_leaves
 
@@ -50,8 +52,16 @@ def measured(node: fx.Node) -> bool:
     pointwise), writes none of its inputs and is handed no generator of its own."""
     t = node.target
     return (node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.namespace == "aten"
-            and not t.is_view and torch.Tag.pointwise not in t.tags and not t._schema.is_mutable
+            and not t.is_view and (torch.Tag.pointwise not in t.tags or _mixed_dtypes(node))
+            and not t._schema.is_mutable
             and not any(isinstance(a, torch.Generator) for a in (*node.args, *node.kwargs.values())))
+
+
+def _mixed_dtypes(node: fx.Node) -> bool:
+    """Tensors of more than one dtype: a CPU pointwise kernel first converts the others to the
+    result's dtype, each in a buffer of its own (a bfloat16 times a float32 tensor: the bfloat16
+    one as float32, beside the output; autocast's programs have many)."""
+    return len({v.dtype for a in node.all_input_nodes for v in tensor_leaves(a.meta.get("val"))}) > 1
 
 
 def op_scratch_bytes(node: fx.Node, device_type: str) -> int:
@@ -102,7 +112,7 @@ def _measure(node: fx.Node) -> tuple[int, tuple[int, ...] | None]:
 def _measure_call(target, args, kwargs, warm: bool = True) -> tuple[int, tuple[int, ...] | None]:
     try:
         # a random op draws from a copy of the CPU generator's state: the model's draws stay eager's
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), no_autocast():   # the op as the program runs it
             if warm and target not in _ATTENTION:   # a first call: oneDNN's one-time allocations are not scratch
                 target(*args, **kwargs)
             out, peak = allocator_peak(target, args, kwargs)

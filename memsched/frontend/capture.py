@@ -30,6 +30,7 @@ from ..ir.effects import is_impure
 from ..ir.graph_module import make_lazy
 from ..ir.kinds import PERSISTENT, Kind
 from ..ir.tensors import tensor_leaves
+from .autocast import make_casts_explicit
 from .composites import expand_bool_attention_masks, expand_cross_entropy, expand_math_attention
 from .fake import eager_meta, share_storages_as_eager
 from .kernel_patterns import select_kernels
@@ -118,6 +119,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         for spec in ep.graph_signature.input_specs
     ]
     _inline_no_grad_regions(gm)
+    make_casts_explicit(gm)   # a call under torch.autocast: its casts become values of the program
     _drop_constant_detaches(gm, {spec.arg.name for spec in ep.graph_signature.input_specs
                                  if spec.kind == InputKind.CONSTANT_TENSOR})
     _reject_hidden_mutations(gm, model)

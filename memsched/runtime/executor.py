@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from ..cost_models.hardware import available_ram_bytes
 from ..cost_models.measures import record_rate
+from ..frontend.autocast import no_autocast
 from ..frontend.capture import Captured
 from ..ir.effects import written_args
 from ..ir.kinds import PERSISTENT, Kind, Tier
@@ -408,10 +409,13 @@ class Executor:
         return self._timer if self._timer is not None else contextlib.nullcontext()
 
     def _bounded(self):
-        """The allocator's hard limit for one call (``hard_limit=True`` on CUDA), else nothing."""
-        if not self.hard_limit:
-            return contextlib.nullcontext()
-        return AllocatorLimit(self.device, self.budget, self.acct.current - self._counting["workspace"])
+        """Autocast off (a program captured under it carries its casts as ops: frontend/autocast.py)
+        and the allocator's hard limit for one call (``hard_limit=True`` on CUDA)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(no_autocast())
+        if self.hard_limit:
+            stack.enter_context(AllocatorLimit(self.device, self.budget, self.acct.current - self._counting["workspace"]))
+        return stack
 
     def run(self, flat_inputs: list) -> list:
         try:

@@ -1,0 +1,165 @@
+"""A model called under ``torch.autocast``: the casts autocast makes are ops of the program,
+counted by the plan, and a call under another autocast (or none) is planned again."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import memsched
+from memsched.ir.meta import info
+from test_real_memory import _allocator_peak, _run_at_the_minimum
+
+BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(),
+                                                     torch.nn.Linear(1024, 256)) for _ in range(3)]).eval()
+
+
+def _llama():
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=300, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=256)
+    return T.LlamaForCausalLM(config)
+
+
+def test_casts_under_autocast_are_values_the_plan_counts():
+    """Under a bfloat16 autocast each linear reads bfloat16 copies of its weight and bias (and
+    the first, of its input): they are ``_to_copy`` nodes of the program, and at memsched's minimum the allocator
+    stays within it (before: the copies were made inside each call, 2.4x the budget); outputs
+    are eager's under the same autocast, bit for bit."""
+    model, x = _mlp(), torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    with torch.autocast(**BF16):
+        with torch.no_grad():
+            want = model(x)
+        cm, floor, out, peak = _run_at_the_minimum(model, {"input": x})
+    casts = [n for n in cm.plan.graph.graph.nodes if n.target is torch.ops.aten._to_copy.default]
+    assert len(casts) == 1 + 2 * 6   # the input, then each linear's weight and bias
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert peak <= floor, (peak, floor)
+    cm.close()
+
+
+def test_a_call_under_another_autocast_is_planned_again():
+    """The autocast a call runs under is part of its signature: outside, inside and outside
+    again are two plans, each with eager's dtype and values."""
+    model, x = _mlp(), torch.randn(8, 256, generator=torch.Generator().manual_seed(1))
+    cm = memsched.compile(model, "50%", device="cpu")
+    with torch.no_grad():
+        plain = cm(x)
+        with torch.autocast(**BF16):
+            cast, want_cast = cm(x), model(x)
+        again = cm(x)
+        want = model(x)
+    assert cm.plans_made == 2
+    assert (plain.dtype, cast.dtype, again.dtype) == (torch.float32, torch.bfloat16, torch.float32)
+    torch.testing.assert_close(cast, want_cast, rtol=0, atol=0)
+    torch.testing.assert_close(plain, want, rtol=0, atol=0)
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
+    cm.close()
+
+
+def test_a_programs_casts_run_with_the_callers_autocast_off():
+    """A program planned under autocast runs its own casts: under a float16 autocast at call
+    time the bfloat16 plan is not run (another plan is made), and nothing is cast twice."""
+    model, x = _mlp(), torch.randn(8, 256, generator=torch.Generator().manual_seed(1))
+    cm = memsched.compile(model, "50%", device="cpu")
+    with torch.no_grad():
+        with torch.autocast(**BF16):
+            cm(x)
+        with torch.autocast("cpu", dtype=torch.float16):
+            half, want = cm(x), model(x)
+    assert cm.plans_made == 2 and half.dtype == torch.float16
+    torch.testing.assert_close(half, want, rtol=0, atol=0)
+    cm.close()
+
+
+def test_an_ops_own_cast_is_not_written_twice():
+    """``x.float()`` under autocast is the op's own cast, not autocast's: one node, not two."""
+    class Upcast(torch.nn.Module):
+        def forward(self, x):
+            return x.float() * 2
+
+    x = torch.randn(4, 8).to(torch.bfloat16)
+    with torch.autocast(**BF16):
+        plan = memsched.plan(Upcast(), (x,), "1GB")
+    targets = [n.target for n in plan.graph.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten._to_copy.default not in targets, targets
+
+
+def test_a_pointwise_op_of_two_dtypes_holds_its_converted_operand():
+    """A CPU pointwise op of a bfloat16 and a float32 tensor first converts the bfloat16 one
+    to float32 in a buffer of its own: measured and held while it runs, so at memsched's
+    minimum the allocator stays within it."""
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.randn(64, 256).to(torch.bfloat16))
+
+        def forward(self, x):
+            return (self.scale * x).sum(-1)
+
+    model = Mixed().eval()
+    x = torch.randn(16, 64, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+    cm, floor, out, peak = _run_at_the_minimum(model, {"x": x})
+    mul = [n for n in cm.plan.graph.graph.nodes if n.target is torch.ops.aten.mul.Tensor]
+    assert mul and info(mul[0]).scratch >= 64 * 256 * 4
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert peak <= floor, (peak, floor)
+    cm.close()
+
+
+def _grads_held(model) -> int:
+    return sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_a_llama_under_autocast_at_its_minimum(train):
+    """A LLaMA under a bfloat16 autocast (its rotary embedding with autocast turned off inside)
+    at memsched's minimum: loss, logits and gradients equal eager's under the same autocast,
+    and the allocator stays within the minimum (gradients aside)."""
+    model = _llama().train(train)
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(input_ids=ids, labels=ids)
+    with torch.autocast(**BF16), torch.set_grad_enabled(train):
+        want = ref(**kwargs)
+        floor = memsched.plan(model, (), "1GB", train=train, example_kwargs=kwargs).min_budget_bytes
+        cm = memsched.compile(model, floor, device="cpu", train=train)
+        out = cm(**kwargs)
+        if train:
+            want.loss.backward()
+            out.loss.backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            model.zero_grad(set_to_none=True)
+        peak = _allocator_peak(lambda: cm(**kwargs).loss.backward() if train else cm(**kwargs))
+    torch.testing.assert_close(out.logits, want.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out.loss, want.loss, rtol=0, atol=0)
+    if train:
+        for g, q in zip(grads, ref.parameters()):
+            torch.testing.assert_close(g, q.grad, rtol=0, atol=0)
+    assert peak - (_grads_held(model) if train else 0) <= floor, (peak, floor)
+    cm.close()
+
+
+def test_a_fused_training_steps_minimum_under_autocast_is_one_it_plans_at():
+    """The minimum a fused training step reports at a large budget is a budget it plans at.
+    At that budget the step is captured again with its loss reading the logits in slices
+    (pipeline.loss_head_pass): that capture runs under the caller's autocast too (before: with
+    it off, a float32 program whose minimum was higher than the one reported)."""
+    model = _llama().train()
+    ids = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(input_ids=ids, labels=ids)
+    with torch.autocast(**BF16):
+        floor = memsched.plan(model, (), "1GB", train=True, fuse=True, example_kwargs=kwargs).min_budget_bytes
+        plan = memsched.plan(model, (), floor, train=True, fuse=True, example_kwargs=kwargs)
+    assert plan.peak_device_bytes <= floor
