@@ -22,6 +22,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..errors import UnsupportedModelError
+
 _DEVICE_TYPES = ("cpu", "cuda")
 _TO_COPY = torch.ops.aten._to_copy.default
 
@@ -72,16 +74,17 @@ def _casts_of(node: fx.Node) -> dict[fx.Node, torch.dtype]:
     if not leaves:
         return {}
     fake_mode = torch._guards.detect_fake_mode(leaves)
-    seen = []
     try:
-        for casting in (True, False):   # an op that casts of itself (``to``) casts in both runs
-            with fake_mode or contextlib.nullcontext(), _autocast_off_unless(casting), \
-                    _CastRecorder(leaves) as recorder:
-                node.target(*values[0], **values[1])
-            seen.append(recorder.casts)
-    except Exception:   # an op that cannot run again on its traced values: autocast leaves it alone
-        return {}
-    by_autocast, by_op = seen
+        by_autocast = _recorded_casts(node, values, leaves, fake_mode, casting=True)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"memsched: could not run {node.target} ({node.name}) again on its traced values under "
+            f"torch.autocast, to write out the casts autocast makes inside it ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); call the model outside autocast, or cast the model") from exc
+    try:   # an op that casts of itself (``to``) casts without autocast too
+        by_op = _recorded_casts(node, values, leaves, fake_mode, casting=False)
+    except Exception:   # it needs autocast's casts to run at all (a convolution of mixed dtypes)
+        by_op = {}
     casts = {}
     for arg in node.all_input_nodes:
         v = arg.meta.get("val")
@@ -89,6 +92,12 @@ def _casts_of(node: fx.Node) -> dict[fx.Node, torch.dtype]:
         if dtype is not None and dtype != v.dtype and by_op.get(id(v)) != dtype:
             casts[arg] = dtype
     return casts
+
+
+def _recorded_casts(node: fx.Node, values, leaves: list, fake_mode, casting: bool) -> dict:
+    with fake_mode or contextlib.nullcontext(), _autocast_off_unless(casting), _CastRecorder(leaves) as recorder:
+        node.target(*values[0], **values[1])
+    return recorder.casts
 
 
 def _autocast_off_unless(on: bool):

@@ -38,6 +38,14 @@ def allocates(n: fx.Node) -> int:
     return distinct_storage_bytes(n.meta.get("val"))
 
 
+def room_needed(n: fx.Node) -> int:
+    """Bytes the device must have free when ``n`` runs: its outputs and what it was measured to
+    hold inside itself (a bfloat16 matmul's float32 accumulator), or a fused region's bytes."""
+    if op_of(n) is Op.REGION:
+        return region_of(n).nbytes
+    return allocates(n) + (info(n).scratch or 0)
+
+
 # -- one line per inserted op: (node, its arguments as source, the renderer) -> source ----------
 def _free(n, args, r):
     # plain tensors go straight to the accountant; handles, tuples and tensors an offload is
@@ -136,7 +144,7 @@ def generate_source(gm: fx.GraphModule, device: torch.device | None = None,
         elif n.op == "call_function":
             track = "_track" if _surely_tensor(n) else "rt.track"
             scratch = info(n).scratch or 0   # held inside the op while it runs, beside its outputs
-            size = allocates(n) + scratch
+            size = room_needed(n)
             room = f"rt.make_room({size}); " if room_for is not None and size > room_for else ""
             inside = f"; rt.held_inside({scratch})" if scratch else ""
             body.append(f"{room}v_{n.name} = {r.fn(n.target)}({r.args(n)}); {track}(v_{n.name}){inside}")

@@ -28,7 +28,7 @@ from ..ir.units import format_bytes
 from . import calibration  # noqa: F401  (registers the runtime's own costs with the local profile)
 from .accounting import DeviceAccountant, RecyclePool
 from .allocator_limit import AllocatorLimit
-from .codegen import allocates, generate_source
+from .codegen import generate_source, room_needed
 from .op_timing import TIMED_CALLS, OpTimer
 from .stores import DiskCopy, DiskIntegrityError, Home, HostCopy, Layout, Stores, fingerprint, fingerprints
 from .transfer import Outgoing, TransferEngine
@@ -108,11 +108,11 @@ class Executor:
                           "workspace": getattr(rules, "workspace_bytes", 0)}
         self.hard_limit = bool(hard_limit) and self.cuda   # allocator_limit.py
         # on CUDA the caching allocator already reuses fetch buffers; on a CPU device we do. Idle
-        # recycled buffers leave room for any op's outputs: small ones by a standing reserve,
-        # large ones (over an eighth of the budget) by a trim right before the op runs
+        # recycled buffers leave room for any op's outputs and scratch: small ones by a standing
+        # reserve, large ones (over an eighth of the budget) by a trim right before the op runs
         self._pool = RecyclePool() if not self.cuda else None
         big = max(budget // 8, 1)
-        self._reserve = max([s for s in map(allocates, gm.graph.nodes) if s <= big], default=0)
+        self._reserve = max([s for s in map(room_needed, gm.graph.nodes) if s <= big], default=0)
         src, glb = generate_source(gm, device, room_for=big if self._pool is not None else None)
         self.source = src
         code = compile(src, "<memsched scheduled program>", "exec")
