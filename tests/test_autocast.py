@@ -208,3 +208,70 @@ def test_an_op_that_cannot_be_replayed_under_autocast_is_refused_by_name(monkeyp
     model, x = _mlp(), torch.randn(8, 256)
     with torch.autocast(**BF16), pytest.raises(memsched.UnsupportedModelError, match=r"aten\.linear.*autocast"):
         memsched.plan(model, (x,), "1GB")
+
+
+class _AutocastInside(torch.nn.Module):
+    """An MLP whose forward opens a bfloat16 autocast, and inside it turns autocast off around a
+    layer norm (as Nemotron's norms do under an autocast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(256, 1024), torch.nn.Linear(1024, 256)
+        self.norm = torch.nn.LayerNorm(256)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.down(torch.nn.functional.gelu(self.up(x)))
+            with torch.autocast("cpu", enabled=False):
+                return self.norm(h.float())
+
+
+def test_an_autocast_opened_inside_the_forward_is_inlined_with_its_casts():
+    """torch.export keeps an autocast the model opens as one op around a subgraph, whose casts
+    and temporaries no plan counted: it is inlined, its casts written out under its own autocast,
+    and at memsched's minimum the allocator stays within it; outputs equal eager's."""
+    torch.manual_seed(0)
+    model = _AutocastInside().eval()
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+    cm, floor, out, peak = _run_at_the_minimum(model, {"x": x})
+    targets = {n.target for n in cm.plan.graph.graph.nodes if n.op == "call_function"}
+    assert not any("autocast" in str(t) for t in targets), targets
+    assert torch.ops.aten._to_copy.default in targets
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert peak <= floor, (peak, floor)
+    cm.close()
+
+
+class _EinsumOfExpanded(torch.nn.Module):
+    """XLNet's relative-position projection: an einsum (whose bmm autocast casts inside it) of an
+    expanded operand behind an eval-mode dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.r = torch.nn.Parameter(torch.randn(32, 4, 8))
+        self.drop = torch.nn.Dropout(0.1)
+
+    def forward(self, x):
+        return torch.einsum("ibh,hnd->ibnd", self.drop(x[:, None, :].expand(-1, 2, -1)), self.r)
+
+
+def test_an_op_whose_casts_are_inside_it_is_written_out_as_its_ops():
+    """``einsum`` is no op autocast lists, but the ``bmm`` it makes is: the casts are of values
+    the einsum makes, so it is replaced by its ops traced under autocast, casts included
+    (before: it ran with autocast off and failed on float against bfloat16), traced on the
+    layouts the run gives its operands (the dropout is its input in eval mode)."""
+    torch.manual_seed(0)
+    model = _EinsumOfExpanded().eval()
+    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(1))
+    with torch.autocast(**BF16):
+        with torch.no_grad():
+            want = model(x)
+        cm, floor, out, peak = _run_at_the_minimum(model, {"x": x})
+    targets = {n.target for n in cm.plan.graph.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.einsum.default not in targets and torch.ops.aten.bmm.default in targets
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert peak <= floor, (peak, floor)
+    cm.close()

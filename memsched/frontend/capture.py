@@ -10,7 +10,6 @@ import builtins
 import contextlib
 import linecache
 import logging
-import operator
 import os
 import re
 import sys
@@ -30,9 +29,10 @@ from ..ir.effects import is_impure
 from ..ir.graph_module import make_lazy
 from ..ir.kinds import PERSISTENT, Kind
 from ..ir.tensors import tensor_leaves
-from .autocast import make_casts_explicit
+from .autocast import autocast_state, inline_autocast_regions, make_casts_explicit
 from .composites import expand_bool_attention_masks, expand_cross_entropy, expand_math_attention
 from .fake import eager_meta, share_storages_as_eager
+from .inline import drop_unused_subgraphs, inline_call
 from .kernel_patterns import select_kernels
 
 # the kind of each graph input, from the point of view of placement
@@ -119,12 +119,12 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         for spec in ep.graph_signature.input_specs
     ]
     _inline_no_grad_regions(gm)
-    make_casts_explicit(gm)   # a call under torch.autocast: its casts become values of the program
     _drop_constant_detaches(gm, {spec.arg.name for spec in ep.graph_signature.input_specs
                                  if spec.kind == InputKind.CONSTANT_TENSOR})
     _reject_hidden_mutations(gm, model)
     _merge_tied(gm, {p.name for p in placeholders if p.kind in PERSISTENT})
-    _normalize(gm)
+    _normalize(gm)   # (an eval-mode dropout is its input: before casts are read off values)
+    _explicit_autocasts(gm)
     expand_cross_entropy(gm)   # its log_softmax becomes a value the planner counts
     expand_bool_attention_masks(gm)   # and attention's float mask
     if device_type == "cpu":
@@ -475,31 +475,27 @@ def _inline_no_grad_regions(gm: torch.fx.GraphModule) -> None:
     """Inline ``torch.no_grad()`` regions (a higher-order op around a subgraph, e.g. rotary
     embeddings): memsched runs inference under no_grad anyway, so the wrapper only costs a
     call per region, and hides the region's tensors from the planner."""
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if not (node.op == "call_function" and type(node.target).__name__ == "WrapWithSetGradEnabled"
-                and node.args[0] is False and isinstance(node.args[1], torch.fx.Node)):
-            continue
-        sub = getattr(gm, node.args[1].target)
-        if any(n.op == "get_attr" for n in sub.graph.nodes):
-            continue  # nested regions: leave the wrapper in place
-        env = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], node.args[2:]))
-        with graph.inserting_before(node):
-            for sn in sub.graph.nodes:
-                if sn.op not in ("placeholder", "output"):
-                    env[sn] = graph.node_copy(sn, lambda x: env[x])
-        results = sub.graph.output_node().args[0]
-        outs = [env[o] if isinstance(o, torch.fx.Node) else o for o in results]
-        for user in list(node.users):
-            if user.target is operator.getitem:
-                user.replace_all_uses_with(outs[user.args[1]])
-                graph.erase_node(user)
-        if not node.users:
-            getter = node.args[1]
-            graph.erase_node(node)
-            if not getter.users:
-                graph.erase_node(getter)
-    gm.delete_all_unused_submodules()
+    while True:   # outermost first: a region inside one comes up with its copy
+        node = next((n for n in gm.graph.nodes if n.op == "call_function"
+                     and type(n.target).__name__ == "WrapWithSetGradEnabled" and n.args[0] is False
+                     and isinstance(n.args[1], torch.fx.Node)), None)
+        if node is None:
+            break
+        inline_call(gm, node, node.args[1], node.args[2:])
+    drop_unused_subgraphs(gm)
+
+
+def _explicit_autocasts(gm: torch.fx.GraphModule) -> None:
+    """Under torch.autocast (the caller's, or one the model opens) the casts it makes become
+    values of the program (autocast.py), before composites are written out as their ops (a
+    cross-entropy autocast runs in float32 is one op here). They are written out on values laid
+    out as eager lays them out (a ``to`` that changes nothing is its input)."""
+    if not autocast_state() and not any(type(n.target).__name__ == "WrapWithAutocast" for n in gm.graph.nodes):
+        return
+    share_storages_as_eager(gm.graph)
+    with _quiet_fake_tensor_log():   # ops run again on their values to see the casts: some fail without them
+        make_casts_explicit(gm)
+        inline_autocast_regions(gm)
 
 
 def _drop_constant_detaches(gm: torch.fx.GraphModule, constants: set[str]) -> None:
