@@ -113,7 +113,8 @@ def _casts_of(node: fx.Node) -> dict[fx.Node, torch.dtype] | None:
     return casts
 
 
-def _recorded_casts(node: fx.Node, values, leaves: list, fake_mode, casting: bool) -> dict:
+def _recorded_casts(node: fx.Node, values, leaves: list, fake_mode, casting: bool) -> _CastRecorder:
+    """``node`` run on its traced values (autocast on or off), its casts recorded."""
     with fake_mode or contextlib.nullcontext(), _autocast_off_unless(casting), _CastRecorder(leaves) as recorder:
         node.target(*values[0], **values[1])
     return recorder
