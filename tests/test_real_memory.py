@@ -331,13 +331,11 @@ def test_a_product_off_its_line_is_measured_whole(monkeypatch):
     from memsched.cost_models import op_scratch
 
     monkeypatch.setattr(op_scratch, "MAX_MEASURED_FLOPS", 0)
-    measure = op_scratch._measure_call
     bent = {16: 1 << 20, 32: 2 << 20, 48: 5 << 20}   # scratch by rows: the third off the line
     monkeypatch.setattr(op_scratch, "_measure_call",
                         lambda target, args, kwargs, warm=True: (bent[args[0].shape[0]], None))
     target, shapes = _PRODUCTS["mm"]
     assert op_scratch._by_rows(target, _meta_args("mm", shapes, torch.float32), {}) is None
-    monkeypatch.setattr(op_scratch, "_measure_call", measure)
 
 
 def test_a_bfloat16_mlp_measured_by_rows_stays_within_its_minimum(monkeypatch):

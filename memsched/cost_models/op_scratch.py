@@ -132,9 +132,9 @@ def _measure_call(target, args, kwargs, warm: bool = True) -> tuple[int, tuple[i
 # over 512 tokens) took 36 s of a 4-layer plan on two cores, for planning alone. Above
 # MAX_MEASURED_FLOPS such a product is measured at three small row counts instead: the first two
 # give the line, the third must lie on it, and the line's value at the full rows, plus the
-# distance the check allows (alignment: up to a few hundred bytes at some row counts), is the measure. Off
-# the line (a kernel whose path turns on the row count) it is measured in full. Row counts are
-# kept above one: a single row takes the matrix-vector path, which holds nothing.
+# distance the check allows (alignment: a few hundred bytes at some row counts), is the
+# measure. Off the line (a kernel whose path turns on the row count) it is measured in full.
+# Row counts are kept above one: a single row takes the matrix-vector path, which holds nothing.
 MAX_MEASURED_FLOPS = 2e9
 ROWS_MEASURED = (16, 32, 48)
 _ROWS_OPERAND = {aten.linear.default: 0, aten.mm.default: 0, aten.addmm.default: 1, aten.matmul.default: 0}

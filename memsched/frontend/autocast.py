@@ -56,8 +56,8 @@ def no_autocast():
 def autocast_as(state: tuple):
     """Autocast on as ``state`` (``autocast_state()``) says. Its cast cache as the caller's: in
     a training step's trace a weight that several ops read is cast once, as eager casts it, so
-    its gradient sums as eager's does (bit for bit); the cache's keys are the trace's own fresh
-    leaves, which no other trace sees."""
+    its gradient sums as eager's does; the cache's keys are the trace's own fresh leaves, which
+    no other trace sees."""
     with contextlib.ExitStack() as stack:
         for device_type, dtype, cache in state:
             stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=cache))
@@ -144,15 +144,20 @@ def make_casts_explicit(gm: fx.GraphModule, nodes=None) -> int:
             v = arg.meta["val"]
             with torch._guards.detect_fake_mode([v]) or contextlib.nullcontext():
                 cast.meta["val"] = _TO_COPY(v, dtype=dtype)
-            for key in ("nn_module_stack", "stack_trace"):   # the layer it belongs to (frontend/repeats.py)
-                if key in node.meta:
-                    cast.meta[key] = node.meta[key]
+            _part_of(cast, node)
             node.replace_input_with(arg, cast)
             made += 1
     if made:
         graph.lint()
         gm.recompile()
     return made
+
+
+def _part_of(new: fx.Node, node: fx.Node) -> None:
+    """``new`` belongs to the module ``node`` does (the layers of frontend/repeats.py)."""
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in node.meta:
+            new.meta[key] = node.meta[key]
 
 
 def _decompose(gm: fx.GraphModule, node: fx.Node) -> int:
@@ -173,35 +178,17 @@ def _decompose(gm: fx.GraphModule, node: fx.Node) -> int:
     # (eager_meta: each op's result laid out as its CPU kernel lays it out, as the run will)
     with torch._guards.detect_fake_mode(vals) or contextlib.nullcontext(), eager_meta():
         traced = make_fx(call, tracing_mode="real", record_module_stack=False)(*vals)
-    _check_replay(node, traced, vals)
     env = dict(zip([n for n in traced.graph.nodes if n.op == "placeholder"], [flat[i] for i in at]))
     graph = gm.graph
     with graph.inserting_before(node):
         for tn in traced.graph.nodes:
             if tn.op not in ("placeholder", "output"):
                 env[tn] = graph.node_copy(tn, lambda x: env[x])
-                for key in ("nn_module_stack", "stack_trace"):
-                    if key in node.meta:
-                        env[tn].meta[key] = node.meta[key]
+                _part_of(env[tn], node)
     out = traced.graph.output_node().args[0]
     node.replace_all_uses_with(pytree.tree_map(lambda x: env[x] if isinstance(x, fx.Node) else x, out))
     graph.erase_node(node)
     return sum(1 for tn in traced.graph.nodes if tn.target is _TO_COPY)
-
-
-def _check_replay(node: fx.Node, traced: fx.GraphModule, vals: list) -> None:
-    """The traced ops run once on zeros laid out as ``node``'s inputs (as its scratch is measured,
-    cost_models/op_scratch.py): a trace that took a view the kernels cannot take (XLNet's
-    einsum of an expanded operand) is refused here, before anything runs."""
-    zeros = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).zero_() for v in vals]
-    try:
-        with no_autocast(), torch.no_grad():
-            traced(*zeros)
-    except RuntimeError as exc:
-        raise UnsupportedModelError(
-            f"memsched: under torch.autocast, {node.target} ({node.name}) casts values it makes inside "
-            f"itself, and its ops traced with those casts written out do not run ({str(exc).splitlines()[0][:160]}); "
-            "call the model outside autocast, or cast the model to the autocast dtype") from exc
 
 
 def inline_autocast_regions(gm: fx.GraphModule) -> int:
