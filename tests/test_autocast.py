@@ -3,6 +3,7 @@ counted by the plan, and a call under another autocast (or none) is planned agai
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -274,4 +275,43 @@ def test_an_op_whose_casts_are_inside_it_is_written_out_as_its_ops():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     assert peak <= floor, (peak, floor)
+    cm.close()
+
+
+class _Norms(torch.nn.Module):
+    """Norms of a linear's bfloat16 output with float32 weights, as autocast runs them on a CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 64), torch.nn.Linear(64, 8)
+        self.ln, self.gn = torch.nn.LayerNorm(64), torch.nn.GroupNorm(4, 64)
+
+    def forward(self, x):
+        return self.b(self.gn(self.ln(self.a(x)).unsqueeze(-1)).squeeze(-1))
+
+
+def test_norm_statistics_are_traced_in_the_dtype_the_cpu_kernel_gives():
+    """A layer or group norm of a bfloat16 input with float32 weights keeps its mean and rstd
+    in float32 on a CPU, while PyTorch's fake kernels say bfloat16. Traced as the kernel gives
+    them (frontend/fake.py), the plan counts their bytes, the norms' backwards are measured
+    on zeros of those dtypes (before: a warning that they could not be, and no scratch
+    counted), and gradients equal eager's."""
+    torch.manual_seed(0)
+    model = _Norms().train()
+    ref = copy.deepcopy(model)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    with torch.autocast(**BF16):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            cm = memsched.compile(model, "1GB", device="cpu", train=True)
+            cm(x).float().sum().backward()
+        ref(x).float().sum().backward()
+        eager = [o.dtype for o in torch.ops.aten.native_layer_norm(ref.a(x), [64], ref.ln.weight, ref.ln.bias, 1e-5)]
+    norms = [n for n in cm.plan.graph.graph.nodes
+             if n.target in (torch.ops.aten.native_layer_norm.default, torch.ops.aten.native_group_norm.default)]
+    assert len(norms) == 2
+    for n in norms:
+        assert [v.dtype for v in n.meta["val"]] == eager == [torch.bfloat16, torch.float32, torch.float32]
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
     cm.close()

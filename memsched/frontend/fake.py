@@ -15,13 +15,15 @@ the plan would count other bytes than the run holds, or hand an op a layout it d
   are traced by Python decompositions whose result keeps a permuted argument's strides, while
   the CPU kernel returns a tensor contiguous in the input's suggested memory format (or plain
   contiguous): a ``BatchNorm1d`` over a transposed sequence (PatchTST) traced as ``view`` a
-  result the run makes non-viewable, so the step failed at that view.
+  result the run makes non-viewable, so the step failed at that view;
+* layer and group norm of a reduced-precision input with float32 weights (autocast on a CPU)
+  trace their mean and rstd in the input's dtype, while the CPU kernel keeps them in float32.
 
 The stride of a size-1 dimension never moves an element, but it decides
 ``suggest_memory_format``: a ``group_norm`` decomposed while tracing a training step skipped
 the ``contiguous()`` eager makes, and the real tensor then failed ``native_group_norm``'s
 layout check (and a layout-dependent kernel would not give eager's bits). Inside
-``eager_meta()`` all four give what eager gives. For the first three only strides of size-1
+``eager_meta()`` all five give what eager gives. For the first three only strides of size-1
 dimensions are ever changed, so a traced value still addresses the same elements; a
 normalisation's result is a fresh tensor, traced in the layout the kernel was seen to make (a
 probe of the op on a few real elements laid out as the call's, once per layout). Anything
@@ -71,6 +73,8 @@ def eager_meta():
     def fix(fake_mode, func, *args, **kwargs):
         if func is RNN_LAYER:
             return _rnn_layer(fake_mode, args, kwargs, FakeTensor)
+        if func in _MIXED_NORMS:
+            return _mixed_norm(fake_mode, func, args, kwargs, FakeTensor)
         return _pointwise(fake_mode, func, args, kwargs, FakeTensor)
 
     entry = (_handled, fix)
@@ -111,7 +115,8 @@ def _restride_view(out, a, compute_stride):
 
 
 def _handled(func) -> bool:
-    return func is RNN_LAYER or (isinstance(func, torch._ops.OpOverload) and torch.Tag.pointwise in func.tags)
+    return func is RNN_LAYER or func in _MIXED_NORMS or (
+        isinstance(func, torch._ops.OpOverload) and torch.Tag.pointwise in func.tags)
 
 
 def _general_strides(shape, stride) -> tuple:
@@ -209,6 +214,52 @@ def _rnn_layer(mode, args, kwargs, fake_cls):
         numel, dtype = _workspaces[key]
         outs = (*outs[:3], torch.empty(numel, dtype=dtype, device="meta"))
     return tuple(fake_cls(mode, o, device=tensors[0].device) for o in outs)
+
+
+# a norm's one-row probe, from its arguments (input, ...): a reduced-precision input with float32
+# weights (autocast leaves norms to run so on a CPU) gets float32 statistics from the CPU kernel,
+# the input's dtype from the fake one
+_MIXED_NORMS = {
+    torch.ops.aten.native_layer_norm.default:
+        lambda x, shape, w, b, eps: (_row(x, (1, *shape)), shape, w, b, eps),
+    torch.ops.aten.native_group_norm.default:
+        lambda x, w, b, n, c, hw, groups, eps: (_row(x, (1, c, 1)), w, b, 1, c, 1, groups, eps),
+}
+
+
+def _row(x, shape) -> torch.Tensor:
+    return torch.empty(shape, dtype=x.dtype, device="meta")
+_norm_dtypes: dict = {}  # (norm op, its arguments' dtypes) -> the CPU kernel's results' dtypes
+
+
+def _mixed_norm(mode, func, args, kwargs, fake_cls):
+    """A norm of a reduced-precision input with weights of another dtype on CPU FakeTensors:
+    its results as the meta kernel shapes them, in the dtypes a CPU run of one row gives (its
+    statistics are the backward's operands: traced in the input's dtype, the backward's scratch
+    could not be measured and the plan counted them at half their bytes). Else NotImplemented."""
+    from torch.utils._mode_utils import no_dispatch
+
+    tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    x = args[0] if args else None
+    if (kwargs or not isinstance(x, fake_cls) or x.device.type != "cpu" or len({t.dtype for t in tensors}) < 2
+            or not all(isinstance(t, fake_cls) and t.device.type == "cpu" for t in tensors)):
+        return NotImplemented
+    key = (func, tuple(t.dtype if isinstance(t, torch.Tensor) else None for t in args))
+    with no_dispatch():
+        if key not in _norm_dtypes:
+            try:
+                probe = pytree.tree_map(lambda a: torch.zeros(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor)
+                                        else a, _MIXED_NORMS[func](*args))
+                _norm_dtypes[key] = tuple(o.dtype for o in func(*probe))
+            except Exception:  # noqa: BLE001  (the kernel refuses these dtypes: as PyTorch traces it)
+                _norm_dtypes[key] = None
+        if _norm_dtypes[key] is None:
+            return NotImplemented
+        ma, mk = _on("meta", args, kwargs)
+        outs = func(*ma, **mk)
+        outs = tuple(o if o.dtype == d else torch.empty_strided(o.shape, o.stride(), dtype=d, device="meta")
+                     for o, d in zip(outs, _norm_dtypes[key]))
+    return tuple(fake_cls(mode, o, device=x.device) for o in outs)
 
 
 _NORMS = (("native_batch_norm", "default"), ("_native_batch_norm_legit", "default"),
