@@ -44,6 +44,13 @@ def _refuse_grad_inputs(args, kwargs) -> None:
                 "torch.no_grad() / with the input detached (x.detach()) for inference")
 
 
+def _inputs_taking_grads(args, kwargs) -> tuple[int, ...]:
+    import torch.utils._pytree as pytree
+
+    flat = pytree.tree_leaves((tuple(args), dict(sorted(kwargs.items()))))
+    return tuple(i for i, leaf in enumerate(flat) if isinstance(leaf, torch.Tensor) and leaf.requires_grad)
+
+
 def _resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,7 +179,9 @@ class CompiledModule:
         # kernel's blocks, one per thread; cost_models/op_scratch.py): a plan per thread count
         threads = torch.get_num_threads() if self.device.type == "cpu" else None
         # a call under torch.autocast runs the casts its capture wrote out (frontend/autocast.py)
-        key = (train, self.model.training, input_signature(args, kwargs), threads, autocast_state())
+        # a training step returns a gradient for each input that requires grad: planned per such set
+        key = (train, self.model.training, input_signature(args, kwargs), threads, autocast_state(),
+               _inputs_taking_grads(args, kwargs) if train else ())
         entry = self._compiled.get(key)
         if entry is None:
             with _CAPTURE_LOCK:  # torch.export is not thread-safe
@@ -224,6 +233,12 @@ class CompiledModule:
         with self._lock:
             plan, captured, executor, step = self._prepare(args, kwargs)
             flat = captured.flatten_inputs(args, kwargs)
+            # one step in flight per module, whatever plan it ran: a forward of another plan (other
+            # shapes, inputs taking gradients or not) waiting for its backward holds up to the
+            # budget too, so a call releases it (its backward then raises and says why)
+            for *_, other in self._compiled.values():
+                if other is not None and other is not step:
+                    other.release()
             if step is not None:
                 # the step's stats are complete once its backward ran (see ``stats``)
                 out = captured.forward_outputs(run_step(step, flat))

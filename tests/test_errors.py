@@ -272,18 +272,22 @@ def test_the_backward_of_a_released_forward_is_a_clear_error():
     cm.close()
 
 
-def test_an_input_that_requires_grad_at_a_call_is_refused():
-    """The module applied to its own output: its gradient into the input would be lost (the step
-    returns parameters' gradients only), so the gradients would be wrong in silence."""
-    from memsched.errors import UnsupportedModelError
-
+def test_a_step_of_another_plan_in_flight_is_released():
+    """One step is in flight per module, whatever plan it ran: a forward of other shapes, or the
+    module applied to its own output (its input then takes a gradient: another plan), releases
+    the forward waiting for its backward, which then says so. Before, both steps' saved values
+    were held at once, up to twice the budget."""
     model, cm = _training_module()
     x = torch.randn(2, 8)
     cm(x).sum().backward()
-    with pytest.raises(UnsupportedModelError, match="requires grad.*trains parameters only"):
-        cm(cm(x))
+    first, second = cm(torch.randn(2, 8)).sum(), cm(torch.randn(3, 8)).sum()
+    with pytest.raises(RuntimeError, match="later call of this compiled module released"):
+        (first + second).backward()
+    with pytest.raises(RuntimeError, match="later call of this compiled module released"):
+        cm(cm(x)).sum().backward()
     with torch.no_grad():
         cm(cm(x))   # nothing to differentiate: runs
+    cm(torch.randn(3, 8)).sum().backward()   # and the module trains on
     cm.close()
 
 

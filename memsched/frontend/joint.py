@@ -9,7 +9,8 @@ lifetimes are explicit. Tracing runs on FakeTensors: no memory is used, and meta
 Where the forward ends, a ``boundary`` node is inserted: it reads the forward outputs and
 yields the gradients of the outputs (the tangents), which backward nodes read through
 getitems. The program's outputs are the forward outputs (held by the caller until the step
-ends) followed by one gradient per trained parameter.
+ends), one gradient per trained parameter, then one per user input that requires grad (a
+module compiled inside a model trained around it: its input comes from layers autograd runs).
 """
 from __future__ import annotations
 
@@ -41,12 +42,14 @@ from .loss_head import chunk_loss_heads
 @dataclass
 class JointCaptured(Captured):
     """A captured training step. Outputs: ``n_outputs`` forward outputs (``n_mutations``
-    buffer updates first, then the user's), then one gradient per ``grad_targets`` entry."""
+    buffer updates first, then the user's), one gradient per ``grad_targets`` entry, then one
+    per ``grad_inputs`` entry."""
 
     n_outputs: int = 0
     n_mutations: int = 0
     mutation_targets: list[str] = field(default_factory=list)  # state keys of updated buffers
     grad_targets: list[str] = field(default_factory=list)      # state keys of trained parameters
+    grad_inputs: list[int] = field(default_factory=list)       # flat user inputs that take a gradient
     diff_outputs: list[int] = field(default_factory=list)      # user outputs that take a gradient
     grad_capable: list[int] = field(default_factory=list)      # user outputs that depend on a parameter
     # per diff output, the strides its gradient was traced with (the output's own): the backward's
@@ -119,14 +122,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     if getattr(ep.graph_signature, "user_inputs_to_mutate", None):
         raise UnsupportedModelError("forward mutates its inputs in place; memsched cannot plan that yet")
     primals, placeholders, slot_of = _primals(model, ep, args, kwargs)
-    trained = [i for i, (ph, v) in enumerate(zip(placeholders, primals))
-               if ph.kind == Kind.WEIGHT and isinstance(v, torch.Tensor) and v.requires_grad]
-    if not trained:
-        raise ValueError(f"{type(model).__name__} has no parameter that requires grad: nothing to train")
-    if any(ph.kind == Kind.INPUT and isinstance(v, torch.Tensor) and v.requires_grad
-           for ph, v in zip(placeholders, primals)):
-        raise UnsupportedModelError("inputs that require grad are not supported: memsched trains "
-                                    "parameters; detach the inputs")
+    trained, grad_inputs, inputs = _differentiated(model, placeholders, primals)
     out_specs = ep.graph_signature.output_specs
     n_mut = sum(1 for s in out_specs if s.kind == OutputKind.BUFFER_MUTATION)
     if any(s.kind not in (OutputKind.BUFFER_MUTATION, OutputKind.USER_OUTPUT) for s in out_specs):
@@ -145,7 +141,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
         select_kernels(ep.graph_module, {sp.arg.name for sp in ep.graph_signature.input_specs
                                          if sp.kind == InputKind.PARAMETER})
     traced = _portable_random(chunk_loss_heads(ep.graph_module, loss_chunks, shared_loss_heads), target, primals)
-    trace = _Trace(traced, slot_of, trained, n_mut, floating, functions)
+    trace = _Trace(traced, slot_of, trained + grad_inputs, n_mut, floating, functions)
     with _portable_attention(target, primals):
         joint = make_lazy(trace.run(model, primals, user_vals))  # code made when first run
     if functions.inlined:
@@ -158,6 +154,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     share_storages_as_eager(joint.graph)
     accumulate_in_place(joint, boundary)
     _keep_grad_mode(joint)
+    # (an input's gradient is a value the step returns on the device, as a forward output)
     for node, i in zip(list(joint.graph.output_node().args[0])[len(out_vals):], trained):
         if isinstance(node, torch.fx.Node):
             annotate(node, kind=Kind.GRAD, grad_of=placeholders[i].target)
@@ -166,9 +163,27 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
         joint, placeholders, ep.call_spec.in_spec, ep.call_spec.out_spec, constants,
         n_outputs=len(out_vals), n_mutations=n_mut, boundary=boundary.name,
         mutation_targets=[s.target for s in out_specs if s.kind == OutputKind.BUFFER_MUTATION],
-        grad_targets=[placeholders[i].target for i in trained], diff_outputs=list(trace.diff),
+        grad_targets=[placeholders[i].target for i in trained], grad_inputs=[inputs.index(i) for i in grad_inputs],
+        diff_outputs=list(trace.diff),
         grad_capable=list(trace.capable), tangent_strides=[tuple(user_vals[i].stride()) for i in trace.diff],
         forward=(ep.graph_module, {sp.arg.name for sp in ep.graph_signature.input_specs if sp.kind != InputKind.USER_INPUT}))
+
+
+def _differentiated(model, placeholders: list[Placeholder], primals: list):
+    """The primals the step differentiates: trained parameters, then user inputs that require
+    grad; and every user input's primal (their order is the flat inputs')."""
+    trained = [i for i, (ph, v) in enumerate(zip(placeholders, primals))
+               if ph.kind == Kind.WEIGHT and isinstance(v, torch.Tensor) and v.requires_grad]
+    inputs = [i for i, ph in enumerate(placeholders) if ph.kind == Kind.INPUT]
+    grad_inputs = [i for i in inputs if isinstance(primals[i], torch.Tensor) and primals[i].requires_grad]
+    if not trained and not grad_inputs:
+        raise ValueError(f"{type(model).__name__} has no parameter that requires grad and no input that "
+                         "does: nothing to train")
+    for i in grad_inputs:
+        if not (primals[i].is_floating_point() or primals[i].is_complex()):
+            raise UnsupportedModelError(f"input {placeholders[i].name} requires grad but is "
+                                        f"{primals[i].dtype}: only floating-point inputs take gradients")
+    return trained, grad_inputs, inputs
 
 
 def _trace_device_type(primals: list) -> str:

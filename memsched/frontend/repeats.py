@@ -464,6 +464,10 @@ class _Grower:
                 raise NotRepeatable("a layer's gradient is computed outside the layers")
             else:
                 grads.append(self._resolve(g, layer, slot))
+        for g in outputs[n_fwd + len(self.c.grad_targets):]:   # the inputs' gradients, where they are made
+            t = self.tags.get(g) if isinstance(g, torch.fx.Node) else None
+            grads.append(g if not isinstance(g, torch.fx.Node) else
+                         self._resolve(g, None, None) if t is None else self._resolve(g, self._layer_of_slot(t[1]), t[1]))
         return type(out.args[0])(fwd + grads)
 
 

@@ -1,11 +1,13 @@
 """Training steps as one autograd node.
 
 ``memsched.compile(model, budget, train=True)`` returns outputs produced by a
-``torch.autograd.Function`` whose inputs are the model's trained parameters. Its forward runs
-the scheduled program up to the boundary; its backward resumes the program with the
-gradients of the outputs and returns one gradient per parameter. Autograd then accumulates
-those into ``param.grad`` exactly as it does for eager PyTorch, on the parameter's own device,
-so a standard ``torch.optim`` optimizer built on ``model.parameters()`` steps them unchanged.
+``torch.autograd.Function`` whose inputs are the model's trained parameters (and the user
+inputs that require grad: a module compiled inside a model whose other layers autograd runs).
+Its forward runs the scheduled program up to the boundary; its backward resumes the program
+with the gradients of the outputs and returns one gradient per parameter and input. Autograd
+then accumulates those into ``param.grad`` exactly as it does for eager PyTorch, on the
+parameter's own device, so a standard ``torch.optim`` optimizer built on
+``model.parameters()`` steps them unchanged, and passes the inputs' on to the layers before.
 """
 from __future__ import annotations
 
@@ -55,9 +57,13 @@ class TrainStep:
         self.params = [params[t] for t in self.captured.grad_targets]
         self.mutated_buffers = [buffers[t] for t in self.captured.mutation_targets]
 
-    def forward(self, flat_inputs: list) -> list:
-        self.executor.abandon()  # a forward whose backward never ran: release its state
+    def release(self) -> None:
+        """Release the state of a forward whose backward has not run (it never will)."""
+        self.executor.abandon()
         self.pending = None
+
+    def forward(self, flat_inputs: list) -> list:
+        self.release()  # a forward whose backward never ran
         out = self.executor.start(flat_inputs)
         self.pending = _Forward()
         with torch.no_grad():
@@ -111,7 +117,7 @@ class TrainStep:
             for g in {id(g): g for g in pending if g is not None and not isinstance(g, torch.Tensor)
                       and id(g) not in taken}.values():
                 self.executor.engine.release(g)
-        # a parameter none of whose output gradients was given gets none, as in eager autograd
+        # a parameter (or input) none of whose output gradients was given gets none, as in eager autograd
         return _on_params([None if src and not src & given else g for g, src in zip(grads, self.sources)], params)
 
 
@@ -173,6 +179,7 @@ _RELEASED_FORWARD = (
 class _StepFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, step: TrainStep, flat_inputs: list, *params):
+        # (``params``: the trained parameters, then the inputs in ``flat_inputs`` that take a gradient)
         outs = step.forward(flat_inputs)
         ctx.step, ctx.params, ctx.forward = step, params, step.pending
         ctx.set_materialize_grads(False)
@@ -191,14 +198,16 @@ class _StepFunction(torch.autograd.Function):
 
 
 def run_step(step: TrainStep, flat_inputs: list) -> list:
-    """The forward outputs, connected to the parameters through one autograd node."""
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat_inputs):
-        # the step's gradients are the parameters' only: one for such an input would be lost
+    """The forward outputs, connected to the parameters and to the inputs that take a gradient
+    through one autograd node."""
+    planned = step.captured.grad_inputs
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad and i not in planned
+                                       for i, t in enumerate(flat_inputs)):
+        # (the compiled module plans again for inputs that require grad: reached by a step planned
+        # for others, the gradient would be lost)
         raise UnsupportedModelError(
-            "memsched: an input of this training step requires grad (an output of another call, or "
-            "of the module itself applied to its own output), and memsched trains parameters only: "
-            "its gradient would be lost. Detach the input, or train that part of the model in "
-            "the same compiled module")
+            "memsched: an input of this training step requires grad, and the step was planned "
+            "without its gradient: it would be lost")
     with step.lock:
         step.lookup()
-        return list(_StepFunction.apply(step, flat_inputs, *step.params))
+        return list(_StepFunction.apply(step, flat_inputs, *step.params, *[flat_inputs[i] for i in planned]))
