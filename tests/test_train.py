@@ -570,3 +570,32 @@ def test_the_capture_s_mask_answers_stay_on_its_thread():
         other.join()
     assert seen["packed"] is not None and seen["packed"].tolist() == [[0, 0, 0, 1, 1]]
     assert (masking_utils.is_torchdynamo_exporting, masking_utils.find_packed_sequence_indices) == before
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_a_model_with_activation_checkpointing_on_trains_as_eager(reentrant):
+    """A transformers model with ``gradient_checkpointing_enable()`` (the first thing a user whose
+    model does not fit turns on): at memsched's minimum, loss and gradients equal eager's with the
+    same checkpointing. Reentrant checkpointing (``use_reentrant=True``) computes its function
+    without autograd; it runs as that function instead (before: refused, "no output depends on a
+    trained parameter")."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=128)
+    model = T.LlamaForCausalLM(config).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch's and transformers' notes on checkpointing
+        floor = memsched.plan(model, (), "1GB", train=True, example_kwargs=dict(input_ids=ids, labels=ids))
+        cm = memsched.compile(model, floor.min_budget_bytes, device="cpu", train=True)
+        for _ in range(2):
+            got, want = cm(input_ids=ids, labels=ids).loss, ref(input_ids=ids, labels=ids).loss
+            got.backward()
+            want.backward()
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            assert_same_grads(ref, model)
+    cm.close()

@@ -12,7 +12,8 @@ inputs, so autograd records its own backward, as eager's does.
 
 An application whose body reads a tensor that is not one of its arguments (a parameter it
 closes over), or that returns anything but tensors, runs as its exported ops; its name is then
-in ``inlined`` (the caller warns).
+in ``inlined`` (the caller warns). Reentrant activation checkpointing (``CheckpointFunction``)
+is not kept: its function runs as it is, differentiated, since the plan recomputes what it drops.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 import torch.utils._pytree as pytree
+import torch.utils.checkpoint
 
 _BODY, _IN, _OUT = "memsched_function", "memsched_function_input", "memsched_function_output"
 
@@ -104,6 +106,7 @@ class Functions:
 # made in this module: the graph keeps the operator itself, whose autograd kernel applies that
 # Function again in the joint trace, so its backward is eager's without being marked
 _CUSTOM_OP_AUTOGRAD = "torch._library.autograd"
+_REENTRANT_CHECKPOINT = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
 
 
 @contextlib.contextmanager
@@ -116,6 +119,12 @@ def custom_applications(handle):
         if (not torch.is_grad_enabled() or cls.backward is torch.autograd.Function.backward
                 or cls.__module__ == _CUSTOM_OP_AUTOGRAD):
             return original.__func__(cls, *args, **kwargs)
+        if cls is _REENTRANT_CHECKPOINT and not kwargs:
+            # reentrant activation checkpointing (use_reentrant=True) runs its function without
+            # autograd and again in its backward: memsched plans its own recomputation, so the
+            # function runs as it is, differentiated (without checkpointing, eager's gradients)
+            run_function, _preserve_rng_state, *inputs = args
+            return run_function(*inputs)
         return handle(cls, original.__func__, args, kwargs)
 
     torch.autograd.Function.apply = classmethod(apply)
