@@ -574,7 +574,7 @@ def test_the_capture_s_mask_answers_stay_on_its_thread():
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_a_model_with_activation_checkpointing_on_trains_as_eager(reentrant):
-    """A transformers model with ``gradient_checkpointing_enable()`` (the first thing a user whose
+    """A transformers model with ``activation_checkpointing_enable()`` (the first thing a user whose
     model does not fit turns on): at memsched's minimum, loss and gradients equal eager's with the
     same checkpointing. Reentrant checkpointing (``use_reentrant=True``) computes its function
     without autograd; it runs as that function instead (before: refused, "no output depends on a
@@ -585,7 +585,7 @@ def test_a_model_with_activation_checkpointing_on_trains_as_eager(reentrant):
     config = T.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                            num_key_value_heads=2, intermediate_size=128)
     model = T.LlamaForCausalLM(config).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     ref = copy.deepcopy(model)
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
