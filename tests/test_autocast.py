@@ -315,3 +315,58 @@ def test_norm_statistics_are_traced_in_the_dtype_the_cpu_kernel_gives():
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
     cm.close()
+
+
+def test_a_mask_the_model_makes_of_ones_is_skipped_as_in_eager():
+    """ConvBERT makes an all-ones attention mask when given none; eager transformers reads its
+    values and skips it. The capture reads off the trace that it is made of ones and skips it
+    too: under autocast the training step's loss and gradients equal eager's bit for bit
+    (before: float32 zeros added to bfloat16 scores ran softmax in float32, a bfloat16 step
+    off). A mask the caller passes is a traced input, never skipped."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.ConvBertConfig(vocab_size=100, hidden_size=32, embedding_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0)
+    model = T.ConvBertForMaskedLM(config).train()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.autocast(**BF16):
+        cm = memsched.compile(model, "1GB", device="cpu", train=True)
+        got, want = cm(input_ids=ids, labels=ids).loss, ref(input_ids=ids, labels=ids).loss
+        got.backward()
+        want.backward()
+        softmaxes = [n for n in cm.plan.graph.graph.nodes if n.target is torch.ops.aten._softmax.default]
+        assert softmaxes and all(n.meta["val"].dtype == torch.bfloat16 for n in softmaxes)
+        passed = memsched.plan(model, (), "1GB", train=True,
+                               example_kwargs=dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids))
+        assert any(n.target is torch.ops.aten._softmax.default and n.meta["val"].dtype == torch.float32
+                   for n in passed.graph.graph.nodes)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    cm.close()
+
+
+def test_only_masks_made_of_ones_alone_count_as_ones():
+    """What constant_masks.made_of_ones says of tensors traced from factories, casts and views
+    (ones), and of anything else: a filled value other than one, arithmetic, an input."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from memsched.frontend.constant_masks import made_of_ones
+
+    seen = {}
+
+    def f(x):
+        ones = torch.ones(2, 6)
+        cases = {"ones": ones, "cast view": ones.to(torch.bool)[:, None, :].expand(2, 3, 6),
+                 "full 1": torch.full((2, 6), 1), "ones_like": torch.ones_like(x),
+                 "full 0": torch.full((2, 6), 0), "doubled": ones * 2, "input": x, "input cast": x.bool()}
+        seen.update({k: made_of_ones(v) for k, v in cases.items()})
+        return x
+
+    make_fx(f)(torch.ones(2, 6))
+    assert seen == {"ones": True, "cast view": True, "full 1": True, "ones_like": True,
+                    "full 0": False, "doubled": False, "input": False, "input cast": False}
+    assert not made_of_ones(torch.ones(2))   # not traced: the values are there to read

@@ -31,6 +31,7 @@ from ..ir.kinds import PERSISTENT, Kind
 from ..ir.tensors import tensor_leaves
 from .autocast import autocast_state, inline_autocast_regions, make_casts_explicit
 from .composites import expand_bool_attention_masks, expand_cross_entropy, expand_math_attention
+from .constant_masks import ones_as_none
 from .fake import eager_meta, share_storages_as_eager
 from .inline import drop_unused_subgraphs, inline_call
 from .kernel_patterns import select_kernels
@@ -430,7 +431,8 @@ def eager_attention_masks(args: tuple = (), kwargs: dict | None = None):
     packed into one row in the position ids, a check it cannot make on traced values; when the
     caller passes no position ids (only ``input_ids`` or keywords without them), the model makes
     them, one sequence per row, and the check says "none", as in eager. Only when the process
-    has imported transformers."""
+    has imported transformers. A mask the model makes of ones itself is skipped as eager skips
+    it (constant_masks.py)."""
     masking = sys.modules.get("transformers.masking_utils")
     if masking is None or not callable(getattr(masking, "is_torchdynamo_exporting", None)):
         yield
@@ -439,6 +441,9 @@ def eager_attention_masks(args: tuple = (), kwargs: dict | None = None):
     own_positions = len(args) <= 1 and "position_ids" not in (kwargs or {})
     if own_positions and callable(getattr(masking, "find_packed_sequence_indices", None)):
         answers["find_packed_sequence_indices"] = lambda *_: None
+    for check in ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa"):
+        if callable(getattr(masking, check, None)):   # a mask the model makes of ones: skipped as in eager
+            answers[check] = ones_as_none(getattr(masking, check))
     me = threading.get_ident()
     with _MASKING_LOCK:   # one capture patches at a time; other threads keep transformers' answers
         saved = {name: getattr(masking, name) for name in answers}
@@ -455,7 +460,7 @@ _MASKING_LOCK = threading.RLock()
 
 
 def _on_thread(thread: int, here, elsewhere):
-    return lambda *a: here(*a) if threading.get_ident() == thread else elsewhere(*a)
+    return lambda *a, **k: here(*a, **k) if threading.get_ident() == thread else elsewhere(*a, **k)
 
 
 def _reject_mutations(ep: ExportedProgram, model: torch.nn.Module) -> None:
