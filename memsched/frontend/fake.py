@@ -225,11 +225,11 @@ _MIXED_NORMS = {
     torch.ops.aten.native_group_norm.default:
         lambda x, w, b, n, c, hw, groups, eps: (_row(x, (1, c, 1)), w, b, 1, c, 1, groups, eps),
 }
+_norm_dtypes: dict = {}  # (norm op, its arguments' dtypes) -> the CPU kernel's results' dtypes
 
 
 def _row(x, shape) -> torch.Tensor:
     return torch.empty(shape, dtype=x.dtype, device="meta")
-_norm_dtypes: dict = {}  # (norm op, its arguments' dtypes) -> the CPU kernel's results' dtypes
 
 
 def _mixed_norm(mode, func, args, kwargs, fake_cls):
