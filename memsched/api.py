@@ -14,6 +14,7 @@ from .budget import parse_budget
 from .cost_models.hardware import Hardware, get_hardware
 from .frontend.autocast import autocast_state
 from .frontend.capture import input_signature
+from .frontend.constant_masks import all_ones
 from .frontend.fake import meta_as_empty
 from .io.reapply import PlanMismatchError
 from .pipeline import plan_model
@@ -158,6 +159,7 @@ class CompiledModule:
         self._lock = threading.RLock()
         # plans of the most recently used input signatures (least recent first), at most max_plans
         self._compiled: OrderedDict = OrderedDict()
+        self._mask_guards: dict = {}   # signature -> inputs whose values decided a mask's skip
         self._last = None
         self.plans_made = 0  # signatures planned (or re-applied) so far, evicted ones included
         self._new_stores()
@@ -180,8 +182,11 @@ class CompiledModule:
         threads = torch.get_num_threads() if self.device.type == "cpu" else None
         # a call under torch.autocast runs the casts its capture wrote out (frontend/autocast.py)
         # a training step returns a gradient for each input that requires grad: planned per such set
-        key = (train, self.model.training, input_signature(args, kwargs), threads, autocast_state(),
-               _inputs_taking_grads(args, kwargs) if train else ())
+        signature = (train, self.model.training, input_signature(args, kwargs), threads, autocast_state(),
+                     _inputs_taking_grads(args, kwargs) if train else ())
+        # an attention mask eager skips when it has no padding was skipped or kept by its values at
+        # capture (frontend/constant_masks.py): a program per answer
+        key = signature + (all_ones(args, kwargs, self._mask_guards.get(signature, ())),)
         entry = self._compiled.get(key)
         if entry is None:
             with _CAPTURE_LOCK:  # torch.export is not thread-safe
@@ -194,6 +199,9 @@ class CompiledModule:
                         plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware,
                                                     train=train, grad_outputs=self.grad_outputs, **self.options)
             self.plans_made += 1
+            guards = tuple(sorted(set(self._mask_guards.get(signature, ())) | set(captured.mask_guards)))
+            self._mask_guards[signature] = guards
+            key = signature + (all_ones(args, kwargs, guards),)
             executor = Executor(plan.graph, captured, self.model, self.device, self.budget_bytes,
                                 self.offload_dir, stores=self._stores, hardware=plan.hardware,
                                 hard_limit=self.hard_limit)

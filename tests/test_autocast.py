@@ -322,7 +322,7 @@ def test_a_mask_the_model_makes_of_ones_is_skipped_as_in_eager():
     values and skips it. The capture reads off the trace that it is made of ones and skips it
     too: under autocast the training step's loss and gradients equal eager's bit for bit
     (before: float32 zeros added to bfloat16 scores ran softmax in float32, a bfloat16 step
-    off). A mask the caller passes is a traced input, never skipped."""
+    off). A mask the caller passes that pads is kept (float32 softmaxes, as in eager)."""
     import transformers as T
 
     torch.manual_seed(0)
@@ -339,8 +339,10 @@ def test_a_mask_the_model_makes_of_ones_is_skipped_as_in_eager():
         want.backward()
         softmaxes = [n for n in cm.plan.graph.graph.nodes if n.target is torch.ops.aten._softmax.default]
         assert softmaxes and all(n.meta["val"].dtype == torch.bfloat16 for n in softmaxes)
+        padded = torch.ones_like(ids)
+        padded[0, :2] = 0
         passed = memsched.plan(model, (), "1GB", train=True,
-                               example_kwargs=dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids))
+                               example_kwargs=dict(input_ids=ids, attention_mask=padded, labels=ids))
         assert any(n.target is torch.ops.aten._softmax.default and n.meta["val"].dtype == torch.float32
                    for n in passed.graph.graph.nodes)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -370,3 +372,28 @@ def test_only_masks_made_of_ones_alone_count_as_ones():
     assert seen == {"ones": True, "cast view": True, "full 1": True, "ones_like": True,
                     "full 0": False, "doubled": False, "input": False, "input cast": False}
     assert not made_of_ones(torch.ones(2))   # not traced: the values are there to read
+
+
+def test_a_given_mask_is_skipped_or_kept_by_its_values_as_in_eager():
+    """A tokenizer's attention mask with no padding: eager transformers reads it and skips it
+    (SDPA runs causal); the capture decides it by its values too, and makes the mask a guard of
+    the program. A LLaMA's training step under autocast then equals eager's bit for bit (before:
+    kept, SDPA's masked path gave gradients 8e-4 away); a call whose mask pads is planned again
+    with the mask kept, and one without padding reuses the first program."""
+    model = _llama().train()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+    with torch.autocast(**BF16):
+        cm = memsched.compile(model, "1GB", device="cpu", train=True)
+        for mask, plans in ((torch.ones_like(ids), 1), (padded, 2), (torch.ones_like(ids), 2)):
+            kwargs = dict(input_ids=ids, attention_mask=mask, labels=ids)
+            got, want = cm(**kwargs).loss, ref(**kwargs).loss
+            got.backward()
+            want.backward()
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            for p, q in zip(model.parameters(), ref.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+            assert cm.plans_made == plans
+    cm.close()

@@ -31,7 +31,7 @@ from ..ir.kinds import PERSISTENT, Kind
 from ..ir.tensors import tensor_leaves
 from .autocast import autocast_state, inline_autocast_regions, make_casts_explicit
 from .composites import expand_bool_attention_masks, expand_cross_entropy, expand_math_attention
-from .constant_masks import ones_as_none
+from .constant_masks import MaskReads
 from .fake import eager_meta, share_storages_as_eager
 from .inline import drop_unused_subgraphs, inline_call
 from .kernel_patterns import select_kernels
@@ -72,6 +72,9 @@ class Captured:
     # position in the block) for the nodes of every layer made from that one, so placement can
     # decide for them once; a parameter's block is "P" and its position its name in the layer
     layer_roles: dict[str, tuple] = field(default_factory=dict)
+    # inputs (("arg", i) or ("kw", name)) whose values decided an attention mask's skip, as
+    # eager decides it: the program serves calls where each is all nonzero or not as it was
+    mask_guards: tuple = ()
 
     def flatten_inputs(self, args: tuple, kwargs: dict) -> list:
         from torch.export._tree_utils import reorder_kwargs
@@ -137,7 +140,8 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         if spec.kind not in _KIND:
             raise UnsupportedModelError(f"unsupported graph input kind {spec.kind.name} ({spec.arg})")
     constants = {k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
-    return Captured(gm, placeholders, ep.call_spec.in_spec, ep.call_spec.out_spec, constants)
+    return Captured(gm, placeholders, ep.call_spec.in_spec, ep.call_spec.out_spec, constants,
+                    mask_guards=ep.mask_guards)
 
 
 def _state_kind(model: torch.nn.Module, target: str | None) -> Kind | None:
@@ -247,8 +251,8 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
         raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
     register_output_types(model)
     try:
-        with eager_meta(), eager_attention_masks(args, kwargs), _quiet_fake_tensor_log(), _no_stack_traces(), \
-                _no_partial_graph_dump(), _casts_that_change_nothing():
+        with eager_meta(), eager_attention_masks(args, kwargs, model) as reads, _quiet_fake_tensor_log(), \
+                _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing():
             ep = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
     except Exception as exc:  # export raises many types; we re-raise one, naming the cause
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -257,6 +261,7 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
             f"{type(exc).__name__}: {first}{_data_dependent_hint(exc) or _raised_in_model(exc)}"
         ) from exc
     _reject_data_dependent_sizes(ep, model)
+    ep.mask_guards = tuple(sorted(reads.read))   # inputs whose values decided a mask's skip
     return ep
 
 
@@ -420,40 +425,44 @@ def register_output_types(model: torch.nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def eager_attention_masks(args: tuple = (), kwargs: dict | None = None):
+def eager_attention_masks(args: tuple = (), kwargs: dict | None = None, model: torch.nn.Module | None = None):
     """transformers builds no attention mask when none is given and attention is plainly causal
     or bidirectional (SDPA's ``is_causal`` path, or its native grouped-query attention), except
     under torch.export, where it materialises one so an exported graph stays right for masks
-    given later. memsched captures per input signature (a mask given is a traced tensor and is
-    never skipped), so it lets transformers decide as in eager: the captured program then runs
-    eager's kernels, whose sums (grouped-query key/value gradients) are ordered differently from
-    the masked path's. Likewise with no cache and no mask transformers looks for sequences
-    packed into one row in the position ids, a check it cannot make on traced values; when the
-    caller passes no position ids (only ``input_ids`` or keywords without them), the model makes
-    them, one sequence per row, and the check says "none", as in eager. Only when the process
-    has imported transformers. A mask the model makes of ones itself is skipped as eager skips
-    it (constant_masks.py)."""
+    given later. memsched captures per input signature, so it lets transformers decide as in
+    eager: the captured program then runs eager's kernels, whose sums (grouped-query key/value
+    gradients) are ordered differently from the masked path's. A mask given, or one the model
+    makes of ones, is decided as eager decides it too (constant_masks.py: the given mask's values
+    at capture, a guard of the program). Likewise with no cache and no mask transformers looks
+    for sequences packed into one row in the position ids, a check it cannot make on traced
+    values; when the caller passes no position ids (only ``input_ids`` or keywords without them),
+    the model makes them, one sequence per row, and the check says "none", as in eager. Only
+    when the process has imported transformers. Yields the MaskReads of the capture."""
+    reads = MaskReads(args, kwargs)
     masking = sys.modules.get("transformers.masking_utils")
     if masking is None or not callable(getattr(masking, "is_torchdynamo_exporting", None)):
-        yield
+        yield reads
         return
     answers = {"is_torchdynamo_exporting": lambda *_: False}
     own_positions = len(args) <= 1 and "position_ids" not in (kwargs or {})
     if own_positions and callable(getattr(masking, "find_packed_sequence_indices", None)):
         answers["find_packed_sequence_indices"] = lambda *_: None
     for check in ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa"):
-        if callable(getattr(masking, check, None)):   # a mask the model makes of ones: skipped as in eager
-            answers[check] = ones_as_none(getattr(masking, check))
+        if callable(getattr(masking, check, None)):
+            answers[check] = reads.checked(getattr(masking, check))
+    hook = model.register_forward_pre_hook(reads.hook, with_kwargs=True) if model is not None else None
     me = threading.get_ident()
     with _MASKING_LOCK:   # one capture patches at a time; other threads keep transformers' answers
         saved = {name: getattr(masking, name) for name in answers}
         for name, answer in answers.items():
             setattr(masking, name, _on_thread(me, answer, saved[name]))
         try:
-            yield
+            yield reads
         finally:
             for name, fn in saved.items():
                 setattr(masking, name, fn)
+            if hook is not None:
+                hook.remove()
 
 
 _MASKING_LOCK = threading.RLock()
