@@ -73,7 +73,7 @@ class Captured:
     # decide for them once; a parameter's block is "P" and its position its name in the layer
     layer_roles: dict[str, tuple] = field(default_factory=dict)
     # inputs (("arg", i) or ("kw", name)) whose values decided an attention mask's skip, as
-    # eager decides it: the program serves calls where each is all nonzero or not as it was
+    # eager decides it: the program serves calls where each is all ones or not as it was
     mask_guards: tuple = ()
 
     def flatten_inputs(self, args: tuple, kwargs: dict) -> list:
