@@ -16,7 +16,7 @@ import sys
 import threading
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 
 import torch
 import torch.fx.config
@@ -252,7 +252,8 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
     register_output_types(model)
     try:
         with eager_meta(), eager_attention_masks(args, kwargs, model) as reads, _quiet_fake_tensor_log(), \
-                _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing():
+                _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
+                _dataclass_outputs_seen_into(model):
             ep = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
     except Exception as exc:  # export raises many types; we re-raise one, naming the cause
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -422,6 +423,35 @@ def register_output_types(model: torch.nn.Module) -> None:
         register_dynamic_cache_export_support()
         return
     register_cache_pytrees_for_model(model)
+
+
+@contextlib.contextmanager
+def _dataclass_outputs_seen_into(model: torch.nn.Module):
+    """A model may return its own dataclasses (``@dataclass class Out: logits: Tensor``), which
+    torch.export refuses as outputs it cannot see into. A hook on the model registers each one
+    in the output that pytree does not know, as its error tells the user to do
+    (``torch.export.register_dataclass``), before export flattens the output: the program
+    returns their fields and the compiled module hands back an instance of the same class."""
+    def register(module, inputs, output):
+        pending = [output]
+        while pending:
+            for leaf in pytree.tree_leaves(pending.pop(), is_leaf=_unknown_dataclass):
+                if _unknown_dataclass(leaf):
+                    try:
+                        torch.export.register_dataclass(type(leaf))
+                    except (TypeError, ValueError):  # (e.g. a field left out of __init__): export says why
+                        continue
+                    pending.append(leaf)
+
+    handle = model.register_forward_hook(register)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _unknown_dataclass(x) -> bool:
+    return is_dataclass(x) and not isinstance(x, type) and type(x) not in pytree.SUPPORTED_NODES
 
 
 @contextlib.contextmanager
