@@ -52,6 +52,19 @@ def _inputs_taking_grads(args, kwargs) -> tuple[int, ...]:
     return tuple(i for i, leaf in enumerate(flat) if isinstance(leaf, torch.Tensor) and leaf.requires_grad)
 
 
+@contextlib.contextmanager
+def outside_inference_mode():
+    """Plan and run as under ``torch.no_grad()`` when the caller is in ``torch.inference_mode()``:
+    tensors made there (constants captured, recycled buffers, a KV cache) are inference tensors,
+    which keep no version counter and refuse in-place writes once inference mode is left, while
+    memsched keeps them across calls. The outputs are then ordinary tensors without a gradient."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 def _resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -227,7 +240,7 @@ class CompiledModule:
 
     def prepare(self, *args, **kwargs) -> Plan:
         """Plan for inputs shaped like these now (nothing runs); the plan is kept as a call's is."""
-        with self._lock:
+        with self._lock, outside_inference_mode():
             return self._prepare(tuple(args), dict(kwargs))[0]
 
     def __call__(self, *args, **kwargs):
@@ -238,7 +251,7 @@ class CompiledModule:
         if not self.train and torch.is_grad_enabled():
             _refuse_grad_inputs(args, kwargs)
             self._warn_untrained()
-        with self._lock:
+        with self._lock, outside_inference_mode():
             plan, captured, executor, step = self._prepare(args, kwargs)
             flat = captured.flatten_inputs(args, kwargs)
             # one step in flight per module, whatever plan it ran: a forward of another plan (other
@@ -402,6 +415,6 @@ def plan(model, example_inputs=(), budget=None, *, hardware=None, train=False, e
     # a model on meta captures as the same model with weights does (what compile re-captures
     # to apply the plan): its tensors uninitialised on the CPU, never touched, meta inputs as zeros
     args, kwargs = _meta_as_zeros((args, kwargs))
-    with _CAPTURE_LOCK, meta_as_empty(model):  # torch.export is not thread-safe
+    with _CAPTURE_LOCK, meta_as_empty(model), outside_inference_mode():  # export is not thread-safe
         result, _ = plan_model(model, args, kwargs, budget, hw, train=train, **options)
     return result

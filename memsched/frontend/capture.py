@@ -253,7 +253,7 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
     try:
         with eager_meta(), eager_attention_masks(args, kwargs, model) as reads, _quiet_fake_tensor_log(), \
                 _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
-                _dataclass_outputs_seen_into(model):
+                _dataclass_outputs_seen_into(model), _inference_mode_for_inference_tensors(model):
             ep = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
     except Exception as exc:  # export raises many types; we re-raise one, naming the cause
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -448,6 +448,13 @@ def _dataclass_outputs_seen_into(model: torch.nn.Module):
         yield
     finally:
         handle.remove()
+
+
+def _inference_mode_for_inference_tensors(model: torch.nn.Module):
+    """A model built under ``torch.inference_mode()`` holds inference tensors, which torch.export
+    can only trace in that mode (it marks the traced parameters as requiring grad)."""
+    inference = any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
+    return torch.inference_mode() if inference else contextlib.nullcontext()
 
 
 def _unknown_dataclass(x) -> bool:

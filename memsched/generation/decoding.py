@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..api import CompiledModule
+from ..api import CompiledModule, outside_inference_mode
 from ..api import plan as plan_program
 from ..budget import format_bytes, parse_budget
 from ..cost_models.hardware import get_hardware
@@ -219,6 +219,7 @@ class Generator:
     both programs are planned at construction (``plans``: prefill, decode), and the generator
     can be called again for any prompt of that shape."""
 
+    @outside_inference_mode()   # its KV cache is written between calls
     def __init__(self, model, budget, *, batch: int, prompt_len: int, max_len: int, sample_ids: torch.Tensor,
                  device=None, offload_dir=None, hardware=None, weights=None, prefill_batch: int | None = None,
                  kv_head_chunks="auto", **options):
@@ -327,6 +328,7 @@ class Generator:
         return torch.cat(logits)
 
     @torch.no_grad()
+    @outside_inference_mode()
     def __call__(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None,
                  eos_token_id=None, pad_token_id=None, sampling=None) -> tuple[torch.Tensor, GenerationStats]:
         """Generate ``max_new_tokens`` after each prompt: greedy, or drawn as ``sampling``

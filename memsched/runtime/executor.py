@@ -75,8 +75,14 @@ class _ModelSlot:
     kind: str = "weight"               # what it holds (weights may be kept quantised on disk)
 
     def see(self, t: torch.Tensor) -> None:
-        self.ref, self.ptr, self.version = t, t.data_ptr(), t._version
+        self.ref, self.ptr, self.version = t, t.data_ptr(), version_of(t)
         self.shape, self.stride, self.dtype, self.device = tuple(t.shape), tuple(t.stride()), t.dtype, t.device
+
+
+def version_of(t: torch.Tensor) -> int | None:
+    """t's version counter; None for an inference tensor (a model built under
+    ``torch.inference_mode()``), which keeps none: its bytes' checksum tells a change instead."""
+    return None if t.is_inference() else t._version
 
 
 def _as_trained(t: torch.Tensor) -> torch.Tensor:
@@ -230,7 +236,7 @@ class Executor:
                     f"{rec.device} to {list(cur.shape)} {cur.dtype} on {cur.device} since this input "
                     "signature was planned; the plan does not fit it any more: compile the model again "
                     "(memsched.compile)")
-            changed = not same or cur._version != rec.version
+            changed = not same or version_of(cur) != rec.version
             if not (self.trusted and not changed):
                 todo.append((rec, cur, same, changed))
         # a write through ``.data`` bumps no version: the bytes of every copied tensor whose
@@ -368,8 +374,8 @@ class Executor:
         rounds otherwise than eager's batched product."""
         for rec in self._model_slots:
             v = values[rec.index]
-            if not rec.ref.requires_grad:
-                continue
+            if not rec.ref.requires_grad or (isinstance(v, torch.Tensor) and v.is_inference()):
+                continue   # (an inference tensor takes requires_grad in inference mode only)
             if isinstance(v, torch.Tensor):
                 values[rec.index] = _as_trained(v)
             elif v is not None:
