@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import warnings
@@ -108,6 +109,12 @@ def _compression_bits(what: str, value) -> int | None:
     return _BITS[value]
 
 
+# model methods that run it eagerly: through a compiled module they would bypass its budget
+_EAGER_ONLY = {"forward": "call the compiled module itself",
+               "generate": "memsched.generate(model, ...) or memsched.route_generate(model, budget) runs "
+                           "transformers' generate inside it"}
+
+
 class CompiledModule:
     """A drop-in callable for the model that runs its plan inside the budget.
 
@@ -164,7 +171,7 @@ class CompiledModule:
         if train and self._checkpoint is not None:
             raise NotImplementedError("training reads and updates the model's own parameters: weights= "
                                       "(a checkpoint for a meta model) runs inference only")
-        self.train, self.grad_outputs = bool(train), grad_outputs
+        self.trains, self.grad_outputs = bool(train), grad_outputs
         if isinstance(max_plans, bool) or not isinstance(max_plans, int) or max_plans < 1:
             raise ValueError(f"max_plans must be a positive int, got {max_plans!r}")
         self.max_plans = max_plans
@@ -189,7 +196,7 @@ class CompiledModule:
 
     def _prepare(self, args, kwargs):
         # train=True plans a training step when autograd is on, and inference under no_grad
-        train = self.train and torch.is_grad_enabled()
+        train = self.trains and torch.is_grad_enabled()
         # on a CPU what some ops hold inside themselves grows with torch's threads (the attention
         # kernel's blocks, one per thread; cost_models/op_scratch.py): a plan per thread count
         threads = torch.get_num_threads() if self.device.type == "cpu" else None
@@ -248,7 +255,7 @@ class CompiledModule:
             raise RuntimeError(
                 "memsched: this module was compiled in another process (the parent of a fork); its worker "
                 "threads, pinned buffers and offload file belong to that process: compile the model again here")
-        if not self.train and torch.is_grad_enabled():
+        if not self.trains and torch.is_grad_enabled():
             _refuse_grad_inputs(args, kwargs)
             self._warn_untrained()
         with self._lock, outside_inference_mode():
@@ -336,6 +343,29 @@ class CompiledModule:
     def source(self) -> str:
         """The Python the executor runs for the last signature."""
         return self._last[2].source if self._last else ""
+
+    def __getattr__(self, name):
+        """What the compiled module lacks is the model's, as for torch.compile's wrapper, so code
+        that rebinds ``model = memsched.compile(model, ...)`` keeps working: ``cm.parameters()``
+        for an optimizer, ``cm.config``, ``cm.state_dict()``. A method that returns the model
+        (``cm.eval()``, ``cm.train()``, ``cm.to(...)``) returns the compiled module instead, so
+        ``cm = cm.eval()`` keeps it; ``forward`` and ``generate``, which would run the model
+        eagerly outside the budget, are refused naming what runs it inside."""
+        model = self.__dict__.get("model")
+        if model is None or name.startswith("__"):
+            raise AttributeError(name)
+        if name in _EAGER_ONLY:
+            raise AttributeError(f"memsched: {type(model).__name__}.{name} through the compiled module would run "
+                                 f"the model eagerly, outside the budget: {_EAGER_ONLY[name]}")
+        value = getattr(model, name)
+        if not callable(value) or getattr(value, "__self__", None) is not model:
+            return value
+
+        @functools.wraps(value)
+        def method(*args, **kwargs):
+            out = value(*args, **kwargs)
+            return self if out is model else out
+        return method
 
     def __reduce_ex__(self, protocol):
         # copy.deepcopy and pickle both come here: a copy would share or lose the worker threads,
