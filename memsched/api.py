@@ -109,12 +109,6 @@ def _compression_bits(what: str, value) -> int | None:
     return _BITS[value]
 
 
-# model methods that run it eagerly: through a compiled module they would bypass its budget
-_EAGER_ONLY = {"forward": "call the compiled module itself",
-               "generate": "memsched.generate(model, ...) or memsched.route_generate(model, budget) runs "
-                           "transformers' generate inside it"}
-
-
 class CompiledModule:
     """A drop-in callable for the model that runs its plan inside the budget.
 
@@ -349,14 +343,20 @@ class CompiledModule:
         that rebinds ``model = memsched.compile(model, ...)`` keeps working: ``cm.parameters()``
         for an optimizer, ``cm.config``, ``cm.state_dict()``. A method that returns the model
         (``cm.eval()``, ``cm.train()``, ``cm.to(...)``) returns the compiled module instead, so
-        ``cm = cm.eval()`` keeps it; ``forward`` and ``generate``, which would run the model
-        eagerly outside the budget, are refused naming what runs it inside."""
+        ``cm = cm.eval()`` keeps it. ``forward`` runs the compiled module (with the model's
+        signature, for code that inspects it); ``generate``, which would run the model eagerly
+        outside the budget, is refused naming what runs it inside."""
         model = self.__dict__.get("model")
         if model is None or name.startswith("__"):
             raise AttributeError(name)
-        if name in _EAGER_ONLY:
-            raise AttributeError(f"memsched: {type(model).__name__}.{name} through the compiled module would run "
-                                 f"the model eagerly, outside the budget: {_EAGER_ONLY[name]}")
+        if name == "forward":
+            def forward(*args, **kwargs):
+                return self(*args, **kwargs)
+            return functools.wraps(model.forward)(forward)
+        if name == "generate":   # transformers' loop would call the model itself
+            raise AttributeError(f"memsched: {type(model).__name__}.generate through the compiled module would run "
+                                 "the model eagerly, outside the budget: memsched.generate(model, ...) or "
+                                 "memsched.route_generate(model, budget) runs transformers' generate inside it")
         value = getattr(model, name)
         if not callable(value) or getattr(value, "__self__", None) is not model:
             return value
