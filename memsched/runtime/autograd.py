@@ -172,8 +172,9 @@ _STALE_BACKWARD = (
 _RELEASED_FORWARD = (
     "memsched: a later call of this compiled module released this forward's saved values (one "
     "step is in flight at a time: a module called twice before one backward cannot run the "
-    "first call's backward); run backward before calling it again, or "
-    "compile a second module for the second call")
+    "first call's backward); run backward before calling it again, or for a loss over several "
+    "calls (contrastive pairs, DPO's chosen and rejected) concatenate their inputs along the "
+    "batch and call it once, or compile a second module for the second call")
 
 
 class _StepFunction(torch.autograd.Function):
