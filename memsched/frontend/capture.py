@@ -262,6 +262,7 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
             f"{type(exc).__name__}: {first}{_data_dependent_hint(exc) or _raised_in_model(exc)}"
         ) from exc
     _reject_data_dependent_sizes(ep, model)
+    _drop_self_copies(ep.graph_module)
     ep.mask_guards = tuple(sorted(reads.read))   # inputs whose values decided a mask's skip
     return ep
 
@@ -617,6 +618,35 @@ def keep_random_state():
     numbers than eager at the call that planned."""
     cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     return torch.random.fork_rng(devices=cuda)
+
+
+def _drop_self_copies(gm: torch.fx.GraphModule) -> None:
+    """``self.steps += 1`` on a buffer exports as ``add_(b_steps, 1)`` followed by
+    ``copy_(b_steps, add_)``: the setattr recorded as a copy of the buffer onto itself. It
+    changes nothing but bumps the buffer's version, so a training step whose backward reads
+    the updated buffer (``linear(x) * self.steps``) failed autograd's check where eager's passes.
+    Such copies, of a value an in-place op wrote into the destination itself, are erased."""
+    graph = gm.graph
+    erased = False
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.copy_.default and not node.users \
+                and _written_into(node.args[1]) is node.args[0]:
+            graph.erase_node(node)
+            erased = True
+    if erased:
+        gm.recompile()
+
+
+def _written_into(value):
+    """The tensor an in-place op (or a chain of them) wrote ``value`` into, else ``value``."""
+    while isinstance(value, torch.fx.Node) and value.op == "call_function" \
+            and isinstance(value.target, torch._ops.OpOverload) and value.args:
+        schema = value.target._schema
+        out, first = schema.returns[0].alias_info if schema.returns else None, schema.arguments[0].alias_info
+        if not (out is not None and first is not None and first.is_write and out.before_set == first.before_set):
+            break
+        value = value.args[0]
+    return value
 
 
 def drop_asserts(graph: torch.fx.Graph) -> None:
