@@ -25,7 +25,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from ..errors import CaptureError, UnsupportedModelError
-from ..ir.effects import is_impure
+from ..ir.effects import is_impure, written_args, written_root
 from ..ir.graph_module import make_lazy
 from ..ir.kinds import PERSISTENT, Kind
 from ..ir.tensors import tensor_leaves
@@ -125,7 +125,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     _inline_no_grad_regions(gm)
     _drop_constant_detaches(gm, {spec.arg.name for spec in ep.graph_signature.input_specs
                                  if spec.kind == InputKind.CONSTANT_TENSOR})
-    _reject_hidden_mutations(gm, model)
+    _reject_hidden_mutations(gm, model, {p.name for p in placeholders if p.kind == Kind.BUFFER})
     _merge_tied(gm, {p.name for p in placeholders if p.kind in PERSISTENT})
     _normalize(gm)   # (an eval-mode dropout is its input: before casts are read off values)
     _explicit_autocasts(gm)
@@ -561,35 +561,21 @@ def _drop_constant_detaches(gm: torch.fx.GraphModule, constants: set[str]) -> No
             gm.graph.erase_node(node)
 
 
-def _reject_hidden_mutations(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
-    """Mutations export leaves inside ops: batch norm in training mode updating running stats,
-    and in-place ops writing into a graph input (or a view of one)."""
-    roots: dict[str, str] = {n.name: n.name for n in gm.graph.nodes if n.op == "placeholder"}
-    hint = " (is the model in training mode? call model.eval())" if model.training else ""
+def _reject_hidden_mutations(gm: torch.fx.GraphModule, model: torch.nn.Module, buffers: set[str]) -> None:
+    """In-place writes export leaves in the graph (in-place ops; batch norm in training mode
+    updating its running statistics) into a graph input or weight, or a view of one, are
+    refused. A model buffer written in place (a step counter, a static KV cache filled slot by
+    slot, the statistics of batch norm in a model in training mode called under no_grad) is
+    pinned on the device by the planner (analysis: a written persistent storage), and copied
+    back to the model after the call when the program wrote a copy of it (Executor._write_back)."""
     for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target in (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default):
-            training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training")
-            if training and node.args[3] is not None:
+        for value in written_args(node):
+            root = written_root(value)
+            if root.op == "placeholder" and root.name not in buffers:
                 raise UnsupportedModelError(
-                    f"{node.name}: batch norm in training mode updates running statistics in "
-                    f"forward; memsched plans forwards without side effects{hint}")
-        schema = getattr(node.target, "_schema", None)
-        if schema is None:
-            continue
-        for i, arg in enumerate(schema.arguments):
-            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node) \
-                    and value.name in roots:
-                raise UnsupportedModelError(
-                    f"{node.name} ({node.target}) writes in place into graph input {roots[value.name]}; "
-                    f"memsched plans forwards without side effects on their inputs, weights or buffers "
-                    f"(write into a copy: `y = x + 1`, not `x.add_(1)`){hint}")
-        out_schema = schema.returns
-        if out_schema and out_schema[0].alias_info is not None and node.args \
-                and isinstance(node.args[0], torch.fx.Node) and node.args[0].name in roots:
-            roots[node.name] = roots[node.args[0].name]  # a view of an input stays an input
+                    f"{node.name} ({node.target}) writes in place into graph input {root.name}; memsched "
+                    f"plans forwards without side effects on {type(model).__name__}'s inputs and weights "
+                    "(write into a copy: `y = x + 1`, not `x.add_(1)`)")
 
 
 def _merge_tied(gm: torch.fx.GraphModule, persistent: set[str]) -> None:

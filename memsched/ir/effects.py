@@ -8,8 +8,10 @@ import torch
 import torch.fx
 
 # Ops that update running statistics (args 3 and 4) in training mode without saying so in
-# their schema
+# their schema (``batch_norm`` as torch.export leaves it in an inference capture of a model in
+# training mode)
 _HIDDEN_WRITERS = {
+    torch.ops.aten.batch_norm.default,
     torch.ops.aten.native_batch_norm.default,
     torch.ops.aten.cudnn_batch_norm.default,
     torch.ops.aten.miopen_batch_norm.default,
@@ -32,6 +34,16 @@ def written_args(node: torch.fx.Node) -> list[torch.fx.Node]:
         if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
             out.append(value)
     return out
+
+
+def written_root(value: torch.fx.Node) -> torch.fx.Node:
+    """The value a view (or a chain of views) of it was taken from: where a write lands."""
+    while value.op == "call_function" and value.args and isinstance(value.args[0], torch.fx.Node):
+        schema = getattr(value.target, "_schema", None)
+        if schema is None or not schema.returns or schema.returns[0].alias_info is None:
+            break
+        value = value.args[0]
+    return value
 
 
 def is_impure(node: torch.fx.Node) -> bool:

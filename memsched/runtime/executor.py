@@ -19,7 +19,7 @@ from ..cost_models.hardware import available_ram_bytes
 from ..cost_models.measures import record_rate
 from ..frontend.autocast import no_autocast
 from ..frontend.capture import Captured
-from ..ir.effects import written_args
+from ..ir.effects import written_args, written_root
 from ..ir.kinds import PERSISTENT, Kind, Tier
 from ..ir.meta import tier_of
 from ..ir.ops import Op, op_of
@@ -431,6 +431,7 @@ class Executor:
             with torch.no_grad(), self._bounded(), self._timing():
                 out = list(self._program(self, values, self.acct.track, self.acct.release))
             del values
+            self._write_back()
             self._end(time.perf_counter() - t0, out)
             return out
         except BaseException as exc:
@@ -551,7 +552,9 @@ class Executor:
 
 
 def _written_placeholders(gm: fx.GraphModule) -> set[str]:
-    return {a.name for n in gm.graph.nodes for a in written_args(n) if a.op == "placeholder"}
+    """Placeholders an op writes in place, directly or through a view of them."""
+    return {written_root(a).name for n in gm.graph.nodes for a in written_args(n)
+            if written_root(a).op == "placeholder"}
 
 
 def _close(engine: TransferEngine, stores: Stores, token, own: bool) -> None:
