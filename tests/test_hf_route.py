@@ -74,9 +74,43 @@ def test_sampling_draws_as_transformers_does_seeded_alike(decoder):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("block", [None, 2])
+@pytest.mark.parametrize("kwargs", [
+    dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2), dict(bad_words_ids=[[7], [9, 10]]),
+    dict(min_new_tokens=4, eos_token_id=5), dict(forced_eos_token_id=2), dict(suppress_tokens=[3, 4]),
+    dict(sequence_bias={(5,): 3.0}), dict(exponential_decay_length_penalty=(2, 1.5), eos_token_id=5),
+], ids=lambda kw: ",".join(kw))
+def test_logits_processors_of_the_config_choose_as_transformers_does(decoder, kwargs, block):
+    """Fields transformers turns into logits processors (penalties, bans, minimum lengths,
+    forced and suppressed tokens) are applied by its own processor list, block by block where
+    a processor holds a value per row (the repetition penalty skips each row's left padding)."""
+    model, ids = decoder
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=8, **kwargs)
+    budget = _least_budget(model, ids, 8)
+    with memsched.route_generate(model, budget, device="cpu", hardware=FIXED_CPU, block_size=block) as routed:
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=8, **kwargs)
+        assert routed.last_stats.peak_device_bytes <= budget
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_sampling_through_logits_processors_draws_as_transformers_does(decoder):
+    """min-p and a repetition penalty under sampling, with transformers' default top-k of 50
+    the config leaves unset: seeded alike, the same tokens."""
+    model, ids = decoder
+    for kwargs in (dict(min_p=0.05), dict(repetition_penalty=1.5, typical_p=0.9)):
+        torch.manual_seed(5)
+        want = model.generate(ids, max_new_tokens=6, do_sample=True, **kwargs)
+        with memsched.route_generate(model, "1GB", device="cpu", hardware=FIXED_CPU):
+            torch.manual_seed(5)
+            got = model.generate(ids, max_new_tokens=6, do_sample=True, **kwargs)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=str(kwargs))
+
+
 @pytest.mark.parametrize("kwargs, names", [
     (dict(num_beams=2), "num_beams"),
-    (dict(repetition_penalty=1.3), "repetition_penalty"),
+    (dict(guidance_scale=1.5), "guidance_scale"),
     (dict(return_dict_in_generate=True, output_scores=True), "output_scores, return_dict_in_generate"),
     (dict(streamer=object()), "streamer"),
     (dict(logits_processor=[object()]), "logits_processor"),

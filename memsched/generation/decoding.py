@@ -508,8 +508,9 @@ def run_blocks(gen: Generator, input_ids, max_new_tokens, attention_mask, eos_to
                                       block_size=gen.batch, plan_s=gen.plan_s)
     for r in range(0, input_ids.shape[0], gen.batch):
         rows = slice(r, r + gen.batch)
+        chosen = sampling.rows(rows) if hasattr(sampling, "rows") else sampling   # (processors hold rows)
         tokens, stats = gen(input_ids[rows], max_new_tokens, None if attention_mask is None else attention_mask[rows],
-                            eos_token_id=eos_token_id, pad_token_id=pad_token_id, sampling=sampling)
+                            eos_token_id=eos_token_id, pad_token_id=pad_token_id, sampling=chosen)
         outs.append(tokens)
         total.absorb(stats)
     width = max(t.shape[1] for t in outs)

@@ -10,10 +10,14 @@ runs two programs (prompt, one token) over a cache placed for the whole generati
 
 What it takes: greedy decoding and sampling (``do_sample``, ``temperature``, ``top_k``,
 ``top_p``), ``max_new_tokens`` or ``max_length``, ``eos_token_id`` / ``pad_token_id``, an
-``attention_mask``. Anything else that would change the tokens (beam search, a repetition
-penalty, logits processors, stopping criteria, streamers, returning scores or dicts) is refused
-with an error naming it, before anything is planned: never a silent approximation. Generators
-are kept per (batch, prompt length, new tokens), the last ``max_shapes`` of them.
+``attention_mask``, and the generation-config fields transformers turns into logits processors
+that read only the ids so far (``_PROCESSED``: a repetition penalty, banned words and n-grams,
+minimum lengths, forced and suppressed tokens, typical / min-p / epsilon / eta sampling,
+sequence biases), applied by transformers' own processor list (sampling.Processed). Anything
+else that would change the tokens (beam search, classifier-free guidance, processors passed
+as objects, stopping criteria, streamers, returning scores or dicts) is refused with an error
+naming it, before anything is planned: never a silent approximation. Generators are kept per
+(batch, prompt length, new tokens), the last ``max_shapes`` of them.
 """
 from __future__ import annotations
 
@@ -23,12 +27,17 @@ from collections import OrderedDict
 import torch
 
 from .decoding import _special_tokens, check_prompt, plan_generator, run_blocks
-from .sampling import sampling
+from .sampling import Processed, sampling
 
 # generation-config fields that do not change which tokens come out, or that the loop reads
 _READ = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
          "pad_token_id", "bos_token_id", "use_cache", "transformers_version", "_from_model_config",
          "return_legacy_cache", "cache_implementation"}
+# fields transformers' generate turns into logits processors reading the ids so far
+_PROCESSED = {"repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+              "begin_suppress_tokens", "min_length", "min_new_tokens", "forced_bos_token_id",
+              "forced_eos_token_id", "sequence_bias", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_p",
+              "exponential_decay_length_penalty", "renormalize_logits", "remove_invalid_values"}
 _MODEL_KWARGS = {"attention_mask"}
 DEFAULT_NEW_TOKENS = 20   # transformers' when neither max_new_tokens nor max_length is set
 
@@ -55,7 +64,9 @@ class RoutedGenerate:
                              "pass max_new_tokens")
         check_prompt(self.model, ids, mask, new)
         eos, pad = _special_tokens(self.model, config.eos_token_id, config.pad_token_id)
-        chosen = sampling(self.model, bool(config.do_sample), config.temperature, config.top_k, config.top_p)
+        processed = [k for k, v in config.to_diff_dict().items() if k in _PROCESSED and v is not None]
+        chosen = Processed(self.model, config, ids, mask, new) if processed else \
+            sampling(self.model, bool(config.do_sample), config.temperature, config.top_k, config.top_p)
         gen = self._generator(ids, new)
         tokens, self.last_stats = run_blocks(gen, ids, new, mask, eos, pad, chosen)
         return tokens
@@ -66,13 +77,15 @@ class RoutedGenerate:
         config = copy.deepcopy(generation_config if generation_config is not None else self.model.generation_config)
         model_kwargs = config.update(**kwargs)
         # (a field set to an off value -- False, None, 0, empty -- changes nothing: output_attentions=False)
-        unread = sorted(k for k, v in config.to_diff_dict().items() if k not in _READ and v)
+        unread = sorted(k for k, v in config.to_diff_dict().items() if k not in _READ | _PROCESSED and v)
         unread += sorted(k for k, v in model_kwargs.items() if k not in _MODEL_KWARGS | {"input_ids"} and v is not None)
         if unread:
             raise NotImplementedError(
                 f"memsched's routed generate does not support {', '.join(unread)}: it runs greedy decoding or "
-                "sampling (temperature, top_k, top_p) up to max_new_tokens with eos/pad tokens and an attention "
-                "mask; call the model's own generate (memsched.route_generate(...).close()) for the rest")
+                "sampling (temperature, top_k, top_p) up to max_new_tokens with eos/pad tokens, an attention "
+                "mask and the logits processors of the generation config's fields that read the ids so far "
+                "(repetition_penalty, no_repeat_ngram_size, bad_words_ids, min_new_tokens, ...); call the "
+                "model's own generate (memsched.route_generate(...).close()) for the rest")
         return config, {k: v for k, v in model_kwargs.items() if v is not None}
 
     def _generator(self, ids: torch.Tensor, new: int):

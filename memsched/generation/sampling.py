@@ -2,10 +2,13 @@
 transformers' ``generate(do_sample=True)`` samples, with transformers' own logits warpers
 (temperature, then top-k, then top-p, each where it changes anything), a softmax in float32 and
 one ``torch.multinomial`` draw per row on the global RNG. A run seeded as transformers' run is
-therefore drawn from the same numbers: on the same logits, the same tokens.
+therefore drawn from the same numbers: on the same logits, the same tokens. With logits
+processors (a repetition penalty, banned words, a minimum length, ...: ``Processed``), the list
+transformers' own generate builds for the same generation config scores each step first.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -76,3 +79,44 @@ def sampling(model, do_sample: bool, temperature=CONFIG, top_k=CONFIG, top_p=CON
     if p is not None and p < 1.0:
         warpers.append(TopPLogitsWarper(top_p=p))
     return Sampling(1.0 if t is None else t, k, p, warpers)
+
+
+@dataclass(frozen=True)
+class Processed:
+    """Tokens chosen as transformers' decoding loop chooses them under logits processors: the
+    ``LogitsProcessorList`` its generate builds from the same generation config (penalties,
+    banned words and n-grams, minimum lengths, forced tokens, suppressed tokens and, when
+    sampling, the warpers, in its order) scores a float32 copy of each step's logits given the
+    ids so far; then the argmax, or one multinomial draw per row. Some processors hold a value
+    per row (the repetition penalty, each row's left padding): ``rows`` makes the list for a
+    block of rows."""
+
+    model: object = field(repr=False)
+    config: object = field(repr=False)
+    input_ids: torch.Tensor = field(repr=False)
+    attention_mask: torch.Tensor | None = field(repr=False)
+    new_tokens: int = 0
+    processors: object = field(repr=False, default=None)
+
+    def rows(self, rows: slice) -> "Processed":
+        ids = self.input_ids[rows]
+        mask = None if self.attention_mask is None else self.attention_mask[rows]
+        # the config as transformers' generate completes it: its global defaults where unset
+        # (sampling's top_k of 50), the length the run ends at, the special tokens as tensors
+        config = copy.deepcopy(self.config)
+        defaults = getattr(config, "_get_default_generation_params", None)
+        if callable(defaults):
+            config.update(**defaults(), defaults_only=True)
+        config.max_length = ids.shape[-1] + self.new_tokens
+        self.model._prepare_special_tokens(config, mask is not None, device=ids.device)
+        processors = self.model._get_logits_processor(
+            generation_config=config, input_ids_seq_length=ids.shape[-1], encoder_input_ids=ids, device=ids.device,
+            model_kwargs={} if mask is None else {"attention_mask": mask})
+        return Processed(self.model, self.config, ids, mask, self.new_tokens, processors)
+
+    def choose(self, logits: torch.Tensor, so_far: list[torch.Tensor]) -> torch.Tensor:
+        processors = self.processors if self.processors is not None else self.rows(slice(None)).processors
+        scores = processors(torch.cat(so_far, dim=1), logits.to(dtype=torch.float32, copy=True))
+        if self.config.do_sample:
+            return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        return scores.argmax(-1)
