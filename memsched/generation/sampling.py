@@ -115,8 +115,9 @@ class Processed:
         return Processed(self.model, self.config, ids, mask, self.new_tokens, processors)
 
     def choose(self, logits: torch.Tensor, so_far: list[torch.Tensor]) -> torch.Tensor:
-        processors = self.processors if self.processors is not None else self.rows(slice(None)).processors
-        scores = processors(torch.cat(so_far, dim=1), logits.to(dtype=torch.float32, copy=True))
+        if self.processors is None:   # (made once per block, never per step)
+            raise RuntimeError("Processed.choose needs the processors of its rows: call .rows(rows) first")
+        scores = self.processors(torch.cat(so_far, dim=1), logits.to(dtype=torch.float32, copy=True))
         if self.config.do_sample:
             return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         return scores.argmax(-1)

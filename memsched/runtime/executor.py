@@ -506,6 +506,8 @@ class Executor:
     def _write_back(self) -> None:
         """Model buffers the forward updated in place (batch-norm statistics) are copied back
         when the program worked on a device copy of them."""
+        if not self._written:   # (most programs: nothing to look at, every call)
+            return
         for rec in self._model_slots:
             if rec.copy is not None and self.captured.placeholders[rec.index].name in self._written:
                 t = rec.ref.detach()
