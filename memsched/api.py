@@ -413,6 +413,10 @@ def compile(model, budget=None, *, example_inputs=None, example_kwargs=None, dev
     "auto" (default): planned beside the other program when moving saved values costs more
     than running the layers' forward again could, and kept when it fits and simulates faster;
     True: kept whenever it fits; False: never.
+    ``host_outputs=True`` (inference): the outputs are the caller's on the host, as CPU tensors,
+    so each may be offloaded as soon as it is made rather than held on the device to the end:
+    outputs larger than the budget together fit (a prompt's KV cache entries, embeddings of a
+    large batch). The planner offloads only those the budget needs off the device.
     ``allow_over_capacity=True``: accept a budget larger than the device's memory (refused by
     default: the device could not honour it).
     ``hard_limit=True`` (CUDA): each call runs with the caching allocator limited to the budget

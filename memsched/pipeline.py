@@ -93,6 +93,7 @@ class PlanningState:
     shared_loss_heads: bool = False                  # a returned logits' loss read in slices (loss_head_pass)
     recompute_layers: bool | str = "auto"            # layer_recompute_pass: "auto", True or False
     kernels: bool | str = "auto"                     # memsched's kernel ops for the patterns found (capture_pass)
+    host_outputs: bool = False                       # inference outputs may leave the device once made
     placement: Placement | None = None
     candidates: list[Candidate] = field(default_factory=list)
     chosen: Candidate | None = None
@@ -149,7 +150,8 @@ def remat_pass(s: PlanningState) -> str:
 
 
 def analysis_pass(s: PlanningState) -> str:
-    s.program = analyze(s.captured, s.hw.alloc_block_bytes, s.hw.workspace_bytes, s.hw.device_type)
+    s.program = analyze(s.captured, s.hw.alloc_block_bytes, s.hw.workspace_bytes, s.hw.device_type,
+                        host_outputs=s.host_outputs)
     nodes = {n.name: n for n in s.captured.gm.graph.nodes}
     s.step_time = np.array([op_time(nodes[name], s.hw) for name in s.program.steps], dtype=np.float64)
     # segments are cut by the roofline, not by measured times: the minimum budget depends on
@@ -556,13 +558,17 @@ def plan_model(model: torch.nn.Module, args: tuple, kwargs: dict, budget, hw: Ha
                train: bool = False, grad_outputs: str = "auto", verify: bool | None = None, progress=None,
                max_segments: int = DEFAULT_MAX_SEGMENTS, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
                chunk_ops: bool = True, fuse: bool = False,
-               recompute_layers: bool | str = "auto", kernels: bool | str = "auto") -> tuple[Plan, Captured]:
+               recompute_layers: bool | str = "auto", kernels: bool | str = "auto",
+               host_outputs: bool = False) -> tuple[Plan, Captured]:
     """Every pass, from capturing ``model(*args, **kwargs)`` to the chosen schedule
     (``chunk_ops=False``: no module is run on slices, whatever the budget; ``fuse=True``: the
-    compute between scheduling points runs as compiled regions)."""
+    compute between scheduling points runs as compiled regions; ``host_outputs=True``: an
+    inference program's outputs may be offloaded as soon as they are made and handed back from
+    the host, so outputs larger than the budget together fit)."""
     s = PlanningState(parse_budget(budget, hw.device_bytes), hw, max_segments, time_limit_s, model=model,
                       args=args, kwargs=kwargs, train=train, grad_outputs=grad_outputs, chunk_ops=chunk_ops,
-                      fuse=fuse, recompute_layers=recompute_layers, kernels=kernels, autocast=autocast_state())
+                      fuse=fuse, recompute_layers=recompute_layers, kernels=kernels, autocast=autocast_state(),
+                      host_outputs=host_outputs)
     with keep_random_state():
         plan_state(s, verify=verify, progress=progress)
     plan = to_plan(s, type(model).__name__)

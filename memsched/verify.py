@@ -93,7 +93,7 @@ class _Checker:
             if inp.op == "placeholder" and tier_of(inp) != Tier.DEVICE:
                 raise PlanError(f"{where} reads {inp.name}, which lives on {tier_of(inp)} and was never loaded")
             if n.op == "output" and info(inp).delivers:
-                continue  # a gradient handed back as its host/disk copy
+                continue  # a gradient or host output handed back as its host/disk copy
             if self.ops.get(inp.name) in (Op.PREFETCH, Op.OFFLOAD):
                 raise PlanError(f"{where} reads {inp.name}, a {self.ops[inp.name].value} handle, not a "
                                 f"device tensor (missing wait?)")
@@ -272,7 +272,7 @@ def _check_accounted(where: str, out: fx.Node, gm: fx.GraphModule, of_value: dic
     if leaked:
         raise PlanError(f"{where}: the program returns with {_names(leaked)} still held on the device "
                         f"(not an output, not a resident model tensor: a missing free)")
-    kept = [h for h in handles if h not in returned]  # a returned handle: a delivered gradient
+    kept = [h for h in handles if h not in returned]  # a returned handle: a delivered gradient or output
     if kept:
         raise PlanError(f"{where}: the program returns with offload handle(s) {_names(kept)} never freed")
 

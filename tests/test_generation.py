@@ -659,3 +659,27 @@ def test_a_decoder_reading_its_inputs_values_is_refused_by_name():
     ids = torch.randint(3, 100, (1, 4), generator=torch.Generator().manual_seed(0))
     with pytest.raises(UnsupportedModelError, match=r"XLMWithLMHeadModel reads a tensor's value .*_local_scalar_dense"):
         memsched.generate(model, ids, budget="1GB", max_new_tokens=2, hardware=FIXED_CPU, device="cpu")
+
+
+def test_a_prompt_whose_cache_entries_exceed_the_budget_generates(tmp_path):
+    """The prompt's program returns every layer's new keys and values; they go to the cache on
+    the host as they are made (host_outputs), so a prompt whose entries alone are more than the
+    budget still runs, one sequence of it, with transformers' tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=16,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with quiet_transformers():
+        model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, 100, (1, 128), generator=torch.Generator().manual_seed(4))
+    entries = 128 * cfg.num_hidden_layers * 2 * cfg.hidden_size * 4   # the prompt's keys and values
+    run = dict(max_new_tokens=4, eos_token_id=None, hardware=FIXED_CPU, device="cpu", offload_dir=tmp_path)
+    least = _least_budget(model, batch=1, prompt_len=128, max_len=132, sample_ids=ids, hardware=FIXED_CPU,
+                          device="cpu", offload_dir=tmp_path)
+    assert least < entries // 2
+    tokens, stats = memsched.generate(model, ids, budget=least, return_stats=True, **run)
+    assert torch.equal(tokens, _reference(model, ids, eos_token_id=None, pad_token_id=0, n=4))
+    assert stats.peak_device_bytes <= least
+    assert stats.bytes_moved.get("disk_write", 0) >= entries // 2

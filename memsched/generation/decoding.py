@@ -158,7 +158,7 @@ def plan_generation(model, budget, *, batch: int, prompt_len: int, new_tokens: i
 
         def plan(rows: int, q: int, first: int, decoder=decoder):
             return plan_program(decoder, step_inputs(ids.expand(rows, q), first, max_len), budget,
-                                hardware=hardware, **options)
+                                hardware=hardware, host_outputs=True, **options)
 
         divisors = [d for d in range(batch, 0, -1) if batch % d == 0]
         for j, rows in enumerate(divisors):  # (its errors are final: the prompt never reads the cache)
@@ -238,8 +238,11 @@ class Generator:
         def compiled(chunks: int) -> CompiledModule:
             self.decoder = CachedDecoder(model, shapes, dtype, device=home, head_chunks=chunks,
                                          attention=attention, window=window).eval()
+            # the step's new cache entries go to the cache on the host as they are made (a long
+            # prompt's, across every layer, would otherwise be held on the device to the end)
             return CompiledModule(self.decoder, budget, device=device, offload_dir=offload_dir, hardware=hardware,
-                                  max_plans=2, weights=weights, weights_prefix="model.", **options)
+                                  max_plans=2, weights=weights, weights_prefix="model.", host_outputs=True,
+                                  **options)
 
         self.compiled = compiled(1 if kv_head_chunks == "auto" else kv_head_chunks)
         choices = [kv_head_chunks] if kv_head_chunks != "auto" else \

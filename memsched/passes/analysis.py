@@ -74,7 +74,9 @@ class Program:
     user_held: frozenset = frozenset()
     pinned: frozenset = frozenset()
     recipes: dict = field(default_factory=dict)
-    grads: frozenset = frozenset()   # storages of parameter gradients (outputs of the step)
+    # storages the program may hand back off the device, offloaded for good once last read:
+    # parameter gradients, and with ``host_outputs`` every output of an inference program
+    deliverable: frozenset = frozenset()
     # value -> the one value it is a view of, made by an op that only reinterprets that value's
     # storage (view, transpose, split + getitem, detach...): re-run on a restored base, it
     # rebuilds the view (lets a storage with several live aliases move: passes/views.py)
@@ -246,12 +248,14 @@ def _live_bytes(storages, end: int) -> np.ndarray:
     return np.cumsum(diff[:end]) if end else np.zeros(0, dtype=np.int64)
 
 
-def analyze(captured: Captured, block: int = 1, workspace: int = 0, device_type: str = "cpu") -> Program:
+def analyze(captured: Captured, block: int = 1, workspace: int = 0, device_type: str = "cpu",
+            host_outputs: bool = False) -> Program:
     """Compute steps, storages, values and the live-bytes profile; annotate the nodes. Bytes are
     counted as the device's allocator counts them: each storage in whole ``block``-byte blocks,
     and a ``workspace`` held beside them throughout (``Hardware``'s ``alloc_block_bytes`` and
     ``workspace_bytes``); an op measured to hold scratch inside itself on ``device_type``
-    (cost_models/op_scratch.py) holds it at its step."""
+    (cost_models/op_scratch.py) holds it at its step. ``host_outputs``: the caller takes the
+    outputs on the host, so each may leave the device once made (a prompt's KV cache entries)."""
     graph = captured.gm.graph
     for node in graph.nodes:
         hold_kernel_storages(node, device_type)
@@ -275,7 +279,11 @@ def analyze(captured: Captured, block: int = 1, workspace: int = 0, device_type:
             user_held = frozenset(b for a in node.all_input_nodes for b in values[a.name]["storages"])
     pinned = frozenset(b.id for b in storages if b.kind in PERSISTENT and b.id in written)
     recipes = find_recipes(graph, vals, written) if boundary is not None else {}
-    grads = frozenset(b for n in graph.output_node().all_input_nodes if info(n).kind == Kind.GRAD
-                      for b in values[n.name]["storages"])
+    kinds = {b.id: b.kind for b in storages}
+    deliverable = frozenset(b for n in graph.output_node().all_input_nodes
+                            if info(n).kind == Kind.GRAD or (host_outputs and boundary is None)
+                            for b in values[n.name]["storages"]
+                            if kinds[b] not in PERSISTENT and kinds[b] != Kind.INPUT)
     return Program(tuple(walk.steps), storages, vals, _live_bytes(storages, len(walk.steps)), int(start),
-                   boundary, user_held, pinned, recipes, grads - user_held, view_sources(graph, values), workspace)
+                   boundary, user_held, pinned, recipes, deliverable - user_held, view_sources(graph, values),
+                   workspace)

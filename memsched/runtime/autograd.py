@@ -103,20 +103,7 @@ class TrainStep:
         result = self.executor.resume(tangents)
         # gradients the plan delivered to host or disk arrive as those copies
         # (one copy can be several parameters' gradient: an LSTM's two biases get the same one)
-        pending = list(result[c.n_outputs:])
-        grads, delivered, taken = [], {}, set()
-        try:
-            for g in pending:
-                if g is not None and not isinstance(g, torch.Tensor):
-                    if id(g) not in taken:
-                        taken.add(id(g))  # materialize gives the copy back itself if it fails
-                        delivered[id(g)] = self.executor.engine.materialize(g)
-                    g = delivered[id(g)]
-                grads.append(g)
-        finally:  # an interrupted delivery: the copies not yet delivered go back
-            for g in {id(g): g for g in pending if g is not None and not isinstance(g, torch.Tensor)
-                      and id(g) not in taken}.values():
-                self.executor.engine.release(g)
+        grads = self.executor.engine.materialize_all(list(result[c.n_outputs:]))
         # a parameter (or input) none of whose output gradients was given gets none, as in eager autograd
         return _on_params([None if src and not src & given else g for g, src in zip(grads, self.sources)], params)
 

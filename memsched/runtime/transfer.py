@@ -179,6 +179,21 @@ class TransferEngine:
             self.release(handle)
             raise
 
+    def materialize_all(self, items: list) -> list:
+        """``items`` with each host or disk copy among them (a delivered gradient or output)
+        made a host tensor the caller owns; a copy listed twice becomes one tensor. A failure
+        gives back the copies not yet made tensors."""
+        made: dict[int, torch.Tensor] = {}
+        try:
+            for h in items:
+                if isinstance(h, (HostCopy, DiskCopy)) and id(h) not in made:
+                    made[id(h)] = h   # materialize gives the copy back itself if it fails
+                    made[id(h)] = self.materialize(h)
+        finally:
+            for h in {id(h): h for h in items if isinstance(h, (HostCopy, DiskCopy)) and id(h) not in made}.values():
+                self.release(h)
+        return [made.get(id(h), h) if isinstance(h, (HostCopy, DiskCopy)) else h for h in items]
+
     # -- the ledger of a step ------------------------------------------------------------
     def drain(self) -> None:
         """Wait until no copy of this engine is in flight (their errors are not raised here)."""

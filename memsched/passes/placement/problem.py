@@ -169,14 +169,14 @@ class PlacementModel:
         self._add_step_peaks(diff)
 
     def _events(self, b) -> tuple[list[int], bool]:
-        """The steps where storage ``b`` must be on the device, and whether it is a gradient
-        delivered at the step's end (that end is then not one of them)."""
+        """The steps where storage ``b`` must be on the device, and whether it is delivered off
+        it at the step's end, a gradient or a host output (that end is then not one of them)."""
         n = self.p.n_steps
         # model tensors arrive by fetch (or stay resident); user inputs are there at step 0
         events = ([e for e in b.events if e != START] if b.kind in PERSISTENT
                   else sorted({max(e, 0) for e in b.events}))
-        deliver = b.id in self.p.grads and len(events) > 1 and events[-1] == n
-        if deliver:  # the step's end is not a read: the gradient may leave before it
+        deliver = b.id in self.p.deliverable and len(events) > 1 and events[-1] == n
+        if deliver:  # the step's end is not a read: the value may leave before it
             events = events[:-1]
         return events, deliver
 
