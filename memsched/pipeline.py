@@ -31,6 +31,7 @@ from .frontend.capture import Captured, capture, input_signature, keep_random_st
 from .frontend.joint import capture_joint
 from .frontend.kernel_patterns import kernel_counts
 from .frontend.repeats import capture_repeated
+from .frontend.row_gathers import hoist_row_gathers
 from .ir.graph_module import lazy_graph_module
 from .ir.kinds import PERSISTENT
 from .ir.meta import KEY
@@ -119,6 +120,8 @@ def capture_pass(s: PlanningState) -> str:
             return capture(model, s.args, s.kwargs, kernels=kernels, device_type=s.hw.device_type)
     with chunked(s.model, s.chunking), autocast_as(s.autocast):
         s.captured, how = capture_repeated(s.model, trace)
+    if not s.train:   # a lookup's rows are gathered where its table lives, before the program
+        s.captured.gathers = hoist_row_gathers(s.captured.gm, s.captured.placeholders)
     found = kernel_counts(s.captured.gm) if kernels else None
     used = f"kernels: {found}" if found else ""
     return "; ".join(x for x in ("forward + backward" if s.train else "", how, used) if x)

@@ -15,6 +15,7 @@ from .frontend.autocast import autocast_as, autocast_state, no_autocast
 from .frontend.capture import Captured, capture, input_signature, keep_random_state
 from .frontend.joint import capture_joint
 from .frontend.repeats import capture_repeated
+from .frontend.row_gathers import hoist_row_gathers
 from .io.reapply import PlanMismatchError, apply_plan, check_signature
 from .ir.meta import annotate, info
 from .ir.ops import Op, op_of
@@ -69,7 +70,10 @@ def _reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, bud
                                      shared_loss_heads=shared_loss_heads, kernels=kernels)
             return capture(m, args, kwargs, kernels=kernels, device_type=saved.hardware.device_type)
         with chunked(model, list(saved.chunking)), keep_random_state(), autocast_as(autocast):
-            return capture_repeated(model, trace)[0]
+            captured = capture_repeated(model, trace)[0]
+        if not train:   # as planning did (pipeline.capture_pass)
+            captured.gathers = hoist_row_gathers(captured.gm, captured.placeholders)
+        return captured
 
     t = time.perf_counter()
     captured = recapture(False)

@@ -75,6 +75,9 @@ class Captured:
     # inputs (("arg", i) or ("kw", name)) whose values decided an attention mask's skip, as
     # eager decides it: the program serves calls where each is all ones or not as it was
     mask_guards: tuple = ()
+    # input placeholders that stand for an embedding lookup done before the program runs, on the
+    # table where it lives (frontend/row_gathers.py): name -> RowGather
+    gathers: dict = field(default_factory=dict)
 
     def flatten_inputs(self, args: tuple, kwargs: dict) -> list:
         from torch.export._tree_utils import reorder_kwargs

@@ -203,6 +203,7 @@ FACTS = {
         "memsched.saves": {"anyOf": [{"type": "null"}, NAME]},
         "memsched.delivers": {"anyOf": [{"type": "null"}, NAME]},
         "memsched.grad_of": {"anyOf": [{"type": "null"}, {"type": "string", "format": "memsched-state-key"}]},
+        "memsched.gathered_from": {"anyOf": [{"type": "null"}, {"type": "string", "format": "memsched-state-key"}]},
         "memsched.step": {"anyOf": [{"type": "null"}, _int(0, LIMITS["items"])]},
         "memsched.buffers": {"anyOf": [{"type": "null"}, _list(_int(0, LIMITS["storages"]))]},
         "memsched.scratch": {"anyOf": [{"type": "null"}, _int()]},

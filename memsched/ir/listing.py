@@ -128,7 +128,9 @@ def listing(gm: fx.GraphModule, header: list[str] | None = None) -> str:
     lines.append("):")
     for n in params:
         val = n.meta.get("val")
-        lines.append(f"    # {n.name}: {tier_of(n)} {describe(val)} {format_bytes(value_nbytes(val))}")
+        table = info(n).gathered_from
+        note = f" (rows of {table}, looked up before the program runs)" if table else ""
+        lines.append(f"    # {n.name}: {tier_of(n)} {describe(val)} {format_bytes(value_nbytes(val))}{note}")
     for n in gm.graph.nodes:
         if n.op == "call_function":
             lines.append(_line(n))

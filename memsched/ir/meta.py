@@ -27,6 +27,8 @@ class NodeInfo:
     saves: str | None = None          # offload: the captured value it copies out
     delivers: str | None = None       # offload of a gradient the step returns as this copy
     grad_of: str | None = None        # a gradient: the state key of its parameter
+    gathered_from: str | None = None  # an input: the table (state key) whose rows it holds, looked up
+                                      # before the program runs (frontend/row_gathers.py)
     step: int | None = None           # analysis: the node's step in the captured program
     storages: tuple[int, ...] | None = None  # analysis: ids of the storages its tensors use
     scratch: int | None = None        # analysis: bytes its op holds inside itself while it runs (CPU, measured)

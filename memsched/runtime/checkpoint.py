@@ -126,6 +126,27 @@ class FileCopy:
                                      f"{done} of {len(data)} bytes: the file was truncated")
 
 
+    def read_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """``aten.embedding`` of this tensor by ``index``: only the rows it names are read
+        (once each), not the table."""
+        e = self.entry
+        count = e.shape[0] if e.shape else 0
+        row = e.nbytes // count if count else 0
+        flat = index.reshape(-1).cpu()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= count):
+            raise IndexError("index out of range in self")
+        rows, inverse = torch.unique(flat, return_inverse=True)
+        out = torch.empty((len(rows), *e.shape[1:]), dtype=e.dtype)
+        data = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if out.numel() else memoryview(b"")
+        fd = self.checkpoint.fd(e.path)
+        self.checkpoint.check_unchanged(e.path, fd, self.name)
+        for k, r in enumerate(rows.tolist()):
+            if read_fully(fd, data[k * row:(k + 1) * row], e.offset + r * row) < row:
+                raise DiskIntegrityError(f"memsched: reading row {r} of {self.name!r} from checkpoint {e.path} "
+                                         "came short: the file was truncated")
+        return out[inverse].reshape(*index.shape, *e.shape[1:])
+
+
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1
     for d in reversed(shape):

@@ -135,6 +135,8 @@ def generate_source(gm: fx.GraphModule, device: torch.device | None = None,
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, n in enumerate(placeholders):
         body.append(f"v_{n.name} = inputs[{i}]")
+    # the list lets go of what it holds: an input the program frees is freed (rows gathered for it)
+    body.append("inputs.clear()")
     for n in gm.graph.nodes:
         op = op_of(n)
         if op is not None:

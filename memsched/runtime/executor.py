@@ -19,6 +19,7 @@ from ..cost_models.hardware import available_ram_bytes
 from ..cost_models.measures import record_rate
 from ..frontend.autocast import no_autocast
 from ..frontend.capture import Captured
+from ..frontend.row_gathers import gather_rows
 from ..ir.effects import written_args, written_root
 from ..ir.kinds import PERSISTENT, Kind, Tier
 from ..ir.meta import tier_of
@@ -394,7 +395,8 @@ class Executor:
         values, user = [], iter(flat_inputs)
         for ph, slot in zip(self.captured.placeholders, self._slots):
             if ph.kind == Kind.INPUT:
-                x = next(user)
+                gather = self.captured.gathers.get(ph.name)
+                x = self._gathered(gather, flat_inputs) if gather is not None else next(user)
                 if isinstance(x, torch.Tensor):
                     if x.device != self.device:
                         self.engine.stats.bytes_moved["h2d"] += x.numel() * x.element_size()
@@ -409,6 +411,18 @@ class Executor:
             torch.cuda.reset_peak_memory_stats(self.device)
         self._timer = OpTimer() if not self.cuda and self._runs in TIMED_CALLS else None
         return values
+
+    def _gathered(self, gather, flat_inputs: list) -> torch.Tensor:
+        """The rows of an embedding lookup hoisted out of the program (frontend/row_gathers.py),
+        gathered from the table where it lives now: the model's tensor, or its checkpoint file."""
+        index = gather.index(flat_inputs)
+        table = self._lookup(gather.table)
+        if table is None:
+            raise RuntimeError(f"memsched: the model no longer has {gather.table!r}, which the program looks up")
+        if table.device.type == "meta":   # (its shape and dtype the checkpoint's, as a fetch checks)
+            self.stores.checkpoint.check(gather.table, table)
+            return self.stores.checkpoint.file_copy(gather.table).read_rows(index)
+        return gather_rows(table.detach(), index)
 
     def _timing(self):
         """This call's op timer (runtime/op_timing.py) on the calls timed, else nothing."""
