@@ -121,3 +121,33 @@ def test_a_training_step_keeps_the_lookup(tmp_path):
             assert torch.equal(a.grad, b.grad)
     finally:
         cm.close()
+
+
+class _IdsMadeInside(torch.nn.Module):
+    """A second table looked up by ids the forward makes itself when none are given (RoCBert's
+    shape ids are zeros then)."""
+
+    def __init__(self):
+        super().__init__()
+        self.word, self.shape = torch.nn.Embedding(100, 32), torch.nn.Embedding(5000, 32)
+        self.out = torch.nn.Linear(32, 8)
+
+    def forward(self, ids):
+        shape_ids = torch.zeros(ids.shape, dtype=torch.long, device=ids.device)
+        return self.out(self.word(ids) + self.shape(shape_ids))
+
+
+def test_a_lookup_by_ids_made_from_constants_is_done_before_the_program(tmp_path):
+    torch.manual_seed(0)
+    model = _IdsMadeInside().eval()
+    ids = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(2))
+    least = _least(model, ids)
+    assert least < model.shape.weight.numel() * 4 // 4   # the 640 KB table is not on the device
+    cm = memsched.compile(model, least, device="cpu", hardware=FIXED_CPU, offload_dir=tmp_path)
+    try:
+        with torch.no_grad():
+            assert torch.equal(cm(ids), model(ids))
+        assert "(rows of shape.weight, looked up before the program runs)" in str(cm.plan)
+        assert cm.stats.peak_device_bytes <= least
+    finally:
+        cm.close()

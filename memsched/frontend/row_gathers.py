@@ -4,7 +4,8 @@ An inference program's ``aten.embedding(table, index)`` reads a few rows of a ta
 a model's largest tensor (a 128k-token vocabulary is 1 GiB in bfloat16), yet run as an op of
 the program it needs the whole table on the device at its step: held there, or fetched at
 every call (a decode step would move the whole table to read one row per sequence). When the
-table is a weight and the index is a user input (through views), the lookup is hoisted out:
+table is a weight and the index is a user input (through views) or made from constants alone,
+the lookup is hoisted out:
 the executor gathers the rows from the table where it lives (the model's own tensor, or the
 rows read from a checkpoint's file) before the program starts, and they enter the program as
 an input, ``rows_<node>``, which the planner places like any input. Only the rows reach the
@@ -32,26 +33,40 @@ _INDEX_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.defau
                 aten.select.int, aten.narrow.default}
 
 
+# ops that make an index from constants alone (RoCBert's shape ids when none are given are
+# zeros): the same index at every call
+_FACTORIES = {aten.zeros.default, aten.ones.default, aten.full.default, aten.arange.default, aten.arange.start,
+              aten.arange.start_step}
+
+
 @dataclass(frozen=True)
 class RowGather:
     """How the executor makes the input that stands for one hoisted lookup."""
 
     table: str          # the state-dict key of the table
-    index_input: int    # which of the call's flat inputs holds the index
+    index_input: int | None   # which of the call's flat inputs holds the index (None: ``made``)
     views: tuple = ()   # (op, args after the index, kwargs): replayed on that input, in order
+    made: tuple | None = None   # (factory op, args, kwargs) making the index from constants
 
     def index(self, flat_inputs: list) -> torch.Tensor:
-        idx = flat_inputs[self.index_input]
+        if self.made is not None:
+            op, args, kwargs = self.made
+            idx = op(*args, **kwargs)
+        else:
+            idx = flat_inputs[self.index_input]
         for op, args, kwargs in self.views:
             idx = op(idx, *args, **kwargs)
         return idx
 
 
 def _index_source(node: fx.Node, inputs: dict[str, int]):
-    """(flat input position, views from it to ``node``) when ``node`` is a user input seen
-    through reshaping ops only; else None."""
+    """(flat input position, views from it to ``node``, None) when ``node`` is a user input
+    seen through reshaping ops only; (None, views, factory) when it is made from constants
+    alone; else None."""
     views = []
     while node.op != "placeholder":
+        if node.op == "call_function" and node.target in _FACTORIES and not _reads_node((node.args, node.kwargs)):
+            return None, tuple(reversed(views)), (node.target, tuple(node.args), dict(node.kwargs))
         if node.op != "call_function" or node.target not in _INDEX_VIEWS:
             return None
         rest = node.args[1:]
@@ -61,7 +76,7 @@ def _index_source(node: fx.Node, inputs: dict[str, int]):
         node = node.args[0]
     if node.name not in inputs:
         return None
-    return inputs[node.name], tuple(reversed(views))
+    return inputs[node.name], tuple(reversed(views)), None
 
 
 def _reads_node(args) -> bool:
@@ -106,10 +121,13 @@ def hoist_row_gathers(gm: fx.GraphModule, placeholders: list) -> dict[str, RowGa
 
 
 def _erase_unused(node: fx.Node) -> None:
-    """The index's views, from the lookup back, while nothing else reads them."""
+    """The index's views (and the op that made it), from the lookup back, while nothing else
+    reads them."""
     while node.op == "call_function" and not node.users:
-        before = node.args[0]
+        before = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         node.graph.erase_node(node)
+        if before is None:
+            return
         node = before
 
 
