@@ -86,8 +86,8 @@ def _reads_node(args) -> bool:
 
 
 def hoist_row_gathers(gm: fx.GraphModule, placeholders: list) -> dict[str, RowGather]:
-    """Replace, in place, each embedding lookup of a weight by a user input with a new input
-    placeholder (appended to ``placeholders``, a list of frontend.capture.Placeholder); returns
+    """Replace, in place, each embedding lookup of a weight by a user input (or by ids made
+    from constants) with a new input placeholder (appended to ``placeholders``, a list of frontend.capture.Placeholder); returns
     placeholder name -> how to make it."""
     graph = gm.graph
     by_name = {p.name: p for p in placeholders}
@@ -132,5 +132,5 @@ def _erase_unused(node: fx.Node) -> None:
 
 
 def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``aten.embedding(table, index)`` where the table is (its own device)."""
+    """``aten.embedding(table, index)`` on the table's own device."""
     return aten.embedding.default(table, index.to(table.device))

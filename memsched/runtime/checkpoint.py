@@ -140,10 +140,15 @@ class FileCopy:
         data = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if out.numel() else memoryview(b"")
         fd = self.checkpoint.fd(e.path)
         self.checkpoint.check_unchanged(e.path, fd, self.name)
-        for k, r in enumerate(rows.tolist()):
-            if read_fully(fd, data[k * row:(k + 1) * row], e.offset + r * row) < row:
-                raise DiskIntegrityError(f"memsched: reading row {r} of {self.name!r} from checkpoint {e.path} "
-                                         "came short: the file was truncated")
+        ids, k = rows.tolist(), 0
+        while k < len(ids):   # a run of consecutive rows (positions 0..n) is one read
+            end = k + 1
+            while end < len(ids) and ids[end] == ids[end - 1] + 1:
+                end += 1
+            if read_fully(fd, data[k * row:end * row], e.offset + ids[k] * row) < (end - k) * row:
+                raise DiskIntegrityError(f"memsched: reading rows {ids[k]}..{ids[end - 1]} of {self.name!r} from "
+                                         f"checkpoint {e.path} came short: the file was truncated")
+            k = end
         return out[inverse].reshape(*index.shape, *e.shape[1:])
 
 
