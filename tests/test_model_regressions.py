@@ -28,7 +28,13 @@ model this suite owns (plain torch modules written here, or transformers tiny co
   see into;
 * a buffer updated with ``+=`` and read by the differentiated ops after it (a step counter
   scaling an output): export recorded the setattr as a copy of the buffer onto itself, which
-  bumped its version, and autograd refused the traced step that eager runs.
+  bumped its version, and autograd refused the traced step that eager runs;
+* a dropout whose result the forward drops (PegasusX's last encoder layer computes its global
+  tokens and returns the others): dead-code elimination removed it, so every later dropout drew
+  other numbers than eager's;
+* LongT5 called without an attention mask: it makes a mask of ones only outside compilers, so
+  under torch.export it indexed the None mask (captured again with a mask of ones made in the
+  program, what eager computes).
 
 Every training step is compared with eager PyTorch bit for bit (loss and every gradient) at
 100 % of its unconstrained training peak, at about half of it and at its minimum budget, and
@@ -133,6 +139,20 @@ class NormOverSequence(nn.Module):
         return self.head(h.reshape(-1, h.shape[-1])).square().mean()
 
 
+class DropsABranch(nn.Module):
+    """A dropout on a branch whose result the forward drops, between two dropouts it keeps."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(32, 1)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        h = self.drop(self.a(x))
+        self.drop(self.b(x))  # computed and dropped, as some models do with a branch
+        return self.out(self.drop(h)).square().mean()
+
+
 def _seeded(module_fn):
     torch.manual_seed(0)
     return module_fn().train().requires_grad_(True)
@@ -174,6 +194,23 @@ def _deberta_v2():
 def _norm_over_sequence():
     model = _seeded(NormOverSequence)
     return model, (torch.randn(4, 6, 16, generator=torch.Generator().manual_seed(1)),), {}, lambda loss: loss
+
+
+def _drops_a_branch():
+    model = _seeded(DropsABranch)
+    return model, (torch.randn(4, 16, generator=torch.Generator().manual_seed(1)),), {}, lambda loss: loss
+
+
+def _longt5_without_mask():
+    from transformers import LongT5Config, LongT5ForConditionalGeneration
+
+    cfg = LongT5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, local_radius=4,
+                       encoder_attention_type="transient-global", global_block_size=4, decoder_start_token_id=0,
+                       pad_token_id=0)
+    model = _seeded(lambda: _quiet(LongT5ForConditionalGeneration, cfg))
+    g = torch.Generator().manual_seed(1)
+    ids, labels = torch.randint(3, 128, (2, 12), generator=g), torch.randint(3, 128, (2, 7), generator=g)
+    return model, (), {"input_ids": ids, "labels": labels}, lambda out: out.loss
 
 
 def _gpt2():
@@ -218,6 +255,8 @@ TRAIN = {
     "batchnorm_over_sequence": _norm_over_sequence,
     "gpt2_use_cache": _hf_train(_gpt2),
     "llama_use_cache": _hf_train(_llama),
+    "dropout_on_a_dropped_branch": _drops_a_branch,
+    "longt5_without_mask": _longt5_without_mask,
 }
 
 
@@ -740,3 +779,33 @@ def test_a_buffer_updated_with_plus_equals_trains_as_eager(frac):
         assert cm.stats.peak_device_bytes <= budget
     finally:
         cm.close()
+
+
+def test_longt5_without_mask_infers_as_eager():
+    model, args, kwargs, loss_fn = _longt5_without_mask()
+    model.eval()
+    ref = copy.deepcopy(model)
+    p = memsched.plan(copy.deepcopy(model), args, budget=10**12, example_kwargs=kwargs)
+    budget = max(p.min_budget_bytes, p.unconstrained.peak_device_bytes // 2)
+    cm = _compile(model, budget)
+    try:
+        with torch.no_grad():
+            assert_outputs_equal(cm(*args, **kwargs), ref(*args, **kwargs))
+        assert cm.stats.peak_device_bytes <= budget
+    finally:
+        cm.close()
+
+
+def test_a_capture_retried_with_a_mask_of_ones_reports_what_stops_it_then():
+    """Switch Transformers called without a mask fails on the None mask under torch.export; with
+    the mask of ones it fails on its experts' data-dependent loop, which is what the user must
+    hear (passing a mask would not help)."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    cfg = SwitchTransformersConfig(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                   num_experts=2, expert_capacity=4, num_sparse_encoder_layers=1,
+                                   num_sparse_decoder_layers=1, decoder_start_token_id=0, pad_token_id=0)
+    model = _quiet(SwitchTransformersForConditionalGeneration, cfg).eval()
+    ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(memsched.CaptureError, match="branches on a tensor's value.*mask of ones"):
+        memsched.plan(model, (), budget="1GB", example_kwargs={"input_ids": ids, "decoder_input_ids": ids})

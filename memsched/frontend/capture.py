@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import inspect
 import linecache
 import logging
 import os
@@ -254,20 +255,76 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
         raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
     register_output_types(model)
     try:
-        with eager_meta(), eager_attention_masks(args, kwargs, model) as reads, _quiet_fake_tensor_log(), \
-                _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
-                _dataclass_outputs_seen_into(model), _inference_mode_for_inference_tensors(model):
-            ep = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
+        ep, reads = _export(model, args, kwargs, ones_mask=None)
     except Exception as exc:  # export raises many types; we re-raise one, naming the cause
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(
-            f"could not capture {type(model).__name__} with torch.export: "
-            f"{type(exc).__name__}: {first}{_data_dependent_hint(exc) or _raised_in_model(exc)}"
-        ) from exc
+        shape = _absent_mask_shape(model, args, kwargs)
+        if shape is None:
+            raise _capture_error(model, exc) from exc
+        try:   # a model that makes its mask of ones in eager only (see _absent_mask_shape)
+            ep, reads = _export(model, args, kwargs, ones_mask=shape)
+        except Exception as again:   # what stops it further on (the retry got past the mask)
+            raise _capture_error(model, again, " (captured with a mask of ones, as the model makes when "
+                                 "given none: without it the capture failed on the missing mask)") from again
     _reject_data_dependent_sizes(ep, model)
     _drop_self_copies(ep.graph_module)
     ep.mask_guards = tuple(sorted(reads.read))   # inputs whose values decided a mask's skip
     return ep
+
+
+def _capture_error(model: torch.nn.Module, exc: Exception, note: str = "") -> CaptureError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CaptureError(f"could not capture {type(model).__name__} with torch.export: {type(exc).__name__}: "
+                        f"{first}{_data_dependent_hint(exc) or _raised_in_model(exc)}{note}")
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict | None, ones_mask):
+    with eager_meta(), eager_attention_masks(args, kwargs, model) as reads, _quiet_fake_tensor_log(), \
+            _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
+            _dataclass_outputs_seen_into(model), _inference_mode_for_inference_tensors(model), \
+            _given_mask_of_ones(model, ones_mask):
+        return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False), reads
+
+
+def _absent_mask_shape(model: torch.nn.Module, args: tuple, kwargs: dict | None):
+    """(batch, length) of the attention mask a call leaves out, when the model takes one by
+    that name and is handed ``input_ids`` or ``inputs_embeds`` to size it by; else None.
+
+    Some transformers models (LongT5, SwitchTransformers) make a mask of ones when given none,
+    but only outside compilers: under torch.export they index the None. A mask of ones means
+    "no padding", so such a model is captured again with one made inside the program (a
+    constant of the call's shape, not an input): the same computation eager runs."""
+    if getattr(model, "config", None) is None:   # transformers' models only: others may read None otherwise
+        return None
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **(kwargs or {})).arguments
+    except (TypeError, ValueError):
+        return None
+    if "attention_mask" in bound or "attention_mask" not in inspect.signature(model.forward).parameters:
+        return None
+    for name in ("input_ids", "inputs_embeds"):
+        t = bound.get(name)
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            return tuple(t.shape[:2]), t.device
+    return None
+
+
+@contextlib.contextmanager
+def _given_mask_of_ones(model: torch.nn.Module, shape_device):
+    """While the model is traced, its forward is handed a mask of ones of ``(shape, device)``
+    where the call gives none (nothing when None)."""
+    if shape_device is None:
+        yield
+        return
+    shape, device = shape_device
+
+    def hook(module, args, kwargs):
+        return args, {**kwargs, "attention_mask": torch.ones(shape, dtype=torch.long, device=device)}
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _reject_data_dependent_sizes(ep: ExportedProgram, model: torch.nn.Module) -> None:

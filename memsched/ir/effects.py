@@ -47,12 +47,17 @@ def written_root(value: torch.fx.Node) -> torch.fx.Node:
 
 
 def is_impure(node: torch.fx.Node) -> bool:
+    """What dead-code elimination keeps besides what is read: writes in place, and random ops
+    that draw even when nothing reads what they make (a dropout on a branch the model computes
+    and drops: eager draws its numbers, so every later draw depends on it being there)."""
     if node.op in ("placeholder", "output"):
         return True
     if node.op == "call_function" and node.target is not operator.getitem:
         schema = getattr(node.target, "_schema", None)
         if schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
             return True
+        if isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags:
+            return not draws_nothing(node)
     return False
 
 
