@@ -32,6 +32,10 @@ model this suite owns (plain torch modules written here, or transformers tiny co
 * a dropout whose result the forward drops (PegasusX's last encoder layer computes its global
   tokens and returns the others): dead-code elimination removed it, so every later dropout drew
   other numbers than eager's;
+* a gate ``softplus(linear(x))`` read through a transpose (Doge's): its gradient arrives
+  transposed, PyTorch traced ``softplus_backward`` by a decomposition returning a contiguous
+  result while the CPU kernel follows the gradient's layout, and the ``view`` back to the
+  linear's rows failed when run;
 * LongT5 called without an attention mask: it makes a mask of ones only outside compilers, so
   under torch.export it indexed the None mask (captured again with a mask of ones made in the
   program, what eager computes).
@@ -153,6 +157,20 @@ class DropsABranch(nn.Module):
         return self.out(self.drop(h)).square().mean()
 
 
+class TransposedGate(nn.Module):
+    """Per-head gates ``softplus(linear(x))`` used as (batch, heads, tokens)."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.gate, self.value = nn.Linear(d, heads), nn.Linear(d, d)
+        self.scale = nn.Parameter(torch.rand(heads, 1))
+
+    def forward(self, x):
+        gates = F.softplus(self.gate(x)).transpose(1, 2) * self.scale   # (batch, heads, tokens)
+        v = self.value(x).unflatten(-1, (gates.shape[1], -1)).transpose(1, 2)
+        return (gates.unsqueeze(-1) * v).square().mean()
+
+
 def _seeded(module_fn):
     torch.manual_seed(0)
     return module_fn().train().requires_grad_(True)
@@ -199,6 +217,11 @@ def _norm_over_sequence():
 def _drops_a_branch():
     model = _seeded(DropsABranch)
     return model, (torch.randn(4, 16, generator=torch.Generator().manual_seed(1)),), {}, lambda loss: loss
+
+
+def _transposed_gate():
+    model = _seeded(TransposedGate)
+    return model, (torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(1)),), {}, lambda loss: loss
 
 
 def _longt5_without_mask():
@@ -257,6 +280,7 @@ TRAIN = {
     "llama_use_cache": _hf_train(_llama),
     "dropout_on_a_dropped_branch": _drops_a_branch,
     "longt5_without_mask": _longt5_without_mask,
+    "softplus_gate_read_transposed": _transposed_gate,
 }
 
 

@@ -17,13 +17,16 @@ the plan would count other bytes than the run holds, or hand an op a layout it d
   contiguous): a ``BatchNorm1d`` over a transposed sequence (PatchTST) traced as ``view`` a
   result the run makes non-viewable, so the step failed at that view;
 * layer and group norm of a reduced-precision input with float32 weights (autocast on a CPU)
-  trace their mean and rstd in the input's dtype, while the CPU kernel keeps them in float32.
+  trace their mean and rstd in the input's dtype, while the CPU kernel keeps them in float32;
+* ops traced by a Python decomposition whose arguments all have the result's shape (softplus',
+  hardswish's, logit's backward) return a contiguous result, while the CPU kernel lays it out
+  as its arguments are (a gradient arriving transposed).
 
 The stride of a size-1 dimension never moves an element, but it decides
 ``suggest_memory_format``: a ``group_norm`` decomposed while tracing a training step skipped
 the ``contiguous()`` eager makes, and the real tensor then failed ``native_group_norm``'s
 layout check (and a layout-dependent kernel would not give eager's bits). Inside
-``eager_meta()`` all five give what eager gives. For the first three only strides of size-1
+``eager_meta()`` all six give what eager gives. For the first three only strides of size-1
 dimensions are ever changed, so a traced value still addresses the same elements; a
 normalisation's result is a fresh tensor, traced in the layout the kernel was seen to make (a
 probe of the op on a few real elements laid out as the call's, once per layout). Anything
@@ -79,15 +82,18 @@ def eager_meta():
 
     entry = (_handled, fix)
     norms = _norm_decompositions()
+    elementwise = _elementwise_decompositions(norms)
     FakeTensorMode.cache_clear()  # results traced before are cached with PyTorch's strides
     table.update(dict.fromkeys(views, view))
     checks.insert(0, entry)
     decompositions.update({op: _laid_out_as_run(op, d, FakeTensor) for op, d in norms.items()})
+    decompositions.update({op: _laid_out_as_kernel(op, d, FakeTensor) for op, d in elementwise.items()})
     try:
         yield
     finally:
         table.update(views)
         decompositions.update(norms)
+        decompositions.update(elementwise)
         if entry in checks:
             checks.remove(entry)
         FakeTensorMode.cache_clear()
@@ -117,6 +123,91 @@ def _restride_view(out, a, compute_stride):
 def _handled(func) -> bool:
     return func is RNN_LAYER or func in _MIXED_NORMS or (
         isinstance(func, torch._ops.OpOverload) and torch.Tag.pointwise in func.tags)
+
+
+@functools.cache
+def _one_fresh_tensor(func) -> bool:
+    """An op returning one new tensor (no view, no write, no random draw, no list of ints such as
+    sizes or dimensions among its arguments): one ``_elementwise_layout`` may probe."""
+    if not isinstance(func, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded in func.tags:
+        return False
+    schema = func._schema
+    returns = [str(r.type) for r in schema.returns]
+    return (returns == ["Tensor"] and schema.returns[0].alias_info is None and not schema.is_mutable
+            and not any("int[]" in str(a.type) or "SymInt[]" in str(a.type) for a in schema.arguments))
+
+
+_elementwise_orders: dict = {}  # (op, its probe's arguments) -> the CPU kernel's result's dimension order
+
+
+def _elementwise_decompositions(norms: dict) -> dict:
+    """The decompositions FakeTensors may trace an op returning one fresh tensor by (norms
+    apart), each with its result laid out as the CPU kernel lays it out (``_laid_out_as_kernel``)."""
+    from torch._decomp import decomposition_table
+
+    return {op: d for op, d in decomposition_table.items() if op not in norms and _one_fresh_tensor(op)}
+
+
+def _laid_out_as_kernel(func, decomposition, fake_cls):
+    """``decomposition`` whose result, when every tensor argument has its shape and one of them
+    is laid out otherwise than contiguously, takes the layout the CPU kernel gives it (a probe of
+    a few elements in the arguments' layouts, once per layout). PyTorch traces some backward ops
+    (softplus', hardswish's, logit's) by decompositions returning a contiguous result, while the
+    CPU kernel follows the incoming gradient's layout: a ``view`` traced after it failed when
+    run (Doge's gates: softplus of a transposed projection)."""
+    @functools.wraps(decomposition)
+    def run(*args, **kwargs):
+        out = decomposition(*args, **kwargs)
+        if not isinstance(out, fake_cls) or out.device.type != "cpu" or out.dim() < 2:
+            return out
+        shape = tuple(out.shape)
+        tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        full = [t for t in tensors if t.dim() > 0]
+        if (not full or any(tuple(t.shape) != shape for t in full) or all(t.is_contiguous() for t in full)
+                or not all(isinstance(t, fake_cls) and _ints(t.shape, t.stride()) for t in tensors)
+                or not _ints(shape, out.stride())
+                or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None):
+            return out  # symbolic sizes, broadcasting, or traced into a graph: as PyTorch traces it
+        from torch.utils._mode_utils import no_dispatch
+
+        with no_dispatch():
+            order = _probe_order(func, args, kwargs, shape)
+            if order is None:
+                return out
+            want = _strides_in_order(shape, order)
+            if size1_only(want, out.stride(), shape):
+                return out
+            meta = torch.empty_strided(shape, want, dtype=out.dtype, device="meta")
+        return fake_cls(out.fake_mode, meta, device=out.device)
+    return run
+
+
+def _probe_order(func, args, kwargs, shape):
+    """The dimension order of the CPU kernel's result for tensors of ``shape`` laid out as the
+    arguments are (each size above 1 made 2, 3, ...: a few elements); None where the probe
+    cannot run or its result is not dense."""
+    from torch._prims_common import is_non_overlapping_and_dense_or_false as dense
+
+    small = tuple(2 + i if d > 1 else d for i, d in enumerate(shape))
+
+    def probe(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        if v.dim() == 0:
+            return torch.ones((), dtype=v.dtype)
+        order = _order(v.stride())
+        return torch.ones([small[i] for i in order], dtype=v.dtype).permute(
+            sorted(range(len(order)), key=order.__getitem__))
+    pa, pk = pytree.tree_map(probe, (tuple(args), dict(kwargs)))
+    key = (func, str(pytree.tree_map(lambda a: (a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a, (pa, pk))))
+    if key not in _elementwise_orders:
+        try:
+            out = func(*pa, **pk)
+            _elementwise_orders[key] = _order(out.stride()) if isinstance(out, torch.Tensor) and dense(out) \
+                and tuple(out.shape) == small else None
+        except Exception:  # noqa: BLE001  (an op that cannot run on the probe is traced as PyTorch traces it)
+            _elementwise_orders[key] = None
+    return _elementwise_orders[key]
 
 
 def _general_strides(shape, stride) -> tuple:
