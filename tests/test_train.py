@@ -318,6 +318,53 @@ def test_a_custom_autograd_backward_is_the_one_the_step_runs():
         assert cm.stats.peak_device_bytes <= budget
 
 
+class _MaskedSoftmax(torch.autograd.Function):
+    """SEW-D's XSoftmax: its forward makes a tensor from a constant (``torch.tensor``), which
+    torch.export lifts to a graph input made inside the Function's body."""
+
+    @staticmethod
+    def forward(ctx, x, mask):
+        out = x.masked_fill(~mask, torch.tensor(torch.finfo(x.dtype).min)).softmax(-1)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        return torch._softmax_backward_data(g, out, -1, out.dtype), None
+
+
+class _MaskedAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.out = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x, keep):
+        scores = self.q(x) @ x.transpose(-1, -2)
+        return self.out(_MaskedSoftmax.apply(scores, keep[:, None, :]) @ x).square().mean()
+
+
+def test_a_custom_backward_whose_forward_makes_a_constant_tensor_trains_as_eager():
+    """The lifted constant is a graph input tagged as the Function's body: applying the
+    Function again must still hand it its argument (the inputs after it were shifted by one,
+    and the step failed on a 0-d tensor where the user's input belonged)."""
+    from memsched.frontend.joint import CustomBackwardWarning
+
+    torch.manual_seed(0)
+    model = _MaskedAttention().train()
+    x, keep = torch.randn(2, 6, 16), torch.rand(2, 6, generator=torch.Generator().manual_seed(1)) > 0.3
+    trained, ref = copy.deepcopy(model), copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CustomBackwardWarning)
+        cm = memsched.compile(trained, "1GB", train=True, device="cpu", hardware=FIXED_CPU)
+        loss = cm(x, keep)
+    loss.backward()
+    want = ref(x, keep)
+    want.backward()
+    assert torch.equal(loss, want)
+    assert_same_grads(ref, trained)
+
+
 class _ScaledByItsOwnWeight(torch.nn.Module):
     """A Function whose forward reads a parameter it is not handed (a closure): it cannot be
     applied again on the step's values."""

@@ -147,7 +147,9 @@ class _Replay(fx.Interpreter):
 
     def run_node(self, n: fx.Node):
         tag = n.meta.get("custom") or {}
-        if tag.get(_BODY) in self.tokens:
+        # (a tensor the body makes from a constant, torch.tensor(...), is lifted to a graph input
+        # tagged as the body's: it still takes its argument)
+        if tag.get(_BODY) in self.tokens and n.op != "placeholder":
             return None                       # the Function is applied again at its first output
         out = tag.get(_OUT)
         if out is not None and out[0] in self.tokens:
