@@ -296,3 +296,49 @@ def test_copying_or_pickling_a_compiled_module_says_what_to_do():
         with pytest.raises(TypeError, match="cannot be copied or pickled.*compile the copy"):
             copier(cm)
     cm.close()
+
+
+class _DrawsOnTheHost(torch.nn.Module):
+    """Drops a random feature chosen by Python's or NumPy's generator (as SpecAugment draws its
+    masks with NumPy): a trace would keep the choice as a constant."""
+
+    def __init__(self, source: str):
+        super().__init__()
+        self.source, self.lin = source, torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        import random
+
+        import numpy as np
+
+        i = random.randrange(8) if self.source == "python" else int(np.random.randint(8))
+        return self.lin(x).index_fill(-1, torch.tensor([i]), 0.0)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+@pytest.mark.parametrize("source", ["python", "numpy"])
+def test_a_forward_drawing_from_a_host_generator_is_refused_and_leaves_it_as_it_was(source, train):
+    import random
+
+    import numpy as np
+
+    random.seed(3)
+    np.random.seed(3)
+    py, npy = random.getstate(), np.random.get_state()[1].copy()
+    with pytest.raises(memsched.UnsupportedModelError, match="draws from (Python|NumPy).*repeat those draws"):
+        memsched.plan(_DrawsOnTheHost(source).train(train), (torch.randn(2, 8),), budget="1GB", train=train)
+    assert random.getstate() == py and (np.random.get_state()[1] == npy).all()
+
+
+def test_spec_augment_in_training_is_refused_with_what_turns_it_off():
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+
+    cfg = Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2,
+                         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, num_labels=2,
+                         mask_time_prob=0.5, mask_time_length=2, layerdrop=0.0)
+    model = Wav2Vec2ForSequenceClassification(cfg).train()
+    x = torch.randn(2, 800, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(memsched.UnsupportedModelError, match="NumPy.*mask_time_prob"):
+        memsched.plan(model, (), budget="1GB", example_kwargs={"input_values": x, "labels": torch.tensor([0, 1])},
+                      train=True)

@@ -12,6 +12,7 @@ import inspect
 import linecache
 import logging
 import os
+import random
 import re
 import sys
 import threading
@@ -256,6 +257,8 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
     register_output_types(model)
     try:
         ep, reads = _export(model, args, kwargs, ones_mask=None)
+    except UnsupportedModelError:
+        raise
     except Exception as exc:  # export raises many types; we re-raise one, naming the cause
         shape = _absent_mask_shape(model, args, kwargs)
         if shape is None:
@@ -278,11 +281,50 @@ def _capture_error(model: torch.nn.Module, exc: Exception, note: str = "") -> Ca
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict | None, ones_mask):
-    with eager_meta(), eager_attention_masks(args, kwargs, model) as reads, _quiet_fake_tensor_log(), \
-            _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
+    with _no_host_random_draws(model), eager_meta(), eager_attention_masks(args, kwargs, model) as reads, \
+            _quiet_fake_tensor_log(), _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
             _dataclass_outputs_seen_into(model), _inference_mode_for_inference_tensors(model), \
             _given_mask_of_ones(model, ones_mask):
         return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False), reads
+
+
+def _host_random_states() -> dict:
+    states = {"Python's random": random.getstate()}
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        states["NumPy's global random generator"] = numpy.random.get_state(legacy=False)
+    return states
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if hasattr(a, "tolist") and hasattr(b, "tolist"):   # a NumPy array
+        return a.tolist() == b.tolist()
+    return a == b
+
+
+@contextlib.contextmanager
+def _no_host_random_draws(model: torch.nn.Module):
+    """Refuse a forward that draws from Python's or NumPy's random generator while it is traced
+    (the trace would keep its draws as constants, repeated at every call, where eager draws anew:
+    SpecAugment's masks in Wav2Vec2-style models in training); either way the generators are
+    left as they were, so a capture draws nothing of the caller's."""
+    before = _host_random_states()
+    try:
+        yield
+    finally:
+        after = _host_random_states()
+        random.setstate(before["Python's random"])
+        if "NumPy's global random generator" in before:
+            sys.modules["numpy"].random.set_state(before["NumPy's global random generator"])
+    drew = [name for name in before if not _same_state(before[name], after.get(name))]
+    if drew:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s forward draws from {' and '.join(drew)} while it is traced: the "
+            "captured program would repeat those draws as constants at every call, where eager draws anew "
+            "(e.g. SpecAugment's masks in Wav2Vec2-style models in training: set the config's mask_time_prob "
+            "and mask_feature_prob to 0). memsched follows torch's own random ops.")
 
 
 def _absent_mask_shape(model: torch.nn.Module, args: tuple, kwargs: dict | None):

@@ -160,14 +160,16 @@ def _laid_out_as_kernel(func, decomposition, fake_cls):
         out = decomposition(*args, **kwargs)
         if not isinstance(out, fake_cls) or out.device.type != "cpu" or out.dim() < 2:
             return out
-        shape = tuple(out.shape)
         tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        # (sizes are compared only once all are numbers: a symbolic one would be guarded on)
+        if not _ints(out.shape, out.stride()) or not all(
+                isinstance(t, fake_cls) and _ints(t.shape, t.stride()) for t in tensors):
+            return out
+        shape = tuple(out.shape)
         full = [t for t in tensors if t.dim() > 0]
         if (not full or any(tuple(t.shape) != shape for t in full) or all(t.is_contiguous() for t in full)
-                or not all(isinstance(t, fake_cls) and _ints(t.shape, t.stride()) for t in tensors)
-                or not _ints(shape, out.stride())
                 or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None):
-            return out  # symbolic sizes, broadcasting, or traced into a graph: as PyTorch traces it
+            return out  # broadcasting, nothing transposed, or traced into a graph: as PyTorch traces it
         from torch.utils._mode_utils import no_dispatch
 
         with no_dispatch():
