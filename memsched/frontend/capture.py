@@ -309,16 +309,19 @@ def _no_host_random_draws(model: torch.nn.Module):
     """Refuse a forward that draws from Python's or NumPy's random generator while it is traced
     (the trace would keep its draws as constants, repeated at every call, where eager draws anew:
     SpecAugment's masks in Wav2Vec2-style models in training); either way the generators are
-    left as they were, so a capture draws nothing of the caller's."""
+    left as they were, so a capture draws nothing of the caller's. (Only a generator that moved is
+    set back: another thread drawing from it meanwhile would be refused too, and set back.)"""
     before = _host_random_states()
+    drew = []
     try:
         yield
     finally:
         after = _host_random_states()
-        random.setstate(before["Python's random"])
-        if "NumPy's global random generator" in before:
+        drew = [name for name in before if not _same_state(before[name], after.get(name))]
+        if "Python's random" in drew:
+            random.setstate(before["Python's random"])
+        if "NumPy's global random generator" in drew:
             sys.modules["numpy"].random.set_state(before["NumPy's global random generator"])
-    drew = [name for name in before if not _same_state(before[name], after.get(name))]
     if drew:
         raise UnsupportedModelError(
             f"{type(model).__name__}'s forward draws from {' and '.join(drew)} while it is traced: the "
