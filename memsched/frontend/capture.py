@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import inspect
 import linecache
 import logging
@@ -282,6 +283,7 @@ def _capture_error(model: torch.nn.Module, exc: Exception, note: str = "") -> Ca
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict | None, ones_mask):
     with _no_host_random_draws(model), eager_meta(), eager_attention_masks(args, kwargs, model) as reads, \
+            _eager_algorithms(model), \
             _quiet_fake_tensor_log(), _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
             _dataclass_outputs_seen_into(model), _inference_mode_for_inference_tensors(model), \
             _given_mask_of_ones(model, ones_mask):
@@ -609,6 +611,45 @@ def eager_attention_masks(args: tuple = (), kwargs: dict | None = None, model: t
 
 
 _MASKING_LOCK = threading.RLock()
+
+
+@functools.cache
+def _asks_exporting_alone(module_name: str) -> bool:
+    """Does this module's code ask ``is_torchdynamo_exporting()`` and never
+    ``is_torchdynamo_compiling()``?"""
+    try:
+        source = inspect.getsource(sys.modules[module_name])
+    except (KeyError, OSError, TypeError):
+        return False
+    return "is_torchdynamo_exporting()" in source and "is_torchdynamo_compiling()" not in source
+
+
+@contextlib.contextmanager
+def _eager_algorithms(model: torch.nn.Module):
+    """transformers models that ask only whether they are exported (never whether compiled)
+    swap an op some export targets lack for a portable computation of their own: the gated
+    delta rule's triangular solve becomes a row-by-row substitution (OLMo-hybrid, Qwen3-Next),
+    whose logits differ from eager's in the last bits and whose trace holds a value per row.
+    memsched runs the program on PyTorch itself, so in those models' own modules the question
+    is answered as in eager. (Models that also ask whether they are compiled, Mamba's scan,
+    take the exported path, which is eager's there.)"""
+    names = {type(m).__module__ for m in model.modules()}
+    modules = [sys.modules[n] for n in sorted(names) if n.startswith("transformers.models.")
+               and callable(getattr(sys.modules.get(n), "is_torchdynamo_exporting", None))
+               and _asks_exporting_alone(n)]
+    if not modules:
+        yield
+        return
+    me = threading.get_ident()
+    with _MASKING_LOCK:
+        saved = [(mod, mod.is_torchdynamo_exporting) for mod in modules]
+        for mod, ask in saved:
+            mod.is_torchdynamo_exporting = _on_thread(me, lambda *_: False, ask)
+        try:
+            yield
+        finally:
+            for mod, ask in saved:
+                mod.is_torchdynamo_exporting = ask
 
 
 def _on_thread(thread: int, here, elsewhere):
