@@ -40,6 +40,9 @@ model this suite owns (plain torch modules written here, or transformers tiny co
   the triangular solve's inverse row by row (for export targets without the solver), whose
   logits differ from eager's in the last bits; memsched answers as eager in such a model's
   own modules;
+* a grouped-query decode step through ``compile`` (one new token, a cache and a padding mask):
+  transformers' SDPA packs the grouped heads into the query length only when not compiling, and
+  under a trace repeated the keys, 1e-7 off eager's logits;
 * LongT5 called without an attention mask: it makes a mask of ones only outside compilers, so
   under torch.export it indexed the None mask (captured again with a mask of ones made in the
   program, what eager computes).
@@ -862,5 +865,31 @@ def test_olmo_hybrid_logits_are_eagers():
     try:
         with torch.no_grad():
             assert torch.equal(cm(input_ids=kwargs["input_ids"]).logits, ref(input_ids=kwargs["input_ids"]).logits)
+    finally:
+        cm.close()
+
+
+def test_a_grouped_query_decode_step_with_padding_is_eagers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = _quiet(LlamaForCausalLM, cfg).eval()
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+    step = {"input_ids": torch.tensor([[5], [7]]), "attention_mask": torch.cat([mask, torch.ones(2, 1).long()], 1)}
+    mine, theirs = copy.deepcopy(cache), copy.deepcopy(cache)
+    cm = _compile(copy.deepcopy(model), "1GB")
+    try:
+        with torch.no_grad():
+            got = cm(**step, past_key_values=mine)
+            want = model(**step, past_key_values=theirs)
+        assert torch.equal(got.logits, want.logits)
+        for a, b in zip(got.past_key_values.layers, want.past_key_values.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     finally:
         cm.close()

@@ -624,32 +624,40 @@ def _asks_exporting_alone(module_name: str) -> bool:
     return "is_torchdynamo_exporting()" in source and "is_torchdynamo_compiling()" not in source
 
 
+# transformers modules whose only question of this kind picks an algorithm, not a check: SDPA
+# packs a one-token query's grouped heads into the query length (a decode step given a padding
+# mask) only when not compiling, and repeats the keys and values under a trace
+_ALGORITHM_QUESTIONS = {"transformers.integrations.sdpa_attention": "is_torchdynamo_compiling"}
+
+
 @contextlib.contextmanager
 def _eager_algorithms(model: torch.nn.Module):
-    """transformers models that ask only whether they are exported (never whether compiled)
-    swap an op some export targets lack for a portable computation of their own: the gated
-    delta rule's triangular solve becomes a row-by-row substitution (OLMo-hybrid, Qwen3-Next),
-    whose logits differ from eager's in the last bits and whose trace holds a value per row.
-    memsched runs the program on PyTorch itself, so in those models' own modules the question
-    is answered as in eager. (Models that also ask whether they are compiled, Mamba's scan,
-    take the exported path, which is eager's there.)"""
+    """transformers code that asks whether it is traced only to pick an algorithm computes
+    otherwise under torch.export than in eager, and the program's bits differ from eager's:
+    models that ask only whether they are exported (never whether compiled) build the gated
+    delta rule's triangular solve row by row for export targets (OLMo-hybrid, Qwen3-Next), and
+    SDPA repeats grouped keys for a one-token query with a mask (``_ALGORITHM_QUESTIONS``).
+    memsched runs the program on PyTorch itself, so there the question is answered as in eager,
+    on the capturing thread. (Models that also ask whether they are compiled, Mamba's scan, take
+    the exported path, which is eager's there.)"""
     names = {type(m).__module__ for m in model.modules()}
-    modules = [sys.modules[n] for n in sorted(names) if n.startswith("transformers.models.")
-               and callable(getattr(sys.modules.get(n), "is_torchdynamo_exporting", None))
-               and _asks_exporting_alone(n)]
-    if not modules:
+    asked = [(sys.modules[n], "is_torchdynamo_exporting") for n in sorted(names)
+             if n.startswith("transformers.models.") and _asks_exporting_alone(n)]
+    asked += [(sys.modules[n], q) for n, q in _ALGORITHM_QUESTIONS.items() if n in sys.modules]
+    asked = [(mod, q) for mod, q in asked if callable(getattr(mod, q, None))]
+    if not asked:
         yield
         return
     me = threading.get_ident()
     with _MASKING_LOCK:
-        saved = [(mod, mod.is_torchdynamo_exporting) for mod in modules]
-        for mod, ask in saved:
-            mod.is_torchdynamo_exporting = _on_thread(me, lambda *_: False, ask)
+        saved = [(mod, q, getattr(mod, q)) for mod, q in asked]
+        for mod, q, ask in saved:
+            setattr(mod, q, _on_thread(me, lambda *_: False, ask))
         try:
             yield
         finally:
-            for mod, ask in saved:
-                mod.is_torchdynamo_exporting = ask
+            for mod, q, ask in saved:
+                setattr(mod, q, ask)
 
 
 def _on_thread(thread: int, here, elsewhere):
