@@ -173,14 +173,7 @@ def _laid_out_as_kernel(func, decomposition, fake_cls):
         from torch.utils._mode_utils import no_dispatch
 
         with no_dispatch():
-            order = _probe_order(func, args, kwargs, shape)
-            if order is None:
-                return out
-            want = _strides_in_order(shape, order)
-            if size1_only(want, out.stride(), shape):
-                return out
-            meta = torch.empty_strided(shape, want, dtype=out.dtype, device="meta")
-        return fake_cls(out.fake_mode, meta, device=out.device)
+            return _relaid(out, shape, _probe_order(func, args, kwargs, shape), fake_cls)
     return run
 
 
@@ -191,15 +184,7 @@ def _probe_order(func, args, kwargs, shape):
     from torch._prims_common import is_non_overlapping_and_dense_or_false as dense
 
     small = tuple(2 + i if d > 1 else d for i, d in enumerate(shape))
-
-    def probe(v):
-        if not isinstance(v, torch.Tensor):
-            return v
-        if v.dim() == 0:
-            return torch.ones((), dtype=v.dtype)
-        order = _order(v.stride())
-        return torch.ones([small[i] for i in order], dtype=v.dtype).permute(
-            sorted(range(len(order)), key=order.__getitem__))
+    probe = lambda v: _ones_laid_out_as(v, small if v.dim() else ()) if isinstance(v, torch.Tensor) else v  # noqa: E731
     pa, pk = pytree.tree_map(probe, (tuple(args), dict(kwargs)))
     key = (func, str(pytree.tree_map(lambda a: (a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a, (pa, pk))))
     if key not in _elementwise_orders:
@@ -391,20 +376,32 @@ def _laid_out_as_run(func, decomposition, fake_cls):
         from torch.utils._mode_utils import no_dispatch
 
         with no_dispatch():
-            order = _run_order(func, values)
-            if order is None:
-                return out
-            want = _strides_in_order(tuple(x.shape), order)
-            if size1_only(want, out[0].stride(), x.shape):
-                return out
-            meta = torch.empty_strided(x.shape, want, dtype=out[0].dtype, device="meta")
-        return (fake_cls(x.fake_mode, meta, device=x.device), *out[1:])
+            first = _relaid(out[0], tuple(x.shape), _run_order(func, values), fake_cls)
+        return out if first is out[0] else (first, *out[1:])
     return run
 
 
 def _order(stride) -> tuple:
     """Dimensions from outermost to innermost (ties: the later dimension inner, as contiguous)."""
     return tuple(sorted(range(len(stride)), key=lambda i: (-stride[i], i)))
+
+
+def _ones_laid_out_as(v: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """A real tensor of ones of ``shape`` with its dimensions in ``v``'s order in memory."""
+    order = _order(v.stride())
+    return torch.ones([shape[i] for i in order], dtype=v.dtype).permute(sorted(range(len(order)), key=order.__getitem__))
+
+
+def _relaid(out, shape: tuple, order, fake_cls):
+    """``out`` (a CPU FakeTensor of ``shape``) laid out dense in dimension ``order``; ``out``
+    itself when that is no change, or only in strides of size-1 dimensions, or order is None."""
+    if order is None:
+        return out
+    want = _strides_in_order(shape, order)
+    if size1_only(want, out.stride(), shape):
+        return out
+    meta = torch.empty_strided(shape, want, dtype=out.dtype, device="meta")
+    return fake_cls(out.fake_mode, meta, device=out.device)
 
 
 def _strides_in_order(shape: tuple, order: tuple) -> tuple:
@@ -427,10 +424,7 @@ def _run_order(func, values: dict):
 
     def probe(v):
         if isinstance(v, torch.Tensor):
-            order = _order(v.stride())
-            shape = tuple(small.get(d, d) for d in v.shape)
-            return torch.ones([shape[i] for i in order], dtype=v.dtype).permute(
-                sorted(range(len(order)), key=order.__getitem__))
+            return _ones_laid_out_as(v, tuple(small.get(d, d) for d in v.shape))
         if isinstance(v, (list, tuple)) and v and all(type(d) is int for d in v):
             return type(v)(small.get(d, d) for d in v)
         return v
