@@ -89,6 +89,20 @@ def test_a_branch_on_a_count_made_from_data_names_its_line():
     assert "test_errors.py" in str(err.value) and "`if picked.size(0) > 0:" in str(err.value)
 
 
+class SizedByData(torch.nn.Module):
+    def forward(self, x, sizes):
+        # as ViLT resizes its position embeddings to each image's patch counts
+        return [torch.nn.functional.interpolate(x, size=(int(h), int(w))) for h, w in sizes]
+
+
+def test_a_branch_on_data_inside_a_comprehension_names_the_models_line():
+    """torch names the frame ``<listcomp>``: the model's line is still the one shown, not the
+    decomposition inside torch that took the branch."""
+    with pytest.raises(memsched.CaptureError, match="branches on a tensor's value") as err:
+        memsched.plan(SizedByData(), (torch.randn(1, 2, 4, 4), torch.tensor([[3, 5]])), budget="1GB")
+    assert "test_errors.py" in str(err.value) and "decompositions.py" not in str(err.value)
+
+
 class ChecksItsLabels(torch.nn.Module):
     def forward(self, x, labels):
         if labels.max() >= 3:   # as Wav2Vec2ForCTC checks its labels against the vocabulary

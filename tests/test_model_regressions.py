@@ -256,6 +256,29 @@ def _olmo_hybrid():
     return model, (), {"input_ids": ids, "labels": ids}, lambda out: out.loss
 
 
+class _VAE(nn.Module):
+    """A VAE written with torch.distributions, as its tutorials do."""
+
+    def __init__(self, d: int = 16, z: int = 8):
+        super().__init__()
+        self.enc, self.mu, self.log_var = nn.Linear(d, 64), nn.Linear(64, z), nn.Linear(64, z)
+        self.dec = nn.Sequential(nn.Linear(z, 64), nn.ReLU(), nn.Linear(64, d))
+
+    def forward(self, x):
+        h = torch.relu(self.enc(x))
+        posterior = torch.distributions.Normal(self.mu(h), torch.exp(0.5 * self.log_var(h)))
+        z = posterior.rsample()
+        prior = torch.distributions.Normal(torch.zeros_like(z), torch.ones_like(z))
+        kl = torch.distributions.kl_divergence(posterior, prior).sum(-1)
+        likelihood = torch.distributions.Normal(self.dec(z), 1.0).log_prob(x).sum(-1)
+        return (kl - likelihood).mean()
+
+
+def _vae():
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    return _seeded(_VAE), (x,), {}, lambda out: out
+
+
 def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -302,6 +325,7 @@ TRAIN = {
     "longt5_without_mask": _longt5_without_mask,
     "softplus_gate_read_transposed": _transposed_gate,
     "olmo_hybrid_delta_rule": _olmo_hybrid,
+    "vae_with_distributions": _vae,
 }
 
 

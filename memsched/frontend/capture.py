@@ -283,7 +283,7 @@ def _capture_error(model: torch.nn.Module, exc: Exception, note: str = "") -> Ca
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict | None, ones_mask):
     with _no_host_random_draws(model), eager_meta(), eager_attention_masks(args, kwargs, model) as reads, \
-            _eager_algorithms(model), \
+            _eager_algorithms(model), _distribution_checks_as_asserts(), \
             _quiet_fake_tensor_log(), _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
             _dataclass_outputs_seen_into(model), _inference_mode_for_inference_tensors(model), \
             _given_mask_of_ones(model, ones_mask):
@@ -388,7 +388,7 @@ def _reject_data_dependent_sizes(ep: ExportedProgram, model: torch.nn.Module) ->
                     "and needs every size before the model runs")
 
 
-_RAISED_AT = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in \w+\s*\n\s*(.+)')
+_RAISED_AT = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in [\w<>]+\s*\n\s*(.+)')
 
 
 # the shorter form, a path relative to the import root: "Caused by: (pkg/mod.py:12 in forward)"
@@ -658,6 +658,27 @@ def _eager_algorithms(model: torch.nn.Module):
         finally:
             for mod, q, ask in saved:
                 setattr(mod, q, ask)
+
+
+@contextlib.contextmanager
+def _distribution_checks_as_asserts():
+    """``torch.distributions`` checks its parameters' values (and ``log_prob``'s argument) with
+    ``if not torch._is_all_true(valid): raise``, a branch on data that torch.export refuses: a VAE
+    building ``Normal(mu, sigma)`` could not be captured. On the capturing thread the check is
+    made the assert torch itself writes for traced code (``torch._check_tensor_all``), which
+    capture then drops like a model's own asserts on values (``drop_asserts``)."""
+    me, ask = threading.get_ident(), torch._is_all_true
+
+    def as_assert(valid):
+        torch._check_tensor_all(valid)
+        return True
+
+    with _MASKING_LOCK:
+        torch._is_all_true = _on_thread(me, as_assert, ask)
+        try:
+            yield
+        finally:
+            torch._is_all_true = ask
 
 
 def _on_thread(thread: int, here, elsewhere):
