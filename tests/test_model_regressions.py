@@ -279,6 +279,34 @@ def _vae():
     return _seeded(_VAE), (x,), {}, lambda out: out
 
 
+class _MaskWrites(nn.Module):
+    """Rows written through a boolean mask: one row per masked position (image features into
+    token embeddings), one learned row broadcast (a mask embedding), a number."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.project = nn.Embedding(32, 16), nn.Linear(8, 16)
+        self.mask_row = nn.Parameter(torch.randn(16))
+        self.mix = nn.Linear(16, 16)
+
+    def forward(self, ids, features, picked, hidden):
+        x = self.embed(ids)
+        x[picked] = self.project(features).reshape(-1, 16)
+        h = self.mix(x)
+        h[hidden] = self.mask_row
+        h[hidden & picked] = 0.5
+        return (self.mix(h) * x).sum()
+
+
+def _mask_writes():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 32, (2, 10), generator=g)
+    picked = torch.zeros(2, 10, dtype=torch.bool)
+    picked[:, 2:5] = True
+    hidden = torch.rand(2, 10, generator=g) < 0.4
+    return _seeded(_MaskWrites), (ids, torch.randn(2, 3, 8, generator=g), picked, hidden), {}, lambda out: out
+
+
 def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -326,6 +354,7 @@ TRAIN = {
     "softplus_gate_read_transposed": _transposed_gate,
     "olmo_hybrid_delta_rule": _olmo_hybrid,
     "vae_with_distributions": _vae,
+    "boolean_mask_writes": _mask_writes,
 }
 
 

@@ -37,6 +37,7 @@ from .functions import Functions, custom_applications
 from .inplace import accumulate_in_place
 from .kernel_patterns import select_kernels
 from .loss_head import chunk_loss_heads
+from .mask_writes import static_mask_writes
 
 
 @dataclass
@@ -140,6 +141,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     if kernels:
         select_kernels(ep.graph_module, {sp.arg.name for sp in ep.graph_signature.input_specs
                                          if sp.kind == InputKind.PARAMETER})
+    static_mask_writes(ep.graph_module)   # x[mask] = v: a backward of static sizes
     traced = _portable_random(chunk_loss_heads(ep.graph_module, loss_chunks, shared_loss_heads), target, primals)
     trace = _Trace(traced, slot_of, trained + grad_inputs, n_mut, floating, functions)
     with _portable_attention(target, primals):
