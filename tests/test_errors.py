@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import memsched
-from helpers import assert_outputs_equal, eager
+from helpers import ChecksItsValues, assert_outputs_equal, eager
 from zoo import build
 
 
@@ -103,11 +103,38 @@ def test_a_branch_on_data_inside_a_comprehension_names_the_models_line():
     assert "test_errors.py" in str(err.value) and "decompositions.py" not in str(err.value)
 
 
-class ChecksItsLabels(torch.nn.Module):
+class ScalesByItsLabels(torch.nn.Module):
     def forward(self, x, labels):
-        if labels.max() >= 3:   # as Wav2Vec2ForCTC checks its labels against the vocabulary
-            raise ValueError("label out of range")
+        if labels.max() >= 3:   # both ways go on: the program would depend on the data
+            x = x * 3
         return x * 2
+
+
+class CatchesItsOwnCheck(torch.nn.Module):
+    def forward(self, x):
+        try:
+            if x.max() > 0:
+                raise ValueError("positive")
+        except ValueError:
+            x = -x
+        return x
+
+
+def test_a_branch_on_data_that_only_raises_is_taken_as_an_assert():
+    """One way raises, so eager goes the other way for every input it runs: the program does
+    too (the check itself is dropped, as a model's asserts on values are)."""
+    x, labels = torch.randn(4), torch.tensor([1, 2])
+    cm = memsched.compile(ChecksItsValues(), "1GB", device="cpu")
+    try:
+        torch.testing.assert_close(cm(x, labels), ChecksItsValues()(x, labels), rtol=0, atol=0)
+    finally:
+        cm.close()
+
+
+def test_a_raise_a_try_in_the_model_catches_is_a_branch():
+    with pytest.raises(memsched.CaptureError, match="branches on a tensor's value") as err:
+        memsched.plan(CatchesItsOwnCheck(), (torch.randn(4),), budget="1GB")
+    assert "`if x.max() > 0:`" in str(err.value)
 
 
 def test_a_branch_on_data_is_one_error_without_torchs_warning_before_it():
@@ -122,7 +149,7 @@ def test_a_branch_on_data_is_one_error_without_torchs_warning_before_it():
     log.addHandler(handler)
     try:
         with pytest.raises(memsched.CaptureError, match="branches on a tensor's value") as err:
-            memsched.plan(ChecksItsLabels(), (torch.randn(4), torch.tensor([1, 2])), budget="1GB")
+            memsched.plan(ScalesByItsLabels(), (torch.randn(4), torch.tensor([1, 2])), budget="1GB")
     finally:
         log.removeHandler(handler)
     assert "`if labels.max() >= 3:" in str(err.value)

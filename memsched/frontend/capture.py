@@ -38,6 +38,7 @@ from .constant_masks import MaskReads
 from .fake import eager_meta, share_storages_as_eager
 from .inline import drop_unused_subgraphs, inline_call
 from .kernel_patterns import select_kernels
+from .value_checks import value_checks_as_asserts
 
 # the kind of each graph input, from the point of view of placement
 _KIND = {
@@ -269,6 +270,10 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
         except Exception as again:   # what stops it further on (the retry got past the mask)
             raise _capture_error(model, again, " (captured with a mask of ones, as the model makes when "
                                  "given none: without it the capture failed on the missing mask)") from again
+    # a size made from data that only a check read (taken as an assert: value_checks.py) goes with it
+    drop_asserts(ep.graph_module.graph)
+    ep.graph_module.graph.eliminate_dead_code(is_impure_node=is_impure)
+    ep.graph_module.recompile()
     _reject_data_dependent_sizes(ep, model)
     _drop_self_copies(ep.graph_module)
     ep.mask_guards = tuple(sorted(reads.read))   # inputs whose values decided a mask's skip
@@ -283,7 +288,7 @@ def _capture_error(model: torch.nn.Module, exc: Exception, note: str = "") -> Ca
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict | None, ones_mask):
     with _no_host_random_draws(model), eager_meta(), eager_attention_masks(args, kwargs, model) as reads, \
-            _eager_algorithms(model), _distribution_checks_as_asserts(), \
+            _eager_algorithms(model), value_checks_as_asserts(), \
             _quiet_fake_tensor_log(), _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
             _dataclass_outputs_seen_into(model), _inference_mode_for_inference_tensors(model), \
             _given_mask_of_ones(model, ones_mask):
@@ -408,12 +413,31 @@ def _data_dependent_hint(exc: Exception) -> str:
     """For a branch on a tensor's value: where the model takes it, and what to do about it."""
     if type(exc).__name__ not in ("GuardOnDataDependentSymNode", "UserError") or "data-dependent" not in str(exc):
         return ""
+    return _data_dependent_hint_at(_branch_site(exc))
+
+
+def _branch_site(exc: Exception) -> str:
+    """The model's line taking the branch: the frame that asked for the value's truth
+    (value_checks.py notes it), else the one torch names, else the innermost model frame."""
+    asked = getattr(exc, "asked_at", None)
+    if asked is not None and _in_model_code(asked[0]):
+        return _site(*asked)
     at = _RAISED_AT.search(str(exc))
-    where = f" at {os.path.basename(at.group(1))}:{at.group(2)} (`{at.group(3).strip()}`)" if at else ""
-    caused = None if at else _CAUSED_BY.search(str(exc))
-    if caused:   # a guard on a size made from data (nonzero, a mask's count) names the line only
-        code = _source_line(caused.group(1), int(caused.group(2)))
-        where = f" at {os.path.basename(caused.group(1))}:{caused.group(2)}" + (f" (`{code}`)" if code else "")
+    if at and _in_model_code(at.group(1)):
+        return f" at {os.path.basename(at.group(1))}:{at.group(2)} (`{at.group(3).strip()}`)"
+    caused = _CAUSED_BY.search(str(exc))   # a guard on a size made from data (nonzero, a mask's count)
+    if caused and not _tracer_file(caused.group(1)):
+        return _site(caused.group(1), int(caused.group(2)))
+    frame = _model_frame(exc)
+    return _site(frame.filename, frame.lineno) if frame is not None else ""
+
+
+def _site(path: str, line: int) -> str:
+    code = _source_line(path, line)
+    return f" at {os.path.basename(path)}:{line}" + (f" (`{code}`)" if code else "")
+
+
+def _data_dependent_hint_at(where: str) -> str:
     return (f". The model branches on a tensor's value{where}: memsched plans one static program per "
             "input signature, so it cannot follow control flow that depends on data. Write the branch "
             "with torch.where or torch.cond, or turn off what takes it (random layer dropping and "
@@ -423,6 +447,12 @@ def _data_dependent_hint(exc: Exception) -> str:
 # frames of these packages are the tracer's, not the model's: an error is shown where the
 # model's own code (its modeling file, or a library it calls) last ran before it was raised
 _TRACER_DIRS = tuple(d + os.sep for d in (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__))))
+
+
+def _tracer_file(relative: str) -> bool:
+    """Is torch's short form of a location ("Caused by: (_decomp/decompositions.py:12 ...)", relative
+    to torch's folder or to the import root) a file of torch's or memsched's?"""
+    return relative.split("/")[0] in ("torch", "memsched") or any(os.path.isfile(d + relative) for d in _TRACER_DIRS)
 _STDLIB_DIR = os.path.dirname(contextlib.__file__) + os.sep
 
 
@@ -440,6 +470,15 @@ def _raised_in_model(exc: BaseException) -> str:
     runs the model's Python as eager does, so that line is what the model does differently under
     a trace (reads an input it was not given, changes its own modules, calls something a trace
     cannot follow)."""
+    frame = _model_frame(exc)
+    if frame is None:
+        return ""
+    code = (frame.line or "").strip()
+    return f" (raised at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}" + \
+        (f": `{code}`)" if code else ")")
+
+
+def _model_frame(exc: BaseException) -> traceback.FrameSummary | None:
     frame = None
     seen = set()
     while exc is not None and id(exc) not in seen:   # the raised error, then what it was raised from
@@ -448,11 +487,7 @@ def _raised_in_model(exc: BaseException) -> str:
             if _in_model_code(f.filename):
                 frame = f
         exc = exc.__cause__ or exc.__context__
-    if frame is None:
-        return ""
-    code = (frame.line or "").strip()
-    return f" (raised at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}" + \
-        (f": `{code}`)" if code else ")")
+    return frame
 
 
 class FastPathWarning(UserWarning):
@@ -658,27 +693,6 @@ def _eager_algorithms(model: torch.nn.Module):
         finally:
             for mod, q, ask in saved:
                 setattr(mod, q, ask)
-
-
-@contextlib.contextmanager
-def _distribution_checks_as_asserts():
-    """``torch.distributions`` checks its parameters' values (and ``log_prob``'s argument) with
-    ``if not torch._is_all_true(valid): raise``, a branch on data that torch.export refuses: a VAE
-    building ``Normal(mu, sigma)`` could not be captured. On the capturing thread the check is
-    made the assert torch itself writes for traced code (``torch._check_tensor_all``), which
-    capture then drops like a model's own asserts on values (``drop_asserts``)."""
-    me, ask = threading.get_ident(), torch._is_all_true
-
-    def as_assert(valid):
-        torch._check_tensor_all(valid)
-        return True
-
-    with _MASKING_LOCK:
-        torch._is_all_true = _on_thread(me, as_assert, ask)
-        try:
-            yield
-        finally:
-            torch._is_all_true = ask
 
 
 def _on_thread(thread: int, here, elsewhere):

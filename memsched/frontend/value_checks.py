@@ -1,0 +1,121 @@
+"""Checks a model makes on its values only to raise, taken as asserts while it is traced.
+
+``if labels.max() >= self.config.vocab_size: raise ValueError(...)`` (every CTC head in
+transformers), ``assert (x >= 0).all()``, torch.distributions' ``if not valid: raise`` on its
+parameters: each reads a tensor's value in Python, a branch on data that torch.export refuses,
+so the whole model could not be captured. Yet such a branch has one way on and one way to an
+error, and eager takes the way on for every input it runs. While a model is traced, a tensor
+(or a symbolic bool) whose truth the trace cannot know is therefore answered with the value
+that goes on, when the bytecode of the frame asking shows that the other value leads straight to
+a ``raise`` (no other branch, loop or ``try`` on the way). The answer is recorded as
+the assert torch writes for traced code (``torch._check``), which capture drops like the model's
+own asserts on values (``capture.drop_asserts``): the compiled program does not raise where
+eager would have on invalid data. Any other branch on data is still refused by name.
+"""
+from __future__ import annotations
+
+import contextlib
+import dis
+import functools
+import sys
+import threading
+import types
+
+import torch
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+# jumps that pop the value whose truth they test: (jumps when the value is this)
+_TESTS = {name: "TRUE" in name for name in dis.opmap
+          if name.startswith("POP_JUMP") and (name.endswith("IF_TRUE") or name.endswith("IF_FALSE"))}
+_ALWAYS = {"JUMP_FORWARD", "JUMP_BACKWARD", "JUMP_ABSOLUTE", "JUMP", "JUMP_NO_INTERRUPT",
+           "JUMP_BACKWARD_NO_INTERRUPT"}
+_BRANCHES = set(dis.hasjrel) | set(dis.hasjabs)
+_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def value_checks_as_asserts():
+    """On this thread, answer a raise-only branch on data as described above."""
+    me = threading.get_ident()
+    with _LOCK:
+        saved = [(cls, cls.__dict__.get("__bool__")) for cls in (torch.Tensor, torch.SymBool)]
+        for cls, own in saved:
+            cls.__bool__ = _answering(me, own or getattr(cls, "__bool__"))
+        try:
+            yield
+        finally:
+            for cls, own in saved:
+                if own is None:
+                    del cls.__bool__
+                else:
+                    cls.__bool__ = own
+
+
+def _answering(thread: int, truth):
+    def __bool__(value):
+        if threading.get_ident() != thread:
+            return truth(value)
+        try:
+            return truth(value)
+        except GuardOnDataDependentSymNode as exc:
+            asking = sys._getframe(1)
+            answer = _way_on(asking)
+            if answer is None:
+                exc.asked_at = (asking.f_code.co_filename, asking.f_lineno)   # for the error's message
+                raise
+        if isinstance(value, torch.Tensor):
+            held = value.bool()
+            torch._check_tensor_all(held if answer else held.logical_not())
+        else:
+            torch._check(value if answer else torch.sym_not(value))
+        return answer
+    return __bool__
+
+
+def _way_on(frame: types.FrameType) -> bool | None:
+    """The truth value with which ``frame``'s pending jump avoids a ``raise`` it would otherwise
+    run straight into; None when neither or both ways raise."""
+    code = frame.f_code
+    instructions, at = _instructions(code)
+    i = at.get(frame.f_lasti)
+    if i is not None and instructions[i].opname == "TO_BOOL":   # Python 3.13: the test follows
+        i += 1
+    if i is None or i + 1 >= len(instructions) or instructions[i].opname not in _TESTS:
+        return None
+    jump = instructions[i]
+    jumps_on = _TESTS[jump.opname]
+    raises = {jumps_on: _raises(code, jump.argval), not jumps_on: _raises(code, instructions[i + 1].offset)}
+    if raises[True] == raises[False]:
+        return None
+    return not raises[True]
+
+
+def _raises(code: types.CodeType, offset: int) -> bool:
+    """Does the code from ``offset`` run straight (following unconditional jumps) into a raise
+    that no ``try`` in this frame catches?"""
+    instructions, at = _instructions(code)
+    i = at.get(offset)
+    for _ in range(256):
+        if i is None or i >= len(instructions):
+            return False
+        ins = instructions[i]
+        if ins.opname == "RAISE_VARARGS":
+            return not any(e.start <= ins.offset < e.end for e in _handlers(code))
+        if ins.opname in _ALWAYS:
+            i = at.get(ins.argval)
+        elif ins.opcode in _BRANCHES or ins.opname.startswith("RETURN"):
+            return False
+        else:
+            i += 1
+    return False
+
+
+@functools.lru_cache(maxsize=512)
+def _instructions(code: types.CodeType):
+    instructions = list(dis.get_instructions(code))
+    return instructions, {ins.offset: i for i, ins in enumerate(instructions)}
+
+
+@functools.lru_cache(maxsize=512)
+def _handlers(code: types.CodeType) -> tuple:
+    return tuple(getattr(dis.Bytecode(code), "exception_entries", ()))
