@@ -383,3 +383,33 @@ def test_spec_augment_in_training_is_refused_with_what_turns_it_off():
     with pytest.raises(memsched.UnsupportedModelError, match="NumPy.*mask_time_prob"):
         memsched.plan(model, (), budget="1GB", example_kwargs={"input_values": x, "labels": torch.tensor([0, 1])},
                       train=True)
+
+
+def test_hooks_a_user_registered_are_named_with_what_they_will_not_do():
+    """A feature-extraction hook runs once, while the model is traced: its list would hold
+    FakeTensors, so compile says so, naming the module; the outputs are still eager's."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    kept = []
+    model[1].register_forward_hook(lambda m, i, o: kept.append(o))
+    x = torch.randn(3, 4)
+    with pytest.warns(memsched.frontend.hooks.HookWarning, match=r"modules \(1\).*happens only then"):
+        cm = memsched.compile(model, "1GB", device="cpu", example_inputs=(x,))
+    try:
+        torch.testing.assert_close(cm(x), model(x), rtol=0, atol=0)
+    finally:
+        cm.close()
+
+
+def test_hooks_of_the_libraries_memsched_traces_through_are_not_the_users():
+    import warnings
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.gradient_checkpointing_enable()   # transformers' own hook on the embeddings
+    ids = torch.randint(0, 64, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", memsched.frontend.hooks.HookWarning)
+        memsched.plan(model.train(), (), budget="1GB", example_kwargs={"input_ids": ids, "labels": ids}, train=True)

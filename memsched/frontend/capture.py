@@ -36,6 +36,7 @@ from .autocast import autocast_state, inline_autocast_regions, make_casts_explic
 from .composites import expand_bool_attention_masks, expand_cross_entropy, expand_math_attention
 from .constant_masks import MaskReads
 from .fake import eager_meta, share_storages_as_eager
+from .hooks import warn_user_hooks
 from .inline import drop_unused_subgraphs, inline_call
 from .kernel_patterns import select_kernels
 from .value_checks import value_checks_as_asserts
@@ -122,6 +123,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
     warn_fast_paths(model)
+    warn_user_hooks(model)
     ep = export_model(model, args, kwargs)
     _reject_mutations(ep, model)
     gm = make_lazy(ep.graph_module)  # the passes below recompile it: once, when first run

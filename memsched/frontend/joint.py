@@ -34,6 +34,7 @@ from ..ir.meta import annotate
 from .capture import _KIND, Captured, Placeholder, drop_asserts, export_model
 from .fake import RNN_LAYER, eager_meta, share_storages_as_eager
 from .functions import Functions, custom_applications
+from .hooks import warn_user_hooks
 from .inplace import accumulate_in_place
 from .kernel_patterns import select_kernels
 from .loss_head import chunk_loss_heads
@@ -114,6 +115,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     if grad_outputs not in ("auto", "all"):
         raise ValueError(f"grad_outputs must be 'auto' or 'all', got {grad_outputs!r}")
     kwargs = dict(kwargs or {})
+    warn_user_hooks(model, train=True)
     with _custom_backwards() as custom:
         ep = export_model(model, args, kwargs)
     functions = Functions()
