@@ -3,6 +3,7 @@ homed on disk read from the checkpoint's own files, outputs equal to the real mo
 model stays on meta; hostile or mismatched files fail before anything runs."""
 from __future__ import annotations
 
+import os
 import json
 import struct
 
@@ -143,6 +144,9 @@ GOOD = {"0.weight": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]},
     ("dtype_mismatch", "the model"),
     ("no_file", "does not exist"),
     ("index_escapes", "outside its directory"),
+    ("index_names_no_file", "the names of shard files, found 5"),
+    ("index_nests_deep", "nests too deep"),
+    ("a_pipe", "not a regular file"),   # a read would wait for a writer forever
 ])
 def test_hostile_checkpoints_fail_before_anything_runs(tmp_path, case, match):
     p = tmp_path / "model.safetensors"
@@ -178,6 +182,14 @@ def test_hostile_checkpoints_fail_before_anything_runs(tmp_path, case, match):
     elif case == "index_escapes":
         p = tmp_path / "model.safetensors.index.json"
         p.write_text(json.dumps({"weight_map": {"0.weight": "../elsewhere.safetensors"}}))
+    elif case == "index_names_no_file":
+        p = tmp_path / "model.safetensors.index.json"
+        p.write_text(json.dumps({"weight_map": {"0.weight": 5}}))
+    elif case == "index_nests_deep":
+        p = tmp_path / "model.safetensors.index.json"
+        p.write_text("[" * 100_000)
+    elif case == "a_pipe":
+        os.mkfifo(p)
     meta = _meta_tiny()
     with pytest.raises(memsched.CheckpointError, match=match):
         memsched.compile(meta, "1GB", device="cpu", hardware=FIXED_CPU, weights=p)

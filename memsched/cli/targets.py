@@ -276,7 +276,7 @@ def _hf_from_config_path(path: Path, batch: int, seq_len: int):
         raise ValueError(f"target: {where}")
     try:
         raw = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"config file {str(file)!r} is not valid JSON: {e}") from None
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise ValueError(f"config file {str(file)!r} has no \"model_type\": is it a Hugging Face "

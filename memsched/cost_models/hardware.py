@@ -627,7 +627,7 @@ def local_hardware(device: str | torch.device = "cpu", *, recalibrate: bool = Fa
                 device.type != "cuda" or hw.name == f"local:{torch.cuda.get_device_name(device)}"
             ):
                 return hw
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError, RecursionError):
             pass  # missing, corrupt or stale cache: re-measure
     hw = _calibrate(device)
     try:

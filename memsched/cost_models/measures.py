@@ -57,7 +57,7 @@ def _read(path: Path) -> dict:
         d = json.loads(path.read_text())
         return {k: [float(x) for x in v][-SAMPLES:] for k, v in d.get("times", {}).items()
                 if isinstance(k, str) and isinstance(v, list) and v and all(_seconds(x) for x in v)}
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError):
         return {}   # missing or malformed: measured again
 
 

@@ -57,15 +57,28 @@ def checkpoint_files(source) -> list[Path]:
     if path.name.endswith(".json"):
         try:
             weight_map = json.loads(path.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
+            names = sorted(set(weight_map.values()), key=str)
+        except RecursionError:
+            raise CheckpointError(f"{path} is not a safetensors index: its JSON nests too deep") from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{path} is not a safetensors index (a json with a weight_map): {exc}") from exc
-        if not all(isinstance(n, str) and "/" not in n and n not in ("", ".", "..") for n in names):
+        if not all(isinstance(n, str) for n in names):
+            raise CheckpointError(f"{path}: the weight_map's values must be the names of shard files, found "
+                                  f"{next(n for n in names if not isinstance(n, str))!r}")
+        if not all("/" not in n and n not in ("", ".", "..") for n in names):
             raise CheckpointError(f"{path}: the weight_map names files outside its directory")
-        return [path.parent / n for n in names]
-    if not path.is_file():
+        return [_regular(path.parent / n) for n in names]
+    return [_regular(path)]
+
+
+def _regular(path: Path) -> Path:
+    """``path`` when it is a regular file (or a link to one, as in Hugging Face's cache): a pipe
+    or a device would block a read or never end."""
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    return [path]
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
+    return path
 
 
 def _read_header(path: Path) -> dict[str, Entry]:
