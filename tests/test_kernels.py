@@ -200,6 +200,27 @@ def test_cross_entropy_reading_the_callers_logits(impl, shift):
         K.fused_linear_cross_entropy(h, w, t, b, logits=logits[:, :-1])
 
 
+def test_cross_entropy_reading_shifted_logits_traces():
+    """Traced as a training step is (a fused step's loss reading the logits a model returns,
+    shifted): the blocks per sequence are taken without trying the [N, V] view first (a FakeTensor
+    refused it with a ValueError where eager raises a RuntimeError, and the joint trace failed on
+    BLIP's captioning loss; a failed view also left its node in the graph)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from memsched.frontend.fake import eager_meta
+
+    h, w, b, t = _ce_inputs((3, 7), 8, 40, True, -100)
+
+    def step(h, w, b, t):
+        logits = F.linear(h, w, b)
+        return K.fused_linear_cross_entropy(h[:, :-1], w, t[:, :-1], b, chunk_size=4, impl="torch",
+                                            logits=logits[:, :-1])
+
+    with eager_meta():   # as frontend/joint.py traces
+        graph = make_fx(step, tracing_mode="fake")(h, w, b, t)
+    torch.testing.assert_close(graph(h, w, b, t), step(h, w, b, t), rtol=0, atol=0)
+
+
 def test_cross_entropy_all_rows_ignored_gives_nan_like_torch():
     h, w, b, t = _ce_inputs((6,), 4, 10, False, -100)
     t.fill_(-100)

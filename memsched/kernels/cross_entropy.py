@@ -51,13 +51,20 @@ def _chunk_grad_torch(logits, target, lse, scale):
 def _row_views(logits: torch.Tensor, chunk: int, first: int = 0) -> list[tuple[int, torch.Tensor]]:
     """(first row, [rows, V] view) blocks of ``logits`` [..., V] in row order, at most ``chunk``
     rows each, none of them a copy: shifted logits (``logits[:, :-1]``) are no single [N, V]
-    view, so those are cut along their leading dims first."""
-    try:
-        flat = logits.view(-1, logits.shape[-1])
-    except RuntimeError:
+    view, so those are cut along their leading dims first. (Decided from the strides, not by
+    trying the view: a traced view that fails leaves its node in the graph.)"""
+    if not _rows_merge(logits):
         per = math.prod(logits.shape[1:-1])
         return [b for i in range(logits.shape[0]) for b in _row_views(logits[i], chunk, first + i * per)]
+    flat = logits.view(-1, logits.shape[-1])
     return [(first + s, flat[s:s + chunk]) for s in range(0, flat.shape[0], chunk)]
+
+
+def _rows_merge(x: torch.Tensor) -> bool:
+    """Can ``x`` [..., V] be viewed as [N, V]: do its leading dims (of more than one element)
+    each step over the next one whole?"""
+    dims = [(n, step) for n, step in zip(x.shape[:-1], x.stride()[:-1]) if n != 1]
+    return all(outer == n * step for (_, outer), (n, step) in zip(dims, dims[1:]))
 
 
 def _blocks(hidden, weight, bias, chunk, logits):
