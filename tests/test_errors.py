@@ -413,3 +413,20 @@ def test_hooks_of_the_libraries_memsched_traces_through_are_not_the_users():
     with warnings.catch_warnings():
         warnings.simplefilter("error", memsched.frontend.hooks.HookWarning)
         memsched.plan(model.train(), (), budget="1GB", example_kwargs={"input_ids": ids, "labels": ids}, train=True)
+
+
+class PackedLSTM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(4, 8, batch_first=True)
+
+    def forward(self, x, lengths):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.lstm(packed)
+        return h[-1]
+
+
+def test_a_packed_sequence_is_named_as_the_cause():
+    """torch fails on a size that is a tensor, deep in the LSTM; the error says why."""
+    with pytest.raises(memsched.CaptureError, match="handed a PackedSequence: its batch sizes are the lengths'"):
+        memsched.plan(PackedLSTM(), (torch.randn(3, 5, 4), torch.tensor([5, 2, 4])), budget="1GB")

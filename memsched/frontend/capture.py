@@ -285,7 +285,20 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
 def _capture_error(model: torch.nn.Module, exc: Exception, note: str = "") -> CaptureError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return CaptureError(f"could not capture {type(model).__name__} with torch.export: {type(exc).__name__}: "
-                        f"{first}{_data_dependent_hint(exc) or _raised_in_model(exc)}{note}")
+                        f"{first}{_data_dependent_hint(exc) or _raised_in_model(exc)}{note}{_packed_hint(exc)}")
+
+
+def _packed_hint(exc: BaseException) -> str:
+    """A recurrent layer handed a PackedSequence (``pack_padded_sequence``) fails somewhere
+    inside torch, on a size that is a tensor: say what it is about."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if any(isinstance(v, torch.nn.utils.rnn.PackedSequence) for v in tb.tb_frame.f_locals.values()):
+            return (". A recurrent layer was handed a PackedSequence: its batch sizes are the lengths' "
+                    "values, data a static program cannot size itself by; run it on the padded batch "
+                    "(and mask the padded steps' outputs) instead")
+        tb = tb.tb_next
+    return ""
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict | None, ones_mask):
