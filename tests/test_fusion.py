@@ -657,6 +657,46 @@ def test_gpt_neo_fused_for_inference_and_training():
         cm.close()
 
 
+def test_region_outputs_come_back_in_the_layouts_the_plan_traced():
+    """Inductor lays a region's result out as its own tracing says; an upsampled channels-last
+    value of UperNet's pyramid came back contiguous where the plan (eager's CPU kernels) has it
+    channels-last, so the next region was handed other layouts than planned and copied its
+    concatenation once more, past its bytes (258 KiB for 228 KiB). Each dense output is now
+    asked for in the traced layout. Its training step's upsample backwards, which Inductor
+    leaves to ATen with more buffers than they show (48 KiB for 10 KiB), stay out of regions.
+    Every kernel within its region's bytes, inference and training."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    backbone = T.ConvNextConfig(hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1],
+                                out_features=["stage1", "stage2", "stage3", "stage4"])
+    model = T.UperNetForSemanticSegmentation(T.UperNetConfig(
+        backbone_config=backbone, hidden_size=16, auxiliary_in_channels=16, auxiliary_channels=16, num_labels=3))
+    g = torch.Generator().manual_seed(2)
+    x, labels = torch.randn(2, 3, 64, 64, generator=g), torch.randint(0, 3, (2, 64, 64), generator=g)
+    for train in (False, True):
+        model.train(train)
+        kw = {"pixel_values": x, "labels": labels} if train else {"pixel_values": x}
+        free = memsched.plan(model, budget=10**9, example_kwargs=kw, hardware=FIXED_CPU, train=train)
+        ref = copy.deepcopy(model)
+        cm = _compile(model, free.min_budget_bytes, example_kwargs=kw, fuse=True, train=train)
+        try:
+            with torch.set_grad_enabled(train):
+                got, want = cm(**kw), ref(**kw)
+            if train:
+                got.loss.backward()
+                want.loss.backward()
+                scale = max(p.grad.abs().max() for p in ref.parameters())
+                for (n, p), q in zip(ref.named_parameters(), model.parameters()):
+                    torch.testing.assert_close(q.grad / scale, p.grad / scale, **TOL, msg=lambda m: f"{n}: {m}")
+                model.zero_grad(set_to_none=True)
+            else:
+                torch.testing.assert_close(got.logits, want.logits, **TOL)
+            _assert_kernels_within_region_bytes({r.key: r for r in _regions(cm.plan)})
+            assert cm.stats.peak_device_bytes <= free.min_budget_bytes
+        finally:
+            cm.close()
+
+
 def test_a_region_inductor_cannot_compile_runs_op_by_op(monkeypatch):
     """Inductor failing on a region is said (a warning with its error) and the region's ops
     run one by one: same outputs, nothing hidden."""

@@ -49,8 +49,11 @@ _RELAID = frozenset({"convolution", "convolution_backward", "_convolution", "con
 
 # Ops Inductor lowers into loops of its own that write buffers its decomposition does not show:
 # a bicubic upsample of a 4x4 grid wrote several output-sized buffers (YOLOS's position
-# embeddings: a region allocated 10.9 KiB against the 4.8 KiB its ops make)
-_BUFFERED_LOWERINGS = frozenset({"upsample_bicubic2d"})
+# embeddings: a region allocated 10.9 KiB against the 4.8 KiB its ops make); and the upsamples'
+# backwards, which it leaves to ATen with their gradient made contiguous first, and more (a
+# bilinear one reading a channels-last slice: 48 KiB against 10 KiB, UperNet's training step)
+_BUFFERED_LOWERINGS = frozenset({"upsample_bicubic2d", "upsample_bilinear2d_backward", "upsample_linear1d_backward",
+                                 "upsample_bicubic2d_backward", "upsample_trilinear3d_backward"})
 # Ops that add into their result at computed indices. Inductor's CPU code for them is wrong where
 # it tiles the loop to read a transposed input: an index_put accumulating a permuted value wrote
 # past its buffer (a Falcon training step: other gradients, then a corrupted heap). Eager's kernels

@@ -117,12 +117,56 @@ def uncompiled() -> dict[tuple, str]:
 
 def _plain_copy(graph: torch.fx.Graph) -> torch.fx.Graph:
     """The graph without the planner's metadata (FakeTensors of another mode): Inductor traces
-    the real inputs itself."""
+    the real inputs itself. Each dense output is asked for in the layout the plan traced
+    (``inductor_force_stride_order``: no copy when Inductor makes it so, one otherwise): Inductor
+    lays a result out as its own fake tracing says, which is not always the CPU kernels' layout
+    the plan traced (an upsampled channels-last input came back contiguous, so the next region's
+    inputs were laid out otherwise than planned and its concatenation was copied once more: 30 KiB
+    past its region's bytes, UperNet). Only a layout other than row-major is asked for, which
+    Inductor does not give a fresh buffer unasked: forcing a row-major buffer another kernel
+    reads through a view copied it (GPT-Neo)."""
+    from torch._inductor import inductor_prims   # noqa: F401  (registers prims.inductor_force_stride_order)
+
     out = torch.fx.Graph()
-    out.output(out.graph_copy(graph, {}))
+    env: dict = {}
+    values = out.graph_copy(graph, env)
+    # (a view, of an input or of a value made inside, is left as it comes: forcing its layout
+    # copies it where Inductor's view of its own buffer is laid out otherwise)
+    traced = [o.meta.get("val") if isinstance(o, torch.fx.Node) and not _a_view(o) else None
+              for o in _outputs(graph)]
+    force = torch.ops.prims.inductor_force_stride_order.default
+    if isinstance(values, (list, tuple)) and len(values) == len(traced):
+        values = type(values)(
+            out.call_function(force, (v, list(t.stride())))
+            if isinstance(v, torch.fx.Node) and isinstance(t, torch.Tensor) and t.dim() > 1
+            and _dense(t) and not t.is_contiguous() else v
+            for v, t in zip(values, traced))
+    out.output(values)
     for n in out.nodes:
         n.meta.clear()
     return out
+
+
+_UNANNOTATED_VIEWS = frozenset({torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default})
+
+
+def _a_view(node: torch.fx.Node) -> bool:
+    return getattr(node.target, "is_view", False) or node.target in _UNANNOTATED_VIEWS
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Do ``t``'s elements fill its storage span exactly once, in some order of its dims?"""
+    step = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != step:
+            return False
+        step *= size
+    return True
+
+
+def _outputs(graph: torch.fx.Graph) -> list:
+    args = next(n for n in reversed(graph.nodes) if n.op == "output").args[0]
+    return list(args) if isinstance(args, (list, tuple)) else [args]
 
 
 def measured_peaks() -> dict[tuple, int]:
