@@ -633,28 +633,8 @@ def test_gpt_neo_fused_for_inference_and_training():
                                                max_position_embeddings=64))
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     for train in (False, True):
-        model.train(train)
         kw = {"input_ids": ids, "labels": ids} if train else {"input_ids": ids}
-        free = memsched.plan(model, budget=10**9, example_kwargs=kw, hardware=FIXED_CPU, train=train)
-        budget = max(free.peak_device_bytes // 2, free.min_budget_bytes)
-        ref = copy.deepcopy(model)
-        want = ref(**kw)
-        cm = _compile(model, budget, train=train, fuse=True, example_kwargs=kw)
-        with torch.set_grad_enabled(train):
-            got = cm(**kw)
-        if train:
-            want.loss.backward()
-            got.loss.backward()
-            scale = max(p.grad.abs().max() for p in ref.parameters())
-            for (n, p), q in zip(ref.named_parameters(), model.parameters()):
-                torch.testing.assert_close(q.grad / scale, p.grad / scale, **TOL, msg=lambda m: f"{n}: {m}")
-            model.zero_grad(set_to_none=True)
-        else:
-            torch.testing.assert_close(got.logits, want.logits, **TOL)
-        regions = {r.key: r for r in _regions(cm.plan)}
-        assert regions and not any(k[0] in regions for k in compiled_regions.uncompiled())
-        _assert_kernels_within_region_bytes(regions)
-        cm.close()
+        _fused_step_as_eager(model, kw, train, lambda free: max(free.peak_device_bytes // 2, free.min_budget_bytes))
 
 
 def test_region_outputs_come_back_in_the_layouts_the_plan_traced():
@@ -674,27 +654,37 @@ def test_region_outputs_come_back_in_the_layouts_the_plan_traced():
     g = torch.Generator().manual_seed(2)
     x, labels = torch.randn(2, 3, 64, 64, generator=g), torch.randint(0, 3, (2, 64, 64), generator=g)
     for train in (False, True):
-        model.train(train)
         kw = {"pixel_values": x, "labels": labels} if train else {"pixel_values": x}
-        free = memsched.plan(model, budget=10**9, example_kwargs=kw, hardware=FIXED_CPU, train=train)
-        ref = copy.deepcopy(model)
-        cm = _compile(model, free.min_budget_bytes, example_kwargs=kw, fuse=True, train=train)
-        try:
-            with torch.set_grad_enabled(train):
-                got, want = cm(**kw), ref(**kw)
-            if train:
-                got.loss.backward()
-                want.loss.backward()
-                scale = max(p.grad.abs().max() for p in ref.parameters())
-                for (n, p), q in zip(ref.named_parameters(), model.parameters()):
-                    torch.testing.assert_close(q.grad / scale, p.grad / scale, **TOL, msg=lambda m: f"{n}: {m}")
-                model.zero_grad(set_to_none=True)
-            else:
-                torch.testing.assert_close(got.logits, want.logits, **TOL)
-            _assert_kernels_within_region_bytes({r.key: r for r in _regions(cm.plan)})
-            assert cm.stats.peak_device_bytes <= free.min_budget_bytes
-        finally:
-            cm.close()
+        _fused_step_as_eager(model, kw, train, lambda free: free.min_budget_bytes)
+
+
+def _fused_step_as_eager(model, kw, train, budget_of) -> None:
+    """``model(**kw)`` (a transformers model) fused at ``budget_of(its free plan)``: logits or
+    gradients match eager's, every region compiled and each kernel within its region's bytes,
+    the device peak within the budget."""
+    model.train(train)
+    free = memsched.plan(model, budget=10**9, example_kwargs=kw, hardware=FIXED_CPU, train=train)
+    budget = budget_of(free)
+    ref = copy.deepcopy(model)
+    cm = _compile(model, budget, example_kwargs=kw, fuse=True, train=train)
+    try:
+        with torch.set_grad_enabled(train):
+            got, want = cm(**kw), ref(**kw)
+        if train:
+            got.loss.backward()
+            want.loss.backward()
+            scale = max(p.grad.abs().max() for p in ref.parameters())
+            for (n, p), q in zip(ref.named_parameters(), model.parameters()):
+                torch.testing.assert_close(q.grad / scale, p.grad / scale, **TOL, msg=lambda m: f"{n}: {m}")
+            model.zero_grad(set_to_none=True)
+        else:
+            torch.testing.assert_close(got.logits, want.logits, **TOL)
+        regions = {r.key: r for r in _regions(cm.plan)}
+        assert regions and not any(k[0] in regions for k in compiled_regions.uncompiled())
+        _assert_kernels_within_region_bytes(regions)
+        assert cm.stats.peak_device_bytes <= budget
+    finally:
+        cm.close()
 
 
 def test_a_region_inductor_cannot_compile_runs_op_by_op(monkeypatch):
