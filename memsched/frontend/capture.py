@@ -462,13 +462,13 @@ def _data_dependent_hint_at(where: str) -> str:
 # frames of these packages are the tracer's, not the model's: an error is shown where the
 # model's own code (its modeling file, or a library it calls) last ran before it was raised
 _TRACER_DIRS = tuple(d + os.sep for d in (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__))))
+_STDLIB_DIR = os.path.dirname(contextlib.__file__) + os.sep
 
 
 def _tracer_file(relative: str) -> bool:
     """Is torch's short form of a location ("Caused by: (_decomp/decompositions.py:12 ...)", relative
     to torch's folder or to the import root) a file of torch's or memsched's?"""
     return relative.split("/")[0] in ("torch", "memsched") or any(os.path.isfile(d + relative) for d in _TRACER_DIRS)
-_STDLIB_DIR = os.path.dirname(contextlib.__file__) + os.sep
 
 
 def _in_model_code(path: str) -> bool:
