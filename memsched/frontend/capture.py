@@ -285,7 +285,17 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
 def _capture_error(model: torch.nn.Module, exc: Exception, note: str = "") -> CaptureError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return CaptureError(f"could not capture {type(model).__name__} with torch.export: {type(exc).__name__}: "
-                        f"{first}{_data_dependent_hint(exc) or _raised_in_model(exc)}{note}{_packed_hint(exc)}")
+                        f"{first}{_data_dependent_hint(exc) or _raised_in_model(exc)}{note}{_packed_hint(exc)}"
+                        f"{_sized_by_data_hint(exc)}")
+
+
+def _sized_by_data_hint(exc: BaseException) -> str:
+    """torch names only the op whose output size is made from its inputs' values."""
+    if type(exc).__name__ != "DynamicOutputShapeException":
+        return ""
+    return (". That op's output has a size made from its inputs' values (CTC's loss from the target "
+            "lengths, nonzero from a mask): memsched plans one static program per input signature "
+            "and needs every size before the model runs")
 
 
 def _packed_hint(exc: BaseException) -> str:
