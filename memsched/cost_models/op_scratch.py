@@ -109,18 +109,18 @@ def _measure(node: fx.Node) -> tuple[int, tuple[int, ...] | None]:
         return by_rows, None
     args, kwargs = torch.utils._pytree.tree_map(_zeros, (args, kwargs))
     if node.target in _SCATTERS:
-        args = _scatter_mask_full(node.target, list(args))
+        args = _scatter_mask_full(list(args))
     return _measure_call(node.target, args, kwargs)
 
 
-# (op -> the argument holding the source's size): what they hold grows with the positions their
-# mask picks (the backward selects them into a buffer of its own); a mask of zeros picks none
-# (measured so, a fused region holding the backward allocated 13.5 KiB against the 6.1 KiB
-# counted: BLIP-2's training step), so they are measured picking as many as the source holds
-_SCATTERS = {aten.masked_scatter.default: 2, aten.masked_scatter_backward.default: 2}
+# What these hold grows with the positions their mask picks (the backward selects them into a
+# buffer of its own); a mask of zeros picks none (measured so, a fused region holding the
+# backward allocated 13.5 KiB against the 6.1 KiB counted: BLIP-2's training step), so they are
+# measured picking as many as the source holds. Both take (self, mask, source or its sizes).
+_SCATTERS = frozenset({aten.masked_scatter.default, aten.masked_scatter_backward.default})
 
 
-def _scatter_mask_full(target, args: list) -> list:
+def _scatter_mask_full(args: list) -> list:
     """``args`` with the mask (args[1]) true at its first positions, as many as the source
     (``args[2]``: a tensor, or the backward's sizes) fills where the mask broadcasts (an
     expanded mask is made true in what it expands, and expanded again)."""
