@@ -860,9 +860,8 @@ def drop_asserts(graph: torch.fx.Graph) -> None:
 
 
 def _normalize(gm: torch.fx.GraphModule) -> None:
-    """Drop asserts and make eval-mode dropout the identity it is."""
+    """Make eval-mode dropout the identity it is (export_model dropped the asserts)."""
     graph = gm.graph
-    drop_asserts(graph)
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue

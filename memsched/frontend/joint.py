@@ -137,9 +137,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     floating = [i for i, v in enumerate(user_vals) if isinstance(v, torch.Tensor) and v.is_floating_point()]
     if grad_outputs == "auto" and any(user_vals[i].dim() == 0 for i in floating):
         floating = [i for i in floating if user_vals[i].dim() == 0]
-    drop_asserts(ep.graph_module.graph)   # as inference does; an `item` feeding one cannot run on FakeTensors
-    ep.graph_module.graph.eliminate_dead_code(is_impure_node=is_impure)
-    ep.graph_module.recompile()
+    # (export_model dropped the forward's asserts: an `item` feeding one cannot run on FakeTensors)
     if kernels:
         select_kernels(ep.graph_module, {sp.arg.name for sp in ep.graph_signature.input_specs
                                          if sp.kind == InputKind.PARAMETER})

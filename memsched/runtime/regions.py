@@ -126,6 +126,7 @@ def _plain_copy(graph: torch.fx.Graph) -> torch.fx.Graph:
     Inductor does not give a fresh buffer unasked: forcing a row-major buffer another kernel
     reads through a view copied it (GPT-Neo)."""
     from torch._inductor import inductor_prims   # noqa: F401  (registers prims.inductor_force_stride_order)
+    from torch._prims_common import is_non_overlapping_and_dense_or_false as dense
 
     out = torch.fx.Graph()
     env: dict = {}
@@ -139,7 +140,7 @@ def _plain_copy(graph: torch.fx.Graph) -> torch.fx.Graph:
         values = type(values)(
             out.call_function(force, (v, list(t.stride())))
             if isinstance(v, torch.fx.Node) and isinstance(t, torch.Tensor) and t.dim() > 1
-            and _dense(t) and not t.is_contiguous() else v
+            and dense(t) and not t.is_contiguous() else v
             for v, t in zip(values, traced))
     out.output(values)
     for n in out.nodes:
@@ -152,16 +153,6 @@ _UNANNOTATED_VIEWS = frozenset({torch.ops.aten._unsafe_view.default, torch.ops.a
 
 def _a_view(node: torch.fx.Node) -> bool:
     return getattr(node.target, "is_view", False) or node.target in _UNANNOTATED_VIEWS
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """Do ``t``'s elements fill its storage span exactly once, in some order of its dims?"""
-    step = 1
-    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
-        if stride != step:
-            return False
-        step *= size
-    return True
 
 
 def _outputs(graph: torch.fx.Graph) -> list:
