@@ -432,18 +432,3 @@ def test_a_packed_sequence_is_named_as_the_cause():
         memsched.plan(PackedLSTM(), (torch.randn(3, 5, 4), torch.tensor([5, 2, 4])), budget="1GB")
 
 
-class CTCHead(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(4, 6)
-
-    def forward(self, x, targets, target_lengths):
-        log_probs = self.proj(x).log_softmax(-1).transpose(0, 1)
-        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
-        return torch.nn.functional.ctc_loss(log_probs, targets, lengths, target_lengths)
-
-
-def test_an_op_sized_by_data_says_so():
-    with pytest.raises(memsched.CaptureError, match=r"_ctc_loss.*size made from its inputs' values"):
-        memsched.plan(CTCHead(), (torch.randn(2, 10, 4), torch.randint(1, 6, (2, 3)), torch.tensor([3, 2])),
-                      budget="1GB")

@@ -307,6 +307,21 @@ def _mask_writes():
     return _seeded(_MaskWrites), (ids, torch.randn(2, 3, 8, generator=g), picked, hidden), {}, lambda out: out
 
 
+def _wav2vec2_ctc():
+    """transformers' CTC loss: labels padded with -100 (one inside a row too), targets made by
+    ``masked_select`` and lengths by the mask's sum, a blank label (0) the mask also drops."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    cfg = Wav2Vec2Config(vocab_size=12, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8),
+                         num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, layerdrop=0.0,
+                         mask_time_prob=0.0, ctc_loss_reduction="mean")
+    labels = torch.tensor([[3, 4, -100, 5, -100, -100], [6, 0, 7, 8, 9, -100], [1, 2, 3, 4, 5, 6]])
+    values = torch.randn(3, 800, generator=torch.Generator().manual_seed(1))
+    return _seeded(lambda: _quiet(Wav2Vec2ForCTC, cfg)), (), {"input_values": values, "labels": labels}, \
+        lambda out: out.loss
+
+
 def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -355,6 +370,7 @@ TRAIN = {
     "olmo_hybrid_delta_rule": _olmo_hybrid,
     "vae_with_distributions": _vae,
     "boolean_mask_writes": _mask_writes,
+    "wav2vec2_ctc_loss": _wav2vec2_ctc,
 }
 
 

@@ -35,6 +35,7 @@ from ..ir.tensors import tensor_leaves
 from .autocast import autocast_state, inline_autocast_regions, make_casts_explicit
 from .composites import expand_bool_attention_masks, expand_cross_entropy, expand_math_attention
 from .constant_masks import MaskReads
+from .ctc_targets import static_ctc_loss
 from .fake import eager_meta, share_storages_as_eager
 from .hooks import warn_user_hooks
 from .inline import drop_unused_subgraphs, inline_call
@@ -293,9 +294,11 @@ def _sized_by_data_hint(exc: BaseException) -> str:
     """torch names only the op whose output size is made from its inputs' values."""
     if type(exc).__name__ != "DynamicOutputShapeException":
         return ""
-    return (". That op's output has a size made from its inputs' values (CTC's loss from the target "
-            "lengths, nonzero from a mask): memsched plans one static program per input signature "
-            "and needs every size before the model runs")
+    return (". That op's output has a size made from its inputs' values (nonzero from a mask; CTC's loss "
+            "on targets in one row with lengths as tensors, unless the model made that row with "
+            "masked_select and the lengths as that mask's sum(-1): pad the targets to one row per sample "
+            "instead): memsched plans one static program per input signature and needs every size before "
+            "the model runs")
 
 
 def _packed_hint(exc: BaseException) -> str:
@@ -313,7 +316,7 @@ def _packed_hint(exc: BaseException) -> str:
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict | None, ones_mask):
     with _no_host_random_draws(model), eager_meta(), eager_attention_masks(args, kwargs, model) as reads, \
-            _eager_algorithms(model), value_checks_as_asserts(), \
+            _eager_algorithms(model), value_checks_as_asserts(), static_ctc_loss(), \
             _quiet_fake_tensor_log(), _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
             _dataclass_outputs_seen_into(model), _inference_mode_for_inference_tensors(model), \
             _given_mask_of_ones(model, ones_mask):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from . import ops  # noqa: F401  (registers torch.ops.memsched.rms_norm, .rope and their backwards)
+from . import ctc, ops  # noqa: F401  (register torch.ops.memsched.ctc_loss, .rms_norm, .rope and backwards)
 from ._select import Backend, backend, interpreter_ready, triton_import_error
 from .cross_entropy import fused_linear_cross_entropy
 from .norms import layer_norm, rms_norm
