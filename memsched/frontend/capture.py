@@ -40,6 +40,7 @@ from .fake import eager_meta, share_storages_as_eager
 from .hooks import warn_user_hooks
 from .inline import drop_unused_subgraphs, inline_call
 from .kernel_patterns import select_kernels
+from .masked_losses import whole_tensor_masked_losses
 from .value_checks import value_checks_as_asserts
 
 # the kind of each graph input, from the point of view of placement
@@ -316,7 +317,7 @@ def _packed_hint(exc: BaseException) -> str:
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict | None, ones_mask):
     with _no_host_random_draws(model), eager_meta(), eager_attention_masks(args, kwargs, model) as reads, \
-            _eager_algorithms(model), value_checks_as_asserts(), static_ctc_loss(), \
+            _eager_algorithms(model), value_checks_as_asserts(), static_ctc_loss(), whole_tensor_masked_losses(), \
             _quiet_fake_tensor_log(), _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
             _dataclass_outputs_seen_into(model), _inference_mode_for_inference_tensors(model), \
             _given_mask_of_ones(model, ones_mask):
@@ -418,7 +419,19 @@ def _reject_data_dependent_sizes(ep: ExportedProgram, model: torch.nn.Module) ->
                 raise UnsupportedModelError(
                     f"{type(model).__name__} makes a tensor whose size depends on the data it is given "
                     f"({n.target} -> [{shape}]): memsched plans one static program per input signature "
-                    "and needs every size before the model runs")
+                    f"and needs every size before the model runs{_selection_hint(n)}")
+
+
+_SELECTIONS = {"aten.index.Tensor", "aten.masked_select.default", "aten.nonzero.default", "aten.argwhere.default"}
+
+
+def _selection_hint(node) -> str:
+    """Picking elements by a boolean mask (``x[mask]``) is the usual cause: say what keeps sizes."""
+    if str(node.target) not in _SELECTIONS:
+        return ""
+    return (". A boolean mask's selection (x[mask], masked_select, nonzero) is the usual cause: keep the "
+            "whole tensor and mask it instead (torch.where(mask, x, 0); a loss's ignore_index, e.g. "
+            "cross_entropy(logits, labels.masked_fill(~mask, -100)); reduction='none' times the mask)")
 
 
 _RAISED_AT = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in [\w<>]+\s*\n\s*(.+)')

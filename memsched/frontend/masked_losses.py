@@ -1,0 +1,139 @@
+"""A loss over the elements a boolean mask picks, traced on the whole tensors.
+
+``F.cross_entropy(logits[mask], labels[mask])`` (a token tagger's loss over real tokens, a masked
+language model's over the masked positions, a masked MSE over the patches a mask hid) hands the
+loss tensors as long as the mask's count: a size made from data, which memsched cannot plan. Yet
+such a loss is, element for element, the loss of the whole tensors restricted to the mask. While
+a model is traced, a loss from torch.nn.functional whose input and target were both picked by the
+same mask (``x[mask]``, the mask over ``x``'s leading dimensions) is answered with that loss on the
+whole tensors with ``reduction="none"``, zero where the mask is false, summed, and for
+``reduction="mean"`` divided by what eager divides by: the picked samples that count
+(cross-entropy: those whose label is not ``ignore_index``, or their class weights' sum) or the
+picked elements. What the mask leaves out is replaced before the loss (a label out of range,
+a NaN target, never read). Each element's loss is eager's; the sum adds the same values in
+another order, and the mean's scale reaches each gradient at another step of the backward, so
+the loss and the gradients may differ from eager's in their last bits.
+
+Taken: cross-entropy and NLL (class indices, optional class weights, or class probabilities;
+no label smoothing) and the elementwise losses (MSE, L1, smooth L1, Huber, binary cross-entropy
+with or without logits, no per-element weight). Anything else (``reduction="none"``, whose
+output has the mask's count) is left to torch, and capture names the selection.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+_CLASS_LOSSES = {F.cross_entropy, F.nll_loss}
+_ELEMENT_LOSSES = {F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.binary_cross_entropy,
+                   F.binary_cross_entropy_with_logits}
+_LOSSES = _CLASS_LOSSES | _ELEMENT_LOSSES
+_SIGNATURES = {f: inspect.signature(f) for f in _LOSSES}
+
+
+@contextlib.contextmanager
+def whole_tensor_masked_losses():
+    """On this thread, trace losses over masked selections as the module docstring says."""
+    with _MaskedLosses():
+        yield
+
+
+class _MaskedLosses(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.picked = {}   # id(x[mask]) -> (x[mask], x, mask)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LOSSES:
+            loss = self._loss(func, args, kwargs)
+            if loss is not None:
+                return loss
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.__getitem__ and len(args) == 2 and _leading_mask(*args):
+            self.picked[id(out)] = (out, args[0], args[1])
+        return out
+
+    def _whole(self, value):
+        entry = self.picked.get(id(value)) if isinstance(value, torch.Tensor) else None
+        return entry[1:] if entry is not None and entry[0] is value else (None, None)
+
+    def _loss(self, func, args, kwargs):
+        try:
+            bound = _SIGNATURES[func].bind(*args, **kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        p = dict(bound.arguments)
+        (x, mask), (t, target_mask) = self._whole(p["input"]), self._whole(p["target"])
+        if mask is None or target_mask is not mask or p.get("size_average") is not None \
+                or p.get("reduce") is not None or p["reduction"] not in ("mean", "sum"):
+            return None
+        if func in _CLASS_LOSSES:
+            return _class_loss(func, p, x, t, mask)
+        return _element_loss(func, p, x, t, mask)
+
+
+def _leading_mask(x, index) -> bool:
+    """``x[index]`` picks by a boolean mask over ``x``'s leading dimensions."""
+    return isinstance(x, torch.Tensor) and isinstance(index, torch.Tensor) and index.dtype == torch.bool \
+        and 1 <= index.dim() <= x.dim() and tuple(index.shape) == tuple(x.shape[:index.dim()])
+
+
+def _class_loss(func, p: dict, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor):
+    """Samples are the mask's positions; the classes x's one dimension after them."""
+    lead = mask.dim()
+    if x.dim() != lead + 1 or p.get("label_smoothing", 0.0) != 0.0:
+        return None
+    rows, picked = x.reshape(-1, x.shape[-1]), mask.reshape(-1)
+    probabilities = t.is_floating_point()
+    if probabilities and (tuple(t.shape) != tuple(x.shape) or func is not F.cross_entropy):
+        return None
+    if not probabilities and tuple(t.shape) != tuple(mask.shape):
+        return None
+    rows = _outside(picked[:, None], rows, 0)
+    targets = _outside(picked[:, None], t.reshape(-1, t.shape[-1]), 0) if probabilities else \
+        t.reshape(-1).masked_fill(~picked, p["ignore_index"])
+    each = func(rows, targets, **_rest(p), reduction="none")
+    total = _outside(picked, each, 0).sum()
+    if p["reduction"] == "sum":
+        return total
+    if probabilities:
+        return total / picked.sum()
+    counted = targets != p["ignore_index"]
+    weight = p.get("weight")
+    if weight is None:
+        return total / counted.sum()
+    return total / _outside(counted, weight[targets.masked_fill(~counted, 0)], 0).sum()
+
+
+def _outside(mask: torch.Tensor, x: torch.Tensor, value) -> torch.Tensor:
+    """``x`` where ``mask`` is, ``value`` elsewhere: what the mask leaves out (padding, missing
+    labels as NaN, ids out of range) never reaches the loss, nor a gradient from it."""
+    return torch.where(mask, x, torch.full((), value, dtype=x.dtype, device=x.device))
+
+
+def _rest(p: dict) -> dict:
+    return {k: v for k, v in p.items() if k not in ("input", "target", "size_average", "reduce", "reduction")}
+
+
+def _element_loss(func, p: dict, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor):
+    """Each element's loss, picked where the mask (broadcast over x's trailing dimensions) is."""
+    if tuple(x.shape) != tuple(t.shape) or p.get("weight") is not None:
+        return None
+    trailing = x.shape[mask.dim():]
+    pos_weight = p.get("pos_weight")
+    if pos_weight is not None and pos_weight.dim() > len(trailing):   # it broadcasts against picked rows
+        return None
+    where = mask.reshape(*mask.shape, *(1,) * len(trailing))
+    safe = 0.5 if func is F.binary_cross_entropy else 0   # a probability inside (0, 1)
+    each = func(_outside(where, x, safe), _outside(where, t, safe), **_rest(p), reduction="none")
+    total = _outside(where, each, 0).sum()
+    if p["reduction"] == "sum":
+        return total
+    return total / (mask.sum() * math.prod(trailing))

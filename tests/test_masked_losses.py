@@ -1,0 +1,113 @@
+"""A loss over what a boolean mask picks (``loss(x[mask], y[mask])``) is traced on the whole
+tensors (frontend/masked_losses.py): a training step equals eager's to the last bits (the same
+values summed, and scaled by the mean, in another order), inside the budget."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memsched
+
+B, S, D, C = 3, 6, 4, 5
+
+
+class Masked(torch.nn.Module):
+    def __init__(self, loss, out: int = C):
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(20, D), torch.nn.Linear(D, out)
+        self.loss = loss
+
+    def forward(self, ids, target, mask):
+        return self.loss(self.head(self.emb(ids)), target, mask)
+
+
+def _tokens():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 20, (B, S), generator=g)
+    mask = torch.rand(B, S, generator=g) > 0.4
+    mask[0, 0] = True
+    return g, ids, mask
+
+
+def _classes(labels_outside: int):
+    """Class labels where the mask is; ``labels_outside`` elsewhere (out of range: never read)."""
+    g, ids, mask = _tokens()
+    labels = torch.randint(0, C, (B, S), generator=g)
+    labels[1, :2] = -100   # ignored inside the mask too
+    mask[1, :2] = True
+    return ids, labels.masked_fill(~mask, labels_outside), mask
+
+
+def _values(missing=float("nan"), width: int = C):
+    """Regression targets, ``missing`` (NaN: no label) where the mask is false."""
+    g, ids, mask = _tokens()
+    return ids, torch.randn(B, S, width, generator=g).masked_fill(~mask[..., None], missing), mask
+
+
+CASES = {
+    "cross_entropy": (lambda y, t, m: F.cross_entropy(y[m], t[m]), lambda: _classes(-1)),
+    "cross_entropy_module_sum": (lambda y, t, m: torch.nn.CrossEntropyLoss(reduction="sum")(y[m], t[m]),
+                                 lambda: _classes(C + 3)),
+    "cross_entropy_weighted": (lambda y, t, m: F.cross_entropy(y[m], t[m], weight=torch.arange(1.0, C + 1)),
+                               lambda: _classes(-1)),
+    "cross_entropy_probabilities": (lambda y, t, m: F.cross_entropy(y[m], t.softmax(-1)[m]), lambda: _values(0.0)),
+    "nll_loss": (lambda y, t, m: F.nll_loss(y.log_softmax(-1)[m], t[m]), lambda: _classes(-1)),
+    "mse_missing_targets": (lambda y, t, m: F.mse_loss(y[m], t[m]), _values),
+    "l1_sum": (lambda y, t, m: F.l1_loss(y[m], t[m], reduction="sum"), _values),
+    "huber": (lambda y, t, m: F.huber_loss(y[m], t[m], delta=0.5), _values),
+    "smooth_l1": (lambda y, t, m: F.smooth_l1_loss(y[m], t[m], beta=0.3), _values),
+    "bce_with_logits": (lambda y, t, m: F.binary_cross_entropy_with_logits(y[m], t[m], pos_weight=torch.full((C,), 2.0)),
+                        lambda: _values(5.0)),
+    "bce": (lambda y, t, m: F.binary_cross_entropy(y.sigmoid()[m], t[m]), lambda: _values(7.0)),
+}
+
+
+def _binary(case):
+    ids, t, mask = CASES[case][1]()
+    return (ids, t.sigmoid() if case.startswith("bce") else t, mask)
+
+
+@pytest.mark.parametrize("frac", (1.0, "min"), ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_loss_over_a_masked_selection_trains_as_eager(case, frac):
+    torch.manual_seed(0)
+    model = Masked(CASES[case][0])
+    ref = copy.deepcopy(model)
+    args = _binary(case)
+    want = ref(*args)
+    want.backward()
+    assert torch.isfinite(want)
+    plan = memsched.plan(model, args, "1GB", train=True)
+    budget = plan.min_budget_bytes if frac == "min" else plan.program.peak_bytes
+    cm = memsched.compile(model, budget, device="cpu", train=True)
+    try:
+        loss = cm(*args)
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-6, atol=0)
+        for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=2e-6, atol=1e-9, msg=name)
+        assert cm.stats.peak_device_bytes <= budget
+    finally:
+        cm.close()
+
+
+def test_a_masked_selection_of_three_dimensions_keeps_its_trailing_one():
+    """The mask over [batch, seq] of a [batch, seq, features] output: elements, not rows, are
+    what the mean divides by."""
+    model = Masked(lambda y, t, m: F.mse_loss(y[m], t[m]))
+    ref = copy.deepcopy(model)
+    args = _values(width=C)
+    cm = memsched.compile(model, "1GB", device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(cm(*args), ref(*args), rtol=1e-6, atol=0)
+    cm.close()
+
+
+def test_per_element_losses_of_a_selection_are_still_refused_with_a_way_out():
+    """``reduction='none'`` returns the mask's count of losses: a size made from data."""
+    model = Masked(lambda y, t, m: F.cross_entropy(y[m], t[m], reduction="none").mean())
+    with pytest.raises(memsched.UnsupportedModelError, match=r"aten.index.Tensor.*ignore_index"):
+        memsched.plan(model, _classes(-1), "1GB", train=True)
