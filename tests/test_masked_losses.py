@@ -62,7 +62,18 @@ CASES = {
     "bce_with_logits": (lambda y, t, m: F.binary_cross_entropy_with_logits(y[m], t[m], pos_weight=torch.full((C,), 2.0)),
                         lambda: _values(5.0)),
     "bce": (lambda y, t, m: F.binary_cross_entropy(y.sigmoid()[m], t[m]), lambda: _values(7.0)),
+    # ELECTRA's discriminator: labels picked, then cast
+    "bce_with_logits_cast_labels": (lambda y, t, m: F.binary_cross_entropy_with_logits(y[..., 0][m],
+                                                                                       (t[..., 0] > 0.5)[m].float()),
+                                    lambda: _values(5.0)),
+    "masked_select_l1": (lambda y, t, m: _l1_of_selected(y, t, m[..., None].expand_as(y)), _values),
+    "mean_of_a_selection": (lambda y, t, m: (y - t).square()[m].mean() + y[m].sum() * 1e-3, lambda: _values(0.0)),
 }
+
+
+def _l1_of_selected(y, t, mask):
+    """SpeechT5's way: one mask of the outputs' shape, both flattened by masked_select."""
+    return F.l1_loss(y.masked_select(mask), t.masked_select(mask))
 
 
 def _binary(case):
@@ -111,3 +122,37 @@ def test_per_element_losses_of_a_selection_are_still_refused_with_a_way_out():
     model = Masked(lambda y, t, m: F.cross_entropy(y[m], t[m], reduction="none").mean())
     with pytest.raises(memsched.UnsupportedModelError, match=r"aten.index.Tensor.*ignore_index"):
         memsched.plan(model, _classes(-1), "1GB", train=True)
+
+
+def test_electras_discriminator_loss_over_real_tokens_trains_as_eager():
+    """transformers' ELECTRA picks its logits and labels where the attention mask is 1, casts the
+    labels, and takes BCEWithLogitsLoss: a pretraining step of a padded batch, at its minimum."""
+    from transformers import ElectraConfig, ElectraForPreTraining
+
+    from memsched.cli.targets import quiet_transformers
+
+    g = torch.Generator().manual_seed(1)
+    ids, labels = torch.randint(0, 90, (2, 12), generator=g), torch.randint(0, 2, (2, 12), generator=g)
+    attention_mask = torch.ones(2, 12, dtype=torch.long)
+    attention_mask[1, 8:] = 0
+    kwargs = {"input_ids": ids, "attention_mask": attention_mask, "labels": labels}
+    torch.manual_seed(0)
+    with quiet_transformers():
+        model = ElectraForPreTraining(ElectraConfig(vocab_size=90, embedding_size=16, hidden_size=32,
+                                                    num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    ref = copy.deepcopy(model)
+    want = ref(**kwargs).loss
+    want.backward()
+    floor = memsched.plan(model, (), "1GB", example_kwargs=kwargs, train=True).min_budget_bytes
+    cm = memsched.compile(model, floor, device="cpu", train=True)
+    try:
+        loss = cm(**kwargs).loss
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-6, atol=0)
+        scale = max(float(p.grad.abs().max()) for p in ref.parameters())
+        for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+        assert cm.stats.peak_device_bytes <= floor
+    finally:
+        cm.close()

@@ -14,6 +14,8 @@ a NaN target, never read). Each element's loss is eager's; the sum adds the same
 another order, and the mean's scale reaches each gradient at another step of the backward, so
 the loss and the gradients may differ from eager's in their last bits.
 
+The selection may be made by ``x[mask]`` or ``x.masked_select(mask)`` (a mask of ``x``'s shape)
+and cast (``.float()``) before the loss; ``x[mask].sum()`` and ``.mean()`` are taken the same way.
 Taken: cross-entropy and NLL (class indices, optional class weights, or class probabilities;
 no label smoothing) and the elementwise losses (MSE, L1, smooth L1, Huber, binary cross-entropy
 with or without logits, no per-element weight). Anything else (``reduction="none"``, whose
@@ -34,6 +36,10 @@ _ELEMENT_LOSSES = {F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.bina
                    F.binary_cross_entropy_with_logits}
 _LOSSES = _CLASS_LOSSES | _ELEMENT_LOSSES
 _SIGNATURES = {f: inspect.signature(f) for f in _LOSSES}
+_SELECTIONS = {torch.Tensor.__getitem__, torch.masked_select, torch.Tensor.masked_select}
+_REDUCTIONS = {torch.sum, torch.Tensor.sum, torch.mean, torch.Tensor.mean}
+_CASTS = {torch.Tensor.float, torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.long,
+          torch.Tensor.int, torch.Tensor.to, torch.Tensor.type}
 
 
 @contextlib.contextmanager
@@ -54,9 +60,17 @@ class _MaskedLosses(TorchFunctionMode):
             loss = self._loss(func, args, kwargs)
             if loss is not None:
                 return loss
+        if func in _REDUCTIONS and len(args) == 1 and not kwargs:
+            x, mask = self._whole(args[0])
+            if mask is not None and x.is_floating_point():
+                return _reduced(func, x, mask)
         out = func(*args, **kwargs)
-        if func is torch.Tensor.__getitem__ and len(args) == 2 and _leading_mask(*args):
+        if func in _SELECTIONS and len(args) == 2 and not kwargs and _picks(func, *args):
             self.picked[id(out)] = (out, args[0], args[1])
+        elif func in _CASTS and args and isinstance(out, torch.Tensor):
+            x, mask = self._whole(args[0])
+            if mask is not None and out.shape == args[0].shape:   # the cast of the selection: a selection of the cast
+                self.picked[id(out)] = (out, func(x, *args[1:], **kwargs), mask)
         return out
 
     def _whole(self, value):
@@ -79,10 +93,21 @@ class _MaskedLosses(TorchFunctionMode):
         return _element_loss(func, p, x, t, mask)
 
 
-def _leading_mask(x, index) -> bool:
-    """``x[index]`` picks by a boolean mask over ``x``'s leading dimensions."""
+def _picks(func, x, index) -> bool:
+    """``x[index]`` picks by a boolean mask over ``x``'s leading dimensions (``masked_select``:
+    over all of them, the same flat order)."""
     return isinstance(x, torch.Tensor) and isinstance(index, torch.Tensor) and index.dtype == torch.bool \
-        and 1 <= index.dim() <= x.dim() and tuple(index.shape) == tuple(x.shape[:index.dim()])
+        and 1 <= index.dim() <= x.dim() and tuple(index.shape) == tuple(x.shape[:index.dim()]) \
+        and (func is torch.Tensor.__getitem__ or index.dim() == x.dim())
+
+
+def _reduced(func, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x[mask].sum()`` / ``.mean()`` on the whole tensor."""
+    trailing = x.shape[mask.dim():]
+    total = _outside(mask.reshape(*mask.shape, *(1,) * len(trailing)), x, 0).sum()
+    if func in (torch.sum, torch.Tensor.sum):
+        return total
+    return total / (mask.sum() * math.prod(trailing))
 
 
 def _class_loss(func, p: dict, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor):
