@@ -94,3 +94,44 @@ def test_targets_in_one_row_from_elsewhere_are_refused_by_name():
 
     with pytest.raises(memsched.CaptureError, match=r"_ctc_loss.*size made from its inputs' values"):
         memsched.plan(CTCHead(given), _inputs(), budget="1GB")
+
+
+def test_wav2vec2_fine_tuning_with_specaugment_masks_passed_in():
+    """Wav2Vec2's SpecAugment draws its time masks with NumPy, which a trace would freeze (refused,
+    the error naming the way out): drawn per step and passed as ``mask_time_indices``, one
+    compiled CTC step takes a new mask at every call and equals eager's each time."""
+    import numpy as np
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+    from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
+
+    from memsched.cli.targets import quiet_transformers
+
+    cfg = Wav2Vec2Config(vocab_size=12, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8),
+                         num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, layerdrop=0.0,
+                         mask_time_prob=0.3, mask_time_length=2)
+    torch.manual_seed(0)
+    with quiet_transformers():
+        model = Wav2Vec2ForCTC(cfg).train()
+    ref = copy.deepcopy(model)
+    values = torch.randn(2, 800, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([[3, 4, 5, -100, -100], [6, 1, 7, 8, -100]])
+    with pytest.raises(memsched.UnsupportedModelError, match="draws from NumPy.*mask_time_indices="):
+        memsched.plan(model, (values,), "1GB", example_kwargs={"labels": labels}, train=True)
+    frames = int(model._get_feat_extract_output_lengths(800))
+    cm = memsched.compile(model, "1GB", device="cpu", train=True)
+    try:
+        for seed in range(2):
+            np.random.seed(seed)
+            masks = torch.from_numpy(_compute_mask_indices((2, frames), 0.3, 2, min_masks=2))
+            torch.manual_seed(seed)   # dropout draws as eager's
+            got = cm(values, labels=labels, mask_time_indices=masks).loss
+            torch.manual_seed(seed)
+            want = ref(values, labels=labels, mask_time_indices=masks).loss
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            got.backward()
+            want.backward()
+            assert_same_grads(ref, model)
+            assert masks.any()
+    finally:
+        cm.close()

@@ -362,8 +362,11 @@ def _no_host_random_draws(model: torch.nn.Module):
         raise UnsupportedModelError(
             f"{type(model).__name__}'s forward draws from {' and '.join(drew)} while it is traced: the "
             "captured program would repeat those draws as constants at every call, where eager draws anew "
-            "(e.g. SpecAugment's masks in Wav2Vec2-style models in training: set the config's mask_time_prob "
-            "and mask_feature_prob to 0). memsched follows torch's own random ops.")
+            "(e.g. SpecAugment's masks in Wav2Vec2-style models in training: draw the time masks yourself each "
+            "step and pass them, mask_time_indices=torch.from_numpy(transformers.models.wav2vec2."
+            "modeling_wav2vec2._compute_mask_indices((batch, frames), mask_time_prob, mask_time_length, "
+            "min_masks=2)), with mask_feature_prob 0; or set the config's mask_time_prob and mask_feature_prob "
+            "to 0). memsched follows torch's own random ops.")
 
 
 def _absent_mask_shape(model: torch.nn.Module, args: tuple, kwargs: dict | None):
