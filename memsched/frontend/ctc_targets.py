@@ -80,8 +80,9 @@ class _StaticCTC(TorchFunctionMode):
              zero_infinity=False):
         if func is torch.ctc_loss:
             reduction = _REDUCTIONS.get(reduction, reduction)
-        if not isinstance(log_probs, torch.Tensor) or log_probs.dim() != 3 or reduction not in ("none", "mean", "sum"):
-            return None
+        if not isinstance(log_probs, torch.Tensor) or log_probs.dim() != 3 or reduction not in ("none", "mean", "sum") \
+                or isinstance(input_lengths, torch.Tensor) != isinstance(target_lengths, torch.Tensor):
+            return None   # torch's own error for lengths of two kinds
         padded = self._padded(targets, target_lengths, blank)
         if padded is None:
             return None
