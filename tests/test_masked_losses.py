@@ -67,6 +67,8 @@ CASES = {
                                                                                        (t[..., 0] > 0.5)[m].float()),
                                     lambda: _values(5.0)),
     "masked_select_l1": (lambda y, t, m: _l1_of_selected(y, t, m[..., None].expand_as(y)), _values),
+    "flattened_mask_written_twice": (lambda y, t, m: F.cross_entropy(y.view(-1, C)[m.view(-1)], t.view(-1)[m.view(-1)]),
+                                     lambda: _classes(-1)),
     "mean_of_a_selection": (lambda y, t, m: (y - t).square()[m].mean() + y[m].sum() * 1e-3, lambda: _values(0.0)),
 }
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..kernels import ctc  # noqa: F401  (registers torch.ops.memsched.ctc_loss)
+from .masked_losses import same_view
 
 _SELECTS = {torch.masked_select, torch.Tensor.masked_select}
 _SUMS = {torch.sum, torch.Tensor.sum}
@@ -111,7 +112,7 @@ class _StaticCTC(TorchFunctionMode):
         if selected is None or counted is None or selected[0] is not targets or counted[0] is not target_lengths:
             return None
         _, labels, mask = selected
-        if counted[1] is not mask or not isinstance(labels, torch.Tensor) or labels.dim() != 2 \
+        if not same_view(counted[1], mask) or not isinstance(labels, torch.Tensor) or labels.dim() != 2 \
                 or tuple(mask.shape) != tuple(labels.shape) or mask.dtype != torch.bool:
             return None
         order = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)   # kept first, in order

@@ -85,12 +85,22 @@ class _MaskedLosses(TorchFunctionMode):
         bound.apply_defaults()
         p = dict(bound.arguments)
         (x, mask), (t, target_mask) = self._whole(p["input"]), self._whole(p["target"])
-        if mask is None or target_mask is not mask or p.get("size_average") is not None \
+        if mask is None or not same_view(target_mask, mask) or p.get("size_average") is not None \
                 or p.get("reduce") is not None or p["reduction"] not in ("mean", "sum"):
             return None
         if func in _CLASS_LOSSES:
             return _class_loss(func, p, x, t, mask)
         return _element_loss(func, p, x, t, mask)
+
+
+def same_view(a, b) -> bool:
+    """``a`` and ``b`` are one tensor's elements, seen alike: the same object, or views of one
+    storage with one layout (``mask.view(-1)`` written twice)."""
+    if a is b:
+        return True
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
+        and a.shape == b.shape and a.stride() == b.stride() and a.storage_offset() == b.storage_offset() \
+        and torch._C._is_alias_of(a, b)
 
 
 def _picks(func, x, index) -> bool:
