@@ -155,6 +155,8 @@ def test_no_split_when_the_budget_fits_without():
     plan = _plan(model, {"input_ids": ids}, 10**13)
     assert plan.chunking == ()
     assert next(r.note for r in plan.passes if r.name == "chunk") == ""
+    # the minimum it reports is with every module whole, and the summary says a split goes lower
+    assert "every module whole; below it, modules are split" in plan.summary()
 
 
 def test_inference_below_the_unsplit_minimum_equals_eager():
@@ -169,6 +171,7 @@ def test_inference_below_the_unsplit_minimum_equals_eager():
         out = cm(input_ids=ids).logits
         assert cm.plan.chunking and all(c.chunks >= 2 for c in cm.plan.chunking)
         assert "split" in next(r.note for r in cm.plan.passes if r.name == "chunk")
+        assert "(with the modules split as below)" in cm.plan.summary()
         # slicing the rows changes no sum in a forward: bit-equal on this CPU's matmul
         torch.testing.assert_close(out, ref(input_ids=ids).logits, rtol=0, atol=0)
         assert cm.stats.peak_device_bytes <= budget

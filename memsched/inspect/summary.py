@@ -70,13 +70,21 @@ def plan_section(plan, training: bool) -> Section:
         Row("peak device (predicted)", (fb(peak) + share,), (peak,), "over" if peak > budget else ""),
         Row("unconstrained peak", (fb(plan.unconstrained.peak_device_bytes),),
             (plan.unconstrained.peak_device_bytes,)),
-        Row("minimum budget", (fb(plan.min_budget_bytes),), (plan.min_budget_bytes,)),
+        Row("minimum budget", (fb(plan.min_budget_bytes) + _minimum_note(plan),), (plan.min_budget_bytes,)),
         *_allocator_rows(hw),
         *_limit_rows(plan.facts),
         *_chunk_rows(getattr(plan, "chunking", ())),
         *_region_rows(plan.graph),
     )
     return Section("plan", f"memsched plan for {plan.model_name}", rows)
+
+
+def _minimum_note(plan) -> str:
+    """The minimum is this program's: a plan with every module whole may reach lower by splitting
+    modules (passes/chunking.py), which memsched only tries for a budget below it."""
+    if getattr(plan, "chunking", ()):
+        return " (with the modules split as below)"
+    return " (every module whole; below it, modules are split unless chunk_ops=False)"
 
 
 def _allocator_rows(hw) -> tuple:
