@@ -10,6 +10,10 @@ capture); ``joint`` the decomposed ops of the joint forward+backward trace (make
 patterns are data only here: frontend/kernel_patterns.py finds the RMSNorm and rotary ones in a
 captured graph and calls the operators of ``ops`` (``torch.ops.memsched.*``) instead;
 frontend/loss_head.py finds the LM head's.
+
+``ctc`` is an operator of another kind: ATen's CTC loss kernel named so that its output sizes
+are known from its inputs' shapes (``torch.ops.memsched.ctc_loss``, chosen by
+frontend/ctc_targets.py), no Triton version.
 """
 from __future__ import annotations
 
