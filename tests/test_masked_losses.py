@@ -69,8 +69,15 @@ CASES = {
     "masked_select_l1": (lambda y, t, m: _l1_of_selected(y, t, m[..., None].expand_as(y)), _values),
     "flattened_mask_written_twice": (lambda y, t, m: F.cross_entropy(y.view(-1, C)[m.view(-1)], t.view(-1)[m.view(-1)]),
                                      lambda: _classes(-1)),
+    "positions_from_where": (lambda y, t, m: _ce_at(y, t, torch.where(m)), lambda: _classes(-1)),
+    "positions_from_nonzero": (lambda y, t, m: _ce_at(y, t, m.nonzero(as_tuple=True)), lambda: _classes(-1)),
     "mean_of_a_selection": (lambda y, t, m: (y - t).square()[m].mean() + y[m].sum() * 1e-3, lambda: _values(0.0)),
 }
+
+
+def _ce_at(y, t, positions):
+    """The positions a mask holds, taken once and indexing both."""
+    return F.cross_entropy(y[positions], t[positions])
 
 
 def _l1_of_selected(y, t, mask):

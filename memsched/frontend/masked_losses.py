@@ -14,7 +14,8 @@ a NaN target, never read). Each element's loss is eager's; the sum adds the same
 another order, and the mean's scale reaches each gradient at another step of the backward, so
 the loss and the gradients may differ from eager's in their last bits.
 
-The selection may be made by ``x[mask]`` or ``x.masked_select(mask)`` (a mask of ``x``'s shape)
+The selection may be made by ``x[mask]``, ``x[torch.where(mask)]`` or ``x.masked_select(mask)``
+(a mask of ``x``'s shape)
 and cast (``.float()``) before the loss; ``x[mask].sum()`` and ``.mean()`` are taken the same way.
 Taken: cross-entropy and NLL (class indices, optional class weights, or class probabilities;
 no label smoothing) and the elementwise losses (MSE, L1, smooth L1, Huber, binary cross-entropy
@@ -53,6 +54,7 @@ class _MaskedLosses(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.picked = {}   # id(x[mask]) -> (x[mask], x, mask)
+        self.positions = {}   # id(mask.nonzero(as_tuple=True)) -> (those indices, mask)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -65,13 +67,22 @@ class _MaskedLosses(TorchFunctionMode):
             if mask is not None and x.is_floating_point():
                 return _reduced(func, x, mask)
         out = func(*args, **kwargs)
-        if func in _SELECTIONS and len(args) == 2 and not kwargs and _picks(func, *args):
-            self.picked[id(out)] = (out, args[0], args[1])
+        if func in _SELECTIONS and len(args) == 2 and not kwargs:
+            mask = self._as_mask(args[1])
+            if _picks(func, args[0], mask):
+                self.picked[id(out)] = (out, args[0], mask)
+        elif _mask_positions(func, args, kwargs):
+            self.positions[id(out)] = (out, args[0])
         elif func in _CASTS and args and isinstance(out, torch.Tensor):
             x, mask = self._whole(args[0])
             if mask is not None and out.shape == args[0].shape:   # the cast of the selection: a selection of the cast
                 self.picked[id(out)] = (out, func(x, *args[1:], **kwargs), mask)
         return out
+
+    def _as_mask(self, index):
+        """A boolean mask, or the positions ``torch.where(mask)`` gave (which pick as it does)."""
+        entry = self.positions.get(id(index)) if isinstance(index, tuple) else None
+        return entry[1] if entry is not None and entry[0] is index else index
 
     def _whole(self, value):
         entry = self.picked.get(id(value)) if isinstance(value, torch.Tensor) else None
@@ -101,6 +112,15 @@ def same_view(a, b) -> bool:
     return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
         and a.shape == b.shape and a.stride() == b.stride() and a.storage_offset() == b.storage_offset() \
         and torch._C._is_alias_of(a, b)
+
+
+def _mask_positions(func, args, kwargs) -> bool:
+    """``torch.where(mask)`` or ``mask.nonzero(as_tuple=True)``: one index tensor per dimension."""
+    if not args or not isinstance(args[0], torch.Tensor) or args[0].dtype != torch.bool:
+        return False
+    if func is torch.where:
+        return len(args) == 1 and not kwargs
+    return func in (torch.nonzero, torch.Tensor.nonzero) and len(args) == 1 and kwargs == {"as_tuple": True}
 
 
 def _picks(func, x, index) -> bool:
