@@ -124,6 +124,32 @@ def forbid_solver(monkeypatch) -> None:
     monkeypatch.setattr(pipeline, "solve_placement", refuse)
 
 
+class WritesWhereAny(torch.nn.Module):
+    """``if mask.any(): x[mask] = v``, as Wav2Vec2's pretraining masks negatives equal to the
+    positive: the write the branch skips would write nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, mask):
+        y = self.lin(x)
+        if mask.any():
+            y[mask] = float("-inf")
+        return y.softmax(-1)
+
+
+class ScalesWhereAny(WritesWhereAny):
+    """The way in also scales x: the branch changes the result, and stays refused."""
+
+    def forward(self, x, mask):
+        y = self.lin(x)
+        if mask.any():
+            y = y * 2
+            y[mask] = 0.0
+        return y
+
+
 class ChecksItsValues(torch.nn.Module):
     """Branches on data whose one way only raises: taken as asserts. (Written here, not in a test
     module: pytest rewrites a test module's ``assert`` into branches of its own.)"""

@@ -1,13 +1,14 @@
 """Bad input gets a clear error before anything runs, and nothing is left half-written."""
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
 import torch
 
 import memsched
-from helpers import ChecksItsValues, assert_outputs_equal, eager
+from helpers import ChecksItsValues, ScalesWhereAny, WritesWhereAny, assert_outputs_equal, assert_same_grads, eager
 from zoo import build
 
 
@@ -129,6 +130,35 @@ def test_a_branch_on_data_that_only_raises_is_taken_as_an_assert():
         torch.testing.assert_close(cm(x, labels), ChecksItsValues()(x, labels), rtol=0, atol=0)
     finally:
         cm.close()
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_a_branch_that_only_skips_an_empty_masked_write_is_taken(train):
+    """``if mask.any(): x[mask] = v``: one program, called with a mask that picks some elements
+    and with one that picks none, equals eager both times (forward and gradients)."""
+    torch.manual_seed(0)
+    model = WritesWhereAny()
+    ref = copy.deepcopy(model)
+    x = torch.randn(3, 4)
+    some, none = torch.zeros(3, 4, dtype=torch.bool), torch.zeros(3, 4, dtype=torch.bool)
+    some[0, 1] = some[2, 3] = True
+    cm = memsched.compile(model, "1GB", device="cpu", train=train)
+    try:
+        for mask in (some, none):
+            with torch.set_grad_enabled(train):
+                got, want = cm(x, mask), ref(x, mask)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            if train:
+                got[:, 0].sum().backward()
+                want[:, 0].sum().backward()
+                assert_same_grads(ref, model)
+    finally:
+        cm.close()
+
+
+def test_a_branch_on_any_that_does_more_than_the_write_is_refused():
+    with pytest.raises(memsched.CaptureError, match=r"branches on a tensor's value.*`if mask.any\(\):`"):
+        memsched.plan(ScalesWhereAny(), (torch.randn(3, 4), torch.ones(3, 4, dtype=torch.bool)), budget="1GB")
 
 
 def test_a_raise_a_try_in_the_model_catches_is_a_branch():

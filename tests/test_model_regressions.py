@@ -322,6 +322,31 @@ def _wav2vec2_ctc():
         lambda out: out.loss
 
 
+def _wav2vec2_pretraining():
+    """Contrastive pretraining with the masks and negatives drawn outside (transformers' own
+    helpers, as its example script does) and ``if neg_is_pos.any(): logits[1:][neg_is_pos] = -inf``
+    inside: a branch on data whose way in only writes through the mask it tests."""
+    import numpy as np
+    from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
+    from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
+
+    cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=8,
+                         num_conv_pos_embedding_groups=2, layerdrop=0.0, mask_time_prob=0.3, mask_time_length=2,
+                         codevector_dim=16, proj_codevector_dim=16, num_codevectors_per_group=8,
+                         num_codevector_groups=2, num_negatives=5)
+    model = _seeded(lambda: _quiet(Wav2Vec2ForPreTraining, cfg))
+    frames = int(model._get_feat_extract_output_lengths(800))
+    rng_state = np.random.get_state()
+    np.random.seed(0)
+    masks = _compute_mask_indices((2, frames), 0.3, 2, min_masks=2)
+    negatives = _sample_negative_indices((2, frames), 5, mask_time_indices=masks)
+    np.random.set_state(rng_state)
+    kwargs = {"input_values": torch.randn(2, 800, generator=torch.Generator().manual_seed(1)),
+              "mask_time_indices": torch.from_numpy(masks), "sampled_negative_indices": torch.from_numpy(negatives)}
+    return model, (), kwargs, lambda out: out.loss
+
+
 def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -371,6 +396,7 @@ TRAIN = {
     "vae_with_distributions": _vae,
     "boolean_mask_writes": _mask_writes,
     "wav2vec2_ctc_loss": _wav2vec2_ctc,
+    "wav2vec2_pretraining": _wav2vec2_pretraining,
 }
 
 

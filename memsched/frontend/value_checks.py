@@ -10,7 +10,9 @@ that goes on, when the bytecode of the frame asking shows that the other value l
 a ``raise`` (no other branch, loop or ``try`` on the way). The answer is recorded as
 the assert torch writes for traced code (``torch._check``), which capture drops like the model's
 own asserts on values (``capture.drop_asserts``): the compiled program does not raise where
-eager would have on invalid data. Any other branch on data is still refused by name.
+eager would have on invalid data. ``if mask.any(): x[mask] = v`` is answered true as well: the
+write it skips writes nothing (``_guards_a_masked_write``). Any other branch on data is still
+refused by name.
 """
 from __future__ import annotations
 
@@ -59,6 +61,8 @@ def _answering(thread: int, truth):
             return truth(value)
         except GuardOnDataDependentSymNode as exc:
             asking = sys._getframe(1)
+            if _guards_a_masked_write(asking):
+                return True   # either way is eager's: nothing to record
             answer = _way_on(asking)
             if answer is None:
                 exc.asked_at = (asking.f_code.co_filename, asking.f_lineno)   # for the error's message
@@ -88,6 +92,35 @@ def _way_on(frame: types.FrameType) -> bool | None:
     if raises[True] == raises[False]:
         return None
     return not raises[True]
+
+
+def _guards_a_masked_write(frame: types.FrameType) -> bool:
+    """``if mask.any(): x[mask] = v``: the branch only skips a write through ``mask`` that writes
+    nothing when no element of ``mask`` is set, so taking it is what eager does either way. Read
+    from the bytecode: the value tested is ``<local>.any()`` of a boolean tensor, and the way in
+    runs straight (no jump, return, raise or other store) to one ``<...>[<that local>] = ...``
+    that ends just where the other way lands."""
+    code = frame.f_code
+    instructions, at = _instructions(code)
+    i = at.get(frame.f_lasti)
+    if i is not None and instructions[i].opname == "TO_BOOL":
+        i += 1
+    if i is None or i < 3 or instructions[i].opname not in _TESTS or _TESTS[instructions[i].opname]:
+        return False   # not a jump over the way in taken when the value is false
+    before = [ins for ins in instructions[:i] if ins.opname not in ("PRECALL", "TO_BOOL")][-3:]
+    if [ins.opname for ins in before] != ["LOAD_FAST", before[1].opname, "CALL"] \
+            or before[1].opname not in ("LOAD_METHOD", "LOAD_ATTR") or before[1].argval != "any" or before[2].arg != 0:
+        return False
+    mask = frame.f_locals.get(before[0].argval)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        return False
+    end = at.get(instructions[i].argval)
+    body = instructions[i + 1:end] if end is not None else []
+    if len(body) < 3 or body[-1].opname != "STORE_SUBSCR" or body[-2].opname != "LOAD_FAST" \
+            or body[-2].argval != before[0].argval:
+        return False
+    return not any(ins.opcode in _BRANCHES or ins.opname.startswith(("RETURN", "RAISE", "STORE", "DELETE", "IMPORT"))
+                   for ins in body[:-1])
 
 
 def _raises(code: types.CodeType, offset: int) -> bool:
