@@ -71,6 +71,10 @@ CASES = {
                                      lambda: _classes(-1)),
     "positions_from_where": (lambda y, t, m: _ce_at(y, t, torch.where(m)), lambda: _classes(-1)),
     "positions_from_nonzero": (lambda y, t, m: _ce_at(y, t, m.nonzero(as_tuple=True)), lambda: _classes(-1)),
+    # pointwise ops between the selection and the loss; NaN targets outside the mask reach nothing
+    "pointwise_after_selection": (lambda y, t, m: ((torch.sigmoid(y[m]) - t[m]) ** 2).mean()
+                                  + F.mse_loss(y[m] * 0.5 + 1.0, t[m].tanh()) + (y[m] - t[m]).abs().sum() / 7,
+                                  _values),
     "mean_of_a_selection": (lambda y, t, m: (y - t).square()[m].mean() + y[m].sum() * 1e-3, lambda: _values(0.0)),
 }
 

@@ -16,7 +16,9 @@ the loss and the gradients may differ from eager's in their last bits.
 
 The selection may be made by ``x[mask]``, ``x[torch.where(mask)]`` or ``x.masked_select(mask)``
 (a mask of ``x``'s shape)
-and cast (``.float()``) before the loss; ``x[mask].sum()`` and ``.mean()`` are taken the same way.
+and cast (``.float()``) or put through pointwise ops finite at zero (``torch.sigmoid(x[mask])``,
+``x[mask] - y[mask]``, ``** 2``) before the loss; ``x[mask].sum()`` and ``.mean()`` are taken the
+same way.
 Taken: cross-entropy and NLL (class indices, optional class weights, or class probabilities;
 no label smoothing) and the elementwise losses (MSE, L1, smooth L1, Huber, binary cross-entropy
 with or without logits, no per-element weight). Anything else (``reduction="none"``, whose
@@ -39,6 +41,17 @@ _LOSSES = _CLASS_LOSSES | _ELEMENT_LOSSES
 _SIGNATURES = {f: inspect.signature(f) for f in _LOSSES}
 _SELECTIONS = {torch.Tensor.__getitem__, torch.masked_select, torch.Tensor.masked_select}
 _REDUCTIONS = {torch.sum, torch.Tensor.sum, torch.mean, torch.Tensor.mean}
+_DIVISIONS = {torch.Tensor.__truediv__, torch.Tensor.div, torch.div}
+_POWERS = {torch.Tensor.__pow__, torch.Tensor.pow, torch.pow}
+# pointwise ops finite, with a finite derivative, at 0 (where a selection's whole is zeroed)
+_POINTWISE = _DIVISIONS | _POWERS | {
+    torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__sub__, torch.Tensor.__rsub__, torch.Tensor.__mul__,
+    torch.Tensor.__rmul__, torch.Tensor.__neg__, torch.Tensor.__abs__, torch.add, torch.sub, torch.mul, torch.neg,
+    torch.abs, torch.square, torch.sigmoid, torch.tanh, torch.exp, torch.clamp, torch.relu, torch.Tensor.add,
+    torch.Tensor.sub, torch.Tensor.mul, torch.Tensor.neg, torch.Tensor.abs, torch.Tensor.square,
+    torch.Tensor.sigmoid, torch.Tensor.tanh, torch.Tensor.exp, torch.Tensor.clamp, torch.Tensor.clamp_min,
+    torch.Tensor.clamp_max, torch.Tensor.relu, F.relu, F.gelu, F.silu, F.softplus, F.logsigmoid, F.leaky_relu,
+    F.elu, F.sigmoid, F.tanh}
 _CASTS = {torch.Tensor.float, torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.long,
           torch.Tensor.int, torch.Tensor.to, torch.Tensor.type}
 
@@ -77,7 +90,35 @@ class _MaskedLosses(TorchFunctionMode):
             x, mask = self._whole(args[0])
             if mask is not None and out.shape == args[0].shape:   # the cast of the selection: a selection of the cast
                 self.picked[id(out)] = (out, func(x, *args[1:], **kwargs), mask)
+        elif func in _POINTWISE and isinstance(out, torch.Tensor):
+            whole = self._pointwise(func, args, kwargs, out)
+            if whole is not None:
+                self.picked[id(out)] = (out, *whole)
         return out
+
+    def _pointwise(self, func, args, kwargs, out):
+        """A pointwise op of selections by one mask (and numbers, or tensors broadcast over the
+        dimensions past the mask) is the selection of that op on the wholes, each zero where
+        the mask is false first: the ops taken are finite there, value and gradient, so what the
+        mask leaves out (a NaN target) reaches nothing."""
+        wholes = [self._whole(a) for a in args]
+        masks = [m for _, m in wholes if m is not None]
+        if not masks or any(not same_view(m, masks[0]) for m in masks) \
+                or any(isinstance(v, torch.Tensor) for v in kwargs.values()) or not _finite_at_zero(func, args, wholes):
+            return None
+        mask, new = masks[0], []
+        for a, (x, m) in zip(args, wholes):
+            if m is not None:
+                if out.shape != a.shape:
+                    return None
+                new.append(_outside(mask.reshape(*mask.shape, *(1,) * (x.dim() - mask.dim())), x, 0))
+            elif isinstance(a, torch.Tensor) and a.dim() > out.dim() - 1:
+                return None   # it would broadcast against the selection's rows
+            elif not isinstance(a, (torch.Tensor, int, float, bool)):
+                return None
+            else:
+                new.append(a)
+        return func(*new, **kwargs), mask
 
     def _as_mask(self, index):
         """A boolean mask, or the positions ``torch.where(mask)`` gave (which pick as it does)."""
@@ -121,6 +162,15 @@ def _mask_positions(func, args, kwargs) -> bool:
     if func is torch.where:
         return len(args) == 1 and not kwargs
     return func in (torch.nonzero, torch.Tensor.nonzero) and len(args) == 1 and kwargs == {"as_tuple": True}
+
+
+def _finite_at_zero(func, args, wholes) -> bool:
+    """Division only by what is not a selection; powers only of exponents 1 and up."""
+    if func in _DIVISIONS:
+        return len(args) == 2 and wholes[1][1] is None
+    if func in _POWERS:
+        return len(args) == 2 and wholes[1][1] is None and isinstance(args[1], (int, float)) and args[1] >= 1
+    return True
 
 
 def _picks(func, x, index) -> bool:
