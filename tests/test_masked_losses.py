@@ -75,8 +75,15 @@ CASES = {
     "pointwise_after_selection": (lambda y, t, m: ((torch.sigmoid(y[m]) - t[m]) ** 2).mean()
                                   + F.mse_loss(y[m] * 0.5 + 1.0, t[m].tanh()) + (y[m] - t[m]).abs().sum() / 7,
                                   _values),
+    # per-sample losses, weighted by a selection of weights: a weighted mean over the mask
+    "weighted_per_sample": (lambda y, t, m: (F.cross_entropy(y[m], t[m], reduction="none") * _w(t)[m]).sum()
+                            / _w(t)[m].sum(), lambda: _classes(-1)),
     "mean_of_a_selection": (lambda y, t, m: (y - t).square()[m].mean() + y[m].sum() * 1e-3, lambda: _values(0.0)),
 }
+
+
+def _w(t):
+    return (t.clamp_min(0) + 1).float()
 
 
 def _ce_at(y, t, positions):
@@ -130,9 +137,10 @@ def test_a_masked_selection_of_three_dimensions_keeps_its_trailing_one():
     cm.close()
 
 
-def test_per_element_losses_of_a_selection_are_still_refused_with_a_way_out():
-    """``reduction='none'`` returns the mask's count of losses: a size made from data."""
-    model = Masked(lambda y, t, m: F.cross_entropy(y[m], t[m], reduction="none").mean())
+def test_per_element_losses_of_a_selection_kept_as_they_are_are_refused_with_a_way_out():
+    """``reduction='none'`` returns the mask's count of losses: a size made from data, unless a
+    sum or mean of them follows."""
+    model = Masked(lambda y, t, m: F.cross_entropy(y[m], t[m], reduction="none").log().mean())
     with pytest.raises(memsched.UnsupportedModelError, match=r"aten.index.Tensor.*ignore_index"):
         memsched.plan(model, _classes(-1), "1GB", train=True)
 

@@ -21,8 +21,9 @@ and cast (``.float()``) or put through pointwise ops finite at zero (``torch.sig
 same way.
 Taken: cross-entropy and NLL (class indices, optional class weights, or class probabilities;
 no label smoothing) and the elementwise losses (MSE, L1, smooth L1, Huber, binary cross-entropy
-with or without logits, no per-element weight). Anything else (``reduction="none"``, whose
-output has the mask's count) is left to torch, and capture names the selection.
+with or without logits, no per-element weight). With ``reduction="none"`` the losses are a
+selection again (of the whole tensors' losses), which a weighting and a sum or mean may follow.
+Anything else is left to torch, and capture names the selection.
 """
 from __future__ import annotations
 
@@ -138,11 +139,16 @@ class _MaskedLosses(TorchFunctionMode):
         p = dict(bound.arguments)
         (x, mask), (t, target_mask) = self._whole(p["input"]), self._whole(p["target"])
         if mask is None or not same_view(target_mask, mask) or p.get("size_average") is not None \
-                or p.get("reduce") is not None or p["reduction"] not in ("mean", "sum"):
+                or p.get("reduce") is not None or p["reduction"] not in ("mean", "sum", "none"):
             return None
-        if func in _CLASS_LOSSES:
-            return _class_loss(func, p, x, t, mask)
-        return _element_loss(func, p, x, t, mask)
+        loss = (_class_loss if func in _CLASS_LOSSES else _element_loss)(func, p, x, t, mask)
+        if loss is None or p["reduction"] != "none":
+            return loss
+        # the selection's own losses, for the model to hold (dead once a sum or mean of them is
+        # taken on the whole): a selection of ``loss``, finite outside the mask
+        out = func(*args, **kwargs)
+        self.picked[id(out)] = (out, loss, mask)
+        return out
 
 
 def same_view(a, b) -> bool:
@@ -205,6 +211,8 @@ def _class_loss(func, p: dict, x: torch.Tensor, t: torch.Tensor, mask: torch.Ten
     targets = _outside(picked[:, None], t.reshape(-1, t.shape[-1]), 0) if probabilities else \
         t.reshape(-1).masked_fill(~picked, p["ignore_index"])
     each = func(rows, targets, **_rest(p), reduction="none")
+    if p["reduction"] == "none":
+        return each.reshape(mask.shape)
     total = _outside(picked, each, 0).sum()
     if p["reduction"] == "sum":
         return total
@@ -238,6 +246,8 @@ def _element_loss(func, p: dict, x: torch.Tensor, t: torch.Tensor, mask: torch.T
     where = mask.reshape(*mask.shape, *(1,) * len(trailing))
     safe = 0.5 if func is F.binary_cross_entropy else 0   # a probability inside (0, 1)
     each = func(_outside(where, x, safe), _outside(where, t, safe), **_rest(p), reduction="none")
+    if p["reduction"] == "none":
+        return each
     total = _outside(where, each, 0).sum()
     if p["reduction"] == "sum":
         return total
