@@ -78,6 +78,10 @@ CASES = {
     # per-sample losses, weighted by a selection of weights: a weighted mean over the mask
     "weighted_per_sample": (lambda y, t, m: (F.cross_entropy(y[m], t[m], reduction="none") * _w(t)[m]).sum()
                             / _w(t)[m].sum(), lambda: _classes(-1)),
+    # the mask written out at each selection, flattened: two masks made alike
+    "mask_written_at_each_selection": (lambda y, t, m: F.cross_entropy(y.view(-1, C)[(t != -1).view(-1)],
+                                                                       t.view(-1)[(t != -1).view(-1)]),
+                                       lambda: _classes(-1)),
     "mean_of_a_selection": (lambda y, t, m: (y - t).square()[m].mean() + y[m].sum() * 1e-3, lambda: _values(0.0)),
 }
 
@@ -177,3 +181,16 @@ def test_electras_discriminator_loss_over_real_tokens_trains_as_eager():
         assert cm.stats.peak_device_bytes <= floor
     finally:
         cm.close()
+
+
+def test_a_mask_made_again_after_its_input_was_written_is_another_mask():
+    """``u > 0`` before and after ``u.add_(1)`` are two masks: the loss over the two selections
+    pairs different elements, and stays refused (a plain remake of a mask is taken)."""
+    def two_masks(y, t, m):
+        u = t.clone()
+        before = u > 0
+        u.add_(1)
+        return F.cross_entropy(y[before], u[u > 0])
+
+    with pytest.raises(memsched.UnsupportedModelError, match=r"aten.index.Tensor"):
+        memsched.plan(Masked(two_masks), _classes(-1), "1GB", train=True)

@@ -18,7 +18,8 @@ The selection may be made by ``x[mask]``, ``x[torch.where(mask)]`` or ``x.masked
 (a mask of ``x``'s shape)
 and cast (``.float()``) or put through pointwise ops finite at zero (``torch.sigmoid(x[mask])``,
 ``x[mask] - y[mask]``, ``** 2``) before the loss; ``x[mask].sum()`` and ``.mean()`` are taken the
-same way.
+same way. The two selections' masks may be one tensor, two views of it, or made alike twice
+(``labels != -100`` written at each selection: the same comparison of the same, unwritten tensors).
 Taken: cross-entropy and NLL (class indices, optional class weights, or class probabilities;
 no label smoothing) and the elementwise losses (MSE, L1, smooth L1, Huber, binary cross-entropy
 with or without logits, no per-element weight). With ``reduction="none"`` the losses are a
@@ -53,6 +54,15 @@ _POINTWISE = _DIVISIONS | _POWERS | {
     torch.Tensor.sigmoid, torch.Tensor.tanh, torch.Tensor.exp, torch.Tensor.clamp, torch.Tensor.clamp_min,
     torch.Tensor.clamp_max, torch.Tensor.relu, F.relu, F.gelu, F.silu, F.softplus, F.logsigmoid, F.leaky_relu,
     F.elu, F.sigmoid, F.tanh}
+# ops that make the same boolean mask again from the same inputs (comparisons, logic, views)
+_MASK_MAKERS = {
+    torch.Tensor.__eq__, torch.Tensor.__ne__, torch.Tensor.__lt__, torch.Tensor.__le__, torch.Tensor.__gt__,
+    torch.Tensor.__ge__, torch.Tensor.__and__, torch.Tensor.__or__, torch.Tensor.__xor__, torch.Tensor.__invert__,
+    torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.logical_and, torch.logical_or,
+    torch.logical_not, torch.isnan, torch.isfinite, torch.Tensor.eq, torch.Tensor.ne, torch.Tensor.lt,
+    torch.Tensor.le, torch.Tensor.gt, torch.Tensor.ge, torch.Tensor.logical_and, torch.Tensor.logical_or,
+    torch.Tensor.logical_not, torch.Tensor.isnan, torch.Tensor.isfinite, torch.Tensor.bool, torch.Tensor.view,
+    torch.Tensor.reshape, torch.Tensor.flatten}
 _CASTS = {torch.Tensor.float, torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.long,
           torch.Tensor.int, torch.Tensor.to, torch.Tensor.type}
 
@@ -69,6 +79,8 @@ class _MaskedLosses(TorchFunctionMode):
         super().__init__()
         self.picked = {}   # id(x[mask]) -> (x[mask], x, mask)
         self.positions = {}   # id(mask.nonzero(as_tuple=True)) -> (those indices, mask)
+        self.made = {}     # (op, its arguments, tensors by first equal) -> (the first result, arguments)
+        self.first = {}    # id(a mask made again) -> (it, the first one made so)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -95,7 +107,31 @@ class _MaskedLosses(TorchFunctionMode):
             whole = self._pointwise(func, args, kwargs, out)
             if whole is not None:
                 self.picked[id(out)] = (out, *whole)
+        if func in _MASK_MAKERS and isinstance(out, torch.Tensor) and out.dtype == torch.bool:
+            self._remember(func, args, kwargs, out)
         return out
+
+    def _remember(self, func, args, kwargs, out) -> None:
+        """``labels != -100`` written twice (once per selection) makes one mask twice: the same op
+        on the same tensors (or on masks made so) and values gives the same elements."""
+        try:
+            key = (func, tuple(("t", id(self._first(a)), a._version) if isinstance(a, torch.Tensor) else ("v", a)
+                               for a in args),   # (a version: not the same values once written in place)
+                   tuple(sorted(kwargs.items())))
+            hash(key)
+        except TypeError:   # an argument of no value to compare (a list, a tensor in kwargs)
+            return
+        if key in self.made:
+            self.first[id(out)] = (out, self.made[key][0])
+        else:
+            self.made[key] = (out, args)   # (the arguments held: their ids stay theirs)
+
+    def _first(self, t):
+        entry = self.first.get(id(t))
+        return entry[1] if entry is not None and entry[0] is t else t
+
+    def _same_mask(self, a, b) -> bool:
+        return same_view(self._first(a), self._first(b))
 
     def _pointwise(self, func, args, kwargs, out):
         """A pointwise op of selections by one mask (and numbers, or tensors broadcast over the
@@ -104,7 +140,7 @@ class _MaskedLosses(TorchFunctionMode):
         mask leaves out (a NaN target) reaches nothing."""
         wholes = [self._whole(a) for a in args]
         masks = [m for _, m in wholes if m is not None]
-        if not masks or any(not same_view(m, masks[0]) for m in masks) \
+        if not masks or any(not self._same_mask(m, masks[0]) for m in masks) \
                 or any(isinstance(v, torch.Tensor) for v in kwargs.values()) or not _finite_at_zero(func, args, wholes):
             return None
         mask, new = masks[0], []
@@ -138,7 +174,7 @@ class _MaskedLosses(TorchFunctionMode):
         bound.apply_defaults()
         p = dict(bound.arguments)
         (x, mask), (t, target_mask) = self._whole(p["input"]), self._whole(p["target"])
-        if mask is None or not same_view(target_mask, mask) or p.get("size_average") is not None \
+        if mask is None or not self._same_mask(target_mask, mask) or p.get("size_average") is not None \
                 or p.get("reduce") is not None or p["reduction"] not in ("mean", "sum", "none"):
             return None
         loss = (_class_loss if func in _CLASS_LOSSES else _element_loss)(func, p, x, t, mask)
