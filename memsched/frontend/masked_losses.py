@@ -114,12 +114,14 @@ class _MaskedLosses(TorchFunctionMode):
     def _remember(self, func, args, kwargs, out) -> None:
         """``labels != -100`` written twice (once per selection) makes one mask twice: the same op
         on the same tensors (or on masks made so) and values gives the same elements."""
+        if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            return
         try:
             key = (func, tuple(("t", id(self._first(a)), a._version) if isinstance(a, torch.Tensor) else ("v", a)
                                for a in args),   # (a version: not the same values once written in place)
                    tuple(sorted(kwargs.items())))
             hash(key)
-        except TypeError:   # an argument of no value to compare (a list, a tensor in kwargs)
+        except TypeError:   # an argument of no value to compare (a list)
             return
         if key in self.made:
             self.first[id(out)] = (out, self.made[key][0])
