@@ -15,10 +15,9 @@ another order, and the mean's scale reaches each gradient at another step of the
 the loss and the gradients may differ from eager's in their last bits.
 
 The selection may be made by ``x[mask]``, ``x[torch.where(mask)]`` or ``x.masked_select(mask)``
-(a mask of ``x``'s shape)
-and cast (``.float()``) or put through pointwise ops finite at zero (``torch.sigmoid(x[mask])``,
-``x[mask] - y[mask]``, ``** 2``) before the loss; ``x[mask].sum()`` and ``.mean()`` are taken the
-same way. The two selections' masks may be one tensor, two views of it, or made alike twice
+(a mask of ``x``'s shape), and cast (``.float()``) or put through pointwise ops finite at zero
+(``torch.sigmoid(x[mask])``, ``x[mask] - y[mask]``, ``** 2``) before the loss; ``x[mask].sum()``
+and ``.mean()`` are taken the same way. The two selections' masks may be one tensor, two views of it, or made alike twice
 (``labels != -100`` written at each selection: the same comparison of the same, unwritten tensors).
 Taken: cross-entropy and NLL (class indices, optional class weights, or class probabilities;
 no label smoothing) and the elementwise losses (MSE, L1, smooth L1, Huber, binary cross-entropy
