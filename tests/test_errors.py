@@ -66,9 +66,10 @@ def test_uncapturable_model_names_the_problem(tmp_path, capsys):
 
 class MaskedSelect(torch.nn.Module):
     def forward(self, x):
-        # how many elements pass depends on the values (a sum or mean of them, through ops finite
-        # at zero, is taken on the whole tensor, masked: tests/test_masked_losses.py; log is not)
-        return x[x > 0].log().sum()
+        # how many elements pass depends on the values (a sum or mean of them, through pointwise
+        # ops, is taken on the whole tensor, masked: tests/test_masked_losses.py; a running sum
+        # along the selection is not)
+        return x[x > 0].cumsum(0).sum()
 
 
 def test_a_size_that_depends_on_the_data_is_refused_before_planning(tmp_path):

@@ -82,8 +82,17 @@ CASES = {
     "mask_written_at_each_selection": (lambda y, t, m: F.cross_entropy(y.view(-1, C)[(t != -1).view(-1)],
                                                                        t.view(-1)[(t != -1).view(-1)]),
                                        lambda: _classes(-1)),
+    # an MAE's normalised pixel loss (Hiera's): each picked row normalised by its own statistics
+    "rows_normalised_by_their_statistics": (lambda y, t, m: _normalised_pixel_loss(y, t, m), _values),
     "mean_of_a_selection": (lambda y, t, m: (y - t).square()[m].mean() + y[m].sum() * 1e-3, lambda: _values(0.0)),
 }
+
+
+def _normalised_pixel_loss(y, t, m):
+    label = t[m]
+    mean, var = label.mean(dim=-1, keepdim=True), label.var(dim=-1, keepdim=True)
+    label = (label - mean) / (var + 1.0e-6) ** 0.5
+    return ((y[m] - label) ** 2).mean() + torch.log(var + 1).sum() * 1e-3
 
 
 def _w(t):
@@ -142,9 +151,9 @@ def test_a_masked_selection_of_three_dimensions_keeps_its_trailing_one():
 
 
 def test_per_element_losses_of_a_selection_kept_as_they_are_are_refused_with_a_way_out():
-    """``reduction='none'`` returns the mask's count of losses: a size made from data, unless a
-    sum or mean of them follows."""
-    model = Masked(lambda y, t, m: F.cross_entropy(y[m], t[m], reduction="none").log().mean())
+    """``reduction='none'`` returns the mask's count of losses: a size made from data, unless
+    pointwise ops and a sum or mean of them follow (a running sum along them does not)."""
+    model = Masked(lambda y, t, m: F.cross_entropy(y[m], t[m], reduction="none").cumsum(0).mean())
     with pytest.raises(memsched.UnsupportedModelError, match=r"aten.index.Tensor.*ignore_index"):
         memsched.plan(model, _classes(-1), "1GB", train=True)
 

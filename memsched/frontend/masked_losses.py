@@ -15,9 +15,10 @@ another order, and the mean's scale reaches each gradient at another step of the
 the loss and the gradients may differ from eager's in their last bits.
 
 The selection may be made by ``x[mask]``, ``x[torch.where(mask)]`` or ``x.masked_select(mask)``
-(a mask of ``x``'s shape), and cast (``.float()``) or put through pointwise ops finite at zero
-(``torch.sigmoid(x[mask])``, ``x[mask] - y[mask]``, ``** 2``) before the loss; ``x[mask].sum()``
-and ``.mean()`` are taken the same way. The two selections' masks may be one tensor, two views of it, or made alike twice
+(a mask of ``x``'s shape), and cast (``.float()``), put through pointwise ops
+(``torch.sigmoid(x[mask])``, ``x[mask] - y[mask]``, ``** 0.5``) or reduced along its rows
+(``.mean(-1, keepdim=True)``, ``.var(-1)``) before the loss; ``x[mask].sum()`` and ``.mean()`` are
+taken the same way. The two selections' masks may be one tensor, two views of it, or made alike twice
 (``labels != -100`` written at each selection: the same comparison of the same, unwritten tensors).
 Taken: cross-entropy and NLL (class indices, optional class weights, or class probabilities;
 no label smoothing) and the elementwise losses (MSE, L1, smooth L1, Huber, binary cross-entropy
@@ -33,6 +34,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.overrides import TorchFunctionMode
 
 _CLASS_LOSSES = {F.cross_entropy, F.nll_loss}
@@ -45,7 +47,9 @@ _REDUCTIONS = {torch.sum, torch.Tensor.sum, torch.mean, torch.Tensor.mean}
 _DIVISIONS = {torch.Tensor.__truediv__, torch.Tensor.div, torch.div}
 _POWERS = {torch.Tensor.__pow__, torch.Tensor.pow, torch.pow}
 # pointwise ops finite, with a finite derivative, at 0 (where a selection's whole is zeroed)
-_POINTWISE = _DIVISIONS | _POWERS | {
+_AT_ONE = {torch.log, torch.sqrt, torch.rsqrt, torch.reciprocal, torch.Tensor.log, torch.Tensor.sqrt,
+           torch.Tensor.rsqrt, torch.Tensor.reciprocal}
+_POINTWISE = _DIVISIONS | _POWERS | _AT_ONE | {
     torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__sub__, torch.Tensor.__rsub__, torch.Tensor.__mul__,
     torch.Tensor.__rmul__, torch.Tensor.__neg__, torch.Tensor.__abs__, torch.add, torch.sub, torch.mul, torch.neg,
     torch.abs, torch.square, torch.sigmoid, torch.tanh, torch.exp, torch.clamp, torch.relu, torch.Tensor.add,
@@ -62,6 +66,8 @@ _MASK_MAKERS = {
     torch.Tensor.le, torch.Tensor.gt, torch.Tensor.ge, torch.Tensor.logical_and, torch.Tensor.logical_or,
     torch.Tensor.logical_not, torch.Tensor.isnan, torch.Tensor.isfinite, torch.Tensor.bool, torch.Tensor.view,
     torch.Tensor.reshape, torch.Tensor.flatten}
+_ROW_REDUCTIONS = {torch.Tensor.mean, torch.Tensor.sum, torch.Tensor.var, torch.Tensor.std, torch.Tensor.amax,
+                   torch.Tensor.amin, torch.mean, torch.sum, torch.var, torch.std, torch.amax, torch.amin}
 _CASTS = {torch.Tensor.float, torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.long,
           torch.Tensor.int, torch.Tensor.to, torch.Tensor.type}
 
@@ -92,6 +98,11 @@ class _MaskedLosses(TorchFunctionMode):
             if mask is not None and x.is_floating_point():
                 return _reduced(func, x, mask)
         out = func(*args, **kwargs)
+        if func in _ROW_REDUCTIONS and args and isinstance(out, torch.Tensor):
+            whole = self._along_rows(func, args, kwargs)
+            if whole is not None:
+                self.picked[id(out)] = (out, *whole)
+                return out
         if func in _SELECTIONS and len(args) == 2 and not kwargs:
             mask = self._as_mask(args[1])
             if _picks(func, args[0], mask):
@@ -136,20 +147,22 @@ class _MaskedLosses(TorchFunctionMode):
 
     def _pointwise(self, func, args, kwargs, out):
         """A pointwise op of selections by one mask (and numbers, or tensors broadcast over the
-        dimensions past the mask) is the selection of that op on the wholes, each zero where
-        the mask is false first: the ops taken are finite there, value and gradient, so what the
-        mask leaves out (a NaN target) reaches nothing."""
+        dimensions past the mask) is the selection of that op on the wholes, each set where the
+        mask is false first (``torch.where``, whose backward passes nothing there: what the mask
+        leaves out, a NaN target, reaches no gradient) to a value where the op is finite
+        (``_fill``: no inf or NaN is made outside the mask either)."""
         wholes = [self._whole(a) for a in args]
         masks = [m for _, m in wholes if m is not None]
         if not masks or any(not self._same_mask(m, masks[0]) for m in masks) \
-                or any(isinstance(v, torch.Tensor) for v in kwargs.values()) or not _finite_at_zero(func, args, wholes):
+                or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
             return None
         mask, new = masks[0], []
-        for a, (x, m) in zip(args, wholes):
+        for i, (a, (x, m)) in enumerate(zip(args, wholes)):
             if m is not None:
-                if out.shape != a.shape:
-                    return None
-                new.append(_outside(mask.reshape(*mask.shape, *(1,) * (x.dim() - mask.dim())), x, 0))
+                fill = _fill(func, i)
+                if fill is None or a.dim() != out.dim() or not statically_known_true(a.shape[0] == out.shape[0]):
+                    return None   # (its rows are the selection's; past them it may broadcast)
+                new.append(_outside(mask.reshape(*mask.shape, *(1,) * (x.dim() - mask.dim())), x, fill))
             elif isinstance(a, torch.Tensor) and a.dim() > out.dim() - 1:
                 return None   # it would broadcast against the selection's rows
             elif not isinstance(a, (torch.Tensor, int, float, bool)):
@@ -157,6 +170,24 @@ class _MaskedLosses(TorchFunctionMode):
             else:
                 new.append(a)
         return func(*new, **kwargs), mask
+
+    def _along_rows(self, func, args, kwargs):
+        """A reduction of a selection over its dimensions past the rows (``label.mean(-1,
+        keepdim=True)``, a per-row variance) is the selection of that reduction of the whole."""
+        x, mask = self._whole(args[0])
+        if mask is None:
+            return None
+        dims = args[1] if len(args) > 1 else kwargs.get("dim")
+        picked = args[0]
+        dims = (dims,) if isinstance(dims, int) else dims
+        if not isinstance(dims, (tuple, list)) or not dims or any(not isinstance(d, int) for d in dims) \
+                or any(d % picked.dim() == 0 for d in dims) or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            return None
+        rows = mask.dim() - 1   # the whole's dims before the selection's second
+        whole_dims = tuple(d % picked.dim() + rows for d in dims)
+        zeroed = _outside(mask.reshape(*mask.shape, *(1,) * (x.dim() - mask.dim())), x, 0)
+        rest = {k: v for k, v in kwargs.items() if k != "dim"}
+        return func(zeroed, whole_dims, *args[2:], **rest), mask
 
     def _as_mask(self, index):
         """A boolean mask, or the positions ``torch.where(mask)`` gave (which pick as it does)."""
@@ -207,13 +238,15 @@ def _mask_positions(func, args, kwargs) -> bool:
     return func in (torch.nonzero, torch.Tensor.nonzero) and len(args) == 1 and kwargs == {"as_tuple": True}
 
 
-def _finite_at_zero(func, args, wholes) -> bool:
-    """Division only by what is not a selection; powers only of exponents 1 and up."""
-    if func in _DIVISIONS:
-        return len(args) == 2 and wholes[1][1] is None
+def _fill(func, position: int):
+    """What a selection's whole holds outside the mask as argument ``position`` of ``func``: a
+    value where the op and its derivative are finite (1 for a power's base, a divisor, a log's
+    or root's argument; 0 elsewhere); None where none is taken (a selection as an exponent)."""
     if func in _POWERS:
-        return len(args) == 2 and wholes[1][1] is None and isinstance(args[1], (int, float)) and args[1] >= 1
-    return True
+        return 1 if position == 0 else None
+    if func in _DIVISIONS:
+        return 1 if position == 1 else 0
+    return 1 if func in _AT_ONE else 0
 
 
 def _picks(func, x, index) -> bool:
