@@ -21,7 +21,6 @@ which refuses it by name. The reduction and ``zero_infinity`` are applied as ATe
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +36,10 @@ _CASTS = {torch.Tensor.to, torch.Tensor.long, torch.Tensor.int, torch.Tensor.typ
 _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}   # torch.ctc_loss's enum (torch.nn._reduction)
 
 
-@contextlib.contextmanager
-def static_ctc_loss():
-    """On this thread, trace ``ctc_loss`` calls as the module docstring says."""
-    with _StaticCTC():
-        yield
+def static_ctc_loss() -> TorchFunctionMode:
+    """The mode that traces ``ctc_loss`` calls as the module docstring says (entered on the
+    thread that traces: torch function modes are per thread)."""
+    return _StaticCTC()
 
 
 class _StaticCTC(TorchFunctionMode):

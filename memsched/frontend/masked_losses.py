@@ -28,7 +28,6 @@ Anything else is left to torch, and capture names the selection.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 
@@ -72,11 +71,10 @@ _CASTS = {torch.Tensor.float, torch.Tensor.double, torch.Tensor.half, torch.Tens
           torch.Tensor.int, torch.Tensor.to, torch.Tensor.type}
 
 
-@contextlib.contextmanager
-def whole_tensor_masked_losses():
-    """On this thread, trace losses over masked selections as the module docstring says."""
-    with _MaskedLosses():
-        yield
+def whole_tensor_masked_losses() -> TorchFunctionMode:
+    """The mode that traces losses over masked selections as the module docstring says (entered
+    on the thread that traces: torch function modes are per thread)."""
+    return _MaskedLosses()
 
 
 class _MaskedLosses(TorchFunctionMode):
