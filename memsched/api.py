@@ -16,6 +16,7 @@ from .cost_models.hardware import Hardware, get_hardware
 from .frontend.autocast import autocast_state
 from .frontend.capture import input_signature
 from .frontend.constant_masks import all_ones
+from .frontend.input_values import guard_values
 from .frontend.fake import meta_as_empty
 from .io.reapply import PlanMismatchError
 from .pipeline import plan_model
@@ -174,6 +175,7 @@ class CompiledModule:
         # plans of the most recently used input signatures (least recent first), at most max_plans
         self._compiled: OrderedDict = OrderedDict()
         self._mask_guards: dict = {}   # signature -> inputs whose values decided a mask's skip
+        self._value_guards: dict = {}   # signature -> values made from the inputs that shaped a program
         self._last = None
         self.plans_made = 0  # signatures planned (or re-applied) so far, evicted ones included
         self._new_stores()
@@ -198,9 +200,7 @@ class CompiledModule:
         # a training step returns a gradient for each input that requires grad: planned per such set
         signature = (train, self.model.training, input_signature(args, kwargs), threads, autocast_state(),
                      _inputs_taking_grads(args, kwargs) if train else ())
-        # an attention mask eager skips when it has no padding was skipped or kept by its values at
-        # capture (frontend/constant_masks.py): a program per answer
-        key = signature + (all_ones(args, kwargs, self._mask_guards.get(signature, ())),)
+        key = self._key(signature, args, kwargs)
         entry = self._compiled.get(key)
         if entry is None:
             with _CAPTURE_LOCK:  # torch.export is not thread-safe
@@ -215,7 +215,9 @@ class CompiledModule:
             self.plans_made += 1
             guards = tuple(sorted(set(self._mask_guards.get(signature, ())) | set(captured.mask_guards)))
             self._mask_guards[signature] = guards
-            key = signature + (all_ones(args, kwargs, guards),)
+            known = {g.key(): g for g in self._value_guards.get(signature, ())}
+            self._value_guards[signature] = tuple({**known, **{g.key(): g for g in captured.value_guards}}.values())
+            key = self._key(signature, args, kwargs)
             executor = Executor(plan.graph, captured, self.model, self.device, self.budget_bytes,
                                 self.offload_dir, stores=self._stores, hardware=plan.hardware,
                                 hard_limit=self.hard_limit)
@@ -238,6 +240,13 @@ class CompiledModule:
                     other[2].park()
         self._last = entry
         return entry
+
+    def _key(self, signature: tuple, args: tuple, kwargs: dict) -> tuple:
+        # an attention mask eager skips when it has no padding was skipped or kept by its values at
+        # capture (frontend/constant_masks.py), and a value made from the inputs alone sized a
+        # selection or decided a branch as it was (frontend/input_values.py): a program per answer
+        return signature + (all_ones(args, kwargs, self._mask_guards.get(signature, ())),
+                            guard_values(args, kwargs, self._value_guards.get(signature, ())))
 
     def prepare(self, *args, **kwargs) -> Plan:
         """Plan for inputs shaped like these now (nothing runs); the plan is kept as a call's is."""

@@ -140,10 +140,12 @@ class WritesWhereAny(torch.nn.Module):
 
 
 class ScalesWhereAny(WritesWhereAny):
-    """The way in also scales x: the branch changes the result, and stays refused."""
+    """The way in also scales x: the branch changes the result, and stays refused (the mask is
+    made from an activation: one made from the inputs alone decides the branch, a guard)."""
 
     def forward(self, x, mask):
         y = self.lin(x)
+        mask = mask & (y > 0)
         if mask.any():
             y = y * 2
             y[mask] = 0.0

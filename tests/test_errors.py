@@ -44,9 +44,16 @@ def test_unwritable_offload_dir(tmp_path, where):
         memsched.compile(_mlp(), "1GB", device="cpu", offload_dir=path)
 
 
-class DataDependent(torch.nn.Module):
+class WithALinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+
+class DataDependent(WithALinear):
     def forward(self, x):
-        if x.sum() > 0:  # control flow on a value: cannot be captured as one graph
+        x = self.lin(x)
+        if x.sum() > 0:  # control flow on an activation's value: cannot be captured as one graph
             return x * 2
         return x - 1
 
@@ -65,11 +72,17 @@ def test_uncapturable_model_names_the_problem(tmp_path, capsys):
 
 
 class MaskedSelect(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(-1.0))
+
     def forward(self, x):
-        # how many elements pass depends on the values (a sum or mean of them, through pointwise
-        # ops, is taken on the whole tensor, masked: tests/test_masked_losses.py; a running sum
-        # along the selection is not)
-        return x[x > 0].cumsum(0).sum()
+        # how many elements pass depends on the values of an activation (a sum or mean of them,
+        # through pointwise ops, is taken on the whole tensor, masked: tests/test_masked_losses.py;
+        # a running sum along the selection is not; a mask made from the inputs alone is traced at
+        # its count: tests/test_counted_selections.py)
+        h = x * self.scale
+        return h[h > 0].cumsum(0).sum()
 
 
 def test_a_size_that_depends_on_the_data_is_refused_before_planning(tmp_path):
@@ -80,8 +93,12 @@ def test_a_size_that_depends_on_the_data_is_refused_before_planning(tmp_path):
 
 
 class BranchOnCount(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.tensor(0.5))
+
     def forward(self, x):
-        picked = (x > 0).nonzero()
+        picked = (x > self.shift).nonzero()
         if picked.size(0) > 0:   # as DeBERTa's loss does with its labels
             return x * 2
         return x
@@ -109,13 +126,22 @@ def test_a_branch_on_data_inside_a_comprehension_names_the_models_line():
 
 class ScalesByItsLabels(torch.nn.Module):
     def forward(self, x, labels):
-        if labels.max() >= 3:   # both ways go on: the program would depend on the data
+        if labels.max() >= 3:   # both ways go on: a program per answer (the labels alone decide it)
             x = x * 3
         return x * 2
 
 
-class CatchesItsOwnCheck(torch.nn.Module):
+class ScalesByItsOutput(WithALinear):
     def forward(self, x):
+        y = self.lin(x)
+        if y.max() >= 3:   # both ways go on: the program would depend on an activation
+            y = y * 3
+        return y * 2
+
+
+class CatchesItsOwnCheck(WithALinear):
+    def forward(self, x):
+        x = self.lin(x)
         try:
             if x.max() > 0:
                 raise ValueError("positive")
@@ -166,7 +192,7 @@ def test_a_branch_on_any_that_does_more_than_the_write_is_refused():
 
 def test_a_raise_a_try_in_the_model_catches_is_a_branch():
     with pytest.raises(memsched.CaptureError, match="branches on a tensor's value") as err:
-        memsched.plan(CatchesItsOwnCheck(), (torch.randn(4),), budget="1GB")
+        memsched.plan(CatchesItsOwnCheck(), (torch.randn(2, 4),), budget="1GB")
     assert "`if x.max() > 0:`" in str(err.value)
 
 
@@ -182,11 +208,31 @@ def test_a_branch_on_data_is_one_error_without_torchs_warning_before_it():
     log.addHandler(handler)
     try:
         with pytest.raises(memsched.CaptureError, match="branches on a tensor's value") as err:
-            memsched.plan(ScalesByItsLabels(), (torch.randn(4), torch.tensor([1, 2])), budget="1GB")
+            memsched.plan(ScalesByItsOutput(), (torch.randn(2, 4),), budget="1GB")
     finally:
         log.removeHandler(handler)
-    assert "`if labels.max() >= 3:" in str(err.value)
+    assert "`if y.max() >= 3:" in str(err.value)
     assert [r.getMessage() for r in logged] == []
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_a_branch_the_inputs_alone_decide_gets_a_program_per_answer(train):
+    """``if labels.max() >= 3`` reads only an input: capture reads its truth off the call's own
+    tensors, and the compiled module keys its programs by it (frontend/input_values.py)."""
+    x = torch.randn(4, requires_grad=train)
+    cm = memsched.compile(ScalesByItsLabels(), "1GB", device="cpu", train=train)
+    try:
+        for labels, plans in ((torch.tensor([1, 2]), 1), (torch.tensor([0, 1]), 1), (torch.tensor([3, 0]), 2)):
+            with torch.enable_grad() if train else torch.no_grad():
+                got = cm(x, labels)
+            torch.testing.assert_close(got, ScalesByItsLabels()(x, labels), rtol=0, atol=0)
+            assert cm.plans_made == plans
+            if train:
+                got.sum().backward()
+                torch.testing.assert_close(x.grad, torch.full((4,), 6.0 if labels.max() >= 3 else 2.0))
+                x.grad = None
+    finally:
+        cm.close()
 
 
 class MaskOnlyInEager(torch.nn.Module):

@@ -152,8 +152,13 @@ def test_a_masked_selection_of_three_dimensions_keeps_its_trailing_one():
 
 def test_per_element_losses_of_a_selection_kept_as_they_are_are_refused_with_a_way_out():
     """``reduction='none'`` returns the mask's count of losses: a size made from data, unless
-    pointwise ops and a sum or mean of them follow (a running sum along them does not)."""
-    model = Masked(lambda y, t, m: F.cross_entropy(y[m], t[m], reduction="none").cumsum(0).mean())
+    pointwise ops and a sum or mean of them follow (a running sum along them does not), or the
+    mask is made from the inputs alone (traced at its count: tests/test_counted_selections.py)."""
+    def running(y, t, m):
+        m = y.argmax(-1) != t   # made from an activation
+        return F.cross_entropy(y[m], t[m], reduction="none").cumsum(0).mean()
+
+    model = Masked(running)
     with pytest.raises(memsched.UnsupportedModelError, match=r"aten.index.Tensor.*ignore_index"):
         memsched.plan(model, _classes(-1), "1GB", train=True)
 
@@ -194,12 +199,17 @@ def test_electras_discriminator_loss_over_real_tokens_trains_as_eager():
 
 def test_a_mask_made_again_after_its_input_was_written_is_another_mask():
     """``u > 0`` before and after ``u.add_(1)`` are two masks: the loss over the two selections
-    pairs different elements, and stays refused (a plain remake of a mask is taken)."""
+    would pair different elements, so it is not taken on the wholes (a plain remake of a mask
+    is). Made from the inputs, each selection is traced at its own count, and the loss fails on
+    the two counts as eager's does."""
     def two_masks(y, t, m):
         u = t.clone()
         before = u > 0
         u.add_(1)
         return F.cross_entropy(y[before], u[u > 0])
 
-    with pytest.raises(memsched.UnsupportedModelError, match=r"aten.index.Tensor"):
-        memsched.plan(Masked(two_masks), _classes(-1), "1GB", train=True)
+    args = _classes(-1)
+    with pytest.raises(ValueError, match="batch_size"):
+        Masked(two_masks)(*args)
+    with pytest.raises(memsched.CaptureError, match="batch_size"):
+        memsched.plan(Masked(two_masks), args, "1GB", train=True)

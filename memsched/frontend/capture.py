@@ -35,10 +35,12 @@ from ..ir.tensors import tensor_leaves
 from .autocast import autocast_state, inline_autocast_regions, make_casts_explicit
 from .composites import expand_bool_attention_masks, expand_cross_entropy, expand_math_attention
 from .constant_masks import MaskReads
+from .counted_selections import CountedSelections, kept_guards
 from .ctc_targets import static_ctc_loss
 from .fake import eager_meta, share_storages_as_eager
 from .hooks import warn_user_hooks
 from .inline import drop_unused_subgraphs, inline_call
+from .input_values import read_input_values
 from .kernel_patterns import select_kernels
 from .masked_losses import whole_tensor_masked_losses
 from .value_checks import value_checks_as_asserts
@@ -82,6 +84,9 @@ class Captured:
     # inputs (("arg", i) or ("kw", name)) whose values decided an attention mask's skip, as
     # eager decides it: the program serves calls where each is all ones or not as it was
     mask_guards: tuple = ()
+    # values made from the inputs alone that sized a selection or decided a branch
+    # (input_values.py): the program serves calls where each is what it was
+    value_guards: tuple = ()
     # input placeholders that stand for an embedding lookup done before the program runs, on the
     # table where it lives (frontend/row_gathers.py): name -> RowGather
     gathers: dict = field(default_factory=dict)
@@ -152,7 +157,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
             raise UnsupportedModelError(f"unsupported graph input kind {spec.kind.name} ({spec.arg})")
     constants = {k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
     return Captured(gm, placeholders, ep.call_spec.in_spec, ep.call_spec.out_spec, constants,
-                    mask_guards=ep.mask_guards)
+                    mask_guards=ep.mask_guards, value_guards=ep.value_guards)
 
 
 def _state_kind(model: torch.nn.Module, target: str | None) -> Kind | None:
@@ -262,7 +267,7 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
         raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
     register_output_types(model)
     try:
-        ep, reads = _export(model, args, kwargs, ones_mask=None)
+        ep, reads, values = _export(model, args, kwargs, ones_mask=None)
     except UnsupportedModelError:
         raise
     except Exception as exc:  # export raises many types; we re-raise one, naming the cause
@@ -270,7 +275,7 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
         if shape is None:
             raise _capture_error(model, exc) from exc
         try:   # a model that makes its mask of ones in eager only (see _absent_mask_shape)
-            ep, reads = _export(model, args, kwargs, ones_mask=shape)
+            ep, reads, values = _export(model, args, kwargs, ones_mask=shape)
         except Exception as again:   # what stops it further on (the retry got past the mask)
             raise _capture_error(model, again, " (captured with a mask of ones, as the model makes when "
                                  "given none: without it the capture failed on the missing mask)") from again
@@ -281,6 +286,7 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
     _reject_data_dependent_sizes(ep, model)
     _drop_self_copies(ep.graph_module)
     ep.mask_guards = tuple(sorted(reads.read))   # inputs whose values decided a mask's skip
+    ep.value_guards = kept_guards(ep.graph_module.graph, values.guards)   # values of the inputs it is for
     return ep
 
 
@@ -317,11 +323,12 @@ def _packed_hint(exc: BaseException) -> str:
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict | None, ones_mask):
     with _no_host_random_draws(model), eager_meta(), eager_attention_masks(args, kwargs, model) as reads, \
-            _eager_algorithms(model), value_checks_as_asserts(), static_ctc_loss(), whole_tensor_masked_losses(), \
+            _eager_algorithms(model), read_input_values(model, args, kwargs) as values, \
+            value_checks_as_asserts(values.truth), CountedSelections(values), static_ctc_loss(), whole_tensor_masked_losses(), \
             _quiet_fake_tensor_log(), _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
             _dataclass_outputs_seen_into(model), _inference_mode_for_inference_tensors(model), \
             _given_mask_of_ones(model, ones_mask):
-        return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False), reads
+        return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False), reads, values
 
 
 def _host_random_states() -> dict:
@@ -432,9 +439,11 @@ def _selection_hint(node) -> str:
     """Picking elements by a boolean mask (``x[mask]``) is the usual cause: say what keeps sizes."""
     if str(node.target) not in _SELECTIONS:
         return ""
-    return (". A boolean mask's selection (x[mask], masked_select, nonzero) is the usual cause: keep the "
-            "whole tensor and mask it instead (torch.where(mask, x, 0); a loss's ignore_index, e.g. "
-            "cross_entropy(logits, labels.masked_fill(~mask, -100)); reduction='none' times the mask)")
+    return (". A boolean mask's selection (x[mask], masked_select, nonzero) is the usual cause: a mask made "
+            "from the call's inputs alone is traced at its count, but this one reads the model's weights, its "
+            "activations or a random draw. Keep the whole tensor and mask it instead (torch.where(mask, x, 0); "
+            "a loss's ignore_index, e.g. cross_entropy(logits, labels.masked_fill(~mask, -100)); "
+            "reduction='none' times the mask)")
 
 
 _RAISED_AT = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in [\w<>]+\s*\n\s*(.+)')
@@ -483,7 +492,9 @@ def _site(path: str, line: int) -> str:
 
 def _data_dependent_hint_at(where: str) -> str:
     return (f". The model branches on a tensor's value{where}: memsched plans one static program per "
-            "input signature, so it cannot follow control flow that depends on data. Write the branch "
+            "input signature, so it cannot follow control flow that depends on data made inside the model "
+            "(from its weights, activations or random draws; a value the call's inputs alone make decides "
+            "the branch per call, a program per answer). Write the branch "
             "with torch.where or torch.cond, or turn off what takes it (random layer dropping and "
             "masking in training: LayerDrop, SpecAugment; call model.eval() for inference)")
 

@@ -11,8 +11,9 @@ a ``raise`` (no other branch, loop or ``try`` on the way). The answer is recorde
 the assert torch writes for traced code (``torch._check``), which capture drops like the model's
 own asserts on values (``capture.drop_asserts``): the compiled program does not raise where
 eager would have on invalid data. ``if mask.any(): x[mask] = v`` is answered true as well: the
-write it skips writes nothing (``_guards_a_masked_write``). Any other branch on data is still
-refused by name.
+write it skips writes nothing (``_guards_a_masked_write``). A branch on a value the call's inputs
+alone make is decided by that value (input_values.py: a guard keying the program, not an assert).
+Any other branch on data is still refused by name.
 """
 from __future__ import annotations
 
@@ -36,13 +37,15 @@ _LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
-def value_checks_as_asserts():
-    """On this thread, answer a raise-only branch on data as described above."""
+def value_checks_as_asserts(decide=None):
+    """On this thread, answer a raise-only branch on data as described above; any other with
+    ``decide(value)`` (True, False, or None where it cannot say: input_values.py reads a value the
+    call's inputs alone make)."""
     me = threading.get_ident()
     with _LOCK:
         saved = [(cls, cls.__dict__.get("__bool__")) for cls in (torch.Tensor, torch.SymBool)]
         for cls, own in saved:
-            cls.__bool__ = _answering(me, own or getattr(cls, "__bool__"))
+            cls.__bool__ = _answering(me, own or getattr(cls, "__bool__"), decide)
         try:
             yield
         finally:
@@ -53,7 +56,7 @@ def value_checks_as_asserts():
                     cls.__bool__ = own
 
 
-def _answering(thread: int, truth):
+def _answering(thread: int, truth, decide):
     def __bool__(value):
         if threading.get_ident() != thread:
             return truth(value)
@@ -65,6 +68,9 @@ def _answering(thread: int, truth):
                 return True   # either way is eager's: nothing to record
             answer = _way_on(asking)
             if answer is None:
+                decided = decide(value) if decide is not None else None
+                if decided is not None:
+                    return decided   # a guard of the program, not an assert
                 exc.asked_at = (asking.f_code.co_filename, asking.f_lineno)   # for the error's message
                 raise
         if isinstance(value, torch.Tensor):

@@ -13,13 +13,15 @@ frontend/loss_head.py finds the LM head's.
 
 ``ctc`` is an operator of another kind: ATen's CTC loss kernel named so that its output sizes
 are known from its inputs' shapes (``torch.ops.memsched.ctc_loss``, chosen by
-frontend/ctc_targets.py), no Triton version.
+frontend/ctc_targets.py), no Triton version; so is ``counted``: a mask's nonzero positions at a
+count capture read off the call's inputs (``torch.ops.memsched.nonzero_counted``, chosen by
+frontend/counted_selections.py).
 """
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from . import ctc, ops  # noqa: F401  (register torch.ops.memsched.ctc_loss, .rms_norm, .rope and backwards)
+from . import counted, ctc, ops  # noqa: F401  (register the torch.ops.memsched operators and backwards)
 from ._select import Backend, backend, interpreter_ready, triton_import_error
 from .cross_entropy import fused_linear_cross_entropy
 from .norms import layer_norm, rms_norm

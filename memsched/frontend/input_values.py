@@ -1,0 +1,198 @@
+"""Values the call's inputs alone decide, read off them while a model is traced.
+
+A model's Python sometimes needs a value of its data: the count of a mask it selects by
+(``x[~bool_masked_pos]``, counted_selections.py), the truth of a test it branches on (FSMT's
+``if not padding_mask.any(): padding_mask = None``). Traced on fake tensors, that value is
+unknown and torch.export refuses the model. Yet where the value is made from the call's inputs
+alone (inputs, literals in the model's code, and deterministic ops on them: no parameter, no
+activation, no random draw), it is known before the model runs, as a shape is. ``InputValues``
+finds the ops making it in the trace so far, copies them into a small program of their own, runs
+that on the call's own tensors, and keeps it as a ``ValueGuard``: the compiled module runs each
+guard on every call's inputs and keys its programs by the values (api.py), so a call whose
+value differs gets a program of its own, as another shape would.
+"""
+from __future__ import annotations
+
+import contextlib
+import operator
+from typing import NamedTuple
+
+import torch
+import torch.fx as fx
+from torch.utils._mode_utils import no_dispatch
+
+from .constant_masks import _traced_node
+
+
+class ValueGuard(NamedTuple):
+    """A value made from the call's inputs at ``paths`` (("arg", i) or ("kw", name)) by
+    ``program``: its count of nonzero elements (``reads == "count"``) or its truth ("truth"),
+    and what the capture saw."""
+    paths: tuple
+    program: fx.GraphModule
+    reads: str
+    value: int | bool
+
+    def held(self, args: tuple, kwargs: dict) -> int | bool:
+        """The value for this call's inputs."""
+        # (cloned: the program may write into what it reads, as the model did into its own copy)
+        inputs = [(args[at] if kind == "arg" else kwargs[at]).clone() for kind, at in self.paths]
+        with torch.no_grad():
+            made = self.program(*inputs)
+            return int(torch.count_nonzero(made)) if self.reads == "count" else bool(made)
+
+    def key(self) -> tuple:
+        return self.reads, self.paths, self.program.code
+
+
+def guard_values(args: tuple, kwargs: dict, guards) -> tuple:
+    """Each guard's value for this call (part of the compiled module's key)."""
+    return tuple(g.held(args, kwargs) for g in guards)
+
+
+@contextlib.contextmanager
+def read_input_values(model: torch.nn.Module, args: tuple, kwargs: dict | None):
+    """While ``model(*args, **kwargs)`` is traced, the ``InputValues`` of that call."""
+    values = InputValues(args, kwargs)
+    handle = model.register_forward_pre_hook(values.hook, with_kwargs=True, prepend=True)
+    try:
+        yield values
+    finally:
+        handle.remove()
+
+
+class InputValues:
+    """``hook`` (a forward pre-hook on the model) learns which traced values are the call's
+    inputs; ``count`` and ``truth`` read a traced tensor's value off the call's own tensors where
+    they alone make it, recording a guard each; ``guards`` maps a guard's number to it."""
+
+    def __init__(self, args: tuple, kwargs: dict | None):
+        self.args, self.kwargs = tuple(args), dict(kwargs or {})
+        self.inputs: dict[fx.Node, tuple] = {}
+        self.guards: dict[int, ValueGuard] = {}
+
+    def hook(self, module, args, kwargs):
+        if self.inputs:   # the model's own call only, not a call of it from inside
+            return
+        for path, t in [(("arg", i), a) for i, a in enumerate(args)] + [(("kw", k), v) for k, v in kwargs.items()]:
+            node = _traced_node(t)
+            if node is not None and node.op == "placeholder":
+                self.inputs[node] = path
+
+    def count(self, t: torch.Tensor) -> tuple[int, int] | None:
+        """(guard number, count of nonzero elements) of ``t``, or None where the inputs alone
+        do not make it."""
+        return self._read(t, "count")
+
+    def truth(self, t) -> bool | None:
+        """The truth of ``t`` (a one-element tensor), or None where the inputs alone do not
+        make it."""
+        if not isinstance(t, torch.Tensor) or not isinstance(t.numel(), int) or t.numel() != 1:
+            return None
+        read = self._read(t, "truth")
+        return None if read is None else read[1]
+
+    def _read(self, t: torch.Tensor, reads: str):
+        made = self._program(t)
+        if made is None:
+            return None
+        program, paths = made
+        guard = ValueGuard(paths, program, reads, 0)
+        with no_dispatch(), torch._C.DisableTorchFunction():   # the call's own tensors, outside the trace
+            value = guard.held(self.args, self.kwargs)
+        number = len(self.guards)
+        self.guards[number] = guard._replace(value=value)
+        return number, value
+
+    def _program(self, made: torch.Tensor):
+        """The ops making ``made`` from the call's inputs, as a program of them (and the inputs'
+        paths), or None when it reads anything else or draws at random. Writes in place into what
+        it reads, or into views of that (``m = zeros(...); m[:, :k] = 1``), are among its ops."""
+        node = _traced_node(made)
+        if node is None:
+            return None
+        before = list(node.graph.nodes)
+        before = before[:before.index(node) + 1]
+        needed: set = set()
+        grown = self._reads(node, needed)
+        while grown:
+            aliases = set(needed)
+            for n in before:   # views of what is needed, and the writes into any of them
+                if n.op != "call_function" or n in needed or not n.args or not isinstance(n.args[0], fx.Node):
+                    continue
+                if _is_view(n.target) and n.args[0] in aliases:
+                    aliases.add(n)
+                elif _writes(n.target) and n.args[0] in aliases:
+                    grown = self._reads(n, needed)
+                    if grown is None:
+                        return None
+                    break
+            else:
+                grown = False
+        if grown is None:
+            return None
+        graph, env, root = fx.Graph(), {}, torch.nn.Module()
+        placeholders = [n for n in before if n in needed and n.op == "placeholder"]
+        for i, n in enumerate(placeholders):
+            env[n] = graph.placeholder(f"input_{i}")
+        for n in before:
+            if n in needed and n.op == "get_attr":   # a tensor written in the model's code
+                name = f"literal_{len(env)}"
+                root.register_buffer(name, _literal(n))
+                env[n] = graph.get_attr(name)
+            elif n in needed and n.op == "call_function":
+                env[n] = graph.node_copy(n, lambda a: env[a])
+        graph.output(env[node])
+        return fx.GraphModule(root, graph), tuple(self.inputs[n] for n in placeholders)
+
+    def _reads(self, node: fx.Node, needed: set):
+        """Add ``node`` and what it is made from to ``needed``: True when that grew it, None
+        when it reads a parameter or buffer, or draws at random."""
+        grew, stack = False, [node]
+        while stack:
+            n = stack.pop()
+            if n in needed:
+                continue
+            if n.op == "placeholder" and n not in self.inputs:
+                return None   # a parameter, a buffer
+            if n.op == "get_attr" and _literal(n) is None:
+                return None
+            if n.op == "call_function" and not _deterministic(n.target) or n.op not in ("placeholder", "get_attr",
+                                                                                           "call_function"):
+                return None
+            needed.add(n)
+            grew = True
+            stack.extend(n.all_input_nodes)
+        return grew
+
+
+def _literal(node: fx.Node):
+    """The real tensor a ``get_attr`` of the trace in progress holds (a literal such as
+    ``torch.tensor(1)`` in the model's code), or None."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.experimental import proxy_tensor
+
+    mode = proxy_tensor.get_proxy_mode()
+    value = getattr(getattr(mode, "tracer", None), "root", None)
+    for part in str(node.target).split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) else None
+
+
+def _is_view(target) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and target.is_view
+
+
+def _writes(target) -> bool:
+    """An op writing into its first argument (``fill_``, ``copy_``, ``index_put_``)."""
+    if not isinstance(target, torch._ops.OpOverload) or not target._schema.arguments:
+        return False
+    alias = target._schema.arguments[0].alias_info
+    return alias is not None and alias.is_write
+
+
+def _deterministic(target) -> bool:
+    """An op whose output its inputs decide (no random draw, no state)."""
+    if isinstance(target, torch._ops.OpOverload):
+        return torch.Tag.nondeterministic_seeded not in target.tags
+    return target is operator.getitem

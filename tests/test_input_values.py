@@ -1,0 +1,271 @@
+"""Values the call's inputs alone make are read off them at capture (frontend/input_values.py).
+A selection by such a mask is traced at its count (frontend/counted_selections.py), a branch on
+such a value goes the way it goes for them (frontend/value_checks.py): the model infers and
+trains as eager does, bit for bit, inside the budget; a call whose value differs gets a program
+of its own, one with the same value reuses it; a mask made from anything else stays refused by
+name."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import memsched
+
+B, N, D = 2, 8, 6
+
+
+class Patches(torch.nn.Module):
+    """An MAE-style encoder: embeds every patch, keeps those the mask leaves visible
+    (``select(h, mask)``), and runs on them shaped ``[batch, kept, dim]``."""
+
+    def __init__(self, select):
+        super().__init__()
+        self.embed, self.mix = torch.nn.Linear(3, D), torch.nn.Linear(D, D)
+        self.select = select
+
+    def forward(self, patches, mask):
+        h = self.embed(patches)
+        kept = self.select(h, mask).reshape(B, -1, D)
+        return torch.softmax(self.mix(kept) @ kept.transpose(1, 2), -1).sum(1)
+
+
+def _mask_positions_select(h, m):
+    rows, cols = torch.where(~m)
+    return h[rows, cols]
+
+
+SELECTIONS = {
+    "index": lambda h, m: h[~m],
+    "masked_select": lambda h, m: torch.masked_select(h, ~m[..., None]),
+    "nonzero": lambda h, m: h[tuple((~m).nonzero().unbind(1))],
+    "nonzero_as_tuple": lambda h, m: h[(~m).nonzero(as_tuple=True)],
+    "argwhere": lambda h, m: h[tuple(torch.argwhere(~m).unbind(1))],
+    "where": _mask_positions_select,
+    "among_slices": lambda h, m: h[:, ~m[0]],
+}
+
+
+def _mask(hidden: int, seed: int = 0) -> torch.Tensor:
+    """``hidden`` patches of each row hidden (True), at random places."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(N, generator=g) < hidden for _ in range(B)])
+
+
+def _inputs(hidden: int = 3, seed: int = 0):
+    return torch.randn(B, N, 3, generator=torch.Generator().manual_seed(seed + 10)), _mask(hidden, seed)
+
+
+def _check(cm, ref, args, train: bool):
+    with torch.enable_grad() if train else torch.no_grad():
+        got, want = cm(*args), ref(*args)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if train:
+        got.sum().backward()
+        want.sum().backward()
+        for (name, p), q in zip(ref.named_parameters(), cm.model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+            p.grad = q.grad = None
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+@pytest.mark.parametrize("how", sorted(SELECTIONS))
+def test_a_selection_by_an_input_mask_runs_as_eager_at_the_minimum(how, train):
+    model = Patches(SELECTIONS[how])
+    ref = copy.deepcopy(model)
+    args = _inputs()
+    if how == "among_slices":   # one mask for every row
+        args = (args[0], args[1][:1].expand(B, N))
+    floor = memsched.plan(copy.deepcopy(model), args, "1GB", train=train).min_budget_bytes
+    cm = memsched.compile(model, floor, device="cpu", train=train)
+    try:
+        _check(cm, ref, args, train)
+        assert cm.stats.peak_device_bytes <= floor
+    finally:
+        cm.close()
+
+
+def test_a_program_serves_the_count_it_was_traced_at_and_another_count_gets_its_own():
+    model = Patches(SELECTIONS["index"])
+    ref = copy.deepcopy(model)
+    cm = memsched.compile(model, "64MB", device="cpu", train=True)
+    try:
+        _check(cm, ref, _inputs(3, seed=0), train=True)
+        _check(cm, ref, _inputs(3, seed=1), train=True)   # other patches, as many
+        assert cm.plans_made == 1
+        _check(cm, ref, _inputs(5, seed=2), train=True)
+        assert cm.plans_made == 2
+        _check(cm, ref, _inputs(3, seed=3), train=True)   # the first program again
+        assert cm.plans_made == 2
+    finally:
+        cm.close()
+
+
+class ShuffledMask(torch.nn.Module):
+    """Hiera's and ViTMAE's way: the mask is made inside the model from the call's noise, by
+    writing ones into a buffer of zeros and unshuffling it."""
+
+    def __init__(self, keep: int):
+        super().__init__()
+        self.embed, self.keep = torch.nn.Linear(3, D), keep
+
+    def forward(self, patches, noise):
+        restore = noise.argsort(1).argsort(1)
+        keep = torch.zeros(noise.shape)
+        keep[:, :self.keep] = 1
+        keep = keep.gather(1, restore).bool()
+        h = self.embed(patches)
+        return h[keep].reshape(noise.shape[0], self.keep, D).relu().mean(1)
+
+
+def test_a_mask_written_in_place_from_the_calls_noise_is_counted():
+    model = ShuffledMask(keep=3)
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(4)
+    args = (torch.randn(B, N, 3, generator=g), torch.rand(B, N, generator=g))
+    kept = args[1].clone()
+    cm = memsched.compile(model, "64MB", device="cpu", train=True)
+    try:
+        _check(cm, ref, args, train=True)
+        _check(cm, ref, (args[0], torch.rand(B, N, generator=g)), train=True)
+        assert cm.plans_made == 1
+        assert torch.equal(args[1], kept)   # the count's program wrote into its own copy
+    finally:
+        cm.close()
+
+
+class DrawnMask(torch.nn.Module):
+    def forward(self, x):
+        return x[torch.rand(x.shape) > 0.5].cumsum(0).sum()
+
+
+class ActivationMask(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h[h > 0].cumsum(0).sum()
+
+
+@pytest.mark.parametrize("model", [DrawnMask(), ActivationMask()], ids=["drawn", "activation"])
+def test_a_mask_the_inputs_alone_do_not_make_stays_refused(model):
+    with pytest.raises(memsched.UnsupportedModelError, match="size depends on the data"):
+        memsched.plan(model, (torch.randn(4, 3),), "1GB")
+
+
+def test_a_masked_loss_keeps_no_count_and_serves_every_count():
+    """A loss over the selection is taken on the whole tensors (masked_losses.py): the counted
+    selection is left unused, so the program is for any count."""
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(3, 4)
+
+        def forward(self, x, labels, mask):
+            return torch.nn.functional.cross_entropy(self.head(x)[mask], labels[mask])
+
+    model = Tagger()
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    cm = memsched.compile(model, "64MB", device="cpu", train=True)
+    try:
+        for hidden in (3, 5):
+            args = (torch.randn(B, N, 3, generator=g), torch.randint(0, 4, (B, N), generator=g), _mask(hidden))
+            got, want = cm(*args), ref(*args)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        assert cm.plans_made == 1
+    finally:
+        cm.close()
+
+
+def test_the_counted_op_refuses_a_mask_of_another_count():
+    mask = torch.tensor([True, False, True])
+    assert torch.equal(torch.ops.memsched.nonzero_counted(mask, 2, 0), mask.nonzero())
+    with pytest.raises(RuntimeError, match="holds 2 set elements where the program was captured for 3"):
+        torch.ops.memsched.nonzero_counted(mask, 3, 0)
+
+
+def test_a_saved_plan_with_a_counted_selection_reapplies(tmp_path):
+    model = Patches(SELECTIONS["index"])
+    ref = copy.deepcopy(model)
+    args = _inputs()
+    memsched.plan(copy.deepcopy(model), args, "64MB", train=True).save(tmp_path / "step.json")
+    cm = memsched.compile(model, plan=tmp_path / "step.json", device="cpu", train=True)
+    try:
+        _check(cm, ref, args, train=True)
+    finally:
+        cm.close()
+
+
+def test_videomae_pretraining_trains_as_eager_at_its_minimum():
+    """transformers' VideoMAE keeps the visible tubelets with ``x[~bool_masked_pos].reshape(...)``."""
+    from transformers import VideoMAEConfig, VideoMAEForPreTraining
+
+    from memsched.cli.targets import quiet_transformers
+
+    with quiet_transformers():
+        torch.manual_seed(0)
+        model = VideoMAEForPreTraining(VideoMAEConfig(
+            image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=64, decoder_hidden_size=16, decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=2, decoder_intermediate_size=32))
+    g = torch.Generator().manual_seed(1)
+    masked = torch.stack([torch.randperm(32, generator=g) < 16 for _ in range(2)])
+    kwargs = {"pixel_values": torch.randn(2, 4, 3, 32, 32, generator=g), "bool_masked_pos": masked}
+    ref = copy.deepcopy(model)
+    floor = memsched.plan(copy.deepcopy(model), (), "1GB", example_kwargs=kwargs, train=True).min_budget_bytes
+    cm = memsched.compile(model, floor, device="cpu", train=True)
+    try:
+        torch.manual_seed(2)
+        loss = cm(**kwargs).loss
+        torch.manual_seed(2)
+        want = ref(**kwargs).loss
+        torch.testing.assert_close(loss, want, rtol=0, atol=0)
+        loss.backward()
+        want.backward()
+        for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+        assert cm.stats.peak_device_bytes <= floor
+    finally:
+        cm.close()
+
+
+def test_fsmt_skips_its_padding_mask_as_eager_does_per_call():
+    """FSMT's decoder takes ``if not padding_mask.any(): padding_mask = None`` on
+    ``decoder_input_ids == pad``: a batch without padding and one with it each get their
+    program, each equal to eager's."""
+    from transformers import FSMTConfig, FSMTForConditionalGeneration
+
+    from memsched.cli.targets import quiet_transformers
+
+    with quiet_transformers():
+        torch.manual_seed(0)
+        model = FSMTForConditionalGeneration(FSMTConfig(
+            src_vocab_size=64, tgt_vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+            langs=["en", "de"], pad_token_id=1))
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    ids, labels = torch.randint(3, 64, (2, 10), generator=g), torch.randint(3, 64, (2, 6), generator=g)
+    padded = labels.clone()
+    padded[1, 4:] = 1
+    cm = memsched.compile(model, "64MB", device="cpu", train=True)
+    try:
+        for n, targets in enumerate((labels, padded, labels), start=1):
+            kwargs = {"input_ids": ids, "decoder_input_ids": targets, "labels": targets}
+            torch.manual_seed(2)
+            loss = cm(**kwargs).loss
+            torch.manual_seed(2)
+            want = ref(**kwargs).loss
+            torch.testing.assert_close(loss, want, rtol=0, atol=0)
+            loss.backward()
+            want.backward()
+            for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+                torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+                p.grad = q.grad = None
+            assert cm.plans_made == min(n, 2)
+    finally:
+        cm.close()
