@@ -246,7 +246,7 @@ class CompiledModule:
         # capture (frontend/constant_masks.py), and a value made from the inputs alone sized a
         # selection or decided a branch as it was (frontend/input_values.py): a program per answer
         return signature + (all_ones(args, kwargs, self._mask_guards.get(signature, ())),
-                            guard_values(args, kwargs, self._value_guards.get(signature, ())))
+                            guard_values(self.model, args, kwargs, self._value_guards.get(signature, ())))
 
     def prepare(self, *args, **kwargs) -> Plan:
         """Plan for inputs shaped like these now (nothing runs); the plan is kept as a call's is."""

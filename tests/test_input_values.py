@@ -69,6 +69,31 @@ def _check(cm, ref, args, train: bool):
             p.grad = q.grad = None
 
 
+def _loss_equals_eagers(cm, ref, model, kwargs):
+    """A training step through ``cm`` and through ``ref``, from one seed: loss and gradients bit-equal."""
+    torch.manual_seed(2)
+    loss = cm(**kwargs).loss
+    torch.manual_seed(2)
+    want = ref(**kwargs).loss
+    torch.testing.assert_close(loss, want, rtol=0, atol=0)
+    loss.backward()
+    want.backward()
+    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+        p.grad = q.grad = None
+
+
+def _trains_at_its_minimum(model, kwargs):
+    ref = copy.deepcopy(model)
+    floor = memsched.plan(copy.deepcopy(model), (), "1GB", example_kwargs=kwargs, train=True).min_budget_bytes
+    cm = memsched.compile(model, floor, device="cpu", train=True)
+    try:
+        _loss_equals_eagers(cm, ref, model, kwargs)
+        assert cm.stats.peak_device_bytes <= floor
+    finally:
+        cm.close()
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
 @pytest.mark.parametrize("how", sorted(SELECTIONS))
 def test_a_selection_by_an_input_mask_runs_as_eager_at_the_minimum(how, train):
@@ -215,22 +240,7 @@ def test_videomae_pretraining_trains_as_eager_at_its_minimum():
     g = torch.Generator().manual_seed(1)
     masked = torch.stack([torch.randperm(32, generator=g) < 16 for _ in range(2)])
     kwargs = {"pixel_values": torch.randn(2, 4, 3, 32, 32, generator=g), "bool_masked_pos": masked}
-    ref = copy.deepcopy(model)
-    floor = memsched.plan(copy.deepcopy(model), (), "1GB", example_kwargs=kwargs, train=True).min_budget_bytes
-    cm = memsched.compile(model, floor, device="cpu", train=True)
-    try:
-        torch.manual_seed(2)
-        loss = cm(**kwargs).loss
-        torch.manual_seed(2)
-        want = ref(**kwargs).loss
-        torch.testing.assert_close(loss, want, rtol=0, atol=0)
-        loss.backward()
-        want.backward()
-        for (name, p), q in zip(ref.named_parameters(), model.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
-        assert cm.stats.peak_device_bytes <= floor
-    finally:
-        cm.close()
+    _trains_at_its_minimum(model, kwargs)
 
 
 def test_fsmt_skips_its_padding_mask_as_eager_does_per_call():
@@ -255,17 +265,159 @@ def test_fsmt_skips_its_padding_mask_as_eager_does_per_call():
     cm = memsched.compile(model, "64MB", device="cpu", train=True)
     try:
         for n, targets in enumerate((labels, padded, labels), start=1):
-            kwargs = {"input_ids": ids, "decoder_input_ids": targets, "labels": targets}
-            torch.manual_seed(2)
-            loss = cm(**kwargs).loss
-            torch.manual_seed(2)
-            want = ref(**kwargs).loss
-            torch.testing.assert_close(loss, want, rtol=0, atol=0)
-            loss.backward()
-            want.backward()
-            for (name, p), q in zip(ref.named_parameters(), model.parameters()):
-                torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
-                p.grad = q.grad = None
+            _loss_equals_eagers(cm, ref, model, {"input_ids": ids, "decoder_input_ids": targets, "labels": targets})
             assert cm.plans_made == min(n, 2)
     finally:
         cm.close()
+
+
+class TrimsPadding(torch.nn.Module):
+    """Keeps the positions up to the longest sequence of the batch: ``int(mask.sum(-1).max())``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x, attention_mask):
+        n = int(attention_mask.sum(-1).max())
+        return (self.lin(x[:, :n]) * attention_mask[:, :n, None]).sum(1)
+
+
+class WarmsUp(torch.nn.Module):
+    """Branches on a buffer of its own (a step counter the caller advances)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.register_buffer("step", torch.tensor(0))
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y * 0.1 if self.step < 2 else y
+
+
+def test_an_integer_read_off_the_inputs_sizes_the_program():
+    model = TrimsPadding()
+    ref = copy.deepcopy(model)
+    x = torch.randn(B, N, 3, generator=torch.Generator().manual_seed(6))
+    masks = [torch.ones(B, N, dtype=torch.long) for _ in range(3)]
+    masks[0][0, 5:] = masks[0][1, 4:] = 0          # longest 5
+    masks[1][0, 3:] = masks[1][1, 5:] = 0          # longest 5 again
+    cm = memsched.compile(model, "64MB", device="cpu", train=True)
+    try:
+        for n, mask in enumerate(masks):
+            _check(cm, ref, (x, mask), train=True)
+            assert cm.plans_made == (1 if n < 2 else 2)
+    finally:
+        cm.close()
+
+
+def test_a_branch_on_a_buffer_reads_it_as_it_is_at_each_call():
+    model = WarmsUp()
+    ref = copy.deepcopy(model)
+    x = torch.randn(B, 3, generator=torch.Generator().manual_seed(7))
+    cm = memsched.compile(model, "64MB", device="cpu", train=True)
+    try:
+        for step in range(4):
+            model.step.fill_(step)
+            ref.step.fill_(step)
+            _check(cm, ref, (x,), train=True)
+        assert cm.plans_made == 2
+    finally:
+        cm.close()
+
+
+class SplitsByGrid(torch.nn.Module):
+    """Packs several images' patches in one sequence and attends within each, as Qwen2-VL's
+    vision tower does: bounds by ``repeat_interleave`` and ``cumsum`` of the grid, split by
+    ``lengths.tolist()``; per-image statistics gathered with ``torch.tensor`` of zero-dim tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, patches, grid):
+        bounds = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0]).cumsum(0)
+        bounds = torch.cat([bounds.new_zeros(1), bounds])
+        lengths = bounds[1:] - bounds[:-1]
+        h = self.lin(patches)
+        parts = [p.softmax(0) * p for p in h.split(lengths.tolist())]
+        peaks = torch.tensor([p.max() for p in parts])
+        return torch.cat(parts).sum(0) + peaks.sum()
+
+
+def test_packed_images_split_by_their_grid_run_as_eager():
+    model = SplitsByGrid()
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(8)
+    grids = [torch.tensor([[1, 2, 2], [2, 1, 3]]), torch.tensor([[1, 2, 2], [2, 1, 3]]), torch.tensor([[2, 2, 2], [1, 1, 2]])]
+    cm = memsched.compile(model, "64MB", device="cpu", train=True)
+    try:
+        for n, grid in enumerate(grids):
+            patches = torch.randn(int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum()), 3, generator=g)
+            _check(cm, ref, (patches, grid), train=True)
+            assert cm.plans_made == (1 if n < 2 else 2)
+    finally:
+        cm.close()
+
+
+def test_qwen2_vl_trains_as_eager_on_images_of_two_grids():
+    """transformers' Qwen2-VL: its vision tower splits its packed images by the grid's values
+    (``repeat_interleave``, ``tolist``) and its multimodal rope reads the token types and the
+    grid in Python; each grid gets its program."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from memsched.cli.targets import quiet_transformers
+
+    image, start, end = 150, 152, 153
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}),
+        vision_config=dict(depth=1, embed_dim=16, num_heads=2, hidden_size=32, patch_size=2, temporal_patch_size=2,
+                           spatial_merge_size=2, in_channels=3, mlp_ratio=2),
+        image_token_id=image, video_token_id=151, vision_start_token_id=start, vision_end_token_id=end)
+    with quiet_transformers():
+        torch.manual_seed(0)
+        model = Qwen2VLForConditionalGeneration(cfg)
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+
+    def batch(widths):
+        grid = torch.tensor([[1, 4, w] for w in widths])
+        ids = torch.randint(3, 140, (2, 16), generator=g)
+        for row, w in enumerate(widths):   # the image's tokens: its patches merged 2 x 2
+            ids[row, 1], ids[row, 2:2 + w], ids[row, 2 + w] = start, image, end
+        pixels = torch.randn(int(grid.prod(-1).sum()), 24, generator=g)
+        return {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": grid, "labels": ids,
+                "mm_token_type_ids": (ids == image).long(), "attention_mask": torch.ones_like(ids)}
+
+    cm = memsched.compile(model, "256MB", device="cpu", train=True)
+    try:
+        for n, widths in enumerate(((4, 8), (4, 8), (8, 4))):
+            _loss_equals_eagers(cm, ref, model, batch(widths))
+            assert cm.plans_made == (1 if n < 2 else 2)
+    finally:
+        cm.close()
+
+
+def test_vilt_with_a_padded_image_trains_as_eager():
+    """transformers' ViLT sizes each image's position embeddings by its pixel mask's row and
+    column counts (``interpolate(size=(h, w))``), picks patches per row with ``nonzero``,
+    ``unique`` and ``multinomial`` draws of a count read off the mask: its program is for that
+    mask, and draws as eager draws."""
+    from transformers import ViltConfig, ViltForQuestionAnswering
+
+    from memsched.cli.targets import quiet_transformers
+
+    with quiet_transformers():
+        torch.manual_seed(0)
+        model = ViltForQuestionAnswering(ViltConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64, image_size=32, patch_size=8, max_image_length=-1, num_labels=3))
+    g = torch.Generator().manual_seed(1)
+    pixel_mask = torch.ones(2, 32, 32, dtype=torch.long)
+    pixel_mask[1, :, 24:] = 0   # the second image is narrower
+    kwargs = {"input_ids": torch.randint(0, 64, (2, 8), generator=g), "pixel_values": torch.randn(2, 3, 32, 32, generator=g),
+              "pixel_mask": pixel_mask, "labels": torch.rand(2, 3, generator=g)}
+    _trains_at_its_minimum(model, kwargs)

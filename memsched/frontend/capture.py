@@ -40,6 +40,7 @@ from .ctc_targets import static_ctc_loss
 from .fake import eager_meta, share_storages_as_eager
 from .hooks import warn_user_hooks
 from .inline import drop_unused_subgraphs, inline_call
+from .integer_reads import IntegerReads
 from .input_values import read_input_values
 from .kernel_patterns import select_kernels
 from .masked_losses import whole_tensor_masked_losses
@@ -324,7 +325,8 @@ def _packed_hint(exc: BaseException) -> str:
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict | None, ones_mask):
     with _no_host_random_draws(model), eager_meta(), eager_attention_masks(args, kwargs, model) as reads, \
             _eager_algorithms(model), read_input_values(model, args, kwargs) as values, \
-            value_checks_as_asserts(values.truth), CountedSelections(values), static_ctc_loss(), whole_tensor_masked_losses(), \
+            value_checks_as_asserts(values.truth), IntegerReads(values), CountedSelections(values), static_ctc_loss(), \
+            whole_tensor_masked_losses(), \
             _quiet_fake_tensor_log(), _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
             _dataclass_outputs_seen_into(model), _inference_mode_for_inference_tensors(model), \
             _given_mask_of_ones(model, ones_mask):

@@ -19,70 +19,64 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch.overrides import TorchFunctionMode
 
 from ..kernels import counted  # noqa: F401  (registers torch.ops.memsched.nonzero_counted)
-from .input_values import InputValues, ValueGuard
+from .input_values import InputValues, ReadingMode, ValueGuard
 
 _COUNTED = torch.ops.memsched.nonzero_counted.default
-_NONZERO = {torch.nonzero, torch.Tensor.nonzero, torch.argwhere, torch.Tensor.argwhere}
-_MASKED_SELECT = {torch.masked_select, torch.Tensor.masked_select}
 
 
 def kept_guards(graph: fx.Graph, guards: dict[int, ValueGuard]) -> tuple[ValueGuard, ...]:
-    """The guards ``graph`` still depends on (once dead code is gone): every branch's, and the
-    counts of the selections it still makes."""
+    """The guards ``graph`` still depends on (once dead code is gone): every value's but the
+    counts of selections it no longer makes."""
     counted = {n.args[2] for n in graph.nodes if n.op == "call_function" and n.target is _COUNTED}
     return tuple(g for number, g in sorted(guards.items()) if g.reads != "count" or number in counted)
 
 
-class CountedSelections(TorchFunctionMode):
-    """The mode that traces selections as the module docstring says (entered on the thread
-    that traces: torch function modes are per thread), reading counts through ``values``."""
+class CountedSelections(ReadingMode):
+    """The mode that traces selections as the module docstring says, reading counts through
+    ``values``."""
 
     def __init__(self, values: InputValues):
-        super().__init__()
-        self.values = values
+        super().__init__(values)
+        self.handlers.update({torch.Tensor.__getitem__: self._indexed, torch.masked_select: self._masked_select,
+                              torch.Tensor.masked_select: self._masked_select, torch.where: self._where})
+        for f in (torch.nonzero, torch.Tensor.nonzero, torch.argwhere, torch.Tensor.argwhere):
+            self.handlers[f] = self._nonzero
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.__getitem__ and len(args) == 2 and not kwargs:
-            index = self._counted_index(args[1])
-            if index is not None:
-                return func(args[0], index)
-        elif func in _MASKED_SELECT and len(args) == 2 and not kwargs:
-            x, mask = args
-            if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and isinstance(x, torch.Tensor):
-                shape = torch.broadcast_shapes(x.shape, mask.shape)
-                at = self._positions(mask.expand(shape))
-                if at is not None:
-                    return x.expand(shape)[tuple(at.unbind(1))]
-        elif func in _NONZERO and len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].dim() > 0 \
-                and set(kwargs) <= {"as_tuple"}:
-            at = self._positions(args[0])
-            if at is not None:
-                return tuple(at.unbind(1)) if kwargs.get("as_tuple") else at
-        elif func is torch.where and len(args) == 1 and not kwargs and args[0].dim() > 0:
-            at = self._positions(args[0])
-            if at is not None:
-                return tuple(at.unbind(1))
-        return func(*args, **kwargs)
-
-    def _counted_index(self, index):
-        """``index`` with each boolean mask of more than zero dims replaced by its positions (as
-        torch reads a mask among indices), or None where no mask is counted so."""
-        items = index if isinstance(index, tuple) else (index,)
-        out, counted = [], False
+    def _indexed(self, func, args, kwargs):
+        """``x[mask]``, the mask among other indices or not, as torch reads a mask: its positions."""
+        if len(args) != 2 or kwargs:
+            return None
+        items = args[1] if isinstance(args[1], tuple) else (args[1],)
+        index, counted = [], False
         for item in items:
             if isinstance(item, torch.Tensor) and item.dtype == torch.bool and item.dim() > 0:
                 at = self._positions(item)
                 if at is None:
                     return None
-                out.extend(at.unbind(1))
+                index.extend(at.unbind(1))
                 counted = True
             else:
-                out.append(item)
-        return tuple(out) if counted else None
+                index.append(item)
+        return func(args[0], tuple(index)) if counted else None
+
+    def _masked_select(self, func, args, kwargs):
+        if len(args) != 2 or kwargs or not all(isinstance(a, torch.Tensor) for a in args) or args[1].dtype != torch.bool:
+            return None
+        shape = torch.broadcast_shapes(args[0].shape, args[1].shape)
+        at = self._positions(args[1].expand(shape))
+        return None if at is None else args[0].expand(shape)[tuple(at.unbind(1))]
+
+    def _nonzero(self, func, args, kwargs):
+        if len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0 or set(kwargs) - {"as_tuple"}:
+            return None
+        at = self._positions(args[0])
+        return None if at is None else tuple(at.unbind(1)) if kwargs.get("as_tuple") else at
+
+    def _where(self, func, args, kwargs):
+        """``torch.where(mask)`` alone: ``mask.nonzero(as_tuple=True)``."""
+        return self._nonzero(func, args, {"as_tuple": True}) if len(args) == 1 and not kwargs else None
 
     def _positions(self, mask: torch.Tensor):
         """``mask.nonzero()`` at the count the call's inputs give it, or None where they do not

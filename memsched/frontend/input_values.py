@@ -2,10 +2,12 @@
 
 A model's Python sometimes needs a value of its data: the count of a mask it selects by
 (``x[~bool_masked_pos]``, counted_selections.py), the truth of a test it branches on (FSMT's
-``if not padding_mask.any(): padding_mask = None``). Traced on fake tensors, that value is
+``if not padding_mask.any(): padding_mask = None``), the integer it slices or pads by
+(``n = int(lengths.max()); x[:, :n]``), the list it splits by (``x.split(lengths.tolist())``,
+as Qwen2-VL's vision attention splits its images). Traced on fake tensors, that value is
 unknown and torch.export refuses the model. Yet where the value is made from the call's inputs
-alone (inputs, literals in the model's code, and deterministic ops on them: no parameter, no
-activation, no random draw), it is known before the model runs, as a shape is. ``InputValues``
+alone (inputs, the model's buffers, literals in its code, and deterministic ops on them: no
+parameter, no activation, no random draw), it is known before the model runs, as a shape is. ``InputValues``
 finds the ops making it in the trace so far, copies them into a small program of their own, runs
 that on the call's own tensors, and keeps it as a ``ValueGuard``: the compiled module runs each
 guard on every call's inputs and keys its programs by the values (api.py), so a call whose
@@ -19,41 +21,49 @@ from typing import NamedTuple
 
 import torch
 import torch.fx as fx
+from torch.overrides import TorchFunctionMode
 from torch.utils._mode_utils import no_dispatch
 
 from .constant_masks import _traced_node
 
 
 class ValueGuard(NamedTuple):
-    """A value made from the call's inputs at ``paths`` (("arg", i) or ("kw", name)) by
-    ``program``: its count of nonzero elements (``reads == "count"``) or its truth ("truth"),
-    and what the capture saw."""
+    """A value made from the call's inputs at ``paths`` (("arg", i), ("kw", name), or ("buffer",
+    name) for a buffer of the model's, read as it is at the call) by
+    ``program``: its count of nonzero elements (``reads == "count"``), its truth ("truth") or
+    the integer it holds ("integer") or its integers as nested tuples ("list"), and what the
+    capture saw."""
     paths: tuple
     program: fx.GraphModule
     reads: str
     value: int | bool
 
-    def held(self, args: tuple, kwargs: dict) -> int | bool:
-        """The value for this call's inputs."""
+    def held(self, args: tuple, kwargs: dict, buffer) -> int | bool:
+        """The value for this call's inputs (``buffer(name)``: the model's buffer now)."""
         # (cloned: the program may write into what it reads, as the model did into its own copy)
-        inputs = [(args[at] if kind == "arg" else kwargs[at]).clone() for kind, at in self.paths]
+        inputs = [(args[at] if kind == "arg" else kwargs[at] if kind == "kw" else buffer(at)).clone()
+                  for kind, at in self.paths]
         with torch.no_grad():
             made = self.program(*inputs)
-            return int(torch.count_nonzero(made)) if self.reads == "count" else bool(made)
+            if self.reads == "count":
+                return int(torch.count_nonzero(made))
+            if self.reads == "list":
+                return _frozen(made.tolist())
+            return bool(made) if self.reads == "truth" else made.item()   # (a bool for a bool tensor)
 
     def key(self) -> tuple:
         return self.reads, self.paths, self.program.code
 
 
-def guard_values(args: tuple, kwargs: dict, guards) -> tuple:
-    """Each guard's value for this call (part of the compiled module's key)."""
-    return tuple(g.held(args, kwargs) for g in guards)
+def guard_values(model: torch.nn.Module, args: tuple, kwargs: dict, guards) -> tuple:
+    """Each guard's value for this call of ``model`` (part of the compiled module's key)."""
+    return tuple(g.held(args, kwargs, model.get_buffer) for g in guards)
 
 
 @contextlib.contextmanager
 def read_input_values(model: torch.nn.Module, args: tuple, kwargs: dict | None):
     """While ``model(*args, **kwargs)`` is traced, the ``InputValues`` of that call."""
-    values = InputValues(args, kwargs)
+    values = InputValues(model, args, kwargs)
     handle = model.register_forward_pre_hook(values.hook, with_kwargs=True, prepend=True)
     try:
         yield values
@@ -61,20 +71,40 @@ def read_input_values(model: torch.nn.Module, args: tuple, kwargs: dict | None):
         handle.remove()
 
 
+class ReadingMode(TorchFunctionMode):
+    """A torch function mode answering some functions through ``values`` (entered on the thread
+    that traces: torch function modes are per thread): ``handlers`` maps a function to a method
+    ``(func, args, kwargs)`` giving its result, or None to leave the call to torch."""
+
+    def __init__(self, values: InputValues):
+        super().__init__()
+        self.values = values
+        self.handlers: dict = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = self.handlers.get(func)
+        out = handler(func, args, kwargs) if handler is not None else None
+        return func(*args, **kwargs) if out is None else out
+
+
 class InputValues:
     """``hook`` (a forward pre-hook on the model) learns which traced values are the call's
     inputs; ``count`` and ``truth`` read a traced tensor's value off the call's own tensors where
     they alone make it, recording a guard each; ``guards`` maps a guard's number to it."""
 
-    def __init__(self, args: tuple, kwargs: dict | None):
+    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict | None):
         self.args, self.kwargs = tuple(args), dict(kwargs or {})
+        # the model's buffers as they are (the trace swaps in stand-ins), those with values only
+        self.buffers = {name: b for name, b in model.named_buffers() if b.device.type != "meta"}
         self.inputs: dict[fx.Node, tuple] = {}
         self.guards: dict[int, ValueGuard] = {}
 
     def hook(self, module, args, kwargs):
         if self.inputs:   # the model's own call only, not a call of it from inside
             return
-        for path, t in [(("arg", i), a) for i, a in enumerate(args)] + [(("kw", k), v) for k, v in kwargs.items()]:
+        for path, t in [(("arg", i), a) for i, a in enumerate(args)] + [(("kw", k), v) for k, v in kwargs.items()] \
+                + [(("buffer", name), b) for name, b in module.named_buffers() if name in self.buffers]:
             node = _traced_node(t)
             if node is not None and node.op == "placeholder":
                 self.inputs[node] = path
@@ -92,6 +122,24 @@ class InputValues:
         read = self._read(t, "truth")
         return None if read is None else read[1]
 
+    def integer(self, t: torch.Tensor) -> int | bool | None:
+        """The integer (or bool) a one-element integer or boolean tensor holds (``t.item()``, ``int(t)``,
+        a tensor used as an index or a size), or None where the inputs alone do not make it.
+        (A floating value is left to torch: a program per value of a float would be planned
+        again at nearly every call.)"""
+        if t.dtype.is_floating_point or t.dtype.is_complex or not isinstance(t.numel(), int) or t.numel() != 1:
+            return None
+        read = self._read(t, "integer")
+        return None if read is None else read[1]
+
+    def integers(self, t: torch.Tensor) -> list | None:
+        """``t.tolist()`` of an integer or boolean tensor (its size may be made from data too:
+        the values are read, not traced), or None where the inputs alone do not make it."""
+        if t.dtype.is_floating_point or t.dtype.is_complex:
+            return None
+        read = self._read(t, "list")
+        return None if read is None else _thawed(read[1])
+
     def _read(self, t: torch.Tensor, reads: str):
         made = self._program(t)
         if made is None:
@@ -99,7 +147,7 @@ class InputValues:
         program, paths = made
         guard = ValueGuard(paths, program, reads, 0)
         with no_dispatch(), torch._C.DisableTorchFunction():   # the call's own tensors, outside the trace
-            value = guard.held(self.args, self.kwargs)
+            value = guard.held(self.args, self.kwargs, self.buffers.__getitem__)
         number = len(self.guards)
         self.guards[number] = guard._replace(value=value)
         return number, value
@@ -154,7 +202,7 @@ class InputValues:
             if n in needed:
                 continue
             if n.op == "placeholder" and n not in self.inputs:
-                return None   # a parameter, a buffer
+                return None   # a parameter (or a buffer without values, on meta)
             if n.op == "get_attr" and _literal(n) is None:
                 return None
             if n.op == "call_function" and not _deterministic(n.target) or n.op not in ("placeholder", "get_attr",
@@ -164,6 +212,15 @@ class InputValues:
             grew = True
             stack.extend(n.all_input_nodes)
         return grew
+
+
+def _frozen(value):
+    """Nested lists as nested tuples (a key's part)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
+def _thawed(value):
+    return [_thawed(v) for v in value] if isinstance(value, tuple) else value
 
 
 def _literal(node: fx.Node):
