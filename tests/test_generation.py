@@ -491,14 +491,22 @@ def test_a_model_refusing_both_masks_before_its_layers_is_refused_clearly():
 
 
 def test_a_layer_failing_after_it_wrote_the_cache_is_refused_clearly():
-    """MPT adds an ALiBi bias it sizes itself inside each layer, after the layer wrote memsched's
-    cache: the refusal says how far the model got, with the model's own error."""
-    from transformers import MptConfig, MptForCausalLM
+    """A layer whose MLP fails after its attention wrote memsched's cache (as a layer adding a
+    bias it sized for transformers' own cache would; MPT did, until the ints it reads off its
+    inputs were read as numbers): the refusal says how far the model got, with the model's own
+    error."""
+    model, ids = _decoder("llama")
+    attention = model.model.layers[0].self_attn
+    own = attention.forward
 
-    torch.manual_seed(0)
-    model = MptForCausalLM(MptConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)).eval()
-    ids = torch.randint(0, 300, (2, 8))
-    with pytest.raises(memsched.CaptureError, match="failed after 1 of its 2 layers wrote .*RuntimeError"):
+    def sized_for_another_cache(*args, **kwargs):
+        out = own(*args, **kwargs)
+        if type(kwargs.get("cache")).__module__.startswith("memsched"):
+            raise RuntimeError("this layer's bias is sized for transformers' own cache")
+        return out
+
+    attention.forward = sized_for_another_cache
+    with pytest.raises(memsched.CaptureError, match="failed after 1 of its 4 layers wrote .*RuntimeError"):
         memsched.generate(model, ids, budget="1GB", max_new_tokens=2, hardware=FIXED_CPU, device="cpu")
 
 
@@ -543,15 +551,17 @@ def _more_decoders():
                              qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1)),
         # differential attention: two attentions over halves of the values the cache hands back
         "diffllama": (T.DiffLlamaConfig, T.DiffLlamaForCausalLM, dict(common, num_key_value_heads=2, head_dim=16)),
+        # ALiBi biases each layer sizes by the cache's length, read as a number (integer_reads.py)
+        "mpt": (T.MptConfig, T.MptForCausalLM, dict(vocab_size=300, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)),
     }
 
 
-ATTENDS_BY_ITSELF = {"gpt_neo", "falcon", "xglm", "gemma2", "gpt_oss", "deepseek_v3", "bloom", "diffllama"}
+ATTENDS_BY_ITSELF = {"gpt_neo", "falcon", "xglm", "gemma2", "gpt_oss", "deepseek_v3", "bloom", "diffllama", "mpt"}
 READS_THE_2D_MASK = {"bloom"}
 
 
 @pytest.mark.parametrize("name", ["qwen2", "phi3", "gpt_bigcode", "codegen", "gpt_neo", "falcon", "xglm", "gptj",
-                                  "gemma2", "gpt_oss", "deepseek_v3", "bloom", "diffllama"])
+                                  "gemma2", "gpt_oss", "deepseek_v3", "bloom", "diffllama", "mpt"])
 def test_more_architectures_at_their_minimum_budget(name, tmp_path):
     """Other decoders (GQA, multi-query, partial rotary, and layers that compute attention
     themselves: handed each layer's cache with the step's entries written in) at the least

@@ -40,9 +40,9 @@ class ValueGuard(NamedTuple):
 
     def held(self, args: tuple, kwargs: dict, buffer) -> int | bool:
         """The value for this call's inputs (``buffer(name)``: the model's buffer now)."""
-        # (cloned: the program may write into what it reads, as the model did into its own copy)
-        inputs = [(args[at] if kind == "arg" else kwargs[at] if kind == "kw" else buffer(at)).clone()
-                  for kind, at in self.paths]
+        inputs = [args[at] if kind == "arg" else kwargs[at] if kind == "kw" else buffer(at) for kind, at in self.paths]
+        if any(n.op == "call_function" and _writes(n.target) for n in self.program.graph.nodes):
+            inputs = [t.clone() for t in inputs]   # (it writes in place, as the model did into its own copy)
         with torch.no_grad():
             made = self.program(*inputs)
             if self.reads == "count":
