@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import threading
 import warnings
@@ -22,6 +23,8 @@ from .io.reapply import PlanMismatchError
 from .pipeline import plan_model
 from .plans import Plan, as_plan
 from .reapply import reapply
+
+_MANY_VALUES = 4   # programs planned for one input signature before saying why
 from .runtime.autograd import TrainStep, run_step
 from .runtime.checkpoint import Checkpoint
 from .runtime.executor import Executor, RunStats
@@ -176,6 +179,7 @@ class CompiledModule:
         self._compiled: OrderedDict = OrderedDict()
         self._mask_guards: dict = {}   # signature -> inputs whose values decided a mask's skip
         self._value_guards: dict = {}   # signature -> values made from the inputs that shaped a program
+        self._plans_per_signature: dict = {}
         self._last = None
         self.plans_made = 0  # signatures planned (or re-applied) so far, evicted ones included
         self._new_stores()
@@ -213,10 +217,7 @@ class CompiledModule:
                         plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware,
                                                     train=train, grad_outputs=self.grad_outputs, **self.options)
             self.plans_made += 1
-            guards = tuple(sorted(set(self._mask_guards.get(signature, ())) | set(captured.mask_guards)))
-            self._mask_guards[signature] = guards
-            known = {g.key(): g for g in self._value_guards.get(signature, ())}
-            self._value_guards[signature] = tuple({**known, **{g.key(): g for g in captured.value_guards}}.values())
+            self._remember_guards(signature, captured)
             key = self._key(signature, args, kwargs)
             executor = Executor(plan.graph, captured, self.model, self.device, self.budget_bytes,
                                 self.offload_dir, stores=self._stores, hardware=plan.hardware,
@@ -240,6 +241,33 @@ class CompiledModule:
                     other[2].park()
         self._last = entry
         return entry
+
+    def _remember_guards(self, signature: tuple, captured) -> None:
+        """Keep what decided this capture's program besides the signature (the union over the
+        signature's captures), and say once when values read off the inputs made it plan many
+        programs for one shape: each new value plans again (seconds), as a new shape would."""
+        self._mask_guards[signature] = tuple(sorted(set(self._mask_guards.get(signature, ()))
+                                                    | set(captured.mask_guards)))
+        known = {g.key(): g for g in self._value_guards.get(signature, ())}
+        guards = self._value_guards[signature] = tuple({**known, **{g.key(): g for g in captured.value_guards}}.values())
+        self._plans_per_signature[signature] = planned = self._plans_per_signature.get(signature, 0) + 1
+        if planned == _MANY_VALUES and guards:
+            read = sorted({f"{g.reads} of {', '.join(self._input_name(*path) for path in g.paths)}" for g in guards})
+            warnings.warn(
+                f"memsched: {planned} programs planned for inputs of one shape, because values read off them differ "
+                f"({'; '.join(read)}): each new value is planned again, as a new shape is. Keep those values "
+                f"steady across calls (pad to a fixed length, bucket the counts) to reuse programs", UserWarning,
+                stacklevel=4)
+
+    def _input_name(self, kind: str, at) -> str:
+        if kind == "arg":
+            try:
+                names = [n for n, p in inspect.signature(self.model.forward).parameters.items()
+                         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            except (TypeError, ValueError):
+                names = []
+            return names[at] if at < len(names) else f"input {at}"
+        return f"buffer {at}" if kind == "buffer" else str(at)
 
     def _key(self, signature: tuple, args: tuple, kwargs: dict) -> tuple:
         # an attention mask eager skips when it has no padding was skipped or kept by its values at

@@ -421,3 +421,20 @@ def test_vilt_with_a_padded_image_trains_as_eager():
     kwargs = {"input_ids": torch.randint(0, 64, (2, 8), generator=g), "pixel_values": torch.randn(2, 3, 32, 32, generator=g),
               "pixel_mask": pixel_mask, "labels": torch.rand(2, 3, generator=g)}
     _trains_at_its_minimum(model, kwargs)
+
+
+def test_many_values_for_one_shape_are_said_once():
+    """Each new longest length plans again: at the fourth program for one shape, a warning says
+    which values vary and how to keep them steady."""
+    model = TrimsPadding()
+    x = torch.randn(B, N, 3, generator=torch.Generator().manual_seed(9))
+    cm = memsched.compile(model, "64MB", device="cpu")
+    try:
+        with torch.no_grad():
+            for longest in (3, 4, 5):
+                cm(x, (torch.arange(N) < longest).long().expand(B, N))
+            with pytest.warns(UserWarning, match=r"4 programs planned for inputs of one shape.*integer of attention_mask"):
+                cm(x, (torch.arange(N) < 6).long().expand(B, N))
+        assert cm.plans_made == 4
+    finally:
+        cm.close()
