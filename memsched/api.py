@@ -249,7 +249,8 @@ class CompiledModule:
         self._mask_guards[signature] = tuple(sorted(set(self._mask_guards.get(signature, ()))
                                                     | set(captured.mask_guards)))
         known = {g.key(): g for g in self._value_guards.get(signature, ())}
-        guards = self._value_guards[signature] = tuple({**known, **{g.key(): g for g in captured.value_guards}}.values())
+        known.update({g.key(): g for g in captured.value_guards})
+        guards = self._value_guards[signature] = tuple(known.values())
         self._plans_per_signature[signature] = planned = self._plans_per_signature.get(signature, 0) + 1
         if planned == _MANY_VALUES and guards:
             read = sorted({f"{g.reads} of {', '.join(self._input_name(*path) for path in g.paths)}" for g in guards})

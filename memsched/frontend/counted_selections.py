@@ -62,7 +62,8 @@ class CountedSelections(ReadingMode):
         return func(args[0], tuple(index)) if counted else None
 
     def _masked_select(self, func, args, kwargs):
-        if len(args) != 2 or kwargs or not all(isinstance(a, torch.Tensor) for a in args) or args[1].dtype != torch.bool:
+        if len(args) != 2 or kwargs or not all(isinstance(a, torch.Tensor) for a in args) \
+                or args[1].dtype != torch.bool:
             return None
         shape = torch.broadcast_shapes(args[0].shape, args[1].shape)
         at = self._positions(args[1].expand(shape))

@@ -7,11 +7,11 @@ A model's Python sometimes needs a value of its data: the count of a mask it sel
 as Qwen2-VL's vision attention splits its images). Traced on fake tensors, that value is
 unknown and torch.export refuses the model. Yet where the value is made from the call's inputs
 alone (inputs, the model's buffers, literals in its code, and deterministic ops on them: no
-parameter, no activation, no random draw), it is known before the model runs, as a shape is. ``InputValues``
-finds the ops making it in the trace so far, copies them into a small program of their own, runs
-that on the call's own tensors, and keeps it as a ``ValueGuard``: the compiled module runs each
-guard on every call's inputs and keys its programs by the values (api.py), so a call whose
-value differs gets a program of its own, as another shape would.
+parameter, no activation, no random draw), it is known before the model runs, as a shape is.
+``InputValues`` finds the ops making it in the trace so far, copies them into a small program of
+their own, runs that on the call's own tensors, and keeps it as a ``ValueGuard``: the compiled
+module runs each guard on every call's inputs and keys its programs by the values (api.py), so a
+call whose value differs gets a program of its own, as another shape would.
 """
 from __future__ import annotations
 
@@ -28,17 +28,16 @@ from .constant_masks import _traced_node
 
 
 class ValueGuard(NamedTuple):
-    """A value made from the call's inputs at ``paths`` (("arg", i), ("kw", name), or ("buffer",
-    name) for a buffer of the model's, read as it is at the call) by
-    ``program``: its count of nonzero elements (``reads == "count"``), its truth ("truth") or
-    the integer it holds ("integer") or its integers as nested tuples ("list"), and what the
-    capture saw."""
+    """A value made by ``program`` from the call's inputs at ``paths`` (("arg", i), ("kw", name),
+    or ("buffer", name): a buffer of the model's, as it is at the call): its count of nonzero
+    elements (``reads == "count"``), its truth ("truth"), the integer it holds ("integer") or its
+    integers as nested tuples ("list"); ``value`` is what the capture saw."""
     paths: tuple
     program: fx.GraphModule
     reads: str
-    value: int | bool
+    value: object
 
-    def held(self, args: tuple, kwargs: dict, buffer) -> int | bool:
+    def held(self, args: tuple, kwargs: dict, buffer) -> object:
         """The value for this call's inputs (``buffer(name)``: the model's buffer now)."""
         inputs = [args[at] if kind == "arg" else kwargs[at] if kind == "kw" else buffer(at) for kind, at in self.paths]
         if any(n.op == "call_function" and _writes(n.target) for n in self.program.graph.nodes):
