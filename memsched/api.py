@@ -17,7 +17,7 @@ from .cost_models.hardware import Hardware, get_hardware
 from .frontend.autocast import autocast_state
 from .frontend.capture import input_signature
 from .frontend.constant_masks import all_ones
-from .frontend.input_values import guard_values
+from .frontend.input_values import GuardSet
 from .frontend.fake import meta_as_empty
 from .io.reapply import PlanMismatchError
 from .pipeline import plan_model
@@ -248,9 +248,10 @@ class CompiledModule:
         programs for one shape: each new value plans again (seconds), as a new shape would."""
         self._mask_guards[signature] = tuple(sorted(set(self._mask_guards.get(signature, ()))
                                                     | set(captured.mask_guards)))
-        known = {g.key(): g for g in self._value_guards.get(signature, ())}
+        known = {g.key(): g for g in self._value_guards[signature].guards} if signature in self._value_guards else {}
         known.update({g.key(): g for g in captured.value_guards})
-        guards = self._value_guards[signature] = tuple(known.values())
+        guards = tuple(known.values())
+        self._value_guards[signature] = GuardSet(guards)
         self._plans_per_signature[signature] = planned = self._plans_per_signature.get(signature, 0) + 1
         if planned == _MANY_VALUES and guards:
             read = sorted({f"{g.reads} of {', '.join(self._input_name(*path) for path in g.paths)}" for g in guards})
@@ -275,7 +276,8 @@ class CompiledModule:
         # capture (frontend/constant_masks.py), and a value made from the inputs alone sized a
         # selection or decided a branch as it was (frontend/input_values.py): a program per answer
         return signature + (all_ones(args, kwargs, self._mask_guards.get(signature, ())),
-                            guard_values(self.model, args, kwargs, self._value_guards.get(signature, ())))
+                            self._value_guards[signature].values(self.model, args, kwargs)
+                            if signature in self._value_guards else ())
 
     def prepare(self, *args, **kwargs) -> Plan:
         """Plan for inputs shaped like these now (nothing runs); the plan is kept as a call's is."""

@@ -438,3 +438,37 @@ def test_many_values_for_one_shape_are_said_once():
         assert cm.plans_made == 4
     finally:
         cm.close()
+
+
+class ReadsAndWrites(ShuffledMask):
+    """A mask written into zeros from the noise (a guard writing in place) beside integers read
+    off the same noise (guards that share its ops)."""
+
+    def forward(self, patches, noise):
+        order = noise.argsort(1)
+        first, second = int(order[0, 0]), int(order[0, 1])
+        return super().forward(patches, noise) + patches[:, min(first, second):max(first, second) + 1].sum()
+
+
+def test_a_signatures_guards_run_as_one_program_with_the_values_of_each():
+    from memsched.frontend.input_values import GuardSet
+
+    model = ReadsAndWrites(keep=3)
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(10)
+    args = (torch.randn(B, N, 3, generator=g), torch.rand(B, N, generator=g))
+    cm = memsched.compile(model, "64MB", device="cpu", train=True)
+    try:
+        _check(cm, ref, args, train=True)
+        (merged,) = cm._value_guards.values()
+        assert len(merged.guards) >= 3 and {g.reads for g in merged.guards} == {"count", "integer"}
+        separate = sum(len(g.program.graph.nodes) for g in merged.guards)
+        assert len(merged.program.graph.nodes) < separate
+        for noise in (args[1], torch.rand(B, N, generator=g)):
+            kept = noise.clone()
+            want = tuple(guard.held((args[0], noise), {}, model.get_buffer) for guard in merged.guards)
+            assert merged.values(model, (args[0], noise), {}) == want
+            assert torch.equal(noise, kept)   # the writing guard wrote into copies
+        assert isinstance(GuardSet(()).values(model, args, {}), tuple)
+    finally:
+        cm.close()

@@ -39,24 +39,96 @@ class ValueGuard(NamedTuple):
 
     def held(self, args: tuple, kwargs: dict, buffer) -> object:
         """The value for this call's inputs (``buffer(name)``: the model's buffer now)."""
-        inputs = [args[at] if kind == "arg" else kwargs[at] if kind == "kw" else buffer(at) for kind, at in self.paths]
-        if any(n.op == "call_function" and _writes(n.target) for n in self.program.graph.nodes):
+        inputs = [_input(path, args, kwargs, buffer) for path in self.paths]
+        if self.writes():
             inputs = [t.clone() for t in inputs]   # (it writes in place, as the model did into its own copy)
         with torch.no_grad():
-            made = self.program(*inputs)
-            if self.reads == "count":
-                return int(torch.count_nonzero(made))
-            if self.reads == "list":
-                return _frozen(made.tolist())
-            return bool(made) if self.reads == "truth" else made.item()   # (a bool for a bool tensor)
+            return self.read(self.program(*inputs))
+
+    def read(self, made: torch.Tensor) -> object:
+        if self.reads == "count":
+            return int(torch.count_nonzero(made))
+        if self.reads == "list":
+            return _frozen(made.tolist())
+        return bool(made) if self.reads == "truth" else made.item()   # (a bool for a bool tensor)
+
+    def writes(self) -> bool:
+        return any(n.op == "call_function" and _writes(n.target) for n in self.program.graph.nodes)
 
     def key(self) -> tuple:
         return self.reads, self.paths, self.program.code
 
 
-def guard_values(model: torch.nn.Module, args: tuple, kwargs: dict, guards) -> tuple:
-    """Each guard's value for this call of ``model`` (part of the compiled module's key)."""
-    return tuple(g.held(args, kwargs, model.get_buffer) for g in guards)
+def _input(path: tuple, args: tuple, kwargs: dict, buffer) -> torch.Tensor:
+    kind, at = path
+    return args[at] if kind == "arg" else kwargs[at] if kind == "kw" else buffer(at)
+
+
+class GuardSet:
+    """The guards of one input signature run as one program: their ops merged where they are the
+    same op on the same values (Qwen2-VL's dozens of integers are elements of a few tensors, each
+    made once per call, not once per integer). A guard writing in place gets its own copies of
+    the inputs and ops of its own."""
+
+    def __init__(self, guards: tuple[ValueGuard, ...]):
+        self.guards = guards
+        graph, root = fx.Graph(), torch.nn.Module()
+        self.paths: list[tuple] = []
+        shared: dict = {}   # (op, its arguments) -> the merged node
+        placeholders: dict = {}
+        outputs = []
+        for i, guard in enumerate(guards):
+            own = guard.writes()
+            env = {}
+            ins = [n for n in guard.program.graph.nodes if n.op == "placeholder"]
+            for n, path in zip(ins, guard.paths):
+                if path not in placeholders:
+                    placeholders[path] = graph.placeholder(f"input_{len(self.paths)}")
+                    self.paths.append(path)
+                env[n] = graph.call_function(torch.ops.aten.clone.default, (placeholders[path],)) if own \
+                    else placeholders[path]
+            for n in guard.program.graph.nodes:
+                if n.op == "get_attr":
+                    name = f"guard_{i}_{n.target}"
+                    root.register_buffer(name, getattr(guard.program, n.target))
+                    env[n] = graph.get_attr(name)
+                elif n.op == "call_function":
+                    args, kwargs = fx.map_arg(n.args, env.__getitem__), fx.map_arg(n.kwargs, env.__getitem__)
+                    key = None if own else _merge_key(n.target, args, kwargs)
+                    if key is not None and key in shared:
+                        env[n] = shared[key]
+                    else:
+                        env[n] = graph.call_function(n.target, args, kwargs)
+                        if key is not None:
+                            shared[key] = env[n]
+                elif n.op == "output":
+                    outputs.append(env[n.args[0]])
+        graph.output(tuple(outputs))
+        self.program = fx.GraphModule(root, graph)
+
+    def values(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+        """Each guard's value for this call of ``model`` (part of the compiled module's key)."""
+        if not self.guards:
+            return ()
+        with torch.no_grad():
+            made = self.program(*[_input(path, args, kwargs, model.get_buffer) for path in self.paths])
+            return tuple(g.read(m) for g, m in zip(self.guards, made))
+
+
+def _merge_key(target, args, kwargs):
+    """A hashable name for ``target`` on these arguments (nodes by identity), or None where an
+    argument cannot be named so."""
+    def named(v):
+        if isinstance(v, fx.Node):
+            return ("node", id(v))
+        if isinstance(v, (list, tuple)):
+            return (type(v).__name__, tuple(named(e) for e in v))
+        if isinstance(v, dict):
+            return ("dict", tuple(sorted((k, named(e)) for k, e in v.items())))
+        return ("value", type(v).__name__, repr(v))
+    if _writes(target):
+        return None
+    return target, named(args), named(kwargs)
 
 
 @contextlib.contextmanager
