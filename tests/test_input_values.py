@@ -83,32 +83,30 @@ def _loss_equals_eagers(cm, ref, model, kwargs):
         p.grad = q.grad = None
 
 
-def _trains_at_its_minimum(model, kwargs):
+def _at_its_minimum(model, args, kwargs, train, compare):
+    """Compile ``model`` at its minimum budget, ``compare(cm, ref)`` with an eager copy, and
+    check the measured peak stayed inside that budget."""
     ref = copy.deepcopy(model)
-    floor = memsched.plan(copy.deepcopy(model), (), "1GB", example_kwargs=kwargs, train=True).min_budget_bytes
-    cm = memsched.compile(model, floor, device="cpu", train=True)
+    floor = memsched.plan(copy.deepcopy(model), args, "1GB", example_kwargs=kwargs, train=train).min_budget_bytes
+    cm = memsched.compile(model, floor, device="cpu", train=train)
     try:
-        _loss_equals_eagers(cm, ref, model, kwargs)
+        compare(cm, ref)
         assert cm.stats.peak_device_bytes <= floor
     finally:
         cm.close()
+
+
+def _trains_at_its_minimum(model, kwargs):
+    _at_its_minimum(model, (), kwargs, True, lambda cm, ref: _loss_equals_eagers(cm, ref, model, kwargs))
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
 @pytest.mark.parametrize("how", sorted(SELECTIONS))
 def test_a_selection_by_an_input_mask_runs_as_eager_at_the_minimum(how, train):
-    model = Patches(SELECTIONS[how])
-    ref = copy.deepcopy(model)
     args = _inputs()
     if how == "among_slices":   # one mask for every row
         args = (args[0], args[1][:1].expand(B, N))
-    floor = memsched.plan(copy.deepcopy(model), args, "1GB", train=train).min_budget_bytes
-    cm = memsched.compile(model, floor, device="cpu", train=train)
-    try:
-        _check(cm, ref, args, train)
-        assert cm.stats.peak_device_bytes <= floor
-    finally:
-        cm.close()
+    _at_its_minimum(Patches(SELECTIONS[how]), args, {}, train, lambda cm, ref: _check(cm, ref, args, train))
 
 
 def test_a_program_serves_the_count_it_was_traced_at_and_another_count_gets_its_own():
