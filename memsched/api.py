@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import os
 import threading
 import warnings
@@ -16,8 +15,7 @@ from .budget import parse_budget
 from .cost_models.hardware import Hardware, get_hardware
 from .frontend.autocast import autocast_state
 from .frontend.capture import input_signature
-from .frontend.constant_masks import all_ones
-from .frontend.input_values import GuardSet
+from .frontend.input_values import GuardSet, described
 from .frontend.fake import meta_as_empty
 from .io.reapply import PlanMismatchError
 from .pipeline import plan_model
@@ -177,7 +175,6 @@ class CompiledModule:
         self._lock = threading.RLock()
         # plans of the most recently used input signatures (least recent first), at most max_plans
         self._compiled: OrderedDict = OrderedDict()
-        self._mask_guards: dict = {}   # signature -> inputs whose values decided a mask's skip
         self._value_guards: dict = {}   # signature -> values made from the inputs that shaped a program
         self._plans_per_signature: dict = {}
         self._last = None
@@ -246,38 +243,24 @@ class CompiledModule:
         """Keep what decided this capture's program besides the signature (the union over the
         signature's captures), and say once when values read off the inputs made it plan many
         programs for one shape: each new value plans again (seconds), as a new shape would."""
-        self._mask_guards[signature] = tuple(sorted(set(self._mask_guards.get(signature, ()))
-                                                    | set(captured.mask_guards)))
         known = {g.key(): g for g in self._value_guards[signature].guards} if signature in self._value_guards else {}
         known.update({g.key(): g for g in captured.value_guards})
         guards = tuple(known.values())
         self._value_guards[signature] = GuardSet(guards)
         self._plans_per_signature[signature] = planned = self._plans_per_signature.get(signature, 0) + 1
         if planned == _MANY_VALUES and guards:
-            read = sorted({f"{g.reads} of {', '.join(self._input_name(*path) for path in g.paths)}" for g in guards})
+            read = sorted({said for said, _ in described(self.model, guards)})
             warnings.warn(
                 f"memsched: {planned} programs planned for inputs of one shape, because values read off them differ "
                 f"({'; '.join(read)}): each new value is planned again, as a new shape is. Keep those values "
                 f"steady across calls (pad to a fixed length, bucket the counts) to reuse programs", UserWarning,
                 stacklevel=4)
 
-    def _input_name(self, kind: str, at) -> str:
-        if kind == "arg":
-            try:
-                names = [n for n, p in inspect.signature(self.model.forward).parameters.items()
-                         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-            except (TypeError, ValueError):
-                names = []
-            return names[at] if at < len(names) else f"input {at}"
-        return f"buffer {at}" if kind == "buffer" else str(at)
-
     def _key(self, signature: tuple, args: tuple, kwargs: dict) -> tuple:
-        # an attention mask eager skips when it has no padding was skipped or kept by its values at
-        # capture (frontend/constant_masks.py), and a value made from the inputs alone sized a
-        # selection or decided a branch as it was (frontend/input_values.py): a program per answer
-        return signature + (all_ones(args, kwargs, self._mask_guards.get(signature, ())),
-                            self._value_guards[signature].values(self.model, args, kwargs)
-                            if signature in self._value_guards else ())
+        # a value made from the inputs alone sized a selection, decided a branch or an attention
+        # mask's skip as it was (frontend/input_values.py): a program per answer
+        return signature + (self._value_guards[signature].values(self.model, args, kwargs)
+                            if signature in self._value_guards else (),)
 
     def prepare(self, *args, **kwargs) -> Plan:
         """Plan for inputs shaped like these now (nothing runs); the plan is kept as a call's is."""

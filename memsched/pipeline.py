@@ -28,6 +28,7 @@ from .cost_models.simulator import SimResult, simulate
 from .errors import CaptureError, InfeasibleBudgetError, UnsupportedModelError
 from .frontend.autocast import autocast_as, autocast_state, no_autocast
 from .frontend.capture import Captured, capture, input_signature, keep_random_state
+from .frontend.input_values import described
 from .frontend.joint import capture_joint
 from .frontend.kernel_patterns import kernel_counts
 from .frontend.repeats import capture_repeated
@@ -576,4 +577,5 @@ def plan_model(model: torch.nn.Module, args: tuple, kwargs: dict, budget, hw: Ha
         plan_state(s, verify=verify, progress=progress)
     plan = to_plan(s, type(model).__name__)
     plan.signature = input_signature(args, kwargs)
+    plan.input_values = described(model, s.captured.value_guards)
     return plan, s.captured

@@ -14,7 +14,7 @@ import torch.fx as fx
 from .cost_models.hardware import Hardware
 from .cost_models.op_cost import estimate_op_time
 from .cost_models.simulator import SimResult, simulate
-from .inspect.summary import summarize, summary_text
+from .inspect.summary import summarize, summary_text, values_text
 from .io.serialize import load_fields, plan_fields, save_plan
 from .ir.kinds import PERSISTENT
 from .ir.listing import listing
@@ -47,6 +47,9 @@ class Plan:
     facts: PlacementFacts | None = None   # computed from program + placement when not given
     signature: tuple | None = None        # input_signature of the example inputs it was planned for
     chunking: tuple = ()                  # modules run on slices of their input (passes/chunking.py)
+    # (what is read, the value) of each value read off the inputs that shaped the program
+    # (frontend/input_values.py): it serves calls whose values are these
+    input_values: tuple = ()
 
     def __post_init__(self):
         if self.facts is None:
@@ -110,7 +113,7 @@ class Plan:
             f"min budget {format_bytes(pl.min_budget_bytes)}",
             f"predicted {self.predicted_time_s * 1e3:.2f} ms (unconstrained "
             f"{self.unconstrained.time_s * 1e3:.2f} ms), peak device {format_bytes(self.peak_device_bytes)}",
-        ]
+        ] + ([f"planned for values read off the inputs: {values_text(self.input_values)}"] if self.input_values else [])
 
     def __str__(self) -> str:
         return listing(self.graph, self.header())

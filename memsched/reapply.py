@@ -13,10 +13,11 @@ from .cost_models.op_scratch import hold_kernel_storages, op_scratch_bytes
 from .errors import InfeasibleBudgetError
 from .frontend.autocast import autocast_as, autocast_state, no_autocast
 from .frontend.capture import Captured, capture, input_signature, keep_random_state
+from .frontend.input_values import described
 from .frontend.joint import capture_joint
 from .frontend.repeats import capture_repeated
 from .frontend.row_gathers import hoist_row_gathers
-from .io.reapply import PlanMismatchError, apply_plan, check_signature
+from .io.reapply import PlanMismatchError, apply_plan, check_input_values, check_signature
 from .ir.meta import annotate, info
 from .ir.ops import Op, op_of
 from .ir.regions import region_of
@@ -77,6 +78,8 @@ def _reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, bud
 
     t = time.perf_counter()
     captured = recapture(False)
+    values = described(model, captured.value_guards)
+    check_input_values(saved.input_values, values)
     try:
         gm = apply_plan(program, captured)
     except PlanMismatchError as first:
@@ -106,7 +109,8 @@ def _reapply(saved: Plan, model: torch.nn.Module, args: tuple, kwargs: dict, bud
     passes = [*saved.passes, PassRecord("capture", capture_s, "re-captured"),
               PassRecord("apply", apply_s, "saved plan, not solved")]
     plan = Plan(saved.model_name, budget, saved.hardware, gm, None, None, saved.sim, saved.unconstrained,
-                passes, saved.n_segments, facts=saved.facts, signature=key, chunking=saved.chunking)
+                passes, saved.n_segments, facts=saved.facts, signature=key, chunking=saved.chunking,
+                input_values=values)
     return plan, captured
 
 

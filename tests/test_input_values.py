@@ -7,11 +7,13 @@ name."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
 
 import memsched
+from memsched.io.reapply import PlanMismatchError
 
 B, N, D = 2, 8, 6
 
@@ -219,6 +221,24 @@ def test_a_saved_plan_with_a_counted_selection_reapplies(tmp_path):
     cm = memsched.compile(model, plan=tmp_path / "step.json", device="cpu", train=True)
     try:
         _check(cm, ref, args, train=True)
+    finally:
+        cm.close()
+
+
+def test_a_plan_says_the_values_it_was_made_for_and_applies_to_those_alone(tmp_path):
+    """The printout, the summary and the file name the values read off the inputs; a saved plan
+    applied to a call whose value differs is refused by name before anything runs."""
+    model = Patches(SELECTIONS["index"])
+    plan = memsched.plan(copy.deepcopy(model), _inputs(), "64MB", train=True)
+    assert plan.input_values == (("count of mask", "10"),)
+    assert "planned for values read off the inputs: count of mask = 10" in str(plan)
+    assert re.search(r"planned for values +count of mask = 10\n", plan.summary())
+    plan.save(tmp_path / "step.json")
+    assert memsched.Plan.load(tmp_path / "step.json").input_values == plan.input_values
+    cm = memsched.compile(model, plan=tmp_path / "step.json", device="cpu", train=True)
+    try:
+        with pytest.raises(PlanMismatchError, match="count of mask is 12, the plan was made for 10"):
+            cm(*_inputs(hidden=2))
     finally:
         cm.close()
 

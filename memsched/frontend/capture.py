@@ -82,11 +82,8 @@ class Captured:
     # position in the block) for the nodes of every layer made from that one, so placement can
     # decide for them once; a parameter's block is "P" and its position its name in the layer
     layer_roles: dict[str, tuple] = field(default_factory=dict)
-    # inputs (("arg", i) or ("kw", name)) whose values decided an attention mask's skip, as
-    # eager decides it: the program serves calls where each is all ones or not as it was
-    mask_guards: tuple = ()
-    # values made from the inputs alone that sized a selection or decided a branch
-    # (input_values.py): the program serves calls where each is what it was
+    # values made from the inputs alone that sized a selection, decided a branch or an attention
+    # mask's skip (input_values.py): the program serves calls where each is what it was
     value_guards: tuple = ()
     # input placeholders that stand for an embedding lookup done before the program runs, on the
     # table where it lives (frontend/row_gathers.py): name -> RowGather
@@ -158,7 +155,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
             raise UnsupportedModelError(f"unsupported graph input kind {spec.kind.name} ({spec.arg})")
     constants = {k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
     return Captured(gm, placeholders, ep.call_spec.in_spec, ep.call_spec.out_spec, constants,
-                    mask_guards=ep.mask_guards, value_guards=ep.value_guards)
+                    value_guards=ep.value_guards)
 
 
 def _state_kind(model: torch.nn.Module, target: str | None) -> Kind | None:
@@ -268,7 +265,7 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
         raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
     register_output_types(model)
     try:
-        ep, reads, values = _export(model, args, kwargs, ones_mask=None)
+        ep, values = _export(model, args, kwargs, ones_mask=None)
     except UnsupportedModelError:
         raise
     except Exception as exc:  # export raises many types; we re-raise one, naming the cause
@@ -276,7 +273,7 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
         if shape is None:
             raise _capture_error(model, exc) from exc
         try:   # a model that makes its mask of ones in eager only (see _absent_mask_shape)
-            ep, reads, values = _export(model, args, kwargs, ones_mask=shape)
+            ep, values = _export(model, args, kwargs, ones_mask=shape)
         except Exception as again:   # what stops it further on (the retry got past the mask)
             raise _capture_error(model, again, " (captured with a mask of ones, as the model makes when "
                                  "given none: without it the capture failed on the missing mask)") from again
@@ -286,7 +283,6 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
     ep.graph_module.recompile()
     _reject_data_dependent_sizes(ep, model)
     _drop_self_copies(ep.graph_module)
-    ep.mask_guards = tuple(sorted(reads.read))   # inputs whose values decided a mask's skip
     ep.value_guards = kept_guards(ep.graph_module.graph, values.guards)   # values of the inputs it is for
     return ep
 
@@ -323,14 +319,14 @@ def _packed_hint(exc: BaseException) -> str:
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict | None, ones_mask):
-    with _no_host_random_draws(model), eager_meta(), eager_attention_masks(args, kwargs, model) as reads, \
-            _eager_algorithms(model), read_input_values(model, args, kwargs) as values, \
+    with _no_host_random_draws(model), eager_meta(), read_input_values(model, args, kwargs) as values, \
+            eager_attention_masks(args, kwargs, values), _eager_algorithms(model), \
             value_checks_as_asserts(values.truth), IntegerReads(values), CountedSelections(values), static_ctc_loss(), \
             whole_tensor_masked_losses(), \
             _quiet_fake_tensor_log(), _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
             _dataclass_outputs_seen_into(model), _inference_mode_for_inference_tensors(model), \
             _given_mask_of_ones(model, ones_mask):
-        return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False), reads, values
+        return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False), values
 
 
 def _host_random_states() -> dict:
@@ -662,7 +658,7 @@ def _unknown_dataclass(x) -> bool:
 
 
 @contextlib.contextmanager
-def eager_attention_masks(args: tuple = (), kwargs: dict | None = None, model: torch.nn.Module | None = None):
+def eager_attention_masks(args: tuple = (), kwargs: dict | None = None, values=None):
     """transformers builds no attention mask when none is given and attention is plainly causal
     or bidirectional (SDPA's ``is_causal`` path, or its native grouped-query attention), except
     under torch.export, where it materialises one so an exported graph stays right for masks
@@ -670,15 +666,15 @@ def eager_attention_masks(args: tuple = (), kwargs: dict | None = None, model: t
     eager: the captured program then runs eager's kernels, whose sums (grouped-query key/value
     gradients) are ordered differently from the masked path's. A mask given, or one the model
     makes of ones, is decided as eager decides it too (constant_masks.py: the given mask's values
-    at capture, a guard of the program). Likewise with no cache and no mask transformers looks
+    at capture, read through ``values``, input_values.InputValues, a guard of the program). Likewise with no cache and no mask transformers looks
     for sequences packed into one row in the position ids, a check it cannot make on traced
     values; when the caller passes no position ids (only ``input_ids`` or keywords without them),
     the model makes them, one sequence per row, and the check says "none", as in eager. Only
-    when the process has imported transformers. Yields the MaskReads of the capture."""
-    reads = MaskReads(args, kwargs)
+    when the process has imported transformers."""
+    reads = MaskReads(values)
     masking = sys.modules.get("transformers.masking_utils")
     if masking is None or not callable(getattr(masking, "is_torchdynamo_exporting", None)):
-        yield reads
+        yield
         return
     answers = {"is_torchdynamo_exporting": lambda *_: False}
     own_positions = len(args) <= 1 and "position_ids" not in (kwargs or {})
@@ -687,19 +683,16 @@ def eager_attention_masks(args: tuple = (), kwargs: dict | None = None, model: t
     for check in ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa"):
         if callable(getattr(masking, check, None)):
             answers[check] = reads.checked(getattr(masking, check))
-    hook = model.register_forward_pre_hook(reads.hook, with_kwargs=True) if model is not None else None
     me = threading.get_ident()
     with _MASKING_LOCK:   # one capture patches at a time; other threads keep transformers' answers
         saved = {name: getattr(masking, name) for name in answers}
         for name, answer in answers.items():
             setattr(masking, name, _on_thread(me, answer, saved[name]))
         try:
-            yield reads
+            yield
         finally:
             for name, fn in saved.items():
                 setattr(masking, name, fn)
-            if hook is not None:
-                hook.remove()
 
 
 _MASKING_LOCK = threading.RLock()

@@ -10,10 +10,10 @@ Two kinds of masks are decided here, read off the graph being traced:
 
 * made of ones alone: a model given no mask makes ``torch.ones`` itself (BERT's family,
   ConvBERT, BigBird, Perceiver), through casts and views; it holds ones whatever the call;
-* one of the call's inputs (a tokenizer's ``attention_mask``), through the same kinds of ops:
-  its values at capture decide, as eager's do, and the input is a *guard* of the program
-  (``MaskReads.read``): a call whose mask differs in that respect needs another program
-  (``all_ones``, part of the compiled module's key).
+* made from the call's inputs alone (a tokenizer's ``attention_mask``, through any
+  deterministic ops): its values at capture decide, as eager's do, and whether it holds ones
+  is a guard of the program (input_values.py, a "ones" read): a call whose mask differs in
+  that respect gets another program, as another shape would.
 """
 from __future__ import annotations
 
@@ -63,43 +63,19 @@ def made_of_ones(t) -> bool:
     return _source(t)[1]
 
 
-def all_ones(args: tuple, kwargs: dict, paths) -> tuple[bool, ...]:
-    """For each input at ``paths`` (("arg", i) or ("kw", name)), whether every element is one
-    (True), as a mask's skip reads it (one, not just nonzero: a cast on the way may truncate)."""
-    out = []
-    for kind, at in paths:
-        t = args[at] if kind == "arg" else kwargs.get(at)
-        out.append(isinstance(t, torch.Tensor) and t.device.type != "meta"
-                   and bool(t.all() if t.dtype == torch.bool else (t == 1).all()))
-    return tuple(out)
-
-
 class MaskReads:
-    """The skip decisions of one capture of ``model(*args, **kwargs)``: ``hook`` (a forward
-    pre-hook on the model) learns which traced values are the call's inputs, ``checked`` wraps
-    transformers' skip checks, and ``read`` collects the inputs whose values they read."""
+    """The skip decisions of one capture: ``checked`` wraps transformers' skip checks, answering
+    for a mask made of ones alone, and for one the call's inputs make by reading its values
+    through ``values`` (input_values.InputValues, which keeps the guard the program is keyed
+    by), or keeping the mask without it (None: no model call is traced)."""
 
-    def __init__(self, args: tuple, kwargs: dict):
-        self.args, self.kwargs = tuple(args), dict(kwargs or {})
-        self.inputs: dict[fx.Node, tuple] = {}
-        self.read: set[tuple] = set()
-
-    def hook(self, module, args, kwargs):
-        for path, t in [(("arg", i), a) for i, a in enumerate(args)] + [(("kw", k), v) for k, v in kwargs.items()]:
-            node = _traced_node(t)
-            if node is not None:
-                self.inputs[node] = path
+    def __init__(self, values=None):
+        self.values = values
 
     def _holds_ones(self, t) -> bool:
-        node, ones = _source(t)
-        path = self.inputs.get(node)
-        if ones or path is None:
-            return ones
-        self.read.add(path)
-        from torch.utils._mode_utils import no_dispatch
-
-        with no_dispatch():   # the call's own tensor, read outside the trace
-            return all_ones(self.args, self.kwargs, [path])[0]
+        if made_of_ones(t):
+            return True
+        return bool(self.values is not None and isinstance(t, torch.Tensor) and self.values.ones(t))
 
     def checked(self, check):
         """transformers' mask-skip ``check(padding_mask, ...)``, given None for a mask of ones."""

@@ -16,6 +16,7 @@ call whose value differs gets a program of its own, as another shape would.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
 from typing import NamedTuple
 
@@ -30,8 +31,9 @@ from .constant_masks import _traced_node
 class ValueGuard(NamedTuple):
     """A value made by ``program`` from the call's inputs at ``paths`` (("arg", i), ("kw", name),
     or ("buffer", name): a buffer of the model's, as it is at the call): its count of nonzero
-    elements (``reads == "count"``), its truth ("truth"), the integer it holds ("integer") or its
-    integers as nested tuples ("list"); ``value`` is what the capture saw."""
+    elements (``reads == "count"``), its truth ("truth"), whether every element is one ("ones"),
+    the integer it holds ("integer") or its integers as nested tuples ("list"); ``value`` is what
+    the capture saw."""
     paths: tuple
     program: fx.GraphModule
     reads: str
@@ -50,6 +52,8 @@ class ValueGuard(NamedTuple):
             return int(torch.count_nonzero(made))
         if self.reads == "list":
             return _frozen(made.tolist())
+        if self.reads == "ones":   # one, not just nonzero: a cast on the way may truncate
+            return bool((made == 1).all())
         return bool(made) if self.reads == "truth" else made.item()   # (a bool for a bool tensor)
 
     def writes(self) -> bool:
@@ -57,6 +61,31 @@ class ValueGuard(NamedTuple):
 
     def key(self) -> tuple:
         return self.reads, self.paths, self.program.code
+
+    def said(self, names: list[str]) -> str:
+        """What it reads, of the inputs named ``names`` ("integer of attention_mask")."""
+        if self.reads == "ones":
+            return f"{', '.join(names)} all ones"
+        return f"{'integers' if self.reads == 'list' else self.reads} of {', '.join(names)}"
+
+
+def input_name(model: torch.nn.Module, path: tuple) -> str:
+    """The name a user knows an input at ``path`` by: its parameter's name in ``forward``."""
+    kind, at = path
+    if kind == "arg":
+        try:
+            names = [n for n, p in inspect.signature(model.forward).parameters.items()
+                     if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            names = []
+        return names[at] if at < len(names) else f"input {at}"
+    return f"buffer {at}" if kind == "buffer" else str(at)
+
+
+def described(model: torch.nn.Module, guards) -> tuple[tuple[str, str], ...]:
+    """What each guard reads and the value its program was made for, as text (a plan shows them,
+    its file keeps them, and a saved plan is applied only to calls with the same values)."""
+    return tuple((g.said([input_name(model, path) for path in g.paths]), repr(g.value)) for g in guards)
 
 
 def _input(path: tuple, args: tuple, kwargs: dict, buffer) -> torch.Tensor:
@@ -161,8 +190,9 @@ class ReadingMode(TorchFunctionMode):
 
 class InputValues:
     """``hook`` (a forward pre-hook on the model) learns which traced values are the call's
-    inputs; ``count`` and ``truth`` read a traced tensor's value off the call's own tensors where
-    they alone make it, recording a guard each; ``guards`` maps a guard's number to it."""
+    inputs; ``count``, ``truth``, ``ones``, ``integer`` and ``integers`` read a traced tensor's
+    value off the call's own tensors where they alone make it, recording a guard each;
+    ``guards`` maps a guard's number to it."""
 
     def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict | None):
         self.args, self.kwargs = tuple(args), dict(kwargs or {})
@@ -191,6 +221,12 @@ class InputValues:
         if not isinstance(t, torch.Tensor) or not isinstance(t.numel(), int) or t.numel() != 1:
             return None
         read = self._read(t, "truth")
+        return None if read is None else read[1]
+
+    def ones(self, t: torch.Tensor) -> bool | None:
+        """Whether every element of ``t`` is one (an attention mask without padding), or None
+        where the inputs alone do not make it."""
+        read = self._read(t, "ones")
         return None if read is None else read[1]
 
     def integer(self, t: torch.Tensor) -> int | bool | None:

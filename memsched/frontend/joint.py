@@ -163,7 +163,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     constants = {k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
     return JointCaptured(
         joint, placeholders, ep.call_spec.in_spec, ep.call_spec.out_spec, constants,
-        mask_guards=ep.mask_guards, value_guards=ep.value_guards, n_outputs=len(out_vals), n_mutations=n_mut, boundary=boundary.name,
+        value_guards=ep.value_guards, n_outputs=len(out_vals), n_mutations=n_mut, boundary=boundary.name,
         mutation_targets=[s.target for s in out_specs if s.kind == OutputKind.BUFFER_MUTATION],
         grad_targets=[placeholders[i].target for i in trained], grad_inputs=[inputs.index(i) for i in grad_inputs],
         diff_outputs=list(trace.diff),

@@ -74,6 +74,7 @@ def plan_section(plan, training: bool) -> Section:
         *_allocator_rows(hw),
         *_limit_rows(plan.facts),
         *_chunk_rows(getattr(plan, "chunking", ())),
+        *_value_rows(getattr(plan, "input_values", ())),
         *_region_rows(plan.graph),
     )
     return Section("plan", f"memsched plan for {plan.model_name}", rows)
@@ -113,6 +114,18 @@ def _chunk_rows(chunking) -> tuple:
     shown = sorted(chunking, key=lambda c: c.path != LOSS_HEAD)   # the loss head first
     return (Row("modules split", (f"{len(chunking)}, up to {most} slices: {', '.join(map(str, shown[:3]))}"
                                   + (", ..." if len(chunking) > 3 else ""),)),)
+
+
+def _value_rows(values) -> tuple:
+    """The values read off the inputs that shaped the program (frontend/input_values.py)."""
+    return (Row("planned for values", (values_text(values),)),) if values else ()
+
+
+def values_text(values, shown: int = 4, width: int = 40) -> str:
+    """``(what, value)`` pairs as one line: the first ``shown``, each value cut at ``width``."""
+    cut = lambda v: v if len(v) <= width else v[:width - 3] + "..."  # noqa: E731
+    return "; ".join(f"{what} = {cut(value)}" for what, value in values[:shown]) + \
+        (f"; and {len(values) - shown} more" if len(values) > shown else "")
 
 
 def _region_rows(gm) -> tuple:

@@ -53,6 +53,7 @@ LIMITS = dict(
     elements=1 << 48,          # elements of one tensor, and any stride or offset
     bytes=1 << 50,             # bytes of one storage, a budget, a device
     text=1 << 16,              # characters of a string
+    value_text=1 << 24,        # characters of a value read off the inputs (a list of integers)
     name=1024,                 # characters of a name
     chunks=1 << 16,
 )
@@ -286,7 +287,8 @@ SCHEMA = {
                          LIMITS["name"]),
          "predicted": PREDICTION, "unconstrained": PREDICTION, "program": {"$ref": "#/$defs/program"}},
         {"memsched_version": _text(LIMITS["name"]), "torch_version": _text(LIMITS["name"]),
-         "input_signature": SIGNATURE, "chunking": CHUNKING}),
+         "input_signature": SIGNATURE, "chunking": CHUNKING,
+         "input_values": _list(_record({"read": _text(), "value": _text(LIMITS["value_text"])}))}),
 }
 
 # Booleans are not integers, and 1.0 is not one either (JSON Schema says it is; a plan never

@@ -241,6 +241,22 @@ def _describe_leaf(leaf) -> str:
     return leaf[1]
 
 
+def check_input_values(saved: tuple, now: tuple) -> None:
+    """PlanMismatchError unless the values read off the inputs (a mask's padding, a count, an
+    integer: frontend/input_values.py) are those the plan was made for. (A file written before
+    plans kept them has none: its program is paired op by op, as before.)"""
+    if not saved or tuple(saved) == tuple(now):
+        return
+    cut = lambda v: v if len(v) <= 60 else v[:57] + "..."  # noqa: E731
+    differ = [f"{what} is {cut(value)}, the plan was made for {cut(was)}"
+              for (what, value), (_, was) in zip(now, saved) if value != was]
+    if len(now) != len(saved) or [w for w, _ in now] != [w for w, _ in saved]:
+        differ = [f"this call reads {len(now)} values ({', '.join(sorted({w for w, _ in now}))}), the plan "
+                  f"was made for {len(saved)} ({', '.join(sorted({w for w, _ in saved}))})"]
+    raise PlanMismatchError("values read off the inputs differ from those the plan was made for: "
+                            + "; ".join(differ) + ": plan again for these inputs")
+
+
 def check_signature(saved: tuple, now: tuple) -> None:
     """PlanMismatchError unless the inputs have the structure, shapes, dtypes and non-tensor
     values the plan was made for (devices may differ: a plan made on meta inputs runs on real ones)."""

@@ -564,6 +564,7 @@ def plan_to_dict(plan) -> dict:
         "hardware": plan.hardware.to_dict(),
         "input_signature": None if plan.signature is None else _signature_to_dict(plan.signature),
         "chunking": [{"path": c.path, "dim": c.dim, "chunks": c.chunks} for c in plan.chunking],
+        "input_values": [{"read": what, "value": value} for what, value in plan.input_values],
         "placement": _facts_to_dict(plan.facts, plan.n_segments),
         "passes": [{"name": p.name, "seconds": num(p.seconds), "note": p.note} for p in plan.passes],
         "predicted": _sim_to_dict(plan.sim),
@@ -684,7 +685,8 @@ def plan_fields(d: dict, source: str = "the plan") -> dict:
             unconstrained=_sim_from_dict(d["unconstrained"]),
             passes=[PassRecord(p["name"], _number(p["seconds"]), p.get("note", "")) for p in d["passes"]],
             n_segments=n_segments, facts=facts, signature=_signature_from_dict(d.get("input_signature")),
-            chunking=tuple(Chunking(c["path"], c["dim"], c["chunks"]) for c in d.get("chunking", ())))
+            chunking=tuple(Chunking(c["path"], c["dim"], c["chunks"]) for c in d.get("chunking", ())),
+            input_values=tuple((v["read"], v["value"]) for v in d.get("input_values", ())))
     except UnregisteredOperatorError as e:
         raise PlanFileError(f"{source} {e}") from None
     except PlanFileError as e:
