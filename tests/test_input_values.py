@@ -301,6 +301,38 @@ class TrimsPadding(torch.nn.Module):
         return (self.lin(x[:, :n]) * attention_mask[:, :n, None]).sum(1)
 
 
+class PoolsBySegment(torch.nn.Module):
+    """Means over the tokens of each segment id present (``unique`` with ``return_inverse`` and
+    ``return_counts``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+
+    def forward(self, x, segments):
+        ids, where, counts = segments.unique(return_inverse=True, return_counts=True)
+        h = self.lin(x)
+        sums = torch.zeros(len(ids), h.shape[-1]).index_add(0, where.flatten(), h.flatten(0, 1))
+        return sums / counts[:, None] + ids[:, None]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_unique_with_places_and_counts_is_read_off_the_inputs(train):
+    """Each call's ids, places and counts are eager's; another set of ids gets its own program."""
+    model = PoolsBySegment()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(8))
+    calls = [torch.tensor([[7, 2, 2, 9, 7], [9, 9, 2, 7, 7]]), torch.tensor([[2, 9, 7, 7, 9], [2, 2, 2, 7, 9]]),
+             torch.tensor([[4, 4, 4, 1, 1], [1, 1, 1, 1, 4]])]
+    cm = memsched.compile(model, "64MB", device="cpu", train=train)
+    try:
+        for n, segments in enumerate(calls):
+            _check(cm, ref, (x, segments), train)
+            assert cm.plans_made == (1 if n < 2 else 2)
+    finally:
+        cm.close()
+
+
 class WarmsUp(torch.nn.Module):
     """Branches on a buffer of its own (a step counter the caller advances)."""
 

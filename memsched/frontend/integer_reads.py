@@ -1,9 +1,10 @@
 """Integers a model reads off tensors in Python, where the call's inputs alone make them.
 
 ``n = int(mask.sum(-1).max()); x[:, :n]``, ``x.split(lengths.tolist())`` (Qwen2-VL's vision
-attention, one image at a time), ``torch.repeat_interleave(sizes, counts)``, ``rows.unique()``,
-a tensor handed to an op as a size (ViLT's ``interpolate(size=(h, w))`` of per-image patch
-counts, ``torch.multinomial(weights, n)``): eager reads the values, a trace cannot, and
+attention, one image at a time), ``torch.repeat_interleave(sizes, counts)``, ``rows.unique()``
+(its places and counts too), a tensor handed to an op as a size (ViLT's
+``interpolate(size=(h, w))`` of per-image patch counts, ``torch.multinomial(weights, n)``):
+eager reads the values, a trace cannot, and
 torch.export leaves a size made from them symbolic or refuses the model. Where the tensor is made
 from the call's inputs alone, its value is read off the call's own tensors (input_values.py):
 the program is traced with that number, and the compiled module keys its programs by it, a
@@ -53,12 +54,31 @@ class IntegerReads(ReadingMode):
         return self.values.integers(args[0])
 
     def _unique(self, func, args, kwargs):
-        """``t.unique()`` (sorted, nothing else returned): its values, a constant of the program."""
-        if len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dtype.is_floating_point \
-                or kwargs.get("dim") is not None or kwargs.get("return_inverse") or kwargs.get("return_counts"):
+        """``t.unique()`` of a flattened tensor: its values, a constant of the program; where asked,
+        each element's place among them (``return_inverse``) and how often each comes
+        (``return_counts``), traced from that constant, so they hold eager's values too."""
+        bound = dict(zip(("input", "sorted", "return_inverse", "return_counts", "dim"), args), **kwargs)
+        t = bound.get("input")
+        if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype.is_complex \
+                or bound.get("dim") is not None:
             return None
-        values = self.values.integers(torch.unique(args[0]).flatten())
-        return None if values is None else torch.tensor(values, dtype=args[0].dtype, device=args[0].device)
+        values = self.values.integers(torch.unique(t, sorted=bound.get("sorted", True)).flatten())
+        if values is None:
+            return None
+        unique = torch.tensor(values, dtype=t.dtype, device=t.device)
+        out = [unique]
+        if bound.get("return_inverse") or bound.get("return_counts"):
+            if values == sorted(values) and t.dtype != torch.bool:
+                inverse = torch.searchsorted(unique, t.contiguous())
+            else:   # (eager's order, where it leaves them unsorted)
+                inverse = (t.unsqueeze(-1) == unique).to(torch.int8).argmax(-1)
+            if bound.get("return_inverse"):
+                out.append(inverse)
+            if bound.get("return_counts"):
+                flat = inverse.flatten()
+                out.append(torch.zeros(len(values), dtype=torch.long, device=t.device).index_add_(
+                    0, flat, torch.ones_like(flat)))
+        return out[0] if len(out) == 1 else tuple(out)
 
     def _repeated(self, func, args, kwargs):
         """``repeat_interleave`` by a tensor of repeats: its length, their sum, read off them."""
