@@ -666,8 +666,9 @@ def eager_attention_masks(args: tuple = (), kwargs: dict | None = None, values=N
     eager: the captured program then runs eager's kernels, whose sums (grouped-query key/value
     gradients) are ordered differently from the masked path's. A mask given, or one the model
     makes of ones, is decided as eager decides it too (constant_masks.py: the given mask's values
-    at capture, read through ``values``, input_values.InputValues, a guard of the program). Likewise with no cache and no mask transformers looks
-    for sequences packed into one row in the position ids, a check it cannot make on traced
+    at capture, read through ``values``, an input_values.InputValues, a guard of the program).
+    Likewise with no cache and no mask transformers looks for sequences packed into one row in
+    the position ids, a check it cannot make on traced
     values; when the caller passes no position ids (only ``input_ids`` or keywords without them),
     the model makes them, one sequence per row, and the check says "none", as in eager. Only
     when the process has imported transformers."""
