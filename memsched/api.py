@@ -15,7 +15,7 @@ from .budget import parse_budget
 from .cost_models.hardware import Hardware, get_hardware
 from .frontend.autocast import autocast_state
 from .frontend.capture import input_signature
-from .frontend.input_values import GuardSet, described
+from .frontend.input_values import GuardSet, described, stand_in
 from .frontend.fake import meta_as_empty
 from .io.reapply import PlanMismatchError
 from .pipeline import plan_model
@@ -85,8 +85,8 @@ def _model_tensors(model: torch.nn.Module):
 
 
 def _meta_as_zeros(tree):
-    """Meta input tensors as zeros on the CPU (capture reads their shapes, never their values);
-    one passed twice stays one tensor (input_signature)."""
+    """Meta input tensors as zeros on the CPU (capture reads their shapes; a value read off one
+    is refused: input_values.stand_in); one passed twice stays one tensor (input_signature)."""
     import torch.utils._pytree as pytree
 
     made: dict[int, torch.Tensor] = {}
@@ -95,7 +95,7 @@ def _meta_as_zeros(tree):
         if not (isinstance(x, torch.Tensor) and x.device.type == "meta"):
             return x
         if id(x) not in made:
-            made[id(x)] = torch.zeros(x.shape, dtype=x.dtype)
+            made[id(x)] = stand_in(x)
         return made[id(x)]
 
     return pytree.tree_map(zeros, tree)

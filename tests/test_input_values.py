@@ -243,6 +243,16 @@ def test_a_plan_says_the_values_it_was_made_for_and_applies_to_those_alone(tmp_p
         cm.close()
 
 
+def test_a_value_of_inputs_given_on_meta_is_refused_by_name():
+    """memsched.plan captures inputs given on meta as zeros of their shapes: a value read off them
+    would plan for zeros, so it is refused, naming the value and the input."""
+    x, mask = _inputs()
+    with pytest.raises(memsched.UnsupportedModelError, match="count of mask.*mask was given on the meta device"):
+        memsched.plan(Patches(SELECTIONS["index"]), (x.to("meta"), mask.to("meta")), "64MB")
+    assert memsched.plan(Patches(SELECTIONS["index"]), (x.to("meta"), mask), "64MB").input_values == \
+        (("count of mask", "10"),)
+
+
 def test_videomae_pretraining_trains_as_eager_at_its_minimum():
     """transformers' VideoMAE keeps the visible tubelets with ``x[~bool_masked_pos].reshape(...)``."""
     from transformers import VideoMAEConfig, VideoMAEForPreTraining

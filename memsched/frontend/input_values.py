@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -25,6 +26,7 @@ import torch.fx as fx
 from torch.overrides import TorchFunctionMode
 from torch.utils._mode_utils import no_dispatch
 
+from ..errors import UnsupportedModelError
 from .constant_masks import _traced_node
 
 
@@ -86,6 +88,22 @@ def described(model: torch.nn.Module, guards) -> tuple[tuple[str, str], ...]:
     """What each guard reads and the value its program was made for, as text (a plan shows them,
     its file keeps them, and a saved plan is applied only to calls with the same values)."""
     return tuple((g.said([input_name(model, path) for path in g.paths]), repr(g.value)) for g in guards)
+
+
+# zeros standing in for inputs given on the meta device (memsched.plan captures with them):
+# their shapes are the inputs', their values are no one's
+_STAND_INS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()   # id -> the tensor
+
+
+def stand_in(meta: torch.Tensor) -> torch.Tensor:
+    """Zeros on the CPU shaped as ``meta``, known as a stand-in: a value read off it is refused."""
+    zeros = torch.zeros(meta.shape, dtype=meta.dtype)
+    _STAND_INS[id(zeros)] = zeros
+    return zeros
+
+
+def _stands_in(t: torch.Tensor) -> bool:
+    return _STAND_INS.get(id(t)) is t
 
 
 def _input(path: tuple, args: tuple, kwargs: dict, buffer) -> torch.Tensor:
@@ -195,7 +213,7 @@ class InputValues:
     ``guards`` maps a guard's number to it."""
 
     def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict | None):
-        self.args, self.kwargs = tuple(args), dict(kwargs or {})
+        self.model, self.args, self.kwargs = model, tuple(args), dict(kwargs or {})
         # the model's buffers as they are (the trace swaps in stand-ins), those with values only
         self.buffers = {name: b for name, b in model.named_buffers() if b.device.type != "meta"}
         self.inputs: dict[fx.Node, tuple] = {}
@@ -253,6 +271,16 @@ class InputValues:
             return None
         program, paths = made
         guard = ValueGuard(paths, program, reads, 0)
+        on_meta = [path for path in paths if _stands_in(_input(path, self.args, self.kwargs, self.buffers.get))]
+        if on_meta:
+            if reads == "ones":   # a mask not known to hold ones is kept, as eager keeps a padded one
+                return None
+            names = [input_name(self.model, path) for path in paths]
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: the program depends on the {guard.said(names)}, a value read "
+                "off the call's inputs, but "
+                f"{', '.join(input_name(self.model, path) for path in on_meta)} was given on the meta device, "
+                "with no values to read: plan with real inputs (their values decide the program)")
         with no_dispatch(), torch._C.DisableTorchFunction():   # the call's own tensors, outside the trace
             value = guard.held(self.args, self.kwargs, self.buffers.__getitem__)
         number = len(self.guards)
