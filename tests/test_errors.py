@@ -466,6 +466,36 @@ def test_spec_augment_in_training_is_refused_with_what_turns_it_off():
                       train=True)
 
 
+def test_layerdrop_in_training_is_refused_with_what_turns_it_off():
+    """M2M100's default LayerDrop draws per layer whether to run it: refused by name (not as the
+    mask of ones the capture retried with), and the recipe the error gives trains as eager."""
+    import copy
+
+    from transformers import M2M100Config, M2M100ForConditionalGeneration
+
+    cfg = M2M100Config(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+    assert cfg.encoder_layerdrop > 0
+    torch.manual_seed(0)
+    model = M2M100ForConditionalGeneration(cfg).train()
+    kwargs = {"input_ids": torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(1)),
+              "labels": torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(2))}
+    with pytest.raises(memsched.CaptureError, match=r"random draw at modeling_m2m_100.*LayerDrop.*setattr\(m, "
+                       r"'layerdrop', 0.0\) for m in model.modules\(\) if hasattr\(m, 'layerdrop'\)\]`$"):
+        memsched.plan(model, (), budget="1GB", example_kwargs=kwargs, train=True)
+    model.config.layerdrop = 0.0
+    [setattr(m, 'layerdrop', 0.0) for m in model.modules() if hasattr(m, 'layerdrop')]
+    ref = copy.deepcopy(model)
+    cm = memsched.compile(model, "1GB", device="cpu", train=True)
+    try:
+        torch.manual_seed(3)
+        got = cm(**kwargs).loss
+        torch.manual_seed(3)
+        torch.testing.assert_close(got, ref(**kwargs).loss, rtol=0, atol=0)
+    finally:
+        cm.close()
+
+
 def test_hooks_a_user_registered_are_named_with_what_they_will_not_do():
     """A feature-extraction hook runs once, while the model is traced: its list would hold
     FakeTensors, so compile says so, naming the module; the outputs are still eager's."""

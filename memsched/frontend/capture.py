@@ -275,6 +275,8 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
         try:   # a model that makes its mask of ones in eager only (see _absent_mask_shape)
             ep, values = _export(model, args, kwargs, ones_mask=shape)
         except Exception as again:   # what stops it further on (the retry got past the mask)
+            if type(again) is type(exc) and _first_line(again) == _first_line(exc):
+                raise _capture_error(model, exc) from exc   # the same stop: the mask was not the cause
             raise _capture_error(model, again, " (captured with a mask of ones, as the model makes when "
                                  "given none: without it the capture failed on the missing mask)") from again
     # a size made from data that only a check read (taken as an assert: value_checks.py) goes with it
@@ -287,8 +289,12 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
     return ep
 
 
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def _capture_error(model: torch.nn.Module, exc: Exception, note: str = "") -> CaptureError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = _first_line(exc)
     return CaptureError(f"could not capture {type(model).__name__} with torch.export: {type(exc).__name__}: "
                         f"{first}{_data_dependent_hint(exc) or _raised_in_model(exc)}{note}{_packed_hint(exc)}"
                         f"{_sized_by_data_hint(exc)}")
@@ -489,6 +495,13 @@ def _site(path: str, line: int) -> str:
 
 
 def _data_dependent_hint_at(where: str) -> str:
+    if "layerdrop" in where.lower():   # transformers' LayerDrop: a random draw per layer and step
+        return (f". The model branches on a random draw{where}: LayerDrop skips each layer at random in "
+                "training, a program whose layers change every step, which memsched cannot plan statically. "
+                "Set its probabilities to 0 before compiling: `layerdrop`, `encoder_layerdrop` and "
+                "`decoder_layerdrop` in the config (`model.config.layerdrop = 0.0`, read at every call), "
+                "and on the modules that copied them when built: `[setattr(m, 'layerdrop', 0.0) for m in "
+                "model.modules() if hasattr(m, 'layerdrop')]`")
     return (f". The model branches on a tensor's value{where}: memsched plans one static program per "
             "input signature, so it cannot follow control flow that depends on data made inside the model "
             "(from its weights, activations or random draws; a value the call's inputs alone make decides "
