@@ -186,7 +186,15 @@ def test_a_fused_training_steps_minimum_under_autocast_is_one_it_plans_at():
     """The minimum a fused training step reports at a large budget is a budget it plans at.
     At that budget the step is captured again with its loss reading the logits in slices
     (pipeline.loss_head_pass): that capture runs under the caller's autocast too (before: with
-    it off, a float32 program whose minimum was higher than the one reported)."""
+    it off, a float32 program whose minimum was higher than the one reported). A region's result
+    taken out by a getitem holds nothing while the getitem runs: the op it was made by ran inside
+    the region, whose bytes count what it held (before: the getitem kept the op's measured
+    scratch, a mixed-dtype ``mul``'s 32 KiB, and a schedule putting it at the peak was over)."""
+    import operator
+
+    from memsched.ir.meta import info
+    from memsched.ir.ops import Op, op_of
+
     model = _llama().train()
     ids = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(1))
     kwargs = dict(input_ids=ids, labels=ids)
@@ -194,6 +202,8 @@ def test_a_fused_training_steps_minimum_under_autocast_is_one_it_plans_at():
         floor = memsched.plan(model, (), "1GB", train=True, fuse=True, example_kwargs=kwargs).min_budget_bytes
         plan = memsched.plan(model, (), floor, train=True, fuse=True, example_kwargs=kwargs)
     assert plan.peak_device_bytes <= floor
+    taken = [n for n in plan.graph.graph.nodes if n.target is operator.getitem and op_of(n.args[0]) is Op.REGION]
+    assert taken and [n.name for n in taken if info(n).scratch] == []
 
 
 def test_an_op_that_cannot_be_replayed_under_autocast_is_refused_by_name(monkeypatch):

@@ -592,6 +592,8 @@ def _rewrite(graph: fx.Graph, run: _Run, index: int) -> None:
         with graph.inserting_after(last):
             last = g = graph.call_function(operator.getitem, (node, i))
         g.meta = dict(o.meta)
+        if MEMSCHED_KEY in g.meta:   # the op runs inside the region, whose bytes count what it holds
+            annotate(g, scratch=None)
         o.replace_all_uses_with(g, delete_user_cb=lambda u: u not in inside)
         getters.append((g, o.name))
     moved = {f for f, _ in run.frees}
