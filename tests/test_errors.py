@@ -154,11 +154,19 @@ class CatchesItsOwnCheck(WithALinear):
 
 def test_a_branch_on_data_that_only_raises_is_taken_as_an_assert():
     """One way raises, so eager goes the other way for every input it runs: the program does
-    too (the check itself is dropped, as a model's asserts on values are)."""
+    too (the check itself is dropped, as a model's asserts on values are). A check of values the
+    inputs alone make is a guard instead: labels it refuses raise the model's own error, as
+    eager does, and valid ones go on with the program planned first."""
     x, labels = torch.randn(4), torch.tensor([1, 2])
     cm = memsched.compile(ChecksItsValues(), "1GB", device="cpu")
     try:
         torch.testing.assert_close(cm(x, labels), ChecksItsValues()(x, labels), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="label out of range: 3"):
+            ChecksItsValues()(x, torch.tensor([1, 3]))
+        with pytest.raises(memsched.CaptureError, match=r"ValueError: label out of range.*helpers.py:\d+ in forward"):
+            cm(x, torch.tensor([1, 3]))
+        torch.testing.assert_close(cm(x, labels - 1), ChecksItsValues()(x, labels - 1), rtol=0, atol=0)
+        assert cm.plans_made == 1
     finally:
         cm.close()
 

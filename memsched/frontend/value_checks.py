@@ -10,10 +10,12 @@ that goes on, when the bytecode of the frame asking shows that the other value l
 a ``raise`` (no other branch, loop or ``try`` on the way). The answer is recorded as
 the assert torch writes for traced code (``torch._check``), which capture drops like the model's
 own asserts on values (``capture.drop_asserts``): the compiled program does not raise where
-eager would have on invalid data. ``if mask.any(): x[mask] = v`` is answered true as well: the
-write it skips writes nothing (``_guards_a_masked_write``). A branch on a value the call's inputs
-alone make is decided by that value (input_values.py: a guard keying the program, not an assert).
-Any other branch on data is still refused by name.
+eager would have on invalid data made inside the model. ``if mask.any(): x[mask] = v`` is
+answered true as well: the write it skips writes nothing (``_guards_a_masked_write``). A branch
+on a value the call's inputs alone make, a check included, is decided by that value
+(input_values.py: a guard keying the program, not an assert): a call whose labels a CTC head
+refuses is captured anew and raises the model's own error, as eager does. Any other branch on
+data is still refused by name.
 """
 from __future__ import annotations
 
@@ -66,11 +68,13 @@ def _answering(thread: int, truth, decide):
             asking = sys._getframe(1)
             if _guards_a_masked_write(asking):
                 return True   # either way is eager's: nothing to record
+            # a value the inputs alone make is the call's own: a guard of the program, not an
+            # assert, so a call whose data a check refuses raises the model's error, as in eager
+            decided = decide(value) if decide is not None else None
+            if decided is not None:
+                return decided
             answer = _way_on(asking)
             if answer is None:
-                decided = decide(value) if decide is not None else None
-                if decided is not None:
-                    return decided   # a guard of the program, not an assert
                 exc.asked_at = (asking.f_code.co_filename, asking.f_lineno)   # for the error's message
                 raise
         if isinstance(value, torch.Tensor):
