@@ -297,7 +297,16 @@ def _capture_error(model: torch.nn.Module, exc: Exception, note: str = "") -> Ca
     first = _first_line(exc)
     return CaptureError(f"could not capture {type(model).__name__} with torch.export: {type(exc).__name__}: "
                         f"{first}{_data_dependent_hint(exc) or _raised_in_model(exc)}{note}{_packed_hint(exc)}"
-                        f"{_sized_by_data_hint(exc)}")
+                        f"{_sized_by_data_hint(exc)}{_traced_values_hint(first)}")
+
+
+def _traced_values_hint(message: str) -> str:
+    """A model's own message formats tensors it was handed: under a trace they print as
+    ``FakeTensor(..., size=...)``, which says nothing of the values it checked."""
+    if "FakeTensor(" not in message:
+        return ""
+    return (". (FakeTensor(...) in the message is a tensor the trace followed without computing it; "
+            "calling the model eagerly with these inputs shows the values)")
 
 
 def _sized_by_data_hint(exc: BaseException) -> str:
