@@ -15,6 +15,14 @@ settings.load_profile("ci" if os.environ.get("CI") else "default")
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("OMP_DYNAMIC", "FALSE")
 
+# pytest-xdist runs one worker per core: each worker's BLAS/OpenMP takes its share of the cores,
+# not all of them (two workers each spinning two OpenMP threads on two cores wait on each other)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 # tests import the zoo and helpers as plain modules
 sys.path.insert(0, os.path.dirname(__file__))
 # a per-run calibration cache, so tests never depend on a developer's cached profile
