@@ -693,3 +693,46 @@ def test_a_prompt_whose_cache_entries_exceed_the_budget_generates(tmp_path):
     assert torch.equal(tokens, _reference(model, ids, eos_token_id=None, pad_token_id=0, n=4))
     assert stats.peak_device_bytes <= least
     assert stats.bytes_moved.get("disk_write", 0) >= entries // 2
+
+
+def test_the_models_own_logits_processors_are_applied_as_transformers_applies_them(tmp_path):
+    """transformers' generate applies the processors the model's generation config sets without
+    being asked (a checkpoint's repetition penalty, a banned n-gram size): memsched.generate does
+    too, so its tokens are the ones ``model.generate()`` gives, at a budget the cache leaves."""
+    model, ids = _decoder("llama")
+    model.generation_config.repetition_penalty = 1.5
+    model.generation_config.no_repeat_ngram_size = 2
+    ref = _reference(model, ids, eos_token_id=None, pad_token_id=0)
+    budget = _least_budget(model, batch=3, prompt_len=10, max_len=10 + NEW_TOKENS, sample_ids=ids,
+                           hardware=FIXED_CPU, device="cpu")
+    tokens = memsched.generate(model, ids, budget=budget, max_new_tokens=NEW_TOKENS, eos_token_id=None,
+                               pad_token_id=0, hardware=FIXED_CPU, device="cpu", offload_dir=tmp_path)
+    assert torch.equal(tokens, ref)
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = None, None
+    assert not torch.equal(memsched.generate(model, ids, budget="1GB", max_new_tokens=NEW_TOKENS, eos_token_id=None,
+                                             pad_token_id=0, hardware=FIXED_CPU, device="cpu"), ref)
+
+
+def test_a_decoder_whose_cache_has_more_layers_than_it_writes_generates():
+    """BartForCausalLM (the decoder of an encoder-decoder family, run alone) makes its cache with
+    one layer per *encoder* layer of its config (12) and writes two; its config forces the end
+    token at the last step. Tokens equal transformers' generate, the empty layers planned for nothing."""
+    import transformers as T
+
+    with quiet_transformers():
+        torch.manual_seed(0)
+        model = T.BartForCausalLM(T.BartConfig(vocab_size=300, d_model=64, decoder_layers=2, decoder_attention_heads=4,
+                                               decoder_ffn_dim=128, max_position_embeddings=64)).eval()
+    assert model.generation_config.forced_eos_token_id == 2
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(2))
+    ref = _reference(model, ids, eos_token_id=None, pad_token_id=0, n=8)
+    assert (ref[:, -1] == 2).all()
+    tokens, stats = memsched.generate(model, ids, budget="1GB", max_new_tokens=8, eos_token_id=None, pad_token_id=0,
+                                      hardware=FIXED_CPU, device="cpu", return_stats=True)
+    assert torch.equal(tokens, ref)
+    gen = memsched.Generator(model, "1GB", batch=2, prompt_len=9, max_len=17, sample_ids=ids, hardware=FIXED_CPU,
+                             device="cpu")
+    try:
+        assert gen.decoder.n_layers == 2
+    finally:
+        gen.close()

@@ -22,7 +22,7 @@ from ..errors import InfeasibleBudgetError, UnsupportedModelError
 from ..frontend.fake import meta_as_empty
 from .blocks import choose_block
 from .kv_cache import CachedDecoder, Window, cache_shapes, probe_attention
-from .sampling import CONFIG, greedy, sampling
+from .sampling import CONFIG, from_model_config, greedy, sampling
 
 
 @dataclass
@@ -427,6 +427,8 @@ def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, att
     check_prompt(model, input_ids, attention_mask, max_new_tokens)
     eos_token_id, pad_token_id = _special_tokens(model, eos_token_id, pad_token_id)
     chosen = sampling(model, do_sample, temperature, top_k, top_p)
+    chosen = from_model_config(model, input_ids, attention_mask, max_new_tokens, do_sample, eos_token_id, pad_token_id,
+                               temperature=temperature, top_k=top_k, top_p=top_p) or chosen
     with torch.random.fork_rng():   # planning (a calibration's random operands) draws nothing of the run's
         gen, tried, made = plan_generator(model, budget, input_ids, max_new_tokens, block_size=block_size,
                                           goal=goal, device=device, offload_dir=offload_dir, hardware=hardware,

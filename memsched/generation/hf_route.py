@@ -11,7 +11,7 @@ runs two programs (prompt, one token) over a cache placed for the whole generati
 What it takes: greedy decoding and sampling (``do_sample``, ``temperature``, ``top_k``,
 ``top_p``), ``max_new_tokens`` or ``max_length``, ``eos_token_id`` / ``pad_token_id``, an
 ``attention_mask``, and the generation-config fields transformers turns into logits processors
-that read only the ids so far (``_PROCESSED``: a repetition penalty, banned words and n-grams,
+that read only the ids so far (``PROCESSED_FIELDS`` in sampling.py: a repetition penalty, banned words and n-grams,
 minimum lengths, forced and suppressed tokens, typical / min-p / epsilon / eta sampling,
 sequence biases), applied by transformers' own processor list (sampling.Processed). Anything
 else that would change the tokens (beam search, classifier-free guidance, processors passed
@@ -27,17 +27,12 @@ from collections import OrderedDict
 import torch
 
 from .decoding import _special_tokens, check_prompt, plan_generator, run_blocks
-from .sampling import Processed, sampling
+from .sampling import PROCESSED_FIELDS, Processed, processed_fields, sampling
 
 # generation-config fields that do not change which tokens come out, or that the loop reads
 _READ = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
          "pad_token_id", "bos_token_id", "use_cache", "transformers_version", "_from_model_config",
          "return_legacy_cache", "cache_implementation"}
-# fields transformers' generate turns into logits processors reading the ids so far
-_PROCESSED = {"repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
-              "begin_suppress_tokens", "min_length", "min_new_tokens", "forced_bos_token_id",
-              "forced_eos_token_id", "sequence_bias", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_p",
-              "exponential_decay_length_penalty", "renormalize_logits", "remove_invalid_values"}
 _MODEL_KWARGS = {"attention_mask"}
 DEFAULT_NEW_TOKENS = 20   # transformers' when neither max_new_tokens nor max_length is set
 
@@ -64,8 +59,7 @@ class RoutedGenerate:
                              "pass max_new_tokens")
         check_prompt(self.model, ids, mask, new)
         eos, pad = _special_tokens(self.model, config.eos_token_id, config.pad_token_id)
-        processed = [k for k, v in config.to_diff_dict().items() if k in _PROCESSED and v is not None]
-        chosen = Processed(self.model, config, ids, mask, new) if processed else \
+        chosen = Processed(self.model, config, ids, mask, new) if processed_fields(config) else \
             sampling(self.model, bool(config.do_sample), config.temperature, config.top_k, config.top_p)
         gen = self._generator(ids, new)
         tokens, self.last_stats = run_blocks(gen, ids, new, mask, eos, pad, chosen)
@@ -77,7 +71,7 @@ class RoutedGenerate:
         config = copy.deepcopy(generation_config if generation_config is not None else self.model.generation_config)
         model_kwargs = config.update(**kwargs)
         # (a field set to an off value -- False, None, 0, empty -- changes nothing: output_attentions=False)
-        unread = sorted(k for k, v in config.to_diff_dict().items() if k not in _READ | _PROCESSED and v)
+        unread = sorted(k for k, v in config.to_diff_dict().items() if k not in _READ | PROCESSED_FIELDS and v)
         unread += sorted(k for k, v in model_kwargs.items() if k not in _MODEL_KWARGS | {"input_ids"} and v is not None)
         if unread:
             raise NotImplementedError(

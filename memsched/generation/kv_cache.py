@@ -474,8 +474,13 @@ def cache_shapes(model: nn.Module, batch: int, max_len: int, sample_ids: torch.T
     if cache is None or not getattr(cache, "layers", None):
         raise ValueError(f"{type(model).__name__} returns no KV cache with use_cache=True: "
                          "memsched.generate needs a transformers decoder with a cache")
+    layers = list(cache.layers)
+    # a cache sized by another count than the layers that write it (BartForCausalLM's by the
+    # config's encoder layers) keeps trailing layers no step fills: they are not the model's
+    while len(layers) > 1 and _unwritten(layers[-1]):
+        layers.pop()
     shapes = []
-    for i, layer in enumerate(cache.layers):
+    for i, layer in enumerate(layers):
         k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
         if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or k.dim() != 4:
             raise ValueError(f"{type(model).__name__}: cache layer {i} ({type(layer).__name__}) is not "
@@ -483,3 +488,7 @@ def cache_shapes(model: nn.Module, batch: int, max_len: int, sample_ids: torch.T
         shapes.append((torch.Size((batch, k.shape[1], max_len, k.shape[3])),
                        torch.Size((batch, v.shape[1], max_len, v.shape[3]))))
     return shapes, cache.layers[0].keys.dtype
+
+
+def _unwritten(layer) -> bool:
+    return getattr(layer, "keys", None) is None and getattr(layer, "values", None) is None

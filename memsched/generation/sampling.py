@@ -36,6 +36,18 @@ def greedy(logits: torch.Tensor, so_far: list[torch.Tensor]) -> torch.Tensor:
     return logits.argmax(-1)
 
 
+# generation-config fields transformers' generate turns into logits processors reading the ids so far
+PROCESSED_FIELDS = {"repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+                    "begin_suppress_tokens", "min_length", "min_new_tokens", "forced_bos_token_id",
+                    "forced_eos_token_id", "sequence_bias", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_p",
+                    "exponential_decay_length_penalty", "renormalize_logits", "remove_invalid_values"}
+
+
+def processed_fields(config) -> list[str]:
+    """The fields of ``config`` (a GenerationConfig) set to make logits processors."""
+    return [k for k, v in config.to_diff_dict().items() if k in PROCESSED_FIELDS and v is not None]
+
+
 # transformers' documented defaults, for a generation config that leaves a setting unset
 _DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
@@ -121,3 +133,21 @@ class Processed:
         if self.config.do_sample:
             return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         return scores.argmax(-1)
+
+
+def from_model_config(model, input_ids: torch.Tensor, attention_mask, new_tokens: int, do_sample: bool,
+                      eos_token_id, pad_token_id, **settings) -> "Processed | None":
+    """``Processed`` for a run of ``memsched.generate`` on a model whose own generation config
+    sets logits processors (BartForCausalLM's ``forced_eos_token_id``, a checkpoint's
+    ``repetition_penalty``), as transformers' generate applies them unasked; None where it sets
+    none. ``settings`` (temperature, top_k, top_p) left at ``"config"`` keep the config's."""
+    own = getattr(model, "generation_config", None)
+    if own is None or not processed_fields(own):
+        return None
+    config = copy.deepcopy(own)
+    config.do_sample = do_sample
+    for name, value in settings.items():
+        if not (isinstance(value, str) and value == CONFIG):
+            setattr(config, name, value)
+    config.eos_token_id, config.pad_token_id = eos_token_id, pad_token_id
+    return Processed(model, config, input_ids, attention_mask, new_tokens)
