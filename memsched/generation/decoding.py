@@ -410,6 +410,8 @@ def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, att
     are padded with ``pad_token_id`` after it; generation stops when all have); with
     ``return_stats=True`` a ``(tokens, GenerationStats)`` pair. ``eos_token_id`` and
     ``pad_token_id`` default to the model's generation config; pass None to never stop early.
+    Logits processors the model's generation config sets (a repetition penalty, a forced end
+    token) are applied as transformers' generate applies them, unasked.
     Two programs are planned (prompt, then one for every new token), and the KV cache for
     prompt + new tokens is placed by the planner with the weights. ``weights=``: a safetensors
     checkpoint for a model built on the meta device (see ``memsched.compile``).
