@@ -7,7 +7,8 @@ prefetch reads a home tensor or an offload handle; every move moves what it says
 take, recounted here rather than read from the plan); the device bytes held -- counted per
 storage, a prefetch being a fresh storage -- stay within the budget at every node; and every
 tensor is accounted for: when the program returns, the device holds only its outputs and the
-resident model tensors, every fetch was waited on and every offload handle released.
+resident model tensors, every fetch was waited on and every offload handle released; and no
+value is recomputed by re-running its op after its storage was written in place.
 Every message names the step (the node's index in the graph) and the node: ``step 12 (mm_3)``.
 It reads the IR's vocabulary (ops, kinds, node facts) and nothing of the planner.
 """
@@ -18,6 +19,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from .ir.effects import written_args
 from .ir.kinds import OFF_DEVICE, PERSISTENT, Tier
 from .ir.meta import info, tier_of
 from .ir.ops import Op, op_of, register
@@ -57,6 +59,8 @@ class _Checker:
         # a restored value takes over the storage identity of the one it restores, so views
         # made of it later (which share that identity in the traced metadata) cost nothing new
         self.restored_as: dict[object, object] = {}
+        self.made: dict[str, list[object]] = {}    # value made by its own op -> its storages
+        self.written: dict[object, str] = {}      # storage -> the first step that wrote it in place
 
     # -- device bytes -----------------------------------------------------------------------
     def add(self, name, entries):
@@ -105,7 +109,20 @@ class _Checker:
             self.add(n.name, _storages(n.meta.get("val")))
 
     def compute(self, where, step, n):
-        self.holds[n.name] = info(n).restores or n.name  # a recomputation holds what it restores
+        restores = info(n).restores
+        if restores is not None and _fresh(n):
+            # re-running the op that made a value gives it back as it was made: not with the
+            # writes in place its storage had since
+            for key in self.made.get(restores, ()):
+                if key in self.written:
+                    raise PlanError(f"{where} recomputes {restores}, which {self.written[key]} wrote in place "
+                                    f"after it was made: re-running its op does not replay that write")
+        elif restores is None:
+            self.made[n.name] = [key for key, _ in _storages(n.meta.get("val"))]
+        for w in written_args(n):
+            for key, _ in _storages(w.meta.get("val")):
+                self.written.setdefault(key, where)
+        self.holds[n.name] = restores or n.name  # a recomputation holds what it restores
         self.add(n.name, _storages(n.meta.get("val")))
         scratch = info(n).scratch or 0   # held inside the op while it runs
         if scratch and self.cur + scratch > self.budget:
@@ -196,6 +213,12 @@ class _Checker:
             raise PlanError(f"{where}: {self.cur} device bytes held and {reg.nbytes} made inside the region, "
                             f"over the budget of {self.budget}")
         self.holds[n.name] = n.name
+
+
+def _fresh(n: fx.Node) -> bool:
+    """Whether ``n``'s op returns new storage (not a view of an argument)."""
+    schema = getattr(n.target, "_schema", None)
+    return schema is not None and all(r.alias_info is None for r in schema.returns)
 
 
 # what each inserted op is called with: (number of positional arguments, or None for any

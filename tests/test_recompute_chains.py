@@ -4,6 +4,7 @@ mul, add, mul; an RMSNorm's rsqrt through pow, mean, add), reading only values o
 Random ops (dropout) are never part of a chain: their masks are kept or moved."""
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 
@@ -14,7 +15,7 @@ import memsched
 from memsched.ir.meta import info
 from memsched.passes.placement import RECOMPUTE
 from memsched.passes.recipes import MAX_CHAIN, recompute_chain
-from helpers import FIXED_CPU, assert_step_matches_eager
+from helpers import FIXED_CPU, assert_same_grads, assert_step_matches_eager
 from train_zoo import build_train
 
 
@@ -122,3 +123,54 @@ def test_a_chain_is_never_longer_than_its_limit():
     assert recompute_chain(program, tanhs[MAX_CHAIN - 1], at) is None   # the projection too: one more
     chain = recompute_chain(program, tanhs[MAX_CHAIN - 2], at)
     assert chain is not None and chain.values == (program.recipes[tanhs[0]].inputs[0], *tanhs[:MAX_CHAIN - 1])
+
+
+def _beit():
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.BeitForImageClassification(T.BeitConfig(
+        image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        num_labels=5, use_relative_position_bias=True, drop_path_rate=0.0, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)).train()
+    g = torch.Generator().manual_seed(1)
+    return model, {"pixel_values": torch.randn(2, 3, 64, 64, generator=g), "labels": torch.tensor([0, 3])}
+
+
+def test_a_value_written_in_place_after_it_is_made_is_not_rebuilt_by_its_op():
+    """BEiT builds each layer's relative-position index as zeros, then writes its rows and
+    columns in place; the table's gradient is scattered through that index. Re-running
+    ``zeros`` alone would give the index back without those writes (the table's gradient all
+    landing in row 0): such a value is kept or moved, never recomputed, so at memsched's minimum
+    the step's gradients equal eager's bit for bit."""
+    model, kw = _beit()
+    ref = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        free = memsched.plan(model, budget=10**12, example_kwargs=kw, train=True, hardware=FIXED_CPU)
+        cm = memsched.compile(model, free.min_budget_bytes, example_kwargs=kw, train=True, device="cpu",
+                              hardware=FIXED_CPU)
+    try:
+        got, want = cm(**kw).loss, ref(**kw).loss
+        got.backward()
+        want.backward()
+        assert torch.equal(got, want)
+        assert_same_grads(ref, model)
+        assert cm.stats.peak_device_bytes <= free.min_budget_bytes
+    finally:
+        cm.close()
+
+
+def test_the_verifier_refuses_a_recomputation_that_skips_writes_in_place(monkeypatch):
+    """With recipes offered for values written in place after they are made (the planner's old
+    mistake), the plan recomputes BEiT's index by re-running ``zeros``: the independent verifier
+    names that recomputation and the write it skips."""
+    import memsched.passes.analysis as analysis
+
+    offer_all = analysis.find_recipes
+    monkeypatch.setattr(analysis, "find_recipes", lambda graph, values, written: offer_all(graph, values, set()))
+    model, kw = _beit()
+    free = memsched.plan(model, budget=10**12, example_kwargs=kw, train=True, hardware=FIXED_CPU, verify=False)
+    with pytest.raises(memsched.PlanError, match=r"recomputes zeros.*wrote in place after it was made"):
+        memsched.plan(model, budget=free.min_budget_bytes, example_kwargs=kw, train=True, hardware=FIXED_CPU,
+                      verify=True)

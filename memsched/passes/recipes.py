@@ -2,7 +2,9 @@
 
 An op may be re-run only if it is deterministic (no ``nondeterministic_seeded`` tag: dropout
 masks are kept or moved, never drawn again), out of place, returns fresh storage, and reads
-nothing written in place, so that re-running it later gives the same bits."""
+nothing written in place, so that re-running it later gives the same bits; and a value may be
+rebuilt so only if nothing writes its storage in place after it is made (the op alone would
+give it back without those writes)."""
 from __future__ import annotations
 
 import operator
@@ -59,6 +61,8 @@ def find_recipes(graph: torch.fx.Graph, values: dict, written: set[int]) -> dict
         val = values.get(node.name)
         if val is None or not val.single_tensor or node.op != "call_function":
             continue
+        if any(b in written for b in val.storages):
+            continue   # written in place after it was made (BEiT's index table): re-running its op skips the writes
         if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
             op, index = node.args[0], node.args[1]
             outs = op.meta.get("val")
