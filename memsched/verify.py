@@ -216,7 +216,10 @@ class _Checker:
 
 
 def _fresh(n: fx.Node) -> bool:
-    """Whether ``n``'s op returns new storage (not a view of an argument)."""
+    """Whether ``n``'s op returns new storage (not a view of an argument); an item of a tuple
+    is as fresh as the op that made the tuple."""
+    if n.target is operator.getitem and n.args and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
     schema = getattr(n.target, "_schema", None)
     return schema is not None and all(r.alias_info is None for r in schema.returns)
 

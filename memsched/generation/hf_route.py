@@ -11,9 +11,9 @@ runs two programs (prompt, one token) over a cache placed for the whole generati
 What it takes: greedy decoding and sampling (``do_sample``, ``temperature``, ``top_k``,
 ``top_p``), ``max_new_tokens`` or ``max_length``, ``eos_token_id`` / ``pad_token_id``, an
 ``attention_mask``, and the generation-config fields transformers turns into logits processors
-that read only the ids so far (``PROCESSED_FIELDS`` in sampling.py: a repetition penalty, banned words and n-grams,
-minimum lengths, forced and suppressed tokens, typical / min-p / epsilon / eta sampling,
-sequence biases), applied by transformers' own processor list (sampling.Processed). Anything
+that read only the ids so far (``sampling.PROCESSED_FIELDS``: a repetition penalty, banned
+words and n-grams, minimum lengths, forced and suppressed tokens, typical / min-p / epsilon /
+eta sampling, sequence biases), applied by transformers' own processor list (sampling.Processed). Anything
 else that would change the tokens (beam search, classifier-free guidance, processors passed
 as objects, stopping criteria, streamers, returning scores or dicts) is refused with an error
 naming it, before anything is planned: never a silent approximation. Generators are kept per
