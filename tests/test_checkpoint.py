@@ -147,6 +147,9 @@ GOOD = {"0.weight": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]},
     ("index_names_no_file", "the names of shard files, found 5"),
     ("index_nests_deep", "nests too deep"),
     ("a_pipe", "not a regular file"),   # a read would wait for a writer forever
+    ("torch_save_zip", "is a PyTorch pickle, not a safetensors file: memsched reads only safetensors"),
+    ("legacy_pickle", "is a PyTorch pickle"),   # never unpickled: that could run code the file names
+    ("directory_of_bins", r"no \*.safetensors file in .* \(it holds pytorch_model.bin: memsched reads only"),
 ])
 def test_hostile_checkpoints_fail_before_anything_runs(tmp_path, case, match):
     p = tmp_path / "model.safetensors"
@@ -190,6 +193,12 @@ def test_hostile_checkpoints_fail_before_anything_runs(tmp_path, case, match):
         p.write_text("[" * 100_000)
     elif case == "a_pipe":
         os.mkfifo(p)
+    elif case in ("torch_save_zip", "legacy_pickle"):
+        p = tmp_path / "pytorch_model.bin"
+        torch.save(_tiny().state_dict(), p, _use_new_zipfile_serialization=case == "torch_save_zip")
+    elif case == "directory_of_bins":
+        torch.save(_tiny().state_dict(), tmp_path / "pytorch_model.bin")
+        p = tmp_path
     meta = _meta_tiny()
     with pytest.raises(memsched.CheckpointError, match=match):
         memsched.compile(meta, "1GB", device="cpu", hardware=FIXED_CPU, weights=p)

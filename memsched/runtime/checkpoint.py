@@ -28,6 +28,10 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+_PICKLED = (".bin", ".pt", ".pth", ".ckpt")
+# unpickling runs code the file names: a checkpoint from elsewhere is only ever read as safetensors
+_ONLY_SAFETENSORS = ("memsched reads only safetensors (unpickling a file can run code it names); convert a "
+                     "file you trust with safetensors.torch.save_file(torch.load(path), 'model.safetensors')")
 
 
 class CheckpointError(ValueError):
@@ -52,7 +56,9 @@ def checkpoint_files(source) -> list[Path]:
             return checkpoint_files(index[0])
         files = sorted(path.glob("*.safetensors"))
         if not files:
-            raise CheckpointError(f"no *.safetensors file in {path}")
+            others = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLED)
+            raise CheckpointError(f"no *.safetensors file in {path}"
+                                  + (f" (it holds {', '.join(others[:3])}: {_ONLY_SAFETENSORS})" if others else ""))
         return files
     if path.name.endswith(".json"):
         try:
@@ -94,6 +100,8 @@ def _read_header(path: Path) -> dict[str, Entry]:
             raise CheckpointError(f"{path} is too short to be a safetensors file")
         (n,) = struct.unpack("<Q", head)
         if n > min(_MAX_HEADER, size - 8):
+            if head.startswith((b"PK\x03\x04", b"\x80")):   # torch.save's zip, or a bare pickle
+                raise CheckpointError(f"{path} is a PyTorch pickle, not a safetensors file: {_ONLY_SAFETENSORS}")
             raise CheckpointError(f"{path}: header of {n} bytes does not fit the file ({size} bytes)")
         with safe_open(str(path), framework="pt") as f:
             layout = [(name, f.get_slice(name)) for name in f.offset_keys()]
