@@ -713,6 +713,27 @@ def test_the_models_own_logits_processors_are_applied_as_transformers_applies_th
                                              pad_token_id=0, hardware=FIXED_CPU, device="cpu"), ref)
 
 
+def test_logits_processors_passed_to_generate_apply_and_other_generate_arguments_are_refused():
+    """Processor fields passed to memsched.generate (as to transformers' generate) apply over the
+    model's config: a minimum length that holds back the end token greedy decoding picks first,
+    a repetition penalty. Beam search, several sequences per prompt, max_length and streamers are
+    refused by name before anything is planned, not taken for planning options."""
+    model, ids = _decoder("llama")
+    with torch.no_grad():
+        eos = int(model(ids).logits[0, -1].argmax())   # row 0's first greedy token
+    kw = dict(min_new_tokens=3, repetition_penalty=1.5, eos_token_id=eos, pad_token_id=0)
+    ref = _reference(model, ids, **kw)
+    assert not torch.equal(ref, _reference(model, ids, eos_token_id=eos, pad_token_id=0))
+    tokens = memsched.generate(model, ids, budget="1GB", max_new_tokens=NEW_TOKENS, hardware=FIXED_CPU, device="cpu", **kw)
+    assert torch.equal(tokens, ref)
+    with pytest.raises(ValueError, match="strictly positive"):   # transformers' own check, before a plan
+        memsched.generate(model, ids, budget="1GB", max_new_tokens=2, repetition_penalty=-1.0, hardware=FIXED_CPU)
+    for extra, match in [({"num_beams": 2}, "num_beams"), ({"num_return_sequences": 2}, "num_return_sequences"),
+                         ({"streamer": object()}, "streamer"), ({"max_length": 12}, "max_length counts the prompt")]:
+        with pytest.raises(NotImplementedError, match=f"does not take transformers' .*{match}"):
+            memsched.generate(model, ids, budget="1GB", **{"max_new_tokens": 2, **extra})
+
+
 def test_a_decoder_whose_cache_has_more_layers_than_it_writes_generates():
     """BartForCausalLM (the decoder of an encoder-decoder family, run alone) makes its cache with
     one layer per *encoder* layer of its config (12) and writes two; its config forces the end

@@ -22,7 +22,7 @@ from ..errors import InfeasibleBudgetError, UnsupportedModelError
 from ..frontend.fake import meta_as_empty
 from .blocks import choose_block
 from .kv_cache import CachedDecoder, Window, cache_shapes, probe_attention
-from .sampling import CONFIG, from_model_config, greedy, sampling
+from .sampling import CONFIG, PROCESSED_FIELDS, from_model_config, greedy, sampling
 
 
 @dataclass
@@ -399,7 +399,7 @@ def _token_set(eos_token_id) -> set[int]:
     return {int(x) for x in eos_token_id}
 
 
-def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, attention_mask=None,
+def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int | None = None, attention_mask=None,
              weights=None, device=None, offload_dir=None, hardware=None, eos_token_id="config",
              pad_token_id="config", block_size=None, goal: str = "throughput", return_stats: bool = False,
              do_sample: bool = False, temperature=CONFIG, top_k=CONFIG, top_p=CONFIG, **options):
@@ -411,7 +411,11 @@ def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, att
     ``return_stats=True`` a ``(tokens, GenerationStats)`` pair. ``eos_token_id`` and
     ``pad_token_id`` default to the model's generation config; pass None to never stop early.
     Logits processors the model's generation config sets (a repetition penalty, a forced end
-    token) are applied as transformers' generate applies them, unasked.
+    token) are applied as transformers' generate applies them, unasked; the generation-config
+    fields that make them (``sampling.PROCESSED_FIELDS``: ``repetition_penalty``,
+    ``no_repeat_ngram_size``, ``min_new_tokens``, ``bad_words_ids``, ...) may also be passed here,
+    over the config's. Other arguments of transformers' generate (beam search, several sequences
+    per prompt, ``max_length``, streamers) are refused by name before anything is planned.
     Two programs are planned (prompt, then one for every new token), and the KV cache for
     prompt + new tokens is placed by the planner with the weights. ``weights=``: a safetensors
     checkpoint for a model built on the meta device (see ``memsched.compile``).
@@ -424,13 +428,14 @@ def generate(model, input_ids: torch.Tensor, *, budget, max_new_tokens: int, att
     found it, so seeded as transformers' run, the draws are the same (rows drawn together: with
     ``block_size`` below the batch the blocks draw one after another, in another order).
     """
+    processors = _processor_fields(options)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     check_prompt(model, input_ids, attention_mask, max_new_tokens)
     eos_token_id, pad_token_id = _special_tokens(model, eos_token_id, pad_token_id)
     chosen = sampling(model, do_sample, temperature, top_k, top_p)
     chosen = from_model_config(model, input_ids, attention_mask, max_new_tokens, do_sample, eos_token_id, pad_token_id,
-                               temperature=temperature, top_k=top_k, top_p=top_p) or chosen
+                               processors, temperature=temperature, top_k=top_k, top_p=top_p) or chosen
     with torch.random.fork_rng():   # planning (a calibration's random operands) draws nothing of the run's
         gen, tried, made = plan_generator(model, budget, input_ids, max_new_tokens, block_size=block_size,
                                           goal=goal, device=device, offload_dir=offload_dir, hardware=hardware,
@@ -460,6 +465,30 @@ def plan_generator(model, budget, input_ids: torch.Tensor, max_new_tokens: int, 
 
     gen, tried = _block_generator(make, block_size, goal, B, max_new_tokens)
     return gen, tried, made
+
+
+def _processor_fields(options: dict) -> dict:
+    """Takes the logits-processor fields out of ``options`` (what is left goes to the planner);
+    any other argument of transformers' generate is refused by name: planning would take it
+    for an option of its own and fail on it, far from the call."""
+    from transformers import GenerationConfig
+
+    processors = {k: options.pop(k) for k in list(options) if k in PROCESSED_FIELDS}
+    theirs = sorted(k for k in options if k in GenerationConfig().to_dict() or k in _GENERATE_ONLY)
+    if theirs:
+        hint = " (max_length counts the prompt: pass max_new_tokens)" if "max_length" in theirs else ""
+        raise NotImplementedError(
+            f"memsched.generate does not take transformers' {', '.join(theirs)}{hint}: it runs greedy decoding "
+            "or sampling (temperature, top_k, top_p) for max_new_tokens, with eos/pad tokens, an attention mask "
+            "and the logits processors of repetition_penalty, no_repeat_ngram_size, min_new_tokens, bad_words_ids, ... "
+            "(sampling.PROCESSED_FIELDS); call the model's own generate, outside memsched, for the rest")
+    return processors
+
+
+# arguments of transformers' generate that are not generation-config fields
+_GENERATE_ONLY = {"generation_config", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
+                  "synced_gpus", "assistant_model", "streamer", "negative_prompt_ids",
+                  "negative_prompt_attention_mask", "custom_generate", "tokenizer", "past_key_values"}
 
 
 def check_prompt(model, input_ids, attention_mask, max_new_tokens: int) -> None:

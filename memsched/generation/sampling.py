@@ -136,18 +136,27 @@ class Processed:
 
 
 def from_model_config(model, input_ids: torch.Tensor, attention_mask, new_tokens: int, do_sample: bool,
-                      eos_token_id, pad_token_id, **settings) -> "Processed | None":
+                      eos_token_id, pad_token_id, processors: dict | None = None,
+                      **settings) -> "Processed | None":
     """``Processed`` for a run of ``memsched.generate`` on a model whose own generation config
     sets logits processors (BartForCausalLM's ``forced_eos_token_id``, a checkpoint's
-    ``repetition_penalty``), as transformers' generate applies them unasked; None where it sets
-    none. ``settings`` (temperature, top_k, top_p) left at ``"config"`` keep the config's."""
+    ``repetition_penalty``), as transformers' generate applies them unasked, or given them in
+    ``processors`` (fields of ``PROCESSED_FIELDS`` over the config's, as transformers merges a
+    generate call's keyword arguments); None where neither sets any. ``settings`` (temperature,
+    top_k, top_p) left at ``"config"`` keep the config's."""
+    from transformers import GenerationConfig
+
     own = getattr(model, "generation_config", None)
-    if own is None or not processed_fields(own):
+    config = copy.deepcopy(own) if own is not None else GenerationConfig()
+    if processors:
+        config.update(**processors)
+    if not processed_fields(config):
         return None
-    config = copy.deepcopy(own)
     config.do_sample = do_sample
     for name, value in settings.items():
         if not (isinstance(value, str) and value == CONFIG):
             setattr(config, name, value)
     config.eos_token_id, config.pad_token_id = eos_token_id, pad_token_id
-    return Processed(model, config, input_ids, attention_mask, new_tokens)
+    chosen = Processed(model, config, input_ids, attention_mask, new_tokens)
+    chosen.rows(slice(None))   # transformers' processors check their values (a negative penalty) before any plan
+    return chosen
