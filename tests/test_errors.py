@@ -32,15 +32,18 @@ def test_unknown_hardware_lists_names():
         memsched.plan(_mlp(), (torch.randn(2, 16),), budget="1GB", hardware="tpu-v9")
 
 
-@pytest.mark.parametrize("where", ["file", "proc"])
-def test_unwritable_offload_dir(tmp_path, where):
-    if where == "file":
-        blocker = tmp_path / "not_a_dir"
-        blocker.write_text("x")
+@pytest.mark.parametrize("where, match", [("under_a_file", "offload_dir"), ("proc", "offload_dir"),
+                                          ("a_file", "is a file, not a directory")])
+def test_unwritable_offload_dir(tmp_path, where, match):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    if where == "under_a_file":
         path = blocker / "offload"
+    elif where == "a_file":
+        path = blocker
     else:
         path = "/proc/memsched-offload"
-    with pytest.raises(ValueError, match="offload_dir"):
+    with pytest.raises(ValueError, match=match):
         memsched.compile(_mlp(), "1GB", device="cpu", offload_dir=path)
 
 

@@ -210,6 +210,8 @@ def make_offload_dir(base: str | os.PathLike | None) -> str:
     """A fresh private directory under ``base`` (a temp dir by default); clear error if unwritable."""
     if base is not None:
         base = os.fspath(base)
+        if os.path.exists(base) and not os.path.isdir(base):   # (makedirs would say "File exists")
+            raise ValueError(f"offload_dir {base!r} is a file, not a directory")
         try:
             os.makedirs(base, exist_ok=True)
         except OSError as exc:
