@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 import warnings
 
 import pytest
@@ -72,5 +73,102 @@ def test_generate_which_would_run_the_model_eagerly_is_refused():
             cm.generate
         with pytest.raises(AttributeError, match="no attribute 'not_there'"):
             cm.not_there
+    finally:
+        cm.close()
+
+
+class _Adapter(torch.nn.Module):
+    """A LoRA-style adapter wrapped around a projection after the model was compiled."""
+
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Linear(base.in_features, 4, bias=False)
+        self.up = torch.nn.Linear(4, base.out_features, bias=False)
+        torch.nn.init.normal_(self.up.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+def _wrap_q(model):
+    attn = model.model.layers[1].self_attn
+    attn.q_proj = _Adapter(attn.q_proj)
+
+
+CHANGES = {   # what a user may do to the model after compiling it -> what the warning names
+    "an adapter wrapped in": (_wrap_q, r"module 'model.layers.1.self_attn.q_proj' was replaced \(Linear then, _Adapter"),
+    "an activation swapped": (lambda m: setattr(m.model.layers[0].mlp, "act_fn", torch.nn.ReLU()),
+                              r"'model.layers.0.mlp.act_fn' was replaced \(SiLUActivation then, ReLU now\)"),
+    "a forward hook": (lambda m: m.model.norm.register_forward_hook(lambda mod, i, o: o * 2),
+                       r"a forward hook was registered on module 'model.norm'"),
+    "a pre-hook": (lambda m: m.lm_head.register_forward_pre_hook(lambda mod, a: (a[0] * 2,)),
+                   r"a forward pre hook was registered on module 'lm_head'"),
+    "a layer deleted": (lambda m: m.model.layers.__delitem__(1), r"module 'model.layers.1' \(LlamaDecoderLayer\) was removed"),
+    "a submodule put in eval": (lambda m: m.model.layers[0].eval(), None),   # (no dropout: same outputs)
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_model_changed_after_compiling_is_planned_again(change):
+    """A program is the model as it was traced: a submodule replaced, a hook registered or a
+    layer deleted since must not leave the compiled module running the old model. The next call
+    plans again (as torch.compile recompiles), saying what changed, and its outputs are eager's."""
+    edit, said = CHANGES[change]
+    model = _llama()   # in training mode, so that one submodule in eval differs
+    cm = _compile(model, "2MB")
+    try:
+        with torch.no_grad():
+            before = cm(input_ids=IDS).logits
+            edit(model)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                after = cm(input_ids=IDS).logits
+            assert torch.equal(after, model(input_ids=IDS).logits)
+        assert torch.equal(after, before) == (change == "a submodule put in eval")
+        assert cm.plans_made == 2
+        replanned = [str(w.message) for w in caught if "planning it again" in str(w.message)]
+        if said is None:   # not a change of the tree: another signature, planned as a new shape is
+            assert not replanned, replanned
+        else:
+            assert len(replanned) == 1 and re.search(said, replanned[0]), replanned
+    finally:
+        cm.close()
+
+
+def test_a_hook_removed_after_compiling_is_no_longer_run():
+    model = _llama().eval()
+    handle = model.model.norm.register_forward_hook(lambda mod, i, o: o * 2)
+    cm = _compile(model, "2MB")
+    try:
+        with torch.no_grad():
+            cm(input_ids=IDS)
+            handle.remove()
+            with pytest.warns(UserWarning, match="a forward hook was removed from module 'model.norm'"):
+                assert torch.equal(cm(input_ids=IDS).logits, model(input_ids=IDS).logits)
+            assert cm(input_ids=IDS) is not None and cm.plans_made == 2   # and not again
+    finally:
+        cm.close()
+
+
+def test_a_config_setting_changed_after_compiling_is_planned_again():
+    """A transformers forward reads its config as it runs: a setting changed since the trace
+    (hidden states asked for, another attention implementation) plans again, naming it."""
+    model = _llama().eval()
+    cm = _compile(model, "2MB")
+    try:
+        with torch.no_grad():
+            assert cm(input_ids=IDS).hidden_states is None
+            model.config.output_hidden_states = True
+            with pytest.warns(UserWarning, match=r"config.output_hidden_states changed \(False then, True now\)"):
+                out = cm(input_ids=IDS)
+            ref = model(input_ids=IDS)
+            assert len(out.hidden_states) == len(ref.hidden_states) == 3
+            for a, b in zip(out.hidden_states, ref.hidden_states):
+                assert torch.equal(a, b)
+            model.set_attn_implementation("eager")
+            with pytest.warns(UserWarning, match=r"config._attn_implementation\w* changed \('sdpa' then, 'eager' now\)"):
+                torch.testing.assert_close(cm(input_ids=IDS).logits, model(input_ids=IDS).logits)
+            assert cm.plans_made == 3
     finally:
         cm.close()
