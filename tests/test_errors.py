@@ -556,3 +556,26 @@ def test_a_packed_sequence_is_named_as_the_cause():
         memsched.plan(PackedLSTM(), (torch.randn(3, 5, 4), torch.tensor([5, 2, 4])), budget="1GB")
 
 
+
+
+def test_a_double_backward_is_refused_by_name_and_the_step_still_trains():
+    """create_graph=True (a gradient penalty) asks for a differentiable backward, which a
+    compiled step's is not: refused by name, before the step's saved values are spent, so its
+    first-order backward still runs and equals eager's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 16)
+    cm = memsched.compile(model, "20KB", device="cpu", train=True)
+    try:
+        xi = x.clone().requires_grad_(True)
+        out = cm(xi)
+        with pytest.raises(NotImplementedError, match="create_graph=True.*not supported"):
+            torch.autograd.grad(out.sum(), xi, create_graph=True)
+        out.sum().backward()
+        xr = x.clone().requires_grad_(True)
+        ref(xr).sum().backward()
+        assert torch.allclose(xi.grad, xr.grad)
+        assert_same_grads(model, ref)
+    finally:
+        cm.close()

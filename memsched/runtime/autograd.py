@@ -156,6 +156,11 @@ _STALE_BACKWARD = (
     "memsched: this training step's backward already ran, and it frees the step's saved values "
     "as it goes: a compiled step runs one backward per forward (retain_graph=True cannot run "
     "it twice); call the module again for another backward")
+_DOUBLE_BACKWARD = (
+    "memsched: a compiled training step's backward is a program of its own, not differentiable: "
+    "create_graph=True (a double backward: a gradient penalty, a Hessian-vector product) is not "
+    "supported. The step is still pending: its first-order backward can run; compute the "
+    "second-order term on the eager model")
 _RELEASED_FORWARD = (
     "memsched: a later call of this compiled module released this forward's saved values (one "
     "step is in flight at a time: a module called twice before one backward cannot run the "
@@ -181,6 +186,8 @@ class _StepFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
+        if torch.is_grad_enabled():   # create_graph=True: autograd asks for a differentiable backward
+            raise NotImplementedError(_DOUBLE_BACKWARD)
         grads = ctx.step.backward(grad_outputs, ctx.params, ctx.forward)
         return (None, None, *grads)
 
