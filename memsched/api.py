@@ -17,7 +17,7 @@ from .frontend.autocast import autocast_state
 from .frontend.capture import input_signature
 from .frontend.input_values import GuardSet, described, stand_in
 from .frontend.fake import meta_as_empty
-from .frontend.module_tree import ModuleTree, modes, modules_of
+from .frontend.module_tree import ModuleTree, modes, modules_of, trained
 from .io.reapply import PlanMismatchError
 from .pipeline import plan_model
 from .plans import Plan, as_plan
@@ -199,12 +199,13 @@ class CompiledModule:
         # kernel's blocks, one per thread; cost_models/op_scratch.py): a plan per thread count
         threads = torch.get_num_threads() if self.device.type == "cpu" else None
         # a call under torch.autocast runs the casts its capture wrote out (frontend/autocast.py)
-        # a training step returns a gradient for each input that requires grad: planned per such set
-        # each module's training flag, not only the model's: a batch norm frozen in eval inside a
-        # model in training runs another program
+        # a training step returns a gradient for each input and parameter that requires grad:
+        # planned per such set (a backbone unfrozen after compiling gets its gradients); each
+        # module's training flag, not only the model's: a batch norm frozen in eval inside a model
+        # in training runs another program
         mods = modules_of(self.model)
         signature = (train, modes(mods), input_signature(args, kwargs), threads, autocast_state(),
-                     _inputs_taking_grads(args, kwargs) if train else ())
+                     _inputs_taking_grads(args, kwargs) if train else (), trained(mods) if train else ())
         key = self._key(signature, args, kwargs)
         entry = self._compiled.get(key)
         last = entry if entry is not None else self._last

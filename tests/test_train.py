@@ -230,6 +230,32 @@ def test_model_without_trainable_parameters_is_rejected():
         memsched.plan(model, args, budget="1GB", example_kwargs=kwargs, train=True)
 
 
+@pytest.mark.parametrize("unfreeze", [True, False], ids=["unfrozen", "frozen"])
+def test_parameters_frozen_or_unfrozen_after_compiling_get_eager_gradients(unfreeze):
+    """A step computes the gradients of the parameters that required grad when it was traced:
+    a backbone unfrozen after compiling (staged fine-tuning) must get its gradients, not None,
+    and one frozen must get none; each set is planned."""
+    model, args, kwargs, _ = build_train("llama")
+    backbone = list(model.model.layers.parameters())
+    for p in backbone:
+        p.requires_grad_(not unfreeze)
+    ref = copy.deepcopy(model)
+    cm = _compile(model, "1GB")
+    try:
+        for _ in range(2):   # the second step after the change
+            for m in (cm, ref):
+                m.zero_grad(set_to_none=True)
+                m(*args, **kwargs).loss.backward()
+            assert_same_grads(ref, model)
+            for m in (model, ref):
+                for p in m.model.layers.parameters():
+                    p.requires_grad_(unfreeze)
+        assert all((p.grad is not None) == unfreeze for p in backbone)
+        assert cm.plans_made == 2
+    finally:
+        cm.close()
+
+
 def test_meta_model_training_plan():
     """Planning a training step needs no memory: the model may live on the meta device."""
     from zoo import build_meta

@@ -88,6 +88,13 @@ def modes(modules: list) -> tuple[bool, ...]:
     return tuple(m.training for m in modules)
 
 
+def trained(modules: list) -> tuple[bool, ...]:
+    """Whether each parameter takes a gradient (``modules_of``'s list): part of a training
+    call's signature, since a step computes the gradients of those it was traced with (a
+    backbone unfrozen after compiling would get none)."""
+    return tuple(p.requires_grad for m in modules for p in m._parameters.values() if p is not None)
+
+
 @dataclass(frozen=True)
 class ModuleTree:
     """The modules (held weakly: a replaced one that was freed reads as gone, never as a new
