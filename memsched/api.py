@@ -80,6 +80,15 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
+# the model's methods that may give its tensors another dtype, device or shape
+_CONVERSIONS = frozenset({"to", "half", "float", "double", "bfloat16", "cuda", "cpu", "type", "to_empty", "apply",
+                          "load_state_dict"})
+
+
+def _tensor_layouts(model: torch.nn.Module) -> list:
+    return [(name, t.shape, t.dtype, t.device) for name, t in _model_tensors(model)]
+
+
 def _model_tensors(model: torch.nn.Module):
     yield from model.named_parameters(remove_duplicate=False)
     yield from model.named_buffers(remove_duplicate=False)
@@ -383,7 +392,8 @@ class CompiledModule:
         that rebinds ``model = memsched.compile(model, ...)`` keeps working: ``cm.parameters()``
         for an optimizer, ``cm.config``, ``cm.state_dict()``. A method that returns the model
         (``cm.eval()``, ``cm.train()``, ``cm.to(...)``) returns the compiled module instead, so
-        ``cm = cm.eval()`` keeps it. ``forward`` runs the compiled module (with the model's
+        ``cm = cm.eval()`` keeps it; one that gives the model's tensors another dtype, device or
+        shape (``cm.to(torch.bfloat16)``) drops the plans made for them. ``forward`` runs the compiled module (with the model's
         signature, for code that inspects it); ``generate``, which would run the model eagerly
         outside the budget, is refused naming what runs it inside."""
         model = self.__dict__.get("model")
@@ -403,7 +413,10 @@ class CompiledModule:
 
         @functools.wraps(value)
         def method(*args, **kwargs):
+            before = _tensor_layouts(model) if name in _CONVERSIONS else None
             out = value(*args, **kwargs)
+            if before is not None and _tensor_layouts(model) != before:
+                self.close()   # the plans were made for the tensors as they were: the next call plans again
             return self if out is model else out
         return method
 

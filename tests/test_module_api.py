@@ -172,3 +172,24 @@ def test_a_config_setting_changed_after_compiling_is_planned_again():
             assert cm.plans_made == 3
     finally:
         cm.close()
+
+
+def test_converting_the_model_through_the_compiled_module_plans_again():
+    """``cm = cm.to(torch.bfloat16)`` gives the model's tensors another dtype: the plans made
+    for the old ones are dropped and the next call plans for the new (a conversion that changes
+    nothing, ``cm.cpu()`` on the CPU, keeps them)."""
+    model = _llama().eval()
+    cm = _compile(model, "2MB")
+    try:
+        with torch.no_grad():
+            cm(input_ids=IDS)
+            cm = cm.cpu()
+            cm(input_ids=IDS)
+            assert cm.plans_made == 1
+            cm = cm.to(torch.bfloat16)
+            assert isinstance(cm, memsched.CompiledModule) and model.lm_head.weight.dtype == torch.bfloat16
+            out = cm(input_ids=IDS).logits
+            assert out.dtype == torch.bfloat16 and torch.equal(out, model(input_ids=IDS).logits)
+            assert cm.plans_made == 2
+    finally:
+        cm.close()
