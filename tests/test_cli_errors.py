@@ -127,6 +127,27 @@ def test_a_module_target_whose_own_import_fails_exits_2(capsys, files, monkeypat
 # -- saved plans (2, 1) --------------------------------------------------------------------------
 
 
+_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+          "num_hidden_layers": 1, "vocab_size": 100}
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"hidden_size": -4}, r"could not build LlamaConfig: RuntimeError: Trying to create tensor with negative dimension"),
+    ({"num_attention_heads": 5}, r"The hidden size \(64\) is not a multiple of the number of attention heads \(5\)"),
+    ({"hidden_size": 64.5}, r"Field 'hidden_size' expected int, got float"),
+    ({"num_attention_heads": 0}, r"cannot read Hugging Face config .*ZeroDivisionError"),
+    ({"vocab_size": 10**12}, r"model.embed_tokens.weight \(\[1000000000000, 64\], torch.float32: "
+                             r"256,000,000,000,000 bytes\) is too large for this machine to reserve at once"),
+])
+def test_a_config_json_with_values_transformers_or_the_machine_refuse_exits_2(capsys, tmp_path, edit, needle):
+    """A hostile config.json is the user's error (2), named, not an internal error (4)."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**_LLAMA, **edit}))
+    code, out, err = run(capsys, "plan", path, "-b", "1GB", "--hardware", HW, "--seq-len", "8")
+    assert code == 2 and out == "" and clean(err), err
+    assert re.search(needle, err), err
+
+
 @pytest.mark.parametrize("command", ["show", "verify"])
 @pytest.mark.parametrize("edit, needle", [
     (lambda d: d["program"]["nodes"][5].__setitem__("args", [{"device": "tpu:0"}]), "'tpu:0' is not a device"),

@@ -115,6 +115,14 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
+def _joined(e: BaseException, limit: int = 400) -> str:
+    """The exception's type and its message's lines on one line (a validation error of
+    transformers' configs says what failed on its second line)."""
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _user_code(spec: str, what: str, fn, *args):
     """``fn(*args)``, running the user's code: any exception it raises becomes a TargetError
     naming the target and what failed (the original is its ``__cause__``, shown by --debug)."""
@@ -288,8 +296,9 @@ def _hf_from_config_path(path: Path, batch: int, seq_len: int):
         with quiet_transformers():
             # local_files_only: a path never turns into a Hub download
             config = transformers.AutoConfig.from_pretrained(str(file), local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"cannot read Hugging Face config {str(file)!r}: {e}") from None
+    except Exception as e:   # the file's values, refused by transformers' checks (a hidden size
+        # not divisible by the heads, a float where an int goes) or failing them (zero heads)
+        raise ValueError(f"cannot read Hugging Face config {str(file)!r}: {_joined(e)}") from None
     return _hf_build(config, str(file), batch, seq_len)
 
 
@@ -313,9 +322,9 @@ def _hf_build(config, label: str, batch: int, seq_len: int):
             except (ValueError, AssertionError) as e:  # this auto class does not cover the config
                 # (Reformer's LM head asserts is_decoder: its base model is built instead)
                 errors.append(f"{cls.__name__}: {(str(e).splitlines() or [type(e).__name__])[0]}")
-            except (ImportError, TypeError, AttributeError, RuntimeError) as e:
+            except Exception as e:   # the config's values fail the model's constructor
                 raise ValueError(f"{label}: transformers could not build {type(config).__name__}: "
-                                 f"{type(e).__name__}: {e}") from None
+                                 f"{_joined(e)}") from None
     if model is None:
         raise ValueError(f"{label}: no AutoModel class builds {type(config).__name__} ("
                          + "; ".join(errors) + ")")

@@ -511,6 +511,21 @@ def _fresh_like(t: torch.Tensor) -> torch.Tensor:
                                    device=t.device if mode is not None else "meta")
 
 
+def _untouched(t: torch.Tensor, device: str, name: str) -> torch.Tensor:
+    """An uninitialised tensor like ``t`` on ``device``; a size the machine will not even
+    reserve (its pages are never touched, but the allocation must succeed) is named."""
+    try:
+        return torch.empty(t.shape, dtype=t.dtype, device=device)
+    except RuntimeError as e:
+        if "allocate" not in str(e):
+            raise
+        nbytes = t.numel() * t.element_size()
+        raise ValueError(
+            f"{name} ({list(t.shape)}, {t.dtype}: {nbytes:,} bytes) is too large for this machine to reserve at "
+            f"once: memsched traces a model on the meta device as one with uninitialised {device} tensors, "
+            "never touched, but each must still be allocated. Check the sizes the model was built with") from None
+
+
 @contextlib.contextmanager
 def meta_as_empty(model: torch.nn.Module, device: str = "cpu"):
     """Inside this block the model's meta parameters and buffers are uninitialised tensors on
@@ -519,13 +534,13 @@ def meta_as_empty(model: torch.nn.Module, device: str = "cpu"):
     model's own meta tensors are put back on exit."""
     swapped, memo = [], {}
     try:
-        for mod in model.modules():
+        for path, mod in model.named_modules():
             for table in (mod._parameters, mod._buffers):
                 for name, t in list(table.items()):
                     if t is None or t.device.type != "meta":
                         continue
                     if id(t) not in memo:
-                        empty = torch.empty(t.shape, dtype=t.dtype, device=device)
+                        empty = _untouched(t, device, f"{path}.{name}" if path else name)
                         memo[id(t)] = (torch.nn.Parameter(empty, requires_grad=t.requires_grad)
                                        if isinstance(t, torch.nn.Parameter) else empty)
                     swapped.append((table, name, t))
