@@ -73,8 +73,13 @@ def _resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: this PyTorch sees no CUDA device (torch.cuda.is_available() "
+                         "is False): use device='cpu', or install a CUDA build of torch")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device} is not supported: use 'cuda' or 'cpu'")
     return device
@@ -190,6 +195,8 @@ class CompiledModule:
         self._last = None
         self.plans_made = 0  # signatures planned (or re-applied) so far, evicted ones included
         self._new_stores()
+        if isinstance(example_inputs, torch.Tensor):   # one input, as plan() takes it
+            example_inputs = (example_inputs,)
         if example_inputs is not None or example_kwargs is not None:
             with self._lock:
                 self._prepare(tuple(example_inputs or ()), dict(example_kwargs or {}))

@@ -579,3 +579,22 @@ def test_a_double_backward_is_refused_by_name_and_the_step_still_trains():
         assert_same_grads(model, ref)
     finally:
         cm.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for a PyTorch without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda", 0)])
+def test_a_cuda_device_without_cuda_is_named_before_anything_runs(device):
+    with pytest.raises(ValueError, match=r"sees no CUDA device \(torch.cuda.is_available\(\) is False\)"):
+        memsched.compile(_mlp(), "1MB", device=device)
+
+
+def test_one_example_input_may_be_a_tensor_as_plan_takes_it():
+    model, x = _mlp(), torch.randn(2, 16)
+    cm = memsched.compile(model, "1MB", example_inputs=x, device="cpu")
+    try:
+        assert cm.plans_made == 1
+        with torch.no_grad():
+            assert torch.equal(cm(x), model(x))
+        assert cm.plans_made == 1
+    finally:
+        cm.close()
