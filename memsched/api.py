@@ -17,7 +17,7 @@ from .frontend.autocast import autocast_state
 from .frontend.capture import input_signature
 from .frontend.input_values import GuardSet, described, stand_in
 from .frontend.fake import meta_as_empty
-from .frontend.module_tree import ModuleTree, modes, modules_of, trained
+from .frontend.module_tree import ModuleTree, walk
 from .io.reapply import PlanMismatchError
 from .pipeline import plan_model
 from .plans import Plan, as_plan
@@ -219,18 +219,18 @@ class CompiledModule:
         # planned per such set (a backbone unfrozen after compiling gets its gradients); each
         # module's training flag, not only the model's: a batch norm frozen in eval inside a model
         # in training runs another program
-        mods = modules_of(self.model)
-        signature = (train, modes(mods), input_signature(args, kwargs), threads, autocast_state(),
-                     _inputs_taking_grads(args, kwargs) if train else (), trained(mods) if train else ())
+        tree = walk(self.model, trained=train)
+        signature = (train, tree.modes, input_signature(args, kwargs), threads, autocast_state(),
+                     _inputs_taking_grads(args, kwargs) if train else (), tree.trained)
         key = self._key(signature, args, kwargs)
         entry = self._compiled.get(key)
         last = entry if entry is not None else self._last
-        changed = last[1].module_tree.changed(self.model, mods) if last is not None else None
+        changed = last[1].module_tree.changed(self.model, tree) if last is not None else None
         if changed is not None:   # programs of the model as it was are dropped: it is planned again
             warnings.warn(f"memsched: {changed} since the model was last planned: planning it again",
                           UserWarning, stacklevel=4)
             for old_key, old in list(self._compiled.items()):
-                if old is last or old[1].module_tree.changed(self.model, mods) is not None:
+                if old is last or old[1].module_tree.changed(self.model, tree) is not None:
                     del self._compiled[old_key]
                     old[2].close()
             self._last = entry = None
@@ -246,7 +246,7 @@ class CompiledModule:
                                                     train=train, grad_outputs=self.grad_outputs, **self.options)
             self.plans_made += 1
             # after planning: a library may settle its config lazily at the first forward
-            captured.module_tree = ModuleTree.of(self.model, train)
+            captured.module_tree = ModuleTree.of(self.model)
             self._remember_guards(signature, captured)
             key = self._key(signature, args, kwargs)
             executor = Executor(plan.graph, captured, self.model, self.device, self.budget_bytes,

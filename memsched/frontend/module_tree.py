@@ -1,9 +1,9 @@
 """The module tree a program was traced from, checked at each call of the compiled module.
 
 A captured program is the model as it was when traced: a submodule replaced afterwards (an
-activation swapped, an adapter inserted, a layer appended or deleted) or a hook a user
-registered or removed since would change what eager runs and not what the program runs, and
-the outputs would be silently stale. Parameters replaced or changed are the executor's to see
+activation swapped, an adapter inserted, a layer appended or deleted) or a hook registered or
+removed since (a user's, or a library's: ``spectral_norm``'s pre-hook) would change what eager
+runs and not what the program runs, and the outputs would be silently stale. Parameters replaced or changed are the executor's to see
 (runtime/executor.py); this is the rest of the tree. A call that finds it changed plans again,
 as torch.compile recompiles, and says what changed.
 
@@ -12,9 +12,11 @@ attention implementation): a forward reads them as it runs. Other attributes a f
 (``self.scale = 2.0`` set after compiling) are not checked: walking every module's attributes
 would cost milliseconds per call.
 
-Submodules' training flags are not a change of the tree but part of a call's signature (a
-frozen batch norm in eval inside a model in training plans its own program), so one walk gives
-both.
+Submodules' training flags and which parameters require grad are not a change of the tree but
+part of a call's signature (a frozen batch norm in eval inside a model in training plans its own
+program; so does a backbone unfrozen for a training step), so one walk gives them all: a
+32-layer LLaMA's 423 modules in about a third of a millisecond per inference call, two thirds
+per training step (reading ``requires_grad`` of 291 parameters is half of it).
 """
 from __future__ import annotations
 
@@ -23,107 +25,83 @@ from dataclasses import dataclass
 
 import torch
 
-from .hooks import user_hooks
-
-_FORWARD = ("_forward_hooks", "_forward_pre_hooks")
-_BACKWARD = ("_backward_hooks", "_backward_pre_hooks")
-_GLOBAL = ("_global_forward_hooks", "_global_forward_pre_hooks")
-
-
-def modules_of(model: torch.nn.Module) -> list:
-    """The model's modules, each once, breadth first: this runs at every call, and walks a
-    32-layer LLaMA's 423 modules in a fifth of a millisecond (``model.modules()``, which makes
-    every name, takes half a millisecond)."""
-    order, seen = [model], {id(model)}
-    for m in order:   # the list grows as it is read
-        for child in m._modules.values():
-            if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                order.append(child)
-    return order
-
-
-def _names(model: torch.nn.Module, mods: list) -> tuple[str, ...]:
-    named = {id(m): name for name, m in model.named_modules()}
-    return tuple(named[id(m)] for m in mods)
-
-
-def _hook_keys(modules: list, kinds: tuple) -> tuple:
-    """(index of the module, kind, the handles' ids) for each kind of user hook present."""
-    found = []
-    for i, m in enumerate(modules):
-        d = m.__dict__
-        for kind in kinds:
-            hooks = d.get(kind)
-            if hooks:
-                mine = user_hooks(hooks)
-                if mine:
-                    found.append((i, kind, tuple(mine)))
-    glob = torch.nn.modules.module
-    for kind in _GLOBAL:
-        mine = user_hooks(getattr(glob, kind))
-        if mine:
-            found.append((-1, kind, tuple(mine)))
-    return tuple(found)
-
-
+_KINDS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+           "_global_backward_pre_hooks")
 _SIMPLE = (bool, int, float, str, type(None))
 
 
-def _configs(mods: list) -> tuple:
-    """The settings of the configs the modules hold (a transformers model's ``config``, one
-    object its modules share): the simple values of each, which a forward reads as it runs
-    (``output_hidden_states``, the attention implementation) and its trace took as constants."""
-    found, seen = [], set()
-    for m in mods:
-        cfg = m.__dict__.get("config")
-        if cfg is not None and id(cfg) not in seen and hasattr(cfg, "to_dict"):
-            seen.add(id(cfg))
-            found.append(tuple((k, v) for k, v in vars(cfg).items() if type(v) in _SIMPLE))
-    return tuple(found)
+@dataclass(frozen=True)
+class TreeState:
+    """What one walk of the model finds: its modules, each once, breadth first; each one's
+    training flag; whether each parameter requires grad; the hooks on them (a library's as well
+    as a user's: ``torch.nn.utils.spectral_norm`` adds a pre-hook that changes the weight a
+    forward reads), as (index of the module, kind, the handles' ids); and the simple settings
+    of the configs they hold (a transformers model's ``config``, one object its modules share)."""
+
+    modules: list
+    modes: tuple
+    trained: tuple
+    hooks: tuple
+    configs: tuple
 
 
-def modes(modules: list) -> tuple[bool, ...]:
-    """Each module's training flag (``modules_of``'s list): part of a call's signature."""
-    return tuple(m.training for m in modules)
-
-
-def trained(modules: list) -> tuple[bool, ...]:
-    """Whether each parameter takes a gradient (``modules_of``'s list): part of a training
-    call's signature, since a step computes the gradients of those it was traced with (a
-    backbone unfrozen after compiling would get none)."""
-    return tuple(p.requires_grad for m in modules for p in m._parameters.values() if p is not None)
+def walk(model: torch.nn.Module, trained: bool = False) -> TreeState:
+    """The model's ``TreeState`` (``trained``: whether each parameter requires grad, else ());
+    once per call, so one pass that makes no names (``model.modules()`` alone, which makes every
+    name, takes half a millisecond on a 32-layer LLaMA)."""
+    order, seen = [model], {id(model)}
+    modes, grads, hooks, configs, config_ids = [], [], [], [], set()
+    for i, m in enumerate(order):   # the list grows as it is read
+        d = m.__dict__
+        modes.append(d["training"])
+        if trained and d["_parameters"]:
+            for p in d["_parameters"].values():
+                if p is not None:
+                    grads.append(p.requires_grad)
+        if d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]:
+            hooks.extend((i, kind, tuple(d[kind])) for kind in _KINDS if d[kind])
+        cfg = d.get("config")
+        if cfg is not None and id(cfg) not in config_ids and hasattr(cfg, "to_dict"):
+            config_ids.add(id(cfg))
+            configs.append(tuple((k, v) for k, v in vars(cfg).items() if type(v) in _SIMPLE))
+        for child in d["_modules"].values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                order.append(child)
+    glob = torch.nn.modules.module
+    hooks.extend((-1, kind, tuple(getattr(glob, kind))) for kind in _GLOBAL if getattr(glob, kind, None))
+    return TreeState(order, tuple(modes), tuple(grads), tuple(hooks), tuple(configs))
 
 
 @dataclass(frozen=True)
 class ModuleTree:
     """The modules (held weakly: a replaced one that was freed reads as gone, never as a new
-    module at its old address) and the user hooks a program was traced with."""
+    module at its old address), hooks and config settings a program was traced with."""
 
     names: tuple[str, ...]
     types: tuple[str, ...]
     refs: tuple
     hooks: tuple
-    kinds: tuple[str, ...]
     configs: tuple
 
     @classmethod
-    def of(cls, model: torch.nn.Module, train: bool) -> ModuleTree:
-        mods = modules_of(model)
-        kinds = _FORWARD + (_BACKWARD if train else ())
-        return cls(_names(model, mods), tuple(type(m).__name__ for m in mods), tuple(weakref.ref(m) for m in mods),
-                   _hook_keys(mods, kinds), kinds, _configs(mods))
+    def of(cls, model: torch.nn.Module) -> ModuleTree:
+        state = walk(model)
+        named = {id(m): name for name, m in model.named_modules()}
+        return cls(tuple(named[id(m)] for m in state.modules), tuple(type(m).__name__ for m in state.modules),
+                   tuple(weakref.ref(m) for m in state.modules), state.hooks, state.configs)
 
-    def changed(self, model: torch.nn.Module, mods: list) -> str | None:
-        """What changed in ``model``'s tree (``mods``: ``modules_of(model)``) since it was traced;
+    def changed(self, model: torch.nn.Module, state: TreeState) -> str | None:
+        """What changed in ``model``'s tree (``state``: ``walk(model)``) since it was traced;
         None when nothing did."""
+        mods = state.modules
         if not (len(mods) == len(self.refs) and all(r() is m for r, m in zip(self.refs, mods))):
             return self._change(model)
-        if _hook_keys(mods, self.kinds) != self.hooks:
-            return self._hook_change(mods)
-        configs = _configs(mods)
-        if configs != self.configs:
-            return _config_change(self.configs, configs)
+        if state.hooks != self.hooks:
+            return self._hook_change(state.hooks)
+        if state.configs != self.configs:
+            return _config_change(self.configs, state.configs)
         return None
 
     def _change(self, model: torch.nn.Module) -> str:
@@ -140,9 +118,9 @@ class ModuleTree:
             return f"{_shown(added)} ({type(now[added]).__name__}) was added"
         return "the model's modules were rearranged"
 
-    def _hook_change(self, mods: list) -> str:
+    def _hook_change(self, hooks: tuple) -> str:
         then = {(i, kind): set(ids) for i, kind, ids in self.hooks}
-        now = {(i, kind): set(ids) for i, kind, ids in _hook_keys(mods, self.kinds)}
+        now = {(i, kind): set(ids) for i, kind, ids in hooks}
         for i, kind in sorted(then.keys() | now.keys()):
             added, removed = now.get((i, kind), set()) - then.get((i, kind), set()), \
                 then.get((i, kind), set()) - now.get((i, kind), set())
