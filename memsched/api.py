@@ -400,9 +400,10 @@ class CompiledModule:
         for an optimizer, ``cm.config``, ``cm.state_dict()``. A method that returns the model
         (``cm.eval()``, ``cm.train()``, ``cm.to(...)``) returns the compiled module instead, so
         ``cm = cm.eval()`` keeps it; one that gives the model's tensors another dtype, device or
-        shape (``cm.to(torch.bfloat16)``) drops the plans made for them. ``forward`` runs the compiled module (with the model's
-        signature, for code that inspects it); ``generate``, which would run the model eagerly
-        outside the budget, is refused naming what runs it inside."""
+        shape (``cm.to(torch.bfloat16)``) drops the plans made for them. ``forward`` runs the
+        compiled module (with the model's signature, for code that inspects it); ``generate``,
+        which would run the model eagerly outside the budget, is refused naming what runs it
+        inside."""
         model = self.__dict__.get("model")
         if model is None or name.startswith("__"):
             raise AttributeError(name)

@@ -54,18 +54,20 @@ def walk(model: torch.nn.Module, trained: bool = False) -> TreeState:
     modes, grads, hooks, configs, config_ids = [], [], [], [], set()
     for i, m in enumerate(order):   # the list grows as it is read
         d = m.__dict__
-        modes.append(d["training"])
-        if trained and d["_parameters"]:
+        # (``get``: a module unpickled from an older torch may lack a table)
+        modes.append(d.get("training", True))
+        if trained and d.get("_parameters"):
             for p in d["_parameters"].values():
                 if p is not None:
                     grads.append(p.requires_grad)
-        if d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]:
-            hooks.extend((i, kind, tuple(d[kind])) for kind in _KINDS if d[kind])
+        if d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks") \
+                or d.get("_backward_pre_hooks"):
+            hooks.extend((i, kind, tuple(d[kind])) for kind in _KINDS if d.get(kind))
         cfg = d.get("config")
         if cfg is not None and id(cfg) not in config_ids and hasattr(cfg, "to_dict"):
             config_ids.add(id(cfg))
             configs.append(tuple((k, v) for k, v in vars(cfg).items() if type(v) in _SIMPLE))
-        for child in d["_modules"].values():
+        for child in d.get("_modules", {}).values():
             if child is not None and id(child) not in seen:
                 seen.add(id(child))
                 order.append(child)
