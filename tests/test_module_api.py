@@ -97,7 +97,8 @@ def _wrap_q(model):
 
 
 CHANGES = {   # what a user may do to the model after compiling it -> what the warning names
-    "an adapter wrapped in": (_wrap_q, r"module 'model.layers.1.self_attn.q_proj' was replaced \(Linear then, _Adapter"),
+    "an adapter wrapped in": (_wrap_q,
+                              r"module 'model.layers.1.self_attn.q_proj' was replaced \(Linear then, _Adapter"),
     "an activation swapped": (lambda m: setattr(m.model.layers[0].mlp, "act_fn", torch.nn.ReLU()),
                               r"'model.layers.0.mlp.act_fn' was replaced \(SiLUActivation then, ReLU now\)"),
     "a forward hook": (lambda m: m.model.norm.register_forward_hook(lambda mod, i, o: o * 2),
@@ -106,7 +107,8 @@ CHANGES = {   # what a user may do to the model after compiling it -> what the w
                    r"a forward pre hook was registered on module 'lm_head'"),
     "a library's pre-hook": (lambda m: torch.nn.utils.spectral_norm(m.lm_head),
                              r"a forward pre hook was registered on module 'lm_head'"),
-    "a layer deleted": (lambda m: m.model.layers.__delitem__(1), r"module 'model.layers.1' \(LlamaDecoderLayer\) was removed"),
+    "a layer deleted": (lambda m: m.model.layers.__delitem__(1),
+                        r"module 'model.layers.1' \(LlamaDecoderLayer\) was removed"),
     "a submodule put in eval": (lambda m: m.model.layers[0].eval(), None),   # (no dropout: same outputs)
 }
 
@@ -170,7 +172,8 @@ def test_a_config_setting_changed_after_compiling_is_planned_again():
             for a, b in zip(out.hidden_states, ref.hidden_states):
                 assert torch.equal(a, b)
             model.set_attn_implementation("eager")
-            with pytest.warns(UserWarning, match=r"config._attn_implementation\w* changed \('sdpa' then, 'eager' now\)"):
+            changed = r"config._attn_implementation\w* changed \('sdpa' then, 'eager' now\)"
+            with pytest.warns(UserWarning, match=changed):
                 torch.testing.assert_close(cm(input_ids=IDS).logits, model(input_ids=IDS).logits)
             assert cm.plans_made == 3
     finally:

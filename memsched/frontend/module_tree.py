@@ -3,9 +3,10 @@
 A captured program is the model as it was when traced: a submodule replaced afterwards (an
 activation swapped, an adapter inserted, a layer appended or deleted) or a hook registered or
 removed since (a user's, or a library's: ``spectral_norm``'s pre-hook) would change what eager
-runs and not what the program runs, and the outputs would be silently stale. Parameters replaced or changed are the executor's to see
-(runtime/executor.py); this is the rest of the tree. A call that finds it changed plans again,
-as torch.compile recompiles, and says what changed.
+runs and not what the program runs, and the outputs would be silently stale. Parameters
+replaced or changed are the executor's to see (runtime/executor.py); this is the rest of the
+tree. A call that finds it changed plans again, as torch.compile recompiles, and says what
+changed.
 
 The settings of a transformers model's config are checked too (``output_hidden_states``, the
 attention implementation): a forward reads them as it runs. Other attributes a forward reads
@@ -66,7 +67,9 @@ def walk(model: torch.nn.Module, trained: bool = False) -> TreeState:
         cfg = d.get("config")
         if cfg is not None and id(cfg) not in config_ids and hasattr(cfg, "to_dict"):
             config_ids.add(id(cfg))
-            configs.append(tuple((k, v) for k, v in vars(cfg).items() if type(v) in _SIMPLE))
+            settings = getattr(cfg, "__dict__", None)   # (a config of the user's own may have slots)
+            if isinstance(settings, dict):
+                configs.append(tuple((k, v) for k, v in settings.items() if type(v) in _SIMPLE))
         for child in d.get("_modules", {}).values():
             if child is not None and id(child) not in seen:
                 seen.add(id(child))
