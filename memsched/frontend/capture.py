@@ -88,7 +88,7 @@ class Captured:
     # input placeholders that stand for an embedding lookup done before the program runs, on the
     # table where it lives (frontend/row_gathers.py): name -> RowGather
     gathers: dict = field(default_factory=dict)
-    # the modules and user hooks it was traced with, checked at each call (module_tree.py)
+    # the modules, hooks and config settings it was traced with, checked at each call (module_tree.py)
     module_tree: object = None
 
     def flatten_inputs(self, args: tuple, kwargs: dict) -> list:

@@ -22,9 +22,8 @@ class HookWarning(UserWarning):
     """Hooks on the model run once while memsched traces it, not at each call."""
 
 
-def user_hooks(hooks: dict) -> list:
-    """The keys of the hooks in ``hooks`` (a module's hook dict) that a user registered."""
-    return [k for k, h in hooks.items()
+def _users(hooks) -> list:
+    return [h for h in hooks.values()
             if not (getattr(h, "__module__", None) or "").startswith(_LIBRARIES)]
 
 
@@ -33,9 +32,9 @@ def warn_user_hooks(model: torch.nn.Module, train: bool = False) -> None:
     step) a user registered are on ``model``'s modules or registered globally."""
     kinds = ["_forward_hooks", "_forward_pre_hooks"] + (["_backward_hooks", "_backward_pre_hooks"] if train else [])
     hooked = [name or "the model itself" for name, m in model.named_modules()
-              if any(user_hooks(getattr(m, kind, None) or {}) for kind in kinds)]
+              if any(_users(getattr(m, kind, None) or {}) for kind in kinds)]
     glob = torch.nn.modules.module
-    if user_hooks(glob._global_forward_hooks) or user_hooks(glob._global_forward_pre_hooks):
+    if _users(glob._global_forward_hooks) or _users(glob._global_forward_pre_hooks):
         hooked.append("every module (global hooks)")
     if not hooked:
         return
