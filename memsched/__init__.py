@@ -7,7 +7,7 @@
 from .budget import format_bytes, parse_budget
 from .api import CompiledModule, compile, plan
 from .cost_models.hardware import PRESETS, Hardware, get_hardware, list_hardware, local_hardware
-from .errors import BudgetExceededError, CaptureError, InfeasibleBudgetError, UnsupportedModelError
+from .errors import BudgetExceededError, CaptureError, InfeasibleBudgetError, ModelTensorsChanged, UnsupportedModelError
 from .generation import GenerationStats, Generator, generate, route_generate
 from .plans import Plan
 from .runtime.executor import RunStats
@@ -19,6 +19,6 @@ __all__ = [
     "compile", "plan", "generate", "route_generate", "Generator", "GenerationStats", "CompiledModule", "Plan", "RunStats", "Hardware", "PRESETS",
     "get_hardware", "list_hardware", "local_hardware", "parse_budget", "format_bytes",
     "InfeasibleBudgetError", "CaptureError", "UnsupportedModelError", "BudgetExceededError",
-    "PlanError", "verify_schedule", "DiskIntegrityError", "CheckpointError",
+    "PlanError", "verify_schedule", "DiskIntegrityError", "CheckpointError", "ModelTensorsChanged",
 ]
 __version__ = "0.1.0"

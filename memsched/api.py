@@ -13,6 +13,7 @@ import torch
 
 from .budget import parse_budget
 from .cost_models.hardware import Hardware, get_hardware
+from .errors import ModelTensorsChanged
 from .frontend.autocast import autocast_state
 from .frontend.capture import input_signature
 from .frontend.input_values import GuardSet, described, stand_in
@@ -309,21 +310,32 @@ class CompiledModule:
             _refuse_grad_inputs(args, kwargs)
             self._warn_untrained()
         with self._lock, outside_inference_mode():
-            plan, captured, executor, step = self._prepare(args, kwargs)
-            flat = captured.flatten_inputs(args, kwargs)
-            # one step in flight per module, whatever plan it ran: a forward of another plan (other
-            # shapes, inputs taking gradients or not) waiting for its backward holds up to the
-            # budget too, so a call releases it (its backward then raises and says why)
-            for *_, other in self._compiled.values():
-                if other is not None and other is not step:
-                    other.release()
-            if step is not None:
-                # the step's stats are complete once its backward ran (see ``stats``)
-                out = captured.forward_outputs(run_step(step, flat))
-            else:
-                out = executor.run(flat)
-                plan.measured = executor.last_stats
-            return captured.unflatten_outputs(out)
+            try:
+                return self._run(args, kwargs)
+            except ModelTensorsChanged as exc:
+                # a tensor converted or swapped on the model itself (``model.half()``), seen by the
+                # executor before its program ran anything: every plan read the tensors as they were
+                warnings.warn(f"memsched: {exc.change} since the model was last planned: planning it again",
+                              UserWarning, stacklevel=2)
+                self.close()
+                return self._run(args, kwargs)
+
+    def _run(self, args, kwargs):
+        plan, captured, executor, step = self._prepare(args, kwargs)
+        flat = captured.flatten_inputs(args, kwargs)
+        # one step in flight per module, whatever plan it ran: a forward of another plan (other
+        # shapes, inputs taking gradients or not) waiting for its backward holds up to the
+        # budget too, so a call releases it (its backward then raises and says why)
+        for *_, other in self._compiled.values():
+            if other is not None and other is not step:
+                other.release()
+        if step is not None:
+            # the step's stats are complete once its backward ran (see ``stats``)
+            out = captured.forward_outputs(run_step(step, flat))
+        else:
+            out = executor.run(flat)
+            plan.measured = executor.last_stats
+        return captured.unflatten_outputs(out)
 
     def _warn_untrained(self) -> None:
         """A model in training mode with parameters that require grad, called with grad mode on,

@@ -30,6 +30,18 @@ class UnsupportedModelError(CaptureError):
     """The model traced, but uses something memsched does not handle yet (named in the message)."""
 
 
+class ModelTensorsChanged(RuntimeError):
+    """A model tensor a program reads is gone, or has another shape, dtype or device, than when
+    the program was planned (``model.half()`` or a Parameter swapped behind the compiled module's
+    back). Raised before the program runs anything; ``change`` says what changed. The compiled
+    module plans again on it, as torch.compile recompiles; other callers see the message."""
+
+    def __init__(self, change: str):
+        self.change = change
+        super().__init__(f"memsched: {change} since this program was planned; the plan does not fit it any more: "
+                         "compile the model again (memsched.compile)")
+
+
 class BudgetExceededError(RuntimeError):
     """The runtime's device-tier accounting would pass the budget: a planner bug, never silent."""
 

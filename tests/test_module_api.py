@@ -199,3 +199,47 @@ def test_converting_the_model_through_the_compiled_module_plans_again():
             assert cm.plans_made == 2
     finally:
         cm.close()
+
+
+def test_converting_the_model_itself_plans_again():
+    """A conversion done on the model, behind the compiled module's back (``model.to(bf16)``,
+    a Parameter swapped for a larger one), is seen by the executor before the program runs
+    anything: the call plans again, naming the tensor, and its outputs are eager's."""
+    model = _llama().eval()
+    cm = _compile(model, "2MB")
+    try:
+        with torch.no_grad():
+            cm(input_ids=IDS)
+            model.to(torch.bfloat16)
+            with pytest.warns(UserWarning, match=r"model tensor '[\w.]+' changed from \[.*\] torch.float32 on cpu to "
+                                                 r"\[.*\] torch.bfloat16 on cpu since the model was last planned"):
+                out = cm(input_ids=IDS).logits
+            assert out.dtype == torch.bfloat16 and torch.equal(out, model(input_ids=IDS).logits)
+            # (a weight of one element, which the norm's product broadcasts)
+            model.model.norm.weight = torch.nn.Parameter(torch.full((1,), 2.0, dtype=torch.bfloat16))
+            said = r"'model.norm.weight' changed from \[64\] torch.bfloat16 on cpu to \[1\]"
+            with pytest.warns(UserWarning, match=said):
+                assert torch.equal(cm(input_ids=IDS).logits, model(input_ids=IDS).logits)
+            assert cm.plans_made == 3
+    finally:
+        cm.close()
+
+
+def test_a_parameter_swapped_for_training_plans_again():
+    """The same for a training step: its gradients reach the Parameter the model has now."""
+    model = _llama()
+    cm = _compile(model, "4MB", train=True)
+    try:
+        cm(input_ids=IDS, labels=IDS).loss.backward()
+        model.model.norm.weight = torch.nn.Parameter(torch.full((1,), 2.0))
+        model.zero_grad()
+        ref = copy.deepcopy(model)
+        with pytest.warns(UserWarning, match=r"'model.norm.weight' changed from \[64\] torch.float32 on cpu to \[1\]"):
+            cm(input_ids=IDS, labels=IDS).loss.backward()
+        ref(input_ids=IDS, labels=IDS).loss.backward()
+        assert model.model.norm.weight.grad.shape == (1,)
+        for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+        assert cm.plans_made == 2
+    finally:
+        cm.close()

@@ -4,9 +4,9 @@ A captured program is the model as it was when traced: a submodule replaced afte
 activation swapped, an adapter inserted, a layer appended or deleted) or a hook registered or
 removed since (a user's, or a library's: ``spectral_norm``'s pre-hook) would change what eager
 runs and not what the program runs, and the outputs would be silently stale. Parameters
-replaced or changed are the executor's to see (runtime/executor.py); this is the rest of the
-tree. A call that finds it changed plans again, as torch.compile recompiles, and says what
-changed.
+replaced or changed are the executor's to see (runtime/executor.py: new values are read, another
+shape or dtype plans again); this is the rest of the tree. A call that finds it changed plans
+again, as torch.compile recompiles, and says what changed.
 
 The settings of a transformers model's config are checked too (``output_hidden_states``, the
 attention implementation): a forward reads them as it runs. Other attributes a forward reads

@@ -16,7 +16,7 @@ import weakref
 
 import torch
 
-from ..errors import UnsupportedModelError
+from ..errors import ModelTensorsChanged, UnsupportedModelError
 from ..frontend.fake import size1_only
 from ..frontend.joint import JointCaptured, gradient_sources
 from .executor import Executor
@@ -52,8 +52,7 @@ class TrainStep:
         missing = [t for t in self.captured.grad_targets if t not in params]
         missing += [t for t in self.captured.mutation_targets if t not in buffers]
         if missing:
-            raise RuntimeError(f"memsched: the model has no tensor {missing[0]!r} any more (it had one when "
-                               "this training step was planned): compile the model again")
+            raise ModelTensorsChanged(f"the model has no tensor {missing[0]!r} any more")
         self.params = [params[t] for t in self.captured.grad_targets]
         self.mutated_buffers = [buffers[t] for t in self.captured.mutation_targets]
 

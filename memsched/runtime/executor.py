@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..cost_models.hardware import available_ram_bytes
+from ..errors import ModelTensorsChanged
 from ..cost_models.measures import record_rate
 from ..frontend.autocast import no_autocast
 from ..frontend.capture import Captured
@@ -222,8 +223,7 @@ class Executor:
             if not isinstance(cur, torch.Tensor):
                 cur = None
             if cur is None:
-                raise RuntimeError(f"memsched: the model has no tensor {rec.name!r} any more (it had one when "
-                                   "this input signature was planned): compile the model again")
+                raise ModelTensorsChanged(f"the model has no tensor {rec.name!r} any more")
             if rec.checkpointed:
                 if cur is not rec.ref:
                     raise RuntimeError(f"memsched: model tensor {rec.name!r} was replaced since this module "
@@ -232,11 +232,9 @@ class Executor:
             same = (cur is rec.ref and cur.data_ptr() == rec.ptr and tuple(cur.shape) == rec.shape
                     and tuple(cur.stride()) == rec.stride and cur.dtype == rec.dtype and cur.device == rec.device)
             if not same and (tuple(cur.shape) != rec.shape or cur.dtype != rec.dtype or cur.device.type == "meta"):
-                raise RuntimeError(
-                    f"memsched: model tensor {rec.name!r} changed from {list(rec.shape)} {rec.dtype} on "
-                    f"{rec.device} to {list(cur.shape)} {cur.dtype} on {cur.device} since this input "
-                    "signature was planned; the plan does not fit it any more: compile the model again "
-                    "(memsched.compile)")
+                raise ModelTensorsChanged(
+                    f"model tensor {rec.name!r} changed from {list(rec.shape)} {rec.dtype} on {rec.device} "
+                    f"to {list(cur.shape)} {cur.dtype} on {cur.device}")
             changed = not same or version_of(cur) != rec.version
             if not (self.trusted and not changed):
                 todo.append((rec, cur, same, changed))
