@@ -63,7 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import memsched
-from helpers import assert_outputs_equal, assert_same_grads
+from helpers import FIXED_CPU, assert_outputs_equal, assert_same_grads
 
 FRACTIONS = (1.0, 0.5, "min")
 
@@ -656,6 +656,35 @@ def test_transformer_encoder_fast_path_is_named_at_capture():
     enc, x, mask = _encoder()
     with pytest.warns(FastPathWarning, match=r"layers\.0.*padded positions.*set_fastpath_enabled\(False\)"):
         memsched.plan(enc, (x,), budget=10**13, example_kwargs={"src_key_padding_mask": mask})
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["no-norm", "final-norm"])
+def test_transformer_encoder_on_its_fast_path_returns_eagers_padded_positions(norm):
+    """With the fast path on, eager packs a left-aligned padded batch into a nested tensor and
+    returns 0 at padded positions (then runs its final norm over them); the compiled module
+    returns the same there, and eager's values up to the fused kernels' last bits elsewhere.
+    A mask whose padding comes first is not packed by eager: the padded positions then hold
+    values, in both. One program serves both masks (the test is a tensor, not a guard)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(32) if norm else None).eval().requires_grad_(False)
+    x = torch.randn(4, 32, 32)
+    left = torch.zeros(4, 32, dtype=torch.bool)
+    left[1:, 20:] = True
+    right = left.flip(-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(enc, "256KB", device="cpu", hardware=FIXED_CPU)
+    try:
+        with torch.no_grad():
+            for mask in (left, right):
+                want, got = enc(x, src_key_padding_mask=mask), cm(x, src_key_padding_mask=mask)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert torch.equal(enc(x, src_key_padding_mask=left)[1:, 20:],
+                               cm(x, src_key_padding_mask=left)[1:, 20:])   # 0, or the norm's bias
+        assert cm.plans_made == 1 and cm.stats.peak_device_bytes <= cm.budget_bytes
+    finally:
+        cm.close()
 
 
 @pytest.mark.parametrize("frac", (1.0, 0.5), ids=str)

@@ -44,6 +44,7 @@ from .integer_reads import IntegerReads
 from .input_values import read_input_values
 from .kernel_patterns import select_kernels
 from .masked_losses import whole_tensor_masked_losses
+from .nested_encoders import padded_positions_as_eager
 from .value_checks import value_checks_as_asserts
 
 # the kind of each graph input, from the point of view of placement
@@ -342,7 +343,7 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict | None, ones_mask)
             whole_tensor_masked_losses(), \
             _quiet_fake_tensor_log(), _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
             _dataclass_outputs_seen_into(model), _inference_mode_for_inference_tensors(model), \
-            _given_mask_of_ones(model, ones_mask):
+            _given_mask_of_ones(model, ones_mask), padded_positions_as_eager(model):
         return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False), values
 
 
@@ -576,9 +577,10 @@ def warn_fast_paths(model: torch.nn.Module) -> None:
     """Warn, naming the modules, when eager PyTorch would run ``nn.TransformerEncoderLayer`` /
     ``nn.MultiheadAttention`` on their fast path (eval mode, no gradient needed): fused kernels,
     and under ``nn.TransformerEncoder`` with a ``src_key_padding_mask`` a nested tensor whose
-    padded positions come back as 0. Tracing (FakeTensors) always takes the standard path, so
-    the compiled program's outputs differ from eager's: in the last bits everywhere, and at
-    padded positions entirely. Turning the fast path off makes eager take the standard path too."""
+    padded positions come back as 0 (which the trace reproduces: frontend/nested_encoders.py).
+    Tracing (FakeTensors) always takes the standard path, so the compiled program's outputs
+    differ from eager's in the last bits. Turning the fast path off makes eager take the
+    standard path too."""
     if not torch.backends.mha.get_fastpath_enabled():
         return
     nn = torch.nn
@@ -595,9 +597,9 @@ def warn_fast_paths(model: torch.nn.Module) -> None:
     if not fast and not nested:
         return
     shown = ", ".join((nested + fast)[:4]) + (f" and {len(nested + fast) - 4} more" if len(nested + fast) > 4 else "")
-    padded = (f" {', '.join(nested)} also turns its input into a nested tensor when given a "
-              "src_key_padding_mask, so eager returns 0 at padded positions where the compiled "
-              "program returns other values." if nested else "")
+    padded = (f" ({', '.join(nested)} also turns its input into a nested tensor when given a "
+              "src_key_padding_mask: the compiled program returns 0 at padded positions as eager does.)"
+              if nested else "")
     warnings.warn(
         f"memsched: {type(model).__name__} ({shown}) runs on PyTorch's transformer fast path in eager "
         f"mode here (eval mode, no gradient: fused kernels), which a captured program cannot take; "
