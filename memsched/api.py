@@ -301,6 +301,9 @@ class CompiledModule:
         with self._lock, outside_inference_mode():
             return self._prepare(tuple(args), dict(kwargs))[0]
 
+    # torch.compile around a compiled module runs it as one opaque call: tracing into it would
+    # trace memsched's runtime (its threads, its accounting), not the model
+    @torch.compiler.disable
     def __call__(self, *args, **kwargs):
         if os.getpid() != self._pid:   # before the lock, which a parent's thread may have held
             raise RuntimeError(
