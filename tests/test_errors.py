@@ -27,6 +27,13 @@ def test_not_a_module():
         memsched.compile(lambda x: x, "1GB", device="cpu")
 
 
+@pytest.mark.parametrize("to_script", [torch.jit.script, lambda m: torch.jit.trace(m, torch.randn(2, 16))],
+                         ids=["script", "trace"])
+def test_a_torchscript_module_is_refused_by_name(to_script):
+    with pytest.raises(memsched.UnsupportedModelError, match="is a TorchScript module.*the Python module"):
+        memsched.plan(to_script(_mlp()), (torch.randn(2, 16),), budget="1MB")
+
+
 def test_unknown_hardware_lists_names():
     with pytest.raises(ValueError, match="h100"):
         memsched.plan(_mlp(), (torch.randn(2, 16),), budget="1GB", hardware="tpu-v9")

@@ -266,6 +266,10 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
     """torch.export (non-strict); CaptureError names the model and the cause."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"memsched compiles torch.nn.Module instances, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):   # torch.export takes no TorchScript
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.script or torch.jit.trace), which "
+            "torch.export cannot trace: give memsched the Python module it was made from")
     register_output_types(model)
     try:
         ep, values = _export(model, args, kwargs, ones_mask=None)
