@@ -5,7 +5,7 @@ import contextlib
 import functools
 import os
 import threading
-import warnings
+import time
 import weakref
 from collections import OrderedDict
 
@@ -13,7 +13,7 @@ import torch
 
 from .budget import parse_budget
 from .cost_models.hardware import Hardware, get_hardware
-from .errors import ModelTensorsChanged
+from .errors import ModelTensorsChanged, warn_at_caller
 from .frontend.autocast import autocast_state
 from .frontend.capture import input_signature
 from .frontend.input_values import GuardSet, described, stand_in
@@ -25,6 +25,7 @@ from .plans import Plan, as_plan
 from .reapply import reapply
 
 _MANY_VALUES = 4   # programs planned for one input signature before saying why
+_MANY_SHAPES = 8   # input shapes planned before saying that each new one plans again
 from .runtime.autograd import TrainStep, run_step
 from .runtime.checkpoint import Checkpoint
 from .runtime.executor import Executor, RunStats
@@ -193,6 +194,8 @@ class CompiledModule:
         self._compiled: OrderedDict = OrderedDict()
         self._value_guards: dict = {}   # signature -> values made from the inputs that shaped a program
         self._plans_per_signature: dict = {}
+        self._shapes_planned: set = set()   # input signatures planned, for the warning on many shapes
+        self._planning_s = 0.0
         self._last = None
         self.plans_made = 0  # signatures planned (or re-applied) so far, evicted ones included
         self._new_stores()
@@ -228,14 +231,14 @@ class CompiledModule:
         last = entry if entry is not None else self._last
         changed = last[1].module_tree.changed(self.model, tree) if last is not None else None
         if changed is not None:   # programs of the model as it was are dropped: it is planned again
-            warnings.warn(f"memsched: {changed} since the model was last planned: planning it again",
-                          UserWarning, stacklevel=4)
+            warn_at_caller(f"memsched: {changed} since the model was last planned: planning it again")
             for old_key, old in list(self._compiled.items()):
                 if old is last or old[1].module_tree.changed(self.model, tree) is not None:
                     del self._compiled[old_key]
                     old[2].close()
             self._last = entry = None
         if entry is None:
+            started = time.perf_counter()
             with _CAPTURE_LOCK:  # torch.export is not thread-safe
                 if self._saved is not None:
                     with meta_as_empty(self.model):
@@ -246,6 +249,7 @@ class CompiledModule:
                         plan, captured = plan_model(self.model, args, kwargs, self.budget_bytes, self.hardware,
                                                     train=train, grad_outputs=self.grad_outputs, **self.options)
             self.plans_made += 1
+            self._count_shape(signature[2], time.perf_counter() - started)
             # after planning: a library may settle its config lazily at the first forward
             captured.module_tree = ModuleTree.of(self.model)
             self._remember_guards(signature, captured)
@@ -273,6 +277,21 @@ class CompiledModule:
         self._last = entry
         return entry
 
+    def _count_shape(self, shape: tuple, planning_s: float) -> None:
+        """Say once when many input shapes were planned: a program is made per shape (a capture
+        and a solve, seconds), so sizes that change call after call (a sequence length per batch)
+        plan at nearly every call, and past ``max_plans`` evicted programs are planned again."""
+        self._planning_s += planning_s
+        if shape in self._shapes_planned:
+            return
+        self._shapes_planned.add(shape)
+        if len(self._shapes_planned) == _MANY_SHAPES:
+            warn_at_caller(
+                f"memsched: {_MANY_SHAPES} input shapes planned so far ({self._planning_s:.1f} s of planning): each "
+                f"new shape is captured and planned again, and past max_plans ({self.max_plans}) the least recently "
+                "used programs are dropped and planned again when their shape comes back. Pad the inputs to a few "
+                "fixed sizes (bucket the sequence lengths) to reuse programs")
+
     def _remember_guards(self, signature: tuple, captured) -> None:
         """Keep what decided this capture's program besides the signature (the union over the
         signature's captures), and say once when values read off the inputs made it plan many
@@ -284,11 +303,10 @@ class CompiledModule:
         self._plans_per_signature[signature] = planned = self._plans_per_signature.get(signature, 0) + 1
         if planned == _MANY_VALUES and guards:
             read = sorted({said for said, _ in described(self.model, guards)})
-            warnings.warn(
+            warn_at_caller(
                 f"memsched: {planned} programs planned for inputs of one shape, because values read off them differ "
                 f"({'; '.join(read)}): each new value is planned again, as a new shape is. Keep those values "
-                f"steady across calls (pad to a fixed length, bucket the counts) to reuse programs", UserWarning,
-                stacklevel=4)
+                f"steady across calls (pad to a fixed length, bucket the counts) to reuse programs")
 
     def _key(self, signature: tuple, args: tuple, kwargs: dict) -> tuple:
         # a value made from the inputs alone sized a selection, decided a branch or an attention
@@ -318,8 +336,7 @@ class CompiledModule:
             except ModelTensorsChanged as exc:
                 # a tensor converted or swapped on the model itself (``model.half()``), seen by the
                 # executor before its program ran anything: every plan read the tensors as they were
-                warnings.warn(f"memsched: {exc.change} since the model was last planned: planning it again",
-                              UserWarning, stacklevel=2)
+                warn_at_caller(f"memsched: {exc.change} since the model was last planned: planning it again")
                 self.close()
                 return self._run(args, kwargs)
 
@@ -348,11 +365,11 @@ class CompiledModule:
             return
         self._warned_untrained = True
         if any(p.requires_grad for p in self.model.parameters()):
-            warnings.warn(
+            warn_at_caller(
                 f"memsched: {type(self.model).__name__} is in training mode with parameters that require "
                 "grad, but this module was compiled for inference (train=False): its outputs carry no "
                 "gradient. Compile with memsched.compile(..., train=True) to train through it; for "
-                "inference call model.eval() or run it under torch.no_grad()", UserWarning, stacklevel=3)
+                "inference call model.eval() or run it under torch.no_grad()")
 
     def patched(self, names, dim: int, index: torch.Tensor) -> None:
         """Say that model tensors ``names`` (state-dict keys, or one key) had their slices

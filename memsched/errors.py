@@ -1,5 +1,25 @@
-"""Errors memsched raises before anything runs, so a bad request never half-executes."""
+"""Errors memsched raises before anything runs, so a bad request never half-executes; and where
+its warnings are shown."""
 from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+
+# memsched's package and torch's: a warning is shown at the first frame outside both
+_INSIDE = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def warn_at_caller(message, category: type[Warning] = UserWarning) -> None:
+    """Warn at the user's line, the first frame outside memsched and torch, whatever the depth
+    (a compiled module's call passes through torch.compiler.disable's wrapper; a capture, a
+    generation loop or the CLI through more of memsched)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 class InfeasibleBudgetError(ValueError):

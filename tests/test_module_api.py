@@ -259,3 +259,23 @@ def test_torch_compile_around_the_compiled_module_runs_it_as_one_call(capfd):
         assert "Exception ignored" not in capfd.readouterr().err
     finally:
         cm.close()
+
+
+def test_many_input_shapes_are_said_once_at_the_callers_line():
+    """A program is planned per input shape: sizes that change call after call plan at nearly
+    every call. The eighth shape warns once, at the user's line (not inside memsched or the
+    torch.compiler.disable wrapper its call passes through), saying to bucket the sizes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).eval()
+    cm = _compile(model, "64KB")
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            for rows in [*range(1, 11), 3]:
+                assert torch.equal(cm(torch.ones(rows, 16)), model(torch.ones(rows, 16)))
+        said = [w for w in caught if "input shapes planned" in str(w.message)]
+        assert len(said) == 1 and said[0].filename == __file__, [(w.filename, str(w.message)) for w in caught]
+        assert "8 input shapes planned so far" in str(said[0].message) and "bucket" in str(said[0].message)
+        assert cm.plans_made == 10
+    finally:
+        cm.close()

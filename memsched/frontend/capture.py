@@ -18,7 +18,6 @@ import re
 import sys
 import threading
 import traceback
-import warnings
 from dataclasses import dataclass, field, is_dataclass
 
 import torch
@@ -27,7 +26,7 @@ import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from ..errors import CaptureError, UnsupportedModelError
+from ..errors import CaptureError, UnsupportedModelError, warn_at_caller
 from ..ir.effects import is_impure, written_args, written_root
 from ..ir.graph_module import make_lazy
 from ..ir.kinds import PERSISTENT, Kind
@@ -604,12 +603,12 @@ def warn_fast_paths(model: torch.nn.Module) -> None:
     padded = (f" ({', '.join(nested)} also turns its input into a nested tensor when given a "
               "src_key_padding_mask: the compiled program returns 0 at padded positions as eager does.)"
               if nested else "")
-    warnings.warn(
+    warn_at_caller(
         f"memsched: {type(model).__name__} ({shown}) runs on PyTorch's transformer fast path in eager "
         f"mode here (eval mode, no gradient: fused kernels), which a captured program cannot take; "
         f"the compiled module takes the standard path, so its outputs differ from eager's in the last "
         f"bits.{padded} For identical outputs, turn the fast path off before calling either: "
-        f"torch.backends.mha.set_fastpath_enabled(False).", FastPathWarning, stacklevel=4)
+        f"torch.backends.mha.set_fastpath_enabled(False).", FastPathWarning)
 
 
 def _no_grad_needed(m: torch.nn.Module, grad: bool) -> bool:

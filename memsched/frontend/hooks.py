@@ -11,9 +11,9 @@ checkpointing, are trace-safe: they set a flag on the output) are not the user's
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
+
+from ..errors import warn_at_caller
 
 _LIBRARIES = ("torch.", "transformers.", "accelerate.", "memsched.")
 
@@ -39,10 +39,10 @@ def warn_user_hooks(model: torch.nn.Module, train: bool = False) -> None:
     if not hooked:
         return
     shown = ", ".join(hooked[:4]) + (f" and {len(hooked) - 4} more" if len(hooked) > 4 else "")
-    warnings.warn(
+    warn_at_caller(
         f"memsched: hooks are registered on {type(model).__name__}'s modules ({shown}). They run once, "
         "while memsched traces the model on FakeTensors, not at each call of the compiled module: what a "
         "hook returns in place of an output becomes part of the program, but whatever else it does "
         "(keep an output in a list, count or log calls) happens only then, with traced values. Return "
         "the values you need from forward instead, or call the eager model for them.",
-        HookWarning, stacklevel=4)
+        HookWarning)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +24,7 @@ import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.proxy_tensor import get_innermost_proxy_mode, make_fx
 
-from ..errors import CaptureError, UnsupportedModelError
+from ..errors import CaptureError, UnsupportedModelError, warn_at_caller
 from ..ir import ops
 from ..ir.effects import is_impure
 from ..ir.graph_module import make_lazy
@@ -147,11 +146,11 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     with _portable_attention(target, primals):
         joint = make_lazy(trace.run(model, primals, user_vals))  # code made when first run
     if functions.inlined:
-        warnings.warn(CustomBackwardWarning(
+        warn_at_caller(CustomBackwardWarning(
             f"{type(model).__name__} applies torch.autograd.Function(s) with a backward of their own "
             f"({', '.join(sorted(functions.inlined))}) that read tensors they are not handed or return "
             "other values: the captured step differentiates the ops of their forward instead, so gradients "
-            "through them can differ from eager's in the last bits"), stacklevel=3)
+            "through them can differ from eager's in the last bits"), CustomBackwardWarning)
     boundary = _partition(joint, placeholders, len(primals), len(out_vals), trace, floating)
     share_storages_as_eager(joint.graph)
     accumulate_in_place(joint, boundary)

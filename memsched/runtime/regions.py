@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 import time
-import warnings
 from typing import Callable
 
 import torch
@@ -22,7 +21,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from ..cost_models.measures import record_time
 from ..cost_models.op_scratch import allocator_peak
-from ..errors import BudgetExceededError
+from ..errors import BudgetExceededError, warn_at_caller
 from ..ir.regions import Region
 from ..ir.units import format_bytes
 
@@ -104,9 +103,9 @@ def _uncompiled(region: Region, gm: torch.fx.GraphModule, key: tuple, exc: Excep
     graph whose eager strides Inductor's fake tracing does not reproduce (a ``cat`` onto an
     empty cache, then a ``view`` of it: GPT-Neo's training step)."""
     _UNCOMPILED[key] = f"{type(exc).__name__}: {exc}"
-    warnings.warn(f"memsched: Inductor could not compile a fused region ({len(region.ops)} ops: "
+    warn_at_caller(f"memsched: Inductor could not compile a fused region ({len(region.ops)} ops: "
                   f"{', '.join(region.ops[:4])} ...), so it runs op by op: {type(exc).__name__}: "
-                  f"{str(exc)[:300]}", RuntimeWarning, stacklevel=4)
+                   f"{str(exc)[:300]}", RuntimeWarning)
     return gm
 
 
