@@ -326,6 +326,11 @@ def _hf_build(config, label: str, batch: int, seq_len: int):
                 raise ValueError(f"{label}: transformers could not build {type(config).__name__}: "
                                  f"{_joined(e)}") from None
     if model is None:
+        # an auto class that knows the config but whose constructor refused its values (a padding
+        # id past the vocabulary) says what is wrong with the config, not that no class fits
+        refused = [e for e in errors if "Unrecognized configuration class" not in e]
+        if refused:
+            raise ValueError(f"{label}: transformers could not build {type(config).__name__}: {refused[-1]}")
         raise ValueError(f"{label}: no AutoModel class builds {type(config).__name__} ("
                          + "; ".join(errors) + ")")
     # legacy constructors (XLNet's torch.FloatTensor(...) parameters) ignore the meta device:
