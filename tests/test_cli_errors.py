@@ -136,7 +136,8 @@ _LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "n
     ({"num_attention_heads": 5}, r"The hidden size \(64\) is not a multiple of the number of attention heads \(5\)"),
     ({"hidden_size": 64.5}, r"Field 'hidden_size' expected int, got float"),
     ({"num_attention_heads": 0}, r"cannot read Hugging Face config .*ZeroDivisionError"),
-    ({"pad_token_id": 500}, r"transformers could not build LlamaConfig: \w+: Padding_idx must be within num_embeddings"),
+    ({"pad_token_id": 500},
+     r"transformers could not build LlamaConfig: \w+: Padding_idx must be within num_embeddings"),
     ({"vocab_size": 10**12}, r"model.embed_tokens.weight \(\[1000000000000, 64\], torch.float32: "
                              r"256,000,000,000,000 bytes\) is too large for this machine to reserve at once"),
 ])
