@@ -9,7 +9,7 @@ import warnings
 import torch
 
 # memsched's package and torch's: a warning is shown at the first frame outside both
-_INSIDE = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+_INSIDE = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
 
 
 def warn_at_caller(message, category: type[Warning] = UserWarning) -> None:

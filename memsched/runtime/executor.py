@@ -16,8 +16,8 @@ import torch
 import torch.fx as fx
 
 from ..cost_models.hardware import available_ram_bytes
-from ..errors import ModelTensorsChanged
 from ..cost_models.measures import record_rate
+from ..errors import ModelTensorsChanged
 from ..frontend.autocast import no_autocast
 from ..frontend.capture import Captured
 from ..frontend.row_gathers import gather_rows
