@@ -19,6 +19,7 @@ from .frontend.capture import input_signature
 from .frontend.input_values import GuardSet, described, stand_in
 from .frontend.fake import meta_as_empty
 from .frontend.module_tree import ModuleTree, walk
+from .frontend.nested_encoders import packs_padding
 from .io.reapply import PlanMismatchError
 from .pipeline import plan_model
 from .plans import Plan, as_plan
@@ -224,8 +225,11 @@ class CompiledModule:
         # module's training flag, not only the model's: a batch norm frozen in eval inside a model
         # in training runs another program
         tree = walk(self.model, trained=train)
+        # an inference call's grad mode decides whether eager nn.TransformerEncoder packs its
+        # padding (frontend/nested_encoders.py): a program per mode, for such models only
+        grad_mode = torch.is_grad_enabled() if not train and packs_padding(tree.modules) else None
         signature = (train, tree.modes, input_signature(args, kwargs), threads, autocast_state(),
-                     _inputs_taking_grads(args, kwargs) if train else (), tree.trained)
+                     _inputs_taking_grads(args, kwargs) if train else (), tree.trained, grad_mode)
         key = self._key(signature, args, kwargs)
         entry = self._compiled.get(key)
         last = entry if entry is not None else self._last

@@ -687,6 +687,29 @@ def test_transformer_encoder_on_its_fast_path_returns_eagers_padded_positions(no
         cm.close()
 
 
+def test_a_transformer_encoder_called_with_and_without_grad_gets_eagers_padding_in_each():
+    """Eager packs the padding only when no gradient is needed: an inference module called
+    with grad on (its parameters require grad), then under no_grad, plans a program for each
+    mode, and each returns what eager returns in it (values at padded positions, then 0)."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2).eval()
+    x = torch.randn(4, 32, 32)
+    mask = torch.zeros(4, 32, dtype=torch.bool)
+    mask[1:, 20:] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = memsched.compile(enc, "256KB", device="cpu", hardware=FIXED_CPU)
+    try:
+        for grad in (True, False, True):
+            with torch.set_grad_enabled(grad):
+                want, got = enc(x, src_key_padding_mask=mask).detach(), cm(x, src_key_padding_mask=mask)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert bool((got[1:, 20:] == 0).all()) == (not grad)
+        assert cm.plans_made == 2
+    finally:
+        cm.close()
+
+
 @pytest.mark.parametrize("frac", (1.0, 0.5), ids=str)
 def test_transformer_encoder_without_fast_path_matches_eager(frac):
     from memsched.frontend.capture import FastPathWarning

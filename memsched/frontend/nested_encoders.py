@@ -15,7 +15,7 @@ runs its norm. The real positions are the standard path's values, equal to the n
 up to the fused kernels' last bits (``FastPathWarning`` says so). The test of the rest of
 eager's conditions is the one ``TransformerEncoder.forward`` makes, on the traced call: its
 training flag, the mask and input given, autocast, and whether a gradient is needed (the
-call's grad mode, as for the fast-path warning).
+call's grad mode, which is part of such a model's signature: ``packs_padding``).
 """
 from __future__ import annotations
 
@@ -28,12 +28,18 @@ from torch import nn
 _DEVICES = ("cpu", "cuda", "xpu")
 
 
+def packs_padding(modules) -> bool:
+    """Whether any of ``modules`` is an ``nn.TransformerEncoder`` that may pack its padding in
+    eager (then an inference call's grad mode is part of its signature: eager packs only when no
+    gradient is needed)."""
+    return any(isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) for m in modules)
+
+
 @contextlib.contextmanager
 def padded_positions_as_eager(model: nn.Module):
     """While a model is traced, its ``nn.TransformerEncoder``\\ s return 0 at padded positions
     where eager's nested-tensor path does (see the module's docstring)."""
-    encoders = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder)
-                and getattr(m, "use_nested_tensor", False)]
+    encoders = [m for m in model.modules() if packs_padding([m])]
     if not encoders or not torch.backends.mha.get_fastpath_enabled():
         yield
         return
