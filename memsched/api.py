@@ -24,14 +24,13 @@ from .io.reapply import PlanMismatchError
 from .pipeline import plan_model
 from .plans import Plan, as_plan
 from .reapply import reapply
-
-_MANY_VALUES = 4   # programs planned for one input signature before saying why
-_MANY_SHAPES = 8   # input shapes planned before saying that each new one plans again
 from .runtime.autograd import TrainStep, run_step
 from .runtime.checkpoint import Checkpoint
 from .runtime.executor import Executor, RunStats
 from .runtime.stores import Stores, make_offload_dir
 
+_MANY_VALUES = 4   # programs planned for one input signature before saying why
+_MANY_SHAPES = 8   # input shapes planned before saying that each new one plans again
 
 # torch.export (inside plan_model and reapply) is not thread-safe: one capture at a time
 _CAPTURE_LOCK = threading.Lock()
@@ -86,15 +85,6 @@ def _resolve_device(device) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device} is not supported: use 'cuda' or 'cpu'")
     return device
-
-
-# the model's methods that may give its tensors another dtype, device or shape
-_CONVERSIONS = frozenset({"to", "half", "float", "double", "bfloat16", "cuda", "cpu", "type", "to_empty", "apply",
-                          "load_state_dict"})
-
-
-def _tensor_layouts(model: torch.nn.Module) -> list:
-    return [(name, t.shape, t.dtype, t.device) for name, t in _model_tensors(model)]
 
 
 def _model_tensors(model: torch.nn.Module):
@@ -435,8 +425,9 @@ class CompiledModule:
         that rebinds ``model = memsched.compile(model, ...)`` keeps working: ``cm.parameters()``
         for an optimizer, ``cm.config``, ``cm.state_dict()``. A method that returns the model
         (``cm.eval()``, ``cm.train()``, ``cm.to(...)``) returns the compiled module instead, so
-        ``cm = cm.eval()`` keeps it; one that gives the model's tensors another dtype, device or
-        shape (``cm.to(torch.bfloat16)``) drops the plans made for them. ``forward`` runs the
+        ``cm = cm.eval()`` keeps it; after one that gives the model's tensors another dtype or
+        shape (``cm.to(torch.bfloat16)``) the next call plans again, as after ``model.half()``
+        (the executor sees it: ``ModelTensorsChanged``). ``forward`` runs the
         compiled module (with the model's signature, for code that inspects it); ``generate``,
         which would run the model eagerly outside the budget, is refused naming what runs it
         inside."""
@@ -457,10 +448,7 @@ class CompiledModule:
 
         @functools.wraps(value)
         def method(*args, **kwargs):
-            before = _tensor_layouts(model) if name in _CONVERSIONS else None
             out = value(*args, **kwargs)
-            if before is not None and _tensor_layouts(model) != before:
-                self.close()   # the plans were made for the tensors as they were: the next call plans again
             return self if out is model else out
         return method
 

@@ -181,9 +181,9 @@ def test_a_config_setting_changed_after_compiling_is_planned_again():
 
 
 def test_converting_the_model_through_the_compiled_module_plans_again():
-    """``cm = cm.to(torch.bfloat16)`` gives the model's tensors another dtype: the plans made
-    for the old ones are dropped and the next call plans for the new (a conversion that changes
-    nothing, ``cm.cpu()`` on the CPU, keeps them)."""
+    """``cm = cm.to(torch.bfloat16)`` gives the model's tensors another dtype: the next call
+    plans for the new ones, saying so (a conversion that changes nothing, ``cm.cpu()`` on the
+    CPU, keeps the plans)."""
     model = _llama().eval()
     cm = _compile(model, "2MB")
     try:
@@ -194,7 +194,9 @@ def test_converting_the_model_through_the_compiled_module_plans_again():
             assert cm.plans_made == 1
             cm = cm.to(torch.bfloat16)
             assert isinstance(cm, memsched.CompiledModule) and model.lm_head.weight.dtype == torch.bfloat16
-            out = cm(input_ids=IDS).logits
+            said = r"torch.float32 on cpu to .* torch.bfloat16 on cpu .*planning it again"
+            with pytest.warns(UserWarning, match=said):
+                out = cm(input_ids=IDS).logits
             assert out.dtype == torch.bfloat16 and torch.equal(out, model(input_ids=IDS).logits)
             assert cm.plans_made == 2
     finally:
