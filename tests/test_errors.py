@@ -605,3 +605,74 @@ def test_one_example_input_may_be_a_tensor_as_plan_takes_it():
         assert cm.plans_made == 1
     finally:
         cm.close()
+
+
+class _Graph(torch.nn.Module):
+    """A graph convolution: a sparse adjacency matrix times the node features."""
+
+    def __init__(self, adjacency=None):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 4)
+        if adjacency is not None:
+            self.register_buffer("adjacency", adjacency)
+
+    def forward(self, x, adjacency=None):
+        a = self.adjacency if adjacency is None else adjacency
+        return torch.sparse.mm(a, self.lin(x))
+
+
+class _Sparsify(torch.nn.Module):
+    def forward(self, x):
+        return torch.sparse.mm(x.relu().to_sparse(), x.t())
+
+
+class _Bag(torch.nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 8, sparse=True) if kind == "embedding" else \
+            torch.nn.EmbeddingBag(50, 8, sparse=True)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids)).sum()
+
+
+def _adjacency():
+    i = torch.tensor([[0, 1, 2, 3, 4], [1, 2, 3, 4, 0]])
+    return torch.sparse_coo_tensor(i, torch.ones(5), (5, 5), check_invariants=True).coalesce()
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("where", ["input", "buffer", "made"])
+def test_a_sparse_tensor_is_refused_by_name_before_anything_runs(where, train):
+    """The planner counts and moves one dense storage per tensor: a sparse input, buffer or op
+    output is named (capture failed on it with "Cannot access storage of SparseTensorImpl")."""
+    x = torch.randn(5, 8)
+    made = r"makes a sparse tensor \(torch.sparse_coo\) with .*sparse"
+    model, args, named = {"input": (_Graph(), (x, _adjacency()), "reads input 'adjacency'"),
+                          "buffer": (_Graph(_adjacency()), (x,), "reads buffer 'adjacency'"),
+                          "made": (_Sparsify(), (x,), made)}[where]
+    model.train(train)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(memsched.UnsupportedModelError, match=f"{named}.*dense tensors only"):
+        memsched.compile(model, "1GB", device="cpu", train=train and where != "made")(*args)
+    assert all(torch.equal(v.to_dense(), before[k].to_dense()) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["embedding", "bag"])
+def test_a_sparse_gradient_names_the_embedding_and_the_dense_one_trains(kind):
+    """An embedding built with sparse=True runs at inference (its forward is dense); its training
+    step's gradient is sparse: refused naming the module, and the same model with sparse=False
+    trains as eager."""
+    ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+    model = _Bag(kind)
+    with torch.no_grad():
+        assert_outputs_equal(memsched.compile(copy.deepcopy(model).eval(), "1GB", device="cpu")(ids),
+                             eager(model.eval(), (ids,), {}))
+    with pytest.raises(memsched.UnsupportedModelError, match="sparse gradient.*sparse=True \\('emb'\\).*sparse=False"):
+        memsched.compile(model.train(), "1GB", device="cpu", train=True)(ids)
+    model.emb.sparse = False
+    ref = copy.deepcopy(model)
+    ref(ids).backward()
+    memsched.compile(model, "1GB", device="cpu", train=True)(ids).backward()
+    assert_same_grads(ref, model)

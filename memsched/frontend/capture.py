@@ -36,6 +36,7 @@ from .composites import expand_bool_attention_masks, expand_cross_entropy, expan
 from .constant_masks import MaskReads
 from .counted_selections import CountedSelections, kept_guards
 from .ctc_targets import static_ctc_loss
+from .dense_only import reject_sparse
 from .fake import eager_meta, share_storages_as_eager
 from .hooks import warn_user_hooks
 from .inline import drop_unused_subgraphs, inline_call
@@ -290,9 +291,20 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
     ep.graph_module.graph.eliminate_dead_code(is_impure_node=is_impure)
     ep.graph_module.recompile()
     _reject_data_dependent_sizes(ep, model)
+    reject_sparse(ep.graph_module.graph, model, _input_names(ep))
     _drop_self_copies(ep.graph_module)
     ep.value_guards = kept_guards(ep.graph_module.graph, values.guards)   # values of the inputs it is for
     return ep
+
+
+_INPUT_WORDS = {InputKind.USER_INPUT: "input", InputKind.PARAMETER: "parameter", InputKind.BUFFER: "buffer",
+                InputKind.CONSTANT_TENSOR: "tensor attribute"}
+
+
+def _input_names(ep: ExportedProgram) -> dict[str, str]:
+    """Each graph input as the user knows it: ``input 'adj'``, ``buffer 'adj'``."""
+    return {spec.arg.name: f"{_INPUT_WORDS.get(spec.kind, 'input')} {spec.target or spec.arg.name!r}"
+            for spec in ep.graph_signature.input_specs}
 
 
 def _first_line(exc: Exception) -> str:

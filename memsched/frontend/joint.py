@@ -31,6 +31,7 @@ from ..ir.graph_module import make_lazy
 from ..ir.kinds import Kind
 from ..ir.meta import annotate
 from .capture import _KIND, Captured, Placeholder, drop_asserts, export_model
+from .dense_only import reject_sparse
 from .fake import RNN_LAYER, eager_meta, share_storages_as_eager
 from .functions import Functions, custom_applications
 from .hooks import warn_user_hooks
@@ -145,6 +146,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     trace = _Trace(traced, slot_of, trained + grad_inputs, n_mut, floating, functions)
     with _portable_attention(target, primals):
         joint = make_lazy(trace.run(model, primals, user_vals))  # code made when first run
+    reject_sparse(joint.graph, model, {}, backward=True)   # a sparse gradient (an embedding with sparse=True)
     if functions.inlined:
         warn_at_caller(CustomBackwardWarning(
             f"{type(model).__name__} applies torch.autograd.Function(s) with a backward of their own "
