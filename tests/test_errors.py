@@ -676,3 +676,32 @@ def test_a_sparse_gradient_names_the_embedding_and_the_dense_one_trains(kind):
     ref(ids).backward()
     memsched.compile(model, "1GB", device="cpu", train=True)(ids).backward()
     assert_same_grads(ref, model)
+
+
+class _MaxNorm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 8, max_norm=1.0)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+def test_an_embedding_with_max_norm_is_refused_at_inference_with_a_recipe_that_gives_eagers_outputs():
+    """nn.Embedding(max_norm=...) writes the rows it looks up into its weight at each call. At
+    inference that write is refused by name (not as a generic in-place write), and the recipe the
+    error gives (renormalise the table once, then max_norm=None) runs as eager does."""
+    ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+    model = _MaxNorm().eval()
+    ref = copy.deepcopy(model)
+    with pytest.raises(memsched.UnsupportedModelError, match="nn.Embedding with max_norm.*embedding_renorm_"):
+        memsched.compile(model, "1GB", device="cpu")(ids)
+    emb = model.emb
+    with torch.no_grad():
+        torch.embedding_renorm_(emb.weight, torch.arange(emb.num_embeddings), emb.max_norm, emb.norm_type)
+    emb.max_norm = None
+    cm = memsched.compile(model, "1GB", device="cpu")
+    with torch.no_grad():
+        for _ in range(2):
+            assert_outputs_equal(cm(ids), ref(ids))

@@ -842,6 +842,14 @@ def _drop_constant_detaches(gm: torch.fx.GraphModule, constants: set[str]) -> No
             gm.graph.erase_node(node)
 
 
+_RENORM = (
+    "{model} has an nn.Embedding with max_norm, which renormalises the rows it looks up in place in its "
+    "weight at every call; memsched plans inference without side effects on weights. Renormalise the "
+    "whole table once and look up without it: under torch.no_grad(), torch.embedding_renorm_(emb.weight, "
+    "torch.arange(emb.num_embeddings), emb.max_norm, emb.norm_type), then emb.max_norm = None: the same "
+    "outputs as eager, whose renormalised rows are not changed again")
+
+
 def _reject_hidden_mutations(gm: torch.fx.GraphModule, model: torch.nn.Module, buffers: set[str]) -> None:
     """In-place writes export leaves in the graph (in-place ops; batch norm in training mode
     updating its running statistics) into a graph input or weight, or a view of one, are
@@ -853,6 +861,8 @@ def _reject_hidden_mutations(gm: torch.fx.GraphModule, model: torch.nn.Module, b
         for value in written_args(node):
             root = written_root(value)
             if root.op == "placeholder" and root.name not in buffers:
+                if node.target == torch.ops.aten.embedding_renorm_.default:
+                    raise UnsupportedModelError(_RENORM.format(model=type(model).__name__))
                 raise UnsupportedModelError(
                     f"{node.name} ({node.target}) writes in place into graph input {root.name}; memsched "
                     f"plans forwards without side effects on {type(model).__name__}'s inputs and weights "
