@@ -705,3 +705,25 @@ def test_an_embedding_with_max_norm_is_refused_at_inference_with_a_recipe_that_g
     with torch.no_grad():
         for _ in range(2):
             assert_outputs_equal(cm(ids), ref(ids))
+
+
+def test_a_training_step_with_an_embedding_of_max_norm_renormalises_the_weight_as_eager():
+    """In a training step the same in-place renormalisation runs as eager's: output, gradients
+    and the renormalised weight equal eager's, over two steps with an update between."""
+    ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = _MaxNorm().train()
+    ref = copy.deepcopy(model)
+    cm = memsched.compile(model, "1GB", device="cpu", train=True)
+    for _ in range(2):
+        got, want = cm(ids), ref(ids)
+        assert_outputs_equal(got, want)
+        got.sum().backward()
+        want.sum().backward()
+        assert_same_grads(ref, model)
+        with torch.no_grad():
+            for p, q in zip(ref.parameters(), model.parameters()):
+                p -= p.grad
+                q -= q.grad
+                p.grad = q.grad = None
+        assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
