@@ -3,6 +3,7 @@ more than memsched reports, and memsched keeps no reference to a step's outputs.
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -454,4 +455,37 @@ def test_a_masked_scatters_backward_holds_what_its_mask_selects():
     ref(*args).backward()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    cm.close()
+
+
+def test_ops_that_refuse_zeros_are_measured_on_ones_or_identities():
+    """Scratch is measured by running each op on zeros of its shapes; an op that checks its data
+    refuses them (``linalg_lu_solve``'s pivots must be 1 or more, ``cholesky`` needs a positive
+    definite matrix), and was counted as holding nothing, with a warning at every plan. Measured
+    on ones, then identities, instead: no warning, and the step within its minimum as eager."""
+    torch.manual_seed(0)
+
+    class Solve(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            a = self.lin(x)
+            gram = a.t() @ a + torch.eye(16)
+            lower = torch.linalg.cholesky(gram)
+            return torch.linalg.solve(gram, a.t()).square().sum() + lower.diagonal().log().sum()
+
+    model, ref = Solve(), Solve()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        floor = memsched.plan(model, (x,), "1GB", train=True).min_budget_bytes
+        cm = memsched.compile(model, floor, device="cpu", train=True)
+        cm(x).backward()
+    ref(x).backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    assert cm.stats.peak_device_bytes <= floor
     cm.close()

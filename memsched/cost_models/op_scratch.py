@@ -107,10 +107,41 @@ def _measure(node: fx.Node) -> tuple[int, tuple[int, ...] | None]:
     by_rows = _by_rows(node.target, args, kwargs)
     if by_rows is not None:
         return by_rows, None
-    args, kwargs = torch.utils._pytree.tree_map(_zeros, (args, kwargs))
+    fake = args, kwargs
+    args, kwargs = torch.utils._pytree.tree_map(_zeros, fake)
     if node.target in _SCATTERS:
         args = _scatter_mask_full(list(args))
-    return _measure_call(node.target, args, kwargs)
+    try:
+        return _measure_call(node.target, args, kwargs)
+    except _RefusedZeros:
+        pass
+    # an op that checks its data refuses zeros (linalg_lu_solve's pivots must be 1 or more, a
+    # Cholesky a positive definite matrix): measured again on ones, then on identities
+    for fill in (_ones, _identities):
+        args, kwargs = torch.utils._pytree.tree_map(fill, fake)
+        try:
+            return _measure_call(node.target, args, kwargs)
+        except _RefusedZeros as e:
+            refused = e
+    warnings.warn(f"memsched: could not measure what {node.target} holds inside itself on zeros, ones or "
+                  f"identities of its shapes ({refused}); the plan counts none", RuntimeWarning, stacklevel=2)
+    return 0, None
+
+
+class _RefusedZeros(Exception):
+    """The op raised on the values it was measured on (an assertion on its data)."""
+
+
+def _ones(v):
+    return v if not isinstance(v, torch.Tensor) else torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).fill_(1)
+
+
+def _identities(v):
+    """Identity matrices in the last two dims (ones elsewhere): square blocks are invertible."""
+    if not isinstance(v, torch.Tensor) or v.dim() < 2 or not v.is_floating_point():
+        return _ones(v)
+    eye = torch.eye(v.shape[-2], v.shape[-1], dtype=v.dtype).expand(v.shape)
+    return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).copy_(eye)
 
 
 # What these hold grows with the positions their mask picks (the backward selects them into a
@@ -146,10 +177,7 @@ def _measure_call(target, args, kwargs, warm: bool = True) -> tuple[int, tuple[i
                 target(*args, **kwargs)
             out, peak = allocator_peak(target, args, kwargs)
     except (RuntimeError, ValueError, IndexError, TypeError) as e:   # an assertion on its data: zeros are not the model's
-        warnings.warn(f"memsched: could not measure what {target} holds inside itself on zeros of its "
-                      f"shapes ({type(e).__name__}: {str(e).splitlines()[0][:120]}); the plan counts none",
-                      RuntimeWarning, stacklevel=2)
-        return 0, None
+        raise _RefusedZeros(f"{type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
     made = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensor_leaves(out)}
     return max(peak - sum(made.values()), 0), tuple(t.untyped_storage().nbytes() for t in tensor_leaves(out))
 
@@ -185,7 +213,10 @@ def _by_rows(target, args: tuple, kwargs: dict) -> int | None:
     for i, r in enumerate(ROWS_MEASURED):   # one first call, at the fewest rows
         small = list(args)
         small[at] = _with_rows(x, r)
-        held.append(_measure_call(target, tuple(_zeros(a) for a in small), {}, warm=i == 0)[0])
+        try:
+            held.append(_measure_call(target, tuple(_zeros(a) for a in small), {}, warm=i == 0)[0])
+        except _RefusedZeros:
+            return None   # measured in full, where a refusal is said
     (r0, r1, r2), (s0, s1, s2) = ROWS_MEASURED, held
     per_row = (s1 - s0) / (r1 - r0)
     if not any(held):
