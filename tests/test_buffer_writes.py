@@ -152,8 +152,9 @@ class WritesItsWeight(nn.Module):
         return self.lin(x)
 
 
-@pytest.mark.parametrize("module, target", [(WritesItsInput, "graph input x"),
-                                            (WritesItsWeight, "graph input p_lin_weight")])
+@pytest.mark.parametrize("module, target", [(WritesItsInput, "input 'x'"),
+                                            (WritesItsWeight, "parameter 'lin.weight'")])
 def test_writes_into_inputs_or_weights_are_refused(module, target):
+    """Refused naming the tensor as the user knows it (not the graph's placeholder p_lin_weight)."""
     with torch.no_grad(), pytest.raises(memsched.UnsupportedModelError, match=f"writes in place into {target}"):
         memsched.plan(module(), (torch.randn(2, 4),), budget="1MB", hardware=FIXED_CPU)

@@ -142,7 +142,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     _inline_no_grad_regions(gm)
     _drop_constant_detaches(gm, {spec.arg.name for spec in ep.graph_signature.input_specs
                                  if spec.kind == InputKind.CONSTANT_TENSOR})
-    _reject_hidden_mutations(gm, model, {p.name for p in placeholders if p.kind == Kind.BUFFER})
+    _reject_hidden_mutations(gm, model, {p.name for p in placeholders if p.kind == Kind.BUFFER}, _input_names(ep))
     _merge_tied(gm, {p.name for p in placeholders if p.kind in PERSISTENT})
     _normalize(gm)   # (an eval-mode dropout is its input: before casts are read off values)
     _explicit_autocasts(gm)
@@ -850,7 +850,8 @@ _RENORM = (
     "outputs as eager, whose renormalised rows are not changed again")
 
 
-def _reject_hidden_mutations(gm: torch.fx.GraphModule, model: torch.nn.Module, buffers: set[str]) -> None:
+def _reject_hidden_mutations(gm: torch.fx.GraphModule, model: torch.nn.Module, buffers: set[str],
+                             names: dict[str, str]) -> None:
     """In-place writes export leaves in the graph (in-place ops; batch norm in training mode
     updating its running statistics) into a graph input or weight, or a view of one, are
     refused. A model buffer written in place (a step counter, a static KV cache filled slot by
@@ -864,9 +865,9 @@ def _reject_hidden_mutations(gm: torch.fx.GraphModule, model: torch.nn.Module, b
                 if node.target == torch.ops.aten.embedding_renorm_.default:
                     raise UnsupportedModelError(_RENORM.format(model=type(model).__name__))
                 raise UnsupportedModelError(
-                    f"{node.name} ({node.target}) writes in place into graph input {root.name}; memsched "
-                    f"plans forwards without side effects on {type(model).__name__}'s inputs and weights "
-                    "(write into a copy: `y = x + 1`, not `x.add_(1)`)")
+                    f"{type(model).__name__}'s forward writes in place into {names.get(root.name, root.name)} "
+                    f"({node.target}); memsched plans inference forwards without side effects on the inputs "
+                    "and weights (write into a copy: `y = x + 1`, not `x.add_(1)`)")
 
 
 def _merge_tied(gm: torch.fx.GraphModule, persistent: set[str]) -> None:
