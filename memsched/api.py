@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import torch
 
-from .budget import parse_budget
+from .budget import format_bytes, parse_budget
 from .cost_models.hardware import Hardware, get_hardware
 from .errors import ModelTensorsChanged, warn_at_caller
 from .frontend.autocast import autocast_state
@@ -451,6 +451,13 @@ class CompiledModule:
             out = value(*args, **kwargs)
             return self if out is model else out
         return method
+
+    def __repr__(self) -> str:
+        # what a notebook prints for ``cm``: the model it runs and how, not an object address
+        what = "training step" if self.trains else "inference"
+        model = type(self.__dict__.get("model")).__name__
+        return (f"CompiledModule({model}, budget {format_bytes(self.budget_bytes)}, device {self.device}, "
+                f"{what}, plans: {len(self._compiled)} held, {self.plans_made} made)")
 
     def __reduce_ex__(self, protocol):
         # copy.deepcopy and pickle both come here: a copy would share or lose the worker threads,

@@ -281,3 +281,18 @@ def test_many_input_shapes_are_said_once_at_the_callers_line():
         assert cm.plans_made == 10
     finally:
         cm.close()
+
+
+def test_a_compiled_module_prints_what_it_runs():
+    """``cm`` in a notebook says the model, budget, device, what it runs and its plans, not an
+    object address."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    cm = memsched.compile(model, "1GiB", device="cpu", hardware=FIXED_CPU)
+    assert repr(cm) == "CompiledModule(Sequential, budget 1.0 GiB, device cpu, inference, plans: 0 held, 0 made)"
+    with torch.no_grad():
+        cm(torch.randn(2, 16))
+        cm(torch.randn(3, 16))
+    assert str(cm).endswith("inference, plans: 2 held, 2 made)")
+    cm.close()
+    assert repr(memsched.compile(model, "1GiB", device="cpu", hardware=FIXED_CPU, train=True)).endswith(
+        "training step, plans: 0 held, 0 made)")
