@@ -2,6 +2,8 @@
 cache placed by the planner (off the device when the budget asks), the budget held."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -82,6 +84,9 @@ def test_tokens_equal_transformers_generate(name, budget, tmp_path):
         assert stats.peak_device_bytes <= budget_bytes
         prefill, decode = gen.plans
         assert sum(decode.kind_tier_bytes("kv_cache").values()) == stats.kv_cache_bytes
+        assert re.fullmatch(rf"Generator\({type(model).__name__}, batch {B}, prompt {P}, max length {P + NEW_TOKENS}, "
+                            r"budget .+, prefill micro-batch \d+, KV cache .+ in \d+ groups? of heads per layer\)",
+                            repr(gen)), repr(gen)
         if budget == "min":
             assert _kv_off_device(decode) > 0, decode.kind_tier_bytes("kv_cache")
             assert stats.bytes_moved.get("disk_read", 0) > 0

@@ -272,6 +272,13 @@ class Generator:
         self.kv_cache_bytes = sum(t.numel() * t.element_size() for t in self.decoder.tensors())
         self.plan_s = time.perf_counter() - t0
 
+    def __repr__(self) -> str:
+        groups = self.decoder.head_chunks
+        return (f"Generator({type(self.decoder.model).__name__}, batch {self.batch}, prompt {self.prompt_len}, "
+                f"max length {self.max_len}, budget {format_bytes(self.compiled.budget_bytes)}, prefill "
+                f"micro-batch {self.prefill_batch}, KV cache {format_bytes(self.kv_cache_bytes)} in "
+                f"{groups} group{'s' if groups > 1 else ''} of heads per layer)")
+
     def _plan_prefill(self, ids: torch.Tensor, prompt_len: int, prefill_batch):
         """Plan the prompt's program for the largest micro-batch (a divisor of the batch, or
         ``prefill_batch``) that fits the budget: a prompt's activations and new cache entries grow
