@@ -38,10 +38,24 @@ def saved(request, tmp_path_factory):
     return model, kw, d, ref
 
 
-@pytest.mark.parametrize("source", ["dir", "index", "one_file"])
+def _as_hub_cache(d, root):
+    """``d``'s files laid out as Hugging Face's cache lays out a download: each file a blob, the
+    snapshot directory links to them (relative links, the index json's too)."""
+    (root / "blobs").mkdir()
+    snapshot = root / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted(d.iterdir())):
+        (root / "blobs" / f"blob{i}").write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(f"../../blobs/blob{i}")
+    return snapshot
+
+
+@pytest.mark.parametrize("source", ["dir", "index", "one_file", "hub_cache"])
 def test_meta_model_runs_from_checkpoint(saved, source, tmp_path):
     model, kw, d, ref = saved
-    if source == "index":
+    if source == "hub_cache":
+        weights = _as_hub_cache(d, tmp_path)
+    elif source == "index":
         weights = d / "model.safetensors.index.json"
     elif source == "dir":
         weights = d
@@ -140,6 +154,8 @@ GOOD = {"0.weight": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]},
     ("offsets_overlap", "not a valid safetensors file: .*invalid offset"),
     ("bad_shape", "not a valid safetensors file: .*-3"),
     ("missing_tensor", "not in checkpoint"),
+    ("one_shard", r"not in checkpoint .*values\. model-00001-of-00002.safetensors is one shard of a checkpoint "
+                  r"of 2 files: pass its directory \(.*\) or its index \(model.safetensors.index.json\) as weights="),
     ("shape_mismatch", "the model"),
     ("dtype_mismatch", "the model"),
     ("no_file", "does not exist"),
@@ -176,6 +192,11 @@ def test_hostile_checkpoints_fail_before_anything_runs(tmp_path, case, match):
         _safetensors(p, {**GOOD, "0.bias": {"dtype": "F32", "shape": [-3], "data_offsets": [48, 60]}}, data)
     elif case == "missing_tensor":
         _safetensors(p, {"0.weight": GOOD["0.weight"]}, bytes(48))
+    elif case == "one_shard":   # the first of transformers' shards given where its directory was meant
+        p = tmp_path / "model-00001-of-00002.safetensors"
+        _safetensors(p, {"0.weight": GOOD["0.weight"]}, bytes(48))
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            "0.weight": p.name, "0.bias": "model-00002-of-00002.safetensors"}}))
     elif case == "shape_mismatch":
         _safetensors(p, {**GOOD, "0.weight": {"dtype": "F32", "shape": [4, 3], "data_offsets": [0, 48]}}, data)
     elif case == "dtype_mismatch":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -220,10 +221,24 @@ class Checkpoint:
             raise CheckpointError(
                 f"{shown} {'is' if len(missing) == 1 else 'are'} on the meta device and not in checkpoint "
                 f"{self.source}: memsched cannot give {'it' if len(missing) == 1 else 'them'} values. "
-                + (self._per_expert(missing) or "Build the model with accelerate.init_empty_weights() (buffers "
-                   "a model computes, such as rotary frequencies, stay real) and call model.tie_weights() so a "
-                   "tied output layer shares its checkpoint tensor with the embedding"))
+                + (self._one_shard() or self._per_expert(missing)
+                   or "Build the model with accelerate.init_empty_weights() (buffers a model computes, such as "
+                   "rotary frequencies, stay real) and call model.tie_weights() so a tied output layer shares its "
+                   "checkpoint tensor with the embedding"))
         return total
+
+    def _one_shard(self) -> str:
+        """The way out when ``source`` is one shard of a sharded checkpoint (its directory holds
+        an index, or it is named as transformers names shards: model-00001-of-00004); else ''."""
+        path = Path(self.source)
+        if path.is_dir() or path.name.endswith(".json"):
+            return ""
+        index = sorted(path.parent.glob("*.safetensors.index.json"))
+        of = re.search(r"-\d+-of-(\d+)\.safetensors$", path.name)
+        if not index and not of:
+            return ""
+        return (f"{path.name} is one shard of a checkpoint{f' of {int(of.group(1))} files' if of else ''}: pass "
+                f"its directory ({path.parent}){f' or its index ({index[0].name})' if index else ''} as weights=")
 
     def _per_expert(self, missing: list[str]) -> str:
         """Why a mixture-of-experts layer's stacked expert weights are missing, when the checkpoint
