@@ -34,6 +34,34 @@ def test_a_torchscript_module_is_refused_by_name(to_script):
         memsched.plan(to_script(_mlp()), (torch.randn(2, 16),), budget="1MB")
 
 
+@pytest.mark.parametrize("quantize", ["dynamic", "static"])
+def test_a_model_quantized_by_torch_ao_is_refused_by_its_packed_weights(quantize):
+    """torch.ao's quantized modules keep their weights as TorchScript objects torch.export cannot
+    trace: refused before anything runs, naming the first and the way out, the model untouched."""
+    import warnings
+
+    from torch.ao import quantization as Q
+
+    model = _mlp().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch.ao's notes on its own future
+        if quantize == "dynamic":
+            model = Q.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        else:
+            model = torch.nn.Sequential(Q.QuantStub(), model, Q.DeQuantStub())
+            model.qconfig = Q.get_default_qconfig("x86")
+            Q.prepare(model, inplace=True)
+            model(torch.randn(8, 16))
+            Q.convert(model, inplace=True)
+    x = torch.randn(2, 16)
+    want = model(x)
+    with pytest.raises(memsched.UnsupportedModelError,
+                       match=r"TorchScript object\(s\) torch.export cannot trace, first \S*_packed_params.*quantized "
+                             r"modules.*before quantization \(compress_weights=8 or 4"):
+        memsched.plan(model, (x,), budget="1GB")
+    assert torch.equal(model(x), want)
+
+
 def test_unknown_hardware_lists_names():
     with pytest.raises(ValueError, match="h100"):
         memsched.plan(_mlp(), (torch.randn(2, 16),), budget="1GB", hardware="tpu-v9")
@@ -691,8 +719,11 @@ class _MaxNorm(torch.nn.Module):
 def test_an_embedding_with_max_norm_is_refused_at_inference_with_a_recipe_that_gives_eagers_outputs():
     """nn.Embedding(max_norm=...) writes the rows it looks up into its weight at each call. At
     inference that write is refused by name (not as a generic in-place write), and the recipe the
-    error gives (renormalise the table once, then max_norm=None) runs as eager does."""
+    error gives (renormalise the table once, then max_norm=None) gives eager's first outputs to
+    the last bit; eager renormalises the looked-up rows again at every call, which can move one
+    by its last bit (about one init in ten: the second call is compared within float32's ulps)."""
     ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(4)   # an init whose rows eager moves again at its second call
     model = _MaxNorm().eval()
     ref = copy.deepcopy(model)
     with pytest.raises(memsched.UnsupportedModelError, match="nn.Embedding with max_norm.*embedding_renorm_"):
@@ -703,8 +734,8 @@ def test_an_embedding_with_max_norm_is_refused_at_inference_with_a_recipe_that_g
     emb.max_norm = None
     cm = memsched.compile(model, "1GB", device="cpu")
     with torch.no_grad():
-        for _ in range(2):
-            assert_outputs_equal(cm(ids), ref(ids))
+        assert_outputs_equal(cm(ids), ref(ids))
+        torch.testing.assert_close(cm(ids), ref(ids), rtol=3e-7, atol=1e-7)
 
 
 def test_a_training_step_with_an_embedding_of_max_norm_renormalises_the_weight_as_eager():

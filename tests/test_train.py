@@ -2,6 +2,7 @@
 eager PyTorch at 100%, 60%, 40% of the unconstrained training peak and at the minimum."""
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import warnings
@@ -219,6 +220,33 @@ def test_grad_outputs_all_trains_through_every_output():
     torch.manual_seed(0)
     r = ref(*args, **kwargs)
     (r.loss + r.logits.square().mean()).backward()
+    assert_same_grads(ref, model)
+    cm.close()
+
+
+def test_a_scalar_output_no_parameter_reaches_names_itself_and_the_way_out():
+    """A forward returning a statistic of its input (a scalar) beside the outputs the weights
+    make: 'auto' takes the scalar for the loss, so the error names it as the caller reaches it
+    and points to grad_outputs='all', which trains through the others as eager does."""
+    Out = collections.namedtuple("Out", "features input_sum")
+
+    class Features(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, xs):
+            return Out([self.lin(x) for x in xs], xs[0].sum())
+
+    torch.manual_seed(0)
+    model, xs = Features(), [torch.randn(4, 8), torch.randn(2, 8)]
+    with pytest.raises(memsched.UnsupportedModelError,
+                       match=r"returns output\.input_sum, a scalar taken for the loss .*grad_outputs='all'"):
+        memsched.plan(model, (xs,), budget="1GB", train=True)
+    ref = copy.deepcopy(model)
+    cm = _compile(model, "1GB", grad_outputs="all")
+    sum(f.square().sum() for f in cm(xs).features).backward()
+    sum(f.square().sum() for f in ref(xs).features).backward()
     assert_same_grads(ref, model)
     cm.close()
 

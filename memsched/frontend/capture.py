@@ -270,6 +270,7 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
         raise UnsupportedModelError(
             f"{type(model).__name__} is a TorchScript module (torch.jit.script or torch.jit.trace), which "
             "torch.export cannot trace: give memsched the Python module it was made from")
+    _reject_opaque_objects(model)
     register_output_types(model)
     try:
         ep, values = _export(model, args, kwargs, ones_mask=None)
@@ -295,6 +296,27 @@ def export_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None =
     _drop_self_copies(ep.graph_module)
     ep.value_guards = kept_guards(ep.graph_module.graph, values.guards)   # values of the inputs it is for
     return ep
+
+
+def _reject_opaque_objects(model: torch.nn.Module) -> None:
+    """Refuse, naming them, the TorchScript objects torch.export cannot trace (no
+    ``__obj_flatten__``): the packed weights of torch.ao's quantized modules, whose capture
+    otherwise fails deep inside torch.export on a missing field."""
+    found = [(f"{name}.{attr}".lstrip("."), type(module), obj) for name, module in model.named_modules()
+             for attr, obj in vars(module).items()
+             if isinstance(obj, torch.ScriptObject) and not obj._has_method("__obj_flatten__")]
+    if not found:
+        return
+    path, owner, obj = found[0]
+    quantized = owner.__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized"))
+    raise UnsupportedModelError(
+        f"{type(model).__name__} holds {len(found)} TorchScript object(s) torch.export cannot trace, first "
+        f"{path} ({obj._type().qualified_name()} of {owner.__name__})"
+        + (": the packed weights of torch.ao's quantized modules. memsched plans float models: give it the "
+           "model as it was before quantization (compress_weights=8 or 4 keeps weights quantized while off the "
+           "device, dequantized where they are used)" if quantized else
+           ": give the class an __obj_flatten__ and a fake class "
+           "(torch._library.fake_class_registry.register_fake_class), or keep the object out of the module"))
 
 
 _INPUT_WORDS = {InputKind.USER_INPUT: "input", InputKind.PARAMETER: "parameter", InputKind.BUFFER: "buffer",
@@ -846,8 +868,9 @@ _RENORM = (
     "{model} has an nn.Embedding with max_norm, which renormalises the rows it looks up in place in its "
     "weight at every call; memsched plans inference without side effects on weights. Renormalise the "
     "whole table once and look up without it: under torch.no_grad(), torch.embedding_renorm_(emb.weight, "
-    "torch.arange(emb.num_embeddings), emb.max_norm, emb.norm_type), then emb.max_norm = None: the same "
-    "outputs as eager, whose renormalised rows are not changed again")
+    "torch.arange(emb.num_embeddings), emb.max_norm, emb.norm_type), then emb.max_norm = None: eager's "
+    "outputs (to the last bit at the first call; eager renormalises the rows it looks up again at every "
+    "call, which can move a row by its last bit)")
 
 
 def _reject_hidden_mutations(gm: torch.fx.GraphModule, model: torch.nn.Module, buffers: set[str],

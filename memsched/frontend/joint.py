@@ -135,7 +135,9 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
                 for n in ep.graph_module.graph.output_node().args[0]]
     user_vals = out_vals[n_mut:]
     floating = [i for i, v in enumerate(user_vals) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    not_losses = []   # floating outputs "auto" leaves undifferentiated: the step returns a scalar
     if grad_outputs == "auto" and any(user_vals[i].dim() == 0 for i in floating):
+        not_losses = [i for i in floating if user_vals[i].dim() != 0]
         floating = [i for i in floating if user_vals[i].dim() == 0]
     # (export_model dropped the forward's asserts: an `item` feeding one cannot run on FakeTensors)
     if kernels:
@@ -143,7 +145,8 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
                                          if sp.kind == InputKind.PARAMETER})
     static_mask_writes(ep.graph_module)   # x[mask] = v: a backward of static sizes
     traced = _portable_random(chunk_loss_heads(ep.graph_module, loss_chunks, shared_loss_heads), target, primals)
-    trace = _Trace(traced, slot_of, trained + grad_inputs, n_mut, floating, functions)
+    trace = _Trace(traced, slot_of, trained + grad_inputs, n_mut, floating, functions, not_losses)
+    trace.output_names = _output_names(ep.call_spec.out_spec, len(user_vals))
     with _portable_attention(target, primals):
         joint = make_lazy(trace.run(model, primals, user_vals))  # code made when first run
     reject_sparse(joint.graph, model, {}, backward=True)   # a sparse gradient (an embedding with sparse=True)
@@ -170,6 +173,16 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
         diff_outputs=list(trace.diff),
         grad_capable=list(trace.capable), tangent_strides=[tuple(user_vals[i].stride()) for i in trace.diff],
         forward=(ep.graph_module, {sp.arg.name for sp in ep.graph_signature.input_specs if sp.kind != InputKind.USER_INPUT}))
+
+
+def _output_names(out_spec, n: int) -> list[str]:
+    """The user outputs as a caller reaches them in what the forward returns (``output.a[0]``,
+    ``output['loss']``; ``output`` for a lone tensor)."""
+    try:
+        tree = pytree.tree_unflatten(list(range(n)), out_spec)
+        return [f"output{pytree.keystr(path)}" for path, _ in pytree.tree_flatten_with_path(tree)[0]]
+    except (TypeError, ValueError, KeyError):   # a type pytree cannot name paths in: its flat position
+        return [f"output {i}" for i in range(n)]
 
 
 def _differentiated(model, placeholders: list[Placeholder], primals: list):
@@ -269,8 +282,10 @@ def _primals(model, ep, args, kwargs) -> tuple[list, list[Placeholder], list[int
 class _Trace:
     """The step traced under ``make_fx`` on FakeTensors: forward, then ``autograd.grad``."""
 
-    def __init__(self, gm, slot_of, trained, n_mut, floating, functions: Functions):
+    def __init__(self, gm, slot_of, trained, n_mut, floating, functions: Functions, not_losses=()):
         self.gm, self.slot_of, self.trained, self.n_mut, self.floating = gm, slot_of, trained, n_mut, floating
+        self.not_losses = list(not_losses)   # outputs left undifferentiated beside scalar ones
+        self.output_names: list[str] = []    # each user output as the caller reaches it: output['loss']
         self.functions = functions   # custom-backward Functions applied again, not inlined
         self.fwd_last = None
         self.diff: list[int] = []      # user outputs the backward starts from
@@ -286,6 +301,12 @@ class _Trace:
             user_outs = outs[self.n_mut:]
             self.capable = [i for i, o in enumerate(user_outs) if isinstance(o, torch.Tensor) and o.requires_grad]
             self.diff = [i for i in self.floating if user_outs[i].requires_grad]
+            if not self.diff and any(user_outs[i].requires_grad for i in self.not_losses):
+                scalars = ", ".join(self.output_names[i] for i in self.floating)
+                raise UnsupportedModelError(
+                    f"the step returns {scalars}, a scalar taken for the loss (grad_outputs='auto'), which "
+                    "depends on no trained parameter, where its other outputs do: compile with "
+                    "grad_outputs='all' to differentiate every floating-point output")
             if not self.diff:
                 raise UnsupportedModelError("no output depends on a trained parameter: nothing to differentiate"
                                             + _through_inlined(self.functions.inlined))
