@@ -298,9 +298,10 @@ def test_meta_model_training_plan():
 
 @pytest.mark.parametrize("name", ["llama", "gpt2_dropout", "bert_dropout"])
 def test_a_step_planned_for_a_gpu_has_no_cpu_only_ops(name):
-    """Traced on the CPU for a CUDA target, attention is lowered with the math backend: no
-    ``*_for_cpu`` kernel in the plan. Run here, that step's loss and gradients match eager's up
-    to the math backend's different order of sums (a relative 1e-4)."""
+    """Traced on the CPU for a CUDA target, no ``*_for_cpu`` kernel is in the plan: attention
+    with dropout is lowered with the math backend, attention without it is
+    memsched::scaled_dot_product_attention (kernels/attention.py). Run here, that step's loss and
+    gradients match eager's up to the math backend's different order of sums (a relative 1e-4)."""
     model, args, kwargs, loss_fn = build_train(name)
     ref = copy.deepcopy(model)
     gpu = memsched.get_hardware("a100-40gb")
@@ -700,3 +701,42 @@ def test_a_model_with_activation_checkpointing_on_trains_as_eager(reentrant):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
             assert_same_grads(ref, model)
     cm.close()
+
+
+def _attention_ops(plan) -> set[str]:
+    ops = {line.split(" = ")[1].split("(")[0].split(".")[-1] for line in str(plan).splitlines()
+           if " = aten." in line or " = memsched." in line}
+    return {op for op in ops if "attention" in op or op in ("_safe_softmax", "_softmax")}
+
+
+def test_a_step_planned_for_a_gpu_saves_no_attention_probabilities(monkeypatch):
+    """Traced on the CPU for a GPU, an attention without a mask or dropout is PyTorch's attention
+    saving only its inputs, its backward running it again (kernels/attention.py), not the math
+    path, which saved the [batch, heads, q, k] probabilities of every layer for the backward: the
+    step's minimum falls (grouped-query heads repeated for it). A padded batch's mask keeps the
+    math path."""
+    T = pytest.importorskip("transformers")
+    from memsched.frontend import joint
+
+    cfg = T.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(cfg).train()
+    ids = torch.randint(0, 128, (2, 256), generator=torch.Generator().manual_seed(1))
+
+    def plan(**kw):
+        return memsched.plan(model, (), budget="1GB", example_kwargs=dict(input_ids=ids, labels=ids, **kw),
+                             train=True, hardware="h100")
+
+    fused = plan()
+    assert _attention_ops(fused) == {"scaled_dot_product_attention", "scaled_dot_product_attention_backward"}
+    assert "memsched.scaled_dot_product_attention(" in str(fused)
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+    assert "_safe_softmax" in _attention_ops(plan(attention_mask=padded))
+    monkeypatch.setattr(joint, "_saves_no_probabilities", lambda *a: False)   # the math path, as before
+    math = plan()
+    assert "_safe_softmax" in _attention_ops(math)
+    probabilities = 2 * 4 * 256 * 256 * 4   # one layer's [batch, heads, q, k] in float32: 2 MiB
+    least = fused.min_budget_bytes, math.min_budget_bytes   # (the device's workspace in both)
+    assert least[0] + probabilities <= least[1], least

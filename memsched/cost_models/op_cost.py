@@ -45,7 +45,8 @@ _SDPA_OPS = frozenset(
     _efficient_attention_forward""".split()
 )
 # their backwards take (grad_out, query, key, value, ...)
-_SDPA_BACKWARD_OPS = frozenset(f"{name}_backward" for name in _SDPA_OPS if name != "scaled_dot_product_attention")
+# (memsched::scaled_dot_product_attention_backward, kernels/attention.py, runs its forward again: priced as one)
+_SDPA_BACKWARD_OPS = frozenset(f"{name}_backward" for name in _SDPA_OPS)
 _CONV_OPS = frozenset("convolution _convolution conv1d conv2d conv3d".split())
 _CONV_T_OPS = frozenset("conv_transpose1d conv_transpose2d conv_transpose3d".split())
 # Normalizations / softmax do several passes of arithmetic per element.

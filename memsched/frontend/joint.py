@@ -30,6 +30,7 @@ from ..ir.effects import is_impure
 from ..ir.graph_module import make_lazy
 from ..ir.kinds import Kind
 from ..ir.meta import annotate
+from ..kernels import attention  # noqa: F401  (registers torch.ops.memsched.scaled_dot_product_attention)
 from .capture import _KIND, Captured, Placeholder, drop_asserts, export_model
 from .dense_only import reject_sparse
 from .fake import RNN_LAYER, eager_meta, share_storages_as_eager
@@ -233,6 +234,27 @@ def _attention_with_fused_dropout(*args, **kwargs):
         return torch.ops.aten.scaled_dot_product_attention.default(*args, **kwargs)
 
 
+def _saves_no_probabilities(query, key, value, attn_mask, dropout_p) -> bool:
+    """Whether ``memsched::scaled_dot_product_attention`` (kernels/attention.py) takes this call:
+    no mask (its alignment rules differ by kernel) and no dropout (its draws: the math path's)."""
+    return attn_mask is None and not dropout_p and all(t.is_floating_point() for t in (query, key, value))
+
+
+def _gpu_fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
+                         enable_gqa=False):
+    """Attention as a GPU's eager runs it, forward and backward: PyTorch's attention with the
+    kernel it picks there, saving its inputs only; its backward runs it again (the math path,
+    which tracing on the CPU lowers it to, saved the [batch, heads, q, k] probabilities of every
+    layer: several times a layer's activations at long contexts)."""
+    if not _saves_no_probabilities(query, key, value, attn_mask, dropout_p):
+        return torch.ops.aten.scaled_dot_product_attention.default(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    if enable_gqa and key.size(-3) != query.size(-3):   # each key/value head serves a group of query heads
+        repeat = query.size(-3) // key.size(-3)
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    return torch.ops.memsched.scaled_dot_product_attention(query, key, value, is_causal, scale)
+
+
 def _attention_dropout_p(node: torch.fx.Node) -> float:
     return node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
 
@@ -243,15 +265,16 @@ def _portable_random(gm: torch.fx.GraphModule, target: str, primals: list) -> to
     dropout: as eager's math backend draws them). A copy; ``gm`` is left as it is."""
     if target == "cpu" or _trace_device_type(primals) != "cpu":
         return gm
-    swap = {torch.ops.aten.dropout.default: _fused_dropout,
-            torch.ops.aten.scaled_dot_product_attention.default: _attention_with_fused_dropout}
     graph = copy.deepcopy(gm.graph)
-    hits = [n for n in graph.nodes if n.op == "call_function" and n.target in swap
-            and (n.target is torch.ops.aten.dropout.default or _attention_dropout_p(n))]
+    hits = [n for n in graph.nodes if n.op == "call_function" and n.target in (
+        torch.ops.aten.dropout.default, torch.ops.aten.scaled_dot_product_attention.default)]
     if not hits:
         return gm
     for n in hits:
-        n.target = swap[n.target]
+        if n.target is torch.ops.aten.dropout.default:
+            n.target = _fused_dropout
+        else:   # attention with dropout: the math path's draws; without: the GPU's fused kernel
+            n.target = _attention_with_fused_dropout if _attention_dropout_p(n) else _gpu_fused_attention
     return torch.fx.GraphModule(gm, graph)
 
 

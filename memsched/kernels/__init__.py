@@ -15,13 +15,15 @@ frontend/loss_head.py finds the LM head's.
 are known from its inputs' shapes (``torch.ops.memsched.ctc_loss``, chosen by
 frontend/ctc_targets.py), no Triton version; so is ``counted``: a mask's nonzero positions at a
 count capture read off the call's inputs (``torch.ops.memsched.nonzero_counted``, chosen by
-frontend/counted_selections.py).
+frontend/counted_selections.py); and ``attention``: PyTorch's attention saving only its inputs, its
+backward recomputing it (``torch.ops.memsched.scaled_dot_product_attention``, which a training step
+traced on the CPU for a GPU runs: frontend/joint.py).
 """
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from . import counted, ctc, ops  # noqa: F401  (register the torch.ops.memsched operators and backwards)
+from . import attention, counted, ctc, ops  # noqa: F401  (register the torch.ops.memsched operators and backwards)
 from ._select import Backend, backend, interpreter_ready, triton_import_error
 from .cross_entropy import fused_linear_cross_entropy
 from .norms import layer_norm, rms_norm
