@@ -105,7 +105,8 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     ``target``: the device type the step will run on. The trace runs where the model's tensors
     are (usually the CPU), where scaled-dot-product attention lowers to CPU-only kernels
     (``_scaled_dot_product_flash_attention_for_cpu`` and its backward); for another target it is
-    traced with the math backend instead, ops that exist on every device.
+    ``memsched::scaled_dot_product_attention`` where it has no mask or dropout (kernels/attention.py),
+    else the math backend's ops: ops that exist on every device.
     ``loss_chunks``: when > 1, an LM head whose logits only feed a cross-entropy runs on that
     many slices of rows, forward and backward (frontend/loss_head.py): the full logits never exist.
     ``shared_loss_heads``: a head whose logits are returned too has its loss read them in slices
@@ -262,7 +263,8 @@ def _attention_dropout_p(node: torch.fx.Node) -> float:
 def _portable_random(gm: torch.fx.GraphModule, target: str, primals: list) -> torch.fx.GraphModule:
     """For a step traced on the CPU to run on a GPU: its dropouts traced as the GPU's eager
     runs them, so the compiled step draws the numbers eager draws from the same seed (attention
-    dropout: as eager's math backend draws them). A copy; ``gm`` is left as it is."""
+    dropout: as eager's math backend draws them), and its attentions without dropout or a mask
+    as memsched's, which saves no probabilities. A copy; ``gm`` is left as it is."""
     if target == "cpu" or _trace_device_type(primals) != "cpu":
         return gm
     graph = copy.deepcopy(gm.graph)
@@ -273,7 +275,7 @@ def _portable_random(gm: torch.fx.GraphModule, target: str, primals: list) -> to
     for n in hits:
         if n.target is torch.ops.aten.dropout.default:
             n.target = _fused_dropout
-        else:   # attention with dropout: the math path's draws; without: the GPU's fused kernel
+        else:   # attention with dropout: the math path's draws; without: no probabilities saved
             n.target = _attention_with_fused_dropout if _attention_dropout_p(n) else _gpu_fused_attention
     return torch.fx.GraphModule(gm, graph)
 
