@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import memsched
+from memsched.ir.meta import info
 from memsched.passes.placement import RECOMPUTE
 from helpers import FIXED_CPU, assert_same_grads
 from train_zoo import TRAIN_ZOO, build_train
@@ -731,6 +732,9 @@ def test_a_step_planned_for_a_gpu_saves_no_attention_probabilities(monkeypatch):
     fused = plan()
     assert _attention_ops(fused) == {"scaled_dot_product_attention", "scaled_dot_product_attention_backward"}
     assert "memsched.scaled_dot_product_attention(" in str(fused)
+    backwards = [n for n in fused.graph.graph.nodes if "attention_backward" in str(n.target)]
+    held = 2 * 4 * 256 * (16 * 4 + 4)   # the recomputed [2, 4, 256, 16] output and its log-sum-exp
+    assert len(backwards) == 2 and all(info(n).scratch == held for n in backwards), [info(n).scratch for n in backwards]
     padded = torch.ones_like(ids)
     padded[0, :3] = 0
     assert "_safe_softmax" in _attention_ops(plan(attention_mask=padded))

@@ -68,7 +68,19 @@ def _mixed_dtypes(node: fx.Node) -> bool:
 def op_scratch_bytes(node: fx.Node, device_type: str) -> int:
     """What ``node``'s op holds inside itself on ``device_type`` beyond its outputs (0 where
     not measured: another op, another device, arguments without traced values)."""
-    return _measured(node, device_type)[0]
+    return _measured(node, device_type)[0] + _recomputed_attention(node)
+
+
+def _recomputed_attention(node: fx.Node) -> int:
+    """memsched's attention backward (kernels/attention.py) runs the forward again, on any
+    device: it holds that output and each row's float32 log-sum-exp while it runs."""
+    if node.op != "call_function" or str(node.target) != "memsched.scaled_dot_product_attention_backward.default":
+        return 0
+    query, value = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in (node.args[1], node.args[3]))
+    if not isinstance(query, torch.Tensor) or not isinstance(value, torch.Tensor):
+        return 0
+    rows = query.numel() // max(query.shape[-1], 1)
+    return rows * value.shape[-1] * query.element_size() + rows * 4
 
 
 def hold_kernel_storages(node: fx.Node, device_type: str) -> None:
