@@ -202,11 +202,12 @@ def test_no_grad_calls_use_an_inference_plan():
 
 def test_gradient_for_an_unplanned_output_is_an_error():
     """With a loss output, the backward is planned from the loss; a loss built on the logits
-    must not silently give wrong gradients."""
+    must not silently give wrong gradients. The error names both as the caller reaches them."""
     model, args, kwargs, _ = build_train("gpt2_dropout")
     cm = _compile(model, "1GB")
     out = cm(*args, **kwargs)
-    with pytest.raises(RuntimeError, match="grad_outputs='all'"):
+    with pytest.raises(RuntimeError, match=r"backward from output\['loss'\] \(the scalar loss when there is one\), "
+                                           r"but output\['logits'\] received a gradient too.*grad_outputs='all'"):
         out.logits.sum().backward()
     cm.close()
 

@@ -55,6 +55,7 @@ class JointCaptured(Captured):
     grad_inputs: list[int] = field(default_factory=list)       # flat user inputs that take a gradient
     diff_outputs: list[int] = field(default_factory=list)      # user outputs that take a gradient
     grad_capable: list[int] = field(default_factory=list)      # user outputs that depend on a parameter
+    output_names: list[str] = field(default_factory=list)      # user outputs as the caller reaches them
     # per diff output, the strides its gradient was traced with (the output's own): the backward's
     # views were traced for that layout, so a gradient handed in otherwise is laid out so first
     tangent_strides: list[tuple] = field(default_factory=list)
@@ -65,6 +66,10 @@ class JointCaptured(Captured):
 
     def forward_outputs(self, flat_outputs: list) -> list:
         return flat_outputs[self.n_mutations:self.n_outputs]
+
+    def output_name(self, i: int) -> str:
+        """User output ``i`` as the caller reaches it (``output.logits``)."""
+        return self.output_names[i] if i < len(self.output_names) else f"output {i}"
 
 
 class CustomBackwardWarning(UserWarning):
@@ -172,7 +177,7 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
         value_guards=ep.value_guards, n_outputs=len(out_vals), n_mutations=n_mut, boundary=boundary.name,
         mutation_targets=[s.target for s in out_specs if s.kind == OutputKind.BUFFER_MUTATION],
         grad_targets=[placeholders[i].target for i in trained], grad_inputs=[inputs.index(i) for i in grad_inputs],
-        diff_outputs=list(trace.diff),
+        diff_outputs=list(trace.diff), output_names=trace.output_names,
         grad_capable=list(trace.capable), tangent_strides=[tuple(user_vals[i].stride()) for i in trace.diff],
         forward=(ep.graph_module, {sp.arg.name for sp in ep.graph_signature.input_specs if sp.kind != InputKind.USER_INPUT}))
 

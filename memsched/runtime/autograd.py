@@ -94,10 +94,11 @@ class TrainStep:
                 tangents.append(_laid_out_as_traced(g, c.tangent_strides[len(tangents)]))
             elif g is not None and bool(torch.any(g != 0)):
                 self.executor.abandon()
+                planned = ", ".join(c.output_name(j) for j in c.diff_outputs)
                 raise RuntimeError(
-                    f"memsched planned the backward from outputs {c.diff_outputs} (the scalar loss when "
-                    f"there is one), but output {i} received a gradient too; compile with "
-                    f"grad_outputs='all' to train through every output")
+                    f"memsched planned the backward from {planned} (the scalar loss when there is one), but "
+                    f"{c.output_name(i)} received a gradient too; compile with grad_outputs='all' to train "
+                    "through every output")
         self.outputs = []  # the caller's now: memsched keeps no reference past the step
         result = self.executor.resume(tangents)
         # gradients the plan delivered to host or disk arrive as those copies
