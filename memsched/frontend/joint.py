@@ -152,8 +152,8 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
                                          if sp.kind == InputKind.PARAMETER})
     static_mask_writes(ep.graph_module)   # x[mask] = v: a backward of static sizes
     traced = _portable_random(chunk_loss_heads(ep.graph_module, loss_chunks, shared_loss_heads), target, primals)
-    trace = _Trace(traced, slot_of, trained + grad_inputs, n_mut, floating, functions, not_losses)
-    trace.output_names = _output_names(ep.call_spec.out_spec, len(user_vals))
+    trace = _Trace(traced, slot_of, trained + grad_inputs, n_mut, floating, functions, not_losses,
+                   _output_names(ep.call_spec.out_spec, len(user_vals)))
     with _portable_attention(target, primals):
         joint = make_lazy(trace.run(model, primals, user_vals))  # code made when first run
     reject_sparse(joint.graph, model, {}, backward=True)   # a sparse gradient (an embedding with sparse=True)
@@ -185,11 +185,8 @@ def capture_joint(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
 def _output_names(out_spec, n: int) -> list[str]:
     """The user outputs as a caller reaches them in what the forward returns (``output.a[0]``,
     ``output['loss']``; ``output`` for a lone tensor)."""
-    try:
-        tree = pytree.tree_unflatten(list(range(n)), out_spec)
-        return [f"output{pytree.keystr(path)}" for path, _ in pytree.tree_flatten_with_path(tree)[0]]
-    except (TypeError, ValueError, KeyError):   # a type pytree cannot name paths in: its flat position
-        return [f"output {i}" for i in range(n)]
+    tree = pytree.tree_unflatten(list(range(n)), out_spec)
+    return [f"output{pytree.keystr(path)}" for path, _ in pytree.tree_flatten_with_path(tree)[0]]
 
 
 def _differentiated(model, placeholders: list[Placeholder], primals: list):
@@ -312,10 +309,11 @@ def _primals(model, ep, args, kwargs) -> tuple[list, list[Placeholder], list[int
 class _Trace:
     """The step traced under ``make_fx`` on FakeTensors: forward, then ``autograd.grad``."""
 
-    def __init__(self, gm, slot_of, trained, n_mut, floating, functions: Functions, not_losses=()):
+    def __init__(self, gm, slot_of, trained, n_mut, floating, functions: Functions, not_losses: list[int],
+                 output_names: list[str]):
         self.gm, self.slot_of, self.trained, self.n_mut, self.floating = gm, slot_of, trained, n_mut, floating
-        self.not_losses = list(not_losses)   # outputs left undifferentiated beside scalar ones
-        self.output_names: list[str] = []    # each user output as the caller reaches it: output['loss']
+        self.not_losses = not_losses       # outputs left undifferentiated beside scalar ones
+        self.output_names = output_names   # each user output as the caller reaches it: output['loss']
         self.functions = functions   # custom-backward Functions applied again, not inlined
         self.fwd_last = None
         self.diff: list[int] = []      # user outputs the backward starts from
