@@ -171,7 +171,7 @@ def _state_kind(model: torch.nn.Module, target: str | None) -> Kind | None:
 
 
 @contextlib.contextmanager
-def _quiet_fake_tensor_log():
+def quiet_fake_tensor_log():
     """torch logs the whole traceback of an op failing on fake tensors (a wrong input shape)
     before raising it; the CaptureError raised here names that failure, once. Its shape solver
     also warns that it found no user code for a size made from data: traces record no stacks
@@ -378,7 +378,7 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict | None, ones_mask)
             eager_attention_masks(args, kwargs, values), _eager_algorithms(model), \
             value_checks_as_asserts(values.truth), IntegerReads(values), CountedSelections(values), static_ctc_loss(), \
             whole_tensor_masked_losses(), \
-            _quiet_fake_tensor_log(), _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
+            quiet_fake_tensor_log(), _no_stack_traces(), _no_partial_graph_dump(), _casts_that_change_nothing(), \
             _dataclass_outputs_seen_into(model), _inference_mode_for_inference_tensors(model), \
             _given_mask_of_ones(model, ones_mask), padded_positions_as_eager(model):
         return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False), values
@@ -848,7 +848,7 @@ def _explicit_autocasts(gm: torch.fx.GraphModule) -> None:
     if not autocast_state() and not any(type(n.target).__name__ == "WrapWithAutocast" for n in gm.graph.nodes):
         return
     share_storages_as_eager(gm.graph)
-    with _quiet_fake_tensor_log():   # ops run again on their values to see the casts: some fail without them
+    with quiet_fake_tensor_log():   # ops run again on their values to see the casts: some fail without them
         make_casts_explicit(gm)
         inline_autocast_regions(gm)
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..frontend.capture import quiet_fake_tensor_log
 
 KV_PREFIX = "kv_cache"  # buffers named kv_cache.k<layer> / kv_cache.v<layer> hold the cache
 DECODE_ATTENTION = "memsched_decode"  # the attention implementation a decode step runs
@@ -415,7 +416,9 @@ def probe_attention(model: nn.Module, shapes, dtype: torch.dtype, inputs: tuple)
 
     one = [(torch.Size((1, *k[1:])), torch.Size((1, *v[1:]))) for k, v in shapes]
     for mask_2d in (False, True):
-        with torch.no_grad(), _experts_traceable_on_fakes(model), _as_exported(), \
+        # a failure here decides the path (or is the capture's to report): torch's log of its
+        # traceback would show the user an error that is not one
+        with torch.no_grad(), _experts_traceable_on_fakes(model), _as_exported(), quiet_fake_tensor_log(), \
                 FakeTensorMode(allow_non_fake_inputs=True):
             probe = CachedDecoder(model, one, dtype, attention=Attention(mask_2d=mask_2d)).eval()
             try:
@@ -461,7 +464,8 @@ def cache_shapes(model: nn.Module, batch: int, max_len: int, sample_ids: torch.T
     from one fake step of the model (FakeTensors: no compute, no memory)."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
-    with torch.no_grad(), _experts_traceable_on_fakes(model), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+    with torch.no_grad(), _experts_traceable_on_fakes(model), quiet_fake_tensor_log(), \
+            FakeTensorMode(allow_non_fake_inputs=True) as mode:
         ids = mode.from_tensor(sample_ids[:1, :1])
         try:
             out = model(input_ids=ids, use_cache=True)
