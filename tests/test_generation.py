@@ -10,6 +10,7 @@ import torch
 
 import memsched
 from helpers import FIXED_CPU
+from memsched.generation.kv_cache import LayerShapes
 from zoo import build, quiet_transformers
 
 NEW_TOKENS = 12
@@ -414,7 +415,7 @@ def test_the_cache_is_placed_per_group_of_heads(tmp_path, monkeypatch):
     finally:
         gen.close()
     monkeypatch.undo()
-    shapes = [(torch.Size((1, 8, 64, 16)),) * 2]  # 32 KiB per tensor
+    shapes = [LayerShapes((torch.Size((1, 8, 64, 16)),) * 2)]  # 32 KiB per tensor
     assert memsched.generation.decoding.head_chunk_choices(shapes, torch.float32, 4 * 16384) == [2, 4, 8]
     assert memsched.generation.decoding.head_chunk_choices(shapes, torch.float32, 1 << 30) == [1, 2, 4, 8]
 
@@ -464,15 +465,97 @@ def test_gpt_neo_local_layers_are_sliding_windows():
 
 
 def test_layers_the_cache_does_not_cover_are_named():
-    """A state-space model's layers are no attention at all: refused before anything runs, naming
-    their type (the message said "non-attention" for Llama 4's chunked attention too)."""
-    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+    """Llama 4's chunked attention is no layer memsched's cache serves: refused before anything
+    runs, naming the type (the message said "non-attention" for it once)."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
 
     with quiet_transformers():
-        model = FalconMambaForCausalLM(FalconMambaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
-                                                         state_size=4)).eval()
-    with pytest.raises(NotImplementedError, match=r"FalconMambaForCausalLM has linear_attention layers \(layer types"):
+        model = Llama4ForCausalLM(Llama4TextConfig(
+            vocab_size=100, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_chunk_size=4,
+            num_local_experts=2)).eval()
+    with pytest.raises(NotImplementedError, match=r"Llama4ForCausalLM has chunked_attention layers \(layer types"):
         memsched.generate(model, torch.ones(1, 3, dtype=torch.long), budget="1GB", max_new_tokens=2)
+
+
+def _recurrent_decoders():
+    import transformers as T
+
+    # weights drawn wider than the default, so that the tokens change from step to step (a wrong
+    # state shows), and no end-of-sequence token, so that every row runs every step
+    tokens = dict(vocab_size=128, pad_token_id=0, eos_token_id=None, initializer_range=0.2)
+    common = dict(tokens, hidden_size=64, intermediate_size=128, max_position_embeddings=64,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    return {
+        # Mamba: the 2-D mask multiplies each mixer's input, whatever its length (its head untied
+        # from the embeddings: tied, each token repeats the last)
+        "mamba": (T.MambaConfig, T.MambaForCausalLM, dict(tokens, hidden_size=64, num_hidden_layers=2,
+                                                          state_size=8, expand=2, tie_word_embeddings=False)),
+        # Mamba-2 with attention layers between (Bamba), chunked scan, state and conv updated in place
+        "bamba": (T.BambaConfig, T.BambaForCausalLM,
+                  dict(common, num_hidden_layers=2, attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32,
+                       mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=8)),
+        # gated delta rule (linear attention) beside grouped-query attention and experts
+        "qwen3_next": (T.Qwen3NextConfig, T.Qwen3NextForCausalLM,
+                       dict(common, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+                            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                            linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                            linear_value_head_dim=16)),
+        # attention and a state-space mixer in the same layer
+        "falcon_h1": (T.FalconH1Config, T.FalconH1ForCausalLM,
+                      dict(common, num_hidden_layers=2, mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8,
+                           mamba_n_groups=1, mamba_chunk_size=8, mamba_d_ssm=128)),
+        # short convolutions only (a conv state, no recurrent one) beside attention
+        "lfm2": (T.Lfm2Config, T.Lfm2ForCausalLM,
+                 dict(common, num_hidden_layers=2, layer_types=["conv", "full_attention"], full_attn_idxs=[1])),
+    }
+
+
+@pytest.mark.parametrize("name", ["mamba", "bamba", "qwen3_next", "falcon_h1", "lfm2"])
+def test_recurrent_decoders_generate_as_transformers_does(name, tmp_path):
+    """Decoders whose layers keep a recurrent state (state-space models, linear attention, short
+    convolutions, alone or beside attention): each state is a cache tensor the decode step reads
+    and replaces whole. Left-padded prompts run in micro-batches at the least budget both
+    programs fit: tokens equal transformers' greedy generate, the budget holds."""
+    config_cls, model_cls, kw = _recurrent_decoders()[name]
+    with quiet_transformers():
+        torch.manual_seed(0)
+        model = model_cls(config_cls(**kw)).eval()
+    ids = torch.randint(3, 128, (4, 10), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[3, :6] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    kw = dict(batch=4, prompt_len=10, max_len=18, sample_ids=ids, hardware=FIXED_CPU, device="cpu")
+    probe = memsched.Generator(model, "1GB", **kw)
+    budget = max(p.min_budget_bytes for p in probe.plans)
+    states = probe.decoder.state_names()
+    probe.close()
+    assert states and all(re.fullmatch(r"kv_cache\.(conv|state)\d+_\d+", n) for n in states)
+    gen = memsched.Generator(model, budget, prefill_batch=2, offload_dir=tmp_path, **kw)
+    try:
+        tokens, stats = gen(ids, 8, attention_mask=mask, pad_token_id=0)
+    finally:
+        gen.close()
+    assert torch.equal(tokens, ref)
+    assert stats.peak_device_bytes <= budget
+
+
+def test_a_recurrent_state_is_replaced_whole_by_each_step():
+    """What a step writes: the slots of the keys and values along their length, every row of a
+    recurrent state (memsched's host and disk copies take those, not a rewrite)."""
+    config_cls, model_cls, kw = _recurrent_decoders()["bamba"]
+    with quiet_transformers():
+        model = model_cls(config_cls(**kw)).eval()
+    ids = torch.ones(3, 4, dtype=torch.long)
+    shapes, dtype = memsched.generation.kv_cache.cache_shapes(model, 3, 12, ids)
+    assert shapes[0].kv is None and shapes[0].conv and shapes[0].recurrent
+    assert shapes[1].kv is not None and not shapes[1].conv
+    decoder = memsched.generation.kv_cache.CachedDecoder(model, shapes, dtype)
+    groups = decoder.slot_groups(torch.tensor([5]))
+    assert [(names, dim, index.tolist()) for names, dim, index in groups] == [
+        (["kv_cache.k1", "kv_cache.v1"], 2, [5]), (["kv_cache.conv0_0", "kv_cache.state0_0"], 0, [0, 1, 2])]
 
 
 def test_a_model_refusing_both_masks_before_its_layers_is_refused_clearly():

@@ -110,13 +110,14 @@ def _check_decoder(model: torch.nn.Module, max_len: int) -> Window | None:
     named_types = bool(getattr(text, "layer_types", None) or getattr(text, "attention_layers", None))
     slides_somewhere = "sliding_attention" in types if named_types else bool(window)
     sliding = slides_somewhere and not (window and max_len <= window)
-    if types - {"full_attention", "sliding_attention"} or sliding and (own_masks or not window):
-        other = sorted(types - set(named.values()))   # linear attention, chunked attention, state spaces
+    if types - {"full_attention", "sliding_attention", *RECURRENT_TYPES} or sliding and (own_masks or not window):
+        other = sorted(types - {*named.values(), *RECURRENT_TYPES})   # chunked or indexed attention
         raise NotImplementedError(
             f"{type(model).__name__} has {', '.join(other) if other else 'sliding-window'} layers (layer types "
             f"{sorted(types)}, sliding window {window}) and this generation is {max_len} tokens long; "
-            "memsched.generate's KV cache covers full-attention layers and sliding-window ones masked "
-            "through transformers' mask interface")
+            "memsched.generate's cache covers full-attention layers, sliding-window ones masked through "
+            "transformers' mask interface, and recurrent layers (state-space, linear attention) that keep "
+            "their states through transformers' cache interface")
     if not sliding:
         return None
     slides = tuple(t == "sliding_attention" for t in getattr(text, "layer_types", None) or ())
@@ -200,6 +201,10 @@ def _generation_minimum(prefill_error: InfeasibleBudgetError, plan_decode) -> In
     return prefill_error
 
 
+# layer types whose cache is a recurrent state (or none), checked against the cache the model makes
+RECURRENT_TYPES = ("linear_attention", "conv", "hybrid", "mlp", "moe")
+
+
 def head_chunk_choices(shapes, dtype: torch.dtype, budget_bytes: int) -> list[int]:
     """The groupings of kv heads each layer's cache may be kept in, to plan in order: first the
     fewest that make every cache tensor at most a quarter of the budget, so that the planner can
@@ -207,8 +212,11 @@ def head_chunk_choices(shapes, dtype: torch.dtype, budget_bytes: int) -> list[in
     holds), then each finer one, tried when a coarser one leaves the decode step over the budget.
     Fewer groups mean fewer program lines and transfers per step (at batch 32 here, four groups
     instead of eight cut a decode step by about a tenth)."""
-    heads = shapes[0][0][1]
-    largest = max(s.numel() for pair in shapes for s in pair) * dtype.itemsize
+    kv = [layer.kv for layer in shapes if layer.kv is not None]
+    if not kv:   # a state-space model: no keys and values to group
+        return [1]
+    heads = kv[0][0][1]
+    largest = max(s.numel() for pair in kv for s in pair) * dtype.itemsize
     divisors = [c for c in range(1, heads + 1) if heads % c == 0]
     first = next((c for c in divisors if largest // c <= budget_bytes // 4), heads)
     return [c for c in divisors if c >= first]
@@ -389,8 +397,8 @@ class Generator:
             self._patched(inputs[2])  # memsched's copies take the new slots only
 
     def _patched(self, slots: torch.Tensor) -> None:
-        for names, index in self.decoder.slot_groups(slots):
-            self.compiled.patched(names, 2, index)
+        for names, dim, index in self.decoder.slot_groups(slots):
+            self.compiled.patched(names, dim, index)
 
     def close(self) -> None:
         self.compiled.close()

@@ -16,6 +16,12 @@ the 2-D mask, causality from each query's slot), so transformers' own mask code,
 read the cache's length as a Python number and bake it into the program, is bypassed. A layer
 with a sliding window shorter than the generation keeps a ring of window slots instead (see
 ``Window``); its mask reads which position each ring slot holds from the step's slot.
+
+A recurrent layer (a state-space or linear-attention mixer, a short convolution) keeps
+fixed-size states instead, through transformers' cache interface for them: they are buffers of
+the same kind, which a prompt's program never reads and a new token's reads (as functional
+copies, which transformers' update kernels write in place) and hands back whole; the loop
+writes them over the old between steps.
 """
 from __future__ import annotations
 
@@ -65,6 +71,26 @@ class Window:
 
     def slides(self, layer: int) -> bool:
         return not self.layers or self.layers[layer]
+
+
+@dataclass(frozen=True)
+class LayerShapes:
+    """One decoder layer's cache for the whole generation: its keys and values (batch, kv heads,
+    max length, head dim) where it attends; the fixed-size states of its recurrent part (a
+    state-space or linear-attention mixer: a convolution's last inputs, the recurrence's state),
+    batch first, by transformers' state index, where it has one; neither for a layer that keeps
+    no cache (an MLP-only layer of a hybrid)."""
+
+    kv: tuple[torch.Size, torch.Size] | None = None
+    conv: tuple[tuple[int, torch.Size, torch.dtype], ...] = ()        # (state index, shape, dtype)
+    recurrent: tuple[tuple[int, torch.Size, torch.dtype], ...] = ()
+
+    def rows(self, batch: int) -> LayerShapes:
+        """The same cache for ``batch`` rows."""
+        def resized(specs):
+            return tuple((i, torch.Size((batch, *shape[1:])), dtype) for i, shape, dtype in specs)
+        kv = None if self.kv is None else tuple(torch.Size((batch, *s[1:])) for s in self.kv)
+        return LayerShapes(kv, resized(self.conv), resized(self.recurrent))
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -137,8 +163,9 @@ def _register_decode_attention() -> None:
 
 
 def _cache_classes():
-    """transformers' Cache and StaticLayer (imported late: memsched does not depend on it)."""
-    from transformers.cache_utils import Cache, StaticLayer
+    """memsched's cache layers on transformers' Cache classes (imported late: memsched does not
+    depend on it)."""
+    from transformers.cache_utils import Cache, DummyLayer, StaticLayer
 
     class SlotLayer(StaticLayer):
         """One layer's cache: a step's keys and values go to ``slots``, functionally."""
@@ -178,11 +205,100 @@ def _cache_classes():
             # the captured program as one step's length
             return self.slots[0]
 
+    slot_states, slot_hybrid = _state_classes(SlotLayer)
+
     class SlotCache(Cache):
         def __init__(self, layers):
             super().__init__(layers=layers)
 
-    return SlotLayer, SlotCache
+    return SlotLayer, slot_states, slot_hybrid, DummyLayer, SlotCache
+
+
+def _state_classes(slot_layer: type):
+    """memsched's cache layers for recurrent layers: alone, and beside attention (``slot_layer``)."""
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    class SlotStates(LinearAttentionCacheLayerMixin):
+        """A recurrent layer's states (``conv``, ``recurrent``: the cache's tensors by state
+        index). A prompt starts from none; a new token from functional copies of the cache's,
+        which transformers' update kernels may write in place. What the step leaves in
+        ``conv_states`` / ``recurrent_states`` is its output: the cache takes it whole between
+        steps."""
+
+        def __init__(self, conv: dict[int, torch.Tensor], recurrent: dict[int, torch.Tensor], fresh: bool):
+            LinearAttentionCacheLayerMixin.__init__(self, number_of_states=1 + max((*conv, *recurrent), default=0))
+            self.state_fresh = fresh
+            for i in range(self.number_of_states):
+                self.has_previous_state[i] = not fresh
+            if not fresh:
+                self.conv_states, self.recurrent_states = _CopiedOnRead(conv), _CopiedOnRead(recurrent)
+            for held, ready in ((conv, self.is_conv_states_initialized),
+                                (recurrent, self.is_recurrent_states_initialized)):
+                ready.update(dict.fromkeys(held, not fresh))
+            self.conv_kernel_size.update({i: t.shape[-1] for i, t in conv.items()})
+            first = next(iter({**conv, **recurrent}.values()))
+            self.device, self.dtype = first.device, first.dtype
+            self.held = (conv, recurrent)
+            self.written: set[tuple[str, int]] = set()   # the states the step updated
+
+        def lazy_initialization(self, *args, **kwargs) -> None:   # sized by the cache's tensors
+            pass
+
+        def update_conv_state(self, conv_states, state_idx: int = 0, conv_kernel_size=None, **kwargs):
+            # as transformers' layer: a prompt's inputs padded on the left to the kernel, a new
+            # token's after the kept ones; the last kernel-size columns are kept
+            size = self.conv_kernel_size[state_idx]
+            before = None if self.state_fresh else self.conv_states.current(state_idx)
+            full = conv_states if before is None else torch.cat([before, conv_states.to(before.dtype)], dim=-1)
+            if full.shape[-1] < size:
+                full = torch.nn.functional.pad(full, (size - full.shape[-1], 0))
+            self.conv_states[state_idx] = full[..., -size:].clone()
+            self.written.add(("conv", state_idx))
+            return full
+
+        def update_recurrent_state(self, recurrent_states, state_idx: int = 0, **kwargs):
+            self.recurrent_states[state_idx] = recurrent_states
+            self.written.add(("recurrent", state_idx))
+            return recurrent_states
+
+        def new_states(self, model: str, layer: int) -> list[torch.Tensor]:
+            """The states the step leaves, in the cache's order (conv, then recurrent)."""
+            out = []
+            for kind, held, now in (("conv", self.held[0], self.conv_states),
+                                    ("recurrent", self.held[1], self.recurrent_states)):
+                for i, t in held.items():
+                    if self.state_fresh and (kind, i) not in self.written:
+                        raise UnsupportedModelError(f"{model}: layer {layer}'s prompt did not write its {kind} "
+                                                    f"state {i}")
+                    out.append(now[i].to(t.dtype))
+            return out
+
+    class SlotHybrid(SlotStates, slot_layer):
+        """A layer with both (Falcon-H1's, Zamba's attention beside a state-space mixer)."""
+
+        def __init__(self, states: tuple, *kv):
+            slot_layer.__init__(self, *kv)
+            SlotStates.__init__(self, *states, fresh=kv[3])
+
+    return SlotStates, SlotHybrid
+
+
+class _CopiedOnRead(dict):
+    """A recurrent layer's states as a new token's step is handed them: each a functional copy of
+    the cache's tensor (transformers' update kernels write it in place), made when the layer first
+    reads it, so that one layer's copy, not every layer's from the step's start, is held at a time."""
+
+    def __init__(self, held: dict[int, torch.Tensor]):
+        super().__init__()
+        self.held = held
+
+    def __missing__(self, i: int) -> torch.Tensor:
+        self[i] = copy = self.held[i].clone()
+        return copy
+
+    def current(self, i: int) -> torch.Tensor:
+        """The state as it stands, without a copy where the step has not read it yet."""
+        return dict.get(self, i, self.held[i])
 
 
 def _cache_keyword(model: nn.Module) -> str:
@@ -204,13 +320,15 @@ class CachedDecoder(nn.Module):
     ``forward(input_ids, position_ids, slots, attention_mask)``: ``input_ids`` and
     ``position_ids`` are (batch, q), ``slots`` (q,) the cache positions the q tokens take,
     ``attention_mask`` (batch, max_len) 1 where a cache slot holds a real token. Returns the
-    logits of the last query (batch, vocab) and, per layer, the q new keys and values.
+    logits of the last query (batch, vocab) and, per layer, the q new keys and values and then
+    the whole new states of its recurrent part (a hybrid's state-space or linear-attention
+    mixer), in the cache's order.
     """
 
     memsched_state_kinds = {f"{KV_PREFIX}.": "kv_cache"}  # read by capture: these buffers are the cache
     memsched_trace_all_layers = True  # read by capture: each layer has its cache slots and outputs
 
-    def __init__(self, model: nn.Module, shapes: list[tuple[torch.Size, torch.Size]], dtype: torch.dtype,
+    def __init__(self, model: nn.Module, shapes: list[LayerShapes], dtype: torch.dtype,
                  device: torch.device | str = "cpu", head_chunks: int = 1, attention: Attention = Attention(),
                  window: Window | None = None):
         super().__init__()
@@ -220,15 +338,17 @@ class CachedDecoder(nn.Module):
         # layer's cache with the new entries written in, a copy per layer and step; the others
         # attend through memsched's decode attention, which copies nothing
         self.attends_by_itself = attention.by_itself
-        # a model that reads the 2-D mask (BLOOM's ALiBi) is handed it, and its module's causal
-        # mask builders hand back memsched's 4-D mask while it runs
+        # a model that reads the 2-D mask (BLOOM's ALiBi, a recurrent layer's padding) is handed
+        # it, and its module's causal mask builders hand back memsched's 4-D mask while it runs
         self.mask_2d = attention.mask_2d
         self.n_layers = len(shapes)
-        heads = shapes[0][0][1]
+        self.shapes, self.dtype = shapes, dtype
+        self.attending = [i for i, layer in enumerate(shapes) if layer.kv is not None]
+        heads = shapes[self.attending[0]].kv[0][1] if self.attending else 1
         if not 1 <= head_chunks <= heads or heads % head_chunks:
             raise ValueError(f"kv_head_chunks must divide the {heads} kv heads, got {head_chunks}")
         self.head_chunks = head_chunks
-        self.max_len = shapes[0][0][2]
+        self.max_len = shapes[self.attending[0]].kv[0][2] if self.attending else 0
         if window is not None and window.layers and len(window.layers) != len(shapes):
             raise UnsupportedModelError(
                 f"{type(model).__name__} names {len(window.layers)} layer types but its cache has "
@@ -237,29 +357,46 @@ class CachedDecoder(nn.Module):
         self.rings = [window.size if window is not None and window.slides(i) and window.size < self.max_len
                       else None for i in range(len(shapes))]
         cache = nn.Module()
-        for i, (k, v) in enumerate(shapes):  # a tensor per layer, K or V, and group of kv heads
-            for c in range(head_chunks):
-                for kv, shape in (("k", k), ("v", v)):
+        for i, layer in enumerate(shapes):  # a tensor per layer, K or V, and group of kv heads
+            for c in range(head_chunks if layer.kv is not None else 0):
+                for kv, shape in zip("kv", layer.kv):
                     part = (shape[0], shape[1] // head_chunks, self.rings[i] or shape[2], *shape[3:])
                     cache.register_buffer(self._leaf(kv, i, c), torch.zeros(part, dtype=dtype, device=device))
+            for name, shape, state_dtype in self._states(i):   # and one per recurrent state
+                cache.register_buffer(name, torch.zeros(shape, dtype=state_dtype, device=device))
         setattr(self, KV_PREFIX, cache)
 
     def _leaf(self, kv: str, i: int, c: int) -> str:
         return f"{kv}{i}" if self.head_chunks == 1 else f"{kv}{i}_{c}"
 
+    def _states(self, i: int) -> list[tuple[str, torch.Size, torch.dtype]]:
+        """Layer i's recurrent states: (buffer name, shape, dtype), conv ones first."""
+        layer = self.shapes[i]
+        return [(f"{kind}{i}_{s}", shape, dtype) for kind, specs in (("conv", layer.conv), ("state", layer.recurrent))
+                for s, shape, dtype in specs]
+
     def names(self, layers=None) -> list[str]:
-        """The state-dict keys of the cache tensors (of ``layers``, by default all)."""
-        return [f"{KV_PREFIX}.{self._leaf(kv, i, c)}" for i in (range(self.n_layers) if layers is None else layers)
+        """The state-dict keys of the cache's key and value tensors (of ``layers``, by default
+        all)."""
+        return [f"{KV_PREFIX}.{self._leaf(kv, i, c)}" for i in (self.attending if layers is None else layers)
                 for c in range(self.head_chunks) for kv in "kv"]
 
-    def slot_groups(self, slots: torch.Tensor) -> list[tuple[list[str], torch.Tensor]]:
-        """(cache tensor names, their indices along the length) that slots ``slots`` were
-        written at: the slots themselves in full-length caches, their places in each ring."""
+    def state_names(self) -> list[str]:
+        return [f"{KV_PREFIX}.{name}" for i in range(self.n_layers) for name, _, _ in self._states(i)]
+
+    def slot_groups(self, slots: torch.Tensor) -> list[tuple[list[str], int, torch.Tensor]]:
+        """(cache tensor names, dim, indices along it) that a step at ``slots`` wrote: the slots
+        themselves along the length of full-length caches, their places in each ring, and every
+        row of the recurrent states (a step replaces them whole)."""
         groups = {}
-        for i, ring in enumerate(self.rings):
-            groups.setdefault(ring, []).append(i)
-        return [(self.names(layers), slots if ring is None else torch.unique(slots % ring))
-                for ring, layers in groups.items()]
+        for i in self.attending:
+            groups.setdefault(self.rings[i], []).append(i)
+        written = [(self.names(layers), 2, slots if ring is None else torch.unique(slots % ring))
+                   for ring, layers in groups.items()]
+        states = self.state_names()
+        if states:
+            written.append((states, 0, torch.arange(self.tensors()[0].shape[0])))
+        return written
 
     def chunks(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Layer i's key tensors and value tensors, a group of kv heads each."""
@@ -267,13 +404,21 @@ class CachedDecoder(nn.Module):
         return ([getattr(cache, self._leaf("k", i, c)) for c in range(self.head_chunks)],
                 [getattr(cache, self._leaf("v", i, c)) for c in range(self.head_chunks)])
 
+    def states(self, i: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Layer i's conv states and recurrent states, by transformers' state index."""
+        cache, layer = getattr(self, KV_PREFIX), self.shapes[i]
+        return ({s: getattr(cache, f"conv{i}_{s}") for s, _, _ in layer.conv},
+                {s: getattr(cache, f"state{i}_{s}") for s, _, _ in layer.recurrent})
+
     def tensors(self) -> list[torch.Tensor]:
-        return [t for i in range(self.n_layers) for pair in zip(*self.chunks(i)) for t in pair]
+        cache = getattr(self, KV_PREFIX)
+        return [t for i in self.attending for pair in zip(*self.chunks(i)) for t in pair] + \
+            [getattr(cache, name) for i in range(self.n_layers) for name, _, _ in self._states(i)]
 
     def _masks(self, slots, attention_mask, fresh: bool, whole: bool, dtype):
         """(the full layers' 4-D additive mask, the sliding layers' or None, the 2-D mask over
         the keys a prompt attends to)."""
-        keys = slots if fresh else torch.arange(self.max_len, device=slots.device)
+        keys = slots if fresh else torch.arange(attention_mask.shape[1], device=slots.device)
         real = attention_mask.index_select(1, keys) if fresh else attention_mask
         # a prompt: causal over itself; a new token: the slots before its own (its own entries,
         # not yet in the cache, are attended apart)
@@ -300,13 +445,13 @@ class CachedDecoder(nn.Module):
         return _additive(allowed, dtype), _additive(near, dtype), real
 
     def forward(self, input_ids, position_ids, slots, attention_mask):
-        slot_layer, slot_cache = _cache_classes()
         # a prompt (more than one token) attends to itself only, so its program never reads the
         # cache; a new token attends to every slot, the empty ones masked
         fresh = input_ids.shape[1] > 1
         whole = self.attends_by_itself and not fresh
-        layers = [slot_layer(*self.chunks(i), slots, fresh, whole, self.rings[i]) for i in range(self.n_layers)]
-        mask, sliding, real = self._masks(slots, attention_mask, fresh, whole, self.tensors()[0].dtype)
+        layers = self._layers(slots, fresh, whole)
+        slot_cache = _cache_classes()[-1]
+        mask, sliding, real = self._masks(slots, attention_mask, fresh, whole, self.dtype)
         # one mask per layer type where they differ (transformers takes that dict as it is); a
         # model whose every layer slides takes the sliding one alone
         masks = mask if sliding is None else \
@@ -316,6 +461,10 @@ class CachedDecoder(nn.Module):
         if not fresh and not whole:
             _register_decode_attention()
             config._attn_implementation = DECODE_ATTENTION
+        if self.mask_2d and not fresh and any(layer.conv or layer.recurrent for layer in self.shapes):
+            # recurrent layers zero padding by the 2-D mask, taken as long as their input (Mamba's
+            # multiply by it): a new token, never padding, is handed its own slot's column
+            real = attention_mask.index_select(1, slots)
         try:
             with _causal_masks_as(self.model, mask, sliding) if self.mask_2d else contextlib.nullcontext():
                 out = self.model(input_ids=input_ids, attention_mask=real if self.mask_2d else masks,
@@ -325,7 +474,7 @@ class CachedDecoder(nn.Module):
         except AttendsByItself:
             raise
         except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
-            wrote = sum(layer.new is not None for layer in layers)
+            wrote = sum(getattr(layer, "new", None) is not None for layer in layers)
             if wrote and not fresh and not whole:
                 # what the cache handed back stands for it in decode_attention (one group of kv
                 # heads): a model that computes with it otherwise attends by itself
@@ -347,30 +496,47 @@ class CachedDecoder(nn.Module):
         finally:
             config._attn_implementation = before
             _PENDING.clear()
-        new = []
+        new, name = [], type(self.model).__name__
         for i, layer in enumerate(layers):
-            if layer.new is None:
-                raise UnsupportedModelError(f"{type(self.model).__name__}: layer {i} did not write the KV cache")
-            if not fresh and not layer.attended:  # it attended to the cache without its new entries
-                raise AttendsByItself(
-                    f"{type(self.model).__name__}: layer {i} computes attention itself rather than through "
-                    "transformers' attention interface")
-            new.extend(layer.new)
+            if self.shapes[i].kv is not None:
+                if layer.new is None:
+                    raise UnsupportedModelError(f"{name}: layer {i} did not write the KV cache")
+                if not fresh and not layer.attended:  # it attended to the cache without its new entries
+                    raise AttendsByItself(f"{name}: layer {i} computes attention itself rather than through "
+                                          "transformers' attention interface")
+                new.extend(layer.new)
+            if self.shapes[i].conv or self.shapes[i].recurrent:
+                new.extend(layer.new_states(name, i))
         return out.logits[:, -1, :], tuple(new)
+
+    def _layers(self, slots: torch.Tensor, fresh: bool, whole: bool) -> list:
+        """transformers' cache layers for one step: memsched's over each layer's tensors."""
+        slot_layer, slot_states, slot_hybrid, dummy, _ = _cache_classes()
+        layers = []
+        for i, shapes in enumerate(self.shapes):
+            kv = (*self.chunks(i), slots, fresh, whole, self.rings[i]) if shapes.kv is not None else None
+            states = self.states(i) if shapes.conv or shapes.recurrent else None
+            layers.append(slot_hybrid(states, *kv) if kv and states else slot_layer(*kv) if kv else
+                          slot_states(*states, fresh=fresh) if states else dummy())
+        return layers
 
     @torch.no_grad()
     def write(self, slots: torch.Tensor, new: tuple[torch.Tensor, ...], rows: slice = slice(None)) -> None:
-        """Put a step's new keys and values into their slots (between steps, in place), for the
-        batch ``rows`` they were computed for."""
+        """Put a step's new keys and values into their slots and its new recurrent states in
+        place of the old (between steps, in place), for the batch ``rows`` they were computed for."""
+        new = iter(new)
         for i, ring in enumerate(self.rings):
             # a ring takes the last of a prompt's entries it holds, each at its slot mod window
             at, keep = (slots, slice(None)) if ring is None else (slots[-ring:] % ring, slice(-ring, None))
-            for chunks, x in zip(self.chunks(i), new[2 * i:2 * i + 2]):
-                h0 = 0
+            for chunks in self.chunks(i) if self.shapes[i].kv is not None else ():
+                x, h0 = next(new), 0
                 for t in chunks:
                     h1 = h0 + t.shape[1]
                     t[rows].index_copy_(2, at.to(t.device), x[:, h0:h1, keep].to(t.device, t.dtype))
                     h0 = h1
+            for held in self.states(i):
+                for t in held.values():
+                    t[rows] = next(new).to(t.device, t.dtype)
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -411,11 +577,13 @@ def probe_attention(model: nn.Module, shapes, dtype: torch.dtype, inputs: tuple)
     memsched runs it, with the 4-D mask, then (when the model refuses it before any layer ran)
     with the 2-D mask. Whether its layers compute attention themselves rather than through
     transformers' attention interface shows there. Any other failure is left to the step's
-    capture to report."""
+    capture to report. A model with recurrent layers takes the 2-D mask: they zero a prompt's
+    padding by it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    one = [(torch.Size((1, *k[1:])), torch.Size((1, *v[1:]))) for k, v in shapes]
-    for mask_2d in (False, True):
+    one = [layer.rows(1) for layer in shapes]
+    recurrent = any(layer.conv or layer.recurrent for layer in shapes)
+    for mask_2d in (True,) if recurrent else (False, True):
         # a failure here decides the path (or is the capture's to report): torch's log of its
         # traceback would show the user an error that is not one
         with torch.no_grad(), _experts_traceable_on_fakes(model), _as_exported(), quiet_fake_tensor_log(), \
@@ -430,7 +598,7 @@ def probe_attention(model: nn.Module, shapes, dtype: torch.dtype, inputs: tuple)
             except Exception:  # noqa: BLE001 - reported by the capture of the real step
                 pass
         return Attention(False, mask_2d)
-    return Attention()   # refused both ways: the capture of the real step says so
+    return Attention(mask_2d=recurrent)   # refused: the capture of the real step says so
 
 
 # transformers' builders of the 4-D mask, called by a model's forward from its own module
@@ -460,9 +628,10 @@ def _causal_masks_as(model: nn.Module, mask: torch.Tensor, sliding: torch.Tensor
 
 
 def cache_shapes(model: nn.Module, batch: int, max_len: int, sample_ids: torch.Tensor):
-    """Per layer, the (key, value) cache shapes for ``batch`` x ``max_len`` and their dtype, read
-    from one fake step of the model (FakeTensors: no compute, no memory)."""
+    """Per layer, its cache (``LayerShapes``) for ``batch`` x ``max_len``, and the dtype of its
+    keys and values, read from one fake step of the model (FakeTensors: no compute, no memory)."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+    from transformers.cache_utils import DummyLayer
 
     with torch.no_grad(), _experts_traceable_on_fakes(model), quiet_fake_tensor_log(), \
             FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -483,16 +652,50 @@ def cache_shapes(model: nn.Module, batch: int, max_len: int, sample_ids: torch.T
     # config's encoder layers) keeps trailing layers no step fills: they are not the model's
     while len(layers) > 1 and _unwritten(layers[-1]):
         layers.pop()
+    types = getattr(_text_config(model), "layer_types", None) or ()
     shapes = []
     for i, layer in enumerate(layers):
+        if isinstance(layer, DummyLayer):
+            if i >= len(types) or types[i] not in _UNCACHED_TYPES:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}'s layer {i} keeps no cache of its own (it reads another layer's: "
+                    "shared keys and values); memsched.generate's cache covers layers that each keep theirs")
+            shapes.append(LayerShapes())
+            continue
         k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or k.dim() != 4:
+        kv = None
+        if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == 4:
+            kv = (torch.Size((batch, k.shape[1], max_len, k.shape[3])),
+                  torch.Size((batch, v.shape[1], max_len, v.shape[3])))
+        conv, recurrent = _state_shapes(layer, batch)
+        if kv is None and (k is not None or v is not None or not conv and not recurrent):
             raise ValueError(f"{type(model).__name__}: cache layer {i} ({type(layer).__name__}) is not "
-                             "a (batch, heads, length, dim) key/value cache")
-        shapes.append((torch.Size((batch, k.shape[1], max_len, k.shape[3])),
-                       torch.Size((batch, v.shape[1], max_len, v.shape[3]))))
-    return shapes, cache.layers[0].keys.dtype
+                             "a (batch, heads, length, dim) key/value cache or a recurrent layer's states")
+        shapes.append(LayerShapes(kv, conv, recurrent))
+    dtype = next((layer.keys.dtype for layer in layers if isinstance(getattr(layer, "keys", None), torch.Tensor)),
+                 next((d for layer in shapes for _, _, d in layer.conv + layer.recurrent), torch.float32))
+    return shapes, dtype
+
+
+# layer types that keep no cache (Nemotron-H's MLP and mixture-of-experts layers)
+_UNCACHED_TYPES = ("mlp", "moe")
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def _state_shapes(layer, batch: int):
+    """A recurrent layer's (conv, recurrent) states after the fake step, for ``batch`` rows:
+    (state index, shape, dtype) each."""
+    def specs(states):
+        return tuple((s, torch.Size((batch, *t.shape[1:])), t.dtype) for s, t in sorted((states or {}).items())
+                     if isinstance(t, torch.Tensor))
+    return specs(getattr(layer, "conv_states", None)), specs(getattr(layer, "recurrent_states", None))
 
 
 def _unwritten(layer) -> bool:
-    return getattr(layer, "keys", None) is None and getattr(layer, "values", None) is None
+    states = _state_shapes(layer, 1)
+    return getattr(layer, "keys", None) is None and getattr(layer, "values", None) is None and \
+        not states[0] and not states[1] and type(layer).__name__ != "DummyLayer"
