@@ -42,6 +42,8 @@ runs: they measure each runtime's cost of moving weights, not the storage device
 
     python benchmarks/generation.py            # full run (a few minutes on 2 cores)
     python benchmarks/generation.py --quick    # tiny model, short prompts (< 2 min)
+    python benchmarks/generation.py --arch mamba2   # a state-space decoder of the same width instead:
+                                                    # its cache is per-layer recurrent states, not keys/values
 """
 from __future__ import annotations
 
@@ -64,15 +66,24 @@ import torch
 import memsched
 
 
-def build_model(layers, hidden, heads, intermediate, vocab, max_pos):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+ARCHS = {"gpt_neox": "GPT-NeoX", "mamba2": "Mamba-2"}
 
-    cfg = GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=intermediate, vocab_size=vocab, max_position_embeddings=max_pos,
-                        hidden_dropout=0.0, attention_dropout=0.0, use_cache=True,
-                        attn_implementation="sdpa")
+
+def build_model(layers, hidden, heads, intermediate, vocab, max_pos, arch="gpt_neox"):
+    import transformers as T
+
+    if arch == "mamba2":   # heads of 64 channels over the expanded width, a state of 64 per channel
+        cfg = T.Mamba2Config(hidden_size=hidden, num_hidden_layers=layers, num_heads=2 * hidden // 64, head_dim=64,
+                             state_size=64, n_groups=1, expand=2, chunk_size=64, vocab_size=vocab, use_cache=True)
+        make = T.Mamba2ForCausalLM
+    else:
+        cfg = T.GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                              intermediate_size=intermediate, vocab_size=vocab, max_position_embeddings=max_pos,
+                              hidden_dropout=0.0, attention_dropout=0.0, use_cache=True,
+                              attn_implementation="sdpa")
+        make = T.GPTNeoXForCausalLM
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(cfg).eval().requires_grad_(False)
+    model = make(cfg).eval().requires_grad_(False)
     # never stop early: every method generates exactly new_tokens tokens
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -126,6 +137,8 @@ class AccelerateReads:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="gpt_neox",
+                    help="the decoder (mamba2: a state-space model, no attention; --heads, --intermediate unused)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny model (2 layers, hidden 256, vocab 1024; ~9 MB), prompt 32 + 8 new tokens, "
                          "batches 1,4, 1 rep")
@@ -169,13 +182,14 @@ def main():
     if N < 2:
         ap.error("--new-tokens must be at least 2 (one prefill token + decode steps)")
 
-    model = build_model(layers, hidden, heads, inter, vocab, max(256, P + N))
+    model = build_model(layers, hidden, heads, inter, vocab, max(256, P + N), a.arch)
     wbytes = weight_bytes(model)
     budget0 = int(wbytes * a.budget_fraction)
     root = tempfile.mkdtemp(prefix="memsched-gen-bench-", dir=a.offload_root)
     print(f"memsched {memsched.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
           f"{_common.loadavg()} at start")
-    print(f"GPT-NeoX layers={layers} hidden={hidden} heads={heads} intermediate={inter} vocab={vocab} (sdpa): "
+    shape = f"heads={heads} intermediate={inter} " if a.arch == "gpt_neox" else ""
+    print(f"{ARCHS[a.arch]} layers={layers} hidden={hidden} {shape}vocab={vocab}: "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, weights {fmt_bytes(wbytes)} "
           f"({wbytes / 1e6:.1f} MB); prompt {P} + {N} new tokens, batches {batches}; budget "
           f"{fmt_bytes(budget0)} ({a.budget_fraction:.0%} of weights); {reps} warm rep(s); offload root {root}",
@@ -427,7 +441,7 @@ def main():
         print(table(["method", "batch", "ms/generation", "tokens/s", "vs acc-disk", "vs eager",
                      "peak / budget", "disk read/token", "disk read/decode step",
                      "decode step ms pred/meas", "tokens = eager"], rows,
-                    title=f"Generation: GPT-NeoX {fmt_bytes(wbytes)} of weights, prompt {P} + {N} new tokens, "
+                    title=f"Generation: {ARCHS[a.arch]} {fmt_bytes(wbytes)} of weights, prompt {P} + {N} new tokens, "
                           f"budget {fmt_bytes(budget0)} ({a.budget_fraction:.0%} of weights); median of {reps} "
                           "warm generation(s)"))
         print("\n".join(details))

@@ -10,6 +10,7 @@ import torch
 
 import memsched
 from helpers import FIXED_CPU
+from memsched.cli.render import generation_sections
 from memsched.generation.kv_cache import LayerShapes
 from zoo import build, quiet_transformers
 
@@ -478,6 +479,22 @@ def test_layers_the_cache_does_not_cover_are_named():
         memsched.generate(model, torch.ones(1, 3, dtype=torch.long), budget="1GB", max_new_tokens=2)
 
 
+def test_layers_sharing_another_layers_cache_are_refused():
+    """Gemma 3n's last layers read the keys and values of earlier ones and keep no cache: refused
+    by name before anything runs (memsched's cache gives each layer its own)."""
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    with quiet_transformers():
+        model = Gemma3nForCausalLM(Gemma3nTextConfig(
+            vocab_size=128, vocab_size_per_layer_input=128, hidden_size=64, hidden_size_per_layer_input=8,
+            intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            num_kv_shared_layers=2, sliding_window=8, laurel_rank=8, altup_num_inputs=2,
+            activation_sparsity_pattern=[0.0] * 4, max_position_embeddings=64,
+            layer_types=["sliding_attention", "full_attention"] * 2)).eval()
+    with pytest.raises(memsched.UnsupportedModelError, match="layer 2 keeps no cache of its own"):
+        memsched.generate(model, torch.ones(1, 3, dtype=torch.long), budget="1GB", max_new_tokens=2)
+
+
 def _recurrent_decoders():
     import transformers as T
 
@@ -536,10 +553,12 @@ def test_recurrent_decoders_generate_as_transformers_does(name, tmp_path):
     gen = memsched.Generator(model, budget, prefill_batch=2, offload_dir=tmp_path, **kw)
     try:
         tokens, stats = gen(ids, 8, attention_mask=mask, pad_token_id=0)
+        shown = {row.label: row.cells[0] for section in generation_sections(gen, name) for row in section.rows}
     finally:
         gen.close()
     assert torch.equal(tokens, ref)
     assert stats.peak_device_bytes <= budget
+    assert re.search(r"\d of 2 layers keep recurrent states", shown["KV cache"])
 
 
 def test_a_recurrent_state_is_replaced_whole_by_each_step():

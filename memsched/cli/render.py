@@ -45,10 +45,18 @@ def render_saved_activations(console, plan, limit: int = SAVED_ACTIVATIONS_SHOWN
 
 
 def _rings(gen) -> str:
-    """What sliding-window layers keep instead of every position, if any."""
+    """What sliding-window layers keep instead of every position, and the recurrent layers'
+    fixed-size states, if any."""
     rings = getattr(gen.decoder, "rings", [])
     sliding = [r for r in rings if r is not None]
-    return f"; {len(sliding)} of {len(rings)} layers slide, a ring of {sliding[0]}" if sliding else ""
+    said = f"; {len(sliding)} of {len(rings)} layers slide, a ring of {sliding[0]}" if sliding else ""
+    shapes = getattr(gen.decoder, "shapes", [])
+    states = [spec for layer in shapes for spec in layer.conv + layer.recurrent]
+    if states:
+        held = sum(shape.numel() * dtype.itemsize for _, shape, dtype in states)
+        said += (f"; {sum(bool(layer.conv or layer.recurrent) for layer in shapes)} of {len(shapes)} layers keep "
+                 f"recurrent states, {fb(held)} of it")
+    return said
 
 
 def generation_sections(gen, name: str) -> list[Section]:
