@@ -54,7 +54,7 @@ def _rings(gen) -> str:
     states = [spec for layer in shapes for spec in layer.conv + layer.recurrent]
     if states:
         held = sum(shape.numel() * dtype.itemsize for _, shape, dtype in states)
-        said += (f"; {sum(bool(layer.conv or layer.recurrent) for layer in shapes)} of {len(shapes)} layers keep "
+        said += (f"; {sum(layer.keeps_states for layer in shapes)} of {len(shapes)} layers keep "
                  f"recurrent states, {fb(held)} of it")
     return said
 

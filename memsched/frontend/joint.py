@@ -69,7 +69,7 @@ class JointCaptured(Captured):
 
     def output_name(self, i: int) -> str:
         """User output ``i`` as the caller reaches it (``output.logits``)."""
-        return self.output_names[i] if i < len(self.output_names) else f"output {i}"
+        return self.output_names[i]
 
 
 class CustomBackwardWarning(UserWarning):

@@ -21,7 +21,7 @@ from ..cost_models.hardware import get_hardware
 from ..errors import InfeasibleBudgetError, UnsupportedModelError
 from ..frontend.fake import meta_as_empty
 from .blocks import choose_block
-from .kv_cache import CachedDecoder, Window, cache_shapes, probe_attention
+from .kv_cache import CachedDecoder, Window, cache_shapes, probe_attention, text_config
 from .sampling import CONFIG, PROCESSED_FIELDS, from_model_config, greedy, sampling
 
 
@@ -93,7 +93,7 @@ def _check_decoder(model: torch.nn.Module, max_len: int) -> Window | None:
     if getattr(config, "is_encoder_decoder", False):
         raise NotImplementedError(f"{type(model).__name__} is an encoder-decoder; memsched.generate "
                                   "runs decoder-only models")
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = text_config(model)
     # GPT-Neo names its layers "global" / "local" (attention_layers) and its window window_size;
     # its local layers mask by their own length-sized bias, not by transformers' masks
     own_masks = not getattr(text, "layer_types", None) and bool(getattr(text, "attention_layers", None))
@@ -513,8 +513,7 @@ def check_prompt(model, input_ids, attention_mask, max_new_tokens: int) -> None:
     if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
         raise ValueError(f"input_ids must hold at least one token per sequence as int64 or int32 ids, got "
                          f"{list(input_ids.shape)} {input_ids.dtype}")
-    config = getattr(model, "config", None)
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = text_config(model)
     vocab = getattr(text, "vocab_size", None)
     if isinstance(vocab, int) and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
         raise ValueError(f"input_ids holds ids outside the model's vocabulary [0, {vocab}): "

@@ -85,6 +85,10 @@ class LayerShapes:
     conv: tuple[tuple[int, torch.Size, torch.dtype], ...] = ()        # (state index, shape, dtype)
     recurrent: tuple[tuple[int, torch.Size, torch.dtype], ...] = ()
 
+    @property
+    def keeps_states(self) -> bool:
+        return bool(self.conv or self.recurrent)
+
     def rows(self, batch: int) -> LayerShapes:
         """The same cache for ``batch`` rows."""
         def resized(specs):
@@ -278,7 +282,7 @@ def _state_classes(slot_layer: type):
 
         def __init__(self, states: tuple, *kv):
             slot_layer.__init__(self, *kv)
-            SlotStates.__init__(self, *states, fresh=kv[3])
+            SlotStates.__init__(self, *states, fresh=self.fresh)
 
     return SlotStates, SlotHybrid
 
@@ -343,6 +347,8 @@ class CachedDecoder(nn.Module):
         self.mask_2d = attention.mask_2d
         self.n_layers = len(shapes)
         self.shapes, self.dtype = shapes, dtype
+        self.batch = next(s[0] for layer in shapes for s in (*(layer.kv or ()),
+                                                             *(x[1] for x in layer.conv + layer.recurrent)))
         self.attending = [i for i, layer in enumerate(shapes) if layer.kv is not None]
         heads = shapes[self.attending[0]].kv[0][1] if self.attending else 1
         if not 1 <= head_chunks <= heads or heads % head_chunks:
@@ -395,7 +401,7 @@ class CachedDecoder(nn.Module):
                    for ring, layers in groups.items()]
         states = self.state_names()
         if states:
-            written.append((states, 0, torch.arange(self.tensors()[0].shape[0])))
+            written.append((states, 0, torch.arange(self.batch)))
         return written
 
     def chunks(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -461,7 +467,7 @@ class CachedDecoder(nn.Module):
         if not fresh and not whole:
             _register_decode_attention()
             config._attn_implementation = DECODE_ATTENTION
-        if self.mask_2d and not fresh and any(layer.conv or layer.recurrent for layer in self.shapes):
+        if self.mask_2d and not fresh and any(layer.keeps_states for layer in self.shapes):
             # recurrent layers zero padding by the 2-D mask, taken as long as their input (Mamba's
             # multiply by it): a new token, never padding, is handed its own slot's column
             real = attention_mask.index_select(1, slots)
@@ -505,7 +511,7 @@ class CachedDecoder(nn.Module):
                     raise AttendsByItself(f"{name}: layer {i} computes attention itself rather than through "
                                           "transformers' attention interface")
                 new.extend(layer.new)
-            if self.shapes[i].conv or self.shapes[i].recurrent:
+            if self.shapes[i].keeps_states:
                 new.extend(layer.new_states(name, i))
         return out.logits[:, -1, :], tuple(new)
 
@@ -515,7 +521,7 @@ class CachedDecoder(nn.Module):
         layers = []
         for i, shapes in enumerate(self.shapes):
             kv = (*self.chunks(i), slots, fresh, whole, self.rings[i]) if shapes.kv is not None else None
-            states = self.states(i) if shapes.conv or shapes.recurrent else None
+            states = self.states(i) if shapes.keeps_states else None
             layers.append(slot_hybrid(states, *kv) if kv and states else slot_layer(*kv) if kv else
                           slot_states(*states, fresh=fresh) if states else dummy())
         return layers
@@ -582,7 +588,7 @@ def probe_attention(model: nn.Module, shapes, dtype: torch.dtype, inputs: tuple)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     one = [layer.rows(1) for layer in shapes]
-    recurrent = any(layer.conv or layer.recurrent for layer in shapes)
+    recurrent = any(layer.keeps_states for layer in shapes)
     for mask_2d in (True,) if recurrent else (False, True):
         # a failure here decides the path (or is the capture's to report): torch's log of its
         # traceback would show the user an error that is not one
@@ -652,7 +658,7 @@ def cache_shapes(model: nn.Module, batch: int, max_len: int, sample_ids: torch.T
     # config's encoder layers) keeps trailing layers no step fills: they are not the model's
     while len(layers) > 1 and _unwritten(layers[-1]):
         layers.pop()
-    types = getattr(_text_config(model), "layer_types", None) or ()
+    types = getattr(text_config(model), "layer_types", None) or ()
     shapes = []
     for i, layer in enumerate(layers):
         if isinstance(layer, DummyLayer):
@@ -681,7 +687,8 @@ def cache_shapes(model: nn.Module, batch: int, max_len: int, sample_ids: torch.T
 _UNCACHED_TYPES = ("mlp", "moe")
 
 
-def _text_config(model: nn.Module):
+def text_config(model: nn.Module):
+    """The decoder's config (a multimodal model's text one)."""
     config = getattr(model, "config", None)
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
@@ -696,6 +703,8 @@ def _state_shapes(layer, batch: int):
 
 
 def _unwritten(layer) -> bool:
+    from transformers.cache_utils import DummyLayer
+
     states = _state_shapes(layer, 1)
     return getattr(layer, "keys", None) is None and getattr(layer, "values", None) is None and \
-        not states[0] and not states[1] and type(layer).__name__ != "DummyLayer"
+        not states[0] and not states[1] and not isinstance(layer, DummyLayer)
